@@ -1,0 +1,7 @@
+//! Actors: every piece of mutable broker state has exactly one owner here.
+pub mod registry;
+pub mod retained;
+pub mod session;
+pub mod shard;
+pub mod supervisor;
+pub mod sys;

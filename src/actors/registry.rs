@@ -1,0 +1,114 @@
+//! Session registry: maps client ids to session actors and serialises connects for the same
+//! client id (takeover, Clean Start). It supervises the session actors.
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use super::session::{AttachArgs, SessionActor, SessionArgs, SessionMessage};
+use crate::broker::Broker;
+use crate::storage::local::SessionSnapshot;
+
+pub struct RegistryActor;
+
+pub enum RegistryMessage {
+    /// Attach a new connection to the client's session (creating or replacing it).
+    Connect { client_id: Arc<str>, clean_start: bool, attach: Box<AttachArgs>, reply: RpcReplyPort<Result<ActorRef<SessionMessage>, String>> },
+    SessionEnded { client_id: Arc<str>, id: ActorId },
+    /// Recreate persistent sessions found in the data directory.
+    Restore(Vec<SessionSnapshot>, RpcReplyPort<()>),
+    /// Have every session write its persistent state to the store (used at shutdown).
+    PersistAll(RpcReplyPort<()>),
+    Count(RpcReplyPort<usize>),
+}
+
+pub struct RegistryState {
+    broker: Arc<Broker>,
+    sessions: HashMap<Arc<str>, ActorRef<SessionMessage>>,
+}
+
+const CALL: Option<Duration> = Some(Duration::from_secs(10));
+
+impl RegistryState {
+    async fn spawn(&mut self, me: &ActorRef<RegistryMessage>, client_id: Arc<str>, restored: Option<SessionSnapshot>) -> Result<ActorRef<SessionMessage>, String> {
+        let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored };
+        let name = format!("session:{client_id}");
+        let (s, _) = Actor::spawn_linked(Some(name), SessionActor, args, me.get_cell()).await.map_err(|e| e.to_string())?;
+        self.sessions.insert(client_id, s.clone());
+        Ok(s)
+    }
+}
+
+impl Actor for RegistryActor {
+    type Msg = RegistryMessage;
+    type State = RegistryState;
+    type Arguments = Arc<Broker>;
+
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, broker: Arc<Broker>) -> Result<Self::State, ActorProcessingErr> {
+        Ok(RegistryState { broker, sessions: HashMap::new() })
+    }
+
+    async fn handle(&self, me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RegistryMessage::Connect { client_id, clean_start, mut attach, reply } => {
+                if let Some(s) = st.sessions.get(&client_id).cloned() {
+                    if !clean_start {
+                        let r = s.call(|r| SessionMessage::Attach(attach, r), CALL).await;
+                        let _ = reply.send(match r {
+                            Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
+                            _ => Err("session did not answer".into()),
+                        });
+                        return Ok(());
+                    }
+                    let _ = s.call(SessionMessage::Terminate, CALL).await;
+                    let _ = s.get_cell().wait(Some(Duration::from_secs(5))).await;
+                    st.sessions.remove(&client_id);
+                }
+                attach.clean_start = true; // a fresh session is never "present"
+                let r = match st.spawn(&me, client_id, None).await {
+                    Ok(s) => match s.call(|r| SessionMessage::Attach(attach, r), CALL).await {
+                        Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
+                        _ => Err("new session did not answer".into()),
+                    },
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            RegistryMessage::SessionEnded { client_id, id } => {
+                if st.sessions.get(&client_id).is_some_and(|s| s.get_id() == id) {
+                    st.sessions.remove(&client_id);
+                }
+            }
+            RegistryMessage::Restore(snaps, reply) => {
+                for snap in snaps {
+                    let id: Arc<str> = Arc::from(snap.client_id.as_str());
+                    if let Err(e) = st.spawn(&me, id.clone(), Some(snap)).await {
+                        tracing::error!(client_id = %id, error = %e, "cannot restore session");
+                    }
+                }
+                let _ = reply.send(());
+            }
+            RegistryMessage::PersistAll(reply) => {
+                for s in st.sessions.values() {
+                    let _ = s.call(|r| SessionMessage::Persist(Some(r)), CALL).await;
+                }
+                let _ = reply.send(());
+            }
+            RegistryMessage::Count(reply) => {
+                let _ = reply.send(st.sessions.len());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, _me: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(who, err) = evt {
+            // A session that crashed loses its in-memory state; its last persisted snapshot remains on disk.
+            let name = who.get_name().unwrap_or_default();
+            tracing::error!(actor = %name, error = %err, "session actor crashed");
+            st.sessions.retain(|_, s| s.get_id() != who.get_id());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,227 @@
+//! Topic shard actors: each owns part of the subscription index (a trie of filters) and publishes
+//! an immutable snapshot after every change, so publishers match without locks or round-trips.
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::session::SessionMessage;
+use crate::protocols::mqtt::{topic, SubOptions};
+
+/// One subscriber's entry under a filter.
+#[derive(Clone, Debug)]
+pub struct Sub {
+    pub session: ActorRef<SessionMessage>,
+    pub opts: SubOptions,
+    pub sub_id: Option<u32>,
+    /// Whether the session has a live connection (shared subscriptions prefer online members).
+    pub online: Arc<AtomicBool>,
+}
+
+/// Members of one shared-subscription group under a filter.
+#[derive(Clone, Debug, Default)]
+pub struct Group {
+    /// The full `$share/{group}/{filter}` this group was subscribed with.
+    pub filter: Arc<str>,
+    pub members: imbl::Vector<(Arc<str>, Sub)>,
+    cursor: Arc<AtomicUsize>,
+}
+
+impl Group {
+    /// Pick one member, round-robin, preferring online members; `skip` excludes one session.
+    pub fn pick(&self, skip: Option<ActorId>) -> Option<&Sub> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let mut fallback = None;
+        for i in 0..n {
+            let (_, s) = &self.members[(start + i) % n];
+            if Some(s.session.get_id()) == skip {
+                continue;
+            }
+            if s.online.load(Ordering::Relaxed) {
+                return Some(s);
+            }
+            fallback.get_or_insert(s);
+        }
+        fallback
+    }
+}
+
+/// A trie node; cloning is O(1) (persistent maps), which is what makes snapshots cheap.
+#[derive(Clone, Debug, Default)]
+pub struct Node {
+    children: imbl::HashMap<Arc<str>, Node>,
+    subs: imbl::HashMap<Arc<str>, Sub>,
+    groups: imbl::HashMap<Arc<str>, Group>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.subs.is_empty() && self.groups.is_empty()
+    }
+
+    fn insert(&mut self, levels: &[&str], client: Arc<str>, group: Option<(&str, &str)>, sub: Sub) -> bool {
+        match levels.split_first() {
+            None => match group {
+                None => self.subs.insert(client, sub).is_some(),
+                Some((g, full)) => {
+                    let grp = self.groups.entry(Arc::from(g)).or_insert_with(|| Group { filter: Arc::from(full), ..Group::default() });
+                    if let Some(i) = grp.members.iter().position(|(c, _)| *c == client) {
+                        grp.members.set(i, (client, sub));
+                        true
+                    } else {
+                        grp.members.push_back((client, sub));
+                        false
+                    }
+                }
+            },
+            Some((first, rest)) => self.children.entry(Arc::from(*first)).or_default().insert(rest, client, group, sub),
+        }
+    }
+
+    fn remove(&mut self, levels: &[&str], client: &str, group: Option<&str>, owner: ActorId) -> bool {
+        match levels.split_first() {
+            None => match group {
+                None => match self.subs.get(client) {
+                    Some(s) if s.session.get_id() == owner => self.subs.remove(client).is_some(),
+                    _ => false,
+                },
+                Some(g) => {
+                    let Some(grp) = self.groups.get_mut(g) else { return false };
+                    let Some(i) = grp.members.iter().position(|(c, s)| &**c == client && s.session.get_id() == owner) else {
+                        return false;
+                    };
+                    grp.members.remove(i);
+                    if grp.members.is_empty() {
+                        self.groups.remove(g);
+                    }
+                    true
+                }
+            },
+            Some((first, rest)) => {
+                let Some(child) = self.children.get_mut(*first) else { return false };
+                let removed = child.remove(rest, client, group, owner);
+                if child.is_empty() {
+                    self.children.remove(*first);
+                }
+                removed
+            }
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.subs.len() + self.groups.values().map(|g| g.members.len()).sum::<usize>() + self.children.values().map(Node::count).sum::<usize>()
+    }
+
+    /// Visit every subscription entry matching the topic `levels`.
+    pub fn visit<'a>(&'a self, levels: &[&str], first: bool, dollar: bool, f: &mut impl FnMut(&'a Node)) {
+        let Some((lvl, rest)) = levels.split_first() else {
+            f(self);
+            if let Some(h) = self.children.get("#") {
+                f(h);
+            }
+            return;
+        };
+        if !(first && dollar) {
+            if let Some(h) = self.children.get("#") {
+                f(h);
+            }
+            if let Some(p) = self.children.get("+") {
+                p.visit(rest, false, dollar, f);
+            }
+        }
+        if let Some(c) = self.children.get(*lvl) {
+            c.visit(rest, false, dollar, f);
+        }
+    }
+
+    pub fn subs(&self) -> &imbl::HashMap<Arc<str>, Sub> {
+        &self.subs
+    }
+    pub fn groups(&self) -> &imbl::HashMap<Arc<str>, Group> {
+        &self.groups
+    }
+
+    /// The node at exactly `levels` (no wildcard matching).
+    pub fn at(&self, levels: &[&str]) -> Option<&Node> {
+        match levels.split_first() {
+            None => Some(self),
+            Some((first, rest)) => self.children.get(*first)?.at(rest),
+        }
+    }
+}
+
+pub struct ShardActor;
+
+pub enum ShardMessage {
+    /// Add or replace a subscription; replies whether it already existed.
+    Subscribe { client: Arc<str>, filter: String, sub: Sub, reply: RpcReplyPort<bool> },
+    /// Remove `client`'s subscription if it is owned by `owner`; replies whether one was removed.
+    Unsubscribe { client: Arc<str>, filter: String, owner: ActorId, reply: Option<RpcReplyPort<bool>> },
+    Count(RpcReplyPort<usize>),
+}
+
+pub struct ShardState {
+    root: Node,
+    snapshot: Arc<ArcSwap<Node>>,
+}
+
+/// Split a (valid) filter into its trie path and optional shared group.
+pub fn filter_path(filter: &str) -> (Option<&str>, Vec<&str>) {
+    match topic::parse_shared(filter) {
+        Some((g, f)) => (Some(g), f.split('/').collect()),
+        None => (None, filter.split('/').collect()),
+    }
+}
+
+impl Actor for ShardActor {
+    type Msg = ShardMessage;
+    type State = ShardState;
+    type Arguments = Arc<ArcSwap<Node>>;
+
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, snapshot: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        // After a restart, resume from the last snapshot this shard published.
+        let root = Node::clone(&snapshot.load());
+        Ok(ShardState { root, snapshot })
+    }
+
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ShardMessage::Subscribe { client, filter, sub, reply } => {
+                let (group, path) = filter_path(&filter);
+                let existed = st.root.insert(&path, client, group.map(|g| (g, filter.as_str())), sub);
+                st.snapshot.store(Arc::new(st.root.clone()));
+                let _ = reply.send(existed);
+            }
+            ShardMessage::Unsubscribe { client, filter, owner, reply } => {
+                let (group, path) = filter_path(&filter);
+                let removed = st.root.remove(&path, &client, group, owner);
+                if removed {
+                    st.snapshot.store(Arc::new(st.root.clone()));
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(removed);
+                }
+            }
+            ShardMessage::Count(reply) => {
+                let _ = reply.send(st.root.count());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_paths() {
+        assert_eq!(filter_path("$share/g/a/+"), (Some("g"), vec!["a", "+"]));
+        assert_eq!(filter_path("a/#"), (None, vec!["a", "#"]));
+    }
+}

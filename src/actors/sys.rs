@@ -1,0 +1,77 @@
+//! Publishes `$SYS/broker/...` statistics as retained messages at a configurable interval.
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::broker::Broker;
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::protocols::mqtt::QoS;
+
+pub struct SysActor;
+
+pub enum SysMessage {
+    Tick,
+}
+
+impl Actor for SysActor {
+    type Msg = SysMessage;
+    type State = Arc<Broker>;
+    type Arguments = Arc<Broker>;
+
+    async fn pre_start(&self, me: ActorRef<Self::Msg>, broker: Arc<Broker>) -> Result<Self::State, ActorProcessingErr> {
+        let secs = broker.config.mqtt.sys_interval_secs;
+        if secs > 0 {
+            let _ = me.cast(SysMessage::Tick);
+            me.send_interval(Duration::from_secs(secs), || SysMessage::Tick);
+        }
+        Ok(broker)
+    }
+
+    async fn handle(&self, _me: ActorRef<Self::Msg>, _msg: Self::Msg, b: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        let m = &b.metrics;
+        let subs = subscription_count(b).await;
+        let retained = b.retained.load().map.len();
+        let stats: Vec<(&str, String)> = vec![
+            ("$SYS/broker/version", format!("thingsd {}", env!("CARGO_PKG_VERSION"))),
+            ("$SYS/broker/uptime", format!("{} seconds", b.started.elapsed().as_secs())),
+            ("$SYS/broker/clients/connected", Metrics::get(&m.clients_connected).to_string()),
+            ("$SYS/broker/clients/total", Metrics::get(&m.connections_total).to_string()),
+            ("$SYS/broker/messages/received", Metrics::get(&m.messages_received).to_string()),
+            ("$SYS/broker/messages/sent", Metrics::get(&m.messages_sent).to_string()),
+            ("$SYS/broker/messages/dropped", Metrics::get(&m.messages_dropped).to_string()),
+            ("$SYS/broker/bytes/received", Metrics::get(&m.bytes_received).to_string()),
+            ("$SYS/broker/bytes/sent", Metrics::get(&m.bytes_sent).to_string()),
+            ("$SYS/broker/subscriptions/count", subs.to_string()),
+            ("$SYS/broker/retained messages/count", retained.to_string()),
+        ];
+        for (topic, value) in stats {
+            let msg = Arc::new(Message {
+                topic: Arc::from(topic),
+                payload: Bytes::from(value),
+                qos: QoS::AtMostOnce,
+                retain: true,
+                props: None,
+                expires_at: None,
+                publisher: None,
+            });
+            b.retain(msg.clone()).await;
+            b.publish(msg);
+        }
+        Ok(())
+    }
+}
+
+async fn subscription_count(b: &Broker) -> usize {
+    let mut n = 0;
+    for i in 0..b.router.shards.len() {
+        if let Some(s) = b.router.shard(i) {
+            if let Ok(ractor::rpc::CallResult::Success(c)) = s.call(super::shard::ShardMessage::Count, Some(Duration::from_secs(2))).await {
+                n += c;
+            }
+        }
+    }
+    n
+}

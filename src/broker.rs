@@ -1,0 +1,196 @@
+//! The node's shared context: configuration, counters, and the read side of the actors'
+//! snapshots (subscription index, retained set) that the hot path uses without round-trips.
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use ractor::{ActorId, ActorRef};
+
+use crate::actors::registry::RegistryMessage;
+use crate::actors::retained::{RetainedMessage, RetainedSet};
+use crate::actors::session::SessionMessage;
+use crate::actors::shard::{filter_path, Node, ShardMessage};
+use crate::config::Config;
+use crate::message::{Delivery, Message};
+use crate::metrics::Metrics;
+use crate::protocols::mqtt::{topic, QoS};
+use crate::storage::local::LocalStore;
+
+/// Everything a connection or actor of this node shares.
+pub struct Broker {
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    pub router: Router,
+    pub retained: Arc<ArcSwap<RetainedSet>>,
+    pub retained_actor: ArcSwapOption<ActorRef<RetainedMessage>>,
+    pub registry: ArcSwapOption<ActorRef<RegistryMessage>>,
+    pub store: Arc<LocalStore>,
+    pub started: Instant,
+}
+
+impl Broker {
+    pub fn new(config: Arc<Config>, store: Arc<LocalStore>) -> Broker {
+        let shards = config.mqtt.shards.max(1);
+        Broker {
+            router: Router::new(shards),
+            config,
+            metrics: Metrics::default(),
+            retained: Arc::new(ArcSwap::from_pointee(RetainedSet::default())),
+            retained_actor: ArcSwapOption::empty(),
+            registry: ArcSwapOption::empty(),
+            store,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn registry(&self) -> Option<Arc<ActorRef<RegistryMessage>>> {
+        self.registry.load_full()
+    }
+
+    /// Store (or delete, on an empty payload) a retained message; returns once the retained
+    /// store has applied it, so a later SUBSCRIBE from anyone sees it.
+    pub async fn retain(&self, msg: Arc<Message>) {
+        if let Some(r) = self.retained_actor.load_full() {
+            let _ = r.call(|reply| RetainedMessage::Set(msg, reply), Some(std::time::Duration::from_secs(5))).await;
+        }
+    }
+
+    /// Route a message to every matching subscriber; returns how many sessions it was given to.
+    pub fn publish(&self, msg: Arc<Message>) -> usize {
+        self.router.publish(msg)
+    }
+}
+
+/// Read side of the topic shards.
+pub struct Router {
+    pub shards: Vec<ArcSwapOption<ActorRef<ShardMessage>>>,
+    pub snapshots: Vec<Arc<ArcSwap<Node>>>,
+}
+
+fn fnv(s: &str) -> usize {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h as usize
+}
+
+struct Target {
+    session: ActorRef<SessionMessage>,
+    qos: QoS,
+    retain: bool,
+    sub_ids: Vec<u32>,
+    shared: Option<Arc<str>>,
+}
+
+impl Router {
+    fn new(n: usize) -> Router {
+        Router {
+            shards: (0..=n).map(|_| ArcSwapOption::empty()).collect(),
+            snapshots: (0..=n).map(|_| Arc::new(ArcSwap::from_pointee(Node::default()))).collect(),
+        }
+    }
+
+    fn wildcard_shard(&self) -> usize {
+        self.snapshots.len() - 1
+    }
+
+    fn shard_for_level(&self, first: &str) -> usize {
+        fnv(first) % (self.snapshots.len() - 1)
+    }
+
+    /// Which shard owns a (valid) filter.
+    pub fn shard_of_filter(&self, filter: &str) -> usize {
+        let (_, path) = filter_path(filter);
+        match path.first() {
+            Some(&"+") | Some(&"#") => self.wildcard_shard(),
+            Some(first) => self.shard_for_level(first),
+            None => self.wildcard_shard(),
+        }
+    }
+
+    pub fn shard(&self, i: usize) -> Option<Arc<ActorRef<ShardMessage>>> {
+        self.shards.get(i).and_then(|s| s.load_full())
+    }
+
+    pub fn publish(&self, msg: Arc<Message>) -> usize {
+        let topic_s: &str = &msg.topic;
+        let levels: Vec<&str> = topic_s.split('/').collect();
+        let dollar = topic_s.starts_with('$');
+        let mut targets: Vec<Target> = Vec::new();
+        let publisher = msg.publisher.as_deref();
+        let mut visit = |node: &Node| {
+            for (client, sub) in node.subs().iter() {
+                if sub.opts.no_local && publisher == Some(&**client) {
+                    continue;
+                }
+                targets.push(Target {
+                    session: sub.session.clone(),
+                    qos: msg.qos.min(sub.opts.qos),
+                    retain: msg.retain && sub.opts.retain_as_published,
+                    sub_ids: sub.sub_id.into_iter().collect(),
+                    shared: None,
+                });
+            }
+            for grp in node.groups().values() {
+                if let Some(sub) = grp.pick(None) {
+                    targets.push(Target {
+                        session: sub.session.clone(),
+                        qos: msg.qos.min(sub.opts.qos),
+                        retain: msg.retain && sub.opts.retain_as_published,
+                        sub_ids: sub.sub_id.into_iter().collect(),
+                        shared: Some(grp.filter.clone()),
+                    });
+                }
+            }
+        };
+        let first = levels.first().copied().unwrap_or("");
+        let snap = self.snapshots[self.shard_for_level(first)].load();
+        snap.visit(&levels, true, dollar, &mut visit);
+        if !dollar {
+            let snap = self.snapshots[self.wildcard_shard()].load();
+            snap.visit(&levels, true, dollar, &mut visit);
+        }
+        if targets.len() > 1 {
+            // One delivery per session for overlapping non-shared subscriptions: highest QoS, all ids.
+            targets.sort_by_key(|t| (t.shared.is_some(), t.session.get_id()));
+            targets.dedup_by(|b, a| {
+                if a.shared.is_none() && b.shared.is_none() && a.session.get_id() == b.session.get_id() {
+                    a.qos = a.qos.max(b.qos);
+                    a.retain |= b.retain;
+                    a.sub_ids.append(&mut b.sub_ids);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        let n = targets.len();
+        for t in targets {
+            let d = Delivery { msg: msg.clone(), qos: t.qos, retain: t.retain, sub_ids: t.sub_ids, shared: t.shared };
+            let _ = t.session.cast(SessionMessage::Deliver(d));
+        }
+        n
+    }
+
+    /// Give a shared-subscription delivery to another member of its group (not `skip`).
+    /// Returns false when no other member exists.
+    pub fn redeliver_shared(&self, d: Delivery, skip: ActorId) -> bool {
+        let Some(filter) = d.shared.clone() else { return false };
+        if !topic::valid_filter(&filter) {
+            return false;
+        }
+        let (group, path) = filter_path(&filter);
+        let Some(group) = group else { return false };
+        let snap = self.snapshots[self.shard_of_filter(&filter)].load();
+        let Some(sub) = snap.at(&path).and_then(|n| n.groups().get(group)).and_then(|g| g.pick(Some(skip))) else {
+            return false;
+        };
+        if sub.session.get_id() == skip {
+            return false;
+        }
+        let d = Delivery { qos: d.msg.qos.min(sub.opts.qos), sub_ids: sub.sub_id.into_iter().collect(), ..d };
+        sub.session.cast(SessionMessage::Deliver(d)).is_ok()
+    }
+}

@@ -1,0 +1,256 @@
+//! The node's configuration: one typed struct, loaded from `cluster.toml`, every field defaulted,
+//! overridable by `THINGSD_SECTION__KEY=value` environment variables.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Effective configuration of one node.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub mqtt: MqttConfig,
+    pub listeners: Listeners,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Node name, used in logs and (later) in the cluster.
+    pub name: String,
+    /// Directory for retained messages and persistent sessions.
+    pub data_dir: PathBuf,
+    /// How often dirty persistent state is written to the data directory, in milliseconds.
+    pub persist_interval_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig { name: "thingsd-1".into(), data_dir: "./data".into(), persist_interval_ms: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Connections above this are refused with CONNACK 0x97 (3.1.1: 3).
+    pub max_connections: usize,
+    /// Largest packet accepted, and advertised as Maximum Packet Size.
+    pub max_packet_size: u32,
+    /// Server Receive Maximum, and the cap on each session's outbound in-flight window.
+    pub max_inflight: u16,
+    /// QoS>0 messages queued per session beyond the in-flight window (also while offline).
+    pub max_queued: usize,
+    /// Queue QoS 0 messages for offline persistent sessions too.
+    pub queue_qos0_offline: bool,
+    pub max_topic_levels: usize,
+    pub max_subscriptions_per_session: usize,
+    /// Topic Alias Maximum the server accepts from clients.
+    pub topic_alias_max: u16,
+    /// Seconds a socket may stay open without sending CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Keep-alive ceiling; larger (or zero) client values are replaced by Server Keep Alive (5.0). 0 = no cap.
+    pub max_keepalive_secs: u16,
+    /// Ceiling on the Session Expiry Interval; 3.1.1 persistent sessions get this value.
+    pub max_session_expiry_secs: u32,
+    /// Bound of each connection's outbound packet queue.
+    pub outbound_queue: usize,
+    /// Interval of `$SYS/broker/...` updates, in seconds; 0 disables them.
+    pub sys_interval_secs: u64,
+    /// Number of topic shard actors (plus one for filters starting with a wildcard).
+    pub shards: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_connections: 100_000,
+            max_packet_size: 1024 * 1024,
+            max_inflight: 128,
+            max_queued: 1000,
+            queue_qos0_offline: false,
+            max_topic_levels: 32,
+            max_subscriptions_per_session: 100,
+            topic_alias_max: 64,
+            connect_timeout_secs: 10,
+            max_keepalive_secs: 0,
+            max_session_expiry_secs: u32::MAX,
+            outbound_queue: 1024,
+            sys_interval_secs: 10,
+            shards: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    pub tcp: Vec<TcpListenerConfig>,
+    pub ws: Vec<WsListenerConfig>,
+    pub tls: Vec<TlsListenerConfig>,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            tcp: vec![TcpListenerConfig { bind: ([0, 0, 0, 0], 1883).into() }],
+            ws: vec![WsListenerConfig { bind: ([0, 0, 0, 0], 8083).into(), path: "/mqtt".into() }],
+            tls: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpListenerConfig {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsListenerConfig {
+    pub bind: SocketAddr,
+    #[serde(default = "default_ws_path")]
+    pub path: String,
+}
+
+fn default_ws_path() -> String {
+    "/mqtt".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerConfig {
+    pub bind: SocketAddr,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `thingsd=debug`. `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into() }
+    }
+}
+
+/// A configuration error that names the file, line and key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+impl Config {
+    /// Load from `path` (if given; a missing explicit file is an error) then apply `THINGSD_…` overrides.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("THINGSD_")).collect();
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|e| ConfigError::Read { path: p.display().to_string(), source: e })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<defaults>".to_string()),
+        };
+        Config::from_sources(&text, &name, &env)
+    }
+
+    /// Parse TOML `text` (named `name` in errors) and apply `env` overrides.
+    pub fn from_sources(text: &str, name: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        // Parse the file alone first so errors carry its line and column.
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: name.to_string(), message: e.to_string() })?;
+        if env.is_empty() {
+            return Ok(cfg);
+        }
+        let mut value = toml::Value::try_from(&cfg).map_err(|e| ConfigError::Parse { path: name.into(), message: e.to_string() })?;
+        for (var, raw) in env {
+            let path: Vec<String> = var["THINGSD_".len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+            let parsed = parse_env_value(raw);
+            set_path(&mut value, &path, parsed).map_err(|m| ConfigError::Env { var: var.clone(), message: m })?;
+            let check: Result<Config, _> = value.clone().try_into();
+            if let Err(e) = check {
+                return Err(ConfigError::Env { var: var.clone(), message: e.to_string() });
+            }
+        }
+        value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse { path: name.into(), message: e.to_string() })
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // A value that parses as TOML (number, bool, array, inline table) is taken as such; anything else is a string.
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+fn set_path(root: &mut toml::Value, path: &[String], v: toml::Value) -> Result<(), String> {
+    let mut cur = root;
+    for (i, key) in path.iter().enumerate() {
+        let table = cur.as_table_mut().ok_or_else(|| format!("`{}` is not a section", path[..i].join(".")))?;
+        if i + 1 == path.len() {
+            if !table.contains_key(key) {
+                return Err(format!("unknown key `{}`", path.join(".")));
+            }
+            table.insert(key.clone(), v);
+            return Ok(());
+        }
+        cur = table.get_mut(key).ok_or_else(|| format!("unknown section `{}`", path[..=i].join(".")))?;
+    }
+    Err("empty key".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_without_file() {
+        let c = Config::from_sources("", "x", &[]).unwrap();
+        assert_eq!(c.mqtt.max_inflight, 128);
+        assert_eq!(c.listeners.tcp[0].bind.port(), 1883);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = Config::from_sources("[mqtt]\nmax_inflight = 10\nmax_bogus = 3\n", "cluster.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("max_bogus"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("cluster.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_line() {
+        let err = Config::from_sources("[mqtt]\n\nmax_inflight = \"lots\"\n", "c.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides() {
+        let env = vec![("THINGSD_MQTT__MAX_INFLIGHT".to_string(), "7".to_string()), ("THINGSD_NODE__NAME".into(), "n9".into())];
+        let c = Config::from_sources("[mqtt]\nmax_inflight = 10\n", "c", &env).unwrap();
+        assert_eq!(c.mqtt.max_inflight, 7);
+        assert_eq!(c.node.name, "n9");
+        let bad = vec![("THINGSD_MQTT__NOPE".to_string(), "1".to_string())];
+        let err = Config::from_sources("", "c", &bad).unwrap_err().to_string();
+        assert!(err.contains("THINGSD_MQTT__NOPE") && err.contains("mqtt.nope"), "{err}");
+    }
+}

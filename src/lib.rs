@@ -1,0 +1,10 @@
+//! thingsd: a clustered IoT device platform. This crate holds the node: MQTT broker core,
+//! actors, storage and (as the platform grows) the HTTP API.
+pub mod actors;
+pub mod broker;
+pub mod config;
+pub mod message;
+pub mod metrics;
+pub mod protocols;
+pub mod server;
+pub mod storage;

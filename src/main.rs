@@ -1,0 +1,62 @@
+//! `thingsd` binary: run a node, or print the effective configuration.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+fn usage() -> ! {
+    eprintln!("usage: thingsd [--config FILE] [config]\n  config   print the effective configuration and exit\n  With no --config, ./cluster.toml is used if it exists; otherwise built-in defaults.");
+    std::process::exit(2)
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut config_path: Option<PathBuf> = None;
+    let mut print = false;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" | "-c" => config_path = Some(args.next().map(PathBuf::from).unwrap_or_else(|| usage())),
+            "config" => print = true,
+            "--help" | "-h" => usage(),
+            _ => usage(),
+        }
+    }
+    if config_path.is_none() && std::path::Path::new("cluster.toml").exists() {
+        config_path = Some("cluster.toml".into());
+    }
+    let config = match thingsd::config::Config::load(config_path.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("thingsd: configuration error: {e}");
+            std::process::exit(1);
+        }
+    };
+    if print {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false).init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
+    rt.block_on(async move {
+        let bound = thingsd::server::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            s.cancel();
+        });
+        thingsd::server::run(bound, config, shutdown).await
+    })
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

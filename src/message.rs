@@ -1,0 +1,53 @@
+//! Application messages as they travel between sessions, and per-subscriber deliveries.
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::protocols::mqtt::{Properties, QoS};
+
+/// Wall-clock milliseconds since the Unix epoch (message expiry survives restarts).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// One published application message, shared by every delivery of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// Properties forwarded to subscribers (payload format, content type, response topic,
+    /// correlation data, user properties); never topic alias or subscription identifiers.
+    pub props: Option<Box<Properties>>,
+    /// Absolute expiry (Unix ms) from the Message Expiry Interval.
+    pub expires_at: Option<u64>,
+    /// Client id of the publisher, for No Local.
+    pub publisher: Option<Arc<str>>,
+}
+
+impl Message {
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+
+    /// Remaining expiry in whole seconds (rounded up), if the message has an expiry.
+    pub fn remaining_expiry(&self, now: u64) -> Option<u32> {
+        self.expires_at.map(|t| (t.saturating_sub(now).div_ceil(1000)).min(u32::MAX as u64) as u32)
+    }
+}
+
+/// A message on its way to one subscriber, with that subscription's view of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivery {
+    pub msg: Arc<Message>,
+    /// min(publish QoS, granted QoS).
+    pub qos: QoS,
+    /// Retain flag as the subscriber sees it (Retain As Published, or a retained message at subscribe).
+    pub retain: bool,
+    pub sub_ids: Vec<u32>,
+    /// Shared subscription (`$share/group/filter`) this delivery came through, if any.
+    pub shared: Option<Arc<str>>,
+}

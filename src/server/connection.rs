@@ -1,0 +1,403 @@
+//! One client connection: reads and validates packets, handles CONNECT, routes inbound PUBLISH,
+//! and hands everything that touches session state to the session actor.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ractor::ActorRef;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::actors::registry::RegistryMessage;
+use crate::actors::session::{AttachArgs, ConnHandle, Outbound, SessionMessage, WillAction};
+use crate::broker::Broker;
+use crate::message::{now_ms, Message};
+use crate::metrics::Metrics;
+use crate::protocols::mqtt::{decode, encode, reason, topic, Ack, ConnAck, Connect, DecodeError, Packet, Properties, Protocol, Publish, QoS};
+
+static CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Decrements the connected-clients gauge when the connection ends.
+struct Gauge<'a>(&'a Metrics);
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.clients_connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum ReadErr {
+    Eof,
+    Io,
+    Decode(DecodeError),
+}
+
+async fn read_packet<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, protocol: Protocol, max: usize, m: &Metrics) -> Result<Packet, ReadErr> {
+    loop {
+        match decode(buf, protocol, max) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) => {}
+            Err(e) => return Err(ReadErr::Decode(e)),
+        }
+        buf.reserve(4096);
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err(ReadErr::Eof),
+            Ok(n) => Metrics::add(&m.bytes_received, n as u64),
+            Err(_) => return Err(ReadErr::Io),
+        }
+    }
+}
+
+async fn write_raw<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet, protocol: Protocol) {
+    let mut b = BytesMut::new();
+    encode(p, protocol, &mut b);
+    let _ = wr.write_all(&b).await;
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+fn connack(code: u8) -> Packet {
+    Packet::ConnAck(ConnAck { session_present: false, code, props: Properties::default() })
+}
+
+/// Serve one client over any byte stream (TCP, TLS, WebSocket bridge).
+pub async fn serve<R, W>(broker: Arc<Broker>, rd: R, wr: W, peer: SocketAddr, shutdown: CancellationToken)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
+    serve_inner(broker, rd, wr, shutdown).instrument(span).await
+}
+
+async fn serve_inner<R, W>(broker: Arc<Broker>, mut rd: R, mut wr: W, shutdown: CancellationToken)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = broker.config.clone();
+    let m = &broker.metrics;
+    let max = cfg.mqtt.max_packet_size as usize;
+    let mut buf = BytesMut::with_capacity(1024);
+    let first = tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(cfg.mqtt.connect_timeout_secs), read_packet(&mut rd, &mut buf, Protocol::V5, max, m)) => r,
+        _ = shutdown.cancelled() => return,
+    };
+    let c: Connect = match first {
+        Err(_) => {
+            tracing::debug!("no CONNECT within the connect timeout; closing");
+            return;
+        }
+        Ok(Ok(Packet::Connect(c))) => *c,
+        Ok(Ok(p)) => {
+            tracing::info!(packet = p.name(), "first packet is not CONNECT; closing");
+            return;
+        }
+        Ok(Err(ReadErr::Decode(e))) => {
+            Metrics::add(&m.protocol_errors, 1);
+            tracing::info!(error = %e, "bad CONNECT; closing");
+            if e.code == reason::UNSUPPORTED_PROTOCOL_VERSION {
+                if e.level < 5 {
+                    let _ = wr.write_all(&[0x20, 2, 0, 1]).await;
+                } else {
+                    let _ = wr.write_all(&[0x20, 3, 0, reason::UNSUPPORTED_PROTOCOL_VERSION, 0]).await;
+                }
+                let _ = wr.shutdown().await;
+            }
+            return;
+        }
+        Ok(Err(_)) => return,
+    };
+    let protocol = c.protocol;
+    let v5 = protocol == Protocol::V5;
+
+    // Refuse over the connection limit with a proper CONNACK rather than failing later.
+    let connected = m.clients_connected.fetch_add(1, Ordering::Relaxed);
+    let _gauge = Gauge(m);
+    Metrics::add(&m.connections_total, 1);
+    if connected as usize >= cfg.mqtt.max_connections {
+        tracing::warn!(limit = cfg.mqtt.max_connections, "connection limit reached; refusing");
+        write_raw(&mut wr, &connack(reason::QUOTA_EXCEEDED), protocol).await;
+        return;
+    }
+    if v5 && c.props.authentication_method.is_some() {
+        tracing::info!("enhanced authentication requested but none is configured");
+        write_raw(&mut wr, &connack(reason::BAD_AUTHENTICATION_METHOD), protocol).await;
+        return;
+    }
+    let mut props = Properties::default();
+    let client_id: Arc<str> = if c.client_id.is_empty() {
+        if !v5 && !c.clean_start {
+            write_raw(&mut wr, &connack(reason::CLIENT_ID_NOT_VALID), protocol).await;
+            return;
+        }
+        let id = format!("auto-{:016x}", rand::random::<u64>());
+        if v5 {
+            props.assigned_client_identifier = Some(id.clone());
+        }
+        Arc::from(id)
+    } else {
+        Arc::from(c.client_id.as_str())
+    };
+    tracing::Span::current().record("client_id", &*client_id);
+
+    let mut keep_alive = c.keep_alive;
+    let max_ka = cfg.mqtt.max_keepalive_secs;
+    if v5 && max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka) {
+        keep_alive = max_ka;
+        props.server_keep_alive = Some(max_ka);
+    }
+    let max_expiry = cfg.mqtt.max_session_expiry_secs;
+    let expiry = if v5 {
+        let asked = c.props.session_expiry_interval.unwrap_or(0);
+        if asked > max_expiry {
+            props.session_expiry_interval = Some(max_expiry);
+        }
+        asked.min(max_expiry)
+    } else if c.clean_start {
+        0
+    } else {
+        max_expiry
+    };
+    if v5 {
+        props.receive_maximum = Some(cfg.mqtt.max_inflight.max(1));
+        props.maximum_packet_size = Some(cfg.mqtt.max_packet_size);
+        props.topic_alias_maximum = Some(cfg.mqtt.topic_alias_max);
+    }
+    let client_alias_max = c.props.topic_alias_maximum.unwrap_or(0);
+    let (tx, rx) = mpsc::channel(cfg.mqtt.outbound_queue.max(16));
+    let cancel = CancellationToken::new();
+    let conn_id = CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let handle = ConnHandle {
+        id: conn_id,
+        tx: tx.clone(),
+        cancel: cancel.clone(),
+        protocol,
+        recv_max: c.props.receive_maximum.unwrap_or(u16::MAX),
+        max_packet: c.props.maximum_packet_size.unwrap_or(u32::MAX),
+    };
+    let attach = Box::new(AttachArgs {
+        conn: handle,
+        connack: ConnAck { session_present: false, code: reason::SUCCESS, props },
+        clean_start: c.clean_start,
+        will: c.will,
+        expiry,
+    });
+    let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone()));
+    let Some(registry) = broker.registry() else { return };
+    let cid = client_id.clone();
+    let session = match registry.call(|reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, reply }, Some(Duration::from_secs(15))).await {
+        Ok(ractor::rpc::CallResult::Success(Ok(s))) => s,
+        other => {
+            let why = match other {
+                Ok(ractor::rpc::CallResult::Success(Err(e))) => e,
+                _ => "registry did not answer".into(),
+            };
+            tracing::error!(error = %why, "cannot attach session");
+            let _ = tx.try_send(Outbound::Packet(connack(reason::SERVER_UNAVAILABLE)));
+            let _ = tx.try_send(Outbound::Disconnect(reason::SERVER_UNAVAILABLE));
+            drop(tx);
+            let _ = writer.await;
+            return;
+        }
+    };
+    tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
+
+    let mut conn = Conn { broker: broker.clone(), client_id, session: session.clone(), tx, protocol, aliases: HashMap::new(), expiry, new_expiry: None };
+    let ka = if keep_alive == 0 { None } else { Some(Duration::from_millis(keep_alive as u64 * 1500)) };
+    let will = loop {
+        // Handle every complete packet already buffered, then read more.
+        let step = loop {
+            match decode(&mut buf, protocol, max) {
+                Ok(Some(p)) => {
+                    if let Some(w) = conn.handle(p).await {
+                        break Some(w);
+                    }
+                }
+                Ok(None) => break None,
+                Err(e) => {
+                    Metrics::add(&m.protocol_errors, 1);
+                    tracing::info!(error = %e, "invalid packet; closing");
+                    break Some(conn.close(e.code));
+                }
+            }
+        };
+        if let Some(w) = step {
+            break w;
+        }
+        buf.reserve(4096);
+        let read = async {
+            match ka {
+                Some(d) => tokio::time::timeout(d, rd.read_buf(&mut buf)).await.ok(),
+                None => Some(rd.read_buf(&mut buf).await),
+            }
+        };
+        tokio::select! {
+            r = read => match r {
+                None => {
+                    tracing::info!("keep-alive timeout");
+                    break conn.close(reason::KEEP_ALIVE_TIMEOUT);
+                }
+                Some(Ok(0)) | Some(Err(_)) => break WillAction::Publish,
+                Some(Ok(n)) => Metrics::add(&m.bytes_received, n as u64),
+            },
+            _ = cancel.cancelled() => break WillAction::Publish,
+            _ = shutdown.cancelled() => break conn.close(reason::SERVER_SHUTTING_DOWN),
+        }
+    };
+    let _ = session.cast(SessionMessage::Detach { conn_id, will, expiry: conn.new_expiry });
+    drop(conn);
+    // Let the writer flush what is queued (e.g. a DISCONNECT), bounded in time.
+    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
+        cancel.cancel();
+    }
+}
+
+struct Conn {
+    broker: Arc<Broker>,
+    client_id: Arc<str>,
+    session: ActorRef<SessionMessage>,
+    tx: mpsc::Sender<Outbound>,
+    protocol: Protocol,
+    aliases: HashMap<u16, String>,
+    expiry: u32,
+    new_expiry: Option<u32>,
+}
+
+impl Conn {
+    /// Server-initiated close with a reason (sent as DISCONNECT in 5.0).
+    fn close(&self, code: u8) -> WillAction {
+        let _ = self.tx.try_send(Outbound::Disconnect(code));
+        WillAction::Publish
+    }
+
+    fn send(&self, p: Packet) {
+        let _ = self.tx.try_send(Outbound::Packet(p));
+    }
+
+    /// Handle one packet; `Some` ends the connection with that will action.
+    async fn handle(&mut self, p: Packet) -> Option<WillAction> {
+        let v5 = self.protocol == Protocol::V5;
+        match p {
+            Packet::Publish(p) => return self.publish(p).await,
+            Packet::PubAck(a) => {
+                let _ = self.session.cast(SessionMessage::PubAck(a.pkid));
+            }
+            Packet::PubRec(a) => {
+                let _ = self.session.cast(SessionMessage::PubRec(a));
+            }
+            Packet::PubRel(a) => {
+                let _ = self.session.cast(SessionMessage::PubRel(a.pkid));
+            }
+            Packet::PubComp(a) => {
+                let _ = self.session.cast(SessionMessage::PubComp(a.pkid));
+            }
+            Packet::Subscribe(s) => {
+                let _ = self.session.cast(SessionMessage::Subscribe(s));
+            }
+            Packet::Unsubscribe(u) => {
+                let _ = self.session.cast(SessionMessage::Unsubscribe(u));
+            }
+            Packet::PingReq => self.send(Packet::PingResp),
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.props.session_expiry_interval {
+                    if self.expiry == 0 && e != 0 {
+                        tracing::info!("DISCONNECT sets a session expiry after CONNECT set 0: protocol error");
+                        return Some(self.close(reason::PROTOCOL_ERROR));
+                    }
+                    self.new_expiry = Some(e.min(self.broker.config.mqtt.max_session_expiry_secs));
+                }
+                return Some(if v5 && d.code == reason::DISCONNECT_WITH_WILL { WillAction::Publish } else { WillAction::Discard });
+            }
+            Packet::Connect(_) => {
+                tracing::info!("second CONNECT: protocol error");
+                return Some(self.close(reason::PROTOCOL_ERROR));
+            }
+            Packet::Auth(_) => {
+                tracing::info!("AUTH without enhanced authentication in progress");
+                return Some(self.close(reason::PROTOCOL_ERROR));
+            }
+            other => {
+                tracing::info!(packet = other.name(), "server-to-client packet sent by client");
+                return Some(self.close(reason::PROTOCOL_ERROR));
+            }
+        }
+        None
+    }
+
+    async fn publish(&mut self, p: Publish) -> Option<WillAction> {
+        let m = &self.broker.metrics;
+        Metrics::add(&m.messages_received, 1);
+        let cfg = &self.broker.config.mqtt;
+        let v5 = self.protocol == Protocol::V5;
+        let mut props = p.props.map(|b| *b);
+        let alias = props.as_mut().and_then(|pr| pr.topic_alias.take());
+        let topic: String = match alias {
+            None => p.topic,
+            Some(a) if a > cfg.topic_alias_max => return Some(self.close(reason::TOPIC_ALIAS_INVALID)),
+            Some(a) if p.topic.is_empty() => match self.aliases.get(&a) {
+                Some(t) => t.clone(),
+                None => return Some(self.close(reason::PROTOCOL_ERROR)),
+            },
+            Some(a) => {
+                self.aliases.insert(a, p.topic.clone());
+                p.topic
+            }
+        };
+        if topic::levels(&topic) > cfg.max_topic_levels {
+            if !v5 {
+                return Some(self.close(reason::TOPIC_NAME_INVALID));
+            }
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.send(Packet::PubAck(Ack::new(p.pkid, reason::TOPIC_NAME_INVALID))),
+                QoS::ExactlyOnce => self.send(Packet::PubRec(Ack::new(p.pkid, reason::TOPIC_NAME_INVALID))),
+            }
+            return None;
+        }
+        let expires_at = props.as_mut().and_then(|pr| pr.message_expiry_interval.take()).map(|s| now_ms() + s as u64 * 1000);
+        if let Some(pr) = props.as_mut() {
+            pr.subscription_identifiers.clear();
+        }
+        let props = props.filter(|pr| !pr.is_empty()).map(Box::new);
+        // Clients may not inject broker statistics.
+        let routable = !topic.starts_with("$SYS");
+        let msg = Arc::new(Message {
+            topic: Arc::from(topic),
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            props,
+            expires_at,
+            publisher: Some(self.client_id.clone()),
+        });
+        if msg.retain && routable {
+            self.broker.retain(msg.clone()).await;
+        }
+        match p.qos {
+            QoS::AtMostOnce => {
+                if routable {
+                    self.broker.publish(msg);
+                }
+            }
+            QoS::AtLeastOnce => {
+                let n = if routable { self.broker.publish(msg) } else { 0 };
+                let code = if n == 0 && v5 { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
+                self.send(Packet::PubAck(Ack::new(p.pkid, code)));
+            }
+            QoS::ExactlyOnce => {
+                if routable {
+                    let _ = self.session.cast(SessionMessage::InboundQos2 { pkid: p.pkid, msg });
+                } else {
+                    self.send(Packet::PubRec(Ack::new(p.pkid, 0)));
+                }
+            }
+        }
+        None
+    }
+}
+

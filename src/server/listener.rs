@@ -1,0 +1,123 @@
+//! Accept loops for TCP, TLS and WebSocket listeners.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::connection::serve;
+use crate::broker::Broker;
+
+/// What kind of listener a bound socket is.
+pub enum Kind {
+    Tcp,
+    Tls(TlsAcceptor),
+    Ws { path: String },
+}
+
+/// Accept until `shutdown`; every connection task is tracked so shutdown can wait for it.
+pub async fn accept_loop(listener: TcpListener, kind: Kind, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
+    let kind = Arc::new(kind);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (b, s, k) = (broker.clone(), shutdown.clone(), kind.clone());
+        tracker.spawn(async move { handle(stream, peer, &k, b, s).await });
+    }
+}
+
+async fn handle(stream: TcpStream, peer: SocketAddr, kind: &Kind, broker: Arc<Broker>, shutdown: CancellationToken) {
+    let handshake = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
+    match kind {
+        Kind::Tcp => {
+            let (rd, wr) = stream.into_split();
+            serve(broker, rd, wr, peer, shutdown).await
+        }
+        Kind::Tls(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let (rd, wr) = tokio::io::split(tls);
+                serve(broker, rd, wr, peer, shutdown).await
+            }
+            Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+        },
+        Kind::Ws { path } => ws(stream, peer, path, broker, shutdown, handshake).await,
+    }
+}
+
+async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, broker: Arc<Broker>, shutdown: CancellationToken, handshake: Duration) {
+    let want = path.to_string();
+    let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != want {
+            let mut e = ErrorResponse::new(Some("no MQTT endpoint at this path".into()));
+            *e.status_mut() = StatusCode::NOT_FOUND;
+            return Err(e);
+        }
+        let offered = req.headers().get_all("Sec-WebSocket-Protocol").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|p| p.trim() == "mqtt");
+        if offered {
+            resp.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+        }
+        Ok(resp)
+    };
+    let ws = match tokio::time::timeout(handshake, tokio_tungstenite::accept_hdr_async(stream, callback)).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => return tracing::info!(%peer, error = %e, "WebSocket handshake failed"),
+        Err(_) => return tracing::info!(%peer, "WebSocket handshake timed out"),
+    };
+    // Bridge WebSocket frames to a byte stream so the MQTT connection code is transport-agnostic.
+    let (mine, theirs) = tokio::io::duplex(64 * 1024);
+    let (mut sink, mut source) = ws.split();
+    let (mut brd, mut bwr) = tokio::io::split(mine);
+    let inbound = async move {
+        while let Some(Ok(msg)) = source.next().await {
+            match msg {
+                WsMessage::Binary(b) => {
+                    if bwr.write_all(&b).await.is_err() {
+                        break;
+                    }
+                }
+                WsMessage::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = bwr.shutdown().await;
+    };
+    let outbound = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match brd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sink.send(WsMessage::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    };
+    let (rd, wr) = tokio::io::split(theirs);
+    let conn = serve(broker, rd, wr, peer, shutdown);
+    let inbound = tokio::spawn(inbound);
+    tokio::join!(outbound, conn);
+    inbound.abort();
+}

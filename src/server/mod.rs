@@ -1,0 +1,140 @@
+//! Wiring of a node: bind listeners, start the actors, restore persisted state, accept
+//! connections, persist periodically, and shut down gracefully.
+pub mod connection;
+pub mod listener;
+pub mod writer;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ractor::Actor;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::actors::registry::RegistryMessage;
+use crate::actors::retained::RetainedSet;
+use crate::actors::supervisor::SupervisorActor;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::storage::local::LocalStore;
+use listener::Kind;
+
+/// Listeners bound before the node starts (tests bind port 0 and read the addresses back).
+pub struct Bound {
+    pub listeners: Vec<(TcpListener, Kind)>,
+}
+
+impl Bound {
+    /// Addresses of the bound listeners, in config order: TCP, then WebSocket, then TLS.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
+    }
+}
+
+/// Install the one rustls crypto provider we use (`ring`) before any TLS use.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+    install_crypto();
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert).with_context(|| format!("TLS certificate {}", cert.display()))?))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("TLS certificate {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(key).with_context(|| format!("TLS key {}", key.display()))?))
+        .with_context(|| format!("TLS key {}", key.display()))?
+        .with_context(|| format!("no private key in {}", key.display()))?;
+    let cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).context("TLS certificate/key")?;
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// Bind every listener of `config`.
+pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
+    let mut listeners = Vec::new();
+    for l in &config.listeners.tcp {
+        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TCP {}", l.bind))?, Kind::Tcp));
+    }
+    for l in &config.listeners.ws {
+        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT WebSocket {}", l.bind))?, Kind::Ws { path: l.path.clone() }));
+    }
+    for l in &config.listeners.tls {
+        let acc = tls_acceptor(&l.cert, &l.key)?;
+        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TLS {}", l.bind))?, Kind::Tls(acc)));
+    }
+    Ok(Bound { listeners })
+}
+
+/// Run a node on already-bound listeners until `shutdown` fires, then stop gracefully:
+/// close every connection (DISCONNECT 0x8B in 5.0) and write persistent state to disk.
+pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    install_crypto();
+    let config = Arc::new(config);
+    let (store, sessions, retained) = LocalStore::open(&config.node.data_dir)?;
+    let broker = Arc::new(Broker::new(config.clone(), store.clone()));
+    if !retained.is_empty() {
+        let mut set = RetainedSet::default();
+        for m in retained {
+            set.map.insert(m.topic.clone(), Arc::new(m));
+        }
+        broker.retained.store(Arc::new(set));
+    }
+    store.set_retained_version(broker.retained.load().version);
+    let (sup, sup_handle) = Actor::spawn(Some(format!("supervisor:{}", config.node.name)), SupervisorActor, broker.clone())
+        .await
+        .context("start actors")?;
+    let registry = broker.registry().context("registry did not start")?;
+    let restored = sessions.len();
+    registry.call(|r| RegistryMessage::Restore(sessions, r), Some(Duration::from_secs(60))).await.context("restore sessions")?;
+
+    let tracker = TaskTracker::new();
+    let stop_accepting = CancellationToken::new();
+    let mut addrs = Vec::new();
+    for (l, kind) in bound.listeners {
+        let what = match &kind {
+            Kind::Tcp => "mqtt",
+            Kind::Tls(_) => "mqtts",
+            Kind::Ws { .. } => "ws",
+        };
+        if let Ok(a) = l.local_addr() {
+            addrs.push(format!("{what}://{a}"));
+        }
+        tokio::spawn(listener::accept_loop(l, kind, broker.clone(), shutdown.clone(), tracker.clone()));
+    }
+    let retained_n = broker.retained.load().map.len();
+    tracing::info!(node = %config.node.name, listeners = ?addrs, restored_sessions = restored, retained = retained_n, "thingsd ready");
+
+    let persist = Duration::from_millis(config.node.persist_interval_ms.max(10));
+    let mut tick = tokio::time::interval(persist);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => flush(&broker),
+        }
+    }
+    stop_accepting.cancel();
+    tracing::info!("shutting down: closing connections");
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+        tracing::warn!("some connections did not close within 10s");
+    }
+    if let Some(r) = broker.registry() {
+        let _ = r.call(RegistryMessage::PersistAll, Some(Duration::from_secs(30))).await;
+    }
+    flush(&broker);
+    sup.stop(None);
+    let _ = sup_handle.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn flush(broker: &Broker) {
+    let r = broker.retained.load();
+    if let Err(e) = broker.store.flush(&r.map, r.version) {
+        tracing::error!(error = %e, "cannot write state to the data directory");
+    }
+}

@@ -1,0 +1,111 @@
+//! Writer half of a connection: drains the bounded outbound queue to the socket in batches,
+//! applying outbound topic aliases (5.0).
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::session::{OutPublish, Outbound};
+use crate::broker::Broker;
+use crate::metrics::Metrics;
+use crate::protocols::mqtt::{encode, encode_publish, Disconnect, Packet, Properties, Protocol};
+
+const BATCH: usize = 64 * 1024;
+
+struct Aliases {
+    max: u16,
+    map: HashMap<Arc<str>, u16>,
+}
+
+impl Aliases {
+    /// (alias, whether the topic must still be sent).
+    fn lookup(&mut self, topic: &Arc<str>) -> Option<(u16, bool)> {
+        if self.max == 0 {
+            return None;
+        }
+        if let Some(a) = self.map.get(topic) {
+            return Some((*a, false));
+        }
+        let next = self.map.len() as u16 + 1;
+        if next > self.max {
+            return None;
+        }
+        self.map.insert(topic.clone(), next);
+        Some((next, true))
+    }
+}
+
+fn encode_out(buf: &mut BytesMut, p: OutPublish, protocol: Protocol, aliases: &mut Aliases) {
+    let alias = if protocol == Protocol::V5 { aliases.lookup(&p.msg.topic) } else { None };
+    match alias {
+        None => encode_publish(buf, protocol, p.dup, p.qos, p.retain, &p.msg.topic, p.pkid, p.props.as_deref().unwrap_or(Properties::empty()), &p.msg.payload),
+        Some((a, send_topic)) => {
+            let mut props = p.props.map(|b| *b).unwrap_or_default();
+            props.topic_alias = Some(a);
+            let topic: &str = if send_topic { &p.msg.topic } else { "" };
+            encode_publish(buf, protocol, p.dup, p.qos, p.retain, topic, p.pkid, &props, &p.msg.payload)
+        }
+    };
+}
+
+/// Run until the queue closes, a DISCONNECT is written, the socket fails or `cancel` fires.
+pub async fn run<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Outbound>,
+    protocol: Protocol,
+    client_alias_max: u16,
+    cancel: CancellationToken,
+    broker: Arc<Broker>,
+) {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut aliases = Aliases { max: client_alias_max, map: HashMap::new() };
+    let m = &broker.metrics;
+    'outer: loop {
+        let first = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            o = rx.recv() => o,
+        };
+        let Some(mut next) = first else { break };
+        let mut close = false;
+        let mut sent = 0u64;
+        loop {
+            match next {
+                Outbound::Packet(p) => encode(&p, protocol, &mut buf),
+                Outbound::Publish(p) => {
+                    sent += 1;
+                    encode_out(&mut buf, p, protocol, &mut aliases)
+                }
+                Outbound::Disconnect(code) => {
+                    if protocol == Protocol::V5 {
+                        encode(&Packet::Disconnect(Disconnect { code, props: Properties::default() }), protocol, &mut buf);
+                    }
+                    close = true;
+                    break;
+                }
+            }
+            if buf.len() >= BATCH {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(o) => next = o,
+                Err(_) => break,
+            }
+        }
+        Metrics::add(&m.messages_sent, sent);
+        Metrics::add(&m.bytes_sent, buf.len() as u64);
+        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
+            break 'outer;
+        }
+        buf.clear();
+        if close {
+            break;
+        }
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+    cancel.cancel();
+}
