@@ -198,7 +198,7 @@ pub fn decode_body(first: u8, body: Bytes, protocol: Protocol) -> Result<Packet,
             let pkid = pkid(r)?;
             let props = if v5 { Properties::decode(r, PropCtx::SubAck)? } else { Properties::default() };
             let codes = body[r.pos()..].to_vec();
-            Packet::SubAck(SubAck { pkid, codes, props })
+            return Ok(Packet::SubAck(SubAck { pkid, codes, props }));
         }
         10 => {
             expect_flags(first, 2)?;

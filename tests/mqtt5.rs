@@ -1,0 +1,534 @@
+//! MQTT 5.0 behaviour, packet by packet, against a node on loopback.
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use thingsd::protocols::mqtt::*;
+
+fn props() -> Properties {
+    Properties::default()
+}
+
+fn pub_with(topic: &str, qos: QoS, pkid: u16, payload: &str, p: Properties) -> Packet {
+    Packet::Publish(Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, props: Some(Box::new(p)), payload: Bytes::copy_from_slice(payload.as_bytes()) })
+}
+
+fn sub_opts(pkid: u16, filter: &str, o: SubOptions, p: Properties) -> Packet {
+    Packet::Subscribe(Subscribe { pkid, filters: vec![(filter.into(), o)], props: p })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_rules() {
+    let node = start(|_| {}).await;
+    // CONNACK advertises limits; an empty client id gets an assigned one.
+    let (_c, ack) = Raw::session(node.tcp, connect_packet(Protocol::V5, "", true)).await;
+    assert_eq!(ack.code, 0);
+    assert!(ack.props.assigned_client_identifier.as_deref().is_some_and(|s| !s.is_empty()));
+    assert_eq!(ack.props.receive_maximum, Some(128));
+    assert_eq!(ack.props.maximum_packet_size, Some(1024 * 1024));
+    assert!(ack.props.topic_alias_maximum.is_some());
+
+    // 3.1.1: empty id needs clean session.
+    let (_c, ack) = Raw::session(node.tcp, connect_packet(Protocol::V4, "", false)).await;
+    assert_eq!(ack.code, 2);
+    let (_c, ack) = Raw::session(node.tcp, connect_packet(Protocol::V4, "", true)).await;
+    assert_eq!(ack.code, 0);
+
+    // Unsupported protocol levels.
+    let mut r = Raw::connect(node.tcp).await;
+    r.send_bytes(&[0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 3, 2, 0, 60, 0, 0]).await;
+    let mut got = vec![0u8; 4];
+    tokio::io::AsyncReadExt::read_exact(&mut r.stream, &mut got).await.unwrap();
+    assert_eq!(got, [0x20, 2, 0, 1]);
+    let mut r = Raw::connect(node.tcp).await;
+    r.send_bytes(&[0x10, 0x0c, 0, 4, b'M', b'Q', b'T', b'T', 6, 2, 0, 60, 0, 0]).await;
+    match r.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, reason::UNSUPPORTED_PROTOCOL_VERSION),
+        other => panic!("{other:?}"),
+    }
+
+    // A second CONNECT is a protocol error.
+    let mut c = Raw::v5(node.tcp, "twice").await;
+    c.send(connect5("twice", true)).await;
+    let seen = c.until_closed().await;
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::PROTOCOL_ERROR), "{seen:?}");
+
+    // Enhanced auth is refused cleanly; a stray AUTH is a protocol error.
+    let mut cp = connect_packet(Protocol::V5, "auth", true);
+    cp.props.authentication_method = Some("SCRAM-SHA-1".into());
+    let (mut c, ack) = Raw::session(node.tcp, cp).await;
+    assert_eq!(ack.code, reason::BAD_AUTHENTICATION_METHOD);
+    assert!(c.until_closed().await.is_empty());
+    let mut c = Raw::v5(node.tcp, "auth2").await;
+    c.send(Packet::Auth(Auth { code: 0x18, props: props() })).await;
+    assert!(matches!(c.until_closed().await.last(), Some(Packet::Disconnect(d)) if d.code == reason::PROTOCOL_ERROR));
+
+    // Takeover: the old connection gets 0x8E.
+    let mut old = Raw::v5(node.tcp, "dup-id").await;
+    let _new = Raw::v5(node.tcp, "dup-id").await;
+    let seen = old.until_closed().await;
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::SESSION_TAKEN_OVER), "{seen:?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_and_connect_timeout() {
+    let node = start(|c| c.mqtt.connect_timeout_secs = 1).await;
+    let mut cp = connect_packet(Protocol::V5, "ka", true);
+    cp.keep_alive = 1;
+    let (mut c, _) = Raw::session(node.tcp, cp).await;
+    let started = std::time::Instant::now();
+    let seen = c.until_closed().await;
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::KEEP_ALIVE_TIMEOUT), "{seen:?}");
+    assert!(started.elapsed() >= Duration::from_millis(1400), "closed before 1.5x keep-alive");
+
+    let mut silent = Raw::connect(node.tcp).await;
+    assert!(silent.until_closed().await.is_empty());
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_levels_and_downgrade() {
+    let node = start(|_| {}).await;
+    let mut s = Raw::v5(node.tcp, "sub").await;
+    assert_eq!(s.sub("q/2", QoS::ExactlyOnce).await, vec![2]);
+    assert_eq!(s.sub("q/0", QoS::AtMostOnce).await, vec![0]);
+    let mut p = Raw::v5(node.tcp, "pub").await;
+
+    p.send(publish("q/2", QoS::AtLeastOnce, 1, "one")).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubAck(a)) if a.pkid == 1 && a.code == 0));
+    let m = s.recv_publish().await;
+    assert_eq!((m.qos, &m.payload[..]), (QoS::AtLeastOnce, &b"one"[..]));
+    s.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+
+    // QoS 2 in, exactly once even when the publisher retransmits before PUBREL.
+    p.send(publish("q/2", QoS::ExactlyOnce, 2, "two")).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubRec(a)) if a.pkid == 2));
+    let mut dup = publish("q/2", QoS::ExactlyOnce, 2, "two");
+    if let Packet::Publish(x) = &mut dup {
+        x.dup = true;
+    }
+    p.send(dup).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubRec(a)) if a.pkid == 2));
+    p.send(Packet::PubRel(Ack::new(2, 0))).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubComp(a)) if a.pkid == 2 && a.code == 0));
+    // QoS 2 out: PUBLISH, PUBREC, PUBREL, PUBCOMP.
+    let m = s.recv_publish().await;
+    assert_eq!((m.qos, &m.payload[..]), (QoS::ExactlyOnce, &b"two"[..]));
+    s.send(Packet::PubRec(Ack::new(m.pkid, 0))).await;
+    assert!(matches!(s.recv_app().await, Some(Packet::PubRel(a)) if a.pkid == m.pkid));
+    s.send(Packet::PubComp(Ack::new(m.pkid, 0))).await;
+
+    // Downgrade to the subscription's QoS.
+    p.send(publish("q/0", QoS::ExactlyOnce, 3, "down")).await;
+    let m = s.recv_publish().await;
+    assert_eq!((m.qos, &m.payload[..]), (QoS::AtMostOnce, &b"down"[..]));
+    // The retransmitted QoS 2 message was not delivered twice: the next message is the marker.
+    p.send(publish("q/2", QoS::AtMostOnce, 0, "marker")).await;
+    assert_eq!(&s.recv_publish().await.payload[..], b"marker");
+
+    // No subscribers: 0x10 on PUBACK.
+    p.send(publish("nobody/home", QoS::AtLeastOnce, 9, "x")).await;
+    let acks = p.sync().await;
+    assert!(acks.iter().any(|a| matches!(a, Packet::PubAck(a) if a.pkid == 9 && a.code == reason::NO_MATCHING_SUBSCRIBERS)), "{acks:?}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_session_redelivery_queue_and_window() {
+    let node = start(|c| c.mqtt.max_queued = 5).await;
+    let mut cp = connect_packet(Protocol::V5, "durable", true);
+    cp.props.session_expiry_interval = Some(600);
+    cp.props.receive_maximum = Some(2);
+    let (mut s, ack) = Raw::session(node.tcp, cp.clone()).await;
+    assert!(!ack.session_present);
+    s.sub("d/#", QoS::AtLeastOnce).await;
+    let mut p = Raw::v5(node.tcp, "pubd").await;
+    for i in 1..=3u16 {
+        p.send(publish("d/x", QoS::AtLeastOnce, i, &format!("m{i}"))).await;
+    }
+    // Receive Maximum 2: only two arrive until one is acknowledged.
+    let a = s.recv_publish().await;
+    let b = s.recv_publish().await;
+    assert_eq!((&a.payload[..], &b.payload[..]), (&b"m1"[..], &b"m2"[..]));
+    assert!(tokio::time::timeout(Duration::from_millis(300), s.recv_app()).await.is_err(), "window of 2 exceeded");
+    s.send(Packet::PubAck(Ack::new(a.pkid, 0))).await;
+    let c = s.recv_publish().await;
+    assert_eq!(&c.payload[..], b"m3");
+    // Leave m2 and m3 unacknowledged and drop the connection.
+    drop(s);
+    // While offline: 7 more, of which the queue bound (5) keeps the first five.
+    for i in 4..=10u16 {
+        p.send(publish("d/x", QoS::AtLeastOnce, i, &format!("m{i}"))).await;
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    let mut cp2 = cp.clone();
+    cp2.clean_start = false;
+    cp2.props.receive_maximum = Some(100);
+    let (mut s, ack) = Raw::session(node.tcp, cp2).await;
+    assert!(ack.session_present);
+    let r1 = s.recv_publish().await;
+    let r2 = s.recv_publish().await;
+    assert!(r1.dup && r2.dup, "redelivery carries DUP");
+    assert_eq!((r1.pkid, r2.pkid), (b.pkid, c.pkid), "same packet ids on redelivery");
+    let mut rest = Vec::new();
+    for _ in 0..5 {
+        let m = s.recv_publish().await;
+        assert!(!m.dup);
+        s.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+        rest.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    assert_eq!(rest, ["m4", "m5", "m6", "m7", "m8"]);
+    // Clean start discards the session.
+    drop(s);
+    let (_s, ack) = Raw::session(node.tcp, cp).await;
+    assert!(!ack.session_present);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_and_options() {
+    let node = start(|_| {}).await;
+    let mut p = Raw::v5(node.tcp, "rp").await;
+    let set = |topic: &str, payload: &str| {
+        Packet::Publish(Publish { dup: false, qos: QoS::AtLeastOnce, retain: true, topic: topic.into(), pkid: 1, props: None, payload: Bytes::copy_from_slice(payload.as_bytes()) })
+    };
+    p.send(set("r/a", "first")).await;
+    p.recv().await;
+    p.send(set("r/a", "second")).await;
+    p.recv().await;
+    p.send(set("r/b", "bee")).await;
+    p.recv().await;
+    p.send(set("r/b", "")).await; // delete
+    p.recv().await;
+
+    let mut s = Raw::v5(node.tcp, "rs").await;
+    s.sub("r/#", QoS::AtLeastOnce).await;
+    let m = s.recv_publish().await;
+    assert!(m.retain);
+    assert_eq!((&*m.topic, &m.payload[..]), ("r/a", &b"second"[..]));
+    s.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+    // Live messages have retain cleared unless Retain As Published.
+    p.send(set("r/a", "live")).await;
+    p.recv().await;
+    let m = s.recv_publish().await;
+    assert!(!m.retain);
+
+    let mut s2 = Raw::v5(node.tcp, "rs2").await;
+    let rap = SubOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: true, retain_handling: RetainHandling::DoNotSend };
+    s2.send(sub_opts(3, "r/a", rap, props())).await;
+    assert!(matches!(s2.recv_app().await, Some(Packet::SubAck(_))));
+    p.send(set("r/a", "rap")).await;
+    p.recv().await;
+    let m = s2.recv_publish().await; // not the stored one (DoNotSend), the live one with retain kept
+    assert!(m.retain);
+    assert_eq!(&m.payload[..], b"rap");
+
+    // SendIfNew: a repeated subscription does not resend.
+    let ifnew = SubOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: false, retain_handling: RetainHandling::SendIfNew };
+    let mut s3 = Raw::v5(node.tcp, "rs3").await;
+    s3.send(sub_opts(4, "r/a", ifnew, props())).await;
+    assert!(matches!(s3.recv_app().await, Some(Packet::SubAck(_))));
+    assert_eq!(&s3.recv_publish().await.payload[..], b"rap");
+    s3.send(sub_opts(5, "r/a", ifnew, props())).await;
+    assert!(matches!(s3.recv_app().await, Some(Packet::SubAck(_))));
+    p.send(publish("r/a", QoS::AtMostOnce, 0, "marker")).await;
+    assert_eq!(&s3.recv_publish().await.payload[..], b"marker");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wills() {
+    let node = start(|_| {}).await;
+    let mut w = Raw::v5(node.tcp, "watcher").await;
+    w.sub("will/#", QoS::AtLeastOnce).await;
+    let with_will = |id: &str, delay: Option<u32>, expiry: u32| {
+        let mut c = connect_packet(Protocol::V5, id, true);
+        let mut wp = Properties::default();
+        wp.will_delay_interval = delay;
+        wp.user_properties = vec![("k".into(), "v".into())];
+        c.will = Some(Will { topic: format!("will/{id}"), payload: Bytes::from_static(b"gone"), qos: QoS::AtLeastOnce, retain: false, props: wp });
+        c.props.session_expiry_interval = Some(expiry);
+        c
+    };
+    // Abnormal close: will published.
+    let (c, _) = Raw::session(node.tcp, with_will("a", None, 0)).await;
+    drop(c);
+    let m = w.recv_publish().await;
+    assert_eq!(&*m.topic, "will/a");
+    assert_eq!(m.props().user_properties, vec![("k".to_string(), "v".to_string())]);
+    w.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+    // Normal DISCONNECT: no will.
+    let (mut c, _) = Raw::session(node.tcp, with_will("b", None, 0)).await;
+    c.send(disconnect()).await;
+    assert!(c.until_closed().await.is_empty());
+    // DISCONNECT with 0x04: will published.
+    let (mut c, _) = Raw::session(node.tcp, with_will("c", None, 0)).await;
+    c.send(Packet::Disconnect(Disconnect { code: reason::DISCONNECT_WITH_WILL, props: props() })).await;
+    c.until_closed().await;
+    let m = w.recv_publish().await;
+    assert_eq!(&*m.topic, "will/c", "no will for b, will for c");
+    w.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+    // Delayed will, reconnect in time: none. Then a delayed will that fires when the session expires (1s).
+    let (c, _) = Raw::session(node.tcp, with_will("d", Some(100), 100)).await;
+    drop(c);
+    let mut again = with_will("d", Some(100), 100);
+    again.clean_start = false;
+    again.will = None;
+    let (mut c, ack) = Raw::session(node.tcp, again).await;
+    assert!(ack.session_present);
+    c.send(disconnect()).await;
+    let (c, _) = Raw::session(node.tcp, with_will("e", Some(100), 1)).await;
+    drop(c);
+    let m = w.recv_publish().await;
+    assert_eq!(&*m.topic, "will/e", "delayed will of d must not fire; e fires at session expiry");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_changes_at_disconnect() {
+    let node = start(|_| {}).await;
+    // 0 at CONNECT, non-zero at DISCONNECT: protocol error.
+    let (mut c, _) = Raw::session(node.tcp, connect_packet(Protocol::V5, "x1", true)).await;
+    let mut dp = props();
+    dp.session_expiry_interval = Some(30);
+    c.send(Packet::Disconnect(Disconnect { code: 0, props: dp })).await;
+    assert!(matches!(c.until_closed().await.last(), Some(Packet::Disconnect(d)) if d.code == reason::PROTOCOL_ERROR));
+    // Non-zero at CONNECT, 0 at DISCONNECT: the session ends.
+    let mut cp = connect_packet(Protocol::V5, "x2", true);
+    cp.props.session_expiry_interval = Some(300);
+    let (mut c, _) = Raw::session(node.tcp, cp.clone()).await;
+    let mut dp = props();
+    dp.session_expiry_interval = Some(0);
+    c.send(Packet::Disconnect(Disconnect { code: 0, props: dp })).await;
+    c.until_closed().await;
+    cp.clean_start = false;
+    let (_c, ack) = Raw::session(node.tcp, cp).await;
+    assert!(!ack.session_present);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_expiry() {
+    let node = start(|_| {}).await;
+    let mut cp = connect_packet(Protocol::V5, "exp-sub", true);
+    cp.props.session_expiry_interval = Some(300);
+    let (mut s, _) = Raw::session(node.tcp, cp.clone()).await;
+    s.sub("e/#", QoS::AtLeastOnce).await;
+    drop(s);
+    let mut p = Raw::v5(node.tcp, "exp-pub").await;
+    let mut short = props();
+    short.message_expiry_interval = Some(1);
+    p.send(pub_with("e/1", QoS::AtLeastOnce, 1, "short", short)).await;
+    let mut long = props();
+    long.message_expiry_interval = Some(100);
+    p.send(pub_with("e/2", QoS::AtLeastOnce, 2, "long", long)).await;
+    p.sync().await;
+    // Expiry is about elapsed time, so this test waits it out.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    cp.clean_start = false;
+    let (mut s, _) = Raw::session(node.tcp, cp).await;
+    let m = s.recv_publish().await;
+    assert_eq!(&m.payload[..], b"long", "the expired message was dropped");
+    let left = m.props().message_expiry_interval.unwrap();
+    assert!(left < 100 && left >= 97, "remaining expiry forwarded: {left}");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_aliases_both_ways() {
+    let node = start(|c| c.mqtt.topic_alias_max = 4).await;
+    let mut cp = connect_packet(Protocol::V5, "alias-sub", true);
+    cp.props.topic_alias_maximum = Some(5);
+    let (mut s, _) = Raw::session(node.tcp, cp).await;
+    s.sub("al/#", QoS::AtMostOnce).await;
+    let mut p = Raw::v5(node.tcp, "alias-pub").await;
+    let mut a = props();
+    a.topic_alias = Some(1);
+    p.send(pub_with("al/long/topic", QoS::AtMostOnce, 0, "1", a.clone())).await;
+    p.send(pub_with("", QoS::AtMostOnce, 0, "2", a)).await;
+    let m1 = s.recv_publish().await;
+    let m2 = s.recv_publish().await;
+    assert_eq!(&*m1.topic, "al/long/topic");
+    let out_alias = m1.props().topic_alias.expect("server assigns an outbound alias");
+    assert_eq!((&*m2.topic, m2.props().topic_alias), ("", Some(out_alias)), "second delivery uses the alias alone");
+    assert_eq!(&m2.payload[..], b"2");
+    // Unknown alias with empty topic: protocol error; alias above maximum: 0x94.
+    let mut bad = props();
+    bad.topic_alias = Some(3);
+    p.send(pub_with("", QoS::AtMostOnce, 0, "x", bad)).await;
+    assert!(matches!(p.until_closed().await.last(), Some(Packet::Disconnect(d)) if d.code == reason::PROTOCOL_ERROR));
+    let mut p = Raw::v5(node.tcp, "alias-pub2").await;
+    let mut big = props();
+    big.topic_alias = Some(9);
+    p.send(pub_with("al/x", QoS::AtMostOnce, 0, "x", big)).await;
+    assert!(matches!(p.until_closed().await.last(), Some(Packet::Disconnect(d)) if d.code == reason::TOPIC_ALIAS_INVALID));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_ids_no_local_and_properties() {
+    let node = start(|_| {}).await;
+    let mut c = Raw::v5(node.tcp, "self").await;
+    let mut sp = props();
+    sp.subscription_identifiers = vec![42];
+    c.send(sub_opts(1, "x/+", SubOptions::qos(QoS::AtMostOnce), sp)).await;
+    c.recv_app().await;
+    let nl = SubOptions { qos: QoS::AtMostOnce, no_local: true, retain_as_published: false, retain_handling: RetainHandling::SendAtSubscribe };
+    c.send(sub_opts(2, "own", nl, props())).await;
+    c.recv_app().await;
+    let mut pp = props();
+    pp.user_properties = vec![("a".into(), "1".into()), ("a".into(), "2".into())];
+    pp.response_topic = Some("reply/here".into());
+    pp.correlation_data = Some(Bytes::from_static(b"\x00\x01corr"));
+    pp.content_type = Some("text/plain".into());
+    pp.payload_format_indicator = Some(1);
+    c.send(publish("own", QoS::AtMostOnce, 0, "not to me")).await;
+    c.send(pub_with("x/y", QoS::AtMostOnce, 0, "hi", pp.clone())).await;
+    let m = c.recv_publish().await;
+    assert_eq!(&*m.topic, "x/y", "No Local suppressed the own publish");
+    let got = m.props();
+    assert_eq!(got.subscription_identifiers, vec![42]);
+    assert_eq!(got.user_properties, pp.user_properties);
+    assert_eq!(got.response_topic, pp.response_topic);
+    assert_eq!(got.correlation_data, pp.correlation_data);
+    assert_eq!(got.content_type, pp.content_type);
+    assert_eq!(got.payload_format_indicator, Some(1));
+    // Invalid payload for its format indicator: 0x99.
+    let mut bad = props();
+    bad.payload_format_indicator = Some(1);
+    c.send_bytes(&{
+        let mut b = bytes::BytesMut::new();
+        encode(&pub_with("x/y", QoS::AtMostOnce, 0, "", bad), Protocol::V5, &mut b);
+        // Patch in a non-UTF-8 payload byte.
+        b[1] += 1;
+        b.extend_from_slice(&[0xFF]);
+        b
+    })
+    .await;
+    assert!(matches!(c.until_closed().await.last(), Some(Packet::Disconnect(d)) if d.code == reason::PAYLOAD_FORMAT_INVALID));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscriptions() {
+    let node = start(|_| {}).await;
+    let mut a = Raw::v5(node.tcp, "m-a").await;
+    let mut b = Raw::v5(node.tcp, "m-b").await;
+    assert_eq!(a.sub("$share/g/s/+", QoS::AtLeastOnce).await, vec![1]);
+    assert_eq!(b.sub("$share/g/s/+", QoS::AtLeastOnce).await, vec![1]);
+    let mut p = Raw::v5(node.tcp, "s-pub").await;
+    for i in 1..=10u16 {
+        p.send(publish("s/t", QoS::AtLeastOnce, i, &format!("{i}"))).await;
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    // Each message goes to exactly one member; round-robin splits them.
+    let mut got_a = Vec::new();
+    for _ in 0..5 {
+        let m = a.recv_publish().await;
+        got_a.push(m);
+    }
+    let mut got_b = Vec::new();
+    for _ in 0..5 {
+        let m = b.recv_publish().await;
+        b.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+        got_b.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    // a leaves without acknowledging: its five go to b.
+    drop(a);
+    let mut again = Vec::new();
+    for _ in 0..5 {
+        let m = b.recv_publish().await;
+        b.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+        again.push(String::from_utf8(m.payload.to_vec()).unwrap());
+    }
+    let mut all: Vec<String> = got_b.into_iter().chain(again).collect();
+    all.sort_by_key(|s| s.parse::<u32>().unwrap());
+    assert_eq!(all, (1..=10).map(|i| i.to_string()).collect::<Vec<_>>());
+    // Invalid shared filters and No Local on a shared subscription.
+    let mut c = Raw::v5(node.tcp, "m-c").await;
+    assert_eq!(c.sub("$share/g+/x", QoS::AtMostOnce).await, vec![reason::TOPIC_FILTER_INVALID]);
+    let nl = SubOptions { qos: QoS::AtMostOnce, no_local: true, retain_as_published: false, retain_handling: RetainHandling::SendAtSubscribe };
+    c.send(sub_opts(9, "$share/g/x", nl, props())).await;
+    assert!(matches!(c.until_closed().await.last(), Some(Packet::Disconnect(d)) if d.code == reason::PROTOCOL_ERROR));
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_packet_sizes() {
+    let node = start(|c| {
+        c.mqtt.max_packet_size = 1000;
+        c.mqtt.max_subscriptions_per_session = 2;
+        c.mqtt.max_connections = 4;
+        c.mqtt.max_topic_levels = 4;
+    })
+    .await;
+    let mut cp = connect_packet(Protocol::V5, "small", true);
+    cp.props.maximum_packet_size = Some(100);
+    let (mut s, _) = Raw::session(node.tcp, cp).await;
+    s.sub("big/#", QoS::AtMostOnce).await;
+    assert_eq!(s.sub("two", QoS::AtMostOnce).await, vec![0]);
+    assert_eq!(s.sub("three", QoS::AtMostOnce).await, vec![reason::QUOTA_EXCEEDED]);
+    assert_eq!(s.sub("a/b/c/d/e", QoS::AtMostOnce).await, vec![reason::TOPIC_FILTER_INVALID]);
+    let mut p = Raw::v5(node.tcp, "bigpub").await;
+    p.send(publish("big/1", QoS::AtMostOnce, 0, &"x".repeat(500))).await;
+    p.send(publish("big/2", QoS::AtMostOnce, 0, "small")).await;
+    assert_eq!(&s.recv_publish().await.payload[..], b"small", "message above the client's maximum was not sent");
+    // Over the server's maximum packet size: 0x95.
+    p.send(publish("big/3", QoS::AtMostOnce, 0, &"x".repeat(2000))).await;
+    assert!(matches!(p.until_closed().await.last(), Some(Packet::Disconnect(d)) if d.code == reason::PACKET_TOO_LARGE));
+    // Topic with too many levels: 0x90 on the PUBACK.
+    let mut p = Raw::v5(node.tcp, "deep").await;
+    p.send(publish("a/b/c/d/e", QoS::AtLeastOnce, 5, "x")).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubAck(a)) if a.code == reason::TOPIC_NAME_INVALID));
+    node.stop().await;
+    // Connection limit: connections that closed a moment ago may still be counted, so the
+    // accepted ones retry until admitted; the refusal is then deterministic.
+    let node = start(|c| c.mqtt.max_connections = 2).await;
+    let mut live = Vec::new();
+    for id in ["one", "two"] {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let (r, ack) = Raw::session(node.tcp, connect_packet(Protocol::V5, id, true)).await;
+            if ack.code == 0 {
+                live.push(r);
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never admitted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (mut over, ack) = Raw::session(node.tcp, connect_packet(Protocol::V5, "three", true)).await;
+    assert_eq!(ack.code, reason::QUOTA_EXCEEDED);
+    assert!(over.until_closed().await.is_empty());
+    let (_over4, ack) = Raw::session(node.tcp, connect_packet(Protocol::V4, "four", true)).await;
+    assert_eq!(ack.code, 3, "3.1.1 gets Server unavailable");
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sys_topics_and_dollar_rules() {
+    let node = start(|_| {}).await;
+    let mut c = Raw::v5(node.tcp, "sys").await;
+    c.sub("$SYS/broker/uptime", QoS::AtMostOnce).await;
+    let m = loop {
+        match c.recv().await {
+            Some(Packet::Publish(p)) if &*p.topic == "$SYS/broker/uptime" => break p,
+            Some(_) => continue,
+            None => panic!("closed"),
+        }
+    };
+    assert!(String::from_utf8_lossy(&m.payload).ends_with("seconds"));
+    let mut w = Raw::v5(node.tcp, "wild").await;
+    w.sub("#", QoS::AtMostOnce).await;
+    w.sub("+/broker/#", QoS::AtMostOnce).await;
+    let mut p = Raw::v5(node.tcp, "marker-pub").await;
+    // $SYS updates every second; two updates pass before the marker only if the wildcard leaked them.
+    c.recv().await;
+    p.send(publish("after/sys", QoS::AtMostOnce, 0, "m")).await;
+    let got = w.recv().await;
+    assert!(matches!(&got, Some(Packet::Publish(x)) if &*x.topic == "after/sys"), "{got:?}");
+    node.stop().await;
+}
