@@ -52,6 +52,11 @@ pub enum PropCtx {
     Auth,
 }
 
+const KNOWN: [u8; 27] = [
+    0x01, 0x02, 0x03, 0x08, 0x09, 0x0B, 0x11, 0x12, 0x13, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1A, 0x1C, 0x1F, 0x21, 0x22, 0x23, 0x24, 0x25, 0x26, 0x27,
+    0x28, 0x29, 0x2A,
+];
+
 static EMPTY: std::sync::OnceLock<Properties> = std::sync::OnceLock::new();
 
 fn allowed(id: u8, ctx: PropCtx) -> bool {
@@ -107,6 +112,9 @@ impl Properties {
         while !sub.is_empty() {
             let id = sub.varint()?;
             let id = u8::try_from(id).map_err(|_| DecodeError::malformed("unknown property identifier"))?;
+            if !KNOWN.contains(&id) {
+                return Err(DecodeError::malformed("unknown property identifier"));
+            }
             if !allowed(id, ctx) {
                 return Err(DecodeError::protocol("property not allowed in this packet"));
             }
