@@ -54,8 +54,10 @@ pub async fn start_in(dir: PathBuf, tweak: impl FnOnce(&mut Config)) -> Node {
     let addrs = bound.addrs();
     let tls = if cfg.listeners.tls.is_empty() { None } else { addrs.last().copied() };
     let shutdown = CancellationToken::new();
+    let ntcp = cfg.listeners.tcp.len();
     let task = tokio::spawn(thingsd::server::run(bound, cfg, shutdown.clone()));
-    let node = Node { tcp: addrs[0], ws: addrs[1], tls, dir, shutdown, task, _tmp: None };
+    let ws = addrs[ntcp];
+    let node = Node { tcp: addrs[0], ws, tls, dir, shutdown, task, _tmp: None };
     // Ready when a client gets a CONNACK.
     let mut c = Raw::connect(node.tcp).await;
     c.send(connect5("readiness-probe", true)).await;
