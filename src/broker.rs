@@ -6,6 +6,7 @@ use std::time::Instant;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use ractor::{ActorId, ActorRef};
 
+use crate::actors::load::Load;
 use crate::actors::registry::RegistryMessage;
 use crate::actors::retained::{RetainedMessage, RetainedSet};
 use crate::actors::session::SessionMessage;
@@ -57,7 +58,18 @@ impl Broker {
 
     /// Route a message to every matching subscriber; returns how many sessions it was given to.
     pub fn publish(&self, msg: Arc<Message>) -> usize {
-        self.router.publish(msg)
+        self.router.publish(msg, usize::MAX).0
+    }
+
+    /// Route, then wait (bounded) while an online subscriber is congested: a fast publisher is
+    /// slowed to its subscribers' pace instead of overflowing their queues.
+    pub async fn publish_with_backpressure(&self, msg: Arc<Message>) -> usize {
+        let high = self.config.mqtt.backpressure_high_water;
+        let (n, worst) = self.router.publish(msg, high);
+        if let Some(load) = worst {
+            load.wait_below(high, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;
+        }
+        n
     }
 }
 
@@ -78,6 +90,7 @@ fn fnv(s: &str) -> usize {
 
 struct Target {
     session: ActorRef<SessionMessage>,
+    load: Arc<Load>,
     qos: QoS,
     retain: bool,
     sub_ids: Vec<u32>,
@@ -114,7 +127,9 @@ impl Router {
         self.shards.get(i).and_then(|s| s.load_full())
     }
 
-    pub fn publish(&self, msg: Arc<Message>) -> usize {
+    /// Route `msg`; returns the number of sessions it went to and the most congested online
+    /// subscriber above `high` (the caller may wait for it: backpressure).
+    pub fn publish(&self, msg: Arc<Message>, high: usize) -> (usize, Option<Arc<Load>>) {
         let topic_s: &str = &msg.topic;
         let levels: Vec<&str> = topic_s.split('/').collect();
         let dollar = topic_s.starts_with('$');
@@ -127,6 +142,7 @@ impl Router {
                 }
                 targets.push(Target {
                     session: sub.session.clone(),
+                    load: sub.load.clone(),
                     qos: msg.qos.min(sub.opts.qos),
                     retain: msg.retain && sub.opts.retain_as_published,
                     sub_ids: sub.sub_id.into_iter().collect(),
@@ -137,6 +153,7 @@ impl Router {
                 if let Some(sub) = grp.pick(None) {
                     targets.push(Target {
                         session: sub.session.clone(),
+                        load: sub.load.clone(),
                         qos: msg.qos.min(sub.opts.qos),
                         retain: msg.retain && sub.opts.retain_as_published,
                         sub_ids: sub.sub_id.into_iter().collect(),
@@ -167,11 +184,19 @@ impl Router {
             });
         }
         let n = targets.len();
+        let mut worst: Option<Arc<Load>> = None;
         for t in targets {
             let d = Delivery { msg: msg.clone(), qos: t.qos, retain: t.retain, sub_ids: t.sub_ids, shared: t.shared };
-            let _ = t.session.cast(SessionMessage::Deliver(d));
+            t.load.mailbox.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if t.session.cast(SessionMessage::Deliver(d)).is_err() {
+                t.load.mailbox.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            if t.load.congested(high) && worst.as_ref().is_none_or(|w| w.depth() < t.load.depth()) {
+                worst = Some(t.load);
+            }
         }
-        n
+        (n, worst)
     }
 
     /// Give a shared-subscription delivery to another member of its group (not `skip`).
@@ -191,6 +216,11 @@ impl Router {
             return false;
         }
         let d = Delivery { qos: d.msg.qos.min(sub.opts.qos), sub_ids: sub.sub_id.into_iter().collect(), ..d };
-        sub.session.cast(SessionMessage::Deliver(d)).is_ok()
+        sub.load.mailbox.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ok = sub.session.cast(SessionMessage::Deliver(d)).is_ok();
+        if !ok {
+            sub.load.mailbox.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        ok
     }
 }

@@ -61,6 +61,11 @@ pub struct MqttConfig {
     pub sys_interval_secs: u64,
     /// Number of topic shard actors (plus one for filters starting with a wildcard).
     pub shards: usize,
+    /// Queue depth of an online subscriber above which publishers are paused (backpressure).
+    pub backpressure_high_water: usize,
+    /// How long a publisher waits for a congested subscriber before treating it as slow
+    /// (slow subscribers stop exerting backpressure and drop beyond `max_queued`).
+    pub slow_subscriber_ms: u64,
 }
 
 impl Default for MqttConfig {
@@ -80,6 +85,8 @@ impl Default for MqttConfig {
             outbound_queue: 1024,
             sys_interval_secs: 10,
             shards: 8,
+            backpressure_high_water: 256,
+            slow_subscriber_ms: 2000,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Session actor: one per client id. Owns subscriptions, the outbound in-flight window and queue,
 //! inbound QoS 2 state, the will and the expiry; outlives its connection when persistent.
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
 
+use super::load::Load;
 use super::registry::RegistryMessage;
 use super::shard::{ShardMessage, Sub};
 use crate::broker::Broker;
@@ -108,7 +109,7 @@ pub struct SessionState {
     broker: Arc<Broker>,
     protocol: Protocol,
     conn: Option<ConnHandle>,
-    online: Arc<AtomicBool>,
+    load: Arc<Load>,
     subs: HashMap<String, (SubOptions, Option<u32>)>,
     inflight: VecDeque<Inflight>,
     pending: VecDeque<Delivery>,
@@ -142,7 +143,7 @@ impl Actor for SessionActor {
             broker: args.broker,
             protocol: Protocol::V5,
             conn: None,
-            online: Arc::new(AtomicBool::new(false)),
+            load: Arc::new(Load::default()),
             subs: HashMap::new(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
@@ -163,8 +164,12 @@ impl Actor for SessionActor {
     }
 
     async fn handle(&self, me: ActorRef<Self::Msg>, msg: SessionMessage, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        let delivery = matches!(msg, SessionMessage::Deliver(_));
         match msg {
-            SessionMessage::Deliver(d) => st.deliver(&me, d),
+            SessionMessage::Deliver(d) => {
+                st.load.mailbox.fetch_sub(1, Ordering::Relaxed);
+                st.deliver(&me, d)
+            }
             SessionMessage::PubAck(pkid) => {
                 if let Some(i) = st.inflight.iter().position(|f| f.pkid == pkid && !f.released && f.d.qos == QoS::AtLeastOnce) {
                     st.inflight.remove(i);
@@ -231,6 +236,10 @@ impl Actor for SessionActor {
                     let _ = r.send(());
                 }
             }
+        }
+        if delivery || st.load.pressure.load(Ordering::Relaxed) {
+            let low = st.broker.config.mqtt.backpressure_high_water / 2;
+            st.load.progressed(st.pending.len(), low);
         }
         Ok(())
     }
@@ -453,7 +462,7 @@ impl SessionState {
     }
 
     fn sub_entry(&self, me: &ActorRef<SessionMessage>, opts: SubOptions, sub_id: Option<u32>) -> Sub {
-        Sub { session: me.clone(), opts, sub_id, online: self.online.clone() }
+        Sub { session: me.clone(), opts, sub_id, load: self.load.clone() }
     }
 
     async fn add_route(&self, me: &ActorRef<SessionMessage>, filter: &str, opts: SubOptions, sub_id: Option<u32>) -> bool {
@@ -550,7 +559,7 @@ impl SessionState {
         self.expiry = a.expiry;
         self.generation += 1;
         self.disconnected_at = None;
-        self.online.store(true, Ordering::Relaxed);
+        self.load.online.store(true, Ordering::Relaxed);
         self.drop_logged = false;
         let mut connack = a.connack;
         connack.session_present = present;
@@ -575,7 +584,9 @@ impl SessionState {
             return; // a connection that was already replaced
         }
         self.conn = None;
-        self.online.store(false, Ordering::Relaxed);
+        self.load.online.store(false, Ordering::Relaxed);
+        self.load.progressed(self.pending.len(), 0);
+        self.load.drained.notify_waiters();
         self.generation += 1;
         self.disconnected_at = Some(now_ms());
         if let Some(e) = expiry {

@@ -1,6 +1,6 @@
 //! Topic shard actors: each owns part of the subscription index (a trie of filters) and publishes
 //! an immutable snapshot after every change, so publishers match without locks or round-trips.
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -15,8 +15,8 @@ pub struct Sub {
     pub session: ActorRef<SessionMessage>,
     pub opts: SubOptions,
     pub sub_id: Option<u32>,
-    /// Whether the session has a live connection (shared subscriptions prefer online members).
-    pub online: Arc<AtomicBool>,
+    /// The session's load gauge (online flag, queue depth) for routing and backpressure.
+    pub load: Arc<super::load::Load>,
 }
 
 /// Members of one shared-subscription group under a filter.
@@ -42,7 +42,7 @@ impl Group {
             if Some(s.session.get_id()) == skip {
                 continue;
             }
-            if s.online.load(Ordering::Relaxed) {
+            if s.load.online.load(Ordering::Relaxed) {
                 return Some(s);
             }
             fallback.get_or_insert(s);

@@ -381,11 +381,11 @@ impl Conn {
         match p.qos {
             QoS::AtMostOnce => {
                 if routable {
-                    self.broker.publish(msg);
+                    self.broker.publish_with_backpressure(msg).await;
                 }
             }
             QoS::AtLeastOnce => {
-                let n = if routable { self.broker.publish(msg) } else { 0 };
+                let n = if routable { self.broker.publish_with_backpressure(msg).await } else { 0 };
                 let code = if n == 0 && v5 { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
                 self.send(Packet::PubAck(Ack::new(p.pkid, code)));
             }

@@ -1,0 +1,138 @@
+//! Start the brokers under test as child processes on free loopback ports.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::process::{Child, Command};
+
+pub struct Broker {
+    pub name: String,
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    _dir: PathBuf,
+}
+
+impl Broker {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Resident set size of the broker process in KiB.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn scratch(name: &str) -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("loadtest-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("broker at {addr} did not start listening")
+}
+
+fn thingsd_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.parent().context("exe dir")?.join("thingsd");
+    if !p.exists() {
+        bail!("{} not found: build it with `cargo build --release --workspace`", p.display());
+    }
+    Ok(p)
+}
+
+/// Start `kind` ("thingsd", "mosquitto", "rumqttd") or connect to `host:port`.
+pub async fn start(kind: &str, max_conns: usize) -> anyhow::Result<Broker> {
+    if let Ok(addr) = kind.parse::<SocketAddr>() {
+        return Ok(Broker { name: kind.into(), addr, child: None, _dir: PathBuf::new() });
+    }
+    let port = free_port()?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let dir = scratch(kind)?;
+    let mut cmd = match kind {
+        "thingsd" => {
+            let mut c = Command::new(thingsd_binary()?);
+            c.env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\"}}]"))
+                .env("THINGSD_LISTENERS__WS", "[]")
+                .env("THINGSD_NODE__DATA_DIR", dir.join("data").display().to_string())
+                .env("THINGSD_MQTT__MAX_CONNECTIONS", (max_conns + 100).to_string())
+                .env("THINGSD_LOG__LEVEL", "warn")
+                .current_dir(&dir);
+            c
+        }
+        "mosquitto" => {
+            let conf = dir.join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 100\nmax_connections -1\npersistence false\nlog_dest none\n"
+                ),
+            )?;
+            let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| std::path::Path::new(p).exists()).context("mosquitto not installed (apt-get install mosquitto)")?;
+            let mut c = Command::new(bin);
+            c.arg("-c").arg(conf);
+            c
+        }
+        "rumqttd" => {
+            let conf = dir.join("rumqttd.toml");
+            std::fs::write(
+                &conf,
+                format!(
+                    r#"id = 0
+
+[router]
+id = 0
+max_connections = {mc}
+max_outgoing_packet_count = 200
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 0
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 20480
+    max_inflight_count = 100
+    dynamic_filters = true
+"#,
+                    mc = max_conns + 100
+                ),
+            )?;
+            let home = std::env::var("HOME").unwrap_or_default();
+            let bin = [format!("{home}/.cargo/bin/rumqttd"), "rumqttd".into()].into_iter().find(|p| std::path::Path::new(p).exists() || p == "rumqttd").unwrap_or_default();
+            let mut c = Command::new(bin);
+            c.arg("-c").arg(conf).arg("-q");
+            c
+        }
+        other => bail!("unknown broker {other}"),
+    };
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
+    let child = cmd.spawn().with_context(|| format!("start {kind}"))?;
+    wait_ready(addr).await?;
+    Ok(Broker { name: kind.into(), addr, child: Some(child), _dir: dir })
+}

@@ -1,0 +1,242 @@
+//! A minimal, fast MQTT 3.1.1 client on thingsd's codec: pipelined publishing with an in-flight
+//! window, and subscribers that acknowledge in batches.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use thingsd::protocols::mqtt::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+pub const PAYLOAD_HEADER: usize = 20;
+
+/// Encode (publisher id, sequence, send time) at the front of a payload of `size` bytes.
+pub fn payload(publisher: u32, seq: u64, base: Instant, size: usize) -> Bytes {
+    let mut b = BytesMut::with_capacity(size.max(PAYLOAD_HEADER));
+    b.put_u32(publisher);
+    b.put_u64(seq);
+    b.put_u64(base.elapsed().as_nanos() as u64);
+    b.resize(size.max(PAYLOAD_HEADER), b'x');
+    b.freeze()
+}
+
+/// (publisher, seq, latency).
+pub fn parse_payload(mut p: &[u8], base: Instant) -> Option<(u32, u64, Duration)> {
+    if p.len() < PAYLOAD_HEADER {
+        return None;
+    }
+    let id = p.get_u32();
+    let seq = p.get_u64();
+    let sent = p.get_u64();
+    let now = base.elapsed().as_nanos() as u64;
+    Some((id, seq, Duration::from_nanos(now.saturating_sub(sent))))
+}
+
+pub async fn connect(addr: SocketAddr, source: Option<std::net::IpAddr>, id: &str, clean: bool) -> anyhow::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    if let Some(ip) = source {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let mut s = sock.connect(addr).await.with_context(|| format!("connect {addr}"))?;
+    s.set_nodelay(true)?;
+    let c = Connect { protocol: Protocol::V4, clean_start: clean, keep_alive: 600, client_id: id.into(), will: None, username: None, password: None, props: Properties::default() };
+    let mut b = BytesMut::new();
+    encode(&Packet::Connect(Box::new(c)), Protocol::V4, &mut b);
+    s.write_all(&b).await?;
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
+            match p {
+                Packet::ConnAck(a) if a.code == 0 => return Ok(s),
+                other => bail!("connect refused: {other:?}"),
+            }
+        }
+        if s.read_buf(&mut buf).await? == 0 {
+            bail!("closed during connect");
+        }
+    }
+}
+
+pub async fn subscribe(s: &mut TcpStream, filter: &str, qos: QoS) -> anyhow::Result<()> {
+    let mut b = BytesMut::new();
+    encode(&Packet::Subscribe(Subscribe { pkid: 1, filters: vec![(filter.into(), SubOptions::qos(qos))], props: Properties::default() }), Protocol::V4, &mut b);
+    s.write_all(&b).await?;
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
+            if let Packet::SubAck(_) = p {
+                return Ok(());
+            }
+        }
+        if s.read_buf(&mut buf).await? == 0 {
+            bail!("closed during subscribe");
+        }
+    }
+}
+
+/// Publish `count` messages to `topic` at `qos`, keeping at most `window` unacknowledged.
+/// Returns when every message is acknowledged (QoS 0: written).
+pub async fn publish_all(s: TcpStream, id: u32, topic: &str, qos: QoS, count: u64, window: usize, size: usize, base: Instant) -> anyhow::Result<()> {
+    let (rd, wr) = s.into_split();
+    let (tx, rx) = mpsc::channel::<BytesMut>(64);
+    let writer = tokio::spawn(write_loop(wr, rx));
+    let sem = Arc::new(Semaphore::new(window));
+    let acker = if qos == QoS::AtMostOnce { None } else { Some(tokio::spawn(ack_loop(rd, tx.clone(), sem.clone(), count))) };
+    let mut seq = 0u64;
+    let mut pkid: u16 = 0;
+    while seq < count {
+        let mut b = BytesMut::with_capacity(16 * 1024);
+        // Take as many window slots as are free now (at least one) and batch those publishes.
+        let n = if qos == QoS::AtMostOnce {
+            64
+        } else {
+            let first = sem.acquire().await?;
+            first.forget();
+            let mut n = 1;
+            while n < 64 && seq + n < count {
+                match sem.try_acquire() {
+                    Ok(p) => {
+                        p.forget();
+                        n += 1
+                    }
+                    Err(_) => break,
+                }
+            }
+            n
+        };
+        for _ in 0..n {
+            if seq >= count {
+                break;
+            }
+            pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
+            let p = Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, props: None, payload: payload(id, seq, base, size) };
+            encode(&Packet::Publish(p), Protocol::V4, &mut b);
+            seq += 1;
+        }
+        tx.send(b).await.context("writer closed")?;
+    }
+    if let Some(a) = acker {
+        a.await??;
+    }
+    drop(tx);
+    writer.await??;
+    Ok(())
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<BytesMut>) -> anyhow::Result<()> {
+    while let Some(mut b) = rx.recv().await {
+        while b.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => b.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        wr.write_all(&b).await?;
+    }
+    Ok(())
+}
+
+async fn ack_loop(mut rd: OwnedReadHalf, tx: mpsc::Sender<BytesMut>, sem: Arc<Semaphore>, count: u64) -> anyhow::Result<()> {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut done = 0u64;
+    while done < count {
+        if rd.read_buf(&mut buf).await? == 0 {
+            bail!("broker closed the publisher connection after {done} acks");
+        }
+        let mut out = BytesMut::new();
+        while let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
+            match p {
+                Packet::PubAck(_) | Packet::PubComp(_) => {
+                    done += 1;
+                    sem.add_permits(1);
+                }
+                Packet::PubRec(a) => encode(&Packet::PubRel(Ack::new(a.pkid, 0)), Protocol::V4, &mut out),
+                _ => {}
+            }
+        }
+        if !out.is_empty() {
+            tx.send(out).await?;
+        }
+    }
+    Ok(())
+}
+
+/// What a subscriber saw.
+#[derive(Default)]
+pub struct Received {
+    pub count: u64,
+    pub dups: u64,
+    pub latencies_us: Vec<u32>,
+    /// Per publisher: highest seq + 1 seen and a bitmap of seen sequence numbers.
+    pub seen: Vec<Vec<u64>>,
+    pub last_at: Option<Instant>,
+}
+
+impl Received {
+    fn mark(&mut self, publisher: u32, seq: u64) -> bool {
+        let p = publisher as usize;
+        if self.seen.len() <= p {
+            self.seen.resize(p + 1, Vec::new());
+        }
+        let words = &mut self.seen[p];
+        let w = (seq / 64) as usize;
+        if words.len() <= w {
+            words.resize(w + 1, 0);
+        }
+        let bit = 1u64 << (seq % 64);
+        let dup = words[w] & bit != 0;
+        words[w] |= bit;
+        dup
+    }
+
+    pub fn unique(&self) -> u64 {
+        self.seen.iter().flat_map(|w| w.iter()).map(|w| w.count_ones() as u64).sum()
+    }
+}
+
+/// Read publishes until `expected` unique messages arrived or nothing came for `idle`.
+pub async fn receive(s: TcpStream, expected: u64, idle: Duration, base: Instant) -> anyhow::Result<Received> {
+    let (mut rd, mut wr) = s.into_split();
+    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut r = Received { latencies_us: Vec::with_capacity(expected as usize), ..Default::default() };
+    let mut out = BytesMut::new();
+    while r.count - r.dups < expected {
+        match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
+            Err(_) => break,
+            Ok(Ok(0)) => break,
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(_)) => {}
+        }
+        while let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
+            match p {
+                Packet::Publish(p) => {
+                    match p.qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => encode(&Packet::PubAck(Ack::new(p.pkid, 0)), Protocol::V4, &mut out),
+                        QoS::ExactlyOnce => encode(&Packet::PubRec(Ack::new(p.pkid, 0)), Protocol::V4, &mut out),
+                    }
+                    if let Some((id, seq, lat)) = parse_payload(&p.payload, base) {
+                        r.count += 1;
+                        if r.mark(id, seq) {
+                            r.dups += 1;
+                        } else {
+                            r.latencies_us.push(lat.as_micros().min(u32::MAX as u128) as u32);
+                        }
+                        r.last_at = Some(Instant::now());
+                    }
+                }
+                Packet::PubRel(a) => encode(&Packet::PubComp(Ack::new(a.pkid, 0)), Protocol::V4, &mut out),
+                _ => {}
+            }
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    Ok(r)
+}
