@@ -24,7 +24,7 @@ use crate::storage::local::SessionSnapshot;
 /// What a session writes to its connection's bounded outbound queue.
 #[derive(Debug)]
 pub enum Outbound {
-    Packet(Packet),
+    Packet(Box<Packet>),
     Publish(OutPublish),
     /// Send DISCONNECT with this reason (5.0 only), then close the connection.
     Disconnect(u8),
@@ -158,7 +158,7 @@ impl Actor for SessionActor {
             drop_logged: false,
         };
         if let Some(snap) = args.restored {
-            st.restore(&me, snap).await;
+            Box::pin(st.restore(&me, snap)).await;
         }
         Ok(st)
     }
@@ -199,29 +199,29 @@ impl Actor for SessionActor {
                 let code = if st.incoming_qos2.remove(&pkid) { 0 } else { reason::PACKET_ID_NOT_FOUND };
                 st.send_packet(Packet::PubComp(Ack::new(pkid, code)));
             }
-            SessionMessage::Subscribe(s) => st.subscribe(&me, s).await,
+            SessionMessage::Subscribe(s) => Box::pin(st.subscribe(&me, s)).await,
             SessionMessage::Unsubscribe(u) => st.unsubscribe(&me, u),
             SessionMessage::Attach(a, reply) => {
-                let present = st.attach(&me, *a).await;
+                let present = Box::pin(st.attach(&me, *a)).await;
                 let _ = reply.send(present);
             }
             SessionMessage::Terminate(reply) => {
                 if let Some(old) = st.conn.take() {
                     kick(&old, reason::SESSION_TAKEN_OVER);
                 }
-                st.publish_will().await;
+                Box::pin(st.publish_will()).await;
                 st.end(&me);
                 let _ = reply.send(());
             }
-            SessionMessage::Detach { conn_id, will, expiry } => st.detach(&me, conn_id, will, expiry).await,
+            SessionMessage::Detach { conn_id, will, expiry } => Box::pin(st.detach(&me, conn_id, will, expiry)).await,
             SessionMessage::WillDue(g) => {
                 if g == st.generation && st.conn.is_none() {
-                    st.publish_will().await;
+                    Box::pin(st.publish_will()).await;
                 }
             }
             SessionMessage::Expire(g) => {
                 if g == st.generation && st.conn.is_none() {
-                    st.publish_will().await;
+                    Box::pin(st.publish_will()).await;
                     st.end(&me);
                 }
             }
@@ -275,7 +275,7 @@ impl SessionState {
 
     fn send_packet(&mut self, p: Packet) {
         if let Some(c) = &self.conn {
-            if c.tx.try_send(Outbound::Packet(p)).is_err() {
+            if c.tx.try_send(Outbound::Packet(Box::new(p))).is_err() {
                 // The queue is full of packets the client is not reading: cut it rather than grow.
                 tracing::warn!(client_id = %self.client_id, "outbound queue full on a control packet; closing connection");
                 c.cancel.cancel();
@@ -563,7 +563,7 @@ impl SessionState {
         self.drop_logged = false;
         let mut connack = a.connack;
         connack.session_present = present;
-        let _ = a.conn.tx.try_send(Outbound::Packet(Packet::ConnAck(connack)));
+        let _ = a.conn.tx.try_send(Outbound::Packet(Box::new(Packet::ConnAck(connack))));
         self.conn = Some(a.conn);
         // Resume: retransmit unacknowledged messages with DUP, and PUBRELs, in their original order.
         let resend: Vec<(u16, bool, Delivery)> = self.inflight.iter().map(|f| (f.pkid, f.released, f.d.clone())).collect();

@@ -43,7 +43,7 @@ async fn read_packet<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, proto
             Ok(None) => {}
             Err(e) => return Err(ReadErr::Decode(e)),
         }
-        buf.reserve(4096);
+        buf.reserve(256);
         match rd.read_buf(buf).await {
             Ok(0) => return Err(ReadErr::Eof),
             Ok(n) => Metrics::add(&m.bytes_received, n as u64),
@@ -82,9 +82,9 @@ where
     let cfg = broker.config.clone();
     let m = &broker.metrics;
     let max = cfg.mqtt.max_packet_size as usize;
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut buf = BytesMut::new();
     let first = tokio::select! {
-        r = tokio::time::timeout(Duration::from_secs(cfg.mqtt.connect_timeout_secs), read_packet(&mut rd, &mut buf, Protocol::V5, max, m)) => r,
+        r = Box::pin(tokio::time::timeout(Duration::from_secs(cfg.mqtt.connect_timeout_secs), read_packet(&mut rd, &mut buf, Protocol::V5, max, m))) => r,
         _ = shutdown.cancelled() => return,
     };
     let c: Connect = match first {
@@ -121,18 +121,18 @@ where
     Metrics::add(&m.connections_total, 1);
     if connected as usize >= cfg.mqtt.max_connections {
         tracing::warn!(limit = cfg.mqtt.max_connections, "connection limit reached; refusing");
-        write_raw(&mut wr, &connack(reason::QUOTA_EXCEEDED), protocol).await;
+        Box::pin(write_raw(&mut wr, &connack(reason::QUOTA_EXCEEDED), protocol)).await;
         return;
     }
     if v5 && c.props.authentication_method.is_some() {
         tracing::info!("enhanced authentication requested but none is configured");
-        write_raw(&mut wr, &connack(reason::BAD_AUTHENTICATION_METHOD), protocol).await;
+        Box::pin(write_raw(&mut wr, &connack(reason::BAD_AUTHENTICATION_METHOD), protocol)).await;
         return;
     }
     let mut props = Properties::default();
     let client_id: Arc<str> = if c.client_id.is_empty() {
         if !v5 && !c.clean_start {
-            write_raw(&mut wr, &connack(reason::CLIENT_ID_NOT_VALID), protocol).await;
+            Box::pin(write_raw(&mut wr, &connack(reason::CLIENT_ID_NOT_VALID), protocol)).await;
             return;
         }
         let id = format!("auto-{:016x}", rand::random::<u64>());
@@ -190,7 +190,7 @@ where
     let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone()));
     let Some(registry) = broker.registry() else { return };
     let cid = client_id.clone();
-    let session = match registry.call(|reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, reply }, Some(Duration::from_secs(15))).await {
+    let session = match Box::pin(registry.call(|reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, reply }, Some(Duration::from_secs(15)))).await {
         Ok(ractor::rpc::CallResult::Success(Ok(s))) => s,
         other => {
             let why = match other {
@@ -198,7 +198,7 @@ where
                 _ => "registry did not answer".into(),
             };
             tracing::error!(error = %why, "cannot attach session");
-            let _ = tx.try_send(Outbound::Packet(connack(reason::SERVER_UNAVAILABLE)));
+            let _ = tx.try_send(Outbound::Packet(Box::new(connack(reason::SERVER_UNAVAILABLE))));
             let _ = tx.try_send(Outbound::Disconnect(reason::SERVER_UNAVAILABLE));
             drop(tx);
             let _ = writer.await;
@@ -209,12 +209,13 @@ where
 
     let mut conn = Conn { broker: broker.clone(), client_id, session: session.clone(), tx, protocol, aliases: HashMap::new(), expiry, new_expiry: None };
     let ka = if keep_alive == 0 { None } else { Some(Duration::from_millis(keep_alive as u64 * 1500)) };
+    let mut read_hint = 256usize;
     let will = loop {
         // Handle every complete packet already buffered, then read more.
         let step = loop {
             match decode(&mut buf, protocol, max) {
                 Ok(Some(p)) => {
-                    if let Some(w) = conn.handle(p).await {
+                    if let Some(w) = Box::pin(conn.handle(p)).await {
                         break Some(w);
                     }
                 }
@@ -229,7 +230,13 @@ where
         if let Some(w) = step {
             break w;
         }
-        buf.reserve(4096);
+        // Idle connections hold a small buffer; busy ones grow it (bounded) as reads fill it.
+        if buf.is_empty() && buf.capacity() > 64 * 1024 {
+            buf = BytesMut::new();
+        }
+        buf.reserve(read_hint);
+        let before = buf.len();
+        let room = buf.capacity() - before;
         let read = async {
             match ka {
                 Some(d) => tokio::time::timeout(d, rd.read_buf(&mut buf)).await.ok(),
@@ -243,7 +250,10 @@ where
                     break conn.close(reason::KEEP_ALIVE_TIMEOUT);
                 }
                 Some(Ok(0)) | Some(Err(_)) => break WillAction::Publish,
-                Some(Ok(n)) => Metrics::add(&m.bytes_received, n as u64),
+                Some(Ok(n)) => {
+                    Metrics::add(&m.bytes_received, n as u64);
+                    read_hint = if n >= room { (read_hint * 2).min(64 * 1024) } else { read_hint };
+                }
             },
             _ = cancel.cancelled() => break WillAction::Publish,
             _ = shutdown.cancelled() => break conn.close(reason::SERVER_SHUTTING_DOWN),
@@ -276,7 +286,7 @@ impl Conn {
     }
 
     fn send(&self, p: Packet) {
-        let _ = self.tx.try_send(Outbound::Packet(p));
+        let _ = self.tx.try_send(Outbound::Packet(Box::new(p)));
     }
 
     /// Handle one packet; `Some` ends the connection with that will action.

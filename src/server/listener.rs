@@ -50,17 +50,17 @@ async fn handle(stream: TcpStream, peer: SocketAddr, kind: &Kind, broker: Arc<Br
     match kind {
         Kind::Tcp => {
             let (rd, wr) = stream.into_split();
-            serve(broker, rd, wr, peer, shutdown).await
+            Box::pin(serve(broker, rd, wr, peer, shutdown)).await
         }
-        Kind::Tls(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+        Kind::Tls(acceptor) => match Box::pin(tokio::time::timeout(handshake, acceptor.accept(stream))).await {
             Ok(Ok(tls)) => {
                 let (rd, wr) = tokio::io::split(tls);
-                serve(broker, rd, wr, peer, shutdown).await
+                Box::pin(serve(broker, rd, wr, peer, shutdown)).await
             }
             Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
             Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
         },
-        Kind::Ws { path } => ws(stream, peer, path, broker, shutdown, handshake).await,
+        Kind::Ws { path } => Box::pin(ws(stream, peer, path, broker, shutdown, handshake)).await,
     }
 }
 

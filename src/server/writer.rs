@@ -60,7 +60,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     cancel: CancellationToken,
     broker: Arc<Broker>,
 ) {
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut buf = BytesMut::new();
     let mut aliases = Aliases { max: client_alias_max, map: HashMap::new() };
     let m = &broker.metrics;
     'outer: loop {
@@ -101,6 +101,9 @@ pub async fn run<W: AsyncWrite + Unpin>(
             break 'outer;
         }
         buf.clear();
+        if buf.capacity() > 4 * BATCH {
+            buf = BytesMut::new();
+        }
         if close {
             break;
         }
