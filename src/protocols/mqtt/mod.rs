@@ -13,3 +13,5 @@ pub use decode::{decode, parse_fixed_header, DecodeError};
 pub use encode::{encode, encode_publish, encoded_len_publish};
 pub use props::Properties;
 pub use types::*;
+#[cfg(test)]
+mod tests;

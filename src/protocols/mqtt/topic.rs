@@ -137,7 +137,7 @@ mod tests {
     }
 
     fn topic_s() -> impl Strategy<Value = String> {
-        proptest::collection::vec(level(), 1..6).prop_map(|v| v.join("/"))
+        proptest::collection::vec(level(), 1..6).prop_map(|v| v.join("/")).prop_filter("topics are non-empty", |t| !t.is_empty())
     }
 
     fn filter_s() -> impl Strategy<Value = String> {
@@ -148,6 +148,7 @@ mod tests {
             }
             v.join("/")
         })
+        .prop_filter("filters are non-empty", |f| !f.is_empty())
     }
 
     proptest! {
