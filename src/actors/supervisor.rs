@@ -87,7 +87,12 @@ impl Actor for SupervisorActor {
             }
             SupervisionEvent::ActorTerminated(who, _, reason) => {
                 if let Some(child) = st.children.remove(&who.get_id()) {
-                    tracing::debug!(?child, ?reason, "actor stopped");
+                    if reason.as_deref() == Some("killed") {
+                        tracing::error!(?child, "actor was killed; restarting it");
+                        st.start(me.get_cell(), child).await?;
+                    } else {
+                        tracing::debug!(?child, ?reason, "actor stopped");
+                    }
                 }
             }
             _ => {}

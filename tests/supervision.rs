@@ -1,0 +1,46 @@
+//! A crashed or killed shard / retained store is restarted by the root supervisor and resumes
+//! from the snapshot it last published: no subscription or retained message is lost.
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use thingsd::protocols::mqtt::*;
+
+fn ids(names: &[String]) -> Vec<Option<ractor::ActorId>> {
+    names.iter().map(|n| ractor::registry::where_is(n.clone()).map(|c| c.get_id())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_children_restart_with_their_state() {
+    let node = start(|c| c.mqtt.shards = 4).await;
+    let mut s = Raw::v5(node.tcp, "sup-sub").await;
+    s.sub("sup/#", QoS::AtLeastOnce).await;
+    s.sub("+/wild", QoS::AtLeastOnce).await;
+    let mut p = Raw::v5(node.tcp, "sup-pub").await;
+    p.send(Packet::Publish(Publish { dup: false, qos: QoS::AtLeastOnce, retain: true, topic: "keep/me".into(), pkid: 1, props: None, payload: Bytes::from_static(b"r") })).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+
+    let names: Vec<String> = (0..=4).map(|i| format!("shard:{i}")).chain(["retained:0".to_string()]).collect();
+    let before = ids(&names);
+    assert!(before.iter().all(|i| i.is_some()), "children are registered by name: {before:?}");
+    for n in &names {
+        ractor::registry::where_is(n.clone()).unwrap().kill();
+    }
+    eventually("all children restarted under new ids", || {
+        let now = ids(&names);
+        now.iter().zip(&before).all(|(a, b)| a.is_some() && a != b)
+    })
+    .await;
+
+    // Existing subscriptions survived the restart of their shards.
+    p.send(publish("sup/x", QoS::AtLeastOnce, 2, "after")).await;
+    p.send(publish("any/wild", QoS::AtLeastOnce, 3, "wild")).await;
+    let a = s.recv_publish().await;
+    let b = s.recv_publish().await;
+    assert_eq!((&a.payload[..], &b.payload[..]), (&b"after"[..], &b"wild"[..]));
+    // The retained set survived the restart of its store.
+    let mut r = Raw::v5(node.tcp, "sup-reader").await;
+    r.sub("keep/#", QoS::AtMostOnce).await;
+    assert_eq!(&r.recv_publish().await.payload[..], b"r");
+    node.stop().await;
+}
