@@ -56,6 +56,13 @@ impl Broker {
         }
     }
 
+    /// Queue depth above which an online subscriber pauses its publishers: below the point
+    /// where its queue would start dropping.
+    pub fn high_water(&self) -> usize {
+        let m = &self.config.mqtt;
+        m.backpressure_high_water.min(m.max_queued / 2).max(1)
+    }
+
     /// Route a message to every matching subscriber; returns how many sessions it was given to.
     pub fn publish(&self, msg: Arc<Message>) -> usize {
         self.router.publish(msg, usize::MAX).0
@@ -64,7 +71,7 @@ impl Broker {
     /// Route, then wait (bounded) while an online subscriber is congested: a fast publisher is
     /// slowed to its subscribers' pace instead of overflowing their queues.
     pub async fn publish_with_backpressure(&self, msg: Arc<Message>) -> usize {
-        let high = self.config.mqtt.backpressure_high_water;
+        let high = self.high_water();
         let (n, worst) = self.router.publish(msg, high);
         if let Some(load) = worst {
             load.wait_below(high, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;

@@ -128,3 +128,59 @@ async fn a_thousand_silent_sockets() {
     assert_eq!(closed.iter().filter(|c| **c).count(), 1000);
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_subscriber_is_bounded_and_does_not_stall_others() {
+    let node = start(|c| {
+        c.mqtt.max_queued = 50;
+        c.mqtt.max_inflight = 10;
+        c.mqtt.outbound_queue = 32;
+        c.mqtt.slow_subscriber_ms = 300;
+    })
+    .await;
+    // A subscriber that never reads its socket.
+    let mut stuck = Raw::v4(node.tcp, "stuck").await;
+    stuck.sub("flood/#", QoS::AtLeastOnce).await;
+    let mut healthy = Raw::v5(node.tcp, "healthy").await;
+    healthy.sub("flood/#", QoS::AtMostOnce).await;
+    let mut p = Raw::v4(node.tcp, "flooder").await;
+    let payload = "x".repeat(2000);
+    let total = 3000u16;
+    let reader = tokio::spawn(async move {
+        let mut n = 0u32;
+        while n < total as u32 {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), healthy.recv_app()).await.unwrap_or(None) {
+                Some(Packet::Publish(_)) => n += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        n
+    });
+    for i in 1..=total {
+        p.send(publish("flood/x", QoS::AtLeastOnce, i, &payload)).await;
+    }
+    // Every publish is acknowledged: the stuck subscriber paused the publisher once, then was
+    // marked slow and its excess dropped (bounded), rather than blocking everyone.
+    let mut acked = 0;
+    while acked < total {
+        match p.recv().await {
+            Some(Packet::PubAck(_)) => acked += 1,
+            Some(_) => {}
+            None => panic!("publisher was disconnected"),
+        }
+    }
+    assert_eq!(tokio::time::timeout(DEADLINE, reader).await.unwrap().unwrap(), total as u32, "healthy subscriber got everything");
+    drop(stuck);
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_disconnects_with_0x8b() {
+    let node = start(|_| {}).await;
+    let mut c = Raw::v5(node.tcp, "bye").await;
+    let stop = tokio::spawn(node.stop());
+    let seen = c.until_closed().await;
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::SERVER_SHUTTING_DOWN), "{seen:?}");
+    stop.await.unwrap();
+}

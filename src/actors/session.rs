@@ -42,6 +42,13 @@ pub struct OutPublish {
     pub props: Option<Box<Properties>>,
 }
 
+/// A reserved slot in a connection's outbound queue for one answer.
+pub type Reply = mpsc::OwnedPermit<Outbound>;
+
+fn answer(reply: Reply, p: Packet) {
+    reply.send(Outbound::Packet(Box::new(p)));
+}
+
 /// The session's view of its current connection.
 pub struct ConnHandle {
     pub id: u64,
@@ -76,12 +83,14 @@ pub enum SessionMessage {
     Terminate(RpcReplyPort<()>),
     Deliver(Delivery),
     PubAck(u16),
-    PubRec(Ack),
+    /// Requests that need an answer carry a reserved slot in their connection's outbound queue,
+    /// so the answer always fits and a client that does not read simply stops being read.
+    PubRec(Ack, Reply),
     PubComp(u16),
-    PubRel(u16),
-    InboundQos2 { pkid: u16, msg: Arc<Message> },
-    Subscribe(Subscribe),
-    Unsubscribe(Unsubscribe),
+    PubRel(u16, Reply),
+    InboundQos2 { pkid: u16, msg: Arc<Message>, reply: Reply },
+    Subscribe(Subscribe, Reply),
+    Unsubscribe(Unsubscribe, Reply),
     /// The connection `conn_id` ended; `expiry` is a 5.0 DISCONNECT's new Session Expiry Interval.
     Detach { conn_id: u64, will: WillAction, expiry: Option<u32> },
     WillDue(u64),
@@ -176,17 +185,17 @@ impl Actor for SessionActor {
                     st.drain(&me);
                 }
             }
-            SessionMessage::PubRec(ack) => match st.inflight.iter().position(|f| f.pkid == ack.pkid && f.d.qos == QoS::ExactlyOnce) {
+            SessionMessage::PubRec(ack, reply) => match st.inflight.iter().position(|f| f.pkid == ack.pkid && f.d.qos == QoS::ExactlyOnce) {
                 Some(i) if ack.code >= 0x80 => {
                     st.inflight.remove(i);
                     st.drain(&me);
                 }
                 Some(i) => {
                     st.inflight[i].released = true;
-                    st.send_packet(Packet::PubRel(Ack::new(ack.pkid, 0)));
+                    answer(reply, Packet::PubRel(Ack::new(ack.pkid, 0)));
                     st.mark_dirty(&me);
                 }
-                None => st.send_packet(Packet::PubRel(Ack::new(ack.pkid, reason::PACKET_ID_NOT_FOUND))),
+                None => answer(reply, Packet::PubRel(Ack::new(ack.pkid, reason::PACKET_ID_NOT_FOUND))),
             },
             SessionMessage::PubComp(pkid) => {
                 if let Some(i) = st.inflight.iter().position(|f| f.pkid == pkid && f.released) {
@@ -194,13 +203,13 @@ impl Actor for SessionActor {
                     st.drain(&me);
                 }
             }
-            SessionMessage::InboundQos2 { pkid, msg } => st.inbound_qos2(pkid, msg),
-            SessionMessage::PubRel(pkid) => {
+            SessionMessage::InboundQos2 { pkid, msg, reply } => st.inbound_qos2(pkid, msg, reply),
+            SessionMessage::PubRel(pkid, reply) => {
                 let code = if st.incoming_qos2.remove(&pkid) { 0 } else { reason::PACKET_ID_NOT_FOUND };
-                st.send_packet(Packet::PubComp(Ack::new(pkid, code)));
+                answer(reply, Packet::PubComp(Ack::new(pkid, code)));
             }
-            SessionMessage::Subscribe(s) => Box::pin(st.subscribe(&me, s)).await,
-            SessionMessage::Unsubscribe(u) => st.unsubscribe(&me, u),
+            SessionMessage::Subscribe(s, reply) => Box::pin(st.subscribe(&me, s, reply)).await,
+            SessionMessage::Unsubscribe(u, reply) => st.unsubscribe(&me, u, reply),
             SessionMessage::Attach(a, reply) => {
                 let present = Box::pin(st.attach(&me, *a)).await;
                 let _ = reply.send(present);
@@ -238,7 +247,7 @@ impl Actor for SessionActor {
             }
         }
         if delivery || st.load.pressure.load(Ordering::Relaxed) {
-            let low = st.broker.config.mqtt.backpressure_high_water / 2;
+            let low = st.broker.high_water() / 2;
             st.load.progressed(st.pending.len(), low);
         }
         Ok(())
@@ -355,9 +364,12 @@ impl SessionState {
             return;
         }
         if d.qos == QoS::AtMostOnce {
+            // QoS 0 waits in the (bounded) queue while the socket queue is full, so it counts
+            // towards backpressure like QoS 1/2; beyond the bound it is dropped.
             if self.pending.is_empty() {
                 if let Sent::Full = self.send_publish(&d, 0, false) {
-                    self.count_drop();
+                    self.enqueue(d);
+                    self.schedule_flush(me);
                 }
             } else {
                 self.enqueue(d);
@@ -442,10 +454,10 @@ impl SessionState {
         self.mark_dirty(me);
     }
 
-    fn inbound_qos2(&mut self, pkid: u16, msg: Arc<Message>) {
+    fn inbound_qos2(&mut self, pkid: u16, msg: Arc<Message>, reply: Reply) {
         if self.incoming_qos2.contains(&pkid) {
             // A retransmission: acknowledge again, deliver nothing (exactly once).
-            self.send_packet(Packet::PubRec(Ack::new(pkid, 0)));
+            answer(reply, Packet::PubRec(Ack::new(pkid, 0)));
             return;
         }
         if self.incoming_qos2.len() >= self.broker.config.mqtt.max_inflight as usize {
@@ -458,7 +470,7 @@ impl SessionState {
         self.incoming_qos2.insert(pkid);
         let n = self.broker.publish(msg);
         let code = if n == 0 && self.protocol == Protocol::V5 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
-        self.send_packet(Packet::PubRec(Ack::new(pkid, code)));
+        answer(reply, Packet::PubRec(Ack::new(pkid, code)));
     }
 
     fn sub_entry(&self, me: &ActorRef<SessionMessage>, opts: SubOptions, sub_id: Option<u32>) -> Sub {
@@ -490,7 +502,7 @@ impl SessionState {
         }
     }
 
-    async fn subscribe(&mut self, me: &ActorRef<SessionMessage>, s: Subscribe) {
+    async fn subscribe(&mut self, me: &ActorRef<SessionMessage>, s: Subscribe, reply: Reply) {
         let v5 = self.protocol == Protocol::V5;
         let sub_id = s.props.subscription_identifiers.first().copied();
         let cfg = &self.broker.config.mqtt;
@@ -524,14 +536,14 @@ impl SessionState {
                 }
             }
         }
-        self.send_packet(Packet::SubAck(SubAck { pkid: s.pkid, codes, props: Properties::default() }));
+        answer(reply, Packet::SubAck(SubAck { pkid: s.pkid, codes, props: Properties::default() }));
         for d in retained {
             self.deliver(me, d);
         }
         self.mark_dirty(me);
     }
 
-    fn unsubscribe(&mut self, me: &ActorRef<SessionMessage>, u: Unsubscribe) {
+    fn unsubscribe(&mut self, me: &ActorRef<SessionMessage>, u: Unsubscribe, reply: Reply) {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in u.filters {
             if self.subs.remove(&f).is_some() {
@@ -541,7 +553,7 @@ impl SessionState {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);
             }
         }
-        self.send_packet(Packet::UnsubAck(UnsubAck { pkid: u.pkid, codes, props: Properties::default() }));
+        answer(reply, Packet::UnsubAck(UnsubAck { pkid: u.pkid, codes, props: Properties::default() }));
         self.mark_dirty(me);
     }
 

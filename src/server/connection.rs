@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::actors::registry::RegistryMessage;
-use crate::actors::session::{AttachArgs, ConnHandle, Outbound, SessionMessage, WillAction};
+use crate::actors::session::{AttachArgs, ConnHandle, Outbound, Reply, SessionMessage, WillAction};
 use crate::broker::Broker;
 use crate::message::{now_ms, Message};
 use crate::metrics::Metrics;
@@ -169,7 +169,8 @@ where
         props.topic_alias_maximum = Some(cfg.mqtt.topic_alias_max);
     }
     let client_alias_max = c.props.topic_alias_maximum.unwrap_or(0);
-    let (tx, rx) = mpsc::channel(cfg.mqtt.outbound_queue.max(16));
+    // Room for a full in-flight window of resends plus answers, whatever `outbound_queue` says.
+    let (tx, rx) = mpsc::channel(cfg.mqtt.outbound_queue.max(cfg.mqtt.max_inflight as usize * 2 + 16));
     let cancel = CancellationToken::new();
     let conn_id = CONN_ID.fetch_add(1, Ordering::Relaxed);
     let handle = ConnHandle {
@@ -285,8 +286,14 @@ impl Conn {
         WillAction::Publish
     }
 
-    fn send(&self, p: Packet) {
-        let _ = self.tx.try_send(Outbound::Packet(Box::new(p)));
+    /// Queue an answer; waits for room (a client that does not read stops being read).
+    async fn send(&self, p: Packet) {
+        let _ = self.tx.send(Outbound::Packet(Box::new(p))).await;
+    }
+
+    /// Reserve room for an answer the session will send.
+    async fn reply(&self) -> Option<Reply> {
+        self.tx.clone().reserve_owned().await.ok()
     }
 
     /// Handle one packet; `Some` ends the connection with that will action.
@@ -298,21 +305,25 @@ impl Conn {
                 let _ = self.session.cast(SessionMessage::PubAck(a.pkid));
             }
             Packet::PubRec(a) => {
-                let _ = self.session.cast(SessionMessage::PubRec(a));
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                let _ = self.session.cast(SessionMessage::PubRec(a, r));
             }
             Packet::PubRel(a) => {
-                let _ = self.session.cast(SessionMessage::PubRel(a.pkid));
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                let _ = self.session.cast(SessionMessage::PubRel(a.pkid, r));
             }
             Packet::PubComp(a) => {
                 let _ = self.session.cast(SessionMessage::PubComp(a.pkid));
             }
             Packet::Subscribe(s) => {
-                let _ = self.session.cast(SessionMessage::Subscribe(s));
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                let _ = self.session.cast(SessionMessage::Subscribe(s, r));
             }
             Packet::Unsubscribe(u) => {
-                let _ = self.session.cast(SessionMessage::Unsubscribe(u));
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                let _ = self.session.cast(SessionMessage::Unsubscribe(u, r));
             }
-            Packet::PingReq => self.send(Packet::PingResp),
+            Packet::PingReq => self.send(Packet::PingResp).await,
             Packet::Disconnect(d) => {
                 if let Some(e) = d.props.session_expiry_interval {
                     if self.expiry == 0 && e != 0 {
@@ -364,8 +375,8 @@ impl Conn {
             }
             match p.qos {
                 QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.send(Packet::PubAck(Ack::new(p.pkid, reason::TOPIC_NAME_INVALID))),
-                QoS::ExactlyOnce => self.send(Packet::PubRec(Ack::new(p.pkid, reason::TOPIC_NAME_INVALID))),
+                QoS::AtLeastOnce => self.send(Packet::PubAck(Ack::new(p.pkid, reason::TOPIC_NAME_INVALID))).await,
+                QoS::ExactlyOnce => self.send(Packet::PubRec(Ack::new(p.pkid, reason::TOPIC_NAME_INVALID))).await,
             }
             return None;
         }
@@ -397,13 +408,14 @@ impl Conn {
             QoS::AtLeastOnce => {
                 let n = if routable { self.broker.publish_with_backpressure(msg).await } else { 0 };
                 let code = if n == 0 && v5 { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
-                self.send(Packet::PubAck(Ack::new(p.pkid, code)));
+                self.send(Packet::PubAck(Ack::new(p.pkid, code))).await;
             }
             QoS::ExactlyOnce => {
                 if routable {
-                    let _ = self.session.cast(SessionMessage::InboundQos2 { pkid: p.pkid, msg });
+                    let Some(reply) = self.reply().await else { return Some(WillAction::Publish) };
+                    let _ = self.session.cast(SessionMessage::InboundQos2 { pkid: p.pkid, msg, reply });
                 } else {
-                    self.send(Packet::PubRec(Ack::new(p.pkid, 0)));
+                    self.send(Packet::PubRec(Ack::new(p.pkid, 0))).await;
                 }
             }
         }
