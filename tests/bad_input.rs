@@ -75,6 +75,11 @@ async fn malformed_packets_close_with_reason() {
         let seen = c.until_closed().await;
         assert!(!seen.iter().any(|p| matches!(p, Packet::ConnAck(a) if a.code == 0)), "{bytes:?} accepted");
     }
+    // 5.0 CONNECT with a duplicate property: CONNACK 0x82, then close.
+    let mut c = Raw::connect(node.tcp).await;
+    c.send_bytes(&[0x10, 0x12, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 60, 4, 0x17, 1, 0x17, 1, 0, 1, b'x']).await;
+    let seen = c.until_closed().await;
+    assert!(matches!(seen.as_slice(), [Packet::ConnAck(a)] if a.code == reason::PROTOCOL_ERROR), "{seen:?}");
     // First packet not CONNECT.
     let mut c = Raw::connect(node.tcp).await;
     c.send(Packet::PingReq).await;

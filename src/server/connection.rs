@@ -107,6 +107,10 @@ where
                     let _ = wr.write_all(&[0x20, 3, 0, reason::UNSUPPORTED_PROTOCOL_VERSION, 0]).await;
                 }
                 let _ = wr.shutdown().await;
+            } else if e.level == 5 {
+                // 5.0 lets the server say why before closing (0x81 malformed, 0x82 protocol error, ...).
+                let _ = wr.write_all(&[0x20, 3, 0, e.code, 0]).await;
+                let _ = wr.shutdown().await;
             }
             return;
         }
@@ -282,7 +286,13 @@ struct Conn {
 impl Conn {
     /// Server-initiated close with a reason (sent as DISCONNECT in 5.0).
     fn close(&self, code: u8) -> WillAction {
-        let _ = self.tx.try_send(Outbound::Disconnect(code));
+        if let Err(mpsc::error::TrySendError::Full(d)) = self.tx.try_send(Outbound::Disconnect(code)) {
+            // Queue full: hand the DISCONNECT to a task that waits for room (bounded in time).
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(d)).await;
+            });
+        }
         WillAction::Publish
     }
 
@@ -411,12 +421,9 @@ impl Conn {
                 self.send(Packet::PubAck(Ack::new(p.pkid, code))).await;
             }
             QoS::ExactlyOnce => {
-                if routable {
-                    let Some(reply) = self.reply().await else { return Some(WillAction::Publish) };
-                    let _ = self.session.cast(SessionMessage::InboundQos2 { pkid: p.pkid, msg, reply });
-                } else {
-                    self.send(Packet::PubRec(Ack::new(p.pkid, 0))).await;
-                }
+                // Through the session even when not routable: it owns the exactly-once state.
+                let Some(reply) = self.reply().await else { return Some(WillAction::Publish) };
+                let _ = self.session.cast(SessionMessage::InboundQos2 { pkid: p.pkid, msg, reply });
             }
         }
         None

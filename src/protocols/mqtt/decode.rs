@@ -349,6 +349,14 @@ fn connect(r: &mut Reader<'_>) -> Result<Connect, DecodeError> {
         }
         _ => return Err(DecodeError::protocol("unknown protocol name")),
     };
+    // Errors past this point carry the level, so a 5.0 client can be told why in a CONNACK.
+    connect_body(r, protocol).map_err(|mut e| {
+        e.level = level;
+        e
+    })
+}
+
+fn connect_body(r: &mut Reader<'_>, protocol: Protocol) -> Result<Connect, DecodeError> {
     let v5 = protocol == Protocol::V5;
     let flags = r.u8()?;
     if flags & 0x01 != 0 {
