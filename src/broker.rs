@@ -194,9 +194,7 @@ impl Router {
         let mut worst: Option<Arc<Load>> = None;
         for t in targets {
             let d = Delivery { msg: msg.clone(), qos: t.qos, retain: t.retain, sub_ids: t.sub_ids, shared: t.shared };
-            t.load.mailbox.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if t.session.cast(SessionMessage::Deliver(d)).is_err() {
-                t.load.mailbox.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if !t.load.push(&t.session, d) {
                 continue;
             }
             if t.load.congested(high) && worst.as_ref().is_none_or(|w| w.depth() < t.load.depth()) {
@@ -223,11 +221,6 @@ impl Router {
             return false;
         }
         let d = Delivery { qos: d.msg.qos.min(sub.opts.qos), sub_ids: sub.sub_id.into_iter().collect(), ..d };
-        sub.load.mailbox.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ok = sub.session.cast(SessionMessage::Deliver(d)).is_ok();
-        if !ok {
-            sub.load.mailbox.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        ok
+        sub.load.push(&sub.session, d)
     }
 }

@@ -2,17 +2,27 @@
 //! mailbox and queue. Publishers pause reading from their socket while an online subscriber is
 //! above the high-water mark (backpressure instead of dropping acknowledged messages); a
 //! subscriber that does not drain in time is marked slow and stops exerting backpressure.
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
+use ractor::ActorRef;
 use tokio::sync::Notify;
+
+use super::session::SessionMessage;
+use crate::message::Delivery;
 
 #[derive(Debug, Default)]
 pub struct Load {
     /// The session has a live connection.
     pub online: AtomicBool,
-    /// Deliveries cast to the session but not yet handled.
+    /// Deliveries handed to the session but not yet handled (the length of `inbox`).
     pub mailbox: AtomicUsize,
+    /// The session's delivery inbox: publishers push, the session drains it in batches. One
+    /// `Drain` message is in the actor mailbox while `scheduled` is set, instead of one per message.
+    inbox: Mutex<VecDeque<Delivery>>,
+    scheduled: AtomicBool,
     /// Deliveries in the session's pending queue.
     pub pending: AtomicUsize,
     /// Set by a publisher that timed out waiting; cleared when the queue drains.
@@ -23,6 +33,31 @@ pub struct Load {
 }
 
 impl Load {
+    /// Hand a delivery to the session; wakes it if it was idle. False if the session is gone.
+    pub fn push(&self, session: &ActorRef<SessionMessage>, d: Delivery) -> bool {
+        match self.inbox.lock() {
+            Ok(mut q) => q.push_back(d),
+            Err(_) => return false,
+        }
+        self.mailbox.fetch_add(1, Ordering::Relaxed);
+        if !self.scheduled.swap(true, Ordering::AcqRel) && session.cast(SessionMessage::Drain).is_err() {
+            return false;
+        }
+        true
+    }
+
+    /// Take every queued delivery (called by the session on `Drain`).
+    pub fn take(&self) -> VecDeque<Delivery> {
+        // Clear the flag first: a push after this point schedules another Drain.
+        self.scheduled.store(false, Ordering::Release);
+        let batch = match self.inbox.lock() {
+            Ok(mut q) => std::mem::take(&mut *q),
+            Err(_) => VecDeque::new(),
+        };
+        self.mailbox.fetch_sub(batch.len(), Ordering::Relaxed);
+        batch
+    }
+
     pub fn depth(&self) -> usize {
         self.mailbox.load(Ordering::Relaxed) + self.pending.load(Ordering::Relaxed)
     }

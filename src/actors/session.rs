@@ -81,8 +81,12 @@ pub enum SessionMessage {
     Attach(Box<AttachArgs>, RpcReplyPort<bool>),
     /// End the session now (a Clean Start connect replaces it).
     Terminate(RpcReplyPort<()>),
+    /// Deliveries are waiting in this session's inbox (see `Load`).
+    Drain,
+    /// Retained messages for a new subscription, and other deliveries made by the session itself.
     Deliver(Delivery),
-    PubAck(u16),
+    /// Consecutive PUBACKs from the client, batched by the connection.
+    PubAcks(Vec<u16>),
     /// Requests that need an answer carry a reserved slot in their connection's outbound queue,
     /// so the answer always fits and a client that does not read simply stops being read.
     PubRec(Ack, Reply),
@@ -173,15 +177,24 @@ impl Actor for SessionActor {
     }
 
     async fn handle(&self, me: ActorRef<Self::Msg>, msg: SessionMessage, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
-        let delivery = matches!(msg, SessionMessage::Deliver(_));
+        let delivery = matches!(msg, SessionMessage::Drain);
         match msg {
-            SessionMessage::Deliver(d) => {
-                st.load.mailbox.fetch_sub(1, Ordering::Relaxed);
-                st.deliver(&me, d)
+            SessionMessage::Drain => {
+                for d in st.load.take() {
+                    st.deliver(&me, d);
+                }
             }
-            SessionMessage::PubAck(pkid) => {
-                if let Some(i) = st.inflight.iter().position(|f| f.pkid == pkid && !f.released && f.d.qos == QoS::AtLeastOnce) {
-                    st.inflight.remove(i);
+            SessionMessage::Deliver(d) => st.deliver(&me, d),
+            SessionMessage::PubAcks(pkids) => {
+                let mut freed = false;
+                for pkid in pkids {
+                    // Acks usually come in send order, so the match is near the front.
+                    if let Some(i) = st.inflight.iter().position(|f| f.pkid == pkid && !f.released && f.d.qos == QoS::AtLeastOnce) {
+                        st.inflight.remove(i);
+                        freed = true;
+                    }
+                }
+                if freed {
                     st.drain(&me);
                 }
             }

@@ -212,20 +212,26 @@ where
     };
     tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
 
-    let mut conn = Conn { broker: broker.clone(), client_id, session: session.clone(), tx, protocol, aliases: HashMap::new(), expiry, new_expiry: None };
+    let mut conn = Conn { broker: broker.clone(), client_id, session: session.clone(), tx, protocol, aliases: HashMap::new(), expiry, new_expiry: None, acks: Vec::new() };
     let ka = if keep_alive == 0 { None } else { Some(Duration::from_millis(keep_alive as u64 * 1500)) };
     let mut read_hint = 256usize;
     let will = loop {
         // Handle every complete packet already buffered, then read more.
         let step = loop {
             match decode(&mut buf, protocol, max) {
+                Ok(Some(Packet::PubAck(a))) => conn.acks.push(a.pkid),
                 Ok(Some(p)) => {
+                    conn.flush_acks();
                     if let Some(w) = Box::pin(conn.handle(p)).await {
                         break Some(w);
                     }
                 }
-                Ok(None) => break None,
+                Ok(None) => {
+                    conn.flush_acks();
+                    break None;
+                }
                 Err(e) => {
+                    conn.flush_acks();
                     Metrics::add(&m.protocol_errors, 1);
                     tracing::info!(error = %e, "invalid packet; closing");
                     break Some(conn.close(e.code));
@@ -281,9 +287,17 @@ struct Conn {
     aliases: HashMap<u16, String>,
     expiry: u32,
     new_expiry: Option<u32>,
+    /// PUBACKs read but not yet passed to the session (sent as one message per read batch).
+    acks: Vec<u16>,
 }
 
 impl Conn {
+    fn flush_acks(&mut self) {
+        if !self.acks.is_empty() {
+            let _ = self.session.cast(SessionMessage::PubAcks(std::mem::take(&mut self.acks)));
+        }
+    }
+
     /// Server-initiated close with a reason (sent as DISCONNECT in 5.0).
     fn close(&self, code: u8) -> WillAction {
         if let Err(mpsc::error::TrySendError::Full(d)) = self.tx.try_send(Outbound::Disconnect(code)) {
@@ -312,7 +326,7 @@ impl Conn {
         match p {
             Packet::Publish(p) => return self.publish(p).await,
             Packet::PubAck(a) => {
-                let _ = self.session.cast(SessionMessage::PubAck(a.pkid));
+                let _ = self.session.cast(SessionMessage::PubAcks(vec![a.pkid]));
             }
             Packet::PubRec(a) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };

@@ -66,6 +66,7 @@ async fn handle(stream: TcpStream, peer: SocketAddr, kind: &Kind, broker: Arc<Br
 
 async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, broker: Arc<Broker>, shutdown: CancellationToken, handshake: Duration) {
     let want = path.to_string();
+    #[allow(clippy::result_large_err)] // the handshake callback's signature is tungstenite's
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != want {
             let mut e = ErrorResponse::new(Some("no MQTT endpoint at this path".into()));
@@ -90,11 +91,8 @@ async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, broker: Arc<Broker>
     let inbound = async move {
         while let Some(Ok(msg)) = source.next().await {
             match msg {
-                WsMessage::Binary(b) => {
-                    if bwr.write_all(&b).await.is_err() {
-                        break;
-                    }
-                }
+                WsMessage::Binary(b) if bwr.write_all(&b).await.is_err() => break,
+                WsMessage::Binary(_) => {}
                 WsMessage::Close(_) => break,
                 _ => {}
             }

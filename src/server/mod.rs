@@ -92,7 +92,6 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     registry.call(|r| RegistryMessage::Restore(sessions, r), Some(Duration::from_secs(60))).await.context("restore sessions")?;
 
     let tracker = TaskTracker::new();
-    let stop_accepting = CancellationToken::new();
     let mut addrs = Vec::new();
     for (l, kind) in bound.listeners {
         let what = match &kind {
@@ -116,7 +115,6 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
             _ = tick.tick() => flush(&broker),
         }
     }
-    stop_accepting.cancel();
     tracing::info!("shutting down: closing connections");
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {

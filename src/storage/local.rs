@@ -37,6 +37,9 @@ pub enum StoreError {
     Format { path: String },
 }
 
+/// An opened store with the sessions and retained messages a previous run left.
+pub type Opened = (Arc<LocalStore>, Vec<SessionSnapshot>, Vec<Message>);
+
 /// The data directory and the latest persistent state handed to it.
 pub struct LocalStore {
     dir: PathBuf,
@@ -78,7 +81,7 @@ fn write_file<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
 
 impl LocalStore {
     /// Open (creating) the data directory and load what a previous run left.
-    pub fn open(dir: &Path) -> Result<(Arc<LocalStore>, Vec<SessionSnapshot>, Vec<Message>), StoreError> {
+    pub fn open(dir: &Path) -> Result<Opened, StoreError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let sessions: Vec<SessionSnapshot> = read_file(&dir.join("sessions.bin"))?.unwrap_or_default();
         let retained: Vec<Message> = read_file(&dir.join("retained.bin"))?.unwrap_or_default();
