@@ -23,10 +23,10 @@ use crate::protocols::mqtt::{decode, encode, reason, topic, Ack, ConnAck, Connec
 static CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Decrements the connected-clients gauge when the connection ends.
-struct Gauge<'a>(&'a Metrics);
-impl Drop for Gauge<'_> {
+struct Gauge(Arc<Broker>);
+impl Drop for Gauge {
     fn drop(&mut self) {
-        self.0.clients_connected.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.clients_connected.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -74,7 +74,19 @@ where
     serve_inner(broker, rd, wr, shutdown).instrument(span).await
 }
 
-async fn serve_inner<R, W>(broker: Arc<Broker>, mut rd: R, mut wr: W, shutdown: CancellationToken)
+/// What the CONNECT exchange leaves for the packet loop.
+struct Established {
+    conn: Conn,
+    conn_id: u64,
+    keep_alive: u16,
+    cancel: CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+    _gauge: Gauge,
+}
+
+/// CONNECT, validation, session attach. Kept out of the packet loop's future so an idle
+/// connection does not carry the CONNECT packet and handshake state.
+async fn handshake<R, W>(broker: &Arc<Broker>, rd: &mut R, mut wr: W, buf: &mut BytesMut, shutdown: &CancellationToken) -> Option<Established>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -82,20 +94,19 @@ where
     let cfg = broker.config.clone();
     let m = &broker.metrics;
     let max = cfg.mqtt.max_packet_size as usize;
-    let mut buf = BytesMut::new();
     let first = tokio::select! {
-        r = Box::pin(tokio::time::timeout(Duration::from_secs(cfg.mqtt.connect_timeout_secs), read_packet(&mut rd, &mut buf, Protocol::V5, max, m))) => r,
-        _ = shutdown.cancelled() => return,
+        r = Box::pin(tokio::time::timeout(Duration::from_secs(cfg.mqtt.connect_timeout_secs), read_packet(rd, buf, Protocol::V5, max, m))) => r,
+        _ = shutdown.cancelled() => return None,
     };
     let c: Connect = match first {
         Err(_) => {
             tracing::debug!("no CONNECT within the connect timeout; closing");
-            return;
+            return None;
         }
         Ok(Ok(Packet::Connect(c))) => *c,
         Ok(Ok(p)) => {
             tracing::info!(packet = p.name(), "first packet is not CONNECT; closing");
-            return;
+            return None;
         }
         Ok(Err(ReadErr::Decode(e))) => {
             Metrics::add(&m.protocol_errors, 1);
@@ -112,32 +123,33 @@ where
                 let _ = wr.write_all(&[0x20, 3, 0, e.code, 0]).await;
                 let _ = wr.shutdown().await;
             }
-            return;
+            return None;
         }
-        Ok(Err(_)) => return,
+        Ok(Err(_)) => return None,
     };
     let protocol = c.protocol;
     let v5 = protocol == Protocol::V5;
 
     // Refuse over the connection limit with a proper CONNACK rather than failing later.
     let connected = m.clients_connected.fetch_add(1, Ordering::Relaxed);
-    let _gauge = Gauge(m);
+    let gauge = Gauge(broker.clone());
+    
     Metrics::add(&m.connections_total, 1);
     if connected as usize >= cfg.mqtt.max_connections {
         tracing::warn!(limit = cfg.mqtt.max_connections, "connection limit reached; refusing");
         Box::pin(write_raw(&mut wr, &connack(reason::QUOTA_EXCEEDED), protocol)).await;
-        return;
+        return None;
     }
     if v5 && c.props.authentication_method.is_some() {
         tracing::info!("enhanced authentication requested but none is configured");
         Box::pin(write_raw(&mut wr, &connack(reason::BAD_AUTHENTICATION_METHOD), protocol)).await;
-        return;
+        return None;
     }
     let mut props = Properties::default();
     let client_id: Arc<str> = if c.client_id.is_empty() {
         if !v5 && !c.clean_start {
             Box::pin(write_raw(&mut wr, &connack(reason::CLIENT_ID_NOT_VALID), protocol)).await;
-            return;
+            return None;
         }
         let id = format!("auto-{:016x}", rand::random::<u64>());
         if v5 {
@@ -193,7 +205,7 @@ where
         expiry,
     });
     let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone()));
-    let Some(registry) = broker.registry() else { return };
+    let Some(registry) = broker.registry() else { return None };
     let cid = client_id.clone();
     let session = match Box::pin(registry.call(|reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, reply }, Some(Duration::from_secs(15)))).await {
         Ok(ractor::rpc::CallResult::Success(Ok(s))) => s,
@@ -207,12 +219,26 @@ where
             let _ = tx.try_send(Outbound::Disconnect(reason::SERVER_UNAVAILABLE));
             drop(tx);
             let _ = writer.await;
-            return;
+            return None;
         }
     };
     tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
+    let conn = Conn { broker: broker.clone(), client_id, session, tx, protocol, aliases: HashMap::new(), expiry, new_expiry: None, acks: Vec::new() };
+    Some(Established { conn, conn_id, keep_alive, cancel, writer, _gauge: gauge })
+}
 
-    let mut conn = Conn { broker: broker.clone(), client_id, session: session.clone(), tx, protocol, aliases: HashMap::new(), expiry, new_expiry: None, acks: Vec::new() };
+async fn serve_inner<R, W>(broker: Arc<Broker>, mut rd: R, wr: W, shutdown: CancellationToken)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let m = &broker.metrics;
+    let max = broker.config.mqtt.max_packet_size as usize;
+    let mut buf = BytesMut::new();
+    let Some(est) = Box::pin(handshake(&broker, &mut rd, wr, &mut buf, &shutdown)).await else { return };
+    let Established { mut conn, conn_id, keep_alive, cancel, writer, _gauge } = est;
+    let session = conn.session.clone();
+    let protocol = conn.protocol;
     let ka = if keep_alive == 0 { None } else { Some(Duration::from_millis(keep_alive as u64 * 1500)) };
     let mut read_hint = 256usize;
     let will = loop {

@@ -52,15 +52,20 @@ async fn handle(stream: TcpStream, peer: SocketAddr, kind: &Kind, broker: Arc<Br
             let (rd, wr) = stream.into_split();
             Box::pin(serve(broker, rd, wr, peer, shutdown)).await
         }
-        Kind::Tls(acceptor) => match Box::pin(tokio::time::timeout(handshake, acceptor.accept(stream))).await {
-            Ok(Ok(tls)) => {
-                let (rd, wr) = tokio::io::split(tls);
-                Box::pin(serve(broker, rd, wr, peer, shutdown)).await
-            }
-            Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-        },
+        // Boxed: a TLS stream is large and would otherwise sit in every connection's task.
+        Kind::Tls(acceptor) => Box::pin(tls(stream, peer, acceptor, broker, shutdown, handshake)).await,
         Kind::Ws { path } => Box::pin(ws(stream, peer, path, broker, shutdown, handshake)).await,
+    }
+}
+
+async fn tls(stream: TcpStream, peer: SocketAddr, acceptor: &TlsAcceptor, broker: Arc<Broker>, shutdown: CancellationToken, handshake: Duration) {
+    match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let (rd, wr) = tokio::io::split(tls);
+            Box::pin(serve(broker, rd, wr, peer, shutdown)).await
+        }
+        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
     }
 }
 
