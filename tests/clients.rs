@@ -189,3 +189,15 @@ async fn mosquitto_cli_v311_and_v5() {
     assert_eq!(next_message(&mut lines).await, "cli/retained kept");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_python_interop() {
+    let ok = std::process::Command::new("python3").args(["-c", "import paho.mqtt"]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "Python paho-mqtt is required (pip install paho-mqtt; scripts/test installs it)");
+    let node = start(|_| {}).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/paho/interop.py");
+    let out = tokio::time::timeout(Duration::from_secs(60), Command::new("python3").arg(script).arg(node.tcp.port().to_string()).output()).await.unwrap().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("OK paho interop"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    node.stop().await;
+}
