@@ -55,6 +55,11 @@ async fn connect_rules() {
     let seen = c.until_closed().await;
     assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::PROTOCOL_ERROR), "{seen:?}");
 
+    // Server Keep Alive when the configured ceiling is below the client's keep-alive.
+    node.stop().await;
+    let node = start(|c| c.mqtt.max_keepalive_secs = 30).await;
+    let (_c, ack) = Raw::session(node.tcp, connect_packet(Protocol::V5, "ka-cap", true)).await;
+    assert_eq!(ack.props.server_keep_alive, Some(30));
     // Enhanced auth is refused cleanly; a stray AUTH is a protocol error.
     let mut cp = connect_packet(Protocol::V5, "auth", true);
     cp.props.authentication_method = Some("SCRAM-SHA-1".into());
@@ -447,6 +452,10 @@ async fn shared_subscriptions() {
     let mut all: Vec<String> = got_b.into_iter().chain(again).collect();
     all.sort_by_key(|s| s.parse::<u32>().unwrap());
     assert_eq!(all, (1..=10).map(|i| i.to_string()).collect::<Vec<_>>());
+    // Unsubscribing an invalid filter: UNSUBACK 0x8F; one never subscribed: 0x11.
+    let mut u = Raw::v5(node.tcp, "m-u").await;
+    u.send(Packet::Unsubscribe(Unsubscribe { pkid: 4, filters: vec!["a/#/b".into(), "never".into()], props: props() })).await;
+    assert!(matches!(u.recv_app().await, Some(Packet::UnsubAck(x)) if x.codes == vec![reason::TOPIC_FILTER_INVALID, reason::NO_SUBSCRIPTION_EXISTED]));
     // Invalid shared filters and No Local on a shared subscription.
     let mut c = Raw::v5(node.tcp, "m-c").await;
     assert_eq!(c.sub("$share/g+/x", QoS::AtMostOnce).await, vec![reason::TOPIC_FILTER_INVALID]);

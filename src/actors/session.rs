@@ -560,7 +560,9 @@ impl SessionState {
     fn unsubscribe(&mut self, me: &ActorRef<SessionMessage>, u: Unsubscribe, reply: Reply) {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in u.filters {
-            if self.subs.remove(&f).is_some() {
+            if !topic::valid_filter(&f) {
+                codes.push(reason::TOPIC_FILTER_INVALID);
+            } else if self.subs.remove(&f).is_some() {
                 self.remove_route(me, &f);
                 codes.push(reason::SUCCESS);
             } else {
@@ -693,6 +695,8 @@ impl SessionState {
             self.remove_route(me, &f);
         }
         self.subs.clear();
+        // Deliveries that raced with the end are dropped with the session.
+        let _ = self.load.take();
         self.broker.store.remove_session(&self.client_id);
         if let Some(r) = self.broker.registry() {
             let _ = r.cast(RegistryMessage::SessionEnded { client_id: self.client_id.clone(), id: me.get_id() });

@@ -78,9 +78,10 @@ async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, broker: Arc<Broker>
             *e.status_mut() = StatusCode::NOT_FOUND;
             return Err(e);
         }
-        let offered = req.headers().get_all("Sec-WebSocket-Protocol").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|p| p.trim() == "mqtt");
-        if offered {
-            resp.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static("mqtt"));
+        // "mqtt" is the registered name; some older clients offer "mqttv3.1".
+        let offered: Vec<String> = req.headers().get_all("Sec-WebSocket-Protocol").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(|p| p.trim().to_string()).collect();
+        if let Some(p) = ["mqtt", "mqttv3.1"].into_iter().find(|p| offered.iter().any(|o| o == p)) {
+            resp.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(p));
         }
         Ok(resp)
     };

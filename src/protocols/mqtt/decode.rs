@@ -207,8 +207,9 @@ pub fn decode_body(first: u8, body: Bytes, protocol: Protocol) -> Result<Packet,
             let mut filters = Vec::new();
             while !r.is_empty() {
                 let f = r.string()?;
-                if !topic::valid_filter(&f) {
-                    return Err(DecodeError::protocol("invalid topic filter"));
+                // An empty filter is malformed; other invalid filters get UNSUBACK 0x8F (session).
+                if f.is_empty() {
+                    return Err(DecodeError::protocol("empty topic filter"));
                 }
                 filters.push(f);
             }
