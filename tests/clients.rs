@@ -117,7 +117,11 @@ async fn rumqttc_v5_roundtrip_with_properties() {
             break;
         }
     }
-    let props = PublishProperties { response_topic: Some("r5/reply".into()), user_properties: vec![("k".into(), "v".into())], ..Default::default() };
+    let props = PublishProperties {
+        response_topic: Some("r5/reply".into()),
+        user_properties: vec![("k".into(), "v".into())],
+        ..Default::default()
+    };
     p.publish_with_properties("r5/x", QoS::ExactlyOnce, false, "hello5", props).await.unwrap();
     let m = loop {
         if let Event::Incoming(Packet::Publish(m)) = tokio::time::timeout(DEADLINE, sel.poll()).await.unwrap().unwrap() {
@@ -160,7 +164,10 @@ async fn mosquitto_sub(node: &Node, args: &[&str]) -> (tokio::process::Child, to
 async fn mosquitto_pub(node: &Node, args: &[&str]) {
     assert!(have("mosquitto_pub"), "mosquitto_pub is required (Debian package mosquitto-clients; .ci/run installs it)");
     let port = node.tcp.port().to_string();
-    let st = tokio::time::timeout(DEADLINE, Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port]).args(args).status()).await.unwrap().unwrap();
+    let st = tokio::time::timeout(DEADLINE, Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port]).args(args).status())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(st.success(), "mosquitto_pub {args:?} failed");
 }
 
@@ -196,7 +203,10 @@ async fn paho_python_interop() {
     assert!(ok, "Python paho-mqtt is required (pip install paho-mqtt; scripts/test installs it)");
     let node = start(|_| {}).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/paho/interop.py");
-    let out = tokio::time::timeout(Duration::from_secs(60), Command::new("python3").arg(script).arg(node.tcp.port().to_string()).output()).await.unwrap().unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(60), Command::new("python3").arg(script).arg(node.tcp.port().to_string()).output())
+        .await
+        .unwrap()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("OK paho interop"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     node.stop().await;

@@ -56,7 +56,10 @@ async fn kill_9_keeps_what_was_persisted() {
     }
     // Wait (event, not time) until the periodic persister has written the queued messages.
     let file = tmp.path().join("sessions.bin");
-    eventually("queued messages persisted", || std::fs::read(&file).map(|b| b.windows(16).any(|w| w == b"payload-3-marker")).unwrap_or(false)).await;
+    eventually("queued messages persisted", || {
+        std::fs::read(&file).map(|b| b.windows(16).any(|w| w == b"payload-3-marker")).unwrap_or(false)
+    })
+    .await;
     node.child.start_kill().unwrap(); // SIGKILL: no graceful shutdown
     node.child.wait().await.unwrap();
 

@@ -12,7 +12,15 @@ fn props() -> Properties {
 }
 
 fn pub_with(topic: &str, qos: QoS, pkid: u16, payload: &str, p: Properties) -> Packet {
-    Packet::Publish(Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, props: Some(Box::new(p)), payload: Bytes::copy_from_slice(payload.as_bytes()) })
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        pkid,
+        props: Some(Box::new(p)),
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+    })
 }
 
 fn sub_opts(pkid: u16, filter: &str, o: SubOptions, p: Properties) -> Packet {
@@ -198,7 +206,15 @@ async fn retained_messages_and_options() {
     let node = start(|_| {}).await;
     let mut p = Raw::v5(node.tcp, "rp").await;
     let set = |topic: &str, payload: &str| {
-        Packet::Publish(Publish { dup: false, qos: QoS::AtLeastOnce, retain: true, topic: topic.into(), pkid: 1, props: None, payload: Bytes::copy_from_slice(payload.as_bytes()) })
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: topic.into(),
+            pkid: 1,
+            props: None,
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+        })
     };
     p.send(set("r/a", "first")).await;
     p.recv().await;
@@ -232,7 +248,8 @@ async fn retained_messages_and_options() {
     assert_eq!(&m.payload[..], b"rap");
 
     // SendIfNew: a repeated subscription does not resend.
-    let ifnew = SubOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: false, retain_handling: RetainHandling::SendIfNew };
+    let ifnew =
+        SubOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: false, retain_handling: RetainHandling::SendIfNew };
     let mut s3 = Raw::v5(node.tcp, "rs3").await;
     s3.send(sub_opts(4, "r/a", ifnew, props())).await;
     assert!(matches!(s3.recv_app().await, Some(Packet::SubAck(_))));
@@ -254,7 +271,13 @@ async fn wills() {
         let mut wp = Properties::default();
         wp.will_delay_interval = delay;
         wp.user_properties = vec![("k".into(), "v".into())];
-        c.will = Some(Will { topic: format!("will/{id}"), payload: Bytes::from_static(b"gone"), qos: QoS::AtLeastOnce, retain: false, props: wp });
+        c.will = Some(Will {
+            topic: format!("will/{id}"),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            props: wp,
+        });
         c.props.session_expiry_interval = Some(expiry);
         c
     };
@@ -381,7 +404,8 @@ async fn subscription_ids_no_local_and_properties() {
     sp.subscription_identifiers = vec![42];
     c.send(sub_opts(1, "x/+", SubOptions::qos(QoS::AtMostOnce), sp)).await;
     c.recv_app().await;
-    let nl = SubOptions { qos: QoS::AtMostOnce, no_local: true, retain_as_published: false, retain_handling: RetainHandling::SendAtSubscribe };
+    let nl =
+        SubOptions { qos: QoS::AtMostOnce, no_local: true, retain_as_published: false, retain_handling: RetainHandling::SendAtSubscribe };
     c.send(sub_opts(2, "own", nl, props())).await;
     c.recv_app().await;
     let mut pp = props();
@@ -455,11 +479,14 @@ async fn shared_subscriptions() {
     // Unsubscribing an invalid filter: UNSUBACK 0x8F; one never subscribed: 0x11.
     let mut u = Raw::v5(node.tcp, "m-u").await;
     u.send(Packet::Unsubscribe(Unsubscribe { pkid: 4, filters: vec!["a/#/b".into(), "never".into()], props: props() })).await;
-    assert!(matches!(u.recv_app().await, Some(Packet::UnsubAck(x)) if x.codes == vec![reason::TOPIC_FILTER_INVALID, reason::NO_SUBSCRIPTION_EXISTED]));
+    assert!(
+        matches!(u.recv_app().await, Some(Packet::UnsubAck(x)) if x.codes == vec![reason::TOPIC_FILTER_INVALID, reason::NO_SUBSCRIPTION_EXISTED])
+    );
     // Invalid shared filters and No Local on a shared subscription.
     let mut c = Raw::v5(node.tcp, "m-c").await;
     assert_eq!(c.sub("$share/g+/x", QoS::AtMostOnce).await, vec![reason::TOPIC_FILTER_INVALID]);
-    let nl = SubOptions { qos: QoS::AtMostOnce, no_local: true, retain_as_published: false, retain_handling: RetainHandling::SendAtSubscribe };
+    let nl =
+        SubOptions { qos: QoS::AtMostOnce, no_local: true, retain_as_published: false, retain_handling: RetainHandling::SendAtSubscribe };
     c.send(sub_opts(9, "$share/g/x", nl, props())).await;
     assert!(matches!(c.until_closed().await.last(), Some(Packet::Disconnect(d)) if d.code == reason::PROTOCOL_ERROR));
     node.stop().await;

@@ -20,7 +20,16 @@ async fn restart_keeps_retained_and_sessions() {
     s4.until_closed().await;
 
     let mut p = Raw::v5(node.tcp, "pub").await;
-    p.send(Packet::Publish(Publish { dup: false, qos: QoS::AtLeastOnce, retain: true, topic: "keep/x".into(), pkid: 1, props: None, payload: Bytes::from_static(b"stay") })).await;
+    p.send(Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: "keep/x".into(),
+        pkid: 1,
+        props: None,
+        payload: Bytes::from_static(b"stay"),
+    }))
+    .await;
     assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
     for i in 2..=4u16 {
         p.send(publish("pers/a", QoS::ExactlyOnce, i, &format!("q{i}"))).await;

@@ -17,7 +17,16 @@ async fn killed_children_restart_with_their_state() {
     s.sub("sup/#", QoS::AtLeastOnce).await;
     s.sub("+/wild", QoS::AtLeastOnce).await;
     let mut p = Raw::v5(node.tcp, "sup-pub").await;
-    p.send(Packet::Publish(Publish { dup: false, qos: QoS::AtLeastOnce, retain: true, topic: "keep/me".into(), pkid: 1, props: None, payload: Bytes::from_static(b"r") })).await;
+    p.send(Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: "keep/me".into(),
+        pkid: 1,
+        props: None,
+        payload: Bytes::from_static(b"r"),
+    }))
+    .await;
     assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
 
     let names: Vec<String> = (0..=4).map(|i| format!("shard:{i}")).chain(["retained:0".to_string()]).collect();

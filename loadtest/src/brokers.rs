@@ -91,7 +91,10 @@ pub async fn start(kind: &str, max_conns: usize) -> anyhow::Result<Broker> {
                     "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_inflight_messages 100\nmax_connections -1\npersistence false\nlog_dest none\n"
                 ),
             )?;
-            let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| std::path::Path::new(p).exists()).context("mosquitto not installed (apt-get install mosquitto)")?;
+            let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+                .into_iter()
+                .find(|p| std::path::Path::new(p).exists())
+                .context("mosquitto not installed (apt-get install mosquitto)")?;
             let mut c = Command::new(bin);
             c.arg("-c").arg(conf);
             c
@@ -124,7 +127,10 @@ next_connection_delay_ms = 0
                 ),
             )?;
             let home = std::env::var("HOME").unwrap_or_default();
-            let bin = [format!("{home}/.cargo/bin/rumqttd"), "rumqttd".into()].into_iter().find(|p| std::path::Path::new(p).exists() || p == "rumqttd").unwrap_or_default();
+            let bin = [format!("{home}/.cargo/bin/rumqttd"), "rumqttd".into()]
+                .into_iter()
+                .find(|p| std::path::Path::new(p).exists() || p == "rumqttd")
+                .unwrap_or_default();
             let mut c = Command::new(bin);
             c.arg("-c").arg(conf).arg("-q");
             c

@@ -43,7 +43,16 @@ pub async fn connect(addr: SocketAddr, source: Option<std::net::IpAddr>, id: &st
     }
     let mut s = sock.connect(addr).await.with_context(|| format!("connect {addr}"))?;
     s.set_nodelay(true)?;
-    let c = Connect { protocol: Protocol::V4, clean_start: clean, keep_alive: 600, client_id: id.into(), will: None, username: None, password: None, props: Properties::default() };
+    let c = Connect {
+        protocol: Protocol::V4,
+        clean_start: clean,
+        keep_alive: 600,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        props: Properties::default(),
+    };
     let mut b = BytesMut::new();
     encode(&Packet::Connect(Box::new(c)), Protocol::V4, &mut b);
     s.write_all(&b).await?;
@@ -63,7 +72,11 @@ pub async fn connect(addr: SocketAddr, source: Option<std::net::IpAddr>, id: &st
 
 pub async fn subscribe(s: &mut TcpStream, filter: &str, qos: QoS) -> anyhow::Result<()> {
     let mut b = BytesMut::new();
-    encode(&Packet::Subscribe(Subscribe { pkid: 1, filters: vec![(filter.into(), SubOptions::qos(qos))], props: Properties::default() }), Protocol::V4, &mut b);
+    encode(
+        &Packet::Subscribe(Subscribe { pkid: 1, filters: vec![(filter.into(), SubOptions::qos(qos))], props: Properties::default() }),
+        Protocol::V4,
+        &mut b,
+    );
     s.write_all(&b).await?;
     let mut buf = BytesMut::new();
     loop {
@@ -80,7 +93,16 @@ pub async fn subscribe(s: &mut TcpStream, filter: &str, qos: QoS) -> anyhow::Res
 
 /// Publish `count` messages to `topic` at `qos`, keeping at most `window` unacknowledged.
 /// Returns when every message is acknowledged (QoS 0: written).
-pub async fn publish_all(s: TcpStream, id: u32, topic: &str, qos: QoS, count: u64, window: usize, size: usize, base: Instant) -> anyhow::Result<()> {
+pub async fn publish_all(
+    s: TcpStream,
+    id: u32,
+    topic: &str,
+    qos: QoS,
+    count: u64,
+    window: usize,
+    size: usize,
+    base: Instant,
+) -> anyhow::Result<()> {
     let (rd, wr) = s.into_split();
     let (tx, rx) = mpsc::channel::<BytesMut>(64);
     let writer = tokio::spawn(write_loop(wr, rx));
@@ -113,7 +135,8 @@ pub async fn publish_all(s: TcpStream, id: u32, topic: &str, qos: QoS, count: u6
                 break;
             }
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
-            let p = Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, props: None, payload: payload(id, seq, base, size) };
+            let p =
+                Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, props: None, payload: payload(id, seq, base, size) };
             encode(&Packet::Publish(p), Protocol::V4, &mut b);
             seq += 1;
         }

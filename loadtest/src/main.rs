@@ -161,7 +161,9 @@ async fn fanin(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
     let mut tasks = Vec::new();
     for (i, p) in pubs.into_iter().enumerate() {
         let (qos, window, payload) = (o.qos, o.window, o.payload);
-        tasks.push(tokio::spawn(async move { client::publish_all(p, i as u32, &format!("bench/{i}"), qos, per, window, payload, base).await }));
+        tasks.push(tokio::spawn(
+            async move { client::publish_all(p, i as u32, &format!("bench/{i}"), qos, per, window, payload, base).await },
+        ));
     }
     for t in tasks {
         t.await??;
@@ -236,7 +238,10 @@ async fn idle(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
 async fn main() -> anyhow::Result<()> {
     let o = parse()?;
     let fds = raise_fd_limit();
-    println!("loadtest: brokers {:?}, scenarios {:?}, QoS {}, payload {} B, open-file limit {fds}", o.brokers, o.scenarios, o.qos as u8, o.payload);
+    println!(
+        "loadtest: brokers {:?}, scenarios {:?}, QoS {}, payload {} B, open-file limit {fds}",
+        o.brokers, o.scenarios, o.qos as u8, o.payload
+    );
     for sc in &o.scenarios {
         let mut rows = Vec::new();
         for name in &o.brokers {

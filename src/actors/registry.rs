@@ -14,8 +14,16 @@ pub struct RegistryActor;
 
 pub enum RegistryMessage {
     /// Attach a new connection to the client's session (creating or replacing it).
-    Connect { client_id: Arc<str>, clean_start: bool, attach: Box<AttachArgs>, reply: RpcReplyPort<Result<ActorRef<SessionMessage>, String>> },
-    SessionEnded { client_id: Arc<str>, id: ActorId },
+    Connect {
+        client_id: Arc<str>,
+        clean_start: bool,
+        attach: Box<AttachArgs>,
+        reply: RpcReplyPort<Result<ActorRef<SessionMessage>, String>>,
+    },
+    SessionEnded {
+        client_id: Arc<str>,
+        id: ActorId,
+    },
     /// Recreate persistent sessions found in the data directory.
     Restore(Vec<SessionSnapshot>, RpcReplyPort<()>),
     /// Have every session write its persistent state to the store (used at shutdown).
@@ -31,7 +39,12 @@ pub struct RegistryState {
 const CALL: Option<Duration> = Some(Duration::from_secs(10));
 
 impl RegistryState {
-    async fn spawn(&mut self, me: &ActorRef<RegistryMessage>, client_id: Arc<str>, restored: Option<SessionSnapshot>) -> Result<ActorRef<SessionMessage>, String> {
+    async fn spawn(
+        &mut self,
+        me: &ActorRef<RegistryMessage>,
+        client_id: Arc<str>,
+        restored: Option<SessionSnapshot>,
+    ) -> Result<ActorRef<SessionMessage>, String> {
         let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored };
         let name = format!("session:{client_id}");
         let (s, _) = Actor::spawn_linked(Some(name), SessionActor, args, me.get_cell()).await.map_err(|e| e.to_string())?;
@@ -102,7 +115,12 @@ impl Actor for RegistryActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _me: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(who, err) = evt {
             // A session that crashed loses its in-memory state; its last persisted snapshot remains on disk.
             let name = who.get_name().unwrap_or_default();

@@ -92,11 +92,19 @@ pub enum SessionMessage {
     PubRec(Ack, Reply),
     PubComp(u16),
     PubRel(u16, Reply),
-    InboundQos2 { pkid: u16, msg: Arc<Message>, reply: Reply },
+    InboundQos2 {
+        pkid: u16,
+        msg: Arc<Message>,
+        reply: Reply,
+    },
     Subscribe(Subscribe, Reply),
     Unsubscribe(Unsubscribe, Reply),
     /// The connection `conn_id` ended; `expiry` is a 5.0 DISCONNECT's new Session Expiry Interval.
-    Detach { conn_id: u64, will: WillAction, expiry: Option<u32> },
+    Detach {
+        conn_id: u64,
+        will: WillAction,
+        expiry: Option<u32>,
+    },
     WillDue(u64),
     Expire(u64),
     /// Retry sending after the outbound queue was full.
@@ -198,18 +206,20 @@ impl Actor for SessionActor {
                     st.drain(&me);
                 }
             }
-            SessionMessage::PubRec(ack, reply) => match st.inflight.iter().position(|f| f.pkid == ack.pkid && f.d.qos == QoS::ExactlyOnce) {
-                Some(i) if ack.code >= 0x80 => {
-                    st.inflight.remove(i);
-                    st.drain(&me);
+            SessionMessage::PubRec(ack, reply) => {
+                match st.inflight.iter().position(|f| f.pkid == ack.pkid && f.d.qos == QoS::ExactlyOnce) {
+                    Some(i) if ack.code >= 0x80 => {
+                        st.inflight.remove(i);
+                        st.drain(&me);
+                    }
+                    Some(i) => {
+                        st.inflight[i].released = true;
+                        answer(reply, Packet::PubRel(Ack::new(ack.pkid, 0)));
+                        st.mark_dirty(&me);
+                    }
+                    None => answer(reply, Packet::PubRel(Ack::new(ack.pkid, reason::PACKET_ID_NOT_FOUND))),
                 }
-                Some(i) => {
-                    st.inflight[i].released = true;
-                    answer(reply, Packet::PubRel(Ack::new(ack.pkid, 0)));
-                    st.mark_dirty(&me);
-                }
-                None => answer(reply, Packet::PubRel(Ack::new(ack.pkid, reason::PACKET_ID_NOT_FOUND))),
-            },
+            }
             SessionMessage::PubComp(pkid) => {
                 if let Some(i) = st.inflight.iter().position(|f| f.pkid == pkid && f.released) {
                     st.inflight.remove(i);
@@ -546,7 +556,13 @@ impl SessionState {
             };
             if send && topic::parse_shared(&filter).is_none() {
                 for m in self.broker.retained.load().matching(&filter) {
-                    retained.push(Delivery { qos: m.qos.min(opts.qos), msg: m, retain: true, sub_ids: sub_id.into_iter().collect(), shared: None });
+                    retained.push(Delivery {
+                        qos: m.qos.min(opts.qos),
+                        msg: m,
+                        retain: true,
+                        sub_ids: sub_id.into_iter().collect(),
+                        shared: None,
+                    });
                 }
             }
         }

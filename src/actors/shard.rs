@@ -114,7 +114,9 @@ impl Node {
     }
 
     fn count(&self) -> usize {
-        self.subs.len() + self.groups.values().map(|g| g.members.len()).sum::<usize>() + self.children.values().map(Node::count).sum::<usize>()
+        self.subs.len()
+            + self.groups.values().map(|g| g.members.len()).sum::<usize>()
+            + self.children.values().map(Node::count).sum::<usize>()
     }
 
     /// Visit every subscription entry matching the topic `levels`.
@@ -159,9 +161,19 @@ pub struct ShardActor;
 
 pub enum ShardMessage {
     /// Add or replace a subscription; replies whether it already existed.
-    Subscribe { client: Arc<str>, filter: String, sub: Sub, reply: RpcReplyPort<bool> },
+    Subscribe {
+        client: Arc<str>,
+        filter: String,
+        sub: Sub,
+        reply: RpcReplyPort<bool>,
+    },
     /// Remove `client`'s subscription if it is owned by `owner`; replies whether one was removed.
-    Unsubscribe { client: Arc<str>, filter: String, owner: ActorId, reply: Option<RpcReplyPort<bool>> },
+    Unsubscribe {
+        client: Arc<str>,
+        filter: String,
+        owner: ActorId,
+        reply: Option<RpcReplyPort<bool>>,
+    },
     Count(RpcReplyPort<usize>),
 }
 

@@ -18,7 +18,9 @@ use crate::actors::session::{AttachArgs, ConnHandle, Outbound, Reply, SessionMes
 use crate::broker::Broker;
 use crate::message::{now_ms, Message};
 use crate::metrics::Metrics;
-use crate::protocols::mqtt::{decode, encode, reason, topic, Ack, ConnAck, Connect, DecodeError, Packet, Properties, Protocol, Publish, QoS};
+use crate::protocols::mqtt::{
+    decode, encode, reason, topic, Ack, ConnAck, Connect, DecodeError, Packet, Properties, Protocol, Publish, QoS,
+};
 
 static CONN_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -36,7 +38,13 @@ enum ReadErr {
     Decode(DecodeError),
 }
 
-async fn read_packet<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut, protocol: Protocol, max: usize, m: &Metrics) -> Result<Packet, ReadErr> {
+async fn read_packet<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    protocol: Protocol,
+    max: usize,
+    m: &Metrics,
+) -> Result<Packet, ReadErr> {
     loop {
         match decode(buf, protocol, max) {
             Ok(Some(p)) => return Ok(p),
@@ -86,7 +94,13 @@ struct Established {
 
 /// CONNECT, validation, session attach. Kept out of the packet loop's future so an idle
 /// connection does not carry the CONNECT packet and handshake state.
-async fn handshake<R, W>(broker: &Arc<Broker>, rd: &mut R, mut wr: W, buf: &mut BytesMut, shutdown: &CancellationToken) -> Option<Established>
+async fn handshake<R, W>(
+    broker: &Arc<Broker>,
+    rd: &mut R,
+    mut wr: W,
+    buf: &mut BytesMut,
+    shutdown: &CancellationToken,
+) -> Option<Established>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -133,7 +147,7 @@ where
     // Refuse over the connection limit with a proper CONNACK rather than failing later.
     let connected = m.clients_connected.fetch_add(1, Ordering::Relaxed);
     let gauge = Gauge(broker.clone());
-    
+
     Metrics::add(&m.connections_total, 1);
     if connected as usize >= cfg.mqtt.max_connections {
         tracing::warn!(limit = cfg.mqtt.max_connections, "connection limit reached; refusing");
@@ -207,7 +221,12 @@ where
     let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone()));
     let Some(registry) = broker.registry() else { return None };
     let cid = client_id.clone();
-    let session = match Box::pin(registry.call(|reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, reply }, Some(Duration::from_secs(15)))).await {
+    let session = match Box::pin(registry.call(
+        |reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, reply },
+        Some(Duration::from_secs(15)),
+    ))
+    .await
+    {
         Ok(ractor::rpc::CallResult::Success(Ok(s))) => s,
         other => {
             let why = match other {
@@ -223,7 +242,17 @@ where
         }
     };
     tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
-    let conn = Conn { broker: broker.clone(), client_id, session, tx, protocol, aliases: HashMap::new(), expiry, new_expiry: None, acks: Vec::new() };
+    let conn = Conn {
+        broker: broker.clone(),
+        client_id,
+        session,
+        tx,
+        protocol,
+        aliases: HashMap::new(),
+        expiry,
+        new_expiry: None,
+        acks: Vec::new(),
+    };
     Some(Established { conn, conn_id, keep_alive, cancel, writer, _gauge: gauge })
 }
 
@@ -469,4 +498,3 @@ impl Conn {
         None
     }
 }
-

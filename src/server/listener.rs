@@ -58,7 +58,14 @@ async fn handle(stream: TcpStream, peer: SocketAddr, kind: &Kind, broker: Arc<Br
     }
 }
 
-async fn tls(stream: TcpStream, peer: SocketAddr, acceptor: &TlsAcceptor, broker: Arc<Broker>, shutdown: CancellationToken, handshake: Duration) {
+async fn tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: &TlsAcceptor,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    handshake: Duration,
+) {
     match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let (rd, wr) = tokio::io::split(tls);
@@ -79,7 +86,14 @@ async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, broker: Arc<Broker>
             return Err(e);
         }
         // "mqtt" is the registered name; some older clients offer "mqttv3.1".
-        let offered: Vec<String> = req.headers().get_all("Sec-WebSocket-Protocol").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(|p| p.trim().to_string()).collect();
+        let offered: Vec<String> = req
+            .headers()
+            .get_all("Sec-WebSocket-Protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|p| p.trim().to_string())
+            .collect();
         if let Some(p) = ["mqtt", "mqttv3.1"].into_iter().find(|p| offered.iter().any(|o| o == p)) {
             resp.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(p));
         }

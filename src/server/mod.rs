@@ -43,12 +43,16 @@ pub fn install_crypto() {
 
 fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     install_crypto();
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert).with_context(|| format!("TLS certificate {}", cert.display()))?))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("TLS certificate {}", cert.display()))?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(key).with_context(|| format!("TLS key {}", key.display()))?))
-        .with_context(|| format!("TLS key {}", key.display()))?
-        .with_context(|| format!("no private key in {}", key.display()))?;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("TLS certificate {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("TLS certificate {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("TLS key {}", key.display()))?,
+    ))
+    .with_context(|| format!("TLS key {}", key.display()))?
+    .with_context(|| format!("no private key in {}", key.display()))?;
     let cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).context("TLS certificate/key")?;
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
@@ -60,7 +64,10 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
         listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TCP {}", l.bind))?, Kind::Tcp));
     }
     for l in &config.listeners.ws {
-        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT WebSocket {}", l.bind))?, Kind::Ws { path: l.path.clone() }));
+        listeners.push((
+            TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT WebSocket {}", l.bind))?,
+            Kind::Ws { path: l.path.clone() },
+        ));
     }
     for l in &config.listeners.tls {
         let acc = tls_acceptor(&l.cert, &l.key)?;
@@ -84,9 +91,8 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         broker.retained.store(Arc::new(set));
     }
     store.set_retained_version(broker.retained.load().version);
-    let (sup, sup_handle) = Actor::spawn(Some(format!("supervisor:{}", config.node.name)), SupervisorActor, broker.clone())
-        .await
-        .context("start actors")?;
+    let (sup, sup_handle) =
+        Actor::spawn(Some(format!("supervisor:{}", config.node.name)), SupervisorActor, broker.clone()).await.context("start actors")?;
     let registry = broker.registry().context("registry did not start")?;
     let restored = sessions.len();
     registry.call(|r| RegistryMessage::Restore(sessions, r), Some(Duration::from_secs(60))).await.context("restore sessions")?;

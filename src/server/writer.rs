@@ -41,7 +41,17 @@ impl Aliases {
 fn encode_out(buf: &mut BytesMut, p: OutPublish, protocol: Protocol, aliases: &mut Aliases) {
     let alias = if protocol == Protocol::V5 { aliases.lookup(&p.msg.topic) } else { None };
     match alias {
-        None => encode_publish(buf, protocol, p.dup, p.qos, p.retain, &p.msg.topic, p.pkid, p.props.as_deref().unwrap_or(Properties::empty()), &p.msg.payload),
+        None => encode_publish(
+            buf,
+            protocol,
+            p.dup,
+            p.qos,
+            p.retain,
+            &p.msg.topic,
+            p.pkid,
+            p.props.as_deref().unwrap_or(Properties::empty()),
+            &p.msg.payload,
+        ),
         Some((a, send_topic)) => {
             let mut props = p.props.map(|b| *b).unwrap_or_default();
             props.topic_alias = Some(a);

@@ -47,7 +47,10 @@ pub async fn start(tweak: impl FnOnce(&mut Config)) -> Node {
 
 /// Start a node on an existing data directory (for restart tests).
 pub async fn start_in(dir: PathBuf, tweak: impl FnOnce(&mut Config)) -> Node {
-    let _ = tracing_subscriber::fmt().with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into())).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
     let mut cfg = test_config(&dir);
     tweak(&mut cfg);
     let bound = thingsd::server::bind(&cfg).await.expect("bind");
@@ -91,7 +94,16 @@ pub fn tls_listener(cert: PathBuf, key: PathBuf) -> TlsListenerConfig {
 }
 
 pub fn connect_packet(protocol: Protocol, id: &str, clean: bool) -> Connect {
-    Connect { protocol, clean_start: clean, keep_alive: 60, client_id: id.into(), will: None, username: None, password: None, props: Properties::default() }
+    Connect {
+        protocol,
+        clean_start: clean,
+        keep_alive: 60,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        props: Properties::default(),
+    }
 }
 
 pub fn connect5(id: &str, clean: bool) -> Packet {
@@ -103,7 +115,15 @@ pub fn connect4(id: &str, clean: bool) -> Packet {
 }
 
 pub fn publish(topic: &str, qos: QoS, pkid: u16, payload: &str) -> Packet {
-    Packet::Publish(Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, props: None, payload: Bytes::copy_from_slice(payload.as_bytes()) })
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        pkid,
+        props: None,
+        payload: Bytes::copy_from_slice(payload.as_bytes()),
+    })
 }
 
 pub fn subscribe(pkid: u16, filter: &str, qos: QoS) -> Packet {

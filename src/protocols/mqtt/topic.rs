@@ -21,9 +21,7 @@ pub fn parse_shared(f: &str) -> Option<(&str, &str)> {
 pub fn valid_filter(f: &str) -> bool {
     if let Some(rest) = f.strip_prefix("$share/") {
         return match rest.split_once('/') {
-            Some((group, filter)) => {
-                !group.is_empty() && !group.contains(['+', '#']) && valid_plain_filter(filter)
-            }
+            Some((group, filter)) => !group.is_empty() && !group.contains(['+', '#']) && valid_plain_filter(filter),
             None => false,
         };
     }
@@ -133,7 +131,14 @@ mod tests {
     }
 
     fn level() -> impl Strategy<Value = String> {
-        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("".to_string()), Just("$x".to_string()), Just("ü".to_string()), "[a-c$日]{0,3}"]
+        prop_oneof![
+            Just("a".to_string()),
+            Just("b".to_string()),
+            Just("".to_string()),
+            Just("$x".to_string()),
+            Just("ü".to_string()),
+            "[a-c$日]{0,3}"
+        ]
     }
 
     fn topic_s() -> impl Strategy<Value = String> {
@@ -142,13 +147,14 @@ mod tests {
 
     fn filter_s() -> impl Strategy<Value = String> {
         let lvl = prop_oneof![3 => level(), 1 => Just("+".to_string())];
-        (proptest::collection::vec(lvl, 1..6), any::<bool>()).prop_map(|(mut v, hash)| {
-            if hash {
-                v.push("#".into());
-            }
-            v.join("/")
-        })
-        .prop_filter("filters are non-empty", |f| !f.is_empty())
+        (proptest::collection::vec(lvl, 1..6), any::<bool>())
+            .prop_map(|(mut v, hash)| {
+                if hash {
+                    v.push("#".into());
+                }
+                v.join("/")
+            })
+            .prop_filter("filters are non-empty", |f| !f.is_empty())
     }
 
     proptest! {
