@@ -51,8 +51,17 @@ impl Broker {
     /// Store (or delete, on an empty payload) a retained message; returns once the retained
     /// store has applied it, so a later SUBSCRIBE from anyone sees it.
     pub async fn retain(&self, msg: Arc<Message>) {
-        if let Some(r) = self.retained_actor.load_full() {
-            let _ = r.call(|reply| RetainedMessage::Set(msg, reply), Some(std::time::Duration::from_secs(5))).await;
+        let topic = msg.topic.clone();
+        let applied = match self.retained_actor.load_full() {
+            Some(r) => matches!(
+                r.call(|reply| RetainedMessage::Set(msg, reply), Some(std::time::Duration::from_secs(5))).await,
+                Ok(ractor::rpc::CallResult::Success(()))
+            ),
+            None => false,
+        };
+        if !applied {
+            // Only while the retained store restarts; the message is still routed to subscribers.
+            tracing::warn!(%topic, "retained store unavailable; retained update not applied");
         }
     }
 

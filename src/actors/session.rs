@@ -16,8 +16,8 @@ use super::shard::{ShardMessage, Sub};
 use crate::broker::Broker;
 use crate::message::{now_ms, Delivery, Message};
 use crate::protocols::mqtt::{
-    encoded_len_publish, reason, topic, Ack, ConnAck, Packet, Properties, Protocol, Publish, QoS, RetainHandling, SubAck, SubOptions,
-    Subscribe, UnsubAck, Unsubscribe, Will,
+    publish_len, reason, topic, Ack, ConnAck, Packet, Properties, Protocol, QoS, RetainHandling, SubAck, SubOptions, Subscribe, UnsubAck,
+    Unsubscribe, Will,
 };
 use crate::storage::local::SessionSnapshot;
 
@@ -343,18 +343,8 @@ impl SessionState {
         let Some(c) = &self.conn else { return Sent::Full };
         let now = now_ms();
         let props = self.publish_props(d, now);
-        let size = encoded_len_publish(
-            &Publish {
-                dup,
-                qos: d.qos,
-                retain: d.retain,
-                topic: String::new(),
-                pkid,
-                props: props.clone(),
-                payload: d.msg.payload.clone(),
-            },
-            self.protocol,
-        ) + d.msg.topic.len();
+        let size =
+            publish_len(self.protocol, d.msg.topic.len(), d.qos, props.as_deref().unwrap_or(Properties::empty()), d.msg.payload.len());
         if size > c.max_packet as usize {
             // 5.0: a packet larger than the client accepts is discarded as if delivered.
             crate::metrics::Metrics::add(&self.broker.metrics.messages_dropped, 1);
@@ -375,44 +365,21 @@ impl SessionState {
         }
     }
 
+    /// Queue a delivery (bounded) and send what the window and the socket queue allow. QoS 0
+    /// waits in the same queue while the socket is busy, so it counts towards backpressure.
     fn deliver(&mut self, me: &ActorRef<SessionMessage>, d: Delivery) {
         if d.msg.expired(now_ms()) {
             return;
         }
-        if self.conn.is_none() {
-            if d.qos != QoS::AtMostOnce || self.broker.config.mqtt.queue_qos0_offline {
-                self.enqueue(d);
-                self.mark_dirty(me);
-            }
+        if self.conn.is_none() && d.qos == QoS::AtMostOnce && !self.broker.config.mqtt.queue_qos0_offline {
             return;
         }
-        if d.qos == QoS::AtMostOnce {
-            // QoS 0 waits in the (bounded) queue while the socket queue is full, so it counts
-            // towards backpressure like QoS 1/2; beyond the bound it is dropped.
-            if self.pending.is_empty() {
-                if let Sent::Full = self.send_publish(&d, 0, false) {
-                    self.enqueue(d);
-                    self.schedule_flush(me);
-                }
-            } else {
-                self.enqueue(d);
-            }
-            return;
-        }
-        if self.pending.is_empty() && self.inflight.len() < self.window() {
-            let pkid = self.alloc_pkid();
-            match self.send_publish(&d, pkid, false) {
-                Sent::Ok => self.inflight.push_back(Inflight { pkid, released: false, d }),
-                Sent::Full => {
-                    self.pending.push_back(d);
-                    self.schedule_flush(me);
-                }
-                Sent::Dropped => {}
-            }
+        self.enqueue(d);
+        if self.conn.is_some() {
+            self.drain(me);
         } else {
-            self.enqueue(d);
+            self.mark_dirty(me);
         }
-        self.mark_dirty(me);
     }
 
     fn count_drop(&mut self) {

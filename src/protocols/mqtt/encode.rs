@@ -52,13 +52,13 @@ fn props_len(p: &Properties, v5: bool) -> usize {
 }
 
 /// Size in bytes of `p` once encoded, so a sender can honour the peer's Maximum Packet Size.
-pub fn encoded_len_publish(p: &Publish, protocol: Protocol) -> usize {
-    let len = publish_body_len(p, protocol == Protocol::V5);
+pub fn publish_len(protocol: Protocol, topic_len: usize, qos: QoS, props: &Properties, payload_len: usize) -> usize {
+    let len = publish_body_len(protocol == Protocol::V5, topic_len, qos, props, payload_len);
     1 + varint_len(len) + len
 }
 
-fn publish_body_len(p: &Publish, v5: bool) -> usize {
-    2 + p.topic.len() + if p.qos == QoS::AtMostOnce { 0 } else { 2 } + props_len(p.props(), v5) + p.payload.len()
+fn publish_body_len(v5: bool, topic_len: usize, qos: QoS, props: &Properties, payload_len: usize) -> usize {
+    2 + topic_len + if qos == QoS::AtMostOnce { 0 } else { 2 } + props_len(props, v5) + payload_len
 }
 
 fn ack(buf: &mut BytesMut, first: u8, a: &Ack, v5: bool) {
@@ -234,7 +234,7 @@ pub fn encode_publish(
     if retain {
         first |= 0x01;
     }
-    let len = 2 + topic.len() + if qos == QoS::AtMostOnce { 0 } else { 2 } + props_len(props, v5) + payload.len();
+    let len = publish_body_len(v5, topic.len(), qos, props, payload.len());
     header(buf, first, len);
     put_str(buf, topic);
     if qos != QoS::AtMostOnce {
