@@ -33,7 +33,7 @@ impl Broker {
     pub fn new(config: Arc<Config>, store: Arc<LocalStore>) -> Broker {
         let shards = config.mqtt.shards.max(1);
         Broker {
-            router: Router::new(shards),
+            router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
             metrics: Metrics::default(),
             retained: Arc::new(ArcSwap::from_pointee(RetainedSet::default())),
@@ -93,6 +93,8 @@ impl Broker {
 pub struct Router {
     pub shards: Vec<ArcSwapOption<ActorRef<ShardMessage>>>,
     pub snapshots: Vec<Arc<ArcSwap<Node>>>,
+    /// Hard bound of a session's delivery inbox (see `Load::push`).
+    inbox_cap: usize,
 }
 
 fn fnv(s: &str) -> usize {
@@ -114,8 +116,9 @@ struct Target {
 }
 
 impl Router {
-    fn new(n: usize) -> Router {
+    fn new(n: usize, inbox_cap: usize) -> Router {
         Router {
+            inbox_cap,
             shards: (0..=n).map(|_| ArcSwapOption::empty()).collect(),
             snapshots: (0..=n).map(|_| Arc::new(ArcSwap::from_pointee(Node::default()))).collect(),
         }
@@ -203,7 +206,7 @@ impl Router {
         let mut worst: Option<Arc<Load>> = None;
         for t in targets {
             let d = Delivery { msg: msg.clone(), qos: t.qos, retain: t.retain, sub_ids: t.sub_ids, shared: t.shared };
-            if !t.load.push(&t.session, d) {
+            if !t.load.push(&t.session, d, self.inbox_cap) {
                 continue;
             }
             if t.load.congested(high) && worst.as_ref().is_none_or(|w| w.depth() < t.load.depth()) {
@@ -230,6 +233,6 @@ impl Router {
             return false;
         }
         let d = Delivery { qos: d.msg.qos.min(sub.opts.qos), sub_ids: sub.sub_id.into_iter().collect(), ..d };
-        sub.load.push(&sub.session, d)
+        sub.load.push(&sub.session, d, self.inbox_cap)
     }
 }

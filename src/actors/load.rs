@@ -33,9 +33,12 @@ pub struct Load {
 }
 
 impl Load {
-    /// Hand a delivery to the session; wakes it if it was idle. False if the session is gone.
-    pub fn push(&self, session: &ActorRef<SessionMessage>, d: Delivery) -> bool {
+    /// Hand a delivery to the session; wakes it if it was idle. False if the session is gone or
+    /// its inbox already holds `cap` deliveries (a session stuck in a long operation while
+    /// publishers no longer wait for it: the delivery is dropped rather than growing memory).
+    pub fn push(&self, session: &ActorRef<SessionMessage>, d: Delivery, cap: usize) -> bool {
         match self.inbox.lock() {
+            Ok(q) if q.len() >= cap => return false,
             Ok(mut q) => q.push_back(d),
             Err(_) => return false,
         }

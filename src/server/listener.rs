@@ -105,7 +105,7 @@ async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, broker: Arc<Broker>
         Err(_) => return tracing::info!(%peer, "WebSocket handshake timed out"),
     };
     // Bridge WebSocket frames to a byte stream so the MQTT connection code is transport-agnostic.
-    let (mine, theirs) = tokio::io::duplex(64 * 1024);
+    let (mine, theirs) = tokio::io::duplex(16 * 1024);
     let (mut sink, mut source) = ws.split();
     let (mut brd, mut bwr) = tokio::io::split(mine);
     let inbound = async move {
@@ -120,12 +120,14 @@ async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, broker: Arc<Broker>
         let _ = bwr.shutdown().await;
     };
     let outbound = async move {
-        let mut buf = vec![0u8; 64 * 1024];
+        // Small while idle; each read hands its bytes to one WebSocket frame without copying.
+        let mut buf = bytes::BytesMut::new();
         loop {
-            match brd.read(&mut buf).await {
+            buf.reserve(4096);
+            match brd.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if sink.send(WsMessage::Binary(buf[..n].to_vec().into())).await.is_err() {
+                Ok(_) => {
+                    if sink.send(WsMessage::Binary(buf.split().freeze())).await.is_err() {
                         break;
                     }
                 }

@@ -1,0 +1,175 @@
+//! Attach, detach, takeover, wills, expiry, and the session's persistent snapshot.
+use super::*;
+use crate::message::now_ms;
+
+impl SessionState {
+    pub(super) async fn attach(&mut self, me: &ActorRef<SessionMessage>, a: AttachArgs) -> bool {
+        if let Some(old) = self.conn.take() {
+            kick(&old, reason::SESSION_TAKEN_OVER);
+            // The old connection closed abnormally; a delayed will is cancelled by this resume.
+            if self.will.as_ref().is_some_and(|w| w.props.will_delay_interval.unwrap_or(0) == 0) {
+                self.publish_will().await;
+            }
+        }
+        let present = !a.clean_start;
+        self.protocol = a.conn.protocol;
+        self.will = a.will;
+        self.expiry = a.expiry;
+        self.generation += 1;
+        self.disconnected_at = None;
+        self.load.online.store(true, Ordering::Relaxed);
+        self.drop_logged = false;
+        let mut connack = a.connack;
+        connack.session_present = present;
+        let _ = a.conn.tx.try_send(Outbound::Packet(Box::new(Packet::ConnAck(connack))));
+        self.conn = Some(a.conn);
+        // Resume: retransmit unacknowledged messages with DUP, and PUBRELs, in their original order.
+        let resend: Vec<(u16, bool, Delivery)> = self.inflight.iter().map(|f| (f.pkid, f.released, f.d.clone())).collect();
+        for (pkid, released, d) in resend {
+            if released {
+                self.send_packet(Packet::PubRel(Ack::new(pkid, 0)));
+            } else if let Sent::Full = self.send_publish(&d, pkid, true) {
+                self.schedule_flush(me);
+            }
+        }
+        self.drain(me);
+        self.mark_dirty(me);
+        present
+    }
+
+    pub(super) async fn detach(&mut self, me: &ActorRef<SessionMessage>, conn_id: u64, will: WillAction, expiry: Option<u32>) {
+        if self.conn.as_ref().map(|c| c.id) != Some(conn_id) {
+            return; // a connection that was already replaced
+        }
+        self.conn = None;
+        self.load.online.store(false, Ordering::Relaxed);
+        self.load.progressed(self.pending.len(), 0);
+        self.load.drained.notify_waiters();
+        self.generation += 1;
+        self.disconnected_at = Some(now_ms());
+        if let Some(e) = expiry {
+            self.expiry = e;
+        }
+        self.redistribute_shared(me);
+        match will {
+            WillAction::Discard => self.will = None,
+            WillAction::Publish => {
+                let delay = self.will.as_ref().map_or(0, |w| w.props.will_delay_interval.unwrap_or(0));
+                if delay == 0 || self.expiry == 0 {
+                    self.publish_will().await;
+                } else {
+                    let g = self.generation;
+                    let secs = delay.min(self.expiry);
+                    me.send_after(Duration::from_secs(secs as u64), move || SessionMessage::WillDue(g));
+                }
+            }
+        }
+        if self.expiry == 0 {
+            self.end(me);
+            return;
+        }
+        if self.expiry != u32::MAX {
+            let g = self.generation;
+            me.send_after(Duration::from_secs(self.expiry as u64), move || SessionMessage::Expire(g));
+        }
+        self.persist();
+    }
+
+    /// Hand QoS 1 in-flight and queued shared-subscription messages to other group members.
+    pub(super) fn redistribute_shared(&mut self, me: &ActorRef<SessionMessage>) {
+        let router = &self.broker.router;
+        let id = me.get_id();
+        let mut keep = VecDeque::with_capacity(self.inflight.len());
+        for f in self.inflight.drain(..) {
+            if f.d.shared.is_some() && f.d.qos == QoS::AtLeastOnce && router.redeliver_shared(f.d.clone(), id) {
+                continue;
+            }
+            keep.push_back(f);
+        }
+        self.inflight = keep;
+        let mut pend = VecDeque::with_capacity(self.pending.len());
+        for d in self.pending.drain(..) {
+            if d.shared.is_some() && router.redeliver_shared(d.clone(), id) {
+                continue;
+            }
+            pend.push_back(d);
+        }
+        self.pending = pend;
+    }
+
+    pub(super) async fn publish_will(&mut self) {
+        let Some(w) = self.will.take() else { return };
+        let mut props = w.props;
+        let expires_at = props.message_expiry_interval.take().map(|s| now_ms() + s as u64 * 1000);
+        props.will_delay_interval = None;
+        let msg = Arc::new(Message {
+            topic: Arc::from(w.topic.as_str()),
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            props: if props.is_empty() { None } else { Some(Box::new(props)) },
+            expires_at,
+            publisher: Some(self.client_id.clone()),
+        });
+        if msg.retain {
+            self.broker.retain(msg.clone()).await;
+        }
+        self.broker.publish(msg);
+    }
+
+    /// The session ends: drop its routes and stored state, tell the registry, stop.
+    pub(super) fn end(&mut self, me: &ActorRef<SessionMessage>) {
+        self.redistribute_shared(me);
+        let filters: Vec<String> = self.subs.keys().cloned().collect();
+        for f in filters {
+            self.remove_route(me, &f);
+        }
+        self.subs.clear();
+        // Deliveries that raced with the end are dropped with the session.
+        let _ = self.load.take();
+        self.broker.store.remove_session(&self.client_id);
+        if let Some(r) = self.broker.registry() {
+            let _ = r.cast(RegistryMessage::SessionEnded { client_id: self.client_id.clone(), id: me.get_id() });
+        }
+        self.expiry = 0;
+        me.stop(None);
+    }
+
+    pub(super) fn persist(&mut self) {
+        if !self.persistent() {
+            return;
+        }
+        let snap = SessionSnapshot {
+            client_id: self.client_id.to_string(),
+            protocol: self.protocol,
+            expiry_secs: self.expiry,
+            disconnected_at_ms: self.disconnected_at,
+            subscriptions: self.subs.iter().map(|(f, (o, id))| (f.clone(), *o, *id)).collect(),
+            inflight: self.inflight.iter().map(|f| (f.pkid, f.released, f.d.clone())).collect(),
+            queue: self.pending.iter().cloned().collect(),
+            incoming_qos2: self.incoming_qos2.iter().copied().collect(),
+        };
+        self.broker.store.put_session(snap);
+    }
+
+    pub(super) async fn restore(&mut self, me: &ActorRef<SessionMessage>, s: SessionSnapshot) {
+        self.protocol = s.protocol;
+        self.expiry = s.expiry_secs;
+        for (f, o, id) in s.subscriptions {
+            if self.add_route(me, &f, o, id).await {
+                self.subs.insert(f, (o, id));
+            }
+        }
+        self.inflight = s.inflight.into_iter().map(|(pkid, released, d)| Inflight { pkid, released, d }).collect();
+        self.pending = s.queue.into();
+        self.incoming_qos2 = s.incoming_qos2.into_iter().collect();
+        let now = now_ms();
+        let since = s.disconnected_at_ms.unwrap_or(now);
+        self.disconnected_at = Some(since);
+        if self.expiry != u32::MAX {
+            let left = (self.expiry as u64 * 1000).saturating_sub(now.saturating_sub(since));
+            let g = self.generation;
+            me.send_after(Duration::from_millis(left), move || SessionMessage::Expire(g));
+        }
+    }
+}

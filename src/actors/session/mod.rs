@@ -1,0 +1,330 @@
+//! Session actor: one per client id. Owns subscriptions, the outbound in-flight window and queue,
+//! inbound QoS 2 state, the will and the expiry; outlives its connection when persistent.
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::load::Load;
+use super::registry::RegistryMessage;
+use super::shard::{ShardMessage, Sub};
+use crate::broker::Broker;
+use crate::message::{Delivery, Message};
+use crate::protocols::mqtt::{
+    reason, topic, Ack, ConnAck, Packet, Properties, Protocol, QoS, RetainHandling, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe,
+    Will,
+};
+use crate::storage::local::SessionSnapshot;
+
+/// What a session writes to its connection's bounded outbound queue.
+#[derive(Debug)]
+pub enum Outbound {
+    Packet(Box<Packet>),
+    Publish(OutPublish),
+    /// Send DISCONNECT with this reason (5.0 only), then close the connection.
+    Disconnect(u8),
+}
+
+/// An outgoing PUBLISH, encoded by the writer (which also applies topic aliases).
+#[derive(Debug)]
+pub struct OutPublish {
+    pub msg: Arc<Message>,
+    pub qos: QoS,
+    pub retain: bool,
+    pub dup: bool,
+    pub pkid: u16,
+    /// Final 5.0 properties (forwarded ones, subscription ids, remaining expiry).
+    pub props: Option<Box<Properties>>,
+}
+
+/// A reserved slot in a connection's outbound queue for one answer.
+pub type Reply = mpsc::OwnedPermit<Outbound>;
+
+fn answer(reply: Reply, p: Packet) {
+    reply.send(Outbound::Packet(Box::new(p)));
+}
+
+/// The session's view of its current connection.
+pub struct ConnHandle {
+    pub id: u64,
+    pub tx: mpsc::Sender<Outbound>,
+    pub cancel: CancellationToken,
+    pub protocol: Protocol,
+    /// Client's Receive Maximum.
+    pub recv_max: u16,
+    /// Client's Maximum Packet Size.
+    pub max_packet: u32,
+}
+
+pub struct AttachArgs {
+    pub conn: ConnHandle,
+    /// CONNACK to send first; the session fills in Session Present.
+    pub connack: ConnAck,
+    pub clean_start: bool,
+    pub will: Option<Will>,
+    pub expiry: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WillAction {
+    Publish,
+    Discard,
+}
+
+pub enum SessionMessage {
+    /// A connection takes this session (replies Session Present).
+    Attach(Box<AttachArgs>, RpcReplyPort<bool>),
+    /// End the session now (a Clean Start connect replaces it).
+    Terminate(RpcReplyPort<()>),
+    /// Deliveries are waiting in this session's inbox (see `Load`).
+    Drain,
+    /// Retained messages for a new subscription, and other deliveries made by the session itself.
+    Deliver(Delivery),
+    /// Consecutive PUBACKs from the client, batched by the connection.
+    PubAcks(Vec<u16>),
+    /// Requests that need an answer carry a reserved slot in their connection's outbound queue,
+    /// so the answer always fits and a client that does not read simply stops being read.
+    PubRec(Ack, Reply),
+    PubComp(u16),
+    PubRel(u16, Reply),
+    InboundQos2 {
+        pkid: u16,
+        msg: Arc<Message>,
+        reply: Reply,
+    },
+    Subscribe(Subscribe, Reply),
+    Unsubscribe(Unsubscribe, Reply),
+    /// The connection `conn_id` ended; `expiry` is a 5.0 DISCONNECT's new Session Expiry Interval.
+    Detach {
+        conn_id: u64,
+        will: WillAction,
+        expiry: Option<u32>,
+    },
+    WillDue(u64),
+    Expire(u64),
+    /// Retry sending after the outbound queue was full.
+    Flush,
+    Persist(Option<RpcReplyPort<()>>),
+}
+
+pub struct SessionArgs {
+    pub client_id: Arc<str>,
+    pub broker: Arc<Broker>,
+    pub restored: Option<SessionSnapshot>,
+}
+
+struct Inflight {
+    pkid: u16,
+    /// PUBREL sent; awaiting PUBCOMP.
+    released: bool,
+    d: Delivery,
+}
+
+pub struct SessionState {
+    client_id: Arc<str>,
+    broker: Arc<Broker>,
+    protocol: Protocol,
+    conn: Option<ConnHandle>,
+    load: Arc<Load>,
+    subs: HashMap<String, (SubOptions, Option<u32>)>,
+    inflight: VecDeque<Inflight>,
+    pending: VecDeque<Delivery>,
+    next_pkid: u16,
+    incoming_qos2: HashSet<u16>,
+    will: Option<Will>,
+    expiry: u32,
+    generation: u64,
+    disconnected_at: Option<u64>,
+    persist_scheduled: bool,
+    flush_scheduled: bool,
+    drop_logged: bool,
+}
+
+pub(super) enum Sent {
+    Ok,
+    Full,
+    Dropped,
+}
+
+pub struct SessionActor;
+
+impl Actor for SessionActor {
+    type Msg = SessionMessage;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(&self, me: ActorRef<Self::Msg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
+        let mut st = SessionState {
+            client_id: args.client_id,
+            broker: args.broker,
+            protocol: Protocol::V5,
+            conn: None,
+            load: Arc::new(Load::default()),
+            subs: HashMap::new(),
+            inflight: VecDeque::new(),
+            pending: VecDeque::new(),
+            next_pkid: 1,
+            incoming_qos2: HashSet::new(),
+            will: None,
+            expiry: 0,
+            generation: 0,
+            disconnected_at: None,
+            persist_scheduled: false,
+            flush_scheduled: false,
+            drop_logged: false,
+        };
+        if let Some(snap) = args.restored {
+            Box::pin(st.restore(&me, snap)).await;
+        }
+        Ok(st)
+    }
+
+    async fn handle(&self, me: ActorRef<Self::Msg>, msg: SessionMessage, st: &mut SessionState) -> Result<(), ActorProcessingErr> {
+        let delivery = matches!(msg, SessionMessage::Drain);
+        match msg {
+            SessionMessage::Drain => {
+                for d in st.load.take() {
+                    st.deliver(&me, d);
+                }
+            }
+            SessionMessage::Deliver(d) => st.deliver(&me, d),
+            SessionMessage::PubAcks(pkids) => {
+                let mut freed = false;
+                for pkid in pkids {
+                    // Acks usually come in send order, so the match is near the front.
+                    if let Some(i) = st.inflight.iter().position(|f| f.pkid == pkid && !f.released && f.d.qos == QoS::AtLeastOnce) {
+                        st.inflight.remove(i);
+                        freed = true;
+                    }
+                }
+                if freed {
+                    st.drain(&me);
+                }
+            }
+            SessionMessage::PubRec(ack, reply) => {
+                match st.inflight.iter().position(|f| f.pkid == ack.pkid && f.d.qos == QoS::ExactlyOnce) {
+                    Some(i) if ack.code >= 0x80 => {
+                        st.inflight.remove(i);
+                        st.drain(&me);
+                    }
+                    Some(i) => {
+                        st.inflight[i].released = true;
+                        answer(reply, Packet::PubRel(Ack::new(ack.pkid, 0)));
+                        st.mark_dirty(&me);
+                    }
+                    None => answer(reply, Packet::PubRel(Ack::new(ack.pkid, reason::PACKET_ID_NOT_FOUND))),
+                }
+            }
+            SessionMessage::PubComp(pkid) => {
+                if let Some(i) = st.inflight.iter().position(|f| f.pkid == pkid && f.released) {
+                    st.inflight.remove(i);
+                    st.drain(&me);
+                }
+            }
+            SessionMessage::InboundQos2 { pkid, msg, reply } => st.inbound_qos2(pkid, msg, reply),
+            SessionMessage::PubRel(pkid, reply) => {
+                let code = if st.incoming_qos2.remove(&pkid) { 0 } else { reason::PACKET_ID_NOT_FOUND };
+                answer(reply, Packet::PubComp(Ack::new(pkid, code)));
+            }
+            SessionMessage::Subscribe(s, reply) => Box::pin(st.subscribe(&me, s, reply)).await,
+            SessionMessage::Unsubscribe(u, reply) => st.unsubscribe(&me, u, reply),
+            SessionMessage::Attach(a, reply) => {
+                let present = Box::pin(st.attach(&me, *a)).await;
+                let _ = reply.send(present);
+            }
+            SessionMessage::Terminate(reply) => {
+                if let Some(old) = st.conn.take() {
+                    kick(&old, reason::SESSION_TAKEN_OVER);
+                }
+                Box::pin(st.publish_will()).await;
+                st.end(&me);
+                let _ = reply.send(());
+            }
+            SessionMessage::Detach { conn_id, will, expiry } => Box::pin(st.detach(&me, conn_id, will, expiry)).await,
+            SessionMessage::WillDue(g) => {
+                if g == st.generation && st.conn.is_none() {
+                    Box::pin(st.publish_will()).await;
+                }
+            }
+            SessionMessage::Expire(g) => {
+                if g == st.generation && st.conn.is_none() {
+                    Box::pin(st.publish_will()).await;
+                    st.end(&me);
+                }
+            }
+            SessionMessage::Flush => {
+                st.flush_scheduled = false;
+                st.drain(&me);
+            }
+            SessionMessage::Persist(reply) => {
+                st.persist_scheduled = false;
+                st.persist();
+                if let Some(r) = reply {
+                    let _ = r.send(());
+                }
+            }
+        }
+        if delivery || st.load.pressure.load(Ordering::Relaxed) {
+            let low = st.broker.high_water() / 2;
+            st.load.progressed(st.pending.len(), low);
+        }
+        Ok(())
+    }
+}
+
+/// Ask a connection to close with `code` (DISCONNECT in 5.0); if its queue is full, cut it.
+pub fn kick(conn: &ConnHandle, code: u8) {
+    if conn.tx.try_send(Outbound::Disconnect(code)).is_err() {
+        conn.cancel.cancel();
+    }
+}
+
+mod lifecycle;
+mod outbound;
+mod requests;
+
+impl SessionState {
+    pub(super) fn window(&self) -> usize {
+        let cfg = self.broker.config.mqtt.max_inflight.max(1) as usize;
+        match &self.conn {
+            Some(c) => (c.recv_max as usize).min(cfg),
+            None => 0,
+        }
+    }
+
+    pub(super) fn persistent(&self) -> bool {
+        self.expiry > 0
+    }
+
+    pub(super) fn mark_dirty(&mut self, me: &ActorRef<SessionMessage>) {
+        if self.persistent() && !self.persist_scheduled {
+            self.persist_scheduled = true;
+            let ms = self.broker.config.node.persist_interval_ms.max(1);
+            me.send_after(Duration::from_millis(ms), || SessionMessage::Persist(None));
+        }
+    }
+
+    pub(super) fn send_packet(&mut self, p: Packet) {
+        if let Some(c) = &self.conn {
+            if c.tx.try_send(Outbound::Packet(Box::new(p))).is_err() {
+                // The queue is full of packets the client is not reading: cut it rather than grow.
+                tracing::warn!(client_id = %self.client_id, "outbound queue full on a control packet; closing connection");
+                c.cancel.cancel();
+            }
+        }
+    }
+
+    pub(super) fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = if self.next_pkid == u16::MAX { 1 } else { self.next_pkid + 1 };
+            if !self.inflight.iter().any(|f| f.pkid == id) {
+                return id;
+            }
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The outbound path: queue deliveries, fill the in-flight window, hand packets to the writer.
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::*;
+use crate::message::now_ms;
+use crate::protocols::mqtt::publish_len;
+
+impl SessionState {
+    pub(super) fn publish_props(&self, d: &Delivery, now: u64) -> Option<Box<Properties>> {
+        if self.protocol != Protocol::V5 {
+            return None;
+        }
+        let expiry = d.msg.remaining_expiry(now);
+        if d.msg.props.is_none() && d.sub_ids.is_empty() && expiry.is_none() {
+            return None;
+        }
+        let mut p = d.msg.props.as_deref().cloned().unwrap_or_default();
+        p.subscription_identifiers = d.sub_ids.clone();
+        p.message_expiry_interval = expiry;
+        Some(Box::new(p))
+    }
+
+    pub(super) fn send_publish(&mut self, d: &Delivery, pkid: u16, dup: bool) -> Sent {
+        let Some(c) = &self.conn else { return Sent::Full };
+        let now = now_ms();
+        let props = self.publish_props(d, now);
+        let size =
+            publish_len(self.protocol, d.msg.topic.len(), d.qos, props.as_deref().unwrap_or(Properties::empty()), d.msg.payload.len());
+        if size > c.max_packet as usize {
+            // 5.0: a packet larger than the client accepts is discarded as if delivered.
+            crate::metrics::Metrics::add(&self.broker.metrics.messages_dropped, 1);
+            return Sent::Dropped;
+        }
+        let out = OutPublish { msg: d.msg.clone(), qos: d.qos, retain: d.retain, dup, pkid, props };
+        match c.tx.try_send(Outbound::Publish(out)) {
+            Ok(()) => Sent::Ok,
+            Err(TrySendError::Full(_)) => Sent::Full,
+            Err(TrySendError::Closed(_)) => Sent::Full,
+        }
+    }
+
+    pub(super) fn schedule_flush(&mut self, me: &ActorRef<SessionMessage>) {
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            me.send_after(Duration::from_millis(5), || SessionMessage::Flush);
+        }
+    }
+
+    /// Queue a delivery (bounded) and send what the window and the socket queue allow. QoS 0
+    /// waits in the same queue while the socket is busy, so it counts towards backpressure.
+    pub(super) fn deliver(&mut self, me: &ActorRef<SessionMessage>, d: Delivery) {
+        if d.msg.expired(now_ms()) {
+            return;
+        }
+        if self.conn.is_none() && d.qos == QoS::AtMostOnce && !self.broker.config.mqtt.queue_qos0_offline {
+            return;
+        }
+        self.enqueue(d);
+        if self.conn.is_some() {
+            self.drain(me);
+        } else {
+            self.mark_dirty(me);
+        }
+    }
+
+    pub(super) fn count_drop(&mut self) {
+        crate::metrics::Metrics::add(&self.broker.metrics.messages_dropped, 1);
+        if !self.drop_logged {
+            self.drop_logged = true;
+            tracing::warn!(client_id = %self.client_id, "slow or offline subscriber: dropping messages beyond its bound");
+        }
+    }
+
+    pub(super) fn enqueue(&mut self, d: Delivery) {
+        if self.pending.len() >= self.broker.config.mqtt.max_queued {
+            self.count_drop();
+            return;
+        }
+        self.pending.push_back(d);
+    }
+
+    /// Move queued messages into the in-flight window while there is room.
+    pub(super) fn drain(&mut self, me: &ActorRef<SessionMessage>) {
+        if self.conn.is_none() {
+            return;
+        }
+        let now = now_ms();
+        while let Some(d) = self.pending.front() {
+            if d.msg.expired(now) {
+                self.pending.pop_front();
+                continue;
+            }
+            if d.qos == QoS::AtMostOnce {
+                let d = d.clone();
+                match self.send_publish(&d, 0, false) {
+                    Sent::Full => {
+                        self.schedule_flush(me);
+                        return;
+                    }
+                    _ => {
+                        self.pending.pop_front();
+                    }
+                }
+                continue;
+            }
+            if self.inflight.len() >= self.window() {
+                return;
+            }
+            let d = d.clone();
+            let pkid = self.alloc_pkid();
+            match self.send_publish(&d, pkid, false) {
+                Sent::Ok => {
+                    self.pending.pop_front();
+                    self.inflight.push_back(Inflight { pkid, released: false, d });
+                }
+                Sent::Dropped => {
+                    self.pending.pop_front();
+                }
+                Sent::Full => {
+                    self.schedule_flush(me);
+                    return;
+                }
+            }
+        }
+        self.mark_dirty(me);
+    }
+}

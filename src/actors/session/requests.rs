@@ -1,0 +1,116 @@
+//! Requests from the client that the session answers: QoS 2 publishes, SUBSCRIBE, UNSUBSCRIBE.
+use super::*;
+
+impl SessionState {
+    pub(super) fn inbound_qos2(&mut self, pkid: u16, msg: Arc<Message>, reply: Reply) {
+        if self.incoming_qos2.contains(&pkid) {
+            // A retransmission: acknowledge again, deliver nothing (exactly once).
+            answer(reply, Packet::PubRec(Ack::new(pkid, 0)));
+            return;
+        }
+        if self.incoming_qos2.len() >= self.broker.config.mqtt.max_inflight as usize {
+            if let Some(c) = &self.conn {
+                tracing::info!(client_id = %self.client_id, "client exceeded Receive Maximum");
+                kick(c, reason::RECEIVE_MAXIMUM_EXCEEDED);
+            }
+            return;
+        }
+        self.incoming_qos2.insert(pkid);
+        // Clients may not inject broker statistics.
+        let n = if msg.topic.starts_with("$SYS") { 0 } else { self.broker.publish(msg) };
+        let code = if n == 0 && self.protocol == Protocol::V5 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
+        answer(reply, Packet::PubRec(Ack::new(pkid, code)));
+    }
+
+    pub(super) fn sub_entry(&self, me: &ActorRef<SessionMessage>, opts: SubOptions, sub_id: Option<u32>) -> Sub {
+        Sub { session: me.clone(), opts, sub_id, load: self.load.clone() }
+    }
+
+    pub(super) async fn add_route(&self, me: &ActorRef<SessionMessage>, filter: &str, opts: SubOptions, sub_id: Option<u32>) -> bool {
+        let router = &self.broker.router;
+        let Some(shard) = router.shard(router.shard_of_filter(filter)) else { return false };
+        let sub = self.sub_entry(me, opts, sub_id);
+        let client = self.client_id.clone();
+        let filter = filter.to_string();
+        shard
+            .call(|reply| ShardMessage::Subscribe { client, filter, sub, reply }, Some(Duration::from_secs(5)))
+            .await
+            .map(|r| r.is_success())
+            .unwrap_or(false)
+    }
+
+    pub(super) fn remove_route(&self, me: &ActorRef<SessionMessage>, filter: &str) {
+        let router = &self.broker.router;
+        if let Some(shard) = router.shard(router.shard_of_filter(filter)) {
+            let _ = shard.cast(ShardMessage::Unsubscribe {
+                client: self.client_id.clone(),
+                filter: filter.to_string(),
+                owner: me.get_id(),
+                reply: None,
+            });
+        }
+    }
+
+    pub(super) async fn subscribe(&mut self, me: &ActorRef<SessionMessage>, s: Subscribe, reply: Reply) {
+        let v5 = self.protocol == Protocol::V5;
+        let sub_id = s.props.subscription_identifiers.first().copied();
+        let cfg = &self.broker.config.mqtt;
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained = Vec::new();
+        for (filter, opts) in s.filters {
+            let fail = |v5_code: u8| if v5 { v5_code } else { 0x80 };
+            if !topic::valid_filter(&filter) || topic::levels(&filter) > cfg.max_topic_levels {
+                codes.push(fail(reason::TOPIC_FILTER_INVALID));
+                continue;
+            }
+            let existed = self.subs.contains_key(&filter);
+            if !existed && self.subs.len() >= cfg.max_subscriptions_per_session {
+                codes.push(fail(reason::QUOTA_EXCEEDED));
+                continue;
+            }
+            if !self.add_route(me, &filter, opts, sub_id).await {
+                codes.push(fail(reason::UNSPECIFIED_ERROR));
+                continue;
+            }
+            self.subs.insert(filter.clone(), (opts, sub_id));
+            codes.push(opts.qos as u8);
+            let send = match opts.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendIfNew => !existed,
+                RetainHandling::DoNotSend => false,
+            };
+            if send && topic::parse_shared(&filter).is_none() {
+                for m in self.broker.retained.load().matching(&filter) {
+                    retained.push(Delivery {
+                        qos: m.qos.min(opts.qos),
+                        msg: m,
+                        retain: true,
+                        sub_ids: sub_id.into_iter().collect(),
+                        shared: None,
+                    });
+                }
+            }
+        }
+        answer(reply, Packet::SubAck(SubAck { pkid: s.pkid, codes, props: Properties::default() }));
+        for d in retained {
+            self.deliver(me, d);
+        }
+        self.mark_dirty(me);
+    }
+
+    pub(super) fn unsubscribe(&mut self, me: &ActorRef<SessionMessage>, u: Unsubscribe, reply: Reply) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in u.filters {
+            if !topic::valid_filter(&f) {
+                codes.push(reason::TOPIC_FILTER_INVALID);
+            } else if self.subs.remove(&f).is_some() {
+                self.remove_route(me, &f);
+                codes.push(reason::SUCCESS);
+            } else {
+                codes.push(reason::NO_SUBSCRIPTION_EXISTED);
+            }
+        }
+        answer(reply, Packet::UnsubAck(UnsubAck { pkid: u.pkid, codes, props: Properties::default() }));
+        self.mark_dirty(me);
+    }
+}
