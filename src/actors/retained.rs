@@ -8,24 +8,136 @@ use arc_swap::ArcSwap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::message::{now_ms, Message};
-use crate::protocols::mqtt::topic;
 
-/// Immutable view of the retained messages, keyed by topic.
+/// One level of the retained-topic trie. Persistent maps make a snapshot an O(1) clone.
+#[derive(Clone, Default)]
+struct RNode {
+    children: imbl::HashMap<Arc<str>, RNode>,
+    msg: Option<Arc<Message>>,
+}
+
+impl RNode {
+    fn is_empty(&self) -> bool {
+        self.msg.is_none() && self.children.is_empty()
+    }
+
+    /// Set or clear the message at `levels`; returns the message it replaced.
+    fn set(&mut self, levels: &[&str], msg: Option<Arc<Message>>) -> Option<Arc<Message>> {
+        match levels.split_first() {
+            None => std::mem::replace(&mut self.msg, msg),
+            Some((first, rest)) => {
+                if msg.is_none() {
+                    let child = self.children.get_mut(*first)?;
+                    let old = child.set(rest, None);
+                    if child.is_empty() {
+                        self.children.remove(*first);
+                    }
+                    return old;
+                }
+                self.children.entry(Arc::from(*first)).or_default().set(rest, msg)
+            }
+        }
+    }
+
+    fn all(&self, out: &mut Vec<Arc<Message>>) {
+        out.extend(self.msg.iter().cloned());
+        for c in self.children.values() {
+            c.all(out);
+        }
+    }
+
+    /// Collect messages whose topic matches the filter `levels` (MQTT rules: `$` topics are not
+    /// matched by a wildcard in the first level).
+    fn matching(&self, levels: &[&str], first: bool, out: &mut Vec<Arc<Message>>) {
+        let Some((lvl, rest)) = levels.split_first() else {
+            out.extend(self.msg.iter().cloned());
+            return;
+        };
+        match *lvl {
+            "#" => {
+                // `a/#` also matches `a` itself.
+                out.extend(self.msg.iter().filter(|_| !first).cloned());
+                for (k, c) in self.children.iter() {
+                    if !(first && k.starts_with('$')) {
+                        c.all(out);
+                    }
+                }
+            }
+            "+" => {
+                for (k, c) in self.children.iter() {
+                    if !(first && k.starts_with('$')) {
+                        c.matching(rest, false, out);
+                    }
+                }
+            }
+            literal => {
+                if let Some(c) = self.children.get(literal) {
+                    c.matching(rest, false, out);
+                }
+            }
+        }
+    }
+}
+
+/// Immutable view of the retained messages: a trie by topic level, so a wildcard SUBSCRIBE visits
+/// only the matching branches.
 #[derive(Clone, Default)]
 pub struct RetainedSet {
-    pub map: imbl::OrdMap<Arc<str>, Arc<Message>>,
+    root: RNode,
+    len: usize,
     /// Grows on every change; the persister writes when it moved.
     pub version: u64,
 }
 
 impl RetainedSet {
-    /// Retained messages matching a (non-shared) filter, unexpired.
-    pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
-        let now = now_ms();
-        if !topic::has_wildcard(filter) {
-            return self.map.get(filter).filter(|m| !m.expired(now)).cloned().into_iter().collect();
+    /// Set (or, with an empty payload, delete) the retained message of its topic.
+    pub fn apply(&mut self, m: Arc<Message>) {
+        let topic = m.topic.clone();
+        let levels: Vec<&str> = topic.split('/').collect();
+        let new = if m.payload.is_empty() { None } else { Some(m) };
+        let adding = new.is_some();
+        match (self.root.set(&levels, new).is_some(), adding) {
+            (false, true) => self.len += 1,
+            (true, false) => self.len -= 1,
+            _ => {}
         }
-        self.map.iter().filter(|(t, m)| topic::matches(filter, t) && !m.expired(now)).map(|(_, m)| m.clone()).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every retained message (for persistence).
+    pub fn messages(&self) -> Vec<Arc<Message>> {
+        let mut out = Vec::with_capacity(self.len);
+        self.root.all(&mut out);
+        out
+    }
+
+    /// Retained messages matching a (valid, non-shared) filter, unexpired.
+    pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let mut out = Vec::new();
+        self.root.matching(&levels, true, &mut out);
+        let now = now_ms();
+        out.retain(|m| !m.expired(now));
+        out
+    }
+
+    /// Remove expired messages; returns how many.
+    fn sweep(&mut self, now: u64) -> usize {
+        let expired: Vec<Arc<str>> = self.messages().into_iter().filter(|m| m.expired(now)).map(|m| m.topic.clone()).collect();
+        for t in &expired {
+            let levels: Vec<&str> = t.split('/').collect();
+            if self.root.set(&levels, None).is_some() {
+                self.len -= 1;
+            }
+        }
+        expired.len()
     }
 }
 
@@ -60,31 +172,76 @@ impl Actor for RetainedActor {
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
             RetainedMessage::Set(m, reply) => {
-                if m.payload.is_empty() {
-                    st.set.map.remove(&*m.topic);
-                } else {
-                    st.set.map.insert(m.topic.clone(), m);
-                }
+                st.set.apply(m);
                 st.set.version = VERSION.fetch_add(1, Ordering::Relaxed);
                 st.snapshot.store(Arc::new(st.set.clone()));
                 let _ = reply.send(());
             }
             RetainedMessage::Sweep => {
-                let now = now_ms();
-                let before = st.set.map.len();
-                let expired: Vec<Arc<str>> = st.set.map.iter().filter(|(_, m)| m.expired(now)).map(|(k, _)| k.clone()).collect();
-                for k in expired {
-                    st.set.map.remove(&k);
-                }
-                if st.set.map.len() != before {
+                if st.set.sweep(now_ms()) > 0 {
                     st.set.version = VERSION.fetch_add(1, Ordering::Relaxed);
                     st.snapshot.store(Arc::new(st.set.clone()));
                 }
             }
             RetainedMessage::Count(reply) => {
-                let _ = reply.send(st.set.map.len());
+                let _ = reply.send(st.set.len());
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::mqtt::{topic, QoS};
+    use proptest::prelude::*;
+
+    fn msg(t: &str, payload: &'static str) -> Arc<Message> {
+        Arc::new(Message {
+            topic: Arc::from(t),
+            payload: bytes::Bytes::from_static(payload.as_bytes()),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            props: None,
+            expires_at: None,
+            publisher: None,
+        })
+    }
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![Just("a".to_string()), Just("b".to_string()), Just("".to_string()), Just("$s".to_string()), "[ab]{1,2}"]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        /// The trie answers exactly what a linear scan with the topic matcher answers.
+        #[test]
+        fn trie_agrees_with_scan(
+            topics in proptest::collection::vec(proptest::collection::vec(level(), 1..4).prop_map(|v| v.join("/")), 0..20),
+            deletes in proptest::collection::vec(any::<prop::sample::Index>(), 0..5),
+            filter in proptest::collection::vec(prop_oneof![3 => level(), 1 => Just("+".to_string())], 1..4)
+                .prop_flat_map(|v| (Just(v), any::<bool>()))
+                .prop_map(|(mut v, hash)| { if hash { v.push("#".into()); } v.join("/") })
+                .prop_filter("valid", |f| topic::valid_filter(f)),
+        ) {
+            let mut set = RetainedSet::default();
+            let mut reference = std::collections::BTreeMap::new();
+            for t in &topics {
+                set.apply(msg(t, "x"));
+                reference.insert(t.clone(), ());
+            }
+            for d in deletes {
+                if topics.is_empty() { break; }
+                let t = &topics[d.index(topics.len())];
+                set.apply(msg(t, ""));
+                reference.remove(t);
+            }
+            prop_assert_eq!(set.len(), reference.len());
+            let mut got: Vec<String> = set.matching(&filter).iter().map(|m| m.topic.to_string()).collect();
+            got.sort();
+            let want: Vec<String> = reference.keys().filter(|t| topic::matches(&filter, t)).cloned().collect();
+            prop_assert_eq!(got, want);
+        }
     }
 }

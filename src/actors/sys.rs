@@ -33,7 +33,7 @@ impl Actor for SysActor {
     async fn handle(&self, _me: ActorRef<Self::Msg>, _msg: Self::Msg, b: &mut Self::State) -> Result<(), ActorProcessingErr> {
         let m = &b.metrics;
         let subs = subscription_count(b).await;
-        let retained = b.retained.load().map.len();
+        let retained = b.retained.load().len();
         let stats: Vec<(&str, String)> = vec![
             ("$SYS/broker/version", format!("thingsd {}", env!("CARGO_PKG_VERSION"))),
             ("$SYS/broker/uptime", format!("{} seconds", b.started.elapsed().as_secs())),

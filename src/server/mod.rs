@@ -86,7 +86,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     if !retained.is_empty() {
         let mut set = RetainedSet::default();
         for m in retained {
-            set.map.insert(m.topic.clone(), Arc::new(m));
+            set.apply(Arc::new(m));
         }
         broker.retained.store(Arc::new(set));
     }
@@ -110,7 +110,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         }
         tokio::spawn(listener::accept_loop(l, kind, broker.clone(), shutdown.clone(), tracker.clone()));
     }
-    let retained_n = broker.retained.load().map.len();
+    let retained_n = broker.retained.load().len();
     tracing::info!(node = %config.node.name, listeners = ?addrs, restored_sessions = restored, retained = retained_n, "thingsd ready");
 
     let persist = Duration::from_millis(config.node.persist_interval_ms.max(10));
@@ -138,7 +138,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
 
 fn flush(broker: &Broker) {
     let r = broker.retained.load();
-    if let Err(e) = broker.store.flush(&r.map, r.version) {
+    if let Err(e) = broker.store.flush(|| r.messages(), r.version) {
         tracing::error!(error = %e, "cannot write state to the data directory");
     }
 }

@@ -109,8 +109,9 @@ impl LocalStore {
         }
     }
 
-    /// Write whatever changed since the last flush.
-    pub fn flush(&self, retained: &imbl::OrdMap<Arc<str>, Arc<Message>>, retained_version: u64) -> Result<(), StoreError> {
+    /// Write whatever changed since the last flush; `retained` is only called when the retained
+    /// set moved past the version on disk.
+    pub fn flush(&self, retained: impl FnOnce() -> Vec<Arc<Message>>, retained_version: u64) -> Result<(), StoreError> {
         if self.sessions_dirty.swap(false, Ordering::AcqRel) {
             let all: Vec<SessionSnapshot> = match self.sessions.lock() {
                 Ok(m) => m.values().cloned().collect(),
@@ -122,7 +123,8 @@ impl LocalStore {
             }
         }
         if self.retained_version.load(Ordering::Acquire) != retained_version {
-            let all: Vec<&Message> = retained.values().map(|m| &**m).collect();
+            let msgs = retained();
+            let all: Vec<&Message> = msgs.iter().map(|m| &**m).collect();
             write_file(&self.dir.join("retained.bin"), &all)?;
             self.retained_version.store(retained_version, Ordering::Release);
         }
