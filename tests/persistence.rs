@@ -38,6 +38,14 @@ async fn restart_keeps_retained_and_sessions() {
         assert!(matches!(p.recv().await, Some(Packet::PubComp(_))));
     }
     p.send(disconnect()).await;
+    // Connected at shutdown, with a delayed retained will: it must fire after the restart.
+    let mut wc = connect_packet(Protocol::V5, "will-across", true);
+    wc.props.session_expiry_interval = Some(3600);
+    let mut wp = Properties::default();
+    wp.will_delay_interval = Some(2);
+    wc.will =
+        Some(Will { topic: "wills/across".into(), payload: Bytes::from_static(b"gone"), qos: QoS::AtLeastOnce, retain: true, props: wp });
+    let (_will_client, _) = Raw::session(node.tcp, wc).await;
     let dir = node.dir.clone();
     let guard = node.stop().await;
 
@@ -67,6 +75,10 @@ async fn restart_keeps_retained_and_sessions() {
             break;
         }
     }
+    let mut w = Raw::v5(node.tcp, "will-watcher").await;
+    w.sub("wills/#", QoS::AtLeastOnce).await;
+    let m = w.recv_publish().await;
+    assert_eq!((&*m.topic, &m.payload[..]), ("wills/across", &b"gone"[..]), "the delayed will survived the restart");
     let mut r = Raw::v5(node.tcp, "reader").await;
     r.sub("keep/#", QoS::AtMostOnce).await;
     let m = r.recv_publish().await;

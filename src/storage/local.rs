@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::message::{Delivery, Message};
-use crate::protocols::mqtt::{Protocol, SubOptions};
+use crate::protocols::mqtt::{Protocol, SubOptions, Will};
 
-const MAGIC: &[u8; 8] = b"THNGSD01";
+const MAGIC: &[u8; 8] = b"THNGSD02";
 
 /// Persistent state of one session, as stored on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,6 +27,10 @@ pub struct SessionSnapshot {
     pub queue: Vec<Delivery>,
     /// Inbound QoS 2 packet ids received but not yet released.
     pub incoming_qos2: Vec<u16>,
+    /// The will not yet published, and when it is due (Unix ms) if its delay is already running.
+    /// A will of a client that was connected when the node stopped is due at restart (+ delay).
+    pub will: Option<Will>,
+    pub will_due_ms: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@ impl SessionState {
         let present = !a.clean_start;
         self.protocol = a.conn.protocol;
         self.will = a.will;
+        self.will_due = None;
         self.expiry = a.expiry;
         self.generation += 1;
         self.disconnected_at = None;
@@ -58,9 +59,9 @@ impl SessionState {
                 if delay == 0 || self.expiry == 0 {
                     self.publish_will().await;
                 } else {
-                    let g = self.generation;
                     let secs = delay.min(self.expiry);
-                    me.send_after(Duration::from_secs(secs as u64), move || SessionMessage::WillDue(g));
+                    self.will_due = Some(now_ms() + secs as u64 * 1000);
+                    self.schedule_will(me);
                 }
             }
         }
@@ -97,7 +98,17 @@ impl SessionState {
         self.pending = pend;
     }
 
+    /// Arm the timer for a delayed will that is due at `will_due`.
+    fn schedule_will(&self, me: &ActorRef<SessionMessage>) {
+        if let Some(due) = self.will_due {
+            let g = self.generation;
+            let after = Duration::from_millis(due.saturating_sub(now_ms()));
+            me.send_after(after, move || SessionMessage::WillDue(g));
+        }
+    }
+
     pub(super) async fn publish_will(&mut self) {
+        self.will_due = None;
         let Some(w) = self.will.take() else { return };
         let mut props = w.props;
         let expires_at = props.message_expiry_interval.take().map(|s| now_ms() + s as u64 * 1000);
@@ -148,6 +159,8 @@ impl SessionState {
             inflight: self.inflight.iter().map(|f| (f.pkid, f.released, f.d.clone())).collect(),
             queue: self.pending.iter().cloned().collect(),
             incoming_qos2: self.incoming_qos2.iter().copied().collect(),
+            will: self.will.clone(),
+            will_due_ms: self.will_due,
         };
         self.broker.store.put_session(snap);
     }
@@ -166,6 +179,14 @@ impl SessionState {
         let now = now_ms();
         let since = s.disconnected_at_ms.unwrap_or(now);
         self.disconnected_at = Some(since);
+        // A will whose client was connected when the node stopped starts its delay now.
+        self.will = s.will;
+        self.will_due = match (&self.will, s.will_due_ms) {
+            (None, _) => None,
+            (Some(_), Some(due)) => Some(due),
+            (Some(w), None) => Some(now + w.props.will_delay_interval.unwrap_or(0) as u64 * 1000),
+        };
+        self.schedule_will(me);
         if self.expiry != u32::MAX {
             let left = (self.expiry as u64 * 1000).saturating_sub(now.saturating_sub(since));
             let g = self.generation;

@@ -136,6 +136,8 @@ pub struct SessionState {
     next_pkid: u16,
     incoming_qos2: HashSet<u16>,
     will: Option<Will>,
+    /// When a delayed will is due (Unix ms), while its timer runs.
+    will_due: Option<u64>,
     expiry: u32,
     generation: u64,
     disconnected_at: Option<u64>,
@@ -170,6 +172,7 @@ impl Actor for SessionActor {
             next_pkid: 1,
             incoming_qos2: HashSet::new(),
             will: None,
+            will_due: None,
             expiry: 0,
             generation: 0,
             disconnected_at: None,

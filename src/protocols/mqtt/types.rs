@@ -31,7 +31,7 @@ impl QoS {
 }
 
 /// Last will carried in CONNECT.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Will {
     pub topic: String,
     pub payload: Bytes,
