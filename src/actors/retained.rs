@@ -111,10 +111,21 @@ impl RetainedSet {
         self.len == 0
     }
 
-    /// Every retained message (for persistence).
+    /// Every retained message.
     pub fn messages(&self) -> Vec<Arc<Message>> {
         let mut out = Vec::with_capacity(self.len);
         self.root.all(&mut out);
+        out
+    }
+
+    /// The retained messages worth keeping across a restart (not the regenerated `$SYS` ones).
+    pub fn durable_messages(&self) -> Vec<Arc<Message>> {
+        let mut out = Vec::with_capacity(self.len);
+        for (k, c) in self.root.children.iter() {
+            if &**k != "$SYS" {
+                c.all(&mut out);
+            }
+        }
         out
     }
 
@@ -172,8 +183,12 @@ impl Actor for RetainedActor {
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
             RetainedMessage::Set(m, reply) => {
+                // `$SYS` statistics are regenerated at start, so they do not make the set dirty.
+                let durable = !m.topic.starts_with("$SYS");
                 st.set.apply(m);
-                st.set.version = VERSION.fetch_add(1, Ordering::Relaxed);
+                if durable {
+                    st.set.version = VERSION.fetch_add(1, Ordering::Relaxed);
+                }
                 st.snapshot.store(Arc::new(st.set.clone()));
                 let _ = reply.send(());
             }

@@ -138,7 +138,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
 
 fn flush(broker: &Broker) {
     let r = broker.retained.load();
-    if let Err(e) = broker.store.flush(|| r.messages(), r.version) {
+    if let Err(e) = broker.store.flush(|| r.durable_messages(), r.version) {
         tracing::error!(error = %e, "cannot write state to the data directory");
     }
 }
