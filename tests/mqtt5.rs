@@ -568,3 +568,49 @@ async fn sys_topics_and_dollar_rules() {
     assert!(matches!(&got, Some(Packet::Publish(x)) if &*x.topic == "after/sys"), "{got:?}");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_connects_with_one_client_id_leave_one_connection() {
+    let node = start(|_| {}).await;
+    let addr = node.tcp;
+    let clients = futures_util::future::join_all((0..20).map(|i| async move {
+        let mut c = connect_packet(if i % 2 == 0 { Protocol::V5 } else { Protocol::V4 }, "same-id", i % 3 == 0);
+        c.keep_alive = 0;
+        Raw::session(addr, c).await
+    }))
+    .await;
+    // Every connection got a CONNACK; then all but one are closed (5.0 ones with 0x8E). Wait for
+    // 19 closes (each bounded by the deadline), then release the survivor.
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    for (mut c, ack) in clients {
+        assert_eq!(ack.code, 0);
+        let mut stop = stop_tx.subscribe();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                seen = c.until_closed() => { let _ = done.send(Err(seen)); }
+                _ = stop.recv() => { let _ = done.send(Ok(c)); }
+            }
+        });
+    }
+    let mut v5_closes = Vec::new();
+    for _ in 0..19 {
+        match tokio::time::timeout(DEADLINE, done_rx.recv()).await.expect("19 connections closed in time").unwrap() {
+            Err(seen) => v5_closes.push(seen),
+            Ok(_) => unreachable!("released before the stop signal"),
+        }
+    }
+    for seen in &v5_closes {
+        if let Some(Packet::Disconnect(d)) = seen.last() {
+            assert_eq!(d.code, reason::SESSION_TAKEN_OVER);
+        }
+    }
+    stop_tx.send(()).unwrap();
+    let mut survivor = match tokio::time::timeout(DEADLINE, done_rx.recv()).await.unwrap().unwrap() {
+        Ok(c) => c,
+        Err(seen) => panic!("the last connection was closed too: {seen:?}"),
+    };
+    assert_eq!(survivor.sub("still/here", QoS::AtMostOnce).await, vec![0], "the survivor is fully usable");
+    node.stop().await;
+}
