@@ -82,10 +82,20 @@ impl Broker {
     pub async fn publish_with_backpressure(&self, msg: Arc<Message>) -> usize {
         let high = self.high_water();
         let (n, worst) = self.router.publish(msg, high);
-        if let Some(load) = worst {
-            load.wait_below(high, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;
-        }
+        self.wait_for(worst).await;
         n
+    }
+
+    /// Wait (bounded) while an online subscriber of `topic` is congested.
+    pub async fn pace(&self, topic: &str) {
+        let worst = self.router.congested(topic, self.high_water());
+        self.wait_for(worst).await;
+    }
+
+    async fn wait_for(&self, worst: Option<Arc<Load>>) {
+        if let Some(load) = worst {
+            load.wait_below(self.high_water(), std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;
+        }
     }
 }
 
@@ -181,13 +191,7 @@ impl Router {
                 }
             }
         };
-        let first = levels.first().copied().unwrap_or("");
-        let snap = self.snapshots[self.shard_for_level(first)].load();
-        snap.visit(&levels, true, dollar, &mut visit);
-        if !dollar {
-            let snap = self.snapshots[self.wildcard_shard()].load();
-            snap.visit(&levels, true, dollar, &mut visit);
-        }
+        self.visit(&levels, dollar, &mut visit);
         if targets.len() > 1 {
             // One delivery per session for overlapping non-shared subscriptions: highest QoS, all ids.
             targets.sort_by_key(|t| (t.shared.is_some(), t.session.get_id()));
@@ -214,6 +218,41 @@ impl Router {
             }
         }
         (n, worst)
+    }
+
+    /// Visit every trie node whose filters match the topic `levels`: the topic's own shard, and the
+    /// wildcard shard unless the topic starts with `$`.
+    fn visit<'a>(&self, levels: &[&str], dollar: bool, f: &mut impl FnMut(&Node)) {
+        let first = levels.first().copied().unwrap_or("");
+        let snap = self.snapshots[self.shard_for_level(first)].load();
+        snap.visit(levels, true, dollar, &mut |n| f(n));
+        if !dollar {
+            let snap = self.snapshots[self.wildcard_shard()].load();
+            snap.visit(levels, true, dollar, &mut |n| f(n));
+        }
+    }
+
+    /// The most congested online subscriber of `topic` above `high`, if any (for publishes that
+    /// are routed elsewhere, e.g. QoS 2 by the publisher's session, but paced by the connection).
+    pub fn congested(&self, topic: &str, high: usize) -> Option<Arc<Load>> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut worst: Option<Arc<Load>> = None;
+        let mut consider = |l: &Arc<Load>| {
+            if l.congested(high) && worst.as_ref().is_none_or(|w| w.depth() < l.depth()) {
+                worst = Some(l.clone());
+            }
+        };
+        self.visit(&levels, topic.starts_with('$'), &mut |node| {
+            for sub in node.subs().values() {
+                consider(&sub.load);
+            }
+            for grp in node.groups().values() {
+                for (_, sub) in grp.members.iter() {
+                    consider(&sub.load);
+                }
+            }
+        });
+        worst
     }
 
     /// Give a shared-subscription delivery to another member of its group (not `skip`).

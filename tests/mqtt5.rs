@@ -614,3 +614,58 @@ async fn concurrent_connects_with_one_client_id_leave_one_connection() {
     assert_eq!(survivor.sub("still/here", QoS::AtMostOnce).await, vec![0], "the survivor is fully usable");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_qos2_publisher_loses_nothing_to_a_small_queue() {
+    let node = start(|c| c.mqtt.max_queued = 40).await;
+    let mut s = Raw::v4(node.tcp, "q2-sub").await;
+    s.sub("q2/#", QoS::ExactlyOnce).await;
+    let mut p = Raw::v4(node.tcp, "q2-pub").await;
+    let total: u16 = 3000;
+    // The publisher pipelines everything and answers PUBRECs as they come.
+    let publisher = tokio::spawn(async move {
+        for i in 1..=total {
+            p.send(publish("q2/x", QoS::ExactlyOnce, i, &i.to_string())).await;
+        }
+        let mut done = 0;
+        while done < total {
+            match p.recv().await {
+                Some(Packet::PubRec(a)) => p.send(Packet::PubRel(Ack::new(a.pkid, 0))).await,
+                Some(Packet::PubComp(_)) => done += 1,
+                Some(_) => {}
+                None => panic!("publisher closed"),
+            }
+        }
+    });
+    let mut seen = vec![false; total as usize + 1];
+    let mut got = 0;
+    while got < total {
+        match s.recv_app().await {
+            Some(Packet::Publish(m)) => {
+                let n: usize = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+                assert!(!seen[n], "duplicate {n}");
+                seen[n] = true;
+                got += 1;
+                s.send(Packet::PubRec(Ack::new(m.pkid, 0))).await;
+            }
+            Some(Packet::PubRel(a)) => s.send(Packet::PubComp(Ack::new(a.pkid, 0))).await,
+            Some(_) => {}
+            None => panic!("subscriber closed"),
+        }
+    }
+    tokio::time::timeout(DEADLINE, publisher).await.unwrap().unwrap();
+    node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_maximum_is_enforced_for_5_0_qos2() {
+    let node = start(|c| c.mqtt.max_inflight = 5).await;
+    let mut p = Raw::v5(node.tcp, "greedy").await;
+    for i in 1..=8u16 {
+        p.send(publish("rm/x", QoS::ExactlyOnce, i, "x")).await;
+    }
+    let seen = p.until_closed().await;
+    assert_eq!(seen.iter().filter(|x| matches!(x, Packet::PubRec(_))).count(), 5, "{seen:?}");
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::RECEIVE_MAXIMUM_EXCEEDED), "{seen:?}");
+    node.stop().await;
+}

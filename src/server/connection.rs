@@ -252,6 +252,7 @@ where
         expiry,
         new_expiry: None,
         acks: Vec::new(),
+        qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
     };
     Some(Established { conn, conn_id, keep_alive, cancel, writer, _gauge: gauge })
 }
@@ -344,6 +345,10 @@ struct Conn {
     new_expiry: Option<u32>,
     /// PUBACKs read but not yet passed to the session (sent as one message per read batch).
     acks: Vec<u16>,
+    /// QoS 2 publishes handed to the session but not yet routed by it (bounded so that
+    /// backpressure, checked here, stays close to what the session routes: high-water (at most
+    /// max_queued / 2) plus this read-ahead (at most max_queued / 4) stays under max_queued).
+    qos2_routing: Arc<tokio::sync::Semaphore>,
 }
 
 impl Conn {
@@ -492,7 +497,11 @@ impl Conn {
             QoS::ExactlyOnce => {
                 // Through the session even when not routable: it owns the exactly-once state.
                 let Some(reply) = self.reply().await else { return Some(WillAction::Publish) };
-                let _ = self.session.cast(SessionMessage::InboundQos2 { pkid: p.pkid, msg, reply });
+                let Ok(routing) = self.qos2_routing.clone().acquire_owned().await else { return Some(WillAction::Publish) };
+                let topic = msg.topic.clone();
+                let _ = self.session.cast(SessionMessage::InboundQos2 { pkid: p.pkid, msg, reply, _routing: routing });
+                // The session routes it (it owns exactly-once); pacing is the connection's job.
+                self.broker.pace(&topic).await;
             }
         }
         None

@@ -20,6 +20,7 @@ impl SessionState {
         self.disconnected_at = None;
         self.load.online.store(true, Ordering::Relaxed);
         self.drop_logged = false;
+        self.kicked = false;
         let mut connack = a.connack;
         connack.session_present = present;
         let _ = a.conn.tx.try_send(Outbound::Packet(Box::new(Packet::ConnAck(connack))));

@@ -91,10 +91,12 @@ pub enum SessionMessage {
     PubRec(Ack, Reply),
     PubComp(u16),
     PubRel(u16, Reply),
+    /// `_routing` bounds how far the connection may read ahead of the session's routing.
     InboundQos2 {
         pkid: u16,
         msg: Arc<Message>,
         reply: Reply,
+        _routing: tokio::sync::OwnedSemaphorePermit,
     },
     Subscribe(Subscribe, Reply),
     Unsubscribe(Unsubscribe, Reply),
@@ -144,6 +146,8 @@ pub struct SessionState {
     persist_scheduled: bool,
     flush_scheduled: bool,
     drop_logged: bool,
+    /// The current connection was already told to go (log and kick once).
+    kicked: bool,
 }
 
 pub(super) enum Sent {
@@ -179,6 +183,7 @@ impl Actor for SessionActor {
             persist_scheduled: false,
             flush_scheduled: false,
             drop_logged: false,
+            kicked: false,
         };
         if let Some(snap) = args.restored {
             Box::pin(st.restore(&me, snap)).await;
@@ -228,7 +233,7 @@ impl Actor for SessionActor {
                     st.drain(&me);
                 }
             }
-            SessionMessage::InboundQos2 { pkid, msg, reply } => st.inbound_qos2(pkid, msg, reply),
+            SessionMessage::InboundQos2 { pkid, msg, reply, _routing } => st.inbound_qos2(pkid, msg, reply),
             SessionMessage::PubRel(pkid, reply) => {
                 let code = if st.incoming_qos2.remove(&pkid) { 0 } else { reason::PACKET_ID_NOT_FOUND };
                 answer(reply, Packet::PubComp(Ack::new(pkid, code)));

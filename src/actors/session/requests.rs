@@ -8,10 +8,13 @@ impl SessionState {
             answer(reply, Packet::PubRec(Ack::new(pkid, 0)));
             return;
         }
-        if self.incoming_qos2.len() >= self.broker.config.mqtt.max_inflight as usize {
-            if let Some(c) = &self.conn {
+        // 5.0 only: Receive Maximum is ours to enforce. (3.1.1 has no such limit; its set is
+        // bounded by the 16-bit packet id space.)
+        if self.protocol == Protocol::V5 && self.incoming_qos2.len() >= self.broker.config.mqtt.max_inflight as usize {
+            if let Some(c) = self.conn.as_ref().filter(|_| !self.kicked) {
                 tracing::info!(client_id = %self.client_id, "client exceeded Receive Maximum");
                 kick(c, reason::RECEIVE_MAXIMUM_EXCEEDED);
+                self.kicked = true;
             }
             return;
         }
