@@ -53,3 +53,35 @@ async fn killed_children_restart_with_their_state() {
     assert_eq!(&r.recv_publish().await.payload[..], b"r");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_restart_restores_sessions_and_a_dead_session_closes_its_connection() {
+    let node = start(|_| {}).await;
+    let mut cp = connect_packet(Protocol::V5, "adopted", true);
+    cp.props.session_expiry_interval = Some(600);
+    let (mut a, _) = Raw::session(node.tcp, cp.clone()).await;
+    a.sub("adopt/#", QoS::AtLeastOnce).await;
+    a.send(disconnect()).await;
+    a.until_closed().await;
+
+    let before = ids(&["registry:0".to_string()]);
+    ractor::registry::where_is("registry:0".to_string()).unwrap().kill();
+    eventually("registry restarted", || {
+        let now = ids(&["registry:0".to_string()]);
+        now[0].is_some() && now != before
+    })
+    .await;
+    cp.clean_start = false;
+    let (_a, ack) = Raw::session(node.tcp, cp).await;
+    assert!(ack.session_present, "the restarted registry restored the persistent session from the store");
+
+    // A session actor that dies takes its connection down (5.0: DISCONNECT 0x80)...
+    let mut v = Raw::v5(node.tcp, "victim").await;
+    ractor::registry::where_is("session:victim".to_string()).unwrap().kill();
+    v.send(Packet::PingReq).await;
+    let seen = v.until_closed().await;
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::UNSPECIFIED_ERROR), "{seen:?}");
+    // ...and the client can connect again.
+    let _again = Raw::v5(node.tcp, "victim").await;
+    node.stop().await;
+}

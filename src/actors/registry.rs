@@ -24,8 +24,8 @@ pub enum RegistryMessage {
         client_id: Arc<str>,
         id: ActorId,
     },
-    /// Recreate persistent sessions found in the data directory.
-    Restore(Vec<SessionSnapshot>, RpcReplyPort<()>),
+    /// Recreate the persistent sessions the store holds.
+    Restore,
     /// Have every session write its persistent state to the store (used at shutdown).
     PersistAll(RpcReplyPort<()>),
     Count(RpcReplyPort<usize>),
@@ -58,7 +58,11 @@ impl Actor for RegistryActor {
     type State = RegistryState;
     type Arguments = Arc<Broker>;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, broker: Arc<Broker>) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<Self::Msg>, broker: Arc<Broker>) -> Result<Self::State, ActorProcessingErr> {
+        // Persistent sessions come back from the store: at node start (loaded from disk) and
+        // after a crash of this actor (which takes its child sessions with it). This is the
+        // first message in the mailbox: nobody has this actor's reference yet.
+        me.cast(RegistryMessage::Restore)?;
         Ok(RegistryState { broker, sessions: HashMap::new() })
     }
 
@@ -93,14 +97,17 @@ impl Actor for RegistryActor {
                     st.sessions.remove(&client_id);
                 }
             }
-            RegistryMessage::Restore(snaps, reply) => {
+            RegistryMessage::Restore => {
+                let snaps = st.broker.store.sessions();
+                if !snaps.is_empty() {
+                    tracing::info!(sessions = snaps.len(), "restoring persistent sessions");
+                }
                 for snap in snaps {
                     let id: Arc<str> = Arc::from(snap.client_id.as_str());
                     if let Err(e) = st.spawn(&me, id.clone(), Some(snap)).await {
                         tracing::error!(client_id = %id, error = %e, "cannot restore session");
                     }
                 }
-                let _ = reply.send(());
             }
             RegistryMessage::PersistAll(reply) => {
                 for s in st.sessions.values() {
@@ -121,12 +128,17 @@ impl Actor for RegistryActor {
         evt: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let SupervisionEvent::ActorFailed(who, err) = evt {
-            // A session that crashed loses its in-memory state; its last persisted snapshot remains on disk.
-            let name = who.get_name().unwrap_or_default();
-            tracing::error!(actor = %name, error = %err, "session actor crashed");
-            st.sessions.retain(|_, s| s.get_id() != who.get_id());
+        let (who, why) = match evt {
+            SupervisionEvent::ActorFailed(who, err) => (who, Some(err.to_string())),
+            SupervisionEvent::ActorTerminated(who, _, reason) => (who, reason.filter(|r| r == "killed")),
+            _ => return Ok(()),
+        };
+        if let Some(why) = why {
+            // A session that crashed loses its in-memory state; its last persisted snapshot remains
+            // on disk, and its client's connection closes (it notices the session is gone).
+            tracing::error!(actor = %who.get_name().unwrap_or_default(), error = %why, "session actor crashed");
         }
+        st.sessions.retain(|_, s| s.get_id() != who.get_id());
         Ok(())
     }
 }

@@ -39,7 +39,7 @@ impl Group {
         let mut fallback = None;
         for i in 0..n {
             let (_, s) = &self.members[(start + i) % n];
-            if Some(s.session.get_id()) == skip {
+            if Some(s.session.get_id()) == skip || s.session.get_status() != ractor::ActorStatus::Running {
                 continue;
             }
             if s.load.online.load(Ordering::Relaxed) {

@@ -252,6 +252,7 @@ where
         expiry,
         new_expiry: None,
         acks: Vec::new(),
+        session_lost: false,
         qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
     };
     Some(Established { conn, conn_id, keep_alive, cancel, writer, _gauge: gauge })
@@ -296,6 +297,10 @@ where
         };
         if let Some(w) = step {
             break w;
+        }
+        if conn.session_lost {
+            tracing::error!("session actor is gone; closing the connection");
+            break conn.close(reason::UNSPECIFIED_ERROR);
         }
         // Idle connections hold a small buffer; busy ones grow it (bounded) as reads fill it.
         if buf.is_empty() && buf.capacity() > 64 * 1024 {
@@ -349,12 +354,22 @@ struct Conn {
     /// backpressure, checked here, stays close to what the session routes: high-water (at most
     /// max_queued / 2) plus this read-ahead (at most max_queued / 4) stays under max_queued).
     qos2_routing: Arc<tokio::sync::Semaphore>,
+    session_lost: bool,
 }
 
 impl Conn {
+    /// Pass a message to the session; if the session actor is gone (it crashed), remember it so
+    /// the connection closes instead of running on without a session.
+    fn tell(&mut self, m: SessionMessage) {
+        if self.session.cast(m).is_err() {
+            self.session_lost = true;
+        }
+    }
+
     fn flush_acks(&mut self) {
         if !self.acks.is_empty() {
-            let _ = self.session.cast(SessionMessage::PubAcks(std::mem::take(&mut self.acks)));
+            let acks = std::mem::take(&mut self.acks);
+            self.tell(SessionMessage::PubAcks(acks));
         }
     }
 
@@ -386,28 +401,34 @@ impl Conn {
         match p {
             Packet::Publish(p) => return self.publish(p).await,
             Packet::PubAck(a) => {
-                let _ = self.session.cast(SessionMessage::PubAcks(vec![a.pkid]));
+                self.tell(SessionMessage::PubAcks(vec![a.pkid]));
             }
             Packet::PubRec(a) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
-                let _ = self.session.cast(SessionMessage::PubRec(a, r));
+                self.tell(SessionMessage::PubRec(a, r));
             }
             Packet::PubRel(a) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
-                let _ = self.session.cast(SessionMessage::PubRel(a.pkid, r));
+                self.tell(SessionMessage::PubRel(a.pkid, r));
             }
             Packet::PubComp(a) => {
-                let _ = self.session.cast(SessionMessage::PubComp(a.pkid));
+                self.tell(SessionMessage::PubComp(a.pkid));
             }
             Packet::Subscribe(s) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
-                let _ = self.session.cast(SessionMessage::Subscribe(s, r));
+                self.tell(SessionMessage::Subscribe(s, r));
             }
             Packet::Unsubscribe(u) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
-                let _ = self.session.cast(SessionMessage::Unsubscribe(u, r));
+                self.tell(SessionMessage::Unsubscribe(u, r));
             }
-            Packet::PingReq => self.send(Packet::PingResp).await,
+            Packet::PingReq => {
+                if self.session.get_status() != ractor::ActorStatus::Running {
+                    self.session_lost = true;
+                } else {
+                    self.send(Packet::PingResp).await
+                }
+            }
             Packet::Disconnect(d) => {
                 if let Some(e) = d.props.session_expiry_interval {
                     if self.expiry == 0 && e != 0 {
@@ -499,7 +520,7 @@ impl Conn {
                 let Some(reply) = self.reply().await else { return Some(WillAction::Publish) };
                 let Ok(routing) = self.qos2_routing.clone().acquire_owned().await else { return Some(WillAction::Publish) };
                 let topic = msg.topic.clone();
-                let _ = self.session.cast(SessionMessage::InboundQos2 { pkid: p.pkid, msg, reply, _routing: routing });
+                self.tell(SessionMessage::InboundQos2 { pkid: p.pkid, msg, reply, _routing: routing });
                 // The session routes it (it owns exactly-once); pacing is the connection's job.
                 self.broker.pace(&topic).await;
             }

@@ -94,8 +94,9 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let (sup, sup_handle) =
         Actor::spawn(Some(format!("supervisor:{}", config.node.name)), SupervisorActor, broker.clone()).await.context("start actors")?;
     let registry = broker.registry().context("registry did not start")?;
+    // The registry restores the sessions the store loaded; a round-trip waits for it.
     let restored = sessions.len();
-    registry.call(|r| RegistryMessage::Restore(sessions, r), Some(Duration::from_secs(60))).await.context("restore sessions")?;
+    registry.call(RegistryMessage::Count, Some(Duration::from_secs(60))).await.context("restore sessions")?;
 
     let tracker = TaskTracker::new();
     let mut addrs = Vec::new();

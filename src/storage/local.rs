@@ -98,6 +98,11 @@ impl LocalStore {
         Ok((Arc::new(store), sessions, retained))
     }
 
+    /// The latest snapshot of every persistent session.
+    pub fn sessions(&self) -> Vec<SessionSnapshot> {
+        self.sessions.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
     pub fn put_session(&self, snap: SessionSnapshot) {
         if let Ok(mut m) = self.sessions.lock() {
             m.insert(snap.client_id.clone(), snap);
