@@ -222,7 +222,7 @@ impl Router {
 
     /// Visit every trie node whose filters match the topic `levels`: the topic's own shard, and the
     /// wildcard shard unless the topic starts with `$`.
-    fn visit<'a>(&self, levels: &[&str], dollar: bool, f: &mut impl FnMut(&Node)) {
+    fn visit(&self, levels: &[&str], dollar: bool, f: &mut impl FnMut(&Node)) {
         let first = levels.first().copied().unwrap_or("");
         let snap = self.snapshots[self.shard_for_level(first)].load();
         snap.visit(levels, true, dollar, &mut |n| f(n));

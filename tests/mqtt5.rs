@@ -268,9 +268,7 @@ async fn wills() {
     w.sub("will/#", QoS::AtLeastOnce).await;
     let with_will = |id: &str, delay: Option<u32>, expiry: u32| {
         let mut c = connect_packet(Protocol::V5, id, true);
-        let mut wp = Properties::default();
-        wp.will_delay_interval = delay;
-        wp.user_properties = vec![("k".into(), "v".into())];
+        let wp = Properties { will_delay_interval: delay, user_properties: vec![("k".into(), "v".into())], ..Properties::default() };
         c.will = Some(Will {
             topic: format!("will/{id}"),
             payload: Bytes::from_static(b"gone"),
@@ -361,7 +359,7 @@ async fn message_expiry() {
     let m = s.recv_publish().await;
     assert_eq!(&m.payload[..], b"long", "the expired message was dropped");
     let left = m.props().message_expiry_interval.unwrap();
-    assert!(left < 100 && left >= 97, "remaining expiry forwarded: {left}");
+    assert!((97..100).contains(&left), "remaining expiry forwarded: {left}");
     node.stop().await;
 }
 

@@ -41,8 +41,7 @@ async fn restart_keeps_retained_and_sessions() {
     // Connected at shutdown, with a delayed retained will: it must fire after the restart.
     let mut wc = connect_packet(Protocol::V5, "will-across", true);
     wc.props.session_expiry_interval = Some(3600);
-    let mut wp = Properties::default();
-    wp.will_delay_interval = Some(2);
+    let wp = Properties { will_delay_interval: Some(2), ..Properties::default() };
     wc.will =
         Some(Will { topic: "wills/across".into(), payload: Bytes::from_static(b"gone"), qos: QoS::AtLeastOnce, retain: true, props: wp });
     let (_will_client, _) = Raw::session(node.tcp, wc).await;

@@ -43,9 +43,8 @@ async fn websocket_and_tls_listeners() {
             }
             continue;
         }
-        match tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap() {
-            Ws::Binary(b) => wbuf.extend_from_slice(&b),
-            _ => {}
+        if let Ws::Binary(b) = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap() {
+            wbuf.extend_from_slice(&b)
         }
     };
     assert!(matches!(ws_next(&mut ws).await, Packet::ConnAck(a) if a.code == 0));

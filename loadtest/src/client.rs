@@ -80,10 +80,8 @@ pub async fn subscribe(s: &mut TcpStream, filter: &str, qos: QoS) -> anyhow::Res
     s.write_all(&b).await?;
     let mut buf = BytesMut::new();
     loop {
-        if let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
-            if let Packet::SubAck(_) = p {
-                return Ok(());
-            }
+        if let Some(Packet::SubAck(_)) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
+            return Ok(());
         }
         if s.read_buf(&mut buf).await? == 0 {
             bail!("closed during subscribe");
@@ -92,6 +90,7 @@ pub async fn subscribe(s: &mut TcpStream, filter: &str, qos: QoS) -> anyhow::Res
 }
 
 /// Publish `count` messages to `topic` at `qos`, keeping at most `window` unacknowledged.
+#[allow(clippy::too_many_arguments)]
 /// Returns when every message is acknowledged (QoS 0: written).
 pub async fn publish_all(
     s: TcpStream,

@@ -219,7 +219,7 @@ where
         expiry,
     });
     let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone()));
-    let Some(registry) = broker.registry() else { return None };
+    let registry = broker.registry()?;
     let cid = client_id.clone();
     let session = match Box::pin(registry.call(
         |reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, reply },
