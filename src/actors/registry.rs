@@ -38,6 +38,15 @@ pub struct RegistryState {
 
 const CALL: Option<Duration> = Some(Duration::from_secs(10));
 
+/// Wait (bounded) until no actor holds `name`. Polls: ractor's `wait()` misses an exit that
+/// happened before the waiter registered, and this is only the rare replace path.
+async fn name_free(name: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while ractor::registry::where_is(name.to_string()).is_some() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 impl RegistryState {
     async fn spawn(
         &mut self,
@@ -47,6 +56,12 @@ impl RegistryState {
     ) -> Result<ActorRef<SessionMessage>, String> {
         let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored };
         let name = format!("session:{client_id}");
+        // A session that is ending (Clean Start replaced it, or its registry crashed) may hold
+        // the name for a moment.
+        if let Some(old) = ractor::registry::where_is(name.clone()) {
+            old.stop(Some("replaced".into()));
+            name_free(&name).await;
+        }
         let (s, _) = Actor::spawn_linked(Some(name), SessionActor, args, me.get_cell()).await.map_err(|e| e.to_string())?;
         self.sessions.insert(client_id, s.clone());
         Ok(s)
@@ -79,7 +94,6 @@ impl Actor for RegistryActor {
                         return Ok(());
                     }
                     let _ = s.call(SessionMessage::Terminate, CALL).await;
-                    let _ = s.get_cell().wait(Some(Duration::from_secs(5))).await;
                     st.sessions.remove(&client_id);
                 }
                 attach.clean_start = true; // a fresh session is never "present"

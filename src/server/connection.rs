@@ -422,13 +422,7 @@ impl Conn {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
                 self.tell(SessionMessage::Unsubscribe(u, r));
             }
-            Packet::PingReq => {
-                if self.session.get_status() != ractor::ActorStatus::Running {
-                    self.session_lost = true;
-                } else {
-                    self.send(Packet::PingResp).await
-                }
-            }
+            Packet::PingReq => self.send(Packet::PingResp).await,
             Packet::Disconnect(d) => {
                 if let Some(e) = d.props.session_expiry_interval {
                     if self.expiry == 0 && e != 0 {

@@ -284,6 +284,17 @@ impl Actor for SessionActor {
     }
 }
 
+/// A session that ends while a connection is attached (it crashed or was killed; a normal end
+/// detaches first) takes the connection down with it, so the client reconnects.
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            tracing::error!(client_id = %self.client_id, "session ended with a live connection; closing it");
+            kick(&c, reason::UNSPECIFIED_ERROR);
+        }
+    }
+}
+
 /// Ask a connection to close with `code` (DISCONNECT in 5.0); if its queue is full, cut it.
 pub fn kick(conn: &ConnHandle, code: u8) {
     if conn.tx.try_send(Outbound::Disconnect(code)).is_err() {
