@@ -97,6 +97,8 @@ pub struct Listeners {
     pub tcp: Vec<TcpListenerConfig>,
     pub ws: Vec<WsListenerConfig>,
     pub tls: Vec<TlsListenerConfig>,
+    /// HTTP: health, metrics (and later the REST API). Empty = no HTTP listener.
+    pub http: Vec<TcpListenerConfig>,
 }
 
 impl Default for Listeners {
@@ -105,6 +107,7 @@ impl Default for Listeners {
             tcp: vec![TcpListenerConfig { bind: ([0, 0, 0, 0], 1883).into() }],
             ws: vec![WsListenerConfig { bind: ([0, 0, 0, 0], 8083).into(), path: "/mqtt".into() }],
             tls: vec![],
+            http: vec![TcpListenerConfig { bind: ([0, 0, 0, 0], 8080).into() }],
         }
     }
 }

@@ -3,6 +3,7 @@
 pub mod actors;
 pub mod broker;
 pub mod config;
+pub mod http;
 pub mod message;
 pub mod metrics;
 pub mod protocols;

@@ -18,6 +18,7 @@ async fn spawn_node(dir: &std::path::Path) -> Proc {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsd"))
         .env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\"}}]"))
         .env("THINGSD_LISTENERS__WS", "[]")
+        .env("THINGSD_LISTENERS__HTTP", "[]")
         .env("THINGSD_NODE__DATA_DIR", dir.display().to_string())
         .env("THINGSD_NODE__PERSIST_INTERVAL_MS", "100")
         .env("THINGSD_LOG__LEVEL", "info")

@@ -27,12 +27,18 @@ use listener::Kind;
 /// Listeners bound before the node starts (tests bind port 0 and read the addresses back).
 pub struct Bound {
     pub listeners: Vec<(TcpListener, Kind)>,
+    pub http: Vec<TcpListener>,
 }
 
 impl Bound {
-    /// Addresses of the bound listeners, in config order: TCP, then WebSocket, then TLS.
+    /// Addresses of the bound MQTT listeners, in config order: TCP, then WebSocket, then TLS.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
+    }
+
+    /// Addresses of the bound HTTP listeners.
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.http.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 }
 
@@ -73,7 +79,11 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
         let acc = tls_acceptor(&l.cert, &l.key)?;
         listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TLS {}", l.bind))?, Kind::Tls(acc)));
     }
-    Ok(Bound { listeners })
+    let mut http = Vec::new();
+    for l in &config.listeners.http {
+        http.push(TcpListener::bind(l.bind).await.with_context(|| format!("bind HTTP {}", l.bind))?);
+    }
+    Ok(Bound { listeners, http })
 }
 
 /// Run a node on already-bound listeners until `shutdown` fires, then stop gracefully:
@@ -110,6 +120,18 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
             addrs.push(format!("{what}://{a}"));
         }
         tokio::spawn(listener::accept_loop(l, kind, broker.clone(), shutdown.clone(), tracker.clone()));
+    }
+    for l in bound.http {
+        if let Ok(a) = l.local_addr() {
+            addrs.push(format!("http://{a}"));
+        }
+        let app = crate::http::app(broker.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
+                tracing::error!(error = %e, "HTTP listener failed");
+            }
+        });
     }
     let retained_n = broker.retained.load().len();
     tracing::info!(node = %config.node.name, listeners = ?addrs, restored_sessions = restored, retained = retained_n, "thingsd ready");

@@ -20,6 +20,7 @@ pub struct Node {
     pub tcp: SocketAddr,
     pub ws: SocketAddr,
     pub tls: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
     pub dir: PathBuf,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -33,6 +34,7 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     c.listeners.tcp = vec![TcpListenerConfig { bind: "127.0.0.1:0".parse().unwrap() }];
     c.listeners.ws = vec![WsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), path: "/mqtt".into() }];
     c.listeners.tls = vec![];
+    c.listeners.http = vec![TcpListenerConfig { bind: "127.0.0.1:0".parse().unwrap() }];
     c.mqtt.sys_interval_secs = 1;
     c
 }
@@ -55,12 +57,13 @@ pub async fn start_in(dir: PathBuf, tweak: impl FnOnce(&mut Config)) -> Node {
     tweak(&mut cfg);
     let bound = thingsd::server::bind(&cfg).await.expect("bind");
     let addrs = bound.addrs();
+    let http = bound.http_addrs().first().copied();
     let tls = if cfg.listeners.tls.is_empty() { None } else { addrs.last().copied() };
     let shutdown = CancellationToken::new();
     let ntcp = cfg.listeners.tcp.len();
     let task = tokio::spawn(thingsd::server::run(bound, cfg, shutdown.clone()));
     let ws = addrs[ntcp];
-    let node = Node { tcp: addrs[0], ws, tls, dir, shutdown, task, _tmp: None };
+    let node = Node { tcp: addrs[0], ws, tls, http, dir, shutdown, task, _tmp: None };
     // Ready when a client gets a CONNACK.
     let mut c = Raw::connect(node.tcp).await;
     c.send(connect5("readiness-probe", true)).await;
@@ -259,4 +262,16 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, mut f: F) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out waiting for {what}");
+}
+
+/// A plain HTTP/1.1 GET over a fresh connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::time::timeout(DEADLINE, TcpStream::connect(addr)).await.unwrap().unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut raw)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }

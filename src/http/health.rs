@@ -1,0 +1,68 @@
+//! `/health/live`, `/health/ready` and `/metrics` (Prometheus text format).
+use std::fmt::Write;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+
+use super::ApiError;
+use crate::broker::Broker;
+use crate::metrics::Metrics;
+
+pub fn routes() -> Router<Arc<Broker>> {
+    Router::new().route("/health/live", get(live)).route("/health/ready", get(ready)).route("/metrics", get(metrics))
+}
+
+/// The process runs and answers.
+async fn live() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// The node accepts clients: its registry, retained store and every topic shard are running.
+async fn ready(State(b): State<Arc<Broker>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let running = |s: Option<ractor::ActorStatus>| s == Some(ractor::ActorStatus::Running);
+    let registry = running(b.registry().map(|r| r.get_status()));
+    let retained = running(b.retained_actor.load_full().map(|r| r.get_status()));
+    let shards = (0..b.router.shards.len()).all(|i| running(b.router.shard(i).map(|s| s.get_status())));
+    if registry && retained && shards {
+        Ok(Json(serde_json::json!({ "status": "ready" })))
+    } else {
+        Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "not_ready",
+            message: format!("registry running: {registry}, retained store running: {retained}, all shards running: {shards}"),
+        })
+    }
+}
+
+async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+    let m = &b.metrics;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    metric("thingsd_clients_connected", "gauge", "MQTT clients connected now.", Metrics::get(&m.clients_connected));
+    metric("thingsd_connections_total", "counter", "MQTT connections accepted (CONNECT processed).", Metrics::get(&m.connections_total));
+    metric("thingsd_messages_received_total", "counter", "PUBLISH packets received from clients.", Metrics::get(&m.messages_received));
+    metric("thingsd_messages_sent_total", "counter", "PUBLISH packets sent to clients.", Metrics::get(&m.messages_sent));
+    metric(
+        "thingsd_messages_dropped_total",
+        "counter",
+        "Messages dropped by queue bounds or client packet-size limits.",
+        Metrics::get(&m.messages_dropped),
+    );
+    metric("thingsd_bytes_received_total", "counter", "Bytes read from MQTT clients.", Metrics::get(&m.bytes_received));
+    metric("thingsd_bytes_sent_total", "counter", "Bytes written to MQTT clients.", Metrics::get(&m.bytes_sent));
+    metric(
+        "thingsd_protocol_errors_total",
+        "counter",
+        "Connections closed for malformed or invalid packets.",
+        Metrics::get(&m.protocol_errors),
+    );
+    metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);
+    metric("thingsd_uptime_seconds", "counter", "Seconds since the node started.", b.started.elapsed().as_secs());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
