@@ -27,11 +27,13 @@ pub struct Broker {
     pub registry: ArcSwapOption<ActorRef<RegistryMessage>>,
     pub store: Arc<LocalStore>,
     pub started: Instant,
+    connect_bucket: std::sync::Mutex<(f64, Instant)>,
 }
 
 impl Broker {
     pub fn new(config: Arc<Config>, store: Arc<LocalStore>) -> Broker {
         let shards = config.mqtt.shards.max(1);
+        let started = Instant::now();
         Broker {
             router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
@@ -40,7 +42,29 @@ impl Broker {
             retained_actor: ArcSwapOption::empty(),
             registry: ArcSwapOption::empty(),
             store,
-            started: Instant::now(),
+            started,
+            connect_bucket: std::sync::Mutex::new((0.0, started)),
+        }
+    }
+
+    /// Take one token from the node's CONNECT rate bucket; false when the rate is exceeded.
+    pub fn admit_connect(&self) -> bool {
+        let rate = self.config.mqtt.max_connect_rate as f64;
+        if rate == 0.0 {
+            return true;
+        }
+        let Ok(mut b) = self.connect_bucket.lock() else { return true };
+        let now = Instant::now();
+        let (tokens, last) = *b;
+        // The bucket starts full: a burst of `rate` connects, then `rate` per second.
+        let tokens = if tokens == 0.0 && last == self.started { rate } else { tokens };
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
+        if tokens >= 1.0 {
+            *b = (tokens - 1.0, now);
+            true
+        } else {
+            *b = (tokens, now);
+            false
         }
     }
 

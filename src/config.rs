@@ -37,6 +37,9 @@ impl Default for NodeConfig {
 pub struct MqttConfig {
     /// Connections above this are refused with CONNACK 0x97 (3.1.1: 3).
     pub max_connections: usize,
+    /// CONNECTs accepted per second across the node (burst of the same size); beyond it CONNACK
+    /// 0x9F (3.1.1: 3). 0 = unlimited. Protects the node during reconnect storms.
+    pub max_connect_rate: u32,
     /// Largest packet accepted, and advertised as Maximum Packet Size.
     pub max_packet_size: u32,
     /// Server Receive Maximum, and the cap on each session's outbound in-flight window.
@@ -72,6 +75,7 @@ impl Default for MqttConfig {
     fn default() -> Self {
         MqttConfig {
             max_connections: 100_000,
+            max_connect_rate: 0,
             max_packet_size: 1024 * 1024,
             max_inflight: 128,
             max_queued: 1000,

@@ -667,3 +667,22 @@ async fn receive_maximum_is_enforced_for_5_0_qos2() {
     assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::RECEIVE_MAXIMUM_EXCEEDED), "{seen:?}");
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_rate_limit_refuses_with_0x9f() {
+    // 2 per second with a burst of 2 (the readiness probe took one). 20 back-to-back CONNECTs
+    // would need ~9 s to all pass, so some are refused on any machine; refused ones are closed.
+    let node = start(|c| c.mqtt.max_connect_rate = 2).await;
+    let mut codes = Vec::new();
+    for i in 0..20 {
+        let (mut c, ack) = Raw::session(node.tcp, connect_packet(Protocol::V5, &format!("rate-{i}"), true)).await;
+        if ack.code == reason::CONNECTION_RATE_EXCEEDED {
+            assert!(c.until_closed().await.is_empty());
+        }
+        codes.push(ack.code);
+    }
+    assert!(codes.iter().all(|c| *c == 0 || *c == reason::CONNECTION_RATE_EXCEEDED), "{codes:?}");
+    assert!(codes.iter().filter(|c| **c == reason::CONNECTION_RATE_EXCEEDED).count() >= 10, "{codes:?}");
+    assert_eq!(codes[0], 0, "the burst admits the first");
+    node.stop().await;
+}

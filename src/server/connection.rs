@@ -154,6 +154,11 @@ where
         Box::pin(write_raw(&mut wr, &connack(reason::QUOTA_EXCEEDED), protocol)).await;
         return None;
     }
+    if !broker.admit_connect() {
+        tracing::warn!(limit = cfg.mqtt.max_connect_rate, "connect rate exceeded; refusing");
+        Box::pin(write_raw(&mut wr, &connack(reason::CONNECTION_RATE_EXCEEDED), protocol)).await;
+        return None;
+    }
     if v5 && c.props.authentication_method.is_some() {
         tracing::info!("enhanced authentication requested but none is configured");
         Box::pin(write_raw(&mut wr, &connack(reason::BAD_AUTHENTICATION_METHOD), protocol)).await;
