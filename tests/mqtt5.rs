@@ -12,15 +12,7 @@ fn props() -> Properties {
 }
 
 fn pub_with(topic: &str, qos: QoS, pkid: u16, payload: &str, p: Properties) -> Packet {
-    Packet::Publish(Publish {
-        dup: false,
-        qos,
-        retain: false,
-        topic: topic.into(),
-        pkid,
-        props: Some(Box::new(p)),
-        payload: Bytes::copy_from_slice(payload.as_bytes()),
-    })
+    publish_props(topic, qos, pkid, payload, Some(p))
 }
 
 fn sub_opts(pkid: u16, filter: &str, o: SubOptions, p: Properties) -> Packet {

@@ -92,21 +92,7 @@ fn pct(v: &mut [u32], p: f64) -> f64 {
     v[i] as f64 / 1000.0
 }
 
-fn row(broker: &str, rx: &mut client::Received, start: Instant, expected: u64) -> Row {
-    let unique = rx.unique();
-    let secs = rx.last_at.map(|t| t.duration_since(start).as_secs_f64()).unwrap_or(f64::NAN);
-    Row {
-        broker: broker.into(),
-        rate: unique as f64 / secs,
-        p50: pct(&mut rx.latencies_us, 0.5),
-        p99: pct(&mut rx.latencies_us, 0.99),
-        max: pct(&mut rx.latencies_us, 1.0),
-        lost: expected.saturating_sub(unique),
-        dup: rx.dups,
-        extra: String::new(),
-    }
-}
-
+/// One result row from what the subscribers saw, each with how many messages it expected.
 fn merge(rows: Vec<(client::Received, u64)>, broker: &str, start: Instant) -> Row {
     let mut all = client::Received::default();
     let mut expected = 0;
@@ -142,8 +128,7 @@ async fn pubsub(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
     let rx = tokio::spawn(client::receive(s, expected, IDLE, base));
     let start = Instant::now();
     client::publish_all(p, 0, "bench/1", o.qos, o.messages, o.window, o.payload, base).await?;
-    let mut r = rx.await??;
-    Ok(row(&b.name, &mut r, start, expected))
+    Ok(merge(vec![(rx.await??, expected)], &b.name, start))
 }
 
 async fn fanin(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
@@ -168,8 +153,7 @@ async fn fanin(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
     for t in tasks {
         t.await??;
     }
-    let mut r = rx.await??;
-    Ok(row(&b.name, &mut r, start, expected))
+    Ok(merge(vec![(rx.await??, expected)], &b.name, start))
 }
 
 async fn fanout(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {

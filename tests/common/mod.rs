@@ -118,13 +118,17 @@ pub fn connect4(id: &str, clean: bool) -> Packet {
 }
 
 pub fn publish(topic: &str, qos: QoS, pkid: u16, payload: &str) -> Packet {
+    publish_props(topic, qos, pkid, payload, None)
+}
+
+pub fn publish_props(topic: &str, qos: QoS, pkid: u16, payload: &str, props: Option<Properties>) -> Packet {
     Packet::Publish(Publish {
         dup: false,
         qos,
         retain: false,
         topic: topic.into(),
         pkid,
-        props: None,
+        props: props.map(Box::new),
         payload: Bytes::copy_from_slice(payload.as_bytes()),
     })
 }
