@@ -220,7 +220,7 @@ where
         conn: handle,
         connack: ConnAck { session_present: false, code: reason::SUCCESS, props },
         clean_start: c.clean_start,
-        will: c.will,
+        will: c.will.map(Box::new),
         expiry,
     });
     let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone()));

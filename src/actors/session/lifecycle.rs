@@ -160,7 +160,7 @@ impl SessionState {
             inflight: self.inflight.iter().map(|f| (f.pkid, f.released, f.d.clone())).collect(),
             queue: self.pending.iter().cloned().collect(),
             incoming_qos2: self.incoming_qos2.iter().copied().collect(),
-            will: self.will.clone(),
+            will: self.will.as_deref().cloned(),
             will_due_ms: self.will_due,
         };
         self.broker.store.put_session(snap);
@@ -181,7 +181,7 @@ impl SessionState {
         let since = s.disconnected_at_ms.unwrap_or(now);
         self.disconnected_at = Some(since);
         // A will whose client was connected when the node stopped starts its delay now.
-        self.will = s.will;
+        self.will = s.will.map(Box::new);
         self.will_due = match (&self.will, s.will_due_ms) {
             (None, _) => None,
             (Some(_), Some(due)) => Some(due),

@@ -65,7 +65,7 @@ pub struct AttachArgs {
     /// CONNACK to send first; the session fills in Session Present.
     pub connack: ConnAck,
     pub clean_start: bool,
-    pub will: Option<Will>,
+    pub will: Option<Box<Will>>,
     pub expiry: u32,
 }
 
@@ -137,7 +137,8 @@ pub struct SessionState {
     pending: VecDeque<Delivery>,
     next_pkid: u16,
     incoming_qos2: HashSet<u16>,
-    will: Option<Will>,
+    /// Boxed: most sessions have none, and a `Will` carries a full property set.
+    will: Option<Box<Will>>,
     /// When a delayed will is due (Unix ms), while its timer runs.
     will_due: Option<u64>,
     expiry: u32,
