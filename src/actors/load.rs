@@ -39,10 +39,13 @@ impl Load {
     pub fn push(&self, session: &ActorRef<SessionMessage>, d: Delivery, cap: usize) -> bool {
         match self.inbox.lock() {
             Ok(q) if q.len() >= cap => return false,
-            Ok(mut q) => q.push_back(d),
+            Ok(mut q) => {
+                q.push_back(d);
+                // Counted under the lock, so `take` never subtracts an item not yet counted.
+                self.mailbox.fetch_add(1, Ordering::Relaxed);
+            }
             Err(_) => return false,
         }
-        self.mailbox.fetch_add(1, Ordering::Relaxed);
         if !self.scheduled.swap(true, Ordering::AcqRel) && session.cast(SessionMessage::Drain).is_err() {
             return false;
         }
@@ -53,12 +56,14 @@ impl Load {
     pub fn take(&self) -> VecDeque<Delivery> {
         // Clear the flag first: a push after this point schedules another Drain.
         self.scheduled.store(false, Ordering::Release);
-        let batch = match self.inbox.lock() {
-            Ok(mut q) => std::mem::take(&mut *q),
+        match self.inbox.lock() {
+            Ok(mut q) => {
+                let batch = std::mem::take(&mut *q);
+                self.mailbox.fetch_sub(batch.len(), Ordering::Relaxed);
+                batch
+            }
             Err(_) => VecDeque::new(),
-        };
-        self.mailbox.fetch_sub(batch.len(), Ordering::Relaxed);
-        batch
+        }
     }
 
     pub fn depth(&self) -> usize {
