@@ -10,7 +10,7 @@ use crate::actors::load::Load;
 use crate::actors::registry::RegistryMessage;
 use crate::actors::retained::{RetainedMessage, RetainedSet};
 use crate::actors::session::SessionMessage;
-use crate::actors::shard::{filter_path, Node, ShardMessage};
+use crate::actors::shard::{filter_path, Node, ShardMessage, Sub};
 use crate::config::Config;
 use crate::message::{Delivery, Message};
 use crate::metrics::Metrics;
@@ -34,6 +34,7 @@ impl Broker {
     pub fn new(config: Arc<Config>, store: Arc<LocalStore>) -> Broker {
         let shards = config.mqtt.shards.max(1);
         let started = Instant::now();
+        let connect_rate = config.mqtt.max_connect_rate as f64;
         Broker {
             router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
@@ -43,7 +44,8 @@ impl Broker {
             registry: ArcSwapOption::empty(),
             store,
             started,
-            connect_bucket: std::sync::Mutex::new((0.0, started)),
+            // The bucket starts full: a burst of `rate` connects, then `rate` per second.
+            connect_bucket: std::sync::Mutex::new((connect_rate, started)),
         }
     }
 
@@ -56,8 +58,6 @@ impl Broker {
         let Ok(mut b) = self.connect_bucket.lock() else { return true };
         let now = Instant::now();
         let (tokens, last) = *b;
-        // The bucket starts full: a burst of `rate` connects, then `rate` per second.
-        let tokens = if tokens == 0.0 && last == self.started { rate } else { tokens };
         let tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(rate);
         if tokens >= 1.0 {
             *b = (tokens - 1.0, now);
@@ -140,6 +140,13 @@ fn fnv(s: &str) -> usize {
     h as usize
 }
 
+/// Keep in `worst` the most congested online subscriber above `high` seen so far.
+fn keep_worst(worst: &mut Option<Arc<Load>>, l: &Arc<Load>, high: usize) {
+    if l.congested(high) && worst.as_ref().is_none_or(|w| w.depth() < l.depth()) {
+        *worst = Some(l.clone());
+    }
+}
+
 struct Target {
     session: ActorRef<SessionMessage>,
     load: Arc<Load>,
@@ -188,30 +195,23 @@ impl Router {
         let dollar = topic_s.starts_with('$');
         let mut targets: Vec<Target> = Vec::new();
         let publisher = msg.publisher.as_deref();
+        let target = |sub: &Sub, shared: Option<Arc<str>>| Target {
+            session: sub.session.clone(),
+            load: sub.load.clone(),
+            qos: msg.qos.min(sub.opts.qos),
+            retain: msg.retain && sub.opts.retain_as_published,
+            sub_ids: sub.sub_id.into_iter().collect(),
+            shared,
+        };
         let mut visit = |node: &Node| {
             for (client, sub) in node.subs().iter() {
-                if sub.opts.no_local && publisher == Some(&**client) {
-                    continue;
+                if !(sub.opts.no_local && publisher == Some(&**client)) {
+                    targets.push(target(sub, None));
                 }
-                targets.push(Target {
-                    session: sub.session.clone(),
-                    load: sub.load.clone(),
-                    qos: msg.qos.min(sub.opts.qos),
-                    retain: msg.retain && sub.opts.retain_as_published,
-                    sub_ids: sub.sub_id.into_iter().collect(),
-                    shared: None,
-                });
             }
             for grp in node.groups().values() {
                 if let Some(sub) = grp.pick(None) {
-                    targets.push(Target {
-                        session: sub.session.clone(),
-                        load: sub.load.clone(),
-                        qos: msg.qos.min(sub.opts.qos),
-                        retain: msg.retain && sub.opts.retain_as_published,
-                        sub_ids: sub.sub_id.into_iter().collect(),
-                        shared: Some(grp.filter.clone()),
-                    });
+                    targets.push(target(sub, Some(grp.filter.clone())));
                 }
             }
         };
@@ -234,11 +234,8 @@ impl Router {
         let mut worst: Option<Arc<Load>> = None;
         for t in targets {
             let d = Delivery { msg: msg.clone(), qos: t.qos, retain: t.retain, sub_ids: t.sub_ids, shared: t.shared };
-            if !t.load.push(&t.session, d, self.inbox_cap) {
-                continue;
-            }
-            if t.load.congested(high) && worst.as_ref().is_none_or(|w| w.depth() < t.load.depth()) {
-                worst = Some(t.load);
+            if t.load.push(&t.session, d, self.inbox_cap) {
+                keep_worst(&mut worst, &t.load, high);
             }
         }
         (n, worst)
@@ -261,18 +258,13 @@ impl Router {
     pub fn congested(&self, topic: &str, high: usize) -> Option<Arc<Load>> {
         let levels: Vec<&str> = topic.split('/').collect();
         let mut worst: Option<Arc<Load>> = None;
-        let mut consider = |l: &Arc<Load>| {
-            if l.congested(high) && worst.as_ref().is_none_or(|w| w.depth() < l.depth()) {
-                worst = Some(l.clone());
-            }
-        };
         self.visit(&levels, topic.starts_with('$'), &mut |node| {
             for sub in node.subs().values() {
-                consider(&sub.load);
+                keep_worst(&mut worst, &sub.load, high);
             }
             for grp in node.groups().values() {
                 for (_, sub) in grp.members.iter() {
-                    consider(&sub.load);
+                    keep_worst(&mut worst, &sub.load, high);
                 }
             }
         });
@@ -292,9 +284,6 @@ impl Router {
         let Some(sub) = snap.at(&path).and_then(|n| n.groups().get(group)).and_then(|g| g.pick(Some(skip))) else {
             return false;
         };
-        if sub.session.get_id() == skip {
-            return false;
-        }
         let d = Delivery { qos: d.msg.qos.min(sub.opts.qos), sub_ids: sub.sub_id.into_iter().collect(), ..d };
         sub.load.push(&sub.session, d, self.inbox_cap)
     }

@@ -125,17 +125,15 @@ where
         Ok(Err(ReadErr::Decode(e))) => {
             Metrics::add(&m.protocol_errors, 1);
             tracing::info!(error = %e, "bad CONNECT; closing");
-            if e.code == reason::UNSUPPORTED_PROTOCOL_VERSION {
-                if e.level < 5 {
-                    let _ = wr.write_all(&[0x20, 2, 0, 1]).await;
-                } else {
-                    let _ = wr.write_all(&[0x20, 3, 0, reason::UNSUPPORTED_PROTOCOL_VERSION, 0]).await;
-                }
-                let _ = wr.shutdown().await;
-            } else if e.level == 5 {
-                // 5.0 lets the server say why before closing (0x81 malformed, 0x82 protocol error, ...).
-                let _ = wr.write_all(&[0x20, 3, 0, e.code, 0]).await;
-                let _ = wr.shutdown().await;
+            // An unsupported level is answered in the 3.1.1 format below level 5 (return code 1) and
+            // in the 5.0 format above; a bad 5.0 CONNECT is told why (0x81, 0x82, ...).
+            let answer_in = match (e.code, e.level) {
+                (reason::UNSUPPORTED_PROTOCOL_VERSION, l) if l < 5 => Some(Protocol::V4),
+                (reason::UNSUPPORTED_PROTOCOL_VERSION, _) | (_, 5) => Some(Protocol::V5),
+                _ => None,
+            };
+            if let Some(p) = answer_in {
+                Box::pin(write_raw(&mut wr, &connack(e.code), p)).await;
             }
             return None;
         }
