@@ -11,6 +11,9 @@ use crate::actors::registry::RegistryMessage;
 use crate::actors::retained::{RetainedMessage, RetainedSet};
 use crate::actors::session::SessionMessage;
 use crate::actors::shard::{filter_path, Node, ShardMessage, Sub};
+use crate::cluster::routes::{NodeIdx, RouteNode};
+use crate::cluster::wire::Forward;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::message::{Delivery, Message};
 use crate::metrics::Metrics;
@@ -26,6 +29,8 @@ pub struct Broker {
     pub retained_actor: ArcSwapOption<ActorRef<RetainedMessage>>,
     pub registry: ArcSwapOption<ActorRef<RegistryMessage>>,
     pub store: Arc<LocalStore>,
+    /// Set when clustering is enabled.
+    pub cluster: std::sync::OnceLock<Arc<Cluster>>,
     pub started: Instant,
     connect_bucket: std::sync::Mutex<(f64, Instant)>,
 }
@@ -35,7 +40,12 @@ impl Broker {
         let shards = config.mqtt.shards.max(1);
         let started = Instant::now();
         let connect_rate = config.mqtt.max_connect_rate as f64;
+        let cluster = std::sync::OnceLock::new();
+        if config.cluster.enabled {
+            let _ = cluster.set(Arc::new(Cluster::new(&config.node.name)));
+        }
         Broker {
+            cluster,
             router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
             metrics: Metrics::default(),
@@ -76,6 +86,7 @@ impl Broker {
     /// store has applied it, so a later SUBSCRIBE from anyone sees it.
     pub async fn retain(&self, msg: Arc<Message>) {
         let topic = msg.topic.clone();
+        let msg_for_cluster = msg.clone();
         let applied = match self.retained_actor.load_full() {
             Some(r) => matches!(
                 r.call(|reply| RetainedMessage::Set(msg, reply), Some(std::time::Duration::from_secs(5))).await,
@@ -86,6 +97,8 @@ impl Broker {
         if !applied {
             // Only while the retained store restarts; the message is still routed to subscribers.
             tracing::warn!(%topic, "retained store unavailable; retained update not applied");
+        } else if let Some(c) = self.cluster.get() {
+            c.retained_changed(msg_for_cluster);
         }
     }
 
@@ -98,15 +111,26 @@ impl Broker {
 
     /// Route a message to every matching subscriber; returns how many sessions it was given to.
     pub fn publish(&self, msg: Arc<Message>) -> usize {
-        self.router.publish(msg, usize::MAX).0
+        self.router.publish(msg, usize::MAX, self.scope()).0
+    }
+
+    /// Publishes from this node's clients reach the cluster; `$SYS` stays on its node.
+    fn scope(&self) -> Scope<'_> {
+        match self.cluster.get() {
+            Some(c) => Scope::Cluster(c),
+            None => Scope::Local,
+        }
     }
 
     /// Route, then wait (bounded) while an online subscriber is congested: a fast publisher is
     /// slowed to its subscribers' pace instead of overflowing their queues.
     pub async fn publish_with_backpressure(&self, msg: Arc<Message>) -> usize {
         let high = self.high_water();
-        let (n, worst) = self.router.publish(msg, high);
+        let (n, worst) = self.router.publish(msg, high, self.scope());
         self.wait_for(worst).await;
+        if let Some(c) = self.cluster.get() {
+            c.pace(self.config.mqtt.outbound_queue.max(high) * 4, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;
+        }
         n
     }
 
@@ -145,6 +169,18 @@ fn keep_worst(worst: &mut Option<Arc<Load>>, l: &Arc<Load>, high: usize) {
     if l.congested(high) && worst.as_ref().is_none_or(|w| w.depth() < l.depth()) {
         *worst = Some(l.clone());
     }
+}
+
+/// Where a publish goes besides this node's subscribers.
+#[derive(Clone, Copy)]
+pub enum Scope<'a> {
+    /// This node only.
+    Local,
+    /// Published here: also forward to nodes with matching routes.
+    Cluster(&'a Cluster),
+    /// Forwarded by another node: local subscribers, and of the shared groups only those named
+    /// (the origin chose this node for them).
+    Remote(&'a [Arc<str>]),
 }
 
 struct Target {
@@ -189,7 +225,7 @@ impl Router {
 
     /// Route `msg`; returns the number of sessions it went to and the most congested online
     /// subscriber above `high` (the caller may wait for it: backpressure).
-    pub fn publish(&self, msg: Arc<Message>, high: usize) -> (usize, Option<Arc<Load>>) {
+    pub fn publish(&self, msg: Arc<Message>, high: usize, scope: Scope<'_>) -> (usize, Option<Arc<Load>>) {
         let topic_s: &str = &msg.topic;
         let levels: Vec<&str> = topic_s.split('/').collect();
         let dollar = topic_s.starts_with('$');
@@ -203,19 +239,42 @@ impl Router {
             sub_ids: sub.sub_id.into_iter().collect(),
             shared,
         };
+        let mut groups: Vec<crate::actors::shard::Group> = Vec::new();
+        let mut remote_n = 0;
         let mut visit = |node: &Node| {
             for (client, sub) in node.subs().iter() {
                 if !(sub.opts.no_local && publisher == Some(&**client)) {
                     targets.push(target(sub, None));
                 }
             }
-            for grp in node.groups().values() {
-                if let Some(sub) = grp.pick(None) {
-                    targets.push(target(sub, Some(grp.filter.clone())));
-                }
-            }
+            groups.extend(node.groups().values().cloned());
         };
         self.visit(&levels, dollar, &mut visit);
+        match scope {
+            Scope::Local => {
+                for g in &groups {
+                    if let Some(sub) = g.pick(None) {
+                        targets.push(target(sub, Some(g.filter.clone())));
+                    }
+                }
+            }
+            Scope::Remote(names) => {
+                for g in groups.iter().filter(|g| names.contains(&g.filter)) {
+                    if let Some(sub) = g.pick(None) {
+                        targets.push(target(sub, Some(g.filter.clone())));
+                    }
+                }
+            }
+            Scope::Cluster(c) => {
+                let chosen;
+                (chosen, remote_n) = forward(c, &msg, &levels, dollar, &groups);
+                for g in groups.iter().filter(|g| chosen.contains(&g.filter)) {
+                    if let Some(sub) = g.pick(None) {
+                        targets.push(target(sub, Some(g.filter.clone())));
+                    }
+                }
+            }
+        }
         if targets.len() > 1 {
             // One delivery per session for overlapping non-shared subscriptions: highest QoS, all ids.
             targets.sort_by_key(|t| (t.shared.is_some(), t.session.get_id()));
@@ -230,7 +289,7 @@ impl Router {
                 }
             });
         }
-        let n = targets.len();
+        let n = targets.len() + remote_n;
         let mut worst: Option<Arc<Load>> = None;
         for t in targets {
             let d = Delivery { msg: msg.clone(), qos: t.qos, retain: t.retain, sub_ids: t.sub_ids, shared: t.shared };
@@ -287,4 +346,56 @@ impl Router {
         let d = Delivery { qos: d.msg.qos.min(sub.opts.qos), sub_ids: sub.sub_id.into_iter().collect(), ..d };
         sub.load.push(&sub.session, d, self.inbox_cap)
     }
+}
+
+/// Forward `msg` to every node with a matching route, choosing one node per shared group
+/// (this one included, when it has members: `local`). Returns the local groups chosen here.
+fn forward(c: &Cluster, msg: &Arc<Message>, levels: &[&str], dollar: bool, local: &[crate::actors::shard::Group]) -> (Vec<Arc<str>>, usize) {
+    let table: Arc<RouteNode> = c.routes.load_full();
+    if msg.topic.starts_with("$SYS") {
+        return (local.iter().map(|g| g.filter.clone()).collect(), 0);
+    }
+    let mut nodes: Vec<(NodeIdx, Vec<Arc<str>>)> = Vec::new();
+    let mut remote_groups: Vec<(Arc<str>, Vec<NodeIdx>)> = Vec::new();
+    table.visit(levels, true, dollar, &mut |n| {
+        for idx in n.nodes.iter() {
+            if !nodes.iter().any(|(i, _)| i == idx) {
+                nodes.push((*idx, Vec::new()));
+            }
+        }
+        for (k, set) in n.groups.iter() {
+            remote_groups.push((k.clone(), set.iter().copied().collect()));
+        }
+    });
+    let mut mine: Vec<Arc<str>> = Vec::new();
+    for g in local {
+        if !remote_groups.iter().any(|(k, _)| *k == g.filter) {
+            mine.push(g.filter.clone());
+        }
+    }
+    for (key, members) in remote_groups {
+        let here = local.iter().any(|g| g.filter == key) as usize;
+        let pick = c.next_pick() % (members.len() + here);
+        if pick < here {
+            mine.push(key);
+            continue;
+        }
+        let idx = members[pick - here];
+        match nodes.iter_mut().find(|(i, _)| *i == idx) {
+            Some((_, v)) => v.push(key),
+            None => nodes.push((idx, vec![key])),
+        }
+    }
+    let mut sent = 0;
+    if !nodes.is_empty() {
+        let links = c.links.load();
+        for (idx, shared) in nodes {
+            if let Some(l) = links.get(&idx) {
+                l.send(Forward { msg: msg.clone(), shared });
+                sent += 1;
+            }
+        }
+        c.forwarded.fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    (mine, sent)
 }

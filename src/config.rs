@@ -12,7 +12,58 @@ pub struct Config {
     pub node: NodeConfig,
     pub mqtt: MqttConfig,
     pub listeners: Listeners,
+    pub cluster: ClusterConfig,
     pub log: LogConfig,
+}
+
+/// Node-to-node clustering (`ractor_cluster` links). Off by default: a node runs alone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    pub enabled: bool,
+    /// Where this node accepts links from other nodes (port 0 = any free port, logged at start).
+    pub listen: SocketAddr,
+    /// `host:port` other nodes dial to reach this one; empty = the bound listen address
+    /// (which must then not be 0.0.0.0 / ::).
+    pub advertise: String,
+    /// `host:port` of nodes to join; one live seed is enough (members are gossiped).
+    pub seeds: Vec<String>,
+    /// Shared secret every node of the cluster must have (challenge-response, never sent).
+    pub cookie: String,
+    /// Interval of heartbeats to every peer.
+    pub heartbeat_ms: u64,
+    /// A peer silent for this long is marked down (its routes dropped) and its link reset.
+    pub heartbeat_timeout_ms: u64,
+    /// Redial back-off bounds (exponential, with jitter) for seeds and known members.
+    pub redial_min_ms: u64,
+    pub redial_max_ms: u64,
+    /// How long a SUBSCRIBE waits for live peers to acknowledge a new route before SUBACK.
+    pub route_ack_timeout_ms: u64,
+    /// TLS for node links when `tls_cert` is set: this node's certificate chain and key (PEM),
+    /// and the CA that signs every node's certificate (links are mutually authenticated).
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_ca: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: false,
+            listen: ([0, 0, 0, 0], 4370).into(),
+            advertise: String::new(),
+            seeds: vec![],
+            cookie: "thingsd-change-me".into(),
+            heartbeat_ms: 500,
+            heartbeat_timeout_ms: 5000,
+            redial_min_ms: 100,
+            redial_max_ms: 5000,
+            route_ack_timeout_ms: 3000,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_ca: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 //! actors, storage and (as the platform grows) the HTTP API.
 pub mod actors;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod message;

@@ -156,3 +156,5 @@ impl Actor for RegistryActor {
         Ok(())
     }
 }
+
+impl ractor::Message for RegistryMessage {}

@@ -129,6 +129,15 @@ impl RetainedSet {
         out
     }
 
+    /// The retained message of exactly `topic`.
+    pub fn get(&self, topic: &str) -> Option<Arc<Message>> {
+        let mut n = &self.root;
+        for l in topic.split('/') {
+            n = n.children.get(l)?;
+        }
+        n.msg.clone()
+    }
+
     /// Retained messages matching a (valid, non-shared) filter, unexpired.
     pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
         let levels: Vec<&str> = filter.split('/').collect();
@@ -260,3 +269,5 @@ mod tests {
         }
     }
 }
+
+impl ractor::Message for RetainedMessage {}

@@ -7,6 +7,7 @@ use arc_swap::ArcSwap;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::session::SessionMessage;
+use crate::cluster::Cluster;
 use crate::protocols::mqtt::{topic, SubOptions};
 
 /// One subscriber's entry under a filter.
@@ -180,6 +181,15 @@ pub enum ShardMessage {
 pub struct ShardState {
     root: Node,
     snapshot: Arc<ArcSwap<Node>>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+/// Whether this node has any subscriber for the route key (`filter`, or one shared group of it).
+fn has_key(root: &Node, path: &[&str], group: Option<&str>) -> bool {
+    root.at(path).is_some_and(|n| match group {
+        None => !n.subs.is_empty(),
+        Some(g) => n.groups.contains_key(g),
+    })
 }
 
 /// Split a (valid) filter into its trie path and optional shared group.
@@ -193,27 +203,43 @@ pub fn filter_path(filter: &str) -> (Option<&str>, Vec<&str>) {
 impl Actor for ShardActor {
     type Msg = ShardMessage;
     type State = ShardState;
-    type Arguments = Arc<ArcSwap<Node>>;
+    type Arguments = (Arc<ArcSwap<Node>>, Option<Arc<Cluster>>);
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, snapshot: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, (snapshot, cluster): Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         // After a restart, resume from the last snapshot this shard published.
         let root = Node::clone(&snapshot.load());
-        Ok(ShardState { root, snapshot })
+        Ok(ShardState { root, snapshot, cluster })
     }
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMessage::Subscribe { client, filter, sub, reply } => {
                 let (group, path) = filter_path(&filter);
+                let had = has_key(&st.root, &path, group);
                 let existed = st.root.insert(&path, client, group.map(|g| (g, filter.as_str())), sub);
                 st.snapshot.store(Arc::new(st.root.clone()));
-                let _ = reply.send(existed);
+                // The first subscriber of a key on this node: other nodes must know the route
+                // before the SUBACK, so the reply waits for their acknowledgement.
+                match st.cluster.as_ref().filter(|_| !had).and_then(|c| c.add_route(Arc::from(filter.as_str()))) {
+                    Some(acked) => {
+                        tokio::spawn(async move {
+                            let _ = acked.await;
+                            let _ = reply.send(existed);
+                        });
+                    }
+                    None => {
+                        let _ = reply.send(existed);
+                    }
+                }
             }
             ShardMessage::Unsubscribe { client, filter, owner, reply } => {
                 let (group, path) = filter_path(&filter);
                 let removed = st.root.remove(&path, &client, group, owner);
                 if removed {
                     st.snapshot.store(Arc::new(st.root.clone()));
+                    if let Some(c) = st.cluster.as_ref().filter(|_| !has_key(&st.root, &path, group)) {
+                        c.del_route(Arc::from(filter.as_str()));
+                    }
                 }
                 if let Some(r) = reply {
                     let _ = r.send(removed);
@@ -237,3 +263,5 @@ mod tests {
         assert_eq!(filter_path("a/#"), (None, vec!["a", "#"]));
     }
 }
+
+impl ractor::Message for ShardMessage {}

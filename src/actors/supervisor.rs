@@ -34,7 +34,13 @@ impl SupervisorState {
         let b = self.broker.clone();
         let id = match child {
             Child::Shard(i) => {
-                let (r, _) = Actor::spawn_linked(Some(format!("shard:{i}")), ShardActor, b.router.snapshots[i].clone(), me).await?;
+                let (r, _) = Actor::spawn_linked(
+                    Some(format!("shard:{i}")),
+                    ShardActor,
+                    (b.router.snapshots[i].clone(), b.cluster.get().cloned()),
+                    me,
+                )
+                .await?;
                 let id = r.get_id();
                 b.router.shards[i].store(Some(Arc::new(r)));
                 id
@@ -105,3 +111,5 @@ impl Actor for SupervisorActor {
         Ok(())
     }
 }
+
+impl ractor::Message for SupervisorMessage {}

@@ -75,3 +75,5 @@ async fn subscription_count(b: &Broker) -> usize {
     }
     n
 }
+
+impl ractor::Message for SysMessage {}

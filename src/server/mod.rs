@@ -28,6 +28,8 @@ use listener::Kind;
 pub struct Bound {
     pub listeners: Vec<(TcpListener, Kind)>,
     pub http: Vec<TcpListener>,
+    /// Node-to-node links, when clustering is enabled.
+    pub cluster: Option<TcpListener>,
 }
 
 impl Bound {
@@ -83,7 +85,11 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     for l in &config.listeners.http {
         http.push(TcpListener::bind(l.bind).await.with_context(|| format!("bind HTTP {}", l.bind))?);
     }
-    Ok(Bound { listeners, http })
+    let cluster = match config.cluster.enabled {
+        true => Some(TcpListener::bind(config.cluster.listen).await.with_context(|| format!("bind cluster {}", config.cluster.listen))?),
+        false => None,
+    };
+    Ok(Bound { listeners, http, cluster })
 }
 
 /// Run a node on already-bound listeners until `shutdown` fires, then stop gracefully:
@@ -101,6 +107,12 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         broker.retained.store(Arc::new(set));
     }
     store.set_retained_version(broker.retained.load().version);
+    let mut addrs = Vec::new();
+    // The cluster side starts first: shards announce the routes of restored sessions to it.
+    if let Some(l) = bound.cluster {
+        let (_, advertise) = crate::cluster::start(broker.clone(), l, shutdown.clone()).await?;
+        addrs.push(format!("cluster://{advertise}"));
+    }
     let (sup, sup_handle) =
         Actor::spawn(Some(format!("supervisor:{}", config.node.name)), SupervisorActor, broker.clone()).await.context("start actors")?;
     let registry = broker.registry().context("registry did not start")?;
@@ -109,7 +121,6 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     registry.call(RegistryMessage::Count, Some(Duration::from_secs(60))).await.context("restore sessions")?;
 
     let tracker = TaskTracker::new();
-    let mut addrs = Vec::new();
     for (l, kind) in bound.listeners {
         let what = match &kind {
             Kind::Tcp => "mqtt",
@@ -143,6 +154,9 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
             _ = shutdown.cancelled() => break,
             _ = tick.tick() => flush(&broker),
         }
+    }
+    if let Some(c) = broker.cluster.get() {
+        c.leave().await;
     }
     tracing::info!("shutting down: closing connections");
     tracker.close();

@@ -348,3 +348,5 @@ impl SessionState {
         }
     }
 }
+
+impl ractor::Message for SessionMessage {}

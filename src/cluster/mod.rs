@@ -1,0 +1,855 @@
+//! The cluster: node membership over `ractor_cluster`, replicated route tables, forwarding of
+//! publishes to nodes with matching subscribers, and retained-message replication.
+//!
+//! One [`ClusterActor`] per node is joined to the `ractor::pg` group [`GROUP`]; `ractor_cluster`
+//! syncs that group across linked nodes, so every node learns its peers' actors from it. All
+//! node-to-node traffic is [`ClusterMsg::Wire`] bytes in our own versioned codec (`wire.rs`).
+//! Publishes leave through one [`Link`] per peer: a task that batches whatever is queued into
+//! one frame, keeping per-peer order.
+pub mod net;
+pub mod routes;
+pub mod wire;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use rand::Rng;
+use ractor::message::{BoxedDowncastErr, SerializedMessage};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use ractor_cluster::NodeServerMessage;
+use tokio::sync::{broadcast, mpsc, Notify};
+
+use crate::actors::retained::RetainedMessage;
+use crate::broker::Broker;
+use crate::message::{now_ms, Message};
+use routes::{NodeIdx, RouteNode};
+use wire::{Body, Forward, Hlc, RetainedEntry};
+
+/// The process group every node's cluster actor joins.
+pub const GROUP: &str = "thingsd.cluster";
+/// Forwards per frame at most (a frame also stops growing past ~1 MiB of payload).
+const BATCH: usize = 512;
+const BATCH_BYTES: usize = 1 << 20;
+/// Tombstones of deleted retained messages are kept this long for convergence.
+const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
+
+pub enum ClusterMsg {
+    /// A frame from another node (or to it, when sent to a remote actor).
+    Wire(Vec<u8>),
+    Local(Local),
+}
+
+impl ractor::Message for ClusterMsg {
+    fn serializable() -> bool {
+        true
+    }
+    fn serialize(self) -> Result<SerializedMessage, BoxedDowncastErr> {
+        match self {
+            ClusterMsg::Wire(args) => Ok(SerializedMessage::Cast { variant: "w".into(), args, metadata: None }),
+            ClusterMsg::Local(_) => Err(BoxedDowncastErr),
+        }
+    }
+    fn deserialize(m: SerializedMessage) -> Result<Self, BoxedDowncastErr> {
+        match m {
+            SerializedMessage::Cast { args, .. } => Ok(ClusterMsg::Wire(args)),
+            _ => Err(BoxedDowncastErr),
+        }
+    }
+}
+
+pub enum Local {
+    Tick,
+    /// A shard got the first local subscriber of `key`; reply once live peers have the route.
+    AddRoute { key: Arc<str>, reply: RpcReplyPort<()> },
+    /// A shard lost the last local subscriber of `key`.
+    DelRoute(Arc<str>),
+    /// A retained message was stored (or deleted) locally.
+    Retained(Arc<Message>),
+    Dialed { addr: String, ok: bool },
+    /// Say goodbye to every peer (graceful leave).
+    Leave(RpcReplyPort<()>),
+    Members(RpcReplyPort<Vec<MemberInfo>>),
+}
+
+/// Membership changes, for actors that care (`Cluster::events`).
+#[derive(Clone, Debug)]
+pub enum ClusterEvent {
+    MemberUp { name: Arc<str>, addr: String },
+    MemberDown { name: Arc<str>, reason: String },
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MemberInfo {
+    pub name: String,
+    pub addr: String,
+    pub up: bool,
+    pub routes: usize,
+}
+
+/// One peer's outgoing publish queue, drained in batches by a task.
+pub struct Link {
+    pub name: Arc<str>,
+    tx: mpsc::UnboundedSender<Forward>,
+    depth: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
+}
+
+impl Link {
+    pub fn send(&self, f: Forward) {
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(f).is_err() {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::Relaxed)
+    }
+}
+
+/// The node's handle on the cluster, shared through [`Broker`].
+pub struct Cluster {
+    pub name: Arc<str>,
+    /// Remote routes: filter → nodes (snapshot, replaced on every change).
+    pub routes: ArcSwap<RouteNode>,
+    /// Live peers' publish queues.
+    pub links: ArcSwap<HashMap<NodeIdx, Arc<Link>>>,
+    pub events: broadcast::Sender<ClusterEvent>,
+    pub forwarded: AtomicU64,
+    pub received: AtomicU64,
+    actor: OnceLock<ActorRef<ClusterMsg>>,
+    cursor: AtomicUsize,
+}
+
+impl Cluster {
+    pub fn new(name: &str) -> Cluster {
+        Cluster {
+            name: Arc::from(name),
+            routes: ArcSwap::from_pointee(RouteNode::default()),
+            links: ArcSwap::from_pointee(HashMap::new()),
+            events: broadcast::channel(256).0,
+            forwarded: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            actor: OnceLock::new(),
+            cursor: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn actor(&self) -> Option<&ActorRef<ClusterMsg>> {
+        self.actor.get()
+    }
+
+    fn cast(&self, l: Local) {
+        if let Some(a) = self.actor.get() {
+            let _ = a.cast(ClusterMsg::Local(l));
+        }
+    }
+
+    /// Announce a new local route; the receiver fires once every live peer has it (bounded by
+    /// `route_ack_timeout_ms`). Enqueued at once, so announcements keep the caller's order.
+    pub fn add_route(&self, key: Arc<str>) -> Option<ractor::concurrency::OneshotReceiver<()>> {
+        let a = self.actor.get()?;
+        let (tx, rx) = ractor::concurrency::oneshot();
+        a.cast(ClusterMsg::Local(Local::AddRoute { key, reply: tx.into() })).ok()?;
+        Some(rx)
+    }
+
+    pub fn del_route(&self, key: Arc<str>) {
+        self.cast(Local::DelRoute(key));
+    }
+
+    pub fn retained_changed(&self, msg: Arc<Message>) {
+        if !msg.topic.starts_with("$SYS") {
+            self.cast(Local::Retained(msg));
+        }
+    }
+
+    pub async fn members(&self) -> Vec<MemberInfo> {
+        match self.actor.get() {
+            Some(a) => match a.call(|r| ClusterMsg::Local(Local::Members(r)), Some(Duration::from_secs(5))).await {
+                Ok(ractor::rpc::CallResult::Success(v)) => v,
+                _ => vec![],
+            },
+            None => vec![],
+        }
+    }
+
+    pub async fn leave(&self) {
+        if let Some(a) = self.actor.get() {
+            let _ = a.call(|r| ClusterMsg::Local(Local::Leave(r)), Some(Duration::from_secs(5))).await;
+        }
+    }
+
+    /// Round-robin position for choosing among a shared group's nodes.
+    pub fn next_pick(&self) -> usize {
+        self.cursor.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn link(&self, n: NodeIdx) -> Option<Arc<Link>> {
+        self.links.load().get(&n).cloned()
+    }
+
+    /// Wait (bounded) while a peer's queue is above `high`: cross-node backpressure.
+    pub async fn pace(&self, high: usize, max: Duration) {
+        let congested = self.links.load().values().find(|l| l.depth() > high).cloned();
+        if let Some(l) = congested {
+            let _ = tokio::time::timeout(max, async {
+                while l.depth() > high {
+                    let n = l.drained.notified();
+                    if l.depth() <= high {
+                        break;
+                    }
+                    n.await;
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// What this node knows of another.
+struct Member {
+    name: Arc<str>,
+    idx: NodeIdx,
+    addr: String,
+    cell: Option<ActorCell>,
+    incarnation: u64,
+    last_seen: Instant,
+    up: bool,
+    routes: HashSet<Arc<str>>,
+}
+
+struct Dial {
+    next_at: Instant,
+    backoff: Duration,
+    inflight: bool,
+}
+
+struct Pending {
+    waiting: HashSet<Arc<str>>,
+    reply: RpcReplyPort<()>,
+    deadline: Instant,
+}
+
+pub struct ClusterArgs {
+    pub broker: Arc<Broker>,
+    pub handle: Arc<Cluster>,
+    pub node_server: ActorRef<NodeServerMessage>,
+    pub advertise: String,
+    pub tls: Option<net::LinkTls>,
+}
+
+pub struct ClusterState {
+    a: ClusterArgs,
+    incarnation: u64,
+    members: HashMap<Arc<str>, Member>,
+    next_idx: NodeIdx,
+    dials: HashMap<String, Dial>,
+    local_routes: HashSet<Arc<str>>,
+    seq: u64,
+    pending: HashMap<u64, Pending>,
+    clock: Hlc,
+    retained: HashMap<Arc<str>, Hlc>,
+    tombstones: HashMap<Arc<str>, (Hlc, Instant)>,
+    refused: HashSet<String>,
+}
+
+pub struct ClusterActor;
+
+impl ClusterState {
+    fn cfg(&self) -> &crate::config::ClusterConfig {
+        &self.a.broker.config.cluster
+    }
+
+    fn me(&self) -> &str {
+        &self.a.handle.name
+    }
+
+    fn send_cell(&self, cell: &ActorCell, body: &Body) {
+        let bytes = wire::encode(self.me(), body);
+        let r: ActorRef<ClusterMsg> = cell.clone().into();
+        let _ = r.cast(ClusterMsg::Wire(bytes));
+    }
+
+    fn send(&self, to: &str, body: &Body) {
+        if let Some(c) = self.members.get(to).and_then(|m| m.cell.as_ref()) {
+            self.send_cell(c, body);
+        }
+    }
+
+    fn broadcast(&self, body: &Body) {
+        let bytes = wire::encode(self.me(), body);
+        for m in self.members.values().filter(|m| m.up) {
+            if let Some(c) = &m.cell {
+                let r: ActorRef<ClusterMsg> = c.clone().into();
+                let _ = r.cast(ClusterMsg::Wire(bytes.clone()));
+            }
+        }
+    }
+
+    fn tick_clock(&mut self) -> Hlc {
+        let now = now_ms();
+        if now > self.clock.ms {
+            self.clock.ms = now;
+            self.clock.counter = 0;
+        } else {
+            self.clock.counter += 1;
+        }
+        self.clock
+    }
+
+    fn observe(&mut self, h: Hlc) {
+        if (h.ms, h.counter) > (self.clock.ms, self.clock.counter) {
+            self.clock.ms = h.ms;
+            self.clock.counter = h.counter;
+        }
+    }
+
+    fn member_mut(&mut self, name: &str) -> &mut Member {
+        if !self.members.contains_key(name) {
+            let idx = self.next_idx;
+            self.next_idx += 1;
+            let name: Arc<str> = Arc::from(name);
+            self.members.insert(
+                name.clone(),
+                Member {
+                    name,
+                    idx,
+                    addr: String::new(),
+                    cell: None,
+                    incarnation: 0,
+                    last_seen: Instant::now(),
+                    up: false,
+                    routes: HashSet::new(),
+                },
+            );
+        }
+        self.members.get_mut(name).expect("inserted above")
+    }
+
+    fn hello(&self, reply: bool) -> Body {
+        let mut members: Vec<(String, String)> =
+            self.members.values().filter(|m| m.up && !m.addr.is_empty()).map(|m| (m.name.to_string(), m.addr.clone())).collect();
+        members.push((self.me().to_string(), self.a.advertise.clone()));
+        Body::Hello { incarnation: self.incarnation, addr: self.a.advertise.clone(), members, reply }
+    }
+
+    /// Map the remote actors of the cluster group to node names (via the NodeServer's sessions).
+    async fn resolve_cells(&mut self) {
+        let sessions = match self.a.node_server.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await {
+            Ok(ractor::rpc::CallResult::Success(s)) => s,
+            _ => return,
+        };
+        for cell in ractor::pg::get_members(&GROUP.to_string()) {
+            let ractor::ActorId::Remote { node_id, .. } = cell.get_id() else { continue };
+            let Some(name) = sessions.get(&node_id).and_then(|s| s.peer_name.as_ref()).map(|n| peer_name(&n.name)) else { continue };
+            let fresh = {
+                let m = self.member_mut(&name);
+                let fresh = m.cell.as_ref().map(|c| c.get_id()) != Some(cell.get_id());
+                m.cell = Some(cell.clone());
+                fresh
+            };
+            if fresh {
+                self.send_cell(&cell, &self.hello(true));
+            }
+        }
+    }
+
+    fn set_routes(&self) {
+        let mut root = RouteNode::default();
+        for m in self.members.values().filter(|m| m.up) {
+            for k in &m.routes {
+                root.insert(k, m.idx);
+            }
+        }
+        self.a.handle.routes.store(Arc::new(root));
+    }
+
+    fn up(&mut self, name: &str) {
+        let me = self.me().to_string();
+        let (cell, idx, addr) = {
+            let m = self.member_mut(name);
+            m.last_seen = Instant::now();
+            if m.up {
+                return;
+            }
+            let Some(cell) = m.cell.clone() else { return };
+            m.up = true;
+            (cell, m.idx, m.addr.clone())
+        };
+        let min = Duration::from_millis(self.cfg().redial_min_ms);
+        if let Some(d) = self.dials.get_mut(&addr) {
+            d.backoff = min;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let link = Arc::new(Link { name: Arc::from(name), tx, depth: Arc::new(AtomicUsize::new(0)), drained: Arc::new(Notify::new()) });
+        tokio::spawn(forward_loop(Arc::from(me.as_str()), cell.clone(), rx, link.depth.clone(), link.drained.clone()));
+        let mut links = HashMap::clone(&self.a.handle.links.load());
+        links.insert(idx, link);
+        self.a.handle.links.store(Arc::new(links));
+        tracing::info!(peer = name, %addr, "cluster member up");
+        let _ = self.a.handle.events.send(ClusterEvent::MemberUp { name: Arc::from(name), addr });
+        // Full state for the newcomer: our routes (replacing whatever it had) and retained digest.
+        let add: Vec<Arc<str>> = self.local_routes.iter().cloned().collect();
+        self.send_cell(&cell, &Body::Routes { reset: true, add, del: vec![], ack: None });
+        self.send_cell(&cell, &Body::RetainedDigest(self.digest()));
+    }
+
+    fn down(&mut self, name: &str, reason: &str) {
+        let Some(m) = self.members.get_mut(name) else { return };
+        if !m.up {
+            return;
+        }
+        m.up = false;
+        m.routes.clear();
+        let idx = m.idx;
+        let mut links = HashMap::clone(&self.a.handle.links.load());
+        links.remove(&idx);
+        self.a.handle.links.store(Arc::new(links));
+        self.set_routes();
+        let done: Vec<u64> = self
+            .pending
+            .iter_mut()
+            .filter_map(|(seq, p)| {
+                p.waiting.remove(name);
+                p.waiting.is_empty().then_some(*seq)
+            })
+            .collect();
+        for s in done {
+            if let Some(p) = self.pending.remove(&s) {
+                let _ = p.reply.send(());
+            }
+        }
+        tracing::warn!(peer = name, reason, "cluster member down");
+        let _ = self.a.handle.events.send(ClusterEvent::MemberDown { name: Arc::from(name), reason: reason.to_string() });
+    }
+
+    fn digest(&self) -> Vec<(Arc<str>, Hlc)> {
+        let set = self.a.broker.retained.load();
+        let mut out: Vec<(Arc<str>, Hlc)> = set
+            .durable_messages()
+            .into_iter()
+            .map(|m| (m.topic.clone(), self.retained.get(&m.topic).copied().unwrap_or_default()))
+            .collect();
+        out.extend(self.tombstones.iter().map(|(t, (h, _))| (t.clone(), *h)));
+        out
+    }
+
+    fn entry(&self, topic: &Arc<str>) -> Option<RetainedEntry> {
+        if let Some((h, _)) = self.tombstones.get(topic) {
+            return Some(RetainedEntry { topic: topic.clone(), hlc: *h, msg: None });
+        }
+        let msg = self.a.broker.retained.load().get(topic)?;
+        Some(RetainedEntry { topic: topic.clone(), hlc: self.retained.get(topic).copied().unwrap_or_default(), msg: Some(msg) })
+    }
+
+    fn known_hlc(&self, topic: &Arc<str>) -> Option<Hlc> {
+        if let Some((h, _)) = self.tombstones.get(topic) {
+            return Some(*h);
+        }
+        if let Some(h) = self.retained.get(topic) {
+            return Some(*h);
+        }
+        self.a.broker.retained.load().get(topic).map(|_| Hlc::default())
+    }
+
+    fn apply_retained(&mut self, e: RetainedEntry) {
+        if self.known_hlc(&e.topic).is_some_and(|h| h >= e.hlc) {
+            return;
+        }
+        self.observe(e.hlc);
+        let msg = match e.msg {
+            Some(m) => {
+                self.tombstones.remove(&e.topic);
+                self.retained.insert(e.topic.clone(), e.hlc);
+                m
+            }
+            None => {
+                self.retained.remove(&e.topic);
+                self.tombstones.insert(e.topic.clone(), (e.hlc, Instant::now()));
+                Arc::new(Message {
+                    topic: e.topic,
+                    payload: bytes::Bytes::new(),
+                    qos: crate::protocols::mqtt::QoS::AtMostOnce,
+                    retain: true,
+                    props: None,
+                    expires_at: None,
+                    publisher: None,
+                })
+            }
+        };
+        if let Some(r) = self.a.broker.retained_actor.load_full() {
+            let (tx, _rx) = ractor::concurrency::oneshot();
+            let _ = r.cast(RetainedMessage::Set(msg, tx.into()));
+        }
+    }
+
+    async fn on_frame(&mut self, bytes: Vec<u8>) {
+        let (from, body) = match wire::decode(&bytes) {
+            Ok(x) => x,
+            Err(e @ wire::WireError::Version { .. }) => {
+                let key = e.to_string();
+                if self.refused.insert(key.clone()) {
+                    tracing::error!("refusing cluster peer: {key}");
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping undecodable cluster frame");
+                return;
+            }
+        };
+        if *from == *self.me() {
+            return;
+        }
+        if let Some(m) = self.members.get_mut(from.as_str()) {
+            m.last_seen = Instant::now();
+        }
+        match body {
+            Body::Publish(batch) => {
+                let c = &self.a.handle;
+                c.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for f in batch {
+                    self.a.broker.router.publish(f.msg, usize::MAX, crate::broker::Scope::Remote(&f.shared));
+                }
+            }
+            Body::Hello { incarnation, addr, members, reply } => {
+                if self.members.get(from.as_str()).and_then(|m| m.cell.as_ref()).is_none() {
+                    self.resolve_cells().await;
+                }
+                let restarted = {
+                    let m = self.member_mut(&from);
+                    let restarted = m.incarnation != 0 && m.incarnation != incarnation;
+                    m.incarnation = incarnation;
+                    m.addr = addr;
+                    restarted
+                };
+                if restarted {
+                    self.down(&from, "restarted");
+                }
+                for (name, addr) in members {
+                    if name != *self.me() && addr != self.a.advertise {
+                        self.dials.entry(addr).or_insert(Dial { next_at: Instant::now(), backoff: Duration::ZERO, inflight: false });
+                    }
+                }
+                if reply {
+                    self.send(&from, &self.hello(false));
+                }
+                self.up(&from);
+            }
+            Body::Heartbeat { incarnation } => {
+                let known = self.members.get(from.as_str()).map(|m| (m.up, m.incarnation));
+                match known {
+                    Some((true, inc)) if inc == incarnation => {}
+                    _ => {
+                        // A peer we consider down (or do not know yet) is alive: (re)introduce us.
+                        if self.members.get(from.as_str()).and_then(|m| m.cell.as_ref()).is_none() {
+                            self.resolve_cells().await;
+                        }
+                        self.send(&from, &self.hello(true));
+                    }
+                }
+            }
+            Body::Routes { reset, add, del, ack } => {
+                if let Some(m) = self.members.get_mut(from.as_str()).filter(|m| m.up) {
+                    if reset {
+                        m.routes.clear();
+                    }
+                    for k in del {
+                        m.routes.remove(&k);
+                    }
+                    m.routes.extend(add);
+                    self.set_routes();
+                }
+                if let Some(seq) = ack {
+                    self.send(&from, &Body::RouteAck(seq));
+                }
+            }
+            Body::RouteAck(seq) => {
+                if let Some(p) = self.pending.get_mut(&seq) {
+                    p.waiting.remove(from.as_str());
+                    if p.waiting.is_empty() {
+                        if let Some(p) = self.pending.remove(&seq) {
+                            let _ = p.reply.send(());
+                        }
+                    }
+                }
+            }
+            Body::Retained(entries) => {
+                for e in entries {
+                    self.apply_retained(e);
+                }
+            }
+            Body::RetainedDigest(theirs) => {
+                let theirs: HashMap<Arc<str>, Hlc> = theirs.into_iter().collect();
+                let mine = self.digest();
+                let newer: Vec<RetainedEntry> = mine
+                    .into_iter()
+                    .filter(|(t, h)| theirs.get(t).is_none_or(|th| th < h))
+                    .filter_map(|(t, _)| self.entry(&t))
+                    .collect();
+                for chunk in newer.chunks(256) {
+                    self.send(&from, &Body::Retained(chunk.to_vec()));
+                }
+            }
+            Body::Leave => self.down(&from, "left the cluster"),
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let timeout = Duration::from_millis(self.cfg().heartbeat_timeout_ms);
+        let hb = Body::Heartbeat { incarnation: self.incarnation };
+        let bytes = wire::encode(self.me(), &hb);
+        let mut silent = Vec::new();
+        for m in self.members.values() {
+            if let Some(c) = &m.cell {
+                let r: ActorRef<ClusterMsg> = c.clone().into();
+                let _ = r.cast(ClusterMsg::Wire(bytes.clone()));
+            }
+            if m.up && now.duration_since(m.last_seen) > timeout {
+                silent.push(m.name.clone());
+            }
+        }
+        for name in silent {
+            self.down(&name, "heartbeat timeout");
+            // Reset the link: a half-open connection would otherwise never be redialled.
+            if let Some(m) = self.members.get_mut(&name) {
+                m.cell = None;
+            }
+            let ns = self.a.node_server.clone();
+            tokio::spawn(async move {
+                if let Ok(ractor::rpc::CallResult::Success(s)) = ns.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await {
+                    for info in s.values() {
+                        if info.peer_name.as_ref().is_some_and(|n| peer_name(&n.name) == *name) {
+                            info.actor.stop(Some("heartbeat timeout".into()));
+                        }
+                    }
+                }
+            });
+        }
+        // Route acknowledgements that did not come in time: answer anyway (the peer is slow or
+        // about to be marked down), so a SUBSCRIBE is never stuck.
+        let late: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(s, _)| *s).collect();
+        for s in late {
+            if let Some(p) = self.pending.remove(&s) {
+                tracing::warn!(peers = ?p.waiting, "route acknowledgement timed out");
+                let _ = p.reply.send(());
+            }
+        }
+        self.tombstones.retain(|_, (_, at)| now.duration_since(*at) < TOMBSTONE_TTL);
+        self.redial(now);
+    }
+
+    fn redial(&mut self, now: Instant) {
+        let connected: HashSet<&str> = self.members.values().filter(|m| m.cell.is_some()).map(|m| m.addr.as_str()).collect();
+        let (min, max) = (self.cfg().redial_min_ms.max(1), self.cfg().redial_max_ms.max(1));
+        let mut to_dial = Vec::new();
+        for (addr, d) in self.dials.iter_mut() {
+            if connected.contains(addr.as_str()) || d.inflight || d.next_at > now {
+                continue;
+            }
+            d.inflight = true;
+            let base = d.backoff.as_millis().clamp(min as u128, max as u128) as u64;
+            d.backoff = Duration::from_millis((base * 2).min(max));
+            let jitter = rand::thread_rng().gen_range(0..=base / 2);
+            d.next_at = now + Duration::from_millis(base + jitter);
+            to_dial.push(addr.clone());
+        }
+        for addr in to_dial {
+            let ns = self.a.node_server.clone();
+            let tls = self.a.tls.clone();
+            let me = self.a.handle.actor().cloned();
+            tokio::spawn(async move {
+                let r = net::dial(&ns, &addr, tls.as_ref()).await;
+                if let Err(e) = &r {
+                    tracing::debug!(%addr, error = %e, "cluster dial failed");
+                }
+                if let Some(me) = me {
+                    let _ = me.cast(ClusterMsg::Local(Local::Dialed { addr, ok: r.is_ok() }));
+                }
+            });
+        }
+    }
+}
+
+/// ractor_cluster names peers `name@host`; ours is the part before `@`.
+fn peer_name(full: &str) -> String {
+    full.split('@').next().unwrap_or(full).to_string()
+}
+
+async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedReceiver<Forward>, depth: Arc<AtomicUsize>, drained: Arc<Notify>) {
+    let target: ActorRef<ClusterMsg> = cell.into();
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(f) = rx.recv().await {
+        let mut bytes = f.msg.payload.len();
+        batch.push(f);
+        while batch.len() < BATCH && bytes < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(f) => {
+                    bytes += f.msg.payload.len();
+                    batch.push(f);
+                }
+                Err(_) => break,
+            }
+        }
+        let n = batch.len();
+        let frame = wire::encode(&me, &Body::Publish(std::mem::take(&mut batch)));
+        depth.fetch_sub(n, Ordering::Relaxed);
+        drained.notify_waiters();
+        if target.cast(ClusterMsg::Wire(frame)).is_err() {
+            break;
+        }
+    }
+    // The peer is gone: release anyone waiting on this queue.
+    depth.store(0, Ordering::Relaxed);
+    drained.notify_waiters();
+}
+
+impl Actor for ClusterActor {
+    type Msg = ClusterMsg;
+    type State = ClusterState;
+    type Arguments = ClusterArgs;
+
+    async fn pre_start(&self, me: ActorRef<Self::Msg>, a: ClusterArgs) -> Result<Self::State, ActorProcessingErr> {
+        let _ = a.handle.actor.set(me.clone());
+        let cfg = a.broker.config.cluster.clone();
+        let now = Instant::now();
+        let dials = cfg
+            .seeds
+            .iter()
+            .filter(|s| **s != a.advertise)
+            .map(|s| (s.clone(), Dial { next_at: now, backoff: Duration::ZERO, inflight: false }))
+            .collect();
+        let node_hash = a.handle.name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        ractor::pg::join(GROUP.to_string(), vec![me.get_cell()]);
+        ractor::pg::monitor(GROUP.to_string(), me.get_cell());
+        me.send_interval(Duration::from_millis(cfg.heartbeat_ms.max(10)), || ClusterMsg::Local(Local::Tick));
+        Ok(ClusterState {
+            a,
+            incarnation: now_ms().max(1),
+            members: HashMap::new(),
+            next_idx: 1,
+            dials,
+            local_routes: HashSet::new(),
+            seq: 0,
+            pending: HashMap::new(),
+            clock: Hlc { ms: 0, counter: 0, node: node_hash },
+            retained: HashMap::new(),
+            tombstones: HashMap::new(),
+            refused: HashSet::new(),
+        })
+    }
+
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ClusterMsg::Wire(bytes) => st.on_frame(bytes).await,
+            ClusterMsg::Local(Local::Tick) => st.on_tick(),
+            ClusterMsg::Local(Local::AddRoute { key, reply }) => {
+                st.local_routes.insert(key.clone());
+                st.seq += 1;
+                let seq = st.seq;
+                let waiting: HashSet<Arc<str>> = st.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
+                st.broadcast(&Body::Routes { reset: false, add: vec![key], del: vec![], ack: Some(seq) });
+                if waiting.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    let deadline = Instant::now() + Duration::from_millis(st.cfg().route_ack_timeout_ms);
+                    st.pending.insert(seq, Pending { waiting, reply, deadline });
+                }
+            }
+            ClusterMsg::Local(Local::DelRoute(key)) => {
+                if st.local_routes.remove(&key) {
+                    st.broadcast(&Body::Routes { reset: false, add: vec![], del: vec![key], ack: None });
+                }
+            }
+            ClusterMsg::Local(Local::Retained(msg)) => {
+                let hlc = st.tick_clock();
+                let topic = msg.topic.clone();
+                let msg = if msg.payload.is_empty() {
+                    st.retained.remove(&topic);
+                    st.tombstones.insert(topic.clone(), (hlc, Instant::now()));
+                    None
+                } else {
+                    st.tombstones.remove(&topic);
+                    st.retained.insert(topic.clone(), hlc);
+                    Some(msg)
+                };
+                st.broadcast(&Body::Retained(vec![RetainedEntry { topic, hlc, msg }]));
+            }
+            ClusterMsg::Local(Local::Dialed { addr, ok: _ }) => {
+                if let Some(d) = st.dials.get_mut(&addr) {
+                    d.inflight = false;
+                }
+            }
+            ClusterMsg::Local(Local::Leave(reply)) => {
+                st.broadcast(&Body::Leave);
+                tracing::info!("left the cluster");
+                let _ = reply.send(());
+            }
+            ClusterMsg::Local(Local::Members(reply)) => {
+                let mut v: Vec<MemberInfo> = st
+                    .members
+                    .values()
+                    .map(|m| MemberInfo { name: m.name.to_string(), addr: m.addr.clone(), up: m.up, routes: m.routes.len() })
+                    .collect();
+                v.push(MemberInfo { name: st.me().to_string(), addr: st.a.advertise.clone(), up: true, routes: st.local_routes.len() });
+                v.sort_by(|a, b| a.name.cmp(&b.name));
+                let _ = reply.send(v);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(&self, _me: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ProcessGroupChanged(change) = evt {
+            match change {
+                ractor::pg::GroupChangeMessage::Join(_, _, cells) => {
+                    if cells.iter().any(|c| !c.get_id().is_local()) {
+                        st.resolve_cells().await;
+                    }
+                }
+                ractor::pg::GroupChangeMessage::Leave(_, _, cells) => {
+                    let gone: Vec<Arc<str>> = st
+                        .members
+                        .values()
+                        .filter(|m| m.cell.as_ref().is_some_and(|c| cells.iter().any(|x| x.get_id() == c.get_id())))
+                        .map(|m| m.name.clone())
+                        .collect();
+                    for name in gone {
+                        if let Some(m) = st.members.get_mut(&name) {
+                            m.cell = None;
+                        }
+                        st.down(&name, "link closed");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Start the node's cluster side: NodeServer, link listener, cluster actor. Returns the bound
+/// link address.
+pub async fn start(
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(Arc<Cluster>, String)> {
+    use anyhow::Context;
+    let cfg = &broker.config.cluster;
+    let bound = listener.local_addr()?;
+    let advertise = net::advertise(cfg, bound)?;
+    let tls = net::LinkTls::load(cfg)?;
+    let name = broker.config.node.name.clone();
+    let server = ractor_cluster::NodeServer::new(0, cfg.cookie.clone(), name.clone(), "thingsd".into(), None, None)
+        .with_listen_addr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let (ns, _) = Actor::spawn(Some(format!("cluster-server:{name}")), server, ()).await.context("start cluster node server")?;
+    tokio::spawn(net::accept_loop(listener, ns.clone(), tls.clone(), stop));
+    let handle = broker.cluster.get_or_init(|| Arc::new(Cluster::new(&name))).clone();
+    let args = ClusterArgs { broker: broker.clone(), handle: handle.clone(), node_server: ns, advertise: advertise.clone(), tls };
+    Actor::spawn(Some(format!("cluster:{name}")), ClusterActor, args).await.context("start cluster actor")?;
+    Ok((handle, advertise))
+}

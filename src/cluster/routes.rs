@@ -1,0 +1,154 @@
+//! Remote routes: for every filter some other node has subscribers for, which nodes. Nodes are
+//! small integers ([`super::NodeIdx`]); the trie is persistent (imbl), so the cluster actor
+//! publishes an O(1) snapshot after each change and publishers match without locks.
+use std::sync::Arc;
+
+use crate::actors::shard::filter_path;
+
+pub type NodeIdx = u32;
+
+#[derive(Clone, Debug, Default)]
+pub struct RouteNode {
+    children: imbl::HashMap<Arc<str>, RouteNode>,
+    /// Nodes with non-shared subscribers of the filter ending here.
+    pub nodes: imbl::OrdSet<NodeIdx>,
+    /// Shared groups (full `$share/g/filter` key) ending here → nodes with members.
+    pub groups: imbl::HashMap<Arc<str>, imbl::OrdSet<NodeIdx>>,
+}
+
+impl RouteNode {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.nodes.is_empty() && self.groups.is_empty()
+    }
+
+    pub fn insert(&mut self, key: &Arc<str>, node: NodeIdx) {
+        let (group, path) = filter_path(key);
+        self.insert_at(&path, group.is_some().then(|| key.clone()), node);
+    }
+
+    fn insert_at(&mut self, levels: &[&str], group: Option<Arc<str>>, node: NodeIdx) {
+        match levels.split_first() {
+            None => match group {
+                None => {
+                    self.nodes.insert(node);
+                }
+                Some(k) => {
+                    self.groups.entry(k).or_default().insert(node);
+                }
+            },
+            Some((first, rest)) => self.children.entry(Arc::from(*first)).or_default().insert_at(rest, group, node),
+        }
+    }
+
+    pub fn remove(&mut self, key: &str, node: NodeIdx) {
+        let (group, path) = filter_path(key);
+        self.remove_at(&path, group.map(|_| key), node);
+    }
+
+    fn remove_at(&mut self, levels: &[&str], group: Option<&str>, node: NodeIdx) {
+        match levels.split_first() {
+            None => match group {
+                None => {
+                    self.nodes.remove(&node);
+                }
+                Some(k) => {
+                    if let Some(set) = self.groups.get_mut(k) {
+                        set.remove(&node);
+                        if set.is_empty() {
+                            self.groups.remove(k);
+                        }
+                    }
+                }
+            },
+            Some((first, rest)) => {
+                let Some(child) = self.children.get_mut(*first) else { return };
+                child.remove_at(rest, group, node);
+                if child.is_empty() {
+                    self.children.remove(*first);
+                }
+            }
+        }
+    }
+
+    /// Visit every trie node whose filter matches the topic `levels` (same rules as the shards:
+    /// `$` topics are not matched by a leading wildcard).
+    pub fn visit<'a>(&'a self, levels: &[&str], first: bool, dollar: bool, f: &mut impl FnMut(&'a RouteNode)) {
+        let Some((lvl, rest)) = levels.split_first() else {
+            f(self);
+            if let Some(h) = self.children.get("#") {
+                f(h);
+            }
+            return;
+        };
+        if !(first && dollar) {
+            if let Some(h) = self.children.get("#") {
+                f(h);
+            }
+            if let Some(p) = self.children.get("+") {
+                p.visit(rest, false, dollar, f);
+            }
+        }
+        if let Some(c) = self.children.get(*lvl) {
+            c.visit(rest, false, dollar, f);
+        }
+    }
+
+    pub fn is_empty_table(&self) -> bool {
+        self.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocols::mqtt::topic;
+    use proptest::prelude::*;
+
+    fn matched(t: &RouteNode, topic: &str) -> (Vec<NodeIdx>, Vec<(String, Vec<NodeIdx>)>) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut nodes = std::collections::BTreeSet::new();
+        let mut groups = std::collections::BTreeMap::new();
+        t.visit(&levels, true, topic.starts_with('$'), &mut |n| {
+            nodes.extend(n.nodes.iter().copied());
+            for (k, s) in n.groups.iter() {
+                groups.insert(k.to_string(), s.iter().copied().collect::<Vec<_>>());
+            }
+        });
+        (nodes.into_iter().collect(), groups.into_iter().collect())
+    }
+
+    #[test]
+    fn shared_and_plain() {
+        let mut t = RouteNode::default();
+        t.insert(&Arc::from("a/+"), 1);
+        t.insert(&Arc::from("$share/g/a/#"), 2);
+        t.insert(&Arc::from("$share/g/a/#"), 3);
+        assert_eq!(matched(&t, "a/b"), (vec![1], vec![("$share/g/a/#".into(), vec![2, 3])]));
+        t.remove("$share/g/a/#", 2);
+        t.remove("a/+", 1);
+        assert_eq!(matched(&t, "a/b"), (vec![], vec![("$share/g/a/#".into(), vec![3])]));
+        t.remove("$share/g/a/#", 3);
+        assert!(t.is_empty_table());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        /// Matching agrees with a linear scan using the topic matcher, after adds and removes.
+        #[test]
+        fn agrees_with_scan(
+            ops in proptest::collection::vec((prop_oneof![Just("a"), Just("b"), Just("+"), Just("#"), Just("$s")], 1..4usize, 0..3u32, any::<bool>()), 0..30),
+            topic in proptest::collection::vec(prop_oneof![Just("a"), Just("b"), Just("$s"), Just("")], 1..4).prop_map(|v| v.join("/")),
+        ) {
+            let mut t = RouteNode::default();
+            let mut reference = std::collections::BTreeSet::new();
+            for (lvl, n, node, add) in ops {
+                let f = vec![lvl; n].join("/");
+                if !topic::valid_filter(&f) { continue; }
+                let key: Arc<str> = Arc::from(f.as_str());
+                if add { t.insert(&key, node); reference.insert((f, node)); } else { t.remove(&key, node); reference.remove(&(f, node)); }
+            }
+            let want: std::collections::BTreeSet<NodeIdx> = reference.iter().filter(|(f, _)| topic::matches(f, &topic)).map(|(_, n)| *n).collect();
+            prop_assert_eq!(matched(&t, &topic).0, want.into_iter().collect::<Vec<_>>());
+        }
+    }
+}
