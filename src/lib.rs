@@ -4,6 +4,7 @@ pub mod actors;
 pub mod broker;
 pub mod cluster;
 pub mod config;
+pub mod dev;
 pub mod http;
 pub mod message;
 pub mod metrics;

@@ -5,11 +5,15 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 fn usage() -> ! {
-    eprintln!("usage: thingsd [--config FILE] [config]\n  config   print the effective configuration and exit\n  With no --config, ./cluster.toml is used if it exists; otherwise built-in defaults.");
+    eprintln!("usage: thingsd [--config FILE] [config]\n  config   print the effective configuration and exit\n  thingsd dev-cluster [--nodes N] [--dir DIR] [--write-only]   run N local nodes on free ports\n  With no --config, ./cluster.toml is used if it exists; otherwise built-in defaults.");
     std::process::exit(2)
 }
 
 fn main() -> anyhow::Result<()> {
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    if all.first().map(String::as_str) == Some("dev-cluster") {
+        return thingsd::dev::main(&all[1..]);
+    }
     let mut args = std::env::args().skip(1);
     let mut config_path: Option<PathBuf> = None;
     let mut print = false;
@@ -35,7 +39,8 @@ fn main() -> anyhow::Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.level.clone());
+    // ractor_cluster logs every link handshake at info; ours (cluster member up/down) suffice.
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| format!("ractor_cluster=warn,{}", config.log.level));
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false).init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
     rt.block_on(async move {

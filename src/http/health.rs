@@ -13,7 +13,23 @@ use crate::broker::Broker;
 use crate::metrics::Metrics;
 
 pub fn routes() -> Router<Arc<Broker>> {
-    Router::new().route("/health/live", get(live)).route("/health/ready", get(ready)).route("/metrics", get(metrics))
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/health/cluster", get(cluster))
+        .route("/metrics", get(metrics))
+}
+
+/// Cluster membership as this node sees it (read-only; `members` includes this node).
+async fn cluster(State(b): State<Arc<Broker>>) -> Json<serde_json::Value> {
+    match b.cluster.get() {
+        None => Json(serde_json::json!({ "enabled": false, "node": b.config.node.name, "members": [] })),
+        Some(c) => {
+            let members = c.members().await;
+            let up = members.iter().filter(|m| m.up).count();
+            Json(serde_json::json!({ "enabled": true, "node": b.config.node.name, "up": up, "members": members }))
+        }
+    }
 }
 
 /// The process runs and answers.
@@ -62,6 +78,12 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
         "Connections closed for malformed or invalid packets.",
         Metrics::get(&m.protocol_errors),
     );
+    if let Some(c) = b.cluster.get() {
+        use std::sync::atomic::Ordering::Relaxed;
+        metric("thingsd_cluster_forwarded_total", "counter", "Publishes forwarded to other nodes.", c.forwarded.load(Relaxed));
+        metric("thingsd_cluster_received_total", "counter", "Publishes received from other nodes.", c.received.load(Relaxed));
+        metric("thingsd_cluster_peers_up", "gauge", "Other nodes with a live link.", c.links.load().len() as u64);
+    }
     metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);
     metric("thingsd_uptime_seconds", "counter", "Seconds since the node started.", b.started.elapsed().as_secs());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)

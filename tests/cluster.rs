@@ -1,0 +1,172 @@
+//! Several `thingsd` processes on loopback form one broker: cross-node publish/subscribe at every
+//! QoS, routes acknowledged before SUBACK, cluster-wide shared subscriptions, replicated retained
+//! messages, late join, and a killed node coming back.
+mod common;
+
+use common::cluster::TestCluster;
+use common::*;
+use thingsd::protocols::mqtt::*;
+
+fn text(p: &Publish) -> String {
+    String::from_utf8_lossy(&p.payload).into_owned()
+}
+
+async fn puback(c: &mut Raw) {
+    match c.recv_app().await {
+        Some(Packet::PubAck(a)) => assert!(a.code < 0x80, "PUBACK {a:?}"),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+fn retained(topic: &str, pkid: u16, payload: &str) -> Packet {
+    let Packet::Publish(mut p) = publish(topic, QoS::AtLeastOnce, pkid, payload) else { unreachable!() };
+    p.retain = true;
+    Packet::Publish(p)
+}
+
+/// Publish QoS 1 and wait for the PUBACK.
+async fn pub1(c: &mut Raw, topic: &str, pkid: u16, payload: &str) {
+    c.send(publish(topic, QoS::AtLeastOnce, pkid, payload)).await;
+    puback(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_route_publishes_and_retained_and_survive_a_restart() {
+    let mut c = TestCluster::start_some(4, 3, |_| String::new()).await;
+
+    // Cross-node delivery at QoS 0, 1 and 2 (publisher on node 1, subscriber on node 3).
+    let mut sub = Raw::v5(c.mqtt(2), "x-sub").await;
+    assert_eq!(sub.sub("x/#", QoS::ExactlyOnce).await, vec![2]);
+    let mut p = Raw::v5(c.mqtt(0), "x-pub").await;
+    p.send(publish("x/0", QoS::AtMostOnce, 0, "q0")).await;
+    pub1(&mut p, "x/1", 1, "q1").await;
+    p.send(publish("x/2", QoS::ExactlyOnce, 2, "q2")).await;
+    assert!(matches!(p.recv_app().await, Some(Packet::PubRec(_))));
+    p.send(Packet::PubRel(Ack::new(2, 0))).await;
+    assert!(matches!(p.recv_app().await, Some(Packet::PubComp(_))));
+    for (want_topic, want_qos) in [("x/0", QoS::AtMostOnce), ("x/1", QoS::AtLeastOnce), ("x/2", QoS::ExactlyOnce)] {
+        let m = sub.recv_publish().await;
+        assert_eq!((&*m.topic, m.qos), (want_topic, want_qos));
+        match m.qos {
+            QoS::AtLeastOnce => sub.send(Packet::PubAck(Ack::new(m.pkid, 0))).await,
+            QoS::ExactlyOnce => {
+                sub.send(Packet::PubRec(Ack::new(m.pkid, 0))).await;
+                assert!(matches!(sub.recv_app().await, Some(Packet::PubRel(_))));
+                sub.send(Packet::PubComp(Ack::new(m.pkid, 0))).await;
+            }
+            QoS::AtMostOnce => {}
+        }
+    }
+
+    // A publish right after the SUBACK, from any other node, reaches the new subscriber.
+    for round in 0..12u16 {
+        let (s_node, p_node) = ((round % 3) as usize, ((round + 1) % 3) as usize);
+        let mut s = Raw::v5(c.mqtt(s_node), &format!("race-sub-{round}")).await;
+        let topic = format!("race/{round}");
+        s.sub(&topic, QoS::AtLeastOnce).await;
+        let mut pb = Raw::v5(c.mqtt(p_node), &format!("race-pub-{round}")).await;
+        pub1(&mut pb, &topic, 1, "now").await;
+        let m = s.recv_publish().await;
+        assert_eq!(&*m.topic, topic, "round {round}");
+    }
+
+    // Shared subscriptions span nodes: each message goes to exactly one member cluster-wide.
+    let mut m2 = Raw::v5(c.mqtt(1), "share-a").await;
+    m2.sub("$share/g/jobs/#", QoS::AtLeastOnce).await;
+    let mut m3 = Raw::v5(c.mqtt(2), "share-b").await;
+    m3.sub("$share/g/jobs/#", QoS::AtLeastOnce).await;
+    for i in 0..20u16 {
+        pub1(&mut p, "jobs/x", 10 + i, &format!("job-{i}")).await;
+    }
+    let mut got = Vec::new();
+    for m in [&mut m2, &mut m3] {
+        for pkt in m.sync().await {
+            if let Packet::Publish(x) = pkt {
+                m.send(Packet::PubAck(Ack::new(x.pkid, 0))).await;
+                got.push(text(&x));
+            }
+        }
+    }
+    // Messages still travelling when the first sync returned: wait until all 20 are in.
+    while got.len() < 20 {
+        let x = tokio::select! { x = m2.recv_publish() => x, x = m3.recv_publish() => x };
+        got.push(text(&x));
+    }
+    got.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("job-{i}")).collect();
+    want.sort();
+    assert_eq!(got, want, "every job exactly once");
+    assert!(m2.sync().await.is_empty() && m3.sync().await.is_empty(), "no duplicates");
+
+    // Retained messages are on every node; deletes too.
+    p.send(retained("cfg/b", 41, "B")).await;
+    puback(&mut p).await;
+    let mut r2 = Raw::v5(c.mqtt(1), "ret-2").await;
+    r2.sub("cfg/#", QoS::AtLeastOnce).await;
+    let m = r2.recv_publish().await;
+    assert_eq!((&*m.topic, text(&m).as_str(), m.retain), ("cfg/b", "B", true));
+    // Delete it from node 2; node 3 must converge to "no retained message".
+    r2.send(retained("cfg/b", 42, "")).await;
+    loop {
+        match r2.recv_app().await {
+            Some(Packet::PubAck(_)) => break,
+            Some(Packet::Publish(_)) => {} // its own delete, delivered to its subscription
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut r3 = Raw::v5(c.mqtt(2), "ret-3").await;
+    let mut seen_deleted = false;
+    for _ in 0..100 {
+        r3.sub("cfg/b", QoS::AtMostOnce).await;
+        if r3.sync().await.iter().all(|p| !matches!(p, Packet::Publish(_))) {
+            seen_deleted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(seen_deleted, "retained delete reached node 3");
+
+    // A late joiner gets routes and retained messages.
+    p.send(retained("cfg/late", 43, "B")).await;
+    puback(&mut p).await;
+    c.spawn(3).await;
+    for i in 0..4 {
+        c.wait_members(i, 4).await;
+    }
+    let mut late = Raw::v5(c.mqtt(3), "late").await;
+    late.sub("cfg/late", QoS::AtLeastOnce).await;
+    assert_eq!(text(&late.recv_publish().await), "B");
+    pub1(&mut late, "x/from-late", 1, "hello from 4").await;
+    let m = sub.recv_publish().await;
+    assert_eq!((&*m.topic, text(&m).as_str()), ("x/from-late", "hello from 4"));
+    sub.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+
+    // kill -9 of node 2: the others notice and keep serving; restarted, it rejoins and its
+    // persistent session's subscription (restored from disk) is routed to again.
+    let mut cp = connect_packet(Protocol::V5, "persist-2", true);
+    cp.props.session_expiry_interval = Some(3600);
+    let (mut ps, _) = Raw::session(c.mqtt(1), cp.clone()).await;
+    ps.sub("p2/#", QoS::AtLeastOnce).await;
+    ps.send(disconnect()).await;
+    ps.until_closed().await;
+    let data = c.dir.path().join("node2-data/sessions.bin");
+    eventually("session persisted", || std::fs::metadata(&data).is_ok()).await;
+    c.kill(1).await;
+    for i in [0, 2, 3] {
+        c.wait_members(i, 3).await;
+    }
+    pub1(&mut p, "x/while-down", 3, "still here").await;
+    assert_eq!(text(&sub.recv_publish().await), "still here");
+    c.spawn(1).await;
+    for i in 0..4 {
+        c.wait_members(i, 4).await;
+    }
+    // Routes are announced with acknowledgement, but the restored session subscribes during
+    // start-up, before its links are up: the route arrives with the link-up exchange.
+    let mut pp = Raw::v5(c.mqtt(0), "p2-pub").await;
+    pub1(&mut pp, "p2/x", 1, "after restart").await;
+    cp.clean_start = false;
+    let (mut ps, ack) = Raw::session(c.mqtt(1), cp).await;
+    assert!(ack.session_present);
+    assert_eq!(text(&ps.recv_publish().await), "after restart");
+}
