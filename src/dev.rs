@@ -1,88 +1,130 @@
-//! `thingsd dev-cluster`: a local N-node cluster on free loopback ports, for trying the cluster
-//! and for the cluster tests (which use `--write-only` and start the nodes themselves).
-use std::net::TcpListener;
+//! `thingsd dev-cluster`: a local N-node cluster on loopback, for trying the cluster (README)
+//! and for the cluster tests, which use the same config writer and ready-line parser.
+//!
+//! Every node binds port 0 (no port is guessed in advance); node 1 starts first and the others
+//! are seeded with its cluster address, as read from its ready line (members are gossiped).
+use std::io::BufRead;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-/// Ports of one node of a dev cluster.
-#[derive(Debug, Clone)]
-pub struct DevNode {
-    pub name: String,
-    pub config: PathBuf,
-    pub mqtt: u16,
-    pub ws: u16,
-    pub http: u16,
-    pub cluster: u16,
+/// Addresses a node printed on its `thingsd ready` line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ready {
+    pub mqtt: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub cluster: Option<SocketAddr>,
 }
 
-/// Write `nodes` configs (`node1.toml`…) into `dir`, each with free ports, all seeded with every other node.
-pub fn write_configs(dir: &Path, nodes: usize) -> anyhow::Result<Vec<DevNode>> {
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    // Hold every listener until all ports are chosen so no two nodes get the same one.
-    let held: Vec<Vec<TcpListener>> =
-        (0..nodes).map(|_| (0..4).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<Vec<_>, _>>()).collect::<Result<_, _>>()?;
-    let ports: Vec<Vec<u16>> = held.iter().map(|v| v.iter().map(|l| l.local_addr().map(|a| a.port()).unwrap_or(0)).collect()).collect();
-    drop(held);
-    let mut out = Vec::new();
-    for i in 0..nodes {
-        let p = &ports[i];
-        let name = format!("node{}", i + 1);
-        let seeds: Vec<String> = (0..nodes).filter(|j| *j != i).map(|j| format!("\"127.0.0.1:{}\"", ports[j][3])).collect();
-        let data = dir.join(format!("{name}-data"));
-        let text = format!(
-            "# dev-cluster node {n} of {nodes}\n[node]\nname = \"{name}\"\ndata_dir = \"{data}\"\npersist_interval_ms = 100\n\n\
-             [[listeners.tcp]]\nbind = \"127.0.0.1:{mqtt}\"\n\n[[listeners.ws]]\nbind = \"127.0.0.1:{ws}\"\npath = \"/mqtt\"\n\n\
-             [[listeners.http]]\nbind = \"127.0.0.1:{http}\"\n\n\
-             [cluster]\nenabled = true\nlisten = \"127.0.0.1:{cl}\"\nseeds = [{seeds}]\ncookie = \"dev-cluster\"\n",
-            n = i + 1,
-            data = data.display(),
-            mqtt = p[0],
-            ws = p[1],
-            http = p[2],
-            cl = p[3],
-            seeds = seeds.join(", "),
-        );
-        let config = dir.join(format!("{name}.toml"));
-        std::fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
-        out.push(DevNode { name, config, mqtt: p[0], ws: p[1], http: p[2], cluster: p[3] });
+impl Ready {
+    /// Parse the listener addresses from a `thingsd ready` log line (`None` for other lines).
+    pub fn parse(line: &str) -> Option<Ready> {
+        if !line.contains("thingsd ready") {
+            return None;
+        }
+        let mut r = Ready::default();
+        for tok in line.split(['"', ' ', ',', '[', ']']) {
+            let Some((scheme, addr)) = tok.split_once("://") else { continue };
+            let Ok(a) = addr.trim_end_matches("/mqtt").parse::<SocketAddr>() else { continue };
+            match scheme {
+                "mqtt" => r.mqtt = r.mqtt.or(Some(a)),
+                "ws" => r.ws = r.ws.or(Some(a)),
+                "http" => r.http = r.http.or(Some(a)),
+                "cluster" => r.cluster = r.cluster.or(Some(a)),
+                _ => {}
+            }
+        }
+        Some(r)
     }
-    Ok(out)
 }
 
-/// `thingsd dev-cluster [--nodes N] [--dir DIR] [--write-only]`.
+/// Write `node{i}.toml` in `dir`: loopback listeners on `ports` (0 = any free port: MQTT, WS,
+/// HTTP, cluster), its own data directory, clustering on with `seeds`.
+pub fn write_config(dir: &Path, i: usize, seeds: &[String], ports: Ready) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let port = |a: Option<SocketAddr>| a.map_or(0, |a| a.port());
+    let name = format!("node{i}");
+    let data = dir.join(format!("{name}-data"));
+    let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+    let text = format!(
+        "# written by `thingsd dev-cluster`\n[node]\nname = \"{name}\"\ndata_dir = \"{data}\"\npersist_interval_ms = 100\n\n\
+         [[listeners.tcp]]\nbind = \"127.0.0.1:{mqtt}\"\n\n[[listeners.ws]]\nbind = \"127.0.0.1:{ws}\"\npath = \"/mqtt\"\n\n\
+         [[listeners.http]]\nbind = \"127.0.0.1:{http}\"\n\n\
+         [cluster]\nenabled = true\nlisten = \"127.0.0.1:{cl}\"\nseeds = [{seeds}]\ncookie = \"dev-cluster\"\n",
+        data = data.display(),
+        mqtt = port(ports.mqtt),
+        ws = port(ports.ws),
+        http = port(ports.http),
+        cl = port(ports.cluster),
+        seeds = seeds.join(", "),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
+/// `thingsd dev-cluster [--nodes N] [--dir DIR]`: start N nodes, print where they listen, and
+/// stop them all (SIGTERM: graceful leave) on Ctrl-C.
 pub fn main(args: &[String]) -> anyhow::Result<()> {
     let mut nodes = 3usize;
     let mut dir = PathBuf::from("dev-cluster");
-    let mut write_only = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--nodes" | "-n" => nodes = it.next().and_then(|v| v.parse().ok()).filter(|n| (1..=32).contains(n)).context("--nodes 1..32")?,
             "--dir" => dir = it.next().map(PathBuf::from).context("--dir DIR")?,
-            "--write-only" => write_only = true,
             other => anyhow::bail!("dev-cluster: unknown argument {other}"),
         }
     }
-    let list = write_configs(&dir, nodes)?;
-    for n in &list {
-        println!("{}: mqtt 127.0.0.1:{}  ws ws://127.0.0.1:{}/mqtt  http http://127.0.0.1:{}  config {}", n.name, n.mqtt, n.ws, n.http, n.cluster_display());
-    }
-    if write_only {
-        return Ok(());
-    }
     let exe = std::env::current_exe().context("find the thingsd binary")?;
     let mut children = Vec::new();
-    for n in &list {
-        children.push(std::process::Command::new(&exe).arg("--config").arg(&n.config).spawn().with_context(|| format!("start {}", n.name))?);
+    let mut seeds: Vec<String> = Vec::new();
+    let mut table = Vec::new();
+    for i in 1..=nodes {
+        let config = write_config(&dir, i, &seeds, Ready::default())?;
+        let mut child = std::process::Command::new(&exe)
+            .arg("--config")
+            .arg(&config)
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start node{i}"))?;
+        let mut lines = std::io::BufReader::new(child.stdout.take().context("node stdout")?).lines();
+        let ready = loop {
+            let line = lines.next().context("node exited before it was ready")??;
+            println!("[node{i}] {line}");
+            if let Some(r) = Ready::parse(&line) {
+                break r;
+            }
+        };
+        // Keep echoing the node's log, prefixed.
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                println!("[node{i}] {l}");
+            }
+        });
+        if let Some(c) = ready.cluster.filter(|_| seeds.is_empty()) {
+            seeds.push(c.to_string());
+        }
+        table.push((i, ready, config));
+        children.push(child);
     }
-    if let (Some(a), Some(b)) = (list.first(), list.last()) {
-        println!(
-            "\nTry it:  mosquitto_sub -p {} -t 'demo/#' -v &   mosquitto_pub -p {} -t demo/hello -m 'across nodes'\nCtrl-C stops every node.",
-            b.mqtt, a.mqtt
-        );
+    println!();
+    for (i, r, config) in &table {
+        let show = |a: Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
+        println!("node{i}: mqtt {}  ws {}  http {}  cluster {}  ({})", show(r.mqtt), show(r.ws), show(r.http), show(r.cluster), config.display());
     }
-    // Stop the nodes when we are interrupted (they get SIGTERM: graceful leave).
+    if let (Some((_, a, _)), Some((_, b, _))) = (table.first(), table.last()) {
+        if let (Some(a), Some(b)) = (a.mqtt, b.mqtt) {
+            println!(
+                "\nTry it:\n  mosquitto_sub -h 127.0.0.1 -p {} -t 'demo/#' -v &\n  mosquitto_pub -h 127.0.0.1 -p {} -t demo/hello -m 'across nodes'\nCtrl-C stops every node.",
+                b.port(),
+                a.port()
+            );
+        }
+    }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let _ = tokio::signal::ctrl_c().await;
@@ -96,8 +138,18 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl DevNode {
-    fn cluster_display(&self) -> String {
-        format!("{} (cluster 127.0.0.1:{})", self.config.display(), self.cluster)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ready_line() {
+        let l = r#"2026-11-25T16:17:20Z  INFO thingsd ready node=n1 listeners=["cluster://127.0.0.1:11370", "mqtt://127.0.0.1:11883", "ws://127.0.0.1:8083/mqtt", "http://127.0.0.1:8080"] restored_sessions=0"#;
+        let r = Ready::parse(l).unwrap();
+        assert_eq!(r.cluster.unwrap().port(), 11370);
+        assert_eq!(r.mqtt.unwrap().port(), 11883);
+        assert_eq!(r.ws.unwrap().port(), 8083);
+        assert_eq!(r.http.unwrap().port(), 8080);
+        assert!(Ready::parse("something else").is_none());
     }
 }

@@ -12,9 +12,20 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// A cluster-unique message id: a random per-process base plus a counter (used to recognise the
+/// same message arriving by two paths during a session hand-over).
+pub fn next_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static BASE: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    BASE.get_or_init(rand::random::<u64>).wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 /// One published application message, shared by every delivery of it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Message {
+    pub id: u64,
     pub topic: Arc<str>,
     pub payload: Bytes,
     pub qos: QoS,

@@ -170,3 +170,125 @@ async fn three_nodes_route_publishes_and_retained_and_survive_a_restart() {
     assert!(ack.session_present);
     assert_eq!(text(&ps.recv_publish().await), "after restart");
 }
+
+/// Read from a connection until it closes; returns the payloads of the PUBLISHes it got.
+async fn drain_closed(c: &mut Raw) -> Vec<u32> {
+    let mut got = Vec::new();
+    for p in c.until_closed().await {
+        if let Packet::Publish(m) = p {
+            got.push(text(&m).parse().unwrap());
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_move_between_nodes_without_loss_and_one_owner_wins() {
+    let c = TestCluster::start(3).await;
+    let addrs = [c.mqtt(0), c.mqtt(1), c.mqtt(2)];
+    let hopper = |clean: bool| {
+        let mut cp = connect_packet(Protocol::V5, "hopper", clean);
+        cp.props.session_expiry_interval = Some(3600);
+        cp
+    };
+    let (mut s, ack) = Raw::session(addrs[0], hopper(true)).await;
+    assert!(!ack.session_present);
+    s.sub("hop/#", QoS::AtLeastOnce).await;
+
+    // A QoS 1 stream from node 2 while the subscriber hops between the three nodes ten times.
+    const N: u32 = 1500;
+    let publisher = tokio::spawn(async move {
+        let mut p = Raw::v5(addrs[1], "hop-pub").await;
+        for i in 0..N {
+            p.send(publish("hop/t", QoS::AtLeastOnce, (i % 60000 + 1) as u16, &i.to_string())).await;
+            puback(&mut p).await;
+        }
+    });
+    let mut seen: Vec<u32> = Vec::new(); // every PUBLISH received, in order, duplicates included
+    let mut hops = 0;
+    let mut node = 0;
+    loop {
+        // Take some messages on this connection (acknowledging them), then hop.
+        let target = if hops < 10 { (seen.len() as u32 + N / 14).min(N) } else { N };
+        let mut distinct = seen.iter().copied().collect::<std::collections::BTreeSet<u32>>().len() as u32;
+        while distinct < target {
+            let m = s.recv_publish().await;
+            let v: u32 = text(&m).parse().unwrap();
+            if !seen.contains(&v) {
+                distinct += 1;
+            }
+            seen.push(v);
+            s.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+        }
+        if hops == 10 {
+            break;
+        }
+        node = (node + 1) % 3;
+        let (next, ack) = Raw::session(addrs[node], hopper(false)).await;
+        assert_eq!(ack.code, 0);
+        assert!(ack.session_present, "hop {hops}: session found on node {node}");
+        // The old connection is told 0x8E; what it got before closing (unacknowledged) comes again.
+        let mut old = std::mem::replace(&mut s, next);
+        let before_close = drain_closed(&mut old).await;
+        seen.extend(before_close);
+        hops += 1;
+    }
+    publisher.await.unwrap();
+    let mut first: Vec<u32> = Vec::new();
+    let mut set = std::collections::HashSet::new();
+    for v in &seen {
+        if set.insert(*v) {
+            first.push(*v);
+        }
+    }
+    eprintln!("hops {hops}, publishes received {} (duplicates {})", seen.len(), seen.len() - first.len());
+    assert_eq!(first.len() as u32, N, "every message arrived");
+    assert!(first.windows(2).all(|w| w[0] < w[1]), "in publish order");
+
+    // Racing connects of one client id on three nodes: exactly one stays connected.
+    let racer = || {
+        let mut cp = connect_packet(Protocol::V5, "racer", false);
+        cp.props.session_expiry_interval = Some(60);
+        cp
+    };
+    let (a, b, d) = tokio::join!(Raw::session(addrs[0], racer()), Raw::session(addrs[1], racer()), Raw::session(addrs[2], racer()));
+    let mut conns = vec![a.0, b.0, d.0];
+    let mut open = Vec::new();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        conn.send(Packet::PingReq).await;
+        let mut alive = false;
+        while let Some(p) = conn.recv().await {
+            match p {
+                Packet::PingResp => {
+                    alive = true;
+                    break;
+                }
+                Packet::Disconnect(d) => assert_eq!(d.code, reason::SESSION_TAKEN_OVER),
+                _ => {}
+            }
+        }
+        if alive {
+            open.push(i);
+        }
+    }
+    // A connection that answered the ping may still be taken over by a later claim: the one
+    // left open is the last, and it stays open.
+    let survivors: Vec<usize> = {
+        let mut v = Vec::new();
+        for i in open {
+            conns[i].send(Packet::PingReq).await;
+            if matches!(conns[i].recv().await, Some(Packet::PingResp)) {
+                v.push(i);
+            }
+        }
+        v
+    };
+    assert_eq!(survivors.len(), 1, "exactly one racer connected: {survivors:?}");
+
+    // Clean Start on another node ends the old session there: nothing present, old one kicked.
+    let (mut old, _) = Raw::session(addrs[0], hopper(false)).await;
+    let (_new, ack) = Raw::session(addrs[2], hopper(true)).await;
+    assert!(!ack.session_present);
+    let closed = old.until_closed().await;
+    assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == reason::SESSION_TAKEN_OVER)), "{closed:?}");
+}

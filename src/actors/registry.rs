@@ -12,14 +12,45 @@ use crate::storage::local::SessionSnapshot;
 
 pub struct RegistryActor;
 
+/// What the cluster's registrar said about a connecting client.
+pub struct Takeover {
+    pub gen: u64,
+    /// The node the session comes from; it buffers deliveries until released.
+    pub from: Option<String>,
+    pub state: Option<Box<SessionSnapshot>>,
+}
+
 pub enum RegistryMessage {
     /// Attach a new connection to the client's session (creating or replacing it).
     Connect {
         client_id: Arc<str>,
         clean_start: bool,
         attach: Box<AttachArgs>,
+        takeover: Option<Takeover>,
         reply: RpcReplyPort<Result<ActorRef<SessionMessage>, String>>,
     },
+    /// Another node takes the client over: close it here and give up its state (`None`: no
+    /// session here, or Clean Start). The session keeps collecting deliveries until `Release`.
+    HandOver {
+        client: Arc<str>,
+        gen: u64,
+        to: String,
+        clean: bool,
+        reply: RpcReplyPort<Option<Box<SessionSnapshot>>>,
+    },
+    /// The new owner's routes are in place: the moving session flushes and ends.
+    Release {
+        client: Arc<str>,
+        gen: u64,
+    },
+    /// Deliveries the previous owner collected during a hand-over.
+    Flush {
+        client: Arc<str>,
+        gen: u64,
+        deliveries: Vec<crate::message::Delivery>,
+    },
+    /// Client ids and ownership generations of the sessions on this node.
+    Owned(RpcReplyPort<Vec<(Arc<str>, u64)>>),
     SessionEnded {
         client_id: Arc<str>,
         id: ActorId,
@@ -34,6 +65,10 @@ pub enum RegistryMessage {
 pub struct RegistryState {
     broker: Arc<Broker>,
     sessions: HashMap<Arc<str>, ActorRef<SessionMessage>>,
+    /// Sessions handed to another node, until they have flushed.
+    moving: HashMap<Arc<str>, ActorRef<SessionMessage>>,
+    /// Cluster ownership generation of each session (0: restored from disk or standalone).
+    gens: HashMap<Arc<str>, u64>,
 }
 
 const CALL: Option<Duration> = Some(Duration::from_secs(10));
@@ -53,9 +88,14 @@ impl RegistryState {
         me: &ActorRef<RegistryMessage>,
         client_id: Arc<str>,
         restored: Option<SessionSnapshot>,
+        held: Option<(u64, String)>,
     ) -> Result<ActorRef<SessionMessage>, String> {
-        let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored };
+        let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored, held };
         let name = format!("session:{client_id}");
+        // A session handed to another node finishes its flush first (bounded).
+        if self.moving.contains_key(&client_id) {
+            name_free(&name).await;
+        }
         // A session that is ending (Clean Start replaced it, or its registry crashed) may hold
         // the name for a moment.
         if let Some(old) = ractor::registry::where_is(name.clone()) {
@@ -78,14 +118,19 @@ impl Actor for RegistryActor {
         // after a crash of this actor (which takes its child sessions with it). This is the
         // first message in the mailbox: nobody has this actor's reference yet.
         me.cast(RegistryMessage::Restore)?;
-        Ok(RegistryState { broker, sessions: HashMap::new() })
+        Ok(RegistryState { broker, sessions: HashMap::new(), moving: HashMap::new(), gens: HashMap::new() })
     }
 
     async fn handle(&self, me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            RegistryMessage::Connect { client_id, clean_start, mut attach, reply } => {
+            RegistryMessage::Connect { client_id, clean_start, mut attach, takeover, reply } => {
+                // State from another node replaces whatever stale copy this node has.
+                let remote = takeover.as_ref().is_some_and(|t| t.from.is_some() || t.state.is_some());
+                if let Some(t) = &takeover {
+                    st.gens.insert(client_id.clone(), t.gen);
+                }
                 if let Some(s) = st.sessions.get(&client_id).cloned() {
-                    if !clean_start {
+                    if !clean_start && !remote {
                         let r = s.call(|r| SessionMessage::Attach(attach, r), CALL).await;
                         let _ = reply.send(match r {
                             Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
@@ -96,8 +141,13 @@ impl Actor for RegistryActor {
                     let _ = s.call(SessionMessage::Terminate, CALL).await;
                     st.sessions.remove(&client_id);
                 }
-                attach.clean_start = true; // a fresh session is never "present"
-                let r = match st.spawn(&me, client_id, None).await {
+                let (restored, held) = match takeover {
+                    Some(t) if remote && !clean_start => (t.state.map(|b| *b), t.from.map(|f| (t.gen, f))),
+                    _ => (None, None),
+                };
+                // A fresh session is never "present"; one handed over from another node is.
+                attach.clean_start = restored.is_none();
+                let r = match st.spawn(&me, client_id, restored, held).await {
                     Ok(s) => match s.call(|r| SessionMessage::Attach(attach, r), CALL).await {
                         Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
                         _ => Err("new session did not answer".into()),
@@ -109,7 +159,44 @@ impl Actor for RegistryActor {
             RegistryMessage::SessionEnded { client_id, id } => {
                 if st.sessions.get(&client_id).is_some_and(|s| s.get_id() == id) {
                     st.sessions.remove(&client_id);
+                    let gen = st.gens.remove(&client_id).unwrap_or(0);
+                    if let Some(c) = st.broker.cluster.get() {
+                        c.disowned(client_id.clone(), gen);
+                    }
                 }
+                if st.moving.get(&client_id).is_some_and(|s| s.get_id() == id) {
+                    st.moving.remove(&client_id);
+                }
+            }
+            RegistryMessage::HandOver { client, gen, to, clean, reply } => {
+                let state = match st.sessions.remove(&client) {
+                    None => None,
+                    Some(s) => {
+                        st.gens.remove(&client);
+                        let r = s.call(|r| SessionMessage::HandOver { gen, to, clean, reply: r }, CALL).await;
+                        match r {
+                            Ok(ractor::rpc::CallResult::Success(Some(snap))) => {
+                                st.moving.insert(client, s);
+                                Some(snap)
+                            }
+                            _ => None,
+                        }
+                    }
+                };
+                let _ = reply.send(state);
+            }
+            RegistryMessage::Release { client, gen } => {
+                if let Some(s) = st.moving.get(&client) {
+                    let _ = s.cast(SessionMessage::Release(gen));
+                }
+            }
+            RegistryMessage::Flush { client, gen, deliveries } => {
+                if let Some(s) = st.sessions.get(&client) {
+                    let _ = s.cast(SessionMessage::HandOverFlush { gen, deliveries });
+                }
+            }
+            RegistryMessage::Owned(reply) => {
+                let _ = reply.send(st.sessions.keys().map(|c| (c.clone(), st.gens.get(c).copied().unwrap_or(0))).collect());
             }
             RegistryMessage::Restore => {
                 let snaps = st.broker.store.sessions();
@@ -118,7 +205,7 @@ impl Actor for RegistryActor {
                 }
                 for snap in snaps {
                     let id: Arc<str> = Arc::from(snap.client_id.as_str());
-                    if let Err(e) = st.spawn(&me, id.clone(), Some(snap)).await {
+                    if let Err(e) = st.spawn(&me, id.clone(), Some(snap), None).await {
                         tracing::error!(client_id = %id, error = %e, "cannot restore session");
                     }
                 }
@@ -153,6 +240,7 @@ impl Actor for RegistryActor {
             tracing::error!(actor = %who.get_name().unwrap_or_default(), error = %why, "session actor crashed");
         }
         st.sessions.retain(|_, s| s.get_id() != who.get_id());
+        st.moving.retain(|_, s| s.get_id() != who.get_id());
         Ok(())
     }
 }

@@ -223,6 +223,7 @@ mod tests {
 
     fn msg(t: &str, payload: &'static str) -> Arc<Message> {
         Arc::new(Message {
+            id: crate::message::next_id(),
             topic: Arc::from(t),
             payload: bytes::Bytes::from_static(payload.as_bytes()),
             qos: QoS::AtMostOnce,

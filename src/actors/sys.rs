@@ -49,6 +49,7 @@ impl Actor for SysActor {
         ];
         for (topic, value) in stats {
             let msg = Arc::new(Message {
+                id: crate::message::next_id(),
                 topic: Arc::from(topic),
                 payload: Bytes::from(value),
                 qos: QoS::AtMostOnce,

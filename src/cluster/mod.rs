@@ -24,7 +24,9 @@ use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::actors::retained::RetainedMessage;
 use crate::broker::Broker;
-use crate::message::{now_ms, Message};
+use crate::actors::registry::RegistryMessage;
+use crate::message::{now_ms, Delivery, Message};
+use crate::storage::local::SessionSnapshot;
 use routes::{NodeIdx, RouteNode};
 use wire::{Body, Forward, Hlc, RetainedEntry};
 
@@ -72,7 +74,45 @@ pub enum Local {
     /// Say goodbye to every peer (graceful leave).
     Leave(RpcReplyPort<()>),
     Members(RpcReplyPort<Vec<MemberInfo>>),
+    /// A client connects here: ask its registrar (replies with generation and handed-over state).
+    Claim { client: Arc<str>, clean: bool, reply: RpcReplyPort<Claimed> },
+    ClaimDone { client: Arc<str>, gen: u64 },
+    /// The new session's routes are in place: tell the previous owner to flush and let go.
+    Release { client: Arc<str>, gen: u64, to: String },
+    /// The registry gave up (or did not have) a session the registrar asked for.
+    HandedOver { client: Arc<str>, gen: u64, registrar: String, state: Option<Box<SessionSnapshot>> },
+    /// A moving session's last deliveries, for its new owner.
+    Flush { client: Arc<str>, gen: u64, to: String, deliveries: Vec<Delivery> },
+    /// Reply once every live peer has processed everything it sent us before now.
+    Barrier(RpcReplyPort<()>),
+    /// Sessions this node owns (sent to their registrars after membership changes).
+    Owned(Vec<(Arc<str>, u64)>),
+    Disowned { client: Arc<str>, gen: u64 },
 }
+
+/// The registrar's answer to a claim.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub gen: u64,
+    /// The node the session came from (it buffers deliveries until released).
+    pub from: Option<String>,
+    pub state: Option<Box<SessionSnapshot>>,
+}
+
+/// Registrar bookkeeping for one client id.
+#[derive(Default)]
+struct Reg {
+    owner: Option<Arc<str>>,
+    gen: u64,
+    /// A claim in progress (until ClaimDone or the deadline); later claims queue.
+    busy_until: Option<Instant>,
+    /// Claimant, request and previous owner, awaiting that owner's HandedOver.
+    waiting: Option<(Arc<str>, u64, Arc<str>)>,
+    queue: std::collections::VecDeque<(Arc<str>, u64, bool)>,
+}
+
+/// How long a claim may hold its client id (hand-over, flush) before the next one proceeds.
+const CLAIM_HOLD: Duration = Duration::from_secs(10);
 
 /// Membership changes, for actors that care (`Cluster::events`).
 #[derive(Clone, Debug)]
@@ -182,6 +222,43 @@ impl Cluster {
         }
     }
 
+    /// Ask the client's registrar for ownership (bounded; alone or without an answer, the
+    /// client is simply served here).
+    pub async fn claim(&self, client: Arc<str>, clean: bool) -> Claimed {
+        let Some(a) = self.actor.get() else { return Claimed::default() };
+        match a.call(|reply| ClusterMsg::Local(Local::Claim { client, clean, reply }), Some(CLAIM_HOLD + Duration::from_secs(2))).await {
+            Ok(ractor::rpc::CallResult::Success(c)) => c,
+            _ => Claimed::default(),
+        }
+    }
+
+    pub fn claim_done(&self, client: Arc<str>, gen: u64) {
+        self.cast(Local::ClaimDone { client, gen });
+    }
+
+    pub fn release(&self, client: Arc<str>, gen: u64, to: String) {
+        self.cast(Local::Release { client, gen, to });
+    }
+
+    pub fn handed_over(&self, client: Arc<str>, gen: u64, registrar: String, state: Option<Box<SessionSnapshot>>) {
+        self.cast(Local::HandedOver { client, gen, registrar, state });
+    }
+
+    pub fn flush(&self, client: Arc<str>, gen: u64, to: String, deliveries: Vec<Delivery>) {
+        self.cast(Local::Flush { client, gen, to, deliveries });
+    }
+
+    pub fn disowned(&self, client: Arc<str>, gen: u64) {
+        self.cast(Local::Disowned { client, gen });
+    }
+
+    /// Wait until every live peer has processed everything it sent this node before the call.
+    pub async fn barrier(&self) {
+        if let Some(a) = self.actor.get() {
+            let _ = a.call(|r| ClusterMsg::Local(Local::Barrier(r)), Some(Duration::from_secs(10))).await;
+        }
+    }
+
     /// Round-robin position for choosing among a shared group's nodes.
     pub fn next_pick(&self) -> usize {
         self.cursor.fetch_add(1, Ordering::Relaxed)
@@ -254,6 +331,8 @@ pub struct ClusterState {
     retained: HashMap<Arc<str>, Hlc>,
     tombstones: HashMap<Arc<str>, (Hlc, Instant)>,
     refused: HashSet<String>,
+    registrar: HashMap<Arc<str>, Reg>,
+    claims: HashMap<u64, (RpcReplyPort<Claimed>, Instant)>,
 }
 
 pub struct ClusterActor;
@@ -286,6 +365,94 @@ impl ClusterState {
                 let r: ActorRef<ClusterMsg> = c.clone().into();
                 let _ = r.cast(ClusterMsg::Wire(bytes.clone()));
             }
+        }
+    }
+
+    /// Broadcast route additions and reply once every live peer has acknowledged them (bounded).
+    fn acked_routes(&mut self, add: Vec<Arc<str>>, reply: RpcReplyPort<()>) {
+        self.seq += 1;
+        let seq = self.seq;
+        let waiting: HashSet<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
+        self.broadcast(&Body::Routes { reset: false, add, del: vec![], ack: Some(seq) });
+        if waiting.is_empty() {
+            let _ = reply.send(());
+        } else {
+            let deadline = Instant::now() + Duration::from_millis(self.cfg().route_ack_timeout_ms);
+            self.pending.insert(seq, Pending { waiting, reply, deadline });
+        }
+    }
+
+    /// Send to a node by name; to ourselves through our own mailbox (same code path).
+    fn to(&self, node: &str, body: &Body) {
+        if node == self.me() {
+            if let Some(a) = self.a.handle.actor() {
+                let _ = a.cast(ClusterMsg::Wire(wire::encode(self.me(), body)));
+            }
+        } else {
+            self.send(node, body);
+        }
+    }
+
+    /// The registrar of `client`: rendezvous hash over this node and its live peers.
+    fn registrar_of(&self, client: &str) -> Arc<str> {
+        let score = |n: &str| {
+            let mut h: u64 = 0xcbf29ce484222325;
+            for b in n.bytes().chain([0u8]).chain(client.bytes()) {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x100000001b3);
+            }
+            h ^ (h >> 29)
+        };
+        let mut best = (score(self.me()), self.a.handle.name.clone());
+        for m in self.members.values().filter(|m| m.up) {
+            let sc = score(&m.name);
+            if sc > best.0 || (sc == best.0 && m.name > best.1) {
+                best = (sc, m.name.clone());
+            }
+        }
+        best.1
+    }
+
+    fn is_live(&self, node: &str) -> bool {
+        node == self.me() || self.members.get(node).is_some_and(|m| m.up)
+    }
+
+    /// Registrar: process (or queue) a claim of `client` by `claimant`.
+    fn on_claim(&mut self, claimant: Arc<str>, client: Arc<str>, req: u64, clean: bool) {
+        let now = Instant::now();
+        let live_prev = {
+            let reg = self.registrar.entry(client.clone()).or_default();
+            if reg.busy_until.is_some_and(|t| t > now) {
+                reg.queue.push_back((claimant, req, clean));
+                return;
+            }
+            reg.gen += 1;
+            reg.busy_until = Some(now + CLAIM_HOLD);
+            reg.waiting = None;
+            let prev = reg.owner.replace(claimant.clone());
+            prev
+        };
+        let gen = self.registrar[&client].gen;
+        match live_prev.filter(|p| *p != claimant && self.is_live(p)) {
+            Some(prev) => {
+                if let Some(reg) = self.registrar.get_mut(&client) {
+                    reg.waiting = Some((claimant.clone(), req, prev.clone()));
+                }
+                self.to(&prev, &Body::HandOver { client, gen, to: claimant.to_string(), clean });
+            }
+            None => self.to(&claimant, &Body::Claimed { client, req, gen, from: None, state: None }),
+        }
+    }
+
+    /// Registrar: the claim of `client` finished (or timed out); start the next queued one.
+    fn next_claim(&mut self, client: &Arc<str>) {
+        let next = self.registrar.get_mut(client).and_then(|reg| {
+            reg.busy_until = None;
+            reg.waiting = None;
+            reg.queue.pop_front()
+        });
+        if let Some((claimant, req, clean)) = next {
+            self.on_claim(claimant, client.clone(), req, clean);
         }
     }
 
@@ -395,6 +562,7 @@ impl ClusterState {
         let add: Vec<Arc<str>> = self.local_routes.iter().cloned().collect();
         self.send_cell(&cell, &Body::Routes { reset: true, add, del: vec![], ack: None });
         self.send_cell(&cell, &Body::RetainedDigest(self.digest()));
+        self.announce_owned();
     }
 
     fn down(&mut self, name: &str, reason: &str) {
@@ -422,6 +590,19 @@ impl ClusterState {
                 let _ = p.reply.send(());
             }
         }
+        // Claims waiting on the dead node's hand-over proceed without its state.
+        let mut stuck = Vec::new();
+        for (c, r) in self.registrar.iter_mut() {
+            if r.waiting.as_ref().is_some_and(|(_, _, prev)| &**prev == name) {
+                if let Some((claimant, req, _)) = r.waiting.take() {
+                    stuck.push((c.clone(), claimant, req, r.gen));
+                }
+            }
+        }
+        for (client, claimant, req, gen) in stuck {
+            self.to(&claimant, &Body::Claimed { client, req, gen, from: None, state: None });
+        }
+        self.announce_owned();
         tracing::warn!(peer = name, reason, "cluster member down");
         let _ = self.a.handle.events.send(ClusterEvent::MemberDown { name: Arc::from(name), reason: reason.to_string() });
     }
@@ -470,6 +651,7 @@ impl ClusterState {
                 self.retained.remove(&e.topic);
                 self.tombstones.insert(e.topic.clone(), (e.hlc, Instant::now()));
                 Arc::new(Message {
+                    id: crate::message::next_id(),
                     topic: e.topic,
                     payload: bytes::Bytes::new(),
                     qos: crate::protocols::mqtt::QoS::AtMostOnce,
@@ -501,9 +683,6 @@ impl ClusterState {
                 return;
             }
         };
-        if *from == *self.me() {
-            return;
-        }
         if let Some(m) = self.members.get_mut(from.as_str()) {
             m.last_seen = Instant::now();
         }
@@ -595,7 +774,81 @@ impl ClusterState {
                 }
             }
             Body::Leave => self.down(&from, "left the cluster"),
+            Body::Claim { client, req, clean } => self.on_claim(Arc::from(from.as_str()), client, req, clean),
+            Body::Claimed { client: _, req, gen, from: prev, state } => {
+                if let Some((reply, _)) = self.claims.remove(&req) {
+                    let _ = reply.send(Claimed { gen, from: prev, state });
+                }
+            }
+            Body::ClaimDone { client, gen } => {
+                if self.registrar.get(&client).is_some_and(|r| r.gen == gen) {
+                    self.next_claim(&client);
+                }
+            }
+            Body::HandOver { client, gen, to, clean } => {
+                let registrar = from.clone();
+                let (broker, handle) = (self.a.broker.clone(), self.a.handle.clone());
+                tokio::spawn(async move {
+                    let state = match broker.registry() {
+                        Some(r) => match r
+                            .call(|reply| RegistryMessage::HandOver { client: client.clone(), gen, to, clean, reply }, Some(Duration::from_secs(5)))
+                            .await
+                        {
+                            Ok(ractor::rpc::CallResult::Success(s)) => s,
+                            _ => None,
+                        },
+                        None => None,
+                    };
+                    handle.handed_over(client, gen, registrar, state);
+                });
+            }
+            Body::HandedOver { client, gen, state } => {
+                let waiting = self.registrar.get_mut(&client).filter(|r| r.gen == gen).and_then(|r| r.waiting.take());
+                if let Some((claimant, req, _)) = waiting {
+                    let prev = state.is_some().then(|| from.clone());
+                    self.to(&claimant, &Body::Claimed { client, req, gen, from: prev, state });
+                }
+            }
+            Body::Release { client, gen } => {
+                if let Some(r) = self.a.broker.registry() {
+                    let _ = r.cast(RegistryMessage::Release { client, gen });
+                }
+            }
+            Body::Flush { client, gen, deliveries } => {
+                if let Some(r) = self.a.broker.registry() {
+                    let _ = r.cast(RegistryMessage::Flush { client, gen, deliveries });
+                }
+            }
+            Body::Owned(entries) => {
+                let owner: Arc<str> = Arc::from(from.as_str());
+                for (client, gen) in entries {
+                    let reg = self.registrar.entry(client).or_default();
+                    if reg.owner.is_none() || reg.gen < gen {
+                        reg.owner = Some(owner.clone());
+                        reg.gen = reg.gen.max(gen);
+                    }
+                }
+            }
+            Body::Disowned { client, gen } => {
+                let gone = self.registrar.get(&client).is_some_and(|r| r.gen == gen && r.busy_until.is_none() && r.owner.as_deref() == Some(from.as_str()));
+                if gone {
+                    self.registrar.remove(&client);
+                }
+            }
         }
+    }
+
+    /// After a membership change registrars move: tell each one which sessions live here.
+    fn announce_owned(&self) {
+        let (broker, handle) = (self.a.broker.clone(), self.a.handle.clone());
+        tokio::spawn(async move {
+            let Some(r) = broker.registry() else { return };
+            if let Ok(ractor::rpc::CallResult::Success(list)) = r.call(RegistryMessage::Owned, Some(Duration::from_secs(10))).await {
+                if !list.is_empty() {
+                    handle.cast(Local::Owned(list));
+                }
+            }
+        });
     }
 
     fn on_tick(&mut self) {
@@ -638,6 +891,23 @@ impl ClusterState {
                 tracing::warn!(peers = ?p.waiting, "route acknowledgement timed out");
                 let _ = p.reply.send(());
             }
+        }
+        // Claims whose registrar never answered: serve the client here without remote state.
+        let late: Vec<u64> = self.claims.iter().filter(|(_, (_, t))| *t <= now).map(|(r, _)| *r).collect();
+        for r in late {
+            if let Some((reply, _)) = self.claims.remove(&r) {
+                tracing::warn!("session registrar did not answer; serving the client without cluster state");
+                let _ = reply.send(Claimed::default());
+            }
+        }
+        // Registrar: claims held past their time (a claimant died mid-way) let the next one go.
+        let expired: Vec<Arc<str>> = self.registrar.iter().filter(|(_, r)| r.busy_until.is_some_and(|t| t <= now)).map(|(c, _)| c.clone()).collect();
+        for c in expired {
+            if let Some((claimant, req, _)) = self.registrar.get_mut(&c).and_then(|r| r.waiting.take()) {
+                let gen = self.registrar[&c].gen;
+                self.to(&claimant, &Body::Claimed { client: c.clone(), req, gen, from: None, state: None });
+            }
+            self.next_claim(&c);
         }
         self.tombstones.retain(|_, (_, at)| now.duration_since(*at) < TOMBSTONE_TTL);
         self.redial(now);
@@ -740,6 +1010,8 @@ impl Actor for ClusterActor {
             retained: HashMap::new(),
             tombstones: HashMap::new(),
             refused: HashSet::new(),
+            registrar: HashMap::new(),
+            claims: HashMap::new(),
         })
     }
 
@@ -749,16 +1021,7 @@ impl Actor for ClusterActor {
             ClusterMsg::Local(Local::Tick) => st.on_tick(),
             ClusterMsg::Local(Local::AddRoute { key, reply }) => {
                 st.local_routes.insert(key.clone());
-                st.seq += 1;
-                let seq = st.seq;
-                let waiting: HashSet<Arc<str>> = st.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
-                st.broadcast(&Body::Routes { reset: false, add: vec![key], del: vec![], ack: Some(seq) });
-                if waiting.is_empty() {
-                    let _ = reply.send(());
-                } else {
-                    let deadline = Instant::now() + Duration::from_millis(st.cfg().route_ack_timeout_ms);
-                    st.pending.insert(seq, Pending { waiting, reply, deadline });
-                }
+                st.acked_routes(vec![key], reply);
             }
             ClusterMsg::Local(Local::DelRoute(key)) => {
                 if st.local_routes.remove(&key) {
@@ -788,6 +1051,39 @@ impl Actor for ClusterActor {
                 st.broadcast(&Body::Leave);
                 tracing::info!("left the cluster");
                 let _ = reply.send(());
+            }
+            ClusterMsg::Local(Local::Claim { client, clean, reply }) => {
+                st.seq += 1;
+                let req = st.seq;
+                st.claims.insert(req, (reply, Instant::now() + CLAIM_HOLD));
+                let registrar = st.registrar_of(&client);
+                st.to(&registrar, &Body::Claim { client, req, clean });
+            }
+            ClusterMsg::Local(Local::ClaimDone { client, gen }) => {
+                let registrar = st.registrar_of(&client);
+                st.to(&registrar, &Body::ClaimDone { client, gen });
+            }
+            ClusterMsg::Local(Local::Release { client, gen, to }) => st.to(&to, &Body::Release { client, gen }),
+            ClusterMsg::Local(Local::HandedOver { client, gen, registrar, state }) => {
+                st.to(&registrar, &Body::HandedOver { client, gen, state });
+            }
+            ClusterMsg::Local(Local::Flush { client, gen, to, deliveries }) => st.to(&to, &Body::Flush { client, gen, deliveries }),
+            // An empty acknowledged route update: each peer answers after everything it sent before.
+            ClusterMsg::Local(Local::Barrier(reply)) => st.acked_routes(vec![], reply),
+            ClusterMsg::Local(Local::Owned(list)) => {
+                let mut by: HashMap<Arc<str>, Vec<(Arc<str>, u64)>> = HashMap::new();
+                for (c, g) in list {
+                    by.entry(st.registrar_of(&c)).or_default().push((c, g));
+                }
+                for (reg, entries) in by {
+                    for chunk in entries.chunks(4096) {
+                        st.to(&reg, &Body::Owned(chunk.to_vec()));
+                    }
+                }
+            }
+            ClusterMsg::Local(Local::Disowned { client, gen }) => {
+                let registrar = st.registrar_of(&client);
+                st.to(&registrar, &Body::Disowned { client, gen });
             }
             ClusterMsg::Local(Local::Members(reply)) => {
                 let mut v: Vec<MemberInfo> = st

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::message::Message;
+use crate::message::{Delivery, Message};
+use crate::storage::local::SessionSnapshot;
 
 /// Bump on any incompatible change of [`Body`] (and keep the old decoder while both exist).
 pub const VERSION: u16 = 1;
@@ -66,6 +67,29 @@ pub enum Body {
     RetainedDigest(Vec<(Arc<str>, Hlc)>),
     /// The sender is leaving the cluster on purpose.
     Leave,
+
+    // Session ownership. Every client id has a registrar node (rendezvous hash over live
+    // members) that serialises connects for it and hands out growing generations.
+    /// A client connects on the sender: who owned its session?
+    Claim { client: Arc<str>, req: u64, clean: bool },
+    /// Registrar → claimant: the new generation, the previous owner (if another node) and the
+    /// session state it handed over.
+    Claimed { client: Arc<str>, req: u64, gen: u64, from: Option<String>, state: Option<Box<SessionSnapshot>> },
+    /// Claimant → registrar: the hand-over is complete; the next claim may proceed.
+    ClaimDone { client: Arc<str>, gen: u64 },
+    /// Registrar → previous owner: close the client, give its state up (keep buffering
+    /// deliveries until `Release`).
+    HandOver { client: Arc<str>, gen: u64, to: String, clean: bool },
+    /// Previous owner → registrar.
+    HandedOver { client: Arc<str>, gen: u64, state: Option<Box<SessionSnapshot>> },
+    /// New owner → previous owner: my routes are in place everywhere.
+    Release { client: Arc<str>, gen: u64 },
+    /// Previous owner → new owner: what arrived for the client during the hand-over, in order.
+    Flush { client: Arc<str>, gen: u64, deliveries: Vec<Delivery> },
+    /// Owner → registrar (after membership changes): these sessions live on the sender.
+    Owned(Vec<(Arc<str>, u64)>),
+    /// Owner → registrar: the session ended.
+    Disowned { client: Arc<str>, gen: u64 },
 }
 
 fn config() -> impl bincode::config::Config {

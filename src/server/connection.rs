@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::actors::registry::RegistryMessage;
+use crate::actors::registry::{RegistryMessage, Takeover};
 use crate::actors::session::{AttachArgs, ConnHandle, Outbound, Reply, SessionMessage, WillAction};
 use crate::broker::Broker;
 use crate::message::{now_ms, Message};
@@ -224,13 +224,31 @@ where
     let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone()));
     let registry = broker.registry()?;
     let cid = client_id.clone();
+    // In a cluster, the client id's registrar serialises connects cluster-wide and hands the
+    // session over from the node that had it.
+    let claim = match broker.cluster.get() {
+        Some(cl) => Some(Box::pin(cl.claim(client_id.clone(), c.clean_start)).await),
+        None => None,
+    };
+    let after = claim.as_ref().map(|t| (t.gen, t.from.clone()));
+    let takeover = claim.map(|t| Takeover { gen: t.gen, from: t.from, state: t.state });
     let session = match Box::pin(registry.call(
-        |reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, reply },
+        |reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, takeover, reply },
         Some(Duration::from_secs(15)),
     ))
     .await
     {
-        Ok(ractor::rpc::CallResult::Success(Ok(s))) => s,
+        Ok(ractor::rpc::CallResult::Success(Ok(s))) => {
+            // Routes are in place: the previous owner may flush (the session then ends the
+            // claim), or the claim ends now.
+            if let (Some(cl), Some((gen, from))) = (broker.cluster.get(), after) {
+                match from {
+                    Some(node) => cl.release(client_id.clone(), gen, node),
+                    None => cl.claim_done(client_id.clone(), gen),
+                }
+            }
+            s
+        }
         other => {
             let why = match other {
                 Ok(ractor::rpc::CallResult::Success(Err(e))) => e,
@@ -490,6 +508,7 @@ impl Conn {
         // Clients may not inject broker statistics.
         let routable = !topic.starts_with("$SYS");
         let msg = Arc::new(Message {
+            id: crate::message::next_id(),
             topic: Arc::from(topic),
             payload: p.payload,
             qos: p.qos,

@@ -11,7 +11,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::message::{Delivery, Message};
 use crate::protocols::mqtt::{Protocol, SubOptions, Will};
 
-const MAGIC: &[u8; 8] = b"THNGSD02";
+const MAGIC: &[u8; 8] = b"THNGSD03";
 
 /// Persistent state of one session, as stored on disk.
 #[derive(Debug, Clone, Serialize, Deserialize)]

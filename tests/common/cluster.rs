@@ -1,69 +1,39 @@
-//! A real multi-process cluster on loopback: configs written by `thingsd dev-cluster
-//! --write-only` (the same command users run), one `thingsd` process per node.
+//! A real multi-process cluster on loopback, laid out like `thingsd dev-cluster` (same config
+//! writer and ready-line parser): every node binds port 0; node 1 is every other node's seed.
+//! After its first start a node's config is pinned to the ports it got, so a restart comes
+//! back on the same addresses.
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
 
+use thingsd::dev::{write_config, Ready};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::{http_get, DEADLINE};
 
 pub struct NodeProc {
     pub name: String,
-    pub config: PathBuf,
-    pub mqtt: SocketAddr,
-    pub http: SocketAddr,
+    pub ready: Ready,
     pub child: Option<tokio::process::Child>,
+    started: bool,
 }
 
 pub struct TestCluster {
     pub nodes: Vec<NodeProc>,
     pub dir: tempfile::TempDir,
-}
-
-fn exe() -> &'static str {
-    env!("CARGO_BIN_EXE_thingsd")
+    extra: Box<dyn Fn(usize) -> String + Send>,
 }
 
 impl TestCluster {
-    /// Write `n` node configs and start every node; returns once each sees all others up.
+    /// Start `n` nodes; returns once each sees all others up.
     pub async fn start(n: usize) -> TestCluster {
-        Self::start_with(n, |_| String::new()).await
+        Self::start_some(n, n, |_| String::new()).await
     }
 
-    /// Like `start`, appending `extra(i)` (TOML) to node i's config.
-    pub async fn start_with(n: usize, extra: impl Fn(usize) -> String) -> TestCluster {
-        Self::start_some(n, n, extra).await
-    }
-
-    /// Write configs for `total` nodes (all seeded with each other) but start only the first `n`.
-    pub async fn start_some(total: usize, n: usize, extra: impl Fn(usize) -> String) -> TestCluster {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new(exe())
-            .args(["dev-cluster", "--write-only", "--nodes", &total.to_string(), "--dir"])
-            .arg(dir.path())
-            .output()
-            .expect("run thingsd dev-cluster");
-        assert!(out.status.success(), "dev-cluster failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut nodes = Vec::new();
-        for i in 0..total {
-            let config = dir.path().join(format!("node{}.toml", i + 1));
-            let add = extra(i);
-            if !add.is_empty() {
-                let mut text = std::fs::read_to_string(&config).unwrap();
-                text.push_str(&add);
-                std::fs::write(&config, text).unwrap();
-            }
-            let c = thingsd::config::Config::load(Some(&config)).expect("dev-cluster config loads");
-            nodes.push(NodeProc {
-                name: c.node.name.clone(),
-                config,
-                mqtt: c.listeners.tcp[0].bind,
-                http: c.listeners.http[0].bind,
-                child: None,
-            });
-        }
-        let mut c = TestCluster { nodes, dir };
+    /// Room for `total` nodes, the first `n` started; `extra(i)` (TOML) is appended to node i's
+    /// config (0-based).
+    pub async fn start_some(total: usize, n: usize, extra: impl Fn(usize) -> String + Send + 'static) -> TestCluster {
+        let nodes = (0..total).map(|i| NodeProc { name: format!("node{}", i + 1), ready: Ready::default(), child: None, started: false }).collect();
+        let mut c = TestCluster { nodes, dir: tempfile::tempdir().unwrap(), extra: Box::new(extra) };
         for i in 0..n {
             c.spawn(i).await;
         }
@@ -73,12 +43,27 @@ impl TestCluster {
         c
     }
 
+    fn write(&self, i: usize) -> std::path::PathBuf {
+        let seeds: Vec<String> = match i {
+            0 => vec![],
+            _ => vec![self.nodes[0].ready.cluster.expect("node1 started first").to_string()],
+        };
+        let path = write_config(self.dir.path(), i + 1, &seeds, self.nodes[i].ready).unwrap();
+        let add = (self.extra)(i);
+        if !add.is_empty() {
+            let mut text = std::fs::read_to_string(&path).unwrap();
+            text.push_str(&add);
+            std::fs::write(&path, text).unwrap();
+        }
+        path
+    }
+
     /// Start node `i` (again) and wait for its ready line.
     pub async fn spawn(&mut self, i: usize) {
-        let node = &mut self.nodes[i];
-        let mut child = tokio::process::Command::new(exe())
+        let config = self.write(i);
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsd"))
             .arg("--config")
-            .arg(&node.config)
+            .arg(&config)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", std::env::var("THINGSD_TEST_LOG").unwrap_or_else(|_| "warn,thingsd=info".into()))
             .stdout(Stdio::piped())
@@ -87,13 +72,13 @@ impl TestCluster {
             .spawn()
             .expect("start thingsd");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        loop {
+        let ready = loop {
             let l = tokio::time::timeout(DEADLINE, lines.next_line()).await.expect("ready line in time").unwrap().expect("thingsd exited");
-            if l.contains("thingsd ready") {
-                break;
+            if let Some(r) = Ready::parse(&l) {
+                break r;
             }
-        }
-        let name = node.name.clone();
+        };
+        let name = self.nodes[i].name.clone();
         tokio::spawn(async move {
             while let Ok(Some(l)) = lines.next_line().await {
                 if std::env::var("THINGSD_TEST_LOG").is_ok() {
@@ -101,7 +86,13 @@ impl TestCluster {
                 }
             }
         });
+        let node = &mut self.nodes[i];
+        node.ready = ready;
         node.child = Some(child);
+        if !node.started {
+            node.started = true;
+            self.write(i); // pin the ports it got
+        }
     }
 
     /// SIGKILL node `i` and wait for it to be gone.
@@ -123,7 +114,7 @@ impl TestCluster {
 
     /// Members node `i` reports up (itself included).
     pub async fn members_up(&self, i: usize) -> usize {
-        let (status, body) = http_get(self.nodes[i].http, "/health/cluster").await;
+        let (status, body) = http_get(self.http(i), "/health/cluster").await;
         assert_eq!(status, 200, "{body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         v["up"].as_u64().unwrap_or(0) as usize
@@ -143,6 +134,10 @@ impl TestCluster {
     }
 
     pub fn mqtt(&self, i: usize) -> SocketAddr {
-        self.nodes[i].mqtt
+        self.nodes[i].ready.mqtt.expect("node started")
+    }
+
+    pub fn http(&self, i: usize) -> SocketAddr {
+        self.nodes[i].ready.http.expect("node started")
     }
 }

@@ -115,6 +115,7 @@ impl SessionState {
         let expires_at = props.message_expiry_interval.take().map(|s| now_ms() + s as u64 * 1000);
         props.will_delay_interval = None;
         let msg = Arc::new(Message {
+            id: crate::message::next_id(),
             topic: Arc::from(w.topic.as_str()),
             payload: w.payload,
             qos: w.qos,
@@ -148,10 +149,15 @@ impl SessionState {
     }
 
     pub(super) fn persist(&mut self) {
-        if !self.persistent() {
+        if !self.persistent() || self.moving.is_some() {
             return;
         }
-        let snap = SessionSnapshot {
+        let snap = self.snapshot();
+        self.broker.store.put_session(snap);
+    }
+
+    fn snapshot(&self) -> SessionSnapshot {
+        SessionSnapshot {
             client_id: self.client_id.to_string(),
             protocol: self.protocol,
             expiry_secs: self.expiry,
@@ -162,8 +168,78 @@ impl SessionState {
             incoming_qos2: self.incoming_qos2.iter().copied().collect(),
             will: self.will.as_deref().cloned(),
             will_due_ms: self.will_due,
-        };
-        self.broker.store.put_session(snap);
+        }
+    }
+
+    /// Another node takes the client over. The connection is closed (0x8E); the old
+    /// connection's will is published unless delayed (the resume elsewhere cancels a delayed
+    /// one); with Clean Start the session ends here. Otherwise its state is returned and it
+    /// keeps collecting deliveries (its routes stay) until the new owner's routes are in place.
+    pub(super) async fn hand_over(&mut self, me: &ActorRef<SessionMessage>, gen: u64, to: String, clean: bool) -> Option<Box<SessionSnapshot>> {
+        if let Some(old) = self.conn.take() {
+            kick(&old, reason::SESSION_TAKEN_OVER);
+        }
+        self.load.online.store(false, Ordering::Relaxed);
+        self.generation += 1; // cancels this node's will and expiry timers
+        if clean || self.will.as_ref().is_some_and(|w| w.props.will_delay_interval.unwrap_or(0) == 0) {
+            self.publish_will().await;
+        }
+        self.will = None;
+        self.will_due = None;
+        if clean {
+            self.end(me);
+            return None;
+        }
+        let snap = self.snapshot();
+        // The state now travels; nothing of it stays to be redelivered or persisted here.
+        self.inflight.clear();
+        self.pending.clear();
+        self.broker.store.remove_session(&self.client_id);
+        self.moving = Some(Box::new(Moving { gen, to, buffer: Vec::new() }));
+        me.send_after(HANDOVER_WAIT, move || SessionMessage::Release(gen));
+        Some(Box::new(snap))
+    }
+
+    /// The new owner's routes are in place: stop routing here, wait until every peer has
+    /// delivered what it sent before (barrier), then ship what was collected and end.
+    pub(super) async fn release(&mut self, me: &ActorRef<SessionMessage>) {
+        let filters: Vec<String> = self.subs.drain().map(|(f, _)| f).collect();
+        let router = &self.broker.router;
+        for f in filters {
+            if let Some(shard) = router.shard(router.shard_of_filter(&f)) {
+                let (client, owner) = (self.client_id.clone(), me.get_id());
+                let _ = shard.call(|r| ShardMessage::Unsubscribe { client, filter: f, owner, reply: Some(r) }, Some(Duration::from_secs(5))).await;
+            }
+        }
+        let Some(mut m) = self.moving.take() else { return };
+        if let Some(c) = self.broker.cluster.get() {
+            c.barrier().await;
+            m.buffer.extend(self.load.take());
+            c.flush(self.client_id.clone(), m.gen, m.to, m.buffer);
+        }
+        self.end(me);
+    }
+
+    /// The previous owner's flush arrived (or the wait ended): deliver its messages, then what
+    /// arrived here meanwhile that it did not already carry, in order; let the next claim go.
+    pub(super) fn end_held(&mut self, me: &ActorRef<SessionMessage>, gen: u64, flushed: Vec<Delivery>) {
+        if !self.held.as_ref().is_some_and(|h| h.gen == gen) {
+            return;
+        }
+        let Some(held) = self.held.take() else { return };
+        let seen: HashSet<u64> = flushed.iter().map(|d| d.msg.id).collect();
+        for d in flushed {
+            self.deliver(me, d);
+        }
+        for d in held.buffer {
+            if !seen.contains(&d.msg.id) {
+                self.deliver(me, d);
+            }
+        }
+        self.mark_dirty(me);
+        if let Some(c) = self.broker.cluster.get() {
+            c.claim_done(self.client_id.clone(), gen);
+        }
     }
 
     pub(super) async fn restore(&mut self, me: &ActorRef<SessionMessage>, s: SessionSnapshot) {

@@ -111,13 +111,46 @@ pub enum SessionMessage {
     /// Retry sending after the outbound queue was full.
     Flush,
     Persist(Option<RpcReplyPort<()>>),
+    /// Another node takes this client over (see `lifecycle.rs`): close, give the state up.
+    HandOver {
+        gen: u64,
+        to: String,
+        clean: bool,
+        reply: RpcReplyPort<Option<Box<SessionSnapshot>>>,
+    },
+    /// The new owner's routes are in place (or the wait timed out): flush to it and end.
+    Release(u64),
+    /// What the previous owner collected during the hand-over; ends the held phase.
+    HandOverFlush {
+        gen: u64,
+        deliveries: Vec<Delivery>,
+    },
+    HeldTimeout(u64),
 }
 
 pub struct SessionArgs {
     pub client_id: Arc<str>,
     pub broker: Arc<Broker>,
     pub restored: Option<SessionSnapshot>,
+    /// Taken over from another node: hold new deliveries until its flush (generation, node).
+    pub held: Option<(u64, String)>,
 }
+
+/// A session handed to another node: deliveries are collected for it until release.
+pub(super) struct Moving {
+    gen: u64,
+    to: String,
+    buffer: Vec<Delivery>,
+}
+
+/// A session taken over from another node: new deliveries wait behind the previous owner's.
+pub(super) struct Held {
+    gen: u64,
+    buffer: Vec<Delivery>,
+}
+
+/// How long either side of a hand-over waits for the other before going on alone.
+pub(super) const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 struct Inflight {
     pkid: u16,
@@ -149,6 +182,8 @@ pub struct SessionState {
     drop_logged: bool,
     /// The current connection was already told to go (log and kick once).
     kicked: bool,
+    moving: Option<Box<Moving>>,
+    held: Option<Box<Held>>,
 }
 
 pub(super) enum Sent {
@@ -185,7 +220,13 @@ impl Actor for SessionActor {
             flush_scheduled: false,
             drop_logged: false,
             kicked: false,
+            moving: None,
+            held: None,
         };
+        if let Some((gen, _from)) = args.held {
+            st.held = Some(Box::new(Held { gen, buffer: Vec::new() }));
+            me.send_after(HANDOVER_WAIT, move || SessionMessage::HeldTimeout(gen));
+        }
         if let Some(snap) = args.restored {
             Box::pin(st.restore(&me, snap)).await;
         }
@@ -268,6 +309,22 @@ impl Actor for SessionActor {
             SessionMessage::Flush => {
                 st.flush_scheduled = false;
                 st.drain(&me);
+            }
+            SessionMessage::HandOver { gen, to, clean, reply } => {
+                let snap = Box::pin(st.hand_over(&me, gen, to, clean)).await;
+                let _ = reply.send(snap);
+            }
+            SessionMessage::Release(gen) => {
+                if st.moving.as_ref().is_some_and(|m| m.gen == gen) {
+                    Box::pin(st.release(&me)).await;
+                }
+            }
+            SessionMessage::HandOverFlush { gen, deliveries } => st.end_held(&me, gen, deliveries),
+            SessionMessage::HeldTimeout(gen) => {
+                if st.held.is_some() {
+                    tracing::warn!(client_id = %st.client_id, "previous owner did not flush in time; delivering without it");
+                }
+                st.end_held(&me, gen, Vec::new());
             }
             SessionMessage::Persist(reply) => {
                 st.persist_scheduled = false;

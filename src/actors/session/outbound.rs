@@ -52,6 +52,16 @@ impl SessionState {
         if d.msg.expired(now_ms()) {
             return;
         }
+        // During a cross-node hand-over, deliveries wait (bounded like the queue) for the other side.
+        let cap = self.broker.config.mqtt.max_queued * 2 + self.broker.config.mqtt.max_inflight as usize;
+        if let Some(buf) = self.moving.as_mut().map(|m| &mut m.buffer).or(self.held.as_mut().map(|h| &mut h.buffer)) {
+            if buf.len() < cap {
+                buf.push(d);
+            } else {
+                crate::metrics::Metrics::add(&self.broker.metrics.messages_dropped, 1);
+            }
+            return;
+        }
         if self.conn.is_none() && d.qos == QoS::AtMostOnce && !self.broker.config.mqtt.queue_qos0_offline {
             return;
         }
