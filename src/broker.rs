@@ -15,7 +15,7 @@ use crate::cluster::routes::{NodeIdx, RouteNode};
 use crate::cluster::wire::Forward;
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::message::{Delivery, Message};
+use crate::message::{Delivery, Durable, DurableToken, Message};
 use crate::metrics::Metrics;
 use crate::protocols::mqtt::{topic, QoS};
 use crate::storage::local::LocalStore;
@@ -111,7 +111,7 @@ impl Broker {
 
     /// Route a message to every matching subscriber; returns how many sessions it was given to.
     pub fn publish(&self, msg: Arc<Message>) -> usize {
-        self.router.publish(msg, usize::MAX, self.scope()).0
+        self.router.publish(msg, usize::MAX, self.scope(), None).0
     }
 
     /// Publishes from this node's clients reach the cluster; `$SYS` stays on its node.
@@ -126,10 +126,18 @@ impl Broker {
     /// slowed to its subscribers' pace instead of overflowing their queues.
     pub async fn publish_with_backpressure(&self, msg: Arc<Message>) -> usize {
         let high = self.high_water();
-        let (n, worst) = self.router.publish(msg, high, self.scope());
+        // In a cluster, a QoS 1 message is acknowledged only once every persistent session's copy
+        // is on that session's backup node (and forwarded copies are, on their nodes).
+        let durable = (self.cluster.get().is_some() && msg.qos != QoS::AtMostOnce).then(|| Arc::new(crate::message::Durable::default()));
+        let (n, worst) = self.router.publish(msg, high, self.scope(), durable.as_ref());
         self.wait_for(worst).await;
         if let Some(c) = self.cluster.get() {
             c.pace(self.config.mqtt.outbound_queue.max(high) * 4, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;
+        }
+        if let Some(d) = durable {
+            if !d.wait(std::time::Duration::from_secs(5)).await {
+                tracing::warn!("replication to backup nodes timed out; acknowledging anyway");
+            }
         }
         n
     }
@@ -225,7 +233,7 @@ impl Router {
 
     /// Route `msg`; returns the number of sessions it went to and the most congested online
     /// subscriber above `high` (the caller may wait for it: backpressure).
-    pub fn publish(&self, msg: Arc<Message>, high: usize, scope: Scope<'_>) -> (usize, Option<Arc<Load>>) {
+    pub fn publish(&self, msg: Arc<Message>, high: usize, scope: Scope<'_>, durable: Option<&Arc<Durable>>) -> (usize, Option<Arc<Load>>) {
         let topic_s: &str = &msg.topic;
         let levels: Vec<&str> = topic_s.split('/').collect();
         let dollar = topic_s.starts_with('$');
@@ -267,7 +275,7 @@ impl Router {
             }
             Scope::Cluster(c) => {
                 let chosen;
-                (chosen, remote_n) = forward(c, &msg, &levels, dollar, &groups);
+                (chosen, remote_n) = forward(c, &msg, &levels, dollar, &groups, durable);
                 for g in groups.iter().filter(|g| chosen.contains(&g.filter)) {
                     if let Some(sub) = g.pick(None) {
                         targets.push(target(sub, Some(g.filter.clone())));
@@ -292,7 +300,10 @@ impl Router {
         let n = targets.len() + remote_n;
         let mut worst: Option<Arc<Load>> = None;
         for t in targets {
-            let d = Delivery { msg: msg.clone(), qos: t.qos, retain: t.retain, sub_ids: t.sub_ids, shared: t.shared };
+            let durable = durable
+                .filter(|_| t.qos != QoS::AtMostOnce && t.load.persistent.load(std::sync::atomic::Ordering::Relaxed))
+                .map(DurableToken::new);
+            let d = Delivery { msg: msg.clone(), qos: t.qos, retain: t.retain, sub_ids: t.sub_ids, shared: t.shared, durable };
             if t.load.push(&t.session, d, self.inbox_cap) {
                 keep_worst(&mut worst, &t.load, high);
             }
@@ -350,7 +361,14 @@ impl Router {
 
 /// Forward `msg` to every node with a matching route, choosing one node per shared group
 /// (this one included, when it has members: `local`). Returns the local groups chosen here.
-fn forward(c: &Cluster, msg: &Arc<Message>, levels: &[&str], dollar: bool, local: &[crate::actors::shard::Group]) -> (Vec<Arc<str>>, usize) {
+fn forward(
+    c: &Cluster,
+    msg: &Arc<Message>,
+    levels: &[&str],
+    dollar: bool,
+    local: &[crate::actors::shard::Group],
+    durable: Option<&Arc<Durable>>,
+) -> (Vec<Arc<str>>, usize) {
     let table: Arc<RouteNode> = c.routes.load_full();
     if msg.topic.starts_with("$SYS") {
         return (local.iter().map(|g| g.filter.clone()).collect(), 0);
@@ -391,7 +409,7 @@ fn forward(c: &Cluster, msg: &Arc<Message>, levels: &[&str], dollar: bool, local
         let links = c.links.load();
         for (idx, shared) in nodes {
             if let Some(l) = links.get(&idx) {
-                l.send(Forward { msg: msg.clone(), shared });
+                l.send(Forward { msg: msg.clone(), shared }, durable.cloned());
                 sent += 1;
             }
         }

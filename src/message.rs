@@ -61,4 +61,65 @@ pub struct Delivery {
     pub sub_ids: Vec<u32>,
     /// Shared subscription (`$share/group/filter`) this delivery came through, if any.
     pub shared: Option<Arc<str>>,
+    /// The publisher waiting for this delivery to be replicated (persistent sessions in a
+    /// cluster); never stored or sent.
+    #[serde(skip)]
+    pub durable: Option<Arc<DurableToken>>,
+}
+
+/// One copy a publisher waits for; dropping it (replicated, or not needing it, or discarded)
+/// counts the copy as done, so no path can leave a publisher waiting.
+#[derive(Debug)]
+pub struct DurableToken(Arc<Durable>);
+
+impl DurableToken {
+    pub fn new(d: &Arc<Durable>) -> Arc<DurableToken> {
+        d.add();
+        Arc::new(DurableToken(d.clone()))
+    }
+}
+
+impl Drop for DurableToken {
+    fn drop(&mut self) {
+        self.0.done();
+    }
+}
+
+/// A publisher's wait for its message to be durable: one count per copy still to be
+/// replicated to a backup node (or acknowledged by the node that replicates it).
+#[derive(Debug, Default)]
+pub struct Durable {
+    pending: std::sync::atomic::AtomicUsize,
+    notify: tokio::sync::Notify,
+}
+
+impl Durable {
+    pub fn add(&self) {
+        self.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn done(&self) {
+        if self.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+
+    /// Wait until every copy is durable, at most `max`; false on timeout.
+    pub async fn wait(&self, max: std::time::Duration) -> bool {
+        tokio::time::timeout(max, async {
+            loop {
+                let n = self.notify.notified();
+                if self.is_done() {
+                    return;
+                }
+                n.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
 }

@@ -184,7 +184,7 @@ async fn drain_closed(c: &mut Raw) -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_move_between_nodes_without_loss_and_one_owner_wins() {
-    let c = TestCluster::start(3).await;
+    let mut c = TestCluster::start(3).await;
     let addrs = [c.mqtt(0), c.mqtt(1), c.mqtt(2)];
     let hopper = |clean: bool| {
         let mut cp = connect_packet(Protocol::V5, "hopper", clean);
@@ -291,4 +291,32 @@ async fn sessions_move_between_nodes_without_loss_and_one_owner_wins() {
     assert!(!ack.session_present);
     let closed = old.until_closed().await;
     assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == reason::SESSION_TAKEN_OVER)), "{closed:?}");
+
+    // Durable sessions: kill -9 the node holding a persistent session with queued QoS 1
+    // messages; the client reconnecting to another node gets every acknowledged one.
+    let durable = |clean: bool| {
+        let mut cp = connect_packet(Protocol::V5, "durable", clean);
+        cp.props.session_expiry_interval = Some(3600);
+        cp
+    };
+    let (mut d, _) = Raw::session(addrs[2], durable(true)).await;
+    d.sub("dur/#", QoS::AtLeastOnce).await;
+    d.send(disconnect()).await;
+    d.until_closed().await;
+    let mut p = Raw::v5(addrs[0], "dur-pub").await;
+    const Q: u32 = 300;
+    for i in 0..Q {
+        pub1(&mut p, "dur/x", (i + 1) as u16, &i.to_string()).await;
+    }
+    c.kill(2).await; // the owner dies right after the last acknowledgement
+    let (mut d, ack) = Raw::session(addrs[1], durable(false)).await;
+    assert!(ack.session_present, "the session survived its node");
+    let mut got = Vec::new();
+    while got.len() < Q as usize {
+        let m = d.recv_publish().await;
+        got.push(text(&m).parse::<u32>().unwrap());
+        d.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+    }
+    assert_eq!(got, (0..Q).collect::<Vec<_>>(), "all acknowledged messages, in order");
+    assert!(d.sync().await.is_empty(), "nothing twice");
 }

@@ -17,6 +17,8 @@ use crate::message::Delivery;
 pub struct Load {
     /// The session has a live connection.
     pub online: AtomicBool,
+    /// The session outlives its connection (its QoS>0 deliveries are replicated in a cluster).
+    pub persistent: AtomicBool,
     /// Deliveries handed to the session but not yet handled (the length of `inbox`).
     pub mailbox: AtomicUsize,
     /// The session's delivery inbox: publishers push, the session drains it in batches. One

@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, mpsc, Notify};
 use crate::actors::retained::RetainedMessage;
 use crate::broker::Broker;
 use crate::actors::registry::RegistryMessage;
-use crate::message::{now_ms, Delivery, Message};
+use crate::message::{now_ms, Delivery, Durable, DurableToken, Message};
 use crate::storage::local::SessionSnapshot;
 use routes::{NodeIdx, RouteNode};
 use wire::{Body, Forward, Hlc, RetainedEntry};
@@ -80,7 +80,10 @@ pub enum Local {
     /// The new session's routes are in place: tell the previous owner to flush and let go.
     Release { client: Arc<str>, gen: u64, to: String },
     /// The registry gave up (or did not have) a session the registrar asked for.
-    HandedOver { client: Arc<str>, gen: u64, registrar: String, state: Option<Box<SessionSnapshot>> },
+    HandedOver { client: Arc<str>, gen: u64, registrar: String, clean: bool, state: Option<Box<SessionSnapshot>> },
+    BackupState { to: Arc<str>, client: Arc<str>, state: Box<SessionSnapshot> },
+    BackupAppend { to: Arc<str>, client: Arc<str>, deliveries: Vec<Delivery>, tokens: Vec<Arc<DurableToken>> },
+    BackupDrop { to: Arc<str>, client: Arc<str> },
     /// A moving session's last deliveries, for its new owner.
     Flush { client: Arc<str>, gen: u64, to: String, deliveries: Vec<Delivery> },
     /// Reply once every live peer has processed everything it sent us before now.
@@ -88,6 +91,8 @@ pub enum Local {
     /// Sessions this node owns (sent to their registrars after membership changes).
     Owned(Vec<(Arc<str>, u64)>),
     Disowned { client: Arc<str>, gen: u64 },
+    /// Send a frame to a node (from a task).
+    Send { to: String, body: Box<Body> },
 }
 
 /// The registrar's answer to a claim.
@@ -132,16 +137,40 @@ pub struct MemberInfo {
 /// One peer's outgoing publish queue, drained in batches by a task.
 pub struct Link {
     pub name: Arc<str>,
-    tx: mpsc::UnboundedSender<Forward>,
+    tx: mpsc::UnboundedSender<(Forward, Option<Arc<Durable>>)>,
     depth: Arc<AtomicUsize>,
     drained: Arc<Notify>,
+    /// Publishers waiting for the peer to confirm a batch is durable there, by batch number.
+    waiting: Arc<std::sync::Mutex<HashMap<u64, Vec<Arc<Durable>>>>>,
 }
 
 impl Link {
-    pub fn send(&self, f: Forward) {
+    /// Queue a forward; with `durable`, the publisher waits for the peer's acknowledgement.
+    pub fn send(&self, f: Forward, durable: Option<Arc<Durable>>) {
+        if let Some(d) = &durable {
+            d.add();
+        }
         self.depth.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(f).is_err() {
+        if let Err(e) = self.tx.send((f, durable)) {
             self.depth.fetch_sub(1, Ordering::Relaxed);
+            if let Some(d) = e.0 .1 {
+                d.done();
+            }
+        }
+    }
+
+    fn acked(&self, batch: u64) {
+        let ws = self.waiting.lock().ok().and_then(|mut m| m.remove(&batch));
+        for d in ws.into_iter().flatten() {
+            d.done();
+        }
+    }
+
+    /// The peer is gone: nobody waits for it any more.
+    fn release_all(&self) {
+        let all: Vec<Arc<Durable>> = self.waiting.lock().map(|mut m| m.drain().flat_map(|(_, v)| v).collect()).unwrap_or_default();
+        for d in all {
+            d.done();
         }
     }
     pub fn depth(&self) -> usize {
@@ -161,6 +190,18 @@ pub struct Cluster {
     pub received: AtomicU64,
     actor: OnceLock<ActorRef<ClusterMsg>>,
     cursor: AtomicUsize,
+    /// Names of the live peers (for backup choice without a round-trip).
+    peers: ArcSwap<Vec<Arc<str>>>,
+}
+
+/// Rendezvous (highest random weight) score of `node` for `client`.
+fn rendezvous(node: &str, client: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in node.bytes().chain([0u8]).chain(client.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h ^ (h >> 29)
 }
 
 impl Cluster {
@@ -174,6 +215,7 @@ impl Cluster {
             received: AtomicU64::new(0),
             actor: OnceLock::new(),
             cursor: AtomicUsize::new(0),
+            peers: ArcSwap::from_pointee(Vec::new()),
         }
     }
 
@@ -240,8 +282,25 @@ impl Cluster {
         self.cast(Local::Release { client, gen, to });
     }
 
-    pub fn handed_over(&self, client: Arc<str>, gen: u64, registrar: String, state: Option<Box<SessionSnapshot>>) {
-        self.cast(Local::HandedOver { client, gen, registrar, state });
+    pub fn handed_over(&self, client: Arc<str>, gen: u64, registrar: String, clean: bool, state: Option<Box<SessionSnapshot>>) {
+        self.cast(Local::HandedOver { client, gen, registrar, clean, state });
+    }
+
+    /// The backup node of a session owned here: rendezvous hash over the live peers.
+    pub fn backup_for(&self, client: &str) -> Option<Arc<str>> {
+        self.peers.load().iter().max_by_key(|n| rendezvous(n, client)).cloned()
+    }
+
+    pub fn backup_state(&self, to: Arc<str>, client: Arc<str>, state: Box<SessionSnapshot>) {
+        self.cast(Local::BackupState { to, client, state });
+    }
+
+    pub fn backup_append(&self, to: Arc<str>, client: Arc<str>, deliveries: Vec<Delivery>, tokens: Vec<Arc<DurableToken>>) {
+        self.cast(Local::BackupAppend { to, client, deliveries, tokens });
+    }
+
+    pub fn backup_drop(&self, to: Arc<str>, client: Arc<str>) {
+        self.cast(Local::BackupDrop { to, client });
     }
 
     pub fn flush(&self, client: Arc<str>, gen: u64, to: String, deliveries: Vec<Delivery>) {
@@ -332,7 +391,44 @@ pub struct ClusterState {
     tombstones: HashMap<Arc<str>, (Hlc, Instant)>,
     refused: HashSet<String>,
     registrar: HashMap<Arc<str>, Reg>,
-    claims: HashMap<u64, (RpcReplyPort<Claimed>, Instant)>,
+    /// Our pending claims: reply, deadline, the registrar asked, client id, Clean Start.
+    claims: HashMap<u64, PendingClaim>,
+    /// Replicas of sessions owned by other nodes.
+    replicas: HashMap<Arc<str>, Replica>,
+    /// After a membership change, peers re-announce the sessions (and orphaned replicas) they
+    /// hold to their registrars; claims for client ids this registrar does not know wait for
+    /// those announcements (bounded by `settle_until`).
+    settling: HashSet<Arc<str>>,
+    settle_until: Instant,
+    deferred: Vec<(Arc<str>, Arc<str>, u64, bool)>,
+    /// Appends sent to backups, awaiting their acknowledgement: (node, tokens, deadline).
+    backup_waits: HashMap<u64, (Arc<str>, Vec<Arc<DurableToken>>, Instant)>,
+}
+
+struct PendingClaim {
+    reply: RpcReplyPort<Claimed>,
+    deadline: Instant,
+    registrar: Arc<str>,
+    client: Arc<str>,
+    clean: bool,
+}
+
+/// A replica of a session owned by another node: its last full state and what was delivered since.
+struct Replica {
+    owner: Arc<str>,
+    state: Box<SessionSnapshot>,
+    log: Vec<Delivery>,
+}
+
+impl Replica {
+    /// The session as the owner last had it: state plus logged deliveries it does not show.
+    fn into_snapshot(self) -> Box<SessionSnapshot> {
+        let mut s = self.state;
+        let known: HashSet<u64> = s.inflight.iter().map(|(_, _, d)| d.msg.id).chain(s.queue.iter().map(|d| d.msg.id)).collect();
+        s.queue.extend(self.log.into_iter().filter(|d| !known.contains(&d.msg.id)));
+        s.disconnected_at_ms.get_or_insert_with(now_ms);
+        s
+    }
 }
 
 pub struct ClusterActor;
@@ -395,14 +491,7 @@ impl ClusterState {
 
     /// The registrar of `client`: rendezvous hash over this node and its live peers.
     fn registrar_of(&self, client: &str) -> Arc<str> {
-        let score = |n: &str| {
-            let mut h: u64 = 0xcbf29ce484222325;
-            for b in n.bytes().chain([0u8]).chain(client.bytes()) {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x100000001b3);
-            }
-            h ^ (h >> 29)
-        };
+        let score = |n: &str| rendezvous(n, client);
         let mut best = (score(self.me()), self.a.handle.name.clone());
         for m in self.members.values().filter(|m| m.up) {
             let sc = score(&m.name);
@@ -413,13 +502,36 @@ impl ClusterState {
         best.1
     }
 
+    /// The node the (dead) `owner` chose as backup for `client`: the best of the others alive.
+    fn backup_candidate(&self, client: &str, owner: &str) -> Option<Arc<str>> {
+        let mut live: Vec<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
+        live.push(self.a.handle.name.clone());
+        live.into_iter().filter(|n| &**n != owner).max_by_key(|n| rendezvous(n, client))
+    }
+
     fn is_live(&self, node: &str) -> bool {
         node == self.me() || self.members.get(node).is_some_and(|m| m.up)
     }
 
     /// Registrar: process (or queue) a claim of `client` by `claimant`.
     fn on_claim(&mut self, claimant: Arc<str>, client: Arc<str>, req: u64, clean: bool) {
+        self.claim_at(claimant, client, req, clean, true)
+    }
+
+    fn claim_at(&mut self, claimant: Arc<str>, client: Arc<str>, req: u64, clean: bool, may_defer: bool) {
         let now = Instant::now();
+        // A client id we have no entry for, while membership is settling or while we do not
+        // even consider ourselves its registrar (our view lags the claimant's): wait (bounded).
+        let unknown = !self.registrar.contains_key(&client);
+        let lagging = *self.registrar_of(&client) != *self.me();
+        if unknown && lagging && self.deferred.is_empty() {
+            self.settle_until = self.settle_until.max(now + Duration::from_secs(1));
+        }
+        if may_defer && unknown && (!self.settling.is_empty() || lagging) && now < self.settle_until {
+            tracing::debug!(%client, %claimant, waiting_for = ?self.settling, "claim deferred until peers re-announce");
+            self.deferred.push((claimant, client, req, clean));
+            return;
+        }
         let live_prev = {
             let reg = self.registrar.entry(client.clone()).or_default();
             if reg.busy_until.is_some_and(|t| t > now) {
@@ -433,7 +545,14 @@ impl ClusterState {
             prev
         };
         let gen = self.registrar[&client].gen;
-        match live_prev.filter(|p| *p != claimant && self.is_live(p)) {
+        // A dead owner's session lives on in its backup's replica: ask that node instead (it may
+        // be the claimant itself).
+        let (target, via_replica) = match live_prev {
+            Some(p) if !self.is_live(&p) => (self.backup_candidate(&client, &p), true),
+            other => (other, false),
+        };
+        tracing::debug!(%client, %claimant, ?target, via_replica, gen, "claim");
+        match target.filter(|p| via_replica || *p != claimant) {
             Some(prev) => {
                 if let Some(reg) = self.registrar.get_mut(&client) {
                     reg.waiting = Some((claimant.clone(), req, prev.clone()));
@@ -551,11 +670,18 @@ impl ClusterState {
             d.backoff = min;
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let link = Arc::new(Link { name: Arc::from(name), tx, depth: Arc::new(AtomicUsize::new(0)), drained: Arc::new(Notify::new()) });
-        tokio::spawn(forward_loop(Arc::from(me.as_str()), cell.clone(), rx, link.depth.clone(), link.drained.clone()));
+        let link = Arc::new(Link {
+            name: Arc::from(name),
+            tx,
+            depth: Arc::new(AtomicUsize::new(0)),
+            drained: Arc::new(Notify::new()),
+            waiting: Default::default(),
+        });
+        tokio::spawn(forward_loop(Arc::from(me.as_str()), cell.clone(), rx, link.clone()));
         let mut links = HashMap::clone(&self.a.handle.links.load());
         links.insert(idx, link);
         self.a.handle.links.store(Arc::new(links));
+        self.publish_peers();
         tracing::info!(peer = name, %addr, "cluster member up");
         let _ = self.a.handle.events.send(ClusterEvent::MemberUp { name: Arc::from(name), addr });
         // Full state for the newcomer: our routes (replacing whatever it had) and retained digest.
@@ -563,6 +689,11 @@ impl ClusterState {
         self.send_cell(&cell, &Body::Routes { reset: true, add, del: vec![], ack: None });
         self.send_cell(&cell, &Body::RetainedDigest(self.digest()));
         self.announce_owned();
+    }
+
+    fn publish_peers(&self) {
+        let peers: Vec<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
+        self.a.handle.peers.store(Arc::new(peers));
     }
 
     fn down(&mut self, name: &str, reason: &str) {
@@ -574,7 +705,9 @@ impl ClusterState {
         m.routes.clear();
         let idx = m.idx;
         let mut links = HashMap::clone(&self.a.handle.links.load());
-        links.remove(&idx);
+        if let Some(l) = links.remove(&idx) {
+            l.release_all();
+        }
         self.a.handle.links.store(Arc::new(links));
         self.set_routes();
         let done: Vec<u64> = self
@@ -590,7 +723,7 @@ impl ClusterState {
                 let _ = p.reply.send(());
             }
         }
-        // Claims waiting on the dead node's hand-over proceed without its state.
+        // Claims waiting on the dead node's hand-over go to its backup (replica) instead.
         let mut stuck = Vec::new();
         for (c, r) in self.registrar.iter_mut() {
             if r.waiting.as_ref().is_some_and(|(_, _, prev)| &**prev == name) {
@@ -600,7 +733,34 @@ impl ClusterState {
             }
         }
         for (client, claimant, req, gen) in stuck {
-            self.to(&claimant, &Body::Claimed { client, req, gen, from: None, state: None });
+            match self.backup_candidate(&client, name) {
+                Some(b) => {
+                    if let Some(r) = self.registrar.get_mut(&client) {
+                        r.waiting = Some((claimant.clone(), req, b.clone()));
+                    }
+                    self.to(&b, &Body::HandOver { client, gen, to: claimant.to_string(), clean: false });
+                }
+                None => self.to(&claimant, &Body::Claimed { client, req, gen, from: None, state: None }),
+            }
+        }
+        self.publish_peers();
+        self.backup_waits.retain(|_, (n, _, _)| &**n != name);
+        // Our claims that the dead node was to answer: ask the new registrar.
+        let reissue: Vec<u64> = self.claims.iter().filter(|(_, c)| &*c.registrar == name).map(|(r, _)| *r).collect();
+        for req in reissue {
+            let (client, clean) = match self.claims.get(&req) {
+                Some(c) => (c.client.clone(), c.clean),
+                None => continue,
+            };
+            let registrar = self.registrar_of(&client);
+            if let Some(c) = self.claims.get_mut(&req) {
+                c.registrar = registrar.clone();
+            }
+            self.to(&registrar, &Body::Claim { client, req, clean });
+        }
+        let orphans = self.replicas.values().filter(|r| &*r.owner == name).count();
+        if orphans > 0 {
+            tracing::info!(peer = name, sessions = orphans, "holding replicas of the lost node's sessions");
         }
         self.announce_owned();
         tracing::warn!(peer = name, reason, "cluster member down");
@@ -687,11 +847,26 @@ impl ClusterState {
             m.last_seen = Instant::now();
         }
         match body {
-            Body::Publish(batch) => {
+            Body::Publish { batch, ack } => {
                 let c = &self.a.handle;
                 c.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                // The sender's publishers wait until every persistent session's copy is on its backup.
+                let durable = ack.map(|_| Arc::new(Durable::default()));
                 for f in batch {
-                    self.a.broker.router.publish(f.msg, usize::MAX, crate::broker::Scope::Remote(&f.shared));
+                    self.a.broker.router.publish(f.msg, usize::MAX, crate::broker::Scope::Remote(&f.shared), durable.as_ref());
+                }
+                if let (Some(seq), Some(d)) = (ack, durable) {
+                    let handle = self.a.handle.clone();
+                    tokio::spawn(async move {
+                        d.wait(Duration::from_secs(5)).await;
+                        handle.cast(Local::Send { to: from, body: Box::new(Body::ForwardAck(seq)) });
+                    });
+                }
+            }
+            Body::ForwardAck(seq) => {
+                let idx = self.members.get(from.as_str()).map(|m| m.idx);
+                if let Some(l) = idx.and_then(|i| self.a.handle.link(i)) {
+                    l.acked(seq);
                 }
             }
             Body::Hello { incarnation, addr, members, reply } => {
@@ -776,8 +951,8 @@ impl ClusterState {
             Body::Leave => self.down(&from, "left the cluster"),
             Body::Claim { client, req, clean } => self.on_claim(Arc::from(from.as_str()), client, req, clean),
             Body::Claimed { client: _, req, gen, from: prev, state } => {
-                if let Some((reply, _)) = self.claims.remove(&req) {
-                    let _ = reply.send(Claimed { gen, from: prev, state });
+                if let Some(c) = self.claims.remove(&req) {
+                    let _ = c.reply.send(Claimed { gen, from: prev, state });
                 }
             }
             Body::ClaimDone { client, gen } => {
@@ -799,13 +974,13 @@ impl ClusterState {
                         },
                         None => None,
                     };
-                    handle.handed_over(client, gen, registrar, state);
+                    handle.handed_over(client, gen, registrar, clean, state);
                 });
             }
-            Body::HandedOver { client, gen, state } => {
+            Body::HandedOver { client, gen, state, moving } => {
                 let waiting = self.registrar.get_mut(&client).filter(|r| r.gen == gen).and_then(|r| r.waiting.take());
                 if let Some((claimant, req, _)) = waiting {
-                    let prev = state.is_some().then(|| from.clone());
+                    let prev = moving.then(|| from.clone());
                     self.to(&claimant, &Body::Claimed { client, req, gen, from: prev, state });
                 }
             }
@@ -821,12 +996,38 @@ impl ClusterState {
             }
             Body::Owned(entries) => {
                 let owner: Arc<str> = Arc::from(from.as_str());
+                let settled = self.settling.remove(from.as_str()) && self.settling.is_empty();
                 for (client, gen) in entries {
+                    let live = |n: &Arc<str>| &**n == self.me() || self.members.get(n).is_some_and(|m| m.up);
+                    let current_live = self.registrar.get(&client).and_then(|r| r.owner.as_ref()).is_some_and(live);
                     let reg = self.registrar.entry(client).or_default();
-                    if reg.owner.is_none() || reg.gen < gen {
+                    if reg.owner.is_none() || reg.gen < gen || !current_live {
                         reg.owner = Some(owner.clone());
                         reg.gen = reg.gen.max(gen);
                     }
+                }
+                if settled {
+                    self.settled();
+                }
+            }
+            Body::BackupState { client, state } => {
+                let owner: Arc<str> = Arc::from(from.as_str());
+                self.replicas.insert(client, Replica { owner, state, log: Vec::new() });
+            }
+            Body::BackupAppend { client, deliveries, ack } => {
+                let cap = self.a.broker.config.mqtt.max_queued * 4 + 1024;
+                if let Some(r) = self.replicas.get_mut(&client).filter(|r| *r.owner == *from) {
+                    let room = cap.saturating_sub(r.log.len());
+                    r.log.extend(deliveries.into_iter().take(room));
+                }
+                self.to(&from, &Body::BackupAck(ack));
+            }
+            Body::BackupAck(seq) => {
+                self.backup_waits.remove(&seq);
+            }
+            Body::BackupDrop { client } => {
+                if self.replicas.get(&client).is_some_and(|r| *r.owner == *from) {
+                    self.replicas.remove(&client);
                 }
             }
             Body::Disowned { client, gen } => {
@@ -838,15 +1039,24 @@ impl ClusterState {
         }
     }
 
+    /// Run the claims that waited for re-announcements.
+    fn settled(&mut self) {
+        self.settling.clear();
+        for (claimant, client, req, clean) in std::mem::take(&mut self.deferred) {
+            self.claim_at(claimant, client, req, clean, false);
+        }
+    }
+
     /// After a membership change registrars move: tell each one which sessions live here.
-    fn announce_owned(&self) {
+    fn announce_owned(&mut self) {
+        self.settling = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
+        self.settling.insert(self.a.handle.name.clone());
+        self.settle_until = Instant::now() + Duration::from_secs(1);
         let (broker, handle) = (self.a.broker.clone(), self.a.handle.clone());
         tokio::spawn(async move {
             let Some(r) = broker.registry() else { return };
             if let Ok(ractor::rpc::CallResult::Success(list)) = r.call(RegistryMessage::Owned, Some(Duration::from_secs(10))).await {
-                if !list.is_empty() {
-                    handle.cast(Local::Owned(list));
-                }
+                handle.cast(Local::Owned(list));
             }
         });
     }
@@ -893,11 +1103,11 @@ impl ClusterState {
             }
         }
         // Claims whose registrar never answered: serve the client here without remote state.
-        let late: Vec<u64> = self.claims.iter().filter(|(_, (_, t))| *t <= now).map(|(r, _)| *r).collect();
+        let late: Vec<u64> = self.claims.iter().filter(|(_, c)| c.deadline <= now).map(|(r, _)| *r).collect();
         for r in late {
-            if let Some((reply, _)) = self.claims.remove(&r) {
-                tracing::warn!("session registrar did not answer; serving the client without cluster state");
-                let _ = reply.send(Claimed::default());
+            if let Some(c) = self.claims.remove(&r) {
+                tracing::warn!(client_id = %c.client, "session registrar did not answer; serving the client without cluster state");
+                let _ = c.reply.send(Claimed::default());
             }
         }
         // Registrar: claims held past their time (a claimant died mid-way) let the next one go.
@@ -910,6 +1120,14 @@ impl ClusterState {
             self.next_claim(&c);
         }
         self.tombstones.retain(|_, (_, at)| now.duration_since(*at) < TOMBSTONE_TTL);
+        if now >= self.settle_until && (!self.deferred.is_empty() || !self.settling.is_empty()) {
+            self.settled();
+        }
+        let before = self.backup_waits.len();
+        self.backup_waits.retain(|_, (_, _, t)| *t > now);
+        if self.backup_waits.len() < before {
+            tracing::warn!(appends = before - self.backup_waits.len(), "backup node did not acknowledge in time");
+        }
         self.redial(now);
     }
 
@@ -950,23 +1168,35 @@ fn peer_name(full: &str) -> String {
     full.split('@').next().unwrap_or(full).to_string()
 }
 
-async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedReceiver<Forward>, depth: Arc<AtomicUsize>, drained: Arc<Notify>) {
+async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedReceiver<(Forward, Option<Arc<Durable>>)>, link: Arc<Link>) {
+    let (depth, drained) = (link.depth.clone(), link.drained.clone());
     let target: ActorRef<ClusterMsg> = cell.into();
     let mut batch = Vec::with_capacity(BATCH);
-    while let Some(f) = rx.recv().await {
+    let mut waiters = Vec::new();
+    let mut seq = 0u64;
+    while let Some((f, d)) = rx.recv().await {
         let mut bytes = f.msg.payload.len();
         batch.push(f);
+        waiters.extend(d);
         while batch.len() < BATCH && bytes < BATCH_BYTES {
             match rx.try_recv() {
-                Ok(f) => {
+                Ok((f, d)) => {
                     bytes += f.msg.payload.len();
                     batch.push(f);
+                    waiters.extend(d);
                 }
                 Err(_) => break,
             }
         }
         let n = batch.len();
-        let frame = wire::encode(&me, &Body::Publish(std::mem::take(&mut batch)));
+        let ack = (!waiters.is_empty()).then(|| {
+            seq += 1;
+            if let Ok(mut m) = link.waiting.lock() {
+                m.insert(seq, std::mem::take(&mut waiters));
+            }
+            seq
+        });
+        let frame = wire::encode(&me, &Body::Publish { batch: std::mem::take(&mut batch), ack });
         depth.fetch_sub(n, Ordering::Relaxed);
         drained.notify_waiters();
         if target.cast(ClusterMsg::Wire(frame)).is_err() {
@@ -976,6 +1206,12 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
     // The peer is gone: release anyone waiting on this queue.
     depth.store(0, Ordering::Relaxed);
     drained.notify_waiters();
+    while let Ok((_, d)) = rx.try_recv() {
+        if let Some(d) = d {
+            d.done();
+        }
+    }
+    link.release_all();
 }
 
 impl Actor for ClusterActor {
@@ -1012,6 +1248,11 @@ impl Actor for ClusterActor {
             refused: HashSet::new(),
             registrar: HashMap::new(),
             claims: HashMap::new(),
+            replicas: HashMap::new(),
+            backup_waits: HashMap::new(),
+            settling: HashSet::new(),
+            settle_until: now,
+            deferred: Vec::new(),
         })
     }
 
@@ -1055,32 +1296,60 @@ impl Actor for ClusterActor {
             ClusterMsg::Local(Local::Claim { client, clean, reply }) => {
                 st.seq += 1;
                 let req = st.seq;
-                st.claims.insert(req, (reply, Instant::now() + CLAIM_HOLD));
                 let registrar = st.registrar_of(&client);
-                st.to(&registrar, &Body::Claim { client, req, clean });
+                st.to(&registrar, &Body::Claim { client: client.clone(), req, clean });
+                st.claims.insert(req, PendingClaim { reply, deadline: Instant::now() + CLAIM_HOLD, registrar, client, clean });
             }
             ClusterMsg::Local(Local::ClaimDone { client, gen }) => {
                 let registrar = st.registrar_of(&client);
                 st.to(&registrar, &Body::ClaimDone { client, gen });
             }
             ClusterMsg::Local(Local::Release { client, gen, to }) => st.to(&to, &Body::Release { client, gen }),
-            ClusterMsg::Local(Local::HandedOver { client, gen, registrar, state }) => {
-                st.to(&registrar, &Body::HandedOver { client, gen, state });
+            ClusterMsg::Local(Local::HandedOver { client, gen, registrar, clean, state }) => {
+                // No live session here: a replica (its owner died) serves instead.
+                let moving = state.is_some();
+                let replica = st.replicas.remove(&client);
+                tracing::debug!(%client, has_state = state.is_some(), replica = ?replica.as_ref().map(|r| (r.log.len(), r.state.queue.len(), r.state.inflight.len(), r.state.subscriptions.len())), "hand-over answer");
+                let state = match (state, replica) {
+                    (Some(s), _) => Some(s),
+                    (None, Some(r)) if !clean => Some(r.into_snapshot()),
+                    _ => None,
+                };
+                st.to(&registrar, &Body::HandedOver { client, gen, state, moving });
             }
+            ClusterMsg::Local(Local::BackupState { to, client, state }) => st.to(&to, &Body::BackupState { client, state }),
+            ClusterMsg::Local(Local::BackupAppend { to, client, deliveries, tokens }) => {
+                st.seq += 1;
+                let ack = st.seq;
+                let deadline = Instant::now() + Duration::from_secs(5);
+                st.to(&to, &Body::BackupAppend { client, deliveries, ack });
+                st.backup_waits.insert(ack, (to, tokens, deadline));
+            }
+            ClusterMsg::Local(Local::BackupDrop { to, client }) => st.to(&to, &Body::BackupDrop { client }),
             ClusterMsg::Local(Local::Flush { client, gen, to, deliveries }) => st.to(&to, &Body::Flush { client, gen, deliveries }),
             // An empty acknowledged route update: each peer answers after everything it sent before.
             ClusterMsg::Local(Local::Barrier(reply)) => st.acked_routes(vec![], reply),
-            ClusterMsg::Local(Local::Owned(list)) => {
+            ClusterMsg::Local(Local::Owned(mut list)) => {
+                // Our sessions, and replicas whose owner is gone (we answer for those now), to
+                // their registrars; every live node gets an announcement, if only an empty one.
+                list.extend(st.replicas.iter().filter(|(_, r)| !st.is_live(&r.owner)).map(|(c, _)| (c.clone(), 0)));
                 let mut by: HashMap<Arc<str>, Vec<(Arc<str>, u64)>> = HashMap::new();
+                for m in st.members.values().filter(|m| m.up) {
+                    by.insert(m.name.clone(), Vec::new());
+                }
                 for (c, g) in list {
                     by.entry(st.registrar_of(&c)).or_default().push((c, g));
                 }
                 for (reg, entries) in by {
+                    if entries.is_empty() {
+                        st.to(&reg, &Body::Owned(Vec::new()));
+                    }
                     for chunk in entries.chunks(4096) {
                         st.to(&reg, &Body::Owned(chunk.to_vec()));
                     }
                 }
             }
+            ClusterMsg::Local(Local::Send { to, body }) => st.to(&to, &body),
             ClusterMsg::Local(Local::Disowned { client, gen }) => {
                 let registrar = st.registrar_of(&client);
                 st.to(&registrar, &Body::Disowned { client, gen });

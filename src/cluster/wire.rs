@@ -60,7 +60,10 @@ pub enum Body {
     /// asks for a [`Body::RouteAck`] once applied.
     Routes { reset: bool, add: Vec<Arc<str>>, del: Vec<Arc<str>>, ack: Option<u64> },
     RouteAck(u64),
-    Publish(Vec<Forward>),
+    /// Forwarded publishes; with `ack`, answer [`Body::ForwardAck`] once every copy for a
+    /// persistent session is on its backup node.
+    Publish { batch: Vec<Forward>, ack: Option<u64> },
+    ForwardAck(u64),
     Retained(Vec<RetainedEntry>),
     /// (topic, clock) of every retained entry and tombstone the sender has; the receiver answers
     /// with the entries the sender lacks or has older (both sides send one on link-up).
@@ -81,7 +84,8 @@ pub enum Body {
     /// deliveries until `Release`).
     HandOver { client: Arc<str>, gen: u64, to: String, clean: bool },
     /// Previous owner → registrar.
-    HandedOver { client: Arc<str>, gen: u64, state: Option<Box<SessionSnapshot>> },
+    /// `moving`: the state comes from a live session that buffers until `Release` (not from a replica).
+    HandedOver { client: Arc<str>, gen: u64, state: Option<Box<SessionSnapshot>>, moving: bool },
     /// New owner → previous owner: my routes are in place everywhere.
     Release { client: Arc<str>, gen: u64 },
     /// Previous owner → new owner: what arrived for the client during the hand-over, in order.
@@ -90,6 +94,14 @@ pub enum Body {
     Owned(Vec<(Arc<str>, u64)>),
     /// Owner → registrar: the session ended.
     Disowned { client: Arc<str>, gen: u64 },
+
+    // Durable sessions: each persistent session's owner keeps a replica on one backup node.
+    /// Full state (replaces the replica and its log).
+    BackupState { client: Arc<str>, state: Box<SessionSnapshot> },
+    /// Deliveries since the last state; answer `BackupAck(ack)` once stored.
+    BackupAppend { client: Arc<str>, deliveries: Vec<Delivery>, ack: u64 },
+    BackupAck(u64),
+    BackupDrop { client: Arc<str> },
 }
 
 fn config() -> impl bincode::config::Config {

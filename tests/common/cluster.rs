@@ -65,7 +65,7 @@ impl TestCluster {
             .arg("--config")
             .arg(&config)
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", std::env::var("THINGSD_TEST_LOG").unwrap_or_else(|_| "warn,thingsd=info".into()))
+            .env("RUST_LOG", std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn,thingsd=info".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -81,7 +81,7 @@ impl TestCluster {
         let name = self.nodes[i].name.clone();
         tokio::spawn(async move {
             while let Ok(Some(l)) = lines.next_line().await {
-                if std::env::var("THINGSD_TEST_LOG").is_ok() {
+                if std::env::var("TEST_NODE_LOG").is_ok() {
                     eprintln!("[{name}] {l}");
                 }
             }

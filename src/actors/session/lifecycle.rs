@@ -12,10 +12,12 @@ impl SessionState {
             }
         }
         let present = !a.clean_start;
+        tracing::debug!(client_id = %self.client_id, present, pending = self.pending.len(), inflight = self.inflight.len(), subs = self.subs.len(), "attach");
         self.protocol = a.conn.protocol;
         self.will = a.will;
         self.will_due = None;
         self.expiry = a.expiry;
+        self.load.persistent.store(self.expiry > 0, Ordering::Relaxed);
         self.generation += 1;
         self.disconnected_at = None;
         self.load.online.store(true, Ordering::Relaxed);
@@ -51,6 +53,7 @@ impl SessionState {
         self.disconnected_at = Some(now_ms());
         if let Some(e) = expiry {
             self.expiry = e;
+            self.load.persistent.store(e > 0, Ordering::Relaxed);
         }
         self.redistribute_shared(me);
         match will {
@@ -140,11 +143,13 @@ impl SessionState {
         self.subs.clear();
         // Deliveries that raced with the end are dropped with the session.
         let _ = self.load.take();
+        self.drop_backup();
         self.broker.store.remove_session(&self.client_id);
         if let Some(r) = self.broker.registry() {
             let _ = r.cast(RegistryMessage::SessionEnded { client_id: self.client_id.clone(), id: me.get_id() });
         }
         self.expiry = 0;
+        self.load.persistent.store(false, Ordering::Relaxed);
         me.stop(None);
     }
 
@@ -153,7 +158,53 @@ impl SessionState {
             return;
         }
         let snap = self.snapshot();
+        if let Some(c) = self.broker.cluster.get() {
+            match c.backup_for(&self.client_id) {
+                Some(to) => {
+                    if self.backup.as_deref() != Some(&*to) {
+                        if let Some(old) = self.backup.take() {
+                            c.backup_drop(old, self.client_id.clone());
+                        }
+                        self.backup = Some(to.clone());
+                    }
+                    c.backup_state(to, self.client_id.clone(), Box::new(snap.clone()));
+                }
+                None => self.backup = None,
+            }
+        }
         self.broker.store.put_session(snap);
+    }
+
+    /// Durable sessions: append this round's QoS>0 deliveries to the backup node (sending the
+    /// full state first when the backup is new). The publishers' tokens travel along and are
+    /// released when the backup acknowledges.
+    pub(super) fn replicate(&mut self) {
+        let deliveries = std::mem::take(&mut self.to_backup);
+        let tokens = std::mem::take(&mut self.tokens);
+        let Some(c) = self.broker.cluster.get() else { return };
+        let Some(to) = c.backup_for(&self.client_id) else {
+            self.backup = None; // alone: nothing to replicate to
+            return;
+        };
+        if self.backup.as_deref() != Some(&*to) {
+            if let Some(old) = self.backup.take() {
+                c.backup_drop(old, self.client_id.clone());
+            }
+            c.backup_state(to.clone(), self.client_id.clone(), Box::new(self.snapshot()));
+            self.backup = Some(to.clone());
+        }
+        if !deliveries.is_empty() {
+            c.backup_append(to, self.client_id.clone(), deliveries, tokens);
+        }
+    }
+
+    /// The replica elsewhere is no longer needed (the session ended or moved).
+    fn drop_backup(&mut self) {
+        self.to_backup.clear();
+        self.tokens.clear();
+        if let (Some(to), Some(c)) = (self.backup.take(), self.broker.cluster.get()) {
+            c.backup_drop(to, self.client_id.clone());
+        }
     }
 
     fn snapshot(&self) -> SessionSnapshot {
@@ -191,6 +242,7 @@ impl SessionState {
             return None;
         }
         let snap = self.snapshot();
+        self.drop_backup();
         // The state now travels; nothing of it stays to be redelivered or persisted here.
         self.inflight.clear();
         self.pending.clear();
@@ -245,6 +297,7 @@ impl SessionState {
     pub(super) async fn restore(&mut self, me: &ActorRef<SessionMessage>, s: SessionSnapshot) {
         self.protocol = s.protocol;
         self.expiry = s.expiry_secs;
+        self.load.persistent.store(self.expiry > 0, Ordering::Relaxed);
         for (f, o, id) in s.subscriptions {
             if self.add_route(me, &f, o, id).await {
                 self.subs.insert(f, (o, id));

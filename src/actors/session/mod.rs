@@ -184,6 +184,11 @@ pub struct SessionState {
     kicked: bool,
     moving: Option<Box<Moving>>,
     held: Option<Box<Held>>,
+    /// Durable sessions (cluster): the node holding this session's replica, and the QoS>0
+    /// deliveries (with their publishers' wait tokens) still to append there.
+    backup: Option<Arc<str>>,
+    to_backup: Vec<Delivery>,
+    tokens: Vec<Arc<crate::message::DurableToken>>,
 }
 
 pub(super) enum Sent {
@@ -222,6 +227,9 @@ impl Actor for SessionActor {
             kicked: false,
             moving: None,
             held: None,
+            backup: None,
+            to_backup: Vec::new(),
+            tokens: Vec::new(),
         };
         if let Some((gen, _from)) = args.held {
             st.held = Some(Box::new(Held { gen, buffer: Vec::new() }));
@@ -333,6 +341,9 @@ impl Actor for SessionActor {
                     let _ = r.send(());
                 }
             }
+        }
+        if !st.to_backup.is_empty() || !st.tokens.is_empty() {
+            st.replicate();
         }
         if delivery || st.load.pressure.load(Ordering::Relaxed) {
             let low = st.broker.high_water() / 2;

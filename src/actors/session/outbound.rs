@@ -48,9 +48,16 @@ impl SessionState {
 
     /// Queue a delivery (bounded) and send what the window and the socket queue allow. QoS 0
     /// waits in the same queue while the socket is busy, so it counts towards backpressure.
-    pub(super) fn deliver(&mut self, me: &ActorRef<SessionMessage>, d: Delivery) {
+    pub(super) fn deliver(&mut self, me: &ActorRef<SessionMessage>, mut d: Delivery) {
+        // A publisher may be waiting for this copy to reach the backup node (see `replicate`);
+        // dropping the token without replicating releases it.
+        let token = d.durable.take();
         if d.msg.expired(now_ms()) {
             return;
+        }
+        if self.persistent() && d.qos != QoS::AtMostOnce && self.moving.is_none() && self.broker.cluster.get().is_some() {
+            self.to_backup.push(d.clone());
+            self.tokens.extend(token);
         }
         // During a cross-node hand-over, deliveries wait (bounded like the queue) for the other side.
         let cap = self.broker.config.mqtt.max_queued * 2 + self.broker.config.mqtt.max_inflight as usize;

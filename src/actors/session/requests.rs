@@ -90,6 +90,7 @@ impl SessionState {
                         retain: true,
                         sub_ids: sub_id.into_iter().collect(),
                         shared: None,
+                        durable: None,
                     });
                 }
             }
