@@ -123,23 +123,35 @@ impl Broker {
     }
 
     /// Route, then wait (bounded) while an online subscriber is congested: a fast publisher is
-    /// slowed to its subscribers' pace instead of overflowing their queues.
+    /// slowed to its subscribers' pace instead of overflowing their queues. In a cluster, also
+    /// wait until the message is durable (see `publish_routed`).
     pub async fn publish_with_backpressure(&self, msg: Arc<Message>) -> usize {
+        let (n, durable) = self.publish_routed(msg).await;
+        if let Some(d) = durable {
+            Broker::wait_durable(&d).await;
+        }
+        n
+    }
+
+    /// Route with backpressure; in a cluster, a QoS>0 message also returns what its
+    /// acknowledgement must wait for: every persistent session's copy on that session's backup
+    /// node, and forwarded copies acknowledged by their nodes (which includes their backups).
+    pub async fn publish_routed(&self, msg: Arc<Message>) -> (usize, Option<Arc<Durable>>) {
         let high = self.high_water();
-        // In a cluster, a QoS 1 message is acknowledged only once every persistent session's copy
-        // is on that session's backup node (and forwarded copies are, on their nodes).
-        let durable = (self.cluster.get().is_some() && msg.qos != QoS::AtMostOnce).then(|| Arc::new(crate::message::Durable::default()));
+        let durable = (self.cluster.get().is_some() && msg.qos != QoS::AtMostOnce).then(|| Arc::new(Durable::default()));
         let (n, worst) = self.router.publish(msg, high, self.scope(), durable.as_ref());
         self.wait_for(worst).await;
         if let Some(c) = self.cluster.get() {
             c.pace(self.config.mqtt.outbound_queue.max(high) * 4, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;
         }
-        if let Some(d) = durable {
-            if !d.wait(std::time::Duration::from_secs(5)).await {
-                tracing::warn!("replication to backup nodes timed out; acknowledging anyway");
-            }
+        (n, durable)
+    }
+
+    /// Wait (bounded) for a message to be durable; a timeout is logged and the caller goes on.
+    pub async fn wait_durable(d: &Durable) {
+        if !d.wait(std::time::Duration::from_secs(5)).await {
+            tracing::warn!("replication to backup nodes timed out; acknowledging anyway");
         }
-        n
     }
 
     /// Wait (bounded) while an online subscriber of `topic` is congested.
@@ -148,7 +160,7 @@ impl Broker {
         self.wait_for(worst).await;
     }
 
-    async fn wait_for(&self, worst: Option<Arc<Load>>) {
+    pub async fn wait_for(&self, worst: Option<Arc<Load>>) {
         if let Some(load) = worst {
             load.wait_below(self.high_water(), std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;
         }

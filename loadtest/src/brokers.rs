@@ -143,3 +143,68 @@ next_connection_delay_ms = 0
     wait_ready(addr).await?;
     Ok(Broker { name: kind.into(), addr, child: Some(child), _dir: dir })
 }
+
+/// A local thingsd cluster of `n` nodes (same layout as `thingsd dev-cluster`); returns once
+/// every node has logged all its peers up. Brokers are named `thingsd-A`, `thingsd-B`, ….
+pub async fn start_cluster(n: usize, max_conns: usize) -> anyhow::Result<Vec<Broker>> {
+    use thingsd::dev::{write_config, Ready};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let dir = scratch("cluster")?;
+    let exe = thingsd_binary()?;
+    let mut nodes = Vec::new();
+    let mut seeds: Vec<String> = Vec::new();
+    let mut ups = Vec::new();
+    for i in 1..=n {
+        let config = write_config(&dir, i, &seeds, Ready::default())?;
+        let mut child = Command::new(&exe)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn,thingsd=info")
+            .env("NO_COLOR", "1")
+            .env("THINGSD_MQTT__MAX_CONNECTIONS", (max_conns + 100).to_string())
+            .env("THINGSD_NODE__PERSIST_INTERVAL_MS", "1000")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let ready = loop {
+            let l = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await??.context("node exited")?;
+            if let Some(r) = Ready::parse(&l) {
+                break r;
+            }
+        };
+        if seeds.is_empty() {
+            seeds.push(ready.cluster.context("cluster address")?.to_string());
+        }
+        let (tx, rx) = tokio::sync::watch::channel(0usize);
+        tokio::spawn(async move {
+            let mut up = 0;
+            while let Ok(Some(l)) = lines.next_line().await {
+                if l.contains("cluster member up") {
+                    up += 1;
+                    let _ = tx.send(up);
+                } else if l.contains("cluster member down") {
+                    up -= 1;
+                    let _ = tx.send(up);
+                }
+            }
+        });
+        ups.push(rx);
+        let name = format!("thingsd-{}", (b'A' + i as u8 - 1) as char);
+        nodes.push(Broker { name, addr: ready.mqtt.context("mqtt address")?, child: Some(child), _dir: dir.clone() });
+    }
+    for rx in &mut ups {
+        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|up| *up + 1 >= n)).await.context("cluster did not form")??;
+    }
+    Ok(nodes)
+}
+
+impl Broker {
+    /// SIGKILL the broker process now.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+}

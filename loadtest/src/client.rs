@@ -56,17 +56,14 @@ pub async fn connect(addr: SocketAddr, source: Option<std::net::IpAddr>, id: &st
     let mut b = BytesMut::new();
     encode(&Packet::Connect(Box::new(c)), Protocol::V4, &mut b);
     s.write_all(&b).await?;
-    let mut buf = BytesMut::new();
-    loop {
-        if let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
-            match p {
-                Packet::ConnAck(a) if a.code == 0 => return Ok(s),
-                other => bail!("connect refused: {other:?}"),
-            }
-        }
-        if s.read_buf(&mut buf).await? == 0 {
-            bail!("closed during connect");
-        }
+    // A 3.1.1 CONNACK is exactly 4 bytes; read only those, so packets the broker sends right
+    // after it (a resumed session's queue) stay in the socket for the receiver.
+    let mut ack = [0u8; 4];
+    s.read_exact(&mut ack).await.context("closed during connect")?;
+    let mut buf = BytesMut::from(&ack[..]);
+    match decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
+        Some(Packet::ConnAck(a)) if a.code == 0 => Ok(s),
+        other => bail!("connect refused: {other:?}"),
     }
 }
 

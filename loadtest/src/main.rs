@@ -22,7 +22,7 @@ struct Opts {
     window: usize,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]";
 
 fn parse() -> anyhow::Result<Opts> {
@@ -227,6 +227,10 @@ async fn main() -> anyhow::Result<()> {
         o.brokers, o.scenarios, o.qos as u8, o.payload
     );
     for sc in &o.scenarios {
+        if let Some(r) = cluster_scenario(&o, sc).await? {
+            r.print();
+            continue;
+        }
         let mut rows = Vec::new();
         for name in &o.brokers {
             let max_conns = o.connections.max(o.publishers + o.subscribers) + 10;
@@ -275,4 +279,128 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Figures of one cluster scenario, printed as a small table.
+struct ClusterReport {
+    title: String,
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+impl ClusterReport {
+    fn print(&self) {
+        println!("\n== {}", self.title);
+        println!("{:<26} {:>12} {:>9} {:>9} {:>9} {:>8} {:>6}", "setup", "msgs/s", "p50 ms", "p99 ms", "max ms", "lost", "dup");
+        for r in &self.rows {
+            println!("{:<26} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>6}", r.broker, r.rate, r.p50, r.p99, r.max, r.lost, r.dup);
+        }
+        for n in &self.notes {
+            println!("{n}");
+        }
+    }
+}
+
+/// 1 -> 1 between two given addresses (publisher on `from`, subscriber on `to`).
+async fn pubsub_between(o: &Opts, from: std::net::SocketAddr, to: std::net::SocketAddr, label: &str) -> anyhow::Result<Row> {
+    let base = Instant::now();
+    let mut s = client::connect(to, None, &format!("lt-sub-{label}"), true).await?;
+    client::subscribe(&mut s, &format!("bench/{label}"), o.qos).await?;
+    let p = client::connect(from, None, &format!("lt-pub-{label}"), true).await?;
+    let rx = tokio::spawn(client::receive(s, o.messages, IDLE, base));
+    let start = Instant::now();
+    client::publish_all(p, 0, &format!("bench/{label}"), o.qos, o.messages, o.window, o.payload, base).await?;
+    Ok(merge(vec![(rx.await??, o.messages)], label, start))
+}
+
+/// `cluster`: cross-node 1 -> 1 on a 2-node cluster, against thingsd single-node in the same run.
+/// `takeover`: CONNECT -> CONNACK time when the session lives on the other node.
+/// `killowner`: queued QoS 1 messages of a persistent session survive SIGKILL of its node.
+async fn cluster_scenario(o: &Opts, sc: &str) -> anyhow::Result<Option<ClusterReport>> {
+    match sc {
+        "cluster" => {
+            let single = brokers::start("thingsd", 100).await?;
+            let mut one = pubsub_between(o, single.addr, single.addr, "single").await?;
+            one.broker = "thingsd, one node".into();
+            single.stop().await;
+            let nodes = brokers::start_cluster(2, 100).await?;
+            let mut cross = pubsub_between(o, nodes[0].addr, nodes[1].addr, "cross").await?;
+            cross.broker = "thingsd, node A -> node B".into();
+            let mut local = pubsub_between(o, nodes[0].addr, nodes[0].addr, "local").await?;
+            local.broker = "thingsd cluster, same node".into();
+            let ratio = cross.rate / one.rate;
+            for n in nodes {
+                n.stop().await;
+            }
+            Ok(Some(ClusterReport {
+                title: format!("cluster: 1 -> 1 across nodes, {} messages, QoS {}", o.messages, o.qos as u8),
+                notes: vec![format!("ratio cross-node / single node: {ratio:.2}")],
+                rows: vec![one, local, cross],
+            }))
+        }
+        "takeover" => {
+            let nodes = brokers::start_cluster(3, 100).await?;
+            let rounds = 200;
+            let mut times = Vec::with_capacity(rounds);
+            let mut old: Option<tokio::net::TcpStream> = None;
+            for i in 0..rounds {
+                let t = Instant::now();
+                let s = client::connect(nodes[i % 3].addr, None, "lt-hopper", false).await?;
+                times.push(t.elapsed().as_micros() as u32);
+                drop(old.replace(s));
+            }
+            for n in nodes {
+                n.stop().await;
+            }
+            let mut v = times.clone();
+            Ok(Some(ClusterReport {
+                title: format!("takeover: {rounds} CONNECTs of one persistent client id, each on the next of 3 nodes"),
+                rows: vec![Row {
+                    broker: "CONNECT -> CONNACK".into(),
+                    rate: rounds as f64 / (times.iter().map(|t| *t as f64).sum::<f64>() / 1e6),
+                    p50: pct(&mut v, 0.5),
+                    p99: pct(&mut v, 0.99),
+                    max: pct(&mut v, 1.0),
+                    lost: 0,
+                    dup: 0,
+                    extra: String::new(),
+                }],
+                notes: vec!["(msgs/s column: takeovers per second, sequential)".into()],
+            }))
+        }
+        "killowner" => {
+            let mut nodes = brokers::start_cluster(3, 100).await?;
+            let q = o.messages.min(1000);
+            // A persistent subscriber on node C, offline; QoS 1 messages published on node A.
+            let mut s = client::connect(nodes[2].addr, None, "lt-durable", false).await?;
+            client::subscribe(&mut s, "bench/durable", thingsd::protocols::mqtt::QoS::AtLeastOnce).await?;
+            drop(s);
+            tokio::time::sleep(Duration::from_millis(200)).await; // the broker notices the close
+            let base = Instant::now();
+            let p = client::connect(nodes[0].addr, None, "lt-durable-pub", true).await?;
+            client::publish_all(p, 0, "bench/durable", thingsd::protocols::mqtt::QoS::AtLeastOnce, q, 1, o.payload, base).await?;
+            nodes[2].kill().await;
+            let s = client::connect(nodes[1].addr, None, "lt-durable", false).await?;
+            let r = client::receive(s, q, IDLE, base).await?;
+            let got = r.unique();
+            for n in nodes {
+                n.stop().await;
+            }
+            Ok(Some(ClusterReport {
+                title: format!("killowner: {q} acknowledged QoS 1 messages queued for an offline persistent session; its node is SIGKILLed"),
+                rows: vec![Row {
+                    broker: "reconnect on another node".into(),
+                    rate: f64::NAN,
+                    p50: f64::NAN,
+                    p99: f64::NAN,
+                    max: f64::NAN,
+                    lost: q.saturating_sub(got),
+                    dup: r.dups,
+                    extra: String::new(),
+                }],
+                notes: vec![format!("received {got} of {q}")],
+            }))
+        }
+        _ => Ok(None),
+    }
 }

@@ -34,6 +34,10 @@ use wire::{Body, Forward, Hlc, RetainedEntry};
 pub const GROUP: &str = "thingsd.cluster";
 /// Forwards per frame at most (a frame also stops growing past ~1 MiB of payload).
 const BATCH: usize = 512;
+/// Frames of forwards a peer has not acknowledged yet, at most. While they are out, new
+/// forwards accumulate into the next (larger) frame: batching follows load, and a slow peer
+/// slows its publishers (through the link depth) instead of overflowing its subscribers.
+const FRAMES_IN_FLIGHT: usize = 4;
 const BATCH_BYTES: usize = 1 << 20;
 /// Tombstones of deleted retained messages are kept this long for convergence.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
@@ -142,6 +146,9 @@ pub struct Link {
     drained: Arc<Notify>,
     /// Publishers waiting for the peer to confirm a batch is durable there, by batch number.
     waiting: Arc<std::sync::Mutex<HashMap<u64, Vec<Arc<Durable>>>>>,
+    /// Frames sent and not yet acknowledged, and a wake-up when one is.
+    in_flight: AtomicUsize,
+    credit: Notify,
 }
 
 impl Link {
@@ -164,6 +171,22 @@ impl Link {
         for d in ws.into_iter().flatten() {
             d.done();
         }
+        let _ = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.credit.notify_one();
+    }
+
+    /// Wait (bounded) for room among the frames in flight.
+    async fn room(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let n = self.credit.notified();
+                if self.in_flight.load(Ordering::Acquire) < FRAMES_IN_FLIGHT {
+                    return;
+                }
+                n.await;
+            }
+        })
+        .await;
     }
 
     /// The peer is gone: nobody waits for it any more.
@@ -676,6 +699,8 @@ impl ClusterState {
             depth: Arc::new(AtomicUsize::new(0)),
             drained: Arc::new(Notify::new()),
             waiting: Default::default(),
+            in_flight: AtomicUsize::new(0),
+            credit: Notify::new(),
         });
         tokio::spawn(forward_loop(Arc::from(me.as_str()), cell.clone(), rx, link.clone()));
         let mut links = HashMap::clone(&self.a.handle.links.load());
@@ -850,16 +875,26 @@ impl ClusterState {
             Body::Publish { batch, ack } => {
                 let c = &self.a.handle;
                 c.received.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                // The sender's publishers wait until every persistent session's copy is on its backup.
-                let durable = ack.map(|_| Arc::new(Durable::default()));
+                // Acknowledge once subscribers kept up (bounded) and persistent copies are on
+                // their backups; the sender keeps only a few frames unacknowledged.
+                let durable = Arc::new(Durable::default());
+                let broker = self.a.broker.clone();
+                let high = broker.high_water();
+                let mut worst: Option<Arc<crate::actors::load::Load>> = None;
                 for f in batch {
-                    self.a.broker.router.publish(f.msg, usize::MAX, crate::broker::Scope::Remote(&f.shared), durable.as_ref());
+                    let (_, w) = broker.router.publish(f.msg, high, crate::broker::Scope::Remote(&f.shared), Some(&durable));
+                    if let Some(w) = w.filter(|w| worst.as_ref().is_none_or(|x| x.depth() < w.depth())) {
+                        worst = Some(w);
+                    }
                 }
-                if let (Some(seq), Some(d)) = (ack, durable) {
-                    let handle = self.a.handle.clone();
+                let handle = self.a.handle.clone();
+                if worst.is_none() && durable.is_done() {
+                    self.to(&from, &Body::ForwardAck(ack));
+                } else {
                     tokio::spawn(async move {
-                        d.wait(Duration::from_secs(5)).await;
-                        handle.cast(Local::Send { to: from, body: Box::new(Body::ForwardAck(seq)) });
+                        broker.wait_for(worst).await;
+                        durable.wait(Duration::from_secs(5)).await;
+                        handle.cast(Local::Send { to: from, body: Box::new(Body::ForwardAck(ack)) });
                     });
                 }
             }
@@ -1175,6 +1210,7 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
     let mut waiters = Vec::new();
     let mut seq = 0u64;
     while let Some((f, d)) = rx.recv().await {
+        link.room().await;
         let mut bytes = f.msg.payload.len();
         batch.push(f);
         waiters.extend(d);
@@ -1189,13 +1225,14 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
             }
         }
         let n = batch.len();
-        let ack = (!waiters.is_empty()).then(|| {
-            seq += 1;
+        seq += 1;
+        let ack = seq;
+        if !waiters.is_empty() {
             if let Ok(mut m) = link.waiting.lock() {
                 m.insert(seq, std::mem::take(&mut waiters));
             }
-            seq
-        });
+        }
+        link.in_flight.fetch_add(1, Ordering::AcqRel);
         let frame = wire::encode(&me, &Body::Publish { batch: std::mem::take(&mut batch), ack });
         depth.fetch_sub(n, Ordering::Relaxed);
         drained.notify_waiters();

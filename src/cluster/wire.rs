@@ -60,9 +60,10 @@ pub enum Body {
     /// asks for a [`Body::RouteAck`] once applied.
     Routes { reset: bool, add: Vec<Arc<str>>, del: Vec<Arc<str>>, ack: Option<u64> },
     RouteAck(u64),
-    /// Forwarded publishes; with `ack`, answer [`Body::ForwardAck`] once every copy for a
-    /// persistent session is on its backup node.
-    Publish { batch: Vec<Forward>, ack: Option<u64> },
+    /// Forwarded publishes. The receiver answers [`Body::ForwardAck`] once they are routed,
+    /// congested subscribers have caught up (bounded) and every copy for a persistent session
+    /// is on its backup node: flow control and durability in one.
+    Publish { batch: Vec<Forward>, ack: u64 },
     ForwardAck(u64),
     Retained(Vec<RetainedEntry>),
     /// (topic, clock) of every retained entry and tombstone the sender has; the receiver answers

@@ -263,6 +263,11 @@ where
         }
     };
     tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
+    let acker = broker.cluster.get().map(|_| {
+        let (atx, arx) = mpsc::channel(broker.config.mqtt.max_inflight.max(1) as usize);
+        tokio::spawn(ack_in_order(arx, tx.clone()));
+        atx
+    });
     let conn = Conn {
         broker: broker.clone(),
         client_id,
@@ -275,6 +280,7 @@ where
         acks: Vec::new(),
         session_lost: false,
         qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
+        acker,
     };
     Some(Established { conn, conn_id, keep_alive, cancel, writer, _gauge: gauge })
 }
@@ -376,6 +382,21 @@ struct Conn {
     /// max_queued / 2) plus this read-ahead (at most max_queued / 4) stays under max_queued).
     qos2_routing: Arc<tokio::sync::Semaphore>,
     session_lost: bool,
+    /// In a cluster: QoS 1 acknowledgements wait (in order, without stopping the read loop)
+    /// until their message is durable.
+    acker: Option<mpsc::Sender<(Packet, Option<Arc<crate::message::Durable>>)>>,
+}
+
+/// Send PUBACKs in order, each once its message is durable.
+async fn ack_in_order(mut rx: mpsc::Receiver<(Packet, Option<Arc<crate::message::Durable>>)>, tx: mpsc::Sender<Outbound>) {
+    while let Some((p, d)) = rx.recv().await {
+        if let Some(d) = d {
+            Broker::wait_durable(&d).await;
+        }
+        if tx.send(Outbound::Packet(Box::new(p))).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Conn {
@@ -527,9 +548,15 @@ impl Conn {
                 }
             }
             QoS::AtLeastOnce => {
-                let n = if routable { self.broker.publish_with_backpressure(msg).await } else { 0 };
+                let (n, durable) = if routable { self.broker.publish_routed(msg).await } else { (0, None) };
                 let code = if n == 0 && v5 { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
-                self.send(Packet::PubAck(Ack::new(p.pkid, code))).await;
+                let ack = Packet::PubAck(Ack::new(p.pkid, code));
+                match &self.acker {
+                    Some(a) => {
+                        let _ = a.send((ack, durable)).await;
+                    }
+                    None => self.send(ack).await,
+                }
             }
             QoS::ExactlyOnce => {
                 // Through the session even when not routable: it owns the exactly-once state.
