@@ -51,6 +51,10 @@ pub enum RegistryMessage {
     },
     /// Client ids and ownership generations of the sessions on this node.
     Owned(RpcReplyPort<Vec<(Arc<str>, u64)>>),
+    /// Bring a session of a lost node to life here from its replica.
+    Adopt(Box<SessionSnapshot>),
+    /// Another node owns this client's session: end the copy here (no will: it is not the client's end).
+    Discard(Arc<str>),
     SessionEnded {
         client_id: Arc<str>,
         id: ActorId,
@@ -193,6 +197,22 @@ impl Actor for RegistryActor {
             RegistryMessage::Flush { client, gen, deliveries } => {
                 if let Some(s) = st.sessions.get(&client) {
                     let _ = s.cast(SessionMessage::HandOverFlush { gen, deliveries });
+                }
+            }
+            RegistryMessage::Adopt(snap) => {
+                let id: Arc<str> = Arc::from(snap.client_id.as_str());
+                if st.sessions.contains_key(&id) {
+                    return Ok(()); // a live session here wins over a replica
+                }
+                if let Err(e) = st.spawn(&me, id.clone(), Some(*snap), None).await {
+                    tracing::error!(client_id = %id, error = %e, "cannot adopt session");
+                }
+            }
+            RegistryMessage::Discard(client) => {
+                if let Some(s) = st.sessions.remove(&client) {
+                    tracing::info!(client_id = %client, "session is owned by another node; dropping the copy here");
+                    st.gens.remove(&client);
+                    let _ = s.call(SessionMessage::Discard, CALL).await;
                 }
             }
             RegistryMessage::Owned(reply) => {

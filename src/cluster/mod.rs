@@ -783,9 +783,18 @@ impl ClusterState {
             }
             self.to(&registrar, &Body::Claim { client, req, clean });
         }
-        let orphans = self.replicas.values().filter(|r| &*r.owner == name).count();
-        if orphans > 0 {
-            tracing::info!(peer = name, sessions = orphans, "holding replicas of the lost node's sessions");
+        // Sessions of the lost node we hold replicas of come alive here (subscribed, queueing),
+        // before our re-announcement tells their registrars.
+        let orphans: Vec<Arc<str>> = self.replicas.iter().filter(|(_, r)| &*r.owner == name).map(|(c, _)| c.clone()).collect();
+        if !orphans.is_empty() {
+            tracing::info!(peer = name, sessions = orphans.len(), "adopting the lost node's sessions from their replicas");
+            if let Some(reg) = self.a.broker.registry() {
+                for c in orphans {
+                    if let Some(r) = self.replicas.remove(&c) {
+                        let _ = reg.cast(RegistryMessage::Adopt(r.into_snapshot()));
+                    }
+                }
+            }
         }
         self.announce_owned();
         tracing::warn!(peer = name, reason, "cluster member down");
@@ -983,7 +992,25 @@ impl ClusterState {
                     self.send(&from, &Body::Retained(chunk.to_vec()));
                 }
             }
-            Body::Leave => self.down(&from, "left the cluster"),
+            Body::Leave { ack } => {
+                self.send(&from, &Body::LeaveAck(ack));
+                self.down(&from, "left the cluster");
+            }
+            Body::LeaveAck(seq) => {
+                if let Some(p) = self.pending.get_mut(&seq) {
+                    p.waiting.remove(from.as_str());
+                    if p.waiting.is_empty() {
+                        if let Some(p) = self.pending.remove(&seq) {
+                            let _ = p.reply.send(());
+                        }
+                    }
+                }
+            }
+            Body::NotYours { client } => {
+                if let Some(r) = self.a.broker.registry() {
+                    let _ = r.cast(RegistryMessage::Discard(client));
+                }
+            }
             Body::Claim { client, req, clean } => self.on_claim(Arc::from(from.as_str()), client, req, clean),
             Body::Claimed { client: _, req, gen, from: prev, state } => {
                 if let Some(c) = self.claims.remove(&req) {
@@ -1034,11 +1061,16 @@ impl ClusterState {
                 let settled = self.settling.remove(from.as_str()) && self.settling.is_empty();
                 for (client, gen) in entries {
                     let live = |n: &Arc<str>| &**n == self.me() || self.members.get(n).is_some_and(|m| m.up);
-                    let current_live = self.registrar.get(&client).and_then(|r| r.owner.as_ref()).is_some_and(live);
-                    let reg = self.registrar.entry(client).or_default();
+                    let current = self.registrar.get(&client).and_then(|r| r.owner.clone());
+                    let current_live = current.as_ref().is_some_and(live);
+                    let reg = self.registrar.entry(client.clone()).or_default();
                     if reg.owner.is_none() || reg.gen < gen || !current_live {
                         reg.owner = Some(owner.clone());
                         reg.gen = reg.gen.max(gen);
+                    } else if current.as_deref() != Some(&*owner) && reg.busy_until.is_none() {
+                        // A stale copy (e.g. restored from disk by a node that came back after its
+                        // sessions were adopted elsewhere): one owner at a time.
+                        self.to(&from, &Body::NotYours { client });
                     }
                 }
                 if settled {
@@ -1326,9 +1358,17 @@ impl Actor for ClusterActor {
                 }
             }
             ClusterMsg::Local(Local::Leave(reply)) => {
-                st.broadcast(&Body::Leave);
-                tracing::info!("left the cluster");
-                let _ = reply.send(());
+                st.seq += 1;
+                let seq = st.seq;
+                let waiting: HashSet<Arc<str>> = st.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
+                st.broadcast(&Body::Leave { ack: seq });
+                tracing::info!(peers = waiting.len(), "leaving the cluster");
+                if waiting.is_empty() {
+                    let _ = reply.send(());
+                } else {
+                    let deadline = Instant::now() + Duration::from_millis(st.cfg().route_ack_timeout_ms);
+                    st.pending.insert(seq, Pending { waiting, reply, deadline });
+                }
             }
             ClusterMsg::Local(Local::Claim { client, clean, reply }) => {
                 st.seq += 1;

@@ -69,8 +69,12 @@ pub enum Body {
     /// (topic, clock) of every retained entry and tombstone the sender has; the receiver answers
     /// with the entries the sender lacks or has older (both sides send one on link-up).
     RetainedDigest(Vec<(Arc<str>, Hlc)>),
-    /// The sender is leaving the cluster on purpose.
-    Leave,
+    /// The sender is leaving the cluster on purpose (its sessions' replicas are fresh); the
+    /// receiver answers `LeaveAck` and then treats it as down (adopting its sessions).
+    Leave { ack: u64 },
+    LeaveAck(u64),
+    /// Registrar → announcer: another live node owns this client's session; drop your copy.
+    NotYours { client: Arc<str> },
 
     // Session ownership. Every client id has a registrar node (rendezvous hash over live
     // members) that serialises connects for it and hands out growing generations.
@@ -179,7 +183,7 @@ mod tests {
         /// Arbitrary bytes (with a valid header, so the body decoder is reached) never panic.
         #[test]
         fn random_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let mut f = encode("n1", &Body::Leave);
+            let mut f = encode("n1", &Body::LeaveAck(1));
             f.truncate(8);
             f.extend_from_slice(&body);
             let _ = decode(&f);

@@ -155,16 +155,19 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
             _ = tick.tick() => flush(&broker),
         }
     }
-    if let Some(c) = broker.cluster.get() {
-        c.leave().await;
-    }
     tracing::info!("shutting down: closing connections");
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within 10s");
     }
+    // Every persistent session writes its state (to disk and, in a cluster, to its backup
+    // node); then the cluster is told we leave: the backups adopt the sessions, so clients
+    // reconnecting to another node find them.
     if let Some(r) = broker.registry() {
         let _ = r.call(RegistryMessage::PersistAll, Some(Duration::from_secs(30))).await;
+    }
+    if let Some(c) = broker.cluster.get() {
+        c.leave().await;
     }
     flush(&broker);
     sup.stop(None);

@@ -126,6 +126,8 @@ pub enum SessionMessage {
         deliveries: Vec<Delivery>,
     },
     HeldTimeout(u64),
+    /// Another node owns this client: end quietly (no will, the client did not go away).
+    Discard(RpcReplyPort<()>),
 }
 
 pub struct SessionArgs {
@@ -333,6 +335,14 @@ impl Actor for SessionActor {
                     tracing::warn!(client_id = %st.client_id, "previous owner did not flush in time; delivering without it");
                 }
                 st.end_held(&me, gen, Vec::new());
+            }
+            SessionMessage::Discard(reply) => {
+                if let Some(old) = st.conn.take() {
+                    kick(&old, reason::SESSION_TAKEN_OVER);
+                }
+                st.will = None;
+                st.end(&me);
+                let _ = reply.send(());
             }
             SessionMessage::Persist(reply) => {
                 st.persist_scheduled = false;
