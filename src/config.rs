@@ -159,10 +159,10 @@ pub struct Listeners {
 impl Default for Listeners {
     fn default() -> Self {
         Listeners {
-            tcp: vec![TcpListenerConfig { bind: ([0, 0, 0, 0], 1883).into() }],
-            ws: vec![WsListenerConfig { bind: ([0, 0, 0, 0], 8083).into(), path: "/mqtt".into() }],
+            tcp: vec![TcpListenerConfig::new(([0, 0, 0, 0], 1883).into())],
+            ws: vec![WsListenerConfig { bind: ([0, 0, 0, 0], 8083).into(), path: "/mqtt".into(), proxy_protocol: false }],
             tls: vec![],
-            http: vec![TcpListenerConfig { bind: ([0, 0, 0, 0], 8080).into() }],
+            http: vec![TcpListenerConfig::new(([0, 0, 0, 0], 8080).into())],
         }
     }
 }
@@ -171,6 +171,16 @@ impl Default for Listeners {
 #[serde(deny_unknown_fields)]
 pub struct TcpListenerConfig {
     pub bind: SocketAddr,
+    /// Expect a PROXY protocol (v1 or v2) header first, as sent by HAProxy `send-proxy-v2` or
+    /// nginx `proxy_protocol on` (MQTT listeners only).
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+impl TcpListenerConfig {
+    pub fn new(bind: SocketAddr) -> TcpListenerConfig {
+        TcpListenerConfig { bind, proxy_protocol: false }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,6 +189,8 @@ pub struct WsListenerConfig {
     pub bind: SocketAddr,
     #[serde(default = "default_ws_path")]
     pub path: String,
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 fn default_ws_path() -> String {
@@ -193,6 +205,8 @@ pub struct TlsListenerConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

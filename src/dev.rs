@@ -13,6 +13,8 @@ use anyhow::Context;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Ready {
     pub mqtt: Option<SocketAddr>,
+    /// An MQTT listener expecting the PROXY protocol (behind a load balancer).
+    pub mqtt_proxy: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub cluster: Option<SocketAddr>,
@@ -30,6 +32,7 @@ impl Ready {
             let Ok(a) = addr.trim_end_matches("/mqtt").parse::<SocketAddr>() else { continue };
             match scheme {
                 "mqtt" => r.mqtt = r.mqtt.or(Some(a)),
+                "mqtt+proxy" => r.mqtt_proxy = r.mqtt_proxy.or(Some(a)),
                 "ws" => r.ws = r.ws.or(Some(a)),
                 "http" => r.http = r.http.or(Some(a)),
                 "cluster" => r.cluster = r.cluster.or(Some(a)),

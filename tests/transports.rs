@@ -24,7 +24,7 @@ async fn websocket_and_tls_listeners() {
     let node = start(|c| {
         c.listeners.tls = vec![tls_listener(cert, key)];
         // A second TCP listener: several of each kind may be configured.
-        c.listeners.tcp.push(thingsd::config::TcpListenerConfig { bind: "127.0.0.1:0".parse().unwrap() });
+        c.listeners.tcp.push(thingsd::config::TcpListenerConfig::new("127.0.0.1:0".parse().unwrap()));
     })
     .await;
 

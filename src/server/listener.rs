@@ -24,7 +24,7 @@ pub enum Kind {
 }
 
 /// Accept until `shutdown`; every connection task is tracked so shutdown can wait for it.
-pub async fn accept_loop(listener: TcpListener, kind: Kind, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn accept_loop(listener: TcpListener, kind: Kind, proxy: bool, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
     let kind = Arc::new(kind);
     loop {
         let (stream, peer) = tokio::select! {
@@ -41,12 +41,20 @@ pub async fn accept_loop(listener: TcpListener, kind: Kind, broker: Arc<Broker>,
         };
         let _ = stream.set_nodelay(true);
         let (b, s, k) = (broker.clone(), shutdown.clone(), kind.clone());
-        tracker.spawn(async move { handle(stream, peer, &k, b, s).await });
+        tracker.spawn(async move { handle(stream, peer, &k, proxy, b, s).await });
     }
 }
 
-async fn handle(stream: TcpStream, peer: SocketAddr, kind: &Kind, broker: Arc<Broker>, shutdown: CancellationToken) {
+async fn handle(mut stream: TcpStream, mut peer: SocketAddr, kind: &Kind, proxy: bool, broker: Arc<Broker>, shutdown: CancellationToken) {
     let handshake = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
+    if proxy {
+        match tokio::time::timeout(handshake, super::proxy::read_header(&mut stream)).await {
+            Ok(Ok(Some(client))) => peer = client,
+            Ok(Ok(None)) => {} // the balancer's own check
+            Ok(Err(e)) => return tracing::info!(%peer, error = %e, "closing connection"),
+            Err(_) => return tracing::info!(%peer, "PROXY protocol header timed out"),
+        }
+    }
     match kind {
         Kind::Tcp => {
             let (rd, wr) = stream.into_split();

@@ -2,6 +2,7 @@
 //! connections, persist periodically, and shut down gracefully.
 pub mod connection;
 pub mod listener;
+pub mod proxy;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -26,7 +27,8 @@ use listener::Kind;
 
 /// Listeners bound before the node starts (tests bind port 0 and read the addresses back).
 pub struct Bound {
-    pub listeners: Vec<(TcpListener, Kind)>,
+    /// MQTT listeners, their kind, and whether they expect a PROXY protocol header.
+    pub listeners: Vec<(TcpListener, Kind, bool)>,
     pub http: Vec<TcpListener>,
     /// Node-to-node links, when clustering is enabled.
     pub cluster: Option<TcpListener>,
@@ -35,7 +37,7 @@ pub struct Bound {
 impl Bound {
     /// Addresses of the bound MQTT listeners, in config order: TCP, then WebSocket, then TLS.
     pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|(l, _)| l.local_addr().ok()).collect()
+        self.listeners.iter().filter_map(|(l, _, _)| l.local_addr().ok()).collect()
     }
 
     /// Addresses of the bound HTTP listeners.
@@ -69,20 +71,22 @@ fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
 pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     let mut listeners = Vec::new();
     for l in &config.listeners.tcp {
-        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TCP {}", l.bind))?, Kind::Tcp));
+        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TCP {}", l.bind))?, Kind::Tcp, l.proxy_protocol));
     }
     for l in &config.listeners.ws {
         listeners.push((
             TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT WebSocket {}", l.bind))?,
             Kind::Ws { path: l.path.clone() },
+            l.proxy_protocol,
         ));
     }
     for l in &config.listeners.tls {
         let acc = tls_acceptor(&l.cert, &l.key)?;
-        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TLS {}", l.bind))?, Kind::Tls(acc)));
+        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TLS {}", l.bind))?, Kind::Tls(acc), l.proxy_protocol));
     }
     let mut http = Vec::new();
     for l in &config.listeners.http {
+        anyhow::ensure!(!l.proxy_protocol, "listeners.http {}: proxy_protocol is supported on MQTT listeners only", l.bind);
         http.push(TcpListener::bind(l.bind).await.with_context(|| format!("bind HTTP {}", l.bind))?);
     }
     let cluster = match config.cluster.enabled {
@@ -121,16 +125,16 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     registry.call(RegistryMessage::Count, Some(Duration::from_secs(60))).await.context("restore sessions")?;
 
     let tracker = TaskTracker::new();
-    for (l, kind) in bound.listeners {
+    for (l, kind, proxy) in bound.listeners {
         let what = match &kind {
             Kind::Tcp => "mqtt",
             Kind::Tls(_) => "mqtts",
             Kind::Ws { .. } => "ws",
         };
         if let Ok(a) = l.local_addr() {
-            addrs.push(format!("{what}://{a}"));
+            addrs.push(format!("{what}{}://{a}", if proxy { "+proxy" } else { "" }));
         }
-        tokio::spawn(listener::accept_loop(l, kind, broker.clone(), shutdown.clone(), tracker.clone()));
+        tokio::spawn(listener::accept_loop(l, kind, proxy, broker.clone(), shutdown.clone(), tracker.clone()));
     }
     for l in bound.http {
         if let Ok(a) = l.local_addr() {

@@ -31,10 +31,10 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     let mut c = Config::default();
     c.node.data_dir = dir.to_path_buf();
     c.node.persist_interval_ms = 50;
-    c.listeners.tcp = vec![TcpListenerConfig { bind: "127.0.0.1:0".parse().unwrap() }];
-    c.listeners.ws = vec![WsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), path: "/mqtt".into() }];
+    c.listeners.tcp = vec![TcpListenerConfig::new("127.0.0.1:0".parse().unwrap())];
+    c.listeners.ws = vec![WsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), path: "/mqtt".into(), proxy_protocol: false }];
     c.listeners.tls = vec![];
-    c.listeners.http = vec![TcpListenerConfig { bind: "127.0.0.1:0".parse().unwrap() }];
+    c.listeners.http = vec![TcpListenerConfig::new("127.0.0.1:0".parse().unwrap())];
     c.mqtt.sys_interval_secs = 1;
     c
 }
@@ -93,7 +93,7 @@ pub fn tls_files(dir: &std::path::Path) -> (PathBuf, PathBuf, Vec<u8>) {
 }
 
 pub fn tls_listener(cert: PathBuf, key: PathBuf) -> TlsListenerConfig {
-    TlsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), cert, key }
+    TlsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), cert, key, proxy_protocol: false }
 }
 
 pub fn connect_packet(protocol: Protocol, id: &str, clean: bool) -> Connect {
@@ -153,6 +153,13 @@ impl Raw {
         let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr)).await.expect("connect in time").expect("connect");
         stream.set_nodelay(true).unwrap();
         Raw { stream, buf: BytesMut::new(), protocol: Protocol::V5 }
+    }
+
+    /// Connect, or `None` if the address refuses (for retries against something starting).
+    pub async fn try_connect(addr: SocketAddr) -> Option<Raw> {
+        let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr)).await.ok()?.ok()?;
+        stream.set_nodelay(true).ok()?;
+        Some(Raw { stream, buf: BytesMut::new(), protocol: Protocol::V5 })
     }
 
     /// Connect and complete the CONNECT/CONNACK exchange; returns the CONNACK.
