@@ -199,8 +199,12 @@ pub enum Scope<'a> {
     /// Published here: also forward to nodes with matching routes.
     Cluster(&'a Cluster),
     /// Forwarded by another node: local subscribers, and of the shared groups only those named
-    /// (the origin chose this node for them).
-    Remote(&'a [Arc<str>]),
+    /// (the origin chose this node for them). With `adopted_from`, only sessions adopted
+    /// from that lost node (a re-routed message).
+    Remote { shared: &'a [Arc<str>], adopted_from: Option<&'a str> },
+    /// A message that was on its way to the lost node `dead`: to the sessions adopted from it,
+    /// here and on the other nodes.
+    Reroute(&'a Cluster, &'a str),
 }
 
 struct Target {
@@ -278,7 +282,11 @@ impl Router {
                     }
                 }
             }
-            Scope::Remote(names) => {
+            Scope::Remote { adopted_from: Some(_), .. } => {}
+            Scope::Reroute(c, dead) => {
+                remote_n = reroute(c, &msg, &levels, dollar, dead, durable);
+            }
+            Scope::Remote { shared: names, adopted_from: None } => {
                 for g in groups.iter().filter(|g| names.contains(&g.filter)) {
                     if let Some(sub) = g.pick(None) {
                         targets.push(target(sub, Some(g.filter.clone())));
@@ -308,6 +316,9 @@ impl Router {
                     false
                 }
             });
+        }
+        if let Scope::Reroute(_, dead) | Scope::Remote { adopted_from: Some(dead), .. } = scope {
+            targets.retain(|t| t.shared.is_none() && t.load.adopted_from.get().is_some_and(|n| &**n == dead));
         }
         let n = targets.len() + remote_n;
         let mut worst: Option<Arc<Load>> = None;
@@ -421,11 +432,37 @@ fn forward(
         let links = c.links.load();
         for (idx, shared) in nodes {
             if let Some(l) = links.get(&idx) {
-                l.send(Forward { msg: msg.clone(), shared }, durable.cloned());
+                l.send(Forward { msg: msg.clone(), shared, adopted_from: None }, durable.cloned());
+                sent += 1;
+            } else if c.park(idx, Forward { msg: msg.clone(), shared, adopted_from: None }, durable.cloned()) {
                 sent += 1;
             }
         }
         c.forwarded.fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
     }
     (mine, sent)
+}
+
+/// Forward a re-routed message (it was on its way to the lost node `dead`) to every node with a
+/// matching route; each delivers it only to sessions adopted from `dead`.
+fn reroute(c: &Cluster, msg: &Arc<Message>, levels: &[&str], dollar: bool, dead: &str, durable: Option<&Arc<Durable>>) -> usize {
+    let table: Arc<RouteNode> = c.routes.load_full();
+    let mut nodes: Vec<NodeIdx> = Vec::new();
+    table.visit(levels, true, dollar, &mut |n| {
+        for idx in n.nodes.iter() {
+            if !nodes.contains(idx) {
+                nodes.push(*idx);
+            }
+        }
+    });
+    let links = c.links.load();
+    let dead: Arc<str> = Arc::from(dead);
+    let mut sent = 0;
+    for idx in nodes {
+        if let Some(l) = links.get(&idx) {
+            l.send(Forward { msg: msg.clone(), shared: vec![], adopted_from: Some(dead.clone()) }, durable.cloned());
+            sent += 1;
+        }
+    }
+    sent
 }

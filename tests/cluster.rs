@@ -179,24 +179,25 @@ async fn three_nodes_route_publishes_and_retained_and_survive_a_restart() {
     ps.sub("p2/#", QoS::AtLeastOnce).await;
     ps.send(disconnect()).await;
     ps.until_closed().await;
-    let data = c.dir.path().join("node2-data/sessions.bin");
-    eventually("session persisted", || std::fs::metadata(&data).is_ok()).await;
+    // An acknowledged message for it: its replica (state and this message) is on its backup.
+    let mut pp = Raw::v5(c.mqtt(0), "p2-pub").await;
+    pub1(&mut pp, "p2/x", 1, "before kill").await;
     c.kill(1).await;
     for i in [0, 2] {
         c.wait_members(i, 2).await;
     }
     pub1(&mut p, "x/while-down", 3, "still here").await;
     assert_eq!(text(&sub.recv_publish().await), "still here");
-    let mut pp = Raw::v5(c.mqtt(0), "p2-pub").await;
-    pub1(&mut pp, "p2/x", 1, "while down").await;
+    pub1(&mut pp, "p2/x", 2, "while down").await;
     c.spawn(1).await;
     for i in 0..3 {
         c.wait_members(i, 3).await;
     }
-    pub1(&mut pp, "p2/x", 2, "after restart").await;
+    pub1(&mut pp, "p2/x", 3, "after restart").await;
     cp.clean_start = false;
     let (mut ps, ack) = Raw::session(c.mqtt(1), cp).await;
     assert!(ack.session_present);
+    assert_eq!(text(&ps.recv_publish().await), "before kill");
     assert_eq!(text(&ps.recv_publish().await), "while down");
     assert_eq!(text(&ps.recv_publish().await), "after restart");
 }

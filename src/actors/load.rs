@@ -3,6 +3,7 @@
 //! above the high-water mark (backpressure instead of dropping acknowledged messages); a
 //! subscriber that does not drain in time is marked slow and stops exerting backpressure.
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -19,6 +20,9 @@ pub struct Load {
     pub online: AtomicBool,
     /// The session outlives its connection (its QoS>0 deliveries are replicated in a cluster).
     pub persistent: AtomicBool,
+    /// Set when the session was adopted from a lost node's replica: messages that were on
+    /// their way to that node are re-routed to exactly these sessions.
+    pub adopted_from: std::sync::OnceLock<Arc<str>>,
     /// Deliveries handed to the session but not yet handled (the length of `inbox`).
     pub mailbox: AtomicUsize,
     /// The session's delivery inbox: publishers push, the session drains it in batches. One

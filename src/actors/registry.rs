@@ -51,8 +51,8 @@ pub enum RegistryMessage {
     },
     /// Client ids and ownership generations of the sessions on this node.
     Owned(RpcReplyPort<Vec<(Arc<str>, u64)>>),
-    /// Bring a session of a lost node to life here from its replica.
-    Adopt(Box<SessionSnapshot>),
+    /// Bring a session of a lost node (named) to life here from its replica.
+    Adopt(Box<SessionSnapshot>, Arc<str>),
     /// Another node owns this client's session: end the copy here (no will: it is not the client's end).
     Discard(Arc<str>),
     SessionEnded {
@@ -93,8 +93,9 @@ impl RegistryState {
         client_id: Arc<str>,
         restored: Option<SessionSnapshot>,
         held: Option<(u64, String)>,
+        adopted_from: Option<Arc<str>>,
     ) -> Result<ActorRef<SessionMessage>, String> {
-        let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored, held };
+        let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored, held, adopted_from };
         let name = format!("session:{client_id}");
         // A session handed to another node finishes its flush first (bounded).
         if self.moving.contains_key(&client_id) {
@@ -151,7 +152,7 @@ impl Actor for RegistryActor {
                 };
                 // A fresh session is never "present"; one handed over from another node is.
                 attach.clean_start = restored.is_none();
-                let r = match st.spawn(&me, client_id, restored, held).await {
+                let r = match st.spawn(&me, client_id, restored, held, None).await {
                     Ok(s) => match s.call(|r| SessionMessage::Attach(attach, r), CALL).await {
                         Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
                         _ => Err("new session did not answer".into()),
@@ -199,13 +200,17 @@ impl Actor for RegistryActor {
                     let _ = s.cast(SessionMessage::HandOverFlush { gen, deliveries });
                 }
             }
-            RegistryMessage::Adopt(snap) => {
+            RegistryMessage::Adopt(snap, from) => {
                 let id: Arc<str> = Arc::from(snap.client_id.as_str());
                 if st.sessions.contains_key(&id) {
                     return Ok(()); // a live session here wins over a replica
                 }
-                if let Err(e) = st.spawn(&me, id.clone(), Some(*snap), None).await {
-                    tracing::error!(client_id = %id, error = %e, "cannot adopt session");
+                match st.spawn(&me, id.clone(), Some(*snap), None, Some(from)).await {
+                    // Generation 1 outranks copies restored from disk (0) by a node that comes back.
+                    Ok(_) => {
+                        st.gens.insert(id, 1);
+                    }
+                    Err(e) => tracing::error!(client_id = %id, error = %e, "cannot adopt session"),
                 }
             }
             RegistryMessage::Discard(client) => {
@@ -225,7 +230,7 @@ impl Actor for RegistryActor {
                 }
                 for snap in snaps {
                     let id: Arc<str> = Arc::from(snap.client_id.as_str());
-                    if let Err(e) = st.spawn(&me, id.clone(), Some(snap), None).await {
+                    if let Err(e) = st.spawn(&me, id.clone(), Some(snap), None, None).await {
                         tracing::error!(client_id = %id, error = %e, "cannot restore session");
                     }
                 }

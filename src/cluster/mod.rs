@@ -144,11 +144,21 @@ pub struct Link {
     tx: mpsc::UnboundedSender<(Forward, Option<Arc<Durable>>)>,
     depth: Arc<AtomicUsize>,
     drained: Arc<Notify>,
-    /// Publishers waiting for the peer to confirm a batch is durable there, by batch number.
-    waiting: Arc<std::sync::Mutex<HashMap<u64, Vec<Arc<Durable>>>>>,
+    /// Frames sent and not yet acknowledged (their forwards, and the publishers waiting for
+    /// them), by frame number: if the peer dies they are re-routed, not forgotten.
+    unacked: std::sync::Mutex<HashMap<u64, Parked>>,
     /// Frames sent and not yet acknowledged, and a wake-up when one is.
     in_flight: AtomicUsize,
     credit: Notify,
+    /// The peer is down: the sender task parks what is left and stops.
+    closed: std::sync::atomic::AtomicBool,
+    parked: Arc<std::sync::Mutex<Vec<Parked>>>,
+}
+
+/// Forwards that did not reach a lost node, waiting until its sessions are adopted elsewhere.
+pub struct Parked {
+    pub forwards: Vec<Forward>,
+    pub waiters: Vec<Arc<Durable>>,
 }
 
 impl Link {
@@ -167,8 +177,8 @@ impl Link {
     }
 
     fn acked(&self, batch: u64) {
-        let ws = self.waiting.lock().ok().and_then(|mut m| m.remove(&batch));
-        for d in ws.into_iter().flatten() {
+        let frame = self.unacked.lock().ok().and_then(|mut m| m.remove(&batch));
+        for d in frame.into_iter().flat_map(|p| p.waiters) {
             d.done();
         }
         let _ = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
@@ -180,7 +190,7 @@ impl Link {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 let n = self.credit.notified();
-                if self.in_flight.load(Ordering::Acquire) < FRAMES_IN_FLIGHT {
+                if self.in_flight.load(Ordering::Acquire) < FRAMES_IN_FLIGHT || self.closed.load(Ordering::Acquire) {
                     return;
                 }
                 n.await;
@@ -189,12 +199,15 @@ impl Link {
         .await;
     }
 
-    /// The peer is gone: nobody waits for it any more.
-    fn release_all(&self) {
-        let all: Vec<Arc<Durable>> = self.waiting.lock().map(|mut m| m.drain().flat_map(|(_, v)| v).collect()).unwrap_or_default();
-        for d in all {
-            d.done();
+    /// The peer is gone: what it did not acknowledge is parked for re-routing.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.credit.notify_waiters();
+        let frames: Vec<Parked> = self.unacked.lock().map(|mut m| m.drain().map(|(_, p)| p).collect()).unwrap_or_default();
+        if let Ok(mut p) = self.parked.lock() {
+            p.extend(frames);
         }
+        self.drained.notify_waiters();
     }
     pub fn depth(&self) -> usize {
         self.depth.load(Ordering::Relaxed)
@@ -215,6 +228,10 @@ pub struct Cluster {
     cursor: AtomicUsize,
     /// Names of the live peers (for backup choice without a round-trip).
     peers: ArcSwap<Vec<Arc<str>>>,
+    /// Lost nodes whose routes are kept until their sessions are adopted elsewhere
+    /// (publishes matching them are parked, then re-routed to the adopted sessions).
+    ghosts: ArcSwap<HashMap<NodeIdx, Arc<str>>>,
+    parked: Arc<std::sync::Mutex<Vec<Parked>>>,
 }
 
 /// Rendezvous (highest random weight) score of `node` for `client`.
@@ -239,6 +256,8 @@ impl Cluster {
             actor: OnceLock::new(),
             cursor: AtomicUsize::new(0),
             peers: ArcSwap::from_pointee(Vec::new()),
+            ghosts: ArcSwap::from_pointee(HashMap::new()),
+            parked: Default::default(),
         }
     }
 
@@ -350,6 +369,24 @@ impl Cluster {
         self.links.load().get(&n).cloned()
     }
 
+    /// A forward for a lost node (still routed to while its sessions are adopted): park it.
+    /// Returns false when `n` is not such a node.
+    pub fn park(&self, n: NodeIdx, f: Forward, durable: Option<Arc<Durable>>) -> bool {
+        if !self.ghosts.load().contains_key(&n) {
+            return false;
+        }
+        if f.msg.qos == crate::protocols::mqtt::QoS::AtMostOnce {
+            return true; // at most once: not kept
+        }
+        if let Some(d) = &durable {
+            d.add();
+        }
+        if let Ok(mut p) = self.parked.lock() {
+            p.push(Parked { forwards: vec![f], waiters: durable.into_iter().collect() });
+        }
+        true
+    }
+
     /// Wait (bounded) while a peer's queue is above `high`: cross-node backpressure.
     pub async fn pace(&self, high: usize, max: Duration) {
         let congested = self.links.load().values().find(|l| l.depth() > high).cloned();
@@ -377,6 +414,8 @@ struct Member {
     incarnation: u64,
     last_seen: Instant,
     up: bool,
+    /// Down, but its routes still stand until its sessions are adopted (see `unghost`).
+    ghost: bool,
     routes: HashSet<Arc<str>>,
 }
 
@@ -631,6 +670,7 @@ impl ClusterState {
                     incarnation: 0,
                     last_seen: Instant::now(),
                     up: false,
+                    ghost: false,
                     routes: HashSet::new(),
                 },
             );
@@ -668,7 +708,7 @@ impl ClusterState {
 
     fn set_routes(&self) {
         let mut root = RouteNode::default();
-        for m in self.members.values().filter(|m| m.up) {
+        for m in self.members.values().filter(|m| m.up || m.ghost) {
             for k in &m.routes {
                 root.insert(k, m.idx);
             }
@@ -686,6 +726,7 @@ impl ClusterState {
             }
             let Some(cell) = m.cell.clone() else { return };
             m.up = true;
+            m.ghost = false;
             (cell, m.idx, m.addr.clone())
         };
         let min = Duration::from_millis(self.cfg().redial_min_ms);
@@ -698,9 +739,11 @@ impl ClusterState {
             tx,
             depth: Arc::new(AtomicUsize::new(0)),
             drained: Arc::new(Notify::new()),
-            waiting: Default::default(),
+            unacked: Default::default(),
             in_flight: AtomicUsize::new(0),
             credit: Notify::new(),
+            closed: Default::default(),
+            parked: self.a.handle.parked.clone(),
         });
         tokio::spawn(forward_loop(Arc::from(me.as_str()), cell.clone(), rx, link.clone()));
         let mut links = HashMap::clone(&self.a.handle.links.load());
@@ -727,11 +770,18 @@ impl ClusterState {
             return;
         }
         m.up = false;
-        m.routes.clear();
-        let idx = m.idx;
+        // Its routes stand (as a ghost) until the sessions it had are adopted elsewhere;
+        // publishes for it meanwhile are parked and re-routed then.
+        m.ghost = !m.routes.is_empty();
+        let (idx, ghost) = (m.idx, m.ghost);
+        if ghost {
+            let mut g = HashMap::clone(&self.a.handle.ghosts.load());
+            g.insert(idx, Arc::from(name));
+            self.a.handle.ghosts.store(Arc::new(g));
+        }
         let mut links = HashMap::clone(&self.a.handle.links.load());
         if let Some(l) = links.remove(&idx) {
-            l.release_all();
+            l.close();
         }
         self.a.handle.links.store(Arc::new(links));
         self.set_routes();
@@ -791,7 +841,7 @@ impl ClusterState {
             if let Some(reg) = self.a.broker.registry() {
                 for c in orphans {
                     if let Some(r) = self.replicas.remove(&c) {
-                        let _ = reg.cast(RegistryMessage::Adopt(r.into_snapshot()));
+                        let _ = reg.cast(RegistryMessage::Adopt(r.into_snapshot(), Arc::from(name)));
                     }
                 }
             }
@@ -891,7 +941,8 @@ impl ClusterState {
                 let high = broker.high_water();
                 let mut worst: Option<Arc<crate::actors::load::Load>> = None;
                 for f in batch {
-                    let (_, w) = broker.router.publish(f.msg, high, crate::broker::Scope::Remote(&f.shared), Some(&durable));
+                    let scope = crate::broker::Scope::Remote { shared: &f.shared, adopted_from: f.adopted_from.as_deref() };
+                    let (_, w) = broker.router.publish(f.msg, high, scope, Some(&durable));
                     if let Some(w) = w.filter(|w| worst.as_ref().is_none_or(|x| x.depth() < w.depth())) {
                         worst = Some(w);
                     }
@@ -1067,6 +1118,10 @@ impl ClusterState {
                     if reg.owner.is_none() || reg.gen < gen || !current_live {
                         reg.owner = Some(owner.clone());
                         reg.gen = reg.gen.max(gen);
+                        // A live copy elsewhere lost to a newer generation: it goes.
+                        if let Some(old) = current.filter(|o| current_live && **o != *owner) {
+                            self.to(&old, &Body::NotYours { client });
+                        }
                     } else if current.as_deref() != Some(&*owner) && reg.busy_until.is_none() {
                         // A stale copy (e.g. restored from disk by a node that came back after its
                         // sessions were adopted elsewhere): one owner at a time.
@@ -1106,8 +1161,45 @@ impl ClusterState {
         }
     }
 
+    /// Lost nodes' sessions are adopted (every peer re-announced): drop their routes and
+    /// re-route what was parked for them to the adopted sessions.
+    fn unghost(&mut self) {
+        let ghosts = self.a.handle.ghosts.load_full();
+        if ghosts.is_empty() {
+            return;
+        }
+        for m in self.members.values_mut().filter(|m| m.ghost) {
+            m.ghost = false;
+            m.routes.clear();
+        }
+        self.a.handle.ghosts.store(Arc::new(HashMap::new()));
+        self.set_routes();
+        let parked: Vec<Parked> = self.a.handle.parked.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+        let dead: Vec<Arc<str>> = ghosts.values().cloned().collect();
+        let n: usize = parked.iter().map(|p| p.forwards.len()).sum();
+        if n > 0 {
+            tracing::info!(messages = n, lost = ?dead, "re-routing messages that were on their way to a lost node");
+        }
+        for p in parked {
+            let d2 = Arc::new(Durable::default());
+            for f in &p.forwards {
+                for lost in &dead {
+                    let scope = crate::broker::Scope::Reroute(&self.a.handle, lost);
+                    self.a.broker.router.publish(f.msg.clone(), usize::MAX, scope, Some(&d2));
+                }
+            }
+            tokio::spawn(async move {
+                d2.wait(Duration::from_secs(5)).await;
+                for w in p.waiters {
+                    w.done();
+                }
+            });
+        }
+    }
+
     /// Run the claims that waited for re-announcements.
     fn settled(&mut self) {
+        self.unghost();
         self.settling.clear();
         for (claimant, client, req, clean) in std::mem::take(&mut self.deferred) {
             self.claim_at(claimant, client, req, clean, false);
@@ -1187,7 +1279,7 @@ impl ClusterState {
             self.next_claim(&c);
         }
         self.tombstones.retain(|_, (_, at)| now.duration_since(*at) < TOMBSTONE_TTL);
-        if now >= self.settle_until && (!self.deferred.is_empty() || !self.settling.is_empty()) {
+        if now >= self.settle_until && (!self.deferred.is_empty() || !self.settling.is_empty() || !self.a.handle.ghosts.load().is_empty()) {
             self.settled();
         }
         let before = self.backup_waits.len();
@@ -1243,6 +1335,11 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
     let mut seq = 0u64;
     while let Some((f, d)) = rx.recv().await {
         link.room().await;
+        if link.closed.load(Ordering::Acquire) {
+            batch.push(f);
+            waiters.extend(d);
+            break;
+        }
         let mut bytes = f.msg.payload.len();
         batch.push(f);
         waiters.extend(d);
@@ -1259,10 +1356,10 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
         let n = batch.len();
         seq += 1;
         let ack = seq;
-        if !waiters.is_empty() {
-            if let Ok(mut m) = link.waiting.lock() {
-                m.insert(seq, std::mem::take(&mut waiters));
-            }
+        // QoS 0 forwards are not kept for re-routing (at most once).
+        let keep: Vec<Forward> = batch.iter().filter(|f| f.msg.qos != crate::protocols::mqtt::QoS::AtMostOnce).cloned().collect();
+        if let Ok(mut m) = link.unacked.lock() {
+            m.insert(seq, Parked { forwards: keep, waiters: std::mem::take(&mut waiters) });
         }
         link.in_flight.fetch_add(1, Ordering::AcqRel);
         let frame = wire::encode(&me, &Body::Publish { batch: std::mem::take(&mut batch), ack });
@@ -1272,15 +1369,18 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
             break;
         }
     }
-    // The peer is gone: release anyone waiting on this queue.
+    // The peer is gone: what was still queued is parked with the unacknowledged frames.
+    while let Ok((f, d)) = rx.try_recv() {
+        batch.push(f);
+        waiters.extend(d);
+    }
+    batch.retain(|f| f.msg.qos != crate::protocols::mqtt::QoS::AtMostOnce);
+    if let Ok(mut p) = link.parked.lock() {
+        p.push(Parked { forwards: batch, waiters });
+    }
+    link.close();
     depth.store(0, Ordering::Relaxed);
     drained.notify_waiters();
-    while let Ok((_, d)) = rx.try_recv() {
-        if let Some(d) = d {
-            d.done();
-        }
-    }
-    link.release_all();
 }
 
 impl Actor for ClusterActor {

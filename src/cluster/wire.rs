@@ -41,6 +41,9 @@ pub struct Hlc {
 pub struct Forward {
     pub msg: Arc<Message>,
     pub shared: Vec<Arc<str>>,
+    /// A re-routed message that was on its way to this (lost) node: only sessions adopted
+    /// from it receive it.
+    pub adopted_from: Option<Arc<str>>,
 }
 
 /// One retained topic's state; `msg: None` is a deletion (kept as a tombstone for convergence).

@@ -136,6 +136,8 @@ pub struct SessionArgs {
     pub restored: Option<SessionSnapshot>,
     /// Taken over from another node: hold new deliveries until its flush (generation, node).
     pub held: Option<(u64, String)>,
+    /// Adopted from this lost node's replica.
+    pub adopted_from: Option<Arc<str>>,
 }
 
 /// A session handed to another node: deliveries are collected for it until release.
@@ -191,6 +193,9 @@ pub struct SessionState {
     backup: Option<Arc<str>>,
     to_backup: Vec<Delivery>,
     tokens: Vec<Arc<crate::message::DurableToken>>,
+    /// Adopted sessions: ids of recent deliveries, because a message re-routed from the lost
+    /// node may also have reached the session directly.
+    recent: Option<Box<(HashSet<u64>, VecDeque<u64>)>>,
 }
 
 pub(super) enum Sent {
@@ -232,7 +237,12 @@ impl Actor for SessionActor {
             backup: None,
             to_backup: Vec::new(),
             tokens: Vec::new(),
+            recent: None,
         };
+        if let Some(n) = args.adopted_from {
+            let _ = st.load.adopted_from.set(n);
+            st.recent = Some(Box::default());
+        }
         if let Some((gen, _from)) = args.held {
             st.held = Some(Box::new(Held { gen, buffer: Vec::new() }));
             me.send_after(HANDOVER_WAIT, move || SessionMessage::HeldTimeout(gen));

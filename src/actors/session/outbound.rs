@@ -55,6 +55,17 @@ impl SessionState {
         if d.msg.expired(now_ms()) {
             return;
         }
+        if let Some(r) = self.recent.as_mut() {
+            if !r.0.insert(d.msg.id) {
+                return; // already delivered (re-routed after a node loss)
+            }
+            r.1.push_back(d.msg.id);
+            if r.1.len() > 4096 {
+                if let Some(old) = r.1.pop_front() {
+                    r.0.remove(&old);
+                }
+            }
+        }
         if self.persistent() && d.qos != QoS::AtMostOnce && self.moving.is_none() && self.broker.cluster.get().is_some() {
             self.to_backup.push(d.clone());
             self.tokens.extend(token);
