@@ -1573,8 +1573,8 @@ impl Actor for ClusterActor {
     }
 }
 
-/// Start the node's cluster side: NodeServer, link listener, cluster actor. Returns the bound
-/// link address.
+/// Start the node's cluster side: NodeServer, link listener, cluster actor. Returns the handle
+/// and the address peers dial (advertised).
 pub async fn start(
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,

@@ -114,8 +114,12 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let mut addrs = Vec::new();
     // The cluster side starts first: shards announce the routes of restored sessions to it.
     if let Some(l) = bound.cluster {
+        let local = l.local_addr().context("cluster listener")?;
         let (_, advertise) = crate::cluster::start(broker.clone(), l, shutdown.clone()).await?;
-        addrs.push(format!("cluster://{advertise}"));
+        addrs.push(format!("cluster://{local}"));
+        if advertise != local.to_string() {
+            tracing::info!(%advertise, "other nodes reach this one through the advertised address");
+        }
     }
     let (sup, sup_handle) =
         Actor::spawn(Some(format!("supervisor:{}", config.node.name)), SupervisorActor, broker.clone()).await.context("start actors")?;

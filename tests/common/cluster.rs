@@ -21,6 +21,8 @@ pub struct TestCluster {
     pub nodes: Vec<NodeProc>,
     pub dir: tempfile::TempDir,
     extra: Box<dyn Fn(usize) -> String + Send>,
+    /// Seeds for every node instead of node 1's address (e.g. a proxy in front of it).
+    pub seeds: Option<Vec<String>>,
 }
 
 impl TestCluster {
@@ -33,7 +35,7 @@ impl TestCluster {
     /// config (0-based).
     pub async fn start_some(total: usize, n: usize, extra: impl Fn(usize) -> String + Send + 'static) -> TestCluster {
         let nodes = (0..total).map(|i| NodeProc { name: format!("node{}", i + 1), ready: Ready::default(), child: None, started: false }).collect();
-        let mut c = TestCluster { nodes, dir: tempfile::tempdir().unwrap(), extra: Box::new(extra) };
+        let mut c = TestCluster { nodes, dir: tempfile::tempdir().unwrap(), extra: Box::new(extra), seeds: None };
         for i in 0..n {
             c.spawn(i).await;
         }
@@ -44,9 +46,10 @@ impl TestCluster {
     }
 
     fn write(&self, i: usize) -> std::path::PathBuf {
-        let seeds: Vec<String> = match i {
-            0 => vec![],
-            _ => vec![self.nodes[0].ready.cluster.expect("node1 started first").to_string()],
+        let seeds: Vec<String> = match (&self.seeds, i) {
+            (Some(s), _) => s.clone(),
+            (None, 0) => vec![],
+            (None, _) => vec![self.nodes[0].ready.cluster.expect("node1 started first").to_string()],
         };
         let path = write_config(self.dir.path(), i + 1, &seeds, self.nodes[i].ready).unwrap();
         let add = (self.extra)(i);
