@@ -23,6 +23,8 @@ pub struct TestCluster {
     extra: Box<dyn Fn(usize) -> String + Send>,
     /// Seeds for every node instead of node 1's address (e.g. a proxy in front of it).
     pub seeds: Option<Vec<String>>,
+    /// Extra environment for node i (e.g. `THINGSD_CLUSTER__COOKIE`).
+    pub env: std::collections::HashMap<usize, Vec<(String, String)>>,
 }
 
 impl TestCluster {
@@ -35,7 +37,7 @@ impl TestCluster {
     /// config (0-based).
     pub async fn start_some(total: usize, n: usize, extra: impl Fn(usize) -> String + Send + 'static) -> TestCluster {
         let nodes = (0..total).map(|i| NodeProc { name: format!("node{}", i + 1), ready: Ready::default(), child: None, started: false }).collect();
-        let mut c = TestCluster { nodes, dir: tempfile::tempdir().unwrap(), extra: Box::new(extra), seeds: None };
+        let mut c = TestCluster { nodes, dir: tempfile::tempdir().unwrap(), extra: Box::new(extra), seeds: None, env: Default::default() };
         for i in 0..n {
             c.spawn(i).await;
         }
@@ -67,6 +69,7 @@ impl TestCluster {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsd"))
             .arg("--config")
             .arg(&config)
+            .envs(self.env.get(&i).cloned().unwrap_or_default())
             .env("NO_COLOR", "1")
             .env("RUST_LOG", std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn,thingsd=info".into()))
             .stdout(Stdio::piped())
