@@ -46,3 +46,30 @@ async fn tls_links_and_cookie() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Garbage on the cluster port (a huge length prefix ractor_cluster would allocate, random
+/// bytes, a truncated frame) closes that connection only; the node keeps its members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_port_survives_garbage() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = TestCluster::start(2).await;
+    let port = c.nodes[0].ready.cluster.unwrap();
+    let mut huge = (1u64 << 62).to_be_bytes().to_vec();
+    huge.extend_from_slice(&[0u8; 64]);
+    let mut trunc = 100u64.to_be_bytes().to_vec();
+    trunc.extend_from_slice(b"short");
+    for bytes in [huge, (0..255u8).collect::<Vec<u8>>(), trunc, vec![0xff; 4096]] {
+        let mut s = tokio::net::TcpStream::connect(port).await.unwrap();
+        let _ = s.write_all(&bytes).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut sink)).await.expect("the node closes the connection");
+    }
+    assert_eq!(c.members_up(0).await, 2);
+    let mut s = Raw::v5(c.mqtt(1), "g-sub").await;
+    s.sub("g/#", QoS::AtMostOnce).await;
+    let mut p = Raw::v5(c.mqtt(0), "g-pub").await;
+    p.send(publish("g/x", QoS::AtLeastOnce, 1, "still here")).await;
+    assert!(matches!(p.recv_app().await, Some(Packet::PubAck(_))));
+    assert_eq!(&s.recv_publish().await.payload[..], b"still here");
+}

@@ -55,6 +55,85 @@ impl LinkTls {
     }
 }
 
+/// Largest ractor_cluster message a peer may announce. ractor_cluster allocates whatever
+/// length prefix it reads (before authentication, too), so every link's read half is wrapped
+/// in a [`FrameGuard`] that closes the link on a larger one instead.
+const MAX_LINK_FRAME: u64 = (super::wire::MAX_FRAME as u64) + (16 << 20);
+
+/// Watches the `u64` big-endian length prefixes of ractor_cluster's framing in a byte stream
+/// and fails the read on a frame above `MAX_LINK_FRAME`; the bytes pass through unchanged.
+pub struct FrameGuard<R> {
+    inner: R,
+    header: [u8; 8],
+    have: usize,
+    remaining: u64,
+}
+
+impl<R> FrameGuard<R> {
+    pub fn new(inner: R) -> Self {
+        FrameGuard { inner, header: [0; 8], have: 0, remaining: 0 }
+    }
+
+    /// Account for bytes read; an error if they announce an oversized frame.
+    fn scan(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let n = (self.remaining.min(bytes.len() as u64)) as usize;
+                self.remaining -= n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (8 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 8 {
+                self.have = 0;
+                let len = u64::from_be_bytes(self.header);
+                if len > MAX_LINK_FRAME {
+                    return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("cluster peer announced a {len}-byte frame")));
+                }
+                self.remaining = len;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FrameGuard<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &r {
+            let new = buf.filled()[before..].to_vec();
+            if let Err(e) = self.scan(&new) {
+                tracing::warn!(error = %e, "closing cluster link");
+                return std::task::Poll::Ready(Err(e));
+            }
+        }
+        r
+    }
+}
+
+/// Hand a connected (and, with TLS, handshaken) stream to the NodeServer, read half guarded.
+fn open<S>(ns: &ActorRef<NodeServerMessage>, stream: S, peer: SocketAddr, local: SocketAddr, is_server: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let stream = NetworkStream::External {
+        peer_label: Some(peer.to_string()),
+        local_label: Some(local.to_string()),
+        reader: Box::new(FrameGuard::new(rd)),
+        writer: Box::new(wr),
+    };
+    let _ = ns.cast(NodeServerMessage::ConnectionOpened { stream: Box::new(stream), is_server });
+}
+
 /// Accept node links until `stop` and hand each to the NodeServer (which authenticates the cookie).
 pub async fn accept_loop(l: TcpListener, ns: ActorRef<NodeServerMessage>, tls: Option<LinkTls>, stop: CancellationToken) {
     loop {
@@ -74,15 +153,14 @@ pub async fn accept_loop(l: TcpListener, ns: ActorRef<NodeServerMessage>, tls: O
         let ns = ns.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let stream = match tls {
-                None => NetworkStream::Raw { peer_addr, local_addr, stream: s },
+            match tls {
+                None => open(&ns, s, peer_addr, local_addr, true),
                 Some(t) => match tokio::time::timeout(Duration::from_secs(10), t.acceptor.accept(s)).await {
-                    Ok(Ok(stream)) => NetworkStream::TlsServer { peer_addr, local_addr, stream },
-                    Ok(Err(e)) => return tracing::warn!(peer = %peer_addr, error = %e, "cluster TLS handshake failed"),
-                    Err(_) => return tracing::warn!(peer = %peer_addr, "cluster TLS handshake timed out"),
+                    Ok(Ok(stream)) => open(&ns, stream, peer_addr, local_addr, true),
+                    Ok(Err(e)) => tracing::warn!(peer = %peer_addr, error = %e, "cluster TLS handshake failed"),
+                    Err(_) => tracing::warn!(peer = %peer_addr, "cluster TLS handshake timed out"),
                 },
-            };
-            let _ = ns.cast(NodeServerMessage::ConnectionOpened { stream: Box::new(stream), is_server: true });
+            }
         });
     }
 }
@@ -90,14 +168,19 @@ pub async fn accept_loop(l: TcpListener, ns: ActorRef<NodeServerMessage>, tls: O
 /// Open a link to `addr` (`host:port`); the handshake then continues inside ractor_cluster.
 pub async fn dial(ns: &ActorRef<NodeServerMessage>, addr: &str, tls: Option<&LinkTls>) -> anyhow::Result<()> {
     let fut = async {
+        let s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        s.set_nodelay(true)?;
+        let (peer, local) = (s.peer_addr()?, s.local_addr()?);
         match tls {
-            None => ractor_cluster::client_connect(ns, addr).await.map_err(|e| anyhow::anyhow!("{e:?}")),
+            None => open(ns, s, peer, local, false),
             Some(t) => {
                 let host = addr.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(addr);
                 let name = rustls::pki_types::ServerName::try_from(host.to_string()).context("server name")?;
-                ractor_cluster::client_connect_enc(ns, addr, t.connector.clone(), name).await.map_err(|e| anyhow::anyhow!("{e:?}"))
+                let stream = t.connector.connect(name, s).await.context("cluster TLS handshake")?;
+                open(ns, stream, peer, local, false);
             }
         }
+        anyhow::Ok(())
     };
     tokio::time::timeout(Duration::from_secs(5), fut).await.context("dial timed out")?
 }
@@ -112,4 +195,27 @@ pub fn advertise(cfg: &ClusterConfig, bound: SocketAddr) -> anyhow::Result<Strin
         "cluster.listen is {bound}: set cluster.advertise to the host:port other nodes can reach"
     );
     Ok(bound.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guard_follows_frames_and_refuses_huge_ones() {
+        let mut g = FrameGuard::new(());
+        let mut ok = 5u64.to_be_bytes().to_vec();
+        ok.extend_from_slice(b"hello");
+        ok.extend_from_slice(&0u64.to_be_bytes());
+        ok.extend_from_slice(&3u64.to_be_bytes());
+        // Split anywhere: the state carries over between reads.
+        for cut in 0..ok.len() {
+            let mut g2 = FrameGuard::new(());
+            g2.scan(&ok[..cut]).unwrap();
+            g2.scan(&ok[cut..]).unwrap();
+        }
+        g.scan(&ok).unwrap();
+        g.scan(b"abc").unwrap();
+        assert!(g.scan(&u64::MAX.to_be_bytes()).is_err());
+    }
 }
