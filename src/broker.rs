@@ -142,7 +142,8 @@ impl Broker {
         let (n, worst) = self.router.publish(msg, high, self.scope(), durable.as_ref());
         self.wait_for(worst).await;
         if let Some(c) = self.cluster.get() {
-            c.pace(self.config.mqtt.outbound_queue.max(high) * 4, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;
+            c.pace(self.config.mqtt.outbound_queue.max(high) * 4, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms))
+                .await;
         }
         (n, durable)
     }

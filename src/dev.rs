@@ -117,7 +117,14 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     println!();
     for (i, r, config) in &table {
         let show = |a: Option<SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
-        println!("node{i}: mqtt {}  ws {}  http {}  cluster {}  ({})", show(r.mqtt), show(r.ws), show(r.http), show(r.cluster), config.display());
+        println!(
+            "node{i}: mqtt {}  ws {}  http {}  cluster {}  ({})",
+            show(r.mqtt),
+            show(r.ws),
+            show(r.http),
+            show(r.cluster),
+            config.display()
+        );
     }
     if let (Some((_, a, _)), Some((_, b, _))) = (table.first(), table.last()) {
         if let (Some(a), Some(b)) = (a.mqtt, b.mqtt) {

@@ -14,7 +14,8 @@ fn cluster_pki(dir: &std::path::Path) -> String {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let node_key = KeyPair::generate().unwrap();
-    let node = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap().signed_by(&node_key, &ca, &ca_key).unwrap();
+    let node =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap().signed_by(&node_key, &ca, &ca_key).unwrap();
     let (c, k, a) = (dir.join("node.pem"), dir.join("node.key"), dir.join("ca.pem"));
     std::fs::write(&c, node.pem()).unwrap();
     std::fs::write(&k, node_key.serialize_pem()).unwrap();

@@ -19,7 +19,10 @@ fn tool(path: &str) -> bool {
     if std::path::Path::new(path).exists() {
         return true;
     }
-    assert!(std::env::var("CI").is_err(), "{path} is missing; scripts/test installs it (apt-get install haproxy nginx-light libnginx-mod-stream)");
+    assert!(
+        std::env::var("CI").is_err(),
+        "{path} is missing; scripts/test installs it (apt-get install haproxy nginx-light libnginx-mod-stream)"
+    );
     eprintln!("SKIPPED: {path} not installed (scripts/test installs it); this test did not run");
     false
 }
@@ -49,7 +52,9 @@ async fn haproxy_in_front_of_three_nodes_survives_a_node_kill() {
     // This machine allows 20,000 open files per process; the shipped maxconn needs more.
     cfg = cfg.replace("maxconn 200000", "maxconn 4000");
     cfg = cfg.replace("bind :1883", &format!("bind 127.0.0.1:{front}")).replace("bind :8080", &format!("bind 127.0.0.1:{api}"));
-    ngx = ngx.replace("listen 1883;", &format!("listen 127.0.0.1:{};", free_port())).replace("listen 8080;", &format!("listen 127.0.0.1:{};", free_port()));
+    ngx = ngx
+        .replace("listen 1883;", &format!("listen 127.0.0.1:{};", free_port()))
+        .replace("listen 8080;", &format!("listen 127.0.0.1:{};", free_port()));
     for i in 0..3 {
         let (mqtt, http) = (c.nodes[i].ready.mqtt_proxy.expect("proxy listener"), c.http(i));
         let name = format!("thingsd-{}", i + 1);

@@ -103,10 +103,14 @@ async fn next_text(c: &mut Raw) -> (String, String) {
 async fn retained_at(addr: SocketAddr, topic: &str) -> String {
     let mut s = Raw::v5(addr, &format!("probe-{}", rand_id())).await;
     s.sub(topic, QoS::AtMostOnce).await;
-    s.sync().await.into_iter().find_map(|p| match p {
-        Packet::Publish(m) => Some(String::from_utf8_lossy(&m.payload).into_owned()),
-        _ => None,
-    }).unwrap_or_default()
+    s.sync()
+        .await
+        .into_iter()
+        .find_map(|p| match p {
+            Packet::Publish(m) => Some(String::from_utf8_lossy(&m.payload).into_owned()),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 fn rand_id() -> u64 {

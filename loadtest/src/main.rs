@@ -387,7 +387,9 @@ async fn cluster_scenario(o: &Opts, sc: &str) -> anyhow::Result<Option<ClusterRe
                 n.stop().await;
             }
             Ok(Some(ClusterReport {
-                title: format!("killowner: {q} acknowledged QoS 1 messages queued for an offline persistent session; its node is SIGKILLed"),
+                title: format!(
+                    "killowner: {q} acknowledged QoS 1 messages queued for an offline persistent session; its node is SIGKILLed"
+                ),
                 rows: vec![Row {
                     broker: "reconnect on another node".into(),
                     rate: f64::NAN,

@@ -3,8 +3,8 @@
 //! above the high-water mark (backpressure instead of dropping acknowledged messages); a
 //! subscriber that does not drain in time is marked slow and stops exerting backpressure.
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 

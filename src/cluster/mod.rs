@@ -16,15 +16,15 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use rand::Rng;
 use ractor::message::{BoxedDowncastErr, SerializedMessage};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use ractor_cluster::NodeServerMessage;
+use rand::Rng;
 use tokio::sync::{broadcast, mpsc, Notify};
 
+use crate::actors::registry::RegistryMessage;
 use crate::actors::retained::RetainedMessage;
 use crate::broker::Broker;
-use crate::actors::registry::RegistryMessage;
 use crate::message::{now_ms, Delivery, Durable, DurableToken, Message};
 use crate::storage::local::SessionSnapshot;
 use routes::{NodeIdx, RouteNode};
@@ -69,34 +69,80 @@ impl ractor::Message for ClusterMsg {
 pub enum Local {
     Tick,
     /// A shard got the first local subscriber of `key`; reply once live peers have the route.
-    AddRoute { key: Arc<str>, reply: RpcReplyPort<()> },
+    AddRoute {
+        key: Arc<str>,
+        reply: RpcReplyPort<()>,
+    },
     /// A shard lost the last local subscriber of `key`.
     DelRoute(Arc<str>),
     /// A retained message was stored (or deleted) locally.
     Retained(Arc<Message>),
-    Dialed { addr: String, ok: bool },
+    Dialed {
+        addr: String,
+        ok: bool,
+    },
     /// Say goodbye to every peer (graceful leave).
     Leave(RpcReplyPort<()>),
     Members(RpcReplyPort<Vec<MemberInfo>>),
     /// A client connects here: ask its registrar (replies with generation and handed-over state).
-    Claim { client: Arc<str>, clean: bool, reply: RpcReplyPort<Claimed> },
-    ClaimDone { client: Arc<str>, gen: u64 },
+    Claim {
+        client: Arc<str>,
+        clean: bool,
+        reply: RpcReplyPort<Claimed>,
+    },
+    ClaimDone {
+        client: Arc<str>,
+        gen: u64,
+    },
     /// The new session's routes are in place: tell the previous owner to flush and let go.
-    Release { client: Arc<str>, gen: u64, to: String },
+    Release {
+        client: Arc<str>,
+        gen: u64,
+        to: String,
+    },
     /// The registry gave up (or did not have) a session the registrar asked for.
-    HandedOver { client: Arc<str>, gen: u64, registrar: String, clean: bool, state: Option<Box<SessionSnapshot>> },
-    BackupState { to: Arc<str>, client: Arc<str>, state: Box<SessionSnapshot> },
-    BackupAppend { to: Arc<str>, client: Arc<str>, deliveries: Vec<Delivery>, tokens: Vec<Arc<DurableToken>> },
-    BackupDrop { to: Arc<str>, client: Arc<str> },
+    HandedOver {
+        client: Arc<str>,
+        gen: u64,
+        registrar: String,
+        clean: bool,
+        state: Option<Box<SessionSnapshot>>,
+    },
+    BackupState {
+        to: Arc<str>,
+        client: Arc<str>,
+        state: Box<SessionSnapshot>,
+    },
+    BackupAppend {
+        to: Arc<str>,
+        client: Arc<str>,
+        deliveries: Vec<Delivery>,
+        tokens: Vec<Arc<DurableToken>>,
+    },
+    BackupDrop {
+        to: Arc<str>,
+        client: Arc<str>,
+    },
     /// A moving session's last deliveries, for its new owner.
-    Flush { client: Arc<str>, gen: u64, to: String, deliveries: Vec<Delivery> },
+    Flush {
+        client: Arc<str>,
+        gen: u64,
+        to: String,
+        deliveries: Vec<Delivery>,
+    },
     /// Reply once every live peer has processed everything it sent us before now.
     Barrier(RpcReplyPort<()>),
     /// Sessions this node owns (sent to their registrars after membership changes).
     Owned(Vec<(Arc<str>, u64)>),
-    Disowned { client: Arc<str>, gen: u64 },
+    Disowned {
+        client: Arc<str>,
+        gen: u64,
+    },
     /// Send a frame to a node (from a task).
-    Send { to: String, body: Box<Body> },
+    Send {
+        to: String,
+        body: Box<Body>,
+    },
 }
 
 /// The registrar's answer to a claim.
@@ -1034,11 +1080,8 @@ impl ClusterState {
             Body::RetainedDigest(theirs) => {
                 let theirs: HashMap<Arc<str>, Hlc> = theirs.into_iter().collect();
                 let mine = self.digest();
-                let newer: Vec<RetainedEntry> = mine
-                    .into_iter()
-                    .filter(|(t, h)| theirs.get(t).is_none_or(|th| th < h))
-                    .filter_map(|(t, _)| self.entry(&t))
-                    .collect();
+                let newer: Vec<RetainedEntry> =
+                    mine.into_iter().filter(|(t, h)| theirs.get(t).is_none_or(|th| th < h)).filter_map(|(t, _)| self.entry(&t)).collect();
                 for chunk in newer.chunks(256) {
                     self.send(&from, &Body::Retained(chunk.to_vec()));
                 }
@@ -1079,7 +1122,10 @@ impl ClusterState {
                 tokio::spawn(async move {
                     let state = match broker.registry() {
                         Some(r) => match r
-                            .call(|reply| RegistryMessage::HandOver { client: client.clone(), gen, to, clean, reply }, Some(Duration::from_secs(5)))
+                            .call(
+                                |reply| RegistryMessage::HandOver { client: client.clone(), gen, to, clean, reply },
+                                Some(Duration::from_secs(5)),
+                            )
                             .await
                         {
                             Ok(ractor::rpc::CallResult::Success(s)) => s,
@@ -1153,7 +1199,10 @@ impl ClusterState {
                 }
             }
             Body::Disowned { client, gen } => {
-                let gone = self.registrar.get(&client).is_some_and(|r| r.gen == gen && r.busy_until.is_none() && r.owner.as_deref() == Some(from.as_str()));
+                let gone = self
+                    .registrar
+                    .get(&client)
+                    .is_some_and(|r| r.gen == gen && r.busy_until.is_none() && r.owner.as_deref() == Some(from.as_str()));
                 if gone {
                     self.registrar.remove(&client);
                 }
@@ -1243,7 +1292,8 @@ impl ClusterState {
             }
             let ns = self.a.node_server.clone();
             tokio::spawn(async move {
-                if let Ok(ractor::rpc::CallResult::Success(s)) = ns.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await {
+                if let Ok(ractor::rpc::CallResult::Success(s)) = ns.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await
+                {
                     for info in s.values() {
                         if info.peer_name.as_ref().is_some_and(|n| peer_name(&n.name) == *name) {
                             info.actor.stop(Some("heartbeat timeout".into()));
@@ -1270,7 +1320,8 @@ impl ClusterState {
             }
         }
         // Registrar: claims held past their time (a claimant died mid-way) let the next one go.
-        let expired: Vec<Arc<str>> = self.registrar.iter().filter(|(_, r)| r.busy_until.is_some_and(|t| t <= now)).map(|(c, _)| c.clone()).collect();
+        let expired: Vec<Arc<str>> =
+            self.registrar.iter().filter(|(_, r)| r.busy_until.is_some_and(|t| t <= now)).map(|(c, _)| c.clone()).collect();
         for c in expired {
             if let Some((claimant, req, _)) = self.registrar.get_mut(&c).and_then(|r| r.waiting.take()) {
                 let gen = self.registrar[&c].gen;
@@ -1545,7 +1596,12 @@ impl Actor for ClusterActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _me: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ProcessGroupChanged(change) = evt {
             match change {
                 ractor::pg::GroupChangeMessage::Join(_, _, cells) => {

@@ -23,7 +23,9 @@ pub struct LinkTls {
 
 fn certs(path: &str) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     let f = std::fs::File::open(path).with_context(|| format!("cluster TLS file {path}"))?;
-    rustls_pemfile::certs(&mut std::io::BufReader::new(f)).collect::<Result<Vec<_>, _>>().with_context(|| format!("cluster TLS file {path}"))
+    rustls_pemfile::certs(&mut std::io::BufReader::new(f))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("cluster TLS file {path}"))
 }
 
 impl LinkTls {

@@ -57,16 +57,31 @@ pub struct RetainedEntry {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Body {
     /// Sent when a peer appears (and answered once): who I am, where I listen, whom I know.
-    Hello { incarnation: u64, addr: String, members: Vec<(String, String)>, reply: bool },
-    Heartbeat { incarnation: u64 },
+    Hello {
+        incarnation: u64,
+        addr: String,
+        members: Vec<(String, String)>,
+        reply: bool,
+    },
+    Heartbeat {
+        incarnation: u64,
+    },
     /// Route changes of the sender. `reset` replaces everything known of the sender; `ack`
     /// asks for a [`Body::RouteAck`] once applied.
-    Routes { reset: bool, add: Vec<Arc<str>>, del: Vec<Arc<str>>, ack: Option<u64> },
+    Routes {
+        reset: bool,
+        add: Vec<Arc<str>>,
+        del: Vec<Arc<str>>,
+        ack: Option<u64>,
+    },
     RouteAck(u64),
     /// Forwarded publishes. The receiver answers [`Body::ForwardAck`] once they are routed,
     /// congested subscribers have caught up (bounded) and every copy for a persistent session
     /// is on its backup node: flow control and durability in one.
-    Publish { batch: Vec<Forward>, ack: u64 },
+    Publish {
+        batch: Vec<Forward>,
+        ack: u64,
+    },
     ForwardAck(u64),
     Retained(Vec<RetainedEntry>),
     /// (topic, clock) of every retained entry and tombstone the sender has; the receiver answers
@@ -74,42 +89,88 @@ pub enum Body {
     RetainedDigest(Vec<(Arc<str>, Hlc)>),
     /// The sender is leaving the cluster on purpose (its sessions' replicas are fresh); the
     /// receiver answers `LeaveAck` and then treats it as down (adopting its sessions).
-    Leave { ack: u64 },
+    Leave {
+        ack: u64,
+    },
     LeaveAck(u64),
     /// Registrar → announcer: another live node owns this client's session; drop your copy.
-    NotYours { client: Arc<str> },
+    NotYours {
+        client: Arc<str>,
+    },
 
     // Session ownership. Every client id has a registrar node (rendezvous hash over live
     // members) that serialises connects for it and hands out growing generations.
     /// A client connects on the sender: who owned its session?
-    Claim { client: Arc<str>, req: u64, clean: bool },
+    Claim {
+        client: Arc<str>,
+        req: u64,
+        clean: bool,
+    },
     /// Registrar → claimant: the new generation, the previous owner (if another node) and the
     /// session state it handed over.
-    Claimed { client: Arc<str>, req: u64, gen: u64, from: Option<String>, state: Option<Box<SessionSnapshot>> },
+    Claimed {
+        client: Arc<str>,
+        req: u64,
+        gen: u64,
+        from: Option<String>,
+        state: Option<Box<SessionSnapshot>>,
+    },
     /// Claimant → registrar: the hand-over is complete; the next claim may proceed.
-    ClaimDone { client: Arc<str>, gen: u64 },
+    ClaimDone {
+        client: Arc<str>,
+        gen: u64,
+    },
     /// Registrar → previous owner: close the client, give its state up (keep buffering
     /// deliveries until `Release`).
-    HandOver { client: Arc<str>, gen: u64, to: String, clean: bool },
+    HandOver {
+        client: Arc<str>,
+        gen: u64,
+        to: String,
+        clean: bool,
+    },
     /// Previous owner → registrar.
     /// `moving`: the state comes from a live session that buffers until `Release` (not from a replica).
-    HandedOver { client: Arc<str>, gen: u64, state: Option<Box<SessionSnapshot>>, moving: bool },
+    HandedOver {
+        client: Arc<str>,
+        gen: u64,
+        state: Option<Box<SessionSnapshot>>,
+        moving: bool,
+    },
     /// New owner → previous owner: my routes are in place everywhere.
-    Release { client: Arc<str>, gen: u64 },
+    Release {
+        client: Arc<str>,
+        gen: u64,
+    },
     /// Previous owner → new owner: what arrived for the client during the hand-over, in order.
-    Flush { client: Arc<str>, gen: u64, deliveries: Vec<Delivery> },
+    Flush {
+        client: Arc<str>,
+        gen: u64,
+        deliveries: Vec<Delivery>,
+    },
     /// Owner → registrar (after membership changes): these sessions live on the sender.
     Owned(Vec<(Arc<str>, u64)>),
     /// Owner → registrar: the session ended.
-    Disowned { client: Arc<str>, gen: u64 },
+    Disowned {
+        client: Arc<str>,
+        gen: u64,
+    },
 
     // Durable sessions: each persistent session's owner keeps a replica on one backup node.
     /// Full state (replaces the replica and its log).
-    BackupState { client: Arc<str>, state: Box<SessionSnapshot> },
+    BackupState {
+        client: Arc<str>,
+        state: Box<SessionSnapshot>,
+    },
     /// Deliveries since the last state; answer `BackupAck(ack)` once stored.
-    BackupAppend { client: Arc<str>, deliveries: Vec<Delivery>, ack: u64 },
+    BackupAppend {
+        client: Arc<str>,
+        deliveries: Vec<Delivery>,
+        ack: u64,
+    },
     BackupAck(u64),
-    BackupDrop { client: Arc<str> },
+    BackupDrop {
+        client: Arc<str>,
+    },
 }
 
 fn config() -> impl bincode::config::Config {

@@ -24,7 +24,14 @@ pub enum Kind {
 }
 
 /// Accept until `shutdown`; every connection task is tracked so shutdown can wait for it.
-pub async fn accept_loop(listener: TcpListener, kind: Kind, proxy: bool, broker: Arc<Broker>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    kind: Kind,
+    proxy: bool,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
     let kind = Arc::new(kind);
     loop {
         let (stream, peer) = tokio::select! {

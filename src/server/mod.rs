@@ -71,7 +71,11 @@ fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
 pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     let mut listeners = Vec::new();
     for l in &config.listeners.tcp {
-        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TCP {}", l.bind))?, Kind::Tcp, l.proxy_protocol));
+        listeners.push((
+            TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TCP {}", l.bind))?,
+            Kind::Tcp,
+            l.proxy_protocol,
+        ));
     }
     for l in &config.listeners.ws {
         listeners.push((
@@ -82,7 +86,11 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     }
     for l in &config.listeners.tls {
         let acc = tls_acceptor(&l.cert, &l.key)?;
-        listeners.push((TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TLS {}", l.bind))?, Kind::Tls(acc), l.proxy_protocol));
+        listeners.push((
+            TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TLS {}", l.bind))?,
+            Kind::Tls(acc),
+            l.proxy_protocol,
+        ));
     }
     let mut http = Vec::new();
     for l in &config.listeners.http {

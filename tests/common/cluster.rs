@@ -36,7 +36,8 @@ impl TestCluster {
     /// Room for `total` nodes, the first `n` started; `extra(i)` (TOML) is appended to node i's
     /// config (0-based).
     pub async fn start_some(total: usize, n: usize, extra: impl Fn(usize) -> String + Send + 'static) -> TestCluster {
-        let nodes = (0..total).map(|i| NodeProc { name: format!("node{}", i + 1), ready: Ready::default(), child: None, started: false }).collect();
+        let nodes =
+            (0..total).map(|i| NodeProc { name: format!("node{}", i + 1), ready: Ready::default(), child: None, started: false }).collect();
         let mut c = TestCluster { nodes, dir: tempfile::tempdir().unwrap(), extra: Box::new(extra), seeds: None, env: Default::default() };
         for i in 0..n {
             c.spawn(i).await;

@@ -226,7 +226,13 @@ impl SessionState {
     /// connection's will is published unless delayed (the resume elsewhere cancels a delayed
     /// one); with Clean Start the session ends here. Otherwise its state is returned and it
     /// keeps collecting deliveries (its routes stay) until the new owner's routes are in place.
-    pub(super) async fn hand_over(&mut self, me: &ActorRef<SessionMessage>, gen: u64, to: String, clean: bool) -> Option<Box<SessionSnapshot>> {
+    pub(super) async fn hand_over(
+        &mut self,
+        me: &ActorRef<SessionMessage>,
+        gen: u64,
+        to: String,
+        clean: bool,
+    ) -> Option<Box<SessionSnapshot>> {
         if let Some(old) = self.conn.take() {
             kick(&old, reason::SESSION_TAKEN_OVER);
         }
@@ -260,7 +266,9 @@ impl SessionState {
         for f in filters {
             if let Some(shard) = router.shard(router.shard_of_filter(&f)) {
                 let (client, owner) = (self.client_id.clone(), me.get_id());
-                let _ = shard.call(|r| ShardMessage::Unsubscribe { client, filter: f, owner, reply: Some(r) }, Some(Duration::from_secs(5))).await;
+                let _ = shard
+                    .call(|r| ShardMessage::Unsubscribe { client, filter: f, owner, reply: Some(r) }, Some(Duration::from_secs(5)))
+                    .await;
             }
         }
         let Some(mut m) = self.moving.take() else { return };
