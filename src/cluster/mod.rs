@@ -203,6 +203,8 @@ pub struct Link {
 
 /// Forwards that did not reach a lost node, waiting until its sessions are adopted elsewhere.
 pub struct Parked {
+    /// The lost node they were for.
+    pub dead: Arc<str>,
     pub forwards: Vec<Forward>,
     pub waiters: Vec<Arc<Durable>>,
 }
@@ -212,6 +214,19 @@ impl Link {
     pub fn send(&self, f: Forward, durable: Option<Arc<Durable>>) {
         if let Some(d) = &durable {
             d.add();
+        }
+        if self.closed.load(Ordering::Acquire) {
+            // Raced with the peer's loss: parked like the frames it did not acknowledge.
+            if f.msg.qos != crate::protocols::mqtt::QoS::AtMostOnce {
+                if let Ok(mut p) = self.parked.lock() {
+                    p.push(Parked { dead: self.name.clone(), forwards: vec![f], waiters: durable.into_iter().collect() });
+                    return;
+                }
+            }
+            if let Some(d) = durable {
+                d.done();
+            }
+            return;
         }
         self.depth.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.tx.send((f, durable)) {
@@ -418,9 +433,7 @@ impl Cluster {
     /// A forward for a lost node (still routed to while its sessions are adopted): park it.
     /// Returns false when `n` is not such a node.
     pub fn park(&self, n: NodeIdx, f: Forward, durable: Option<Arc<Durable>>) -> bool {
-        if !self.ghosts.load().contains_key(&n) {
-            return false;
-        }
+        let Some(dead) = self.ghosts.load().get(&n).cloned() else { return false };
         if f.msg.qos == crate::protocols::mqtt::QoS::AtMostOnce {
             return true; // at most once: not kept
         }
@@ -428,7 +441,7 @@ impl Cluster {
             d.add();
         }
         if let Ok(mut p) = self.parked.lock() {
-            p.push(Parked { forwards: vec![f], waiters: durable.into_iter().collect() });
+            p.push(Parked { dead, forwards: vec![f], waiters: durable.into_iter().collect() });
         }
         true
     }
@@ -1214,7 +1227,8 @@ impl ClusterState {
     /// re-route what was parked for them to the adopted sessions.
     fn unghost(&mut self) {
         let ghosts = self.a.handle.ghosts.load_full();
-        if ghosts.is_empty() {
+        let parked_any = self.a.handle.parked.lock().map(|p| !p.is_empty()).unwrap_or(false);
+        if ghosts.is_empty() && !parked_any {
             return;
         }
         for m in self.members.values_mut().filter(|m| m.ghost) {
@@ -1224,18 +1238,16 @@ impl ClusterState {
         self.a.handle.ghosts.store(Arc::new(HashMap::new()));
         self.set_routes();
         let parked: Vec<Parked> = self.a.handle.parked.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
-        let dead: Vec<Arc<str>> = ghosts.values().cloned().collect();
         let n: usize = parked.iter().map(|p| p.forwards.len()).sum();
         if n > 0 {
-            tracing::info!(messages = n, lost = ?dead, "re-routing messages that were on their way to a lost node");
+            let lost: Vec<&Arc<str>> = ghosts.values().collect();
+            tracing::info!(messages = n, ?lost, "re-routing messages that were on their way to a lost node");
         }
         for p in parked {
             let d2 = Arc::new(Durable::default());
             for f in &p.forwards {
-                for lost in &dead {
-                    let scope = crate::broker::Scope::Reroute(&self.a.handle, lost);
-                    self.a.broker.router.publish(f.msg.clone(), usize::MAX, scope, Some(&d2));
-                }
+                let scope = crate::broker::Scope::Reroute(&self.a.handle, &p.dead);
+                self.a.broker.router.publish(f.msg.clone(), usize::MAX, scope, Some(&d2));
             }
             tokio::spawn(async move {
                 d2.wait(Duration::from_secs(5)).await;
@@ -1330,7 +1342,8 @@ impl ClusterState {
             self.next_claim(&c);
         }
         self.tombstones.retain(|_, (_, at)| now.duration_since(*at) < TOMBSTONE_TTL);
-        if now >= self.settle_until && (!self.deferred.is_empty() || !self.settling.is_empty() || !self.a.handle.ghosts.load().is_empty()) {
+        let parked_any = self.a.handle.parked.lock().map(|p| !p.is_empty()).unwrap_or(false);
+        if now >= self.settle_until && (!self.deferred.is_empty() || !self.settling.is_empty() || !self.a.handle.ghosts.load().is_empty() || parked_any) {
             self.settled();
         }
         let before = self.backup_waits.len();
@@ -1410,7 +1423,7 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
         // QoS 0 forwards are not kept for re-routing (at most once).
         let keep: Vec<Forward> = batch.iter().filter(|f| f.msg.qos != crate::protocols::mqtt::QoS::AtMostOnce).cloned().collect();
         if let Ok(mut m) = link.unacked.lock() {
-            m.insert(seq, Parked { forwards: keep, waiters: std::mem::take(&mut waiters) });
+            m.insert(seq, Parked { dead: link.name.clone(), forwards: keep, waiters: std::mem::take(&mut waiters) });
         }
         link.in_flight.fetch_add(1, Ordering::AcqRel);
         let frame = wire::encode(&me, &Body::Publish { batch: std::mem::take(&mut batch), ack });
@@ -1427,7 +1440,7 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
     }
     batch.retain(|f| f.msg.qos != crate::protocols::mqtt::QoS::AtMostOnce);
     if let Ok(mut p) = link.parked.lock() {
-        p.push(Parked { forwards: batch, waiters });
+        p.push(Parked { dead: link.name.clone(), forwards: batch, waiters });
     }
     link.close();
     depth.store(0, Ordering::Relaxed);
