@@ -114,6 +114,14 @@ impl Broker {
         self.router.publish(msg, usize::MAX, self.scope(), None).0
     }
 
+    /// Route without waiting; in a cluster, a QoS>0 message also returns what its
+    /// acknowledgement must wait for (see `publish_routed`).
+    pub fn publish_durable(&self, msg: Arc<Message>) -> (usize, Option<Arc<Durable>>) {
+        let durable = (self.cluster.get().is_some() && msg.qos != QoS::AtMostOnce).then(|| Arc::new(Durable::default()));
+        let n = self.router.publish(msg, usize::MAX, self.scope(), durable.as_ref()).0;
+        (n, durable)
+    }
+
     /// Publishes from this node's clients reach the cluster; `$SYS` stays on its node.
     fn scope(&self) -> Scope<'_> {
         match self.cluster.get() {

@@ -339,15 +339,23 @@ async fn sessions_move_between_nodes_without_loss_and_one_owner_wins() {
     for i in 0..Q {
         pub1(&mut p, "dur/x", (i + 1) as u16, &i.to_string()).await;
     }
+    // QoS 2 too: PUBREC is the acknowledgement that counts.
+    const Q2: u32 = 20;
+    for i in Q..Q + Q2 {
+        p.send(publish("dur/x", QoS::ExactlyOnce, (i + 1) as u16, &i.to_string())).await;
+        assert!(matches!(p.recv_app().await, Some(Packet::PubRec(_))));
+        p.send(Packet::PubRel(Ack::new((i + 1) as u16, 0))).await;
+        assert!(matches!(p.recv_app().await, Some(Packet::PubComp(_))));
+    }
     c.kill(2).await; // the owner dies right after the last acknowledgement
     let (mut d, ack) = Raw::session(addrs[1], durable(false)).await;
     assert!(ack.session_present, "the session survived its node");
     let mut got = Vec::new();
-    while got.len() < Q as usize {
+    while got.len() < (Q + Q2) as usize {
         let m = d.recv_publish().await;
         got.push(text(&m).parse::<u32>().unwrap());
-        d.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+        d.send(Packet::PubAck(Ack::new(m.pkid, 0))).await; // subscribed at QoS 1
     }
-    assert_eq!(got, (0..Q).collect::<Vec<_>>(), "all acknowledged messages, in order");
+    assert_eq!(got, (0..Q + Q2).collect::<Vec<_>>(), "all acknowledged messages, in order");
     assert!(d.sync().await.is_empty(), "nothing twice");
 }

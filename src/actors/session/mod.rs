@@ -196,6 +196,8 @@ pub struct SessionState {
     /// Adopted sessions: ids of recent deliveries, because a message re-routed from the lost
     /// node may also have reached the session directly.
     recent: Option<Box<(HashSet<u64>, VecDeque<u64>)>>,
+    /// The last PUBREC still waiting for durability (the next one waits for it: order).
+    last_pubrec: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 pub(super) enum Sent {
@@ -238,6 +240,7 @@ impl Actor for SessionActor {
             to_backup: Vec::new(),
             tokens: Vec::new(),
             recent: None,
+            last_pubrec: None,
         };
         if let Some(n) = args.adopted_from {
             let _ = st.load.adopted_from.set(n);

@@ -20,9 +20,31 @@ impl SessionState {
         }
         self.incoming_qos2.insert(pkid);
         // Clients may not inject broker statistics.
-        let n = if msg.topic.starts_with("$SYS") { 0 } else { self.broker.publish(msg) };
+        let (n, durable) = if msg.topic.starts_with("$SYS") { (0, None) } else { self.broker.publish_durable(msg) };
         let code = if n == 0 && self.protocol == Protocol::V5 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
-        answer(reply, Packet::PubRec(Ack::new(pkid, code)));
+        let rec = Packet::PubRec(Ack::new(pkid, code));
+        // In a cluster the PUBREC waits until the message is durable (persistent copies on their
+        // backups); PUBRECs keep their order: each waits for the previous one.
+        let mut prev = self.last_pubrec.take();
+        if prev.as_mut().is_some_and(|r| !matches!(r.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty))) {
+            prev = None; // the previous one is out already
+        }
+        if durable.as_ref().is_none_or(|d| d.is_done()) && prev.is_none() {
+            answer(reply, rec);
+            return;
+        }
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        self.last_pubrec = Some(done_rx);
+        tokio::spawn(async move {
+            if let Some(p) = prev {
+                let _ = p.await;
+            }
+            if let Some(d) = durable {
+                Broker::wait_durable(&d).await;
+            }
+            answer(reply, rec);
+            let _ = done_tx.send(());
+        });
     }
 
     pub(super) fn sub_entry(&self, me: &ActorRef<SessionMessage>, opts: SubOptions, sub_id: Option<u32>) -> Sub {
