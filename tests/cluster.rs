@@ -283,7 +283,7 @@ async fn sessions_move_between_nodes_without_loss_and_one_owner_wins() {
         cp
     };
     let (a, b, d) = tokio::join!(Raw::session(addrs[0], racer()), Raw::session(addrs[1], racer()), Raw::session(addrs[2], racer()));
-    let mut conns = vec![a.0, b.0, d.0];
+    let mut conns = [a.0, b.0, d.0];
     let mut open = Vec::new();
     for (i, conn) in conns.iter_mut().enumerate() {
         conn.send(Packet::PingReq).await;

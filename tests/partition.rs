@@ -129,9 +129,9 @@ async fn partition_and_heal() {
     })
     .await;
     c.seeds = Some(vec![adv[0].clone()]);
-    for i in 0..2 {
+    for (i, proxy) in proxies.iter().enumerate() {
         c.spawn(i).await;
-        proxies[i].set_upstream(c.nodes[i].ready.cluster.unwrap());
+        proxy.set_upstream(c.nodes[i].ready.cluster.unwrap());
     }
     c.wait_members(0, 2).await;
     c.wait_members(1, 2).await;

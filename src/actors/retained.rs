@@ -215,6 +215,8 @@ impl Actor for RetainedActor {
     }
 }
 
+impl ractor::Message for RetainedMessage {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,5 +272,3 @@ mod tests {
         }
     }
 }
-
-impl ractor::Message for RetainedMessage {}

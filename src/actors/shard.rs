@@ -253,6 +253,8 @@ impl Actor for ShardActor {
     }
 }
 
+impl ractor::Message for ShardMessage {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +265,3 @@ mod tests {
         assert_eq!(filter_path("a/#"), (None, vec!["a", "#"]));
     }
 }
-
-impl ractor::Message for ShardMessage {}

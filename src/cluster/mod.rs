@@ -523,7 +523,7 @@ pub struct ClusterState {
     settle_until: Instant,
     deferred: Vec<(Arc<str>, Arc<str>, u64, bool)>,
     /// Appends sent to backups, awaiting their acknowledgement: (node, tokens, deadline).
-    backup_waits: HashMap<u64, (Arc<str>, Vec<Arc<DurableToken>>, Instant)>,
+    backup_waits: HashMap<u64, BackupWait>,
 }
 
 struct PendingClaim {
@@ -533,6 +533,9 @@ struct PendingClaim {
     client: Arc<str>,
     clean: bool,
 }
+
+/// An append sent to a backup node: the node, the publishers' tokens, and until when to wait.
+type BackupWait = (Arc<str>, Vec<Arc<DurableToken>>, Instant);
 
 /// A replica of a session owned by another node: its last full state and what was delivered since.
 struct Replica {
@@ -662,8 +665,7 @@ impl ClusterState {
             reg.gen += 1;
             reg.busy_until = Some(now + CLAIM_HOLD);
             reg.waiting = None;
-            let prev = reg.owner.replace(claimant.clone());
-            prev
+            reg.owner.replace(claimant.clone())
         };
         let gen = self.registrar[&client].gen;
         // A dead owner's session lives on in its backup's replica: ask that node instead (it may
@@ -1343,7 +1345,9 @@ impl ClusterState {
         }
         self.tombstones.retain(|_, (_, at)| now.duration_since(*at) < TOMBSTONE_TTL);
         let parked_any = self.a.handle.parked.lock().map(|p| !p.is_empty()).unwrap_or(false);
-        if now >= self.settle_until && (!self.deferred.is_empty() || !self.settling.is_empty() || !self.a.handle.ghosts.load().is_empty() || parked_any) {
+        if now >= self.settle_until
+            && (!self.deferred.is_empty() || !self.settling.is_empty() || !self.a.handle.ghosts.load().is_empty() || parked_any)
+        {
             self.settled();
         }
         let before = self.backup_waits.len();

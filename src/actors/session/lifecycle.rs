@@ -283,7 +283,7 @@ impl SessionState {
     /// The previous owner's flush arrived (or the wait ended): deliver its messages, then what
     /// arrived here meanwhile that it did not already carry, in order; let the next claim go.
     pub(super) fn end_held(&mut self, me: &ActorRef<SessionMessage>, gen: u64, flushed: Vec<Delivery>) {
-        if !self.held.as_ref().is_some_and(|h| h.gen == gen) {
+        if self.held.as_ref().is_none_or(|h| h.gen != gen) {
             return;
         }
         let Some(held) = self.held.take() else { return };
