@@ -133,6 +133,26 @@ async fn three_nodes_route_publishes_and_retained_and_survive_a_restart() {
     for i in 0..4 {
         c.wait_members(i, 4).await;
     }
+    // Membership changes are events the $SYS publisher subscribes to.
+    let mut sys = Raw::v5(c.mqtt(0), "sys-watch").await;
+    let mut members = String::new();
+    for _ in 0..100 {
+        sys.send(subscribe(9, "$SYS/broker/cluster/members", QoS::AtMostOnce)).await;
+        sys.send(Packet::PingReq).await;
+        loop {
+            match sys.recv().await {
+                Some(Packet::Publish(m)) => members = text(&m),
+                Some(Packet::PingResp) => break,
+                Some(_) => {}
+                None => panic!("closed"),
+            }
+        }
+        if members == "node1,node2,node3,node4" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(members, "node1,node2,node3,node4");
     let mut late = Raw::v5(c.mqtt(3), "late").await;
     late.sub("cfg/late", QoS::AtLeastOnce).await;
     assert_eq!(text(&late.recv_publish().await), "B");

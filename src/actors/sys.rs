@@ -1,4 +1,5 @@
-//! Publishes `$SYS/broker/...` statistics as retained messages at a configurable interval.
+//! Publishes `$SYS/broker/...` statistics as retained messages at a configurable interval, and
+//! (in a cluster) membership changes as they happen: it subscribes to the cluster's events.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ pub struct SysActor;
 
 pub enum SysMessage {
     Tick,
+    Cluster(crate::cluster::ClusterEvent),
 }
 
 impl Actor for SysActor {
@@ -27,10 +29,37 @@ impl Actor for SysActor {
             let _ = me.cast(SysMessage::Tick);
             me.send_interval(Duration::from_secs(secs), || SysMessage::Tick);
         }
+        if let Some(c) = broker.cluster.get() {
+            let mut events = c.events.subscribe();
+            let me = me.clone();
+            tokio::spawn(async move {
+                loop {
+                    match events.recv().await {
+                        Ok(e) => {
+                            if me.cast(SysMessage::Cluster(e)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
         Ok(broker)
     }
 
-    async fn handle(&self, _me: ActorRef<Self::Msg>, _msg: Self::Msg, b: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, b: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        if let SysMessage::Cluster(e) = msg {
+            let text = match &e {
+                crate::cluster::ClusterEvent::MemberUp { name, addr } => format!("up {name} {addr}"),
+                crate::cluster::ClusterEvent::MemberDown { name, reason } => format!("down {name} {reason}"),
+            };
+            sys(b, "$SYS/broker/cluster/events", text, false).await;
+            cluster_members(b).await;
+            return Ok(());
+        }
+        cluster_members(b).await;
         let m = &b.metrics;
         let subs = subscription_count(b).await;
         let retained = b.retained.load().len();
@@ -48,20 +77,36 @@ impl Actor for SysActor {
             ("$SYS/broker/retained messages/count", retained.to_string()),
         ];
         for (topic, value) in stats {
-            let msg = Arc::new(Message {
-                id: crate::message::next_id(),
-                topic: Arc::from(topic),
-                payload: Bytes::from(value),
-                qos: QoS::AtMostOnce,
-                retain: true,
-                props: None,
-                expires_at: None,
-                publisher: None,
-            });
-            b.retain(msg.clone()).await;
-            b.publish(msg);
+            sys(b, topic, value, true).await;
         }
         Ok(())
+    }
+}
+
+/// Publish one `$SYS` value on this node (retained when `retain`).
+async fn sys(b: &Broker, topic: &str, value: String, retain: bool) {
+    let msg = Arc::new(Message {
+        id: crate::message::next_id(),
+        topic: Arc::from(topic),
+        payload: Bytes::from(value),
+        qos: QoS::AtMostOnce,
+        retain,
+        props: None,
+        expires_at: None,
+        publisher: None,
+    });
+    if retain {
+        b.retain(msg.clone()).await;
+    }
+    b.publish(msg);
+}
+
+/// `$SYS/broker/cluster/members`: the members this node sees up, comma-separated.
+async fn cluster_members(b: &Broker) {
+    if let Some(c) = b.cluster.get() {
+        let mut up: Vec<String> = c.members().await.into_iter().filter(|m| m.up).map(|m| m.name).collect();
+        up.sort();
+        sys(b, "$SYS/broker/cluster/members", up.join(","), true).await;
     }
 }
 
