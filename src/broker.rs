@@ -150,8 +150,9 @@ impl Broker {
         let (n, worst) = self.router.publish(msg, high, self.scope(), durable.as_ref());
         self.wait_for(worst).await;
         if let Some(c) = self.cluster.get() {
-            c.pace(self.config.mqtt.outbound_queue.max(high) * 4, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms))
-                .await;
+            // Queued for a peer beyond the high-water mark: the publisher waits, as for a local
+            // congested subscriber (frames in flight are bounded separately).
+            c.pace(high, std::time::Duration::from_millis(self.config.mqtt.slow_subscriber_ms)).await;
         }
         (n, durable)
     }
@@ -405,12 +406,15 @@ fn forward(
     if msg.topic.starts_with("$SYS") {
         return (local.iter().map(|g| g.filter.clone()).collect(), 0);
     }
-    let mut nodes: Vec<(NodeIdx, Vec<Arc<str>>)> = Vec::new();
+    // (node, shared groups it serves for this message, whether its copy must be durable first)
+    let mut nodes: Vec<(NodeIdx, Vec<Arc<str>>, bool)> = Vec::new();
     let mut remote_groups: Vec<(Arc<str>, Vec<NodeIdx>)> = Vec::new();
     table.visit(levels, true, dollar, &mut |n| {
         for idx in n.nodes.iter() {
-            if !nodes.iter().any(|(i, _)| i == idx) {
-                nodes.push((*idx, Vec::new()));
+            let durable = n.durable.contains(idx);
+            match nodes.iter_mut().find(|(i, _, _)| i == idx) {
+                Some(e) => e.2 |= durable,
+                None => nodes.push((*idx, Vec::new(), durable)),
             }
         }
         for (k, set) in n.groups.iter() {
@@ -431,19 +435,24 @@ fn forward(
             continue;
         }
         let idx = members[pick - here];
-        match nodes.iter_mut().find(|(i, _)| *i == idx) {
-            Some((_, v)) => v.push(key),
-            None => nodes.push((idx, vec![key])),
+        match nodes.iter_mut().find(|(i, _, _)| *i == idx) {
+            Some((_, v, d)) => {
+                v.push(key);
+                *d = true;
+            }
+            None => nodes.push((idx, vec![key], true)),
         }
     }
     let mut sent = 0;
     if !nodes.is_empty() {
         let links = c.links.load();
-        for (idx, shared) in nodes {
+        for (idx, shared, must) in nodes {
+            // Only copies for persistent sessions (or shared groups) hold the acknowledgement.
+            let durable = durable.filter(|_| must).cloned();
             if let Some(l) = links.get(&idx) {
-                l.send(Forward { msg: msg.clone(), shared, adopted_from: None }, durable.cloned());
+                l.send(Forward { msg: msg.clone(), shared, adopted_from: None }, durable);
                 sent += 1;
-            } else if c.park(idx, Forward { msg: msg.clone(), shared, adopted_from: None }, durable.cloned()) {
+            } else if c.park(idx, Forward { msg: msg.clone(), shared, adopted_from: None }, durable) {
                 sent += 1;
             }
         }

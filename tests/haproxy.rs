@@ -10,8 +10,22 @@ use common::cluster::TestCluster;
 use common::*;
 use thingsd::protocols::mqtt::*;
 
+/// A free port for HAProxy/nginx to bind, from below the kernel's ephemeral range: HAProxy
+/// binds with SO_REUSEPORT, so a port the kernel might hand to another test's port-0 listener
+/// could end up shared with it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let range: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .map(|s| s.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_default();
+    let low = range.first().copied().unwrap_or(32768).max(2048);
+    for _ in 0..1000 {
+        let p = 1024 + (rand::random::<u16>() % (low - 1024));
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 /// A tool the test needs: present, or (outside CI) a clear skip; in CI its absence fails.
@@ -49,8 +63,9 @@ async fn haproxy_in_front_of_three_nodes_survives_a_node_kill() {
     let (front, api) = (free_port(), free_port());
     let mut cfg = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/haproxy.cfg")).unwrap();
     let mut ngx = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx.conf")).unwrap();
-    // This machine allows 20,000 open files per process; the shipped maxconn needs more.
-    cfg = cfg.replace("maxconn 200000", "maxconn 4000");
+    // This machine allows 20,000 open files per process; the shipped maxconn needs more. And
+    // no SO_REUSEPORT here: a port clash must fail loudly, not share another test's port.
+    cfg = cfg.replace("maxconn 200000", "maxconn 4000\n    noreuseport");
     cfg = cfg.replace("bind :1883", &format!("bind 127.0.0.1:{front}")).replace("bind :8080", &format!("bind 127.0.0.1:{api}"));
     ngx = ngx
         .replace("listen 1883;", &format!("listen 127.0.0.1:{};", free_port()))

@@ -303,8 +303,20 @@ impl ClusterReport {
 
 /// 1 -> 1 between two given addresses (publisher on `from`, subscriber on `to`).
 async fn pubsub_between(o: &Opts, from: std::net::SocketAddr, to: std::net::SocketAddr, label: &str) -> anyhow::Result<Row> {
+    pubsub_between_as(o, from, to, label, true).await
+}
+
+/// Same, the subscriber's session persistent unless `clean` (its messages are replicated to a
+/// backup node before each PUBACK).
+async fn pubsub_between_as(
+    o: &Opts,
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    label: &str,
+    clean: bool,
+) -> anyhow::Result<Row> {
     let base = Instant::now();
-    let mut s = client::connect(to, None, &format!("lt-sub-{label}"), true).await?;
+    let mut s = client::connect(to, None, &format!("lt-sub-{label}"), clean).await?;
     client::subscribe(&mut s, &format!("bench/{label}"), o.qos).await?;
     let p = client::connect(from, None, &format!("lt-pub-{label}"), true).await?;
     let rx = tokio::spawn(client::receive(s, o.messages, IDLE, base));
@@ -328,6 +340,8 @@ async fn cluster_scenario(o: &Opts, sc: &str) -> anyhow::Result<Option<ClusterRe
             cross.broker = "thingsd, node A -> node B".into();
             let mut local = pubsub_between(o, nodes[0].addr, nodes[0].addr, "local").await?;
             local.broker = "thingsd cluster, same node".into();
+            let mut durable = pubsub_between_as(o, nodes[0].addr, nodes[1].addr, "durable", false).await?;
+            durable.broker = "A -> B, persistent sub".into();
             let ratio = cross.rate / one.rate;
             for n in nodes {
                 n.stop().await;
@@ -335,7 +349,7 @@ async fn cluster_scenario(o: &Opts, sc: &str) -> anyhow::Result<Option<ClusterRe
             Ok(Some(ClusterReport {
                 title: format!("cluster: 1 -> 1 across nodes, {} messages, QoS {}", o.messages, o.qos as u8),
                 notes: vec![format!("ratio cross-node / single node: {ratio:.2}")],
-                rows: vec![one, local, cross],
+                rows: vec![one, local, cross, durable],
             }))
         }
         "takeover" => {

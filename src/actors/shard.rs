@@ -192,6 +192,15 @@ fn has_key(root: &Node, path: &[&str], group: Option<&str>) -> bool {
     })
 }
 
+/// Whether a persistent session subscribes to the route key (its forwards must be durable
+/// before the publisher's acknowledgement). Shared groups always count as durable.
+fn durable_key(root: &Node, path: &[&str], group: Option<&str>) -> bool {
+    root.at(path).is_some_and(|n| match group {
+        None => n.subs.values().any(|s| s.load.persistent.load(Ordering::Relaxed)),
+        Some(g) => n.groups.contains_key(g),
+    })
+}
+
 /// Split a (valid) filter into its trie path and optional shared group.
 pub fn filter_path(filter: &str) -> (Option<&str>, Vec<&str>) {
     match topic::parse_shared(filter) {
@@ -216,11 +225,15 @@ impl Actor for ShardActor {
             ShardMessage::Subscribe { client, filter, sub, reply } => {
                 let (group, path) = filter_path(&filter);
                 let had = has_key(&st.root, &path, group);
+                let was_durable = durable_key(&st.root, &path, group);
                 let existed = st.root.insert(&path, client, group.map(|g| (g, filter.as_str())), sub);
                 st.snapshot.store(Arc::new(st.root.clone()));
-                // The first subscriber of a key on this node: other nodes must know the route
-                // before the SUBACK, so the reply waits for their acknowledgement.
-                match st.cluster.as_ref().filter(|_| !had).and_then(|c| c.add_route(Arc::from(filter.as_str()))) {
+                // The first subscriber of a key on this node (or its first persistent one):
+                // other nodes must know the route before the SUBACK, so the reply waits for
+                // their acknowledgement.
+                let durable = durable_key(&st.root, &path, group);
+                let announce = !had || (durable && !was_durable);
+                match st.cluster.as_ref().filter(|_| announce).and_then(|c| c.add_route(Arc::from(filter.as_str()), durable)) {
                     Some(acked) => {
                         tokio::spawn(async move {
                             let _ = acked.await;

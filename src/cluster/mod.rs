@@ -32,12 +32,13 @@ use wire::{Body, Forward, Hlc, RetainedEntry};
 
 /// The process group every node's cluster actor joins.
 pub const GROUP: &str = "thingsd.cluster";
-/// Forwards per frame at most (a frame also stops growing past ~1 MiB of payload).
+/// Forwards per frame at most (a frame also stops growing past ~1 MiB of payload, and past the
+/// backpressure high-water mark: what is in flight to a peer must fit a subscriber's queue).
 const BATCH: usize = 512;
 /// Frames of forwards a peer has not acknowledged yet, at most. While they are out, new
 /// forwards accumulate into the next (larger) frame: batching follows load, and a slow peer
 /// slows its publishers (through the link depth) instead of overflowing its subscribers.
-const FRAMES_IN_FLIGHT: usize = 4;
+const FRAMES_IN_FLIGHT: usize = 2;
 const BATCH_BYTES: usize = 1 << 20;
 /// Tombstones of deleted retained messages are kept this long for convergence.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
@@ -68,9 +69,11 @@ impl ractor::Message for ClusterMsg {
 
 pub enum Local {
     Tick,
-    /// A shard got the first local subscriber of `key`; reply once live peers have the route.
+    /// A shard got the first local subscriber of `key` (or its first persistent one:
+    /// `durable`); reply once live peers have the route.
     AddRoute {
         key: Arc<str>,
+        durable: bool,
         reply: RpcReplyPort<()>,
     },
     /// A shard lost the last local subscriber of `key`.
@@ -198,6 +201,8 @@ pub struct Link {
     credit: Notify,
     /// The peer is down: the sender task parks what is left and stops.
     closed: std::sync::atomic::AtomicBool,
+    /// Forwards per frame at most (the backpressure high-water mark).
+    batch_max: usize,
     parked: Arc<std::sync::Mutex<Vec<Parked>>>,
 }
 
@@ -334,10 +339,10 @@ impl Cluster {
 
     /// Announce a new local route; the receiver fires once every live peer has it (bounded by
     /// `route_ack_timeout_ms`). Enqueued at once, so announcements keep the caller's order.
-    pub fn add_route(&self, key: Arc<str>) -> Option<ractor::concurrency::OneshotReceiver<()>> {
+    pub fn add_route(&self, key: Arc<str>, durable: bool) -> Option<ractor::concurrency::OneshotReceiver<()>> {
         let a = self.actor.get()?;
         let (tx, rx) = ractor::concurrency::oneshot();
-        a.cast(ClusterMsg::Local(Local::AddRoute { key, reply: tx.into() })).ok()?;
+        a.cast(ClusterMsg::Local(Local::AddRoute { key, durable, reply: tx.into() })).ok()?;
         Some(rx)
     }
 
@@ -475,7 +480,8 @@ struct Member {
     up: bool,
     /// Down, but its routes still stand until its sessions are adopted (see `unghost`).
     ghost: bool,
-    routes: HashSet<Arc<str>>,
+    /// Its route keys, and whether a persistent session subscribes to each.
+    routes: HashMap<Arc<str>, bool>,
 }
 
 struct Dial {
@@ -504,7 +510,7 @@ pub struct ClusterState {
     members: HashMap<Arc<str>, Member>,
     next_idx: NodeIdx,
     dials: HashMap<String, Dial>,
-    local_routes: HashSet<Arc<str>>,
+    local_routes: HashMap<Arc<str>, bool>,
     seq: u64,
     pending: HashMap<u64, Pending>,
     clock: Hlc,
@@ -589,7 +595,7 @@ impl ClusterState {
     }
 
     /// Broadcast route additions and reply once every live peer has acknowledged them (bounded).
-    fn acked_routes(&mut self, add: Vec<Arc<str>>, reply: RpcReplyPort<()>) {
+    fn acked_routes(&mut self, add: Vec<(Arc<str>, bool)>, reply: RpcReplyPort<()>) {
         self.seq += 1;
         let seq = self.seq;
         let waiting: HashSet<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
@@ -732,7 +738,7 @@ impl ClusterState {
                     last_seen: Instant::now(),
                     up: false,
                     ghost: false,
-                    routes: HashSet::new(),
+                    routes: HashMap::new(),
                 },
             );
         }
@@ -770,8 +776,8 @@ impl ClusterState {
     fn set_routes(&self) {
         let mut root = RouteNode::default();
         for m in self.members.values().filter(|m| m.up || m.ghost) {
-            for k in &m.routes {
-                root.insert(k, m.idx);
+            for (k, durable) in &m.routes {
+                root.insert(k, m.idx, *durable);
             }
         }
         self.a.handle.routes.store(Arc::new(root));
@@ -804,6 +810,7 @@ impl ClusterState {
             in_flight: AtomicUsize::new(0),
             credit: Notify::new(),
             closed: Default::default(),
+            batch_max: self.a.broker.high_water(),
             parked: self.a.handle.parked.clone(),
         });
         tokio::spawn(forward_loop(Arc::from(me.as_str()), cell.clone(), rx, link.clone()));
@@ -814,7 +821,7 @@ impl ClusterState {
         tracing::info!(peer = name, %addr, "cluster member up");
         let _ = self.a.handle.events.send(ClusterEvent::MemberUp { name: Arc::from(name), addr });
         // Full state for the newcomer: our routes (replacing whatever it had) and retained digest.
-        let add: Vec<Arc<str>> = self.local_routes.iter().cloned().collect();
+        let add: Vec<(Arc<str>, bool)> = self.local_routes.iter().map(|(k, d)| (k.clone(), *d)).collect();
         self.send_cell(&cell, &Body::Routes { reset: true, add, del: vec![], ack: None });
         self.send_cell(&cell, &Body::RetainedDigest(self.digest()));
         self.announce_owned();
@@ -1398,7 +1405,8 @@ fn peer_name(full: &str) -> String {
 async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedReceiver<(Forward, Option<Arc<Durable>>)>, link: Arc<Link>) {
     let (depth, drained) = (link.depth.clone(), link.drained.clone());
     let target: ActorRef<ClusterMsg> = cell.into();
-    let mut batch = Vec::with_capacity(BATCH);
+    let batch_max = BATCH.min(link.batch_max).max(1);
+    let mut batch = Vec::with_capacity(batch_max);
     let mut waiters = Vec::new();
     let mut seq = 0u64;
     while let Some((f, d)) = rx.recv().await {
@@ -1411,7 +1419,7 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
         let mut bytes = f.msg.payload.len();
         batch.push(f);
         waiters.extend(d);
-        while batch.len() < BATCH && bytes < BATCH_BYTES {
+        while batch.len() < batch_max && bytes < BATCH_BYTES {
             match rx.try_recv() {
                 Ok((f, d)) => {
                     bytes += f.msg.payload.len();
@@ -1476,7 +1484,7 @@ impl Actor for ClusterActor {
             members: HashMap::new(),
             next_idx: 1,
             dials,
-            local_routes: HashSet::new(),
+            local_routes: HashMap::new(),
             seq: 0,
             pending: HashMap::new(),
             clock: Hlc { ms: 0, counter: 0, node: node_hash },
@@ -1497,12 +1505,12 @@ impl Actor for ClusterActor {
         match msg {
             ClusterMsg::Wire(bytes) => st.on_frame(bytes).await,
             ClusterMsg::Local(Local::Tick) => st.on_tick(),
-            ClusterMsg::Local(Local::AddRoute { key, reply }) => {
-                st.local_routes.insert(key.clone());
-                st.acked_routes(vec![key], reply);
+            ClusterMsg::Local(Local::AddRoute { key, durable, reply }) => {
+                st.local_routes.insert(key.clone(), durable);
+                st.acked_routes(vec![(key, durable)], reply);
             }
             ClusterMsg::Local(Local::DelRoute(key)) => {
-                if st.local_routes.remove(&key) {
+                if st.local_routes.remove(&key).is_some() {
                     st.broadcast(&Body::Routes { reset: false, add: vec![], del: vec![key], ack: None });
                 }
             }

@@ -12,6 +12,9 @@ pub struct RouteNode {
     children: imbl::HashMap<Arc<str>, RouteNode>,
     /// Nodes with non-shared subscribers of the filter ending here.
     pub nodes: imbl::OrdSet<NodeIdx>,
+    /// Of those, nodes where a persistent session subscribes: forwards there are acknowledged
+    /// only once durable (the others right away).
+    pub durable: imbl::OrdSet<NodeIdx>,
     /// Shared groups (full `$share/g/filter` key) ending here → nodes with members.
     pub groups: imbl::HashMap<Arc<str>, imbl::OrdSet<NodeIdx>>,
 }
@@ -21,22 +24,27 @@ impl RouteNode {
         self.children.is_empty() && self.nodes.is_empty() && self.groups.is_empty()
     }
 
-    pub fn insert(&mut self, key: &Arc<str>, node: NodeIdx) {
+    pub fn insert(&mut self, key: &Arc<str>, node: NodeIdx, durable: bool) {
         let (group, path) = filter_path(key);
-        self.insert_at(&path, group.is_some().then(|| key.clone()), node);
+        self.insert_at(&path, group.is_some().then(|| key.clone()), node, durable);
     }
 
-    fn insert_at(&mut self, levels: &[&str], group: Option<Arc<str>>, node: NodeIdx) {
+    fn insert_at(&mut self, levels: &[&str], group: Option<Arc<str>>, node: NodeIdx, durable: bool) {
         match levels.split_first() {
             None => match group {
                 None => {
                     self.nodes.insert(node);
+                    if durable {
+                        self.durable.insert(node);
+                    } else {
+                        self.durable.remove(&node);
+                    }
                 }
                 Some(k) => {
                     self.groups.entry(k).or_default().insert(node);
                 }
             },
-            Some((first, rest)) => self.children.entry(Arc::from(*first)).or_default().insert_at(rest, group, node),
+            Some((first, rest)) => self.children.entry(Arc::from(*first)).or_default().insert_at(rest, group, node, durable),
         }
     }
 
@@ -50,6 +58,7 @@ impl RouteNode {
             None => match group {
                 None => {
                     self.nodes.remove(&node);
+                    self.durable.remove(&node);
                 }
                 Some(k) => {
                     if let Some(set) = self.groups.get_mut(k) {
@@ -120,9 +129,9 @@ mod tests {
     #[test]
     fn shared_and_plain() {
         let mut t = RouteNode::default();
-        t.insert(&Arc::from("a/+"), 1);
-        t.insert(&Arc::from("$share/g/a/#"), 2);
-        t.insert(&Arc::from("$share/g/a/#"), 3);
+        t.insert(&Arc::from("a/+"), 1, true);
+        t.insert(&Arc::from("$share/g/a/#"), 2, false);
+        t.insert(&Arc::from("$share/g/a/#"), 3, false);
         assert_eq!(matched(&t, "a/b"), (vec![1], vec![("$share/g/a/#".into(), vec![2, 3])]));
         t.remove("$share/g/a/#", 2);
         t.remove("a/+", 1);
@@ -145,7 +154,7 @@ mod tests {
                 let f = vec![lvl; n].join("/");
                 if !topic::valid_filter(&f) { continue; }
                 let key: Arc<str> = Arc::from(f.as_str());
-                if add { t.insert(&key, node); reference.insert((f, node)); } else { t.remove(&key, node); reference.remove(&(f, node)); }
+                if add { t.insert(&key, node, false); reference.insert((f, node)); } else { t.remove(&key, node); reference.remove(&(f, node)); }
             }
             let want: std::collections::BTreeSet<NodeIdx> = reference.iter().filter(|(f, _)| topic::matches(f, &topic)).map(|(_, n)| *n).collect();
             prop_assert_eq!(matched(&t, &topic).0, want.into_iter().collect::<Vec<_>>());

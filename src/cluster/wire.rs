@@ -66,11 +66,11 @@ pub enum Body {
     Heartbeat {
         incarnation: u64,
     },
-    /// Route changes of the sender. `reset` replaces everything known of the sender; `ack`
-    /// asks for a [`Body::RouteAck`] once applied.
+    /// Route changes of the sender: (key, a persistent session subscribes). `reset` replaces
+    /// everything known of the sender; `ack` asks for a [`Body::RouteAck`] once applied.
     Routes {
         reset: bool,
-        add: Vec<Arc<str>>,
+        add: Vec<(Arc<str>, bool)>,
         del: Vec<Arc<str>>,
         ack: Option<u64>,
     },
@@ -219,7 +219,7 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let body = Body::Routes { reset: true, add: vec![Arc::from("a/+")], del: vec![], ack: Some(7) };
+        let body = Body::Routes { reset: true, add: vec![(Arc::from("a/+"), true)], del: vec![], ack: Some(7) };
         let (from, back) = decode(&encode("n1", &body)).unwrap();
         assert_eq!(from, "n1");
         assert!(matches!(back, Body::Routes { reset: true, ack: Some(7), .. }));
