@@ -95,3 +95,31 @@ async fn registry_restart_restores_sessions_and_a_dead_session_closes_its_connec
     let _again = Raw::v5(node.tcp, "victim").await;
     node.stop().await;
 }
+
+/// The cluster actor is supervised too: killed, it comes back and rebuilds the node's routes
+/// from the shards (what it announces to peers), and SUBSCRIBE keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_cluster_actor_restarts_with_the_routes() {
+    let node = start(|c| {
+        c.cluster.enabled = true;
+        c.cluster.listen = "127.0.0.1:0".parse().unwrap();
+    })
+    .await;
+    let mut s = Raw::v5(node.tcp, "cl-sub").await;
+    s.sub("one/#", QoS::AtLeastOnce).await;
+    s.sub("$share/g/two", QoS::AtLeastOnce).await;
+    let name = "cluster:thingsd-1".to_string();
+    let before = ractor::registry::where_is(name.clone()).expect("cluster actor registered").get_id();
+    ractor::registry::where_is(name.clone()).unwrap().kill();
+    eventually("cluster actor restarted", || ractor::registry::where_is(name.clone()).is_some_and(|c| c.get_id() != before)).await;
+    let http = node.http.unwrap();
+    let routes = || async {
+        let (_, body) = http_get(http, "/health/cluster").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["members"][0]["routes"].as_u64().unwrap_or(0)
+    };
+    assert_eq!(routes().await, 2, "routes rebuilt from the shards");
+    assert_eq!(s.sub("three", QoS::AtLeastOnce).await, vec![1]);
+    assert_eq!(routes().await, 3);
+    node.stop().await;
+}

@@ -206,9 +206,12 @@ impl Actor for RegistryActor {
                     return Ok(()); // a live session here wins over a replica
                 }
                 match st.spawn(&me, id.clone(), Some(*snap), None, Some(from)).await {
-                    // Generation 1 outranks copies restored from disk (0) by a node that comes back.
+                    // An adoption outranks every generation handed out so far (registrars count
+                    // up from 1) and copies restored from disk (0): a node that comes back, or a
+                    // registrar that has not yet seen the loss, yields to it. Later claims count
+                    // up from here.
                     Ok(_) => {
-                        st.gens.insert(id, 1);
+                        st.gens.insert(id, (1u64 << 40) + crate::message::now_ms());
                     }
                     Err(e) => tracing::error!(client_id = %id, error = %e, "cannot adopt session"),
                 }

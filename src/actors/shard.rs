@@ -149,6 +149,23 @@ impl Node {
         &self.groups
     }
 
+    /// Every route key under this node (filters with non-shared subscribers, `$share/g/…` keys),
+    /// with whether a persistent session subscribes (as announced to the cluster).
+    pub fn route_keys(&self, path: &mut Vec<Arc<str>>, out: &mut Vec<(Arc<str>, bool)>) {
+        let filter = || path.iter().map(|l| &**l).collect::<Vec<&str>>().join("/");
+        if !self.subs.is_empty() {
+            out.push((Arc::from(filter()), self.subs.values().any(|s| s.load.persistent.load(Ordering::Relaxed))));
+        }
+        for g in self.groups.values() {
+            out.push((g.filter.clone(), true));
+        }
+        for (k, c) in self.children.iter() {
+            path.push(k.clone());
+            c.route_keys(path, out);
+            path.pop();
+        }
+    }
+
     /// The node at exactly `levels` (no wildcard matching).
     pub fn at(&self, levels: &[&str]) -> Option<&Node> {
         match levels.split_first() {

@@ -1,6 +1,8 @@
-//! Root supervisor of a node: starts the topic shards, retained store, session registry and
-//! `$SYS` publisher, and restarts any of them that crashes (logging why). Shards and the retained
-//! store resume from the last snapshot they published, so a restart loses no subscription.
+//! Root supervisor of a node: starts the cluster actor (when clustering is on), the topic
+//! shards, retained store, session registry and `$SYS` publisher, and restarts any of them that
+//! crashes (logging why). Shards and the retained store resume from the last snapshot they
+//! published, so a restart loses no subscription; the cluster actor rebuilds its local routes
+//! from the shards' snapshots and re-introduces itself to its peers.
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -18,6 +20,7 @@ pub enum SupervisorMessage {}
 
 #[derive(Clone, Copy, Debug)]
 enum Child {
+    Cluster,
     Shard(usize),
     Retained,
     Registry,
@@ -33,6 +36,12 @@ impl SupervisorState {
     async fn start(&mut self, me: ActorCell, child: Child) -> Result<(), ActorProcessingErr> {
         let b = self.broker.clone();
         let id = match child {
+            Child::Cluster => {
+                let args = b.cluster.get().and_then(|c| c.args(b.clone())).ok_or("cluster links not set up")?;
+                let name = format!("cluster:{}", b.config.node.name);
+                let (r, _) = Actor::spawn_linked(Some(name), crate::cluster::ClusterActor, args, me).await?;
+                r.get_id()
+            }
             Child::Shard(i) => {
                 let (r, _) = Actor::spawn_linked(
                     Some(format!("shard:{i}")),
@@ -74,6 +83,10 @@ impl Actor for SupervisorActor {
 
     async fn pre_start(&self, me: ActorRef<Self::Msg>, broker: Arc<Broker>) -> Result<Self::State, ActorProcessingErr> {
         let mut st = SupervisorState { broker, children: HashMap::new() };
+        // First: shards announce the routes of restored sessions to it.
+        if st.broker.cluster.get().is_some() {
+            st.start(me.get_cell(), Child::Cluster).await?;
+        }
         for i in 0..st.broker.router.snapshots.len() {
             st.start(me.get_cell(), Child::Shard(i)).await?;
         }

@@ -290,7 +290,10 @@ pub struct Cluster {
     pub events: broadcast::Sender<ClusterEvent>,
     pub forwarded: AtomicU64,
     pub received: AtomicU64,
-    actor: OnceLock<ActorRef<ClusterMsg>>,
+    /// The running cluster actor (replaced when the supervisor restarts it).
+    actor: arc_swap::ArcSwapOption<ActorRef<ClusterMsg>>,
+    /// What the cluster actor is (re)started with: NodeServer, advertised address, link TLS.
+    setup: OnceLock<(ActorRef<NodeServerMessage>, String, Option<net::LinkTls>)>,
     cursor: AtomicUsize,
     /// Names of the live peers (for backup choice without a round-trip).
     peers: ArcSwap<Vec<Arc<str>>>,
@@ -319,7 +322,8 @@ impl Cluster {
             events: broadcast::channel(256).0,
             forwarded: AtomicU64::new(0),
             received: AtomicU64::new(0),
-            actor: OnceLock::new(),
+            actor: arc_swap::ArcSwapOption::empty(),
+            setup: OnceLock::new(),
             cursor: AtomicUsize::new(0),
             peers: ArcSwap::from_pointee(Vec::new()),
             ghosts: ArcSwap::from_pointee(HashMap::new()),
@@ -327,12 +331,18 @@ impl Cluster {
         }
     }
 
-    pub fn actor(&self) -> Option<&ActorRef<ClusterMsg>> {
-        self.actor.get()
+    pub fn actor(&self) -> Option<Arc<ActorRef<ClusterMsg>>> {
+        self.actor.load_full()
+    }
+
+    /// Arguments to (re)start the cluster actor, once `start` has set the links up.
+    pub fn args(self: &Arc<Self>, broker: Arc<Broker>) -> Option<ClusterArgs> {
+        let (node_server, advertise, tls) = self.setup.get()?.clone();
+        Some(ClusterArgs { broker, handle: self.clone(), node_server, advertise, tls })
     }
 
     fn cast(&self, l: Local) {
-        if let Some(a) = self.actor.get() {
+        if let Some(a) = self.actor.load_full() {
             let _ = a.cast(ClusterMsg::Local(l));
         }
     }
@@ -340,7 +350,7 @@ impl Cluster {
     /// Announce a new local route; the receiver fires once every live peer has it (bounded by
     /// `route_ack_timeout_ms`). Enqueued at once, so announcements keep the caller's order.
     pub fn add_route(&self, key: Arc<str>, durable: bool) -> Option<ractor::concurrency::OneshotReceiver<()>> {
-        let a = self.actor.get()?;
+        let a = self.actor.load_full()?;
         let (tx, rx) = ractor::concurrency::oneshot();
         a.cast(ClusterMsg::Local(Local::AddRoute { key, durable, reply: tx.into() })).ok()?;
         Some(rx)
@@ -357,7 +367,7 @@ impl Cluster {
     }
 
     pub async fn members(&self) -> Vec<MemberInfo> {
-        match self.actor.get() {
+        match self.actor.load_full() {
             Some(a) => match a.call(|r| ClusterMsg::Local(Local::Members(r)), Some(Duration::from_secs(5))).await {
                 Ok(ractor::rpc::CallResult::Success(v)) => v,
                 _ => vec![],
@@ -367,7 +377,7 @@ impl Cluster {
     }
 
     pub async fn leave(&self) {
-        if let Some(a) = self.actor.get() {
+        if let Some(a) = self.actor.load_full() {
             let _ = a.call(|r| ClusterMsg::Local(Local::Leave(r)), Some(Duration::from_secs(5))).await;
         }
     }
@@ -375,7 +385,7 @@ impl Cluster {
     /// Ask the client's registrar for ownership (bounded; alone or without an answer, the
     /// client is simply served here).
     pub async fn claim(&self, client: Arc<str>, clean: bool) -> Claimed {
-        let Some(a) = self.actor.get() else { return Claimed::default() };
+        let Some(a) = self.actor.load_full() else { return Claimed::default() };
         match a.call(|reply| ClusterMsg::Local(Local::Claim { client, clean, reply }), Some(CLAIM_HOLD + Duration::from_secs(2))).await {
             Ok(ractor::rpc::CallResult::Success(c)) => c,
             _ => Claimed::default(),
@@ -421,7 +431,7 @@ impl Cluster {
 
     /// Wait until every live peer has processed everything it sent this node before the call.
     pub async fn barrier(&self) {
-        if let Some(a) = self.actor.get() {
+        if let Some(a) = self.actor.load_full() {
             let _ = a.call(|r| ClusterMsg::Local(Local::Barrier(r)), Some(Duration::from_secs(10))).await;
         }
     }
@@ -1383,7 +1393,7 @@ impl ClusterState {
         for addr in to_dial {
             let ns = self.a.node_server.clone();
             let tls = self.a.tls.clone();
-            let me = self.a.handle.actor().cloned();
+            let me = self.a.handle.actor();
             tokio::spawn(async move {
                 let r = net::dial(&ns, &addr, tls.as_ref()).await;
                 if let Err(e) = &r {
@@ -1465,7 +1475,7 @@ impl Actor for ClusterActor {
     type Arguments = ClusterArgs;
 
     async fn pre_start(&self, me: ActorRef<Self::Msg>, a: ClusterArgs) -> Result<Self::State, ActorProcessingErr> {
-        let _ = a.handle.actor.set(me.clone());
+        a.handle.actor.store(Some(Arc::new(me.clone())));
         let cfg = a.broker.config.cluster.clone();
         let now = Instant::now();
         let dials = cfg
@@ -1475,10 +1485,17 @@ impl Actor for ClusterActor {
             .map(|s| (s.clone(), Dial { next_at: now, backoff: Duration::ZERO, inflight: false }))
             .collect();
         let node_hash = a.handle.name.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        // After a restart: the routes this node has are in the shards' snapshots.
+        let mut local_routes = HashMap::new();
+        for snap in &a.broker.router.snapshots {
+            let mut keys = Vec::new();
+            snap.load().route_keys(&mut Vec::new(), &mut keys);
+            local_routes.extend(keys);
+        }
         ractor::pg::join(GROUP.to_string(), vec![me.get_cell()]);
         ractor::pg::monitor(GROUP.to_string(), me.get_cell());
         me.send_interval(Duration::from_millis(cfg.heartbeat_ms.max(10)), || ClusterMsg::Local(Local::Tick));
-        Ok(ClusterState {
+        let mut st = ClusterState {
             a,
             incarnation: now_ms().max(1),
             members: HashMap::new(),
@@ -1498,7 +1515,11 @@ impl Actor for ClusterActor {
             settling: HashSet::new(),
             settle_until: now,
             deferred: Vec::new(),
-        })
+        };
+        st.local_routes = local_routes;
+        // Peers already linked (a restart): introduce ourselves; they answer with their state.
+        st.resolve_cells().await;
+        Ok(st)
     }
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -1654,8 +1675,8 @@ impl Actor for ClusterActor {
     }
 }
 
-/// Start the node's cluster side: NodeServer, link listener, cluster actor. Returns the handle
-/// and the address peers dial (advertised).
+/// Start the node's cluster links: NodeServer and link listener. Returns the handle and the
+/// address peers dial (advertised).
 pub async fn start(
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,
@@ -1672,7 +1693,7 @@ pub async fn start(
     let (ns, _) = Actor::spawn(Some(format!("cluster-server:{name}")), server, ()).await.context("start cluster node server")?;
     tokio::spawn(net::accept_loop(listener, ns.clone(), tls.clone(), stop));
     let handle = broker.cluster.get_or_init(|| Arc::new(Cluster::new(&name))).clone();
-    let args = ClusterArgs { broker: broker.clone(), handle: handle.clone(), node_server: ns, advertise: advertise.clone(), tls };
-    Actor::spawn(Some(format!("cluster:{name}")), ClusterActor, args).await.context("start cluster actor")?;
+    let _ = handle.setup.set((ns, advertise.clone(), tls));
+    // The cluster actor itself is started (and restarted) by the node's root supervisor.
     Ok((handle, advertise))
 }

@@ -1,7 +1,6 @@
 //! A real multi-process cluster on loopback, laid out like `thingsd dev-cluster` (same config
-//! writer and ready-line parser): every node binds port 0; node 1 is every other node's seed.
-//! After its first start a node's config is pinned to the ports it got, so a restart comes
-//! back on the same addresses.
+//! writer and ready-line parser): every node binds port 0 (on restarts too); node 1 is every
+//! other node's seed.
 use std::net::SocketAddr;
 use std::process::Stdio;
 
@@ -14,7 +13,6 @@ pub struct NodeProc {
     pub name: String,
     pub ready: Ready,
     pub child: Option<tokio::process::Child>,
-    started: bool,
 }
 
 pub struct TestCluster {
@@ -36,8 +34,7 @@ impl TestCluster {
     /// Room for `total` nodes, the first `n` started; `extra(i)` (TOML) is appended to node i's
     /// config (0-based).
     pub async fn start_some(total: usize, n: usize, extra: impl Fn(usize) -> String + Send + 'static) -> TestCluster {
-        let nodes =
-            (0..total).map(|i| NodeProc { name: format!("node{}", i + 1), ready: Ready::default(), child: None, started: false }).collect();
+        let nodes = (0..total).map(|i| NodeProc { name: format!("node{}", i + 1), ready: Ready::default(), child: None }).collect();
         let mut c = TestCluster { nodes, dir: tempfile::tempdir().unwrap(), extra: Box::new(extra), seeds: None, env: Default::default() };
         for i in 0..n {
             c.spawn(i).await;
@@ -54,7 +51,9 @@ impl TestCluster {
             (None, 0) => vec![],
             (None, _) => vec![self.nodes[0].ready.cluster.expect("node1 started first").to_string()],
         };
-        let path = write_config(self.dir.path(), i + 1, &seeds, self.nodes[i].ready).unwrap();
+        // Port 0 everywhere, restarts included: a port pinned from the previous run may have
+        // been handed to another test meanwhile (peers learn the new address when it rejoins).
+        let path = write_config(self.dir.path(), i + 1, &seeds, Ready::default()).unwrap();
         let add = (self.extra)(i);
         if !add.is_empty() {
             let mut text = std::fs::read_to_string(&path).unwrap();
@@ -96,10 +95,6 @@ impl TestCluster {
         let node = &mut self.nodes[i];
         node.ready = ready;
         node.child = Some(child);
-        if !node.started {
-            node.started = true;
-            self.write(i); // pin the ports it got
-        }
     }
 
     /// SIGKILL node `i` and wait for it to be gone.
