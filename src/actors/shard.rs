@@ -122,24 +122,7 @@ impl Node {
 
     /// Visit every subscription entry matching the topic `levels`.
     pub fn visit<'a>(&'a self, levels: &[&str], first: bool, dollar: bool, f: &mut impl FnMut(&'a Node)) {
-        let Some((lvl, rest)) = levels.split_first() else {
-            f(self);
-            if let Some(h) = self.children.get("#") {
-                f(h);
-            }
-            return;
-        };
-        if !(first && dollar) {
-            if let Some(h) = self.children.get("#") {
-                f(h);
-            }
-            if let Some(p) = self.children.get("+") {
-                p.visit(rest, false, dollar, f);
-            }
-        }
-        if let Some(c) = self.children.get(*lvl) {
-            c.visit(rest, false, dollar, f);
-        }
+        topic::visit_matches(self, levels, first, dollar, f)
     }
 
     pub fn subs(&self) -> &imbl::HashMap<Arc<str>, Sub> {
@@ -280,6 +263,12 @@ impl Actor for ShardActor {
             }
         }
         Ok(())
+    }
+}
+
+impl topic::FilterTrie for Node {
+    fn child(&self, level: &str) -> Option<&Node> {
+        self.children.get(level)
     }
 }
 

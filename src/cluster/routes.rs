@@ -82,28 +82,17 @@ impl RouteNode {
     /// Visit every trie node whose filter matches the topic `levels` (same rules as the shards:
     /// `$` topics are not matched by a leading wildcard).
     pub fn visit<'a>(&'a self, levels: &[&str], first: bool, dollar: bool, f: &mut impl FnMut(&'a RouteNode)) {
-        let Some((lvl, rest)) = levels.split_first() else {
-            f(self);
-            if let Some(h) = self.children.get("#") {
-                f(h);
-            }
-            return;
-        };
-        if !(first && dollar) {
-            if let Some(h) = self.children.get("#") {
-                f(h);
-            }
-            if let Some(p) = self.children.get("+") {
-                p.visit(rest, false, dollar, f);
-            }
-        }
-        if let Some(c) = self.children.get(*lvl) {
-            c.visit(rest, false, dollar, f);
-        }
+        crate::protocols::mqtt::topic::visit_matches(self, levels, first, dollar, f)
     }
 
     pub fn is_empty_table(&self) -> bool {
         self.is_empty()
+    }
+}
+
+impl crate::protocols::mqtt::topic::FilterTrie for RouteNode {
+    fn child(&self, level: &str) -> Option<&RouteNode> {
+        self.children.get(level)
     }
 }
 

@@ -76,6 +76,34 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// A level of a topic-filter trie (filters split at `/`, wildcards as their own levels).
+pub trait FilterTrie: Sized {
+    fn child(&self, level: &str) -> Option<&Self>;
+}
+
+/// Visit every trie node whose filter matches the topic `levels` (start with `first = true`;
+/// `dollar`: the topic starts with `$`, which a leading wildcard does not match).
+pub fn visit_matches<'a, T: FilterTrie>(node: &'a T, levels: &[&str], first: bool, dollar: bool, f: &mut impl FnMut(&'a T)) {
+    let Some((lvl, rest)) = levels.split_first() else {
+        f(node);
+        if let Some(h) = node.child("#") {
+            f(h); // `a/#` also matches `a`
+        }
+        return;
+    };
+    if !(first && dollar) {
+        if let Some(h) = node.child("#") {
+            f(h);
+        }
+        if let Some(p) = node.child("+") {
+            visit_matches(p, rest, false, dollar, f);
+        }
+    }
+    if let Some(c) = node.child(lvl) {
+        visit_matches(c, rest, false, dollar, f);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
