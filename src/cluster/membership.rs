@@ -1,0 +1,286 @@
+//! Membership: introductions (Hello), resolving peers' actors to names, members going up and
+//! down (links, route tables, events, adoption of a lost node's sessions), heartbeats and
+//! redialling with back-off.
+use super::*;
+
+impl ClusterState {
+    pub(super) fn hello(&self, reply: bool) -> Body {
+        let mut members: Vec<(String, String)> =
+            self.members.values().filter(|m| m.up && !m.addr.is_empty()).map(|m| (m.name.to_string(), m.addr.clone())).collect();
+        members.push((self.me().to_string(), self.a.advertise.clone()));
+        Body::Hello { incarnation: self.incarnation, addr: self.a.advertise.clone(), members, reply }
+    }
+
+    /// Map the remote actors of the cluster group to node names (via the NodeServer's sessions).
+    pub(super) async fn resolve_cells(&mut self) {
+        let sessions = match self.a.node_server.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await {
+            Ok(ractor::rpc::CallResult::Success(s)) => s,
+            _ => return,
+        };
+        for cell in ractor::pg::get_members(&GROUP.to_string()) {
+            let ractor::ActorId::Remote { node_id, .. } = cell.get_id() else { continue };
+            let Some(name) = sessions.get(&node_id).and_then(|s| s.peer_name.as_ref()).map(|n| peer_name(&n.name)) else { continue };
+            let fresh = {
+                let m = self.member_mut(&name);
+                let fresh = m.cell.as_ref().map(|c| c.get_id()) != Some(cell.get_id());
+                m.cell = Some(cell.clone());
+                fresh
+            };
+            if fresh {
+                self.send_cell(&cell, &self.hello(true));
+            }
+        }
+    }
+
+    pub(super) fn set_routes(&self) {
+        let mut root = RouteNode::default();
+        for m in self.members.values().filter(|m| m.up || m.ghost) {
+            for (k, durable) in &m.routes {
+                root.insert(k, m.idx, *durable);
+            }
+        }
+        self.a.handle.routes.store(Arc::new(root));
+    }
+
+    pub(super) fn up(&mut self, name: &str) {
+        let me = self.me().to_string();
+        let (cell, idx, addr) = {
+            let m = self.member_mut(name);
+            m.last_seen = Instant::now();
+            if m.up {
+                return;
+            }
+            let Some(cell) = m.cell.clone() else { return };
+            m.up = true;
+            m.ghost = false;
+            (cell, m.idx, m.addr.clone())
+        };
+        let min = Duration::from_millis(self.cfg().redial_min_ms);
+        if let Some(d) = self.dials.get_mut(&addr) {
+            d.backoff = min;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let link = Arc::new(Link {
+            name: Arc::from(name),
+            tx,
+            depth: Arc::new(AtomicUsize::new(0)),
+            drained: Arc::new(Notify::new()),
+            unacked: Default::default(),
+            in_flight: AtomicUsize::new(0),
+            credit: Notify::new(),
+            closed: Default::default(),
+            batch_max: self.a.broker.high_water(),
+            parked: self.a.handle.parked.clone(),
+        });
+        tokio::spawn(forward_loop(Arc::from(me.as_str()), cell.clone(), rx, link.clone()));
+        let mut links = HashMap::clone(&self.a.handle.links.load());
+        links.insert(idx, link);
+        self.a.handle.links.store(Arc::new(links));
+        self.publish_peers();
+        tracing::info!(peer = name, %addr, "cluster member up");
+        let _ = self.a.handle.events.send(ClusterEvent::MemberUp { name: Arc::from(name), addr });
+        // Full state for the newcomer: our routes (replacing whatever it had) and retained digest.
+        let add: Vec<(Arc<str>, bool)> = self.local_routes.iter().map(|(k, d)| (k.clone(), *d)).collect();
+        self.send_cell(&cell, &Body::Routes { reset: true, add, del: vec![], ack: None });
+        self.send_cell(&cell, &Body::RetainedDigest(self.digest()));
+        self.announce_owned();
+    }
+
+    pub(super) fn publish_peers(&self) {
+        let peers: Vec<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
+        self.a.handle.peers.store(Arc::new(peers));
+    }
+
+    pub(super) fn down(&mut self, name: &str, reason: &str) {
+        let Some(m) = self.members.get_mut(name) else { return };
+        if !m.up {
+            return;
+        }
+        m.up = false;
+        // Its routes stand (as a ghost) until the sessions it had are adopted elsewhere;
+        // publishes for it meanwhile are parked and re-routed then.
+        m.ghost = !m.routes.is_empty();
+        let (idx, ghost) = (m.idx, m.ghost);
+        if ghost {
+            let mut g = HashMap::clone(&self.a.handle.ghosts.load());
+            g.insert(idx, Arc::from(name));
+            self.a.handle.ghosts.store(Arc::new(g));
+        }
+        let mut links = HashMap::clone(&self.a.handle.links.load());
+        if let Some(l) = links.remove(&idx) {
+            l.close();
+        }
+        self.a.handle.links.store(Arc::new(links));
+        self.set_routes();
+        let done: Vec<u64> = self
+            .pending
+            .iter_mut()
+            .filter_map(|(seq, p)| {
+                p.waiting.remove(name);
+                p.waiting.is_empty().then_some(*seq)
+            })
+            .collect();
+        for s in done {
+            if let Some(p) = self.pending.remove(&s) {
+                let _ = p.reply.send(());
+            }
+        }
+        // Claims waiting on the dead node's hand-over go to its backup (replica) instead.
+        let mut stuck = Vec::new();
+        for (c, r) in self.registrar.iter_mut() {
+            if r.waiting.as_ref().is_some_and(|(_, _, prev)| &**prev == name) {
+                if let Some((claimant, req, _)) = r.waiting.take() {
+                    stuck.push((c.clone(), claimant, req, r.gen));
+                }
+            }
+        }
+        for (client, claimant, req, gen) in stuck {
+            match self.backup_candidate(&client, name) {
+                Some(b) => {
+                    if let Some(r) = self.registrar.get_mut(&client) {
+                        r.waiting = Some((claimant.clone(), req, b.clone()));
+                    }
+                    self.to(&b, &Body::HandOver { client, gen, to: claimant.to_string(), clean: false });
+                }
+                None => self.to(&claimant, &Body::Claimed { client, req, gen, from: None, state: None }),
+            }
+        }
+        self.publish_peers();
+        self.backup_waits.retain(|_, (n, _, _)| &**n != name);
+        // Our claims that the dead node was to answer: ask the new registrar.
+        let reissue: Vec<u64> = self.claims.iter().filter(|(_, c)| &*c.registrar == name).map(|(r, _)| *r).collect();
+        for req in reissue {
+            let (client, clean) = match self.claims.get(&req) {
+                Some(c) => (c.client.clone(), c.clean),
+                None => continue,
+            };
+            let registrar = self.registrar_of(&client);
+            if let Some(c) = self.claims.get_mut(&req) {
+                c.registrar = registrar.clone();
+            }
+            self.to(&registrar, &Body::Claim { client, req, clean });
+        }
+        // Sessions of the lost node we hold replicas of come alive here (subscribed, queueing),
+        // before our re-announcement tells their registrars.
+        let orphans: Vec<Arc<str>> = self.replicas.iter().filter(|(_, r)| &*r.owner == name).map(|(c, _)| c.clone()).collect();
+        if !orphans.is_empty() {
+            tracing::info!(peer = name, sessions = orphans.len(), "adopting the lost node's sessions from their replicas");
+            if let Some(reg) = self.a.broker.registry() {
+                for c in orphans {
+                    if let Some(r) = self.replicas.remove(&c) {
+                        let _ = reg.cast(RegistryMessage::Adopt(r.into_snapshot(), Arc::from(name)));
+                    }
+                }
+            }
+        }
+        self.announce_owned();
+        tracing::warn!(peer = name, reason, "cluster member down");
+        let _ = self.a.handle.events.send(ClusterEvent::MemberDown { name: Arc::from(name), reason: reason.to_string() });
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let now = Instant::now();
+        let timeout = Duration::from_millis(self.cfg().heartbeat_timeout_ms);
+        let hb = Body::Heartbeat { incarnation: self.incarnation };
+        let bytes = wire::encode(self.me(), &hb);
+        let mut silent = Vec::new();
+        for m in self.members.values() {
+            if let Some(c) = &m.cell {
+                let r: ActorRef<ClusterMsg> = c.clone().into();
+                let _ = r.cast(ClusterMsg::Wire(bytes.clone()));
+            }
+            if m.up && now.duration_since(m.last_seen) > timeout {
+                silent.push(m.name.clone());
+            }
+        }
+        for name in silent {
+            self.down(&name, "heartbeat timeout");
+            // Reset the link: a half-open connection would otherwise never be redialled.
+            if let Some(m) = self.members.get_mut(&name) {
+                m.cell = None;
+            }
+            let ns = self.a.node_server.clone();
+            tokio::spawn(async move {
+                if let Ok(ractor::rpc::CallResult::Success(s)) = ns.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await
+                {
+                    for info in s.values() {
+                        if info.peer_name.as_ref().is_some_and(|n| peer_name(&n.name) == *name) {
+                            info.actor.stop(Some("heartbeat timeout".into()));
+                        }
+                    }
+                }
+            });
+        }
+        // Route acknowledgements that did not come in time: answer anyway (the peer is slow or
+        // about to be marked down), so a SUBSCRIBE is never stuck.
+        let late: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(s, _)| *s).collect();
+        for s in late {
+            if let Some(p) = self.pending.remove(&s) {
+                tracing::warn!(peers = ?p.waiting, "route acknowledgement timed out");
+                let _ = p.reply.send(());
+            }
+        }
+        // Claims whose registrar never answered: serve the client here without remote state.
+        let late: Vec<u64> = self.claims.iter().filter(|(_, c)| c.deadline <= now).map(|(r, _)| *r).collect();
+        for r in late {
+            if let Some(c) = self.claims.remove(&r) {
+                tracing::warn!(client_id = %c.client, "session registrar did not answer; serving the client without cluster state");
+                let _ = c.reply.send(Claimed::default());
+            }
+        }
+        // Registrar: claims held past their time (a claimant died mid-way) let the next one go.
+        let expired: Vec<Arc<str>> =
+            self.registrar.iter().filter(|(_, r)| r.busy_until.is_some_and(|t| t <= now)).map(|(c, _)| c.clone()).collect();
+        for c in expired {
+            if let Some((claimant, req, _)) = self.registrar.get_mut(&c).and_then(|r| r.waiting.take()) {
+                let gen = self.registrar[&c].gen;
+                self.to(&claimant, &Body::Claimed { client: c.clone(), req, gen, from: None, state: None });
+            }
+            self.next_claim(&c);
+        }
+        self.tombstones.retain(|_, (_, at)| now.duration_since(*at) < TOMBSTONE_TTL);
+        let parked_any = self.a.handle.parked.lock().map(|p| !p.is_empty()).unwrap_or(false);
+        if now >= self.settle_until
+            && (!self.deferred.is_empty() || !self.settling.is_empty() || !self.a.handle.ghosts.load().is_empty() || parked_any)
+        {
+            self.settled();
+        }
+        let before = self.backup_waits.len();
+        self.backup_waits.retain(|_, (_, _, t)| *t > now);
+        if self.backup_waits.len() < before {
+            tracing::warn!(appends = before - self.backup_waits.len(), "backup node did not acknowledge in time");
+        }
+        self.redial(now);
+    }
+
+    pub(super) fn redial(&mut self, now: Instant) {
+        let connected: HashSet<&str> = self.members.values().filter(|m| m.cell.is_some()).map(|m| m.addr.as_str()).collect();
+        let (min, max) = (self.cfg().redial_min_ms.max(1), self.cfg().redial_max_ms.max(1));
+        let mut to_dial = Vec::new();
+        for (addr, d) in self.dials.iter_mut() {
+            if connected.contains(addr.as_str()) || d.inflight || d.next_at > now {
+                continue;
+            }
+            d.inflight = true;
+            let base = d.backoff.as_millis().clamp(min as u128, max as u128) as u64;
+            d.backoff = Duration::from_millis((base * 2).min(max));
+            let jitter = rand::thread_rng().gen_range(0..=base / 2);
+            d.next_at = now + Duration::from_millis(base + jitter);
+            to_dial.push(addr.clone());
+        }
+        for addr in to_dial {
+            let ns = self.a.node_server.clone();
+            let tls = self.a.tls.clone();
+            let me = self.a.handle.actor();
+            tokio::spawn(async move {
+                let r = net::dial(&ns, &addr, tls.as_ref()).await;
+                if let Err(e) = &r {
+                    tracing::debug!(%addr, error = %e, "cluster dial failed");
+                }
+                if let Some(me) = me {
+                    let _ = me.cast(ClusterMsg::Local(Local::Dialed { addr, ok: r.is_ok() }));
+                }
+            });
+        }
+    }
+}
