@@ -610,15 +610,35 @@ impl ClusterState {
 
     /// Broadcast route additions and reply once every live peer has acknowledged them (bounded).
     fn acked_routes(&mut self, add: Vec<(Arc<str>, bool)>, reply: RpcReplyPort<()>) {
+        self.broadcast_acked(|seq| Body::Routes { reset: false, add, del: vec![], ack: Some(seq) }, reply);
+    }
+
+    /// Broadcast `body(seq)` to the live peers and reply once each has acknowledged `seq`
+    /// (`peer_acked`), went down, or `route_ack_timeout_ms` passed. Returns how many it waits for.
+    fn broadcast_acked(&mut self, body: impl FnOnce(u64) -> Body, reply: RpcReplyPort<()>) -> usize {
         self.seq += 1;
         let seq = self.seq;
         let waiting: HashSet<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
-        self.broadcast(&Body::Routes { reset: false, add, del: vec![], ack: Some(seq) });
+        self.broadcast(&body(seq));
+        let n = waiting.len();
         if waiting.is_empty() {
             let _ = reply.send(());
         } else {
             let deadline = Instant::now() + Duration::from_millis(self.cfg().route_ack_timeout_ms);
             self.pending.insert(seq, Pending { waiting, reply, deadline });
+        }
+        n
+    }
+
+    /// `from` acknowledged the broadcast `seq`.
+    fn peer_acked(&mut self, seq: u64, from: &str) {
+        if let Some(p) = self.pending.get_mut(&seq) {
+            p.waiting.remove(from);
+            if p.waiting.is_empty() {
+                if let Some(p) = self.pending.remove(&seq) {
+                    let _ = p.reply.send(());
+                }
+            }
         }
     }
 
@@ -760,16 +780,7 @@ impl ClusterState {
                     self.send(&from, &Body::RouteAck(seq));
                 }
             }
-            Body::RouteAck(seq) => {
-                if let Some(p) = self.pending.get_mut(&seq) {
-                    p.waiting.remove(from.as_str());
-                    if p.waiting.is_empty() {
-                        if let Some(p) = self.pending.remove(&seq) {
-                            let _ = p.reply.send(());
-                        }
-                    }
-                }
-            }
+            Body::RouteAck(seq) => self.peer_acked(seq, &from),
             Body::Retained(entries) => {
                 for e in entries {
                     self.apply_retained(e);
@@ -788,16 +799,7 @@ impl ClusterState {
                 self.send(&from, &Body::LeaveAck(ack));
                 self.down(&from, "left the cluster");
             }
-            Body::LeaveAck(seq) => {
-                if let Some(p) = self.pending.get_mut(&seq) {
-                    p.waiting.remove(from.as_str());
-                    if p.waiting.is_empty() {
-                        if let Some(p) = self.pending.remove(&seq) {
-                            let _ = p.reply.send(());
-                        }
-                    }
-                }
-            }
+            Body::LeaveAck(seq) => self.peer_acked(seq, &from),
             Body::NotYours { client } => {
                 if let Some(r) = self.a.broker.registry() {
                     let _ = r.cast(RegistryMessage::Discard(client));
@@ -1057,17 +1059,8 @@ impl Actor for ClusterActor {
                 }
             }
             ClusterMsg::Local(Local::Leave(reply)) => {
-                st.seq += 1;
-                let seq = st.seq;
-                let waiting: HashSet<Arc<str>> = st.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
-                st.broadcast(&Body::Leave { ack: seq });
-                tracing::info!(peers = waiting.len(), "leaving the cluster");
-                if waiting.is_empty() {
-                    let _ = reply.send(());
-                } else {
-                    let deadline = Instant::now() + Duration::from_millis(st.cfg().route_ack_timeout_ms);
-                    st.pending.insert(seq, Pending { waiting, reply, deadline });
-                }
+                let peers = st.broadcast_acked(|ack| Body::Leave { ack }, reply);
+                tracing::info!(peers, "leaving the cluster");
             }
             ClusterMsg::Local(Local::Claim { client, clean, reply }) => {
                 st.seq += 1;

@@ -138,19 +138,7 @@ where
 
 /// Accept node links until `stop` and hand each to the NodeServer (which authenticates the cookie).
 pub async fn accept_loop(l: TcpListener, ns: ActorRef<NodeServerMessage>, tls: Option<LinkTls>, stop: CancellationToken) {
-    loop {
-        let (s, peer_addr) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cluster accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = s.set_nodelay(true);
+    while let Some((s, peer_addr)) = crate::server::listener::accept_next(&l, &stop).await {
         let Ok(local_addr) = s.local_addr() else { continue };
         let ns = ns.clone();
         let tls = tls.clone();

@@ -33,22 +33,29 @@ pub async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let kind = Arc::new(kind);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Usually EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, peer)) = accept_next(&listener, &shutdown).await {
         let (b, s, k) = (broker.clone(), shutdown.clone(), kind.clone());
         tracker.spawn(async move { handle(stream, peer, &k, proxy, b, s).await });
+    }
+}
+
+/// The next accepted socket (TCP_NODELAY set), or `None` once `stop` fires. Accept errors
+/// (usually EMFILE) are logged and retried after a short pause instead of spinning.
+pub async fn accept_next(listener: &TcpListener, stop: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    return Some((s, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
     }
 }
 
