@@ -31,6 +31,8 @@ pub struct Broker {
     pub store: Arc<LocalStore>,
     /// Set when clustering is enabled.
     pub cluster: std::sync::OnceLock<Arc<Cluster>>,
+    /// The device platform (registry, auth, downlink), set at start-up.
+    pub devices: std::sync::OnceLock<Arc<crate::devices::Devices>>,
     pub started: Instant,
     connect_bucket: std::sync::Mutex<(f64, Instant)>,
 }
@@ -46,6 +48,7 @@ impl Broker {
         }
         Broker {
             cluster,
+            devices: std::sync::OnceLock::new(),
             router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
             metrics: Metrics::default(),

@@ -13,7 +13,88 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub listeners: Listeners,
     pub cluster: ClusterConfig,
+    pub meta: MetaConfig,
+    pub cache: CacheConfig,
+    pub devices: DevicesConfig,
     pub log: LogConfig,
+}
+
+/// The device registry's database.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetaConfig {
+    /// `postgres://user:pass@host/db`, or `sqlite://path` ; empty = `meta.db` (SQLite) in the
+    /// data directory. A cluster needs one shared database (PostgreSQL).
+    pub url: String,
+}
+
+/// Credentials, device status and latest values.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Redis: `redis://host:6379/0`, `redis-sentinel://host:26379/0?sentinelServiceName=mymaster`,
+    /// `redis-cluster://host:7000?node=host:7001`; empty = in-process.
+    pub url: String,
+    /// Prefix of every key and channel in Redis (several deployments can share one Redis).
+    pub prefix: String,
+    /// Entries of the in-process cache.
+    pub capacity: u64,
+    /// How long a device's identity and credentials stay cached (changes invalidate at once).
+    pub ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { url: String::new(), prefix: "thingsd:".into(), capacity: 200_000, ttl_secs: 600 }
+    }
+}
+
+/// A platform service's MQTT account with wider rules than a device's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAccount {
+    pub username: String,
+    /// argon2 PHC string (`thingsd hash-password`).
+    pub password_hash: String,
+    /// Topic filters it may publish to and subscribe to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+}
+
+/// Device authentication, payloads and downlink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// Largest device payload (telemetry, attributes, events) on any protocol.
+    pub max_payload: usize,
+    /// Failed logins per source address within `auth_fail_window_secs` before that address
+    /// is refused without checking (MQTT 0x9F / HTTP 429 / CoAP 4.29).
+    pub auth_fail_limit: u32,
+    pub auth_fail_window_secs: u64,
+    /// Default lifetime of a queued command or attribute set.
+    pub command_ttl_secs: u64,
+    /// Longest HTTP `GET /api/v1/{token}/rpc` wait.
+    pub max_poll_secs: u64,
+    /// The first admin API key, used when the database has none (deployments that inject a
+    /// secret); empty = generate one at the first start and print it once.
+    pub admin_key: String,
+    pub services: Vec<ServiceAccount>,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            max_payload: 64 * 1024,
+            auth_fail_limit: 10,
+            auth_fail_window_secs: 60,
+            command_ttl_secs: 86_400,
+            max_poll_secs: 60,
+            admin_key: String::new(),
+            services: vec![],
+        }
+    }
 }
 
 /// Node-to-node clustering (`ractor_cluster` links). Off by default: a node runs alone.
@@ -152,17 +233,26 @@ pub struct Listeners {
     pub tcp: Vec<TcpListenerConfig>,
     pub ws: Vec<WsListenerConfig>,
     pub tls: Vec<TlsListenerConfig>,
-    /// HTTP: health, metrics (and later the REST API). Empty = no HTTP listener.
+    /// HTTP: health, metrics, the device HTTP API and the admin API. Empty = no HTTP listener.
     pub http: Vec<TcpListenerConfig>,
+    /// CoAP over UDP for devices.
+    pub coap: Vec<CoapListenerConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoapListenerConfig {
+    pub bind: SocketAddr,
 }
 
 impl Default for Listeners {
     fn default() -> Self {
         Listeners {
             tcp: vec![TcpListenerConfig::new(([0, 0, 0, 0], 1883).into())],
-            ws: vec![WsListenerConfig { bind: ([0, 0, 0, 0], 8083).into(), path: "/mqtt".into(), proxy_protocol: false }],
+            ws: vec![WsListenerConfig { bind: ([0, 0, 0, 0], 8083).into(), path: "/mqtt".into(), proxy_protocol: false, allow_anonymous: false }],
             tls: vec![],
             http: vec![TcpListenerConfig::new(([0, 0, 0, 0], 8080).into())],
+            coap: vec![CoapListenerConfig { bind: ([0, 0, 0, 0], 5683).into() }],
         }
     }
 }
@@ -175,11 +265,14 @@ pub struct TcpListenerConfig {
     /// nginx `proxy_protocol on` (MQTT listeners only).
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Accept MQTT clients without credentials (unrestricted: for trusted networks only).
+    #[serde(default)]
+    pub allow_anonymous: bool,
 }
 
 impl TcpListenerConfig {
     pub fn new(bind: SocketAddr) -> TcpListenerConfig {
-        TcpListenerConfig { bind, proxy_protocol: false }
+        TcpListenerConfig { bind, proxy_protocol: false, allow_anonymous: false }
     }
 }
 
@@ -191,6 +284,8 @@ pub struct WsListenerConfig {
     pub path: String,
     #[serde(default)]
     pub proxy_protocol: bool,
+    #[serde(default)]
+    pub allow_anonymous: bool,
 }
 
 fn default_ws_path() -> String {
@@ -207,6 +302,13 @@ pub struct TlsListenerConfig {
     pub key: PathBuf,
     #[serde(default)]
     pub proxy_protocol: bool,
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// CA (PEM) whose client certificates are accepted; a device presenting one is known by
+    /// the certificate's SHA-256 fingerprint (an `x509` credential). Clients without a
+    /// certificate may still log in with a token or password.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -18,6 +18,7 @@ pub struct Ready {
     pub ws: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub cluster: Option<SocketAddr>,
+    pub coap: Option<SocketAddr>,
 }
 
 impl Ready {
@@ -36,6 +37,7 @@ impl Ready {
                 "ws" => r.ws = r.ws.or(Some(a)),
                 "http" => r.http = r.http.or(Some(a)),
                 "cluster" => r.cluster = r.cluster.or(Some(a)),
+                "coap" => r.coap = r.coap.or(Some(a)),
                 _ => {}
             }
         }
@@ -53,14 +55,15 @@ pub fn write_config(dir: &Path, i: usize, seeds: &[String], ports: Ready) -> any
     let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
     let text = format!(
         "# written by `thingsd dev-cluster`\n[node]\nname = \"{name}\"\ndata_dir = \"{data}\"\npersist_interval_ms = 100\n\n\
-         [[listeners.tcp]]\nbind = \"127.0.0.1:{mqtt}\"\n\n[[listeners.ws]]\nbind = \"127.0.0.1:{ws}\"\npath = \"/mqtt\"\n\n\
-         [[listeners.http]]\nbind = \"127.0.0.1:{http}\"\n\n\
+         [[listeners.tcp]]\nbind = \"127.0.0.1:{mqtt}\"\nallow_anonymous = true\n\n[[listeners.ws]]\nbind = \"127.0.0.1:{ws}\"\npath = \"/mqtt\"\nallow_anonymous = true\n\n\
+         [[listeners.http]]\nbind = \"127.0.0.1:{http}\"\n\n[[listeners.coap]]\nbind = \"127.0.0.1:{coap}\"\n\n\
          [cluster]\nenabled = true\nlisten = \"127.0.0.1:{cl}\"\nseeds = [{seeds}]\ncookie = \"dev-cluster\"\n",
         data = data.display(),
         mqtt = port(ports.mqtt),
         ws = port(ports.ws),
         http = port(ports.http),
         cl = port(ports.cluster),
+        coap = port(ports.coap),
         seeds = seeds.join(", "),
     );
     let path = dir.join(format!("{name}.toml"));

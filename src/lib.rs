@@ -5,6 +5,7 @@ pub mod broker;
 pub mod cluster;
 pub mod config;
 pub mod dev;
+pub mod devices;
 pub mod http;
 pub mod message;
 pub mod metrics;

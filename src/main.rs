@@ -5,7 +5,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 fn usage() -> ! {
-    eprintln!("usage: thingsd [--config FILE] [config]\n  config   print the effective configuration and exit\n  thingsd dev-cluster [--nodes N] [--dir DIR] [--write-only]   run N local nodes on free ports\n  With no --config, ./cluster.toml is used if it exists; otherwise built-in defaults.");
+    eprintln!("usage: thingsd [--config FILE] [config]\n  config   print the effective configuration and exit\n  thingsd dev-cluster [--nodes N] [--dir DIR] [--write-only]   run N local nodes on free ports\n  thingsd hash-password [PASSWORD]   argon2 hash for devices.services (reads stdin without an argument)\n  With no --config, ./cluster.toml is used if it exists; otherwise built-in defaults.");
     std::process::exit(2)
 }
 
@@ -13,6 +13,20 @@ fn main() -> anyhow::Result<()> {
     let all: Vec<String> = std::env::args().skip(1).collect();
     if all.first().map(String::as_str) == Some("dev-cluster") {
         return thingsd::dev::main(&all[1..]);
+    }
+    if all.first().map(String::as_str) == Some("hash-password") {
+        // For `devices.services[].password_hash`: the password from the argument or stdin.
+        let pw = match all.get(1) {
+            Some(p) => p.clone(),
+            None => {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).context("read the password from stdin")?;
+                line.trim_end_matches(['\r', '\n']).to_string()
+            }
+        };
+        anyhow::ensure!(!pw.is_empty(), "empty password");
+        println!("{}", thingsd::devices::hash_password(pw.as_bytes()));
+        return Ok(());
     }
     let mut args = std::env::args().skip(1);
     let mut config_path: Option<PathBuf> = None;

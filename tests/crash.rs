@@ -16,7 +16,7 @@ struct Proc {
 async fn spawn_node(dir: &std::path::Path) -> Proc {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsd"))
-        .env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\"}}]"))
+        .env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\", allow_anonymous=true}}]"))
         .env("THINGSD_LISTENERS__WS", "[]")
         .env("THINGSD_LISTENERS__HTTP", "[]")
         .env("THINGSD_NODE__DATA_DIR", dir.display().to_string())

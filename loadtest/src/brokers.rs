@@ -75,8 +75,9 @@ pub async fn start(kind: &str, max_conns: usize) -> anyhow::Result<Broker> {
     let mut cmd = match kind {
         "thingsd" => {
             let mut c = Command::new(thingsd_binary()?);
-            c.env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\"}}]"))
+            c.env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\", allow_anonymous=true}}]"))
                 .env("THINGSD_LISTENERS__WS", "[]")
+                .env("THINGSD_LISTENERS__COAP", "[]")
                 .env("THINGSD_LISTENERS__HTTP", "[]")
                 .env("THINGSD_NODE__DATA_DIR", dir.join("data").display().to_string())
                 .env("THINGSD_MQTT__MAX_CONNECTIONS", (max_conns + 100).to_string())

@@ -82,6 +82,8 @@ pub enum Local {
     },
     /// A shard lost the last local subscriber of `key`.
     DelRoute(Arc<str>),
+    /// Broadcast a device notice.
+    Notice(wire::DeviceNotice),
     /// A retained message was stored (or deleted) locally.
     Retained(Arc<Message>),
     Dialed {
@@ -292,6 +294,8 @@ pub struct Cluster {
     /// Live peers' publish queues.
     pub links: ArcSwap<HashMap<NodeIdx, Arc<Link>>>,
     pub events: broadcast::Sender<ClusterEvent>,
+    /// Device notices from other nodes.
+    pub notices: broadcast::Sender<wire::DeviceNotice>,
     pub forwarded: AtomicU64,
     pub received: AtomicU64,
     /// The running cluster actor (replaced when the supervisor restarts it).
@@ -324,6 +328,7 @@ impl Cluster {
             routes: ArcSwap::from_pointee(RouteNode::default()),
             links: ArcSwap::from_pointee(HashMap::new()),
             events: broadcast::channel(256).0,
+            notices: broadcast::channel(1024).0,
             forwarded: AtomicU64::new(0),
             received: AtomicU64::new(0),
             actor: arc_swap::ArcSwapOption::empty(),
@@ -358,6 +363,11 @@ impl Cluster {
         let (tx, rx) = ractor::concurrency::oneshot();
         a.cast(ClusterMsg::Local(Local::AddRoute { key, durable, reply: tx.into() })).ok()?;
         Some(rx)
+    }
+
+    /// Tell every live peer about a device change.
+    pub fn device_notice(&self, n: wire::DeviceNotice) {
+        self.cast(Local::Notice(n));
     }
 
     pub fn del_route(&self, key: Arc<str>) {
@@ -893,6 +903,9 @@ impl ClusterState {
             Body::BackupAck(seq) => {
                 self.backup_waits.remove(&seq);
             }
+            Body::Device(n) => {
+                let _ = self.a.handle.notices.send(n);
+            }
             Body::BackupDrop { client } => {
                 if self.replicas.get(&client).is_some_and(|r| *r.owner == *from) {
                     self.replicas.remove(&client);
@@ -1095,6 +1108,7 @@ impl Actor for ClusterActor {
                 st.backup_waits.insert(ack, (to, tokens, deadline));
             }
             ClusterMsg::Local(Local::BackupDrop { to, client }) => st.to(&to, &Body::BackupDrop { client }),
+            ClusterMsg::Local(Local::Notice(n)) => st.broadcast(&Body::Device(n)),
             ClusterMsg::Local(Local::Flush { client, gen, to, deliveries }) => st.to(&to, &Body::Flush { client, gen, deliveries }),
             // An empty acknowledged route update: each peer answers after everything it sent before.
             ClusterMsg::Local(Local::Barrier(reply)) => st.acked_routes(vec![], reply),

@@ -171,6 +171,20 @@ pub enum Body {
     BackupDrop {
         client: Arc<str>,
     },
+    /// The device registry changed (appended variant: an older node logs and drops it).
+    Device(DeviceNotice),
+}
+
+/// What one node tells the others about devices (also sent over Redis pub/sub as JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeviceNotice {
+    /// A device or its credentials changed: drop cached identities; `kick` closes its connections.
+    Changed { device: String, kick: bool },
+    /// These credential cache keys are gone.
+    Forget { keys: Vec<String> },
+    /// A downlink is queued for the device: wake its HTTP long polls and CoAP observers.
+    Pending { device: String },
 }
 
 fn config() -> impl bincode::config::Config {

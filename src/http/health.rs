@@ -43,13 +43,18 @@ async fn ready(State(b): State<Arc<Broker>>) -> Result<Json<serde_json::Value>, 
     let registry = running(b.registry().map(|r| r.get_status()));
     let retained = running(b.retained_actor.load_full().map(|r| r.get_status()));
     let shards = (0..b.router.shards.len()).all(|i| running(b.router.shard(i).map(|s| s.get_status())));
-    if registry && retained && shards {
+    // Devices cannot log in without the registry's database.
+    let meta = match b.devices.get() {
+        Some(d) => tokio::time::timeout(std::time::Duration::from_secs(2), d.meta.ping()).await.is_ok_and(|r| r.is_ok()),
+        None => false,
+    };
+    if registry && retained && shards && meta {
         Ok(Json(serde_json::json!({ "status": "ready" })))
     } else {
         Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "not_ready",
-            message: format!("registry running: {registry}, retained store running: {retained}, all shards running: {shards}"),
+            message: format!("registry running: {registry}, retained store running: {retained}, all shards running: {shards}, meta store reachable: {meta}"),
         })
     }
 }
@@ -83,6 +88,17 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
         metric("thingsd_cluster_forwarded_total", "counter", "Publishes forwarded to other nodes.", c.forwarded.load(Relaxed));
         metric("thingsd_cluster_received_total", "counter", "Publishes received from other nodes.", c.received.load(Relaxed));
         metric("thingsd_cluster_peers_up", "gauge", "Other nodes with a live link.", c.links.load().len() as u64);
+    }
+    if let Some(d) = b.devices.get() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dm = &d.metrics;
+        metric("thingsd_device_auth_ok_total", "counter", "Successful device/service logins (all protocols).", dm.auth_ok.load(Relaxed));
+        metric("thingsd_device_auth_failed_total", "counter", "Refused logins: bad or missing credentials, disabled devices.", dm.auth_failed.load(Relaxed));
+        metric("thingsd_device_auth_rate_limited_total", "counter", "Logins refused because the address failed too often.", dm.auth_rate_limited.load(Relaxed));
+        metric("thingsd_acl_denied_total", "counter", "PUBLISH and SUBSCRIBE requests denied by the ACL.", dm.acl_denied.load(Relaxed));
+        metric("thingsd_device_events_total", "counter", "Device messages accepted (telemetry, attributes, events, responses).", dm.events.load(Relaxed));
+        metric("thingsd_device_payload_rejected_total", "counter", "Device payloads refused (malformed, too large, not in the thing model).", dm.payload_rejected.load(Relaxed));
+        metric("thingsd_downlinks_sent_total", "counter", "Commands and attribute sets handed to devices.", dm.commands_sent.load(Relaxed));
     }
     metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);
     metric("thingsd_uptime_seconds", "counter", "Seconds since the node started.", b.started.elapsed().as_secs());

@@ -1,17 +1,32 @@
-//! HTTP interface of a node. Today: health and Prometheus metrics for operators and load
-//! balancers; the REST API and web console join here (one file per resource).
+//! HTTP interface of a node: health and Prometheus metrics for operators and load balancers,
+//! the device HTTP API (`/api/v1/{token}/…`) and the admin API (`/api/v1/admin/…`).
+//! One file per resource; handlers turn requests into calls on the broker and the device
+//! platform and own no state.
 use std::sync::Arc;
 
 use axum::Router;
 
 use crate::broker::Broker;
 
+mod admin;
+mod device_api;
 mod error;
 mod health;
 
 pub use error::ApiError;
 
-/// The node's HTTP application.
+/// What every handler gets: the node's broker (and through it the device platform).
+pub type AppState = Arc<Broker>;
+
+/// The node's HTTP application. Request bodies are bounded by the device payload limit
+/// (plus room for JSON framing).
 pub fn app(broker: Arc<Broker>) -> Router {
-    Router::new().merge(health::routes()).fallback(error::not_found).with_state(broker)
+    let limit = broker.config.devices.max_payload.saturating_mul(2).max(64 * 1024);
+    Router::new()
+        .merge(health::routes())
+        .merge(admin::routes(broker.clone()))
+        .merge(device_api::routes())
+        .fallback(error::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .with_state(broker)
 }

@@ -16,6 +16,7 @@ use tracing::Instrument;
 use crate::actors::registry::{RegistryMessage, Takeover};
 use crate::actors::session::{AttachArgs, ConnHandle, Outbound, Reply, SessionMessage, WillAction};
 use crate::broker::Broker;
+use crate::devices::{uplink, AuthError, Credentials, Principal};
 use crate::message::{now_ms, Message};
 use crate::metrics::Metrics;
 use crate::protocols::mqtt::{
@@ -72,19 +73,29 @@ fn connack(code: u8) -> Packet {
     Packet::ConnAck(ConnAck { session_present: false, code, props: Properties::default() })
 }
 
+/// What the listener knows about a connection before its CONNECT.
+#[derive(Debug, Clone, Default)]
+pub struct ConnCtx {
+    /// The listener accepts clients without credentials.
+    pub allow_anonymous: bool,
+    /// SHA-256 (hex) of the client certificate (TLS listeners with `client_ca`).
+    pub cert_fingerprint: Option<String>,
+}
+
 /// Serve one client over any byte stream (TCP, TLS, WebSocket bridge).
-pub async fn serve<R, W>(broker: Arc<Broker>, rd: R, wr: W, peer: SocketAddr, shutdown: CancellationToken)
+pub async fn serve<R, W>(broker: Arc<Broker>, rd: R, wr: W, peer: SocketAddr, ctx: ConnCtx, shutdown: CancellationToken)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty);
-    serve_inner(broker, rd, wr, shutdown).instrument(span).await
+    let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty, device = tracing::field::Empty);
+    serve_inner(broker, rd, wr, peer, ctx, shutdown).instrument(span).await
 }
 
 /// What the CONNECT exchange leaves for the packet loop.
 struct Established {
     conn: Conn,
+    kicked: Arc<std::sync::atomic::AtomicU8>,
     conn_id: u64,
     keep_alive: u16,
     cancel: CancellationToken,
@@ -99,6 +110,8 @@ async fn handshake<R, W>(
     rd: &mut R,
     mut wr: W,
     buf: &mut BytesMut,
+    peer: SocketAddr,
+    ctx: ConnCtx,
     shutdown: &CancellationToken,
 ) -> Option<Established>
 where
@@ -162,6 +175,32 @@ where
         Box::pin(write_raw(&mut wr, &connack(reason::BAD_AUTHENTICATION_METHOD), protocol)).await;
         return None;
     }
+    // Who is it? Devices are checked against the registry; wrong credentials get 0x86/0x87
+    // (3.1.1: 4/5), and an address with too many failures is refused for a while.
+    let principal = match broker.devices.get() {
+        Some(d) => {
+            let creds = Credentials { username: c.username.as_deref(), password: c.password.as_deref(), cert_fingerprint: ctx.cert_fingerprint.as_deref() };
+            match Box::pin(d.authenticate(peer.ip(), &creds, ctx.allow_anonymous)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let code = match e {
+                        AuthError::BadCredentials => reason::BAD_USERNAME_OR_PASSWORD,
+                        AuthError::NotAuthorized => reason::NOT_AUTHORIZED,
+                        AuthError::RateLimited => reason::CONNECTION_RATE_EXCEEDED,
+                        AuthError::Unavailable => reason::SERVER_UNAVAILABLE,
+                    };
+                    tracing::info!(reason = ?e, username = c.username.as_deref().unwrap_or(""), "CONNECT refused");
+                    Box::pin(write_raw(&mut wr, &connack(code), protocol)).await;
+                    return None;
+                }
+            }
+        }
+        None if ctx.allow_anonymous => Principal::Anonymous,
+        None => {
+            Box::pin(write_raw(&mut wr, &connack(reason::SERVER_UNAVAILABLE), protocol)).await;
+            return None;
+        }
+    };
     let mut props = Properties::default();
     let client_id: Arc<str> = if c.client_id.is_empty() {
         if !v5 && !c.clean_start {
@@ -177,6 +216,15 @@ where
         Arc::from(c.client_id.as_str())
     };
     tracing::Span::current().record("client_id", &*client_id);
+    // A device's sessions live in its own client-id namespace.
+    let device = principal.device().cloned();
+    let client_id = match &device {
+        Some(i) => {
+            tracing::Span::current().record("device", &*i.device_number);
+            crate::devices::session_key(&i.device_number, &client_id)
+        }
+        None => client_id,
+    };
 
     let mut keep_alive = c.keep_alive;
     let max_ka = cfg.mqtt.max_keepalive_secs;
@@ -206,7 +254,9 @@ where
     let (tx, rx) = mpsc::channel(cfg.mqtt.outbound_queue.max(cfg.mqtt.max_inflight as usize * 2 + 16));
     let cancel = CancellationToken::new();
     let conn_id = CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let kicked = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let handle = ConnHandle {
+        kicked: kicked.clone(),
         id: conn_id,
         tx: tx.clone(),
         cancel: cancel.clone(),
@@ -221,7 +271,8 @@ where
         will: c.will.map(Box::new),
         expiry,
     });
-    let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone()));
+    let mount = device.as_ref().map(|i| Arc::<str>::from(format!("v1/devices/{}/", i.device_number)));
+    let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone(), mount));
     let registry = broker.registry()?;
     let cid = client_id.clone();
     // In a cluster, the client id's registrar serialises connects cluster-wide and hands the
@@ -263,6 +314,13 @@ where
         }
     };
     tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
+    if let (Some(d), Some(i)) = (broker.devices.get(), &device) {
+        let kick = crate::devices::Kick { tx: Some(tx.clone()), cancel: cancel.clone() };
+        Box::pin(d.connected(&i.device_number, conn_id, kick)).await;
+        // Queued downlinks for a session that kept its subscriptions.
+        let (d, n) = (d.clone(), i.device_number.clone());
+        tokio::spawn(async move { d.flush_pending(&n).await });
+    }
     let acker = broker.cluster.get().map(|_| {
         let (atx, arx) = mpsc::channel(broker.config.mqtt.max_inflight.max(1) as usize);
         tokio::spawn(ack_in_order(arx, tx.clone()));
@@ -281,11 +339,12 @@ where
         session_lost: false,
         qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
         acker,
+        principal,
     };
-    Some(Established { conn, conn_id, keep_alive, cancel, writer, _gauge: gauge })
+    Some(Established { conn, kicked, conn_id, keep_alive, cancel, writer, _gauge: gauge })
 }
 
-async fn serve_inner<R, W>(broker: Arc<Broker>, mut rd: R, wr: W, shutdown: CancellationToken)
+async fn serve_inner<R, W>(broker: Arc<Broker>, mut rd: R, wr: W, peer: SocketAddr, ctx: ConnCtx, shutdown: CancellationToken)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -293,8 +352,8 @@ where
     let m = &broker.metrics;
     let max = broker.config.mqtt.max_packet_size as usize;
     let mut buf = BytesMut::new();
-    let Some(est) = Box::pin(handshake(&broker, &mut rd, wr, &mut buf, &shutdown)).await else { return };
-    let Established { mut conn, conn_id, keep_alive, cancel, writer, _gauge } = est;
+    let Some(est) = Box::pin(handshake(&broker, &mut rd, wr, &mut buf, peer, ctx, &shutdown)).await else { return };
+    let Established { mut conn, kicked, conn_id, keep_alive, cancel, writer, _gauge } = est;
     let session = conn.session.clone();
     let protocol = conn.protocol;
     let ka = if keep_alive == 0 { None } else { Some(Duration::from_millis(keep_alive as u64 * 1500)) };
@@ -359,6 +418,10 @@ where
         }
     };
     let _ = session.cast(SessionMessage::Detach { conn_id, will, expiry: conn.new_expiry });
+    if let (Some(d), Some(i)) = (broker.devices.get(), conn.principal.device()) {
+        let taken_over = kicked.load(Ordering::Relaxed) == reason::SESSION_TAKEN_OVER;
+        Box::pin(d.disconnected(&i.device_number, conn_id, taken_over)).await;
+    }
     drop(conn);
     // Let the writer flush what is queued (e.g. a DISCONNECT), bounded in time.
     if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
@@ -385,6 +448,8 @@ struct Conn {
     /// In a cluster: QoS 1 acknowledgements wait (in order, without stopping the read loop)
     /// until their message is durable.
     acker: Option<mpsc::Sender<(Packet, Option<Arc<crate::message::Durable>>)>>,
+    /// Who the client is: its ACL, and for a device its identity.
+    principal: Principal,
 }
 
 /// Send PUBACKs in order, each once its message is durable.
@@ -456,12 +521,24 @@ impl Conn {
             Packet::PubComp(a) => {
                 self.tell(SessionMessage::PubComp(a.pkid));
             }
-            Packet::Subscribe(s) => {
+            Packet::Subscribe(mut s) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
-                self.tell(SessionMessage::Subscribe(s, r));
+                let mut denied = Vec::new();
+                for (i, (f, _)) in s.filters.iter_mut().enumerate() {
+                    self.mount_in(f);
+                    if self.principal.acl().is_some_and(|a| !a.may_subscribe(f)) {
+                        tracing::info!(filter = %f, "SUBSCRIBE denied by ACL");
+                        self.count_denied();
+                        denied.push(i);
+                    }
+                }
+                self.tell(SessionMessage::Subscribe(s, denied, r));
             }
-            Packet::Unsubscribe(u) => {
+            Packet::Unsubscribe(mut u) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                for f in u.filters.iter_mut() {
+                    self.mount_in(f);
+                }
                 self.tell(SessionMessage::Unsubscribe(u, r));
             }
             Packet::PingReq => self.send(Packet::PingResp).await,
@@ -491,10 +568,99 @@ impl Conn {
         None
     }
 
+    /// Rewrite ThingsBoard's `v1/devices/me/…` to the device's own `v1/devices/{number}/…`
+    /// (and back on the way out, in the writer), so devices cannot see each other's `me`.
+    fn mount_in(&self, t: &mut String) {
+        if let Some(i) = self.principal.device() {
+            if let Some(rest) = t.strip_prefix("v1/devices/me/") {
+                *t = format!("v1/devices/{}/{rest}", i.device_number);
+            }
+        }
+    }
+
+    fn count_denied(&self) {
+        if let Some(d) = self.broker.devices.get() {
+            d.metrics.acl_denied.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Answer a PUBLISH that is not routed: the reason code in 5.0; in 3.1.1 (which has no
+    /// negative acknowledgement) the message is dropped but still acknowledged, so the client
+    /// does not resend it forever.
+    async fn refuse(&self, qos: QoS, pkid: u16, code: u8) {
+        let code = if self.protocol == Protocol::V5 { code } else { reason::SUCCESS };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(Packet::PubAck(Ack::new(pkid, code))).await,
+            // 3.1.1: the PUBREL that follows is answered by the session (PUBCOMP).
+            QoS::ExactlyOnce => self.send(Packet::PubRec(Ack::new(pkid, code))).await,
+        }
+    }
+
+    /// A device's uplink message: checked, turned into events and applied. `Some(code)`:
+    /// refused (the message is not routed).
+    async fn uplink(
+        &mut self,
+        ident: &Arc<crate::devices::Identity>,
+        kind: uplink::EventKind,
+        gateway: bool,
+        mid: Option<String>,
+        payload: &[u8],
+        props: Option<&Properties>,
+    ) -> Option<u8> {
+        let d = self.broker.devices.get()?.clone();
+        let max = d.config.devices.max_payload;
+        match uplink::parse(ident, kind, gateway, mid, payload, max, "mqtt", now_ms() as i64) {
+            Err(why) => {
+                d.rejected(&ident.device_number, "mqtt", &why);
+                // MQTT 5.0: the device may have asked for answers on a response topic.
+                if let Some(rt) = props.and_then(|p| p.response_topic.clone()) {
+                    if self.principal.acl().is_some_and(|a| a.may_subscribe(&rt)) {
+                        let body = serde_json::json!({"error": {"code": why.code(), "message": why.to_string()}});
+                        self.answer(rt, body, props.and_then(|p| p.correlation_data.clone()));
+                    }
+                }
+                Some(match why {
+                    uplink::Reject::TooLarge(_) => reason::QUOTA_EXCEEDED,
+                    _ => reason::PAYLOAD_FORMAT_INVALID,
+                })
+            }
+            Ok(events) => match d.ingest(events, true).await {
+                Ok(answers) => {
+                    for a in answers {
+                        self.answer(a.topic, a.payload, None);
+                    }
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot store a device message");
+                    Some(reason::UNSPECIFIED_ERROR)
+                }
+            },
+        }
+    }
+
+    /// Publish a platform answer to the device (QoS 1, routed like any message).
+    fn answer(&self, topic: String, body: serde_json::Value, correlation: Option<bytes::Bytes>) {
+        let props = correlation.map(|c| Box::new(Properties { correlation_data: Some(c), ..Properties::default() }));
+        let msg = Arc::new(Message {
+            id: crate::message::next_id(),
+            topic: Arc::from(topic),
+            payload: bytes::Bytes::from(body.to_string()),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            props,
+            expires_at: None,
+            publisher: None,
+        });
+        self.broker.publish(msg);
+    }
+
     async fn publish(&mut self, p: Publish) -> Option<WillAction> {
         let m = &self.broker.metrics;
         Metrics::add(&m.messages_received, 1);
-        let cfg = &self.broker.config.mqtt;
+        let broker = self.broker.clone();
+        let cfg = &broker.config.mqtt;
         let v5 = self.protocol == Protocol::V5;
         let mut props = p.props.map(|b| *b);
         let alias = props.as_mut().and_then(|pr| pr.topic_alias.take());
@@ -510,6 +676,24 @@ impl Conn {
                 p.topic
             }
         };
+        let mut topic = topic;
+        self.mount_in(&mut topic);
+        if self.principal.acl().is_some_and(|a| !a.may_publish(&topic)) {
+            tracing::info!(%topic, "PUBLISH denied by ACL");
+            self.count_denied();
+            self.refuse(p.qos, p.pkid, reason::NOT_AUTHORIZED).await;
+            return None;
+        }
+        if let Some(ident) = self.principal.device().cloned() {
+            if let Some((kind, gateway, mid)) = uplink::classify(&topic, &ident.device_number) {
+                if let Some(code) = Box::pin(self.uplink(&ident, kind, gateway, mid, &p.payload, props.as_ref())).await {
+                    self.refuse(p.qos, p.pkid, code).await;
+                    return None;
+                }
+            }
+            // Subscribers (platform services) learn which device sent it.
+            props.get_or_insert_with(Properties::default).user_properties.push(("device_number".into(), ident.device_number.to_string()));
+        }
         if topic::levels(&topic) > cfg.max_topic_levels {
             if !v5 {
                 return Some(self.close(reason::TOPIC_NAME_INVALID));

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::connection::serve;
+use super::connection::{serve, ConnCtx};
 use crate::broker::Broker;
 
 /// What kind of listener a bound socket is.
@@ -23,11 +23,20 @@ pub enum Kind {
     Ws { path: String },
 }
 
+/// Per-listener options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Opts {
+    /// Expect a PROXY protocol header first.
+    pub proxy: bool,
+    /// Accept clients without credentials.
+    pub allow_anonymous: bool,
+}
+
 /// Accept until `shutdown`; every connection task is tracked so shutdown can wait for it.
 pub async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
-    proxy: bool,
+    opts: Opts,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -35,7 +44,7 @@ pub async fn accept_loop(
     let kind = Arc::new(kind);
     while let Some((stream, peer)) = accept_next(&listener, &shutdown).await {
         let (b, s, k) = (broker.clone(), shutdown.clone(), kind.clone());
-        tracker.spawn(async move { handle(stream, peer, &k, proxy, b, s).await });
+        tracker.spawn(async move { handle(stream, peer, &k, opts, b, s).await });
     }
 }
 
@@ -59,9 +68,10 @@ pub async fn accept_next(listener: &TcpListener, stop: &CancellationToken) -> Op
     }
 }
 
-async fn handle(mut stream: TcpStream, mut peer: SocketAddr, kind: &Kind, proxy: bool, broker: Arc<Broker>, shutdown: CancellationToken) {
+async fn handle(mut stream: TcpStream, mut peer: SocketAddr, kind: &Kind, opts: Opts, broker: Arc<Broker>, shutdown: CancellationToken) {
     let handshake = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
-    if proxy {
+    let ctx = ConnCtx { allow_anonymous: opts.allow_anonymous, cert_fingerprint: None };
+    if opts.proxy {
         match tokio::time::timeout(handshake, super::proxy::read_header(&mut stream)).await {
             Ok(Ok(Some(client))) => peer = client,
             Ok(Ok(None)) => {} // the balancer's own check
@@ -72,11 +82,11 @@ async fn handle(mut stream: TcpStream, mut peer: SocketAddr, kind: &Kind, proxy:
     match kind {
         Kind::Tcp => {
             let (rd, wr) = stream.into_split();
-            Box::pin(serve(broker, rd, wr, peer, shutdown)).await
+            Box::pin(serve(broker, rd, wr, peer, ctx, shutdown)).await
         }
         // Boxed: a TLS stream is large and would otherwise sit in every connection's task.
-        Kind::Tls(acceptor) => Box::pin(tls(stream, peer, acceptor, broker, shutdown, handshake)).await,
-        Kind::Ws { path } => Box::pin(ws(stream, peer, path, broker, shutdown, handshake)).await,
+        Kind::Tls(acceptor) => Box::pin(tls(stream, peer, acceptor, ctx, broker, shutdown, handshake)).await,
+        Kind::Ws { path } => Box::pin(ws(stream, peer, path, ctx, broker, shutdown, handshake)).await,
     }
 }
 
@@ -84,21 +94,24 @@ async fn tls(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: &TlsAcceptor,
+    mut ctx: ConnCtx,
     broker: Arc<Broker>,
     shutdown: CancellationToken,
     handshake: Duration,
 ) {
     match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
+            // A verified client certificate names its device by fingerprint.
+            ctx.cert_fingerprint = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::devices::sha256_hex(c.as_ref()));
             let (rd, wr) = tokio::io::split(tls);
-            Box::pin(serve(broker, rd, wr, peer, shutdown)).await
+            Box::pin(serve(broker, rd, wr, peer, ctx, shutdown)).await
         }
         Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
     }
 }
 
-async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, broker: Arc<Broker>, shutdown: CancellationToken, handshake: Duration) {
+async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, ctx: ConnCtx, broker: Arc<Broker>, shutdown: CancellationToken, handshake: Duration) {
     let want = path.to_string();
     #[allow(clippy::result_large_err)] // the handshake callback's signature is tungstenite's
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
@@ -158,7 +171,7 @@ async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, broker: Arc<Broker>
         let _ = sink.close().await;
     };
     let (rd, wr) = tokio::io::split(theirs);
-    let conn = serve(broker, rd, wr, peer, shutdown);
+    let conn = serve(broker, rd, wr, peer, ctx, shutdown);
     let inbound = tokio::spawn(inbound);
     tokio::join!(outbound, conn);
     inbound.abort();

@@ -1,5 +1,6 @@
 //! Wiring of a node: bind listeners, start the actors, restore persisted state, accept
 //! connections, persist periodically, and shut down gracefully.
+pub mod coap;
 pub mod connection;
 pub mod listener;
 pub mod proxy;
@@ -27,9 +28,11 @@ use listener::Kind;
 
 /// Listeners bound before the node starts (tests bind port 0 and read the addresses back).
 pub struct Bound {
-    /// MQTT listeners, their kind, and whether they expect a PROXY protocol header.
-    pub listeners: Vec<(TcpListener, Kind, bool)>,
+    /// MQTT listeners, their kind and options.
+    pub listeners: Vec<(TcpListener, Kind, listener::Opts)>,
     pub http: Vec<TcpListener>,
+    /// CoAP sockets.
+    pub coap: Vec<tokio::net::UdpSocket>,
     /// Node-to-node links, when clustering is enabled.
     pub cluster: Option<TcpListener>,
 }
@@ -44,6 +47,11 @@ impl Bound {
     pub fn http_addrs(&self) -> Vec<SocketAddr> {
         self.http.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
+
+    /// Addresses of the bound CoAP sockets.
+    pub fn coap_addrs(&self) -> Vec<SocketAddr> {
+        self.coap.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
 }
 
 /// Install the one rustls crypto provider we use (`ring`) before any TLS use.
@@ -51,7 +59,7 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+fn tls_acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<TlsAcceptor> {
     install_crypto();
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(cert).with_context(|| format!("TLS certificate {}", cert.display()))?,
@@ -63,7 +71,21 @@ fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
     ))
     .with_context(|| format!("TLS key {}", key.display()))?
     .with_context(|| format!("no private key in {}", key.display()))?;
-    let cfg = rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(certs, key).context("TLS certificate/key")?;
+    let builder = rustls::ServerConfig::builder();
+    let builder = match client_ca {
+        // Client certificates signed by this CA identify devices; clients without one may
+        // still log in with a token or password.
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(ca).with_context(|| format!("TLS client CA {}", ca.display()))?)) {
+                roots.add(c.with_context(|| format!("TLS client CA {}", ca.display()))?).context("TLS client CA")?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().context("TLS client CA")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let cfg = builder.with_single_cert(certs, key).context("TLS certificate/key")?;
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
@@ -74,22 +96,22 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
         listeners.push((
             TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TCP {}", l.bind))?,
             Kind::Tcp,
-            l.proxy_protocol,
+            listener::Opts { proxy: l.proxy_protocol, allow_anonymous: l.allow_anonymous },
         ));
     }
     for l in &config.listeners.ws {
         listeners.push((
             TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT WebSocket {}", l.bind))?,
             Kind::Ws { path: l.path.clone() },
-            l.proxy_protocol,
+            listener::Opts { proxy: l.proxy_protocol, allow_anonymous: l.allow_anonymous },
         ));
     }
     for l in &config.listeners.tls {
-        let acc = tls_acceptor(&l.cert, &l.key)?;
+        let acc = tls_acceptor(&l.cert, &l.key, l.client_ca.as_deref())?;
         listeners.push((
             TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TLS {}", l.bind))?,
             Kind::Tls(acc),
-            l.proxy_protocol,
+            listener::Opts { proxy: l.proxy_protocol, allow_anonymous: l.allow_anonymous },
         ));
     }
     let mut http = Vec::new();
@@ -97,11 +119,15 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
         anyhow::ensure!(!l.proxy_protocol, "listeners.http {}: proxy_protocol is supported on MQTT listeners only", l.bind);
         http.push(TcpListener::bind(l.bind).await.with_context(|| format!("bind HTTP {}", l.bind))?);
     }
+    let mut coap = Vec::new();
+    for l in &config.listeners.coap {
+        coap.push(tokio::net::UdpSocket::bind(l.bind).await.with_context(|| format!("bind CoAP {}", l.bind))?);
+    }
     let cluster = match config.cluster.enabled {
         true => Some(TcpListener::bind(config.cluster.listen).await.with_context(|| format!("bind cluster {}", config.cluster.listen))?),
         false => None,
     };
-    Ok(Bound { listeners, http, cluster })
+    Ok(Bound { listeners, http, coap, cluster })
 }
 
 /// Run a node on already-bound listeners until `shutdown` fires, then stop gracefully:
@@ -136,8 +162,12 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let restored = sessions.len();
     registry.call(RegistryMessage::Count, Some(Duration::from_secs(60))).await.context("restore sessions")?;
 
+    // The device platform: registry, authentication, downlink (before any listener accepts).
+    let devices = crate::devices::Devices::start(&broker).await?;
+    let _ = broker.devices.set(devices.clone());
     let tracker = TaskTracker::new();
-    for (l, kind, proxy) in bound.listeners {
+    for (l, kind, opts) in bound.listeners {
+        let proxy = opts.proxy;
         let what = match &kind {
             Kind::Tcp => "mqtt",
             Kind::Tls(_) => "mqtts",
@@ -146,7 +176,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         if let Ok(a) = l.local_addr() {
             addrs.push(format!("{what}{}://{a}", if proxy { "+proxy" } else { "" }));
         }
-        tokio::spawn(listener::accept_loop(l, kind, proxy, broker.clone(), shutdown.clone(), tracker.clone()));
+        tokio::spawn(listener::accept_loop(l, kind, opts, broker.clone(), shutdown.clone(), tracker.clone()));
     }
     for l in bound.http {
         if let Ok(a) = l.local_addr() {
@@ -155,10 +185,17 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         let app = crate::http::app(broker.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(l, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
                 tracing::error!(error = %e, "HTTP listener failed");
             }
         });
+    }
+    for sock in bound.coap {
+        if let Ok(a) = sock.local_addr() {
+            addrs.push(format!("coap://{a}"));
+        }
+        tokio::spawn(coap::serve(sock, devices.clone(), shutdown.clone()));
     }
     let retained_n = broker.retained.load().len();
     tracing::info!(node = %config.node.name, listeners = ?addrs, restored_sessions = restored, retained = retained_n, "thingsd ready");
@@ -186,6 +223,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         c.leave().await;
     }
     flush(&broker);
+    devices.meta.close().await;
     sup.stop(None);
     let _ = sup_handle.await;
     tracing::info!("stopped");

@@ -38,8 +38,17 @@ impl Aliases {
     }
 }
 
-fn encode_out(buf: &mut BytesMut, p: OutPublish, protocol: Protocol, aliases: &mut Aliases) {
-    let alias = if protocol == Protocol::V5 { aliases.lookup(&p.msg.topic) } else { None };
+/// `v1/devices/{number}/…` back to the `v1/devices/me/…` the device subscribed to.
+fn mount_out(topic: &Arc<str>, mount: Option<&Arc<str>>) -> Arc<str> {
+    match mount.and_then(|m| topic.strip_prefix(&**m)) {
+        Some(rest) => Arc::from(format!("v1/devices/me/{rest}")),
+        None => topic.clone(),
+    }
+}
+
+fn encode_out(buf: &mut BytesMut, p: OutPublish, protocol: Protocol, aliases: &mut Aliases, mount: Option<&Arc<str>>) {
+    let topic = mount_out(&p.msg.topic, mount);
+    let alias = if protocol == Protocol::V5 { aliases.lookup(&topic) } else { None };
     match alias {
         None => encode_publish(
             buf,
@@ -47,7 +56,7 @@ fn encode_out(buf: &mut BytesMut, p: OutPublish, protocol: Protocol, aliases: &m
             p.dup,
             p.qos,
             p.retain,
-            &p.msg.topic,
+            &topic,
             p.pkid,
             p.props.as_deref().unwrap_or(Properties::empty()),
             &p.msg.payload,
@@ -55,7 +64,7 @@ fn encode_out(buf: &mut BytesMut, p: OutPublish, protocol: Protocol, aliases: &m
         Some((a, send_topic)) => {
             let mut props = p.props.map(|b| *b).unwrap_or_default();
             props.topic_alias = Some(a);
-            let topic: &str = if send_topic { &p.msg.topic } else { "" };
+            let topic: &str = if send_topic { &topic } else { "" };
             encode_publish(buf, protocol, p.dup, p.qos, p.retain, topic, p.pkid, &props, &p.msg.payload)
         }
     };
@@ -69,6 +78,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     client_alias_max: u16,
     cancel: CancellationToken,
     broker: Arc<Broker>,
+    mount: Option<Arc<str>>,
 ) {
     let mut buf = BytesMut::new();
     let mut aliases = Aliases { max: client_alias_max, map: HashMap::new() };
@@ -87,7 +97,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 Outbound::Packet(p) => encode(&p, protocol, &mut buf),
                 Outbound::Publish(p) => {
                     sent += 1;
-                    encode_out(&mut buf, p, protocol, &mut aliases)
+                    encode_out(&mut buf, p, protocol, &mut aliases, mount.as_ref())
                 }
                 Outbound::Disconnect(code) => {
                     if protocol == Protocol::V5 {

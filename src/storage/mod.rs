@@ -1,3 +1,6 @@
-//! Storage behind traits. `local` holds the broker's own durable state in the node's data directory;
-//! device metadata, time series and cache backends come with the platform issues.
+//! Storage behind narrow interfaces. `local` holds the broker's own durable state in the node's
+//! data directory; `meta` the device registry (SQLite or PostgreSQL); `cache` credentials,
+//! device status and rate counters (in-process or Redis).
+pub mod cache;
 pub mod local;
+pub mod meta;

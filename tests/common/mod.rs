@@ -31,8 +31,12 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     let mut c = Config::default();
     c.node.data_dir = dir.to_path_buf();
     c.node.persist_interval_ms = 50;
-    c.listeners.tcp = vec![TcpListenerConfig::new("127.0.0.1:0".parse().unwrap())];
-    c.listeners.ws = vec![WsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), path: "/mqtt".into(), proxy_protocol: false }];
+    // The broker tests use anonymous clients; the device tests use a listener without.
+    let mut tcp = TcpListenerConfig::new("127.0.0.1:0".parse().unwrap());
+    tcp.allow_anonymous = true;
+    c.listeners.tcp = vec![tcp];
+    c.listeners.ws = vec![WsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), path: "/mqtt".into(), proxy_protocol: false, allow_anonymous: true }];
+    c.listeners.coap = vec![];
     c.listeners.tls = vec![];
     c.listeners.http = vec![TcpListenerConfig::new("127.0.0.1:0".parse().unwrap())];
     c.mqtt.sys_interval_secs = 1;
@@ -93,7 +97,7 @@ pub fn tls_files(dir: &std::path::Path) -> (PathBuf, PathBuf, Vec<u8>) {
 }
 
 pub fn tls_listener(cert: PathBuf, key: PathBuf) -> TlsListenerConfig {
-    TlsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), cert, key, proxy_protocol: false }
+    TlsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), cert, key, proxy_protocol: false, allow_anonymous: true, client_ca: None }
 }
 
 pub fn connect_packet(protocol: Protocol, id: &str, clean: bool) -> Connect {

@@ -58,6 +58,8 @@ pub struct ConnHandle {
     pub recv_max: u16,
     /// Client's Maximum Packet Size.
     pub max_packet: u32,
+    /// The reason the session closed this connection with (0 = it did not).
+    pub kicked: Arc<std::sync::atomic::AtomicU8>,
 }
 
 pub struct AttachArgs {
@@ -98,7 +100,8 @@ pub enum SessionMessage {
         reply: Reply,
         _routing: tokio::sync::OwnedSemaphorePermit,
     },
-    Subscribe(Subscribe, Reply),
+    /// A SUBSCRIBE; the listed filter indexes were refused by the ACL (answered 0x87 / 0x80).
+    Subscribe(Subscribe, Vec<usize>, Reply),
     Unsubscribe(Unsubscribe, Reply),
     /// The connection `conn_id` ended; `expiry` is a 5.0 DISCONNECT's new Session Expiry Interval.
     Detach {
@@ -303,7 +306,7 @@ impl Actor for SessionActor {
                 let code = if st.incoming_qos2.remove(&pkid) { 0 } else { reason::PACKET_ID_NOT_FOUND };
                 answer(reply, Packet::PubComp(Ack::new(pkid, code)));
             }
-            SessionMessage::Subscribe(s, reply) => Box::pin(st.subscribe(&me, s, reply)).await,
+            SessionMessage::Subscribe(s, denied, reply) => Box::pin(st.subscribe(&me, s, denied, reply)).await,
             SessionMessage::Unsubscribe(u, reply) => st.unsubscribe(&me, u, reply),
             SessionMessage::Attach(a, reply) => {
                 let present = Box::pin(st.attach(&me, *a)).await;
@@ -389,6 +392,7 @@ impl Drop for SessionState {
 
 /// Ask a connection to close with `code` (DISCONNECT in 5.0); if its queue is full, cut it.
 pub fn kick(conn: &ConnHandle, code: u8) {
+    conn.kicked.store(code, std::sync::atomic::Ordering::Relaxed);
     if conn.tx.try_send(Outbound::Disconnect(code)).is_err() {
         conn.cancel.cancel();
     }

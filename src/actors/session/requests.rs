@@ -76,14 +76,19 @@ impl SessionState {
         }
     }
 
-    pub(super) async fn subscribe(&mut self, me: &ActorRef<SessionMessage>, s: Subscribe, reply: Reply) {
+    pub(super) async fn subscribe(&mut self, me: &ActorRef<SessionMessage>, s: Subscribe, denied: Vec<usize>, reply: Reply) {
         let v5 = self.protocol == Protocol::V5;
         let sub_id = s.props.subscription_identifiers.first().copied();
         let cfg = &self.broker.config.mqtt;
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
-        for (filter, opts) in s.filters {
+        let mut granted = false;
+        for (i, (filter, opts)) in s.filters.into_iter().enumerate() {
             let fail = |v5_code: u8| if v5 { v5_code } else { 0x80 };
+            if denied.contains(&i) {
+                codes.push(fail(reason::NOT_AUTHORIZED));
+                continue;
+            }
             if !topic::valid_filter(&filter) || topic::levels(&filter) > cfg.max_topic_levels {
                 codes.push(fail(reason::TOPIC_FILTER_INVALID));
                 continue;
@@ -99,6 +104,7 @@ impl SessionState {
             }
             self.subs.insert(filter.clone(), (opts, sub_id));
             codes.push(opts.qos as u8);
+            granted = true;
             let send = match opts.retain_handling {
                 RetainHandling::SendAtSubscribe => true,
                 RetainHandling::SendIfNew => !existed,
@@ -122,6 +128,13 @@ impl SessionState {
             self.deliver(me, d);
         }
         self.mark_dirty(me);
+        if granted {
+            // A device subscribed to its downlink topics: send what was queued for it.
+            if let (Some(d), Some(number)) = (self.broker.devices.get(), crate::devices::device_of_session(&self.client_id)) {
+                let (d, number) = (d.clone(), number.to_string());
+                tokio::spawn(async move { d.flush_pending(&number).await });
+            }
+        }
     }
 
     pub(super) fn unsubscribe(&mut self, me: &ActorRef<SessionMessage>, u: Unsubscribe, reply: Reply) {

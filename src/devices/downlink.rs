@@ -1,0 +1,214 @@
+//! Downlink: commands, attribute sets/gets and telemetry control from the platform to a
+//! device, over whichever protocol it uses. Each is stored first (`pending`), then published
+//! on the device's downlink topics (ThingsPanel and ThingsBoard styles; through its gateway for
+//! a sub-device) and marked `sent` once a session took it; HTTP long polls and CoAP observers
+//! take pending ones themselves. Queued commands go out when the device connects or
+//! subscribes; unanswered ones expire.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::Devices;
+use crate::cluster::wire::DeviceNotice;
+use crate::message::Message;
+use crate::protocols::mqtt::QoS;
+use crate::storage::meta::{AttributeScope, Command, CommandKind, Device, MetaError, NewCommand};
+
+/// A downlink request (admin API body).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownlinkRequest {
+    /// Command name (commands only).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Command parameters, attribute values, telemetry control values, or `{"keys": [..]}`.
+    #[serde(default)]
+    pub params: Value,
+    /// Lifetime while undelivered or unanswered (default `devices.command_ttl_secs`).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+impl Devices {
+    /// Store a downlink and try to deliver it now.
+    pub async fn send_downlink(&self, number: &str, kind: CommandKind, req: DownlinkRequest) -> Result<Command, MetaError> {
+        let dev = self.meta.device(number).await?;
+        let params = match (&req.params, kind) {
+            (Value::Null, _) => json!({}),
+            (p @ Value::Object(_), _) => p.clone(),
+            (_, CommandKind::Command) => req.params.clone(),
+            _ => return Err(MetaError::Invalid("params must be a JSON object".into())),
+        };
+        if kind == CommandKind::Command && req.method.as_deref().is_none_or(str::is_empty) {
+            return Err(MetaError::Invalid("a command needs a method".into()));
+        }
+        let max = self.config.devices.max_payload;
+        if params.to_string().len() > max {
+            return Err(MetaError::Invalid(format!("params larger than {max} bytes")));
+        }
+        if kind == CommandKind::AttributeSet {
+            if let Value::Object(m) = &params {
+                self.meta.set_attributes(dev.id, AttributeScope::Shared, m).await?;
+            }
+        }
+        let ttl = req.ttl_secs.unwrap_or(self.config.devices.command_ttl_secs).clamp(1, 365 * 86_400);
+        let cmd = self
+            .meta
+            .create_command(&NewCommand {
+                device_id: dev.id,
+                message_id: super::random_hex(8),
+                kind,
+                method: req.method.clone(),
+                payload: params,
+                expires_ms: super::now_ms_i64() + ttl as i64 * 1000,
+            })
+            .await?;
+        let delivered = self.dispatch(&dev, &cmd).await?;
+        if !delivered {
+            // HTTP pollers and CoAP observers of the device, here and on other nodes.
+            self.wake(number);
+            self.notify(DeviceNotice::Pending { device: number.to_string() }).await;
+        }
+        self.meta.command(cmd.id).await
+    }
+
+    /// Publish a downlink on the device's topics; true when a session took it.
+    async fn dispatch(&self, dev: &Device, cmd: &Command) -> Result<bool, MetaError> {
+        let Some(b) = self.broker() else { return Ok(false) };
+        let mut out: Vec<(String, Value)> = Vec::new();
+        let (n, mid, p) = (&dev.device_number, &cmd.message_id, &cmd.payload);
+        let rpc = json!({"method": cmd.method, "params": p});
+        match cmd.kind {
+            CommandKind::Command => {
+                out.push((format!("devices/command/{n}/{mid}"), rpc.clone()));
+                out.push((format!("v1/devices/{n}/rpc/request/{mid}"), rpc.clone()));
+            }
+            CommandKind::AttributeSet => {
+                out.push((format!("devices/attributes/set/{n}/{mid}"), p.clone()));
+                out.push((format!("v1/devices/{n}/attributes"), p.clone()));
+            }
+            CommandKind::AttributeGet => out.push((format!("devices/attributes/get/{n}"), json!({"keys": p.get("keys").cloned().unwrap_or(json!([])), "message_id": mid}))),
+            CommandKind::TelemetryControl => out.push((format!("devices/telemetry/control/{n}"), p.clone())),
+        }
+        if let (Some(gw), Some(addr)) = (dev.gateway_id, &dev.sub_address) {
+            if let Ok(g) = self.meta.device_by_id(gw).await {
+                let g = &g.device_number;
+                let wrap = |v: &Value| json!({"sub_device_data": {addr.as_str(): v}});
+                let (topic, body) = match cmd.kind {
+                    CommandKind::Command => (format!("gateway/command/{g}/{mid}"), wrap(&rpc)),
+                    CommandKind::AttributeSet => (format!("gateway/attributes/set/{g}/{mid}"), wrap(p)),
+                    CommandKind::AttributeGet => (format!("gateway/attributes/get/{g}"), wrap(&json!({"keys": p.get("keys").cloned().unwrap_or(json!([])), "message_id": mid}))),
+                    CommandKind::TelemetryControl => (format!("gateway/telemetry/control/{g}"), wrap(p)),
+                };
+                out.push((topic, body));
+            }
+        }
+        let mut taken = 0;
+        for (topic, body) in out {
+            let msg = Arc::new(Message {
+                id: crate::message::next_id(),
+                topic: Arc::from(topic),
+                payload: Bytes::from(body.to_string()),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                props: None,
+                expires_at: Some((cmd.expires_ms.max(0)) as u64),
+                publisher: None,
+            });
+            let (k, durable) = b.publish_routed(msg).await;
+            if let Some(d) = durable {
+                crate::broker::Broker::wait_durable(&d).await;
+            }
+            taken += k;
+        }
+        if taken == 0 {
+            return Ok(false);
+        }
+        if self.meta.mark_sent(cmd.id).await? {
+            self.metrics.commands_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// Deliver a device's queued downlinks in order (it connected or subscribed).
+    pub async fn flush_pending(&self, number: &str) {
+        let r: Result<(), MetaError> = async {
+            let dev = self.meta.device(number).await?;
+            let mut devs = vec![dev.clone()];
+            devs.extend(self.meta.sub_devices(dev.id).await?);
+            for d in devs {
+                for c in self.meta.pending_commands(d.id).await? {
+                    if !self.dispatch(&d, &c).await? {
+                        break;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            if !matches!(e, MetaError::NotFound(_)) {
+                tracing::warn!(device = number, error = %e, "cannot deliver queued downlinks");
+            }
+        }
+    }
+
+    /// The oldest pending downlink of a device, marked sent (HTTP long poll).
+    pub async fn take_pending(&self, device_id: i64) -> Result<Option<Command>, MetaError> {
+        self.take_pending_of(device_id, &[CommandKind::Command, CommandKind::AttributeSet, CommandKind::AttributeGet, CommandKind::TelemetryControl]).await
+    }
+
+    /// The oldest pending downlink of one of `kinds`, marked sent (CoAP observers).
+    pub async fn take_pending_of(&self, device_id: i64, kinds: &[CommandKind]) -> Result<Option<Command>, MetaError> {
+        for c in self.meta.pending_commands(device_id).await?.into_iter().filter(|c| kinds.contains(&c.kind)) {
+            if self.meta.mark_sent(c.id).await? {
+                self.metrics.commands_sent.fetch_add(1, Ordering::Relaxed);
+                return self.meta.command(c.id).await.map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Wait (bounded) for a downlink for the device; `None` on timeout.
+    pub async fn poll_pending(&self, device_id: i64, number: &str, wait: Duration) -> Result<Option<Command>, MetaError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let notify = self.waiter(number);
+        loop {
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if let Some(c) = self.take_pending(device_id).await? {
+                return Ok(Some(c));
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// How a downlink looks to HTTP and CoAP devices.
+pub fn as_rpc(c: &Command) -> Value {
+    json!({"id": c.message_id, "kind": c.kind, "method": c.method, "params": c.payload})
+}
+
+/// Expire unanswered downlinks every second (on every node; the update is idempotent).
+pub(super) fn spawn_expiry(d: &Arc<Devices>) {
+    let me = Arc::downgrade(d);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(d) = me.upgrade() else { return };
+            match d.meta.expire_commands().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(expired = n, "downlinks expired"),
+                Err(e) => tracing::warn!(error = %e, "cannot expire downlinks"),
+            }
+        }
+    });
+}

@@ -1,0 +1,80 @@
+//! What happens to a device event: attributes are stored, responses complete their command,
+//! ThingsPanel devices get their `…/response/…` answers, and every event is broadcast to the
+//! node's consumers.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use super::uplink::{response_ok, DeviceEvent, EventKind};
+use super::Devices;
+use crate::storage::meta::{AttributeScope, MetaError};
+
+/// A message the platform answers a device with.
+pub struct Answer {
+    pub topic: String,
+    pub payload: Value,
+}
+
+impl Devices {
+    /// Apply and broadcast events; returns MQTT answers to publish (ThingsPanel responses,
+    /// ThingsBoard attribute responses). `mqtt_style`: "tp" or "tb" topic family the device used.
+    pub async fn ingest(&self, events: Vec<DeviceEvent>, answer: bool) -> Result<Vec<Answer>, MetaError> {
+        let mut answers = Vec::new();
+        for ev in events {
+            match ev.kind {
+                EventKind::Attributes => {
+                    self.meta.set_attributes(ev.device_id, AttributeScope::Client, &ev.values).await?;
+                    if let (true, Some(mid)) = (answer, &ev.message_id) {
+                        answers.push(Answer {
+                            topic: format!("devices/attributes/response/{}/{mid}", ev.device_number),
+                            payload: json!({"result": 0, "message": "success", "ts": ev.ts / 1000}),
+                        });
+                    }
+                }
+                EventKind::CommandResponse | EventKind::AttributeSetResponse => {
+                    if let Some(mid) = &ev.message_id {
+                        let ok = response_ok(&ev.values);
+                        if self.meta.complete_command(ev.device_id, mid, ok, &Value::Object(ev.values.clone())).await?.is_none() {
+                            tracing::debug!(device = %ev.device_number, message_id = %mid, "response to an unknown or finished command");
+                        }
+                    }
+                }
+                EventKind::Event => {
+                    if let (true, Some(mid)) = (answer, &ev.message_id) {
+                        answers.push(Answer {
+                            topic: format!("devices/event/response/{}/{mid}", ev.device_number),
+                            payload: json!({"result": 0, "message": "success", "ts": ev.ts / 1000, "method": ev.values.get("method")}),
+                        });
+                    }
+                }
+                EventKind::AttributeRequest => {
+                    let keys = |k: &str| -> Vec<String> {
+                        ev.values.get(k).and_then(Value::as_str).map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()).unwrap_or_default()
+                    };
+                    let client = self.meta.attributes(ev.device_id, AttributeScope::Client, &keys("clientKeys")).await?;
+                    let shared = self.meta.attributes(ev.device_id, AttributeScope::Shared, &keys("sharedKeys")).await?;
+                    if let Some(mid) = &ev.message_id {
+                        answers.push(Answer {
+                            topic: format!("v1/devices/{}/attributes/response/{mid}", ev.device_number),
+                            payload: json!({"client": client, "shared": shared}),
+                        });
+                    }
+                }
+                EventKind::Telemetry => {}
+            }
+            self.seen(&ev.device_number).await;
+            self.metrics.events.fetch_add(1, Ordering::Relaxed);
+            // Nobody listening is fine: consumers subscribe when they start.
+            let _ = self.events.send(Arc::new(ev));
+        }
+        Ok(answers)
+    }
+
+    /// Attributes of a device for the device APIs: `{"client": {..}, "shared": {..}}`.
+    pub async fn attributes_doc(&self, device_id: i64, keys: &[String]) -> Result<Value, MetaError> {
+        let client = self.meta.attributes(device_id, AttributeScope::Client, keys).await?;
+        let shared = self.meta.attributes(device_id, AttributeScope::Shared, keys).await?;
+        Ok(json!({"client": client, "shared": shared}))
+    }
+}

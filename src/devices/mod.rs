@@ -1,0 +1,513 @@
+//! The device platform on top of the broker: the registry (meta store + cache), who a client
+//! is (authentication) and what it may touch (ACL), device messages as events, downlink
+//! commands, and online status.
+//!
+//! One `Devices` per node, reached through `Broker::devices`. Identities are cached (in-process
+//! or Redis) by credential; a change to a device or its credentials deletes its cache entries
+//! and tells every other node (over the cluster links, and over Redis pub/sub when Redis is
+//! configured), which disconnect the device at once when it was disabled or deleted.
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::session::Outbound;
+use crate::broker::Broker;
+use crate::cluster::wire::DeviceNotice;
+use crate::config::{Config, ServiceAccount};
+use crate::storage::cache::Cache;
+use crate::storage::meta::{CredentialKind, Device, MetaError, MetaStore, ThingModel};
+
+pub mod acl;
+mod auth;
+pub mod downlink;
+mod events;
+mod status;
+pub mod uplink;
+
+pub use acl::Acl;
+pub use auth::{hash_password, AuthError, Credentials};
+pub use uplink::{DeviceEvent, EventKind, Reject};
+
+/// A sub-device as its gateway's identity carries it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubDevice {
+    pub address: String,
+    pub device_id: i64,
+    pub device_number: Arc<str>,
+    pub strict_model: Option<ThingModel>,
+}
+
+/// A device as authentication, ACL and payload checks need it (cached by credential).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Identity {
+    pub device_id: i64,
+    pub device_number: Arc<str>,
+    pub enabled: bool,
+    /// argon2 hash when the credential is a password.
+    pub secret: Option<String>,
+    /// The product's thing model when the product is strict.
+    pub strict_model: Option<ThingModel>,
+    /// Its sub-devices (a gateway has at least one, or is marked by `gateway`).
+    pub gateway: bool,
+    pub subs: Vec<SubDevice>,
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub enum Principal {
+    /// No credentials, on a listener that allows it: unrestricted.
+    Anonymous,
+    Service(Arc<Acl>),
+    Device(Arc<Identity>, Arc<Acl>),
+}
+
+impl Principal {
+    pub fn acl(&self) -> Option<&Acl> {
+        match self {
+            Principal::Anonymous => None,
+            Principal::Service(a) | Principal::Device(_, a) => Some(a),
+        }
+    }
+    pub fn device(&self) -> Option<&Arc<Identity>> {
+        match self {
+            Principal::Device(i, _) => Some(i),
+            _ => None,
+        }
+    }
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct DeviceMetrics {
+    pub auth_ok: AtomicU64,
+    pub auth_failed: AtomicU64,
+    pub auth_rate_limited: AtomicU64,
+    pub acl_denied: AtomicU64,
+    pub events: AtomicU64,
+    pub payload_rejected: AtomicU64,
+    pub commands_sent: AtomicU64,
+}
+
+/// How to close one local connection of a device.
+#[derive(Clone)]
+pub struct Kick {
+    pub tx: Option<mpsc::Sender<Outbound>>,
+    pub cancel: CancellationToken,
+}
+
+pub struct Devices {
+    pub meta: MetaStore,
+    pub cache: Cache,
+    pub metrics: DeviceMetrics,
+    pub config: Arc<Config>,
+    broker: Weak<Broker>,
+    ttl: Duration,
+    /// Local connections (MQTT, HTTP polls, CoAP observers) per device number.
+    conns: Mutex<HashMap<Arc<str>, HashMap<u64, Kick>>>,
+    /// Failed logins per source address: (count, window start).
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Passwords verified recently (argon2 is deliberately slow; reconnect storms are not).
+    verified: moka::sync::Cache<[u8; 32], ()>,
+    /// Wakes HTTP long polls and CoAP observers of a device when a command is queued.
+    waiters: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
+    /// Every device event, for in-process consumers (telemetry, alerts, live views).
+    pub events: broadcast::Sender<Arc<DeviceEvent>>,
+    services: Vec<(ServiceAccount, Arc<Acl>)>,
+    /// Last time a bad payload was logged, per device (at most once a minute each).
+    bad_log: moka::sync::Cache<Arc<str>, ()>,
+    /// Last activity written to the cache, per device (throttles those writes).
+    seen_local: moka::sync::Cache<Arc<str>, u64>,
+}
+
+/// The cache key of a credential.
+fn cred_key(kind: CredentialKind, identity: &str) -> String {
+    format!("cred:{}:{identity}", kind.as_str())
+}
+
+/// Session key of a device's MQTT client id: devices live in their own client-id namespace
+/// (two devices with the same client id do not take each other's session over). U+0000 cannot
+/// occur in an MQTT string, so no client can forge it.
+pub fn session_key(number: &str, client_id: &str) -> Arc<str> {
+    Arc::from(format!("{number}\u{0}{client_id}"))
+}
+
+/// The device number of a session key made by [`session_key`].
+pub fn device_of_session(key: &str) -> Option<&str> {
+    key.split_once('\u{0}').map(|(d, _)| d)
+}
+
+impl Devices {
+    /// Open the meta store and the cache, create the first admin API key if there is none
+    /// (printed once), and start listening for other nodes' notices.
+    pub async fn start(broker: &Arc<Broker>) -> anyhow::Result<Arc<Devices>> {
+        use anyhow::Context;
+        let config = broker.config.clone();
+        let url = if config.meta.url.is_empty() {
+            std::fs::create_dir_all(&config.node.data_dir).with_context(|| format!("create {}", config.node.data_dir.display()))?;
+            MetaStore::sqlite_url(&config.node.data_dir)
+        } else {
+            config.meta.url.clone()
+        };
+        let meta = MetaStore::open(&url).await.with_context(|| format!("open the meta store {}", redact(&url)))?;
+        if config.cluster.enabled && meta.backend() == crate::storage::meta::Backend::Sqlite {
+            tracing::warn!("clustering with an SQLite meta store: every node has its own device registry; use PostgreSQL (meta.url) so nodes share one");
+        }
+        let cache = if config.cache.url.is_empty() {
+            Cache::local(config.cache.capacity)
+        } else {
+            Cache::redis(&config.cache.url, &config.cache.prefix).await.context("connect the cache")?
+        };
+        let mut services = Vec::new();
+        for s in &config.devices.services {
+            anyhow::ensure!(argon2::PasswordHash::new(&s.password_hash).is_ok(), "devices.services {}: password_hash is not an argon2 PHC string", s.username);
+            services.push((s.clone(), Arc::new(Acl { publish: s.publish.clone(), subscribe: s.subscribe.clone() })));
+        }
+        let d = Arc::new(Devices {
+            meta,
+            cache,
+            metrics: DeviceMetrics::default(),
+            ttl: Duration::from_secs(config.cache.ttl_secs.max(1)),
+            config,
+            broker: Arc::downgrade(broker),
+            conns: Mutex::default(),
+            failures: Mutex::default(),
+            verified: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(600)).build(),
+            waiters: Mutex::default(),
+            events: broadcast::channel(4096).0,
+            services,
+            bad_log: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
+            seen_local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(3600)).build(),
+        });
+        d.bootstrap_admin_key().await?;
+        d.listen_for_notices().await;
+        downlink::spawn_expiry(&d);
+        tracing::info!(meta = ?d.meta.backend(), cache = d.cache.kind(), "device registry ready");
+        Ok(d)
+    }
+
+    pub fn broker(&self) -> Option<Arc<Broker>> {
+        self.broker.upgrade()
+    }
+
+    async fn bootstrap_admin_key(&self) -> anyhow::Result<()> {
+        if self.meta.api_key_count().await? > 0 {
+            return Ok(());
+        }
+        let given = &self.config.devices.admin_key;
+        if !given.is_empty() {
+            anyhow::ensure!(given.len() >= 16, "devices.admin_key must have at least 16 characters");
+            self.meta.add_api_key("configured", &sha256_hex(given.as_bytes())).await?;
+            tracing::info!("stored the configured admin API key (devices.admin_key)");
+            return Ok(());
+        }
+        let key = format!("thk_{}", random_hex(24));
+        self.meta.add_api_key("bootstrap", &sha256_hex(key.as_bytes())).await?;
+        // Printed once, on stdout and in the log: the only time the key is shown.
+        println!("thingsd: admin API key (shown once, store it now): {key}");
+        tracing::warn!(api_key = %key, "created the first admin API key; it is shown only now");
+        Ok(())
+    }
+
+    /// Is this an admin API key? (Hashes are compared; keys are never stored.)
+    pub async fn admin_key_valid(&self, key: &str) -> Result<bool, MetaError> {
+        let h = sha256_hex(key.as_bytes());
+        let ck = format!("apikey:{h}");
+        if self.cache.get(&ck).await.is_some() {
+            return Ok(true);
+        }
+        let ok = self.meta.api_key_exists(&h).await?;
+        if ok {
+            self.cache.set(&ck, "1", Duration::from_secs(60)).await;
+        }
+        Ok(ok)
+    }
+
+    /// The identity behind a credential (cached).
+    pub async fn identity(&self, kind: CredentialKind, id: &str) -> Result<Option<Arc<Identity>>, MetaError> {
+        let key = cred_key(kind, id);
+        if let Some(v) = self.cache.get(&key).await {
+            if let Ok(i) = serde_json::from_str::<Identity>(&v) {
+                return Ok(Some(Arc::new(i)));
+            }
+        }
+        let Some((cred, dev)) = self.meta.find_credential(kind, id).await? else { return Ok(None) };
+        let ident = self.build_identity(&dev, cred.secret).await?;
+        if let Ok(v) = serde_json::to_string(&ident) {
+            self.cache.set(&key, &v, self.ttl).await;
+        }
+        Ok(Some(Arc::new(ident)))
+    }
+
+    async fn strict_model(&self, product: Option<i64>) -> Result<Option<ThingModel>, MetaError> {
+        match product {
+            Some(p) => match self.meta.product(p).await {
+                Ok(p) if p.strict => Ok(Some(p.model)),
+                Ok(_) | Err(MetaError::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            },
+            None => Ok(None),
+        }
+    }
+
+    async fn build_identity(&self, dev: &Device, secret: Option<String>) -> Result<Identity, MetaError> {
+        let mut subs = Vec::new();
+        for s in self.meta.sub_devices(dev.id).await? {
+            subs.push(SubDevice {
+                address: s.sub_address.clone().unwrap_or_default(),
+                device_id: s.id,
+                device_number: Arc::from(s.device_number.as_str()),
+                strict_model: self.strict_model(s.product_id).await?,
+            });
+        }
+        let gateway = !subs.is_empty() || dev.labels.get("gateway").is_some_and(|v| v == "true");
+        Ok(Identity {
+            device_id: dev.id,
+            device_number: Arc::from(dev.device_number.as_str()),
+            enabled: dev.enabled,
+            secret,
+            strict_model: self.strict_model(dev.product_id).await?,
+            gateway,
+            subs,
+        })
+    }
+
+    /// The identity of a device by number (for the HTTP/CoAP paths that already know it).
+    pub async fn identity_of(&self, dev: &Device) -> Result<Arc<Identity>, MetaError> {
+        Ok(Arc::new(self.build_identity(dev, None).await?))
+    }
+
+    /// A device or its credentials changed: drop cached identities everywhere; `kick`
+    /// disconnects its connections on every node (disabled or deleted devices).
+    pub async fn changed(&self, dev: &Device, kick: bool) {
+        self.forget(dev).await;
+        if let Some(gw) = dev.gateway_id {
+            // A gateway's identity lists its sub-devices.
+            if let Ok(g) = self.meta.device_by_id(gw).await {
+                self.forget(&g).await;
+                self.notify(DeviceNotice::Changed { device: g.device_number.clone(), kick: false }).await;
+            }
+        }
+        if kick {
+            self.kick_local(&dev.device_number);
+        }
+        self.notify(DeviceNotice::Changed { device: dev.device_number.clone(), kick }).await;
+    }
+
+    async fn forget(&self, dev: &Device) {
+        let keys: Vec<String> = match self.meta.credentials(dev.id).await {
+            Ok(cs) => cs.iter().map(|c| cred_key(c.kind, &c.identity)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list credentials to invalidate; cached entries expire by TTL");
+                vec![]
+            }
+        };
+        self.cache.del(&keys).await;
+        self.verified.invalidate_all();
+    }
+
+    /// Delete a device: its connections are closed everywhere and its cached identities dropped.
+    pub async fn remove_device(&self, number: &str) -> Result<Device, MetaError> {
+        let dev = self.meta.device(number).await?;
+        let keys: Vec<String> = self.meta.credentials(dev.id).await?.iter().map(|c| cred_key(c.kind, &c.identity)).collect();
+        let dev = self.meta.delete_device(number).await?;
+        self.cache.del(&keys).await;
+        self.verified.invalidate_all();
+        self.notify(DeviceNotice::Forget { keys }).await;
+        self.changed(&dev, true).await;
+        Ok(dev)
+    }
+
+    /// A product changed (strictness, model): devices of it re-read their identity.
+    pub async fn product_changed(&self, product_id: i64) {
+        let mut after = 0;
+        loop {
+            match self.meta.list_devices(after, 1000, None, Some(product_id)).await {
+                Ok(list) if !list.is_empty() => {
+                    after = list.last().map_or(after, |d| d.id);
+                    for d in &list {
+                        self.changed(d, false).await;
+                    }
+                }
+                Ok(_) => return,
+                Err(e) => return tracing::warn!(error = %e, "cannot invalidate a product's devices; cached entries expire by TTL"),
+            }
+        }
+    }
+
+    /// Credentials deleted: their cache keys (the rows are gone, so they are named here).
+    pub async fn forget_credential(&self, dev: &Device, kind: CredentialKind, identity: &str, kick: bool) {
+        let keys = vec![cred_key(kind, identity)];
+        self.cache.del(&keys).await;
+        self.notify(DeviceNotice::Forget { keys }).await;
+        self.changed(dev, kick).await;
+    }
+
+    /// Tell the other nodes (cluster links; Redis pub/sub when configured).
+    async fn notify(&self, n: DeviceNotice) {
+        if let Some(c) = self.broker().and_then(|b| b.cluster.get().cloned()) {
+            c.device_notice(n.clone());
+        }
+        if let Ok(s) = serde_json::to_string(&n) {
+            self.cache.publish("notices", &s).await;
+        }
+    }
+
+    async fn listen_for_notices(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        if let Some(c) = self.broker().and_then(|b| b.cluster.get().cloned()) {
+            let mut rx = c.notices.subscribe();
+            let me = me.clone();
+            tokio::spawn(async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(n) => match me.upgrade() {
+                            Some(d) => d.on_notice(n).await,
+                            None => return,
+                        },
+                        Err(broadcast::error::RecvError::Lagged(k)) => {
+                            tracing::warn!(missed = k, "device notices lagged; dropping the whole identity cache");
+                            if let Some(d) = me.upgrade() {
+                                if let Cache::Local(c) = &d.cache {
+                                    c.invalidate_all();
+                                }
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        if let Some(mut rx) = self.cache.subscribe("notices").await {
+            tokio::spawn(async move {
+                while let Some(s) = rx.recv().await {
+                    let Some(d) = me.upgrade() else { return };
+                    match serde_json::from_str::<DeviceNotice>(&s) {
+                        Ok(n) => d.on_notice(n).await,
+                        Err(e) => tracing::warn!(error = %e, "undecodable device notice on Redis"),
+                    }
+                }
+            });
+        }
+    }
+
+    async fn on_notice(&self, n: DeviceNotice) {
+        match n {
+            DeviceNotice::Changed { device, kick } => {
+                if let Cache::Local(_) = self.cache {
+                    if let Ok(d) = self.meta.device(&device).await {
+                        self.forget(&d).await;
+                    }
+                }
+                self.verified.invalidate_all();
+                if kick {
+                    self.kick_local(&device);
+                }
+            }
+            DeviceNotice::Forget { keys } => {
+                if let Cache::Local(_) = self.cache {
+                    self.cache.del(&keys).await;
+                }
+                self.verified.invalidate_all();
+            }
+            DeviceNotice::Pending { device } => self.wake(&device),
+        }
+    }
+
+    /// Close every local connection of a device (MQTT 5: DISCONNECT 0x98 administrative action).
+    pub fn kick_local(&self, number: &str) {
+        let conns = self.conns.lock().map(|mut m| m.remove(number)).unwrap_or_default();
+        if let Some(conns) = conns {
+            tracing::info!(device = number, connections = conns.len(), "device disabled or removed: disconnecting");
+            for k in conns.into_values() {
+                if let Some(tx) = &k.tx {
+                    let _ = tx.try_send(Outbound::Disconnect(crate::protocols::mqtt::reason::ADMINISTRATIVE_ACTION));
+                }
+                k.cancel.cancel();
+            }
+        }
+        self.wake(number);
+    }
+
+    /// Register a live local connection of a device; returns whether it is the first.
+    pub(crate) fn register(&self, number: &Arc<str>, id: u64, k: Kick) -> bool {
+        let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(number.clone()).or_default();
+        e.insert(id, k);
+        e.len() == 1
+    }
+
+    /// Forget a local connection; returns whether the device has no other local connection.
+    pub(crate) fn unregister(&self, number: &str, id: u64) -> bool {
+        let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(number) {
+            Some(e) => {
+                e.remove(&id);
+                if e.is_empty() {
+                    m.remove(number);
+                    true
+                } else {
+                    false
+                }
+            }
+            None => true,
+        }
+    }
+
+    pub(crate) fn waiter(&self, number: &str) -> Arc<Notify> {
+        let mut m = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 10_000 {
+            m.retain(|_, n| Arc::strong_count(n) > 1);
+        }
+        m.entry(Arc::from(number)).or_insert_with(|| Arc::new(Notify::new())).clone()
+    }
+
+    fn wake(&self, number: &str) {
+        if let Some(n) = self.waiters.lock().ok().and_then(|m| m.get(number).cloned()) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Log a refused payload at most once a minute per device; always counted.
+    pub fn rejected(&self, number: &Arc<str>, protocol: &str, why: &Reject) {
+        self.metrics.payload_rejected.fetch_add(1, Ordering::Relaxed);
+        if !self.bad_log.contains_key(number) {
+            self.bad_log.insert(number.clone(), ());
+            tracing::warn!(device = %number, protocol, error = %why, "refused a device payload (logged once a minute per device)");
+        }
+    }
+}
+
+/// A new access token (128 bits, URL- and MQTT-username-safe).
+pub fn random_token() -> String {
+    random_hex(16)
+}
+
+pub(crate) fn random_hex(bytes: usize) -> String {
+    (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+pub(crate) fn now_ms_i64() -> i64 {
+    crate::message::now_ms() as i64
+}

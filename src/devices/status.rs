@@ -1,0 +1,100 @@
+//! Online/offline status and last-seen per device. A device is online while it has a
+//! connection on any node: the node where it connects publishes `devices/status/{number}`
+//! (retained, so replicated to every node, last writer wins) with `{"online":true,"ts":..}`;
+//! the node where its last connection closes publishes `false` — unless the connection was
+//! taken over by a newer one (the device moved, it did not go away).
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::{Devices, Kick};
+use crate::message::{now_ms, Message};
+use crate::protocols::mqtt::QoS;
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Status {
+    pub online: bool,
+    /// When the status last changed (Unix ms), if known.
+    pub since: Option<u64>,
+    /// Last message or connection (Unix ms), if known.
+    pub last_seen: Option<u64>,
+}
+
+pub fn status_topic(number: &str) -> String {
+    format!("devices/status/{number}")
+}
+
+impl Devices {
+    /// A device connection is up on this node.
+    pub async fn connected(&self, number: &Arc<str>, id: u64, kick: Kick) {
+        self.register(number, id, kick);
+        // Always announce: another node may have published offline for an older connection.
+        self.publish_status(number, true).await;
+        self.seen(number).await;
+    }
+
+    /// A device connection closed; `taken_over`: a newer connection of the same session exists.
+    pub async fn disconnected(&self, number: &Arc<str>, id: u64, taken_over: bool) {
+        let last = self.unregister(number, id);
+        self.seen(number).await;
+        if last && !taken_over {
+            self.publish_status(number, false).await;
+        }
+    }
+
+    async fn publish_status(&self, number: &str, online: bool) {
+        let Some(b) = self.broker() else { return };
+        let ts = now_ms();
+        let payload = serde_json::json!({"online": online, "ts": ts}).to_string();
+        self.cache.set(&format!("status:{number}"), &payload, Duration::from_secs(30 * 86_400)).await;
+        let msg = Arc::new(Message {
+            id: crate::message::next_id(),
+            topic: Arc::from(status_topic(number)),
+            payload: Bytes::from(payload),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            props: None,
+            expires_at: None,
+            publisher: None,
+        });
+        b.retain(msg.clone()).await;
+        b.publish(msg);
+    }
+
+    /// Record activity (written to the cache at most every 10 s per device).
+    pub async fn seen(&self, number: &Arc<str>) {
+        let now = now_ms();
+        let key: Arc<str> = Arc::from(format!("seen:{number}"));
+        if let Some(last) = self.seen_local.get(&key) {
+            if now.saturating_sub(last) < 10_000 {
+                return;
+            }
+        }
+        self.seen_local.insert(key.clone(), now);
+        self.cache.set(&key, &now.to_string(), Duration::from_secs(30 * 86_400)).await;
+    }
+
+    /// Status as this node knows it: the replicated retained status message, and last-seen
+    /// from the cache (shared through Redis; per node in-process).
+    pub async fn status(&self, number: &str) -> Status {
+        let mut s = Status::default();
+        if let Some(b) = self.broker() {
+            if let Some(m) = b.retained.load().get(&status_topic(number)) {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                    s.online = v.get("online").and_then(|o| o.as_bool()).unwrap_or(false);
+                    s.since = v.get("ts").and_then(|t| t.as_u64());
+                }
+            }
+        }
+        let cached = self.cache.get(&format!("seen:{number}")).await.and_then(|v| v.parse::<u64>().ok());
+        let local = self.seen_local.get(&Arc::<str>::from(format!("seen:{number}")));
+        s.last_seen = [cached, local, s.since].into_iter().flatten().max();
+        if s.online {
+            // Connected right now: seen now.
+            s.last_seen = Some(now_ms());
+        }
+        s
+    }
+}

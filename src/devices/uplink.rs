@@ -1,0 +1,222 @@
+//! What a device sends, whatever the protocol, becomes [`DeviceEvent`]s: telemetry,
+//! attributes, events and responses, each with the device, its key/values, a timestamp and
+//! the message id. This module maps MQTT topics (ThingsPanel and ThingsBoard styles) and
+//! HTTP/CoAP resources to event kinds and checks payloads.
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::Identity;
+use crate::storage::meta::ThingModel;
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Telemetry,
+    Attributes,
+    Event,
+    CommandResponse,
+    AttributeSetResponse,
+    /// The device asks for its attributes (ThingsBoard `attributes/request`).
+    AttributeRequest,
+}
+
+/// One message from one device (a gateway message becomes one event per device it carries).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceEvent {
+    pub device_id: i64,
+    pub device_number: Arc<str>,
+    pub kind: EventKind,
+    pub values: Map<String, Value>,
+    /// Unix milliseconds: the device's `ts` when it sent one, else the arrival time.
+    pub ts: i64,
+    pub message_id: Option<String>,
+    pub protocol: &'static str,
+}
+
+/// Why a payload was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reject {
+    TooLarge(usize),
+    Malformed(String),
+    Model(String),
+    UnknownSubDevice(String),
+}
+
+impl std::fmt::Display for Reject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reject::TooLarge(max) => write!(f, "payload larger than {max} bytes"),
+            Reject::Malformed(m) => write!(f, "malformed payload: {m}"),
+            Reject::Model(m) => write!(f, "does not match the thing model: {m}"),
+            Reject::UnknownSubDevice(a) => write!(f, "no sub-device at address {a}"),
+        }
+    }
+}
+
+impl Reject {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reject::TooLarge(_) => "payload_too_large",
+            Reject::Malformed(_) => "malformed_payload",
+            Reject::Model(_) => "thing_model_mismatch",
+            Reject::UnknownSubDevice(_) => "unknown_sub_device",
+        }
+    }
+}
+
+/// What an uplink MQTT topic means. `None`: not a device uplink topic.
+pub fn classify(topic: &str, number: &str) -> Option<(EventKind, bool, Option<String>)> {
+    let l: Vec<&str> = topic.split('/').collect();
+    let mid = |s: &str| Some(s.to_string());
+    let (kind, gateway, id) = match l.as_slice() {
+        [p @ ("devices" | "gateway"), "telemetry"] => (EventKind::Telemetry, *p == "gateway", None),
+        [p @ ("devices" | "gateway"), "attributes", m] => (EventKind::Attributes, *p == "gateway", mid(m)),
+        [p @ ("devices" | "gateway"), "event", m] => (EventKind::Event, *p == "gateway", mid(m)),
+        [p @ ("devices" | "gateway"), "command", "response", m] => (EventKind::CommandResponse, *p == "gateway", mid(m)),
+        [p @ ("devices" | "gateway"), "attributes", "set", "response", m] => (EventKind::AttributeSetResponse, *p == "gateway", mid(m)),
+        ["v1", "devices", n, "telemetry"] if *n == number => (EventKind::Telemetry, false, None),
+        ["v1", "devices", n, "attributes"] if *n == number => (EventKind::Attributes, false, None),
+        ["v1", "devices", n, "attributes", "request", m] if *n == number => (EventKind::AttributeRequest, false, mid(m)),
+        ["v1", "devices", n, "rpc", "response", m] if *n == number => (EventKind::CommandResponse, false, mid(m)),
+        _ => return None,
+    };
+    Some((kind, gateway, id))
+}
+
+/// Turn one payload into events for `who` (and, for gateway messages, its sub-devices).
+pub fn parse(
+    who: &Identity,
+    kind: EventKind,
+    gateway: bool,
+    message_id: Option<String>,
+    payload: &[u8],
+    max: usize,
+    protocol: &'static str,
+    now: i64,
+) -> Result<Vec<DeviceEvent>, Reject> {
+    if payload.len() > max {
+        return Err(Reject::TooLarge(max));
+    }
+    let v: Value = if payload.is_empty() && kind == EventKind::AttributeRequest {
+        Value::Object(Map::new())
+    } else {
+        serde_json::from_slice(payload).map_err(|e| Reject::Malformed(e.to_string()))?
+    };
+    let event = |id: i64, number: &Arc<str>, values: Map<String, Value>, ts: i64| DeviceEvent {
+        device_id: id,
+        device_number: number.clone(),
+        kind,
+        values,
+        ts,
+        message_id: message_id.clone(),
+        protocol,
+    };
+    if !gateway {
+        let mut out = Vec::new();
+        for (values, ts) in body(kind, v, now)? {
+            check(who, kind, &values)?;
+            out.push(event(who.device_id, &who.device_number, values, ts));
+        }
+        return Ok(out);
+    }
+    // {"gateway_data": {...}, "sub_device_data": {"<address>": {...}, ...}}
+    let Value::Object(mut top) = v else { return Err(Reject::Malformed("expected a JSON object".into())) };
+    let mut out = Vec::new();
+    if let Some(g) = top.remove("gateway_data") {
+        for (values, ts) in body(kind, g, now)? {
+            check(who, kind, &values)?;
+            out.push(event(who.device_id, &who.device_number, values, ts));
+        }
+    }
+    if let Some(subs) = top.remove("sub_device_data") {
+        let Value::Object(subs) = subs else { return Err(Reject::Malformed("sub_device_data must be an object".into())) };
+        for (addr, data) in subs {
+            let Some(sub) = who.subs.iter().find(|s| s.address == addr) else { return Err(Reject::UnknownSubDevice(addr)) };
+            for (values, ts) in body(kind, data, now)? {
+                if let Some(m) = sub.strict_model.as_ref() {
+                    check_model(m, kind, &values)?;
+                }
+                out.push(event(sub.device_id, &sub.device_number, values, ts));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Reject::Malformed("expected gateway_data or sub_device_data".into()));
+    }
+    Ok(out)
+}
+
+/// The key/value sets of one payload: an object, `{"ts": .., "values": {..}}`, or an array of either.
+fn body(kind: EventKind, v: Value, now: i64) -> Result<Vec<(Map<String, Value>, i64)>, Reject> {
+    match v {
+        Value::Array(items) if kind == EventKind::Telemetry => {
+            if items.len() > 1000 {
+                return Err(Reject::Malformed("more than 1000 entries".into()));
+            }
+            let mut out = Vec::with_capacity(items.len());
+            for i in items {
+                out.extend(body(kind, i, now)?);
+            }
+            Ok(out)
+        }
+        Value::Object(mut m) => {
+            if kind == EventKind::Telemetry {
+                if let (Some(ts), Some(Value::Object(values))) = (m.get("ts").and_then(Value::as_i64), m.get("values")) {
+                    if m.len() == 2 {
+                        return Ok(vec![(values.clone(), ts)]);
+                    }
+                }
+                if m.is_empty() {
+                    return Err(Reject::Malformed("no values".into()));
+                }
+            }
+            let ts = match kind {
+                EventKind::Event | EventKind::CommandResponse | EventKind::AttributeSetResponse => m.get("ts").and_then(Value::as_i64).unwrap_or(now),
+                _ => now,
+            };
+            if kind == EventKind::Event {
+                // ThingsPanel: {"method": "...", "params": {...}}
+                if !m.get("method").is_some_and(Value::is_string) {
+                    return Err(Reject::Malformed("an event needs a string \"method\"".into()));
+                }
+                m.entry("params").or_insert_with(|| Value::Object(Map::new()));
+            }
+            Ok(vec![(m, ts)])
+        }
+        _ => Err(Reject::Malformed("expected a JSON object".into())),
+    }
+}
+
+fn check(who: &Identity, kind: EventKind, values: &Map<String, Value>) -> Result<(), Reject> {
+    match who.strict_model.as_ref() {
+        Some(m) => check_model(m, kind, values),
+        None => Ok(()),
+    }
+}
+
+fn check_model(m: &ThingModel, kind: EventKind, values: &Map<String, Value>) -> Result<(), Reject> {
+    match kind {
+        EventKind::Telemetry => ThingModel::check(&m.telemetry, values).map_err(Reject::Model),
+        EventKind::Attributes => ThingModel::check(&m.attributes, values).map_err(Reject::Model),
+        EventKind::Event => {
+            let method = values.get("method").and_then(Value::as_str).unwrap_or("");
+            let Some(def) = m.events.iter().find(|e| e.identifier == method) else { return Err(Reject::Model(format!("{method}: no such event"))) };
+            match values.get("params") {
+                Some(Value::Object(p)) => ThingModel::check(&def.params, p).map_err(Reject::Model),
+                _ => Ok(()),
+            }
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A response's success flag: ThingsPanel's `"result": 0` (0 = success), else success.
+pub fn response_ok(values: &Map<String, Value>) -> bool {
+    match values.get("result") {
+        Some(Value::Number(n)) => n.as_i64() == Some(0),
+        Some(Value::Bool(b)) => *b,
+        _ => !values.contains_key("error"),
+    }
+}

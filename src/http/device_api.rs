@@ -1,0 +1,115 @@
+//! The HTTP device API (ThingsBoard-compatible paths): a device authenticates with its
+//! access token in the URL.
+//!
+//! - `POST /api/v1/{token}/telemetry` — `{"k": v}`, `{"ts": ms, "values": {..}}` or an array
+//! - `POST /api/v1/{token}/attributes`, `GET /api/v1/{token}/attributes?keys=a,b`
+//! - `POST /api/v1/{token}/events` — `{"method": "...", "params": {..}}`
+//! - `GET /api/v1/{token}/rpc?timeout=ms` — long poll for the next downlink (408 on timeout)
+//! - `POST /api/v1/{token}/rpc/{id}` — the device's response to downlink `id`
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::devices::{downlink, uplink, AuthError, Devices, EventKind, Identity};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/{token}/telemetry", post(telemetry))
+        .route("/api/v1/{token}/attributes", post(post_attributes).get(get_attributes))
+        .route("/api/v1/{token}/events", post(events))
+        .route("/api/v1/{token}/rpc", get(rpc_poll))
+        .route("/api/v1/{token}/rpc/{id}", post(rpc_response))
+}
+
+pub(super) fn devices(s: &AppState) -> Result<Arc<Devices>, ApiError> {
+    s.devices.get().cloned().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the device registry is starting"))
+}
+
+async fn auth(s: &AppState, peer: SocketAddr, token: &str) -> Result<(Arc<Devices>, Arc<Identity>), ApiError> {
+    let d = devices(s)?;
+    match d.authenticate_token(peer.ip(), token).await {
+        Ok(i) => Ok((d, i)),
+        Err(AuthError::BadCredentials) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown access token")),
+        Err(AuthError::NotAuthorized) => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "device disabled")),
+        Err(AuthError::RateLimited) => Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many failed logins from this address")),
+        Err(AuthError::Unavailable) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the device registry is unavailable")),
+    }
+}
+
+async fn uplink(s: &AppState, peer: SocketAddr, token: &str, kind: EventKind, mid: Option<String>, body: &[u8]) -> Result<Json<Value>, ApiError> {
+    let (d, ident) = auth(s, peer, token).await?;
+    let now = crate::message::now_ms() as i64;
+    match uplink::parse(&ident, kind, false, mid, body, d.config.devices.max_payload, "http", now) {
+        Err(why) => {
+            d.rejected(&ident.device_number, "http", &why);
+            let status = match why {
+                uplink::Reject::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            Err(ApiError::new(status, why.code(), why.to_string()))
+        }
+        Ok(events) => {
+            d.ingest(events, false).await?;
+            Ok(Json(json!({})))
+        }
+    }
+}
+
+async fn telemetry(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    uplink(&s, peer, &token, EventKind::Telemetry, None, &body).await
+}
+
+async fn post_attributes(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    uplink(&s, peer, &token, EventKind::Attributes, None, &body).await
+}
+
+async fn events(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    uplink(&s, peer, &token, EventKind::Event, None, &body).await
+}
+
+async fn rpc_response(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((token, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    uplink(&s, peer, &token, EventKind::CommandResponse, Some(id), &body).await
+}
+
+#[derive(Deserialize)]
+struct KeysQuery {
+    #[serde(default)]
+    keys: Option<String>,
+}
+
+async fn get_attributes(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, Query(q): Query<KeysQuery>) -> Result<Json<Value>, ApiError> {
+    let (d, ident) = auth(&s, peer, &token).await?;
+    let keys: Vec<String> = q.keys.unwrap_or_default().split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_string).collect();
+    Ok(Json(d.attributes_doc(ident.device_id, &keys).await?))
+}
+
+#[derive(Deserialize)]
+struct PollQuery {
+    /// Milliseconds to wait (default 30 s, capped by `devices.max_poll_secs`).
+    #[serde(default)]
+    timeout: Option<u64>,
+}
+
+async fn rpc_poll(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, Query(q): Query<PollQuery>) -> Result<Json<Value>, ApiError> {
+    let (d, ident) = auth(&s, peer, &token).await?;
+    let max = Duration::from_secs(d.config.devices.max_poll_secs.max(1));
+    let wait = Duration::from_millis(q.timeout.unwrap_or(30_000)).min(max);
+    match d.poll_pending(ident.device_id, &ident.device_number, wait).await? {
+        Some(c) => Ok(Json(downlink::as_rpc(&c))),
+        None => Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "timeout", "no command within the timeout")),
+    }
+}

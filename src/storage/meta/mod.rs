@@ -1,0 +1,140 @@
+//! Device metadata: tenants, products (thing models), device groups, devices, credentials,
+//! attributes, downlink commands and admin API keys.
+//!
+//! One set of repositories serves both backends: queries go through `sqlx`'s Any driver with
+//! `$n` placeholders (which SQLite accepts too) and only portable column types (BIGINT, TEXT,
+//! DOUBLE; booleans as 0/1, times as Unix milliseconds, JSON as TEXT). The schema differs per
+//! backend only where SQL does (identity columns), so each has its own migrations.
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, ConnectOptions, Row};
+
+mod commands;
+mod devices;
+mod migrations;
+mod products;
+
+pub use commands::{Command, CommandKind, CommandStatus, NewCommand};
+pub use devices::{AttributeScope, CredentialKind, Credential, Device, DeviceUpdate, Group, NewDevice};
+pub use products::{DataType, Field, NewProduct, Product, Tenant, ThingModel, Definition};
+
+/// What a repository call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("meta store unavailable: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl MetaError {
+    /// Map a unique-constraint violation to `Conflict` with `what`, anything else unchanged.
+    fn unique(e: sqlx::Error, what: impl Into<String>) -> MetaError {
+        match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => MetaError::Conflict(what.into()),
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => MetaError::Invalid(format!("{} refers to something that does not exist", what.into())),
+            _ => MetaError::Db(e),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, MetaError>;
+
+/// Which database a store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The meta store: a connection pool and the repositories (methods grouped by entity in the
+/// submodules).
+#[derive(Clone)]
+pub struct MetaStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+pub fn now_ms() -> i64 {
+    crate::message::now_ms() as i64
+}
+
+impl MetaStore {
+    /// Open `url` (`sqlite://path` or `postgres://…`), creating an SQLite file if needed, and
+    /// run the migrations.
+    pub async fn open(url: &str) -> Result<MetaStore> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(MetaError::Invalid(format!("meta.url must start with sqlite: or postgres://, not {url:?}")));
+        };
+        let opts = AnyConnectOptions::from_str(url)?.disable_statement_logging();
+        let mut pool = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        pool = match backend {
+            // One writer at a time is SQLite's model; WAL lets readers run beside it.
+            Backend::Sqlite => pool.max_connections(4).after_connect(|conn, _| {
+                Box::pin(async move {
+                    for p in ["PRAGMA journal_mode = WAL", "PRAGMA busy_timeout = 5000", "PRAGMA foreign_keys = ON", "PRAGMA synchronous = NORMAL"] {
+                        sqlx::query(p).execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            }),
+            Backend::Postgres => pool.max_connections(16),
+        };
+        let pool = pool.connect_with(opts).await?;
+        let store = MetaStore { pool, backend };
+        migrations::run(&store).await?;
+        Ok(store)
+    }
+
+    /// The SQLite URL of the embedded default: a file in the data directory.
+    pub fn sqlite_url(dir: &std::path::Path) -> String {
+        format!("sqlite://{}?mode=rwc", dir.join("meta.db").display())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A round trip to the database (readiness checks).
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Column helpers: the Any driver decodes only a few types, so rows are read by name here.
+pub(crate) fn col_i64(r: &AnyRow, c: &str) -> Result<i64> {
+    Ok(r.try_get::<i64, _>(c)?)
+}
+pub(crate) fn col_opt_i64(r: &AnyRow, c: &str) -> Result<Option<i64>> {
+    Ok(r.try_get::<Option<i64>, _>(c)?)
+}
+pub(crate) fn col_str(r: &AnyRow, c: &str) -> Result<String> {
+    Ok(r.try_get::<String, _>(c)?)
+}
+pub(crate) fn col_opt_str(r: &AnyRow, c: &str) -> Result<Option<String>> {
+    Ok(r.try_get::<Option<String>, _>(c)?)
+}
+pub(crate) fn col_json<T: serde::de::DeserializeOwned>(r: &AnyRow, c: &str) -> Result<T> {
+    let s = col_str(r, c)?;
+    serde_json::from_str(&s).map_err(|e| MetaError::Invalid(format!("stored {c} is not valid JSON: {e}")))
+}
