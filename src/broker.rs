@@ -359,6 +359,14 @@ impl Router {
         }
     }
 
+    /// Client ids of this node's sessions subscribed to `topic` (shared groups excluded).
+    pub fn local_subscribers(&self, topic: &str) -> Vec<Arc<str>> {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let mut out = Vec::new();
+        self.visit(&levels, topic.starts_with('$'), &mut |n: &Node| out.extend(n.subs().keys().cloned()));
+        out
+    }
+
     /// The most congested online subscriber of `topic` above `high`, if any (for publishes that
     /// are routed elsewhere, e.g. QoS 2 by the publisher's session, but paced by the connection).
     pub fn congested(&self, topic: &str, high: usize) -> Option<Arc<Load>> {

@@ -67,16 +67,26 @@ impl Devices {
                 expires_ms: super::now_ms_i64() + ttl as i64 * 1000,
             })
             .await?;
-        let delivered = self.dispatch(&dev, &cmd).await?;
-        if !delivered {
-            // HTTP pollers and CoAP observers of the device, here and on other nodes.
-            self.wake(number);
-            self.notify(DeviceNotice::Pending { device: number.to_string() }).await;
+        // Sent from the node the device is connected to: here, or (told below) another one.
+        let gateway = match dev.gateway_id {
+            Some(g) => Some(self.meta.device_by_id(g).await?.device_number),
+            None => None,
+        };
+        if self.has_local(number) || gateway.as_deref().is_some_and(|g| self.has_local(g)) {
+            self.dispatch(&dev, &cmd).await?;
+        }
+        // HTTP pollers and CoAP observers of the device, and other nodes' connections.
+        self.wake(number);
+        self.notify(DeviceNotice::Pending { device: number.to_string() }).await;
+        if let Some(g) = gateway {
+            self.notify(DeviceNotice::Pending { device: g }).await;
         }
         self.meta.command(cmd.id).await
     }
 
-    /// Publish a downlink on the device's topics; true when a session took it.
+    /// Publish a downlink on the device's topics; true when a session of the device (or of its
+    /// gateway) on this node took it. Platform services subscribed to the topics see it too,
+    /// but only the device's own sessions make it `sent`.
     async fn dispatch(&self, dev: &Device, cmd: &Command) -> Result<bool, MetaError> {
         let Some(b) = self.broker() else { return Ok(false) };
         let mut out: Vec<(String, Value)> = Vec::new();
@@ -107,8 +117,16 @@ impl Devices {
                 out.push((topic, body));
             }
         }
+        let gateway_number = match dev.gateway_id {
+            Some(g) => Some(self.meta.device_by_id(g).await?.device_number),
+            None => None,
+        };
+        let mine = |client: &str| {
+            super::device_of_session(client).is_some_and(|d| d == dev.device_number || gateway_number.as_deref() == Some(d))
+        };
         let mut taken = 0;
         for (topic, body) in out {
+            taken += b.router.local_subscribers(&topic).iter().filter(|c| mine(c)).count();
             let msg = Arc::new(Message {
                 id: crate::message::next_id(),
                 topic: Arc::from(topic),
@@ -119,11 +137,10 @@ impl Devices {
                 expires_at: Some((cmd.expires_ms.max(0)) as u64),
                 publisher: None,
             });
-            let (k, durable) = b.publish_routed(msg).await;
+            let (_, durable) = b.publish_routed(msg).await;
             if let Some(d) = durable {
                 crate::broker::Broker::wait_durable(&d).await;
             }
-            taken += k;
         }
         if taken == 0 {
             return Ok(false);

@@ -415,7 +415,12 @@ impl Devices {
                 }
                 self.verified.invalidate_all();
             }
-            DeviceNotice::Pending { device } => self.wake(&device),
+            DeviceNotice::Pending { device } => {
+                self.wake(&device);
+                if self.has_local(&device) {
+                    self.flush_pending(&device).await;
+                }
+            }
         }
     }
 
@@ -425,10 +430,11 @@ impl Devices {
         if let Some(conns) = conns {
             tracing::info!(device = number, connections = conns.len(), "device disabled or removed: disconnecting");
             for k in conns.into_values() {
-                if let Some(tx) = &k.tx {
-                    let _ = tx.try_send(Outbound::Disconnect(crate::protocols::mqtt::reason::ADMINISTRATIVE_ACTION));
+                // DISCONNECT first (the writer closes after it); cut the socket if the queue is full.
+                let queued = k.tx.as_ref().is_some_and(|tx| tx.try_send(Outbound::Disconnect(crate::protocols::mqtt::reason::ADMINISTRATIVE_ACTION)).is_ok());
+                if !queued {
+                    k.cancel.cancel();
                 }
-                k.cancel.cancel();
             }
         }
         self.wake(number);
@@ -457,6 +463,11 @@ impl Devices {
             }
             None => true,
         }
+    }
+
+    /// Does the device have a live MQTT connection on this node?
+    pub(crate) fn has_local(&self, number: &str) -> bool {
+        self.conns.lock().map(|m| m.contains_key(number)).unwrap_or(false)
     }
 
     pub(crate) fn waiter(&self, number: &str) -> Arc<Notify> {

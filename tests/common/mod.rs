@@ -21,6 +21,7 @@ pub struct Node {
     pub ws: SocketAddr,
     pub tls: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
+    pub coap: Option<SocketAddr>,
     pub dir: PathBuf,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -62,12 +63,13 @@ pub async fn start_in(dir: PathBuf, tweak: impl FnOnce(&mut Config)) -> Node {
     let bound = thingsd::server::bind(&cfg).await.expect("bind");
     let addrs = bound.addrs();
     let http = bound.http_addrs().first().copied();
+    let coap = bound.coap_addrs().first().copied();
     let tls = if cfg.listeners.tls.is_empty() { None } else { addrs.last().copied() };
     let shutdown = CancellationToken::new();
     let ntcp = cfg.listeners.tcp.len();
     let task = tokio::spawn(thingsd::server::run(bound, cfg, shutdown.clone()));
     let ws = addrs[ntcp];
-    let node = Node { tcp: addrs[0], ws, tls, http, dir, shutdown, task, _tmp: None };
+    let node = Node { tcp: addrs[0], ws, tls, http, coap, dir, shutdown, task, _tmp: None };
     // Ready when a client gets a CONNACK.
     let mut c = Raw::connect(node.tcp).await;
     c.send(connect5("readiness-probe", true)).await;
@@ -290,4 +292,6 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
+pub mod backends;
+pub mod platform;
 pub mod cluster;

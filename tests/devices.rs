@@ -1,0 +1,270 @@
+//! Devices over MQTT: authentication, the per-device ACL, ThingsPanel and ThingsBoard topics,
+//! payload checks against the thing model, downlink (online, queued, expired), gateways, status,
+//! disabling — on both meta backends (SQLite; PostgreSQL started by scripts/test).
+mod common;
+
+use common::platform::*;
+use common::*;
+use serde_json::json;
+use thingsd::protocols::mqtt::*;
+
+#[tokio::test]
+async fn mqtt_devices_on_sqlite() {
+    mqtt_devices(None).await;
+}
+
+#[tokio::test]
+async fn mqtt_devices_on_postgres() {
+    let Some(url) = common::backends::postgres().await else { return };
+    mqtt_devices(Some(url)).await;
+}
+
+async fn mqtt_devices(meta: Option<String>) {
+    let p = Platform::start(meta, |_| {}).await;
+    let tcp = p.node.tcp;
+
+    // The admin API wants its key.
+    let resp = p.http.get(format!("http://{}/api/v1/admin/devices", p.http_addr())).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let (s, v) = p.admin("POST", "/api/v1/admin/devices", Some(json!({"device_number": 5}))).await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]["message"].is_string());
+
+    let (s, product) = p
+        .admin(
+            "POST",
+            "/api/v1/admin/products",
+            Some(json!({"name": "thermo", "strict": true, "model": {
+                "telemetry": [{"key": "temp", "type": "number", "min": -40.0, "max": 85.0}],
+                "attributes": [{"key": "fw", "type": "string"}],
+                "events": [{"identifier": "alarm", "params": [{"key": "level", "type": "integer"}]}]
+            }})),
+        )
+        .await;
+    assert_eq!(s, 200, "{product}");
+    let (_, ta) = p.create_device("dev-a", json!({"product_id": product["id"]})).await;
+    let (_, tb) = p.create_device("dev-b", json!({})).await;
+
+    // Wrong or missing credentials.
+    assert_eq!(login(tcp, Protocol::V5, "x", Some("not-a-token"), None).await.1, reason::BAD_USERNAME_OR_PASSWORD);
+    assert_eq!(login(tcp, Protocol::V4, "x", Some("not-a-token"), None).await.1, 4);
+    assert_eq!(login(tcp, Protocol::V5, "x", None, None).await.1, reason::NOT_AUTHORIZED);
+    assert_eq!(login(tcp, Protocol::V4, "x", None, None).await.1, 5);
+    assert_eq!(login(tcp, Protocol::V5, "x", Some(SVC_USER), Some("wrong")).await.1, reason::BAD_USERNAME_OR_PASSWORD);
+
+    // A platform service sees what devices send.
+    let mut svc = service(tcp).await;
+    assert_eq!(sub(&mut svc, "devices/#").await, [1]);
+    assert_eq!(sub(&mut svc, "v1/#").await, [1]);
+
+    let mut a = device(tcp, Protocol::V5, "esp32", &ta).await;
+    let st = next_on(&mut svc, "devices/status/dev-a").await;
+    assert_eq!(json_of(&st)["online"], true);
+
+    // ACL: own downlink topics only.
+    assert_eq!(sub(&mut a, "devices/command/dev-a/+").await, [1]);
+    assert_eq!(sub(&mut a, "devices/attributes/response/dev-a/+").await, [1]);
+    assert_eq!(sub(&mut a, "devices/event/response/dev-a/+").await, [1]);
+    for f in ["devices/command/dev-b/+", "devices/command/+/+", "devices/#", "#", "devices/telemetry", "$share/g/devices/command/+/+"] {
+        assert_eq!(sub(&mut a, f).await, [reason::NOT_AUTHORIZED], "{f}");
+    }
+
+    // Telemetry reaches the service, marked with the device.
+    assert_eq!(pub1(&mut a, "devices/telemetry", 1, r#"{"temp": 21.5}"#).await, 0);
+    let t = next_on(&mut svc, "devices/telemetry").await;
+    assert_eq!(json_of(&t)["temp"], 21.5);
+    let props = t.props.expect("user property");
+    assert!(props.user_properties.contains(&("device_number".to_string(), "dev-a".to_string())));
+
+    // Another device's topics, bad payloads: refused with a reason, the device stays connected.
+    assert_eq!(pub1(&mut a, "devices/command/dev-b/1", 2, "{}").await, reason::NOT_AUTHORIZED);
+    assert_eq!(pub1(&mut a, "v1/devices/dev-b/telemetry", 3, r#"{"temp": 1}"#).await, reason::NOT_AUTHORIZED);
+    assert_eq!(pub1(&mut a, "devices/telemetry", 4, "not json").await, reason::PAYLOAD_FORMAT_INVALID);
+    assert_eq!(pub1(&mut a, "devices/telemetry", 5, r#"{"temp": "hot"}"#).await, reason::PAYLOAD_FORMAT_INVALID);
+    assert_eq!(pub1(&mut a, "devices/telemetry", 6, r#"{"humidity": 3}"#).await, reason::PAYLOAD_FORMAT_INVALID);
+    assert_eq!(pub1(&mut a, "devices/telemetry", 7, r#"{"temp": 200}"#).await, reason::PAYLOAD_FORMAT_INVALID);
+    let big = format!(r#"{{"temp": 1, "pad": "{}"}}"#, "x".repeat(70_000));
+    assert_eq!(pub1(&mut a, "devices/telemetry", 8, &big).await, reason::QUOTA_EXCEEDED);
+    a.sync().await;
+    let (_, m) = p.admin("GET", "/metrics", None).await;
+    let m = m.as_str().unwrap_or_default().to_string();
+    assert!(m.contains("thingsd_device_payload_rejected_total 5"), "{m}");
+    assert!(m.contains("thingsd_acl_denied_total 8"), "{m}");
+
+    // Attributes are stored and answered on the ThingsPanel response topic; events too.
+    assert_eq!(pub1(&mut a, "devices/attributes/m1", 9, r#"{"fw": "1.2"}"#).await, 0);
+    let r = next_on(&mut a, "devices/attributes/response/dev-a/m1").await;
+    assert_eq!(json_of(&r)["result"], 0);
+    let (_, attrs) = p.admin("GET", "/api/v1/admin/devices/dev-a/attributes", None).await;
+    assert_eq!(attrs["client"]["fw"], "1.2");
+    assert_eq!(pub1(&mut a, "devices/event/m2", 10, r#"{"method": "alarm", "params": {"level": 2}}"#).await, 0);
+    assert_eq!(json_of(&next_on(&mut a, "devices/event/response/dev-a/m2").await)["method"], "alarm");
+    assert_eq!(pub1(&mut a, "devices/event/m3", 11, r#"{"method": "nope"}"#).await, reason::PAYLOAD_FORMAT_INVALID);
+
+    // A command to an online device: sent, answered, acknowledged with the response stored.
+    let (s, cmd) = p.admin("POST", "/api/v1/admin/devices/dev-a/commands", Some(json!({"method": "reboot", "params": {"delay": 1}}))).await;
+    assert_eq!(s, 200, "{cmd}");
+    assert_eq!(cmd["status"], "sent");
+    let mid = cmd["message_id"].as_str().unwrap().to_string();
+    let c = next_on(&mut a, &format!("devices/command/dev-a/{mid}")).await;
+    assert_eq!(json_of(&c), json!({"method": "reboot", "params": {"delay": 1}}));
+    assert_eq!(pub1(&mut a, &format!("devices/command/response/{mid}"), 12, r#"{"result": 0, "message": "rebooting"}"#).await, 0);
+    let done = p.wait_command(cmd["id"].as_i64().unwrap(), "acknowledged").await;
+    assert_eq!(done["response"]["message"], "rebooting");
+
+    // Device B: MQTT 3.1.1, ThingsBoard topics, the same client id as A (own namespace: A stays).
+    let mut b = device(tcp, Protocol::V4, "esp32", &tb).await;
+    a.sync().await;
+    assert_eq!(sub(&mut b, "v1/devices/me/rpc/request/+").await, [1]);
+    assert_eq!(sub(&mut b, "v1/devices/dev-a/rpc/request/+").await, [0x80]);
+    // 3.1.1 has no negative PUBACK: the denied message is acknowledged and dropped.
+    assert_eq!(pub1(&mut b, "devices/command/dev-a/9", 1, "{}").await, 0);
+    assert_eq!(pub1(&mut b, "v1/devices/me/telemetry", 2, r#"{"ts": 1700000000000, "values": {"temp": 3}}"#).await, 0);
+    // The next thing the service sees from B is its telemetry (under its own number), not the denied one.
+    loop {
+        let t = next_with_prefix(&mut svc, "").await;
+        assert_ne!(t.topic, "devices/command/dev-a/9", "a denied publish was routed");
+        if t.topic == "v1/devices/dev-b/telemetry" {
+            break;
+        }
+    }
+    let (s, cmd) = p.admin("POST", "/api/v1/admin/devices/dev-b/commands", Some(json!({"method": "blink", "params": {}}))).await;
+    assert_eq!(s, 200);
+    let mid = cmd["message_id"].as_str().unwrap().to_string();
+    let c = next_on(&mut b, &format!("v1/devices/me/rpc/request/{mid}")).await;
+    assert_eq!(json_of(&c)["method"], "blink");
+    assert_eq!(pub1(&mut b, &format!("v1/devices/me/rpc/response/{mid}"), 3, r#"{"ok": true}"#).await, 0);
+    p.wait_command(cmd["id"].as_i64().unwrap(), "acknowledged").await;
+
+    // Offline: queued, delivered when B comes back and subscribes.
+    b.send(disconnect()).await;
+    assert!(b.until_closed().await.is_empty());
+    let st = next_on(&mut svc, "devices/status/dev-b").await;
+    assert_eq!(json_of(&st)["online"], false);
+    let (_, queued) = p.admin("POST", "/api/v1/admin/devices/dev-b/commands", Some(json!({"method": "later", "params": {"n": 1}}))).await;
+    assert_eq!(queued["status"], "pending");
+    let (_, expiring) = p.admin("POST", "/api/v1/admin/devices/dev-b/commands", Some(json!({"method": "soon", "ttl_secs": 1}))).await;
+    p.wait_command(expiring["id"].as_i64().unwrap(), "expired").await;
+    let mut b = device(tcp, Protocol::V4, "esp32", &tb).await;
+    assert_eq!(sub(&mut b, "v1/devices/me/rpc/request/+").await, [1]);
+    let mid = queued["message_id"].as_str().unwrap();
+    let c = next_on(&mut b, &format!("v1/devices/me/rpc/request/{mid}")).await;
+    assert_eq!(json_of(&c)["method"], "later");
+    p.wait_command(queued["id"].as_i64().unwrap(), "sent").await;
+    let (_, status) = p.admin("GET", "/api/v1/admin/devices/dev-b/status", None).await;
+    assert_eq!(status["online"], true, "{status}");
+
+    // Shared attributes set by the platform reach a ThingsBoard device on v1/devices/me/attributes.
+    assert_eq!(sub(&mut b, "v1/devices/me/attributes").await, [1]);
+    let (s, _) = p.admin("PUT", "/api/v1/admin/devices/dev-b/attributes", Some(json!({"params": {"interval": 30}}))).await;
+    assert_eq!(s, 200);
+    assert_eq!(json_of(&next_on(&mut b, "v1/devices/me/attributes").await), json!({"interval": 30}));
+    // ... and the device can read them back (ThingsBoard attribute request).
+    assert_eq!(sub(&mut b, "v1/devices/me/attributes/response/+").await, [1]);
+    assert_eq!(pub1(&mut b, "v1/devices/me/attributes/request/7", 4, r#"{"sharedKeys": "interval"}"#).await, 0);
+    assert_eq!(json_of(&next_on(&mut b, "v1/devices/me/attributes/response/7").await)["shared"]["interval"], 30);
+
+    // Disabling a device disconnects it at once (0x98) and keeps it out.
+    let (s, _) = p.admin("PATCH", "/api/v1/admin/devices/dev-a", Some(json!({"enabled": false}))).await;
+    assert_eq!(s, 200);
+    let closed = a.until_closed().await;
+    assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == reason::ADMINISTRATIVE_ACTION)), "{closed:?}");
+    assert_eq!(login(tcp, Protocol::V5, "esp32", Some(&ta), None).await.1, reason::NOT_AUTHORIZED);
+    let st = next_on(&mut svc, "devices/status/dev-a").await;
+    assert_eq!(json_of(&st)["online"], false);
+    b.sync().await;
+    p.node.stop().await;
+}
+
+#[tokio::test]
+async fn gateways_passwords_and_rate_limits() {
+    let p = Platform::start(None, |c| c.devices.auth_fail_limit = 4).await;
+    let tcp = p.node.tcp;
+    let (gw, tg) = p.create_device("gw-1", json!({})).await;
+    p.create_device("sensor-7", json!({"gateway_id": gw["id"], "sub_address": "modbus-7"})).await;
+    p.create_device("other", json!({})).await;
+
+    let mut svc = service(tcp).await;
+    assert_eq!(sub(&mut svc, "gateway/#").await, [1]);
+    let mut g = device(tcp, Protocol::V5, "gw", &tg).await;
+    // A gateway subscribes to its own and its sub-devices' downlink, nobody else's.
+    assert_eq!(sub(&mut g, "gateway/command/gw-1/+").await, [1]);
+    assert_eq!(sub(&mut g, "devices/command/sensor-7/+").await, [1]);
+    assert_eq!(sub(&mut g, "devices/command/other/+").await, [reason::NOT_AUTHORIZED]);
+    let body = r#"{"gateway_data": {"temp": 1}, "sub_device_data": {"modbus-7": {"temp": 2}}}"#;
+    assert_eq!(pub1(&mut g, "gateway/telemetry", 1, body).await, 0);
+    assert_eq!(json_of(&next_on(&mut svc, "gateway/telemetry").await)["sub_device_data"]["modbus-7"]["temp"], 2);
+    assert_eq!(pub1(&mut g, "gateway/telemetry", 2, r#"{"sub_device_data": {"modbus-9": {"temp": 2}}}"#).await, reason::PAYLOAD_FORMAT_INVALID);
+
+    // A command for the sub-device goes through its gateway.
+    let (_, cmd) = p.admin("POST", "/api/v1/admin/devices/sensor-7/commands", Some(json!({"method": "open", "params": {"valve": 1}}))).await;
+    let mid = cmd["message_id"].as_str().unwrap();
+    let c = next_on(&mut g, &format!("gateway/command/gw-1/{mid}")).await;
+    assert_eq!(json_of(&c)["sub_device_data"]["modbus-7"]["method"], "open");
+
+    // Username + password credentials (argon2), wrong password refused.
+    let (s, v) = p.admin("POST", "/api/v1/admin/devices/other/credentials", Some(json!({"kind": "password", "username": "other-user", "password": "correct horse"}))).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(v["credential"].get("secret").is_none(), "hashes are never returned");
+    let (mut o, code) = login(tcp, Protocol::V5, "o", Some("other-user"), Some("correct horse")).await;
+    assert_eq!(code, 0);
+    o.sync().await;
+    let (s, v) = p.admin("POST", "/api/v1/admin/devices/other/credentials", Some(json!({"kind": "password", "username": "u2", "password": "short"}))).await;
+    assert_eq!(s, 400, "{v}");
+
+    // Failed logins from one address are rate-limited (0x9F), even with right credentials after.
+    // (The harness's readiness probe, without credentials, was this address's first failure.)
+    for _ in 0..3 {
+        assert_eq!(login(tcp, Protocol::V5, "o2", Some("other-user"), Some("wrong horse")).await.1, reason::BAD_USERNAME_OR_PASSWORD);
+    }
+    assert_eq!(login(tcp, Protocol::V5, "o2", Some("other-user"), Some("correct horse")).await.1, reason::CONNECTION_RATE_EXCEEDED);
+    assert_eq!(login(tcp, Protocol::V4, "o2", Some("other-user"), Some("correct horse")).await.1, 3);
+    // Connected clients are not affected.
+    o.sync().await;
+    g.sync().await;
+    p.node.stop().await;
+}
+
+#[tokio::test]
+async fn mosquitto_clients_with_tokens_and_redis_cache() {
+    let redis = common::backends::redis();
+    let p = Platform::start(None, |c| {
+        if let Some(r) = &redis {
+            c.cache.url = r.clone();
+            c.cache.prefix = format!("t{:x}:", rand::random::<u32>());
+        }
+    })
+    .await;
+    let tcp = p.node.tcp;
+    let (_, token) = p.create_device("mq-1", json!({})).await;
+    let mut svc = service(tcp).await;
+    assert_eq!(sub(&mut svc, "devices/telemetry").await, [1]);
+    for v in ["mqttv311", "mqttv5"] {
+        // Async: the node runs on this test's runtime.
+        let out = tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &tcp.port().to_string(), "-V", v, "-q", "1", "-u", &token, "-t", "devices/telemetry", "-m", r#"{"t":1}"#])
+            .output()
+            .await
+            .expect("mosquitto_pub is required (Debian package mosquitto-clients; scripts/test installs it)");
+        assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(json_of(&next_on(&mut svc, "devices/telemetry").await)["t"], 1);
+        let bad = tokio::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &tcp.port().to_string(), "-V", v, "-q", "1", "-u", "wrong", "-t", "devices/telemetry", "-m", "{}"])
+            .output()
+            .await
+            .unwrap();
+        assert!(!bad.status.success(), "{v}: a wrong token must be refused");
+    }
+    // Revoking the token (cached in Redis when configured) keeps the device out at once.
+    let (_, creds) = p.admin("GET", "/api/v1/admin/devices/mq-1/credentials", None).await;
+    let id = creds[0]["id"].as_i64().unwrap();
+    let mut d = device(tcp, Protocol::V5, "mq", &token).await;
+    let (s, _) = p.admin("DELETE", &format!("/api/v1/admin/devices/mq-1/credentials/{id}"), None).await;
+    assert_eq!(s, 200);
+    let closed = d.until_closed().await;
+    assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(x) if x.code == reason::ADMINISTRATIVE_ACTION)), "{closed:?}");
+    assert_eq!(login(tcp, Protocol::V5, "mq", Some(&token), None).await.1, reason::BAD_USERNAME_OR_PASSWORD);
+    p.node.stop().await;
+}
