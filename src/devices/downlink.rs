@@ -190,6 +190,20 @@ impl Devices {
         Ok(None)
     }
 
+    /// The oldest pending downlink of one of `kinds`, left pending (a CoAP observer marks it
+    /// sent once the device acknowledged the notification).
+    pub async fn peek_pending_of(&self, device_id: i64, kinds: &[CommandKind]) -> Result<Option<Command>, MetaError> {
+        Ok(self.meta.pending_commands(device_id).await?.into_iter().find(|c| kinds.contains(&c.kind)))
+    }
+
+    /// A downlink was delivered by another path (CoAP notification acknowledged).
+    pub async fn delivered(&self, id: i64) -> Result<(), MetaError> {
+        if self.meta.mark_sent(id).await? {
+            self.metrics.commands_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Wait (bounded) for a downlink for the device; `None` on timeout.
     pub async fn poll_pending(&self, device_id: i64, number: &str, wait: Duration) -> Result<Option<Command>, MetaError> {
         let deadline = tokio::time::Instant::now() + wait;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -45,10 +46,18 @@ async fn auth(s: &AppState, peer: SocketAddr, token: &str) -> Result<(Arc<Device
     }
 }
 
-async fn uplink(s: &AppState, peer: SocketAddr, token: &str, kind: EventKind, mid: Option<String>, body: &[u8]) -> Result<Json<Value>, ApiError> {
+/// A request body, or the JSON error for one that is too large or unreadable.
+type RawBody = Result<Bytes, BytesRejection>;
+
+async fn uplink(s: &AppState, peer: SocketAddr, token: &str, kind: EventKind, mid: Option<String>, body: RawBody) -> Result<Json<Value>, ApiError> {
     let (d, ident) = auth(s, peer, token).await?;
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_body" };
+        ApiError::new(status, code, e.body_text())
+    })?;
     let now = crate::message::now_ms() as i64;
-    match uplink::parse(&ident, kind, false, mid, body, d.config.devices.max_payload, "http", now) {
+    match uplink::parse(&ident, kind, false, mid, &body, d.config.devices.max_payload, "http", now) {
         Err(why) => {
             d.rejected(&ident.device_number, "http", &why);
             let status = match why {
@@ -64,25 +73,25 @@ async fn uplink(s: &AppState, peer: SocketAddr, token: &str, kind: EventKind, mi
     }
 }
 
-async fn telemetry(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    uplink(&s, peer, &token, EventKind::Telemetry, None, &body).await
+async fn telemetry(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: RawBody) -> Result<Json<Value>, ApiError> {
+    uplink(&s, peer, &token, EventKind::Telemetry, None, body).await
 }
 
-async fn post_attributes(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    uplink(&s, peer, &token, EventKind::Attributes, None, &body).await
+async fn post_attributes(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: RawBody) -> Result<Json<Value>, ApiError> {
+    uplink(&s, peer, &token, EventKind::Attributes, None, body).await
 }
 
-async fn events(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    uplink(&s, peer, &token, EventKind::Event, None, &body).await
+async fn events(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: RawBody) -> Result<Json<Value>, ApiError> {
+    uplink(&s, peer, &token, EventKind::Event, None, body).await
 }
 
 async fn rpc_response(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((token, id)): Path<(String, String)>,
-    body: Bytes,
+    body: RawBody,
 ) -> Result<Json<Value>, ApiError> {
-    uplink(&s, peer, &token, EventKind::CommandResponse, Some(id), &body).await
+    uplink(&s, peer, &token, EventKind::CommandResponse, Some(id), body).await
 }
 
 #[derive(Deserialize)]

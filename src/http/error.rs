@@ -49,3 +49,7 @@ impl From<JsonRejection> for ApiError {
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError { status: StatusCode::NOT_FOUND, code: "not_found", message: format!("no resource at {}", uri.path()) }
 }
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {}", uri.path()))
+}

@@ -27,6 +27,7 @@ pub fn app(broker: Arc<Broker>) -> Router {
         .merge(admin::routes(broker.clone()))
         .merge(device_api::routes())
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(broker)
 }

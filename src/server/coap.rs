@@ -297,7 +297,7 @@ impl Server {
             let woken = notify.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let next = match d.take_pending_of(obs.ident.device_id, obs.kinds).await {
+            let next = match d.peek_pending_of(obs.ident.device_id, obs.kinds).await {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::warn!(error = %e, "CoAP observer cannot read downlinks");
@@ -317,6 +317,10 @@ impl Server {
                 if !self.confirm(p, peer, &cancel).await {
                     tracing::info!(%peer, device = %obs.ident.device_number, "CoAP observer gone (reset or no acknowledgement)");
                     break;
+                }
+                // Acknowledged by the device: sent (it stays pending for other paths otherwise).
+                if let Err(e) = d.delivered(c.id).await {
+                    tracing::warn!(error = %e, "cannot mark a downlink sent");
                 }
                 continue;
             }
