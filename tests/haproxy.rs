@@ -55,7 +55,7 @@ async fn haproxy_in_front_of_three_nodes_survives_a_node_kill() {
     if !tool("/usr/sbin/haproxy") || !tool("/usr/sbin/nginx") {
         return;
     }
-    let proxy_listener = |_| "\n[[listeners.tcp]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = true\n".to_string();
+    let proxy_listener = |_| "\n[[listeners.tcp]]\nbind = \"127.0.0.1:0\"\nproxy_protocol = true\nallow_anonymous = true\n".to_string();
     let mut c = TestCluster::start_some(3, 3, proxy_listener).await;
     let tmp = tempfile::tempdir().unwrap();
 

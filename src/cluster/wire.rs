@@ -176,8 +176,9 @@ pub enum Body {
 }
 
 /// What one node tells the others about devices (also sent over Redis pub/sub as JSON).
+/// Externally tagged: bincode cannot decode internally tagged enums.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum DeviceNotice {
     /// A device or its credentials changed: drop cached identities; `kick` closes its connections.
     Changed { device: String, kick: bool },
@@ -237,6 +238,18 @@ mod tests {
         let (from, back) = decode(&encode("n1", &body)).unwrap();
         assert_eq!(from, "n1");
         assert!(matches!(back, Body::Routes { reset: true, ack: Some(7), .. }));
+    }
+
+    #[test]
+    fn device_notices_round_trip() {
+        for n in [
+            DeviceNotice::Changed { device: "d-1".into(), kick: true },
+            DeviceNotice::Forget { keys: vec!["cred:token:x".into()] },
+            DeviceNotice::Pending { device: "d-2".into() },
+        ] {
+            let (_, back) = decode(&encode("n1", &Body::Device(n.clone()))).unwrap();
+            assert!(matches!(back, Body::Device(b) if b == n));
+        }
     }
 
     #[test]
