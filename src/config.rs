@@ -249,7 +249,12 @@ impl Default for Listeners {
     fn default() -> Self {
         Listeners {
             tcp: vec![TcpListenerConfig::new(([0, 0, 0, 0], 1883).into())],
-            ws: vec![WsListenerConfig { bind: ([0, 0, 0, 0], 8083).into(), path: "/mqtt".into(), proxy_protocol: false, allow_anonymous: false }],
+            ws: vec![WsListenerConfig {
+                bind: ([0, 0, 0, 0], 8083).into(),
+                path: "/mqtt".into(),
+                proxy_protocol: false,
+                allow_anonymous: false,
+            }],
             tls: vec![],
             http: vec![TcpListenerConfig::new(([0, 0, 0, 0], 8080).into())],
             coap: vec![CoapListenerConfig { bind: ([0, 0, 0, 0], 5683).into() }],

@@ -196,22 +196,34 @@ async fn gateways_passwords_and_rate_limits() {
     let body = r#"{"gateway_data": {"temp": 1}, "sub_device_data": {"modbus-7": {"temp": 2}}}"#;
     assert_eq!(pub1(&mut g, "gateway/telemetry", 1, body).await, 0);
     assert_eq!(json_of(&next_on(&mut svc, "gateway/telemetry").await)["sub_device_data"]["modbus-7"]["temp"], 2);
-    assert_eq!(pub1(&mut g, "gateway/telemetry", 2, r#"{"sub_device_data": {"modbus-9": {"temp": 2}}}"#).await, reason::PAYLOAD_FORMAT_INVALID);
+    assert_eq!(
+        pub1(&mut g, "gateway/telemetry", 2, r#"{"sub_device_data": {"modbus-9": {"temp": 2}}}"#).await,
+        reason::PAYLOAD_FORMAT_INVALID
+    );
 
     // A command for the sub-device goes through its gateway.
-    let (_, cmd) = p.admin("POST", "/api/v1/admin/devices/sensor-7/commands", Some(json!({"method": "open", "params": {"valve": 1}}))).await;
+    let (_, cmd) =
+        p.admin("POST", "/api/v1/admin/devices/sensor-7/commands", Some(json!({"method": "open", "params": {"valve": 1}}))).await;
     let mid = cmd["message_id"].as_str().unwrap();
     let c = next_on(&mut g, &format!("gateway/command/gw-1/{mid}")).await;
     assert_eq!(json_of(&c)["sub_device_data"]["modbus-7"]["method"], "open");
 
     // Username + password credentials (argon2), wrong password refused.
-    let (s, v) = p.admin("POST", "/api/v1/admin/devices/other/credentials", Some(json!({"kind": "password", "username": "other-user", "password": "correct horse"}))).await;
+    let (s, v) = p
+        .admin(
+            "POST",
+            "/api/v1/admin/devices/other/credentials",
+            Some(json!({"kind": "password", "username": "other-user", "password": "correct horse"})),
+        )
+        .await;
     assert_eq!(s, 200, "{v}");
     assert!(v["credential"].get("secret").is_none(), "hashes are never returned");
     let (mut o, code) = login(tcp, Protocol::V5, "o", Some("other-user"), Some("correct horse")).await;
     assert_eq!(code, 0);
     o.sync().await;
-    let (s, v) = p.admin("POST", "/api/v1/admin/devices/other/credentials", Some(json!({"kind": "password", "username": "u2", "password": "short"}))).await;
+    let (s, v) = p
+        .admin("POST", "/api/v1/admin/devices/other/credentials", Some(json!({"kind": "password", "username": "u2", "password": "short"})))
+        .await;
     assert_eq!(s, 400, "{v}");
 
     // Failed logins from one address are rate-limited (0x9F), even with right credentials after.
@@ -244,14 +256,44 @@ async fn mosquitto_clients_with_tokens_and_redis_cache() {
     for v in ["mqttv311", "mqttv5"] {
         // Async: the node runs on this test's runtime.
         let out = tokio::process::Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &tcp.port().to_string(), "-V", v, "-q", "1", "-u", &token, "-t", "devices/telemetry", "-m", r#"{"t":1}"#])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &tcp.port().to_string(),
+                "-V",
+                v,
+                "-q",
+                "1",
+                "-u",
+                &token,
+                "-t",
+                "devices/telemetry",
+                "-m",
+                r#"{"t":1}"#,
+            ])
             .output()
             .await
             .expect("mosquitto_pub is required (Debian package mosquitto-clients; scripts/test installs it)");
         assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(json_of(&next_on(&mut svc, "devices/telemetry").await)["t"], 1);
         let bad = tokio::process::Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &tcp.port().to_string(), "-V", v, "-q", "1", "-u", "wrong", "-t", "devices/telemetry", "-m", "{}"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &tcp.port().to_string(),
+                "-V",
+                v,
+                "-q",
+                "1",
+                "-u",
+                "wrong",
+                "-t",
+                "devices/telemetry",
+                "-m",
+                "{}",
+            ])
             .output()
             .await
             .unwrap();
@@ -266,5 +308,79 @@ async fn mosquitto_clients_with_tokens_and_redis_cache() {
     let closed = d.until_closed().await;
     assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(x) if x.code == reason::ADMINISTRATIVE_ACTION)), "{closed:?}");
     assert_eq!(login(tcp, Protocol::V5, "mq", Some(&token), None).await.1, reason::BAD_USERNAME_OR_PASSWORD);
+    p.node.stop().await;
+}
+
+/// A TLS MQTT 5.0 exchange: send `packets`, return the first `n` packets the server answers.
+async fn tls_exchange(cfg: rustls::ClientConfig, addr: std::net::SocketAddr, packets: &[Packet], n: usize) -> Vec<Packet> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector.connect("localhost".try_into().unwrap(), tcp).await.expect("TLS handshake");
+    let mut out = bytes::BytesMut::new();
+    for p in packets {
+        encode(p, Protocol::V5, &mut out);
+    }
+    tls.write_all(&out).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let mut got = Vec::new();
+    while got.len() < n {
+        if let Some(p) = decode(&mut buf, Protocol::V5, usize::MAX).unwrap() {
+            got.push(p);
+            continue;
+        }
+        let r = tokio::time::timeout(DEADLINE, tls.read_buf(&mut buf)).await.expect("answer in time").unwrap();
+        if r == 0 {
+            break;
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn client_certificates_identify_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key, server_der) = tls_files(tmp.path());
+    // A CA for devices and one device certificate it signed.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let ca_path = tmp.path().join("devices-ca.pem");
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    let dev_key = rcgen::KeyPair::generate().unwrap();
+    let dev_cert = rcgen::CertificateParams::new(vec!["x-1".into()]).unwrap().signed_by(&dev_key, &ca, &ca_key).unwrap();
+
+    let p = Platform::start(None, |c| {
+        let mut l = tls_listener(cert, key);
+        l.allow_anonymous = false;
+        l.client_ca = Some(ca_path);
+        c.listeners.tls = vec![l];
+    })
+    .await;
+    let tls_addr = p.node.tls.expect("tls listener");
+    p.create_device("x-1", json!({})).await;
+    let (s, v) =
+        p.admin("POST", "/api/v1/admin/devices/x-1/credentials", Some(json!({"kind": "x509", "certificate_pem": dev_cert.pem()}))).await;
+    assert_eq!(s, 200, "{v}");
+
+    thingsd::server::install_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(server_der)).unwrap();
+    let with_cert = rustls::ClientConfig::builder()
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(vec![dev_cert.der().clone()], rustls::pki_types::PrivateKeyDer::try_from(dev_key.serialize_der()).unwrap())
+        .unwrap();
+    let sub = |f: &str| {
+        Packet::Subscribe(Subscribe { pkid: 1, filters: vec![(f.into(), SubOptions::qos(QoS::AtLeastOnce))], props: Properties::default() })
+    };
+    let got = tls_exchange(with_cert, tls_addr, &[connect5("cert-dev", true), sub("devices/command/x-1/+")], 2).await;
+    assert!(matches!(&got[0], Packet::ConnAck(a) if a.code == 0), "{got:?}");
+    assert!(matches!(&got[1], Packet::SubAck(s) if s.codes == [1]), "the certificate made it device x-1: {got:?}");
+
+    // Without a certificate (and without a token) the same listener refuses.
+    let without = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let got = tls_exchange(without, tls_addr, &[connect5("anon", true)], 1).await;
+    assert!(matches!(&got[0], Packet::ConnAck(a) if a.code == reason::NOT_AUTHORIZED), "{got:?}");
     p.node.stop().await;
 }

@@ -26,7 +26,8 @@ async fn across_nodes(pg: String, redis: Option<String>) {
         Some(r) => format!("\n[cache]\nurl = \"{r}\"\nprefix = \"c{:x}:\"\n", rand::random::<u32>()),
         None => String::new(),
     };
-    let cl = TestCluster::start_some(2, 2, move |_| format!("\n[meta]\nurl = \"{pg}\"\n\n[devices]\nadmin_key = \"{ADMIN_KEY}\"\n{cache}")).await;
+    let cl = TestCluster::start_some(2, 2, move |_| format!("\n[meta]\nurl = \"{pg}\"\n\n[devices]\nadmin_key = \"{ADMIN_KEY}\"\n{cache}"))
+        .await;
     let http = client();
     let n1 = cl.http(0);
     let (_, t1) = create_device(&http, n1, "cd-1", json!({})).await;

@@ -23,9 +23,18 @@ async fn exercise(store: &MetaStore) {
     .unwrap();
     let p = store.create_product(&NewProduct { tenant_id: t.id, name: "sensor".into(), strict: true, model: model.clone() }).await.unwrap();
     assert_eq!(store.product(p.id).await.unwrap().model, model);
-    assert!(matches!(store.create_product(&NewProduct { tenant_id: t.id, name: "sensor".into(), strict: false, model: ThingModel::default() }).await, Err(MetaError::Conflict(_))));
-    let bad = ThingModel { telemetry: vec![Field { key: "x".into(), data_type: DataType::Number, name: None, unit: None, min: Some(2.0), max: Some(1.0) }], ..Default::default() };
-    assert!(matches!(store.create_product(&NewProduct { tenant_id: 1, name: "bad".into(), strict: false, model: bad }).await, Err(MetaError::Invalid(_))));
+    assert!(matches!(
+        store.create_product(&NewProduct { tenant_id: t.id, name: "sensor".into(), strict: false, model: ThingModel::default() }).await,
+        Err(MetaError::Conflict(_))
+    ));
+    let bad = ThingModel {
+        telemetry: vec![Field { key: "x".into(), data_type: DataType::Number, name: None, unit: None, min: Some(2.0), max: Some(1.0) }],
+        ..Default::default()
+    };
+    assert!(matches!(
+        store.create_product(&NewProduct { tenant_id: 1, name: "bad".into(), strict: false, model: bad }).await,
+        Err(MetaError::Invalid(_))
+    ));
     assert!(ThingModel::check(&model.telemetry, json!({"temp": 21.5}).as_object().unwrap()).is_ok());
     assert!(ThingModel::check(&model.telemetry, json!({"temp": 120}).as_object().unwrap()).is_err());
     assert!(ThingModel::check(&model.telemetry, json!({"temp": "hot"}).as_object().unwrap()).is_err());
@@ -51,19 +60,26 @@ async fn exercise(store: &MetaStore) {
     assert!(matches!(store.create_device(&new("bad number/with slash")).await, Err(MetaError::Invalid(_))));
     assert!(matches!(store.create_device(&NewDevice { product_id: Some(9999), ..new("dev-x") }).await, Err(MetaError::Invalid(_))));
     let gw = store.create_device(&new("gw-1")).await.unwrap();
-    let sub = store.create_device(&NewDevice { gateway_id: Some(gw.id), sub_address: Some("modbus-3".into()), ..new("sub-1") }).await.unwrap();
+    let sub =
+        store.create_device(&NewDevice { gateway_id: Some(gw.id), sub_address: Some("modbus-3".into()), ..new("sub-1") }).await.unwrap();
     assert!(matches!(
         store.create_device(&NewDevice { gateway_id: Some(gw.id), sub_address: Some("modbus-3".into()), ..new("sub-2") }).await,
         Err(MetaError::Conflict(_))
     ));
-    assert!(matches!(store.create_device(&NewDevice { gateway_id: Some(sub.id), sub_address: Some("x".into()), ..new("sub-3") }).await, Err(MetaError::Invalid(_))));
+    assert!(matches!(
+        store.create_device(&NewDevice { gateway_id: Some(sub.id), sub_address: Some("x".into()), ..new("sub-3") }).await,
+        Err(MetaError::Invalid(_))
+    ));
     assert_eq!(store.sub_devices(gw.id).await.unwrap().iter().map(|d| d.device_number.as_str()).collect::<Vec<_>>(), ["sub-1"]);
     let page = store.list_devices(0, 2, None, None).await.unwrap();
     assert_eq!(page.len(), 2);
     let rest = store.list_devices(page[1].id, 100, None, None).await.unwrap();
     assert_eq!(rest.len(), 1);
     assert_eq!(store.list_devices(0, 100, Some(g.id), Some(p.id)).await.unwrap().len(), 3);
-    let u = store.update_device("dev-1", &DeviceUpdate { enabled: Some(false), name: Some("Dev One".into()), ..Default::default() }).await.unwrap();
+    let u = store
+        .update_device("dev-1", &DeviceUpdate { enabled: Some(false), name: Some("Dev One".into()), ..Default::default() })
+        .await
+        .unwrap();
     assert!(!u.enabled);
     assert_eq!(u.name, "Dev One");
     assert_eq!(u.labels["site"], "berlin");
@@ -75,7 +91,10 @@ async fn exercise(store: &MetaStore) {
     store.add_credential(d1.id, CredentialKind::Password, "user-1", Some("$argon2id$...")).await.unwrap();
     let (found, dev) = store.find_credential(CredentialKind::Token, "tok-1").await.unwrap().unwrap();
     assert_eq!((found.id, dev.id), (c.id, d1.id));
-    assert_eq!(store.find_credential(CredentialKind::Password, "user-1").await.unwrap().unwrap().0.secret.as_deref(), Some("$argon2id$..."));
+    assert_eq!(
+        store.find_credential(CredentialKind::Password, "user-1").await.unwrap().unwrap().0.secret.as_deref(),
+        Some("$argon2id$...")
+    );
     assert!(store.find_credential(CredentialKind::Token, "nope").await.unwrap().is_none());
     assert_eq!(store.credentials(d1.id).await.unwrap().len(), 2);
     store.delete_credential(d1.id, c.id).await.unwrap();
@@ -85,14 +104,24 @@ async fn exercise(store: &MetaStore) {
     store.set_attributes(d1.id, AttributeScope::Client, json!({"fw": "1.0", "n": 3}).as_object().unwrap()).await.unwrap();
     store.set_attributes(d1.id, AttributeScope::Client, json!({"fw": "1.1"}).as_object().unwrap()).await.unwrap();
     store.set_attributes(d1.id, AttributeScope::Shared, json!({"interval": 10}).as_object().unwrap()).await.unwrap();
-    assert_eq!(serde_json::Value::Object(store.attributes(d1.id, AttributeScope::Client, &[]).await.unwrap()), json!({"fw": "1.1", "n": 3}));
+    assert_eq!(
+        serde_json::Value::Object(store.attributes(d1.id, AttributeScope::Client, &[]).await.unwrap()),
+        json!({"fw": "1.1", "n": 3})
+    );
     assert_eq!(serde_json::Value::Object(store.attributes(d1.id, AttributeScope::Client, &["n".into()]).await.unwrap()), json!({"n": 3}));
     assert_eq!(serde_json::Value::Object(store.attributes(d1.id, AttributeScope::Shared, &[]).await.unwrap()), json!({"interval": 10}));
 
     // Commands: pending → sent → acknowledged; expiry.
     let now = thingsd::storage::meta::now_ms();
     let cmd = store
-        .create_command(&NewCommand { device_id: d1.id, message_id: "m1".into(), kind: CommandKind::Command, method: Some("reboot".into()), payload: json!({"delay": 1}), expires_ms: now + 60_000 })
+        .create_command(&NewCommand {
+            device_id: d1.id,
+            message_id: "m1".into(),
+            kind: CommandKind::Command,
+            method: Some("reboot".into()),
+            payload: json!({"delay": 1}),
+            expires_ms: now + 60_000,
+        })
         .await
         .unwrap();
     assert_eq!(cmd.status, CommandStatus::Pending);
@@ -103,7 +132,17 @@ async fn exercise(store: &MetaStore) {
     assert_eq!(done.status, CommandStatus::Acknowledged);
     assert_eq!(done.response, Some(json!({"result": 0})));
     assert!(store.complete_command(d1.id, "m1", false, &json!({})).await.unwrap().is_none(), "a finished command stays finished");
-    store.create_command(&NewCommand { device_id: d1.id, message_id: "m2".into(), kind: CommandKind::AttributeSet, method: None, payload: json!({"a": 1}), expires_ms: now - 1 }).await.unwrap();
+    store
+        .create_command(&NewCommand {
+            device_id: d1.id,
+            message_id: "m2".into(),
+            kind: CommandKind::AttributeSet,
+            method: None,
+            payload: json!({"a": 1}),
+            expires_ms: now - 1,
+        })
+        .await
+        .unwrap();
     assert!(store.pending_commands(d1.id).await.unwrap().is_empty(), "expired ones are not pending");
     assert_eq!(store.expire_commands().await.unwrap(), 1);
     assert_eq!(store.command_by_message(d1.id, "m2").await.unwrap().unwrap().status, CommandStatus::Expired);

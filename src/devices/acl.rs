@@ -7,20 +7,10 @@ use crate::protocols::mqtt::topic;
 
 /// Uplink topics of a directly connected device (ThingsPanel and ThingsBoard styles; the
 /// latter after `me` was replaced by the device number).
-const DEVICE_PUBLISH: &[&str] = &[
-    "devices/telemetry",
-    "devices/attributes/+",
-    "devices/event/+",
-    "devices/command/response/+",
-    "devices/attributes/set/response/+",
-];
-const GATEWAY_PUBLISH: &[&str] = &[
-    "gateway/telemetry",
-    "gateway/attributes/+",
-    "gateway/event/+",
-    "gateway/command/response/+",
-    "gateway/attributes/set/response/+",
-];
+const DEVICE_PUBLISH: &[&str] =
+    &["devices/telemetry", "devices/attributes/+", "devices/event/+", "devices/command/response/+", "devices/attributes/set/response/+"];
+const GATEWAY_PUBLISH: &[&str] =
+    &["gateway/telemetry", "gateway/attributes/+", "gateway/event/+", "gateway/command/response/+", "gateway/attributes/set/response/+"];
 /// Downlink filters; `{}` is the device number.
 const DEVICE_SUBSCRIBE: &[&str] = &[
     "devices/telemetry/control/{}",
@@ -33,7 +23,8 @@ const DEVICE_SUBSCRIBE: &[&str] = &[
     "v1/devices/{}/attributes/response/+",
     "v1/devices/{}/rpc/request/+",
 ];
-const TB_PUBLISH: &[&str] = &["v1/devices/{}/telemetry", "v1/devices/{}/attributes", "v1/devices/{}/attributes/request/+", "v1/devices/{}/rpc/response/+"];
+const TB_PUBLISH: &[&str] =
+    &["v1/devices/{}/telemetry", "v1/devices/{}/attributes", "v1/devices/{}/attributes/request/+", "v1/devices/{}/rpc/response/+"];
 
 /// Publish and subscribe rules of one principal.
 #[derive(Debug, Clone, Default)]
@@ -53,7 +44,12 @@ impl Acl {
         let mut subscribe: Vec<String> = DEVICE_SUBSCRIBE.iter().map(|t| fill(t, number)).collect();
         if gateway {
             publish.extend(GATEWAY_PUBLISH.iter().map(|t| t.to_string()));
-            subscribe.extend(DEVICE_SUBSCRIBE.iter().filter(|t| t.starts_with("devices/")).map(|t| format!("gateway/{}", &fill(t, number)["devices/".len()..])));
+            subscribe.extend(
+                DEVICE_SUBSCRIBE
+                    .iter()
+                    .filter(|t| t.starts_with("devices/"))
+                    .map(|t| format!("gateway/{}", &fill(t, number)["devices/".len()..])),
+            );
             for s in subs {
                 subscribe.extend(DEVICE_SUBSCRIBE.iter().map(|t| fill(t, s)));
             }

@@ -86,8 +86,13 @@ impl Devices {
             }
             Some(pw) => {
                 if let Some((_, acl)) = self.services.iter().find(|(s, _)| s.username == user) {
-                    let phc = self.services.iter().find(|(s, _)| s.username == user).map(|(s, _)| s.password_hash.clone()).unwrap_or_default();
-                    return if self.verify_cached(user, pw, &phc).await { Ok(Principal::Service(acl.clone())) } else { Err(AuthError::BadCredentials) };
+                    let phc =
+                        self.services.iter().find(|(s, _)| s.username == user).map(|(s, _)| s.password_hash.clone()).unwrap_or_default();
+                    return if self.verify_cached(user, pw, &phc).await {
+                        Ok(Principal::Service(acl.clone()))
+                    } else {
+                        Err(AuthError::BadCredentials)
+                    };
                 }
                 match self.identity(CredentialKind::Password, user).await.map_err(unavailable)? {
                     Some(i) => {

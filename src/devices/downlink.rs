@@ -101,7 +101,10 @@ impl Devices {
                 out.push((format!("devices/attributes/set/{n}/{mid}"), p.clone()));
                 out.push((format!("v1/devices/{n}/attributes"), p.clone()));
             }
-            CommandKind::AttributeGet => out.push((format!("devices/attributes/get/{n}"), json!({"keys": p.get("keys").cloned().unwrap_or(json!([])), "message_id": mid}))),
+            CommandKind::AttributeGet => out.push((
+                format!("devices/attributes/get/{n}"),
+                json!({"keys": p.get("keys").cloned().unwrap_or(json!([])), "message_id": mid}),
+            )),
             CommandKind::TelemetryControl => out.push((format!("devices/telemetry/control/{n}"), p.clone())),
         }
         if let (Some(gw), Some(addr)) = (dev.gateway_id, &dev.sub_address) {
@@ -111,7 +114,10 @@ impl Devices {
                 let (topic, body) = match cmd.kind {
                     CommandKind::Command => (format!("gateway/command/{g}/{mid}"), wrap(&rpc)),
                     CommandKind::AttributeSet => (format!("gateway/attributes/set/{g}/{mid}"), wrap(p)),
-                    CommandKind::AttributeGet => (format!("gateway/attributes/get/{g}"), wrap(&json!({"keys": p.get("keys").cloned().unwrap_or(json!([])), "message_id": mid}))),
+                    CommandKind::AttributeGet => (
+                        format!("gateway/attributes/get/{g}"),
+                        wrap(&json!({"keys": p.get("keys").cloned().unwrap_or(json!([])), "message_id": mid})),
+                    ),
                     CommandKind::TelemetryControl => (format!("gateway/telemetry/control/{g}"), wrap(p)),
                 };
                 out.push((topic, body));
@@ -121,9 +127,8 @@ impl Devices {
             Some(g) => Some(self.meta.device_by_id(g).await?.device_number),
             None => None,
         };
-        let mine = |client: &str| {
-            super::device_of_session(client).is_some_and(|d| d == dev.device_number || gateway_number.as_deref() == Some(d))
-        };
+        let mine =
+            |client: &str| super::device_of_session(client).is_some_and(|d| d == dev.device_number || gateway_number.as_deref() == Some(d));
         let mut taken = 0;
         for (topic, body) in out {
             taken += b.router.local_subscribers(&topic).iter().filter(|c| mine(c)).count();
@@ -176,7 +181,11 @@ impl Devices {
 
     /// The oldest pending downlink of a device, marked sent (HTTP long poll).
     pub async fn take_pending(&self, device_id: i64) -> Result<Option<Command>, MetaError> {
-        self.take_pending_of(device_id, &[CommandKind::Command, CommandKind::AttributeSet, CommandKind::AttributeGet, CommandKind::TelemetryControl]).await
+        self.take_pending_of(
+            device_id,
+            &[CommandKind::Command, CommandKind::AttributeSet, CommandKind::AttributeGet, CommandKind::TelemetryControl],
+        )
+        .await
     }
 
     /// The oldest pending downlink of one of `kinds`, marked sent (CoAP observers).

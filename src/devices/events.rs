@@ -50,7 +50,11 @@ impl Devices {
                 }
                 EventKind::AttributeRequest => {
                     let keys = |k: &str| -> Vec<String> {
-                        ev.values.get(k).and_then(Value::as_str).map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()).unwrap_or_default()
+                        ev.values
+                            .get(k)
+                            .and_then(Value::as_str)
+                            .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+                            .unwrap_or_default()
                     };
                     let client = self.meta.attributes(ev.device_id, AttributeScope::Client, &keys("clientKeys")).await?;
                     let shared = self.meta.attributes(ev.device_id, AttributeScope::Shared, &keys("sharedKeys")).await?;

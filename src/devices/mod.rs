@@ -165,7 +165,11 @@ impl Devices {
         };
         let mut services = Vec::new();
         for s in &config.devices.services {
-            anyhow::ensure!(argon2::PasswordHash::new(&s.password_hash).is_ok(), "devices.services {}: password_hash is not an argon2 PHC string", s.username);
+            anyhow::ensure!(
+                argon2::PasswordHash::new(&s.password_hash).is_ok(),
+                "devices.services {}: password_hash is not an argon2 PHC string",
+                s.username
+            );
             services.push((s.clone(), Arc::new(Acl { publish: s.publish.clone(), subscribe: s.subscribe.clone() })));
         }
         let d = Arc::new(Devices {
@@ -431,7 +435,9 @@ impl Devices {
             tracing::info!(device = number, connections = conns.len(), "device disabled or removed: disconnecting");
             for k in conns.into_values() {
                 // DISCONNECT first (the writer closes after it); cut the socket if the queue is full.
-                let queued = k.tx.as_ref().is_some_and(|tx| tx.try_send(Outbound::Disconnect(crate::protocols::mqtt::reason::ADMINISTRATIVE_ACTION)).is_ok());
+                let queued =
+                    k.tx.as_ref()
+                        .is_some_and(|tx| tx.try_send(Outbound::Disconnect(crate::protocols::mqtt::reason::ADMINISTRATIVE_ACTION)).is_ok());
                 if !queued {
                     k.cancel.cancel();
                 }

@@ -85,17 +85,22 @@ pub fn classify(topic: &str, number: &str) -> Option<(EventKind, bool, Option<St
     Some((kind, gateway, id))
 }
 
+/// One message as it arrived, before it is checked.
+pub struct Incoming<'a> {
+    pub kind: EventKind,
+    /// A gateway message (`gateway_data` / `sub_device_data`).
+    pub gateway: bool,
+    pub message_id: Option<String>,
+    pub payload: &'a [u8],
+    pub protocol: &'static str,
+}
+
+/// Key/value sets of one payload with their timestamps.
+type Sets = Vec<(Map<String, Value>, i64)>;
+
 /// Turn one payload into events for `who` (and, for gateway messages, its sub-devices).
-pub fn parse(
-    who: &Identity,
-    kind: EventKind,
-    gateway: bool,
-    message_id: Option<String>,
-    payload: &[u8],
-    max: usize,
-    protocol: &'static str,
-    now: i64,
-) -> Result<Vec<DeviceEvent>, Reject> {
+pub fn parse(who: &Identity, m: Incoming<'_>, max: usize, now: i64) -> Result<Vec<DeviceEvent>, Reject> {
+    let Incoming { kind, gateway, message_id, payload, protocol } = m;
     if payload.len() > max {
         return Err(Reject::TooLarge(max));
     }
@@ -149,7 +154,7 @@ pub fn parse(
 }
 
 /// The key/value sets of one payload: an object, `{"ts": .., "values": {..}}`, or an array of either.
-fn body(kind: EventKind, v: Value, now: i64) -> Result<Vec<(Map<String, Value>, i64)>, Reject> {
+fn body(kind: EventKind, v: Value, now: i64) -> Result<Sets, Reject> {
     match v {
         Value::Array(items) if kind == EventKind::Telemetry => {
             if items.len() > 1000 {
@@ -173,7 +178,9 @@ fn body(kind: EventKind, v: Value, now: i64) -> Result<Vec<(Map<String, Value>, 
                 }
             }
             let ts = match kind {
-                EventKind::Event | EventKind::CommandResponse | EventKind::AttributeSetResponse => m.get("ts").and_then(Value::as_i64).unwrap_or(now),
+                EventKind::Event | EventKind::CommandResponse | EventKind::AttributeSetResponse => {
+                    m.get("ts").and_then(Value::as_i64).unwrap_or(now)
+                }
                 _ => now,
             };
             if kind == EventKind::Event {
@@ -202,7 +209,9 @@ fn check_model(m: &ThingModel, kind: EventKind, values: &Map<String, Value>) -> 
         EventKind::Attributes => ThingModel::check(&m.attributes, values).map_err(Reject::Model),
         EventKind::Event => {
             let method = values.get("method").and_then(Value::as_str).unwrap_or("");
-            let Some(def) = m.events.iter().find(|e| e.identifier == method) else { return Err(Reject::Model(format!("{method}: no such event"))) };
+            let Some(def) = m.events.iter().find(|e| e.identifier == method) else {
+                return Err(Reject::Model(format!("{method}: no such event")));
+            };
             match values.get("params") {
                 Some(Value::Object(p)) => ThingModel::check(&def.params, p).map_err(Reject::Model),
                 _ => Ok(()),

@@ -41,15 +41,26 @@ async fn auth(s: &AppState, peer: SocketAddr, token: &str) -> Result<(Arc<Device
         Ok(i) => Ok((d, i)),
         Err(AuthError::BadCredentials) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown access token")),
         Err(AuthError::NotAuthorized) => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "device disabled")),
-        Err(AuthError::RateLimited) => Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many failed logins from this address")),
-        Err(AuthError::Unavailable) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the device registry is unavailable")),
+        Err(AuthError::RateLimited) => {
+            Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", "too many failed logins from this address"))
+        }
+        Err(AuthError::Unavailable) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the device registry is unavailable"))
+        }
     }
 }
 
 /// A request body, or the JSON error for one that is too large or unreadable.
 type RawBody = Result<Bytes, BytesRejection>;
 
-async fn uplink(s: &AppState, peer: SocketAddr, token: &str, kind: EventKind, mid: Option<String>, body: RawBody) -> Result<Json<Value>, ApiError> {
+async fn uplink(
+    s: &AppState,
+    peer: SocketAddr,
+    token: &str,
+    kind: EventKind,
+    mid: Option<String>,
+    body: RawBody,
+) -> Result<Json<Value>, ApiError> {
     let (d, ident) = auth(s, peer, token).await?;
     let body = body.map_err(|e| {
         let status = e.status();
@@ -57,7 +68,8 @@ async fn uplink(s: &AppState, peer: SocketAddr, token: &str, kind: EventKind, mi
         ApiError::new(status, code, e.body_text())
     })?;
     let now = crate::message::now_ms() as i64;
-    match uplink::parse(&ident, kind, false, mid, &body, d.config.devices.max_payload, "http", now) {
+    let m = uplink::Incoming { kind, gateway: false, message_id: mid, payload: &body, protocol: "http" };
+    match uplink::parse(&ident, m, d.config.devices.max_payload, now) {
         Err(why) => {
             d.rejected(&ident.device_number, "http", &why);
             let status = match why {
@@ -73,15 +85,30 @@ async fn uplink(s: &AppState, peer: SocketAddr, token: &str, kind: EventKind, mi
     }
 }
 
-async fn telemetry(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: RawBody) -> Result<Json<Value>, ApiError> {
+async fn telemetry(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(token): Path<String>,
+    body: RawBody,
+) -> Result<Json<Value>, ApiError> {
     uplink(&s, peer, &token, EventKind::Telemetry, None, body).await
 }
 
-async fn post_attributes(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: RawBody) -> Result<Json<Value>, ApiError> {
+async fn post_attributes(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(token): Path<String>,
+    body: RawBody,
+) -> Result<Json<Value>, ApiError> {
     uplink(&s, peer, &token, EventKind::Attributes, None, body).await
 }
 
-async fn events(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, body: RawBody) -> Result<Json<Value>, ApiError> {
+async fn events(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(token): Path<String>,
+    body: RawBody,
+) -> Result<Json<Value>, ApiError> {
     uplink(&s, peer, &token, EventKind::Event, None, body).await
 }
 
@@ -100,7 +127,12 @@ struct KeysQuery {
     keys: Option<String>,
 }
 
-async fn get_attributes(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, Query(q): Query<KeysQuery>) -> Result<Json<Value>, ApiError> {
+async fn get_attributes(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(token): Path<String>,
+    Query(q): Query<KeysQuery>,
+) -> Result<Json<Value>, ApiError> {
     let (d, ident) = auth(&s, peer, &token).await?;
     let keys: Vec<String> = q.keys.unwrap_or_default().split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_string).collect();
     Ok(Json(d.attributes_doc(ident.device_id, &keys).await?))
@@ -113,7 +145,12 @@ struct PollQuery {
     timeout: Option<u64>,
 }
 
-async fn rpc_poll(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(token): Path<String>, Query(q): Query<PollQuery>) -> Result<Json<Value>, ApiError> {
+async fn rpc_poll(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(token): Path<String>,
+    Query(q): Query<PollQuery>,
+) -> Result<Json<Value>, ApiError> {
     let (d, ident) = auth(&s, peer, &token).await?;
     let max = Duration::from_secs(d.config.devices.max_poll_secs.max(1));
     let wait = Duration::from_millis(q.timeout.unwrap_or(30_000)).min(max);

@@ -93,11 +93,31 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
         use std::sync::atomic::Ordering::Relaxed;
         let dm = &d.metrics;
         metric("thingsd_device_auth_ok_total", "counter", "Successful device/service logins (all protocols).", dm.auth_ok.load(Relaxed));
-        metric("thingsd_device_auth_failed_total", "counter", "Refused logins: bad or missing credentials, disabled devices.", dm.auth_failed.load(Relaxed));
-        metric("thingsd_device_auth_rate_limited_total", "counter", "Logins refused because the address failed too often.", dm.auth_rate_limited.load(Relaxed));
+        metric(
+            "thingsd_device_auth_failed_total",
+            "counter",
+            "Refused logins: bad or missing credentials, disabled devices.",
+            dm.auth_failed.load(Relaxed),
+        );
+        metric(
+            "thingsd_device_auth_rate_limited_total",
+            "counter",
+            "Logins refused because the address failed too often.",
+            dm.auth_rate_limited.load(Relaxed),
+        );
         metric("thingsd_acl_denied_total", "counter", "PUBLISH and SUBSCRIBE requests denied by the ACL.", dm.acl_denied.load(Relaxed));
-        metric("thingsd_device_events_total", "counter", "Device messages accepted (telemetry, attributes, events, responses).", dm.events.load(Relaxed));
-        metric("thingsd_device_payload_rejected_total", "counter", "Device payloads refused (malformed, too large, not in the thing model).", dm.payload_rejected.load(Relaxed));
+        metric(
+            "thingsd_device_events_total",
+            "counter",
+            "Device messages accepted (telemetry, attributes, events, responses).",
+            dm.events.load(Relaxed),
+        );
+        metric(
+            "thingsd_device_payload_rejected_total",
+            "counter",
+            "Device payloads refused (malformed, too large, not in the thing model).",
+            dm.payload_rejected.load(Relaxed),
+        );
         metric("thingsd_downlinks_sent_total", "counter", "Commands and attribute sets handed to devices.", dm.commands_sent.load(Relaxed));
     }
     metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);

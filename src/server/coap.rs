@@ -25,11 +25,14 @@ const DEDUP_MAX: usize = 20_000;
 const MAX_OBSERVERS: usize = 50_000;
 const MAX_DATAGRAM: usize = 65_535;
 
+/// A peer's message id.
+type Exchange = (SocketAddr, u16);
+
 struct Server {
     sock: UdpSocket,
     devices: Arc<Devices>,
     /// Answers to recent confirmable requests: (peer, message id) → bytes.
-    recent: Mutex<HashMap<(SocketAddr, u16), (Instant, Vec<u8>)>>,
+    recent: Mutex<HashMap<Exchange, (Instant, Vec<u8>)>>,
     /// Confirmable notifications waiting for their ACK (true) or RST (false).
     acks: Mutex<HashMap<(SocketAddr, u16), oneshot::Sender<bool>>>,
     /// Observations: (peer, token) → cancel.
@@ -213,7 +216,9 @@ impl Server {
             Ok(i) => i,
             Err(AuthError::RateLimited) => return (err(ResponseType::TooManyRequests, "rate_limited", "too many failed logins"), None),
             Err(AuthError::NotAuthorized) => return (err(ResponseType::Forbidden, "forbidden", "device disabled"), None),
-            Err(AuthError::Unavailable) => return (err(ResponseType::ServiceUnavailable, "unavailable", "the device registry is unavailable"), None),
+            Err(AuthError::Unavailable) => {
+                return (err(ResponseType::ServiceUnavailable, "unavailable", "the device registry is unavailable"), None)
+            }
             Err(AuthError::BadCredentials) => return (err(ResponseType::Unauthorized, "unauthorized", "unknown access token"), None),
         };
         let observe = matches!(req.get_observe_value(), Some(Ok(0)));
@@ -227,7 +232,9 @@ impl Server {
             (RequestType::Post, ["telemetry"]) => (self.uplink(&ident, EventKind::Telemetry, None, &req.payload).await, None),
             (RequestType::Post, ["attributes"]) => (self.uplink(&ident, EventKind::Attributes, None, &req.payload).await, None),
             (RequestType::Post, ["events"]) => (self.uplink(&ident, EventKind::Event, None, &req.payload).await, None),
-            (RequestType::Post, ["rpc", id]) => (self.uplink(&ident, EventKind::CommandResponse, Some(id.to_string()), &req.payload).await, None),
+            (RequestType::Post, ["rpc", id]) => {
+                (self.uplink(&ident, EventKind::CommandResponse, Some(id.to_string()), &req.payload).await, None)
+            }
             (RequestType::Get, ["attributes"]) => {
                 let keys: Vec<String> = query
                     .iter()
@@ -237,22 +244,36 @@ impl Server {
                     .map(str::to_string)
                     .collect();
                 match d.attributes_doc(ident.device_id, &keys).await {
-                    Ok(doc) => (Answer(ResponseType::Content, doc), observe.then(|| (0, Observation { ident, kinds: &[CommandKind::AttributeSet] }))),
+                    Ok(doc) => (
+                        Answer(ResponseType::Content, doc),
+                        observe.then_some((0, Observation { ident, kinds: &[CommandKind::AttributeSet] })),
+                    ),
                     Err(e) => (meta_err(e), None),
                 }
             }
             (RequestType::Get, ["rpc"]) => {
                 if observe {
                     // The registration answer is empty; commands come as notifications.
-                    return (Answer(ResponseType::Content, Value::Null), Some((0, Observation { ident, kinds: &[CommandKind::Command, CommandKind::AttributeGet, CommandKind::TelemetryControl] })));
+                    return (
+                        Answer(ResponseType::Content, Value::Null),
+                        Some((
+                            0,
+                            Observation { ident, kinds: &[CommandKind::Command, CommandKind::AttributeGet, CommandKind::TelemetryControl] },
+                        )),
+                    );
                 }
-                match d.take_pending_of(ident.device_id, &[CommandKind::Command, CommandKind::AttributeGet, CommandKind::TelemetryControl]).await {
+                match d
+                    .take_pending_of(ident.device_id, &[CommandKind::Command, CommandKind::AttributeGet, CommandKind::TelemetryControl])
+                    .await
+                {
                     Ok(Some(c)) => (Answer(ResponseType::Content, downlink::as_rpc(&c)), None),
                     Ok(None) => (Answer(ResponseType::Content, Value::Null), None),
                     Err(e) => (meta_err(e), None),
                 }
             }
-            (_, ["telemetry" | "attributes" | "events" | "rpc"] | ["rpc", _]) => (err(ResponseType::MethodNotAllowed, "method_not_allowed", "method not allowed here"), None),
+            (_, ["telemetry" | "attributes" | "events" | "rpc"] | ["rpc", _]) => {
+                (err(ResponseType::MethodNotAllowed, "method_not_allowed", "method not allowed here"), None)
+            }
             _ => (err(ResponseType::NotFound, "not_found", "no resource here"), None),
         }
     }
@@ -260,7 +281,8 @@ impl Server {
     async fn uplink(&self, ident: &Arc<Identity>, kind: EventKind, mid: Option<String>, payload: &[u8]) -> Answer {
         let d = &self.devices;
         let now = crate::message::now_ms() as i64;
-        match uplink::parse(ident, kind, false, mid, payload, d.config.devices.max_payload, "coap", now) {
+        let m = uplink::Incoming { kind, gateway: false, message_id: mid, payload, protocol: "coap" };
+        match uplink::parse(ident, m, d.config.devices.max_payload, now) {
             Err(why) => {
                 d.rejected(&ident.device_number, "coap", &why);
                 let code = match why {

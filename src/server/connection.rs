@@ -179,7 +179,11 @@ where
     // (3.1.1: 4/5), and an address with too many failures is refused for a while.
     let principal = match broker.devices.get() {
         Some(d) => {
-            let creds = Credentials { username: c.username.as_deref(), password: c.password.as_deref(), cert_fingerprint: ctx.cert_fingerprint.as_deref() };
+            let creds = Credentials {
+                username: c.username.as_deref(),
+                password: c.password.as_deref(),
+                cert_fingerprint: ctx.cert_fingerprint.as_deref(),
+            };
             match Box::pin(d.authenticate(peer.ip(), &creds, ctx.allow_anonymous)).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -610,7 +614,8 @@ impl Conn {
     ) -> Option<u8> {
         let d = self.broker.devices.get()?.clone();
         let max = d.config.devices.max_payload;
-        match uplink::parse(ident, kind, gateway, mid, payload, max, "mqtt", now_ms() as i64) {
+        let m = uplink::Incoming { kind, gateway, message_id: mid, payload, protocol: "mqtt" };
+        match uplink::parse(ident, m, max, now_ms() as i64) {
             Err(why) => {
                 d.rejected(&ident.device_number, "mqtt", &why);
                 // MQTT 5.0: the device may have asked for answers on a response topic.

@@ -102,7 +102,8 @@ async fn tls(
     match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             // A verified client certificate names its device by fingerprint.
-            ctx.cert_fingerprint = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::devices::sha256_hex(c.as_ref()));
+            ctx.cert_fingerprint =
+                tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::devices::sha256_hex(c.as_ref()));
             let (rd, wr) = tokio::io::split(tls);
             Box::pin(serve(broker, rd, wr, peer, ctx, shutdown)).await
         }
@@ -111,7 +112,15 @@ async fn tls(
     }
 }
 
-async fn ws(stream: TcpStream, peer: SocketAddr, path: &str, ctx: ConnCtx, broker: Arc<Broker>, shutdown: CancellationToken, handshake: Duration) {
+async fn ws(
+    stream: TcpStream,
+    peer: SocketAddr,
+    path: &str,
+    ctx: ConnCtx,
+    broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    handshake: Duration,
+) {
     let want = path.to_string();
     #[allow(clippy::result_large_err)] // the handshake callback's signature is tungstenite's
     let callback = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {

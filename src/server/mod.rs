@@ -77,10 +77,13 @@ fn tls_acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Re
         // still log in with a token or password.
         Some(ca) => {
             let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(ca).with_context(|| format!("TLS client CA {}", ca.display()))?)) {
+            for c in rustls_pemfile::certs(&mut std::io::BufReader::new(
+                std::fs::File::open(ca).with_context(|| format!("TLS client CA {}", ca.display()))?,
+            )) {
                 roots.add(c.with_context(|| format!("TLS client CA {}", ca.display()))?).context("TLS client CA")?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().context("TLS client CA")?;
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).allow_unauthenticated().build().context("TLS client CA")?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),

@@ -36,7 +36,8 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     let mut tcp = TcpListenerConfig::new("127.0.0.1:0".parse().unwrap());
     tcp.allow_anonymous = true;
     c.listeners.tcp = vec![tcp];
-    c.listeners.ws = vec![WsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), path: "/mqtt".into(), proxy_protocol: false, allow_anonymous: true }];
+    c.listeners.ws =
+        vec![WsListenerConfig { bind: "127.0.0.1:0".parse().unwrap(), path: "/mqtt".into(), proxy_protocol: false, allow_anonymous: true }];
     c.listeners.coap = vec![];
     c.listeners.tls = vec![];
     c.listeners.http = vec![TcpListenerConfig::new("127.0.0.1:0".parse().unwrap())];
@@ -293,5 +294,5 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 pub mod backends;
-pub mod platform;
 pub mod cluster;
+pub mod platform;

@@ -142,7 +142,8 @@ impl Cache {
             tracing::error!(error = %e, "cannot connect the Redis subscriber");
             return None;
         }
-        let _ = sub.manage_subscriptions();
+        // Resubscribes after reconnects; runs as long as the client.
+        drop(sub.manage_subscriptions());
         let name = r.key(channel);
         if let Err(e) = sub.subscribe(name.clone()).await {
             tracing::error!(error = %e, "cannot subscribe to Redis channel");
@@ -187,7 +188,9 @@ impl RedisCache {
     fn log(&self, e: &fred::error::Error) {
         let now = now_ms();
         let last = self.last_error_log.load(Ordering::Relaxed);
-        if now.saturating_sub(last) > 60_000 && self.last_error_log.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if now.saturating_sub(last) > 60_000
+            && self.last_error_log.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
             tracing::warn!(error = %e, "Redis cache unavailable; using the meta store directly");
         }
     }

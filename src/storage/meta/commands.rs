@@ -78,10 +78,7 @@ fn command(r: &AnyRow) -> Result<Command> {
         expires_ms: col_i64(r, "expires_ms")?,
         sent_ms: col_opt_i64(r, "sent_ms")?,
         done_ms: col_opt_i64(r, "done_ms")?,
-        response: match col_opt_str(r, "response")? {
-            Some(s) => Some(serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))),
-            None => None,
-        },
+        response: col_opt_str(r, "response")?.map(|s| serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s))),
     })
 }
 
@@ -111,23 +108,32 @@ impl MetaStore {
     }
 
     pub async fn command_by_message(&self, device_id: i64, message_id: &str) -> Result<Option<Command>> {
-        let r = sqlx::query("SELECT * FROM commands WHERE device_id = $1 AND message_id = $2").bind(device_id).bind(message_id).fetch_optional(self.pool()).await?;
+        let r = sqlx::query("SELECT * FROM commands WHERE device_id = $1 AND message_id = $2")
+            .bind(device_id)
+            .bind(message_id)
+            .fetch_optional(self.pool())
+            .await?;
         r.as_ref().map(command).transpose()
     }
 
     /// Commands of a device, newest first.
     pub async fn device_commands(&self, device_id: i64, limit: i64) -> Result<Vec<Command>> {
-        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 ORDER BY id DESC LIMIT $2").bind(device_id).bind(limit.clamp(1, 1000)).fetch_all(self.pool()).await?;
+        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 ORDER BY id DESC LIMIT $2")
+            .bind(device_id)
+            .bind(limit.clamp(1, 1000))
+            .fetch_all(self.pool())
+            .await?;
         rows.iter().map(command).collect()
     }
 
     /// Unexpired pending commands of a device, oldest first.
     pub async fn pending_commands(&self, device_id: i64) -> Result<Vec<Command>> {
-        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 AND status = 'pending' AND expires_ms > $2 ORDER BY id LIMIT 100")
-            .bind(device_id)
-            .bind(now_ms())
-            .fetch_all(self.pool())
-            .await?;
+        let rows =
+            sqlx::query("SELECT * FROM commands WHERE device_id = $1 AND status = 'pending' AND expires_ms > $2 ORDER BY id LIMIT 100")
+                .bind(device_id)
+                .bind(now_ms())
+                .fetch_all(self.pool())
+                .await?;
         rows.iter().map(command).collect()
     }
 
@@ -143,7 +149,13 @@ impl MetaStore {
     }
 
     /// Record the device's response: pending/sent → acknowledged or failed.
-    pub async fn complete_command(&self, device_id: i64, message_id: &str, ok: bool, response: &serde_json::Value) -> Result<Option<Command>> {
+    pub async fn complete_command(
+        &self,
+        device_id: i64,
+        message_id: &str,
+        ok: bool,
+        response: &serde_json::Value,
+    ) -> Result<Option<Command>> {
         let status = if ok { CommandStatus::Acknowledged } else { CommandStatus::Failed };
         let n = sqlx::query(
             "UPDATE commands SET status = $1, done_ms = $2, response = $3, sent_ms = COALESCE(sent_ms, $2) \

@@ -228,17 +228,19 @@ impl MetaStore {
             None => d.labels.clone(),
         };
         let labels = serde_json::to_string(&labels).map_err(|e| MetaError::Invalid(e.to_string()))?;
-        sqlx::query("UPDATE devices SET name = $1, product_id = $2, group_id = $3, labels = $4, enabled = $5, updated_ms = $6 WHERE id = $7")
-            .bind(u.name.clone().unwrap_or(d.name))
-            .bind(u.product_id.unwrap_or(d.product_id))
-            .bind(u.group_id.unwrap_or(d.group_id))
-            .bind(labels)
-            .bind(u.enabled.unwrap_or(d.enabled) as i64)
-            .bind(now_ms())
-            .bind(d.id)
-            .execute(self.pool())
-            .await
-            .map_err(|e| MetaError::unique(e, "device update"))?;
+        sqlx::query(
+            "UPDATE devices SET name = $1, product_id = $2, group_id = $3, labels = $4, enabled = $5, updated_ms = $6 WHERE id = $7",
+        )
+        .bind(u.name.clone().unwrap_or(d.name))
+        .bind(u.product_id.unwrap_or(d.product_id))
+        .bind(u.group_id.unwrap_or(d.group_id))
+        .bind(labels)
+        .bind(u.enabled.unwrap_or(d.enabled) as i64)
+        .bind(now_ms())
+        .bind(d.id)
+        .execute(self.pool())
+        .await
+        .map_err(|e| MetaError::unique(e, "device update"))?;
         self.device_by_id(d.id).await
     }
 
@@ -252,21 +254,29 @@ impl MetaStore {
         if name.trim().is_empty() {
             return Err(MetaError::Invalid("group name is empty".into()));
         }
-        let id: i64 = sqlx::query_scalar("INSERT INTO device_groups (tenant_id, name, parent_id, created_ms) VALUES ($1, $2, $3, $4) RETURNING id")
-            .bind(tenant_id)
-            .bind(name)
-            .bind(parent_id)
-            .bind(now_ms())
-            .fetch_one(self.pool())
-            .await
-            .map_err(|e| MetaError::unique(e, format!("group {name}")))?;
+        let id: i64 =
+            sqlx::query_scalar("INSERT INTO device_groups (tenant_id, name, parent_id, created_ms) VALUES ($1, $2, $3, $4) RETURNING id")
+                .bind(tenant_id)
+                .bind(name)
+                .bind(parent_id)
+                .bind(now_ms())
+                .fetch_one(self.pool())
+                .await
+                .map_err(|e| MetaError::unique(e, format!("group {name}")))?;
         Ok(Group { id, tenant_id, name: name.into(), parent_id })
     }
 
     pub async fn list_groups(&self) -> Result<Vec<Group>> {
         let rows = sqlx::query("SELECT id, tenant_id, name, parent_id FROM device_groups ORDER BY id").fetch_all(self.pool()).await?;
         rows.iter()
-            .map(|r| Ok(Group { id: col_i64(r, "id")?, tenant_id: col_i64(r, "tenant_id")?, name: col_str(r, "name")?, parent_id: col_opt_i64(r, "parent_id")? }))
+            .map(|r| {
+                Ok(Group {
+                    id: col_i64(r, "id")?,
+                    tenant_id: col_i64(r, "tenant_id")?,
+                    name: col_str(r, "name")?,
+                    parent_id: col_opt_i64(r, "parent_id")?,
+                })
+            })
             .collect()
     }
 
@@ -284,15 +294,17 @@ impl MetaStore {
             return Err(MetaError::Invalid("credential identity must be 1..512 bytes".into()));
         }
         let now = now_ms();
-        let id: i64 = sqlx::query_scalar("INSERT INTO credentials (device_id, kind, identity, secret, created_ms) VALUES ($1, $2, $3, $4, $5) RETURNING id")
-            .bind(device_id)
-            .bind(kind.as_str())
-            .bind(identity)
-            .bind(secret)
-            .bind(now)
-            .fetch_one(self.pool())
-            .await
-            .map_err(|e| MetaError::unique(e, format!("a {} credential with that identity exists", kind.as_str())))?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO credentials (device_id, kind, identity, secret, created_ms) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(device_id)
+        .bind(kind.as_str())
+        .bind(identity)
+        .bind(secret)
+        .bind(now)
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| MetaError::unique(e, format!("a {} credential with that identity exists", kind.as_str())))?;
         Ok(Credential { id, device_id, kind, identity: identity.into(), secret: secret.map(str::to_string), created_ms: now })
     }
 
@@ -303,7 +315,11 @@ impl MetaStore {
 
     /// The credential with this kind and identity, and its device.
     pub async fn find_credential(&self, kind: CredentialKind, identity: &str) -> Result<Option<(Credential, Device)>> {
-        let Some(r) = sqlx::query("SELECT * FROM credentials WHERE kind = $1 AND identity = $2").bind(kind.as_str()).bind(identity).fetch_optional(self.pool()).await?
+        let Some(r) = sqlx::query("SELECT * FROM credentials WHERE kind = $1 AND identity = $2")
+            .bind(kind.as_str())
+            .bind(identity)
+            .fetch_optional(self.pool())
+            .await?
         else {
             return Ok(None);
         };
@@ -313,14 +329,23 @@ impl MetaStore {
     }
 
     pub async fn delete_credential(&self, device_id: i64, id: i64) -> Result<Credential> {
-        let r = sqlx::query("SELECT * FROM credentials WHERE id = $1 AND device_id = $2").bind(id).bind(device_id).fetch_optional(self.pool()).await?;
+        let r = sqlx::query("SELECT * FROM credentials WHERE id = $1 AND device_id = $2")
+            .bind(id)
+            .bind(device_id)
+            .fetch_optional(self.pool())
+            .await?;
         let c = credential(&r.ok_or_else(|| MetaError::NotFound(format!("credential {id}")))?)?;
         sqlx::query("DELETE FROM credentials WHERE id = $1").bind(id).execute(self.pool()).await?;
         Ok(c)
     }
 
     /// Upsert attributes of one scope.
-    pub async fn set_attributes(&self, device_id: i64, scope: AttributeScope, values: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    pub async fn set_attributes(
+        &self,
+        device_id: i64,
+        scope: AttributeScope,
+        values: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<()> {
         let now = now_ms();
         let mut tx = self.pool().begin().await?;
         for (k, v) in values {
@@ -341,7 +366,12 @@ impl MetaStore {
     }
 
     /// Attributes of one scope (all keys when `keys` is empty).
-    pub async fn attributes(&self, device_id: i64, scope: AttributeScope, keys: &[String]) -> Result<serde_json::Map<String, serde_json::Value>> {
+    pub async fn attributes(
+        &self,
+        device_id: i64,
+        scope: AttributeScope,
+        keys: &[String],
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
         let rows = sqlx::query("SELECT key, value FROM attributes WHERE device_id = $1 AND scope = $2 ORDER BY key")
             .bind(device_id)
             .bind(scope.as_str())

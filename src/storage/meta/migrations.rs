@@ -79,7 +79,11 @@ pub(super) async fn run(store: &MetaStore) -> Result<()> {
             for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                 sqlx::query(stmt).execute(&mut *tx).await?;
             }
-            sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)").bind(version).bind(now_ms()).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
+                .bind(version)
+                .bind(now_ms())
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
             tracing::info!(version, backend = ?store.backend, "meta store migrated");
         }

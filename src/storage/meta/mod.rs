@@ -17,8 +17,8 @@ mod migrations;
 mod products;
 
 pub use commands::{Command, CommandKind, CommandStatus, NewCommand};
-pub use devices::{AttributeScope, CredentialKind, Credential, Device, DeviceUpdate, Group, NewDevice};
-pub use products::{DataType, Field, NewProduct, Product, Tenant, ThingModel, Definition};
+pub use devices::{AttributeScope, Credential, CredentialKind, Device, DeviceUpdate, Group, NewDevice};
+pub use products::{DataType, Definition, Field, NewProduct, Product, Tenant, ThingModel};
 
 /// What a repository call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,9 @@ impl MetaError {
     fn unique(e: sqlx::Error, what: impl Into<String>) -> MetaError {
         match &e {
             sqlx::Error::Database(d) if d.is_unique_violation() => MetaError::Conflict(what.into()),
-            sqlx::Error::Database(d) if d.is_foreign_key_violation() => MetaError::Invalid(format!("{} refers to something that does not exist", what.into())),
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => {
+                MetaError::Invalid(format!("{} refers to something that does not exist", what.into()))
+            }
             _ => MetaError::Db(e),
         }
     }
@@ -83,7 +85,12 @@ impl MetaStore {
             // One writer at a time is SQLite's model; WAL lets readers run beside it.
             Backend::Sqlite => pool.max_connections(4).after_connect(|conn, _| {
                 Box::pin(async move {
-                    for p in ["PRAGMA journal_mode = WAL", "PRAGMA busy_timeout = 5000", "PRAGMA foreign_keys = ON", "PRAGMA synchronous = NORMAL"] {
+                    for p in [
+                        "PRAGMA journal_mode = WAL",
+                        "PRAGMA busy_timeout = 5000",
+                        "PRAGMA foreign_keys = ON",
+                        "PRAGMA synchronous = NORMAL",
+                    ] {
                         sqlx::query(p).execute(&mut *conn).await?;
                     }
                     Ok(())

@@ -179,7 +179,9 @@ impl MetaStore {
 
     pub async fn list_tenants(&self) -> Result<Vec<Tenant>> {
         let rows = sqlx::query("SELECT id, name, created_ms FROM tenants ORDER BY id").fetch_all(self.pool()).await?;
-        rows.iter().map(|r| Ok(Tenant { id: col_i64(r, "id")?, name: col_str(r, "name")?, created_ms: col_i64(r, "created_ms")? })).collect()
+        rows.iter()
+            .map(|r| Ok(Tenant { id: col_i64(r, "id")?, name: col_str(r, "name")?, created_ms: col_i64(r, "created_ms")? }))
+            .collect()
     }
 
     pub async fn create_product(&self, p: &NewProduct) -> Result<Product> {
@@ -189,15 +191,17 @@ impl MetaStore {
         p.model.validate()?;
         let now = now_ms();
         let model = serde_json::to_string(&p.model).map_err(|e| MetaError::Invalid(e.to_string()))?;
-        let id: i64 = sqlx::query_scalar("INSERT INTO products (tenant_id, name, strict, model, created_ms) VALUES ($1, $2, $3, $4, $5) RETURNING id")
-            .bind(p.tenant_id)
-            .bind(&p.name)
-            .bind(p.strict as i64)
-            .bind(model)
-            .bind(now)
-            .fetch_one(self.pool())
-            .await
-            .map_err(|e| MetaError::unique(e, format!("product {}", p.name)))?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO products (tenant_id, name, strict, model, created_ms) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(p.tenant_id)
+        .bind(&p.name)
+        .bind(p.strict as i64)
+        .bind(model)
+        .bind(now)
+        .fetch_one(self.pool())
+        .await
+        .map_err(|e| MetaError::unique(e, format!("product {}", p.name)))?;
         Ok(Product { id, tenant_id: p.tenant_id, name: p.name.clone(), strict: p.strict, model: p.model.clone(), created_ms: now })
     }
 
