@@ -145,6 +145,35 @@ next_connection_delay_ms = 0
     Ok(Broker { name: kind.into(), addr, child: Some(child), _dir: dir })
 }
 
+/// The admin API key the `devices` scenario configures.
+pub const ADMIN_KEY: &str = "loadtest-admin-key-0123456789";
+
+/// A thingsd node with its HTTP admin API on (for creating devices): (broker, HTTP address).
+/// Its MQTT listener also admits anonymous clients (the scenario's subscriber and its
+/// anonymous comparison publishers); devices log in with their tokens.
+pub async fn start_platform(max_conns: usize) -> anyhow::Result<(Broker, SocketAddr)> {
+    let (port, hport) = (free_port()?, free_port()?);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let dir = scratch("platform")?;
+    let mut c = Command::new(thingsd_binary()?);
+    c.env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\", allow_anonymous=true}}]"))
+        .env("THINGSD_LISTENERS__WS", "[]")
+        .env("THINGSD_LISTENERS__COAP", "[]")
+        .env("THINGSD_LISTENERS__HTTP", format!("[{{bind=\"127.0.0.1:{hport}\"}}]"))
+        .env("THINGSD_DEVICES__ADMIN_KEY", ADMIN_KEY)
+        .env("THINGSD_DEVICES__AUTH_FAIL_LIMIT", "0")
+        .env("THINGSD_NODE__DATA_DIR", dir.join("data").display().to_string())
+        .env("THINGSD_MQTT__MAX_CONNECTIONS", (max_conns + 100).to_string())
+        .env("THINGSD_LOG__LEVEL", "warn")
+        .current_dir(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let child = c.spawn().context("start thingsd")?;
+    wait_ready(addr).await?;
+    Ok((Broker { name: "thingsd".into(), addr, child: Some(child), _dir: dir }, format!("127.0.0.1:{hport}").parse()?))
+}
+
 /// A local thingsd cluster of `n` nodes (same layout as `thingsd dev-cluster`); returns once
 /// every node has logged all its peers up. Brokers are named `thingsd-A`, `thingsd-B`, ….
 pub async fn start_cluster(n: usize, max_conns: usize) -> anyhow::Result<Vec<Broker>> {

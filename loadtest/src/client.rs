@@ -24,8 +24,22 @@ pub fn payload(publisher: u32, seq: u64, base: Instant, size: usize) -> Bytes {
     b.freeze()
 }
 
-/// (publisher, seq, latency).
+/// `size` for a JSON telemetry payload (`{"p": publisher, "s": seq, "t": ns, "temp": ..}`),
+/// as a device would send, instead of the binary header.
+pub const JSON: usize = 0;
+
+fn json_payload(publisher: u32, seq: u64, base: Instant) -> Bytes {
+    Bytes::from(format!(r#"{{"p":{publisher},"s":{seq},"t":{},"temp":{}.5}}"#, base.elapsed().as_nanos() as u64, seq % 40))
+}
+
+/// (publisher, seq, latency) of a binary or JSON payload.
 pub fn parse_payload(mut p: &[u8], base: Instant) -> Option<(u32, u64, Duration)> {
+    if p.first() == Some(&b'{') {
+        let v: serde_json::Value = serde_json::from_slice(p).ok()?;
+        let sent = v.get("t")?.as_u64()?;
+        let now = base.elapsed().as_nanos() as u64;
+        return Some((v.get("p")?.as_u64()? as u32, v.get("s")?.as_u64()?, Duration::from_nanos(now.saturating_sub(sent))));
+    }
     if p.len() < PAYLOAD_HEADER {
         return None;
     }
@@ -37,6 +51,17 @@ pub fn parse_payload(mut p: &[u8], base: Instant) -> Option<(u32, u64, Duration)
 }
 
 pub async fn connect(addr: SocketAddr, source: Option<std::net::IpAddr>, id: &str, clean: bool) -> anyhow::Result<TcpStream> {
+    connect_as(addr, source, id, clean, None).await
+}
+
+/// Connect with a username (a device's access token).
+pub async fn connect_as(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    id: &str,
+    clean: bool,
+    username: Option<&str>,
+) -> anyhow::Result<TcpStream> {
     let sock = TcpSocket::new_v4()?;
     if let Some(ip) = source {
         sock.bind(SocketAddr::new(ip, 0))?;
@@ -49,7 +74,7 @@ pub async fn connect(addr: SocketAddr, source: Option<std::net::IpAddr>, id: &st
         keep_alive: 600,
         client_id: id.into(),
         will: None,
-        username: None,
+        username: username.map(str::to_string),
         password: None,
         props: Properties::default(),
     };
@@ -131,8 +156,8 @@ pub async fn publish_all(
                 break;
             }
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
-            let p =
-                Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, props: None, payload: payload(id, seq, base, size) };
+            let body = if size == JSON { json_payload(id, seq, base) } else { payload(id, seq, base, size) };
+            let p = Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, props: None, payload: body };
             encode(&Packet::Publish(p), Protocol::V4, &mut b);
             seq += 1;
         }

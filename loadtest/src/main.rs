@@ -2,6 +2,7 @@
 //! run against thingsd and (with --compare) Mosquitto or rumqttd in the same run.
 mod brokers;
 mod client;
+mod devices;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ struct Opts {
     window: usize,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]";
 
 fn parse() -> anyhow::Result<Opts> {
@@ -227,6 +228,10 @@ async fn main() -> anyhow::Result<()> {
         o.brokers, o.scenarios, o.qos as u8, o.payload
     );
     for sc in &o.scenarios {
+        if sc == "devices" {
+            devices::run(o.connections, o.publishers, o.messages, o.window, o.qos).await?;
+            continue;
+        }
         if let Some(r) = cluster_scenario(&o, sc).await? {
             r.print();
             continue;

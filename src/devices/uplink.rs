@@ -229,3 +229,74 @@ pub fn response_ok(values: &Map<String, Value>) -> bool {
         _ => !values.contains_key("error"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ident(strict: Option<ThingModel>) -> Identity {
+        Identity {
+            device_id: 1,
+            device_number: Arc::from("d1"),
+            enabled: true,
+            secret: None,
+            strict_model: strict,
+            gateway: true,
+            subs: vec![super::super::SubDevice { address: "a1".into(), device_id: 2, device_number: Arc::from("s1"), strict_model: None }],
+        }
+    }
+
+    fn parse1(kind: EventKind, gateway: bool, payload: &str) -> Result<Vec<DeviceEvent>, Reject> {
+        parse(
+            &ident(None),
+            Incoming { kind, gateway, message_id: Some("m".into()), payload: payload.as_bytes(), protocol: "test" },
+            1024,
+            5,
+        )
+    }
+
+    #[test]
+    fn topics() {
+        assert_eq!(classify("devices/telemetry", "d1"), Some((EventKind::Telemetry, false, None)));
+        assert_eq!(classify("gateway/attributes/9", "d1"), Some((EventKind::Attributes, true, Some("9".into()))));
+        assert_eq!(classify("devices/command/response/9", "d1"), Some((EventKind::CommandResponse, false, Some("9".into()))));
+        assert_eq!(classify("v1/devices/d1/rpc/response/4", "d1"), Some((EventKind::CommandResponse, false, Some("4".into()))));
+        assert_eq!(classify("v1/devices/d2/telemetry", "d1"), None);
+        assert_eq!(classify("devices/telemetry/extra", "d1"), None);
+        assert_eq!(classify("sensors/x", "d1"), None);
+    }
+
+    #[test]
+    fn payload_shapes() {
+        let e = parse1(EventKind::Telemetry, false, r#"{"t": 1}"#).unwrap();
+        assert_eq!((e.len(), e[0].ts, e[0].device_number.as_ref()), (1, 5, "d1"));
+        let e = parse1(EventKind::Telemetry, false, r#"[{"ts": 100, "values": {"t": 1}}, {"t": 2}]"#).unwrap();
+        assert_eq!((e[0].ts, e[1].ts), (100, 5));
+        let e = parse1(EventKind::Telemetry, true, r#"{"gateway_data": {"t": 1}, "sub_device_data": {"a1": {"t": 2}}}"#).unwrap();
+        assert_eq!(e.iter().map(|e| e.device_number.to_string()).collect::<Vec<_>>(), ["d1", "s1"]);
+        assert!(matches!(parse1(EventKind::Telemetry, true, r#"{"sub_device_data": {"zz": {"t": 2}}}"#), Err(Reject::UnknownSubDevice(_))));
+        assert!(matches!(parse1(EventKind::Telemetry, false, "{}"), Err(Reject::Malformed(_))));
+        assert!(matches!(parse1(EventKind::Telemetry, false, "3"), Err(Reject::Malformed(_))));
+        assert!(matches!(parse1(EventKind::Event, false, r#"{"params": {}}"#), Err(Reject::Malformed(_))));
+        assert!(matches!(parse1(EventKind::Telemetry, false, &"x".repeat(2000)), Err(Reject::TooLarge(1024))));
+        assert!(parse1(EventKind::AttributeRequest, false, "").is_ok());
+        assert!(response_ok(json_map(r#"{"result": 0}"#)));
+        assert!(!response_ok(json_map(r#"{"result": 1}"#)));
+        assert!(!response_ok(json_map(r#"{"error": "x"}"#)));
+        assert!(response_ok(json_map(r#"{"ok": true}"#)));
+    }
+
+    fn json_map(s: &str) -> &'static Map<String, Value> {
+        Box::leak(Box::new(serde_json::from_str(s).unwrap()))
+    }
+
+    proptest! {
+        /// Whatever a device sends, parsing answers (events or a reason) and never panics.
+        #[test]
+        fn never_panics(payload in proptest::collection::vec(any::<u8>(), 0..300), kind in 0u8..6, gateway: bool) {
+            let kind = [EventKind::Telemetry, EventKind::Attributes, EventKind::Event, EventKind::CommandResponse, EventKind::AttributeSetResponse, EventKind::AttributeRequest][kind as usize];
+            let _ = parse(&ident(Some(ThingModel::default())), Incoming { kind, gateway, message_id: None, payload: &payload, protocol: "test" }, 256, 0);
+        }
+    }
+}

@@ -24,6 +24,9 @@ const DEDUP_FOR: Duration = Duration::from_secs(60);
 const DEDUP_MAX: usize = 20_000;
 const MAX_OBSERVERS: usize = 50_000;
 const MAX_DATAGRAM: usize = 65_535;
+/// Requests handled at once; beyond it datagrams are dropped (confirmable ones are retransmitted
+/// by the client), so a flood cannot grow memory without bound.
+const MAX_IN_FLIGHT: usize = 1024;
 
 /// A peer's message id.
 type Exchange = (SocketAddr, u16);
@@ -53,6 +56,8 @@ pub async fn serve(sock: UdpSocket, devices: Arc<Devices>, shutdown: Cancellatio
         stop: shutdown.clone(),
     });
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let mut shed_logged = Instant::now() - Duration::from_secs(60);
     loop {
         let (n, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -101,8 +106,18 @@ pub async fn serve(sock: UdpSocket, devices: Arc<Devices>, shutdown: Cancellatio
                         continue;
                     }
                 }
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    if shed_logged.elapsed() > Duration::from_secs(60) {
+                        shed_logged = Instant::now();
+                        tracing::warn!(limit = MAX_IN_FLIGHT, "CoAP requests over the in-flight limit are dropped (logged once a minute)");
+                    }
+                    continue;
+                };
                 let s = srv.clone();
-                tokio::spawn(async move { s.request(packet, peer).await });
+                tokio::spawn(async move {
+                    s.request(packet, peer).await;
+                    drop(permit);
+                });
             }
         }
     }
@@ -188,7 +203,8 @@ impl Server {
             }
         }
         if let Some((_, obs)) = observe {
-            self.observe(obs, req.get_token().to_vec(), peer).await;
+            // Its own task: an observation outlives the request (and its in-flight permit).
+            tokio::spawn(self.clone().observe(obs, req.get_token().to_vec(), peer));
         }
     }
 

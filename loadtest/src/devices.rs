@@ -1,0 +1,128 @@
+//! `devices`: what the device platform costs on top of the broker, on one node in one run.
+//!
+//! - CONNECT rate of N devices logging in with their access tokens, first with a cold identity
+//!   cache (each login reads the meta store), then again with a warm one, against N anonymous
+//!   clients on the same node.
+//! - Uplink: P devices publish JSON telemetry on `devices/telemetry` (ACL check, JSON parse,
+//!   device event, user property) against P anonymous clients publishing the same payloads on
+//!   plain topics; one subscriber counts what arrives.
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use thingsd::protocols::mqtt::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::{brokers, client, merge, Row};
+
+/// One admin API call over a fresh HTTP/1.1 connection: the JSON answer.
+async fn post(http: SocketAddr, path: &str, body: &str) -> anyhow::Result<serde_json::Value> {
+    let mut s = TcpStream::connect(http).await?;
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        brokers::ADMIN_KEY,
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, json) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("admin API: {head} {json}");
+    }
+    Ok(serde_json::from_str(json)?)
+}
+
+/// Connect `n` clients (200 at a time over 127.0.0.x sources); `tokens[k]` logs client k in.
+async fn connect_all(addr: SocketAddr, n: usize, prefix: &str, tokens: Option<&[String]>) -> anyhow::Result<(Vec<TcpStream>, f64)> {
+    let start = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<_> = (i..(i + 200).min(n))
+            .map(|k| {
+                let src: std::net::IpAddr = format!("127.0.0.{}", 2 + k % 200).parse().unwrap();
+                let id = format!("{prefix}-{k}");
+                let user = tokens.map(|t| t[k].clone());
+                tokio::spawn(async move { client::connect_as(addr, Some(src), &id, true, user.as_deref()).await })
+            })
+            .collect();
+        for t in batch {
+            conns.push(t.await??);
+        }
+        i += 200;
+    }
+    Ok((conns, n as f64 / start.elapsed().as_secs_f64()))
+}
+
+/// P publishers (streams with their topics) → one subscriber of `filter`: messages/s.
+async fn uplink(
+    addr: SocketAddr,
+    pubs: Vec<(TcpStream, String)>,
+    filter: &str,
+    qos: QoS,
+    per: u64,
+    window: usize,
+    name: &str,
+) -> anyhow::Result<Row> {
+    let base = Instant::now();
+    let mut s = client::connect(addr, None, &format!("lt-sub-{name}"), true).await?;
+    client::subscribe(&mut s, filter, qos).await?;
+    let expected = per * pubs.len() as u64;
+    let rx = tokio::spawn(client::receive(s, expected, Duration::from_secs(5), base));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, (p, topic)) in pubs.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move { client::publish_all(p, i as u32, &topic, qos, per, window, client::JSON, base).await }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(merge(vec![(rx.await??, expected)], name, start))
+}
+
+pub async fn run(devices: usize, publishers: usize, messages: u64, window: usize, qos: QoS) -> anyhow::Result<()> {
+    let devices = devices.max(publishers);
+    let (b, http) = brokers::start_platform(devices * 2 + 10).await?;
+    let t0 = Instant::now();
+    let mut tokens = Vec::with_capacity(devices);
+    for k in 0..devices {
+        let v = post(http, "/api/v1/admin/devices", &format!(r#"{{"device_number":"lt-dev-{k}"}}"#)).await?;
+        tokens.push(v["access_token"].as_str().context("access_token")?.to_string());
+    }
+    let created = devices as f64 / t0.elapsed().as_secs_f64();
+
+    let (anon, anon_rate) = connect_all(b.addr, devices, "lt-anon", None).await?;
+    drop(anon);
+    let (cold, cold_rate) = connect_all(b.addr, devices, "lt-dev", Some(&tokens)).await?;
+    drop(cold);
+    // The broker notices the closed sockets; give it a moment so the warm round is not a takeover storm.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (warm, warm_rate) = connect_all(b.addr, devices, "lt-dev", Some(&tokens)).await?;
+
+    let per = messages / publishers as u64;
+    let dev_pubs: Vec<_> = warm.into_iter().take(publishers).map(|s| (s, "devices/telemetry".to_string())).collect();
+    let dev = uplink(b.addr, dev_pubs, "devices/telemetry", qos, per, window, "device uplink").await?;
+    let (anon, _) = connect_all(b.addr, publishers, "lt-plain", None).await?;
+    let plain_pubs: Vec<_> = anon.into_iter().enumerate().map(|(i, s)| (s, format!("plain/{i}/telemetry"))).collect();
+    let plain = uplink(b.addr, plain_pubs, "plain/+/telemetry", qos, per, window, "plain topic").await?;
+    b.stop().await;
+
+    println!("\n== devices: {devices} devices (admin API create {created:.0}/s), QoS {}", qos as u8);
+    println!("{:<28} {:>12}", "login", "connects/s");
+    println!("{:<28} {:>12.0}", "anonymous", anon_rate);
+    println!("{:<28} {:>12.0}", "token, cold cache (SQLite)", cold_rate);
+    println!("{:<28} {:>12.0}", "token, warm cache", warm_rate);
+    println!("ratio warm-token/anonymous: {:.2}x; cold/anonymous: {:.2}x", warm_rate / anon_rate, cold_rate / anon_rate);
+    println!(
+        "\n{:<16} {:>12} {:>9} {:>9} {:>9} {:>8} {:>6}   ({publishers} publishers x {per} JSON messages)",
+        "uplink", "msgs/s", "p50 ms", "p99 ms", "max ms", "lost", "dup"
+    );
+    for r in [&dev, &plain] {
+        println!("{:<16} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>6}", r.broker, r.rate, r.p50, r.p99, r.max, r.lost, r.dup);
+    }
+    println!("ratio device uplink/plain topic: {:.2}x", dev.rate / plain.rate);
+    Ok(())
+}
