@@ -63,17 +63,15 @@ impl Devices {
         b.publish(msg);
     }
 
-    /// Record activity (written to the cache at most every 10 s per device).
+    /// Record activity (written to the cache at most every 10 s per device; no allocation on
+    /// the hot path otherwise).
     pub async fn seen(&self, number: &Arc<str>) {
         let now = now_ms();
-        let key: Arc<str> = Arc::from(format!("seen:{number}"));
-        if let Some(last) = self.seen_local.get(&key) {
-            if now.saturating_sub(last) < 10_000 {
-                return;
-            }
+        if self.seen_local.get(number).is_some_and(|last| now.saturating_sub(last) < 10_000) {
+            return;
         }
-        self.seen_local.insert(key.clone(), now);
-        self.cache.set(&key, &now.to_string(), Duration::from_secs(30 * 86_400)).await;
+        self.seen_local.insert(number.clone(), now);
+        self.cache.set(&format!("seen:{number}"), &now.to_string(), Duration::from_secs(30 * 86_400)).await;
     }
 
     /// Status as this node knows it: the replicated retained status message, and last-seen
@@ -89,7 +87,7 @@ impl Devices {
             }
         }
         let cached = self.cache.get(&format!("seen:{number}")).await.and_then(|v| v.parse::<u64>().ok());
-        let local = self.seen_local.get(&Arc::<str>::from(format!("seen:{number}")));
+        let local = self.seen_local.get(&Arc::<str>::from(number));
         s.last_seen = [cached, local, s.since].into_iter().flatten().max();
         if s.online {
             // Connected right now: seen now.
