@@ -209,6 +209,32 @@ async fn coap_device_api() {
     c.send(&dereg).await;
     assert_eq!(code(&c.recv().await), ResponseType::Content);
 
+    // Observe attributes: shared attributes set by the platform are pushed.
+    let mut areg = c.request(RequestType::Get, &format!("{base}/attributes"), true, "");
+    areg.set_observe_value(0);
+    c.send(&areg).await;
+    let first = c.recv().await;
+    assert_eq!((code(&first), first.get_observe_value().is_some()), (ResponseType::Content, true));
+    let (_, set) = p.admin("PUT", "/api/v1/admin/devices/c-1/attributes", Some(json!({"params": {"interval": 15}}))).await;
+    let note = c.recv().await;
+    assert_eq!(note.get_token(), areg.get_token());
+    assert_eq!(body(&note), json!({"interval": 15}));
+    let mut a = Packet::new();
+    a.header.set_type(MessageType::Acknowledgement);
+    a.header.message_id = note.header.message_id;
+    c.send(&a).await;
+    p.wait_command(set["id"].as_i64().unwrap(), "sent").await;
+    // An RST to a notification ends the observation.
+    let (_, set2) = p.admin("PUT", "/api/v1/admin/devices/c-1/attributes", Some(json!({"params": {"interval": 16}}))).await;
+    let note = c.recv().await;
+    let mut rst = Packet::new();
+    rst.header.set_type(MessageType::Reset);
+    rst.header.message_id = note.header.message_id;
+    c.send(&rst).await;
+    // Still pending (the device refused it); the HTTP API can fetch it instead.
+    let (s, got) = get(&p, &format!("/api/v1/{token}/rpc?timeout=5000")).await;
+    assert_eq!((s, got["id"].clone()), (200, set2["message_id"].clone()));
+
     // Debian's coap-client: a POST, a GET, and an observation that receives a queued command.
     let url = |res: &str| format!("coap://{}/api/v1/{token}/{res}", c.to);
     let out = tokio::process::Command::new("coap-client-notls")

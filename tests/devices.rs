@@ -87,10 +87,33 @@ async fn mqtt_devices(meta: Option<String>) {
     assert_eq!(pub1(&mut a, "devices/telemetry", 7, r#"{"temp": 200}"#).await, reason::PAYLOAD_FORMAT_INVALID);
     let big = format!(r#"{{"temp": 1, "pad": "{}"}}"#, "x".repeat(70_000));
     assert_eq!(pub1(&mut a, "devices/telemetry", 8, &big).await, reason::QUOTA_EXCEEDED);
+    // MQTT 5.0: a device that names a response topic is told why.
+    let props = Properties { response_topic: Some("devices/event/response/dev-a/err".into()), correlation_data: Some(bytes::Bytes::from_static(b"c-7")), ..Properties::default() };
+    a.send(publish_props("devices/telemetry", QoS::AtLeastOnce, 13, "[", Some(props))).await;
+    let mut acked = false;
+    let mut told = None;
+    while !(acked && told.is_some()) {
+        match a.recv_app().await {
+            Some(Packet::PubAck(x)) if x.pkid == 13 => {
+                assert_eq!(x.code, reason::PAYLOAD_FORMAT_INVALID);
+                acked = true;
+            }
+            Some(Packet::Publish(e)) if e.topic == "devices/event/response/dev-a/err" => {
+                if e.qos == QoS::AtLeastOnce {
+                    a.send(Packet::PubAck(Ack::new(e.pkid, 0))).await;
+                }
+                told = Some(e);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let told = told.unwrap();
+    assert_eq!(json_of(&told)["error"]["code"], "malformed_payload");
+    assert_eq!(told.props.and_then(|p| p.correlation_data).as_deref(), Some(&b"c-7"[..]));
     a.sync().await;
     let (_, m) = p.admin("GET", "/metrics", None).await;
     let m = m.as_str().unwrap_or_default().to_string();
-    assert!(m.contains("thingsd_device_payload_rejected_total 5"), "{m}");
+    assert!(m.contains("thingsd_device_payload_rejected_total 6"), "{m}");
     assert!(m.contains("thingsd_acl_denied_total 8"), "{m}");
 
     // Attributes are stored and answered on the ThingsPanel response topic; events too.

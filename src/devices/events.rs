@@ -16,18 +16,29 @@ pub struct Answer {
     pub payload: Value,
 }
 
+/// Where MQTT answers go: the topic family the device used (`devices` or `gateway`) and the
+/// number of the device on the session (a gateway is answered once per message, under its own
+/// number, whatever sub-devices the message carried).
+pub struct ReplyTo<'a> {
+    pub family: &'static str,
+    pub number: &'a str,
+}
+
 impl Devices {
-    /// Apply and broadcast events; returns MQTT answers to publish (ThingsPanel responses,
-    /// ThingsBoard attribute responses). `mqtt_style`: "tp" or "tb" topic family the device used.
-    pub async fn ingest(&self, events: Vec<DeviceEvent>, answer: bool) -> Result<Vec<Answer>, MetaError> {
-        let mut answers = Vec::new();
+    /// Apply and broadcast events; returns the MQTT answers to publish (ThingsPanel responses,
+    /// ThingsBoard attribute responses) when `reply` says where (MQTT only).
+    pub async fn ingest(&self, events: Vec<DeviceEvent>, reply: Option<ReplyTo<'_>>) -> Result<Vec<Answer>, MetaError> {
+        let mut answers: Vec<Answer> = Vec::new();
+        let mut answered = false;
         for ev in events {
+            let answer = reply.as_ref().filter(|_| !answered);
             match ev.kind {
                 EventKind::Attributes => {
                     self.meta.set_attributes(ev.device_id, AttributeScope::Client, &ev.values).await?;
-                    if let (true, Some(mid)) = (answer, &ev.message_id) {
+                    if let (Some(r), Some(mid)) = (answer, &ev.message_id) {
+                        answered = true;
                         answers.push(Answer {
-                            topic: format!("devices/attributes/response/{}/{mid}", ev.device_number),
+                            topic: format!("{}/attributes/response/{}/{mid}", r.family, r.number),
                             payload: json!({"result": 0, "message": "success", "ts": ev.ts / 1000}),
                         });
                     }
@@ -41,9 +52,10 @@ impl Devices {
                     }
                 }
                 EventKind::Event => {
-                    if let (true, Some(mid)) = (answer, &ev.message_id) {
+                    if let (Some(r), Some(mid)) = (answer, &ev.message_id) {
+                        answered = true;
                         answers.push(Answer {
-                            topic: format!("devices/event/response/{}/{mid}", ev.device_number),
+                            topic: format!("{}/event/response/{}/{mid}", r.family, r.number),
                             payload: json!({"result": 0, "message": "success", "ts": ev.ts / 1000, "method": ev.values.get("method")}),
                         });
                     }
@@ -58,7 +70,7 @@ impl Devices {
                     };
                     let client = self.meta.attributes(ev.device_id, AttributeScope::Client, &keys("clientKeys")).await?;
                     let shared = self.meta.attributes(ev.device_id, AttributeScope::Shared, &keys("sharedKeys")).await?;
-                    if let Some(mid) = &ev.message_id {
+                    if let (Some(_), Some(mid)) = (answer, &ev.message_id) {
                         answers.push(Answer {
                             topic: format!("v1/devices/{}/attributes/response/{mid}", ev.device_number),
                             payload: json!({"client": client, "shared": shared}),

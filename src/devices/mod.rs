@@ -32,6 +32,7 @@ pub mod uplink;
 
 pub use acl::Acl;
 pub use auth::{hash_password, AuthError, Credentials};
+pub use events::ReplyTo;
 pub use uplink::{DeviceEvent, EventKind, Reject};
 
 /// A sub-device as its gateway's identity carries it.

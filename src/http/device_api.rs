@@ -79,7 +79,7 @@ async fn uplink(
             Err(ApiError::new(status, why.code(), why.to_string()))
         }
         Ok(events) => {
-            d.ingest(events, false).await?;
+            d.ingest(events, None).await?;
             Ok(Json(json!({})))
         }
     }

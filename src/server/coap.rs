@@ -307,7 +307,7 @@ impl Server {
                 };
                 err(code, why.code(), why.to_string())
             }
-            Ok(events) => match d.ingest(events, false).await {
+            Ok(events) => match d.ingest(events, None).await {
                 Ok(_) => Answer(ResponseType::Changed, Value::Null),
                 Err(e) => meta_err(e),
             },
