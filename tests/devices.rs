@@ -88,7 +88,11 @@ async fn mqtt_devices(meta: Option<String>) {
     let big = format!(r#"{{"temp": 1, "pad": "{}"}}"#, "x".repeat(70_000));
     assert_eq!(pub1(&mut a, "devices/telemetry", 8, &big).await, reason::QUOTA_EXCEEDED);
     // MQTT 5.0: a device that names a response topic is told why.
-    let props = Properties { response_topic: Some("devices/event/response/dev-a/err".into()), correlation_data: Some(bytes::Bytes::from_static(b"c-7")), ..Properties::default() };
+    let props = Properties {
+        response_topic: Some("devices/event/response/dev-a/err".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"c-7")),
+        ..Properties::default()
+    };
     a.send(publish_props("devices/telemetry", QoS::AtLeastOnce, 13, "[", Some(props))).await;
     let mut acked = false;
     let mut told = None;

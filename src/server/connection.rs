@@ -630,7 +630,13 @@ impl Conn {
                     _ => reason::PAYLOAD_FORMAT_INVALID,
                 })
             }
-            Ok(events) => match d.ingest(events, Some(crate::devices::ReplyTo { family: if gateway { "gateway" } else { "devices" }, number: &ident.device_number })).await {
+            Ok(events) => match d
+                .ingest(
+                    events,
+                    Some(crate::devices::ReplyTo { family: if gateway { "gateway" } else { "devices" }, number: &ident.device_number }),
+                )
+                .await
+            {
                 Ok(answers) => {
                     for a in answers {
                         self.answer(a.topic, a.payload, None);
