@@ -124,6 +124,9 @@ pub struct Devices {
     bad_log: moka::sync::Cache<Arc<str>, ()>,
     /// Last activity written to the cache, per device (throttles those writes).
     seen_local: moka::sync::Cache<Arc<str>, u64>,
+    /// Status changes waiting for the status worker: the latest per device (online, when).
+    status_queue: Mutex<HashMap<Arc<str>, (bool, u64)>>,
+    status_wake: Arc<Notify>,
 }
 
 /// The cache key of a credential.
@@ -188,7 +191,10 @@ impl Devices {
             services,
             bad_log: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
             seen_local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(3600)).build(),
+            status_queue: Mutex::default(),
+            status_wake: Arc::new(Notify::new()),
         });
+        Devices::spawn_status_worker(&d);
         d.bootstrap_admin_key().await?;
         d.listen_for_notices().await;
         downlink::spawn_expiry(&d);

@@ -44,9 +44,42 @@ impl Devices {
         }
     }
 
+    /// Queue a status change; a worker publishes them in order, coalescing changes of one
+    /// device (a reconnect storm costs one retained write per device, not two per connection,
+    /// and never holds up a CONNECT).
     async fn publish_status(&self, number: &str, online: bool) {
+        let mut q = self.status_queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.insert(Arc::from(number), (online, now_ms()));
+        drop(q);
+        self.status_wake.notify_one();
+    }
+
+    /// Drain the status queue until the platform is dropped.
+    pub(super) fn spawn_status_worker(me: &Arc<Devices>) {
+        let weak = Arc::downgrade(me);
+        let wake = me.status_wake.clone();
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                let Some(d) = weak.upgrade() else { return };
+                loop {
+                    let batch: Vec<(Arc<str>, (bool, u64))> = {
+                        let mut q = d.status_queue.lock().unwrap_or_else(|e| e.into_inner());
+                        std::mem::take(&mut *q).into_iter().collect()
+                    };
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for (number, (online, ts)) in batch {
+                        d.write_status(&number, online, ts).await;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn write_status(&self, number: &str, online: bool, ts: u64) {
         let Some(b) = self.broker() else { return };
-        let ts = now_ms();
         let payload = serde_json::json!({"online": online, "ts": ts}).to_string();
         self.cache.set(&format!("status:{number}"), &payload, Duration::from_secs(30 * 86_400)).await;
         let msg = Arc::new(Message {
