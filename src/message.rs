@@ -40,6 +40,12 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message the node itself publishes ($SYS values, device status, downlinks, answers to
+    /// devices): a fresh id, no publisher, no properties or expiry.
+    pub fn from_node(topic: impl Into<Arc<str>>, payload: impl Into<Bytes>, qos: QoS, retain: bool) -> Message {
+        Message { id: next_id(), topic: topic.into(), payload: payload.into(), qos, retain, props: None, expires_at: None, publisher: None }
+    }
+
     pub fn expired(&self, now: u64) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }

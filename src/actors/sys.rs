@@ -85,16 +85,7 @@ impl Actor for SysActor {
 
 /// Publish one `$SYS` value on this node (retained when `retain`).
 async fn sys(b: &Broker, topic: &str, value: String, retain: bool) {
-    let msg = Arc::new(Message {
-        id: crate::message::next_id(),
-        topic: Arc::from(topic),
-        payload: Bytes::from(value),
-        qos: QoS::AtMostOnce,
-        retain,
-        props: None,
-        expires_at: None,
-        publisher: None,
-    });
+    let msg = Arc::new(Message::from_node(topic, value, QoS::AtMostOnce, retain));
     if retain {
         b.retain(msg.clone()).await;
     }

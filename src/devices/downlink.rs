@@ -73,7 +73,8 @@ impl Devices {
             None => None,
         };
         if self.has_local(number) || gateway.as_deref().is_some_and(|g| self.has_local(g)) {
-            self.dispatch(&dev, &cmd).await?;
+            // Through the per-device flush: queued ones first, never two senders at once.
+            self.flush_pending(number).await;
         }
         // HTTP pollers and CoAP observers of the device, and other nodes' connections.
         self.wake(number);
@@ -129,26 +130,20 @@ impl Devices {
         };
         let mine =
             |client: &str| super::device_of_session(client).is_some_and(|d| d == dev.device_number || gateway_number.as_deref() == Some(d));
-        let mut taken = 0;
+        // Published only when the device will get it: a queued downlink is not shown to
+        // platform services again at every flush attempt.
+        let taken: usize = out.iter().map(|(topic, _)| b.router.local_subscribers(topic).iter().filter(|c| mine(c)).count()).sum();
+        if taken == 0 {
+            return Ok(false);
+        }
         for (topic, body) in out {
-            taken += b.router.local_subscribers(&topic).iter().filter(|c| mine(c)).count();
-            let msg = Arc::new(Message {
-                id: crate::message::next_id(),
-                topic: Arc::from(topic),
-                payload: Bytes::from(body.to_string()),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                props: None,
-                expires_at: Some((cmd.expires_ms.max(0)) as u64),
-                publisher: None,
-            });
+            let mut msg = Message::from_node(topic, body.to_string(), QoS::AtLeastOnce, false);
+            msg.expires_at = Some(cmd.expires_ms.max(0) as u64);
+            let msg = Arc::new(msg);
             let (_, durable) = b.publish_routed(msg).await;
             if let Some(d) = durable {
                 crate::broker::Broker::wait_durable(&d).await;
             }
-        }
-        if taken == 0 {
-            return Ok(false);
         }
         if self.meta.mark_sent(cmd.id).await? {
             self.metrics.commands_sent.fetch_add(1, Ordering::Relaxed);
@@ -156,8 +151,35 @@ impl Devices {
         Ok(true)
     }
 
-    /// Deliver a device's queued downlinks in order (it connected or subscribed).
+    /// Deliver a device's (and its sub-devices') queued downlinks in order (it connected or
+    /// subscribed, or one was queued). One flush per device at a time: a request arriving
+    /// meanwhile makes the running one go round again, so nothing is sent twice or skipped.
     pub async fn flush_pending(&self, number: &str) {
+        {
+            let mut f = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+            match f.get_mut(number) {
+                Some(again) => {
+                    *again = true;
+                    return;
+                }
+                None => {
+                    f.insert(Arc::from(number), false);
+                }
+            }
+        }
+        loop {
+            self.flush_once(number).await;
+            let mut f = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+            if f.get(number) == Some(&true) {
+                f.insert(Arc::from(number), false);
+            } else {
+                f.remove(number);
+                return;
+            }
+        }
+    }
+
+    async fn flush_once(&self, number: &str) {
         let r: Result<(), MetaError> = async {
             let dev = self.meta.device(number).await?;
             let mut devs = vec![dev.clone()];

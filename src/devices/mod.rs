@@ -127,6 +127,8 @@ pub struct Devices {
     /// Status changes waiting for the status worker: the latest per device (online, when).
     status_queue: Mutex<HashMap<Arc<str>, (bool, u64)>>,
     status_wake: Arc<Notify>,
+    /// Devices whose downlinks are being flushed (true: flush again when done).
+    flushing: Mutex<HashMap<Arc<str>, bool>>,
 }
 
 /// The cache key of a credential.
@@ -193,6 +195,7 @@ impl Devices {
             seen_local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(3600)).build(),
             status_queue: Mutex::default(),
             status_wake: Arc::new(Notify::new()),
+            flushing: Mutex::default(),
         });
         Devices::spawn_status_worker(&d);
         d.bootstrap_admin_key().await?;

@@ -82,16 +82,7 @@ impl Devices {
         let Some(b) = self.broker() else { return };
         let payload = serde_json::json!({"online": online, "ts": ts}).to_string();
         self.cache.set(&format!("status:{number}"), &payload, Duration::from_secs(30 * 86_400)).await;
-        let msg = Arc::new(Message {
-            id: crate::message::next_id(),
-            topic: Arc::from(status_topic(number)),
-            payload: Bytes::from(payload),
-            qos: QoS::AtLeastOnce,
-            retain: true,
-            props: None,
-            expires_at: None,
-            publisher: None,
-        });
+        let msg = Arc::new(Message::from_node(status_topic(number), payload, QoS::AtLeastOnce, true));
         b.retain(msg.clone()).await;
         b.publish(msg);
     }

@@ -653,18 +653,9 @@ impl Conn {
 
     /// Publish a platform answer to the device (QoS 1, routed like any message).
     fn answer(&self, topic: String, body: serde_json::Value, correlation: Option<bytes::Bytes>) {
-        let props = correlation.map(|c| Box::new(Properties { correlation_data: Some(c), ..Properties::default() }));
-        let msg = Arc::new(Message {
-            id: crate::message::next_id(),
-            topic: Arc::from(topic),
-            payload: bytes::Bytes::from(body.to_string()),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            props,
-            expires_at: None,
-            publisher: None,
-        });
-        self.broker.publish(msg);
+        let mut msg = Message::from_node(topic, body.to_string(), QoS::AtLeastOnce, false);
+        msg.props = correlation.map(|c| Box::new(Properties { correlation_data: Some(c), ..Properties::default() }));
+        self.broker.publish(Arc::new(msg));
     }
 
     async fn publish(&mut self, p: Publish) -> Option<WillAction> {

@@ -229,6 +229,12 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     devices.meta.close().await;
     sup.stop(None);
     let _ = sup_handle.await;
+    // The supervisor's children stop after it (ractor stops linked actors asynchronously): wait
+    // until their names are free, so a node restarted in the same process can take them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !ractor::registry::registered().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
