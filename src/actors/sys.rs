@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::broker::Broker;
