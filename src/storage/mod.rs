@@ -4,3 +4,4 @@
 pub mod cache;
 pub mod local;
 pub mod meta;
+pub mod timeseries;
