@@ -196,8 +196,7 @@ async fn mqtt_devices(meta: Option<String>) {
     // Disabling a device disconnects it at once (0x98) and keeps it out.
     let (s, _) = p.admin("PATCH", "/api/v1/admin/devices/dev-a", Some(json!({"enabled": false}))).await;
     assert_eq!(s, 200);
-    let closed = a.until_closed().await;
-    assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == reason::ADMINISTRATIVE_ACTION)), "{closed:?}");
+    assert_kicked(&mut a).await;
     assert_eq!(login(tcp, Protocol::V5, "esp32", Some(&ta), None).await.1, reason::NOT_AUTHORIZED);
     let st = next_on(&mut svc, "devices/status/dev-a").await;
     assert_eq!(json_of(&st)["online"], false);
@@ -266,6 +265,17 @@ async fn gateways_passwords_and_rate_limits() {
     p.node.stop().await;
 }
 
+/// `mosquitto_pub` of one QoS 1 telemetry message with `user` as the token (async: the node
+/// runs on the test's runtime).
+async fn mosquitto_pub(port: u16, version: &str, user: &str, msg: &str) -> std::process::Output {
+    let port = port.to_string();
+    tokio::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1", "-u", user, "-t", "devices/telemetry", "-m", msg])
+        .output()
+        .await
+        .expect("mosquitto_pub is required (Debian package mosquitto-clients; scripts/test installs it)")
+}
+
 #[tokio::test]
 async fn mosquitto_clients_with_tokens_and_redis_cache() {
     let redis = common::backends::redis();
@@ -281,49 +291,10 @@ async fn mosquitto_clients_with_tokens_and_redis_cache() {
     let mut svc = service(tcp).await;
     assert_eq!(sub(&mut svc, "devices/telemetry").await, [1]);
     for v in ["mqttv311", "mqttv5"] {
-        // Async: the node runs on this test's runtime.
-        let out = tokio::process::Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &tcp.port().to_string(),
-                "-V",
-                v,
-                "-q",
-                "1",
-                "-u",
-                &token,
-                "-t",
-                "devices/telemetry",
-                "-m",
-                r#"{"t":1}"#,
-            ])
-            .output()
-            .await
-            .expect("mosquitto_pub is required (Debian package mosquitto-clients; scripts/test installs it)");
+        let out = mosquitto_pub(tcp.port(), v, &token, r#"{"t":1}"#).await;
         assert!(out.status.success(), "{v}: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(json_of(&next_on(&mut svc, "devices/telemetry").await)["t"], 1);
-        let bad = tokio::process::Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &tcp.port().to_string(),
-                "-V",
-                v,
-                "-q",
-                "1",
-                "-u",
-                "wrong",
-                "-t",
-                "devices/telemetry",
-                "-m",
-                "{}",
-            ])
-            .output()
-            .await
-            .unwrap();
+        let bad = mosquitto_pub(tcp.port(), v, "wrong", "{}").await;
         assert!(!bad.status.success(), "{v}: a wrong token must be refused");
     }
     // Revoking the token (cached in Redis when configured) keeps the device out at once.
@@ -332,8 +303,7 @@ async fn mosquitto_clients_with_tokens_and_redis_cache() {
     let mut d = device(tcp, Protocol::V5, "mq", &token).await;
     let (s, _) = p.admin("DELETE", &format!("/api/v1/admin/devices/mq-1/credentials/{id}"), None).await;
     assert_eq!(s, 200);
-    let closed = d.until_closed().await;
-    assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(x) if x.code == reason::ADMINISTRATIVE_ACTION)), "{closed:?}");
+    assert_kicked(&mut d).await;
     assert_eq!(login(tcp, Protocol::V5, "mq", Some(&token), None).await.1, reason::BAD_USERNAME_OR_PASSWORD);
     p.node.stop().await;
 }

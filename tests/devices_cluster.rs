@@ -36,15 +36,7 @@ async fn across_nodes(pg: String, redis: Option<String>) {
     // Connected to node 2: online as node 1 sees it, and commandable through node 1.
     let mut d1 = device(cl.mqtt(1), Protocol::V5, "c", &t1).await;
     assert_eq!(sub(&mut d1, "devices/command/cd-1/+").await, [1]);
-    let end = tokio::time::Instant::now() + common::DEADLINE;
-    loop {
-        let (_, s) = admin(&http, n1, "GET", "/api/v1/admin/devices/cd-1/status", None).await;
-        if s["online"] == true {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < end, "node 1 never saw cd-1 online: {s}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_online(&http, n1, "cd-1", true).await;
     let (s, cmd) = admin(&http, n1, "POST", "/api/v1/admin/devices/cd-1/commands", Some(json!({"method": "hello", "params": {}}))).await;
     assert_eq!(s, 200, "{cmd}");
     let mid = cmd["message_id"].as_str().unwrap();
@@ -61,23 +53,13 @@ async fn across_nodes(pg: String, redis: Option<String>) {
     let id = creds[0]["id"].as_i64().unwrap();
     let (s, _) = admin(&http, n1, "DELETE", &format!("/api/v1/admin/devices/cd-2/credentials/{id}"), None).await;
     assert_eq!(s, 200);
-    let closed = d2.until_closed().await;
-    assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(x) if x.code == reason::ADMINISTRATIVE_ACTION)), "{closed:?}");
+    assert_kicked(&mut d2).await;
     assert_eq!(login(cl.mqtt(1), Protocol::V5, "c", Some(&t2), None).await.1, reason::BAD_USERNAME_OR_PASSWORD);
 
     // Disabling on node 1 disconnects on node 2 at once, and node 2 refuses it after.
     let (s, _) = admin(&http, n1, "PATCH", "/api/v1/admin/devices/cd-1", Some(json!({"enabled": false}))).await;
     assert_eq!(s, 200);
-    let closed = d1.until_closed().await;
-    assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(x) if x.code == reason::ADMINISTRATIVE_ACTION)), "{closed:?}");
+    assert_kicked(&mut d1).await;
     assert_eq!(login(cl.mqtt(1), Protocol::V5, "c", Some(&t1), None).await.1, reason::NOT_AUTHORIZED);
-    let end = tokio::time::Instant::now() + common::DEADLINE;
-    loop {
-        let (_, s) = admin(&http, n1, "GET", "/api/v1/admin/devices/cd-1/status", None).await;
-        if s["online"] == false {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < end, "node 1 never saw cd-1 offline: {s}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_online(&http, n1, "cd-1", false).await;
 }

@@ -151,31 +151,19 @@ impl Devices {
     }
 
     /// Deliver a device's (and its sub-devices') queued downlinks in order (it connected or
-    /// subscribed, or one was queued). One flush per device at a time: a request arriving
-    /// meanwhile makes the running one go round again, so nothing is sent twice or skipped.
+    /// subscribed, or one was queued). Flushes of one device run one after the other, so
+    /// nothing is sent twice, and a caller returns once a round that started after its call
+    /// has run (a new command is sent, or still pending, when the admin API answers).
     pub async fn flush_pending(&self, number: &str) {
-        {
-            let mut f = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
-            match f.get_mut(number) {
-                Some(again) => {
-                    *again = true;
-                    return;
-                }
-                None => {
-                    f.insert(Arc::from(number), false);
-                }
+        let lock = {
+            let mut m = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
+            if m.len() > 10_000 {
+                m.retain(|_, l| Arc::strong_count(l) > 1);
             }
-        }
-        loop {
-            self.flush_once(number).await;
-            let mut f = self.flushing.lock().unwrap_or_else(|e| e.into_inner());
-            if f.get(number) == Some(&true) {
-                f.insert(Arc::from(number), false);
-            } else {
-                f.remove(number);
-                return;
-            }
-        }
+            m.entry(Arc::from(number)).or_default().clone()
+        };
+        let _turn = lock.lock().await;
+        self.flush_once(number).await;
     }
 
     async fn flush_once(&self, number: &str) {

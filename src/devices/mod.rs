@@ -127,8 +127,8 @@ pub struct Devices {
     /// Status changes waiting for the status worker: the latest per device (online, when).
     status_queue: Mutex<HashMap<Arc<str>, (bool, u64)>>,
     status_wake: Arc<Notify>,
-    /// Devices whose downlinks are being flushed (true: flush again when done).
-    flushing: Mutex<HashMap<Arc<str>, bool>>,
+    /// One downlink flush at a time per device.
+    flushing: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The cache key of a credential.

@@ -92,33 +92,22 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     if let Some(d) = b.devices.get() {
         use std::sync::atomic::Ordering::Relaxed;
         let dm = &d.metrics;
-        metric("thingsd_device_auth_ok_total", "counter", "Successful device/service logins (all protocols).", dm.auth_ok.load(Relaxed));
-        metric(
-            "thingsd_device_auth_failed_total",
-            "counter",
-            "Refused logins: bad or missing credentials, disabled devices.",
-            dm.auth_failed.load(Relaxed),
-        );
-        metric(
-            "thingsd_device_auth_rate_limited_total",
-            "counter",
-            "Logins refused because the address failed too often.",
-            dm.auth_rate_limited.load(Relaxed),
-        );
-        metric("thingsd_acl_denied_total", "counter", "PUBLISH and SUBSCRIBE requests denied by the ACL.", dm.acl_denied.load(Relaxed));
-        metric(
-            "thingsd_device_events_total",
-            "counter",
-            "Device messages accepted (telemetry, attributes, events, responses).",
-            dm.events.load(Relaxed),
-        );
-        metric(
-            "thingsd_device_payload_rejected_total",
-            "counter",
-            "Device payloads refused (malformed, too large, not in the thing model).",
-            dm.payload_rejected.load(Relaxed),
-        );
-        metric("thingsd_downlinks_sent_total", "counter", "Commands and attribute sets handed to devices.", dm.commands_sent.load(Relaxed));
+        let counters = [
+            ("thingsd_device_auth_ok_total", "Successful device/service logins (all protocols).", &dm.auth_ok),
+            ("thingsd_device_auth_failed_total", "Refused logins: bad or missing credentials, disabled devices.", &dm.auth_failed),
+            ("thingsd_device_auth_rate_limited_total", "Logins refused because the address failed too often.", &dm.auth_rate_limited),
+            ("thingsd_acl_denied_total", "PUBLISH and SUBSCRIBE requests denied by the ACL.", &dm.acl_denied),
+            ("thingsd_device_events_total", "Device messages accepted (telemetry, attributes, events, responses).", &dm.events),
+            (
+                "thingsd_device_payload_rejected_total",
+                "Device payloads refused (malformed, too large, not in the thing model).",
+                &dm.payload_rejected,
+            ),
+            ("thingsd_downlinks_sent_total", "Commands and attribute sets handed to devices.", &dm.commands_sent),
+        ];
+        for (name, help, c) in counters {
+            metric(name, "counter", help, c.load(Relaxed));
+        }
     }
     metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);
     metric("thingsd_uptime_seconds", "counter", "Seconds since the node started.", b.started.elapsed().as_secs());

@@ -88,16 +88,32 @@ pub async fn create_device(http: &reqwest::Client, addr: SocketAddr, number: &st
     (v["device"].clone(), v["access_token"].as_str().unwrap().to_string())
 }
 
-pub async fn wait_command(http: &reqwest::Client, addr: SocketAddr, id: i64, status: &str) -> Value {
+/// GET an admin resource until `done` holds for it (with the deadline); returns it.
+pub async fn poll_admin(http: &reqwest::Client, addr: SocketAddr, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     let end = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let (_, c) = admin(http, addr, "GET", &format!("/api/v1/admin/commands/{id}"), None).await;
-        if c["status"] == status {
-            return c;
+        let (_, v) = admin(http, addr, "GET", path, None).await;
+        if done(&v) {
+            return v;
         }
-        assert!(tokio::time::Instant::now() < end, "command {id} never became {status}: {c}");
+        assert!(tokio::time::Instant::now() < end, "{path} never reached the expected state: {v}");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+pub async fn wait_command(http: &reqwest::Client, addr: SocketAddr, id: i64, status: &str) -> Value {
+    poll_admin(http, addr, &format!("/api/v1/admin/commands/{id}"), |c| c["status"] == status).await
+}
+
+/// Wait until `addr`'s node reports the device `online` (or not).
+pub async fn wait_online(http: &reqwest::Client, addr: SocketAddr, number: &str, online: bool) {
+    poll_admin(http, addr, &format!("/api/v1/admin/devices/{number}/status"), |s| s["online"] == online).await;
+}
+
+/// The server closed the client after DISCONNECT 0x98 (administrative action).
+pub async fn assert_kicked(r: &mut Raw) {
+    let closed = r.until_closed().await;
+    assert!(closed.iter().any(|p| matches!(p, Packet::Disconnect(d) if d.code == reason::ADMINISTRATIVE_ACTION)), "{closed:?}");
 }
 
 /// CONNECT with credentials; returns the client and the CONNACK code.
