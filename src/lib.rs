@@ -12,3 +12,4 @@ pub mod metrics;
 pub mod protocols;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
