@@ -1,0 +1,475 @@
+//! The embedded time-series store (in progress: write, flush, range, latest, retention and
+//! crash recovery; aggregates, downsampling and the writer actors come next).
+//!
+//! Layout under its directory: `wal.log` holds accepted points not yet in a segment (framed
+//! records with a CRC: a record torn by a crash is dropped at the next open, everything before
+//! it is kept); `p{day}/seg-{n}.tss` are immutable segments, one per flush and day partition,
+//! each a list of (device, key, chunk) with a CRC over the file. Segments are written to a
+//! temporary name and renamed, so a crash never leaves a half segment under its real name; the
+//! WAL is truncated only after the rename. Retention removes whole day partitions.
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::chunk::{self, Values};
+use super::{Point, Value};
+
+const DAY_MS: i64 = 86_400_000;
+const WAL_MAX_RECORD: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("time-series store I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("time-series store: {0}")]
+    Corrupt(String),
+}
+
+/// One series: a device's key.
+type SeriesKey = (i64, String);
+
+/// One series' points of one value kind, as they go into a segment.
+type Column = (SeriesKey, u8, Vec<i64>, Vec<Value>);
+
+pub struct EmbeddedStore {
+    dir: PathBuf,
+    wal: File,
+    /// Accepted points not yet in a segment, per series (also in the WAL).
+    buffer: BTreeMap<SeriesKey, Vec<(i64, Value)>>,
+    buffered: usize,
+    /// Flush when this many points are buffered.
+    flush_at: usize,
+    /// Latest (ts, value) per series.
+    latest: BTreeMap<SeriesKey, (i64, Value)>,
+    next_segment: u64,
+    /// fsync the WAL before a write returns (the acknowledgement then survives power loss).
+    sync: bool,
+}
+
+/// A point as the WAL stores it: `Value` is untagged for JSON, which bincode cannot decode.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WalPoint {
+    device_id: i64,
+    key: String,
+    ts: i64,
+    value: WalValue,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+enum WalValue {
+    Number(f64),
+    Bool(bool),
+    Text(String),
+    Json(String),
+}
+
+impl From<&Point> for WalPoint {
+    fn from(p: &Point) -> WalPoint {
+        let value = match &p.value {
+            Value::Number(n) => WalValue::Number(*n),
+            Value::Bool(b) => WalValue::Bool(*b),
+            Value::Text(s) => WalValue::Text(s.clone()),
+            Value::Json(s) => WalValue::Json(s.clone()),
+        };
+        WalPoint { device_id: p.device_id, key: p.key.clone(), ts: p.ts, value }
+    }
+}
+
+impl From<WalPoint> for Point {
+    fn from(w: WalPoint) -> Point {
+        let value = match w.value {
+            WalValue::Number(n) => Value::Number(n),
+            WalValue::Bool(b) => Value::Bool(b),
+            WalValue::Text(s) => Value::Text(s),
+            WalValue::Json(s) => Value::Json(s),
+        };
+        Point { device_id: w.device_id, key: w.key, ts: w.ts, value }
+    }
+}
+
+fn bincode_cfg() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<WAL_MAX_RECORD>()
+}
+
+fn partition_of(ts: i64) -> i64 {
+    ts.div_euclid(DAY_MS)
+}
+
+fn kind_of(v: &Value) -> u8 {
+    match v {
+        Value::Number(_) => 0,
+        Value::Bool(_) => 1,
+        Value::Text(_) => 2,
+        Value::Json(_) => 3,
+    }
+}
+
+impl EmbeddedStore {
+    /// Open (or create) the store in `dir`, replaying the WAL.
+    pub fn open(dir: &Path, flush_at: usize, sync: bool) -> Result<EmbeddedStore, StoreError> {
+        fs::create_dir_all(dir)?;
+        let mut s = EmbeddedStore {
+            dir: dir.to_path_buf(),
+            wal: OpenOptions::new().create(true).append(true).open(dir.join("wal.log"))?,
+            buffer: BTreeMap::new(),
+            buffered: 0,
+            flush_at: flush_at.max(1),
+            latest: BTreeMap::new(),
+            next_segment: 0,
+            sync,
+        };
+        for (_, segs) in s.partitions()? {
+            for seg in segs {
+                let n = seg.file_stem().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix("seg-")).and_then(|n| n.parse::<u64>().ok());
+                s.next_segment = s.next_segment.max(n.unwrap_or(0) + 1);
+                for (key, ts, vals) in read_segment(&seg)? {
+                    s.note_latest_chunk(key, &ts, &vals);
+                }
+            }
+        }
+        let (points, good_len) = replay(&dir.join("wal.log"))?;
+        // Cut a torn tail so new records follow the last good one.
+        s.wal.set_len(good_len)?;
+        for p in points {
+            s.insert(p);
+        }
+        Ok(s)
+    }
+
+    fn note_latest_chunk(&mut self, key: SeriesKey, ts: &[i64], vals: &[Value]) {
+        for (t, v) in ts.iter().zip(vals) {
+            self.note_latest(&key, *t, v);
+        }
+    }
+
+    fn note_latest(&mut self, key: &SeriesKey, ts: i64, v: &Value) {
+        match self.latest.get(key) {
+            Some((t, _)) if *t > ts => {}
+            _ => {
+                self.latest.insert(key.clone(), (ts, v.clone()));
+            }
+        }
+    }
+
+    fn insert(&mut self, p: Point) {
+        let key = (p.device_id, p.key);
+        self.note_latest(&key, p.ts, &p.value);
+        self.buffer.entry(key).or_default().push((p.ts, p.value));
+        self.buffered += 1;
+    }
+
+    /// Accept points: logged to the WAL (synced when configured), then buffered; a full buffer
+    /// is flushed to segments.
+    pub fn write_batch(&mut self, points: Vec<Point>) -> Result<(), StoreError> {
+        if points.is_empty() {
+            return Ok(());
+        }
+        let wal: Vec<WalPoint> = points.iter().map(WalPoint::from).collect();
+        let body = bincode::serde::encode_to_vec(&wal, bincode_cfg()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut rec = Vec::with_capacity(body.len() + 8);
+        rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        rec.extend_from_slice(&body);
+        self.wal.write_all(&rec)?;
+        if self.sync {
+            self.wal.sync_data()?;
+        }
+        for p in points {
+            self.insert(p);
+        }
+        if self.buffered >= self.flush_at {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write the buffer as segments (one per day partition) and empty the WAL.
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        if self.buffered == 0 {
+            return Ok(());
+        }
+        let mut by_part: BTreeMap<i64, Vec<Column>> = BTreeMap::new();
+        for (key, pts) in std::mem::take(&mut self.buffer) {
+            // One chunk per (partition, value kind) of the series.
+            let mut groups: BTreeMap<(i64, u8), (Vec<i64>, Vec<Value>)> = BTreeMap::new();
+            for (ts, v) in pts {
+                let g = groups.entry((partition_of(ts), kind_of(&v))).or_default();
+                g.0.push(ts);
+                g.1.push(v);
+            }
+            for ((part, kind), (ts, vals)) in groups {
+                by_part.entry(part).or_default().push((key.clone(), kind, ts, vals));
+            }
+        }
+        for (part, entries) in by_part {
+            let dir = self.dir.join(format!("p{part}"));
+            fs::create_dir_all(&dir)?;
+            let mut file = Vec::new();
+            file.extend_from_slice(b"TSS1");
+            file.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+            for ((device, key), kind, ts, vals) in entries {
+                let chunk = chunk::encode(&ts, &to_values(kind, vals)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                file.extend_from_slice(&device.to_le_bytes());
+                file.push(kind);
+                file.extend_from_slice(&(key.len() as u32).to_le_bytes());
+                file.extend_from_slice(key.as_bytes());
+                file.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+                file.extend_from_slice(&chunk);
+            }
+            file.extend_from_slice(&crc32fast::hash(&file).to_le_bytes());
+            let name = dir.join(format!("seg-{}.tss", self.next_segment));
+            self.next_segment += 1;
+            let tmp = name.with_extension("tmp");
+            {
+                let mut f = File::create(&tmp)?;
+                f.write_all(&file)?;
+                f.sync_all()?;
+            }
+            fs::rename(&tmp, &name)?;
+            File::open(&dir)?.sync_all()?;
+        }
+        // Everything buffered is in segments now.
+        self.wal.set_len(0)?;
+        self.wal.sync_all()?;
+        self.buffered = 0;
+        Ok(())
+    }
+
+    /// Day partitions (day number, segment files) in order.
+    fn partitions(&self) -> Result<Vec<(i64, Vec<PathBuf>)>, StoreError> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.dir)? {
+            let e = e?;
+            let name = e.file_name();
+            let Some(day) = name.to_str().and_then(|n| n.strip_prefix('p')).and_then(|d| d.parse::<i64>().ok()) else { continue };
+            let mut segs: Vec<PathBuf> = fs::read_dir(e.path())?
+                .filter_map(|x| x.ok().map(|x| x.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "tss"))
+                .collect();
+            segs.sort();
+            out.push((day, segs));
+        }
+        out.sort_by_key(|(d, _)| *d);
+        Ok(out)
+    }
+
+    /// Points of one series in `[from, to)`, by time; a later write of the same timestamp wins.
+    pub fn range(&self, device_id: i64, key: &str, from: i64, to: i64) -> Result<Vec<(i64, Value)>, StoreError> {
+        let mut out: BTreeMap<i64, Value> = BTreeMap::new();
+        for (day, segs) in self.partitions()? {
+            if (day + 1) * DAY_MS <= from || day * DAY_MS >= to {
+                continue;
+            }
+            for seg in segs {
+                for ((d, k), ts, vals) in read_segment(&seg)? {
+                    if d == device_id && k == key {
+                        for (t, v) in ts.into_iter().zip(vals) {
+                            if t >= from && t < to {
+                                out.insert(t, v);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(buf) = self.buffer.get(&(device_id, key.to_string())) {
+            for (t, v) in buf {
+                if *t >= from && *t < to {
+                    out.insert(*t, v.clone());
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// The latest value of every key of a device.
+    pub fn latest(&self, device_id: i64) -> Vec<(String, i64, Value)> {
+        self.latest
+            .range((device_id, String::new())..)
+            .take_while(|((d, _), _)| *d == device_id)
+            .map(|((_, k), (t, v))| (k.clone(), *t, v.clone()))
+            .collect()
+    }
+
+    /// Drop every day partition that ends before `cutoff` (ms); returns how many.
+    pub fn apply_retention(&mut self, cutoff: i64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (day, _) in self.partitions()? {
+            if (day + 1) * DAY_MS <= cutoff {
+                fs::remove_dir_all(self.dir.join(format!("p{day}")))?;
+                n += 1;
+            }
+        }
+        self.latest.retain(|_, (t, _)| *t >= cutoff);
+        Ok(n)
+    }
+}
+
+fn to_values(kind: u8, vals: Vec<Value>) -> Values {
+    match kind {
+        0 => Values::Number(vals.into_iter().map(|v| if let Value::Number(n) = v { n } else { f64::NAN }).collect()),
+        1 => Values::Bool(vals.into_iter().map(|v| matches!(v, Value::Bool(true))).collect()),
+        _ => Values::Text(vals.into_iter().map(|v| if let Value::Text(s) | Value::Json(s) = v { s } else { String::new() }).collect()),
+    }
+}
+
+fn from_values(kind: u8, v: Values) -> Vec<Value> {
+    match v {
+        Values::Number(v) => v.into_iter().map(Value::Number).collect(),
+        Values::Bool(v) => v.into_iter().map(Value::Bool).collect(),
+        Values::Text(v) if kind == 3 => v.into_iter().map(Value::Json).collect(),
+        Values::Text(v) => v.into_iter().map(Value::Text).collect(),
+    }
+}
+
+type SegmentEntry = (SeriesKey, Vec<i64>, Vec<Value>);
+
+/// Every series chunk of a segment file (checked against its CRC first).
+fn read_segment(path: &Path) -> Result<Vec<SegmentEntry>, StoreError> {
+    let b = fs::read(path)?;
+    let bad = |m: &str| StoreError::Corrupt(format!("{}: {m}", path.display()));
+    if b.len() < 12 || &b[..4] != b"TSS1" {
+        return Err(bad("not a segment"));
+    }
+    let (body, crc) = b.split_at(b.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+        return Err(bad("checksum mismatch"));
+    }
+    let mut r = &body[4..];
+    let mut take = |n: usize| -> Result<&[u8], StoreError> {
+        if r.len() < n {
+            return Err(bad("truncated"));
+        }
+        let (h, t) = r.split_at(n);
+        r = t;
+        Ok(h)
+    };
+    let u32_of = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+    let n = u32_of(take(4)?);
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let d = take(8)?;
+        let device = i64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+        let kind = take(1)?[0];
+        let klen = u32_of(take(4)?);
+        let key = std::str::from_utf8(take(klen)?).map_err(|_| bad("key is not UTF-8"))?.to_string();
+        let clen = u32_of(take(4)?);
+        let (ts, vals) = chunk::decode(take(clen)?).map_err(|e| bad(&e.to_string()))?;
+        out.push(((device, key), ts, from_values(kind, vals)));
+    }
+    Ok(out)
+}
+
+/// Points of every intact WAL record, and the length up to the last intact one.
+fn replay(path: &Path) -> Result<(Vec<Point>, u64), StoreError> {
+    let mut b = Vec::new();
+    File::open(path)?.read_to_end(&mut b)?;
+    let mut points = Vec::new();
+    let mut at = 0usize;
+    while b.len() - at >= 8 {
+        let len = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize;
+        let crc = u32::from_le_bytes([b[at + 4], b[at + 5], b[at + 6], b[at + 7]]);
+        if len > WAL_MAX_RECORD || b.len() - at - 8 < len {
+            break;
+        }
+        let body = &b[at + 8..at + 8 + len];
+        if crc32fast::hash(body) != crc {
+            break;
+        }
+        match bincode::serde::decode_from_slice::<Vec<WalPoint>, _>(body, bincode_cfg()) {
+            Ok((p, _)) => points.extend(p.into_iter().map(Point::from)),
+            // An intact record this build cannot read is not a torn write: refuse to open
+            // rather than cut it (and everything after it) away.
+            Err(e) => return Err(StoreError::Corrupt(format!("{}: unreadable WAL record at byte {at}: {e}", path.display()))),
+        }
+        at += 8 + len;
+    }
+    if at < b.len() {
+        tracing::warn!(path = %path.display(), dropped_bytes = b.len() - at, "time-series WAL ends in a torn record (crash mid-write); keeping everything before it");
+    }
+    Ok((points, at as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pt(device: i64, key: &str, ts: i64, v: Value) -> Point {
+        Point { device_id: device, key: key.into(), ts, value: v }
+    }
+
+    #[test]
+    fn write_flush_read_latest_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 1_700_000_000_000 / DAY_MS * DAY_MS;
+        {
+            let mut s = EmbeddedStore::open(dir.path(), 1000, false).unwrap();
+            let mut batch = Vec::new();
+            for i in 0..1500 {
+                batch.push(pt(1, "temp", day + i * 60_000, Value::Number(20.0 + (i % 10) as f64 / 10.0)));
+                batch.push(pt(2, "door", day + i * 60_000, Value::Bool(i % 100 == 0)));
+            }
+            batch.push(pt(1, "mode", day + 5, Value::Text("eco".into())));
+            batch.push(pt(1, "list", day + 6, Value::Json("[1,2]".into())));
+            s.write_batch(batch).unwrap();
+            // 1,500 minutes cross into the next day: two partitions.
+            assert_eq!(s.partitions().unwrap().len(), 2);
+            s.write_batch(vec![pt(1, "temp", day + 10, Value::Number(99.0))]).unwrap(); // overwrite, still buffered
+            let r = s.range(1, "temp", day, day + 3 * 60_000).unwrap();
+            assert_eq!(r.iter().map(|(t, _)| *t - day).collect::<Vec<_>>(), [0, 10, 60_000, 120_000]);
+            assert_eq!(r[1].1, Value::Number(99.0));
+            let latest = s.latest(1);
+            assert_eq!(latest.iter().map(|(k, ..)| k.as_str()).collect::<Vec<_>>(), ["list", "mode", "temp"]);
+        }
+        // Reopen: segments and the WAL (the unflushed overwrite) are back.
+        let s = EmbeddedStore::open(dir.path(), 1000, false).unwrap();
+        let r = s.range(1, "temp", day, day + 20).unwrap();
+        assert_eq!(r, vec![(day, Value::Number(20.0)), (day + 10, Value::Number(99.0))]);
+        assert_eq!(s.range(2, "door", day, day + DAY_MS * 2).unwrap().len(), 1500);
+        assert_eq!(s.range(1, "list", day, day + 10).unwrap(), vec![(day + 6, Value::Json("[1,2]".into()))]);
+        let l = s.latest(1);
+        assert_eq!(l.iter().find(|(k, ..)| k == "temp").map(|(_, t, _)| *t), Some(day + 1499 * 60_000));
+    }
+
+    #[test]
+    fn a_torn_wal_record_loses_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = EmbeddedStore::open(dir.path(), 1_000_000, false).unwrap();
+            s.write_batch(vec![pt(1, "a", 1, Value::Number(1.0))]).unwrap();
+            s.write_batch(vec![pt(1, "a", 2, Value::Number(2.0))]).unwrap();
+        }
+        // A crash in the middle of the third record.
+        let wal = dir.path().join("wal.log");
+        let mut b = fs::read(&wal).unwrap();
+        let keep = b.len();
+        b.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3, 4, 9, 9]);
+        fs::write(&wal, &b).unwrap();
+        let mut s = EmbeddedStore::open(dir.path(), 1_000_000, false).unwrap();
+        assert_eq!(fs::metadata(&wal).unwrap().len() as usize, keep, "the torn tail is cut");
+        assert_eq!(s.range(1, "a", 0, 10).unwrap().len(), 2);
+        s.write_batch(vec![pt(1, "a", 3, Value::Number(3.0))]).unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), 1_000_000, false).unwrap();
+        assert_eq!(s.range(1, "a", 0, 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_corrupt_segment_is_an_error_not_a_panic_and_retention_drops_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = EmbeddedStore::open(dir.path(), 1, false).unwrap();
+        for d in 0..3 {
+            s.write_batch(vec![pt(1, "a", d * DAY_MS + 5, Value::Number(d as f64))]).unwrap();
+        }
+        assert_eq!(s.partitions().unwrap().len(), 3);
+        assert_eq!(s.apply_retention(2 * DAY_MS).unwrap(), 2);
+        assert_eq!(s.range(1, "a", 0, 3 * DAY_MS).unwrap(), vec![(2 * DAY_MS + 5, Value::Number(2.0))]);
+        let seg = s.partitions().unwrap()[0].1[0].clone();
+        let mut b = fs::read(&seg).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 1;
+        fs::write(&seg, &b).unwrap();
+        assert!(matches!(s.range(1, "a", 0, 3 * DAY_MS), Err(StoreError::Corrupt(_))));
+    }
+}
