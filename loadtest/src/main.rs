@@ -3,6 +3,7 @@
 mod brokers;
 mod client;
 mod devices;
+mod tsdb;
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ struct Opts {
     window: usize,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices,tsdb]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]";
 
 fn parse() -> anyhow::Result<Opts> {
@@ -228,6 +229,10 @@ async fn main() -> anyhow::Result<()> {
         o.brokers, o.scenarios, o.qos as u8, o.payload
     );
     for sc in &o.scenarios {
+        if sc == "tsdb" {
+            tsdb::run(1000, 2000)?;
+            continue;
+        }
         if sc == "devices" {
             devices::run(o.connections, o.publishers, o.messages, o.window, o.qos).await?;
             continue;

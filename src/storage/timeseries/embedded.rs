@@ -123,7 +123,7 @@ impl EmbeddedStore {
             for seg in segs {
                 let n = seg.file_stem().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix("seg-")).and_then(|n| n.parse::<u64>().ok());
                 s.next_segment = s.next_segment.max(n.unwrap_or(0) + 1);
-                for (key, ts, vals) in read_segment(&seg)? {
+                for (key, ts, vals) in read_segment(&seg, |_, _| true)? {
                     s.note_latest_chunk(key, &ts, &vals);
                 }
             }
@@ -262,12 +262,10 @@ impl EmbeddedStore {
                 continue;
             }
             for seg in segs {
-                for ((d, k), ts, vals) in read_segment(&seg)? {
-                    if d == device_id && k == key {
-                        for (t, v) in ts.into_iter().zip(vals) {
-                            if t >= from && t < to {
-                                out.insert(t, v);
-                            }
+                for (_, ts, vals) in read_segment(&seg, |d, k| d == device_id && k == key)? {
+                    for (t, v) in ts.into_iter().zip(vals) {
+                        if t >= from && t < to {
+                            out.insert(t, v);
                         }
                     }
                 }
@@ -325,8 +323,9 @@ fn from_values(kind: u8, v: Values) -> Vec<Value> {
 
 type SegmentEntry = (SeriesKey, Vec<i64>, Vec<Value>);
 
-/// Every series chunk of a segment file (checked against its CRC first).
-fn read_segment(path: &Path) -> Result<Vec<SegmentEntry>, StoreError> {
+/// The series chunks of a segment file that `want` selects (the file is checked against its
+/// CRC first; unselected chunks are skipped without decoding).
+fn read_segment(path: &Path, want: impl Fn(i64, &str) -> bool) -> Result<Vec<SegmentEntry>, StoreError> {
     let b = fs::read(path)?;
     let bad = |m: &str| StoreError::Corrupt(format!("{}: {m}", path.display()));
     if b.len() < 12 || &b[..4] != b"TSS1" {
@@ -355,8 +354,11 @@ fn read_segment(path: &Path) -> Result<Vec<SegmentEntry>, StoreError> {
         let klen = u32_of(take(4)?);
         let key = std::str::from_utf8(take(klen)?).map_err(|_| bad("key is not UTF-8"))?.to_string();
         let clen = u32_of(take(4)?);
-        let (ts, vals) = chunk::decode(take(clen)?).map_err(|e| bad(&e.to_string()))?;
-        out.push(((device, key), ts, from_values(kind, vals)));
+        let bytes = take(clen)?;
+        if want(device, &key) {
+            let (ts, vals) = chunk::decode(bytes).map_err(|e| bad(&e.to_string()))?;
+            out.push(((device, key), ts, from_values(kind, vals)));
+        }
     }
     Ok(out)
 }
