@@ -51,7 +51,7 @@ pub fn run(devices: usize, timestamps: usize) -> anyhow::Result<()> {
             s.0 = ((s.0 + rng.step()) * 10.0).round() / 10.0;
             s.1 = (((s.1 + rng.step()) * 10.0).round() / 10.0).clamp(0.0, 100.0);
             s.2 += (rng.next() % 50) as f64 / 1000.0;
-            if rng.next() % 500 == 0 {
+            if rng.next().is_multiple_of(500) {
                 s.3 = !s.3;
             }
             let volt = ((230.0 + (rng.next() % 2000) as f64 / 1000.0 - 1.0) * 1000.0).round() / 1000.0;
@@ -67,6 +67,10 @@ pub fn run(devices: usize, timestamps: usize) -> anyhow::Result<()> {
     }
     store.flush()?;
     let ingest = t0.elapsed().as_secs_f64() - gen_secs;
+    let flushed_bytes = dir_bytes(&dir);
+    let c = Instant::now();
+    let compacted = store.compact()?;
+    let compact_secs = c.elapsed().as_secs_f64();
     let bytes = dir_bytes(&dir);
     let q = Instant::now();
     let one = store.range(7, "temperature", start_ts, start_ts + timestamps as i64 * 10_000)?;
@@ -80,7 +84,11 @@ pub fn run(devices: usize, timestamps: usize) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     println!("\n== tsdb (embedded store, work in progress): {devices} devices x 5 keys x {timestamps} timestamps = {total} points");
     println!("ingest (store only, WAL without fsync): {:.0} points/s", total as f64 / ingest);
-    println!("on disk: {bytes} bytes = {:.3} bytes/point", bytes as f64 / total as f64);
+    println!("on disk after the flushes: {flushed_bytes} bytes = {:.3} bytes/point", flushed_bytes as f64 / total as f64);
+    println!(
+        "compaction of {compacted} partitions: {compact_secs:.2} s; on disk: {bytes} bytes = {:.3} bytes/point",
+        bytes as f64 / total as f64
+    );
     println!("raw range, one device's temperature, full range: {} points in {range_ms:.1} ms", one.len());
     println!("latest values of every device: {n} values in {latest_ms:.2} ms");
     Ok(())

@@ -121,8 +121,7 @@ impl EmbeddedStore {
         };
         for (_, segs) in s.partitions()? {
             for seg in segs {
-                let n = seg.file_stem().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix("seg-")).and_then(|n| n.parse::<u64>().ok());
-                s.next_segment = s.next_segment.max(n.unwrap_or(0) + 1);
+                s.next_segment = s.next_segment.max(segment_number(&seg) + 1);
                 for (key, ts, vals) in read_segment(&seg, |_, _| true)? {
                     s.note_latest_chunk(key, &ts, &vals);
                 }
@@ -203,6 +202,18 @@ impl EmbeddedStore {
             }
         }
         for (part, entries) in by_part {
+            self.write_segment(part, entries)?;
+        }
+        // Everything buffered is in segments now.
+        self.wal.set_len(0)?;
+        self.wal.sync_all()?;
+        self.buffered = 0;
+        Ok(())
+    }
+
+    /// Write one segment of partition `part` (tmp + rename + directory sync); returns its path.
+    fn write_segment(&mut self, part: i64, entries: Vec<Column>) -> Result<PathBuf, StoreError> {
+        {
             let dir = self.dir.join(format!("p{part}"));
             fs::create_dir_all(&dir)?;
             let mut file = Vec::new();
@@ -228,12 +239,39 @@ impl EmbeddedStore {
             }
             fs::rename(&tmp, &name)?;
             File::open(&dir)?.sync_all()?;
+            Ok(name)
         }
-        // Everything buffered is in segments now.
-        self.wal.set_len(0)?;
-        self.wal.sync_all()?;
-        self.buffered = 0;
-        Ok(())
+    }
+
+    /// Merge every partition's segments into one (one chunk per series and value kind, so
+    /// chunks are long and compress well); returns how many partitions were compacted. Crash
+    /// safe: the merged segment is renamed into place before the old ones are removed, and a
+    /// point present twice reads once (same timestamp, same value).
+    pub fn compact(&mut self) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (part, segs) in self.partitions()? {
+            if segs.len() < 2 {
+                continue;
+            }
+            let mut merged: BTreeMap<(SeriesKey, u8), BTreeMap<i64, Value>> = BTreeMap::new();
+            for seg in &segs {
+                for (key, ts, vals) in read_segment(seg, |_, _| true)? {
+                    for (t, v) in ts.into_iter().zip(vals) {
+                        merged.entry((key.clone(), kind_of(&v))).or_default().insert(t, v);
+                    }
+                }
+            }
+            let entries: Vec<Column> = merged
+                .into_iter()
+                .map(|((key, kind), pts)| (key, kind, pts.keys().copied().collect(), pts.into_values().collect()))
+                .collect();
+            self.write_segment(part, entries)?;
+            for seg in segs {
+                fs::remove_file(seg)?;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Day partitions (day number, segment files) in order.
@@ -247,7 +285,8 @@ impl EmbeddedStore {
                 .filter_map(|x| x.ok().map(|x| x.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "tss"))
                 .collect();
-            segs.sort();
+            // Write order (later segments win for the same timestamp): by number, not by name.
+            segs.sort_by_key(|p| segment_number(p));
             out.push((day, segs));
         }
         out.sort_by_key(|(d, _)| *d);
@@ -302,6 +341,10 @@ impl EmbeddedStore {
         self.latest.retain(|_, (t, _)| *t >= cutoff);
         Ok(n)
     }
+}
+
+fn segment_number(p: &Path) -> u64 {
+    p.file_stem().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix("seg-")).and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 fn to_values(kind: u8, vals: Vec<Value>) -> Values {
@@ -430,6 +473,15 @@ mod tests {
         assert_eq!(r, vec![(day, Value::Number(20.0)), (day + 10, Value::Number(99.0))]);
         assert_eq!(s.range(2, "door", day, day + DAY_MS * 2).unwrap().len(), 1500);
         assert_eq!(s.range(1, "list", day, day + 10).unwrap(), vec![(day + 6, Value::Json("[1,2]".into()))]);
+        // Compaction keeps every point and the later write of a timestamp.
+        let mut s = s;
+        s.write_batch(vec![pt(1, "temp", day, Value::Number(-1.0))]).unwrap();
+        s.flush().unwrap();
+        assert!(s.compact().unwrap() >= 1);
+        assert!(s.partitions().unwrap().iter().all(|(_, segs)| segs.len() == 1));
+        let r = s.range(1, "temp", day, day + 20).unwrap();
+        assert_eq!(r, vec![(day, Value::Number(-1.0)), (day + 10, Value::Number(99.0))]);
+        assert_eq!(s.range(2, "door", day, day + DAY_MS * 2).unwrap().len(), 1500);
         let l = s.latest(1);
         assert_eq!(l.iter().find(|(k, ..)| k == "temp").map(|(_, t, _)| *t), Some(day + 1499 * 60_000));
     }
