@@ -32,6 +32,12 @@ type SeriesKey = (i64, String);
 /// One series' points of one value kind, as they go into a segment.
 type Column = (SeriesKey, u8, Vec<i64>, Vec<Value>);
 
+/// A segment file and where its chunks are: series → (value kind, offset, length).
+struct Seg {
+    path: PathBuf,
+    chunks: std::collections::HashMap<SeriesKey, Vec<(u8, u64, u32)>>,
+}
+
 pub struct EmbeddedStore {
     dir: PathBuf,
     wal: File,
@@ -43,6 +49,9 @@ pub struct EmbeddedStore {
     /// Latest (ts, value) per series.
     latest: BTreeMap<SeriesKey, (i64, Value)>,
     next_segment: u64,
+    /// Where each series' chunks are in each segment, per day partition (queries read only
+    /// those bytes; each chunk carries its own checksum).
+    index: BTreeMap<i64, Vec<Seg>>,
     /// fsync the WAL before a write returns (the acknowledgement then survives power loss).
     sync: bool,
 }
@@ -117,14 +126,16 @@ impl EmbeddedStore {
             flush_at: flush_at.max(1),
             latest: BTreeMap::new(),
             next_segment: 0,
+            index: BTreeMap::new(),
             sync,
         };
-        for (_, segs) in s.partitions()? {
+        for (day, segs) in s.partitions()? {
             for seg in segs {
                 s.next_segment = s.next_segment.max(segment_number(&seg) + 1);
                 for (key, ts, vals) in read_segment(&seg, |_, _| true)? {
                     s.note_latest_chunk(key, &ts, &vals);
                 }
+                s.index.entry(day).or_default().push(index_segment(&seg)?);
             }
         }
         let (points, good_len) = replay(&dir.join("wal.log"))?;
@@ -239,6 +250,7 @@ impl EmbeddedStore {
             }
             fs::rename(&tmp, &name)?;
             File::open(&dir)?.sync_all()?;
+            self.index.entry(part).or_default().push(index_segment(&name)?);
             Ok(name)
         }
     }
@@ -265,9 +277,12 @@ impl EmbeddedStore {
                 .into_iter()
                 .map(|((key, kind), pts)| (key, kind, pts.keys().copied().collect(), pts.into_values().collect()))
                 .collect();
-            self.write_segment(part, entries)?;
-            for seg in segs {
+            let merged_path = self.write_segment(part, entries)?;
+            for seg in &segs {
                 fs::remove_file(seg)?;
+            }
+            if let Some(list) = self.index.get_mut(&part) {
+                list.retain(|s| s.path == merged_path);
             }
             n += 1;
         }
@@ -295,14 +310,21 @@ impl EmbeddedStore {
 
     /// Points of one series in `[from, to)`, by time; a later write of the same timestamp wins.
     pub fn range(&self, device_id: i64, key: &str, from: i64, to: i64) -> Result<Vec<(i64, Value)>, StoreError> {
+        use std::os::unix::fs::FileExt;
         let mut out: BTreeMap<i64, Value> = BTreeMap::new();
-        for (day, segs) in self.partitions()? {
-            if (day + 1) * DAY_MS <= from || day * DAY_MS >= to {
-                continue;
-            }
+        if to <= from {
+            return Ok(vec![]);
+        }
+        let series = (device_id, key.to_string());
+        for (_, segs) in self.index.range(from.div_euclid(DAY_MS)..=(to - 1).div_euclid(DAY_MS)) {
             for seg in segs {
-                for (_, ts, vals) in read_segment(&seg, |d, k| d == device_id && k == key)? {
-                    for (t, v) in ts.into_iter().zip(vals) {
+                let Some(chunks) = seg.chunks.get(&series) else { continue };
+                let f = File::open(&seg.path)?;
+                for (kind, off, len) in chunks {
+                    let mut b = vec![0u8; *len as usize];
+                    f.read_exact_at(&mut b, *off)?;
+                    let (ts, vals) = chunk::decode(&b).map_err(|e| StoreError::Corrupt(format!("{}: {e}", seg.path.display())))?;
+                    for (t, v) in ts.into_iter().zip(from_values(*kind, vals)) {
                         if t >= from && t < to {
                             out.insert(t, v);
                         }
@@ -335,6 +357,7 @@ impl EmbeddedStore {
         for (day, _) in self.partitions()? {
             if (day + 1) * DAY_MS <= cutoff {
                 fs::remove_dir_all(self.dir.join(format!("p{day}")))?;
+                self.index.remove(&day);
                 n += 1;
             }
         }
@@ -406,6 +429,41 @@ fn read_segment(path: &Path, want: impl Fn(i64, &str) -> bool) -> Result<Vec<Seg
     Ok(out)
 }
 
+/// Where a segment's chunks are (the file's checksum is verified once, here).
+fn index_segment(path: &Path) -> Result<Seg, StoreError> {
+    let b = fs::read(path)?;
+    let bad = |m: &str| StoreError::Corrupt(format!("{}: {m}", path.display()));
+    if b.len() < 12 || &b[..4] != b"TSS1" {
+        return Err(bad("not a segment"));
+    }
+    let (body, crc) = b.split_at(b.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+        return Err(bad("checksum mismatch"));
+    }
+    let u32_at = |at: usize| -> Result<usize, StoreError> {
+        body.get(at..at + 4).map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) as usize).ok_or_else(|| bad("truncated"))
+    };
+    let n = u32_at(4)?;
+    let mut at = 8usize;
+    let mut chunks: std::collections::HashMap<SeriesKey, Vec<(u8, u64, u32)>> = std::collections::HashMap::new();
+    for _ in 0..n {
+        let d = body.get(at..at + 8).ok_or_else(|| bad("truncated"))?;
+        let device = i64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+        let kind = *body.get(at + 8).ok_or_else(|| bad("truncated"))?;
+        let klen = u32_at(at + 9)?;
+        let key = body.get(at + 13..at + 13 + klen).ok_or_else(|| bad("truncated"))?;
+        let key = std::str::from_utf8(key).map_err(|_| bad("key is not UTF-8"))?.to_string();
+        let clen = u32_at(at + 13 + klen)?;
+        let off = at + 17 + klen;
+        if off + clen > body.len() {
+            return Err(bad("truncated"));
+        }
+        chunks.entry((device, key)).or_default().push((kind, off as u64, clen as u32));
+        at = off + clen;
+    }
+    Ok(Seg { path: path.to_path_buf(), chunks })
+}
+
 /// Points of every intact WAL record, and the length up to the last intact one.
 fn replay(path: &Path) -> Result<(Vec<Point>, u64), StoreError> {
     let mut b = Vec::new();
@@ -473,6 +531,7 @@ mod tests {
         assert_eq!(r, vec![(day, Value::Number(20.0)), (day + 10, Value::Number(99.0))]);
         assert_eq!(s.range(2, "door", day, day + DAY_MS * 2).unwrap().len(), 1500);
         assert_eq!(s.range(1, "list", day, day + 10).unwrap(), vec![(day + 6, Value::Json("[1,2]".into()))]);
+        assert!(s.range(1, "temp", day + 10, day).unwrap().is_empty(), "an empty or reversed range");
         // Compaction keeps every point and the later write of a timestamp.
         let mut s = s;
         s.write_batch(vec![pt(1, "temp", day, Value::Number(-1.0))]).unwrap();
