@@ -374,9 +374,31 @@ impl Config {
         value.try_into().map_err(|e: toml::de::Error| ConfigError::Parse { path: name.into(), message: e.to_string() })
     }
 
-    /// The effective configuration as TOML.
+    /// The effective configuration as TOML, secrets masked (the admin key, the cluster cookie,
+    /// passwords inside database and Redis URLs).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut c = self.clone();
+        let mask = |s: &mut String| {
+            if !s.is_empty() {
+                *s = "<set>".into();
+            }
+        };
+        mask(&mut c.devices.admin_key);
+        mask(&mut c.cluster.cookie);
+        c.meta.url = mask_url_password(&c.meta.url);
+        c.cache.url = mask_url_password(&c.cache.url);
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+pub fn mask_url_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
     }
 }
 
@@ -427,6 +449,17 @@ mod tests {
     fn bad_value_names_line() {
         let err = Config::from_sources("[mqtt]\n\nmax_inflight = \"lots\"\n", "c.toml", &[]).unwrap_err().to_string();
         assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn printed_config_masks_secrets() {
+        let env = vec![
+            ("THINGSD_DEVICES__ADMIN_KEY".to_string(), "super-secret-admin-key".to_string()),
+            ("THINGSD_META__URL".into(), "postgres://things:pw123@db/things".into()),
+        ];
+        let t = Config::from_sources("", "c", &env).unwrap().to_toml();
+        assert!(!t.contains("super-secret-admin-key") && !t.contains("pw123") && !t.contains("thingsd-change-me"), "{t}");
+        assert!(t.contains("postgres://things:***@db/things"), "{t}");
     }
 
     #[test]

@@ -160,7 +160,8 @@ impl Devices {
         } else {
             config.meta.url.clone()
         };
-        let meta = MetaStore::open(&url).await.with_context(|| format!("open the meta store {}", redact(&url)))?;
+        let meta =
+            MetaStore::open(&url).await.with_context(|| format!("open the meta store {}", crate::config::mask_url_password(&url)))?;
         if config.cluster.enabled && meta.backend() == crate::storage::meta::Backend::Sqlite {
             tracing::warn!("clustering with an SQLite meta store: every node has its own device registry; use PostgreSQL (meta.url) so nodes share one");
         }
@@ -522,17 +523,6 @@ pub(crate) fn random_hex(bytes: usize) -> String {
 pub fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// A URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
-            None => url.to_string(),
-        },
-        _ => url.to_string(),
-    }
 }
 
 pub(crate) fn now_ms_i64() -> i64 {
