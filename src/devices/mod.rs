@@ -314,9 +314,14 @@ impl Devices {
         self.notify(DeviceNotice::Changed { device: dev.device_number.clone(), kick }).await;
     }
 
+    /// Cache keys of a device's credentials.
+    async fn cred_keys(&self, device_id: i64) -> Result<Vec<String>, MetaError> {
+        Ok(self.meta.credentials(device_id).await?.iter().map(|c| cred_key(c.kind, &c.identity)).collect())
+    }
+
     async fn forget(&self, dev: &Device) {
-        let keys: Vec<String> = match self.meta.credentials(dev.id).await {
-            Ok(cs) => cs.iter().map(|c| cred_key(c.kind, &c.identity)).collect(),
+        let keys: Vec<String> = match self.cred_keys(dev.id).await {
+            Ok(k) => k,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list credentials to invalidate; cached entries expire by TTL");
                 vec![]
@@ -329,7 +334,7 @@ impl Devices {
     /// Delete a device: its connections are closed everywhere and its cached identities dropped.
     pub async fn remove_device(&self, number: &str) -> Result<Device, MetaError> {
         let dev = self.meta.device(number).await?;
-        let keys: Vec<String> = self.meta.credentials(dev.id).await?.iter().map(|c| cred_key(c.kind, &c.identity)).collect();
+        let keys = self.cred_keys(dev.id).await?;
         let dev = self.meta.delete_device(number).await?;
         self.cache.del(&keys).await;
         self.verified.invalidate_all();

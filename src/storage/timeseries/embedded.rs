@@ -132,10 +132,12 @@ impl EmbeddedStore {
         for (day, segs) in s.partitions()? {
             for seg in segs {
                 s.next_segment = s.next_segment.max(segment_number(&seg) + 1);
-                for (key, ts, vals) in read_segment(&seg, |_, _| true)? {
+                let b = fs::read(&seg)?;
+                let indexed = index_bytes(&seg, &b)?;
+                for (key, ts, vals) in decode_chunks(&indexed, &b, |_, _| true)? {
                     s.note_latest_chunk(key, &ts, &vals);
                 }
-                s.index.entry(day).or_default().push(index_segment(&seg)?);
+                s.index.entry(day).or_default().push(indexed);
             }
         }
         let (points, good_len) = replay(&dir.join("wal.log"))?;
@@ -250,7 +252,8 @@ impl EmbeddedStore {
             }
             fs::rename(&tmp, &name)?;
             File::open(&dir)?.sync_all()?;
-            self.index.entry(part).or_default().push(index_segment(&name)?);
+            // Indexed from the bytes just written (no read back).
+            self.index.entry(part).or_default().push(index_bytes(&name, &file)?);
             Ok(name)
         }
     }
@@ -393,45 +396,29 @@ type SegmentEntry = (SeriesKey, Vec<i64>, Vec<Value>);
 /// CRC first; unselected chunks are skipped without decoding).
 fn read_segment(path: &Path, want: impl Fn(i64, &str) -> bool) -> Result<Vec<SegmentEntry>, StoreError> {
     let b = fs::read(path)?;
-    let bad = |m: &str| StoreError::Corrupt(format!("{}: {m}", path.display()));
-    if b.len() < 12 || &b[..4] != b"TSS1" {
-        return Err(bad("not a segment"));
-    }
-    let (body, crc) = b.split_at(b.len() - 4);
-    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
-        return Err(bad("checksum mismatch"));
-    }
-    let mut r = &body[4..];
-    let mut take = |n: usize| -> Result<&[u8], StoreError> {
-        if r.len() < n {
-            return Err(bad("truncated"));
-        }
-        let (h, t) = r.split_at(n);
-        r = t;
-        Ok(h)
-    };
-    let u32_of = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-    let n = u32_of(take(4)?);
+    let seg = index_bytes(path, &b)?;
+    decode_chunks(&seg, &b, want)
+}
+
+/// Decode the selected chunks of an indexed segment from its bytes.
+fn decode_chunks(seg: &Seg, b: &[u8], want: impl Fn(i64, &str) -> bool) -> Result<Vec<SegmentEntry>, StoreError> {
     let mut out = Vec::new();
-    for _ in 0..n {
-        let d = take(8)?;
-        let device = i64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-        let kind = take(1)?[0];
-        let klen = u32_of(take(4)?);
-        let key = std::str::from_utf8(take(klen)?).map_err(|_| bad("key is not UTF-8"))?.to_string();
-        let clen = u32_of(take(4)?);
-        let bytes = take(clen)?;
-        if want(device, &key) {
-            let (ts, vals) = chunk::decode(bytes).map_err(|e| bad(&e.to_string()))?;
-            out.push(((device, key), ts, from_values(kind, vals)));
+    for ((device, key), list) in &seg.chunks {
+        if !want(*device, key) {
+            continue;
+        }
+        for (kind, off, len) in list {
+            let bytes = &b[*off as usize..*off as usize + *len as usize];
+            let (ts, vals) = chunk::decode(bytes).map_err(|e| StoreError::Corrupt(format!("{}: {e}", seg.path.display())))?;
+            out.push(((*device, key.clone()), ts, from_values(*kind, vals)));
         }
     }
     Ok(out)
 }
 
-/// Where a segment's chunks are (the file's checksum is verified once, here).
-fn index_segment(path: &Path) -> Result<Seg, StoreError> {
-    let b = fs::read(path)?;
+/// Where the chunks of segment `path` (whose bytes are `b`) are; the file's checksum is
+/// verified here, once.
+fn index_bytes(path: &Path, b: &[u8]) -> Result<Seg, StoreError> {
     let bad = |m: &str| StoreError::Corrupt(format!("{}: {m}", path.display()));
     if b.len() < 12 || &b[..4] != b"TSS1" {
         return Err(bad("not a segment"));
