@@ -16,7 +16,65 @@ pub struct Config {
     pub meta: MetaConfig,
     pub cache: CacheConfig,
     pub devices: DevicesConfig,
+    pub telemetry: TelemetryConfig,
     pub log: LogConfig,
+}
+
+/// When a device's telemetry is acknowledged (MQTT PUBACK, HTTP 200, CoAP 2.04).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Once queued in a writer: fastest; a crash loses what was queued (at most
+    /// `writer_queue` points per writer).
+    Accepted,
+    /// Once the store took the batch (embedded: in its write-ahead log; PostgreSQL:
+    /// committed): a process crash loses nothing acknowledged; power loss can lose the last
+    /// moments the OS had not written (embedded).
+    Written,
+    /// As `written`, and the embedded store's log is fsynced first: power loss loses nothing
+    /// acknowledged.
+    Synced,
+}
+
+/// Telemetry storage: the time-series store, writer actors and retention.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Empty = the embedded store in `data_dir/tsdb`; `postgres://…`; `taos+ws://host:6041/db`.
+    pub store: String,
+    pub durability: Durability,
+    /// Writer actors (devices are spread over them by id).
+    pub writers: usize,
+    /// Points a writer takes in one write.
+    pub batch_points: usize,
+    /// Points queued per writer before devices wait (MQTT acknowledgements are held back,
+    /// HTTP answers 503 with Retry-After).
+    pub writer_queue: usize,
+    /// Longest an MQTT device waits for room before it is disconnected (0x89 server busy)
+    /// and an HTTP/CoAP request waits before 503 / 5.03.
+    pub wait_ms: u64,
+    /// Embedded store: points buffered (and in the WAL) before they become a segment.
+    pub segment_points: usize,
+    /// Default days raw points are kept (tenant and product policies may differ); 0 = forever.
+    pub retention_days: u32,
+    /// How often retention and compaction run.
+    pub maintenance_secs: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            store: String::new(),
+            durability: Durability::Written,
+            writers: 2,
+            batch_points: 10_000,
+            writer_queue: 100_000,
+            wait_ms: 2_000,
+            segment_points: 500_000,
+            retention_days: 0,
+            maintenance_secs: 600,
+        }
+    }
 }
 
 /// The device registry's database.
@@ -387,6 +445,7 @@ impl Config {
         mask(&mut c.cluster.cookie);
         c.meta.url = mask_url_password(&c.meta.url);
         c.cache.url = mask_url_password(&c.cache.url);
+        c.telemetry.store = mask_url_password(&c.telemetry.store);
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }

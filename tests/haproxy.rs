@@ -16,7 +16,7 @@ use thingsd::protocols::mqtt::*;
 fn free_port() -> u16 {
     let range: Vec<u16> = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
-        .map(|s| s.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+        .map(|s| s.split_whitespace().filter_map(|v| v.parse::<u16>().ok()).collect())
         .unwrap_or_default();
     let low = range.first().copied().unwrap_or(32768).max(2048);
     for _ in 0..1000 {

@@ -3,6 +3,7 @@
 //! node's consumers.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -16,6 +17,16 @@ pub struct Answer {
     pub payload: Value,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// Telemetry storage has no room within the wait: nothing of this message was taken
+    /// that is not safe to send again (writes are idempotent per device, key and time).
+    #[error("telemetry storage busy")]
+    Busy,
+}
+
 /// Where MQTT answers go: the topic family the device used (`devices` or `gateway`) and the
 /// number of the device on the session (a gateway is answered once per message, under its own
 /// number, whatever sub-devices the message carried).
@@ -27,7 +38,9 @@ pub struct ReplyTo<'a> {
 impl Devices {
     /// Apply and broadcast events; returns the MQTT answers to publish (ThingsPanel responses,
     /// ThingsBoard attribute responses) when `reply` says where (MQTT only).
-    pub async fn ingest(&self, events: Vec<DeviceEvent>, reply: Option<ReplyTo<'_>>) -> Result<Vec<Answer>, MetaError> {
+    /// Telemetry is stored before this returns (waiting at most `wait` for room in the
+    /// writers' queues, then `Busy`).
+    pub async fn ingest(&self, events: Vec<DeviceEvent>, reply: Option<ReplyTo<'_>>, wait: Duration) -> Result<Vec<Answer>, IngestError> {
         let mut answers: Vec<Answer> = Vec::new();
         let mut answered = false;
         for ev in events {
@@ -77,7 +90,11 @@ impl Devices {
                         });
                     }
                 }
-                EventKind::Telemetry => {}
+                EventKind::Telemetry => {
+                    if let Some(t) = self.telemetry.get() {
+                        t.accept(ev.device_id, ev.ts, &ev.values, wait).await.map_err(|_| IngestError::Busy)?;
+                    }
+                }
             }
             self.seen(&ev.device_number).await;
             self.metrics.events.fetch_add(1, Ordering::Relaxed);

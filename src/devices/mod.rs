@@ -32,7 +32,7 @@ pub mod uplink;
 
 pub use acl::Acl;
 pub use auth::{hash_password, AuthError, Credentials};
-pub use events::ReplyTo;
+pub use events::{IngestError, ReplyTo};
 pub use uplink::{DeviceEvent, EventKind, Reject};
 
 /// A sub-device as its gateway's identity carries it.
@@ -119,6 +119,8 @@ pub struct Devices {
     waiters: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
     /// Every device event, for in-process consumers (telemetry, alerts, live views).
     pub events: broadcast::Sender<Arc<DeviceEvent>>,
+    /// Where telemetry is stored (set once at start-up).
+    pub telemetry: std::sync::OnceLock<Arc<crate::telemetry::Telemetry>>,
     services: Vec<(ServiceAccount, Arc<Acl>)>,
     /// Last time a bad payload was logged, per device (at most once a minute each).
     bad_log: moka::sync::Cache<Arc<str>, ()>,
@@ -191,6 +193,7 @@ impl Devices {
             verified: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(600)).build(),
             waiters: Mutex::default(),
             events: broadcast::channel(4096).0,
+            telemetry: std::sync::OnceLock::new(),
             services,
             bad_log: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
             seen_local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(3600)).build(),

@@ -38,6 +38,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/api/v1/admin/devices/{number}/telemetry/control", post(telemetry_control))
         .route("/api/v1/admin/devices/{number}/status", get(status))
         .route("/api/v1/admin/commands/{id}", get(get_command))
+        .merge(super::telemetry_api::routes())
         .route_layer(middleware::from_fn_with_state(state, require_key))
 }
 

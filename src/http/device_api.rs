@@ -79,7 +79,7 @@ async fn uplink(
             Err(ApiError::new(status, why.code(), why.to_string()))
         }
         Ok(events) => {
-            d.ingest(events, None).await?;
+            d.ingest(events, None, std::time::Duration::from_millis(d.config.telemetry.wait_ms)).await?;
             Ok(Json(json!({})))
         }
     }

@@ -22,7 +22,34 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        let mut r = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            r.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        r
+    }
+}
+
+impl From<crate::devices::IngestError> for ApiError {
+    fn from(e: crate::devices::IngestError) -> ApiError {
+        match e {
+            crate::devices::IngestError::Meta(m) => m.into(),
+            crate::devices::IngestError::Busy => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "telemetry storage is busy; retry after the Retry-After seconds")
+            }
+        }
+    }
+}
+
+impl From<crate::storage::timeseries::TsError> for ApiError {
+    fn from(e: crate::storage::timeseries::TsError) -> ApiError {
+        match e {
+            crate::storage::timeseries::TsError::BadQuery(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
+            other => {
+                tracing::error!(error = %other, "time-series store error");
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the time-series store is unavailable")
+            }
+        }
     }
 }
 

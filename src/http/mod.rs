@@ -12,6 +12,7 @@ mod admin;
 mod device_api;
 mod error;
 mod health;
+mod telemetry_api;
 
 pub use error::ApiError;
 

@@ -307,9 +307,10 @@ impl Server {
                 };
                 err(code, why.code(), why.to_string())
             }
-            Ok(events) => match d.ingest(events, None).await {
+            Ok(events) => match d.ingest(events, None, std::time::Duration::from_millis(d.config.telemetry.wait_ms)).await {
                 Ok(_) => Answer(ResponseType::Changed, Value::Null),
-                Err(e) => meta_err(e),
+                Err(crate::devices::IngestError::Meta(e)) => meta_err(e),
+                Err(crate::devices::IngestError::Busy) => err(ResponseType::ServiceUnavailable, "busy", "telemetry storage is busy; retry"),
             },
         }
     }

@@ -634,6 +634,9 @@ impl Conn {
                 .ingest(
                     events,
                     Some(crate::devices::ReplyTo { family: if gateway { "gateway" } else { "devices" }, number: &ident.device_number }),
+                    // MQTT devices wait longer: holding the acknowledgement back is the protocol's
+                    // own flow control.
+                    std::time::Duration::from_millis(d.config.telemetry.wait_ms.saturating_mul(10)),
                 )
                 .await
             {
@@ -642,6 +645,10 @@ impl Conn {
                         self.answer(a.topic, a.payload, None);
                     }
                     None
+                }
+                Err(crate::devices::IngestError::Busy) => {
+                    tracing::warn!(device = %ident.device_number, "telemetry storage busy: disconnecting the device unacknowledged (it resends)");
+                    Some(reason::SERVER_BUSY)
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot store a device message");
@@ -689,6 +696,10 @@ impl Conn {
         if let Some(ident) = self.principal.device().cloned() {
             if let Some((kind, gateway, mid)) = uplink::classify(&topic, &ident.device_number) {
                 if let Some(code) = Box::pin(self.uplink(&ident, kind, gateway, mid, &p.payload, props.as_ref())).await {
+                    if code == reason::SERVER_BUSY {
+                        // Not acknowledged: the device sends it again when it reconnects.
+                        return Some(self.close(reason::SERVER_BUSY));
+                    }
                     self.refuse(p.qos, p.pkid, code).await;
                     return None;
                 }

@@ -168,6 +168,8 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     // The device platform: registry, authentication, downlink (before any listener accepts).
     let devices = crate::devices::Devices::start(&broker).await?;
     let _ = broker.devices.set(devices.clone());
+    let telemetry = crate::telemetry::Telemetry::start(config.clone(), devices.meta.clone(), devices.cache.clone()).await?;
+    let _ = devices.telemetry.set(telemetry.clone());
     let tracker = TaskTracker::new();
     for (l, kind, opts) in bound.listeners {
         let proxy = opts.proxy;
@@ -226,6 +228,8 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         c.leave().await;
     }
     flush(&broker);
+    // Every accepted point reaches the store before the node stops.
+    telemetry.shutdown().await;
     devices.meta.close().await;
     sup.stop(None);
     let _ = sup_handle.await;

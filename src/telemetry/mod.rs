@@ -1,4 +1,296 @@
-//! The telemetry pipeline (the telemetry issue, in progress): device events → flattened points
-//! → per-product transform and cleaning rules → writer actors → the time-series store. So far:
-//! the rules (`rules.rs`).
+//! Telemetry: device events become points (flattened, transformed by their product's rules),
+//! are handed to writer actors (sharded by device) with back-pressure, and are stored in the
+//! node's time-series store; the latest value of every key is kept hot. Queries go to the
+//! store (`query`), maintenance (retention, compaction) runs in `maintenance`.
+pub mod maintenance;
 pub mod rules;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use ractor::ActorRef;
+use serde_json::{json, Map, Value as Json};
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, Durability};
+use crate::storage::cache::Cache;
+use crate::storage::meta::{MetaError, MetaStore, PolicyScope};
+use crate::storage::timeseries::{embedded, flatten, postgres, tdengine, Point, TimeSeriesStore, Tsdb, Value};
+use rules::{Rule, RuleSet};
+use writer::WriterMsg;
+
+/// Devices must wait: the writers' queues are full (the store is slow or down).
+#[derive(Debug, thiserror::Error)]
+#[error("telemetry store busy: try again")]
+pub struct Busy;
+
+#[derive(Default)]
+pub struct TelemetryMetrics {
+    pub points: AtomicU64,
+    pub batches: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub busy: AtomicU64,
+    pub skipped_keys: AtomicU64,
+    /// Store write latency histogram: counts per upper bound of `LATENCY_BOUNDS` (+Inf last).
+    pub latency: [AtomicU64; 9],
+    pub latency_sum_us: AtomicU64,
+    /// Batch size histogram per upper bound of `BATCH_BOUNDS` (+Inf last).
+    pub batch_sizes: [AtomicU64; 6],
+}
+
+pub const LATENCY_BOUNDS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+pub const BATCH_BOUNDS: [f64; 5] = [10.0, 100.0, 1000.0, 10_000.0, 100_000.0];
+
+impl TelemetryMetrics {
+    fn observe_write(&self, n: usize, took: Duration) {
+        self.points.fetch_add(n as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        let s = took.as_secs_f64();
+        let i = LATENCY_BOUNDS.iter().position(|b| s <= *b).unwrap_or(LATENCY_BOUNDS.len());
+        self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        let i = BATCH_BOUNDS.iter().position(|b| n as f64 <= *b).unwrap_or(BATCH_BOUNDS.len());
+        self.batch_sizes[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Telemetry {
+    pub store: Tsdb,
+    pub config: Arc<Config>,
+    meta: MetaStore,
+    cache: Cache,
+    writers: OnceLock<Vec<(ActorRef<WriterMsg>, Arc<Semaphore>)>>,
+    /// Compiled rules per product (other nodes pick up a change within their TTL).
+    rules: moka::sync::Cache<i64, Arc<RuleSet>>,
+    /// Device → product.
+    products: moka::sync::Cache<i64, Option<i64>>,
+    /// Latest value of every key per device (also written to the shared cache).
+    hot: moka::sync::Cache<i64, Arc<BTreeMap<String, (i64, Value)>>>,
+    /// Bounds the background tasks that copy latest values to the shared cache.
+    cache_writes: Arc<Semaphore>,
+    pub metrics: TelemetryMetrics,
+    pub maintenance: OnceLock<ActorRef<maintenance::MaintMsg>>,
+    pub last_report: std::sync::Mutex<Option<maintenance::Report>>,
+}
+
+const RULES_TTL: Duration = Duration::from_secs(30);
+
+/// Open the configured store.
+pub async fn open_store(config: &Config) -> anyhow::Result<Tsdb> {
+    let t = &config.telemetry;
+    let url = t.store.as_str();
+    let masked = crate::config::mask_url_password(url);
+    Ok(if url.is_empty() || url == "embedded" {
+        let dir = config.node.data_dir.join("tsdb");
+        let sync = t.durability == Durability::Synced;
+        let d = dir.clone();
+        let seg = t.segment_points;
+        let s = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&d, seg, sync))
+            .await?
+            .with_context(|| format!("open the embedded time-series store in {}", dir.display()))?;
+        Tsdb::Embedded(Arc::new(embedded::Shared::new(s)))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let conns = (t.writers as u32 + 4).max(4);
+        Tsdb::Postgres(Arc::new(postgres::PgStore::open(url, conns).await.with_context(|| format!("open the time-series store {masked}"))?))
+    } else if url.starts_with("taos") {
+        let keep = if t.retention_days == 0 { 36_500 } else { t.retention_days };
+        Tsdb::Tdengine(Arc::new(tdengine::TdStore::open(url, keep).await.with_context(|| format!("open the time-series store {masked}"))?))
+    } else {
+        anyhow::bail!("telemetry.store must be empty (embedded), postgres://… or taos+ws://…, not {masked:?}");
+    })
+}
+
+impl Telemetry {
+    pub async fn start(config: Arc<Config>, meta: MetaStore, cache: Cache) -> anyhow::Result<Arc<Telemetry>> {
+        let store = open_store(&config).await?;
+        let t = Arc::new(Telemetry {
+            store,
+            meta,
+            cache,
+            writers: OnceLock::new(),
+            rules: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(RULES_TTL).build(),
+            products: moka::sync::Cache::builder().max_capacity(2_000_000).time_to_live(Duration::from_secs(600)).build(),
+            hot: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
+            cache_writes: Arc::new(Semaphore::new(64)),
+            metrics: TelemetryMetrics::default(),
+            maintenance: OnceLock::new(),
+            last_report: std::sync::Mutex::new(None),
+            config: config.clone(),
+        });
+        let c = &config.telemetry;
+        let n = c.writers.clamp(1, 64);
+        let refs = writer::spawn(&t, n, c.batch_points, c.durability).await?;
+        let queue = c.writer_queue.clamp(1, Semaphore::MAX_PERMITS);
+        let _ = t.writers.set(refs.into_iter().map(|r| (r, Arc::new(Semaphore::new(queue)))).collect());
+        maintenance::spawn(&t);
+        tracing::info!(store = t.store.name(), writers = n, durability = ?c.durability, "telemetry ready");
+        Ok(t)
+    }
+
+    /// Store one message's telemetry: rules, flattening, hand-over to the device's writer.
+    /// Waits for room (at most `wait`) and, unless durability is `accepted`, for the write.
+    pub async fn accept(&self, device_id: i64, ts: i64, values: &Map<String, Json>, wait: Duration) -> Result<(), Busy> {
+        let mut points = Vec::with_capacity(values.len());
+        let skipped = flatten(device_id, ts, values, &mut points);
+        if skipped > 0 {
+            self.metrics.skipped_keys.fetch_add(skipped as u64, Ordering::Relaxed);
+        }
+        if let Some(rs) = self.rules_of_device(device_id).await {
+            let mut m: BTreeMap<String, Value> = points.drain(..).map(|p| (p.key, p.value)).collect();
+            rs.apply(&mut m);
+            points = m.into_iter().map(|(key, value)| Point { device_id, key, ts, value }).collect();
+        }
+        if points.is_empty() {
+            return Ok(());
+        }
+        let Some(writers) = self.writers.get() else { return Err(Busy) };
+        let (w, room) = &writers[device_id.rem_euclid(writers.len() as i64) as usize];
+        let want = (points.len() as u32).min(self.config.telemetry.writer_queue.clamp(1, Semaphore::MAX_PERMITS) as u32);
+        let permit = match tokio::time::timeout(wait, room.clone().acquire_many_owned(want)).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                self.metrics.busy.fetch_add(1, Ordering::Relaxed);
+                return Err(Busy);
+            }
+        };
+        let (done, written) = tokio::sync::oneshot::channel();
+        if w.send_message(WriterMsg::Write(points, permit, Some(done))).is_err() {
+            return Err(Busy);
+        }
+        // Accepted: from here the points are the writer's; we only wait for the write.
+        let _ = written.await;
+        Ok(())
+    }
+
+    /// Run retention and compaction now.
+    pub async fn maintain_now(&self) -> Result<maintenance::Report, String> {
+        let Some(m) = self.maintenance.get() else { return maintenance::run(self).await };
+        match m.call(maintenance::MaintMsg::RunNow, Some(Duration::from_secs(600))).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err("maintenance actor did not answer".into()),
+        }
+    }
+
+    /// Write everything queued (graceful shutdown) and make the store durable.
+    pub async fn shutdown(&self) {
+        if let Some(m) = self.maintenance.get() {
+            m.stop(None);
+        }
+        for (w, _) in self.writers.get().into_iter().flatten() {
+            let _ = w.call(WriterMsg::Flush, Some(Duration::from_secs(60))).await;
+            w.stop(None);
+        }
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "time-series flush at shutdown failed (the embedded store replays its WAL at the next start)");
+        }
+    }
+
+    pub async fn product_of(&self, device_id: i64) -> Option<i64> {
+        if let Some(p) = self.products.get(&device_id) {
+            return p;
+        }
+        match self.meta.device_by_id(device_id).await {
+            Ok(d) => {
+                self.products.insert(device_id, d.product_id);
+                if let Tsdb::Tdengine(td) = &self.store {
+                    td.note_product(device_id, d.product_id.unwrap_or(0));
+                }
+                d.product_id
+            }
+            Err(_) => None,
+        }
+    }
+
+    async fn rules_of_device(&self, device_id: i64) -> Option<Arc<RuleSet>> {
+        let product = self.product_of(device_id).await?;
+        if let Some(r) = self.rules.get(&product) {
+            return (!r.is_empty()).then_some(r);
+        }
+        let rs = match self.meta.policy(PolicyScope::Product, product).await {
+            Ok(Some(p)) => match serde_json::from_value::<Vec<Rule>>(p.rules).map_err(|e| e.to_string()).and_then(|r| RuleSet::compile(&r)) {
+                Ok(rs) => rs,
+                Err(e) => {
+                    tracing::error!(product, error = %e, "stored telemetry rules do not compile; storing values untransformed");
+                    RuleSet::compile(&[]).ok()?
+                }
+            },
+            Ok(None) => RuleSet::compile(&[]).ok()?,
+            // Meta store down: do not cache the miss.
+            Err(e) => {
+                tracing::warn!(product, error = %e, "cannot read telemetry rules");
+                return None;
+            }
+        };
+        let rs = Arc::new(rs);
+        self.rules.insert(product, rs.clone());
+        (!rs.is_empty()).then_some(rs)
+    }
+
+    /// Check and save a product's rules and retention; they apply to the next message.
+    pub async fn set_product_policy(&self, product: i64, rules: Json, raw_days: i64) -> Result<crate::storage::meta::Policy, MetaError> {
+        let parsed: Vec<Rule> = serde_json::from_value(rules.clone()).map_err(|e| MetaError::Invalid(format!("rules: {e}")))?;
+        RuleSet::compile(&parsed).map_err(MetaError::Invalid)?;
+        let p = self.meta.set_policy(PolicyScope::Product, product, &rules, raw_days).await?;
+        self.rules.invalidate(&product);
+        Ok(p)
+    }
+
+    /// After a write: the latest values, in memory and (in the background, best effort) in
+    /// the shared cache for other nodes.
+    fn note_latest(&self, points: &[Point]) {
+        let mut by_dev: BTreeMap<i64, Vec<&Point>> = BTreeMap::new();
+        for p in points {
+            by_dev.entry(p.device_id).or_default().push(p);
+        }
+        let mut docs = Vec::new();
+        for (d, pts) in by_dev {
+            let mut m = self.hot.get(&d).map(|m| (*m).clone()).unwrap_or_default();
+            for p in pts {
+                match m.get(&p.key) {
+                    Some((t, _)) if *t > p.ts => {}
+                    _ => {
+                        m.insert(p.key.clone(), (p.ts, p.value.clone()));
+                    }
+                }
+            }
+            if self.cache.is_redis() {
+                docs.push((d, latest_doc(&m)));
+            }
+            self.hot.insert(d, Arc::new(m));
+        }
+        if docs.is_empty() {
+            return;
+        }
+        let Ok(permit) = self.cache_writes.clone().try_acquire_owned() else { return };
+        let cache = self.cache.clone();
+        tokio::spawn(async move {
+            for (d, doc) in docs {
+                cache.set(&format!("latest:{d}"), &doc.to_string(), Duration::from_secs(7 * 86_400)).await;
+            }
+            drop(permit);
+        });
+    }
+
+    /// Latest values of a device: this node's memory, the shared cache, or the store.
+    pub async fn latest(&self, device_id: i64) -> Result<Json, crate::storage::timeseries::TsError> {
+        if let Some(m) = self.hot.get(&device_id) {
+            return Ok(latest_doc(&m));
+        }
+        if self.cache.is_redis() {
+            if let Some(doc) = self.cache.get(&format!("latest:{device_id}")).await.and_then(|s| serde_json::from_str(&s).ok()) {
+                return Ok(doc);
+            }
+        }
+        let pts = self.store.latest(&[device_id]).await?;
+        let m: BTreeMap<String, (i64, Value)> = pts.into_iter().map(|p| (p.key, (p.ts, p.value))).collect();
+        Ok(latest_doc(&m))
+    }
+}
+
+fn latest_doc(m: &BTreeMap<String, (i64, Value)>) -> Json {
+    Json::Object(m.iter().map(|(k, (ts, v))| (k.clone(), json!({"ts": ts, "value": v}))).collect())
+}

@@ -192,6 +192,10 @@ impl RuleSet {
         Ok(RuleSet { steps })
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
     /// Apply in order to one message's key/values.
     pub fn apply(&self, values: &mut BTreeMap<String, Value>) {
         let num = |values: &BTreeMap<String, Value>, k: &str| match values.get(k) {

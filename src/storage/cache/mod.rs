@@ -62,6 +62,10 @@ impl Cache {
         Ok(Cache::Redis(Arc::new(RedisCache { client, builder, prefix: prefix.into(), last_error_log: AtomicU64::new(0) })))
     }
 
+    pub fn is_redis(&self) -> bool {
+        matches!(self, Cache::Redis(_))
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Cache::Local(_) => "in-process",

@@ -15,9 +15,11 @@ mod commands;
 mod devices;
 mod migrations;
 mod products;
+mod telemetry;
 
 pub use commands::{Command, CommandKind, CommandStatus, NewCommand};
 pub use devices::{AttributeScope, Credential, CredentialKind, Device, DeviceUpdate, Group, NewDevice};
+pub use telemetry::{Policy, PolicyScope};
 pub use products::{DataType, Definition, Field, NewProduct, Product, Tenant, ThingModel};
 
 /// What a repository call can fail with.

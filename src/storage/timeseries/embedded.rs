@@ -1,5 +1,5 @@
-//! The embedded time-series store (in progress: write, flush, range, latest, retention and
-//! crash recovery; aggregates, downsampling and the writer actors come next).
+//! The embedded time-series store (the default): WAL, day partitions of compressed segments,
+//! an in-memory chunk index, compaction, retention by whole partitions.
 //!
 //! Layout under its directory: `wal.log` holds accepted points not yet in a segment (framed
 //! records with a CRC: a record torn by a crash is dropped at the next open, everything before
@@ -12,8 +12,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use super::aggregate::buckets;
 use super::chunk::{self, Values};
-use super::{Point, Value};
+use super::{page_of, AggQuery, Bucket, Page, Point, RangeQuery, TimeSeriesStore, TsError, Value};
 
 const DAY_MS: i64 = 86_400_000;
 const WAL_MAX_RECORD: usize = 64 << 20;
@@ -265,31 +266,78 @@ impl EmbeddedStore {
     pub fn compact(&mut self) -> Result<usize, StoreError> {
         let mut n = 0;
         for (part, segs) in self.partitions()? {
-            if segs.len() < 2 {
+            if segs.len() >= 2 {
+                self.rewrite(part, &segs, |_, _| true)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Remove the points of `devices` older than `cutoff` (rewrites the partitions that hold
+    /// some); returns how many points went.
+    pub fn delete_before(&mut self, devices: &[i64], cutoff: i64) -> Result<u64, StoreError> {
+        let set: std::collections::HashSet<i64> = devices.iter().copied().collect();
+        self.flush()?;
+        let mut removed = 0u64;
+        for (part, segs) in self.partitions()? {
+            if part * DAY_MS >= cutoff {
                 continue;
             }
-            let mut merged: BTreeMap<(SeriesKey, u8), BTreeMap<i64, Value>> = BTreeMap::new();
-            for seg in &segs {
-                for (key, ts, vals) in read_segment(seg, |_, _| true)? {
-                    for (t, v) in ts.into_iter().zip(vals) {
+            let holds = self.index.get(&part).is_some_and(|l| l.iter().any(|s| s.chunks.keys().any(|(d, _)| set.contains(d))));
+            if holds {
+                removed += self.rewrite(part, &segs, |(d, _), ts| !set.contains(d) || ts >= cutoff)?;
+            }
+        }
+        self.latest.retain(|(d, _), (t, _)| !set.contains(d) || *t >= cutoff);
+        Ok(removed)
+    }
+
+    /// Replace partition `part`'s segments by one holding the points `keep` selects; returns
+    /// how many points were left out.
+    fn rewrite(&mut self, part: i64, segs: &[PathBuf], keep: impl Fn(&SeriesKey, i64) -> bool) -> Result<u64, StoreError> {
+        let mut merged: BTreeMap<(SeriesKey, u8), BTreeMap<i64, Value>> = BTreeMap::new();
+        let mut dropped = 0u64;
+        for seg in segs {
+            for (key, ts, vals) in read_segment(seg, |_, _| true)? {
+                for (t, v) in ts.into_iter().zip(vals) {
+                    if keep(&key, t) {
                         merged.entry((key.clone(), kind_of(&v))).or_default().insert(t, v);
+                    } else {
+                        dropped += 1;
                     }
                 }
             }
-            let entries: Vec<Column> = merged
-                .into_iter()
-                .map(|((key, kind), pts)| (key, kind, pts.keys().copied().collect(), pts.into_values().collect()))
-                .collect();
-            let merged_path = self.write_segment(part, entries)?;
-            for seg in &segs {
-                fs::remove_file(seg)?;
-            }
-            if let Some(list) = self.index.get_mut(&part) {
-                list.retain(|s| s.path == merged_path);
-            }
-            n += 1;
         }
-        Ok(n)
+        let entries: Vec<Column> =
+            merged.into_iter().map(|((key, kind), pts)| (key, kind, pts.keys().copied().collect(), pts.into_values().collect())).collect();
+        let merged_path = if entries.is_empty() { None } else { Some(self.write_segment(part, entries)?) };
+        for seg in segs {
+            fs::remove_file(seg)?;
+        }
+        if let Some(list) = self.index.get_mut(&part) {
+            list.retain(|s| Some(&s.path) == merged_path.as_ref());
+        }
+        Ok(dropped)
+    }
+
+    /// Bytes of segments and WAL.
+    pub fn disk_bytes(&self) -> Result<u64, StoreError> {
+        fn walk(p: &Path) -> std::io::Result<u64> {
+            let mut n = 0;
+            for e in fs::read_dir(p)? {
+                let e = e?;
+                let m = e.metadata()?;
+                n += if m.is_dir() { walk(&e.path())? } else { m.len() };
+            }
+            Ok(n)
+        }
+        Ok(walk(&self.dir)?)
+    }
+
+    /// Keys of a device that have points (or had, until retention).
+    pub fn keys_of(&self, device_id: i64) -> Vec<String> {
+        self.latest.range((device_id, String::new())..).take_while(|((d, _), _)| *d == device_id).map(|((_, k), _)| k.clone()).collect()
     }
 
     /// Day partitions (day number, segment files) in order.
@@ -366,6 +414,94 @@ impl EmbeddedStore {
         }
         self.latest.retain(|_, (t, _)| *t >= cutoff);
         Ok(n)
+    }
+}
+
+/// The embedded store shared by writer actors and queries: file work runs on the blocking
+/// pool; queries share a read lock, writes take the write lock.
+pub struct Shared {
+    inner: std::sync::Arc<std::sync::RwLock<EmbeddedStore>>,
+}
+
+impl Shared {
+    pub fn new(s: EmbeddedStore) -> Shared {
+        Shared { inner: std::sync::Arc::new(std::sync::RwLock::new(s)) }
+    }
+
+    async fn write<R: Send + 'static>(&self, f: impl FnOnce(&mut EmbeddedStore) -> Result<R, StoreError> + Send + 'static) -> Result<R, TsError> {
+        let s = self.inner.clone();
+        let r = tokio::task::spawn_blocking(move || f(&mut s.write().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .map_err(|e| TsError::Db(format!("store task: {e}")))?;
+        Ok(r?)
+    }
+
+    async fn read<R: Send + 'static>(&self, f: impl FnOnce(&EmbeddedStore) -> Result<R, StoreError> + Send + 'static) -> Result<R, TsError> {
+        let s = self.inner.clone();
+        let r = tokio::task::spawn_blocking(move || f(&s.read().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .map_err(|e| TsError::Db(format!("store task: {e}")))?;
+        Ok(r?)
+    }
+
+    /// Merge each partition's segments (the maintenance actor runs this periodically).
+    pub async fn compact(&self) -> Result<usize, TsError> {
+        self.write(|s| s.compact()).await
+    }
+}
+
+impl TimeSeriesStore for Shared {
+    async fn write_batch(&self, points: Vec<Point>) -> Result<(), TsError> {
+        self.write(move |s| s.write_batch(points)).await
+    }
+    async fn flush(&self) -> Result<(), TsError> {
+        self.write(|s| s.flush()).await
+    }
+    async fn latest(&self, devices: &[i64]) -> Result<Vec<Point>, TsError> {
+        let devices = devices.to_vec();
+        self.read(move |s| {
+            Ok(devices
+                .iter()
+                .flat_map(|d| s.latest(*d).into_iter().map(move |(key, ts, value)| Point { device_id: *d, key, ts, value }))
+                .collect())
+        })
+        .await
+    }
+    async fn range(&self, q: &RangeQuery) -> Result<Page, TsError> {
+        let q = q.clone();
+        self.read(move |s| {
+            let keys = if q.keys.is_empty() { s.keys_of(q.device_id) } else { q.keys.clone() };
+            let mut pts = Vec::new();
+            for k in keys {
+                for (ts, value) in s.range(q.device_id, &k, q.from, q.to)? {
+                    pts.push(Point { device_id: q.device_id, key: k.clone(), ts, value });
+                }
+            }
+            Ok(page_of(pts, &q))
+        })
+        .await
+    }
+    async fn aggregate(&self, q: &AggQuery) -> Result<Vec<Bucket>, TsError> {
+        let q = q.clone();
+        self.read(move |s| {
+            let mut out = Vec::new();
+            for d in &q.devices {
+                let pts = s.range(*d, &q.key, q.from, q.to)?;
+                out.extend(buckets(&pts, q.window, q.tz, q.func).into_iter().map(|(start, value)| Bucket { device_id: *d, start, value }));
+            }
+            Ok(out)
+        })
+        .await
+    }
+    async fn apply_retention(&self, cutoff: i64) -> Result<u64, TsError> {
+        self.write(move |s| s.apply_retention(cutoff).map(|n| n as u64)).await
+    }
+    async fn delete_before(&self, devices: &[i64], cutoff: i64) -> Result<u64, TsError> {
+        let devices = devices.to_vec();
+        self.write(move |s| s.delete_before(&devices, cutoff)).await
+    }
+    async fn disk_bytes(&self) -> Result<u64, TsError> {
+        self.read(|s| s.disk_bytes()).await
     }
 }
 

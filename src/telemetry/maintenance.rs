@@ -1,0 +1,126 @@
+//! The telemetry maintenance actor (`telemetry:maintenance`): on a schedule, applies retention
+//! (the node default drops whole partitions; tenant and product policies that keep data for a
+//! shorter time delete their devices' older points) and compacts the embedded store.
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use super::Telemetry;
+use crate::storage::meta::{now_ms, PolicyScope};
+use crate::storage::timeseries::{TimeSeriesStore, Tsdb};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// What the last run did (for `/metrics` and the admin API).
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Report {
+    pub ran_ms: i64,
+    pub partitions_dropped: u64,
+    pub points_deleted: u64,
+    pub compacted: u64,
+    pub disk_bytes_before: u64,
+    pub disk_bytes_after: u64,
+}
+
+pub static RUNS: AtomicU64 = AtomicU64::new(0);
+
+pub enum MaintMsg {
+    Tick,
+    /// Run now and answer with the report (admin API, tests).
+    RunNow(RpcReplyPort<Result<Report, String>>),
+}
+
+impl ractor::Message for MaintMsg {}
+
+pub struct Maintenance;
+
+impl Actor for Maintenance {
+    type Msg = MaintMsg;
+    type State = Weak<Telemetry>;
+    type Arguments = Weak<Telemetry>;
+
+    async fn pre_start(&self, me: ActorRef<MaintMsg>, t: Weak<Telemetry>) -> Result<Weak<Telemetry>, ActorProcessingErr> {
+        if let Some(tt) = t.upgrade() {
+            let every = Duration::from_secs(tt.config.telemetry.maintenance_secs.max(1));
+            me.send_interval(every, || MaintMsg::Tick);
+        }
+        Ok(t)
+    }
+
+    async fn handle(&self, _me: ActorRef<MaintMsg>, msg: MaintMsg, t: &mut Weak<Telemetry>) -> Result<(), ActorProcessingErr> {
+        let Some(t) = t.upgrade() else { return Ok(()) };
+        let r = run(&t).await;
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "telemetry maintenance failed; retrying at the next run");
+        }
+        if let MaintMsg::RunNow(reply) = msg {
+            let _ = reply.send(r);
+        }
+        Ok(())
+    }
+}
+
+pub fn spawn(t: &Arc<Telemetry>) {
+    let w = Arc::downgrade(t);
+    let t = t.clone();
+    tokio::spawn(async move {
+        match Actor::spawn(Some("telemetry:maintenance".into()), Maintenance, w).await {
+            Ok((a, _)) => {
+                let _ = t.maintenance.set(a);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot start telemetry maintenance"),
+        }
+    });
+}
+
+/// One run: retention, then compaction.
+pub async fn run(t: &Telemetry) -> Result<Report, String> {
+    let s = &t.store;
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let mut r = Report { ran_ms: now_ms(), disk_bytes_before: s.disk_bytes().await.map_err(|x| e(&x))?, ..Report::default() };
+    let now = now_ms();
+    let default_days = t.config.telemetry.retention_days as i64;
+    let policies = t.meta.retention_policies().await.map_err(|x| e(&x))?;
+    let longest = policies.iter().map(|p| p.2).max().unwrap_or(0);
+    // Whole partitions go only when nothing keeps data longer (0 = forever).
+    if default_days > 0 {
+        let keep = default_days.max(longest);
+        r.partitions_dropped = s.apply_retention(now - keep * DAY_MS).await.map_err(|x| e(&x))?;
+    }
+    let mut covered: HashSet<i64> = HashSet::new();
+    // Products first: a product's policy wins over its tenant's.
+    let mut ordered = policies.clone();
+    ordered.sort_by_key(|p| p.0 == PolicyScope::Tenant);
+    for (scope, id, days) in ordered {
+        let devices: Vec<i64> = t.meta.policy_devices(scope, id).await.map_err(|x| e(&x))?.into_iter().filter(|d| covered.insert(*d)).collect();
+        if devices.is_empty() || (default_days > 0 && days >= default_days.max(longest)) {
+            continue;
+        }
+        r.points_deleted += s.delete_before(&devices, now - days * DAY_MS).await.map_err(|x| e(&x))?;
+    }
+    // Devices under the node default while some policy keeps longer.
+    if default_days > 0 && longest > default_days {
+        let mut rest = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = t.meta.list_devices(after, 1000, None, None).await.map_err(|x| e(&x))?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            rest.extend(page.iter().map(|d| d.id).filter(|d| !covered.contains(d)));
+        }
+        if !rest.is_empty() {
+            r.points_deleted += s.delete_before(&rest, now - default_days * DAY_MS).await.map_err(|x| e(&x))?;
+        }
+    }
+    if let Tsdb::Embedded(emb) = s {
+        r.compacted = emb.compact().await.map_err(|x| e(&x))? as u64;
+    }
+    r.disk_bytes_after = s.disk_bytes().await.map_err(|x| e(&x))?;
+    RUNS.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(?r, "telemetry maintenance");
+    *t.last_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.clone());
+    Ok(r)
+}
