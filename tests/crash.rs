@@ -2,42 +2,11 @@
 //! that a crash loses at most the last persist interval).
 mod common;
 
-use std::process::Stdio;
-
 use common::*;
 use thingsd::protocols::mqtt::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-struct Proc {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-async fn spawn_node(dir: &std::path::Path) -> Proc {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsd"))
-        .env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\", allow_anonymous=true}}]"))
-        .env("THINGSD_LISTENERS__WS", "[]")
-        .env("THINGSD_LISTENERS__HTTP", "[]")
-        .env("THINGSD_NODE__DATA_DIR", dir.display().to_string())
-        .env("THINGSD_NODE__PERSIST_INTERVAL_MS", "100")
-        .env("THINGSD_LOG__LEVEL", "info")
-        .env("NO_COLOR", "1")
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start thingsd");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let l = tokio::time::timeout(DEADLINE, lines.next_line()).await.expect("ready line in time").unwrap().expect("thingsd exited");
-        if l.contains("thingsd ready") {
-            break;
-        }
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { child, addr: format!("127.0.0.1:{port}").parse().unwrap() }
+async fn spawn_node(dir: &std::path::Path) -> process::Proc {
+    process::spawn(dir, &[("THINGSD_LISTENERS__HTTP", "[]".into()), ("THINGSD_NODE__PERSIST_INTERVAL_MS", "100".into())]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

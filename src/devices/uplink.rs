@@ -170,8 +170,16 @@ fn body(kind: EventKind, v: Value, now: i64) -> Result<Sets, Reject> {
             if kind == EventKind::Telemetry {
                 if let (Some(ts), Some(Value::Object(values))) = (m.get("ts").and_then(Value::as_i64), m.get("values")) {
                     if m.len() == 2 {
-                        return Ok(vec![(values.clone(), ts)]);
+                        return Ok(vec![(values.clone(), ts_ok(ts)?)]);
                     }
+                }
+                // A flat object may carry its own time: {"ts": 1700000000000, "temp": 21}.
+                if let Some(ts) = m.get("ts").and_then(Value::as_i64) {
+                    m.remove("ts");
+                    if m.is_empty() {
+                        return Err(Reject::Malformed("no values".into()));
+                    }
+                    return Ok(vec![(m, ts_ok(ts)?)]);
                 }
                 if m.is_empty() {
                     return Err(Reject::Malformed("no values".into()));
@@ -193,6 +201,15 @@ fn body(kind: EventKind, v: Value, now: i64) -> Result<Sets, Reject> {
             Ok(vec![(m, ts)])
         }
         _ => Err(Reject::Malformed("expected a JSON object".into())),
+    }
+}
+
+/// A device's own timestamp: Unix milliseconds from 1970 to 9999.
+fn ts_ok(ts: i64) -> Result<i64, Reject> {
+    if (0..=253_402_300_799_999).contains(&ts) {
+        Ok(ts)
+    } else {
+        Err(Reject::Malformed(format!("ts {ts} is not Unix milliseconds")))
     }
 }
 
@@ -273,6 +290,10 @@ mod tests {
         assert_eq!((e.len(), e[0].ts, e[0].device_number.as_ref()), (1, 5, "d1"));
         let e = parse1(EventKind::Telemetry, false, r#"[{"ts": 100, "values": {"t": 1}}, {"t": 2}]"#).unwrap();
         assert_eq!((e[0].ts, e[1].ts), (100, 5));
+        let e = parse1(EventKind::Telemetry, false, r#"{"ts": 1700000000000, "t": 1}"#).unwrap();
+        assert_eq!((e[0].ts, e[0].values.keys().map(String::as_str).collect::<Vec<_>>()), (1_700_000_000_000, vec!["t"]), "a flat object's own ts");
+        assert!(matches!(parse1(EventKind::Telemetry, false, r#"{"ts": -5, "t": 1}"#), Err(Reject::Malformed(_))));
+        assert!(matches!(parse1(EventKind::Telemetry, false, r#"{"ts": 5}"#), Err(Reject::Malformed(_))));
         let e = parse1(EventKind::Telemetry, true, r#"{"gateway_data": {"t": 1}, "sub_device_data": {"a1": {"t": 2}}}"#).unwrap();
         assert_eq!(e.iter().map(|e| e.device_number.to_string()).collect::<Vec<_>>(), ["d1", "s1"]);
         assert!(matches!(parse1(EventKind::Telemetry, true, r#"{"sub_device_data": {"zz": {"t": 2}}}"#), Err(Reject::UnknownSubDevice(_))));

@@ -306,4 +306,6 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 pub mod backends;
 pub mod cluster;
+pub mod cut;
+pub mod process;
 pub mod platform;
