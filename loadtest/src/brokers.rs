@@ -151,7 +151,7 @@ pub const ADMIN_KEY: &str = "loadtest-admin-key-0123456789";
 /// A thingsd node with its HTTP admin API on (for creating devices): (broker, HTTP address).
 /// Its MQTT listener also admits anonymous clients (the scenario's subscriber and its
 /// anonymous comparison publishers); devices log in with their tokens.
-pub async fn start_platform(max_conns: usize) -> anyhow::Result<(Broker, SocketAddr)> {
+pub async fn start_platform(max_conns: usize, extra_env: &[(&str, String)]) -> anyhow::Result<(Broker, SocketAddr)> {
     let (port, hport) = (free_port()?, free_port()?);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let dir = scratch("platform")?;
@@ -169,6 +169,9 @@ pub async fn start_platform(max_conns: usize) -> anyhow::Result<(Broker, SocketA
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
+    for (k, v) in extra_env {
+        c.env(k, v);
+    }
     let child = c.spawn().context("start thingsd")?;
     wait_ready(addr).await?;
     Ok((Broker { name: "thingsd".into(), addr, child: Some(child), _dir: dir }, format!("127.0.0.1:{hport}").parse()?))

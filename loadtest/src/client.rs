@@ -28,6 +28,23 @@ pub fn payload(publisher: u32, seq: u64, base: Instant, size: usize) -> Bytes {
 /// as a device would send, instead of the binary header.
 pub const JSON: usize = 0;
 
+/// `size` for the telemetry issue's five keys with the device's own time (`ts` = a 10 s
+/// cadence from a fixed start, so every message is a new point of each series).
+pub const TELEMETRY: usize = 1;
+
+fn telemetry_payload(seq: u64) -> Bytes {
+    let ts = 1_700_000_000_000u64 + seq * 10_000;
+    let r = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+    Bytes::from(format!(
+        r#"{{"ts":{ts},"temperature":{:.1},"humidity":{:.1},"voltage":{:.3},"door":{},"energy":{:.3}}}"#,
+        20.0 + (r % 50) as f64 / 10.0,
+        50.0 + (r % 30) as f64 / 10.0,
+        230.0 + (r % 11) as f64 / 1000.0,
+        r % 97 == 0,
+        seq as f64 * 0.002
+    ))
+}
+
 fn json_payload(publisher: u32, seq: u64, base: Instant) -> Bytes {
     Bytes::from(format!(r#"{{"p":{publisher},"s":{seq},"t":{},"temp":{}.5}}"#, base.elapsed().as_nanos() as u64, seq % 40))
 }
@@ -156,7 +173,11 @@ pub async fn publish_all(
                 break;
             }
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
-            let body = if size == JSON { json_payload(id, seq, base) } else { payload(id, seq, base, size) };
+            let body = match size {
+                JSON => json_payload(id, seq, base),
+                TELEMETRY => telemetry_payload(seq),
+                _ => payload(id, seq, base, size),
+            };
             let p = Publish { dup: false, qos, retain: false, topic: topic.into(), pkid, props: None, payload: body };
             encode(&Packet::Publish(p), Protocol::V4, &mut b);
             seq += 1;

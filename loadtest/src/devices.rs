@@ -85,7 +85,7 @@ async fn uplink(
 
 pub async fn run(devices: usize, publishers: usize, messages: u64, window: usize, qos: QoS) -> anyhow::Result<()> {
     let devices = devices.max(publishers);
-    let (b, http) = brokers::start_platform(devices * 2 + 10).await?;
+    let (b, http) = brokers::start_platform(devices * 2 + 10, &[]).await?;
     let t0 = Instant::now();
     let mut tokens = Vec::with_capacity(devices);
     for k in 0..devices {
@@ -125,4 +125,66 @@ pub async fn run(devices: usize, publishers: usize, messages: u64, window: usize
     }
     println!("ratio device uplink/plain topic: {:.2}x", dev.rate / plain.rate);
     Ok(())
+}
+
+/// `telemetry`: devices over MQTT → stored, end to end. P devices publish M messages of the
+/// five fleet keys each (QoS 1, window W); a PUBACK means the points are in the store
+/// (durability `written`), so the time until the last PUBACK is the time to store them all.
+/// Run on the embedded store and, when a PostgreSQL URL is given, on PostgreSQL.
+pub async fn telemetry(publishers: usize, messages: u64, window: usize, pg: Option<String>) -> anyhow::Result<()> {
+    let per = (messages / publishers as u64).max(1);
+    let mut stores = vec![("embedded".to_string(), String::new())];
+    if let Some(u) = pg {
+        stores.push(("postgres".into(), u));
+    }
+    println!("\n== telemetry end to end: {publishers} devices x {per} messages x 5 keys over MQTT (QoS 1, window {window}) -> stored");
+    println!("{:<10} {:>12} {:>14} {:>12}", "store", "msgs/s", "points/s", "stored?");
+    for (name, url) in stores {
+        let mut env = vec![("THINGSD_TELEMETRY__STORE", url.clone())];
+        if name == "postgres" {
+            env.push(("THINGSD_TELEMETRY__WRITERS", "4".to_string()));
+        }
+        let (b, http) = brokers::start_platform(publishers + 10, &env).await?;
+        let mut tokens = Vec::with_capacity(publishers);
+        for k in 0..publishers {
+            let v = post(http, "/api/v1/admin/devices", &format!(r#"{{"device_number":"lt-tel-{k}"}}"#)).await?;
+            tokens.push(v["access_token"].as_str().context("access_token")?.to_string());
+        }
+        let (conns, _) = connect_all(b.addr, publishers, "lt-tel", Some(&tokens)).await?;
+        let base = Instant::now();
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for (i, s) in conns.into_iter().enumerate() {
+            tasks.push(tokio::spawn(async move {
+                client::publish_all(s, i as u32, "devices/telemetry", QoS::AtLeastOnce, per, window, client::TELEMETRY, base).await
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let msgs = per * publishers as u64;
+        // Spot check: the last device's history holds every point it sent.
+        let h = get(http, &format!("/api/v1/admin/devices/lt-tel-{}/telemetry/history?keys=voltage&from=1700000000000&to=1800000000000&limit=10000", publishers - 1)).await?;
+        let n = h["points"].as_array().map_or(0, |a| a.len()) as u64;
+        let stored = if n == per.min(10_000) { "yes".to_string() } else { format!("{n} of {per}") };
+        println!("{:<10} {:>12.0} {:>14.0} {:>12}", name, msgs as f64 / secs, (msgs * 5) as f64 / secs, stored);
+        b.stop().await;
+    }
+    Ok(())
+}
+
+/// GET an admin resource over a fresh connection.
+async fn get(http: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    let mut s = TcpStream::connect(http).await?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", brokers::ADMIN_KEY);
+    s.write_all(req.as_bytes()).await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out);
+    let (head, json) = text.split_once("\r\n\r\n").context("no HTTP body")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("admin API: {head} {json}");
+    }
+    Ok(serde_json::from_str(json)?)
 }

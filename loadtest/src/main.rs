@@ -22,10 +22,13 @@ struct Opts {
     connections: usize,
     payload: usize,
     window: usize,
+    /// PostgreSQL for the time-series scenarios' PostgreSQL runs (or $TEST_PG_URL).
+    pg: Option<String>,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices,tsdb]
-                [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]";
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices,tsdb,telemetry]
+                [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]
+                [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]";
 
 fn parse() -> anyhow::Result<Opts> {
     let mut o = Opts {
@@ -38,6 +41,7 @@ fn parse() -> anyhow::Result<Opts> {
         connections: 19_000,
         payload: 64,
         window: 100,
+        pg: std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty()),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -53,6 +57,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--connections" => o.connections = val()?.parse()?,
             "--payload" => o.payload = val()?.parse()?,
             "--window" => o.window = val()?.parse()?,
+            "--pg" => o.pg = Some(val()?),
             _ => bail!("unknown argument {a}\n{USAGE}"),
         }
     }
@@ -230,7 +235,11 @@ async fn main() -> anyhow::Result<()> {
     );
     for sc in &o.scenarios {
         if sc == "tsdb" {
-            tsdb::run(1000, 2000)?;
+            tsdb::run(1000, 2000, o.pg.clone()).await?;
+            continue;
+        }
+        if sc == "telemetry" {
+            devices::telemetry(o.publishers, o.messages, o.window, o.pg.clone()).await?;
             continue;
         }
         if sc == "devices" {

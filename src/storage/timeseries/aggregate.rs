@@ -115,6 +115,20 @@ pub fn bucket_start(ts: i64, w: Window, tz: Tz) -> i64 {
     }
 }
 
+/// The start of the bucket after the one starting at `start`.
+fn next_start(start: i64, w: Window, tz: Tz) -> i64 {
+    const HOUR: i64 = 3_600_000;
+    match w {
+        // A DST change inside a fixed bucket moves the alignment: re-derive from the zone.
+        Window::Fixed(ms) if tz == Tz::UTC => start + ms,
+        Window::Fixed(ms) => bucket_start(start + ms, w, tz).max(start + 1).min(start + ms),
+        // Days are 23 to 25 hours: 26 hours on is inside the next day; likewise weeks, months.
+        Window::Day => bucket_start(start + 26 * HOUR, w, tz),
+        Window::Week => bucket_start(start + 7 * 24 * HOUR + 2 * HOUR, w, tz),
+        Window::Month => bucket_start(start + 32 * 24 * HOUR, w, tz),
+    }
+}
+
 #[derive(Default, Clone, Copy)]
 struct Acc {
     count: u64,
@@ -174,8 +188,14 @@ pub fn by_window(points: &[(i64, Value)], window_ms: i64, f: Func) -> Vec<(i64, 
 pub fn buckets(points: &[(i64, Value)], w: Window, tz: Tz, f: Func) -> Vec<(i64, f64)> {
     let mut out = Vec::new();
     let mut cur: Option<(i64, Acc)> = None;
+    // The current bucket's [start, end): the zone arithmetic runs once per bucket, not per point.
+    let mut span = (i64::MAX, i64::MIN);
     for (t, v) in points {
-        let start = bucket_start(*t, w, tz);
+        if *t < span.0 || *t >= span.1 {
+            let s = bucket_start(*t, w, tz);
+            span = (s, next_start(s, w, tz).max(*t + 1));
+        }
+        let start = span.0;
         match &mut cur {
             Some((s, acc)) if *s == start => acc.add(v),
             _ => {

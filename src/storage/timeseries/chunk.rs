@@ -10,9 +10,20 @@
 use pco::standalone::{simple_compress, simple_decompress};
 use pco::ChunkConfig;
 
-/// pco at its default level for every column.
-fn compress<T: pco::data_types::Number>(v: &[T]) -> Result<Vec<u8>, ChunkError> {
-    simple_compress(v, &ChunkConfig::default()).map_err(|e| corrupt(e.to_string()))
+/// How hard to compress: `Fast` for fresh segments (they are rewritten by compaction),
+/// `Small` for compacted ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Fast,
+    Small,
+}
+
+fn compress<T: pco::data_types::Number>(v: &[T], level: Level) -> Result<Vec<u8>, ChunkError> {
+    let cfg = match level {
+        Level::Fast => ChunkConfig::default().with_compression_level(2),
+        Level::Small => ChunkConfig::default(),
+    };
+    simple_compress(v, &cfg).map_err(|e| corrupt(e.to_string()))
 }
 
 const MAGIC: &[u8; 4] = b"TSC1";
@@ -69,7 +80,7 @@ fn put_u32(out: &mut Vec<u8>, v: usize) {
 }
 
 /// Encode points (timestamps in ms, not necessarily sorted; kept in the given order).
-pub fn encode(ts: &[i64], values: &Values) -> Result<Vec<u8>, ChunkError> {
+pub fn encode(ts: &[i64], values: &Values, level: Level) -> Result<Vec<u8>, ChunkError> {
     if ts.len() != values.len() {
         return Err(ChunkError::Lengths(ts.len(), values.len()));
     }
@@ -80,12 +91,12 @@ pub fn encode(ts: &[i64], values: &Values) -> Result<Vec<u8>, ChunkError> {
     out.extend_from_slice(MAGIC);
     out.push(values.kind());
     put_u32(&mut out, ts.len());
-    let t = compress(ts)?;
+    let t = compress(ts, level)?;
     put_u32(&mut out, t.len());
     out.extend_from_slice(&t);
     match values {
-        Values::Number(v) => out.extend_from_slice(&compress(v)?),
-        Values::Bool(v) => out.extend_from_slice(&compress(&v.iter().map(|b| *b as u32).collect::<Vec<_>>())?),
+        Values::Number(v) => out.extend_from_slice(&compress(v, level)?),
+        Values::Bool(v) => out.extend_from_slice(&compress(&v.iter().map(|b| *b as u32).collect::<Vec<_>>(), level)?),
         Values::Text(v) => {
             let mut dict: Vec<&str> = Vec::new();
             let mut index = std::collections::HashMap::new();
@@ -103,7 +114,7 @@ pub fn encode(ts: &[i64], values: &Values) -> Result<Vec<u8>, ChunkError> {
                 put_u32(&mut out, s.len());
                 out.extend_from_slice(s.as_bytes());
             }
-            out.extend_from_slice(&compress(&ids)?);
+            out.extend_from_slice(&compress(&ids, level)?);
         }
     }
     let crc = crc32fast::hash(&out);
@@ -191,12 +202,12 @@ mod tests {
             Values::Bool((0..500).map(|i| i % 97 == 0).collect()),
             Values::Text((0..500).map(|i| ["open", "closed", "{\"a\":1}"][i % 3].to_string()).collect()),
         ] {
-            let b = encode(&ts, &v).unwrap();
+            let b = encode(&ts, &v, Level::Small).unwrap();
             assert_eq!(decode(&b).unwrap(), (ts.clone(), v));
         }
-        let empty = encode(&[], &Values::Number(vec![])).unwrap();
+        let empty = encode(&[], &Values::Number(vec![]), Level::Fast).unwrap();
         assert_eq!(decode(&empty).unwrap(), (vec![], Values::Number(vec![])));
-        assert_eq!(encode(&[1], &Values::Bool(vec![])), Err(ChunkError::Lengths(1, 0)));
+        assert_eq!(encode(&[1], &Values::Bool(vec![]), Level::Fast), Err(ChunkError::Lengths(1, 0)));
     }
 
     /// Telemetry-like series: a temperature random walk at 0.1 resolution every 10 s.
@@ -212,7 +223,7 @@ mod tests {
                 (t * 10.0).round() / 10.0
             })
             .collect();
-        let b = encode(&ts, &Values::Number(v)).unwrap();
+        let b = encode(&ts, &Values::Number(v), Level::Small).unwrap();
         let per_point = b.len() as f64 / n as f64;
         println!("random walk: {} bytes for {n} points = {per_point:.3} bytes/point", b.len());
         assert!(per_point < 1.0, "{per_point} bytes/point");
@@ -221,7 +232,7 @@ mod tests {
     #[test]
     fn torn_and_flipped_chunks_are_errors() {
         let ts: Vec<i64> = (0..100).collect();
-        let b = encode(&ts, &Values::Text((0..100).map(|i| format!("s{}", i % 7)).collect())).unwrap();
+        let b = encode(&ts, &Values::Text((0..100).map(|i| format!("s{}", i % 7)).collect()), Level::Fast).unwrap();
         for cut in 0..b.len() {
             assert!(decode(&b[..cut]).is_err(), "a chunk cut at {cut} decoded");
         }
@@ -237,7 +248,7 @@ mod tests {
         fn numbers_round_trip(ts in proptest::collection::vec(any::<i64>(), 0..200), seed: u64) {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             let v: Vec<f64> = ts.iter().map(|_| rng.gen::<f64>() * 1e6 - 5e5).collect();
-            let b = encode(&ts, &Values::Number(v.clone())).unwrap();
+            let b = encode(&ts, &Values::Number(v.clone()), Level::Fast).unwrap();
             prop_assert_eq!(decode(&b).unwrap(), (ts, Values::Number(v)));
         }
 

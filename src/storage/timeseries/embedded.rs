@@ -37,13 +37,25 @@ type Column = (SeriesKey, u8, Vec<i64>, Vec<Value>);
 struct Seg {
     path: PathBuf,
     chunks: std::collections::HashMap<SeriesKey, Vec<(u8, u64, u32)>>,
+    /// Opened at the first query and kept (segments are immutable).
+    file: std::sync::OnceLock<File>,
+}
+
+impl Seg {
+    fn file(&self) -> std::io::Result<&File> {
+        if let Some(f) = self.file.get() {
+            return Ok(f);
+        }
+        let f = File::open(&self.path)?;
+        Ok(self.file.get_or_init(|| f))
+    }
 }
 
 pub struct EmbeddedStore {
     dir: PathBuf,
     wal: File,
     /// Accepted points not yet in a segment, per series (also in the WAL).
-    buffer: BTreeMap<SeriesKey, Vec<(i64, Value)>>,
+    buffer: std::collections::HashMap<SeriesKey, Vec<(i64, Value)>>,
     buffered: usize,
     /// Flush when this many points are buffered.
     flush_at: usize,
@@ -74,15 +86,32 @@ enum WalValue {
     Json(String),
 }
 
-impl From<&Point> for WalPoint {
-    fn from(p: &Point) -> WalPoint {
+/// The same record, borrowed for writing (bincode writes `&str` as it writes `String`).
+#[derive(serde::Serialize)]
+struct WalPointRef<'a> {
+    device_id: i64,
+    key: &'a str,
+    ts: i64,
+    value: WalValueRef<'a>,
+}
+
+#[derive(serde::Serialize)]
+enum WalValueRef<'a> {
+    Number(f64),
+    Bool(bool),
+    Text(&'a str),
+    Json(&'a str),
+}
+
+impl<'a> From<&'a Point> for WalPointRef<'a> {
+    fn from(p: &'a Point) -> WalPointRef<'a> {
         let value = match &p.value {
-            Value::Number(n) => WalValue::Number(*n),
-            Value::Bool(b) => WalValue::Bool(*b),
-            Value::Text(s) => WalValue::Text(s.clone()),
-            Value::Json(s) => WalValue::Json(s.clone()),
+            Value::Number(n) => WalValueRef::Number(*n),
+            Value::Bool(b) => WalValueRef::Bool(*b),
+            Value::Text(s) => WalValueRef::Text(s),
+            Value::Json(s) => WalValueRef::Json(s),
         };
-        WalPoint { device_id: p.device_id, key: p.key.clone(), ts: p.ts, value }
+        WalPointRef { device_id: p.device_id, key: &p.key, ts: p.ts, value }
     }
 }
 
@@ -122,7 +151,7 @@ impl EmbeddedStore {
         let mut s = EmbeddedStore {
             dir: dir.to_path_buf(),
             wal: OpenOptions::new().create(true).append(true).open(dir.join("wal.log"))?,
-            buffer: BTreeMap::new(),
+            buffer: std::collections::HashMap::new(),
             buffered: 0,
             flush_at: flush_at.max(1),
             latest: BTreeMap::new(),
@@ -157,9 +186,10 @@ impl EmbeddedStore {
     }
 
     fn note_latest(&mut self, key: &SeriesKey, ts: i64, v: &Value) {
-        match self.latest.get(key) {
+        match self.latest.get_mut(key) {
             Some((t, _)) if *t > ts => {}
-            _ => {
+            Some(e) => *e = (ts, v.clone()),
+            None => {
                 self.latest.insert(key.clone(), (ts, v.clone()));
             }
         }
@@ -178,7 +208,7 @@ impl EmbeddedStore {
         if points.is_empty() {
             return Ok(());
         }
-        let wal: Vec<WalPoint> = points.iter().map(WalPoint::from).collect();
+        let wal: Vec<WalPointRef> = points.iter().map(WalPointRef::from).collect();
         let body = bincode::serde::encode_to_vec(&wal, bincode_cfg()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut rec = Vec::with_capacity(body.len() + 8);
         rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -216,7 +246,7 @@ impl EmbeddedStore {
             }
         }
         for (part, entries) in by_part {
-            self.write_segment(part, entries)?;
+            self.write_segment(part, entries, chunk::Level::Fast)?;
         }
         // Everything buffered is in segments now.
         self.wal.set_len(0)?;
@@ -226,7 +256,7 @@ impl EmbeddedStore {
     }
 
     /// Write one segment of partition `part` (tmp + rename + directory sync); returns its path.
-    fn write_segment(&mut self, part: i64, entries: Vec<Column>) -> Result<PathBuf, StoreError> {
+    fn write_segment(&mut self, part: i64, entries: Vec<Column>, level: chunk::Level) -> Result<PathBuf, StoreError> {
         {
             let dir = self.dir.join(format!("p{part}"));
             fs::create_dir_all(&dir)?;
@@ -234,7 +264,7 @@ impl EmbeddedStore {
             file.extend_from_slice(b"TSS1");
             file.extend_from_slice(&(entries.len() as u32).to_le_bytes());
             for ((device, key), kind, ts, vals) in entries {
-                let chunk = chunk::encode(&ts, &to_values(kind, vals)).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let chunk = chunk::encode(&ts, &to_values(kind, vals), level).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 file.extend_from_slice(&device.to_le_bytes());
                 file.push(kind);
                 file.extend_from_slice(&(key.len() as u32).to_le_bytes());
@@ -311,7 +341,7 @@ impl EmbeddedStore {
         }
         let entries: Vec<Column> =
             merged.into_iter().map(|((key, kind), pts)| (key, kind, pts.keys().copied().collect(), pts.into_values().collect())).collect();
-        let merged_path = if entries.is_empty() { None } else { Some(self.write_segment(part, entries)?) };
+        let merged_path = if entries.is_empty() { None } else { Some(self.write_segment(part, entries, chunk::Level::Small)?) };
         for seg in segs {
             fs::remove_file(seg)?;
         }
@@ -362,35 +392,46 @@ impl EmbeddedStore {
     /// Points of one series in `[from, to)`, by time; a later write of the same timestamp wins.
     pub fn range(&self, device_id: i64, key: &str, from: i64, to: i64) -> Result<Vec<(i64, Value)>, StoreError> {
         use std::os::unix::fs::FileExt;
-        let mut out: BTreeMap<i64, Value> = BTreeMap::new();
         if to <= from {
             return Ok(vec![]);
         }
+        // Sources in write order (partitions, their segments, then the buffer); each chunk is
+        // sorted. One source needs no merging; several are merged by a stable sort, the last
+        // write of a timestamp winning.
+        let mut out: Vec<(i64, Value)> = Vec::new();
+        let mut sources = 0;
         let series = (device_id, key.to_string());
+        let mut b = Vec::new();
         for (_, segs) in self.index.range(from.div_euclid(DAY_MS)..=(to - 1).div_euclid(DAY_MS)) {
             for seg in segs {
                 let Some(chunks) = seg.chunks.get(&series) else { continue };
-                let f = File::open(&seg.path)?;
+                let f = seg.file()?;
                 for (kind, off, len) in chunks {
-                    let mut b = vec![0u8; *len as usize];
+                    b.resize(*len as usize, 0);
                     f.read_exact_at(&mut b, *off)?;
                     let (ts, vals) = chunk::decode(&b).map_err(|e| StoreError::Corrupt(format!("{}: {e}", seg.path.display())))?;
-                    for (t, v) in ts.into_iter().zip(from_values(*kind, vals)) {
-                        if t >= from && t < to {
-                            out.insert(t, v);
-                        }
-                    }
+                    sources += 1;
+                    out.extend(ts.into_iter().zip(from_values(*kind, vals)).filter(|(t, _)| *t >= from && *t < to));
                 }
             }
         }
-        if let Some(buf) = self.buffer.get(&(device_id, key.to_string())) {
-            for (t, v) in buf {
-                if *t >= from && *t < to {
-                    out.insert(*t, v.clone());
+        if let Some(buf) = self.buffer.get(&series) {
+            sources += 2;
+            out.extend(buf.iter().filter(|(t, _)| *t >= from && *t < to).cloned());
+        }
+        if sources > 1 || !out.windows(2).all(|w| w[0].0 < w[1].0) {
+            out.sort_by_key(|(t, _)| *t);
+            // Keep the last of equal timestamps.
+            let mut merged: Vec<(i64, Value)> = Vec::with_capacity(out.len());
+            for p in out {
+                match merged.last_mut() {
+                    Some(last) if last.0 == p.0 => *last = p,
+                    _ => merged.push(p),
                 }
             }
+            out = merged;
         }
-        Ok(out.into_iter().collect())
+        Ok(out)
     }
 
     /// The latest value of every key of a device.
@@ -484,10 +525,30 @@ impl TimeSeriesStore for Shared {
     async fn aggregate(&self, q: &AggQuery) -> Result<Vec<Bucket>, TsError> {
         let q = q.clone();
         self.read(move |s| {
+            // Devices split over the cores (each series is read and bucketed independently).
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(q.devices.len().div_ceil(64)).max(1);
+            let per = q.devices.len().div_ceil(threads).max(1);
+            let parts: Vec<Result<Vec<Bucket>, StoreError>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = q
+                    .devices
+                    .chunks(per)
+                    .map(|devs| {
+                        let q = &q;
+                        sc.spawn(move || {
+                            let mut out = Vec::new();
+                            for d in devs {
+                                let pts = s.range(*d, &q.key, q.from, q.to)?;
+                                out.extend(buckets(&pts, q.window, q.tz, q.func).into_iter().map(|(start, value)| Bucket { device_id: *d, start, value }));
+                            }
+                            Ok(out)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(StoreError::Corrupt("aggregate worker panicked".into())))).collect()
+            });
             let mut out = Vec::new();
-            for d in &q.devices {
-                let pts = s.range(*d, &q.key, q.from, q.to)?;
-                out.extend(buckets(&pts, q.window, q.tz, q.func).into_iter().map(|(start, value)| Bucket { device_id: *d, start, value }));
+            for p in parts {
+                out.extend(p?);
             }
             Ok(out)
         })
@@ -584,7 +645,7 @@ fn index_bytes(path: &Path, b: &[u8]) -> Result<Seg, StoreError> {
         chunks.entry((device, key)).or_default().push((kind, off as u64, clen as u32));
         at = off + clen;
     }
-    Ok(Seg { path: path.to_path_buf(), chunks })
+    Ok(Seg { path: path.to_path_buf(), chunks, file: std::sync::OnceLock::new() })
 }
 
 /// Points of every intact WAL record, and the length up to the last intact one.
