@@ -140,6 +140,15 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     assert!(rep["points_deleted"].as_u64().unwrap() >= 1, "{rep}");
     assert!(values_of(&history(&p, "th-1", &format!("from={old}&to={}&keys=temp", old + 1)).await, "temp").is_empty());
 
+    // Prometheus: points written, and the write-latency histogram is consistent.
+    let m = p.http.get(format!("http://{}/metrics", p.http_addr())).send().await.unwrap().text().await.unwrap();
+    let val = |name: &str| -> f64 {
+        m.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()).unwrap().parse().unwrap()
+    };
+    assert!(val("thingsd_telemetry_points_written_total") >= 13.0, "{m}");
+    assert_eq!(val("thingsd_telemetry_write_seconds_count"), val("thingsd_telemetry_batches_written_total"));
+    assert!(m.contains("thingsd_telemetry_write_seconds_bucket{le=\"+Inf\"}"));
+
     // A graceful restart keeps everything (the WAL and segments are reopened).
     d.send(disconnect()).await;
     let dir = p.node.dir.clone();

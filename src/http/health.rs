@@ -59,9 +59,26 @@ async fn ready(State(b): State<Arc<Broker>>) -> Result<Json<serde_json::Value>, 
     }
 }
 
+/// A Prometheus histogram from per-bucket counts (the last count is the +Inf bucket).
+fn histogram(out: &mut String, name: &str, help: &str, bounds: &[f64], counts: &[std::sync::atomic::AtomicU64], sum: Option<f64>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cum = 0;
+    for (i, c) in counts.iter().enumerate() {
+        cum += c.load(Relaxed);
+        match bounds.get(i) {
+            Some(b) => writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}"),
+            None => writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}"),
+        }
+        .ok();
+    }
+    let _ = writeln!(out, "{name}_sum {}\n{name}_count {cum}", sum.unwrap_or(0.0));
+}
+
 async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     let m = &b.metrics;
     let mut out = String::new();
+    let mut hist = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
     };
@@ -108,8 +125,24 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
         for (name, help, c) in counters {
             metric(name, "counter", help, c.load(Relaxed));
         }
+        if let Some(t) = d.telemetry.get() {
+            let tm = &t.metrics;
+            let counters = [
+                ("thingsd_telemetry_points_written_total", "Telemetry points written to the time-series store.", &tm.points),
+                ("thingsd_telemetry_batches_written_total", "Writes to the time-series store.", &tm.batches),
+                ("thingsd_telemetry_write_errors_total", "Failed store writes (retried; nothing is dropped).", &tm.write_errors),
+                ("thingsd_telemetry_busy_total", "Telemetry refused for lack of room in the writers' queues (HTTP 503, MQTT 0x89).", &tm.busy),
+                ("thingsd_telemetry_skipped_keys_total", "Keys not stored: longer than 255 bytes.", &tm.skipped_keys),
+            ];
+            for (name, help, c) in counters {
+                metric(name, "counter", help, c.load(Relaxed));
+            }
+            histogram(&mut hist, "thingsd_telemetry_write_seconds", "Time-series store write latency.", &crate::telemetry::LATENCY_BOUNDS, &tm.latency, Some(tm.latency_sum_us.load(Relaxed) as f64 / 1e6));
+            histogram(&mut hist, "thingsd_telemetry_batch_points", "Points per store write.", &crate::telemetry::BATCH_BOUNDS, &tm.batch_sizes, None);
+        }
     }
     metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);
     metric("thingsd_uptime_seconds", "counter", "Seconds since the node started.", b.started.elapsed().as_secs());
+    out.push_str(&hist);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

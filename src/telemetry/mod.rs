@@ -107,6 +107,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Tsdb> {
 impl Telemetry {
     pub async fn start(config: Arc<Config>, meta: MetaStore, cache: Cache) -> anyhow::Result<Arc<Telemetry>> {
         let store = open_store(&config).await?;
+        if config.cluster.enabled && matches!(store, Tsdb::Embedded(_)) {
+            tracing::warn!("clustering with the embedded time-series store: each node keeps the telemetry of the devices connected to it; use PostgreSQL or TDengine (telemetry.store) so every node sees all of it");
+        }
         let t = Arc::new(Telemetry {
             store,
             meta,
@@ -275,15 +278,16 @@ impl Telemetry {
         });
     }
 
-    /// Latest values of a device: this node's memory, the shared cache, or the store.
+    /// Latest values of a device: the shared cache (Redis: written by whichever node the
+    /// device is on), this node's memory, or the store.
     pub async fn latest(&self, device_id: i64) -> Result<Json, crate::storage::timeseries::TsError> {
-        if let Some(m) = self.hot.get(&device_id) {
-            return Ok(latest_doc(&m));
-        }
         if self.cache.is_redis() {
             if let Some(doc) = self.cache.get(&format!("latest:{device_id}")).await.and_then(|s| serde_json::from_str(&s).ok()) {
                 return Ok(doc);
             }
+        }
+        if let Some(m) = self.hot.get(&device_id) {
+            return Ok(latest_doc(&m));
         }
         let pts = self.store.latest(&[device_id]).await?;
         let m: BTreeMap<String, (i64, Value)> = pts.into_iter().map(|p| (p.key, (p.ts, p.value))).collect();
