@@ -57,8 +57,10 @@ pub struct TelemetryConfig {
     pub segment_points: usize,
     /// Default days raw points are kept (tenant and product policies may differ); 0 = forever.
     pub retention_days: u32,
-    /// How often retention and compaction run.
+    /// How often roll-ups, retention and compaction run.
     pub maintenance_secs: u64,
+    /// Days hourly roll-ups are kept (embedded and PostgreSQL stores); 0 = forever.
+    pub rollup_days: u32,
 }
 
 impl Default for TelemetryConfig {
@@ -73,6 +75,7 @@ impl Default for TelemetryConfig {
             segment_points: 500_000,
             retention_days: 0,
             maintenance_secs: 600,
+            rollup_days: 0,
         }
     }
 }

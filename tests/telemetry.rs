@@ -139,6 +139,25 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     assert_eq!(s, 200, "{rep}");
     assert!(rep["points_deleted"].as_u64().unwrap() >= 1, "{rep}");
     assert!(values_of(&history(&p, "th-1", &format!("from={old}&to={}&keys=temp", old + 1)).await, "temp").is_empty());
+    // Hourly roll-ups of completed hours (those that ended over an hour ago) answer like raw.
+    assert!(rep["hours_rolled_up"].as_i64().unwrap() >= 24, "{rep}");
+    let h = 3_600_000;
+    let rolled_to = (thingsd::storage::meta::now_ms() - h) / h * h;
+    let (from, to) = (t0 / h * h, rolled_to);
+    if to > from {
+        for f in ["avg", "max", "count", "sum"] {
+            let path = |src: &str| format!("/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&from={from}&to={to}&window=1h&fn={f}&source={src}");
+            let (s1, raw) = p.admin("GET", &path("raw"), None).await;
+            let (s2, rolled) = p.admin("GET", &path("rollup"), None).await;
+            assert_eq!((s1, s2), (200, 200), "{rolled}");
+            assert_eq!(raw["buckets"], rolled["buckets"], "{f}");
+            assert!(!raw["buckets"].as_array().unwrap().is_empty());
+        }
+    }
+    let (s, v) = p.admin("GET", "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&window=1h&source=rollup&tz=Asia/Kolkata", None).await;
+    assert_eq!(s, 400, "half-hour zones are not answered from hourly roll-ups: {v}");
+    let (s, _) = p.admin("GET", "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&window=15m&source=rollup", None).await;
+    assert_eq!(s, 400);
 
     // Prometheus: points written, and the write-latency histogram is consistent.
     let m = p.http.get(format!("http://{}/metrics", p.http_addr())).send().await.unwrap().text().await.unwrap();

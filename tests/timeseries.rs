@@ -270,6 +270,9 @@ async fn every_backend_answers_alike() {
         same(&reference, &got, "postgres vs embedded");
         // Opening again over existing tables is fine.
         PgStore::open(&url, 2).await.expect("reopen");
+        // The roll-up tables (another prefix in the same database) behave the same.
+        let rollup = Tsdb::Postgres(std::sync::Arc::new(PgStore::open_prefixed(&url, 2, "ts_rollup_").await.expect("open the roll-up tables")));
+        same(&reference, &scenario(&rollup).await, "postgres roll-up tables vs embedded");
     }
 
     match std::env::var("TAOS_DSN") {

@@ -128,6 +128,18 @@ struct AggParams {
     #[serde(rename = "fn")]
     func: Option<String>,
     tz: Option<String>,
+    /// `raw` (default) or `rollup` (hourly roll-ups, kept longer than raw points).
+    source: Option<String>,
+}
+
+impl AggParams {
+    async fn run(&self, t: &Telemetry, q: &AggQuery) -> Result<Vec<ts::Bucket>, ApiError> {
+        match self.source.as_deref().unwrap_or("raw") {
+            "raw" => Ok(t.store.aggregate(q).await?),
+            "rollup" => Ok(crate::telemetry::rollup::aggregate(t, q).await?),
+            _ => Err(bad("source is raw or rollup")),
+        }
+    }
 }
 
 impl AggParams {
@@ -142,7 +154,7 @@ impl AggParams {
 
 async fn aggregate_device(State(s): State<AppState>, Path(number): Path<String>, Query(p): Query<AggParams>) -> Answer {
     let id = device_id(&s, &number).await?;
-    let b = telemetry(&s)?.store.aggregate(&p.query(vec![id])?).await?;
+    let b = p.run(&*telemetry(&s)?, &p.query(vec![id])?).await?;
     let buckets: Vec<Value> = b.iter().map(|b| json!({"start": b.start, "value": b.value})).collect();
     Ok(Json(json!({"device": number, "key": p.key, "buckets": buckets})))
 }
@@ -159,7 +171,7 @@ async fn aggregate_product(State(s): State<AppState>, Path(product): Path<i64>, 
         numbers.extend(page.into_iter().map(|d| (d.id, d.device_number)));
     }
     let q = p.query(numbers.keys().copied().collect())?;
-    let b = telemetry(&s)?.store.aggregate(&q).await?;
+    let b = p.run(&*telemetry(&s)?, &q).await?;
     let mut by: std::collections::BTreeMap<&str, Vec<Value>> = std::collections::BTreeMap::new();
     for x in &b {
         if let Some(n) = numbers.get(&x.device_id) {

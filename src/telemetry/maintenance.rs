@@ -18,6 +18,8 @@ const DAY_MS: i64 = 86_400_000;
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct Report {
     pub ran_ms: i64,
+    pub hours_rolled_up: i64,
+    pub rollup_partitions_dropped: u64,
     pub partitions_dropped: u64,
     pub points_deleted: u64,
     pub compacted: u64,
@@ -76,12 +78,16 @@ pub fn spawn(t: &Arc<Telemetry>) {
     });
 }
 
-/// One run: retention, then compaction.
+/// One run: roll-ups (before raw points can expire), retention, then compaction.
 pub async fn run(t: &Telemetry) -> Result<Report, String> {
     let s = &t.store;
     let e = |e: &dyn std::fmt::Display| e.to_string();
     let mut r = Report { ran_ms: now_ms(), disk_bytes_before: s.disk_bytes().await.map_err(|x| e(&x))?, ..Report::default() };
     let now = now_ms();
+    r.hours_rolled_up = super::rollup::run(t).await?;
+    if let (Some(ru), days @ 1..) = (&t.rollup, t.config.telemetry.rollup_days as i64) {
+        r.rollup_partitions_dropped = ru.apply_retention(now - days * DAY_MS).await.map_err(|x| e(&x))?;
+    }
     let default_days = t.config.telemetry.retention_days as i64;
     let policies = t.meta.retention_policies().await.map_err(|x| e(&x))?;
     let longest = policies.iter().map(|p| p.2).max().unwrap_or(0);
@@ -115,8 +121,10 @@ pub async fn run(t: &Telemetry) -> Result<Report, String> {
             r.points_deleted += s.delete_before(&rest, now - default_days * DAY_MS).await.map_err(|x| e(&x))?;
         }
     }
-    if let Tsdb::Embedded(emb) = s {
-        r.compacted = emb.compact().await.map_err(|x| e(&x))? as u64;
+    for store in std::iter::once(s).chain(t.rollup.as_ref()) {
+        if let Tsdb::Embedded(emb) = store {
+            r.compacted += emb.compact().await.map_err(|x| e(&x))? as u64;
+        }
     }
     r.disk_bytes_after = s.disk_bytes().await.map_err(|x| e(&x))?;
     RUNS.fetch_add(1, Ordering::Relaxed);

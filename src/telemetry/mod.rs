@@ -3,6 +3,7 @@
 //! node's time-series store; the latest value of every key is kept hot. Queries go to the
 //! store (`query`), maintenance (retention, compaction) runs in `maintenance`.
 pub mod maintenance;
+pub mod rollup;
 pub mod rules;
 pub mod writer;
 
@@ -60,6 +61,8 @@ impl TelemetryMetrics {
 
 pub struct Telemetry {
     pub store: Tsdb,
+    /// Hourly roll-ups (not with TDengine).
+    pub rollup: Option<Tsdb>,
     pub config: Arc<Config>,
     meta: MetaStore,
     cache: Cache,
@@ -78,6 +81,25 @@ pub struct Telemetry {
 }
 
 const RULES_TTL: Duration = Duration::from_secs(30);
+
+/// The roll-up store next to the raw one: `data_dir/tsdb-rollup`, or `ts_rollup_*` tables.
+pub async fn open_rollup_store(config: &Config, raw: &Tsdb) -> anyhow::Result<Option<Tsdb>> {
+    Ok(match raw {
+        Tsdb::Embedded(_) => {
+            let dir = config.node.data_dir.join("tsdb-rollup");
+            let sync = config.telemetry.durability == Durability::Synced;
+            let d = dir.clone();
+            let s = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&d, 100_000, sync))
+                .await?
+                .with_context(|| format!("open the roll-up store in {}", dir.display()))?;
+            Some(Tsdb::Embedded(Arc::new(embedded::Shared::new(s))))
+        }
+        Tsdb::Postgres(_) => Some(Tsdb::Postgres(Arc::new(
+            postgres::PgStore::open_prefixed(&config.telemetry.store, 2, "ts_rollup_").await.context("open the roll-up tables")?,
+        ))),
+        Tsdb::Tdengine(_) => None,
+    })
+}
 
 /// Open the configured store.
 pub async fn open_store(config: &Config) -> anyhow::Result<Tsdb> {
@@ -110,8 +132,10 @@ impl Telemetry {
         if config.cluster.enabled && matches!(store, Tsdb::Embedded(_)) {
             tracing::warn!("clustering with the embedded time-series store: each node keeps the telemetry of the devices connected to it; use PostgreSQL or TDengine (telemetry.store) so every node sees all of it");
         }
+        let rollup = open_rollup_store(&config, &store).await?;
         let t = Arc::new(Telemetry {
             store,
+            rollup,
             meta,
             cache,
             writers: OnceLock::new(),
@@ -187,8 +211,10 @@ impl Telemetry {
             let _ = w.call(WriterMsg::Flush, Some(Duration::from_secs(60))).await;
             w.stop(None);
         }
-        if let Err(e) = self.store.flush().await {
-            tracing::error!(error = %e, "time-series flush at shutdown failed (the embedded store replays its WAL at the next start)");
+        for s in std::iter::once(&self.store).chain(self.rollup.as_ref()) {
+            if let Err(e) = s.flush().await {
+                tracing::error!(error = %e, "time-series flush at shutdown failed (the embedded store replays its WAL at the next start)");
+            }
         }
     }
 

@@ -19,21 +19,25 @@ const CHUNK: usize = 10_000;
 
 pub struct PgStore {
     pool: PgPool,
+    /// Table name prefix: `ts_` (raw points) or `ts_rollup_` (hourly roll-ups).
+    prefix: String,
+    insert_points: String,
+    upsert_latest: String,
     timescale: bool,
     /// Day partitions known to exist.
     parts: Mutex<HashSet<i64>>,
 }
 
-fn part_name(day: i64) -> String {
+fn part_name(prefix: &str, day: i64) -> String {
     if day < 0 {
-        format!("ts_points_pm{}", -day)
+        format!("{prefix}points_pm{}", -day)
     } else {
-        format!("ts_points_p{day}")
+        format!("{prefix}points_p{day}")
     }
 }
 
-fn day_of_name(name: &str) -> Option<i64> {
-    let d = name.strip_prefix("ts_points_p")?;
+fn day_of_name(prefix: &str, name: &str) -> Option<i64> {
+    let d = name.strip_prefix(prefix)?.strip_prefix("points_p")?;
     match d.strip_prefix('m') {
         Some(neg) => neg.parse::<i64>().ok().map(|n| -n),
         None => d.parse().ok(),
@@ -108,23 +112,41 @@ impl PgStore {
     /// Connect and create the tables (idempotent; nodes starting together serialise on an
     /// advisory lock).
     pub async fn open(url: &str, max_connections: u32) -> Result<PgStore, TsError> {
+        PgStore::open_prefixed(url, max_connections, "ts_").await
+    }
+
+    /// The same over tables named `{prefix}points` and `{prefix}latest` (letters and `_` only).
+    pub async fn open_prefixed(url: &str, max_connections: u32, prefix: &str) -> Result<PgStore, TsError> {
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            return Err(TsError::BadQuery(format!("bad table prefix {prefix:?}")));
+        }
+        let p = prefix;
         let pool = PgPoolOptions::new().max_connections(max_connections.max(1)).connect(url).await?;
         let timescale: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')").fetch_one(&pool).await?;
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(7158234)").execute(&mut *tx).await?;
         let cols = "device_id BIGINT NOT NULL, key TEXT NOT NULL, ts BIGINT NOT NULL, kind SMALLINT NOT NULL, num DOUBLE PRECISION, txt TEXT";
         let points = if timescale {
-            format!("CREATE TABLE IF NOT EXISTS ts_points ({cols}, PRIMARY KEY (device_id, key, ts))")
+            format!("CREATE TABLE IF NOT EXISTS {p}points ({cols}, PRIMARY KEY (device_id, key, ts))")
         } else {
-            format!("CREATE TABLE IF NOT EXISTS ts_points ({cols}, PRIMARY KEY (device_id, key, ts)) PARTITION BY RANGE (ts)")
+            format!("CREATE TABLE IF NOT EXISTS {p}points ({cols}, PRIMARY KEY (device_id, key, ts)) PARTITION BY RANGE (ts)")
         };
         sqlx::query(AssertSqlSafe(points)).execute(&mut *tx).await?;
-        sqlx::query(AssertSqlSafe(format!("CREATE TABLE IF NOT EXISTS ts_latest ({cols}, PRIMARY KEY (device_id, key))"))).execute(&mut *tx).await?;
+        sqlx::query(AssertSqlSafe(format!("CREATE TABLE IF NOT EXISTS {p}latest ({cols}, PRIMARY KEY (device_id, key))"))).execute(&mut *tx).await?;
         if timescale {
-            sqlx::query("SELECT create_hypertable('ts_points', by_range('ts', 86400000), if_not_exists => true)").execute(&mut *tx).await?;
+            sqlx::query(AssertSqlSafe(format!("SELECT create_hypertable('{p}points', by_range('ts', 86400000), if_not_exists => true)")))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
-        Ok(PgStore { pool, timescale, parts: Mutex::new(HashSet::new()) })
+        Ok(PgStore {
+            pool,
+            prefix: p.to_string(),
+            insert_points: INSERT_POINTS.replace("ts_points", &format!("{p}points")),
+            upsert_latest: UPSERT_LATEST.replace("ts_latest", &format!("{p}latest")),
+            timescale,
+            parts: Mutex::new(HashSet::new()),
+        })
     }
 
     async fn ensure_partitions(&self, days: impl Iterator<Item = i64>) -> Result<(), TsError> {
@@ -142,8 +164,9 @@ impl PgStore {
         sqlx::query("SELECT pg_advisory_xact_lock(7158235)").execute(&mut *tx).await?;
         for d in &missing {
             let sql = format!(
-                "CREATE TABLE IF NOT EXISTS {} PARTITION OF ts_points FOR VALUES FROM ({}) TO ({})",
-                part_name(*d),
+                "CREATE TABLE IF NOT EXISTS {} PARTITION OF {}points FOR VALUES FROM ({}) TO ({})",
+                part_name(&self.prefix, *d),
+                self.prefix,
                 d * DAY_MS,
                 (d + 1) * DAY_MS
             );
@@ -157,14 +180,15 @@ impl PgStore {
     async fn partitions(&self) -> Result<Vec<(i64, String)>, TsError> {
         let rows = sqlx::query(
             "SELECT c.relname::text AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
-             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'ts_points'",
+             JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = $1",
         )
+        .bind(format!("{}points", self.prefix))
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::new();
         for r in rows {
             let name: String = r.try_get("name")?;
-            if let Some(d) = day_of_name(&name) {
+            if let Some(d) = day_of_name(&self.prefix, &name) {
                 out.push((d, name));
             }
         }
@@ -194,8 +218,8 @@ impl Cols {
         self.txt.push(t);
     }
 
-    async fn insert(self, tx: &mut sqlx::PgConnection, sql: &'static str) -> Result<(), sqlx::Error> {
-        sqlx::query(sql).bind(self.device).bind(self.key).bind(self.ts).bind(self.kind).bind(self.num).bind(self.txt).execute(tx).await?;
+    async fn insert(self, tx: &mut sqlx::PgConnection, sql: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(AssertSqlSafe(sql)).bind(self.device).bind(self.key).bind(self.ts).bind(self.kind).bind(self.num).bind(self.txt).execute(tx).await?;
         Ok(())
     }
 }
@@ -232,7 +256,7 @@ impl TimeSeriesStore for PgStore {
             for ((d, k, ts), v) in chunk {
                 c.push(*d, k, *ts, v);
             }
-            c.insert(&mut tx, INSERT_POINTS).await?;
+            c.insert(&mut tx, &self.insert_points).await?;
         }
         let latest: Vec<_> = latest.into_iter().collect();
         for chunk in latest.chunks(CHUNK) {
@@ -240,7 +264,7 @@ impl TimeSeriesStore for PgStore {
             for ((d, k), (ts, v)) in chunk {
                 c.push(*d, k, *ts, v);
             }
-            c.insert(&mut tx, UPSERT_LATEST).await?;
+            c.insert(&mut tx, &self.upsert_latest).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -251,9 +275,10 @@ impl TimeSeriesStore for PgStore {
     }
 
     async fn latest(&self, devices: &[i64]) -> Result<Vec<Point>, TsError> {
-        let rows = sqlx::query(
-            "SELECT device_id, key, ts, kind, num, txt FROM ts_latest WHERE device_id = ANY($1) ORDER BY device_id, key COLLATE \"C\"",
-        )
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT device_id, key, ts, kind, num, txt FROM {}latest WHERE device_id = ANY($1) ORDER BY device_id, key COLLATE \"C\"",
+            self.prefix
+        )))
         .bind(devices.to_vec())
         .fetch_all(&self.pool)
         .await?;
@@ -263,12 +288,13 @@ impl TimeSeriesStore for PgStore {
     async fn range(&self, q: &RangeQuery) -> Result<Page, TsError> {
         let limit = q.limit.clamp(1, MAX_PAGE);
         let (after_ts, after_key) = q.after.as_ref().map_or((i64::MIN, String::new()), |c| (c.ts, c.key.clone()));
-        let rows = sqlx::query(
-            "SELECT device_id, key, ts, kind, num, txt FROM ts_points \
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT device_id, key, ts, kind, num, txt FROM {}points \
              WHERE device_id = $1 AND ts >= $2 AND ts < $3 AND (cardinality($4::text[]) = 0 OR key = ANY($4)) \
              AND (ts > $5 OR (ts = $5 AND key COLLATE \"C\" > $6)) \
              ORDER BY ts, key COLLATE \"C\" LIMIT $7",
-        )
+            self.prefix
+        )))
         .bind(q.device_id)
         .bind(q.from)
         .bind(q.to)
@@ -285,12 +311,13 @@ impl TimeSeriesStore for PgStore {
 
     async fn aggregate(&self, q: &AggQuery) -> Result<Vec<Bucket>, TsError> {
         let sql = format!(
-            "SELECT device_id, start, {f} AS value FROM (SELECT device_id, {b} AS start, ts, num FROM ts_points \
+            "SELECT device_id, start, {f} AS value FROM (SELECT device_id, {b} AS start, ts, num FROM {p}points \
              WHERE device_id = ANY($1) AND key = $2 AND ts >= $3 AND ts < $4) x \
              GROUP BY device_id, start {having} ORDER BY device_id, start",
             f = func_sql(q.func),
             b = bucket_sql(q.window, q.tz, "$5::text"),
             having = if q.func == Func::Count { "" } else { "HAVING count(num) > 0" },
+            p = self.prefix,
         );
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(q.devices.clone())
@@ -310,7 +337,7 @@ impl TimeSeriesStore for PgStore {
     async fn apply_retention(&self, cutoff: i64) -> Result<u64, TsError> {
         let mut n = 0;
         if self.timescale {
-            sqlx::query("SELECT drop_chunks('ts_points', older_than => $1::bigint)").bind(cutoff.div_euclid(DAY_MS) * DAY_MS).execute(&self.pool).await?;
+            sqlx::query(AssertSqlSafe(format!("SELECT drop_chunks('{}points', older_than => $1::bigint)", self.prefix))).bind(cutoff.div_euclid(DAY_MS) * DAY_MS).execute(&self.pool).await?;
         } else {
             for (day, name) in self.partitions().await? {
                 if (day + 1) * DAY_MS <= cutoff {
@@ -320,21 +347,31 @@ impl TimeSeriesStore for PgStore {
                 }
             }
         }
-        sqlx::query("DELETE FROM ts_latest WHERE ts < $1").bind(cutoff).execute(&self.pool).await?;
+        sqlx::query(AssertSqlSafe(format!("DELETE FROM {}latest WHERE ts < $1", self.prefix))).bind(cutoff).execute(&self.pool).await?;
         Ok(n)
     }
 
     async fn delete_before(&self, devices: &[i64], cutoff: i64) -> Result<u64, TsError> {
-        let r = sqlx::query("DELETE FROM ts_points WHERE device_id = ANY($1) AND ts < $2").bind(devices.to_vec()).bind(cutoff).execute(&self.pool).await?;
-        sqlx::query("DELETE FROM ts_latest WHERE device_id = ANY($1) AND ts < $2").bind(devices.to_vec()).bind(cutoff).execute(&self.pool).await?;
+        let p = &self.prefix;
+        let r = sqlx::query(AssertSqlSafe(format!("DELETE FROM {p}points WHERE device_id = ANY($1) AND ts < $2")))
+            .bind(devices.to_vec())
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!("DELETE FROM {p}latest WHERE device_id = ANY($1) AND ts < $2")))
+            .bind(devices.to_vec())
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
         Ok(r.rows_affected())
     }
 
     async fn disk_bytes(&self) -> Result<u64, TsError> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT (coalesce(sum(pg_total_relation_size(c.oid)), 0) + pg_total_relation_size('ts_latest'))::bigint \
-             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'ts_points'",
-        )
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT (coalesce(sum(pg_total_relation_size(c.oid)), 0) + pg_total_relation_size('{p}latest'))::bigint \
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = '{p}points'",
+            p = self.prefix
+        )))
         .fetch_one(&self.pool)
         .await?;
         Ok(n as u64)
@@ -348,9 +385,11 @@ mod tests {
     #[test]
     fn partition_names_round_trip() {
         for d in [-3, 0, 20_000] {
-            assert_eq!(day_of_name(&part_name(d)), Some(d));
+            assert_eq!(day_of_name("ts_", &part_name("ts_", d)), Some(d));
+            assert_eq!(day_of_name("ts_rollup_", &part_name("ts_rollup_", d)), Some(d));
         }
-        assert_eq!(day_of_name("ts_latest"), None);
+        assert_eq!(day_of_name("ts_", "ts_latest"), None);
+        assert_eq!(day_of_name("ts_", "ts_rollup_points_p3"), None);
         assert!(bucket_sql(Window::Fixed(60_000), Tz::UTC, "$5").contains("mod(ts, 60000)"));
         assert!(bucket_sql(Window::Day, "Europe/Berlin".parse().unwrap(), "$5").contains("date_trunc('day'"));
     }
