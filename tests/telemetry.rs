@@ -159,6 +159,20 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     let (s, _) = p.admin("GET", "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&window=15m&source=rollup", None).await;
     assert_eq!(s, 400);
 
+    // A writer that dies is replaced: the next message is stored and acknowledged.
+    for w in ["writer:0", "writer:1"] {
+        let cell = ractor::registry::where_is(w.to_string()).expect("writer registered");
+        cell.kill();
+        let end = tokio::time::Instant::now() + DEADLINE;
+        while ractor::registry::where_is(w.to_string()).is_some_and(|c| c.get_id() == cell.get_id()) {
+            assert!(tokio::time::Instant::now() < end, "writer did not stop");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert!(ok(pub1(&mut d, "devices/telemetry", 3, &format!(r#"{{"ts": {}, "after_kill": 1}}"#, t0 + 200_000)).await));
+    let h = history(&p, "th-1", &format!("from={t0}&to={}&keys=after_kill", t0 + 240_000)).await;
+    assert_eq!(values_of(&h, "after_kill").len(), 1, "{h}");
+
     // Prometheus: points written, and the write-latency histogram is consistent.
     let m = p.http.get(format!("http://{}/metrics", p.http_addr())).send().await.unwrap().text().await.unwrap();
     let val = |name: &str| -> f64 {

@@ -65,17 +65,10 @@ impl Actor for Maintenance {
     }
 }
 
-pub fn spawn(t: &Arc<Telemetry>) {
-    let w = Arc::downgrade(t);
-    let t = t.clone();
-    tokio::spawn(async move {
-        match Actor::spawn(Some("telemetry:maintenance".into()), Maintenance, w).await {
-            Ok((a, _)) => {
-                let _ = t.maintenance.set(a);
-            }
-            Err(e) => tracing::error!(error = %e, "cannot start telemetry maintenance"),
-        }
-    });
+pub async fn spawn(t: &Arc<Telemetry>) -> anyhow::Result<()> {
+    let (a, _) = Actor::spawn(Some("telemetry:maintenance".into()), Maintenance, Arc::downgrade(t)).await?;
+    let _ = t.maintenance.set(a);
+    Ok(())
 }
 
 /// One run: roll-ups (before raw points can expire), retention, then compaction.

@@ -66,7 +66,11 @@ pub struct Telemetry {
     pub config: Arc<Config>,
     meta: MetaStore,
     cache: Cache,
-    writers: OnceLock<Vec<(ActorRef<WriterMsg>, Arc<Semaphore>)>>,
+    /// Writer shards: the actor (replaced if it dies) and its queue's room.
+    writers: OnceLock<Vec<(arc_swap::ArcSwap<ActorRef<WriterMsg>>, Arc<Semaphore>)>>,
+    /// Itself, for the writers it spawns.
+    me: std::sync::Weak<Telemetry>,
+    respawn: tokio::sync::Mutex<()>,
     /// Compiled rules per product (other nodes pick up a change within their TTL).
     rules: moka::sync::Cache<i64, Arc<RuleSet>>,
     /// Device → product.
@@ -133,7 +137,9 @@ impl Telemetry {
             tracing::warn!("clustering with the embedded time-series store: each node keeps the telemetry of the devices connected to it; use PostgreSQL or TDengine (telemetry.store) so every node sees all of it");
         }
         let rollup = open_rollup_store(&config, &store).await?;
-        let t = Arc::new(Telemetry {
+        let t = Arc::new_cyclic(|me| Telemetry {
+            me: me.clone(),
+            respawn: tokio::sync::Mutex::new(()),
             store,
             rollup,
             meta,
@@ -150,10 +156,10 @@ impl Telemetry {
         });
         let c = &config.telemetry;
         let n = c.writers.clamp(1, 64);
-        let refs = writer::spawn(&t, n, c.batch_points, c.durability).await?;
+        let refs = writer::spawn(&t, n).await?;
         let queue = c.writer_queue.clamp(1, Semaphore::MAX_PERMITS);
-        let _ = t.writers.set(refs.into_iter().map(|r| (r, Arc::new(Semaphore::new(queue)))).collect());
-        maintenance::spawn(&t);
+        let _ = t.writers.set(refs.into_iter().map(|r| (arc_swap::ArcSwap::from_pointee(r), Arc::new(Semaphore::new(queue)))).collect());
+        maintenance::spawn(&t).await?;
         tracing::info!(store = t.store.name(), writers = n, durability = ?c.durability, "telemetry ready");
         Ok(t)
     }
@@ -175,7 +181,8 @@ impl Telemetry {
             return Ok(());
         }
         let Some(writers) = self.writers.get() else { return Err(Busy) };
-        let (w, room) = &writers[device_id.rem_euclid(writers.len() as i64) as usize];
+        let shard = device_id.rem_euclid(writers.len() as i64) as usize;
+        let (w, room) = &writers[shard];
         let want = (points.len() as u32).min(self.config.telemetry.writer_queue.clamp(1, Semaphore::MAX_PERMITS) as u32);
         let permit = match tokio::time::timeout(wait, room.clone().acquire_many_owned(want)).await {
             Ok(Ok(p)) => p,
@@ -185,12 +192,36 @@ impl Telemetry {
             }
         };
         let (done, written) = tokio::sync::oneshot::channel();
-        if w.send_message(WriterMsg::Write(points, permit, Some(done))).is_err() {
-            return Err(Busy);
+        let msg = WriterMsg::Write(points, permit, Some(done));
+        if let Err(ractor::MessagingErr::SendErr(msg)) = w.load().send_message(msg) {
+            // The writer died (a bug, logged by ractor): start a new one and hand it over.
+            let fresh = self.replace_writer(shard).await.ok_or(Busy)?;
+            fresh.send_message(msg).map_err(|_| Busy)?;
         }
-        // Accepted: from here the points are the writer's; we only wait for the write.
-        let _ = written.await;
-        Ok(())
+        // Accepted: from here the points are the writer's; we wait for the write. A writer
+        // that dies first drops the waiter: not acknowledged, so the device sends again.
+        written.await.map_err(|_| Busy)
+    }
+
+    async fn replace_writer(&self, shard: usize) -> Option<ActorRef<WriterMsg>> {
+        let _one = self.respawn.lock().await;
+        let slot = &self.writers.get()?[shard].0;
+        let cur = slot.load_full();
+        if !matches!(cur.get_status(), ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping) {
+            return Some((*cur).clone());
+        }
+        // Its name is free once it has stopped.
+        for _ in 0..100 {
+            match writer::spawn_one(self, shard).await {
+                Ok(a) => {
+                    tracing::error!(shard, "telemetry writer died; replaced");
+                    slot.store(Arc::new(a.clone()));
+                    return Some(a);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+        None
     }
 
     /// Run retention and compaction now.
@@ -208,6 +239,7 @@ impl Telemetry {
             m.stop(None);
         }
         for (w, _) in self.writers.get().into_iter().flatten() {
+            let w = w.load_full();
             let _ = w.call(WriterMsg::Flush, Some(Duration::from_secs(60))).await;
             w.stop(None);
         }

@@ -124,12 +124,18 @@ impl WriterState {
 }
 
 /// Spawn `n` writers named `writer:{i}`.
-pub async fn spawn(t: &Arc<Telemetry>, n: usize, batch_points: usize, durability: Durability) -> anyhow::Result<Vec<ActorRef<WriterMsg>>> {
+pub async fn spawn(t: &Arc<Telemetry>, n: usize) -> anyhow::Result<Vec<ActorRef<WriterMsg>>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let args = WriterArgs { telemetry: Arc::downgrade(t), batch_points: batch_points.max(1), durability };
-        let (a, _) = Actor::spawn(Some(format!("writer:{i}")), Writer, args).await?;
-        out.push(a);
+        out.push(spawn_one(t, i).await?);
     }
     Ok(out)
+}
+
+/// Start writer `i` (also to replace one that died).
+pub async fn spawn_one(t: &Telemetry, i: usize) -> anyhow::Result<ActorRef<WriterMsg>> {
+    let c = &t.config.telemetry;
+    let args = WriterArgs { telemetry: t.me.clone(), batch_points: c.batch_points.max(1), durability: c.durability };
+    let (a, _) = Actor::spawn(Some(format!("writer:{i}")), Writer, args).await?;
+    Ok(a)
 }
