@@ -257,51 +257,56 @@ impl EmbeddedStore {
 
     /// Write one segment of partition `part` (tmp + rename + directory sync); returns its path.
     fn write_segment(&mut self, part: i64, entries: Vec<Column>, level: chunk::Level) -> Result<PathBuf, StoreError> {
-        {
-            let dir = self.dir.join(format!("p{part}"));
-            fs::create_dir_all(&dir)?;
-            let mut file = Vec::new();
-            file.extend_from_slice(b"TSS1");
-            file.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-            for ((device, key), kind, ts, vals) in entries {
-                let chunk = chunk::encode(&ts, &to_values(kind, vals), level).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                file.extend_from_slice(&device.to_le_bytes());
-                file.push(kind);
-                file.extend_from_slice(&(key.len() as u32).to_le_bytes());
-                file.extend_from_slice(key.as_bytes());
-                file.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-                file.extend_from_slice(&chunk);
-            }
-            file.extend_from_slice(&crc32fast::hash(&file).to_le_bytes());
-            let name = dir.join(format!("seg-{}.tss", self.next_segment));
-            self.next_segment += 1;
-            let tmp = name.with_extension("tmp");
-            {
-                let mut f = File::create(&tmp)?;
-                f.write_all(&file)?;
-                f.sync_all()?;
-            }
-            fs::rename(&tmp, &name)?;
-            File::open(&dir)?.sync_all()?;
-            // Indexed from the bytes just written (no read back).
-            self.index.entry(part).or_default().push(index_bytes(&name, &file)?);
-            Ok(name)
-        }
+        let file = encode_segment(entries, level)?;
+        let name = persist_segment(&self.dir, part, self.next_segment, &file)?;
+        self.next_segment += 1;
+        // Indexed from the bytes just written (no read back).
+        self.index.entry(part).or_default().push(index_bytes(&name, &file)?);
+        Ok(name)
     }
 
     /// Merge every partition's segments into one (one chunk per series and value kind, so
     /// chunks are long and compress well); returns how many partitions were compacted. Crash
     /// safe: the merged segment is renamed into place before the old ones are removed, and a
-    /// point present twice reads once (same timestamp, same value).
+    /// point present twice reads once (same timestamp, same value). `Shared::compact` does the
+    /// same without holding the store while it merges.
     pub fn compact(&mut self) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for (part, segs) in self.partitions()? {
-            if segs.len() >= 2 {
-                self.rewrite(part, &segs, |_, _| true)?;
-                n += 1;
-            }
+        let plan = self.plan_compaction()?;
+        let n = plan.len();
+        for c in plan {
+            let built = c.build(|_, _| true)?;
+            self.install(&c, built.0)?;
         }
         Ok(n)
+    }
+
+    /// Partitions worth compacting, each with a segment number reserved now, so segments
+    /// flushed while it merges rank above the merged one (later writes keep winning).
+    fn plan_compaction(&mut self) -> Result<Vec<Compaction>, StoreError> {
+        let mut out = Vec::new();
+        for (part, segs) in self.partitions()? {
+            if segs.len() >= 2 {
+                out.push(Compaction { dir: self.dir.clone(), part, segs, number: self.next_segment });
+                self.next_segment += 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Swap a built merge in: index the new segment, forget and delete the merged ones.
+    fn install(&mut self, c: &Compaction, built: Option<(PathBuf, Vec<u8>)>) -> Result<(), StoreError> {
+        let seg = built.map(|(path, bytes)| index_bytes(&path, &bytes)).transpose()?;
+        let list = self.index.entry(c.part).or_default();
+        list.retain(|s| !c.segs.contains(&s.path));
+        if let Some(seg) = seg {
+            list.push(seg);
+            // Query order is write order: by segment number.
+            list.sort_by_key(|s| segment_number(&s.path));
+        }
+        for seg in &c.segs {
+            fs::remove_file(seg)?;
+        }
+        Ok(())
     }
 
     /// Remove the points of `devices` older than `cutoff` (rewrites the partitions that hold
@@ -326,28 +331,10 @@ impl EmbeddedStore {
     /// Replace partition `part`'s segments by one holding the points `keep` selects; returns
     /// how many points were left out.
     fn rewrite(&mut self, part: i64, segs: &[PathBuf], keep: impl Fn(&SeriesKey, i64) -> bool) -> Result<u64, StoreError> {
-        let mut merged: BTreeMap<(SeriesKey, u8), BTreeMap<i64, Value>> = BTreeMap::new();
-        let mut dropped = 0u64;
-        for seg in segs {
-            for (key, ts, vals) in read_segment(seg, |_, _| true)? {
-                for (t, v) in ts.into_iter().zip(vals) {
-                    if keep(&key, t) {
-                        merged.entry((key.clone(), kind_of(&v))).or_default().insert(t, v);
-                    } else {
-                        dropped += 1;
-                    }
-                }
-            }
-        }
-        let entries: Vec<Column> =
-            merged.into_iter().map(|((key, kind), pts)| (key, kind, pts.keys().copied().collect(), pts.into_values().collect())).collect();
-        let merged_path = if entries.is_empty() { None } else { Some(self.write_segment(part, entries, chunk::Level::Small)?) };
-        for seg in segs {
-            fs::remove_file(seg)?;
-        }
-        if let Some(list) = self.index.get_mut(&part) {
-            list.retain(|s| Some(&s.path) == merged_path.as_ref());
-        }
+        let c = Compaction { dir: self.dir.clone(), part, segs: segs.to_vec(), number: self.next_segment };
+        self.next_segment += 1;
+        let (built, dropped) = c.build(keep)?;
+        self.install(&c, built)?;
         Ok(dropped)
     }
 
@@ -485,9 +472,21 @@ impl Shared {
         Ok(r?)
     }
 
-    /// Merge each partition's segments (the maintenance actor runs this periodically).
+    /// Merge each partition's segments (the maintenance actor runs this periodically). The
+    /// store is locked only to plan and to swap each merged segment in; reads and writes go on
+    /// while it merges.
     pub async fn compact(&self) -> Result<usize, TsError> {
-        self.write(|s| s.compact()).await
+        let plan = self.write(|s| s.plan_compaction()).await?;
+        let n = plan.len();
+        for c in plan {
+            let c = std::sync::Arc::new(c);
+            let c2 = c.clone();
+            let built = tokio::task::spawn_blocking(move || c2.build(|_, _| true))
+                .await
+                .map_err(|e| TsError::Db(format!("compaction task: {e}")))??;
+            self.write(move |s| s.install(&c, built.0)).await?;
+        }
+        Ok(n)
     }
 }
 
@@ -564,6 +563,76 @@ impl TimeSeriesStore for Shared {
     async fn disk_bytes(&self) -> Result<u64, TsError> {
         self.read(|s| s.disk_bytes()).await
     }
+}
+
+/// A planned merge of one partition's segments.
+struct Compaction {
+    dir: PathBuf,
+    part: i64,
+    segs: Vec<PathBuf>,
+    number: u64,
+}
+
+impl Compaction {
+    /// Read, merge and write the merged segment (no store state touched): its path and bytes
+    /// (None when nothing is kept), and how many points were left out.
+    fn build(&self, keep: impl Fn(&SeriesKey, i64) -> bool) -> Result<(Option<(PathBuf, Vec<u8>)>, u64), StoreError> {
+        let mut merged: BTreeMap<(SeriesKey, u8), BTreeMap<i64, Value>> = BTreeMap::new();
+        let mut dropped = 0u64;
+        for seg in &self.segs {
+            for (key, ts, vals) in read_segment(seg, |_, _| true)? {
+                for (t, v) in ts.into_iter().zip(vals) {
+                    if keep(&key, t) {
+                        merged.entry((key.clone(), kind_of(&v))).or_default().insert(t, v);
+                    } else {
+                        dropped += 1;
+                    }
+                }
+            }
+        }
+        let entries: Vec<Column> =
+            merged.into_iter().map(|((key, kind), pts)| (key, kind, pts.keys().copied().collect(), pts.into_values().collect())).collect();
+        if entries.is_empty() {
+            return Ok((None, dropped));
+        }
+        let bytes = encode_segment(entries, chunk::Level::Small)?;
+        let path = persist_segment(&self.dir, self.part, self.number, &bytes)?;
+        Ok((Some((path, bytes)), dropped))
+    }
+}
+
+/// A segment file's bytes: `TSS1`, entry count, (device, kind, key, chunk)…, CRC.
+fn encode_segment(entries: Vec<Column>, level: chunk::Level) -> Result<Vec<u8>, StoreError> {
+    let mut file = Vec::new();
+    file.extend_from_slice(b"TSS1");
+    file.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for ((device, key), kind, ts, vals) in entries {
+        let chunk = chunk::encode(&ts, &to_values(kind, vals), level).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        file.extend_from_slice(&device.to_le_bytes());
+        file.push(kind);
+        file.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        file.extend_from_slice(key.as_bytes());
+        file.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+        file.extend_from_slice(&chunk);
+    }
+    file.extend_from_slice(&crc32fast::hash(&file).to_le_bytes());
+    Ok(file)
+}
+
+/// Write segment `number` of partition `part` under `dir` (tmp + fsync + rename + dir fsync).
+fn persist_segment(dir: &Path, part: i64, number: u64, bytes: &[u8]) -> Result<PathBuf, StoreError> {
+    let pdir = dir.join(format!("p{part}"));
+    fs::create_dir_all(&pdir)?;
+    let name = pdir.join(format!("seg-{number}.tss"));
+    let tmp = name.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &name)?;
+    File::open(&pdir)?.sync_all()?;
+    Ok(name)
 }
 
 fn segment_number(p: &Path) -> u64 {
@@ -727,6 +796,25 @@ mod tests {
         assert_eq!(s.range(2, "door", day, day + DAY_MS * 2).unwrap().len(), 1500);
         let l = s.latest(1);
         assert_eq!(l.iter().find(|(k, ..)| k == "temp").map(|(_, t, _)| *t), Some(day + 1499 * 60_000));
+    }
+
+    #[test]
+    fn writes_during_a_compaction_keep_winning() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = EmbeddedStore::open(dir.path(), 1, false).unwrap();
+        s.write_batch(vec![pt(1, "a", 10, Value::Number(1.0))]).unwrap();
+        s.write_batch(vec![pt(1, "a", 20, Value::Number(2.0))]).unwrap();
+        let plan = s.plan_compaction().unwrap();
+        assert_eq!(plan.len(), 1);
+        // While it merges (outside the store), a new write overwrites a merged point.
+        s.write_batch(vec![pt(1, "a", 10, Value::Number(9.0))]).unwrap();
+        let built = plan[0].build(|_, _| true).unwrap();
+        s.install(&plan[0], built.0).unwrap();
+        assert_eq!(s.range(1, "a", 0, 100).unwrap(), vec![(10, Value::Number(9.0)), (20, Value::Number(2.0))]);
+        assert_eq!(s.partitions().unwrap()[0].1.len(), 2, "the merged segment and the one written meanwhile");
+        drop(s);
+        let s = EmbeddedStore::open(dir.path(), 1, false).unwrap();
+        assert_eq!(s.range(1, "a", 0, 100).unwrap(), vec![(10, Value::Number(9.0)), (20, Value::Number(2.0))], "after a restart too");
     }
 
     #[test]
