@@ -256,6 +256,15 @@ async fn back_pressure_when_the_store_stalls() {
     d.send(publish("devices/telemetry", QoS::AtLeastOnce, 7, r#"{"ts": 1790000000500, "n": 500}"#)).await;
     assert!(tokio::time::timeout(Duration::from_millis(500), d.recv_app()).await.is_err(), "no PUBACK while the store stalls");
 
+    // Not ready while the store does not answer (load balancers stop sending devices here).
+    let ready = |http: reqwest::Client, addr: std::net::SocketAddr| async move {
+        let r = http.get(format!("http://{addr}/health/ready")).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let (s, body) = ready(client(), p.http_addr()).await;
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("time-series store reachable: false"), "{body}");
+
     proxy.cut(false);
     for h in held {
         assert_eq!(h.await.unwrap().unwrap().0, 200, "held requests complete once the store is back");
@@ -271,6 +280,11 @@ async fn back_pressure_when_the_store_stalls() {
     }
     let (_, m) = p.admin("GET", "/api/v1/admin/telemetry/status", None).await;
     assert_eq!(m["store"], "postgres");
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while ready(client(), p.http_addr()).await.0 != 200 {
+        assert!(tokio::time::Instant::now() < end, "ready again once the store answers");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// kill -9 while a device publishes: every point acknowledged before the kill is there after

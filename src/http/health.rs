@@ -48,13 +48,20 @@ async fn ready(State(b): State<Arc<Broker>>) -> Result<Json<serde_json::Value>, 
         Some(d) => tokio::time::timeout(std::time::Duration::from_secs(2), d.meta.ping()).await.is_ok_and(|r| r.is_ok()),
         None => false,
     };
-    if registry && retained && shards && meta {
+    // Telemetry cannot be acknowledged without its store.
+    let tsdb = match b.devices.get().and_then(|d| d.telemetry.get()) {
+        Some(t) => tokio::time::timeout(std::time::Duration::from_secs(2), t.store.ping()).await.is_ok_and(|r| r.is_ok()),
+        None => false,
+    };
+    if registry && retained && shards && meta && tsdb {
         Ok(Json(serde_json::json!({ "status": "ready" })))
     } else {
         Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "not_ready",
-            message: format!("registry running: {registry}, retained store running: {retained}, all shards running: {shards}, meta store reachable: {meta}"),
+            message: format!(
+                "registry running: {registry}, retained store running: {retained}, all shards running: {shards}, meta store reachable: {meta}, time-series store reachable: {tsdb}"
+            ),
         })
     }
 }

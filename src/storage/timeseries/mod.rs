@@ -139,6 +139,15 @@ macro_rules! each {
 }
 
 impl Tsdb {
+    /// The store answers (a round trip for the database backends).
+    pub async fn ping(&self) -> Result<(), TsError> {
+        match self {
+            Tsdb::Embedded(_) => Ok(()),
+            Tsdb::Postgres(p) => p.ping().await,
+            Tsdb::Tdengine(t) => t.ping().await,
+        }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Tsdb::Embedded(_) => "embedded",

@@ -177,6 +177,11 @@ impl PgStore {
         Ok(())
     }
 
+    pub async fn ping(&self) -> Result<(), TsError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn partitions(&self) -> Result<Vec<(i64, String)>, TsError> {
         let rows = sqlx::query(
             "SELECT c.relname::text AS name FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \

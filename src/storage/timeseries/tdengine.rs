@@ -156,6 +156,11 @@ impl TdStore {
         Ok(TdStore { taos, db, products: RwLock::new(HashMap::new()) })
     }
 
+    pub async fn ping(&self) -> Result<(), TsError> {
+        self.taos.exec("SELECT SERVER_VERSION()").await.map_err(err)?;
+        Ok(())
+    }
+
     pub fn note_product(&self, device: i64, product: i64) {
         self.products.write().unwrap_or_else(|p| p.into_inner()).insert(device, product);
     }
