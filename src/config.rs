@@ -382,11 +382,21 @@ pub struct TlsListenerConfig {
 pub struct LogConfig {
     /// `tracing` filter, e.g. `info` or `thingsd=debug`. `RUST_LOG` wins when set.
     pub level: String,
+    /// `text` (human) or `json` (one object per line, with the connection's span: peer,
+    /// node, client id, device).
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into() }
+        LogConfig { level: "info".into(), format: LogFormat::Text }
     }
 }
 

@@ -55,7 +55,11 @@ fn main() -> anyhow::Result<()> {
     }
     // ractor_cluster logs every link handshake at info; ours (cluster member up/down) suffice.
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| format!("ractor_cluster=warn,{}", config.log.level));
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false);
+    match config.log.format {
+        thingsd::config::LogFormat::Text => fmt.init(),
+        thingsd::config::LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
     rt.block_on(async move {
         let bound = thingsd::server::bind(&config).await?;

@@ -88,7 +88,8 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let span = tracing::info_span!("conn", %peer, client_id = tracing::field::Empty, device = tracing::field::Empty);
+    let node = broker.config.node.name.clone();
+    let span = tracing::info_span!("conn", %peer, %node, client_id = tracing::field::Empty, device = tracing::field::Empty);
     serve_inner(broker, rd, wr, peer, ctx, shutdown).instrument(span).await
 }
 
@@ -154,6 +155,8 @@ where
     };
     let protocol = c.protocol;
     let v5 = protocol == Protocol::V5;
+    // Every log line of this connection carries its client id from here on.
+    tracing::Span::current().record("client_id", c.client_id.as_str());
 
     // Refuse over the connection limit with a proper CONNACK rather than failing later.
     let connected = m.clients_connected.fetch_add(1, Ordering::Relaxed);

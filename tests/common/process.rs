@@ -12,6 +12,22 @@ pub struct Proc {
     /// MQTT (TCP) and, unless `THINGSD_LISTENERS__HTTP` is overridden, HTTP.
     pub addr: SocketAddr,
     pub http: SocketAddr,
+    /// Its standard output so far (log lines).
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Wait (with the deadline) for a log line that `f` accepts; returns it.
+    pub async fn wait_log(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(l) = self.log.lock().unwrap().iter().find(|l| f(l)) {
+                return l.clone();
+            }
+            assert!(tokio::time::Instant::now() < end, "no log line {what}: {:?}", self.log.lock().unwrap());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
 }
 
 fn free_port() -> u16 {
@@ -34,12 +50,23 @@ pub async fn spawn(dir: &std::path::Path, env: &[(&str, String)]) -> Proc {
     }
     let mut child = cmd.current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn().expect("start thingsd");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     loop {
         let l = tokio::time::timeout(DEADLINE, lines.next_line()).await.expect("ready line in time").unwrap().expect("thingsd exited");
-        if l.contains("thingsd ready") {
+        let ready = l.contains("thingsd ready");
+        log.lock().unwrap().push(l);
+        if ready {
             break;
         }
     }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Proc { child, addr: format!("127.0.0.1:{port}").parse().unwrap(), http: format!("127.0.0.1:{http}").parse().unwrap() }
+    let keep = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            let mut v = keep.lock().unwrap();
+            if v.len() < 100_000 {
+                v.push(l);
+            }
+        }
+    });
+    Proc { child, addr: format!("127.0.0.1:{port}").parse().unwrap(), http: format!("127.0.0.1:{http}").parse().unwrap(), log }
 }
