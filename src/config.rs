@@ -502,6 +502,16 @@ fn set_path(root: &mut toml::Value, path: &[String], v: toml::Value) -> Result<(
 mod tests {
     use super::*;
 
+    /// The shipped cluster.toml parses and documents the built-in defaults (every key it sets
+    /// has its default value), so the README's first command runs with it.
+    #[test]
+    fn shipped_cluster_toml_is_the_defaults() {
+        let text = include_str!("../cluster.toml");
+        let c = Config::from_sources(text, "cluster.toml", &[]).unwrap_or_else(|e| panic!("{e}"));
+        let as_toml = |c: &Config| toml::to_string(c).unwrap();
+        assert_eq!(as_toml(&c), as_toml(&Config::default()));
+    }
+
     #[test]
     fn defaults_without_file() {
         let c = Config::from_sources("", "x", &[]).unwrap();

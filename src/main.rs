@@ -55,7 +55,9 @@ fn main() -> anyhow::Result<()> {
     }
     // ractor_cluster logs every link handshake at info; ours (cluster member up/down) suffice.
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| format!("ractor_cluster=warn,{}", config.log.level));
-    let fmt = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false);
+    // Colours only on a terminal (not in files and journald); NO_COLOR is honoured too.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none();
+    let fmt = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_target(false).with_ansi(ansi);
     match config.log.format {
         thingsd::config::LogFormat::Text => fmt.init(),
         thingsd::config::LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
