@@ -45,7 +45,8 @@ async fn devices_to_store_with_rules_queries_and_restart() {
         {"op": "drop_out_of_range", "key": "hum", "min": 0, "max": 100},
         {"op": "derive", "key": "power", "expr": "volt * amp"}
     ]);
-    let (s, v) = p.admin("PUT", &format!("/api/v1/admin/products/{pid}/telemetry-policy"), Some(json!({"rules": rules, "raw_days": 30}))).await;
+    let (s, v) =
+        p.admin("PUT", &format!("/api/v1/admin/products/{pid}/telemetry-policy"), Some(json!({"rules": rules, "raw_days": 30}))).await;
     assert_eq!(s, 200, "{v}");
     let (_, got) = p.admin("GET", &format!("/api/v1/admin/products/{pid}/telemetry-policy"), None).await;
     assert_eq!(got["raw_days"], 30);
@@ -57,7 +58,13 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     // Flat with rules applied; nested (dotted keys); a batch with explicit times; every type.
     // Recent (a product policy keeps 30 days), on a whole minute.
     let t0 = (thingsd::storage::meta::now_ms() - 7_200_000) / 60_000 * 60_000;
-    assert!(ok(pub1(&mut d, "devices/telemetry", 1, &format!(r#"{{"ts": {t0}, "t": 100, "tf": 212, "hum": 140, "volt": 230, "amp": 0.5}}"#)).await));
+    assert!(ok(pub1(
+        &mut d,
+        "devices/telemetry",
+        1,
+        &format!(r#"{{"ts": {t0}, "t": 100, "tf": 212, "hum": 140, "volt": 230, "amp": 0.5}}"#)
+    )
+    .await));
     // Acknowledged means stored: queried at once.
     let h = history(&p, "th-1", &format!("from={t0}&to={}", t0 + 1)).await;
     let keys: BTreeSet<&str> = h["points"].as_array().unwrap().iter().map(|p| p["key"].as_str().unwrap()).collect();
@@ -78,7 +85,13 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     assert_eq!(values_of(&h, "list"), vec![(t0 + 60_000, json!("[1,2]"))]);
 
     // HTTP device API: 200 means stored too.
-    let r = p.http.post(format!("http://{}/api/v1/{token}/telemetry", p.http_addr())).body(format!(r#"{{"ts": {}, "temp": 30}}"#, t0 + 180_000)).send().await.unwrap();
+    let r = p
+        .http
+        .post(format!("http://{}/api/v1/{token}/telemetry", p.http_addr()))
+        .body(format!(r#"{{"ts": {}, "temp": 30}}"#, t0 + 180_000))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // Pagination: two keys per page, cursors until the end.
     let mut all = Vec::new();
@@ -99,20 +112,38 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     assert_eq!(latest["temp"], json!({"ts": t0 + 180_000, "value": 30.0}));
     assert_eq!(latest["door"]["value"], json!(false));
     let (s, agg) = p
-        .admin("GET", &format!("/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&from={t0}&to={}&window=1h&fn=max&tz=Europe/Berlin", t0 + 240_000), None)
+        .admin(
+            "GET",
+            &format!(
+                "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&from={t0}&to={}&window=1h&fn=max&tz=Europe/Berlin",
+                t0 + 240_000
+            ),
+            None,
+        )
         .await;
     assert_eq!(s, 200, "{agg}");
     let total: f64 = agg["buckets"].as_array().unwrap().iter().map(|b| b["value"].as_f64().unwrap()).fold(f64::MIN, f64::max);
     assert_eq!(total, 100.0);
-    let (s, fleet) = p.admin("GET", &format!("/api/v1/admin/products/{pid}/telemetry/aggregate?key=temp&from={t0}&to={}&window=1d&fn=count", t0 + 240_000), None).await;
+    let (s, fleet) = p
+        .admin(
+            "GET",
+            &format!("/api/v1/admin/products/{pid}/telemetry/aggregate?key=temp&from={t0}&to={}&window=1d&fn=count", t0 + 240_000),
+            None,
+        )
+        .await;
     assert_eq!(s, 200, "{fleet}");
     let counted: f64 = fleet["devices"]["th-1"].as_array().unwrap().iter().map(|b| b["value"].as_f64().unwrap()).sum();
     assert_eq!(counted, 4.0, "{fleet}");
-    let (_, chart) = p.admin("GET", &format!("/api/v1/admin/devices/th-1/telemetry/chart?key=temp&from={t0}&to={}&points=2", t0 + 240_000), None).await;
+    let (_, chart) =
+        p.admin("GET", &format!("/api/v1/admin/devices/th-1/telemetry/chart?key=temp&from={t0}&to={}&points=2", t0 + 240_000), None).await;
     assert_eq!(chart["points"], json!([[t0, 60.25], [t0 + 120_000, 25.75]]));
     let csv = p
         .http
-        .get(format!("http://{}/api/v1/admin/devices/th-1/telemetry/export.csv?keys=mode,temp&from={t0}&to={}", p.http_addr(), t0 + 100_000))
+        .get(format!(
+            "http://{}/api/v1/admin/devices/th-1/telemetry/export.csv?keys=mode,temp&from={t0}&to={}",
+            p.http_addr(),
+            t0 + 100_000
+        ))
         .bearer_auth(ADMIN_KEY)
         .send()
         .await
@@ -132,7 +163,13 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     assert_eq!((s, st["store"].as_str()), (200, Some("embedded")), "{st}");
     // Retention: a point older than the product's 30 days goes at the next maintenance run.
     let old = t0 - 40 * 86_400_000;
-    let r = p.http.post(format!("http://{}/api/v1/{token}/telemetry", p.http_addr())).body(format!(r#"{{"ts": {old}, "temp": 1}}"#)).send().await.unwrap();
+    let r = p
+        .http
+        .post(format!("http://{}/api/v1/{token}/telemetry", p.http_addr()))
+        .body(format!(r#"{{"ts": {old}, "temp": 1}}"#))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(values_of(&history(&p, "th-1", &format!("from={old}&to={}&keys=temp", old + 1)).await, "temp").len(), 1);
     let (s, rep) = p.admin("POST", "/api/v1/admin/telemetry/maintenance", None).await;
@@ -146,7 +183,9 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     let (from, to) = (t0 / h * h, rolled_to);
     if to > from {
         for f in ["avg", "max", "count", "sum"] {
-            let path = |src: &str| format!("/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&from={from}&to={to}&window=1h&fn={f}&source={src}");
+            let path = |src: &str| {
+                format!("/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&from={from}&to={to}&window=1h&fn={f}&source={src}")
+            };
             let (s1, raw) = p.admin("GET", &path("raw"), None).await;
             let (s2, rolled) = p.admin("GET", &path("rollup"), None).await;
             assert_eq!((s1, s2), (200, 200), "{rolled}");
@@ -154,7 +193,8 @@ async fn devices_to_store_with_rules_queries_and_restart() {
             assert!(!raw["buckets"].as_array().unwrap().is_empty());
         }
     }
-    let (s, v) = p.admin("GET", "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&window=1h&source=rollup&tz=Asia/Kolkata", None).await;
+    let (s, v) =
+        p.admin("GET", "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&window=1h&source=rollup&tz=Asia/Kolkata", None).await;
     assert_eq!(s, 400, "half-hour zones are not answered from hourly roll-ups: {v}");
     let (s, _) = p.admin("GET", "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&window=15m&source=rollup", None).await;
     assert_eq!(s, 400);
@@ -176,7 +216,12 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     // Prometheus: points written, and the write-latency histogram is consistent.
     let m = p.http.get(format!("http://{}/metrics", p.http_addr())).send().await.unwrap().text().await.unwrap();
     let val = |name: &str| -> f64 {
-        m.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()).unwrap().parse().unwrap()
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert!(val("thingsd_telemetry_points_written_total") >= 13.0, "{m}");
     assert_eq!(val("thingsd_telemetry_write_seconds_count"), val("thingsd_telemetry_batches_written_total"));
@@ -199,7 +244,17 @@ fn ok(code: u8) -> bool {
 }
 
 fn urlencode(s: &str) -> String {
-    s.bytes().map(|b| if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+    s.bytes()
+        .map(
+            |b| {
+                if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            },
+        )
+        .collect()
 }
 
 /// The store stalls (PostgreSQL behind a cut link): accepted points are held, not lost;
@@ -214,7 +269,9 @@ async fn back_pressure_when_the_store_stalls() {
         tokio::net::lookup_host(hostport).await.unwrap().next().unwrap()
     };
     proxy.set_upstream(upstream);
-    let ts_url = pg.replace(&upstream.to_string(), &proxy.addr.to_string()).replace(&format!("127.0.0.1:{}", upstream.port()), &proxy.addr.to_string());
+    let ts_url = pg
+        .replace(&upstream.to_string(), &proxy.addr.to_string())
+        .replace(&format!("127.0.0.1:{}", upstream.port()), &proxy.addr.to_string());
     assert!(ts_url.contains(&proxy.addr.to_string()), "{ts_url}");
     let p = Platform::start(None, |c| {
         c.telemetry.store = ts_url.clone();
@@ -228,7 +285,12 @@ async fn back_pressure_when_the_store_stalls() {
         let http = client();
         let url = format!("http://{}/api/v1/{token}/telemetry", p.http_addr());
         async move {
-            let r = http.post(url).body(format!(r#"{{"ts": {}, "n": {i}}}"#, 1_790_000_000_000i64 + i)).timeout(Duration::from_secs(30)).send().await;
+            let r = http
+                .post(url)
+                .body(format!(r#"{{"ts": {}, "n": {i}}}"#, 1_790_000_000_000i64 + i))
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await;
             r.map(|r| (r.status().as_u16(), r.headers().get("retry-after").map(|h| h.to_str().unwrap().to_string())))
         }
     };
@@ -329,7 +391,14 @@ async fn kill_9_loses_no_acknowledged_point() {
     let mut got = BTreeSet::new();
     let mut cursor = String::new();
     loop {
-        let (s, v) = admin(&http, node.http, "GET", &format!("/api/v1/admin/devices/k9-1/telemetry/history?from={t0}&to={}&keys=n&limit=10000{cursor}", t0 + 200_000), None).await;
+        let (s, v) = admin(
+            &http,
+            node.http,
+            "GET",
+            &format!("/api/v1/admin/devices/k9-1/telemetry/history?from={t0}&to={}&keys=n&limit=10000{cursor}", t0 + 200_000),
+            None,
+        )
+        .await;
         assert_eq!(s, 200, "{v}");
         got.extend(values_of(&v, "n").iter().map(|(_, v)| v.as_f64().unwrap() as i64));
         match v["next_cursor"].as_str() {

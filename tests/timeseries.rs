@@ -47,8 +47,11 @@ fn dataset() -> Vec<Point> {
 }
 
 fn expected_range(all: &[Point], d: i64, keys: &[&str], from: i64, to: i64) -> Vec<Point> {
-    let mut v: Vec<Point> =
-        all.iter().filter(|p| p.device_id == d && p.ts >= from && p.ts < to && (keys.is_empty() || keys.contains(&p.key.as_str()))).cloned().collect();
+    let mut v: Vec<Point> = all
+        .iter()
+        .filter(|p| p.device_id == d && p.ts >= from && p.ts < to && (keys.is_empty() || keys.contains(&p.key.as_str())))
+        .cloned()
+        .collect();
     v.sort_by(|a, b| (a.ts, &a.key).cmp(&(b.ts, &b.key)));
     v
 }
@@ -165,7 +168,14 @@ async fn scenario(s: &Tsdb) -> Answers {
     assert_eq!(pages, expected_range(&all, 1, &[], T0, end), "{name}: all pages of device 1");
     assert!(n_pages > 10, "{name}: paged");
     let sub = s
-        .range(&RangeQuery { device_id: 2, keys: vec!["temp".into(), "door".into()], from: T0 + 6 * STEP, to: T0 + 18 * STEP, limit: 1000, after: None })
+        .range(&RangeQuery {
+            device_id: 2,
+            keys: vec!["temp".into(), "door".into()],
+            from: T0 + 6 * STEP,
+            to: T0 + 18 * STEP,
+            limit: 1000,
+            after: None,
+        })
         .await
         .unwrap();
     assert_eq!(sub.points, expected_range(&all, 2, &["temp", "door"], T0 + 6 * STEP, T0 + 18 * STEP), "{name}: key subset, [from, to)");
@@ -193,7 +203,15 @@ async fn scenario(s: &Tsdb) -> Answers {
     aggs.push(got);
     // Hours in +05:30 start at :30 UTC.
     let kolkata: Tz = "Asia/Kolkata".parse().unwrap();
-    let q = AggQuery { devices: vec![1], key: "door".into(), from: T0, to: T0 + 6 * H, window: Window::Fixed(H), tz: kolkata, func: Func::Count };
+    let q = AggQuery {
+        devices: vec![1],
+        key: "door".into(),
+        from: T0,
+        to: T0 + 6 * H,
+        window: Window::Fixed(H),
+        tz: kolkata,
+        func: Func::Count,
+    };
     let got = s.aggregate(&q).await.unwrap();
     let halves: Vec<i64> = (0..=7).map(|h| T0 - H / 2 + h * H).collect();
     let clipped: Vec<Point> = all.iter().filter(|p| p.ts < T0 + 6 * H).cloned().collect();
@@ -233,7 +251,8 @@ async fn scenario(s: &Tsdb) -> Answers {
     // A product policy: device 3's points before the second day go.
     let cut = T0 + 24 * H;
     assert!(s.delete_before(&[3], cut).await.unwrap() > 0, "{name}: delete_before removes points");
-    let left = s.range(&RangeQuery { device_id: 3, keys: vec!["temp".into()], from: T0, to: end, limit: 10_000, after: None }).await.unwrap();
+    let left =
+        s.range(&RangeQuery { device_id: 3, keys: vec!["temp".into()], from: T0, to: end, limit: 10_000, after: None }).await.unwrap();
     assert_eq!(left.points, expected_range(&all, 3, &["temp"], cut, end), "{name}: device 3 after delete_before");
     let d2 = s.range(&RangeQuery { device_id: 2, keys: vec!["temp".into()], from: T0, to: cut, limit: 10_000, after: None }).await.unwrap();
     assert_eq!(d2.points.len(), 144, "{name}: other devices untouched");
@@ -271,7 +290,8 @@ async fn every_backend_answers_alike() {
         // Opening again over existing tables is fine.
         PgStore::open(&url, 2).await.expect("reopen");
         // The roll-up tables (another prefix in the same database) behave the same.
-        let rollup = Tsdb::Postgres(std::sync::Arc::new(PgStore::open_prefixed(&url, 2, "ts_rollup_").await.expect("open the roll-up tables")));
+        let rollup =
+            Tsdb::Postgres(std::sync::Arc::new(PgStore::open_prefixed(&url, 2, "ts_rollup_").await.expect("open the roll-up tables")));
         same(&reference, &scenario(&rollup).await, "postgres roll-up tables vs embedded");
     }
 

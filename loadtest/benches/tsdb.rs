@@ -68,7 +68,9 @@ fn store(c: &mut Criterion) {
     g.throughput(Throughput::Elements(n));
     g.bench_function("range, full", |b| b.iter(|| s.range(7, "temperature", START, end).unwrap()));
     let pts = s.range(7, "temperature", START, end).unwrap();
-    g.bench_function("hourly average (UTC)", |b| b.iter(|| buckets(black_box(&pts), Window::Fixed(3_600_000), chrono_tz::Tz::UTC, Func::Avg)));
+    g.bench_function("hourly average (UTC)", |b| {
+        b.iter(|| buckets(black_box(&pts), Window::Fixed(3_600_000), chrono_tz::Tz::UTC, Func::Avg))
+    });
     let berlin: chrono_tz::Tz = "Europe/Berlin".parse().unwrap();
     g.bench_function("daily average (Europe/Berlin)", |b| b.iter(|| buckets(black_box(&pts), Window::Day, berlin, Func::Avg)));
     g.finish();

@@ -17,10 +17,10 @@ use tokio::net::TcpStream;
 use crate::{brokers, client, merge, Row};
 
 /// One admin API call over a fresh HTTP/1.1 connection: the JSON answer.
-async fn post(http: SocketAddr, path: &str, body: &str) -> anyhow::Result<serde_json::Value> {
+async fn request(http: SocketAddr, method: &str, path: &str, body: &str) -> anyhow::Result<serde_json::Value> {
     let mut s = TcpStream::connect(http).await?;
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         brokers::ADMIN_KEY,
         body.len()
     );
@@ -33,6 +33,14 @@ async fn post(http: SocketAddr, path: &str, body: &str) -> anyhow::Result<serde_
         bail!("admin API: {head} {json}");
     }
     Ok(serde_json::from_str(json)?)
+}
+
+async fn post(http: SocketAddr, path: &str, body: &str) -> anyhow::Result<serde_json::Value> {
+    request(http, "POST", path, body).await
+}
+
+async fn get(http: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    request(http, "GET", path, "").await
 }
 
 /// Connect `n` clients (200 at a time over 127.0.0.x sources); `tokens[k]` logs client k in.
@@ -165,26 +173,18 @@ pub async fn telemetry(publishers: usize, messages: u64, window: usize, pg: Opti
         let secs = start.elapsed().as_secs_f64();
         let msgs = per * publishers as u64;
         // Spot check: the last device's history holds every point it sent.
-        let h = get(http, &format!("/api/v1/admin/devices/lt-tel-{}/telemetry/history?keys=voltage&from=1700000000000&to=1800000000000&limit=10000", publishers - 1)).await?;
+        let h = get(
+            http,
+            &format!(
+                "/api/v1/admin/devices/lt-tel-{}/telemetry/history?keys=voltage&from=1700000000000&to=1800000000000&limit=10000",
+                publishers - 1
+            ),
+        )
+        .await?;
         let n = h["points"].as_array().map_or(0, |a| a.len()) as u64;
         let stored = if n == per.min(10_000) { "yes".to_string() } else { format!("{n} of {per}") };
         println!("{:<10} {:>12.0} {:>14.0} {:>12}", name, msgs as f64 / secs, (msgs * 5) as f64 / secs, stored);
         b.stop().await;
     }
     Ok(())
-}
-
-/// GET an admin resource over a fresh connection.
-async fn get(http: SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
-    let mut s = TcpStream::connect(http).await?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n", brokers::ADMIN_KEY);
-    s.write_all(req.as_bytes()).await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    let text = String::from_utf8_lossy(&out);
-    let (head, json) = text.split_once("\r\n\r\n").context("no HTTP body")?;
-    if !head.starts_with("HTTP/1.1 200") {
-        bail!("admin API: {head} {json}");
-    }
-    Ok(serde_json::from_str(json)?)
 }

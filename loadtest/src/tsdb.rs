@@ -96,12 +96,22 @@ async fn measure(store: &Tsdb, devices: usize, timestamps: usize, maintain: Opti
     let bytes = store.disk_bytes().await? as f64;
     let end = START + timestamps as i64 * 10_000;
     let all: Vec<i64> = (0..devices as i64).collect();
-    let hourly = |devices: Vec<i64>| AggQuery { devices, key: "temperature".into(), from: START, to: end, window: Window::Fixed(3_600_000), tz: Tz::UTC, func: Func::Avg };
+    let hourly = |devices: Vec<i64>| AggQuery {
+        devices,
+        key: "temperature".into(),
+        from: START,
+        to: end,
+        window: Window::Fixed(3_600_000),
+        tz: Tz::UTC,
+        func: Func::Avg,
+    };
     // Best of three (the first run also warms caches).
     let mut best = [f64::MAX; 4];
     for _ in 0..3 {
         let q = Instant::now();
-        let r = store.range(&RangeQuery { device_id: 7, keys: vec!["temperature".into()], from: START, to: end, limit: 10_000, after: None }).await?;
+        let r = store
+            .range(&RangeQuery { device_id: 7, keys: vec!["temperature".into()], from: START, to: end, limit: 10_000, after: None })
+            .await?;
         anyhow::ensure!(r.points.len() == timestamps, "one series: {} points", r.points.len());
         best[0] = best[0].min(q.elapsed().as_secs_f64() * 1000.0);
         let q = Instant::now();
@@ -116,14 +126,22 @@ async fn measure(store: &Tsdb, devices: usize, timestamps: usize, maintain: Opti
         anyhow::ensure!(l.len() == devices * 5, "latest: {} values", l.len());
         best[3] = best[3].min(q.elapsed().as_secs_f64() * 1000.0);
     }
-    Ok(Figures { ingest, bytes_per_point: bytes / total, one_raw_ms: best[0], one_hourly_ms: best[1], all_hourly_ms: best[2], latest_ms: best[3] })
+    Ok(Figures {
+        ingest,
+        bytes_per_point: bytes / total,
+        one_raw_ms: best[0],
+        one_hourly_ms: best[1],
+        all_hourly_ms: best[2],
+        latest_ms: best[3],
+    })
 }
 
 pub async fn run(devices: usize, timestamps: usize, pg: Option<String>) -> anyhow::Result<()> {
     let total = devices * timestamps * 5;
     let dir = std::env::temp_dir().join(format!("loadtest-tsdb-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let shared = Arc::new(Shared::new(EmbeddedStore::open(&dir, std::env::var("SEG").ok().and_then(|s| s.parse().ok()).unwrap_or(500_000), false)?));
+    let shared =
+        Arc::new(Shared::new(EmbeddedStore::open(&dir, std::env::var("SEG").ok().and_then(|s| s.parse().ok()).unwrap_or(500_000), false)?));
     let emb = measure(&Tsdb::Embedded(shared.clone()), devices, timestamps, Some(&shared)).await?;
     drop(shared);
     let _ = std::fs::remove_dir_all(&dir);

@@ -291,7 +291,11 @@ mod tests {
         let e = parse1(EventKind::Telemetry, false, r#"[{"ts": 100, "values": {"t": 1}}, {"t": 2}]"#).unwrap();
         assert_eq!((e[0].ts, e[1].ts), (100, 5));
         let e = parse1(EventKind::Telemetry, false, r#"{"ts": 1700000000000, "t": 1}"#).unwrap();
-        assert_eq!((e[0].ts, e[0].values.keys().map(String::as_str).collect::<Vec<_>>()), (1_700_000_000_000, vec!["t"]), "a flat object's own ts");
+        assert_eq!(
+            (e[0].ts, e[0].values.keys().map(String::as_str).collect::<Vec<_>>()),
+            (1_700_000_000_000, vec!["t"]),
+            "a flat object's own ts"
+        );
         assert!(matches!(parse1(EventKind::Telemetry, false, r#"{"ts": -5, "t": 1}"#), Err(Reject::Malformed(_))));
         assert!(matches!(parse1(EventKind::Telemetry, false, r#"{"ts": 5}"#), Err(Reject::Malformed(_))));
         let e = parse1(EventKind::Telemetry, true, r#"{"gateway_data": {"t": 1}, "sub_device_data": {"a1": {"t": 2}}}"#).unwrap();

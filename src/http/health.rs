@@ -138,14 +138,32 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
                 ("thingsd_telemetry_points_written_total", "Telemetry points written to the time-series store.", &tm.points),
                 ("thingsd_telemetry_batches_written_total", "Writes to the time-series store.", &tm.batches),
                 ("thingsd_telemetry_write_errors_total", "Failed store writes (retried; nothing is dropped).", &tm.write_errors),
-                ("thingsd_telemetry_busy_total", "Telemetry refused for lack of room in the writers' queues (HTTP 503, MQTT 0x89).", &tm.busy),
+                (
+                    "thingsd_telemetry_busy_total",
+                    "Telemetry refused for lack of room in the writers' queues (HTTP 503, MQTT 0x89).",
+                    &tm.busy,
+                ),
                 ("thingsd_telemetry_skipped_keys_total", "Keys not stored: longer than 255 bytes.", &tm.skipped_keys),
             ];
             for (name, help, c) in counters {
                 metric(name, "counter", help, c.load(Relaxed));
             }
-            histogram(&mut hist, "thingsd_telemetry_write_seconds", "Time-series store write latency.", &crate::telemetry::LATENCY_BOUNDS, &tm.latency, Some(tm.latency_sum_us.load(Relaxed) as f64 / 1e6));
-            histogram(&mut hist, "thingsd_telemetry_batch_points", "Points per store write.", &crate::telemetry::BATCH_BOUNDS, &tm.batch_sizes, None);
+            histogram(
+                &mut hist,
+                "thingsd_telemetry_write_seconds",
+                "Time-series store write latency.",
+                &crate::telemetry::LATENCY_BOUNDS,
+                &tm.latency,
+                Some(tm.latency_sum_us.load(Relaxed) as f64 / 1e6),
+            );
+            histogram(
+                &mut hist,
+                "thingsd_telemetry_batch_points",
+                "Points per store write.",
+                &crate::telemetry::BATCH_BOUNDS,
+                &tm.batch_sizes,
+                None,
+            );
         }
     }
     metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);

@@ -39,7 +39,11 @@ pub fn routes() -> Router<AppState> {
 }
 
 fn telemetry(s: &AppState) -> Result<std::sync::Arc<Telemetry>, ApiError> {
-    devices(s)?.telemetry.get().cloned().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "telemetry is not running"))
+    devices(s)?
+        .telemetry
+        .get()
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "telemetry is not running"))
 }
 
 fn bad(m: impl Into<String>) -> ApiError {
@@ -147,7 +151,8 @@ impl AggParams {
         let (from, to) = self.range.parse()?;
         let window: Window = self.window.as_deref().unwrap_or("1h").parse().map_err(bad)?;
         let func: Func = self.func.as_deref().unwrap_or("avg").parse().map_err(bad)?;
-        let tz: Tz = self.tz.as_deref().unwrap_or("UTC").parse().map_err(|_| bad("unknown time zone (an IANA name such as Europe/Berlin)"))?;
+        let tz: Tz =
+            self.tz.as_deref().unwrap_or("UTC").parse().map_err(|_| bad("unknown time zone (an IANA name such as Europe/Berlin)"))?;
         Ok(AggQuery { devices, key: self.key.clone(), from, to, window, tz, func })
     }
 }
@@ -206,11 +211,9 @@ async fn export(State(s): State<AppState>, Path(number): Path<String>, Query(p):
     let q = RangeQuery { device_id, keys: keys(&p.keys), from, to, limit: ts::MAX_PAGE, after: None };
     let mut out = String::new();
     let n = ts::export_csv(&t.store, &q, &mut out, MAX_EXPORT).await?;
-    let mut r = (
-        [(header::CONTENT_TYPE, "text/csv; charset=utf-8"), (header::CONTENT_DISPOSITION, "attachment; filename=\"telemetry.csv\"")],
-        out,
-    )
-        .into_response();
+    let mut r =
+        ([(header::CONTENT_TYPE, "text/csv; charset=utf-8"), (header::CONTENT_DISPOSITION, "attachment; filename=\"telemetry.csv\"")], out)
+            .into_response();
     if n >= MAX_EXPORT {
         r.headers_mut().insert("x-truncated", axum::http::HeaderValue::from_static("true"));
     }

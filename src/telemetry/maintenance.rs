@@ -94,7 +94,8 @@ pub async fn run(t: &Telemetry) -> Result<Report, String> {
     let mut ordered = policies.clone();
     ordered.sort_by_key(|p| p.0 == PolicyScope::Tenant);
     for (scope, id, days) in ordered {
-        let devices: Vec<i64> = t.meta.policy_devices(scope, id).await.map_err(|x| e(&x))?.into_iter().filter(|d| covered.insert(*d)).collect();
+        let devices: Vec<i64> =
+            t.meta.policy_devices(scope, id).await.map_err(|x| e(&x))?.into_iter().filter(|d| covered.insert(*d)).collect();
         if devices.is_empty() || (default_days > 0 && days >= default_days.max(longest)) {
             continue;
         }

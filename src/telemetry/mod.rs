@@ -272,7 +272,8 @@ impl Telemetry {
             return (!r.is_empty()).then_some(r);
         }
         let rs = match self.meta.policy(PolicyScope::Product, product).await {
-            Ok(Some(p)) => match serde_json::from_value::<Vec<Rule>>(p.rules).map_err(|e| e.to_string()).and_then(|r| RuleSet::compile(&r)) {
+            Ok(Some(p)) => match serde_json::from_value::<Vec<Rule>>(p.rules).map_err(|e| e.to_string()).and_then(|r| RuleSet::compile(&r))
+            {
                 Ok(rs) => rs,
                 Err(e) => {
                     tracing::error!(product, error = %e, "stored telemetry rules do not compile; storing values untransformed");

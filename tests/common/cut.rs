@@ -66,4 +66,3 @@ impl Cut {
         let _ = self.cut.send(on);
     }
 }
-

@@ -307,5 +307,5 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 pub mod backends;
 pub mod cluster;
 pub mod cut;
-pub mod process;
 pub mod platform;
+pub mod process;

@@ -19,8 +19,8 @@ mod telemetry;
 
 pub use commands::{Command, CommandKind, CommandStatus, NewCommand};
 pub use devices::{AttributeScope, Credential, CredentialKind, Device, DeviceUpdate, Group, NewDevice};
-pub use telemetry::{Policy, PolicyScope};
 pub use products::{DataType, Definition, Field, NewProduct, Product, Tenant, ThingModel};
+pub use telemetry::{Policy, PolicyScope};
 
 /// What a repository call can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -456,7 +456,10 @@ impl Shared {
         Shared { inner: std::sync::Arc::new(std::sync::RwLock::new(s)) }
     }
 
-    async fn write<R: Send + 'static>(&self, f: impl FnOnce(&mut EmbeddedStore) -> Result<R, StoreError> + Send + 'static) -> Result<R, TsError> {
+    async fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut EmbeddedStore) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, TsError> {
         let s = self.inner.clone();
         let r = tokio::task::spawn_blocking(move || f(&mut s.write().unwrap_or_else(|p| p.into_inner())))
             .await
@@ -464,7 +467,10 @@ impl Shared {
         Ok(r?)
     }
 
-    async fn read<R: Send + 'static>(&self, f: impl FnOnce(&EmbeddedStore) -> Result<R, StoreError> + Send + 'static) -> Result<R, TsError> {
+    async fn read<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EmbeddedStore) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, TsError> {
         let s = self.inner.clone();
         let r = tokio::task::spawn_blocking(move || f(&s.read().unwrap_or_else(|p| p.into_inner())))
             .await
@@ -537,13 +543,20 @@ impl TimeSeriesStore for Shared {
                             let mut out = Vec::new();
                             for d in devs {
                                 let pts = s.range(*d, &q.key, q.from, q.to)?;
-                                out.extend(buckets(&pts, q.window, q.tz, q.func).into_iter().map(|(start, value)| Bucket { device_id: *d, start, value }));
+                                out.extend(buckets(&pts, q.window, q.tz, q.func).into_iter().map(|(start, value)| Bucket {
+                                    device_id: *d,
+                                    start,
+                                    value,
+                                }));
                             }
                             Ok(out)
                         })
                     })
                     .collect();
-                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(StoreError::Corrupt("aggregate worker panicked".into())))).collect()
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(StoreError::Corrupt("aggregate worker panicked".into()))))
+                    .collect()
             });
             let mut out = Vec::new();
             for p in parts {

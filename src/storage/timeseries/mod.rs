@@ -190,7 +190,14 @@ impl TimeSeriesStore for Tsdb {
 /// A chart series: at most `points` buckets (averages; booleans as the share of `true`) of
 /// equal width over `[from, to)`, aligned to `from`. Computed from raw history, so it is the
 /// same on every backend.
-pub async fn downsample<S: TimeSeriesStore>(s: &S, device_id: i64, key: &str, from: i64, to: i64, points: i64) -> Result<Vec<Bucket>, TsError> {
+pub async fn downsample<S: TimeSeriesStore>(
+    s: &S,
+    device_id: i64,
+    key: &str,
+    from: i64,
+    to: i64,
+    points: i64,
+) -> Result<Vec<Bucket>, TsError> {
     if to <= from || !(1..=MAX_BUCKETS).contains(&points) {
         return Err(TsError::BadQuery(format!("need from < to and 1..={MAX_BUCKETS} points")));
     }

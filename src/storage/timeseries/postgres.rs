@@ -122,17 +122,21 @@ impl PgStore {
         }
         let p = prefix;
         let pool = PgPoolOptions::new().max_connections(max_connections.max(1)).connect(url).await?;
-        let timescale: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')").fetch_one(&pool).await?;
+        let timescale: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')").fetch_one(&pool).await?;
         let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(7158234)").execute(&mut *tx).await?;
-        let cols = "device_id BIGINT NOT NULL, key TEXT NOT NULL, ts BIGINT NOT NULL, kind SMALLINT NOT NULL, num DOUBLE PRECISION, txt TEXT";
+        let cols =
+            "device_id BIGINT NOT NULL, key TEXT NOT NULL, ts BIGINT NOT NULL, kind SMALLINT NOT NULL, num DOUBLE PRECISION, txt TEXT";
         let points = if timescale {
             format!("CREATE TABLE IF NOT EXISTS {p}points ({cols}, PRIMARY KEY (device_id, key, ts))")
         } else {
             format!("CREATE TABLE IF NOT EXISTS {p}points ({cols}, PRIMARY KEY (device_id, key, ts)) PARTITION BY RANGE (ts)")
         };
         sqlx::query(AssertSqlSafe(points)).execute(&mut *tx).await?;
-        sqlx::query(AssertSqlSafe(format!("CREATE TABLE IF NOT EXISTS {p}latest ({cols}, PRIMARY KEY (device_id, key))"))).execute(&mut *tx).await?;
+        sqlx::query(AssertSqlSafe(format!("CREATE TABLE IF NOT EXISTS {p}latest ({cols}, PRIMARY KEY (device_id, key))")))
+            .execute(&mut *tx)
+            .await?;
         if timescale {
             sqlx::query(AssertSqlSafe(format!("SELECT create_hypertable('{p}points', by_range('ts', 86400000), if_not_exists => true)")))
                 .execute(&mut *tx)
@@ -224,7 +228,15 @@ impl Cols {
     }
 
     async fn insert(self, tx: &mut sqlx::PgConnection, sql: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(AssertSqlSafe(sql)).bind(self.device).bind(self.key).bind(self.ts).bind(self.kind).bind(self.num).bind(self.txt).execute(tx).await?;
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(self.device)
+            .bind(self.key)
+            .bind(self.ts)
+            .bind(self.kind)
+            .bind(self.num)
+            .bind(self.txt)
+            .execute(tx)
+            .await?;
         Ok(())
     }
 }
@@ -342,7 +354,10 @@ impl TimeSeriesStore for PgStore {
     async fn apply_retention(&self, cutoff: i64) -> Result<u64, TsError> {
         let mut n = 0;
         if self.timescale {
-            sqlx::query(AssertSqlSafe(format!("SELECT drop_chunks('{}points', older_than => $1::bigint)", self.prefix))).bind(cutoff.div_euclid(DAY_MS) * DAY_MS).execute(&self.pool).await?;
+            sqlx::query(AssertSqlSafe(format!("SELECT drop_chunks('{}points', older_than => $1::bigint)", self.prefix)))
+                .bind(cutoff.div_euclid(DAY_MS) * DAY_MS)
+                .execute(&self.pool)
+                .await?;
         } else {
             for (day, name) in self.partitions().await? {
                 if (day + 1) * DAY_MS <= cutoff {

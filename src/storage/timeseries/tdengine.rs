@@ -297,7 +297,9 @@ impl TimeSeriesStore for TdStore {
             let sub = AggQuery { devices, ..q.clone() };
             let (_, rows) = self.rows(aggregate_sql(&sub, product, &col)).await?;
             for r in rows {
-                let (Some(start), Some(dev), Some(value)) = (r.first().and_then(ms_of), r.get(1), r.get(2).and_then(f64_of)) else { continue };
+                let (Some(start), Some(dev), Some(value)) = (r.first().and_then(ms_of), r.get(1), r.get(2).and_then(f64_of)) else {
+                    continue;
+                };
                 let device_id = match dev {
                     taos::Value::VarChar(s) | taos::Value::NChar(s) => s.parse().unwrap_or(0),
                     other => f64_of(other).unwrap_or(0.0) as i64,
@@ -360,7 +362,13 @@ mod tests {
         ];
         let (lines, refused) = lines(&pts, |d| d * 10);
         assert_eq!(refused.len(), 1);
-        assert_eq!(lines, vec![r#"t_10,device=1 b_door=t,s_mode="say \"hi\"\\",n_temp=22.0 1000"#.to_string(), "t_20,device=2 n_temp=3.0 1000".to_string()]);
+        assert_eq!(
+            lines,
+            vec![
+                r#"t_10,device=1 b_door=t,s_mode="say \"hi\"\\",n_temp=22.0 1000"#.to_string(),
+                "t_20,device=2 n_temp=3.0 1000".to_string()
+            ]
+        );
     }
 
     #[test]
