@@ -37,5 +37,10 @@ async fn health_and_metrics() {
     assert_eq!(status, 404);
     let v: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
     assert_eq!(v["error"]["code"], "not_found");
+    // Requests by route template and status (unmatched paths share one label).
+    let (_, body) = http_get(http, "/metrics").await;
+    assert!(body.contains("thingsd_http_requests_total{route=\"/health/live\",status=\"200\"} 1"), "{body}");
+    assert!(body.contains("thingsd_http_requests_total{route=\"/metrics\",status=\"200\"} 1"), "{body}");
+    assert!(body.contains("thingsd_http_requests_total{route=\"unmatched\",status=\"404\"} 1"), "{body}");
     node.stop().await;
 }

@@ -169,5 +169,18 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
     metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);
     metric("thingsd_uptime_seconds", "counter", "Seconds since the node started.", b.started.elapsed().as_secs());
     out.push_str(&hist);
+    if let Ok(reqs) = m.http_requests.lock() {
+        let _ = writeln!(
+            out,
+            "# HELP thingsd_http_requests_total HTTP requests by route and status.\n# TYPE thingsd_http_requests_total counter"
+        );
+        for ((route, status), n) in reqs.iter() {
+            let _ = writeln!(
+                out,
+                "thingsd_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+                route.replace('\\', "\\\\").replace('"', "\\\"")
+            );
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -30,5 +30,21 @@ pub fn app(broker: Arc<Broker>) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(broker.clone(), count_request))
         .with_state(broker)
+}
+
+/// Count every request by its route template (`/api/v1/admin/devices/{number}`; unmatched
+/// paths as `unmatched`, so the label set stays bounded) and status.
+async fn count_request(
+    axum::extract::State(b): axum::extract::State<Arc<Broker>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map_or("unmatched", |m| m.as_str()).to_string();
+    let resp = next.run(req).await;
+    if let Ok(mut m) = b.metrics.http_requests.lock() {
+        *m.entry((route, resp.status().as_u16())).or_default() += 1;
+    }
+    resp
 }
