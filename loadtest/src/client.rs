@@ -40,7 +40,7 @@ fn telemetry_payload(seq: u64) -> Bytes {
         20.0 + (r % 50) as f64 / 10.0,
         50.0 + (r % 30) as f64 / 10.0,
         230.0 + (r % 11) as f64 / 1000.0,
-        r % 97 == 0,
+        r.is_multiple_of(97),
         seq as f64 * 0.002
     ))
 }

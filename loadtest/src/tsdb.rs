@@ -140,8 +140,7 @@ pub async fn run(devices: usize, timestamps: usize, pg: Option<String>) -> anyho
     let total = devices * timestamps * 5;
     let dir = std::env::temp_dir().join(format!("loadtest-tsdb-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let shared =
-        Arc::new(Shared::new(EmbeddedStore::open(&dir, std::env::var("SEG").ok().and_then(|s| s.parse().ok()).unwrap_or(500_000), false)?));
+    let shared = Arc::new(Shared::new(EmbeddedStore::open(&dir, 500_000, false)?));
     let emb = measure(&Tsdb::Embedded(shared.clone()), devices, timestamps, Some(&shared)).await?;
     drop(shared);
     let _ = std::fs::remove_dir_all(&dir);

@@ -50,24 +50,6 @@ fn bad(m: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
 }
 
-#[derive(Deserialize)]
-struct Range {
-    from: Option<i64>,
-    to: Option<i64>,
-}
-
-impl Range {
-    /// Defaults: the last day.
-    fn get(&self) -> Result<(i64, i64), ApiError> {
-        let to = self.to.unwrap_or_else(|| now_ms() + 1);
-        let from = self.from.unwrap_or(to - DAY_MS);
-        if from >= to {
-            return Err(bad("`from` must be before `to` (Unix milliseconds)"));
-        }
-        Ok((from, to))
-    }
-}
-
 async fn device_id(s: &AppState, number: &str) -> Result<i64, ApiError> {
     Ok(devices(s)?.meta.device(number).await?.id)
 }
@@ -99,7 +81,13 @@ impl RangeParams {
         let num = |v: &Option<String>, n: &str| -> Result<Option<i64>, ApiError> {
             v.as_deref().map(|x| x.parse::<i64>().map_err(|_| bad(format!("`{n}` must be Unix milliseconds")))).transpose()
         };
-        Range { from: num(&self.from, "from")?, to: num(&self.to, "to")? }.get()
+        // Defaults: the last day.
+        let to = num(&self.to, "to")?.unwrap_or_else(|| now_ms() + 1);
+        let from = num(&self.from, "from")?.unwrap_or(to - DAY_MS);
+        if from >= to {
+            return Err(bad("`from` must be before `to` (Unix milliseconds)"));
+        }
+        Ok((from, to))
     }
 }
 

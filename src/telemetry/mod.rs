@@ -67,7 +67,7 @@ pub struct Telemetry {
     meta: MetaStore,
     cache: Cache,
     /// Writer shards: the actor (replaced if it dies) and its queue's room.
-    writers: OnceLock<Vec<(arc_swap::ArcSwap<ActorRef<WriterMsg>>, Arc<Semaphore>)>>,
+    writers: OnceLock<Vec<WriterSlot>>,
     /// Itself, for the writers it spawns.
     me: std::sync::Weak<Telemetry>,
     respawn: tokio::sync::Mutex<()>,
@@ -76,7 +76,7 @@ pub struct Telemetry {
     /// Device → product.
     products: moka::sync::Cache<i64, Option<i64>>,
     /// Latest value of every key per device (also written to the shared cache).
-    hot: moka::sync::Cache<i64, Arc<BTreeMap<String, (i64, Value)>>>,
+    hot: moka::sync::Cache<i64, Arc<LatestOf>>,
     /// Bounds the background tasks that copy latest values to the shared cache.
     cache_writes: Arc<Semaphore>,
     pub metrics: TelemetryMetrics,
@@ -84,25 +84,33 @@ pub struct Telemetry {
     pub last_report: std::sync::Mutex<Option<maintenance::Report>>,
 }
 
+/// A writer shard: the actor (swapped when replaced) and its queue's room.
+type WriterSlot = (arc_swap::ArcSwap<ActorRef<WriterMsg>>, Arc<Semaphore>);
+/// A device's latest (ts, value) per key.
+type LatestOf = BTreeMap<String, (i64, Value)>;
+
 const RULES_TTL: Duration = Duration::from_secs(30);
 
 /// The roll-up store next to the raw one: `data_dir/tsdb-rollup`, or `ts_rollup_*` tables.
 pub async fn open_rollup_store(config: &Config, raw: &Tsdb) -> anyhow::Result<Option<Tsdb>> {
     Ok(match raw {
-        Tsdb::Embedded(_) => {
-            let dir = config.node.data_dir.join("tsdb-rollup");
-            let sync = config.telemetry.durability == Durability::Synced;
-            let d = dir.clone();
-            let s = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&d, 100_000, sync))
-                .await?
-                .with_context(|| format!("open the roll-up store in {}", dir.display()))?;
-            Some(Tsdb::Embedded(Arc::new(embedded::Shared::new(s))))
-        }
+        Tsdb::Embedded(_) => Some(open_embedded(config, "tsdb-rollup", 100_000).await?),
         Tsdb::Postgres(_) => Some(Tsdb::Postgres(Arc::new(
             postgres::PgStore::open_prefixed(&config.telemetry.store, 2, "ts_rollup_").await.context("open the roll-up tables")?,
         ))),
         Tsdb::Tdengine(_) => None,
     })
+}
+
+/// An embedded store in `data_dir/{name}` (fsynced WAL under `synced` durability).
+async fn open_embedded(config: &Config, name: &str, segment_points: usize) -> anyhow::Result<Tsdb> {
+    let dir = config.node.data_dir.join(name);
+    let sync = config.telemetry.durability == Durability::Synced;
+    let d = dir.clone();
+    let s = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&d, segment_points, sync))
+        .await?
+        .with_context(|| format!("open the embedded time-series store in {}", dir.display()))?;
+    Ok(Tsdb::Embedded(Arc::new(embedded::Shared::new(s))))
 }
 
 /// Open the configured store.
@@ -111,14 +119,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Tsdb> {
     let url = t.store.as_str();
     let masked = crate::config::mask_url_password(url);
     Ok(if url.is_empty() || url == "embedded" {
-        let dir = config.node.data_dir.join("tsdb");
-        let sync = t.durability == Durability::Synced;
-        let d = dir.clone();
-        let seg = t.segment_points;
-        let s = tokio::task::spawn_blocking(move || embedded::EmbeddedStore::open(&d, seg, sync))
-            .await?
-            .with_context(|| format!("open the embedded time-series store in {}", dir.display()))?;
-        Tsdb::Embedded(Arc::new(embedded::Shared::new(s)))
+        open_embedded(config, "tsdb", t.segment_points).await?
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let conns = (t.writers as u32 + 4).max(4);
         Tsdb::Postgres(Arc::new(postgres::PgStore::open(url, conns).await.with_context(|| format!("open the time-series store {masked}"))?))

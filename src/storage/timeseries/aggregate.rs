@@ -143,11 +143,7 @@ struct Acc {
 impl Acc {
     fn add(&mut self, v: &Value) {
         self.count += 1;
-        let x = match v {
-            Value::Number(x) => *x,
-            Value::Bool(b) => *b as u8 as f64,
-            _ => return,
-        };
+        let Some(x) = super::numeric(v) else { return };
         if self.n == 0 {
             (self.min, self.max) = (x, x);
         }

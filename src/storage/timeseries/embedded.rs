@@ -578,6 +578,10 @@ impl TimeSeriesStore for Shared {
     }
 }
 
+/// A built merge: the new segment's path and bytes (None when nothing is kept), and how many
+/// points were left out.
+type Built = (Option<(PathBuf, Vec<u8>)>, u64);
+
 /// A planned merge of one partition's segments.
 struct Compaction {
     dir: PathBuf,
@@ -589,7 +593,7 @@ struct Compaction {
 impl Compaction {
     /// Read, merge and write the merged segment (no store state touched): its path and bytes
     /// (None when nothing is kept), and how many points were left out.
-    fn build(&self, keep: impl Fn(&SeriesKey, i64) -> bool) -> Result<(Option<(PathBuf, Vec<u8>)>, u64), StoreError> {
+    fn build(&self, keep: impl Fn(&SeriesKey, i64) -> bool) -> Result<Built, StoreError> {
         let mut merged: BTreeMap<(SeriesKey, u8), BTreeMap<i64, Value>> = BTreeMap::new();
         let mut dropped = 0u64;
         for seg in &self.segs {

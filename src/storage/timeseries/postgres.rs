@@ -74,7 +74,7 @@ fn point_of(r: &sqlx::postgres::PgRow) -> Result<Point, sqlx::Error> {
 /// SQL for the start of the bucket holding `ts` (bigint ms), as `aggregate::bucket_start`.
 /// `$tz` is the bind parameter holding the zone name.
 pub fn bucket_sql(w: Window, tz: Tz, tz_param: &str) -> String {
-    let local = format!("to_timestamp(ts / 1000.0)");
+    let local = "to_timestamp(ts / 1000.0)";
     match w {
         Window::Fixed(ms) if tz == Tz::UTC => format!("(ts - mod(mod(ts, {ms}) + {ms}, {ms}))"),
         Window::Fixed(ms) => {
