@@ -1,5 +1,6 @@
 //! The node's shared context: configuration, counters, and the read side of the actors'
 //! snapshots (subscription index, retained set) that the hot path uses without round-trips.
+use crate::actors::inspect::Tell;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,6 +35,8 @@ pub struct Broker {
     /// The device platform (registry, auth, downlink), set at start-up.
     pub devices: std::sync::OnceLock<Arc<crate::devices::Devices>>,
     pub started: Instant,
+    /// Live packet traces (`thingsctl trace`).
+    pub tracer: crate::ops::trace::Tracer,
     connect_bucket: std::sync::Mutex<(f64, Instant)>,
 }
 
@@ -57,6 +60,7 @@ impl Broker {
             registry: ArcSwapOption::empty(),
             store,
             started,
+            tracer: Default::default(),
             // The bucket starts full: a burst of `rate` connects, then `rate` per second.
             connect_bucket: std::sync::Mutex::new((connect_rate, started)),
         }
@@ -92,7 +96,7 @@ impl Broker {
         let msg_for_cluster = msg.clone();
         let applied = match self.retained_actor.load_full() {
             Some(r) => matches!(
-                r.call(|reply| RetainedMessage::Set(msg, reply), Some(std::time::Duration::from_secs(5))).await,
+                r.ask(|reply| RetainedMessage::Set(msg, reply), Some(std::time::Duration::from_secs(5))).await,
                 Ok(ractor::rpc::CallResult::Success(()))
             ),
             None => false,

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod ops;
 pub mod protocols;
 pub mod server;
 pub mod storage;

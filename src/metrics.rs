@@ -11,6 +11,8 @@ pub struct Metrics {
     pub bytes_sent: AtomicU64,
     pub messages_dropped: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Messages discarded because their Message Expiry Interval passed before delivery.
+    pub messages_expired: AtomicU64,
     /// HTTP requests by route template (never the raw path: bounded) and status.
     pub http_requests: std::sync::Mutex<std::collections::BTreeMap<(String, u16), u64>>,
 }

@@ -2,6 +2,7 @@
 //! mailbox and queue. Publishers pause reading from their socket while an online subscriber is
 //! above the high-water mark (backpressure instead of dropping acknowledged messages); a
 //! subscriber that does not drain in time is marked slow and stops exerting backpressure.
+use crate::actors::inspect::Tell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,7 +39,24 @@ pub struct Load {
     pub drained: Notify,
 }
 
+/// Deliveries waiting in every session's pending queue on this node (`/metrics`).
+pub static QUEUED: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        QUEUED.fetch_sub(*self.pending.get_mut() as i64, Ordering::Relaxed);
+    }
+}
+
 impl Load {
+    /// The session's pending queue length (kept in the node-wide total as well).
+    pub fn set_pending(&self, n: usize) {
+        let old = self.pending.swap(n, Ordering::Relaxed);
+        if old != n {
+            QUEUED.fetch_add(n as i64 - old as i64, Ordering::Relaxed);
+        }
+    }
+
     /// Hand a delivery to the session; wakes it if it was idle. False if the session is gone or
     /// its inbox already holds `cap` deliveries (a session stuck in a long operation while
     /// publishers no longer wait for it: the delivery is dropped rather than growing memory).
@@ -52,7 +70,7 @@ impl Load {
             }
             Err(_) => return false,
         }
-        if !self.scheduled.swap(true, Ordering::AcqRel) && session.cast(SessionMessage::Drain).is_err() {
+        if !self.scheduled.swap(true, Ordering::AcqRel) && session.tell(SessionMessage::Drain).is_err() {
             return false;
         }
         true
@@ -83,7 +101,7 @@ impl Load {
 
     /// Called by the session after it made progress.
     pub fn progressed(&self, pending: usize, low: usize) {
-        self.pending.store(pending, Ordering::Relaxed);
+        self.set_pending(pending);
         if self.depth() <= low {
             self.slow.store(false, Ordering::Relaxed);
             if self.pressure.swap(false, Ordering::AcqRel) {

@@ -1,4 +1,5 @@
 //! Actors: every piece of mutable broker state has exactly one owner here.
+pub mod inspect;
 pub mod load;
 pub mod registry;
 pub mod retained;

@@ -1,5 +1,6 @@
 //! Session registry: maps client ids to session actors and serialises connects for the same
 //! client id (takeover, Clean Start). It supervises the session actors.
+use crate::actors::inspect::Tell;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,6 +65,8 @@ pub enum RegistryMessage {
     /// Have every session write its persistent state to the store (used at shutdown).
     PersistAll(RpcReplyPort<()>),
     Count(RpcReplyPort<usize>),
+    /// Sessions whose client id (or session key) matches the glob pattern (`*`, `?`).
+    List(Option<String>, RpcReplyPort<Vec<(Arc<str>, ActorRef<SessionMessage>)>>),
 }
 
 pub struct RegistryState {
@@ -107,7 +110,7 @@ impl RegistryState {
             old.stop(Some("replaced".into()));
             name_free(&name).await;
         }
-        let (s, _) = Actor::spawn_linked(Some(name), SessionActor, args, me.get_cell()).await.map_err(|e| e.to_string())?;
+        let (s, _) = Actor::spawn_linked(Some(name), super::inspect::Instrumented(SessionActor, "session"), args, me.get_cell()).await.map_err(|e| e.to_string())?;
         self.sessions.insert(client_id, s.clone());
         Ok(s)
     }
@@ -122,7 +125,7 @@ impl Actor for RegistryActor {
         // Persistent sessions come back from the store: at node start (loaded from disk) and
         // after a crash of this actor (which takes its child sessions with it). This is the
         // first message in the mailbox: nobody has this actor's reference yet.
-        me.cast(RegistryMessage::Restore)?;
+        me.tell(RegistryMessage::Restore)?;
         Ok(RegistryState { broker, sessions: HashMap::new(), moving: HashMap::new(), gens: HashMap::new() })
     }
 
@@ -136,14 +139,14 @@ impl Actor for RegistryActor {
                 }
                 if let Some(s) = st.sessions.get(&client_id).cloned() {
                     if !clean_start && !remote {
-                        let r = s.call(|r| SessionMessage::Attach(attach, r), CALL).await;
+                        let r = s.ask(|r| SessionMessage::Attach(attach, r), CALL).await;
                         let _ = reply.send(match r {
                             Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
                             _ => Err("session did not answer".into()),
                         });
                         return Ok(());
                     }
-                    let _ = s.call(SessionMessage::Terminate, CALL).await;
+                    let _ = s.ask(SessionMessage::Terminate, CALL).await;
                     st.sessions.remove(&client_id);
                 }
                 let (restored, held) = match takeover {
@@ -153,7 +156,7 @@ impl Actor for RegistryActor {
                 // A fresh session is never "present"; one handed over from another node is.
                 attach.clean_start = restored.is_none();
                 let r = match st.spawn(&me, client_id, restored, held, None).await {
-                    Ok(s) => match s.call(|r| SessionMessage::Attach(attach, r), CALL).await {
+                    Ok(s) => match s.ask(|r| SessionMessage::Attach(attach, r), CALL).await {
                         Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
                         _ => Err("new session did not answer".into()),
                     },
@@ -178,7 +181,7 @@ impl Actor for RegistryActor {
                     None => None,
                     Some(s) => {
                         st.gens.remove(&client);
-                        let r = s.call(|r| SessionMessage::HandOver { gen, to, clean, reply: r }, CALL).await;
+                        let r = s.ask(|r| SessionMessage::HandOver { gen, to, clean, reply: r }, CALL).await;
                         match r {
                             Ok(ractor::rpc::CallResult::Success(Some(snap))) => {
                                 st.moving.insert(client, s);
@@ -192,12 +195,12 @@ impl Actor for RegistryActor {
             }
             RegistryMessage::Release { client, gen } => {
                 if let Some(s) = st.moving.get(&client) {
-                    let _ = s.cast(SessionMessage::Release(gen));
+                    let _ = s.tell(SessionMessage::Release(gen));
                 }
             }
             RegistryMessage::Flush { client, gen, deliveries } => {
                 if let Some(s) = st.sessions.get(&client) {
-                    let _ = s.cast(SessionMessage::HandOverFlush { gen, deliveries });
+                    let _ = s.tell(SessionMessage::HandOverFlush { gen, deliveries });
                 }
             }
             RegistryMessage::Adopt(snap, from) => {
@@ -220,7 +223,7 @@ impl Actor for RegistryActor {
                 if let Some(s) = st.sessions.remove(&client) {
                     tracing::info!(client_id = %client, "session is owned by another node; dropping the copy here");
                     st.gens.remove(&client);
-                    let _ = s.call(SessionMessage::Discard, CALL).await;
+                    let _ = s.ask(SessionMessage::Discard, CALL).await;
                 }
             }
             RegistryMessage::Owned(reply) => {
@@ -240,12 +243,19 @@ impl Actor for RegistryActor {
             }
             RegistryMessage::PersistAll(reply) => {
                 for s in st.sessions.values() {
-                    let _ = s.call(|r| SessionMessage::Persist(Some(r)), CALL).await;
+                    let _ = s.ask(|r| SessionMessage::Persist(Some(r)), CALL).await;
                 }
                 let _ = reply.send(());
             }
             RegistryMessage::Count(reply) => {
                 let _ = reply.send(st.sessions.len());
+            }
+            RegistryMessage::List(pattern, reply) => {
+                let hit = |k: &str| match &pattern {
+                    None => true,
+                    Some(p) => crate::ops::glob(p, k) || crate::ops::glob(p, crate::ops::display_client(k).1),
+                };
+                let _ = reply.send(st.sessions.iter().filter(|(k, _)| hit(k)).map(|(k, s)| (k.clone(), s.clone())).collect());
             }
         }
         Ok(())

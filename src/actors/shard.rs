@@ -114,7 +114,27 @@ impl Node {
         }
     }
 
-    fn count(&self) -> usize {
+    /// Every subscription under this node: (filter, session key, entry, shared group).
+    pub fn each<'a>(&'a self, path: &mut Vec<&'a str>, f: &mut impl FnMut(&str, &str, &Sub, Option<&str>)) {
+        if !self.subs.is_empty() {
+            let filter = path.join("/");
+            for (c, s) in self.subs.iter() {
+                f(&filter, c, s, None);
+            }
+        }
+        for g in self.groups.values() {
+            for (c, s) in g.members.iter() {
+                f(&g.filter, c, s, Some(&g.filter));
+            }
+        }
+        for (k, c) in self.children.iter() {
+            path.push(k);
+            c.each(path, f);
+            path.pop();
+        }
+    }
+
+    pub fn count(&self) -> usize {
         self.subs.len()
             + self.groups.values().map(|g| g.members.len()).sum::<usize>()
             + self.children.values().map(Node::count).sum::<usize>()

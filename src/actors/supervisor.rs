@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
+use super::inspect::Instrumented;
 use super::registry::RegistryActor;
 use super::retained::RetainedActor;
 use super::shard::ShardActor;
@@ -39,13 +40,13 @@ impl SupervisorState {
             Child::Cluster => {
                 let args = b.cluster.get().and_then(|c| c.args(b.clone())).ok_or("cluster links not set up")?;
                 let name = format!("cluster:{}", b.config.node.name);
-                let (r, _) = Actor::spawn_linked(Some(name), crate::cluster::ClusterActor, args, me).await?;
+                let (r, _) = Actor::spawn_linked(Some(name), Instrumented(crate::cluster::ClusterActor, "cluster"), args, me).await?;
                 r.get_id()
             }
             Child::Shard(i) => {
                 let (r, _) = Actor::spawn_linked(
                     Some(format!("shard:{i}")),
-                    ShardActor,
+                    Instrumented(ShardActor, "shard"),
                     (b.router.snapshots[i].clone(), b.cluster.get().cloned()),
                     me,
                 )
@@ -55,19 +56,19 @@ impl SupervisorState {
                 id
             }
             Child::Retained => {
-                let (r, _) = Actor::spawn_linked(Some("retained:0".into()), RetainedActor, b.retained.clone(), me).await?;
+                let (r, _) = Actor::spawn_linked(Some("retained:0".into()), Instrumented(RetainedActor, "retained"), b.retained.clone(), me).await?;
                 let id = r.get_id();
                 b.retained_actor.store(Some(Arc::new(r)));
                 id
             }
             Child::Registry => {
-                let (r, _) = Actor::spawn_linked(Some("registry:0".into()), RegistryActor, b.clone(), me).await?;
+                let (r, _) = Actor::spawn_linked(Some("registry:0".into()), Instrumented(RegistryActor, "registry"), b.clone(), me).await?;
                 let id = r.get_id();
                 b.registry.store(Some(Arc::new(r)));
                 id
             }
             Child::Sys => {
-                let (r, _) = Actor::spawn_linked(Some("sys:0".into()), SysActor, b.clone(), me).await?;
+                let (r, _) = Actor::spawn_linked(Some("sys:0".into()), Instrumented(SysActor, "sys"), b.clone(), me).await?;
                 r.get_id()
             }
         };
@@ -106,6 +107,7 @@ impl Actor for SupervisorActor {
             SupervisionEvent::ActorFailed(who, err) => {
                 if let Some(child) = st.children.remove(&who.get_id()) {
                     tracing::error!(?child, error = %err, "actor crashed; restarting it");
+                    super::inspect::restarted(&who.get_name().unwrap_or_default());
                     st.start(me.get_cell(), child).await?;
                 }
             }
@@ -113,6 +115,7 @@ impl Actor for SupervisorActor {
                 if let Some(child) = st.children.remove(&who.get_id()) {
                     if reason.as_deref() == Some("killed") {
                         tracing::error!(?child, "actor was killed; restarting it");
+                        super::inspect::restarted(&who.get_name().unwrap_or_default());
                         st.start(me.get_cell(), child).await?;
                     } else {
                         tracing::debug!(?child, ?reason, "actor stopped");

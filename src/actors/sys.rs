@@ -1,5 +1,6 @@
 //! Publishes `$SYS/broker/...` statistics as retained messages at a configurable interval, and
 //! (in a cluster) membership changes as they happen: it subscribes to the cluster's events.
+use crate::actors::inspect::Tell;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ impl Actor for SysActor {
     async fn pre_start(&self, me: ActorRef<Self::Msg>, broker: Arc<Broker>) -> Result<Self::State, ActorProcessingErr> {
         let secs = broker.config.mqtt.sys_interval_secs;
         if secs > 0 {
-            let _ = me.cast(SysMessage::Tick);
+            let _ = me.tell(SysMessage::Tick);
             me.send_interval(Duration::from_secs(secs), || SysMessage::Tick);
         }
         if let Some(c) = broker.cluster.get() {
@@ -35,7 +36,7 @@ impl Actor for SysActor {
                 loop {
                     match events.recv().await {
                         Ok(e) => {
-                            if me.cast(SysMessage::Cluster(e)).is_err() {
+                            if me.tell(SysMessage::Cluster(e)).is_err() {
                                 return;
                             }
                         }
@@ -104,7 +105,7 @@ async fn subscription_count(b: &Broker) -> usize {
     let mut n = 0;
     for i in 0..b.router.shards.len() {
         if let Some(s) = b.router.shard(i) {
-            if let Ok(ractor::rpc::CallResult::Success(c)) = s.call(super::shard::ShardMessage::Count, Some(Duration::from_secs(2))).await {
+            if let Ok(ractor::rpc::CallResult::Success(c)) = s.ask(super::shard::ShardMessage::Count, Some(Duration::from_secs(2))).await {
                 n += c;
             }
         }

@@ -1,6 +1,7 @@
 //! Membership: introductions (Hello), resolving peers' actors to names, members going up and
 //! down (links, route tables, events, adoption of a lost node's sessions), heartbeats and
 //! redialling with back-off.
+use crate::actors::inspect::Tell;
 use super::*;
 
 impl ClusterState {
@@ -13,7 +14,10 @@ impl ClusterState {
 
     /// Map the remote actors of the cluster group to node names (via the NodeServer's sessions).
     pub(super) async fn resolve_cells(&mut self) {
-        let sessions = match self.a.node_server.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await {
+        if self.departed {
+            return;
+        }
+        let sessions = match self.a.node_server.ask(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await {
             Ok(ractor::rpc::CallResult::Success(s)) => s,
             _ => return,
         };
@@ -168,7 +172,7 @@ impl ClusterState {
             if let Some(reg) = self.a.broker.registry() {
                 for c in orphans {
                     if let Some(r) = self.replicas.remove(&c) {
-                        let _ = reg.cast(RegistryMessage::Adopt(r.into_snapshot(), Arc::from(name)));
+                        let _ = reg.tell(RegistryMessage::Adopt(r.into_snapshot(), Arc::from(name)));
                     }
                 }
             }
@@ -180,6 +184,12 @@ impl ClusterState {
 
     pub(super) fn on_tick(&mut self) {
         let now = Instant::now();
+        let late: Vec<u64> = self.admin.iter().filter(|(_, (_, t))| *t <= now).map(|(id, _)| *id).collect();
+        for id in late {
+            if let Some((reply, _)) = self.admin.remove(&id) {
+                let _ = reply.send(Err("the node did not answer in time".into()));
+            }
+        }
         let timeout = Duration::from_millis(self.cfg().heartbeat_timeout_ms);
         let hb = Body::Heartbeat { incarnation: self.incarnation };
         let bytes = wire::encode(self.me(), &hb);
@@ -187,7 +197,7 @@ impl ClusterState {
         for m in self.members.values() {
             if let Some(c) = &m.cell {
                 let r: ActorRef<ClusterMsg> = c.clone().into();
-                let _ = r.cast(ClusterMsg::Wire(bytes.clone()));
+                let _ = r.tell(ClusterMsg::Wire(bytes.clone()));
             }
             if m.up && now.duration_since(m.last_seen) > timeout {
                 silent.push(m.name.clone());
@@ -201,7 +211,7 @@ impl ClusterState {
             }
             let ns = self.a.node_server.clone();
             tokio::spawn(async move {
-                if let Ok(ractor::rpc::CallResult::Success(s)) = ns.call(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await
+                if let Ok(ractor::rpc::CallResult::Success(s)) = ns.ask(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await
                 {
                     for info in s.values() {
                         if info.peer_name.as_ref().is_some_and(|n| peer_name(&n.name) == *name) {
@@ -253,6 +263,32 @@ impl ClusterState {
         self.redial(now);
     }
 
+    /// Leave the cluster for good: peers adopt this node's sessions (`Leave`) and forget its
+    /// address (`Departed`); this node drops the replicas it held for them and the routes it
+    /// knew, stops dialling and closes its links once they acknowledged (bounded).
+    pub(super) async fn depart(&mut self, reply: RpcReplyPort<usize>) {
+        self.broadcast(&Body::Departed);
+        let (tx, rx) = ractor::concurrency::oneshot();
+        let peers = self.broadcast_acked(|ack| Body::Leave { ack }, tx.into());
+        tracing::info!(peers, "departing from the cluster (operator)");
+        self.departed = true;
+        self.dials.clear();
+        self.replicas.clear();
+        for m in self.members.values_mut() {
+            m.routes.clear();
+        }
+        let ns = self.a.node_server.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+            if let Ok(ractor::rpc::CallResult::Success(sessions)) = ns.ask(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await {
+                for s in sessions.values() {
+                    s.actor.stop(Some("departed".into()));
+                }
+            }
+            let _ = reply.send(peers);
+        });
+    }
+
     pub(super) fn redial(&mut self, now: Instant) {
         let connected: HashSet<&str> = self.members.values().filter(|m| m.cell.is_some()).map(|m| m.addr.as_str()).collect();
         let (min, max) = (self.cfg().redial_min_ms.max(1), self.cfg().redial_max_ms.max(1));
@@ -278,7 +314,7 @@ impl ClusterState {
                     tracing::debug!(%addr, error = %e, "cluster dial failed");
                 }
                 if let Some(me) = me {
-                    let _ = me.cast(ClusterMsg::Local(Local::Dialed { addr, ok: r.is_ok() }));
+                    let _ = me.tell(ClusterMsg::Local(Local::Dialed { addr, ok: r.is_ok() }));
                 }
             });
         }

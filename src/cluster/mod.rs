@@ -14,6 +14,7 @@ mod retained;
 pub mod routes;
 pub mod wire;
 
+use crate::actors::inspect::Tell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -152,6 +153,17 @@ pub enum Local {
         to: String,
         body: Box<Body>,
     },
+    /// An operator's request for another node (JSON of `ops::Query`); the reply is its JSON answer.
+    Admin {
+        to: String,
+        req: String,
+        reply: RpcReplyPort<Result<String, String>>,
+    },
+    /// Dial this address (an operator's `cluster join`); also ends a `leave`.
+    Join(String),
+    /// Leave the cluster for good (an operator's `cluster leave`): peers adopt this node's
+    /// sessions and stop dialling it; this node forgets its peers and runs alone.
+    Depart(RpcReplyPort<usize>),
 }
 
 /// The registrar's answer to a claim.
@@ -191,6 +203,9 @@ pub struct MemberInfo {
     pub addr: String,
     pub up: bool,
     pub routes: usize,
+    /// The member's index in route tables (this node: 0).
+    #[serde(skip)]
+    pub idx: NodeIdx,
 }
 
 /// One peer's outgoing publish queue, drained in batches by a task.
@@ -352,7 +367,7 @@ impl Cluster {
 
     fn cast(&self, l: Local) {
         if let Some(a) = self.actor.load_full() {
-            let _ = a.cast(ClusterMsg::Local(l));
+            let _ = a.tell(ClusterMsg::Local(l));
         }
     }
 
@@ -361,7 +376,7 @@ impl Cluster {
     pub fn add_route(&self, key: Arc<str>, durable: bool) -> Option<ractor::concurrency::OneshotReceiver<()>> {
         let a = self.actor.load_full()?;
         let (tx, rx) = ractor::concurrency::oneshot();
-        a.cast(ClusterMsg::Local(Local::AddRoute { key, durable, reply: tx.into() })).ok()?;
+        a.tell(ClusterMsg::Local(Local::AddRoute { key, durable, reply: tx.into() })).ok()?;
         Some(rx)
     }
 
@@ -382,7 +397,7 @@ impl Cluster {
 
     pub async fn members(&self) -> Vec<MemberInfo> {
         match self.actor.load_full() {
-            Some(a) => match a.call(|r| ClusterMsg::Local(Local::Members(r)), Some(Duration::from_secs(5))).await {
+            Some(a) => match a.ask(|r| ClusterMsg::Local(Local::Members(r)), Some(Duration::from_secs(5))).await {
                 Ok(ractor::rpc::CallResult::Success(v)) => v,
                 _ => vec![],
             },
@@ -390,9 +405,45 @@ impl Cluster {
         }
     }
 
+    /// Ask node `to` (a live peer) the operator request `req`; bounded by `timeout`.
+    pub async fn admin(&self, to: &str, req: String, timeout: Duration) -> Result<String, String> {
+        let Some(a) = self.actor.load_full() else { return Err("cluster actor not running".into()) };
+        let to = to.to_string();
+        match a.ask(|reply| ClusterMsg::Local(Local::Admin { to, req, reply }), Some(timeout)).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            Ok(ractor::rpc::CallResult::Timeout) => Err("timed out".into()),
+            _ => Err("no answer".into()),
+        }
+    }
+
+    /// Names of the live peers.
+    pub fn peer_names(&self) -> Vec<Arc<str>> {
+        self.peers.load().to_vec()
+    }
+
+    /// Send a frame to a node from outside the cluster actor.
+    pub fn send(&self, to: &str, body: Body) {
+        self.cast(Local::Send { to: to.to_string(), body: Box::new(body) });
+    }
+
+    pub fn join(&self, addr: String) {
+        self.cast(Local::Join(addr));
+    }
+
+    /// Leave the cluster for good (see `Local::Depart`); returns how many peers acknowledged.
+    pub async fn depart(&self) -> usize {
+        match self.actor.load_full() {
+            Some(a) => match a.ask(|r| ClusterMsg::Local(Local::Depart(r)), Some(Duration::from_secs(10))).await {
+                Ok(ractor::rpc::CallResult::Success(n)) => n,
+                _ => 0,
+            },
+            None => 0,
+        }
+    }
+
     pub async fn leave(&self) {
         if let Some(a) = self.actor.load_full() {
-            let _ = a.call(|r| ClusterMsg::Local(Local::Leave(r)), Some(Duration::from_secs(5))).await;
+            let _ = a.ask(|r| ClusterMsg::Local(Local::Leave(r)), Some(Duration::from_secs(5))).await;
         }
     }
 
@@ -400,7 +451,7 @@ impl Cluster {
     /// client is simply served here).
     pub async fn claim(&self, client: Arc<str>, clean: bool) -> Claimed {
         let Some(a) = self.actor.load_full() else { return Claimed::default() };
-        match a.call(|reply| ClusterMsg::Local(Local::Claim { client, clean, reply }), Some(CLAIM_HOLD + Duration::from_secs(2))).await {
+        match a.ask(|reply| ClusterMsg::Local(Local::Claim { client, clean, reply }), Some(CLAIM_HOLD + Duration::from_secs(2))).await {
             Ok(ractor::rpc::CallResult::Success(c)) => c,
             _ => Claimed::default(),
         }
@@ -446,7 +497,7 @@ impl Cluster {
     /// Wait until every live peer has processed everything it sent this node before the call.
     pub async fn barrier(&self) {
         if let Some(a) = self.actor.load_full() {
-            let _ = a.call(|r| ClusterMsg::Local(Local::Barrier(r)), Some(Duration::from_secs(10))).await;
+            let _ = a.ask(|r| ClusterMsg::Local(Local::Barrier(r)), Some(Duration::from_secs(10))).await;
         }
     }
 
@@ -554,6 +605,10 @@ pub struct ClusterState {
     deferred: Vec<(Arc<str>, Arc<str>, u64, bool)>,
     /// Appends sent to backups, awaiting their acknowledgement: (node, tokens, deadline).
     backup_waits: HashMap<u64, BackupWait>,
+    /// Operator requests sent to peers, awaiting `AdminReply`.
+    admin: HashMap<u64, (RpcReplyPort<Result<String, String>>, Instant)>,
+    /// This node left the cluster on an operator's order (until `Join`).
+    departed: bool,
 }
 
 struct PendingClaim {
@@ -599,7 +654,7 @@ impl ClusterState {
     fn send_cell(&self, cell: &ActorCell, body: &Body) {
         let bytes = wire::encode(self.me(), body);
         let r: ActorRef<ClusterMsg> = cell.clone().into();
-        let _ = r.cast(ClusterMsg::Wire(bytes));
+        let _ = r.tell(ClusterMsg::Wire(bytes));
     }
 
     fn send(&self, to: &str, body: &Body) {
@@ -613,7 +668,7 @@ impl ClusterState {
         for m in self.members.values().filter(|m| m.up) {
             if let Some(c) = &m.cell {
                 let r: ActorRef<ClusterMsg> = c.clone().into();
-                let _ = r.cast(ClusterMsg::Wire(bytes.clone()));
+                let _ = r.tell(ClusterMsg::Wire(bytes.clone()));
             }
         }
     }
@@ -656,7 +711,7 @@ impl ClusterState {
     fn to(&self, node: &str, body: &Body) {
         if node == self.me() {
             if let Some(a) = self.a.handle.actor() {
-                let _ = a.cast(ClusterMsg::Wire(wire::encode(self.me(), body)));
+                let _ = a.tell(ClusterMsg::Wire(wire::encode(self.me(), body)));
             }
         } else {
             self.send(node, body);
@@ -809,10 +864,33 @@ impl ClusterState {
                 self.send(&from, &Body::LeaveAck(ack));
                 self.down(&from, "left the cluster");
             }
+            Body::Departed => {
+                if let Some(m) = self.members.get(from.as_str()) {
+                    tracing::info!(node = %from, "node departs from the cluster (operator); no longer dialled");
+                    let addr = m.addr.clone();
+                    self.dials.remove(&addr);
+                }
+            }
+            Body::Admin { id, req } => {
+                let (b, handle) = (self.a.broker.clone(), self.a.handle.clone());
+                tokio::spawn(async move {
+                    let body = match crate::ops::answer(&b, &from, &req).await {
+                        Ok(v) => Body::AdminReply { id, ok: true, body: v.to_string() },
+                        Err(e) => Body::AdminReply { id, ok: false, body: e },
+                    };
+                    handle.send(&from, body);
+                });
+            }
+            Body::AdminReply { id, ok, body } => {
+                if let Some((reply, _)) = self.admin.remove(&id) {
+                    let _ = reply.send(if ok { Ok(body) } else { Err(body) });
+                }
+            }
+            Body::Trace { id, events } => self.a.broker.tracer.deliver(id, events),
             Body::LeaveAck(seq) => self.peer_acked(seq, &from),
             Body::NotYours { client } => {
                 if let Some(r) = self.a.broker.registry() {
-                    let _ = r.cast(RegistryMessage::Discard(client));
+                    let _ = r.tell(RegistryMessage::Discard(client));
                 }
             }
             Body::Claim { client, req, clean } => self.on_claim(Arc::from(from.as_str()), client, req, clean),
@@ -832,7 +910,7 @@ impl ClusterState {
                 tokio::spawn(async move {
                     let state = match broker.registry() {
                         Some(r) => match r
-                            .call(
+                            .ask(
                                 |reply| RegistryMessage::HandOver { client: client.clone(), gen, to, clean, reply },
                                 Some(Duration::from_secs(5)),
                             )
@@ -855,12 +933,12 @@ impl ClusterState {
             }
             Body::Release { client, gen } => {
                 if let Some(r) = self.a.broker.registry() {
-                    let _ = r.cast(RegistryMessage::Release { client, gen });
+                    let _ = r.tell(RegistryMessage::Release { client, gen });
                 }
             }
             Body::Flush { client, gen, deliveries } => {
                 if let Some(r) = self.a.broker.registry() {
-                    let _ = r.cast(RegistryMessage::Flush { client, gen, deliveries });
+                    let _ = r.tell(RegistryMessage::Flush { client, gen, deliveries });
                 }
             }
             Body::Owned(entries) => {
@@ -968,7 +1046,7 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
         let frame = wire::encode(&me, &Body::Publish { batch: std::mem::take(&mut batch), ack });
         depth.fetch_sub(n, Ordering::Relaxed);
         drained.notify_waiters();
-        if target.cast(ClusterMsg::Wire(frame)).is_err() {
+        if target.tell(ClusterMsg::Wire(frame)).is_err() {
             break;
         }
     }
@@ -1032,6 +1110,8 @@ impl Actor for ClusterActor {
             settling: HashSet::new(),
             settle_until: now,
             deferred: Vec::new(),
+            admin: HashMap::new(),
+            departed: false,
         };
         st.local_routes = local_routes;
         // Peers already linked (a restart): introduce ourselves; they answer with their state.
@@ -1133,6 +1213,25 @@ impl Actor for ClusterActor {
                 }
             }
             ClusterMsg::Local(Local::Send { to, body }) => st.to(&to, &body),
+            ClusterMsg::Local(Local::Admin { to, req, reply }) => {
+                if !st.is_live(&to) {
+                    let _ = reply.send(Err(format!("node {to:?} is not a live member")));
+                } else {
+                    st.seq += 1;
+                    let id = st.seq;
+                    st.to(&to, &Body::Admin { id, req });
+                    st.admin.insert(id, (reply, Instant::now() + Duration::from_secs(30)));
+                }
+            }
+            ClusterMsg::Local(Local::Join(addr)) => {
+                st.departed = false;
+                if addr != st.a.advertise {
+                    tracing::info!(%addr, "joining the cluster through this address (operator)");
+                    st.dials.insert(addr, Dial { next_at: Instant::now(), backoff: Duration::ZERO, inflight: false });
+                    st.redial(Instant::now());
+                }
+            }
+            ClusterMsg::Local(Local::Depart(reply)) => Box::pin(st.depart(reply)).await,
             ClusterMsg::Local(Local::Disowned { client, gen }) => {
                 let registrar = st.registrar_of(&client);
                 st.to(&registrar, &Body::Disowned { client, gen });
@@ -1141,9 +1240,9 @@ impl Actor for ClusterActor {
                 let mut v: Vec<MemberInfo> = st
                     .members
                     .values()
-                    .map(|m| MemberInfo { name: m.name.to_string(), addr: m.addr.clone(), up: m.up, routes: m.routes.len() })
+                    .map(|m| MemberInfo { name: m.name.to_string(), addr: m.addr.clone(), up: m.up, routes: m.routes.len(), idx: m.idx })
                     .collect();
-                v.push(MemberInfo { name: st.me().to_string(), addr: st.a.advertise.clone(), up: true, routes: st.local_routes.len() });
+                v.push(MemberInfo { name: st.me().to_string(), addr: st.a.advertise.clone(), up: true, routes: st.local_routes.len(), idx: 0 });
                 v.sort_by(|a, b| a.name.cmp(&b.name));
                 let _ = reply.send(v);
             }

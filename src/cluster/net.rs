@@ -1,6 +1,7 @@
 //! Node links on the wire: our own accept loop (so port 0 works and TLS is ours) handing
 //! streams to the `ractor_cluster` NodeServer, and dialling peers (plain or mutually
 //! authenticated TLS with `ring`).
+use crate::actors::inspect::Tell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -133,7 +134,7 @@ where
         reader: Box::new(FrameGuard::new(rd)),
         writer: Box::new(wr),
     };
-    let _ = ns.cast(NodeServerMessage::ConnectionOpened { stream: Box::new(stream), is_server });
+    let _ = ns.tell(NodeServerMessage::ConnectionOpened { stream: Box::new(stream), is_server });
 }
 
 /// Accept node links until `stop` and hand each to the NodeServer (which authenticates the cookie).

@@ -1,6 +1,7 @@
 //! The session registrar: each client id's registrar node (rendezvous hash over live members)
 //! serialises claims, hands out growing generations, and directs hand-overs; after membership
 //! changes, owners re-announce their sessions and unknown client ids wait for that.
+use crate::actors::inspect::Tell;
 use super::*;
 
 impl ClusterState {
@@ -106,7 +107,7 @@ impl ClusterState {
         let (broker, handle) = (self.a.broker.clone(), self.a.handle.clone());
         tokio::spawn(async move {
             let Some(r) = broker.registry() else { return };
-            if let Ok(ractor::rpc::CallResult::Success(list)) = r.call(RegistryMessage::Owned, Some(Duration::from_secs(10))).await {
+            if let Ok(ractor::rpc::CallResult::Success(list)) = r.ask(RegistryMessage::Owned, Some(Duration::from_secs(10))).await {
                 handle.cast(Local::Owned(list));
             }
         });

@@ -1,5 +1,6 @@
 //! Retained messages across the cluster: a hybrid logical clock per change, last writer wins,
 //! tombstones, and the digest exchanged on link-up.
+use crate::actors::inspect::Tell;
 use super::*;
 
 impl ClusterState {
@@ -78,7 +79,7 @@ impl ClusterState {
         };
         if let Some(r) = self.a.broker.retained_actor.load_full() {
             let (tx, _rx) = ractor::concurrency::oneshot();
-            let _ = r.cast(RetainedMessage::Set(msg, tx.into()));
+            let _ = r.tell(RetainedMessage::Set(msg, tx.into()));
         }
     }
 }

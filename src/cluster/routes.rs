@@ -85,6 +85,21 @@ impl RouteNode {
         crate::protocols::mqtt::topic::visit_matches(self, levels, first, dollar, f)
     }
 
+    /// Every route: (filter or `$share/…` key, nodes).
+    pub fn entries(&self, path: &mut Vec<String>, out: &mut Vec<(String, Vec<NodeIdx>)>) {
+        if !self.nodes.is_empty() {
+            out.push((path.join("/"), self.nodes.iter().copied().collect()));
+        }
+        for (k, n) in self.groups.iter() {
+            out.push((k.to_string(), n.iter().copied().collect()));
+        }
+        for (k, c) in self.children.iter() {
+            path.push(k.to_string());
+            c.entries(path, out);
+            path.pop();
+        }
+    }
+
     pub fn is_empty_table(&self) -> bool {
         self.is_empty()
     }

@@ -173,6 +173,24 @@ pub enum Body {
     },
     /// The device registry changed (appended variant: an older node logs and drops it).
     Device(DeviceNotice),
+    /// An operator's request (JSON of `ops::Query`), answered with `AdminReply`.
+    Admin {
+        id: u64,
+        req: String,
+    },
+    /// The answer (JSON) or an error message.
+    AdminReply {
+        id: u64,
+        ok: bool,
+        body: String,
+    },
+    /// The sender leaves the cluster for good (operator): stop dialling it. Followed by `Leave`.
+    Departed,
+    /// Packets of a traced client, for the trace `id` the receiver started (JSON lines).
+    Trace {
+        id: u64,
+        events: Vec<String>,
+    },
 }
 
 /// What one node tells the others about devices (also sent over Redis pub/sub as JSON).
@@ -250,6 +268,16 @@ mod tests {
             let (_, back) = decode(&encode("n1", &Body::Device(n.clone()))).unwrap();
             assert!(matches!(back, Body::Device(b) if b == n));
         }
+    }
+
+    #[test]
+    fn admin_frames_round_trip() {
+        let (_, back) = decode(&encode("n1", &Body::Admin { id: 3, req: "{\"op\":\"node\"}".into() })).unwrap();
+        assert!(matches!(back, Body::Admin { id: 3, req } if req.contains("node")));
+        let (_, back) = decode(&encode("n1", &Body::AdminReply { id: 3, ok: false, body: "no".into() })).unwrap();
+        assert!(matches!(back, Body::AdminReply { id: 3, ok: false, body } if body == "no"));
+        let (_, back) = decode(&encode("n1", &Body::Trace { id: 9, events: vec!["{}".into()] })).unwrap();
+        assert!(matches!(back, Body::Trace { id: 9, events } if events.len() == 1));
     }
 
     #[test]

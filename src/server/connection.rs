@@ -1,5 +1,6 @@
 //! One client connection: reads and validates packets, handles CONNECT, routes inbound PUBLISH,
 //! and hands everything that touches session state to the session actor.
+use crate::actors::inspect::Tell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -270,6 +271,8 @@ where
         protocol,
         recv_max: c.props.receive_maximum.unwrap_or(u16::MAX),
         max_packet: c.props.maximum_packet_size.unwrap_or(u32::MAX),
+        peer: peer.to_string(),
+        connected_at_ms: now_ms(),
     };
     let attach = Box::new(AttachArgs {
         conn: handle,
@@ -290,7 +293,7 @@ where
     };
     let after = claim.as_ref().map(|t| (t.gen, t.from.clone()));
     let takeover = claim.map(|t| Takeover { gen: t.gen, from: t.from, state: t.state });
-    let session = match Box::pin(registry.call(
+    let session = match Box::pin(registry.ask(
         |reply| RegistryMessage::Connect { client_id: cid, clean_start: c.clean_start, attach, takeover, reply },
         Some(Duration::from_secs(15)),
     ))
@@ -424,7 +427,7 @@ where
             _ = shutdown.cancelled() => break conn.close(reason::SERVER_SHUTTING_DOWN),
         }
     };
-    let _ = session.cast(SessionMessage::Detach { conn_id, will, expiry: conn.new_expiry });
+    let _ = session.tell(SessionMessage::Detach { conn_id, will, expiry: conn.new_expiry });
     if let (Some(d), Some(i)) = (broker.devices.get(), conn.principal.device()) {
         let taken_over = kicked.load(Ordering::Relaxed) == reason::SESSION_TAKEN_OVER;
         Box::pin(d.disconnected(&i.device_number, conn_id, taken_over)).await;
@@ -475,7 +478,7 @@ impl Conn {
     /// Pass a message to the session; if the session actor is gone (it crashed), remember it so
     /// the connection closes instead of running on without a session.
     fn tell(&mut self, m: SessionMessage) {
-        if self.session.cast(m).is_err() {
+        if self.session.tell(m).is_err() {
             self.session_lost = true;
         }
     }

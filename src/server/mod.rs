@@ -6,6 +6,7 @@ pub mod listener;
 pub mod proxy;
 pub mod writer;
 
+use crate::actors::inspect::Tell;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -159,11 +160,11 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         }
     }
     let (sup, sup_handle) =
-        Actor::spawn(Some(format!("supervisor:{}", config.node.name)), SupervisorActor, broker.clone()).await.context("start actors")?;
+        Actor::spawn(Some(format!("supervisor:{}", config.node.name)), crate::actors::inspect::Instrumented(SupervisorActor, "supervisor"), broker.clone()).await.context("start actors")?;
     let registry = broker.registry().context("registry did not start")?;
     // The registry restores the sessions the store loaded; a round-trip waits for it.
     let restored = sessions.len();
-    registry.call(RegistryMessage::Count, Some(Duration::from_secs(60))).await.context("restore sessions")?;
+    registry.ask(RegistryMessage::Count, Some(Duration::from_secs(60))).await.context("restore sessions")?;
 
     // The device platform: registry, authentication, downlink (before any listener accepts).
     let devices = crate::devices::Devices::start(&broker).await?;
@@ -222,7 +223,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     // node); then the cluster is told we leave: the backups adopt the sessions, so clients
     // reconnecting to another node find them.
     if let Some(r) = broker.registry() {
-        let _ = r.call(RegistryMessage::PersistAll, Some(Duration::from_secs(30))).await;
+        let _ = r.ask(RegistryMessage::PersistAll, Some(Duration::from_secs(30))).await;
     }
     if let Some(c) = broker.cluster.get() {
         c.leave().await;

@@ -66,7 +66,7 @@ impl Actor for Maintenance {
 }
 
 pub async fn spawn(t: &Arc<Telemetry>) -> anyhow::Result<()> {
-    let (a, _) = Actor::spawn(Some("telemetry:maintenance".into()), Maintenance, Arc::downgrade(t)).await?;
+    let (a, _) = Actor::spawn(Some("telemetry:maintenance".into()), crate::actors::inspect::Instrumented(Maintenance, "telemetry"), Arc::downgrade(t)).await?;
     let _ = t.maintenance.set(a);
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod rollup;
 pub mod rules;
 pub mod writer;
 
+use crate::actors::inspect::Tell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -194,10 +195,10 @@ impl Telemetry {
         };
         let (done, written) = tokio::sync::oneshot::channel();
         let msg = WriterMsg::Write(points, permit, Some(done));
-        if let Err(ractor::MessagingErr::SendErr(msg)) = w.load().send_message(msg) {
+        if let Err(ractor::MessagingErr::SendErr(msg)) = w.load().tell(msg) {
             // The writer died (a bug, logged by ractor): start a new one and hand it over.
             let fresh = self.replace_writer(shard).await.ok_or(Busy)?;
-            fresh.send_message(msg).map_err(|_| Busy)?;
+            fresh.tell(msg).map_err(|_| Busy)?;
         }
         // Accepted: from here the points are the writer's; we wait for the write. A writer
         // that dies first drops the waiter: not acknowledged, so the device sends again.
@@ -216,6 +217,7 @@ impl Telemetry {
             match writer::spawn_one(self, shard).await {
                 Ok(a) => {
                     tracing::error!(shard, "telemetry writer died; replaced");
+                    crate::actors::inspect::restarted(&format!("writer:{shard}"));
                     slot.store(Arc::new(a.clone()));
                     return Some(a);
                 }
@@ -228,7 +230,7 @@ impl Telemetry {
     /// Run retention and compaction now.
     pub async fn maintain_now(&self) -> Result<maintenance::Report, String> {
         let Some(m) = self.maintenance.get() else { return maintenance::run(self).await };
-        match m.call(maintenance::MaintMsg::RunNow, Some(Duration::from_secs(600))).await {
+        match m.ask(maintenance::MaintMsg::RunNow, Some(Duration::from_secs(600))).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
             _ => Err("maintenance actor did not answer".into()),
         }
@@ -241,7 +243,7 @@ impl Telemetry {
         }
         for (w, _) in self.writers.get().into_iter().flatten() {
             let w = w.load_full();
-            let _ = w.call(WriterMsg::Flush, Some(Duration::from_secs(60))).await;
+            let _ = w.ask(WriterMsg::Flush, Some(Duration::from_secs(60))).await;
             w.stop(None);
         }
         for s in std::iter::once(&self.store).chain(self.rollup.as_ref()) {

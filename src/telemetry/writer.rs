@@ -4,6 +4,7 @@
 //! batches. A failed write is retried with backoff, never dropped; meanwhile the writer's
 //! queue fills and devices wait (see `Telemetry::accept`). Acknowledgements are released after
 //! the write unless durability is `accepted`.
+use crate::actors::inspect::Tell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,7 +69,7 @@ impl Actor for Writer {
                 } else if !st.commit_queued {
                     // Behind whatever is queued already: those points join this write.
                     st.commit_queued = true;
-                    let _ = me.send_message(WriterMsg::Commit);
+                    let _ = me.tell(WriterMsg::Commit);
                 }
             }
             WriterMsg::Commit => {
@@ -136,6 +137,6 @@ pub async fn spawn(t: &Arc<Telemetry>, n: usize) -> anyhow::Result<Vec<ActorRef<
 pub async fn spawn_one(t: &Telemetry, i: usize) -> anyhow::Result<ActorRef<WriterMsg>> {
     let c = &t.config.telemetry;
     let args = WriterArgs { telemetry: t.me.clone(), batch_points: c.batch_points.max(1), durability: c.durability };
-    let (a, _) = Actor::spawn(Some(format!("writer:{i}")), Writer, args).await?;
+    let (a, _) = Actor::spawn(Some(format!("writer:{i}")), crate::actors::inspect::Instrumented(Writer, "writer"), args).await?;
     Ok(a)
 }

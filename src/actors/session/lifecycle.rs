@@ -1,4 +1,5 @@
 //! Attach, detach, takeover, wills, expiry, and the session's persistent snapshot.
+use crate::actors::inspect::Tell;
 use super::*;
 use crate::message::now_ms;
 
@@ -146,7 +147,7 @@ impl SessionState {
         self.drop_backup();
         self.broker.store.remove_session(&self.client_id);
         if let Some(r) = self.broker.registry() {
-            let _ = r.cast(RegistryMessage::SessionEnded { client_id: self.client_id.clone(), id: me.get_id() });
+            let _ = r.tell(RegistryMessage::SessionEnded { client_id: self.client_id.clone(), id: me.get_id() });
         }
         self.expiry = 0;
         self.load.persistent.store(false, Ordering::Relaxed);
@@ -267,7 +268,7 @@ impl SessionState {
             if let Some(shard) = router.shard(router.shard_of_filter(&f)) {
                 let (client, owner) = (self.client_id.clone(), me.get_id());
                 let _ = shard
-                    .call(|r| ShardMessage::Unsubscribe { client, filter: f, owner, reply: Some(r) }, Some(Duration::from_secs(5)))
+                    .ask(|r| ShardMessage::Unsubscribe { client, filter: f, owner, reply: Some(r) }, Some(Duration::from_secs(5)))
                     .await;
             }
         }

@@ -60,6 +60,40 @@ pub struct ConnHandle {
     pub max_packet: u32,
     /// The reason the session closed this connection with (0 = it did not).
     pub kicked: Arc<std::sync::atomic::AtomicU8>,
+    /// The client's address (after the PROXY protocol, if any) and when it connected.
+    pub peer: String,
+    pub connected_at_ms: u64,
+}
+
+/// What `thingsctl sessions show` tells about a session.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SessionInfo {
+    pub client_id: String,
+    pub connected: bool,
+    pub protocol: Option<String>,
+    pub peer: Option<String>,
+    pub connected_at_ms: Option<u64>,
+    pub disconnected_at_ms: Option<u64>,
+    pub expiry_secs: u32,
+    pub subscriptions: Vec<SubscriptionInfo>,
+    /// Outbound QoS 1/2 messages sent and not yet acknowledged.
+    pub inflight: usize,
+    /// Deliveries waiting: the pending queue plus the inbox not yet taken.
+    pub queued: usize,
+    pub will: bool,
+    pub generation: u64,
+    /// The node holding this session's replica (cluster, persistent sessions).
+    pub backup: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SubscriptionInfo {
+    pub filter: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: u8,
+    pub identifier: Option<u32>,
 }
 
 pub struct AttachArgs {
@@ -131,6 +165,11 @@ pub enum SessionMessage {
     HeldTimeout(u64),
     /// Another node owns this client: end quietly (no will, the client did not go away).
     Discard(RpcReplyPort<()>),
+    /// For the inspector.
+    Info(RpcReplyPort<SessionInfo>),
+    /// An operator disconnects the client (DISCONNECT 0x98); `discard` also ends the session
+    /// (its will is published). Replies whether a connection was closed.
+    Kick { discard: bool, reply: RpcReplyPort<bool> },
 }
 
 pub struct SessionArgs {
@@ -360,6 +399,23 @@ impl Actor for SessionActor {
                 st.end(&me);
                 let _ = reply.send(());
             }
+            SessionMessage::Info(reply) => {
+                let _ = reply.send(st.info());
+            }
+            SessionMessage::Kick { discard, reply } => {
+                let had = st.conn.is_some();
+                if discard {
+                    if let Some(c) = st.conn.take() {
+                        kick(&c, reason::ADMINISTRATIVE_ACTION);
+                    }
+                    Box::pin(st.publish_will()).await;
+                    st.end(&me);
+                } else if let Some(c) = &st.conn {
+                    // The connection ends and detaches as usual (will, expiry).
+                    kick(c, reason::ADMINISTRATIVE_ACTION);
+                }
+                let _ = reply.send(had);
+            }
             SessionMessage::Persist(reply) => {
                 st.persist_scheduled = false;
                 st.persist();
@@ -371,6 +427,7 @@ impl Actor for SessionActor {
         if !st.to_backup.is_empty() || !st.tokens.is_empty() {
             st.replicate();
         }
+        st.load.set_pending(st.pending.len());
         if delivery || st.load.pressure.load(Ordering::Relaxed) {
             let low = st.broker.high_water() / 2;
             st.load.progressed(st.pending.len(), low);
@@ -430,6 +487,38 @@ impl SessionState {
                 tracing::warn!(client_id = %self.client_id, "outbound queue full on a control packet; closing connection");
                 c.cancel.cancel();
             }
+        }
+    }
+
+    fn info(&self) -> SessionInfo {
+        let mut subscriptions: Vec<SubscriptionInfo> = self
+            .subs
+            .iter()
+            .map(|(f, (o, id))| SubscriptionInfo {
+                filter: f.clone(),
+                qos: o.qos as u8,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+                retain_handling: o.retain_handling as u8,
+                identifier: *id,
+            })
+            .collect();
+        subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
+        let c = self.conn.as_ref();
+        SessionInfo {
+            client_id: self.client_id.to_string(),
+            connected: c.is_some(),
+            protocol: c.map(|c| if c.protocol == Protocol::V5 { "5.0" } else { "3.1.1" }.to_string()),
+            peer: c.map(|c| c.peer.clone()),
+            connected_at_ms: c.map(|c| c.connected_at_ms),
+            disconnected_at_ms: self.disconnected_at,
+            expiry_secs: self.expiry,
+            subscriptions,
+            inflight: self.inflight.len(),
+            queued: self.pending.len() + self.load.mailbox.load(Ordering::Relaxed),
+            will: self.will.is_some(),
+            generation: self.generation,
+            backup: self.backup.as_ref().map(|b| b.to_string()),
         }
     }
 

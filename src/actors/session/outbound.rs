@@ -53,6 +53,7 @@ impl SessionState {
         // dropping the token without replicating releases it.
         let token = d.durable.take();
         if d.msg.expired(now_ms()) {
+            crate::metrics::Metrics::add(&self.broker.metrics.messages_expired, 1);
             return;
         }
         if let Some(r) = self.recent.as_mut() {
@@ -116,6 +117,7 @@ impl SessionState {
         while let Some(d) = self.pending.front() {
             if d.msg.expired(now) {
                 self.pending.pop_front();
+                crate::metrics::Metrics::add(&self.broker.metrics.messages_expired, 1);
                 continue;
             }
             if d.qos == QoS::AtMostOnce {

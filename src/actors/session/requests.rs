@@ -1,4 +1,5 @@
 //! Requests from the client that the session answers: QoS 2 publishes, SUBSCRIBE, UNSUBSCRIBE.
+use crate::actors::inspect::Tell;
 use super::*;
 
 impl SessionState {
@@ -58,7 +59,7 @@ impl SessionState {
         let client = self.client_id.clone();
         let filter = filter.to_string();
         shard
-            .call(|reply| ShardMessage::Subscribe { client, filter, sub, reply }, Some(Duration::from_secs(5)))
+            .ask(|reply| ShardMessage::Subscribe { client, filter, sub, reply }, Some(Duration::from_secs(5)))
             .await
             .map(|r| r.is_success())
             .unwrap_or(false)
@@ -67,7 +68,7 @@ impl SessionState {
     pub(super) fn remove_route(&self, me: &ActorRef<SessionMessage>, filter: &str) {
         let router = &self.broker.router;
         if let Some(shard) = router.shard(router.shard_of_filter(filter)) {
-            let _ = shard.cast(ShardMessage::Unsubscribe {
+            let _ = shard.tell(ShardMessage::Unsubscribe {
                 client: self.client_id.clone(),
                 filter: filter.to_string(),
                 owner: me.get_id(),

@@ -1,0 +1,471 @@
+//! Operations: what `thingsctl` and `/admin/v1/…` ask a node. A [`Query`] is answered by
+//! [`local`] on the node itself; [`gather`] asks every live member (or one named node) over
+//! the cluster links (`Body::Admin`, JSON inside the versioned wire frame) and collects the
+//! answers, with one error entry per node that could not answer — a partial view is always
+//! labelled as such.
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::actors::inspect::{self, Tell};
+use crate::actors::registry::RegistryMessage;
+use crate::actors::session::{SessionInfo, SessionMessage};
+use crate::broker::Broker;
+use crate::message::{now_ms, Message};
+use crate::protocols::mqtt::{topic, QoS};
+
+pub mod trace;
+
+/// How long a node waits for another's answer.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound of rows one node returns for a list.
+pub const MAX_LIMIT: usize = 100_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Query {
+    /// This node: version, uptime, counts, its view of the members.
+    Node,
+    Sessions { client: Option<String>, state: Option<String>, limit: usize },
+    /// A session by client id (`device` picks one when several devices use the same client id).
+    Session { client: String, device: Option<String> },
+    Kick { client: String, device: Option<String>, discard: bool },
+    Subscriptions { client: Option<String>, filter: Option<String>, limit: usize },
+    Routes,
+    Retained { filter: Option<String>, limit: usize },
+    RetainedDelete { topic: String },
+    Actors { kind: Option<String> },
+    Actor { name: String },
+    Tree { max_children: usize },
+    Metrics,
+    TraceStart { id: u64, client: String },
+    TraceStop { id: u64 },
+    Join { addr: String },
+    Depart,
+}
+
+/// Glob match with `*` (any run) and `?` (one character).
+pub fn glob(p: &str, s: &str) -> bool {
+    let (p, s): (Vec<char>, Vec<char>) = (p.chars().collect(), s.chars().collect());
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// A session key as operators see it: (device number, client id). Device sessions live in
+/// their own namespace, `{device_number}\0{client id}`.
+pub fn display_client(key: &str) -> (Option<&str>, &str) {
+    match key.split_once('\0') {
+        Some((d, c)) => (Some(d), c),
+        None => (None, key),
+    }
+}
+
+/// The answer of one node.
+#[derive(Debug, Serialize)]
+pub struct NodeAnswer {
+    pub node: String,
+    #[serde(skip)]
+    pub result: Result<Value, String>,
+    /// Round trip of the request over the cluster link (0 for the node that answered).
+    pub rtt_ms: f64,
+}
+
+/// Ask `node` (or every member, this one included) the query. Members that are down are
+/// listed with an error. Err: `node` is not a member.
+pub async fn gather(b: &Arc<Broker>, q: &Query, node: Option<&str>) -> Result<Vec<NodeAnswer>, String> {
+    let me = b.config.node.name.clone();
+    let members = match b.cluster.get() {
+        Some(c) => c.members().await,
+        None => vec![],
+    };
+    let targets: Vec<(String, bool)> = match node {
+        Some(n) if n == me => vec![(me.clone(), true)],
+        Some(n) => match members.iter().find(|m| m.name == n) {
+            Some(m) => vec![(m.name.clone(), m.up)],
+            None => return Err(format!("no node named {n:?} in this cluster")),
+        },
+        None => {
+            let mut t = vec![(me.clone(), true)];
+            t.extend(members.iter().filter(|m| m.name != me).map(|m| (m.name.clone(), m.up)));
+            t
+        }
+    };
+    let req = serde_json::to_string(q).map_err(|e| e.to_string())?;
+    let asks = targets.into_iter().map(|(name, up)| {
+        let (b, req, me) = (b.clone(), req.clone(), me.clone());
+        async move {
+            let t = Instant::now();
+            let result = if name == me {
+                local(&b, q.clone(), None).await
+            } else if !up {
+                Err("node is down".to_string())
+            } else {
+                match b.cluster.get() {
+                    Some(c) => c.admin(&name, req, PEER_TIMEOUT).await.and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string())),
+                    None => Err("clustering is off".into()),
+                }
+            };
+            let rtt_ms = if name == me { 0.0 } else { t.elapsed().as_secs_f64() * 1e3 };
+            NodeAnswer { node: name, result, rtt_ms }
+        }
+    });
+    Ok(futures_util::future::join_all(asks).await)
+}
+
+/// A request from node `from` (JSON), answered here.
+pub async fn answer(b: &Arc<Broker>, from: &str, req: &str) -> Result<Value, String> {
+    let q: Query = serde_json::from_str(req).map_err(|e| format!("bad request: {e}"))?;
+    local(b, q, Some(from)).await
+}
+
+async fn sessions_matching(b: &Broker, pattern: Option<String>) -> Result<Vec<(Arc<str>, ActorRef<SessionMessage>)>, String> {
+    let r = b.registry().ok_or("registry not running")?;
+    match r.ask(|reply| RegistryMessage::List(pattern, reply), Some(PEER_TIMEOUT)).await {
+        Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
+        _ => Err("the registry did not answer".into()),
+    }
+}
+
+async fn info(s: &ActorRef<SessionMessage>) -> Option<SessionInfo> {
+    match s.ask(SessionMessage::Info, Some(Duration::from_secs(5))).await {
+        Ok(ractor::rpc::CallResult::Success(i)) => Some(i),
+        _ => None,
+    }
+}
+
+fn session_json(node: &str, key: &str, i: &SessionInfo, full: bool) -> Value {
+    let (device, client) = display_client(key);
+    let mut v = json!({
+        "client_id": client, "device": device, "node": node, "connected": i.connected,
+        "protocol": i.protocol, "peer": i.peer, "connected_at_ms": i.connected_at_ms,
+        "disconnected_at_ms": i.disconnected_at_ms, "expiry_secs": i.expiry_secs,
+        "subscriptions": i.subscriptions.len(), "inflight": i.inflight, "queued": i.queued,
+    });
+    if full {
+        v["subscriptions"] = json!(i.subscriptions);
+        v["will"] = json!(i.will);
+        v["generation"] = json!(i.generation);
+        v["backup"] = json!(i.backup);
+    }
+    v
+}
+
+/// The one session here for `client` (and `device`): exact key, or client id part.
+async fn find_session(b: &Broker, client: &str, device: Option<&str>) -> Result<Option<(Arc<str>, ActorRef<SessionMessage>)>, String> {
+    let literal = !client.contains(['*', '?']);
+    let all = sessions_matching(b, literal.then(|| client.to_string())).await?;
+    let mut hits: Vec<_> = all
+        .into_iter()
+        .filter(|(k, _)| {
+            let (d, c) = display_client(k);
+            (&**k == client || c == client) && device.is_none_or(|want| d == Some(want))
+        })
+        .collect();
+    match hits.len() {
+        0 => Ok(None),
+        1 => Ok(hits.pop()),
+        n => Err(format!("{n} devices use client id {client:?} on this node; name the device")),
+    }
+}
+
+fn node_status(b: &Broker) -> Value {
+    let subs: usize = b.router.snapshots.iter().map(|s| s.load().count()).sum();
+    let m = &b.metrics;
+    json!({
+        "node": b.config.node.name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": b.started.elapsed().as_secs(),
+        "started_ms": now_ms().saturating_sub(b.started.elapsed().as_millis() as u64),
+        "clients_connected": m.clients_connected.load(Relaxed),
+        "subscriptions": subs,
+        "retained": b.retained.load().len(),
+        "actors": inspect::counts().values().sum::<u64>(),
+        "cluster": b.cluster.get().is_some(),
+    })
+}
+
+/// Answer a query on this node. `origin`: the node that asked (None: this node's own API).
+pub async fn local(b: &Arc<Broker>, q: Query, origin: Option<&str>) -> Result<Value, String> {
+    let node = b.config.node.name.as_str();
+    match q {
+        Query::Node => {
+            let mut v = node_status(b);
+            let sessions = sessions_matching(b, None).await.map(|s| s.len()).unwrap_or(0);
+            v["sessions"] = json!(sessions);
+            if let Some(c) = b.cluster.get() {
+                v["members"] = json!(c.members().await);
+            }
+            Ok(v)
+        }
+        Query::Sessions { client, state, limit } => {
+            let limit = limit.clamp(1, MAX_LIMIT);
+            let want = match state.as_deref() {
+                None | Some("all") => None,
+                Some("connected") => Some(true),
+                Some("offline") | Some("disconnected") => Some(false),
+                Some(s) => return Err(format!("state {s:?}: use connected, offline or all")),
+            };
+            let mut all = sessions_matching(b, client).await?;
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut items = Vec::new();
+            let mut truncated = false;
+            for chunk in all.chunks(256) {
+                let infos = futures_util::future::join_all(chunk.iter().map(|(_, s)| info(s))).await;
+                for ((k, _), i) in chunk.iter().zip(infos) {
+                    let Some(i) = i else { continue };
+                    if want.is_some_and(|w| w != i.connected) {
+                        continue;
+                    }
+                    if items.len() == limit {
+                        truncated = true;
+                        break;
+                    }
+                    items.push(session_json(node, k, &i, false));
+                }
+                if truncated {
+                    break;
+                }
+            }
+            Ok(json!({ "items": items, "truncated": truncated }))
+        }
+        Query::Session { client, device } => match find_session(b, &client, device.as_deref()).await? {
+            Some((k, s)) => Ok(info(&s).await.map(|i| session_json(node, &k, &i, true)).unwrap_or(Value::Null)),
+            None => Ok(Value::Null),
+        },
+        Query::Kick { client, device, discard } => match find_session(b, &client, device.as_deref()).await? {
+            Some((_, s)) => match s.ask(|reply| SessionMessage::Kick { discard, reply }, Some(Duration::from_secs(5))).await {
+                Ok(ractor::rpc::CallResult::Success(had)) => Ok(json!({ "node": node, "disconnected": had, "discarded": discard })),
+                _ => Err("the session did not answer".into()),
+            },
+            None => Ok(Value::Null),
+        },
+        Query::Subscriptions { client, filter, limit } => {
+            let limit = limit.clamp(1, MAX_LIMIT);
+            let mut items = Vec::new();
+            let mut truncated = false;
+            for snap in &b.router.snapshots {
+                let root = snap.load();
+                root.each(&mut Vec::new(), &mut |f, key, sub, group| {
+                    let (device, cid) = display_client(key);
+                    if client.as_deref().is_some_and(|p| !glob(p, cid) && !glob(p, key)) || filter.as_deref().is_some_and(|p| !glob(p, f)) {
+                        return;
+                    }
+                    if items.len() >= limit {
+                        truncated = true;
+                        return;
+                    }
+                    items.push(json!({
+                        "node": node, "client_id": cid, "device": device, "filter": f, "qos": sub.opts.qos as u8,
+                        "shared_group": group.and_then(|g| g.strip_prefix("$share/")).and_then(|g| g.split('/').next()),
+                        "no_local": sub.opts.no_local, "retain_as_published": sub.opts.retain_as_published,
+                        "online": sub.load.online.load(Relaxed),
+                    }));
+                });
+            }
+            items.sort_by(|a, b| (a["filter"].as_str(), a["client_id"].as_str()).cmp(&(b["filter"].as_str(), b["client_id"].as_str())));
+            Ok(json!({ "items": items, "truncated": truncated }))
+        }
+        Query::Routes => {
+            let mut local_keys = Vec::new();
+            for snap in &b.router.snapshots {
+                snap.load().route_keys(&mut Vec::new(), &mut local_keys);
+            }
+            let mut local: Vec<String> = local_keys.into_iter().map(|(k, _)| k.to_string()).collect();
+            local.sort();
+            local.dedup();
+            let mut remote = Vec::new();
+            if let Some(c) = b.cluster.get() {
+                let names: std::collections::HashMap<u32, String> = c.members().await.into_iter().map(|m| (m.idx, m.name)).collect();
+                let mut entries = Vec::new();
+                c.routes.load().entries(&mut Vec::new(), &mut entries);
+                entries.sort();
+                for (f, nodes) in entries {
+                    let nodes: Vec<&str> = nodes.iter().map(|i| names.get(i).map_or("?", |s| s.as_str())).collect();
+                    remote.push(json!({ "filter": f, "nodes": nodes }));
+                }
+            }
+            Ok(json!({ "node": node, "local": local, "remote": remote }))
+        }
+        Query::Retained { filter, limit } => {
+            let limit = limit.clamp(1, MAX_LIMIT);
+            let set = b.retained.load();
+            let mut msgs = match &filter {
+                Some(f) => {
+                    if !topic::valid_filter(f) {
+                        return Err(format!("{f:?} is not a valid topic filter"));
+                    }
+                    set.matching(f)
+                }
+                None => set.messages(),
+            };
+            msgs.sort_by(|a, b| a.topic.cmp(&b.topic));
+            let truncated = msgs.len() > limit;
+            let items: Vec<Value> = msgs
+                .iter()
+                .take(limit)
+                .map(|m| {
+                    json!({
+                        "topic": &*m.topic, "qos": m.qos as u8, "payload_len": m.payload.len(),
+                        "payload": String::from_utf8_lossy(&m.payload[..m.payload.len().min(64)]),
+                        "expires_at_ms": m.expires_at,
+                    })
+                })
+                .collect();
+            Ok(json!({ "node": node, "items": items, "total": msgs.len(), "truncated": truncated }))
+        }
+        Query::RetainedDelete { topic: t } => {
+            if !topic::valid_topic_name(&t) {
+                return Err(format!("{t:?} is not a valid topic name"));
+            }
+            let existed = b.retained.load().get(&t).is_some();
+            if existed {
+                // An empty retained message deletes (and is replicated as a tombstone).
+                b.retain(Arc::new(Message::from_node(t.as_str(), bytes::Bytes::new(), QoS::AtMostOnce, true))).await;
+            }
+            Ok(json!({ "topic": t, "deleted": existed }))
+        }
+        Query::Actors { kind } => {
+            let items: Vec<_> = inspect::list(node).into_iter().filter(|a| kind.as_deref().is_none_or(|k| a.kind == k)).collect();
+            Ok(json!({ "items": items }))
+        }
+        Query::Actor { name } => Ok(inspect::show(node, &name).map(|a| json!(a)).unwrap_or(Value::Null)),
+        Query::Tree { max_children } => Ok(json!({ "node": node, "roots": inspect::tree(max_children.clamp(1, 10_000)) })),
+        Query::Metrics => Ok(summary(b)),
+        Query::TraceStart { id, client } => {
+            let origin = origin.ok_or("a trace is started through /admin/v1/trace")?.to_string();
+            let cluster = b.cluster.get().cloned().ok_or("clustering is off")?;
+            let (tx, mut rx, dropped) = trace::channel();
+            b.tracer.add(&client, id, tx, dropped.clone());
+            // Forward this node's lines to the asking node in batches, until the trace stops
+            // (the sink is removed and the channel closes) or the asking node is gone.
+            let tracer = b.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        first = rx.recv() => {
+                            let Some(first) = first else { break };
+                            let mut events = vec![first];
+                            while events.len() < 500 {
+                                match rx.try_recv() {
+                                    Ok(e) => events.push(e),
+                                    Err(_) => break,
+                                }
+                            }
+                            let d = dropped.swap(0, Relaxed);
+                            if d > 0 {
+                                events.push(json!({ "dropped": d }).to_string());
+                            }
+                            cluster.send(&origin, crate::cluster::wire::Body::Trace { id, events });
+                        }
+                        _ = tick.tick() => {
+                            if !cluster.peer_names().iter().any(|p| **p == *origin) {
+                                tracer.tracer.remove(id);
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+            Ok(json!({ "node": node, "tracing": client }))
+        }
+        Query::TraceStop { id } => {
+            b.tracer.remove(id);
+            Ok(json!({ "node": node, "stopped": id }))
+        }
+        Query::Join { addr } => {
+            let c = b.cluster.get().ok_or("clustering is off on this node (cluster.enabled = false)")?;
+            c.join(addr.clone());
+            Ok(json!({ "node": node, "joining": addr }))
+        }
+        Query::Depart => {
+            let c = b.cluster.get().ok_or("clustering is off on this node")?;
+            let peers = c.depart().await;
+            Ok(json!({ "node": node, "left": true, "peers_notified": peers }))
+        }
+    }
+}
+
+/// The key counters of this node (`thingsctl metrics`).
+pub fn summary(b: &Broker) -> Value {
+    let m = &b.metrics;
+    let g = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
+    let mut v = json!({
+        "node": b.config.node.name,
+        "uptime_secs": b.started.elapsed().as_secs(),
+        "clients_connected": g(&m.clients_connected),
+        "connections_total": g(&m.connections_total),
+        "messages_received": g(&m.messages_received),
+        "messages_sent": g(&m.messages_sent),
+        "messages_dropped": g(&m.messages_dropped),
+        "messages_expired": g(&m.messages_expired),
+        "bytes_received": g(&m.bytes_received),
+        "bytes_sent": g(&m.bytes_sent),
+        "protocol_errors": g(&m.protocol_errors),
+        "queued": crate::actors::load::QUEUED.load(Relaxed).max(0),
+        "retained": b.retained.load().len(),
+        "subscriptions": b.router.snapshots.iter().map(|s| s.load().count()).sum::<usize>(),
+        "actors": inspect::counts().values().sum::<u64>(),
+    });
+    if let Some(c) = b.cluster.get() {
+        v["cluster_forwarded"] = json!(c.forwarded.load(Relaxed));
+        v["cluster_received"] = json!(c.received.load(Relaxed));
+        v["cluster_peers_up"] = json!(c.links.load().len());
+    }
+    if let Some(t) = b.devices.get().and_then(|d| d.telemetry.get()) {
+        v["telemetry_points_written"] = json!(t.metrics.points.load(Relaxed));
+        v["telemetry_busy"] = json!(t.metrics.busy.load(Relaxed));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob("*", "anything"));
+        assert!(glob("sensor-*", "sensor-17"));
+        assert!(!glob("sensor-*", "pump-1"));
+        assert!(glob("s?n*r-1", "sensor-1"));
+        assert!(glob("*-1", "a-b-1"));
+        assert!(!glob("a", "ab"));
+        assert!(glob("", ""));
+        assert!(glob("é*", "élan"));
+    }
+
+    #[test]
+    fn device_sessions_show_their_client_id() {
+        assert_eq!(display_client("d-1\0esp32"), (Some("d-1"), "esp32"));
+        assert_eq!(display_client("plain"), (None, "plain"));
+    }
+
+    #[test]
+    fn queries_are_json_with_an_op() {
+        let q = Query::Sessions { client: Some("a*".into()), state: None, limit: 10 };
+        let s = serde_json::to_string(&q).unwrap();
+        assert!(s.contains("\"op\":\"sessions\""));
+        assert!(matches!(serde_json::from_str::<Query>(&s).unwrap(), Query::Sessions { limit: 10, .. }));
+    }
+}
