@@ -37,6 +37,8 @@ pub struct Broker {
     pub started: Instant,
     /// Live packet traces (`thingsctl trace`).
     pub tracer: crate::ops::trace::Tracer,
+    /// Every listener accepts (set once start-up is complete).
+    pub serving: std::sync::atomic::AtomicBool,
     connect_bucket: std::sync::Mutex<(f64, Instant)>,
 }
 
@@ -61,6 +63,7 @@ impl Broker {
             store,
             started,
             tracer: Default::default(),
+            serving: Default::default(),
             // The bucket starts full: a burst of `rate` connects, then `rate` per second.
             connect_bucket: std::sync::Mutex::new((connect_rate, started)),
         }

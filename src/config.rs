@@ -181,6 +181,9 @@ pub struct ClusterConfig {
     pub redial_max_ms: u64,
     /// How long a SUBSCRIBE waits for live peers to acknowledge a new route before SUBACK.
     pub route_ack_timeout_ms: u64,
+    /// `/health/ready` waits this long after start for the first peer link when seeds are
+    /// configured; after it, a node that reached no seed is ready alone (and says so).
+    pub join_timeout_secs: u64,
     /// TLS for node links when `tls_cert` is set: this node's certificate chain and key (PEM),
     /// and the CA that signs every node's certificate (links are mutually authenticated).
     pub tls_cert: String,
@@ -201,6 +204,7 @@ impl Default for ClusterConfig {
             redial_min_ms: 100,
             redial_max_ms: 5000,
             route_ack_timeout_ms: 3000,
+            join_timeout_secs: 30,
             tls_cert: String::new(),
             tls_key: String::new(),
             tls_ca: String::new(),
@@ -217,11 +221,14 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// How often dirty persistent state is written to the data directory, in milliseconds.
     pub persist_interval_ms: u64,
+    /// Per-actor statistics for the inspector (`thingsctl actors`): message timing and mailbox
+    /// depth. Actors are listed either way.
+    pub actor_stats: bool,
 }
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { name: "thingsd-1".into(), data_dir: "./data".into(), persist_interval_ms: 1000 }
+        NodeConfig { name: "thingsd-1".into(), data_dir: "./data".into(), persist_interval_ms: 1000, actor_stats: true }
     }
 }
 

@@ -184,7 +184,12 @@ impl<A: Actor> Actor for Instrumented<A> {
         r
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<Self::Msg>, e: SupervisionEvent, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<Self::Msg>,
+        e: SupervisionEvent,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let t = Instant::now();
         let r = self.0.handle_supervisor_evt(me, e, &mut st.inner).await;
         st.entry.record(t);
@@ -294,14 +299,20 @@ pub fn tree(max_children: usize) -> Vec<TreeNode> {
     let roots: Vec<ActorCell> = TABLE
         .iter()
         .filter_map(|s| s.read().ok())
-        .flat_map(|t| t.values().filter(|e| e.cell.try_get_supervisor().is_none() && e.cell.get_status() != ActorStatus::Stopped).map(|e| e.cell.clone()).collect::<Vec<_>>())
+        .flat_map(|t| {
+            t.values()
+                .filter(|e| e.cell.try_get_supervisor().is_none() && e.cell.get_status() != ActorStatus::Stopped)
+                .map(|e| e.cell.clone())
+                .collect::<Vec<_>>()
+        })
         .collect();
     fn walk(c: &ActorCell, kinds: &HashMap<u64, &'static str>, max: usize, depth: usize) -> TreeNode {
         let kind = kinds.get(&c.get_id().pid()).copied().unwrap_or("ractor");
         let mut kids = c.get_children();
         kids.sort_by_key(|k| k.get_name());
         let total = kids.len();
-        let mut children: Vec<TreeNode> = if depth > 16 { vec![] } else { kids.iter().take(max).map(|k| walk(k, kinds, max, depth + 1)).collect() };
+        let mut children: Vec<TreeNode> =
+            if depth > 16 { vec![] } else { kids.iter().take(max).map(|k| walk(k, kinds, max, depth + 1)).collect() };
         if total > children.len() {
             children.push(TreeNode { name: format!("… {} more", total - children.len()), kind: String::new(), children: vec![] });
         }

@@ -110,7 +110,9 @@ impl RegistryState {
             old.stop(Some("replaced".into()));
             name_free(&name).await;
         }
-        let (s, _) = Actor::spawn_linked(Some(name), super::inspect::Instrumented(SessionActor, "session"), args, me.get_cell()).await.map_err(|e| e.to_string())?;
+        let (s, _) = Actor::spawn_linked(Some(name), super::inspect::Instrumented(SessionActor, "session"), args, me.get_cell())
+            .await
+            .map_err(|e| e.to_string())?;
         self.sessions.insert(client_id, s.clone());
         Ok(s)
     }

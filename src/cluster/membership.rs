@@ -1,8 +1,8 @@
 //! Membership: introductions (Hello), resolving peers' actors to names, members going up and
 //! down (links, route tables, events, adoption of a lost node's sessions), heartbeats and
 //! redialling with back-off.
-use crate::actors::inspect::Tell;
 use super::*;
+use crate::actors::inspect::Tell;
 
 impl ClusterState {
     pub(super) fn hello(&self, reply: bool) -> Body {
@@ -47,6 +47,7 @@ impl ClusterState {
     }
 
     pub(super) fn up(&mut self, name: &str) {
+        self.a.handle.joined.store(true, Ordering::Relaxed);
         let me = self.me().to_string();
         let (cell, idx, addr) = {
             let m = self.member_mut(name);
@@ -280,12 +281,17 @@ impl ClusterState {
         let ns = self.a.node_server.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
-            if let Ok(ractor::rpc::CallResult::Success(sessions)) = ns.ask(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await {
+            let _ = reply.send(peers);
+            // The operator's answer may still have to travel over a link (asked through
+            // another node): close them a moment later.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if let Ok(ractor::rpc::CallResult::Success(sessions)) =
+                ns.ask(NodeServerMessage::GetSessions, Some(Duration::from_secs(2))).await
+            {
                 for s in sessions.values() {
                     s.actor.stop(Some("departed".into()));
                 }
             }
-            let _ = reply.send(peers);
         });
     }
 

@@ -313,6 +313,8 @@ pub struct Cluster {
     pub notices: broadcast::Sender<wire::DeviceNotice>,
     pub forwarded: AtomicU64,
     pub received: AtomicU64,
+    /// A peer link came up at least once (or there is no seed to join): for readiness.
+    pub joined: std::sync::atomic::AtomicBool,
     /// The running cluster actor (replaced when the supervisor restarts it).
     actor: arc_swap::ArcSwapOption<ActorRef<ClusterMsg>>,
     /// What the cluster actor is (re)started with: NodeServer, advertised address, link TLS.
@@ -345,6 +347,7 @@ impl Cluster {
             events: broadcast::channel(256).0,
             notices: broadcast::channel(1024).0,
             forwarded: AtomicU64::new(0),
+            joined: std::sync::atomic::AtomicBool::new(false),
             received: AtomicU64::new(0),
             actor: arc_swap::ArcSwapOption::empty(),
             setup: OnceLock::new(),
@@ -1087,6 +1090,9 @@ impl Actor for ClusterActor {
             snap.load().route_keys(&mut Vec::new(), &mut keys);
             local_routes.extend(keys);
         }
+        if cfg.seeds.iter().all(|s| *s == a.advertise) {
+            a.handle.joined.store(true, Ordering::Relaxed);
+        }
         ractor::pg::join(GROUP.to_string(), vec![me.get_cell()]);
         ractor::pg::monitor(GROUP.to_string(), me.get_cell());
         me.send_interval(Duration::from_millis(cfg.heartbeat_ms.max(10)), || ClusterMsg::Local(Local::Tick));
@@ -1242,7 +1248,13 @@ impl Actor for ClusterActor {
                     .values()
                     .map(|m| MemberInfo { name: m.name.to_string(), addr: m.addr.clone(), up: m.up, routes: m.routes.len(), idx: m.idx })
                     .collect();
-                v.push(MemberInfo { name: st.me().to_string(), addr: st.a.advertise.clone(), up: true, routes: st.local_routes.len(), idx: 0 });
+                v.push(MemberInfo {
+                    name: st.me().to_string(),
+                    addr: st.a.advertise.clone(),
+                    up: true,
+                    routes: st.local_routes.len(),
+                    idx: 0,
+                });
                 v.sort_by(|a, b| a.name.cmp(&b.name));
                 let _ = reply.send(v);
             }

@@ -1,8 +1,8 @@
 //! The session registrar: each client id's registrar node (rendezvous hash over live members)
 //! serialises claims, hands out growing generations, and directs hand-overs; after membership
 //! changes, owners re-announce their sessions and unknown client ids wait for that.
-use crate::actors::inspect::Tell;
 use super::*;
+use crate::actors::inspect::Tell;
 
 impl ClusterState {
     /// The registrar of `client`: rendezvous hash over this node and its live peers.

@@ -1,7 +1,7 @@
 //! Retained messages across the cluster: a hybrid logical clock per change, last writer wins,
 //! tombstones, and the digest exchanged on link-up.
-use crate::actors::inspect::Tell;
 use super::*;
+use crate::actors::inspect::Tell;
 
 impl ClusterState {
     pub(super) fn tick_clock(&mut self) -> Hlc {

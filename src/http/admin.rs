@@ -43,7 +43,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
 }
 
 /// Every admin route needs a valid admin API key.
-async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
+pub(super) async fn require_key(State(s): State<AppState>, req: Request, next: Next) -> Result<Response, ApiError> {
     let h = req.headers();
     let key = h
         .get("authorization")

@@ -53,16 +53,156 @@ async fn ready(State(b): State<Arc<Broker>>) -> Result<Json<serde_json::Value>, 
         Some(t) => tokio::time::timeout(std::time::Duration::from_secs(2), t.store.ping()).await.is_ok_and(|r| r.is_ok()),
         None => false,
     };
-    if registry && retained && shards && meta && tsdb {
-        Ok(Json(serde_json::json!({ "status": "ready" })))
+    let serving = b.serving.load(std::sync::atomic::Ordering::Relaxed);
+    // In a cluster: a peer link came up (or no seed to join), or the join timeout passed
+    // (then the node serves alone and says so).
+    let (joined, alone) = match b.cluster.get() {
+        None => (true, false),
+        Some(c) if c.joined.load(std::sync::atomic::Ordering::Relaxed) => (true, false),
+        Some(_) => {
+            let waited = b.started.elapsed() >= std::time::Duration::from_secs(b.config.cluster.join_timeout_secs);
+            (waited, waited)
+        }
+    };
+    if registry && retained && shards && meta && tsdb && serving && joined {
+        Ok(Json(serde_json::json!({ "status": "ready", "cluster_standalone": alone })))
     } else {
         Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "not_ready",
             message: format!(
-                "registry running: {registry}, retained store running: {retained}, all shards running: {shards}, meta store reachable: {meta}, time-series store reachable: {tsdb}"
+                "listeners up: {serving}, cluster joined: {joined}, registry running: {registry}, retained store running: {retained}, all shards running: {shards}, meta store reachable: {meta}, time-series store reachable: {tsdb}"
             ),
         })
+    }
+}
+
+/// One labelled family: `# HELP`, `# TYPE`, then a sample per (labels, value).
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: impl IntoIterator<Item = (String, u64)>) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, v) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {v}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {v}");
+        }
+    }
+}
+
+/// Escape a label value (backslash, quote, newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+const PACKET_TYPES: [&str; 16] = [
+    "reserved",
+    "connect",
+    "connack",
+    "publish",
+    "puback",
+    "pubrec",
+    "pubrel",
+    "pubcomp",
+    "subscribe",
+    "suback",
+    "unsubscribe",
+    "unsuback",
+    "pingreq",
+    "pingresp",
+    "disconnect",
+    "auth",
+];
+
+/// Metrics with labels: packets by type and QoS, CONNACK and disconnect reasons, routes,
+/// cluster links, actors.
+async fn labelled(out: &mut String, b: &Arc<Broker>) {
+    use crate::protocols::mqtt::reason;
+    let m = &b.metrics;
+    let by_type =
+        |c: &crate::metrics::Counts<16>| c.nonzero().map(|(i, n)| (format!("type=\"{}\"", PACKET_TYPES[i]), n)).collect::<Vec<_>>();
+    family(out, "thingsd_mqtt_packets_received_total", "counter", "MQTT packets read from clients, by type.", by_type(&m.packets_in));
+    family(out, "thingsd_mqtt_packets_sent_total", "counter", "MQTT packets written to clients, by type.", by_type(&m.packets_out));
+    family(
+        out,
+        "thingsd_mqtt_packet_bytes_received_total",
+        "counter",
+        "Bytes of MQTT packets read, by type (CONNECT not included).",
+        by_type(&m.packet_bytes_in),
+    );
+    family(out, "thingsd_mqtt_packet_bytes_sent_total", "counter", "Bytes of MQTT packets written, by type.", by_type(&m.packet_bytes_out));
+    let by_qos = |c: &crate::metrics::Counts<3>| {
+        c.0.iter().enumerate().map(|(q, n)| (format!("qos=\"{q}\""), n.load(std::sync::atomic::Ordering::Relaxed))).collect::<Vec<_>>()
+    };
+    family(out, "thingsd_mqtt_publish_received_total", "counter", "PUBLISH packets read from clients, by QoS.", by_qos(&m.publish_in));
+    family(out, "thingsd_mqtt_publish_sent_total", "counter", "PUBLISH packets written to clients, by QoS.", by_qos(&m.publish_out));
+    family(
+        out,
+        "thingsd_mqtt_connacks_total",
+        "counter",
+        "CONNACKs sent, by reason (success or why the connection was refused).",
+        m.connacks.nonzero().map(|(c, n)| (format!("reason=\"{}\",code=\"{c}\"", reason::name(c as u8)), n)),
+    );
+    let mut disc: Vec<(String, u64)> =
+        m.disconnects_client.nonzero().map(|(c, n)| (format!("by=\"client\",reason=\"{}\"", reason::name(c as u8)), n)).collect();
+    disc.extend(m.disconnects_server.nonzero().map(|(c, n)| (format!("by=\"server\",reason=\"{}\"", reason::name(c as u8)), n)));
+    disc.push(("by=\"network\",reason=\"connection_lost\"".into(), Metrics::get(&m.connections_lost)));
+    family(
+        out,
+        "thingsd_mqtt_disconnects_total",
+        "counter",
+        "Connections ended: by the client's DISCONNECT, by the server (reason sent), or lost.",
+        disc,
+    );
+    let kinds = crate::actors::inspect::list(&b.config.node.name);
+    let mut per: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for a in &kinds {
+        let e = per.entry(a.kind.clone()).or_default();
+        e.0 += 1;
+        e.1 += a.mailbox;
+    }
+    family(out, "thingsd_actors", "gauge", "Live actors by kind.", per.iter().map(|(k, (n, _))| (format!("kind=\"{}\"", esc(k)), *n)));
+    family(
+        out,
+        "thingsd_actor_mailbox_messages",
+        "gauge",
+        "Messages waiting in actor mailboxes, by actor kind.",
+        per.iter().map(|(k, (_, q))| (format!("kind=\"{}\"", esc(k)), *q)),
+    );
+    let mut local = Vec::new();
+    for snap in &b.router.snapshots {
+        snap.load().route_keys(&mut Vec::new(), &mut local);
+    }
+    let mut routes = vec![("scope=\"local\"".to_string(), local.len() as u64)];
+    if let Some(c) = b.cluster.get() {
+        let mut remote = Vec::new();
+        c.routes.load().entries(&mut Vec::new(), &mut remote);
+        routes.push(("scope=\"remote\"".into(), remote.len() as u64));
+        let members = c.members().await;
+        let links = c.links.load();
+        family(
+            out,
+            "thingsd_cluster_peer_up",
+            "gauge",
+            "Cluster members as this node sees them: 1 linked and up, 0 down.",
+            members.iter().filter(|p| p.name != b.config.node.name).map(|p| (format!("peer=\"{}\"", esc(&p.name)), p.up as u64)),
+        );
+        family(
+            out,
+            "thingsd_cluster_link_queue",
+            "gauge",
+            "Forwards queued for each peer's link.",
+            links.values().map(|l| (format!("peer=\"{}\"", esc(&l.name)), l.depth() as u64)),
+        );
+    }
+    family(out, "thingsd_routes", "gauge", "Route keys: this node's subscriptions (local) and other nodes' (remote).", routes);
+    if let Some(t) = b.devices.get().and_then(|d| d.telemetry.get()) {
+        family(
+            out,
+            "thingsd_telemetry_queue_points",
+            "gauge",
+            "Telemetry points accepted and waiting for a writer.",
+            [("".to_string(), t.queued_points())],
+        );
     }
 }
 
@@ -167,7 +307,28 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
         }
     }
     metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);
+    metric(
+        "thingsd_messages_expired_total",
+        "counter",
+        "Messages discarded: their expiry interval passed before delivery.",
+        Metrics::get(&m.messages_expired),
+    );
+    metric(
+        "thingsd_session_queued_messages",
+        "gauge",
+        "Deliveries waiting in sessions' pending queues (offline or beyond the in-flight window).",
+        crate::actors::load::QUEUED.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64,
+    );
+    metric(
+        "thingsd_subscriptions",
+        "gauge",
+        "Subscriptions on this node (shared-group members counted each).",
+        b.router.snapshots.iter().map(|s| s.load().count() as u64).sum(),
+    );
+    let mut lab = String::new();
+    labelled(&mut lab, &b).await;
     metric("thingsd_uptime_seconds", "counter", "Seconds since the node started.", b.started.elapsed().as_secs());
+    out.push_str(&lab);
     out.push_str(&hist);
     if let Ok(reqs) = m.http_requests.lock() {
         let _ = writeln!(

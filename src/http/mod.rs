@@ -12,6 +12,7 @@ mod admin;
 mod device_api;
 mod error;
 mod health;
+mod ops;
 mod telemetry_api;
 
 pub use error::ApiError;
@@ -26,6 +27,7 @@ pub fn app(broker: Arc<Broker>) -> Router {
     Router::new()
         .merge(health::routes())
         .merge(admin::routes(broker.clone()))
+        .merge(ops::routes(broker.clone()))
         .merge(device_api::routes())
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)

@@ -30,21 +30,54 @@ pub const MAX_LIMIT: usize = 100_000;
 pub enum Query {
     /// This node: version, uptime, counts, its view of the members.
     Node,
-    Sessions { client: Option<String>, state: Option<String>, limit: usize },
+    Sessions {
+        client: Option<String>,
+        state: Option<String>,
+        limit: usize,
+    },
     /// A session by client id (`device` picks one when several devices use the same client id).
-    Session { client: String, device: Option<String> },
-    Kick { client: String, device: Option<String>, discard: bool },
-    Subscriptions { client: Option<String>, filter: Option<String>, limit: usize },
+    Session {
+        client: String,
+        device: Option<String>,
+    },
+    Kick {
+        client: String,
+        device: Option<String>,
+        discard: bool,
+    },
+    Subscriptions {
+        client: Option<String>,
+        filter: Option<String>,
+        limit: usize,
+    },
     Routes,
-    Retained { filter: Option<String>, limit: usize },
-    RetainedDelete { topic: String },
-    Actors { kind: Option<String> },
-    Actor { name: String },
-    Tree { max_children: usize },
+    Retained {
+        filter: Option<String>,
+        limit: usize,
+    },
+    RetainedDelete {
+        topic: String,
+    },
+    Actors {
+        kind: Option<String>,
+    },
+    Actor {
+        name: String,
+    },
+    Tree {
+        max_children: usize,
+    },
     Metrics,
-    TraceStart { id: u64, client: String },
-    TraceStop { id: u64 },
-    Join { addr: String },
+    TraceStart {
+        id: u64,
+        client: String,
+    },
+    TraceStop {
+        id: u64,
+    },
+    Join {
+        addr: String,
+    },
     Depart,
 }
 

@@ -162,7 +162,10 @@ fn describe(node: &str, client: &str, dir: &str, p: &Packet, protocol: Protocol)
         }
         Packet::Subscribe(s) => {
             o.insert("pkid".into(), json!(s.pkid));
-            o.insert("filters".into(), json!(s.filters.iter().map(|(f, opt)| json!({"filter": f, "qos": opt.qos as u8})).collect::<Vec<_>>()));
+            o.insert(
+                "filters".into(),
+                json!(s.filters.iter().map(|(f, opt)| json!({"filter": f, "qos": opt.qos as u8})).collect::<Vec<_>>()),
+            );
         }
         Packet::SubAck(s) => {
             o.insert("pkid".into(), json!(s.pkid));

@@ -62,9 +62,15 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_raw<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet, protocol: Protocol) {
+async fn write_raw<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet, protocol: Protocol, m: &Metrics) {
     let mut b = BytesMut::new();
     encode(p, protocol, &mut b);
+    m.packets_out.add(p.type_code(), 1);
+    m.packet_bytes_out.add(p.type_code(), b.len() as u64);
+    Metrics::add(&m.bytes_sent, b.len() as u64);
+    if let Packet::ConnAck(a) = p {
+        m.connacks.add(a.code as usize, 1);
+    }
     let _ = wr.write_all(&b).await;
     let _ = wr.flush().await;
     let _ = wr.shutdown().await;
@@ -132,7 +138,10 @@ where
             tracing::debug!("no CONNECT within the connect timeout; closing");
             return None;
         }
-        Ok(Ok(Packet::Connect(c))) => *c,
+        Ok(Ok(Packet::Connect(c))) => {
+            m.packets_in.add(1, 1);
+            *c
+        }
         Ok(Ok(p)) => {
             tracing::info!(packet = p.name(), "first packet is not CONNECT; closing");
             return None;
@@ -148,7 +157,7 @@ where
                 _ => None,
             };
             if let Some(p) = answer_in {
-                Box::pin(write_raw(&mut wr, &connack(e.code), p)).await;
+                Box::pin(write_raw(&mut wr, &connack(e.code), p, m)).await;
             }
             return None;
         }
@@ -166,17 +175,17 @@ where
     Metrics::add(&m.connections_total, 1);
     if connected as usize >= cfg.mqtt.max_connections {
         tracing::warn!(limit = cfg.mqtt.max_connections, "connection limit reached; refusing");
-        Box::pin(write_raw(&mut wr, &connack(reason::QUOTA_EXCEEDED), protocol)).await;
+        Box::pin(write_raw(&mut wr, &connack(reason::QUOTA_EXCEEDED), protocol, m)).await;
         return None;
     }
     if !broker.admit_connect() {
         tracing::warn!(limit = cfg.mqtt.max_connect_rate, "connect rate exceeded; refusing");
-        Box::pin(write_raw(&mut wr, &connack(reason::CONNECTION_RATE_EXCEEDED), protocol)).await;
+        Box::pin(write_raw(&mut wr, &connack(reason::CONNECTION_RATE_EXCEEDED), protocol, m)).await;
         return None;
     }
     if v5 && c.props.authentication_method.is_some() {
         tracing::info!("enhanced authentication requested but none is configured");
-        Box::pin(write_raw(&mut wr, &connack(reason::BAD_AUTHENTICATION_METHOD), protocol)).await;
+        Box::pin(write_raw(&mut wr, &connack(reason::BAD_AUTHENTICATION_METHOD), protocol, m)).await;
         return None;
     }
     // Who is it? Devices are checked against the registry; wrong credentials get 0x86/0x87
@@ -198,21 +207,21 @@ where
                         AuthError::Unavailable => reason::SERVER_UNAVAILABLE,
                     };
                     tracing::info!(reason = ?e, username = c.username.as_deref().unwrap_or(""), "CONNECT refused");
-                    Box::pin(write_raw(&mut wr, &connack(code), protocol)).await;
+                    Box::pin(write_raw(&mut wr, &connack(code), protocol, m)).await;
                     return None;
                 }
             }
         }
         None if ctx.allow_anonymous => Principal::Anonymous,
         None => {
-            Box::pin(write_raw(&mut wr, &connack(reason::SERVER_UNAVAILABLE), protocol)).await;
+            Box::pin(write_raw(&mut wr, &connack(reason::SERVER_UNAVAILABLE), protocol, m)).await;
             return None;
         }
     };
     let mut props = Properties::default();
     let client_id: Arc<str> = if c.client_id.is_empty() {
         if !v5 && !c.clean_start {
-            Box::pin(write_raw(&mut wr, &connack(reason::CLIENT_ID_NOT_VALID), protocol)).await;
+            Box::pin(write_raw(&mut wr, &connack(reason::CLIENT_ID_NOT_VALID), protocol, m)).await;
             return None;
         }
         let id = format!("auto-{:016x}", rand::random::<u64>());
@@ -224,6 +233,10 @@ where
         Arc::from(c.client_id.as_str())
     };
     tracing::Span::current().record("client_id", &*client_id);
+    let shown = client_id.clone();
+    if broker.tracer.on() {
+        broker.tracer.packet(&cfg.node.name, &shown, "in", &Packet::Connect(Box::new(c.clone())), protocol);
+    }
     // A device's sessions live in its own client-id namespace.
     let device = principal.device().cloned();
     let client_id = match &device {
@@ -282,7 +295,7 @@ where
         expiry,
     });
     let mount = device.as_ref().map(|i| Arc::<str>::from(format!("v1/devices/{}/", i.device_number)));
-    let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone(), mount));
+    let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone(), mount, shown.clone()));
     let registry = broker.registry()?;
     let cid = client_id.clone();
     // In a cluster, the client id's registrar serialises connects cluster-wide and hands the
@@ -350,6 +363,8 @@ where
         qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
         acker,
         principal,
+        shown,
+        end: std::sync::atomic::AtomicU16::new(0),
     };
     Some(Established { conn, kicked, conn_id, keep_alive, cancel, writer, _gauge: gauge })
 }
@@ -371,7 +386,12 @@ where
     let will = loop {
         // Handle every complete packet already buffered, then read more.
         let step = loop {
-            match decode(&mut buf, protocol, max) {
+            let before = buf.len();
+            let decoded = decode(&mut buf, protocol, max);
+            if let Ok(Some(p)) = &decoded {
+                conn.saw(p, before - buf.len());
+            }
+            match decoded {
                 Ok(Some(Packet::PubAck(a))) => conn.acks.push(a.pkid),
                 Ok(Some(p)) => {
                     conn.flush_acks();
@@ -428,6 +448,14 @@ where
         }
     };
     let _ = session.tell(SessionMessage::Detach { conn_id, will, expiry: conn.new_expiry });
+    // Why it ended, for /metrics: the session's kick (takeover, operator, device disabled)
+    // comes first, then what this task decided, else the socket went away.
+    match (kicked.load(Ordering::Relaxed), conn.end.load(Ordering::Relaxed)) {
+        (k, _) if k != 0 => m.disconnects_server.add(k as usize, 1),
+        (_, 0) => Metrics::add(&m.connections_lost, 1),
+        (_, e) if e & 0x200 != 0 => m.disconnects_client.add((e & 0xff) as usize, 1),
+        (_, e) => m.disconnects_server.add((e & 0xff) as usize, 1),
+    }
     if let (Some(d), Some(i)) = (broker.devices.get(), conn.principal.device()) {
         let taken_over = kicked.load(Ordering::Relaxed) == reason::SESSION_TAKEN_OVER;
         Box::pin(d.disconnected(&i.device_number, conn_id, taken_over)).await;
@@ -460,6 +488,10 @@ struct Conn {
     acker: Option<mpsc::Sender<(Packet, Option<Arc<crate::message::Durable>>)>>,
     /// Who the client is: its ACL, and for a device its identity.
     principal: Principal,
+    /// The client id as the client sent it (traces).
+    shown: Arc<str>,
+    /// Why the connection ends: 0 = not decided, else 0x100 | (0x200 if the client closed it) | reason code.
+    end: std::sync::atomic::AtomicU16,
 }
 
 /// Send PUBACKs in order, each once its message is durable.
@@ -475,6 +507,20 @@ async fn ack_in_order(mut rx: mpsc::Receiver<(Packet, Option<Arc<crate::message:
 }
 
 impl Conn {
+    /// Count (and trace, while a trace runs) a packet read from the client.
+    fn saw(&self, p: &Packet, bytes: usize) {
+        let m = &self.broker.metrics;
+        let t = p.type_code();
+        m.packets_in.add(t, 1);
+        m.packet_bytes_in.add(t, bytes as u64);
+        if let Packet::Publish(p) = p {
+            m.publish_in.add(p.qos as usize, 1);
+        }
+        if self.broker.tracer.on() {
+            self.broker.tracer.packet(&self.broker.config.node.name, &self.shown, "in", p, self.protocol);
+        }
+    }
+
     /// Pass a message to the session; if the session actor is gone (it crashed), remember it so
     /// the connection closes instead of running on without a session.
     fn tell(&mut self, m: SessionMessage) {
@@ -492,6 +538,7 @@ impl Conn {
 
     /// Server-initiated close with a reason (sent as DISCONNECT in 5.0).
     fn close(&self, code: u8) -> WillAction {
+        let _ = self.end.compare_exchange(0, 0x100 | code as u16, Ordering::Relaxed, Ordering::Relaxed);
         if let Err(mpsc::error::TrySendError::Full(d)) = self.tx.try_send(Outbound::Disconnect(code)) {
             // Queue full: hand the DISCONNECT to a task that waits for room (bounded in time).
             let tx = self.tx.clone();
@@ -560,6 +607,7 @@ impl Conn {
                     }
                     self.new_expiry = Some(e.min(self.broker.config.mqtt.max_session_expiry_secs));
                 }
+                self.end.store(0x300 | d.code as u16, Ordering::Relaxed);
                 return Some(if v5 && d.code == reason::DISCONNECT_WITH_WILL { WillAction::Publish } else { WillAction::Discard });
             }
             Packet::Connect(_) => {

@@ -159,8 +159,14 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
             tracing::info!(%advertise, "other nodes reach this one through the advertised address");
         }
     }
-    let (sup, sup_handle) =
-        Actor::spawn(Some(format!("supervisor:{}", config.node.name)), crate::actors::inspect::Instrumented(SupervisorActor, "supervisor"), broker.clone()).await.context("start actors")?;
+    crate::actors::inspect::set_enabled(config.node.actor_stats);
+    let (sup, sup_handle) = Actor::spawn(
+        Some(format!("supervisor:{}", config.node.name)),
+        crate::actors::inspect::Instrumented(SupervisorActor, "supervisor"),
+        broker.clone(),
+    )
+    .await
+    .context("start actors")?;
     let registry = broker.registry().context("registry did not start")?;
     // The registry restores the sessions the store loaded; a round-trip waits for it.
     let restored = sessions.len();
@@ -203,6 +209,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         }
         tokio::spawn(coap::serve(sock, devices.clone(), shutdown.clone()));
     }
+    broker.serving.store(true, std::sync::atomic::Ordering::Relaxed);
     let retained_n = broker.retained.load().len();
     tracing::info!(node = %config.node.name, listeners = ?addrs, restored_sessions = restored, retained = retained_n, "thingsd ready");
 

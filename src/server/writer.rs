@@ -70,6 +70,19 @@ fn encode_out(buf: &mut BytesMut, p: OutPublish, protocol: Protocol, aliases: &m
     };
 }
 
+/// Count (and trace) a control packet written to the client.
+fn out(b: &Broker, client: &str, p: &Packet, bytes: usize, protocol: Protocol) {
+    let m = &b.metrics;
+    m.packets_out.add(p.type_code(), 1);
+    m.packet_bytes_out.add(p.type_code(), bytes as u64);
+    if let Packet::ConnAck(a) = p {
+        m.connacks.add(a.code as usize, 1);
+    }
+    if b.tracer.on() {
+        b.tracer.packet(&b.config.node.name, client, "out", p, protocol);
+    }
+}
+
 /// Run until the queue closes, a DISCONNECT is written, the socket fails or `cancel` fires.
 pub async fn run<W: AsyncWrite + Unpin>(
     mut wr: W,
@@ -79,6 +92,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     cancel: CancellationToken,
     broker: Arc<Broker>,
     mount: Option<Arc<str>>,
+    client: Arc<str>,
 ) {
     let mut buf = BytesMut::new();
     let mut aliases = Aliases { max: client_alias_max, map: HashMap::new() };
@@ -93,15 +107,27 @@ pub async fn run<W: AsyncWrite + Unpin>(
         let mut close = false;
         let mut sent = 0u64;
         loop {
+            let before = buf.len();
             match next {
-                Outbound::Packet(p) => encode(&p, protocol, &mut buf),
+                Outbound::Packet(p) => {
+                    encode(&p, protocol, &mut buf);
+                    out(&broker, &client, &p, buf.len() - before, protocol);
+                }
                 Outbound::Publish(p) => {
                     sent += 1;
-                    encode_out(&mut buf, p, protocol, &mut aliases, mount.as_ref())
+                    m.publish_out.add(p.qos as usize, 1);
+                    if broker.tracer.on() {
+                        broker.tracer.publish_out(&broker.config.node.name, &client, &p);
+                    }
+                    encode_out(&mut buf, p, protocol, &mut aliases, mount.as_ref());
+                    m.packets_out.add(3, 1);
+                    m.packet_bytes_out.add(3, (buf.len() - before) as u64);
                 }
                 Outbound::Disconnect(code) => {
                     if protocol == Protocol::V5 {
-                        encode(&Packet::Disconnect(Disconnect { code, props: Properties::default() }), protocol, &mut buf);
+                        let p = Packet::Disconnect(Disconnect { code, props: Properties::default() });
+                        encode(&p, protocol, &mut buf);
+                        out(&broker, &client, &p, buf.len() - before, protocol);
                     }
                     close = true;
                     break;

@@ -66,7 +66,12 @@ impl Actor for Maintenance {
 }
 
 pub async fn spawn(t: &Arc<Telemetry>) -> anyhow::Result<()> {
-    let (a, _) = Actor::spawn(Some("telemetry:maintenance".into()), crate::actors::inspect::Instrumented(Maintenance, "telemetry"), Arc::downgrade(t)).await?;
+    let (a, _) = Actor::spawn(
+        Some("telemetry:maintenance".into()),
+        crate::actors::inspect::Instrumented(Maintenance, "telemetry"),
+        Arc::downgrade(t),
+    )
+    .await?;
     let _ = t.maintenance.set(a);
     Ok(())
 }

@@ -205,6 +205,12 @@ impl Telemetry {
         written.await.map_err(|_| Busy)
     }
 
+    /// Points accepted and not yet taken by a writer (the queues' used room).
+    pub fn queued_points(&self) -> u64 {
+        let cap = self.config.telemetry.writer_queue.clamp(1, Semaphore::MAX_PERMITS) as u64;
+        self.writers.get().map_or(0, |w| w.iter().map(|(_, room)| cap.saturating_sub(room.available_permits() as u64)).sum())
+    }
+
     async fn replace_writer(&self, shard: usize) -> Option<ActorRef<WriterMsg>> {
         let _one = self.respawn.lock().await;
         let slot = &self.writers.get()?[shard].0;

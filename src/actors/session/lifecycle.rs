@@ -1,6 +1,6 @@
 //! Attach, detach, takeover, wills, expiry, and the session's persistent snapshot.
-use crate::actors::inspect::Tell;
 use super::*;
+use crate::actors::inspect::Tell;
 use crate::message::now_ms;
 
 impl SessionState {

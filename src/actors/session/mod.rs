@@ -169,7 +169,10 @@ pub enum SessionMessage {
     Info(RpcReplyPort<SessionInfo>),
     /// An operator disconnects the client (DISCONNECT 0x98); `discard` also ends the session
     /// (its will is published). Replies whether a connection was closed.
-    Kick { discard: bool, reply: RpcReplyPort<bool> },
+    Kick {
+        discard: bool,
+        reply: RpcReplyPort<bool>,
+    },
 }
 
 pub struct SessionArgs {

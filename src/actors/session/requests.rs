@@ -1,6 +1,6 @@
 //! Requests from the client that the session answers: QoS 2 publishes, SUBSCRIBE, UNSUBSCRIBE.
-use crate::actors::inspect::Tell;
 use super::*;
+use crate::actors::inspect::Tell;
 
 impl SessionState {
     pub(super) fn inbound_qos2(&mut self, pkid: u16, msg: Arc<Message>, reply: Reply) {
