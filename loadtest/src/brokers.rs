@@ -73,8 +73,11 @@ pub async fn start(kind: &str, max_conns: usize) -> anyhow::Result<Broker> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let dir = scratch(kind)?;
     let mut cmd = match kind {
-        "thingsd" => {
+        // thingsd-nostats: the same node with the actor inspector's per-message statistics off,
+        // to measure what the instrumentation costs (`--scenario inspect`).
+        "thingsd" | "thingsd-nostats" => {
             let mut c = Command::new(thingsd_binary()?);
+            c.env("THINGSD_NODE__ACTOR_STATS", (kind == "thingsd").to_string());
             c.env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\", allow_anonymous=true}}]"))
                 .env("THINGSD_LISTENERS__WS", "[]")
                 .env("THINGSD_LISTENERS__COAP", "[]")

@@ -26,7 +26,7 @@ struct Opts {
     pg: Option<String>,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices,tsdb,telemetry]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices,tsdb,telemetry,inspect]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]
                 [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]";
 
@@ -60,6 +60,11 @@ fn parse() -> anyhow::Result<Opts> {
             "--pg" => o.pg = Some(val()?),
             _ => bail!("unknown argument {a}\n{USAGE}"),
         }
+    }
+    // The inspector's cost: the same node with per-actor statistics on and off, same run.
+    if o.scenarios.iter().any(|s| s == "inspect") {
+        o.scenarios = vec!["pubsub".into(), "fanin".into(), "fanout".into()];
+        o.brokers = vec!["thingsd".into(), "thingsd-nostats".into()];
     }
     if o.scenarios == ["all"] {
         o.scenarios = vec!["pubsub".into(), "fanin".into(), "fanout".into(), "idle".into()];

@@ -22,7 +22,9 @@ use serde::Serialize;
 /// (for `actors list/tree`) either way.
 static ENABLED: AtomicBool = AtomicBool::new(true);
 const SHARDS: usize = 32;
-static TABLE: LazyLock<Vec<RwLock<HashMap<u64, Arc<Entry>>>>> = LazyLock::new(|| (0..SHARDS).map(|_| RwLock::default()).collect());
+/// Live actors by pid, in shards (senders read-lock one shard per counted send).
+type Shard = RwLock<HashMap<u64, Arc<Entry>>>;
+static TABLE: LazyLock<Vec<Shard>> = LazyLock::new(|| (0..SHARDS).map(|_| RwLock::default()).collect());
 /// Restarts by actor name (a supervisor or owner recreated it after a crash).
 static RESTARTS: LazyLock<Mutex<HashMap<String, u32>>> = LazyLock::new(Default::default);
 
@@ -56,7 +58,7 @@ impl Entry {
     }
 }
 
-fn shard(pid: u64) -> &'static RwLock<HashMap<u64, Arc<Entry>>> {
+fn shard(pid: u64) -> &'static Shard {
     &TABLE[(pid as usize) % SHARDS]
 }
 

@@ -26,13 +26,16 @@ struct Sink {
     dropped: Arc<AtomicU64>,
 }
 
+/// Where a trace's lines go, and its count of lines dropped for lack of room.
+type Listener = (mpsc::Sender<String>, Arc<AtomicU64>);
+
 #[derive(Default)]
 pub struct Tracer {
     /// Number of traced client ids on this node: the per-packet check.
     active: AtomicUsize,
     by_client: RwLock<HashMap<String, Vec<Sink>>>,
     /// Local receivers of traces started here (remote nodes' lines arrive for these ids).
-    local: RwLock<HashMap<u64, (mpsc::Sender<String>, Arc<AtomicU64>)>>,
+    local: RwLock<HashMap<u64, Listener>>,
     next: AtomicU64,
 }
 

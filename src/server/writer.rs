@@ -84,6 +84,7 @@ fn out(b: &Broker, client: &str, p: &Packet, bytes: usize, protocol: Protocol) {
 }
 
 /// Run until the queue closes, a DISCONNECT is written, the socket fails or `cancel` fires.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::Receiver<Outbound>,
