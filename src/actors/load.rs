@@ -2,7 +2,6 @@
 //! mailbox and queue. Publishers pause reading from their socket while an online subscriber is
 //! above the high-water mark (backpressure instead of dropping acknowledged messages); a
 //! subscriber that does not drain in time is marked slow and stops exerting backpressure.
-use crate::actors::inspect::Tell;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -70,7 +69,9 @@ impl Load {
             }
             Err(_) => return false,
         }
-        if !self.scheduled.swap(true, Ordering::AcqRel) && session.tell(SessionMessage::Drain).is_err() {
+        // Not counted for the inspector (`cast`, not `tell`): this is the fan-out hot path, and
+        // what waits here shows as the session's queue, not its mailbox.
+        if !self.scheduled.swap(true, Ordering::AcqRel) && session.cast(SessionMessage::Drain).is_err() {
             return false;
         }
         true
