@@ -88,6 +88,11 @@ impl Broker {
         }
     }
 
+    /// Subscriptions on this node (each shared-group member counted), from the shard snapshots.
+    pub fn subscription_count(&self) -> usize {
+        self.router.snapshots.iter().map(|s| s.load().count()).sum()
+    }
+
     pub fn registry(&self) -> Option<Arc<ActorRef<RegistryMessage>>> {
         self.registry.load_full()
     }

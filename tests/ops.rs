@@ -77,6 +77,17 @@ async fn thingsctl_against_a_three_node_cluster() {
     assert!(err.contains("cannot connect"), "{err}");
     let (code, _, err) = ctl_with(cl.http(0), ADMIN_KEY, &["sessions", "frobnicate"]).await;
     assert_eq!(code, 2, "{err}");
+    // Bad parameters: 400 with the reason, never a partial answer.
+    for (args, why) in [
+        (&["sessions", "list", "--limit", "many"][..], "limit must be"),
+        (&["sessions", "list", "--state", "sleepy"][..], "use connected, offline or all"),
+        (&["actors", "list", "--sort", "colour"][..], "cannot sort by"),
+        (&["actors", "list", "--node", "node9"][..], "no node named"),
+    ] {
+        let (code, _, err) = ctl_with(cl.http(0), ADMIN_KEY, args).await;
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
 
     // cluster status: every node up, with version and uptime; link round trips to the others.
     let table = ctl(&cl, &["cluster", "status"]).await;

@@ -49,7 +49,9 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn record(&self, t: Instant) {
+    /// A message handled since `t` (None: statistics are off).
+    fn record(&self, t: Option<Instant>) {
+        let Some(t) = t else { return };
         let ns = t.elapsed().as_nanos() as u64;
         let h = self.handled.fetch_add(1, Relaxed) + 1;
         self.busy_ns.fetch_add(ns, Relaxed);
@@ -165,10 +167,7 @@ impl<A: Actor> Actor for Instrumented<A> {
     }
 
     async fn handle(&self, me: ActorRef<Self::Msg>, m: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        if !enabled() {
-            return self.0.handle(me, m, &mut st.inner).await;
-        }
-        let t = Instant::now();
+        let t = enabled().then(Instant::now);
         let r = self.0.handle(me, m, &mut st.inner).await;
         st.entry.record(t);
         r
@@ -180,7 +179,7 @@ impl<A: Actor> Actor for Instrumented<A> {
         m: ractor::message::SerializedMessage,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let t = Instant::now();
+        let t = enabled().then(Instant::now);
         let r = self.0.handle_serialized(me, m, &mut st.inner).await;
         st.entry.record(t);
         r
@@ -192,7 +191,7 @@ impl<A: Actor> Actor for Instrumented<A> {
         e: SupervisionEvent,
         st: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let t = Instant::now();
+        let t = enabled().then(Instant::now);
         let r = self.0.handle_supervisor_evt(me, e, &mut st.inner).await;
         st.entry.record(t);
         r
@@ -325,15 +324,23 @@ pub fn tree(max_children: usize) -> Vec<TreeNode> {
     out
 }
 
-/// Count of live actors by kind (for `/metrics`).
-pub fn counts() -> HashMap<&'static str, u64> {
-    let mut m = HashMap::new();
+/// Per kind: live actors and messages waiting in their mailboxes (for `/metrics`), without
+/// building every actor's full info.
+pub fn counts() -> HashMap<&'static str, (u64, u64)> {
+    let mut m: HashMap<&'static str, (u64, u64)> = HashMap::new();
     for s in TABLE.iter() {
         if let Ok(t) = s.read() {
-            for e in t.values() {
-                *m.entry(e.kind).or_default() += 1;
+            for e in t.values().filter(|e| e.cell.get_status() != ActorStatus::Stopped) {
+                let c = m.entry(e.kind).or_default();
+                c.0 += 1;
+                c.1 += e.enqueued.load(Relaxed).saturating_sub(e.handled.load(Relaxed));
             }
         }
     }
     m
+}
+
+/// Live actors on this node.
+pub fn total() -> u64 {
+    counts().values().map(|c| c.0).sum()
 }

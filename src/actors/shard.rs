@@ -182,20 +182,9 @@ pub struct ShardActor;
 
 pub enum ShardMessage {
     /// Add or replace a subscription; replies whether it already existed.
-    Subscribe {
-        client: Arc<str>,
-        filter: String,
-        sub: Sub,
-        reply: RpcReplyPort<bool>,
-    },
+    Subscribe { client: Arc<str>, filter: String, sub: Sub, reply: RpcReplyPort<bool> },
     /// Remove `client`'s subscription if it is owned by `owner`; replies whether one was removed.
-    Unsubscribe {
-        client: Arc<str>,
-        filter: String,
-        owner: ActorId,
-        reply: Option<RpcReplyPort<bool>>,
-    },
-    Count(RpcReplyPort<usize>),
+    Unsubscribe { client: Arc<str>, filter: String, owner: ActorId, reply: Option<RpcReplyPort<bool>> },
 }
 
 pub struct ShardState {
@@ -277,9 +266,6 @@ impl Actor for ShardActor {
                 if let Some(r) = reply {
                     let _ = r.send(removed);
                 }
-            }
-            ShardMessage::Count(reply) => {
-                let _ = reply.send(st.root.count());
             }
         }
         Ok(())

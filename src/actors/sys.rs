@@ -61,7 +61,7 @@ impl Actor for SysActor {
         }
         cluster_members(b).await;
         let m = &b.metrics;
-        let subs = subscription_count(b).await;
+        let subs = b.subscription_count();
         let retained = b.retained.load().len();
         let stats: Vec<(&str, String)> = vec![
             ("$SYS/broker/version", format!("thingsd {}", env!("CARGO_PKG_VERSION"))),
@@ -99,18 +99,6 @@ async fn cluster_members(b: &Broker) {
         up.sort();
         sys(b, "$SYS/broker/cluster/members", up.join(","), true).await;
     }
-}
-
-async fn subscription_count(b: &Broker) -> usize {
-    let mut n = 0;
-    for i in 0..b.router.shards.len() {
-        if let Some(s) = b.router.shard(i) {
-            if let Ok(ractor::rpc::CallResult::Success(c)) = s.ask(super::shard::ShardMessage::Count, Some(Duration::from_secs(2))).await {
-                n += c;
-            }
-        }
-    }
-    n
 }
 
 impl ractor::Message for SysMessage {}

@@ -153,13 +153,7 @@ async fn labelled(out: &mut String, b: &Arc<Broker>) {
         "Connections ended: by the client's DISCONNECT, by the server (reason sent), or lost.",
         disc,
     );
-    let kinds = crate::actors::inspect::list(&b.config.node.name);
-    let mut per: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
-    for a in &kinds {
-        let e = per.entry(a.kind.clone()).or_default();
-        e.0 += 1;
-        e.1 += a.mailbox;
-    }
+    let per: std::collections::BTreeMap<&str, (u64, u64)> = crate::actors::inspect::counts().into_iter().collect();
     family(out, "thingsd_actors", "gauge", "Live actors by kind.", per.iter().map(|(k, (n, _))| (format!("kind=\"{}\"", esc(k)), *n)));
     family(
         out,
@@ -323,7 +317,7 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
         "thingsd_subscriptions",
         "gauge",
         "Subscriptions on this node (shared-group members counted each).",
-        b.router.snapshots.iter().map(|s| s.load().count() as u64).sum(),
+        b.subscription_count() as u64,
     );
     let mut lab = String::new();
     labelled(&mut lab, &b).await;

@@ -222,7 +222,6 @@ async fn find_session(b: &Broker, client: &str, device: Option<&str>) -> Result<
 }
 
 fn node_status(b: &Broker) -> Value {
-    let subs: usize = b.router.snapshots.iter().map(|s| s.load().count()).sum();
     let m = &b.metrics;
     json!({
         "node": b.config.node.name,
@@ -230,9 +229,9 @@ fn node_status(b: &Broker) -> Value {
         "uptime_secs": b.started.elapsed().as_secs(),
         "started_ms": now_ms().saturating_sub(b.started.elapsed().as_millis() as u64),
         "clients_connected": m.clients_connected.load(Relaxed),
-        "subscriptions": subs,
+        "subscriptions": b.subscription_count(),
         "retained": b.retained.load().len(),
-        "actors": inspect::counts().values().sum::<u64>(),
+        "actors": inspect::total(),
         "cluster": b.cluster.get().is_some(),
     })
 }
@@ -243,7 +242,13 @@ pub async fn local(b: &Arc<Broker>, q: Query, origin: Option<&str>) -> Result<Va
     match q {
         Query::Node => {
             let mut v = node_status(b);
-            let sessions = sessions_matching(b, None).await.map(|s| s.len()).unwrap_or(0);
+            let sessions = match b.registry() {
+                Some(r) => match r.ask(RegistryMessage::Count, Some(PEER_TIMEOUT)).await {
+                    Ok(ractor::rpc::CallResult::Success(n)) => Some(n),
+                    _ => None,
+                },
+                None => None,
+            };
             v["sessions"] = json!(sessions);
             if let Some(c) = b.cluster.get() {
                 v["members"] = json!(c.members().await);
@@ -457,8 +462,8 @@ pub fn summary(b: &Broker) -> Value {
         "protocol_errors": g(&m.protocol_errors),
         "queued": crate::actors::load::QUEUED.load(Relaxed).max(0),
         "retained": b.retained.load().len(),
-        "subscriptions": b.router.snapshots.iter().map(|s| s.load().count()).sum::<usize>(),
-        "actors": inspect::counts().values().sum::<u64>(),
+        "subscriptions": b.subscription_count(),
+        "actors": inspect::total(),
     });
     if let Some(c) = b.cluster.get() {
         v["cluster_forwarded"] = json!(c.forwarded.load(Relaxed));
