@@ -34,6 +34,8 @@ pub struct Broker {
     pub cluster: std::sync::OnceLock<Arc<Cluster>>,
     /// The device platform (registry, auth, downlink), set at start-up.
     pub devices: std::sync::OnceLock<Arc<crate::devices::Devices>>,
+    /// People on the REST API (set once at start-up).
+    pub users: std::sync::OnceLock<Arc<crate::users::Users>>,
     pub started: Instant,
     /// Live packet traces (`thingsctl trace`).
     pub tracer: crate::ops::trace::Tracer,
@@ -54,6 +56,7 @@ impl Broker {
         Broker {
             cluster,
             devices: std::sync::OnceLock::new(),
+            users: std::sync::OnceLock::new(),
             router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
             metrics: Metrics::default(),

@@ -17,7 +17,50 @@ pub struct Config {
     pub cache: CacheConfig,
     pub devices: DevicesConfig,
     pub telemetry: TelemetryConfig,
+    pub api: ApiConfig,
     pub log: LogConfig,
+}
+
+/// The REST API for people and applications: sign-in, sessions, limits, CORS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// HMAC secret signing access tokens; empty = generated once and kept in the meta store
+    /// (nodes sharing a database share it).
+    pub jwt_secret: String,
+    /// Lifetime of an access token (JWT).
+    pub access_ttl_secs: u64,
+    /// Lifetime of a session and its refresh token.
+    pub refresh_ttl_secs: u64,
+    /// The first system administrator, created when there is no user.
+    pub admin_user: String,
+    /// Its password; empty = generated and printed once at the first start.
+    pub admin_password: String,
+    /// Failed logins allowed per account, and per source address, within the window.
+    pub login_fail_limit_account: u32,
+    pub login_fail_limit_address: u32,
+    pub login_window_secs: u64,
+    /// Origins allowed by CORS (`*` for any); empty = no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// Largest request body of the REST API.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            jwt_secret: String::new(),
+            access_ttl_secs: 900,
+            refresh_ttl_secs: 30 * 86_400,
+            admin_user: "admin".into(),
+            admin_password: String::new(),
+            login_fail_limit_account: 5,
+            login_fail_limit_address: 20,
+            login_window_secs: 900,
+            cors_origins: vec![],
+            max_body_bytes: 1 << 20,
+        }
+    }
 }
 
 /// When a device's telemetry is acknowledged (MQTT PUBACK, HTTP 200, CoAP 2.04).
@@ -462,6 +505,8 @@ impl Config {
             }
         };
         mask(&mut c.devices.admin_key);
+        mask(&mut c.api.jwt_secret);
+        mask(&mut c.api.admin_password);
         mask(&mut c.cluster.cookie);
         c.meta.url = mask_url_password(&c.meta.url);
         c.cache.url = mask_url_password(&c.cache.url);

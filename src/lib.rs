@@ -14,3 +14,4 @@ pub mod protocols;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+pub mod users;

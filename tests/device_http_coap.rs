@@ -66,7 +66,7 @@ async fn http_device_api() {
     };
     // The poll is waiting once the device shows a poller... there is no event for that, so the
     // command is created right away: whether before or during the poll, it must come back.
-    let (_, cmd) = p.admin("POST", "/api/v1/admin/devices/h-1/commands", Some(json!({"method": "reset", "params": {"hard": true}}))).await;
+    let (_, cmd) = p.admin("POST", "/api/v1/devices/h-1/commands", Some(json!({"method": "reset", "params": {"hard": true}}))).await;
     let (s, got) = tokio::time::timeout(DEADLINE, poll).await.unwrap().unwrap();
     assert_eq!(s, 200, "{got}");
     assert_eq!(got["method"], "reset");
@@ -79,7 +79,7 @@ async fn http_device_api() {
     assert_eq!(done["response"]["error"], "busy");
 
     // A disabled device is refused with 403.
-    let (s, _) = p.admin("PATCH", "/api/v1/admin/devices/h-1", Some(json!({"enabled": false}))).await;
+    let (s, _) = p.admin("PATCH", "/api/v1/devices/h-1", Some(json!({"enabled": false}))).await;
     assert_eq!(s, 200);
     let (s, e) = post(&p, &format!("{base}/telemetry"), "{}").await;
     assert_eq!((s, e["error"]["code"].as_str()), (403, Some("forbidden")));
@@ -188,7 +188,7 @@ async fn coap_device_api() {
     let ack = c.recv().await;
     assert_eq!(code(&ack), ResponseType::Content);
     assert!(ack.get_observe_value().is_some(), "registration accepted");
-    let (_, cmd) = p.admin("POST", "/api/v1/admin/devices/c-1/commands", Some(json!({"method": "ping", "params": {"n": 3}}))).await;
+    let (_, cmd) = p.admin("POST", "/api/v1/devices/c-1/commands", Some(json!({"method": "ping", "params": {"n": 3}}))).await;
     let note = c.recv().await;
     assert_eq!(note.header.get_type(), MessageType::Confirmable);
     assert_eq!(note.get_token(), reg.get_token());
@@ -215,7 +215,7 @@ async fn coap_device_api() {
     c.send(&areg).await;
     let first = c.recv().await;
     assert_eq!((code(&first), first.get_observe_value().is_some()), (ResponseType::Content, true));
-    let (_, set) = p.admin("PUT", "/api/v1/admin/devices/c-1/attributes", Some(json!({"params": {"interval": 15}}))).await;
+    let (_, set) = p.admin("PUT", "/api/v1/devices/c-1/attributes", Some(json!({"params": {"interval": 15}}))).await;
     let note = c.recv().await;
     assert_eq!(note.get_token(), areg.get_token());
     assert_eq!(body(&note), json!({"interval": 15}));
@@ -225,7 +225,7 @@ async fn coap_device_api() {
     c.send(&a).await;
     p.wait_command(set["id"].as_i64().unwrap(), "sent").await;
     // An RST to a notification ends the observation.
-    let (_, set2) = p.admin("PUT", "/api/v1/admin/devices/c-1/attributes", Some(json!({"params": {"interval": 16}}))).await;
+    let (_, set2) = p.admin("PUT", "/api/v1/devices/c-1/attributes", Some(json!({"params": {"interval": 16}}))).await;
     let note = c.recv().await;
     let mut rst = Packet::new();
     rst.header.set_type(MessageType::Reset);
@@ -245,7 +245,7 @@ async fn coap_device_api() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = tokio::process::Command::new("coap-client-notls").args(["-m", "get", &url("attributes")]).output().await.unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"boots\":1"), "{:?}", out);
-    let (_, queued) = p.admin("POST", "/api/v1/admin/devices/c-1/commands", Some(json!({"method": "led", "params": {"on": true}}))).await;
+    let (_, queued) = p.admin("POST", "/api/v1/devices/c-1/commands", Some(json!({"method": "led", "params": {"on": true}}))).await;
     let out = tokio::time::timeout(
         Duration::from_secs(20),
         tokio::process::Command::new("coap-client-notls").args(["-m", "get", "-s", "3", &url("rpc")]).output(),

@@ -24,18 +24,18 @@ async fn mqtt_devices(meta: Option<String>) {
     let tcp = p.node.tcp;
 
     // The admin API wants its key.
-    let resp = p.http.get(format!("http://{}/api/v1/admin/devices", p.http_addr())).send().await.unwrap();
+    let resp = p.http.get(format!("http://{}/api/v1/devices", p.http_addr())).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "unauthorized");
-    let (s, v) = p.admin("POST", "/api/v1/admin/devices", Some(json!({"device_number": 5}))).await;
+    let (s, v) = p.admin("POST", "/api/v1/devices", Some(json!({"device_number": 5}))).await;
     assert_eq!(s, 400, "{v}");
     assert!(v["error"]["message"].is_string());
 
     let (s, product) = p
         .admin(
             "POST",
-            "/api/v1/admin/products",
+            "/api/v1/products",
             Some(json!({"name": "thermo", "strict": true, "model": {
                 "telemetry": [{"key": "temp", "type": "number", "min": -40.0, "max": 85.0}],
                 "attributes": [{"key": "fw", "type": "string"}],
@@ -124,14 +124,14 @@ async fn mqtt_devices(meta: Option<String>) {
     assert_eq!(pub1(&mut a, "devices/attributes/m1", 9, r#"{"fw": "1.2"}"#).await, 0);
     let r = next_on(&mut a, "devices/attributes/response/dev-a/m1").await;
     assert_eq!(json_of(&r)["result"], 0);
-    let (_, attrs) = p.admin("GET", "/api/v1/admin/devices/dev-a/attributes", None).await;
+    let (_, attrs) = p.admin("GET", "/api/v1/devices/dev-a/attributes", None).await;
     assert_eq!(attrs["client"]["fw"], "1.2");
     assert_eq!(pub1(&mut a, "devices/event/m2", 10, r#"{"method": "alarm", "params": {"level": 2}}"#).await, 0);
     assert_eq!(json_of(&next_on(&mut a, "devices/event/response/dev-a/m2").await)["method"], "alarm");
     assert_eq!(pub1(&mut a, "devices/event/m3", 11, r#"{"method": "nope"}"#).await, reason::PAYLOAD_FORMAT_INVALID);
 
     // A command to an online device: sent, answered, acknowledged with the response stored.
-    let (s, cmd) = p.admin("POST", "/api/v1/admin/devices/dev-a/commands", Some(json!({"method": "reboot", "params": {"delay": 1}}))).await;
+    let (s, cmd) = p.admin("POST", "/api/v1/devices/dev-a/commands", Some(json!({"method": "reboot", "params": {"delay": 1}}))).await;
     assert_eq!(s, 200, "{cmd}");
     assert_eq!(cmd["status"], "sent");
     let mid = cmd["message_id"].as_str().unwrap().to_string();
@@ -157,7 +157,7 @@ async fn mqtt_devices(meta: Option<String>) {
             break;
         }
     }
-    let (s, cmd) = p.admin("POST", "/api/v1/admin/devices/dev-b/commands", Some(json!({"method": "blink", "params": {}}))).await;
+    let (s, cmd) = p.admin("POST", "/api/v1/devices/dev-b/commands", Some(json!({"method": "blink", "params": {}}))).await;
     assert_eq!(s, 200);
     let mid = cmd["message_id"].as_str().unwrap().to_string();
     let c = next_on(&mut b, &format!("v1/devices/me/rpc/request/{mid}")).await;
@@ -170,9 +170,9 @@ async fn mqtt_devices(meta: Option<String>) {
     assert!(b.until_closed().await.is_empty());
     let st = next_on(&mut svc, "devices/status/dev-b").await;
     assert_eq!(json_of(&st)["online"], false);
-    let (_, queued) = p.admin("POST", "/api/v1/admin/devices/dev-b/commands", Some(json!({"method": "later", "params": {"n": 1}}))).await;
+    let (_, queued) = p.admin("POST", "/api/v1/devices/dev-b/commands", Some(json!({"method": "later", "params": {"n": 1}}))).await;
     assert_eq!(queued["status"], "pending");
-    let (_, expiring) = p.admin("POST", "/api/v1/admin/devices/dev-b/commands", Some(json!({"method": "soon", "ttl_secs": 1}))).await;
+    let (_, expiring) = p.admin("POST", "/api/v1/devices/dev-b/commands", Some(json!({"method": "soon", "ttl_secs": 1}))).await;
     p.wait_command(expiring["id"].as_i64().unwrap(), "expired").await;
     let mut b = device(tcp, Protocol::V4, "esp32", &tb).await;
     assert_eq!(sub(&mut b, "v1/devices/me/rpc/request/+").await, [1]);
@@ -180,12 +180,12 @@ async fn mqtt_devices(meta: Option<String>) {
     let c = next_on(&mut b, &format!("v1/devices/me/rpc/request/{mid}")).await;
     assert_eq!(json_of(&c)["method"], "later");
     p.wait_command(queued["id"].as_i64().unwrap(), "sent").await;
-    let (_, status) = p.admin("GET", "/api/v1/admin/devices/dev-b/status", None).await;
+    let (_, status) = p.admin("GET", "/api/v1/devices/dev-b/status", None).await;
     assert_eq!(status["online"], true, "{status}");
 
     // Shared attributes set by the platform reach a ThingsBoard device on v1/devices/me/attributes.
     assert_eq!(sub(&mut b, "v1/devices/me/attributes").await, [1]);
-    let (s, _) = p.admin("PUT", "/api/v1/admin/devices/dev-b/attributes", Some(json!({"params": {"interval": 30}}))).await;
+    let (s, _) = p.admin("PUT", "/api/v1/devices/dev-b/attributes", Some(json!({"params": {"interval": 30}}))).await;
     assert_eq!(s, 200);
     assert_eq!(json_of(&next_on(&mut b, "v1/devices/me/attributes").await), json!({"interval": 30}));
     // ... and the device can read them back (ThingsBoard attribute request).
@@ -194,7 +194,7 @@ async fn mqtt_devices(meta: Option<String>) {
     assert_eq!(json_of(&next_on(&mut b, "v1/devices/me/attributes/response/7").await)["shared"]["interval"], 30);
 
     // Disabling a device disconnects it at once (0x98) and keeps it out.
-    let (s, _) = p.admin("PATCH", "/api/v1/admin/devices/dev-a", Some(json!({"enabled": false}))).await;
+    let (s, _) = p.admin("PATCH", "/api/v1/devices/dev-a", Some(json!({"enabled": false}))).await;
     assert_eq!(s, 200);
     assert_kicked(&mut a).await;
     assert_eq!(login(tcp, Protocol::V5, "esp32", Some(&ta), None).await.1, reason::NOT_AUTHORIZED);
@@ -228,8 +228,7 @@ async fn gateways_passwords_and_rate_limits() {
     );
 
     // A command for the sub-device goes through its gateway.
-    let (_, cmd) =
-        p.admin("POST", "/api/v1/admin/devices/sensor-7/commands", Some(json!({"method": "open", "params": {"valve": 1}}))).await;
+    let (_, cmd) = p.admin("POST", "/api/v1/devices/sensor-7/commands", Some(json!({"method": "open", "params": {"valve": 1}}))).await;
     let mid = cmd["message_id"].as_str().unwrap();
     let c = next_on(&mut g, &format!("gateway/command/gw-1/{mid}")).await;
     assert_eq!(json_of(&c)["sub_device_data"]["modbus-7"]["method"], "open");
@@ -238,7 +237,7 @@ async fn gateways_passwords_and_rate_limits() {
     let (s, v) = p
         .admin(
             "POST",
-            "/api/v1/admin/devices/other/credentials",
+            "/api/v1/devices/other/credentials",
             Some(json!({"kind": "password", "username": "other-user", "password": "correct horse"})),
         )
         .await;
@@ -248,7 +247,7 @@ async fn gateways_passwords_and_rate_limits() {
     assert_eq!(code, 0);
     o.sync().await;
     let (s, v) = p
-        .admin("POST", "/api/v1/admin/devices/other/credentials", Some(json!({"kind": "password", "username": "u2", "password": "short"})))
+        .admin("POST", "/api/v1/devices/other/credentials", Some(json!({"kind": "password", "username": "u2", "password": "short"})))
         .await;
     assert_eq!(s, 400, "{v}");
 
@@ -298,10 +297,10 @@ async fn mosquitto_clients_with_tokens_and_redis_cache() {
         assert!(!bad.status.success(), "{v}: a wrong token must be refused");
     }
     // Revoking the token (cached in Redis when configured) keeps the device out at once.
-    let (_, creds) = p.admin("GET", "/api/v1/admin/devices/mq-1/credentials", None).await;
+    let (_, creds) = p.admin("GET", "/api/v1/devices/mq-1/credentials", None).await;
     let id = creds[0]["id"].as_i64().unwrap();
     let mut d = device(tcp, Protocol::V5, "mq", &token).await;
-    let (s, _) = p.admin("DELETE", &format!("/api/v1/admin/devices/mq-1/credentials/{id}"), None).await;
+    let (s, _) = p.admin("DELETE", &format!("/api/v1/devices/mq-1/credentials/{id}"), None).await;
     assert_eq!(s, 200);
     assert_kicked(&mut d).await;
     assert_eq!(login(tcp, Protocol::V5, "mq", Some(&token), None).await.1, reason::BAD_USERNAME_OR_PASSWORD);
@@ -357,8 +356,7 @@ async fn client_certificates_identify_devices() {
     .await;
     let tls_addr = p.node.tls.expect("tls listener");
     p.create_device("x-1", json!({})).await;
-    let (s, v) =
-        p.admin("POST", "/api/v1/admin/devices/x-1/credentials", Some(json!({"kind": "x509", "certificate_pem": dev_cert.pem()}))).await;
+    let (s, v) = p.admin("POST", "/api/v1/devices/x-1/credentials", Some(json!({"kind": "x509", "certificate_pem": dev_cert.pem()}))).await;
     assert_eq!(s, 200, "{v}");
 
     thingsd::server::install_crypto();

@@ -37,7 +37,7 @@ async fn across_nodes(pg: String, redis: Option<String>) {
     let mut d1 = device(cl.mqtt(1), Protocol::V5, "c", &t1).await;
     assert_eq!(sub(&mut d1, "devices/command/cd-1/+").await, [1]);
     wait_online(&http, n1, "cd-1", true).await;
-    let (s, cmd) = admin(&http, n1, "POST", "/api/v1/admin/devices/cd-1/commands", Some(json!({"method": "hello", "params": {}}))).await;
+    let (s, cmd) = admin(&http, n1, "POST", "/api/v1/devices/cd-1/commands", Some(json!({"method": "hello", "params": {}}))).await;
     assert_eq!(s, 200, "{cmd}");
     let mid = cmd["message_id"].as_str().unwrap();
     let c = next_on(&mut d1, &format!("devices/command/cd-1/{mid}")).await;
@@ -49,15 +49,15 @@ async fn across_nodes(pg: String, redis: Option<String>) {
     // Revoking a credential on node 1 closes the device on node 2, whose cache had it.
     let mut d2 = device(cl.mqtt(1), Protocol::V5, "c", &t2).await;
     d2.sync().await;
-    let (_, creds) = admin(&http, n1, "GET", "/api/v1/admin/devices/cd-2/credentials", None).await;
+    let (_, creds) = admin(&http, n1, "GET", "/api/v1/devices/cd-2/credentials", None).await;
     let id = creds[0]["id"].as_i64().unwrap();
-    let (s, _) = admin(&http, n1, "DELETE", &format!("/api/v1/admin/devices/cd-2/credentials/{id}"), None).await;
+    let (s, _) = admin(&http, n1, "DELETE", &format!("/api/v1/devices/cd-2/credentials/{id}"), None).await;
     assert_eq!(s, 200);
     assert_kicked(&mut d2).await;
     assert_eq!(login(cl.mqtt(1), Protocol::V5, "c", Some(&t2), None).await.1, reason::BAD_USERNAME_OR_PASSWORD);
 
     // Disabling on node 1 disconnects on node 2 at once, and node 2 refuses it after.
-    let (s, _) = admin(&http, n1, "PATCH", "/api/v1/admin/devices/cd-1", Some(json!({"enabled": false}))).await;
+    let (s, _) = admin(&http, n1, "PATCH", "/api/v1/devices/cd-1", Some(json!({"enabled": false}))).await;
     assert_eq!(s, 200);
     assert_kicked(&mut d1).await;
     assert_eq!(login(cl.mqtt(1), Protocol::V5, "c", Some(&t1), None).await.1, reason::NOT_AUTHORIZED);

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use thingsd::protocols::mqtt::*;
 
 async fn history(p: &Platform, number: &str, query: &str) -> Value {
-    let (s, v) = p.admin("GET", &format!("/api/v1/admin/devices/{number}/telemetry/history?{query}"), None).await;
+    let (s, v) = p.admin("GET", &format!("/api/v1/devices/{number}/telemetry/history?{query}"), None).await;
     assert_eq!(s, 200, "{v}");
     v
 }
@@ -25,7 +25,7 @@ fn values_of(v: &Value, key: &str) -> Vec<(i64, Value)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_to_store_with_rules_queries_and_restart() {
     let p = Platform::start(None, |_| {}).await;
-    let (s, prod) = p.admin("POST", "/api/v1/admin/products", Some(json!({"tenant_id": 1, "name": "thermo", "strict": false}))).await;
+    let (s, prod) = p.admin("POST", "/api/v1/products", Some(json!({"tenant_id": 1, "name": "thermo", "strict": false}))).await;
     assert_eq!(s, 200, "{prod}");
     let pid = prod["id"].as_i64().unwrap();
 
@@ -35,7 +35,7 @@ async fn devices_to_store_with_rules_queries_and_restart() {
         (json!([{"op": "scale", "key": "t"}, {"op": "convert", "key": "t", "from": "C", "to": "kPa"}]), "rule 1"),
         (json!([{"op": "explode", "key": "t"}]), "rules"),
     ] {
-        let (s, v) = p.admin("PUT", &format!("/api/v1/admin/products/{pid}/telemetry-policy"), Some(json!({"rules": bad}))).await;
+        let (s, v) = p.admin("PUT", &format!("/api/v1/products/{pid}/telemetry-policy"), Some(json!({"rules": bad}))).await;
         assert_eq!(s, 400, "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains(why), "{v}");
     }
@@ -45,12 +45,11 @@ async fn devices_to_store_with_rules_queries_and_restart() {
         {"op": "drop_out_of_range", "key": "hum", "min": 0, "max": 100},
         {"op": "derive", "key": "power", "expr": "volt * amp"}
     ]);
-    let (s, v) =
-        p.admin("PUT", &format!("/api/v1/admin/products/{pid}/telemetry-policy"), Some(json!({"rules": rules, "raw_days": 30}))).await;
+    let (s, v) = p.admin("PUT", &format!("/api/v1/products/{pid}/telemetry-policy"), Some(json!({"rules": rules, "raw_days": 30}))).await;
     assert_eq!(s, 200, "{v}");
-    let (_, got) = p.admin("GET", &format!("/api/v1/admin/products/{pid}/telemetry-policy"), None).await;
+    let (_, got) = p.admin("GET", &format!("/api/v1/products/{pid}/telemetry-policy"), None).await;
     assert_eq!(got["raw_days"], 30);
-    let (s, _) = p.admin("PUT", "/api/v1/admin/products/999/telemetry-policy", Some(json!({"rules": []}))).await;
+    let (s, _) = p.admin("PUT", "/api/v1/products/999/telemetry-policy", Some(json!({"rules": []}))).await;
     assert_eq!(s, 404);
 
     let (_, token) = p.create_device("th-1", json!({"product_id": pid})).await;
@@ -108,16 +107,13 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     assert!(all.windows(2).all(|w| w[0] < w[1]), "ordered by time and key: {all:?}");
 
     // Latest, aggregates, chart, CSV.
-    let (_, latest) = p.admin("GET", "/api/v1/admin/devices/th-1/telemetry/latest", None).await;
+    let (_, latest) = p.admin("GET", "/api/v1/devices/th-1/telemetry/latest", None).await;
     assert_eq!(latest["temp"], json!({"ts": t0 + 180_000, "value": 30.0}));
     assert_eq!(latest["door"]["value"], json!(false));
     let (s, agg) = p
         .admin(
             "GET",
-            &format!(
-                "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&from={t0}&to={}&window=1h&fn=max&tz=Europe/Berlin",
-                t0 + 240_000
-            ),
+            &format!("/api/v1/devices/th-1/telemetry/aggregate?key=temp&from={t0}&to={}&window=1h&fn=max&tz=Europe/Berlin", t0 + 240_000),
             None,
         )
         .await;
@@ -127,7 +123,7 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     let (s, fleet) = p
         .admin(
             "GET",
-            &format!("/api/v1/admin/products/{pid}/telemetry/aggregate?key=temp&from={t0}&to={}&window=1d&fn=count", t0 + 240_000),
+            &format!("/api/v1/products/{pid}/telemetry/aggregate?key=temp&from={t0}&to={}&window=1d&fn=count", t0 + 240_000),
             None,
         )
         .await;
@@ -135,15 +131,11 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     let counted: f64 = fleet["devices"]["th-1"].as_array().unwrap().iter().map(|b| b["value"].as_f64().unwrap()).sum();
     assert_eq!(counted, 4.0, "{fleet}");
     let (_, chart) =
-        p.admin("GET", &format!("/api/v1/admin/devices/th-1/telemetry/chart?key=temp&from={t0}&to={}&points=2", t0 + 240_000), None).await;
+        p.admin("GET", &format!("/api/v1/devices/th-1/telemetry/chart?key=temp&from={t0}&to={}&points=2", t0 + 240_000), None).await;
     assert_eq!(chart["points"], json!([[t0, 60.25], [t0 + 120_000, 25.75]]));
     let csv = p
         .http
-        .get(format!(
-            "http://{}/api/v1/admin/devices/th-1/telemetry/export.csv?keys=mode,temp&from={t0}&to={}",
-            p.http_addr(),
-            t0 + 100_000
-        ))
+        .get(format!("http://{}/api/v1/devices/th-1/telemetry/export.csv?keys=mode,temp&from={t0}&to={}", p.http_addr(), t0 + 100_000))
         .bearer_auth(ADMIN_KEY)
         .send()
         .await
@@ -153,13 +145,13 @@ async fn devices_to_store_with_rules_queries_and_restart() {
 
     // Bad queries: JSON errors.
     for q in ["window=7x", "fn=median", "tz=Mars/Base", "from=10&to=5", "from=abc"] {
-        let (s, v) = p.admin("GET", &format!("/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&{q}"), None).await;
+        let (s, v) = p.admin("GET", &format!("/api/v1/devices/th-1/telemetry/aggregate?key=temp&{q}"), None).await;
         assert_eq!(s, 400, "{q}: {v}");
         assert!(v["error"]["code"].is_string());
     }
-    let (s, _) = p.admin("GET", "/api/v1/admin/devices/nope/telemetry/latest", None).await;
+    let (s, _) = p.admin("GET", "/api/v1/devices/nope/telemetry/latest", None).await;
     assert_eq!(s, 404);
-    let (s, st) = p.admin("GET", "/api/v1/admin/telemetry/status", None).await;
+    let (s, st) = p.admin("GET", "/api/v1/telemetry/status", None).await;
     assert_eq!((s, st["store"].as_str()), (200, Some("embedded")), "{st}");
     // Retention: a point older than the product's 30 days goes at the next maintenance run.
     let old = t0 - 40 * 86_400_000;
@@ -172,7 +164,7 @@ async fn devices_to_store_with_rules_queries_and_restart() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(values_of(&history(&p, "th-1", &format!("from={old}&to={}&keys=temp", old + 1)).await, "temp").len(), 1);
-    let (s, rep) = p.admin("POST", "/api/v1/admin/telemetry/maintenance", None).await;
+    let (s, rep) = p.admin("POST", "/api/v1/telemetry/maintenance", None).await;
     assert_eq!(s, 200, "{rep}");
     assert!(rep["points_deleted"].as_u64().unwrap() >= 1, "{rep}");
     assert!(values_of(&history(&p, "th-1", &format!("from={old}&to={}&keys=temp", old + 1)).await, "temp").is_empty());
@@ -183,9 +175,8 @@ async fn devices_to_store_with_rules_queries_and_restart() {
     let (from, to) = (t0 / h * h, rolled_to);
     if to > from {
         for f in ["avg", "max", "count", "sum"] {
-            let path = |src: &str| {
-                format!("/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&from={from}&to={to}&window=1h&fn={f}&source={src}")
-            };
+            let path =
+                |src: &str| format!("/api/v1/devices/th-1/telemetry/aggregate?key=temp&from={from}&to={to}&window=1h&fn={f}&source={src}");
             let (s1, raw) = p.admin("GET", &path("raw"), None).await;
             let (s2, rolled) = p.admin("GET", &path("rollup"), None).await;
             assert_eq!((s1, s2), (200, 200), "{rolled}");
@@ -193,10 +184,9 @@ async fn devices_to_store_with_rules_queries_and_restart() {
             assert!(!raw["buckets"].as_array().unwrap().is_empty());
         }
     }
-    let (s, v) =
-        p.admin("GET", "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&window=1h&source=rollup&tz=Asia/Kolkata", None).await;
+    let (s, v) = p.admin("GET", "/api/v1/devices/th-1/telemetry/aggregate?key=temp&window=1h&source=rollup&tz=Asia/Kolkata", None).await;
     assert_eq!(s, 400, "half-hour zones are not answered from hourly roll-ups: {v}");
-    let (s, _) = p.admin("GET", "/api/v1/admin/devices/th-1/telemetry/aggregate?key=temp&window=15m&source=rollup", None).await;
+    let (s, _) = p.admin("GET", "/api/v1/devices/th-1/telemetry/aggregate?key=temp&window=15m&source=rollup", None).await;
     assert_eq!(s, 400);
 
     // A writer that dies is replaced: the next message is stored and acknowledged.
@@ -340,7 +330,7 @@ async fn back_pressure_when_the_store_stalls() {
     for n in [0, 1, 2, 3, 4, 500] {
         assert!(stored.contains(&n), "acknowledged point {n} stored: {stored:?}");
     }
-    let (_, m) = p.admin("GET", "/api/v1/admin/telemetry/status", None).await;
+    let (_, m) = p.admin("GET", "/api/v1/telemetry/status", None).await;
     assert_eq!(m["store"], "postgres");
     let end = tokio::time::Instant::now() + DEADLINE;
     while ready(client(), p.http_addr()).await.0 != 200 {
@@ -395,7 +385,7 @@ async fn kill_9_loses_no_acknowledged_point() {
             &http,
             node.http,
             "GET",
-            &format!("/api/v1/admin/devices/k9-1/telemetry/history?from={t0}&to={}&keys=n&limit=10000{cursor}", t0 + 200_000),
+            &format!("/api/v1/devices/k9-1/telemetry/history?from={t0}&to={}&keys=n&limit=10000{cursor}", t0 + 200_000),
             None,
         )
         .await;

@@ -97,7 +97,7 @@ pub async fn run(devices: usize, publishers: usize, messages: u64, window: usize
     let t0 = Instant::now();
     let mut tokens = Vec::with_capacity(devices);
     for k in 0..devices {
-        let v = post(http, "/api/v1/admin/devices", &format!(r#"{{"device_number":"lt-dev-{k}"}}"#)).await?;
+        let v = post(http, "/api/v1/devices", &format!(r#"{{"device_number":"lt-dev-{k}"}}"#)).await?;
         tokens.push(v["access_token"].as_str().context("access_token")?.to_string());
     }
     let created = devices as f64 / t0.elapsed().as_secs_f64();
@@ -155,7 +155,7 @@ pub async fn telemetry(publishers: usize, messages: u64, window: usize, pg: Opti
         let (b, http) = brokers::start_platform(publishers + 10, &env).await?;
         let mut tokens = Vec::with_capacity(publishers);
         for k in 0..publishers {
-            let v = post(http, "/api/v1/admin/devices", &format!(r#"{{"device_number":"lt-tel-{k}"}}"#)).await?;
+            let v = post(http, "/api/v1/devices", &format!(r#"{{"device_number":"lt-tel-{k}"}}"#)).await?;
             tokens.push(v["access_token"].as_str().context("access_token")?.to_string());
         }
         let (conns, _) = connect_all(b.addr, publishers, "lt-tel", Some(&tokens)).await?;
@@ -176,7 +176,7 @@ pub async fn telemetry(publishers: usize, messages: u64, window: usize, pg: Opti
         let h = get(
             http,
             &format!(
-                "/api/v1/admin/devices/lt-tel-{}/telemetry/history?keys=voltage&from=1700000000000&to=1800000000000&limit=10000",
+                "/api/v1/devices/lt-tel-{}/telemetry/history?keys=voltage&from=1700000000000&to=1800000000000&limit=10000",
                 publishers - 1
             ),
         )

@@ -1,5 +1,5 @@
 //! thingsctl: the operator's command line for a thingsd cluster. It talks to any node's admin
-//! API (`/admin/v1/…`, `/api/v1/admin/…`) with the admin API key; every command answers for the
+//! API (`/admin/v1/…`, `/api/v1/…`) with the admin API key; every command answers for the
 //! whole cluster unless `--node` names one node. Human tables by default, `--json` for scripts.
 //! Exit status: 0 done, 1 the node refused or could not be reached, 2 bad usage.
 use std::io::Write;
@@ -133,7 +133,7 @@ async fn run(args: Vec<String>) -> Res {
         ["metrics"] => ctl.metrics().await,
         ["devices", "list"] => ctl.devices().await,
         ["devices", "show", n] => {
-            let v = ctl.get(&format!("/api/v1/admin/devices/{}", enc(n)), &[]).await?;
+            let v = ctl.get(&format!("/api/v1/devices/{}", enc(n)), &[]).await?;
             ctl.print_kv(&v)
         }
         [] => Err(Fail::Usage("no command".into())),
@@ -490,11 +490,11 @@ impl Ctl {
 
     async fn devices(&self) -> Res {
         let q: Vec<(String, String)> = self.opt("limit").map(|l| vec![("limit".to_string(), l)]).unwrap_or_default();
-        let v = self.get("/api/v1/admin/devices", &q).await?;
+        let v = self.get("/api/v1/devices", &q).await?;
         if self.json {
             return self.print_json(&v);
         }
-        let rows: Vec<Vec<String>> = v["devices"]
+        let rows: Vec<Vec<String>> = v["items"]
             .as_array()
             .into_iter()
             .flatten()

@@ -38,7 +38,7 @@ pub fn hash_password(password: &[u8]) -> String {
     Argon2::default().hash_password(password, &salt).map(|h| h.to_string()).unwrap_or_default()
 }
 
-fn verify(password: &[u8], phc: &str) -> bool {
+pub fn verify_password(password: &[u8], phc: &str) -> bool {
     PasswordHash::new(phc).is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok())
 }
 
@@ -144,7 +144,7 @@ impl Devices {
         }
         let (pw, phc) = (pw.to_vec(), phc.to_string());
         // argon2 takes tens of milliseconds of CPU: off the async workers.
-        let ok = tokio::task::spawn_blocking(move || verify(&pw, &phc)).await.unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || verify_password(&pw, &phc)).await.unwrap_or(false);
         if ok {
             self.verified.insert(key, ());
         }

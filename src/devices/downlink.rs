@@ -18,7 +18,7 @@ use crate::protocols::mqtt::QoS;
 use crate::storage::meta::{AttributeScope, Command, CommandKind, Device, MetaError, NewCommand};
 
 /// A downlink request (admin API body).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DownlinkRequest {
     /// Command name (commands only).

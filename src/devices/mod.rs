@@ -31,7 +31,7 @@ mod status;
 pub mod uplink;
 
 pub use acl::Acl;
-pub use auth::{hash_password, AuthError, Credentials};
+pub use auth::{hash_password, verify_password, AuthError, Credentials};
 pub use events::{IngestError, ReplyTo};
 pub use uplink::{DeviceEvent, EventKind, Reject};
 

@@ -59,6 +59,12 @@ impl From<MetaError> for ApiError {
             MetaError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
             MetaError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             MetaError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
+            // Input the database refused (PostgreSQL's data exceptions and integrity
+            // violations: a NUL in a string, a number out of range, a dangling reference) is
+            // the caller's mistake, not an outage.
+            MetaError::Db(sqlx::Error::Database(d)) if d.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid", format!("the database refused the input: {}", d.message()))
+            }
             MetaError::Db(e) => {
                 tracing::error!(error = %e, "meta store error");
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the device registry is unavailable")
@@ -69,7 +75,13 @@ impl From<MetaError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.body_text())
+        match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.body_text()),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", e.body_text())
+            }
+            _ => ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.body_text()),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! HTTP interface of a node: health and Prometheus metrics for operators and load balancers,
-//! the device HTTP API (`/api/v1/{token}/…`) and the admin API (`/api/v1/admin/…`).
+//! the device HTTP API (`/api/v1/{token}/…`), the REST API for people and applications
+//! (`/api/v1/…`, described at `/api/openapi.json`) and the operators' API (`/admin/v1/…`).
 //! One file per resource; handlers turn requests into calls on the broker and the device
 //! platform and own no state.
 use std::sync::Arc;
@@ -8,32 +9,62 @@ use axum::Router;
 
 use crate::broker::Broker;
 
-mod admin;
+pub mod api;
 mod device_api;
 mod error;
 mod health;
 mod ops;
-mod telemetry_api;
 
 pub use error::ApiError;
 
 /// What every handler gets: the node's broker (and through it the device platform).
 pub type AppState = Arc<Broker>;
 
-/// The node's HTTP application. Request bodies are bounded by the device payload limit
-/// (plus room for JSON framing).
+/// The node's HTTP application. Request bodies are bounded: device uploads by the device
+/// payload limit (plus room for JSON framing), the REST API by `api.max_body_bytes`.
 pub fn app(broker: Arc<Broker>) -> Router {
-    let limit = broker.config.devices.max_payload.saturating_mul(2).max(64 * 1024);
-    Router::new()
+    let device_limit = broker.config.devices.max_payload.saturating_mul(2).max(64 * 1024);
+    let (api, doc) = api::routes();
+    let doc = Arc::new(doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")));
+    let api = api
+        .route(
+            "/api/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], doc.as_str().to_owned()) }
+            }),
+        )
+        .layer(axum::extract::DefaultBodyLimit::max(broker.config.api.max_body_bytes));
+    let mut app = Router::new()
         .merge(health::routes())
-        .merge(admin::routes(broker.clone()))
         .merge(ops::routes(broker.clone()))
-        .merge(device_api::routes())
+        .merge(device_api::routes().layer(axum::extract::DefaultBodyLimit::max(device_limit)))
+        .merge(api)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(axum::extract::DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(broker.clone(), count_request))
-        .with_state(broker)
+        .layer(axum::middleware::from_fn_with_state(broker.clone(), count_request));
+    if let Some(cors) = cors(&broker.config.api.cors_origins) {
+        app = app.layer(cors);
+    }
+    app.with_state(broker)
+}
+
+/// CORS for browser applications on other origins (`api.cors_origins`; `*` = any).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let layer = CorsLayer::new()
+        .allow_methods(Any)
+        .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE, "x-api-key".parse().ok()?])
+        .max_age(std::time::Duration::from_secs(3600));
+    Some(if origins.iter().any(|o| o == "*") {
+        layer.allow_origin(Any)
+    } else {
+        let list: Vec<axum::http::HeaderValue> = origins.iter().filter_map(|o| o.parse().ok()).collect();
+        layer.allow_origin(AllowOrigin::list(list))
+    })
 }
 
 /// Count every request by its route template (`/api/v1/admin/devices/{number}`; unmatched

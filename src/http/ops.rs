@@ -1,7 +1,7 @@
 //! The operators' API under `/admin/v1/…` (what `thingsctl` calls). Every call works on any
 //! node and answers for the whole cluster unless `?node=` names one; nodes that could not
 //! answer are listed in `errors`, so a partial answer is never mistaken for a whole one.
-//! Same admin API key as `/api/v1/admin/…`.
+//! For the system scope only: an admin API key, or a system administrator's access token.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,18 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/v1/actors/{*name}", get(actor))
         .route("/admin/v1/metrics", get(metrics))
         .route("/admin/v1/trace/{*client}", get(trace))
-        .route_layer(middleware::from_fn_with_state(state, super::admin::require_key))
+        .route_layer(middleware::from_fn_with_state(state, require_operator))
+}
+
+/// Operators' calls reach every tenant's sessions: the system scope only.
+async fn require_operator(State(s): State<AppState>, req: axum::extract::Request, next: middleware::Next) -> Result<Response, ApiError> {
+    let (mut parts, body) = req.into_parts();
+    let c = <super::api::Caller as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &s).await?;
+    if !c.system() {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "the operators' API is for the system scope"));
+    }
+    c.require("tenant:manage")?;
+    Ok(next.run(axum::extract::Request::from_parts(parts, body)).await)
 }
 
 #[derive(Deserialize, Default)]

@@ -177,6 +177,8 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let _ = broker.devices.set(devices.clone());
     let telemetry = crate::telemetry::Telemetry::start(config.clone(), devices.meta.clone(), devices.cache.clone()).await?;
     let _ = devices.telemetry.set(telemetry.clone());
+    let users = crate::users::Users::start(devices.meta.clone(), devices.cache.clone(), config.api.clone()).await?;
+    let _ = broker.users.set(Arc::new(users));
     let tracker = TaskTracker::new();
     for (l, kind, opts) in bound.listeners {
         let proxy = opts.proxy;

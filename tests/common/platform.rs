@@ -9,6 +9,9 @@ use thingsd::protocols::mqtt::*;
 use super::{connect_packet, Node, Raw, DEADLINE};
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
+/// The first system administrator of a test node (REST API user).
+pub const ROOT_USER: &str = "root";
+pub const ROOT_PASSWORD: &str = "root-password-1";
 pub const SVC_USER: &str = "platform-svc";
 pub const SVC_PASS: &str = "svc-password-1";
 
@@ -22,6 +25,8 @@ pub fn configure(c: &mut Config, meta_url: Option<String>) {
     c.listeners.tcp[0].allow_anonymous = false;
     c.listeners.coap = vec![CoapListenerConfig { bind: "127.0.0.1:0".parse().unwrap() }];
     c.devices.admin_key = ADMIN_KEY.into();
+    c.api.admin_user = ROOT_USER.into();
+    c.api.admin_password = ROOT_PASSWORD.into();
     c.devices.services = vec![ServiceAccount {
         username: SVC_USER.into(),
         password_hash: thingsd::devices::hash_password(SVC_PASS.as_bytes()),
@@ -67,8 +72,13 @@ pub fn client() -> reqwest::Client {
 }
 
 pub async fn admin(http: &reqwest::Client, addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    call(http, addr, ADMIN_KEY, method, path, body).await
+}
+
+/// A REST call with `token` (an API key or a user's access token): status and JSON body.
+pub async fn call(http: &reqwest::Client, addr: SocketAddr, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let url = format!("http://{addr}{path}");
-    let mut req = http.request(method.parse().unwrap(), url).bearer_auth(ADMIN_KEY);
+    let mut req = http.request(method.parse().unwrap(), url).bearer_auth(token);
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -83,7 +93,7 @@ pub async fn create_device(http: &reqwest::Client, addr: SocketAddr, number: &st
     if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
         b.extend(e);
     }
-    let (s, v) = admin(http, addr, "POST", "/api/v1/admin/devices", Some(body)).await;
+    let (s, v) = admin(http, addr, "POST", "/api/v1/devices", Some(body)).await;
     assert_eq!(s, 200, "create device {number}: {v}");
     (v["device"].clone(), v["access_token"].as_str().unwrap().to_string())
 }
@@ -102,12 +112,12 @@ pub async fn poll_admin(http: &reqwest::Client, addr: SocketAddr, path: &str, do
 }
 
 pub async fn wait_command(http: &reqwest::Client, addr: SocketAddr, id: i64, status: &str) -> Value {
-    poll_admin(http, addr, &format!("/api/v1/admin/commands/{id}"), |c| c["status"] == status).await
+    poll_admin(http, addr, &format!("/api/v1/commands/{id}"), |c| c["status"] == status).await
 }
 
 /// Wait until `addr`'s node reports the device `online` (or not).
 pub async fn wait_online(http: &reqwest::Client, addr: SocketAddr, number: &str, online: bool) {
-    poll_admin(http, addr, &format!("/api/v1/admin/devices/{number}/status"), |s| s["online"] == online).await;
+    poll_admin(http, addr, &format!("/api/v1/devices/{number}/status"), |s| s["online"] == online).await;
 }
 
 /// The server closed the client after DISCONNECT 0x98 (administrative action).
@@ -200,4 +210,14 @@ pub async fn sub(r: &mut Raw, filter: &str) -> Vec<u8> {
             other => panic!("expected SUBACK, got {other:?}"),
         }
     }
+}
+
+/// Log a user in; returns the token answer (asserts success).
+pub async fn login_user(http: &reqwest::Client, addr: SocketAddr, user: &str, password: &str) -> Value {
+    let r =
+        http.post(format!("http://{addr}/api/v1/auth/login")).json(&json!({"username": user, "password": password})).send().await.unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "login {user}: {v}");
+    v
 }

@@ -123,6 +123,37 @@ impl Cache {
         }
     }
 
+    /// Add one to the counter `key` (created with `window` to live: a fixed-window rate
+    /// counter); returns the new count. A Redis error counts as 0 (never locks anyone out).
+    pub async fn incr(&self, key: &str, window: Duration) -> u64 {
+        match self {
+            Cache::Local(c) => {
+                let now = now_ms();
+                let e = c.entry(key.to_string()).and_upsert_with(|old| match old.map(|e| e.into_value()) {
+                    Some((v, exp)) if exp > now => (Arc::from((v.parse::<u64>().unwrap_or(0) + 1).to_string()), exp),
+                    _ => (Arc::from("1"), now + window.as_millis() as u64),
+                });
+                e.into_value().0.parse().unwrap_or(0)
+            }
+            Cache::Redis(r) => {
+                let k = r.key(key);
+                let n = match r.client.incr::<u64, _>(&k).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        r.log(&e);
+                        return 0;
+                    }
+                };
+                if n == 1 {
+                    if let Err(e) = r.client.pexpire::<i64, _>(&k, window.as_millis().max(1) as i64, None).await {
+                        r.log(&e);
+                    }
+                }
+                n
+            }
+        }
+    }
+
     /// Broadcast `msg` to every node subscribed to `channel` (Redis only; no-op in-process).
     pub async fn publish(&self, channel: &str, msg: &str) {
         if let Cache::Redis(r) = self {

@@ -5,7 +5,7 @@ use sqlx::any::AnyRow;
 
 use super::{col_i64, col_json, col_opt_i64, col_opt_str, col_str, now_ms, MetaError, MetaStore, Result};
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandKind {
     Command,
@@ -14,7 +14,7 @@ pub enum CommandKind {
     TelemetryControl,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandStatus {
     Pending,
@@ -39,7 +39,7 @@ macro_rules! str_enum {
 str_enum!(CommandKind { Command => "command", AttributeSet => "attribute_set", AttributeGet => "attribute_get", TelemetryControl => "telemetry_control" });
 str_enum!(CommandStatus { Pending => "pending", Sent => "sent", Acknowledged => "acknowledged", Failed => "failed", Expired => "expired" });
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Command {
     pub id: i64,
     pub device_id: i64,

@@ -4,10 +4,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
-use super::products::default_tenant;
-use super::{col_i64, col_json, col_opt_i64, col_opt_str, col_str, now_ms, MetaError, MetaStore, Result};
+use super::{col_i64, col_json, col_opt_i64, col_opt_str, col_str, now_ms, ListQuery, Listing, MetaError, MetaStore, Page, Result};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Device {
     pub id: i64,
     pub tenant_id: i64,
@@ -25,10 +24,11 @@ pub struct Device {
     pub updated_ms: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewDevice {
-    #[serde(default = "default_tenant")]
-    pub tenant_id: i64,
+    /// The owning tenant (default: the caller's; 1 in the system scope).
+    #[serde(default)]
+    pub tenant_id: Option<i64>,
     pub device_number: String,
     #[serde(default)]
     pub name: String,
@@ -45,7 +45,7 @@ pub struct NewDevice {
 }
 
 /// A partial update: absent fields keep their value.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceUpdate {
     pub name: Option<String>,
@@ -55,7 +55,7 @@ pub struct DeviceUpdate {
     pub enabled: Option<bool>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Group {
     pub id: i64,
     pub tenant_id: i64,
@@ -64,7 +64,7 @@ pub struct Group {
 }
 
 /// How a device proves who it is.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialKind {
     /// An access token: the MQTT username (no password), the `{token}` of HTTP/CoAP URLs.
@@ -93,7 +93,7 @@ impl CredentialKind {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Credential {
     pub id: i64,
     pub device_id: i64,
@@ -121,6 +121,28 @@ impl AttributeScope {
             AttributeScope::Shared => "shared",
         }
     }
+}
+
+pub(crate) const DEVICES: Listing = Listing {
+    table: "devices",
+    tenant_column: Some("tenant_id"),
+    columns: &["id", "device_number", "name", "product_id", "group_id", "gateway_id", "enabled", "created_ms", "updated_ms", "tenant_id"],
+    search: &["device_number", "name"],
+};
+pub(crate) const GROUPS: Listing = Listing {
+    table: "device_groups",
+    tenant_column: Some("tenant_id"),
+    columns: &["id", "name", "parent_id", "created_ms", "tenant_id"],
+    search: &["name"],
+};
+
+fn group(r: &AnyRow) -> Result<Group> {
+    Ok(Group {
+        id: col_i64(r, "id")?,
+        tenant_id: col_i64(r, "tenant_id")?,
+        name: col_str(r, "name")?,
+        parent_id: col_opt_i64(r, "parent_id")?,
+    })
 }
 
 fn device(r: &AnyRow) -> Result<Device> {
@@ -177,7 +199,7 @@ impl MetaStore {
             "INSERT INTO devices (tenant_id, device_number, name, product_id, group_id, labels, gateway_id, sub_address, enabled, created_ms, updated_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9) RETURNING id",
         )
-        .bind(d.tenant_id)
+        .bind(d.tenant_id.unwrap_or(1))
         .bind(&d.device_number)
         .bind(&name)
         .bind(d.product_id)
@@ -267,17 +289,21 @@ impl MetaStore {
     }
 
     pub async fn list_groups(&self) -> Result<Vec<Group>> {
-        let rows = sqlx::query("SELECT id, tenant_id, name, parent_id FROM device_groups ORDER BY id").fetch_all(self.pool()).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Group {
-                    id: col_i64(r, "id")?,
-                    tenant_id: col_i64(r, "tenant_id")?,
-                    name: col_str(r, "name")?,
-                    parent_id: col_opt_i64(r, "parent_id")?,
-                })
-            })
-            .collect()
+        let rows = sqlx::query("SELECT * FROM device_groups ORDER BY id").fetch_all(self.pool()).await?;
+        rows.iter().map(group).collect()
+    }
+
+    pub async fn group(&self, id: i64) -> Result<Group> {
+        let r = sqlx::query("SELECT * FROM device_groups WHERE id = $1").bind(id).fetch_optional(self.pool()).await?;
+        group(&r.ok_or_else(|| MetaError::NotFound(format!("group {id}")))?)
+    }
+
+    pub async fn groups_page(&self, q: &ListQuery) -> Result<Page<Group>> {
+        self.page(&GROUPS, q, group).await
+    }
+
+    pub async fn devices_page(&self, q: &ListQuery) -> Result<Page<Device>> {
+        self.page(&DEVICES, q, device).await
     }
 
     pub async fn delete_group(&self, id: i64) -> Result<()> {

@@ -16,11 +16,13 @@ mod devices;
 mod migrations;
 mod products;
 mod telemetry;
+mod users;
 
 pub use commands::{Command, CommandKind, CommandStatus, NewCommand};
 pub use devices::{AttributeScope, Credential, CredentialKind, Device, DeviceUpdate, Group, NewDevice};
 pub use products::{DataType, Definition, Field, NewProduct, Product, Tenant, ThingModel};
 pub use telemetry::{Policy, PolicyScope};
+pub use users::{valid_username, AuditEntry, NewUser, Role, User};
 
 /// What a repository call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -146,4 +148,102 @@ pub(crate) fn col_opt_str(r: &AnyRow, c: &str) -> Result<Option<String>> {
 pub(crate) fn col_json<T: serde::de::DeserializeOwned>(r: &AnyRow, c: &str) -> Result<T> {
     let s = col_str(r, c)?;
     serde_json::from_str(&s).map_err(|e| MetaError::Invalid(format!("stored {c} is not valid JSON: {e}")))
+}
+
+/// One page of a list: which rows (filters, search, sort) and where the page starts.
+/// Column names come from the repository's own allow-lists, never from the caller.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only rows of this tenant (None: every tenant; the system scope).
+    pub tenant: Option<i64>,
+    /// `column = value` filters (columns from the repository's allow-list).
+    pub eq: Vec<(String, i64)>,
+    /// Case-insensitive substring of the repository's search columns.
+    pub search: Option<String>,
+    /// Sort column and descending?
+    pub sort: Option<(String, bool)>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// A page of rows and how many match in all.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub total: i64,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// How a table is listed: its sortable/filterable columns and the columns searched.
+pub(crate) struct Listing {
+    pub table: &'static str,
+    pub tenant_column: Option<&'static str>,
+    pub columns: &'static [&'static str],
+    pub search: &'static [&'static str],
+}
+
+impl MetaStore {
+    /// Rows of `l.table` matching `q`, and the total count.
+    pub(crate) async fn list_rows(&self, l: &Listing, q: &ListQuery) -> Result<(Vec<AnyRow>, i64)> {
+        let mut filter = String::from(" WHERE 1 = 1");
+        let mut ints: Vec<i64> = Vec::new();
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            n
+        };
+        if let (Some(t), Some(c)) = (q.tenant, l.tenant_column) {
+            filter.push_str(&format!(" AND {c} = ${}", next()));
+            ints.push(t);
+        }
+        for (c, v) in &q.eq {
+            let Some(c) = l.columns.iter().find(|x| **x == c) else {
+                return Err(MetaError::Invalid(format!("cannot filter on {c}; filters: {}", l.columns.join(", "))));
+            };
+            filter.push_str(&format!(" AND {c} = ${}", next()));
+            ints.push(*v);
+        }
+        let search = q.search.as_ref().filter(|s| !s.is_empty() && !l.search.is_empty()).map(|s| {
+            let escaped = s.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_");
+            format!("%{escaped}%")
+        });
+        if search.is_some() {
+            let i = next();
+            let ors: Vec<String> = l.search.iter().map(|c| format!("LOWER({c}) LIKE ${i} ESCAPE '\\'")).collect();
+            filter.push_str(&format!(" AND ({})", ors.join(" OR ")));
+        }
+        let order = match &q.sort {
+            Some((c, desc)) => {
+                let Some(c) = l.columns.iter().find(|x| **x == c) else {
+                    return Err(MetaError::Invalid(format!("cannot sort by {c}; sortable: {}", l.columns.join(", "))));
+                };
+                format!(" ORDER BY {c} {}, id {}", if *desc { "DESC" } else { "ASC" }, if *desc { "DESC" } else { "ASC" })
+            }
+            None => " ORDER BY id ASC".to_string(),
+        };
+        let count_sql = format!("SELECT COUNT(*) FROM {}{filter}", l.table);
+        let (limit_at, offset_at) = (next(), next());
+        let rows_sql = format!("SELECT * FROM {}{filter}{order} LIMIT ${limit_at} OFFSET ${offset_at}", l.table);
+        let mut count = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(count_sql));
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(rows_sql));
+        for v in &ints {
+            count = count.bind(*v);
+            rows = rows.bind(*v);
+        }
+        if let Some(s) = &search {
+            count = count.bind(s.clone());
+            rows = rows.bind(s.clone());
+        }
+        let total = count.fetch_one(&self.pool).await?;
+        let rows = rows.bind(q.limit.clamp(1, 1000)).bind(q.offset.max(0)).fetch_all(&self.pool).await?;
+        Ok((rows, total))
+    }
+
+    /// `list_rows` decoded into a page.
+    pub(crate) async fn page<T>(&self, l: &Listing, q: &ListQuery, f: impl Fn(&AnyRow) -> Result<T>) -> Result<Page<T>> {
+        let (rows, total) = self.list_rows(l, q).await?;
+        let items = rows.iter().map(f).collect::<Result<Vec<T>>>()?;
+        Ok(Page { items, total, limit: q.limit.clamp(1, 1000), offset: q.offset.max(0) })
+    }
 }

@@ -2,9 +2,9 @@
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 
-use super::{col_i64, col_json, col_str, now_ms, MetaError, MetaStore, Result};
+use super::{col_i64, col_json, col_str, now_ms, ListQuery, Listing, MetaError, MetaStore, Page, Result};
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Tenant {
     pub id: i64,
     pub name: String,
@@ -12,7 +12,7 @@ pub struct Tenant {
 }
 
 /// Value type of a thing-model field.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DataType {
     Number,
@@ -23,7 +23,7 @@ pub enum DataType {
 }
 
 /// One telemetry key, attribute or parameter: type, unit and (for numbers) range.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Field {
     pub key: String,
     #[serde(rename = "type")]
@@ -39,7 +39,7 @@ pub struct Field {
 }
 
 /// An event or command: an identifier and its parameters.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Definition {
     pub identifier: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,7 +49,7 @@ pub struct Definition {
 }
 
 /// What devices of a product report and accept.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(default)]
 pub struct ThingModel {
     pub telemetry: Vec<Field>,
@@ -58,7 +58,7 @@ pub struct ThingModel {
     pub commands: Vec<Definition>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Product {
     pub id: i64,
     pub tenant_id: i64,
@@ -70,19 +70,16 @@ pub struct Product {
     pub created_ms: i64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NewProduct {
-    #[serde(default = "default_tenant")]
-    pub tenant_id: i64,
+    /// The owning tenant (default: the caller's; 1 in the system scope).
+    #[serde(default)]
+    pub tenant_id: Option<i64>,
     pub name: String,
     #[serde(default)]
     pub strict: bool,
     #[serde(default)]
     pub model: ThingModel,
-}
-
-pub(super) fn default_tenant() -> i64 {
-    1
 }
 
 impl Field {
@@ -151,6 +148,19 @@ impl ThingModel {
     }
 }
 
+pub(crate) const PRODUCTS: Listing = Listing {
+    table: "products",
+    tenant_column: Some("tenant_id"),
+    columns: &["id", "name", "strict", "created_ms", "tenant_id"],
+    search: &["name"],
+};
+pub(crate) const TENANTS: Listing =
+    Listing { table: "tenants", tenant_column: Some("id"), columns: &["id", "name", "created_ms"], search: &["name"] };
+
+fn tenant(r: &AnyRow) -> Result<Tenant> {
+    Ok(Tenant { id: col_i64(r, "id")?, name: col_str(r, "name")?, created_ms: col_i64(r, "created_ms")? })
+}
+
 fn product(r: &AnyRow) -> Result<Product> {
     Ok(Product {
         id: col_i64(r, "id")?,
@@ -184,6 +194,45 @@ impl MetaStore {
             .collect()
     }
 
+    pub async fn tenant(&self, id: i64) -> Result<Tenant> {
+        let r = sqlx::query("SELECT * FROM tenants WHERE id = $1").bind(id).fetch_optional(self.pool()).await?;
+        tenant(&r.ok_or_else(|| MetaError::NotFound(format!("tenant {id}")))?)
+    }
+
+    pub async fn tenants_page(&self, q: &ListQuery) -> Result<Page<Tenant>> {
+        self.page(&TENANTS, q, tenant).await
+    }
+
+    pub async fn rename_tenant(&self, id: i64, name: &str) -> Result<Tenant> {
+        if name.trim().is_empty() {
+            return Err(MetaError::Invalid("tenant name is empty".into()));
+        }
+        let n = sqlx::query("UPDATE tenants SET name = $1 WHERE id = $2")
+            .bind(name)
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .map_err(|e| MetaError::unique(e, format!("tenant {name} exists")))?
+            .rows_affected();
+        if n == 0 {
+            return Err(MetaError::NotFound(format!("tenant {id}")));
+        }
+        self.tenant(id).await
+    }
+
+    /// Delete a tenant and everything it owns (cascades).
+    pub async fn delete_tenant(&self, id: i64) -> Result<()> {
+        let n = sqlx::query("DELETE FROM tenants WHERE id = $1").bind(id).execute(self.pool()).await?.rows_affected();
+        if n == 0 {
+            return Err(MetaError::NotFound(format!("tenant {id}")));
+        }
+        Ok(())
+    }
+
+    pub async fn products_page(&self, q: &ListQuery) -> Result<Page<Product>> {
+        self.page(&PRODUCTS, q, product).await
+    }
+
     pub async fn create_product(&self, p: &NewProduct) -> Result<Product> {
         if p.name.trim().is_empty() {
             return Err(MetaError::Invalid("product name is empty".into()));
@@ -194,7 +243,7 @@ impl MetaStore {
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO products (tenant_id, name, strict, model, created_ms) VALUES ($1, $2, $3, $4, $5) RETURNING id",
         )
-        .bind(p.tenant_id)
+        .bind(p.tenant_id.unwrap_or(1))
         .bind(&p.name)
         .bind(p.strict as i64)
         .bind(model)
@@ -202,7 +251,14 @@ impl MetaStore {
         .fetch_one(self.pool())
         .await
         .map_err(|e| MetaError::unique(e, format!("product {}", p.name)))?;
-        Ok(Product { id, tenant_id: p.tenant_id, name: p.name.clone(), strict: p.strict, model: p.model.clone(), created_ms: now })
+        Ok(Product {
+            id,
+            tenant_id: p.tenant_id.unwrap_or(1),
+            name: p.name.clone(),
+            strict: p.strict,
+            model: p.model.clone(),
+            created_ms: now,
+        })
     }
 
     pub async fn product(&self, id: i64) -> Result<Product> {
