@@ -36,6 +36,8 @@ pub struct Broker {
     pub devices: std::sync::OnceLock<Arc<crate::devices::Devices>>,
     /// People on the REST API (set once at start-up).
     pub users: std::sync::OnceLock<Arc<crate::users::Users>>,
+    /// Alert rules and notifications (set once at start-up).
+    pub alerts: std::sync::OnceLock<Arc<crate::alerts::Alerts>>,
     pub started: Instant,
     /// Live packet traces (`thingsctl trace`).
     pub tracer: crate::ops::trace::Tracer,
@@ -57,6 +59,7 @@ impl Broker {
             cluster,
             devices: std::sync::OnceLock::new(),
             users: std::sync::OnceLock::new(),
+            alerts: std::sync::OnceLock::new(),
             router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
             metrics: Metrics::default(),

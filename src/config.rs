@@ -18,7 +18,31 @@ pub struct Config {
     pub devices: DevicesConfig,
     pub telemetry: TelemetryConfig,
     pub api: ApiConfig,
+    pub alerts: AlertsConfig,
     pub log: LogConfig,
+}
+
+/// Alert rule actors and their notifications.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    pub enabled: bool,
+    /// How often rules with durations or time conditions look at the clock.
+    pub tick_ms: u64,
+    /// How often a node re-reads the rules and re-shares them out over the live nodes.
+    pub reconcile_ms: u64,
+    /// Per attempt, for webhook and e-mail notifications.
+    pub notify_timeout_secs: u64,
+    /// Attempts per notification (exponential backoff between them).
+    pub notify_attempts: u32,
+    /// Notifications waiting to be sent; beyond it they are dropped and counted.
+    pub notify_queue: usize,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig { enabled: true, tick_ms: 1000, reconcile_ms: 2000, notify_timeout_secs: 10, notify_attempts: 6, notify_queue: 4096 }
+    }
 }
 
 /// The REST API for people and applications: sign-in, sessions, limits, CORS.

@@ -1,6 +1,7 @@
 //! thingsd: a clustered IoT device platform. This crate holds the node: MQTT broker core,
 //! actors, storage and (as the platform grows) the HTTP API.
 pub mod actors;
+pub mod alerts;
 pub mod broker;
 pub mod cluster;
 pub mod config;

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 async fn start() -> Platform {
     Platform::start(None, |c| {
+        c.alerts.reconcile_ms = 200;
         c.api.login_fail_limit_account = 3;
         c.api.login_fail_limit_address = 1000;
     })
@@ -267,7 +268,12 @@ async fn tenant_isolation_over_every_route() {
         .clone();
     let pb = sys("POST", "/api/v1/products".into(), Some(json!({"name": "prod-b", "tenant_id": tb}))).await["id"].clone();
     let gb = sys("POST", "/api/v1/groups".into(), Some(json!({"name": "group-b", "tenant_id": tb}))).await["id"].clone();
-    sys("POST", "/api/v1/devices".into(), Some(json!({"device_number": "dev-b", "tenant_id": tb, "product_id": pb, "group_id": gb}))).await;
+    let token_b =
+        sys("POST", "/api/v1/devices".into(), Some(json!({"device_number": "dev-b", "tenant_id": tb, "product_id": pb, "group_id": gb})))
+            .await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string();
     let rb = sys("POST", "/api/v1/roles".into(), Some(json!({"name": "role-b", "permissions": ["device:read"], "tenant_id": tb}))).await
         ["id"]
         .clone();
@@ -282,9 +288,8 @@ async fn tenant_isolation_over_every_route() {
         ("commands", cb.clone()),
         ("credentials", credb.clone()),
     ]);
-    // Alert objects of tenant B (rules, alerts, channels) when the alert API is there.
-    let alerts = call(http, a, ADMIN_KEY, "GET", "/api/v1/alert-rules", None).await.0 == 200;
-    if alerts {
+    // Alert objects of tenant B: a channel, a rule, and an alert the rule raised.
+    {
         let ch = sys(
             "POST",
             "/api/v1/channels".into(),
@@ -300,8 +305,21 @@ async fn tenant_isolation_over_every_route() {
         .await["id"]
             .clone();
         ids.insert("channels", ch);
-        ids.insert("alert-rules", rule);
-        ids.insert("alerts", json!(i64::MAX / 2));
+        ids.insert("alert-rules", rule.clone());
+        let path = format!("/api/v1/alerts?rule_id={rule}");
+        let end = tokio::time::Instant::now() + common::DEADLINE;
+        let alert = loop {
+            // The device reports over HTTP until the rule (starting in the background) raises.
+            let r = http.post(format!("http://{a}/api/v1/{token_b}/telemetry")).json(&json!({"t": 5})).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let v = sys("GET", path.clone(), None).await;
+            if let Some(x) = v["items"].as_array().and_then(|i| i.first()) {
+                break x["id"].clone();
+            }
+            assert!(tokio::time::Instant::now() < end, "tenant B's rule raised no alert");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        ids.insert("alerts", alert);
     }
     let token_a = login_user(http, a, "admin-a", "password-a").await["access_token"].as_str().unwrap().to_string();
 
@@ -361,6 +379,8 @@ async fn tenant_isolation_over_every_route() {
     assert_eq!(sys("GET", format!("/api/v1/roles/{rb}"), None).await["permissions"], json!(["device:read"]));
     assert_eq!(sys("GET", format!("/api/v1/tenants/{tb}"), None).await["name"], "tenant-b");
     assert_eq!(sys("GET", "/api/v1/devices/dev-b/credentials".into(), None).await.as_array().unwrap().len(), 1);
+    assert_eq!(sys("GET", format!("/api/v1/alerts/{}", ids["alerts"]), None).await["status"], "active");
+    assert_eq!(sys("GET", format!("/api/v1/alert-rules/{}", ids["alert-rules"]), None).await["name"], "rule-b");
     // Creating objects that point at B's from A is refused the same way.
     let (s, _) = call(http, a, &token_a, "POST", "/api/v1/devices", Some(json!({"device_number": "sneak", "product_id": pb}))).await;
     assert_eq!(s, 404);

@@ -21,10 +21,15 @@ async fn exercise(store: &MetaStore) {
         "commands": [{"identifier": "reboot", "params": []}]
     }))
     .unwrap();
-    let p = store.create_product(&NewProduct { tenant_id: t.id, name: "sensor".into(), strict: true, model: model.clone() }).await.unwrap();
+    let p = store
+        .create_product(&NewProduct { tenant_id: Some(t.id), name: "sensor".into(), strict: true, model: model.clone() })
+        .await
+        .unwrap();
     assert_eq!(store.product(p.id).await.unwrap().model, model);
     assert!(matches!(
-        store.create_product(&NewProduct { tenant_id: t.id, name: "sensor".into(), strict: false, model: ThingModel::default() }).await,
+        store
+            .create_product(&NewProduct { tenant_id: Some(t.id), name: "sensor".into(), strict: false, model: ThingModel::default() })
+            .await,
         Err(MetaError::Conflict(_))
     ));
     let bad = ThingModel {
@@ -32,7 +37,7 @@ async fn exercise(store: &MetaStore) {
         ..Default::default()
     };
     assert!(matches!(
-        store.create_product(&NewProduct { tenant_id: 1, name: "bad".into(), strict: false, model: bad }).await,
+        store.create_product(&NewProduct { tenant_id: Some(1), name: "bad".into(), strict: false, model: bad }).await,
         Err(MetaError::Invalid(_))
     ));
     assert!(ThingModel::check(&model.telemetry, json!({"temp": 21.5}).as_object().unwrap()).is_ok());
@@ -43,7 +48,7 @@ async fn exercise(store: &MetaStore) {
     // Groups and devices.
     let g = store.create_group(t.id, "floor-1", None).await.unwrap();
     let new = |n: &str| NewDevice {
-        tenant_id: t.id,
+        tenant_id: Some(t.id),
         device_number: n.into(),
         name: String::new(),
         product_id: Some(p.id),

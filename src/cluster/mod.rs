@@ -329,7 +329,7 @@ pub struct Cluster {
 }
 
 /// Rendezvous (highest random weight) score of `node` for `client`.
-fn rendezvous(node: &str, client: &str) -> u64 {
+pub(crate) fn rendezvous(node: &str, client: &str) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in node.bytes().chain([0u8]).chain(client.bytes()) {
         h ^= b as u64;
@@ -890,6 +890,11 @@ impl ClusterState {
                 }
             }
             Body::Trace { id, events } => self.a.broker.tracer.deliver(id, events),
+            Body::AlertEvent { rule, device_id, device, values, ts } => {
+                if let Some(a) = self.a.broker.alerts.get() {
+                    a.remote_event(rule, device_id, &device, &values, ts);
+                }
+            }
             Body::LeaveAck(seq) => self.peer_acked(seq, &from),
             Body::NotYours { client } => {
                 if let Some(r) = self.a.broker.registry() {

@@ -191,6 +191,14 @@ pub enum Body {
         id: u64,
         events: Vec<String>,
     },
+    /// A device's values for alert rule `rule`, which runs on the receiver (JSON object).
+    AlertEvent {
+        rule: i64,
+        device_id: i64,
+        device: String,
+        values: String,
+        ts: i64,
+    },
 }
 
 /// What one node tells the others about devices (also sent over Redis pub/sub as JSON).
@@ -276,6 +284,9 @@ mod tests {
         assert!(matches!(back, Body::Admin { id: 3, req } if req.contains("node")));
         let (_, back) = decode(&encode("n1", &Body::AdminReply { id: 3, ok: false, body: "no".into() })).unwrap();
         assert!(matches!(back, Body::AdminReply { id: 3, ok: false, body } if body == "no"));
+        let (_, back) =
+            decode(&encode("n1", &Body::AlertEvent { rule: 4, device_id: 2, device: "d".into(), values: "{}".into(), ts: 5 })).unwrap();
+        assert!(matches!(back, Body::AlertEvent { rule: 4, device_id: 2, ts: 5, .. }));
         let (_, back) = decode(&encode("n1", &Body::Trace { id: 9, events: vec!["{}".into()] })).unwrap();
         assert!(matches!(back, Body::Trace { id: 9, events } if events.len() == 1));
     }

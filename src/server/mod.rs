@@ -179,6 +179,8 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let _ = devices.telemetry.set(telemetry.clone());
     let users = crate::users::Users::start(devices.meta.clone(), devices.cache.clone(), config.api.clone()).await?;
     let _ = broker.users.set(Arc::new(users));
+    let alerts = crate::alerts::Alerts::start(&broker, devices.clone());
+    let _ = broker.alerts.set(alerts.clone());
     let tracker = TaskTracker::new();
     for (l, kind, opts) in bound.listeners {
         let proxy = opts.proxy;
@@ -238,6 +240,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         c.leave().await;
     }
     flush(&broker);
+    alerts.shutdown().await;
     // Every accepted point reaches the store before the node stops.
     telemetry.shutdown().await;
     devices.meta.close().await;

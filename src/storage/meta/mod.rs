@@ -11,6 +11,7 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, ConnectOptions, Row};
 
+mod alerts;
 mod commands;
 mod devices;
 mod migrations;
@@ -18,6 +19,7 @@ mod products;
 mod telemetry;
 mod users;
 
+pub use alerts::{Alert, Channel, Raised, StoredRule};
 pub use commands::{Command, CommandKind, CommandStatus, NewCommand};
 pub use devices::{AttributeScope, Credential, CredentialKind, Device, DeviceUpdate, Group, NewDevice};
 pub use products::{DataType, Definition, Field, NewProduct, Product, Tenant, ThingModel};

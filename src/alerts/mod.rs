@@ -1,0 +1,336 @@
+//! Alerting: rules are shared out over the live nodes by rendezvous hash, so each runs on
+//! exactly one node (as that node sees the membership) and moves when its node dies; the
+//! node runs an actor per rule it owns (`actor.rs`). Every node looks at its own devices'
+//! events, finds the rules that watch the device (by device, group or product) and hands the
+//! values to the rule's owner — locally, or over the cluster link. Notifications (webhooks
+//! signed with HMAC-SHA256, e-mail over SMTP, a command to the device) are sent by a
+//! bounded queue off the rule actors, with retries and backoff (`notify.rs`).
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use ractor::{Actor, ActorRef};
+use tokio::sync::mpsc;
+
+use crate::broker::Broker;
+use crate::devices::{DeviceEvent, Devices, EventKind};
+use crate::storage::meta::{Alert, MetaError, StoredRule};
+
+mod actor;
+pub mod notify;
+pub mod rule;
+
+pub use actor::{Ev, LoadedRule, RuleMsg};
+pub use rule::RuleSpec;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoticeKind {
+    Raised,
+    Acknowledged,
+    Cleared,
+}
+
+impl NoticeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoticeKind::Raised => "alert.raised",
+            NoticeKind::Acknowledged => "alert.acknowledged",
+            NoticeKind::Cleared => "alert.cleared",
+        }
+    }
+}
+
+/// A notification to send.
+pub struct Notice {
+    pub kind: NoticeKind,
+    pub alert: Alert,
+    pub rule: Arc<LoadedRule>,
+}
+
+#[derive(Default)]
+struct Index {
+    rules: HashMap<i64, Arc<LoadedRule>>,
+    by_device: HashMap<String, Vec<i64>>,
+    by_group: HashMap<i64, Vec<i64>>,
+    by_product: HashMap<i64, Vec<i64>>,
+}
+
+/// Counters for `/metrics`.
+#[derive(Default)]
+pub struct AlertMetrics {
+    pub raised: AtomicU64,
+    pub cleared: AtomicU64,
+    pub notifications_sent: AtomicU64,
+    pub notifications_failed: AtomicU64,
+    /// Notifications dropped because the queue was full.
+    pub notifications_dropped: AtomicU64,
+    /// Events for rules that were moving between nodes.
+    pub events_dropped: AtomicU64,
+}
+
+pub struct Alerts {
+    pub devices: Arc<Devices>,
+    broker: Weak<Broker>,
+    me: Arc<str>,
+    index: ArcSwap<Index>,
+    running: Mutex<HashMap<i64, (ActorRef<RuleMsg>, i64)>>,
+    /// Group and product of each device (for matching events to rules).
+    placement: moka::sync::Cache<i64, (Option<i64>, Option<i64>)>,
+    notices: mpsc::Sender<Notice>,
+    pub metrics: AlertMetrics,
+    config: crate::config::AlertsConfig,
+    /// Wakes the reconciler at once (a rule changed here).
+    wake: tokio::sync::Notify,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Alerts {
+    /// Start sharing out the rules, following device events and sending notifications.
+    pub fn start(broker: &Arc<Broker>, devices: Arc<Devices>) -> Arc<Alerts> {
+        let config = broker.config.alerts.clone();
+        let (tx, rx) = mpsc::channel(config.notify_queue.max(1));
+        let a = Arc::new(Alerts {
+            devices,
+            broker: Arc::downgrade(broker),
+            me: Arc::from(broker.config.node.name.as_str()),
+            index: ArcSwap::from_pointee(Index::default()),
+            running: Mutex::default(),
+            placement: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(Duration::from_secs(30)).build(),
+            notices: tx,
+            metrics: AlertMetrics::default(),
+            config,
+            wake: tokio::sync::Notify::new(),
+            stopped: Default::default(),
+        });
+        notify::spawn(&a, rx);
+        if a.config.enabled {
+            Alerts::spawn_reconciler(&a);
+            Alerts::spawn_follower(&a);
+        }
+        a
+    }
+
+    /// The node that runs rule `id`: rendezvous hash over this node and its live peers.
+    pub fn owner_of(&self, id: i64) -> Arc<str> {
+        let key = format!("alert:{id}");
+        let mut best = (crate::cluster::rendezvous(&self.me, &key), self.me.clone());
+        if let Some(c) = self.broker.upgrade().and_then(|b| b.cluster.get().cloned()) {
+            for n in c.peer_names() {
+                let sc = crate::cluster::rendezvous(&n, &key);
+                if sc > best.0 || (sc == best.0 && n > best.1) {
+                    best = (sc, n);
+                }
+            }
+        }
+        best.1
+    }
+
+    /// A rule changed here: re-read the rules now rather than at the next round.
+    pub fn changed(&self) {
+        self.wake.notify_one();
+    }
+
+    fn spawn_reconciler(me: &Arc<Alerts>) {
+        let weak = Arc::downgrade(me);
+        let every = Duration::from_millis(me.config.reconcile_ms.max(100));
+        tokio::spawn(async move {
+            loop {
+                let Some(a) = weak.upgrade() else { return };
+                if a.stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Err(e) = a.reconcile().await {
+                    tracing::warn!(error = %e, "cannot load the alert rules; retrying");
+                }
+                let wait = tokio::time::sleep(every);
+                tokio::select! {
+                    _ = wait => {}
+                    _ = a.wake.notified() => {}
+                }
+            }
+        });
+    }
+
+    /// Load the enabled rules, index them, and run the ones this node owns.
+    async fn reconcile(self: &Arc<Self>) -> Result<(), MetaError> {
+        let stored = self.devices.meta.enabled_rules().await?;
+        let mut idx = Index::default();
+        for r in stored {
+            let Some(rule) = load(&r) else { continue };
+            let id = rule.id;
+            match &rule.spec.target {
+                rule::Target::Device(n) => idx.by_device.entry(n.clone()).or_default().push(id),
+                rule::Target::Group(g) => idx.by_group.entry(*g).or_default().push(id),
+                rule::Target::Product(p) => idx.by_product.entry(*p).or_default().push(id),
+            }
+            idx.rules.insert(id, Arc::new(rule));
+        }
+        let mine: HashMap<i64, Arc<LoadedRule>> =
+            idx.rules.iter().filter(|(id, _)| self.owner_of(**id) == self.me).map(|(id, r)| (*id, r.clone())).collect();
+        self.index.store(Arc::new(idx));
+        let (stop, start): (Vec<ActorRef<RuleMsg>>, Vec<Arc<LoadedRule>>) = {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let mut stop = Vec::new();
+            running.retain(|id, (a, updated)| {
+                let keep = mine.get(id).is_some_and(|r| r.updated_ms == *updated);
+                if !keep {
+                    stop.push(a.clone());
+                }
+                keep
+            });
+            let start = mine.values().filter(|r| !running.contains_key(&r.id)).cloned().collect();
+            (stop, start)
+        };
+        for a in stop {
+            let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        }
+        for rule in start {
+            let (id, updated) = (rule.id, rule.updated_ms);
+            let args = actor::RuleArgs { rule, alerts: self.clone(), tick: Duration::from_millis(self.config.tick_ms.max(10)) };
+            match Actor::spawn(Some(format!("alert:{id}")), crate::actors::inspect::Instrumented(actor::RuleActor, "alert"), args).await {
+                Ok((a, _)) => {
+                    tracing::info!(rule = id, "alert rule runs on this node");
+                    self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (a, updated));
+                }
+                Err(e) => tracing::warn!(rule = id, error = %e, "cannot start an alert rule; retrying"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop every rule actor (node shutdown); their names are free when this returns.
+    pub async fn shutdown(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        let all: Vec<ActorRef<RuleMsg>> = self.running.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, (a, _))| a).collect();
+        for a in all {
+            let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
+        }
+    }
+
+    /// Follow this node's device events and hand them to the rules that watch the device.
+    fn spawn_follower(me: &Arc<Alerts>) {
+        let weak = Arc::downgrade(me);
+        let mut rx = me.devices.events.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        if let Some(a) = weak.upgrade() {
+                            a.metrics.events_dropped.fetch_add(n, Ordering::Relaxed);
+                        }
+                        tracing::warn!(missed = n, "alert rules fell behind the device events");
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let Some(a) = weak.upgrade() else { return };
+                if matches!(ev.kind, EventKind::Telemetry | EventKind::Attributes) {
+                    a.dispatch(&ev).await;
+                }
+            }
+        });
+    }
+
+    async fn dispatch(&self, ev: &DeviceEvent) {
+        let idx = self.index.load();
+        if idx.rules.is_empty() {
+            return;
+        }
+        let mut ids: HashSet<i64> = idx.by_device.get(&*ev.device_number).into_iter().flatten().copied().collect();
+        if !idx.by_group.is_empty() || !idx.by_product.is_empty() {
+            let (g, p) = match self.placement.get(&ev.device_id) {
+                Some(x) => x,
+                None => match self.devices.meta.device_by_id(ev.device_id).await {
+                    Ok(d) => {
+                        self.placement.insert(d.id, (d.group_id, d.product_id));
+                        (d.group_id, d.product_id)
+                    }
+                    Err(_) => (None, None),
+                },
+            };
+            ids.extend(g.and_then(|g| idx.by_group.get(&g)).into_iter().flatten());
+            ids.extend(p.and_then(|p| idx.by_product.get(&p)).into_iter().flatten());
+        }
+        if ids.is_empty() {
+            return;
+        }
+        let e = Arc::new(Ev { device_id: ev.device_id, device: ev.device_number.clone(), values: ev.values.clone(), ts: ev.ts });
+        for id in ids {
+            let owner = self.owner_of(id);
+            if owner == self.me {
+                self.local_event(id, e.clone());
+            } else if let Some(c) = self.broker.upgrade().and_then(|b| b.cluster.get().cloned()) {
+                let values = serde_json::Value::Object(e.values.clone()).to_string();
+                c.send(
+                    &owner,
+                    crate::cluster::wire::Body::AlertEvent {
+                        rule: id,
+                        device_id: e.device_id,
+                        device: e.device.to_string(),
+                        values,
+                        ts: e.ts,
+                    },
+                );
+            }
+        }
+    }
+
+    fn local_event(&self, rule: i64, e: Arc<Ev>) {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match running.get(&rule) {
+            Some((a, _)) => {
+                let _ = a.cast(RuleMsg::Event(e));
+            }
+            None => {
+                self.metrics.events_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Values another node handed over for a rule that runs here.
+    pub fn remote_event(&self, rule: i64, device_id: i64, device: &str, values: &str, ts: i64) {
+        let Ok(serde_json::Value::Object(values)) = serde_json::from_str(values) else { return };
+        self.local_event(rule, Arc::new(Ev { device_id, device: Arc::from(device), values, ts }));
+    }
+
+    /// Queue notifications of an alert change (dropped and counted when the queue is full).
+    pub fn notify(&self, kind: NoticeKind, alert: Alert, rule: &Arc<LoadedRule>) {
+        match kind {
+            NoticeKind::Raised => self.metrics.raised.fetch_add(1, Ordering::Relaxed),
+            NoticeKind::Cleared => self.metrics.cleared.fetch_add(1, Ordering::Relaxed),
+            NoticeKind::Acknowledged => 0,
+        };
+        if self.notices.try_send(Notice { kind, alert, rule: rule.clone() }).is_err() {
+            self.metrics.notifications_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("alert notification queue full; a notification was dropped");
+        }
+    }
+
+    /// Acknowledged through the API: tell the rule's channels.
+    pub fn acknowledged(&self, alert: Alert) {
+        if let Some(rule) = self.index.load().rules.get(&alert.rule_id).cloned() {
+            self.notify(NoticeKind::Acknowledged, alert, &rule);
+        }
+    }
+
+    /// Which node runs each rule, and the rules running here.
+    pub fn running(&self) -> Vec<i64> {
+        let mut v: Vec<i64> = self.running.lock().unwrap_or_else(|e| e.into_inner()).keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// A stored rule as it runs (None when its spec no longer parses: logged).
+pub fn load(r: &StoredRule) -> Option<LoadedRule> {
+    match serde_json::from_value::<RuleSpec>(r.spec.clone()) {
+        Ok(spec) => Some(LoadedRule { id: r.id, tenant_id: r.tenant_id, name: r.name.clone(), spec, updated_ms: r.updated_ms }),
+        Err(e) => {
+            tracing::warn!(rule = r.id, error = %e, "stored alert rule does not parse; skipped");
+            None
+        }
+    }
+}

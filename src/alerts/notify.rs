@@ -1,0 +1,184 @@
+//! Sending what alerts do: a JSON POST to webhook channels (signed `X-Thingsd-Signature:
+//! sha256=<hex HMAC of the body>` when the channel has a secret), e-mail through SMTP
+//! (`lettre`), and the rule's command to the device. A bounded queue feeds one dispatcher;
+//! each delivery runs in its own task (at most 64 at once) with retries and exponential
+//! backoff, so a slow endpoint delays nobody else.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::{Alerts, Notice, NoticeKind};
+use crate::devices::downlink::DownlinkRequest;
+use crate::storage::meta::{Channel, CommandKind};
+
+/// Check a channel's kind and configuration (API input).
+pub fn validate(kind: &str, config: &Value) -> Result<(), String> {
+    let s = |k: &str| config.get(k).and_then(Value::as_str);
+    match kind {
+        "webhook" => {
+            let url = s("url").ok_or("a webhook channel needs config.url")?;
+            let u = reqwest::Url::parse(url).map_err(|e| format!("config.url: {e}"))?;
+            if !matches!(u.scheme(), "http" | "https") {
+                return Err("config.url must be http or https".into());
+            }
+            Ok(())
+        }
+        "email" => {
+            s("smtp_host").ok_or("an email channel needs config.smtp_host")?;
+            s("from")
+                .ok_or("an email channel needs config.from")?
+                .parse::<lettre::message::Mailbox>()
+                .map_err(|e| format!("config.from: {e}"))?;
+            let to = config.get("to").and_then(Value::as_array).filter(|t| !t.is_empty()).ok_or("config.to must list addresses")?;
+            for t in to {
+                t.as_str().ok_or("config.to holds strings")?.parse::<lettre::message::Mailbox>().map_err(|e| format!("config.to: {e}"))?;
+            }
+            Ok(())
+        }
+        _ => Err("kind is webhook or email".into()),
+    }
+}
+
+pub(super) fn spawn(a: &Arc<Alerts>, mut rx: mpsc::Receiver<Notice>) {
+    let weak = Arc::downgrade(a);
+    let limit = Arc::new(Semaphore::new(64));
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(a.config.notify_timeout_secs.max(1))).build().unwrap_or_default();
+    tokio::spawn(async move {
+        while let Some(n) = rx.recv().await {
+            let Some(a) = weak.upgrade() else { return };
+            let n = Arc::new(n);
+            if n.kind == NoticeKind::Raised {
+                if let Some(cmd) = n.rule.spec.command.clone() {
+                    let req = DownlinkRequest { method: Some(cmd.method), params: cmd.params, ttl_secs: None };
+                    if let Err(e) = a.devices.send_downlink(&n.alert.device_number, CommandKind::Command, req).await {
+                        tracing::warn!(alert = n.alert.id, error = %e, "alert command not sent");
+                    }
+                }
+            }
+            for &ch in &n.rule.spec.channels {
+                let channel = match a.devices.meta.channel(ch).await {
+                    Ok(c) if c.tenant_id == n.rule.tenant_id => c,
+                    Ok(_) | Err(_) => {
+                        tracing::warn!(rule = n.rule.id, channel = ch, "alert channel does not exist");
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().acquire_owned().await else { return };
+                let (a, n, http) = (a.clone(), n.clone(), http.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    deliver(&a, &http, &channel, &n).await;
+                });
+            }
+        }
+    });
+}
+
+/// The JSON every channel is told.
+pub fn body(n: &Notice) -> Value {
+    json!({"event": n.kind.as_str(), "alert": n.alert, "rule": {"id": n.rule.id, "name": n.rule.name}})
+}
+
+async fn deliver(a: &Alerts, http: &reqwest::Client, ch: &Channel, n: &Notice) {
+    let attempts = a.config.notify_attempts.max(1);
+    let mut wait = Duration::from_millis(500);
+    for attempt in 1..=attempts {
+        let r = match ch.kind.as_str() {
+            "webhook" => webhook(http, ch, n).await,
+            "email" => email(ch, n, Duration::from_secs(a.config.notify_timeout_secs.max(1))).await,
+            other => Err((format!("unknown channel kind {other}"), false)),
+        };
+        match r {
+            Ok(()) => {
+                a.metrics.notifications_sent.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err((e, retry)) if retry && attempt < attempts => {
+                tracing::debug!(channel = ch.id, attempt, error = %e, "notification failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            Err((e, _)) => {
+                a.metrics.notifications_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(channel = ch.id, alert = n.alert.id, attempts = attempt, error = %e, "alert notification failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Signature of `body` with `secret`: `sha256=<hex>`.
+pub fn sign(secret: &str, body: &[u8]) -> String {
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// POST the notice; Err((why, worth retrying)).
+async fn webhook(http: &reqwest::Client, ch: &Channel, n: &Notice) -> Result<(), (String, bool)> {
+    let url = ch.config.get("url").and_then(Value::as_str).ok_or(("no url".to_string(), false))?;
+    let payload = body(n).to_string();
+    let mut req = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("x-thingsd-event", n.kind.as_str())
+        .header("x-thingsd-delivery", format!("{}-{}", n.alert.id, n.kind.as_str()));
+    if let Some(secret) = ch.config.get("secret").and_then(Value::as_str) {
+        req = req.header("x-thingsd-signature", sign(secret, payload.as_bytes()));
+    }
+    if let Some(h) = ch.config.get("headers").and_then(Value::as_object) {
+        for (k, v) in h {
+            if let Some(v) = v.as_str() {
+                req = req.header(k.as_str(), v);
+            }
+        }
+    }
+    match req.body(payload).send().await {
+        Ok(r) if r.status().is_success() => Ok(()),
+        // Client errors will not go away by retrying (except timeouts and rate limits).
+        Ok(r) => Err((format!("HTTP {}", r.status()), r.status().is_server_error() || matches!(r.status().as_u16(), 408 | 429))),
+        Err(e) => Err((e.to_string(), true)),
+    }
+}
+
+async fn email(ch: &Channel, n: &Notice, timeout: Duration) -> Result<(), (String, bool)> {
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+    let c = &ch.config;
+    let s = |k: &str| c.get(k).and_then(Value::as_str);
+    let bad = |e: String| (e, false);
+    let host = s("smtp_host").ok_or_else(|| bad("no smtp_host".into()))?;
+    let port = c.get("smtp_port").and_then(Value::as_u64).unwrap_or(25) as u16;
+    let a = &n.alert;
+    let mut m = Message::builder().from(s("from").unwrap_or_default().parse().map_err(|e| bad(format!("from: {e}")))?).subject(format!(
+        "[{}] {} on {}: {}",
+        a.severity,
+        a.rule_name,
+        a.device_number,
+        n.kind.as_str().trim_start_matches("alert.")
+    ));
+    for t in c.get("to").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        m = m.to(t.parse().map_err(|e| bad(format!("to: {e}")))?);
+    }
+    let text = format!(
+        "{}\n\nrule: {} (#{})\ndevice: {}\nseverity: {}\nstatus: {}\nsince: {} ms\n\n{}",
+        a.message,
+        a.rule_name,
+        a.rule_id,
+        a.device_number,
+        a.severity,
+        a.status,
+        a.since_ms,
+        serde_json::to_string_pretty(&body(n)).unwrap_or_default()
+    );
+    let msg = m.body(text).map_err(|e| bad(e.to_string()))?;
+    // Plain SMTP to a relay the operator runs (TLS relays: see the note in the README).
+    let mut t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).port(port).timeout(Some(timeout));
+    if let (Some(u), Some(p)) = (s("username"), s("password")) {
+        t = t.credentials(lettre::transport::smtp::authentication::Credentials::new(u.into(), p.into()));
+    }
+    t.build().send(msg).await.map(|_| ()).map_err(|e| (e.to_string(), !e.is_permanent()))
+}
