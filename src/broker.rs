@@ -38,6 +38,8 @@ pub struct Broker {
     pub users: std::sync::OnceLock<Arc<crate::users::Users>>,
     /// Alert rules and notifications (set once at start-up).
     pub alerts: std::sync::OnceLock<Arc<crate::alerts::Alerts>>,
+    /// Broker webhooks, when any are configured (set once at start-up).
+    pub hooks: std::sync::OnceLock<Arc<crate::webhooks::Webhooks>>,
     pub started: Instant,
     /// Live packet traces (`thingsctl trace`).
     pub tracer: crate::ops::trace::Tracer,
@@ -60,6 +62,7 @@ impl Broker {
             devices: std::sync::OnceLock::new(),
             users: std::sync::OnceLock::new(),
             alerts: std::sync::OnceLock::new(),
+            hooks: std::sync::OnceLock::new(),
             router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
             metrics: Metrics::default(),

@@ -19,6 +19,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub api: ApiConfig,
     pub alerts: AlertsConfig,
+    /// Broker webhooks (VerneMQ-shaped), one `[[webhooks]]` table per endpoint.
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
     pub log: LogConfig,
 }
 

@@ -16,3 +16,4 @@ pub mod server;
 pub mod storage;
 pub mod telemetry;
 pub mod users;
+pub mod webhooks;

@@ -64,6 +64,9 @@ pub struct Identity {
 pub enum Principal {
     /// No credentials, on a listener that allows it: unrestricted.
     Anonymous,
+    /// Admitted by an `auth_on_register` webhook: its publishes and subscriptions are for the
+    /// auth webhooks to judge (unrestricted without them).
+    External,
     Service(Arc<Acl>),
     Device(Arc<Identity>, Arc<Acl>),
 }
@@ -71,7 +74,7 @@ pub enum Principal {
 impl Principal {
     pub fn acl(&self) -> Option<&Acl> {
         match self {
-            Principal::Anonymous => None,
+            Principal::Anonymous | Principal::External => None,
             Principal::Service(a) | Principal::Device(_, a) => Some(a),
         }
     }

@@ -198,6 +198,58 @@ async fn labelled(out: &mut String, b: &Arc<Broker>) {
             [("".to_string(), t.queued_points())],
         );
     }
+    if let Some(h) = b.hooks.get() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let counts = h.counts();
+        let label = |hook: &str, url: &str| format!("hook=\"{}\",endpoint=\"{}\"", esc(hook), esc(url));
+        for (name, help, get) in [
+            ("thingsd_webhook_requests_total", "Webhook requests sent, by hook and endpoint.", 0),
+            ("thingsd_webhook_failures_total", "Webhook requests that failed or timed out.", 1),
+            ("thingsd_webhook_cache_hits_total", "Auth webhook answers reused (cache-control max-age).", 2),
+            ("thingsd_webhook_dropped_total", "Notifications dropped because the endpoint's queue was full.", 3),
+        ] {
+            family(
+                out,
+                name,
+                "counter",
+                help,
+                counts.iter().map(|(hook, url, c)| {
+                    let v = [&c.calls, &c.failures, &c.cache_hits, &c.dropped][get].load(Relaxed);
+                    (label(hook, url), v)
+                }),
+            );
+        }
+    }
+    if let Some(a) = b.alerts.get() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = &a.metrics;
+        family(
+            out,
+            "thingsd_alerts_raised_total",
+            "counter",
+            "Alerts raised by rules running on this node.",
+            [(String::new(), m.raised.load(Relaxed))],
+        );
+        family(
+            out,
+            "thingsd_alerts_cleared_total",
+            "counter",
+            "Alerts cleared by rules running on this node.",
+            [(String::new(), m.cleared.load(Relaxed))],
+        );
+        family(
+            out,
+            "thingsd_alert_notifications_total",
+            "counter",
+            "Alert notifications by outcome.",
+            [
+                ("outcome=\"sent\"".to_string(), m.notifications_sent.load(Relaxed)),
+                ("outcome=\"failed\"".to_string(), m.notifications_failed.load(Relaxed)),
+                ("outcome=\"dropped\"".to_string(), m.notifications_dropped.load(Relaxed)),
+            ],
+        );
+        family(out, "thingsd_alert_rules_running", "gauge", "Alert rule actors on this node.", [(String::new(), a.running().len() as u64)]);
+    }
 }
 
 /// A Prometheus histogram from per-bucket counts (the last count is the +Inf bucket).

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::protocols::mqtt::{
     decode, encode, reason, topic, Ack, ConnAck, Connect, DecodeError, Packet, Properties, Protocol, Publish, QoS,
 };
+use crate::webhooks::Verdict;
 
 static CONN_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -188,9 +189,25 @@ where
         Box::pin(write_raw(&mut wr, &connack(reason::BAD_AUTHENTICATION_METHOD), protocol, m)).await;
         return None;
     }
+    // An `auth_on_register` webhook is asked first: `ok` admits, an error refuses, `next`
+    // leaves it to the registry.
+    let mut admitted = false;
+    if let Some(h) = broker.hooks.get().filter(|h| h.has("auth_on_register", v5)) {
+        let body = crate::webhooks::body::register(peer, c.username.as_deref(), c.password.as_deref(), &c.client_id, c.clean_start, v5);
+        match Box::pin(h.auth("auth_on_register", v5, body)).await {
+            Verdict::Ok(_) => admitted = true,
+            Verdict::Next => {}
+            Verdict::Error(e) => {
+                tracing::info!(error = %e, username = c.username.as_deref().unwrap_or(""), "CONNECT refused by webhook");
+                Box::pin(write_raw(&mut wr, &connack(reason::NOT_AUTHORIZED), protocol, m)).await;
+                return None;
+            }
+        }
+    }
     // Who is it? Devices are checked against the registry; wrong credentials get 0x86/0x87
     // (3.1.1: 4/5), and an address with too many failures is refused for a while.
     let principal = match broker.devices.get() {
+        _ if admitted => Principal::External,
         Some(d) => {
             let creds = Credentials {
                 username: c.username.as_deref(),
@@ -295,7 +312,17 @@ where
         expiry,
     });
     let mount = device.as_ref().map(|i| Arc::<str>::from(format!("v1/devices/{}/", i.device_number)));
-    let writer = tokio::spawn(super::writer::run(wr, rx, protocol, client_alias_max, cancel.clone(), broker.clone(), mount, shown.clone()));
+    let username: Option<Arc<str>> = c.username.as_deref().map(Arc::from);
+    let writer = tokio::spawn(super::writer::run(
+        wr,
+        rx,
+        protocol,
+        client_alias_max,
+        cancel.clone(),
+        broker.clone(),
+        mount,
+        (shown.clone(), username.clone()),
+    ));
     let registry = broker.registry()?;
     let cid = client_id.clone();
     // In a cluster, the client id's registrar serialises connects cluster-wide and hands the
@@ -349,7 +376,11 @@ where
         tokio::spawn(ack_in_order(arx, tx.clone()));
         atx
     });
+    if let Some(h) = broker.hooks.get() {
+        h.notify("on_register", v5, || crate::webhooks::body::registered(peer, username.as_deref(), &shown, v5));
+    }
     let conn = Conn {
+        username,
         broker: broker.clone(),
         client_id,
         session,
@@ -456,6 +487,14 @@ where
         (_, e) if e & 0x200 != 0 => m.disconnects_client.add((e & 0xff) as usize, 1),
         (_, e) => m.disconnects_server.add((e & 0xff) as usize, 1),
     }
+    if let Some(h) = broker.hooks.get() {
+        // A session taken over lives on elsewhere: neither offline nor gone.
+        if kicked.load(Ordering::Relaxed) != reason::SESSION_TAKEN_OVER {
+            let hook = if conn.new_expiry.unwrap_or(conn.expiry) > 0 { "on_client_offline" } else { "on_client_gone" };
+            // These two have no _m5 variants in VerneMQ.
+            h.notify(hook, false, || crate::webhooks::body::client(&conn.shown));
+        }
+    }
     if let (Some(d), Some(i)) = (broker.devices.get(), conn.principal.device()) {
         let taken_over = kicked.load(Ordering::Relaxed) == reason::SESSION_TAKEN_OVER;
         Box::pin(d.disconnected(&i.device_number, conn_id, taken_over)).await;
@@ -468,6 +507,8 @@ where
 }
 
 struct Conn {
+    /// The CONNECT's username (webhook bodies).
+    username: Option<Arc<str>>,
     broker: Arc<Broker>,
     client_id: Arc<str>,
     session: ActorRef<SessionMessage>,
@@ -581,13 +622,29 @@ impl Conn {
             Packet::Subscribe(mut s) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
                 let mut denied = Vec::new();
-                for (i, (f, _)) in s.filters.iter_mut().enumerate() {
+                for (f, _) in s.filters.iter_mut() {
                     self.mount_in(f);
-                    if self.principal.acl().is_some_and(|a| !a.may_subscribe(f)) {
+                }
+                let judged = match self.broker.hooks.get().cloned() {
+                    Some(h) if h.has("auth_on_subscribe", v5) => Box::pin(self.subscribe_hook(&h, &mut s, &mut denied)).await,
+                    _ => false,
+                };
+                for (i, (f, _)) in s.filters.iter().enumerate() {
+                    if !judged && self.principal.acl().is_some_and(|a| !a.may_subscribe(f)) {
                         tracing::info!(filter = %f, "SUBSCRIBE denied by ACL");
                         self.count_denied();
                         denied.push(i);
                     }
+                }
+                if let Some(h) = self.broker.hooks.get() {
+                    let granted: Vec<(String, u8)> = s
+                        .filters
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !denied.contains(i))
+                        .map(|(_, (f, o))| (f.clone(), o.qos as u8))
+                        .collect();
+                    h.notify("on_subscribe", v5, || crate::webhooks::body::subscribe(self.username.as_deref(), &self.shown, granted, v5));
                 }
                 self.tell(SessionMessage::Subscribe(s, denied, r));
             }
@@ -595,6 +652,11 @@ impl Conn {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
                 for f in u.filters.iter_mut() {
                     self.mount_in(f);
+                }
+                if let Some(h) = self.broker.hooks.get() {
+                    h.notify("on_unsubscribe", v5, || {
+                        crate::webhooks::body::unsubscribe(self.username.as_deref(), &self.shown, &u.filters, v5)
+                    });
                 }
                 self.tell(SessionMessage::Unsubscribe(u, r));
             }
@@ -741,7 +803,42 @@ impl Conn {
         };
         let mut topic = topic;
         self.mount_in(&mut topic);
-        if self.principal.acl().is_some_and(|a| !a.may_publish(&topic)) {
+        let (mut payload, mut qos_out, mut retain) = (p.payload, p.qos, p.retain);
+        let mut judged = false;
+        if let Some(h) = self.broker.hooks.get().cloned().filter(|h| h.has("auth_on_publish", v5)) {
+            let body = crate::webhooks::body::publish(
+                self.username.as_deref(),
+                &self.shown,
+                p.qos as u8,
+                &topic,
+                h.payload("auth_on_publish", v5, &payload),
+                retain,
+                v5,
+            );
+            match Box::pin(h.auth("auth_on_publish", v5, body)).await {
+                Verdict::Ok(answer) => {
+                    judged = true;
+                    if let Some(m) = answer.get("modifiers").filter(|m| m.is_object()) {
+                        match modified(&h, v5, m, &mut topic, &mut payload, &mut qos_out, &mut retain) {
+                            Ok(()) => {}
+                            Err(why) => {
+                                tracing::warn!(error = %why, "auth_on_publish webhook answered unusable modifiers; refusing the PUBLISH");
+                                self.refuse(p.qos, p.pkid, reason::IMPLEMENTATION_SPECIFIC).await;
+                                return None;
+                            }
+                        }
+                    }
+                }
+                Verdict::Next => {}
+                Verdict::Error(e) => {
+                    tracing::info!(%topic, error = %e, "PUBLISH denied by webhook");
+                    self.count_denied();
+                    self.refuse(p.qos, p.pkid, reason::NOT_AUTHORIZED).await;
+                    return None;
+                }
+            }
+        }
+        if !judged && self.principal.acl().is_some_and(|a| !a.may_publish(&topic)) {
             tracing::info!(%topic, "PUBLISH denied by ACL");
             self.count_denied();
             self.refuse(p.qos, p.pkid, reason::NOT_AUTHORIZED).await;
@@ -749,7 +846,7 @@ impl Conn {
         }
         if let Some(ident) = self.principal.device().cloned() {
             if let Some((kind, gateway, mid)) = uplink::classify(&topic, &ident.device_number) {
-                if let Some(code) = Box::pin(self.uplink(&ident, kind, gateway, mid, &p.payload, props.as_ref())).await {
+                if let Some(code) = Box::pin(self.uplink(&ident, kind, gateway, mid, &payload, props.as_ref())).await {
                     if code == reason::SERVER_BUSY {
                         // Not acknowledged: the device sends it again when it reconnects.
                         return Some(self.close(reason::SERVER_BUSY));
@@ -779,12 +876,18 @@ impl Conn {
         let props = props.filter(|pr| !pr.is_empty()).map(Box::new);
         // Clients may not inject broker statistics.
         let routable = !topic.starts_with("$SYS");
+        if let Some(h) = self.broker.hooks.get() {
+            h.notify("on_publish", v5, || {
+                let pl = h.payload("on_publish", v5, &payload);
+                crate::webhooks::body::publish(self.username.as_deref(), &self.shown, qos_out as u8, &topic, pl, retain, v5)
+            });
+        }
         let msg = Arc::new(Message {
             id: crate::message::next_id(),
             topic: Arc::from(topic),
-            payload: p.payload,
-            qos: p.qos,
-            retain: p.retain,
+            payload,
+            qos: qos_out,
+            retain,
             props,
             expires_at,
             publisher: Some(self.client_id.clone()),
@@ -821,4 +924,81 @@ impl Conn {
         }
         None
     }
+}
+
+impl Conn {
+    /// Ask the `auth_on_subscribe` webhooks; true when they decided (the ACL is then not
+    /// asked). Their `topics` answer rewrites the filters (QoS 128 refuses one).
+    async fn subscribe_hook(
+        &self,
+        h: &crate::webhooks::Webhooks,
+        s: &mut crate::protocols::mqtt::Subscribe,
+        denied: &mut Vec<usize>,
+    ) -> bool {
+        let v5 = self.protocol == Protocol::V5;
+        let topics: Vec<(String, u8)> = s.filters.iter().map(|(f, o)| (f.clone(), o.qos as u8)).collect();
+        let body = crate::webhooks::body::subscribe(self.username.as_deref(), &self.shown, topics, v5);
+        match h.auth("auth_on_subscribe", v5, body).await {
+            Verdict::Ok(answer) => {
+                if let Some(list) = answer.get("topics").and_then(|t| t.as_array()) {
+                    if list.len() != s.filters.len() {
+                        tracing::warn!("auth_on_subscribe webhook answered a different number of topics; refusing them");
+                        denied.extend(0..s.filters.len());
+                        return true;
+                    }
+                    for (i, t) in list.iter().enumerate() {
+                        let qos = t.get("qos").and_then(|q| q.as_u64()).unwrap_or(s.filters[i].1.qos as u64);
+                        match (t.get("topic").and_then(|x| x.as_str()), QoS::from_u8(qos.min(255) as u8)) {
+                            _ if qos == 128 => denied.push(i),
+                            (Some(f), Some(q)) if crate::protocols::mqtt::topic::valid_filter(f) => {
+                                s.filters[i].0 = f.to_string();
+                                s.filters[i].1.qos = q;
+                            }
+                            _ => {
+                                tracing::warn!(answer = %t, "auth_on_subscribe webhook answered an unusable topic; refusing it");
+                                denied.push(i);
+                            }
+                        }
+                    }
+                }
+                true
+            }
+            Verdict::Next => false,
+            Verdict::Error(e) => {
+                tracing::info!(error = %e, "SUBSCRIBE denied by webhook");
+                self.count_denied();
+                denied.extend(0..s.filters.len());
+                true
+            }
+        }
+    }
+}
+
+/// Apply an `auth_on_publish` answer's modifiers (topic, payload, qos, retain).
+fn modified(
+    h: &crate::webhooks::Webhooks,
+    v5: bool,
+    m: &serde_json::Value,
+    topic: &mut String,
+    payload: &mut bytes::Bytes,
+    qos: &mut QoS,
+    retain: &mut bool,
+) -> Result<(), String> {
+    if let Some(t) = m.get("topic") {
+        let t = t.as_str().ok_or("topic is not a string")?;
+        if !crate::protocols::mqtt::topic::valid_topic_name(t) {
+            return Err(format!("{t:?} is not a topic name"));
+        }
+        *topic = t.to_string();
+    }
+    if let Some(p) = m.get("payload") {
+        *payload = h.decode_payload("auth_on_publish", v5, p.as_str().ok_or("payload is not a string")?).ok_or("payload is not base64")?;
+    }
+    if let Some(q) = m.get("qos") {
+        *qos = q.as_u64().and_then(|q| QoS::from_u8(q.min(255) as u8)).ok_or("qos is 0, 1 or 2")?;
+    }
+    if let Some(r) = m.get("retain") {
+        *retain = r.as_bool().ok_or("retain is a boolean")?;
+    }
+    Ok(())
 }

@@ -173,6 +173,9 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     registry.ask(RegistryMessage::Count, Some(Duration::from_secs(60))).await.context("restore sessions")?;
 
     // The device platform: registry, authentication, downlink (before any listener accepts).
+    if let Some(h) = crate::webhooks::Webhooks::start(&config.webhooks)? {
+        let _ = broker.hooks.set(h);
+    }
     let devices = crate::devices::Devices::start(&broker).await?;
     let _ = broker.devices.set(devices.clone());
     let telemetry = crate::telemetry::Telemetry::start(config.clone(), devices.meta.clone(), devices.cache.clone()).await?;

@@ -93,7 +93,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     cancel: CancellationToken,
     broker: Arc<Broker>,
     mount: Option<Arc<str>>,
-    client: Arc<str>,
+    (client, username): (Arc<str>, Option<Arc<str>>),
 ) {
     let mut buf = BytesMut::new();
     let mut aliases = Aliases { max: client_alias_max, map: HashMap::new() };
@@ -116,6 +116,13 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 }
                 Outbound::Publish(p) => {
                     sent += 1;
+                    if let Some(h) = broker.hooks.get() {
+                        let v5 = protocol == Protocol::V5;
+                        h.notify("on_deliver", v5, || {
+                            let pl = h.payload("on_deliver", v5, &p.msg.payload);
+                            crate::webhooks::body::deliver(username.as_deref(), &client, &p.msg.topic, pl, p.qos as u8, p.retain, v5)
+                        });
+                    }
                     m.publish_out.add(p.qos as usize, 1);
                     if broker.tracer.on() {
                         broker.tracer.publish_out(&broker.config.node.name, &client, &p);

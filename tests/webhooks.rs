@@ -1,0 +1,239 @@
+//! Broker webhooks in VerneMQ's shape against a real HTTP endpoint: auth hooks that allow,
+//! deny, pass on (`next`) and modify (topic, payload, QoS; subscription topics), answers cached
+//! by `cache-control: max-age`, an endpoint that hangs (the hook's failure policy answers), the
+//! 3.1.1 and 5.0 hook names, notifications with VerneMQ's bodies, and a notification endpoint
+//! that never answers without slowing the broker (its overflow is counted).
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use common::platform::*;
+use common::{disconnect, Raw, DEADLINE};
+use serde_json::{json, Value};
+use thingsd::protocols::mqtt::*;
+use thingsd::webhooks::{OnFailure, WebhookConfig};
+
+type Seen = Arc<Mutex<Vec<(String, Value)>>>;
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A webhook service: decides by username and topic, records every call.
+async fn service() -> (String, Seen) {
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let hooks = axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::Json<Value>| {
+        let s = s.clone();
+        async move {
+            let hook = headers.get("vernemq-hook").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let b = body.0;
+            s.lock().unwrap().push((hook.clone(), b.clone()));
+            let topic = b["topic"].as_str().unwrap_or("");
+            let first_filter = b["topics"][0]["topic"].as_str().unwrap_or("");
+            let mut cache = None;
+            let answer = match hook.trim_end_matches("_m5") {
+                "auth_on_register" => match b["username"].as_str() {
+                    Some("denied") => json!({"result": {"error": "not_allowed"}}),
+                    Some("hooked") => {
+                        cache = Some("max-age=60");
+                        json!({"result": "ok"})
+                    }
+                    _ => json!({"result": "next"}),
+                },
+                "auth_on_publish" if topic.starts_with("deny/") => json!({"result": {"error": "not_allowed"}}),
+                "auth_on_publish" if topic.starts_with("rewrite/") => {
+                    json!({"result": "ok", "modifiers": {"topic": "rewritten/x", "payload": b64("modified"), "qos": 0}})
+                }
+                "auth_on_publish" if topic.starts_with("hang/") => {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    json!({"result": "ok"})
+                }
+                "auth_on_subscribe" if first_filter == "secret/#" => json!({"result": {"error": "not_allowed"}}),
+                "auth_on_subscribe" if first_filter == "alias/#" => {
+                    json!({"result": "ok", "topics": [{"topic": "rewritten2/#", "qos": 1}]})
+                }
+                _ => json!({"result": "next"}),
+            };
+            let mut r = axum::response::IntoResponse::into_response(axum::Json(answer));
+            if let Some(c) = cache {
+                r.headers_mut().insert("cache-control", c.parse().unwrap());
+            }
+            r
+        }
+    });
+    // Never answers (a stuck notification endpoint).
+    let slow = axum::routing::post(|| async {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        "late"
+    });
+    let app = axum::Router::new().route("/hooks", hooks).route("/slow", slow);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (format!("http://{addr}"), seen)
+}
+
+fn hook(name: &str, url: &str) -> WebhookConfig {
+    WebhookConfig {
+        hook: name.into(),
+        endpoint: url.into(),
+        timeout_ms: 500,
+        on_failure: OnFailure::Deny,
+        base64_payload: true,
+        queue: 1000,
+        batch: 8,
+    }
+}
+
+/// Wait until the service saw a call of `hook` matching `f`; returns its body.
+async fn saw(seen: &Seen, hook: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some((_, b)) = seen.lock().unwrap().iter().find(|(h, b)| h == hook && f(b)) {
+            return b.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < end,
+            "no {hook} call seen; calls: {:?}",
+            seen.lock().unwrap().iter().map(|(h, _)| h.clone()).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn count(seen: &Seen, hook: &str, user: &str) -> usize {
+    seen.lock().unwrap().iter().filter(|(h, b)| h == hook && b["username"] == user).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_hooks_allow_deny_modify_and_notify() {
+    let (url, seen) = service().await;
+    let u = format!("{url}/hooks");
+    let p = Platform::start(None, |c| {
+        c.webhooks = [
+            "auth_on_register",
+            "auth_on_register_m5",
+            "auth_on_publish_m5",
+            "auth_on_subscribe_m5",
+            "on_register_m5",
+            "on_publish_m5",
+            "on_subscribe_m5",
+            "on_unsubscribe_m5",
+            "on_deliver_m5",
+            "on_client_gone",
+            "on_client_offline",
+        ]
+        .iter()
+        .map(|h| hook(h, &u))
+        .collect();
+    })
+    .await;
+    let addr = p.node.tcp;
+
+    // Register: denied by the hook; admitted by it (answer cached: asked once for two logins);
+    // `next` falls through to the device registry (a device's token works, nonsense does not).
+    assert_eq!(login(addr, Protocol::V5, "c-denied", Some("denied"), Some("pw")).await.1, reason::NOT_AUTHORIZED);
+    let (mut sub1, code) = login(addr, Protocol::V5, "c-hooked", Some("hooked"), Some("pw")).await;
+    assert_eq!(code, 0);
+    let (_again, code) = login(addr, Protocol::V5, "c-hooked-2", Some("hooked"), Some("pw")).await;
+    assert_eq!(code, 0);
+    let body = saw(&seen, "auth_on_register_m5", |b| b["username"] == "hooked").await;
+    assert_eq!((body["password"].as_str(), body["clean_start"].as_bool(), body["mountpoint"].as_str()), (Some("pw"), Some(true), Some("")));
+    assert_eq!(body["peer_addr"], "127.0.0.1");
+    // The second login differs only in client id: a different request, asked again; the
+    // third repeats the second (from a new source port): cached.
+    let (_third, code) = login(addr, Protocol::V5, "c-hooked-2", Some("hooked"), Some("pw")).await;
+    assert_eq!(code, 0);
+    assert_eq!(count(&seen, "auth_on_register_m5", "hooked"), 2, "a cached answer is not asked again");
+    let (_, token) = p.create_device("wh-dev", json!({})).await;
+    assert_eq!(login(addr, Protocol::V5, "c-dev", Some(&token), None).await.1, 0);
+    assert_eq!(login(addr, Protocol::V5, "c-nobody", Some("nobody"), Some("x")).await.1, reason::BAD_USERNAME_OR_PASSWORD);
+    // 3.1.1 clients call the hook without the _m5 suffix.
+    let (_v4, code) = login(addr, Protocol::V4, "c-v4", Some("hooked"), Some("pw")).await;
+    assert_eq!(code, 0);
+    let v4 = saw(&seen, "auth_on_register", |b| b["client_id"] == "c-v4").await;
+    assert_eq!(v4["clean_session"], true);
+
+    // Subscribe: passed on (allowed), refused, rewritten.
+    assert_eq!(sub1.sub("rewritten/#", QoS::AtLeastOnce).await, vec![1]);
+    assert_eq!(sub1.sub("secret/#", QoS::AtLeastOnce).await, vec![reason::NOT_AUTHORIZED]);
+    assert_eq!(sub1.sub("alias/#", QoS::AtMostOnce).await, vec![1], "rewritten to rewritten2/# at QoS 1");
+
+    // Publish: modified (topic, payload, QoS), refused, and an endpoint that hangs (deny).
+    let (mut pubr, _) = login(addr, Protocol::V5, "c-pub", Some("hooked"), Some("pw")).await;
+    assert_eq!(pub1(&mut pubr, "rewrite/in", 1, "orig").await, 0);
+    let m = sub1.recv_publish().await;
+    assert_eq!((m.topic.as_str(), &m.payload[..], m.qos), ("rewritten/x", &b"modified"[..], QoS::AtMostOnce));
+    assert_eq!(pub1(&mut pubr, "deny/x", 2, "no").await, reason::NOT_AUTHORIZED);
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(pub1(&mut pubr, "hang/x", 3, "slow").await, reason::NOT_AUTHORIZED);
+    assert!(t0.elapsed() < Duration::from_secs(5), "the hook's timeout answered");
+    // `next` for other topics: the built-in checks (unrestricted for a webhook-admitted client).
+    assert_eq!(pub1(&mut pubr, "rewritten2/a", 4, "plain").await, 0);
+    let m = sub1.recv_publish().await;
+    assert_eq!((m.topic.as_str(), &m.payload[..]), ("rewritten2/a", &b"plain"[..]));
+
+    // Notifications, in VerneMQ's shapes.
+    let r = saw(&seen, "on_register_m5", |b| b["client_id"] == "c-hooked").await;
+    assert_eq!((r["username"].as_str(), r["mountpoint"].as_str()), (Some("hooked"), Some("")));
+    let pb = saw(&seen, "on_publish_m5", |b| b["topic"] == "rewritten/x").await;
+    assert_eq!(
+        (pb["payload"].as_str(), pb["qos"].as_u64(), pb["client_id"].as_str()),
+        (Some(b64("modified").as_str()), Some(0), Some("c-pub"))
+    );
+    let sb = saw(&seen, "on_subscribe_m5", |b| b["topics"][0]["topic"] == "rewritten2/#").await;
+    assert_eq!(sb["topics"][0]["qos"], 1);
+    let dl = saw(&seen, "on_deliver_m5", |b| b["topic"] == "rewritten2/a").await;
+    assert_eq!((dl["client_id"].as_str(), dl["payload"].as_str()), (Some("c-hooked"), Some(b64("plain").as_str())));
+    sub1.send(Packet::Unsubscribe(Unsubscribe { pkid: 9, filters: vec!["rewritten/#".into()], props: Properties::default() })).await;
+    saw(&seen, "on_unsubscribe_m5", |b| b["topics"][0] == "rewritten/#").await;
+    sub1.send(disconnect()).await;
+    saw(&seen, "on_client_gone", |b| b["client_id"] == "c-hooked").await;
+    // A session that outlives its connection goes offline instead.
+    let mut c = common::connect_packet(Protocol::V5, "c-persist", false);
+    c.username = Some("hooked".into());
+    c.password = Some(bytes::Bytes::from_static(b"pw"));
+    c.props.session_expiry_interval = Some(600);
+    let (mut keep, ack) = Raw::session(addr, c).await;
+    assert_eq!(ack.code, 0);
+    keep.send(disconnect()).await;
+    saw(&seen, "on_client_offline", |b| b["client_id"] == "c-persist").await;
+    p.node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_notification_endpoint_never_slows_the_broker() {
+    let (url, _seen) = service().await;
+    let p = Platform::start(None, |c| {
+        c.listeners.tcp[0].allow_anonymous = true;
+        let mut h = hook("on_deliver_m5", &format!("{url}/slow"));
+        h.queue = 5;
+        h.batch = 2;
+        h.timeout_ms = 60_000;
+        c.webhooks = vec![h];
+    })
+    .await;
+    let mut s = Raw::v5(p.node.tcp, "slow-sub").await;
+    assert_eq!(s.sub("load/#", QoS::AtMostOnce).await, vec![0]);
+    let mut pb = Raw::v5(p.node.tcp, "slow-pub").await;
+    for i in 0..200 {
+        pb.send(common::publish("load/x", QoS::AtMostOnce, 0, &i.to_string())).await;
+    }
+    for i in 0..200 {
+        let m = s.recv_publish().await;
+        assert_eq!(&m.payload[..], i.to_string().as_bytes());
+    }
+    let (_, text) = common::http_get(p.http_addr(), "/metrics").await;
+    let dropped: HashMap<String, f64> = text
+        .lines()
+        .filter(|l| l.starts_with("thingsd_webhook_dropped_total{"))
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.parse().unwrap())))
+        .collect();
+    let n: f64 = dropped.values().sum();
+    assert!(n >= 190.0, "overflow is counted: {dropped:?}");
+    p.node.stop().await;
+}
