@@ -40,6 +40,8 @@ pub struct Broker {
     pub alerts: std::sync::OnceLock<Arc<crate::alerts::Alerts>>,
     /// Broker webhooks, when any are configured (set once at start-up).
     pub hooks: std::sync::OnceLock<Arc<crate::webhooks::Webhooks>>,
+    /// Live events for API websockets (set once at start-up).
+    pub live: std::sync::OnceLock<Arc<crate::live::Live>>,
     pub started: Instant,
     /// Live packet traces (`thingsctl trace`).
     pub tracer: crate::ops::trace::Tracer,
@@ -63,6 +65,7 @@ impl Broker {
             users: std::sync::OnceLock::new(),
             alerts: std::sync::OnceLock::new(),
             hooks: std::sync::OnceLock::new(),
+            live: std::sync::OnceLock::new(),
             router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
             metrics: Metrics::default(),

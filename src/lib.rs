@@ -8,6 +8,7 @@ pub mod config;
 pub mod dev;
 pub mod devices;
 pub mod http;
+pub mod live;
 pub mod message;
 pub mod metrics;
 pub mod ops;

@@ -100,8 +100,8 @@ async fn login_refresh_logout_and_limits() {
     assert_eq!(v["error"]["code"], "invalid_json");
     // Oversized bodies are refused before they are read.
     let big = "x".repeat(2 << 20);
-    let r = p
-        .http
+    // (On its own connection: the server closes it rather than read the rest of the body.)
+    let r = client()
         .post(format!("http://{a}/api/v1/tenants"))
         .bearer_auth(ADMIN_KEY)
         .header("content-type", "application/json")
@@ -439,5 +439,64 @@ async fn schemathesis_finds_no_server_errors() {
     let out = tokio::time::timeout(std::time::Duration::from_secs(600), out).await.expect("schemathesis finishes").unwrap();
     let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
+    p.node.stop().await;
+}
+
+/// The live websocket streams what the user's tenant may see, and nothing of other tenants.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_streams_the_tenants_own_devices() {
+    use futures_util::StreamExt;
+    let p = start().await;
+    let a = p.http_addr();
+    let http = &p.http;
+    let (_, ta) = call(http, a, ADMIN_KEY, "POST", "/api/v1/tenants", Some(json!({"name": "live-a"}))).await;
+    let (_, tb) = call(http, a, ADMIN_KEY, "POST", "/api/v1/tenants", Some(json!({"name": "live-b"}))).await;
+    let (s, _) = call(
+        http,
+        a,
+        ADMIN_KEY,
+        "POST",
+        "/api/v1/users",
+        Some(json!({"username": "live-user", "password": "live-pass-1", "role": "tenant_user", "tenant_id": ta["id"]})),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let (_, da) =
+        call(http, a, ADMIN_KEY, "POST", "/api/v1/devices", Some(json!({"device_number": "live-a1", "tenant_id": ta["id"]}))).await;
+    let (_, db) =
+        call(http, a, ADMIN_KEY, "POST", "/api/v1/devices", Some(json!({"device_number": "live-b1", "tenant_id": tb["id"]}))).await;
+    let token = login_user(http, a, "live-user", "live-pass-1").await["access_token"].as_str().unwrap().to_string();
+    // Without a token: refused before the upgrade.
+    assert!(tokio_tungstenite::connect_async(format!("ws://{a}/api/v1/ws")).await.is_err());
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{a}/api/v1/ws?access_token={token}")).await.unwrap();
+    async fn next<
+        S: futures_util::Stream<Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    >(
+        ws: &mut S,
+    ) -> Value {
+        loop {
+            let m = tokio::time::timeout(common::DEADLINE, ws.next()).await.expect("a websocket message").unwrap().unwrap();
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                return serde_json::from_str::<Value>(&t).unwrap();
+            }
+        }
+    }
+    assert_eq!(next(&mut ws).await["type"], "hello");
+    for (dev, v) in [(&db, 1), (&da, 2)] {
+        let r = http
+            .post(format!("http://{a}/api/v1/{}/telemetry", dev["access_token"].as_str().unwrap()))
+            .json(&json!({"temp": v}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // B's reading came first and was not shown.
+    let ev = next(&mut ws).await;
+    assert_eq!(
+        (ev["type"].as_str(), ev["device"].as_str(), ev["data"]["temp"].as_i64()),
+        (Some("telemetry"), Some("live-a1"), Some(2)),
+        "{ev}"
+    );
     p.node.stop().await;
 }

@@ -303,6 +303,16 @@ impl Alerts {
             NoticeKind::Cleared => self.metrics.cleared.fetch_add(1, Ordering::Relaxed),
             NoticeKind::Acknowledged => 0,
         };
+        if let Some(l) = self.broker.upgrade().and_then(|b| b.live.get().cloned()).filter(|l| l.watched()) {
+            let data = serde_json::json!({"event": kind.as_str(), "alert": alert});
+            l.publish(crate::live::LiveEvent {
+                kind: "alert".into(),
+                device: alert.device_number.clone(),
+                tenant_id: Some(alert.tenant_id),
+                ts: crate::storage::meta::now_ms(),
+                data,
+            });
+        }
         if self.notices.try_send(Notice { kind, alert, rule: rule.clone() }).is_err() {
             self.metrics.notifications_dropped.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("alert notification queue full; a notification was dropped");

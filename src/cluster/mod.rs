@@ -890,6 +890,16 @@ impl ClusterState {
                 }
             }
             Body::Trace { id, events } => self.a.broker.tracer.deliver(id, events),
+            Body::LiveWant => {
+                if let Some(l) = self.a.broker.live.get() {
+                    l.peer_wants(&from);
+                }
+            }
+            Body::Live { event } => {
+                if let Some(l) = self.a.broker.live.get() {
+                    l.from_peer(&event);
+                }
+            }
             Body::AlertEvent { rule, device_id, device, values, ts } => {
                 if let Some(a) = self.a.broker.alerts.get() {
                     a.remote_event(rule, device_id, &device, &values, ts);

@@ -199,6 +199,12 @@ pub enum Body {
         values: String,
         ts: i64,
     },
+    /// The sender has websocket clients: send it live events for a while.
+    LiveWant,
+    /// A live event (JSON of `live::LiveEvent`).
+    Live {
+        event: String,
+    },
 }
 
 /// What one node tells the others about devices (also sent over Redis pub/sub as JSON).

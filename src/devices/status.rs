@@ -81,6 +81,10 @@ impl Devices {
         let Some(b) = self.broker() else { return };
         let payload = serde_json::json!({"online": online, "ts": ts}).to_string();
         self.cache.set(&format!("status:{number}"), &payload, Duration::from_secs(30 * 86_400)).await;
+        if let Some(l) = b.live.get().filter(|l| l.watched()) {
+            let data = serde_json::json!({"online": online});
+            l.publish(crate::live::LiveEvent { kind: "status".into(), device: number.to_string(), tenant_id: None, ts: ts as i64, data });
+        }
         let msg = Arc::new(Message::from_node(status_topic(number), payload, QoS::AtLeastOnce, true));
         b.retain(msg.clone()).await;
         b.publish(msg);

@@ -182,6 +182,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let _ = devices.telemetry.set(telemetry.clone());
     let users = crate::users::Users::start(devices.meta.clone(), devices.cache.clone(), config.api.clone()).await?;
     let _ = broker.users.set(Arc::new(users));
+    let _ = broker.live.set(crate::live::Live::start(&broker, &devices));
     let alerts = crate::alerts::Alerts::start(&broker, devices.clone());
     let _ = broker.alerts.set(alerts.clone());
     let tracker = TaskTracker::new();
