@@ -251,6 +251,23 @@ async fn alert_lifecycle_with_duration_hysteresis_and_notifications() {
     wait_open(http, a, r2, 1).await;
     telemetry(&mut d, 5, json!({"temp": 71})).await;
     wait_open(http, a, r2, 0).await;
+
+    // Offline for a second: raised after the device goes away, cleared when it is back.
+    let (s, r3) = p
+        .admin("POST", "/api/v1/alert-rules", Some(json!({"name": "gone", "target": {"device": "al-1"}, "condition": {"offline_secs": 1}})))
+        .await;
+    assert_eq!(s, 200, "{r3}");
+    let r3 = r3["id"].as_i64().unwrap();
+    rule_running(http, a, r3).await;
+    let t_off = thingsd::storage::meta::now_ms();
+    d.send(common::disconnect()).await;
+    drop(d);
+    wait_online(http, a, "al-1", false).await;
+    let off = wait_open(http, a, r3, 1).await.remove(0);
+    let after = off["raised_ms"].as_i64().unwrap() - t_off;
+    assert!(after >= 1000, "raised {after} ms after the device left");
+    let _d = device(p.node.tcp, Protocol::V5, "al-1", &token).await;
+    wait_open(http, a, r3, 0).await;
     p.node.stop().await;
 }
 

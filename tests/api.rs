@@ -506,3 +506,64 @@ async fn websocket_streams_the_tenants_own_devices() {
     );
     p.node.stop().await;
 }
+
+/// CORS: preflights from an allowed origin are answered; others get no CORS headers.
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_follows_the_configuration() {
+    let p = Platform::start(None, |c| c.api.cors_origins = vec!["https://console.example".into()]).await;
+    let a = p.http_addr();
+    let pre = |origin: &'static str| {
+        p.http
+            .request(reqwest::Method::OPTIONS, format!("http://{a}/api/v1/devices"))
+            .header("origin", origin)
+            .header("access-control-request-method", "GET")
+            .header("access-control-request-headers", "authorization")
+            .send()
+    };
+    let r = pre("https://console.example").await.unwrap();
+    assert_eq!(r.headers().get("access-control-allow-origin").and_then(|v| v.to_str().ok()), Some("https://console.example"));
+    let r = pre("https://evil.example").await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    p.node.stop().await;
+}
+
+/// Two nodes sharing PostgreSQL and Redis: a token from one works on the other, and a logout
+/// on either ends the session on both at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_are_shared_and_revoked_across_nodes() {
+    let Some(pg) = common::backends::postgres().await else { return };
+    let Some(redis) = common::backends::redis() else { return };
+    let prefix = format!("s{:x}:", rand::random::<u32>());
+    let cl = common::cluster::TestCluster::start_some(2, 2, move |_| {
+        format!(
+            "\n[meta]\nurl = \"{pg}\"\n\n[cache]\nurl = \"{redis}\"\nprefix = \"{prefix}\"\n\n[devices]\nadmin_key = \"{ADMIN_KEY}\"\n\n[api]\nadmin_user = \"{ROOT_USER}\"\nadmin_password = \"{ROOT_PASSWORD}\"\n"
+        )
+    })
+    .await;
+    let http = client();
+    let (n1, n2) = (cl.http(0), cl.http(1));
+    let t = login_user(&http, n1, ROOT_USER, ROOT_PASSWORD).await;
+    let token = t["access_token"].as_str().unwrap();
+    assert_eq!(call(&http, n2, token, "GET", "/api/v1/auth/me", None).await.0, 200, "one signing secret for both nodes");
+    assert_eq!(call(&http, n2, token, "POST", "/api/v1/auth/logout", None).await.0, 200);
+    assert_eq!(call(&http, n1, token, "GET", "/api/v1/auth/me", None).await.0, 401, "logged out everywhere");
+    let r = http.post(format!("http://{n1}/api/v1/auth/refresh")).json(&json!({"refresh_token": t["refresh_token"]})).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+/// The first start creates the system administrator and prints its password once; a restart
+/// prints nothing (the password stays what it was).
+#[tokio::test(flavor = "multi_thread")]
+async fn first_start_prints_the_admin_password_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = common::process::spawn(dir.path(), &[]).await;
+    let line = n.wait_log("with the admin password", |l| l.contains("web/API user \"admin\" password (shown once")).await;
+    let pw = line.rsplit(' ').next().unwrap().to_string();
+    let http = client();
+    let t = login_user(&http, n.http, "admin", &pw).await;
+    assert_eq!(t["user"]["role"], "system_admin");
+    n.child.kill().await.unwrap();
+    let n = common::process::spawn(dir.path(), &[]).await;
+    assert!(!n.log.lock().unwrap().iter().any(|l| l.contains("password (shown once")), "printed again");
+    login_user(&http, n.http, "admin", &pw).await;
+}

@@ -202,6 +202,19 @@ async fn auth_hooks_allow_deny_modify_and_notify() {
     assert_eq!(ack.code, 0);
     keep.send(disconnect()).await;
     saw(&seen, "on_client_offline", |b| b["client_id"] == "c-persist").await;
+
+    // Operators see the hooks and their counters.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsctl"))
+        .args(["--url", &format!("http://{}", p.http_addr()), "--key", ADMIN_KEY, "--json", "webhooks", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let publish =
+        v["items"].as_array().unwrap().iter().find(|i| i["hook"] == "auth_on_publish_m5").expect("auth_on_publish_m5 listed").clone();
+    assert!(publish["requests"].as_u64().unwrap() >= 4 && publish["failures"].as_u64().unwrap() >= 1, "{publish}");
+    assert_eq!(publish["on_failure"], "deny");
     p.node.stop().await;
 }
 

@@ -27,6 +27,7 @@ Commands:
   actors show <name>
   trace <client id> [--secs N]        stream the client's packets until Ctrl-C (or N seconds)
   devices list [--limit N]            devices show <number>
+  webhooks list                       broker webhooks per node: endpoint, policy, requests, failures, drops
   metrics                             key counters per node and for the cluster";
 
 struct Ctl {
@@ -131,6 +132,14 @@ async fn run(args: Vec<String>) -> Res {
         ["actors", "show", name] => ctl.actor(name).await,
         ["trace", client] => ctl.trace(client).await,
         ["metrics"] => ctl.metrics().await,
+        ["webhooks", "list"] => {
+            let v = ctl.get("/admin/v1/webhooks", &ctl.with_node(&[])).await?;
+            ctl.items(
+                &v,
+                &["NODE", "HOOK", "ENDPOINT", "ON_FAILURE", "REQUESTS", "FAILURES", "CACHE_HITS", "DROPPED"],
+                &["node", "hook", "endpoint", "on_failure", "requests", "failures", "cache_hits", "dropped"],
+            )
+        }
         ["devices", "list"] => ctl.devices().await,
         ["devices", "show", n] => {
             let v = ctl.get(&format!("/api/v1/devices/{}", enc(n)), &[]).await?;

@@ -36,6 +36,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/admin/v1/actors/{*name}", get(actor))
         .route("/admin/v1/metrics", get(metrics))
         .route("/admin/v1/trace/{*client}", get(trace))
+        .route("/admin/v1/webhooks", get(webhooks))
         .route_layer(middleware::from_fn_with_state(state, require_operator))
 }
 
@@ -113,6 +114,20 @@ fn merged(answers: Vec<NodeAnswer>, key: impl Fn(&Value) -> String, limit: usize
         truncated = true;
     }
     json!({ "items": items, "truncated": truncated, "errors": errs })
+}
+
+/// Every node's broker webhooks (configured per node) with their counters.
+async fn webhooks(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {
+    let answers = ask(&b, Query::Webhooks, p.node.as_deref()).await?;
+    let key = |v: &Value| {
+        format!(
+            "{}\u{0}{}\u{0}{}",
+            v["node"].as_str().unwrap_or(""),
+            v["hook"].as_str().unwrap_or(""),
+            v["endpoint"].as_str().unwrap_or("")
+        )
+    };
+    Ok(Json(merged(answers, key, usize::MAX)))
 }
 
 async fn cluster_status(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {

@@ -79,6 +79,8 @@ pub enum Query {
         addr: String,
     },
     Depart,
+    /// The node's broker webhooks and their counters.
+    Webhooks,
 }
 
 /// Glob match with `*` (any run) and `?` (one character).
@@ -389,6 +391,26 @@ pub async fn local(b: &Arc<Broker>, q: Query, origin: Option<&str>) -> Result<Va
         Query::Actor { name } => Ok(inspect::show(node, &name).map(|a| json!(a)).unwrap_or(Value::Null)),
         Query::Tree { max_children } => Ok(json!({ "node": node, "roots": inspect::tree(max_children.clamp(1, 10_000)) })),
         Query::Metrics => Ok(summary(b)),
+        Query::Webhooks => {
+            use std::sync::atomic::Ordering::Relaxed;
+            let me = &b.config.node.name;
+            let items: Vec<Value> = b
+                .config
+                .webhooks
+                .iter()
+                .map(|c| {
+                    let counts =
+                        b.hooks.get().and_then(|h| h.counts().into_iter().find(|(hk, url, _)| *hk == c.hook && *url == c.endpoint));
+                    let n = |f: fn(&crate::webhooks::HookCounts) -> u64| counts.as_ref().map_or(0, |(_, _, x)| f(x));
+                    json!({
+                        "node": me, "hook": c.hook, "endpoint": c.endpoint, "timeout_ms": c.timeout_ms, "on_failure": c.on_failure,
+                        "requests": n(|x| x.calls.load(Relaxed)), "failures": n(|x| x.failures.load(Relaxed)),
+                        "cache_hits": n(|x| x.cache_hits.load(Relaxed)), "dropped": n(|x| x.dropped.load(Relaxed)),
+                    })
+                })
+                .collect();
+            Ok(json!({ "items": items }))
+        }
         Query::TraceStart { id, client } => {
             let origin = origin.ok_or("a trace is started through /admin/v1/trace")?.to_string();
             let cluster = b.cluster.get().cloned().ok_or("clustering is off")?;
