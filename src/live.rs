@@ -37,6 +37,9 @@ pub struct Live {
     clients: AtomicUsize,
     /// Peers that asked for our events, and when they last asked.
     wanted_by: Mutex<HashMap<String, Instant>>,
+    /// When the last peer asked (ms since start; 0 = never): lets `watched` skip the lock.
+    last_wanted: std::sync::atomic::AtomicU64,
+    started: Instant,
     broker: Weak<Broker>,
 }
 
@@ -55,6 +58,8 @@ impl Live {
             tx: broadcast::channel(4096).0,
             clients: AtomicUsize::new(0),
             wanted_by: Mutex::default(),
+            last_wanted: Default::default(),
+            started: Instant::now(),
             broker: Arc::downgrade(broker),
         });
         // This node's device events.
@@ -114,9 +119,11 @@ impl Live {
         (self.tx.subscribe(), Watching(self.clone()))
     }
 
-    /// Does anyone, here or on a peer, watch?
+    /// Does anyone, here or on a peer, watch? (Two atomic loads: asked for every device event.)
     pub fn watched(&self) -> bool {
-        self.clients.load(Ordering::Relaxed) > 0 || !self.wanted_by.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        let last = self.last_wanted.load(Ordering::Relaxed);
+        self.clients.load(Ordering::Relaxed) > 0
+            || (last > 0 && (self.started.elapsed().as_millis() as u64).saturating_sub(last) < EXPIRE.as_millis() as u64)
     }
 
     /// An event that happened on this node: to local clients and to peers that asked.
@@ -151,5 +158,6 @@ impl Live {
     /// A peer has websocket clients: send it our events for a while.
     pub fn peer_wants(&self, peer: &str) {
         self.wanted_by.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.to_string(), Instant::now());
+        self.last_wanted.store((self.started.elapsed().as_millis() as u64).max(1), Ordering::Relaxed);
     }
 }

@@ -549,6 +549,28 @@ async fn sessions_are_shared_and_revoked_across_nodes() {
     assert_eq!(call(&http, n1, token, "GET", "/api/v1/auth/me", None).await.0, 401, "logged out everywhere");
     let r = http.post(format!("http://{n1}/api/v1/auth/refresh")).json(&json!({"refresh_token": t["refresh_token"]})).send().await.unwrap();
     assert_eq!(r.status(), 401);
+
+    // A websocket on node 2 sees a device reporting to node 1.
+    use futures_util::StreamExt;
+    let (_, dev) = call(&http, n1, ADMIN_KEY, "POST", "/api/v1/devices", Some(json!({"device_number": "x-node-1"}))).await;
+    let dev_token = dev["access_token"].as_str().unwrap().to_string();
+    let token = login_user(&http, n2, ROOT_USER, ROOT_PASSWORD).await["access_token"].as_str().unwrap().to_string();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{n2}/api/v1/ws?access_token={token}")).await.unwrap();
+    let end = tokio::time::Instant::now() + common::DEADLINE;
+    'wait: loop {
+        // Node 1 streams to node 2 once it has heard node 2 ask: report until it shows.
+        let r = http.post(format!("http://{n1}/api/v1/{dev_token}/telemetry")).json(&json!({"t": 1})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(std::time::Duration::from_millis(200), ws.next()).await {
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "telemetry" && v["device"] == "x-node-1" {
+                    break 'wait;
+                }
+            }
+        }
+        assert!(tokio::time::Instant::now() < end, "node 2's websocket never saw node 1's device");
+    }
 }
 
 /// The first start creates the system administrator and prints its password once; a restart

@@ -124,7 +124,7 @@ impl Actor for RuleActor {
             RuleMsg::Tick => {
                 if st.rule.spec.condition.needs_status() || st.rule.spec.clear.as_ref().is_some_and(|c| c.needs_status()) {
                     for (number, d) in st.devices.values_mut() {
-                        let s = st.alerts.devices.status(number).await;
+                        let s = st.alerts.devices.presence(number);
                         d.offline_since = if s.online { None } else { Some(d.offline_since.or(s.since.map(|t| t as i64)).unwrap_or(now)) };
                     }
                 }

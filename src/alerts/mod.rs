@@ -97,7 +97,9 @@ impl Alerts {
             me: Arc::from(broker.config.node.name.as_str()),
             index: ArcSwap::from_pointee(Index::default()),
             running: Mutex::default(),
-            placement: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(Duration::from_secs(30)).build(),
+            // A device moved to another group or product reaches group/product rules within
+            // this time (devices move rarely; a lookup per device per minute is cheap).
+            placement: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_live(Duration::from_secs(60)).build(),
             notices: tx,
             metrics: AlertMetrics::default(),
             config,
@@ -156,16 +158,24 @@ impl Alerts {
     /// Load the enabled rules, index them, and run the ones this node owns.
     async fn reconcile(self: &Arc<Self>) -> Result<(), MetaError> {
         let stored = self.devices.meta.enabled_rules().await?;
+        let previous = self.index.load_full();
         let mut idx = Index::default();
         for r in stored {
-            let Some(rule) = load(&r) else { continue };
+            // Unchanged rules are not parsed again.
+            let rule: Arc<LoadedRule> = match previous.rules.get(&r.id).filter(|p| p.updated_ms == r.updated_ms) {
+                Some(p) => p.clone(),
+                None => match load(&r) {
+                    Some(rule) => Arc::new(rule),
+                    None => continue,
+                },
+            };
             let id = rule.id;
             match &rule.spec.target {
                 rule::Target::Device(n) => idx.by_device.entry(n.clone()).or_default().push(id),
                 rule::Target::Group(g) => idx.by_group.entry(*g).or_default().push(id),
                 rule::Target::Product(p) => idx.by_product.entry(*p).or_default().push(id),
             }
-            idx.rules.insert(id, Arc::new(rule));
+            idx.rules.insert(id, rule);
         }
         let mine: HashMap<i64, Arc<LoadedRule>> =
             idx.rules.iter().filter(|(id, _)| self.owner_of(**id) == self.me).map(|(id, r)| (*id, r.clone())).collect();

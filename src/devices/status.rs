@@ -104,6 +104,20 @@ impl Devices {
     /// Status as this node knows it: the replicated retained status message, and last-seen
     /// from the cache (shared through Redis; per node in-process).
     pub async fn status(&self, number: &str) -> Status {
+        let mut s = self.presence(number);
+        let cached = self.cache.get(&format!("seen:{number}")).await.and_then(|v| v.parse::<u64>().ok());
+        let local = self.seen_local.get(&Arc::<str>::from(number));
+        s.last_seen = [cached, local, s.since].into_iter().flatten().max();
+        if s.online {
+            // Connected right now: seen now.
+            s.last_seen = Some(now_ms());
+        }
+        s
+    }
+
+    /// Online and since when, from the replicated retained status message only (no cache
+    /// round trip: alert rules ask this every tick).
+    pub fn presence(&self, number: &str) -> Status {
         let mut s = Status::default();
         if let Some(b) = self.broker() {
             if let Some(m) = b.retained.load().get(&status_topic(number)) {
@@ -112,13 +126,6 @@ impl Devices {
                     s.since = v.get("ts").and_then(|t| t.as_u64());
                 }
             }
-        }
-        let cached = self.cache.get(&format!("seen:{number}")).await.and_then(|v| v.parse::<u64>().ok());
-        let local = self.seen_local.get(&Arc::<str>::from(number));
-        s.last_seen = [cached, local, s.since].into_iter().flatten().max();
-        if s.online {
-            // Connected right now: seen now.
-            s.last_seen = Some(now_ms());
         }
         s
     }
