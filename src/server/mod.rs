@@ -182,6 +182,9 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let _ = devices.telemetry.set(telemetry.clone());
     let users = crate::users::Users::start(devices.meta.clone(), devices.cache.clone(), config.api.clone()).await?;
     let _ = broker.users.set(Arc::new(users));
+    if config.cluster.enabled && config.cache.url.is_empty() {
+        tracing::warn!("clustering without Redis (cache.url): people's sessions live on the node that made them, so a token works only there and a logout ends it only there; configure cache.url");
+    }
     let _ = broker.live.set(crate::live::Live::start(&broker, &devices));
     let alerts = crate::alerts::Alerts::start(&broker, devices.clone());
     let _ = broker.alerts.set(alerts.clone());
