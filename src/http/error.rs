@@ -56,7 +56,7 @@ impl From<crate::storage::timeseries::TsError> for ApiError {
 impl From<MetaError> for ApiError {
     fn from(e: MetaError) -> ApiError {
         match e {
-            MetaError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", m),
+            MetaError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{m} not found")),
             MetaError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             MetaError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
             // Input the database refused (PostgreSQL's data exceptions and integrity

@@ -14,6 +14,7 @@ mod device_api;
 mod error;
 mod health;
 mod ops;
+mod web;
 
 pub use error::ApiError;
 
@@ -37,6 +38,7 @@ pub fn app(broker: Arc<Broker>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(broker.config.api.max_body_bytes));
     let mut app = Router::new()
         .merge(health::routes())
+        .merge(web::routes())
         .merge(ops::routes(broker.clone()))
         .merge(device_api::routes().layer(axum::extract::DefaultBodyLimit::max(device_limit)))
         .merge(api)

@@ -1,0 +1,385 @@
+// thingsd web console: one page with hash routes over the REST API (/api/v1) and, for the
+// system scope, the operators' API (/admin/v1). Every action is an API call made with the
+// user's own token, so the console can do exactly what the user may do; errors are shown.
+"use strict";
+
+const view = document.getElementById("view");
+const errorBox = document.getElementById("error");
+let liveSocket = null;
+
+// ---- session -------------------------------------------------------------------------------
+const session = {
+  get access() { return localStorage.getItem("thingsd.access"); },
+  get refresh() { return localStorage.getItem("thingsd.refresh"); },
+  get me() { try { return JSON.parse(localStorage.getItem("thingsd.me") || "null"); } catch { return null; } },
+  save(t) {
+    localStorage.setItem("thingsd.access", t.access_token);
+    localStorage.setItem("thingsd.refresh", t.refresh_token);
+  },
+  clear() { ["thingsd.access", "thingsd.refresh", "thingsd.me"].forEach((k) => localStorage.removeItem(k)); },
+};
+
+class ApiError extends Error {
+  constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+}
+
+async function call(base, method, path, body, retried) {
+  const headers = { "content-type": "application/json" };
+  if (session.access) headers.authorization = "Bearer " + session.access;
+  const r = await fetch(base + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (r.status === 401 && !retried && session.refresh && !path.startsWith("/auth/")) {
+    // The access token expired: exchange the refresh token once, then try again.
+    const t = await fetch("/api/v1/auth/refresh", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ refresh_token: session.refresh }) });
+    if (t.ok) { session.save(await t.json()); return call(base, method, path, body, true); }
+    session.clear();
+    location.hash = "#/login";
+    throw new ApiError(401, "unauthorized", "your session has ended: log in again");
+  }
+  const text = await r.text();
+  let data = text;
+  try { data = JSON.parse(text); } catch { /* CSV and plain answers */ }
+  if (!r.ok) {
+    const e = data && data.error ? data.error : { code: String(r.status), message: r.statusText };
+    throw new ApiError(r.status, e.code, e.message);
+  }
+  return data;
+}
+const api = (method, path, body) => call("/api/v1", method, path, body);
+const ops = (method, path, body) => call("/admin/v1", method, path, body);
+
+// ---- small DOM helpers ---------------------------------------------------------------------
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null && v !== false) el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) el.append(c instanceof Node ? c : document.createTextNode(c === undefined || c === null ? "" : String(c)));
+  return el;
+}
+function showError(e) {
+  errorBox.textContent = e instanceof Error ? e.message : String(e);
+  errorBox.hidden = false;
+}
+function clearError() { errorBox.hidden = true; errorBox.textContent = ""; }
+function table(headers, rows, testid) {
+  return h("div", { class: "scroll" }, h("table", { "data-testid": testid }, h("thead", {}, h("tr", {}, headers.map((x) => h("th", {}, x)))),
+    h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => h("td", {}, c)))))));
+}
+function time(ms) { return ms ? new Date(ms).toLocaleString() : ""; }
+function field(label, input) { return h("label", {}, label, input); }
+// A form whose submit runs `fn(values)`, showing any error.
+function form(testid, fields, submit, fn) {
+  const f = h("form", { class: "inline", "data-testid": testid }, fields, h("button", { type: "submit" }, submit));
+  f.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    clearError();
+    const values = Object.fromEntries(new FormData(f).entries());
+    try { await fn(values, f); } catch (e) { showError(e); }
+  });
+  return f;
+}
+function num(v) { return v === "" || v === undefined ? undefined : Number(v); }
+
+// ---- pages ---------------------------------------------------------------------------------
+async function loginPage() {
+  document.getElementById("top").hidden = true;
+  const f = form("login", [
+    h("h1", {}, "thingsd"),
+    field("Username", h("input", { name: "username", autocomplete: "username", required: true })),
+    field("Password", h("input", { name: "password", type: "password", autocomplete: "current-password", required: true })),
+  ], "Log in", async (v) => {
+    const t = await api("POST", "/auth/login", { username: v.username, password: v.password });
+    session.save(t);
+    localStorage.setItem("thingsd.me", JSON.stringify(await api("GET", "/auth/me")));
+    location.hash = "#/";
+  });
+  f.className = "login";
+  view.replaceChildren(f);
+}
+
+async function dashboard() {
+  const me = session.me || {};
+  const [devices, open, products] = await Promise.all([
+    api("GET", "/devices?limit=1"), api("GET", "/alerts?open=1&limit=100"), api("GET", "/products?limit=1"),
+  ]);
+  const cards = h("div", { class: "cards" },
+    h("div", { class: "card", "data-testid": "devices-total" }, h("b", {}, devices.total), "devices"),
+    h("div", { class: "card" }, h("b", {}, products.total), "products"),
+    h("div", { class: "card", "data-testid": "alerts-open" }, h("b", { class: open.total ? "bad" : "ok" }, open.total), "open alerts"));
+  view.replaceChildren(h("h1", {}, "Dashboard"), cards);
+  if (open.items.length) {
+    view.append(h("h2", {}, "Open alerts"), alertTable(open.items, false));
+  }
+  if (me.tenant === null) {
+    // System scope: per-node load from the operators' API.
+    try {
+      const [c, m] = await Promise.all([ops("GET", "/cluster"), ops("GET", "/metrics")]);
+      const byNode = Object.fromEntries((m.nodes || []).map((n) => [n.node, n]));
+      view.append(h("h2", {}, "Nodes"), table(["Node", "State", "Clients", "Msgs in", "Msgs out", "Queued", "Uptime (s)"],
+        c.nodes.map((n) => { const x = byNode[n.node] || {}; return [n.node, n.state, x.clients_connected, x.messages_received, x.messages_sent, x.queued, x.uptime_secs]; }), "nodes"));
+    } catch (e) { showError(e); }
+  }
+}
+
+async function productsPage() {
+  const list = await api("GET", "/products?limit=200");
+  const create = form("new-product", [
+    field("Name", h("input", { name: "name", required: true })),
+    field("Telemetry keys (key:unit, …)", h("input", { name: "keys", placeholder: "temp:°C, hum:%" })),
+    field("Strict", h("select", { name: "strict" }, h("option", { value: "false" }, "no"), h("option", { value: "true" }, "yes"))),
+  ], "Create product", async (v) => {
+    const telemetry = (v.keys || "").split(",").map((s) => s.trim()).filter(Boolean).map((s) => {
+      const [key, unit] = s.split(":");
+      return { key: key.trim(), type: "number", unit: unit ? unit.trim() : undefined };
+    });
+    await api("POST", "/products", { name: v.name, strict: v.strict === "true", model: { telemetry } });
+    await productsPage();
+  });
+  view.replaceChildren(h("h1", {}, "Products"), create,
+    table(["Id", "Name", "Strict", "Telemetry", "Created"], list.items.map((p) => [p.id, p.name, p.strict ? "yes" : "no",
+      p.model.telemetry.map((f) => f.key + (f.unit ? ` (${f.unit})` : "")).join(", "), time(p.created_ms)]), "products"));
+}
+
+async function devicesPage() {
+  const q = new URLSearchParams(location.hash.split("?")[1] || "");
+  const search = q.get("q") || "";
+  const products = await api("GET", "/products?limit=200");
+  const names = Object.fromEntries(products.items.map((p) => [p.id, p.name]));
+  const listBox = h("div");
+  const load = async () => {
+    const list = await api("GET", "/devices?limit=200&sort=device_number" + (search ? "&q=" + encodeURIComponent(search) : ""));
+    listBox.replaceChildren(h("p", {}, `${list.total} device(s)`),
+      table(["Number", "Name", "Product", "Enabled", "Created"], list.items.map((d) => [
+        h("a", { href: "#/devices/" + encodeURIComponent(d.device_number) }, d.device_number), d.name, names[d.product_id] || "", d.enabled ? "yes" : "no", time(d.created_ms)]), "devices"));
+  };
+  const find = form("search", [field("Search", h("input", { name: "q", value: search, placeholder: "number or name" }))], "Search",
+    async (v) => { location.hash = "#/devices?q=" + encodeURIComponent(v.q); });
+  const created = h("div", { "data-testid": "created" });
+  const create = form("new-device", [
+    field("Device number", h("input", { name: "device_number", required: true, pattern: "[A-Za-z0-9_.:\\-]{1,128}" })),
+    field("Name", h("input", { name: "name" })),
+    field("Product", h("select", { name: "product_id" }, h("option", { value: "" }, "—"), products.items.map((p) => h("option", { value: p.id }, p.name)))),
+  ], "Create device", async (v, f) => {
+    const r = await api("POST", "/devices", { device_number: v.device_number, name: v.name || "", product_id: num(v.product_id) });
+    created.replaceChildren("Access token of ", h("a", { href: "#/devices/" + encodeURIComponent(r.device.device_number) }, r.device.device_number),
+      " (shown once): ", h("span", { class: "token", "data-testid": "token" }, r.access_token));
+    f.reset();
+    await load();
+  });
+  await load();
+  view.replaceChildren(h("h1", {}, "Devices"), find, create, created, listBox);
+}
+
+// A time chart: series keyed by name, x in seconds.
+function chart(container, title, seriesNames, data, xRange) {
+  container.replaceChildren();
+  const width = Math.max(280, Math.min(container.clientWidth || 900, 1100) - 16);
+  const colors = ["#2f6fed", "#e8710a", "#188038", "#a142f4", "#d93025"];
+  const x = xRange ? { time: true, range: () => xRange } : { time: true };
+  return new uPlot({
+    title, width, height: 260,
+    series: [{}].concat(seriesNames.map((s, i) => ({ label: s, stroke: colors[i % colors.length], width: 2, points: { show: true } }))),
+    scales: { x },
+  }, data, container);
+}
+
+async function devicePage(number) {
+  const path = "/devices/" + encodeURIComponent(number);
+  const [{ device, status }, creds, attrs, latest, commands] = await Promise.all([
+    api("GET", path), api("GET", path + "/credentials"), api("GET", path + "/attributes"),
+    api("GET", path + "/telemetry/latest"), api("GET", path + "/commands?limit=20"),
+  ]);
+  const numericKeys = Object.entries(latest).filter(([, v]) => typeof (v && v.value !== undefined ? v.value : v) === "number").map(([k]) => k);
+  const live = h("div", { class: "chart", id: "live", "data-testid": "live-chart", "data-points": "0" });
+  const history = h("div", { class: "chart", id: "history", "data-testid": "history-chart" });
+  const cmdList = h("div");
+  const renderCommands = (list) => cmdList.replaceChildren(table(["Id", "Method", "Status", "Created", "Response"],
+    list.map((c) => [c.id, c.method || c.kind, c.status, time(c.created_ms), c.response ? JSON.stringify(c.response) : ""]), "commands"));
+  renderCommands(commands);
+  const send = form("send-command", [
+    field("Method", h("input", { name: "method", required: true })),
+    field("Params (JSON)", h("input", { name: "params", value: "{}" })),
+  ], "Send command", async (v) => {
+    let params;
+    try { params = JSON.parse(v.params || "{}"); } catch { throw new Error("params must be JSON"); }
+    await api("POST", path + "/commands", { method: v.method, params });
+    renderCommands(await api("GET", path + "/commands?limit=20"));
+  });
+  const histForm = form("history-form", [
+    field("Key", h("select", { name: "key" }, numericKeys.map((k) => h("option", { value: k }, k)))),
+    field("Range", h("select", { name: "range" }, [["1h", 3600], ["24h", 86400], ["7d", 604800], ["30d", 2592000]].map(([l, s]) => h("option", { value: s }, l)))),
+    field("Aggregate", h("select", { name: "fn" }, ["avg", "min", "max", "sum", "count"].map((f) => h("option", { value: f }, f)))),
+    field("Window", h("select", { name: "window" }, ["1m", "15m", "1h", "1d"].map((w) => h("option", { value: w, selected: w === "15m" }, w)))),
+  ], "Show", async (v) => {
+    if (!v.key) throw new Error("no numeric telemetry yet");
+    const to = Date.now(), from = to - Number(v.range) * 1000;
+    const r = await api("GET", `${path}/telemetry/aggregate?key=${encodeURIComponent(v.key)}&from=${from}&to=${to}&window=${v.window}&fn=${v.fn}`);
+    const xs = r.buckets.map((b) => b.start / 1000), ys = r.buckets.map((b) => b.value);
+    chart(history, `${v.key} (${v.fn} per ${v.window})`, [v.key], [xs, ys], [from / 1000, to / 1000]);
+  });
+  view.replaceChildren(
+    h("h1", {}, device.name, " ", h("small", {}, device.device_number)),
+    h("p", { "data-testid": "status" }, "Status: ", h("b", { class: status.online ? "ok" : "bad" }, status.online ? "online" : "offline"),
+      status.last_seen ? ` — last seen ${time(status.last_seen)}` : ""),
+    h("h2", {}, "Live telemetry"), live,
+    h("h2", {}, "History"), histForm, history,
+    h("h2", {}, "Commands"), send, cmdList,
+    h("h2", {}, "Attributes"), h("pre", { class: "card" }, JSON.stringify(attrs, null, 2)),
+    h("h2", {}, "Credentials"), table(["Id", "Kind", "Identity", "Created"], creds.map((c) => [c.id, c.kind, c.kind === "token" ? "••••" : c.identity, time(c.created_ms)]), "credentials"));
+  startLive(number, live);
+  if (numericKeys.length) histForm.requestSubmit();
+}
+
+// Stream the device's telemetry into the live chart over the API websocket.
+function startLive(number, container) {
+  const keys = [], xs = [], cols = {};
+  let plot = null, points = 0;
+  const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/api/v1/ws?devices=${encodeURIComponent(number)}&access_token=${encodeURIComponent(session.access)}`;
+  liveSocket = new WebSocket(url);
+  liveSocket.onmessage = (m) => {
+    const ev = JSON.parse(m.data);
+    if (ev.type === "status") {
+      const s = document.querySelector("[data-testid=status] b");
+      if (s) { s.textContent = ev.data.online ? "online" : "offline"; s.className = ev.data.online ? "ok" : "bad"; }
+    }
+    if (ev.type !== "telemetry") return;
+    const fresh = Object.keys(ev.data).filter((k) => typeof ev.data[k] === "number" && !keys.includes(k));
+    for (const k of fresh) { keys.push(k); cols[k] = xs.map(() => null); }
+    xs.push(ev.ts / 1000);
+    for (const k of keys) cols[k].push(typeof ev.data[k] === "number" ? ev.data[k] : null);
+    if (xs.length > 500) { xs.shift(); keys.forEach((k) => cols[k].shift()); }
+    points += 1;
+    container.dataset.points = String(points);
+    const data = [xs.slice(), ...keys.map((k) => cols[k].slice())];
+    if (!plot || fresh.length) plot = chart(container, "live", keys, data);
+    else plot.setData(data);
+  };
+  liveSocket.onclose = (e) => { if (e.code === 4001) showError("your session has ended: log in again"); };
+}
+
+function alertTable(items, withAck) {
+  return table(["Id", "Rule", "Device", "Severity", "Status", "Message", "Raised", withAck ? "" : "Cleared"], items.map((a) => [
+    a.id, a.rule_name, h("a", { href: "#/devices/" + encodeURIComponent(a.device_number) }, a.device_number),
+    h("span", { class: "sev-" + a.severity }, a.severity), a.status, a.message, time(a.raised_ms),
+    withAck && a.status === "active" ? h("button", { type: "button", "data-testid": "ack-" + a.id, onclick: async () => {
+      try { clearError(); await api("POST", `/alerts/${a.id}/ack`); await alertsPage(); } catch (e) { showError(e); }
+    } }, "Acknowledge") : time(a.cleared_ms)]), withAck ? "open-alerts" : "alerts");
+}
+
+async function alertsPage() {
+  const [open, history, rules, channels] = await Promise.all([
+    api("GET", "/alerts?open=1&limit=200"), api("GET", "/alerts?limit=50"), api("GET", "/alert-rules?limit=200"), api("GET", "/channels?limit=200"),
+  ]);
+  const ops = ["=", "!=", ">", "<", ">=", "<="].map((o) => h("option", { value: o }, o));
+  const create = form("new-rule", [
+    field("Name", h("input", { name: "name", required: true })),
+    field("Device", h("input", { name: "device", required: true })),
+    field("Key", h("input", { name: "key", required: true, size: 8 })),
+    field("Op", h("select", { name: "op" }, ops)),
+    field("Value", h("input", { name: "value", required: true, size: 6 })),
+    field("For (s)", h("input", { name: "duration", type: "number", min: 0, value: 0, size: 5 })),
+    field("Clear below/above", h("input", { name: "clear", size: 6, placeholder: "(not condition)" })),
+    field("Severity", h("select", { name: "severity" }, ["critical", "major", "minor", "warning", "info"].map((s) => h("option", { value: s, selected: s === "major" }, s)))),
+    field("Channels", h("select", { name: "channel" }, h("option", { value: "" }, "—"), channels.items.map((c) => h("option", { value: c.id }, c.name)))),
+  ], "Create rule", async (v) => {
+    const value = isNaN(Number(v.value)) ? v.value : Number(v.value);
+    const rule = { name: v.name, severity: v.severity, target: { device: v.device }, condition: { key: v.key, op: v.op, value }, duration_secs: Number(v.duration || 0), channels: v.channel ? [Number(v.channel)] : [] };
+    if (v.clear !== "") {
+      // Hysteresis: clear on the other side of a second threshold.
+      rule.clear = { key: v.key, op: v.op.startsWith(">") ? "<" : ">", value: Number(v.clear) };
+    }
+    await api("POST", "/alert-rules", rule);
+    await alertsPage();
+  });
+  const channel = form("new-channel", [
+    field("Channel name", h("input", { name: "name", required: true })),
+    field("Webhook URL", h("input", { name: "url", type: "url", required: true })),
+    field("Secret (HMAC)", h("input", { name: "secret" })),
+  ], "Add webhook channel", async (v) => {
+    await api("POST", "/channels", { name: v.name, kind: "webhook", config: v.secret ? { url: v.url, secret: v.secret } : { url: v.url } });
+    await alertsPage();
+  });
+  view.replaceChildren(h("h1", {}, "Alerts"),
+    h("h2", {}, `Open (${open.total})`), alertTable(open.items, true),
+    h("h2", {}, "Rules"), create,
+    table(["Id", "Name", "Enabled", "Target", "Condition", "For", "Severity"], rules.items.map((r) => [r.id, r.name, r.enabled ? "yes" : "no",
+      JSON.stringify(r.spec.target), JSON.stringify(r.spec.condition), (r.spec.duration_secs || 0) + " s", r.spec.severity]), "rules"),
+    h("h2", {}, "Channels"), channel, table(["Id", "Name", "Kind", "Config"], channels.items.map((c) => [c.id, c.name, c.kind, JSON.stringify(c.config)]), "channels"),
+    h("h2", {}, "History"), alertTable(history.items, false));
+}
+
+async function usersPage() {
+  const me = session.me || {};
+  const [users, roles, perms] = await Promise.all([api("GET", "/users?limit=200"), api("GET", "/roles?limit=200"), api("GET", "/permissions")]);
+  const roleOptions = ["tenant_user", "tenant_admin"].concat(me.tenant === null ? ["system_admin"] : []).map((r) => h("option", { value: r }, r))
+    .concat(roles.items.map((r) => h("option", { value: "custom:" + r.id }, r.name)));
+  const create = form("new-user", [
+    field("Username", h("input", { name: "username", required: true })),
+    field("Password", h("input", { name: "password", type: "password", required: true, minlength: 8 })),
+    field("Role", h("select", { name: "role" }, roleOptions)),
+    me.tenant === null ? field("Tenant id", h("input", { name: "tenant_id", type: "number", min: 1, value: 1 })) : "",
+  ], "Create user", async (v) => {
+    const custom = v.role.startsWith("custom:");
+    await api("POST", "/users", { username: v.username, password: v.password, role: custom ? "custom" : v.role, role_id: custom ? Number(v.role.slice(7)) : undefined, tenant_id: num(v.tenant_id) });
+    await usersPage();
+  });
+  const roleForm = form("new-role", [
+    field("Role name", h("input", { name: "name", required: true })),
+    h("div", {}, perms.permissions.filter((p) => p !== "tenant:manage").map((p) => h("label", {}, h("input", { type: "checkbox", name: "perm:" + p }), p))),
+  ], "Create role", async (v) => {
+    const permissions = Object.keys(v).filter((k) => k.startsWith("perm:")).map((k) => k.slice(5));
+    await api("POST", "/roles", { name: v.name, permissions });
+    await usersPage();
+  });
+  view.replaceChildren(h("h1", {}, "Users and roles"), create,
+    table(["Id", "Username", "Tenant", "Role", "Disabled", "Created", ""], users.items.map((u) => [u.id, u.username, u.tenant_id ?? "system", u.role, u.disabled ? "yes" : "no", time(u.created_ms),
+      u.id === me.user_id ? "" : h("button", { type: "button", class: "secondary", onclick: async () => {
+        try { clearError(); await api("PATCH", "/users/" + u.id, { disabled: !u.disabled }); await usersPage(); } catch (e) { showError(e); }
+      } }, u.disabled ? "Enable" : "Disable")]), "users"),
+    h("h2", {}, "Custom roles"), roleForm, table(["Id", "Name", "Permissions"], roles.items.map((r) => [r.id, r.name, r.permissions.join(", ")]), "roles"));
+}
+
+async function clusterPage() {
+  const [c, actors] = await Promise.all([ops("GET", "/cluster"), ops("GET", "/actors?limit=1000")]);
+  const kinds = {};
+  for (const a of actors.items || []) {
+    const k = kinds[a.kind] || (kinds[a.kind] = { actors: 0, mailbox: 0 });
+    k.actors += 1; k.mailbox += a.mailbox || 0;
+  }
+  view.replaceChildren(h("h1", {}, "Cluster"),
+    table(["Node", "State", "Address", "Round trip (ms)", "Uptime (s)", "Sessions"], c.nodes.map((n) => [n.node, n.state, n.addr || "(this node)", n.rtt_ms ?? "", n.uptime_secs, n.sessions ? n.sessions.connected + " connected / " + n.sessions.all : ""]), "cluster"),
+    h("h2", {}, "Actors"), table(["Kind", "Actors", "Mailbox"], Object.entries(kinds).map(([k, v]) => [k, v.actors, v.mailbox]), "actors"));
+}
+
+// ---- router --------------------------------------------------------------------------------
+async function render() {
+  if (liveSocket) { liveSocket.close(); liveSocket = null; }
+  clearError();
+  const route = location.hash.replace(/^#/, "").split("?")[0] || "/";
+  if (route === "/login" || !session.access) { if (route !== "/login") location.hash = "#/login"; else await loginPage(); return; }
+  document.getElementById("top").hidden = false;
+  const me = session.me;
+  document.getElementById("who").textContent = me ? `${me.username} (${me.role})` : "";
+  try {
+    const parts = route.split("/").filter(Boolean);
+    if (parts.length === 0) await dashboard();
+    else if (parts[0] === "products") await productsPage();
+    else if (parts[0] === "devices" && parts.length === 1) await devicesPage();
+    else if (parts[0] === "devices") await devicePage(decodeURIComponent(parts[1]));
+    else if (parts[0] === "alerts") await alertsPage();
+    else if (parts[0] === "users") await usersPage();
+    else if (parts[0] === "cluster") await clusterPage();
+    else view.replaceChildren(h("h1", {}, "Not found"));
+  } catch (e) {
+    showError(e);
+  }
+}
+
+document.getElementById("logout").addEventListener("click", async () => {
+  try { await api("POST", "/auth/logout"); } catch { /* the session may be gone already */ }
+  session.clear();
+  location.hash = "#/login";
+});
+window.addEventListener("hashchange", render);
+render();
