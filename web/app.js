@@ -6,6 +6,7 @@
 const view = document.getElementById("view");
 const errorBox = document.getElementById("error");
 let liveSocket = null;
+let refreshTimer = null;
 
 // ---- session -------------------------------------------------------------------------------
 const session = {
@@ -100,26 +101,37 @@ async function loginPage() {
 
 async function dashboard() {
   const me = session.me || {};
-  const [devices, open, products] = await Promise.all([
-    api("GET", "/devices?limit=1"), api("GET", "/alerts?open=1&limit=100"), api("GET", "/products?limit=1"),
-  ]);
-  const cards = h("div", { class: "cards" },
-    h("div", { class: "card", "data-testid": "devices-total" }, h("b", {}, devices.total), "devices"),
-    h("div", { class: "card" }, h("b", {}, products.total), "products"),
-    h("div", { class: "card", "data-testid": "alerts-open" }, h("b", { class: open.total ? "bad" : "ok" }, open.total), "open alerts"));
-  view.replaceChildren(h("h1", {}, "Dashboard"), cards);
-  if (open.items.length) {
-    view.append(h("h2", {}, "Open alerts"), alertTable(open.items, false));
-  }
-  if (me.tenant === null) {
-    // System scope: per-node load from the operators' API.
+  const [sum, open] = await Promise.all([api("GET", "/summary"), api("GET", "/alerts?open=1&limit=100").catch(() => ({ items: [], total: 0 }))]);
+  const card = (testid, value, label, cls) => h("div", { class: "card", "data-testid": testid }, h("b", { class: cls }, value), label);
+  view.replaceChildren(h("h1", {}, "Dashboard"), h("div", { class: "cards" },
+    card("devices-total", sum.devices.total, "devices"),
+    card("devices-online", sum.devices.online, "online", "ok"),
+    card("devices-offline", sum.devices.offline, "offline", sum.devices.offline ? "bad" : ""),
+    card("products-total", sum.products, "products"),
+    card("alerts-open", sum.open_alerts ?? "—", "open alerts", sum.open_alerts ? "bad" : "ok")));
+  if (open.items.length) view.append(h("h2", {}, "Open alerts"), alertTable(open.items, false));
+  if (me.tenant !== null) return;
+  // System scope: per-node load, with message rates from two samples of the counters.
+  const nodes = h("div");
+  view.append(h("h2", {}, "Nodes"), nodes);
+  let last = null;
+  const sample = async () => {
     try {
       const [c, m] = await Promise.all([ops("GET", "/cluster"), ops("GET", "/metrics")]);
+      const now = Date.now();
       const byNode = Object.fromEntries((m.nodes || []).map((n) => [n.node, n]));
-      view.append(h("h2", {}, "Nodes"), table(["Node", "State", "Clients", "Msgs in", "Msgs out", "Queued", "Uptime (s)"],
-        c.nodes.map((n) => { const x = byNode[n.node] || {}; return [n.node, n.state, x.clients_connected, x.messages_received, x.messages_sent, x.queued, x.uptime_secs]; }), "nodes"));
+      const rate = (n, k) => {
+        const prev = last ? (last.byNode[n] || {})[k] : undefined;
+        const cur = byNode[n] && byNode[n][k];
+        return prev === undefined || cur === undefined ? "…" : ((cur - prev) / ((now - last.at) / 1000)).toFixed(1);
+      };
+      nodes.replaceChildren(table(["Node", "State", "Clients", "Msgs in/s", "Msgs out/s", "Queued", "Subscriptions", "Uptime (s)"],
+        c.nodes.map((n) => { const x = byNode[n.node] || {}; return [n.node, n.state, x.clients_connected, rate(n.node, "messages_received"), rate(n.node, "messages_sent"), x.queued, x.subscriptions, x.uptime_secs]; }), "nodes"));
+      last = { at: now, byNode };
     } catch (e) { showError(e); }
-  }
+  };
+  await sample();
+  refreshTimer = setInterval(sample, 3000);
 }
 
 async function productsPage() {
@@ -144,17 +156,21 @@ async function productsPage() {
 async function devicesPage() {
   const q = new URLSearchParams(location.hash.split("?")[1] || "");
   const search = q.get("q") || "";
+  const product = q.get("product") || "";
   const products = await api("GET", "/products?limit=200");
   const names = Object.fromEntries(products.items.map((p) => [p.id, p.name]));
   const listBox = h("div");
   const load = async () => {
-    const list = await api("GET", "/devices?limit=200&sort=device_number" + (search ? "&q=" + encodeURIComponent(search) : ""));
+    const list = await api("GET", "/devices?limit=200&sort=device_number" + (search ? "&q=" + encodeURIComponent(search) : "") + (product ? "&product_id=" + product : ""));
     listBox.replaceChildren(h("p", {}, `${list.total} device(s)`),
-      table(["Number", "Name", "Product", "Enabled", "Created"], list.items.map((d) => [
-        h("a", { href: "#/devices/" + encodeURIComponent(d.device_number) }, d.device_number), d.name, names[d.product_id] || "", d.enabled ? "yes" : "no", time(d.created_ms)]), "devices"));
+      table(["Number", "Name", "Product", "Status", "Enabled", "Created"], list.items.map((d) => [
+        h("a", { href: "#/devices/" + encodeURIComponent(d.device_number) }, d.device_number), d.name, names[d.product_id] || "",
+        h("span", { class: d.online ? "ok" : "bad" }, d.online ? "online" : "offline"), d.enabled ? "yes" : "no", time(d.created_ms)]), "devices"));
   };
-  const find = form("search", [field("Search", h("input", { name: "q", value: search, placeholder: "number or name" }))], "Search",
-    async (v) => { location.hash = "#/devices?q=" + encodeURIComponent(v.q); });
+  const find = form("search", [
+    field("Search", h("input", { name: "q", value: search, placeholder: "number or name" })),
+    field("Product", h("select", { name: "product" }, h("option", { value: "" }, "all"), products.items.map((p) => h("option", { value: p.id, selected: String(p.id) === product }, p.name)))),
+  ], "Search", async (v) => { location.hash = "#/devices?q=" + encodeURIComponent(v.q) + "&product=" + encodeURIComponent(v.product); });
   const created = h("div", { "data-testid": "created" });
   const create = form("new-device", [
     field("Device number", h("input", { name: "device_number", required: true, pattern: "[A-Za-z0-9_.:\\-]{1,128}" })),
@@ -225,7 +241,18 @@ async function devicePage(number) {
     h("h2", {}, "Live telemetry"), live,
     h("h2", {}, "History"), histForm, history,
     h("h2", {}, "Commands"), send, cmdList,
-    h("h2", {}, "Attributes"), h("pre", { class: "card" }, JSON.stringify(attrs, null, 2)),
+    h("h2", {}, "Attributes"), h("pre", { class: "card", "data-testid": "attributes" }, JSON.stringify(attrs, null, 2)),
+    form("set-attributes", [field("Shared attributes (JSON)", h("input", { name: "values", value: "{}", size: 40 }))], "Set", async (v) => {
+      let params;
+      try { params = JSON.parse(v.values || "{}"); } catch { throw new Error("attributes must be a JSON object"); }
+      await api("PUT", path + "/attributes", { params });
+      await devicePage(number);
+    }),
+    form("add-token", [], "New access token", async () => {
+      const r = await api("POST", path + "/credentials", { kind: "token" });
+      view.querySelector("[data-testid=new-token]").replaceChildren("New token (shown once): ", h("span", { class: "token" }, r.access_token));
+    }),
+    h("div", { "data-testid": "new-token" }),
     h("h2", {}, "Credentials"), table(["Id", "Kind", "Identity", "Created"], creds.map((c) => [c.id, c.kind, c.kind === "token" ? "••••" : c.identity, time(c.created_ms)]), "credentials"));
   startLive(number, live);
   if (numericKeys.length) histForm.requestSubmit();
@@ -303,8 +330,16 @@ async function alertsPage() {
   view.replaceChildren(h("h1", {}, "Alerts"),
     h("h2", {}, `Open (${open.total})`), alertTable(open.items, true),
     h("h2", {}, "Rules"), create,
-    table(["Id", "Name", "Enabled", "Target", "Condition", "For", "Severity"], rules.items.map((r) => [r.id, r.name, r.enabled ? "yes" : "no",
-      JSON.stringify(r.spec.target), JSON.stringify(r.spec.condition), (r.spec.duration_secs || 0) + " s", r.spec.severity]), "rules"),
+    table(["Id", "Name", "Enabled", "Target", "Condition", "Clear", "For", "Severity", ""], rules.items.map((r) => [r.id, r.name, r.enabled ? "yes" : "no",
+      JSON.stringify(r.spec.target), JSON.stringify(r.spec.condition), r.spec.clear ? JSON.stringify(r.spec.clear) : "", (r.spec.duration_secs || 0) + " s", r.spec.severity,
+      h("span", {},
+        h("button", { type: "button", class: "secondary", onclick: async () => {
+          try { clearError(); await api("PUT", "/alert-rules/" + r.id, { ...r.spec, name: r.name, enabled: !r.enabled }); await alertsPage(); } catch (e) { showError(e); }
+        } }, r.enabled ? "Disable" : "Enable"), " ",
+        h("button", { type: "button", class: "secondary", onclick: async () => {
+          if (!confirm(`Delete rule ${r.name} and its alerts?`)) return;
+          try { clearError(); await api("DELETE", "/alert-rules/" + r.id); await alertsPage(); } catch (e) { showError(e); }
+        } }, "Delete"))]), "rules"),
     h("h2", {}, "Channels"), channel, table(["Id", "Name", "Kind", "Config"], channels.items.map((c) => [c.id, c.name, c.kind, JSON.stringify(c.config)]), "channels"),
     h("h2", {}, "History"), alertTable(history.items, false));
 }
@@ -355,6 +390,7 @@ async function clusterPage() {
 // ---- router --------------------------------------------------------------------------------
 async function render() {
   if (liveSocket) { liveSocket.close(); liveSocket = null; }
+  if (refreshTimer) { clearInterval(refreshTimer); refreshTimer = null; }
   clearError();
   const route = location.hash.replace(/^#/, "").split("?")[0] || "/";
   if (route === "/login" || !session.access) { if (route !== "/login") location.hash = "#/login"; else await loginPage(); return; }

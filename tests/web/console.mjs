@@ -38,6 +38,7 @@ try {
   await page.waitForSelector("#error:not([hidden])");
   if (!(await page.textContent("#error")).includes("wrong username or password")) failures.push("login error not shown");
   await login(ROOT_USER, ROOT_PASSWORD);
+  await page.waitForSelector("table[data-testid=nodes]");
   await shot("dashboard");
 
   // A product with a thing model, then a device of it (its token is shown once).
@@ -79,6 +80,10 @@ try {
   await page.waitForSelector("table[data-testid=commands] >> text=reboot");
   await page.reload();
   await page.waitForSelector("[data-testid=history-chart] .uplot");
+  // Shared attributes set from the console reach the device's record.
+  await page.fill("form[data-testid=set-attributes] input[name=values]", '{"target": 21}');
+  await page.click("form[data-testid=set-attributes] button[type=submit]");
+  await page.waitForSelector("[data-testid=attributes] >> text=target");
   // mosquitto_pub came and went: the device was seen.
   if (!(await page.textContent("[data-testid=status]")).includes("last seen")) failures.push("device status shows no last seen");
   await shot("device");
@@ -114,7 +119,9 @@ try {
   await page.waitForSelector("table[data-testid=actors] >> text=alert");
   await shot("cluster");
   await page.goto(BASE + "/#/");
-  await page.waitForSelector("[data-testid=alerts-open]");
+  await page.waitForSelector("[data-testid=alerts-open] >> text=1");
+  await page.waitForSelector("table[data-testid=nodes]");
+  if ((await page.textContent("[data-testid=devices-total] b")).trim() !== "2") failures.push("the dashboard counts " + (await page.textContent("[data-testid=devices-total] b")) + " devices, not 2");
   await shot("dashboard-with-alert");
 
   // The same pages on a phone.
@@ -128,6 +135,7 @@ try {
   await page.click("#logout");
   await page.waitForSelector("form[data-testid=login]");
   await login(OTHER_USER, OTHER_PASSWORD);
+  if ((await page.textContent("[data-testid=devices-total] b")).trim() !== "1") failures.push("tenant B's dashboard counts other tenants' devices");
   await page.goto(BASE + "/#/devices");
   await page.waitForSelector("table[data-testid=devices] >> text=other-dev");
   if (await page.locator("table[data-testid=devices] >> text=web-1").count()) failures.push("tenant B sees tenant A's device");

@@ -31,6 +31,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(telemetry_control))
         .routes(routes!(status))
         .routes(routes!(get_command))
+        .routes(routes!(summary))
 }
 
 #[utoipa::path(get, path = "/products", tag = "devices", params(ListParams), responses((status = 200, description = "a page of products")))]
@@ -143,7 +144,34 @@ struct DeviceFilter {
 async fn list_devices(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>, Q(f): Q<DeviceFilter>) -> Answer {
     c.require("device:read")?;
     let eq = vec![("product_id", f.product_id), ("group_id", f.group_id), ("gateway_id", f.gateway_id), ("tenant_id", f.tenant_id)];
-    ok(devices(&s)?.meta.devices_page(&c.list(&p, eq)).await?)
+    let d = devices(&s)?;
+    let page = d.meta.devices_page(&c.list(&p, eq)).await?;
+    // Each row says whether the device is online (from the replicated status; no I/O).
+    let items: Vec<serde_json::Value> = page
+        .items
+        .iter()
+        .map(|dev| {
+            let mut v = json!(dev);
+            v["online"] = json!(d.presence(&dev.device_number).online);
+            v
+        })
+        .collect();
+    ok(json!({"items": items, "total": page.total, "limit": page.limit, "offset": page.offset}))
+}
+
+/// What the dashboard shows: devices (and how many are online), products, open alerts.
+#[utoipa::path(get, path = "/summary", tag = "devices", responses((status = 200, description = "counts for the caller's tenant")))]
+async fn summary(State(s): State<AppState>, c: Caller) -> Answer {
+    c.require("device:read")?;
+    let d = devices(&s)?;
+    let numbers = d.meta.device_numbers(c.0.tenant).await?;
+    let online = numbers.iter().filter(|n| d.presence(n).online).count();
+    let one = ListParams { limit: Some(1), ..Default::default() };
+    let products = d.meta.products_page(&c.list(&one, vec![])).await?.total;
+    let open = if c.0.can("alert:read") { Some(d.meta.alerts_page(&c.list(&one, vec![("open", Some(1))])).await?.total) } else { None };
+    ok(
+        json!({"devices": {"total": numbers.len(), "online": online, "offline": numbers.len() - online}, "products": products, "open_alerts": open}),
+    )
 }
 
 /// Create a device; its first access token is in this answer (and only here).

@@ -302,6 +302,15 @@ impl MetaStore {
         self.page(&GROUPS, q, group).await
     }
 
+    /// Device numbers of a tenant (every tenant's with None).
+    pub async fn device_numbers(&self, tenant: Option<i64>) -> Result<Vec<String>> {
+        let rows: Vec<String> = match tenant {
+            Some(t) => sqlx::query_scalar("SELECT device_number FROM devices WHERE tenant_id = $1").bind(t).fetch_all(self.pool()).await?,
+            None => sqlx::query_scalar("SELECT device_number FROM devices").fetch_all(self.pool()).await?,
+        };
+        Ok(rows)
+    }
+
     pub async fn devices_page(&self, q: &ListQuery) -> Result<Page<Device>> {
         self.page(&DEVICES, q, device).await
     }
