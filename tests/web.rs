@@ -64,9 +64,20 @@ async fn console_in_chromium() {
     let out = tokio::time::timeout(std::time::Duration::from_secs(240), out).await.expect("the browser test finishes").unwrap();
     let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "console test failed:\n{text}");
-    for page in
-        ["login", "dashboard", "products", "devices", "device-live", "device", "alerts", "users", "cluster", "device-phone", "other-tenant"]
-    {
+    for page in [
+        "login",
+        "dashboard",
+        "products",
+        "devices",
+        "device-live",
+        "device",
+        "alerts",
+        "rule-editor",
+        "users",
+        "cluster",
+        "device-phone",
+        "other-tenant",
+    ] {
         assert!(std::path::Path::new(&format!("{shots}/{page}.png")).exists(), "no screenshot of {page}");
     }
     p.node.stop().await;

@@ -149,19 +149,39 @@ async function productsPage() {
     await productsPage();
   });
   view.replaceChildren(h("h1", {}, "Products"), create,
-    table(["Id", "Name", "Strict", "Telemetry", "Created"], list.items.map((p) => [p.id, p.name, p.strict ? "yes" : "no",
-      p.model.telemetry.map((f) => f.key + (f.unit ? ` (${f.unit})` : "")).join(", "), time(p.created_ms)]), "products"));
+    table(["Id", "Name", "Strict", "Telemetry", "Created", ""], list.items.map((p) => [p.id, h("a", { href: "#/products/" + p.id }, p.name), p.strict ? "yes" : "no",
+      p.model.telemetry.map((f) => f.key + (f.unit ? ` (${f.unit})` : "")).join(", "), time(p.created_ms),
+      h("button", { type: "button", class: "secondary", onclick: async () => {
+        if (!confirm(`Delete product ${p.name}? Its devices stay, without a product.`)) return;
+        try { clearError(); await api("DELETE", "/products/" + p.id); await productsPage(); } catch (e) { showError(e); }
+      } }, "Delete")]), "products"),
+    h("h2", {}, "Device groups"), await groupsBlock());
+}
+
+async function groupsBlock() {
+  const groups = await api("GET", "/groups?limit=500");
+  const box = h("div");
+  box.append(form("new-group", [
+    field("Group name", h("input", { name: "name", required: true })),
+    field("Parent", h("select", { name: "parent_id" }, h("option", { value: "" }, "—"), groups.items.map((g) => h("option", { value: g.id }, g.name)))),
+  ], "Create group", async (v) => {
+    await api("POST", "/groups", { name: v.name, parent_id: num(v.parent_id) });
+    await productsPage();
+  }), table(["Id", "Name", "Parent", "Devices"], groups.items.map((g) => [g.id, g.name, g.parent_id ?? "",
+    h("a", { href: "#/devices?group=" + g.id }, "show")]), "groups"));
+  return box;
 }
 
 async function devicesPage() {
   const q = new URLSearchParams(location.hash.split("?")[1] || "");
   const search = q.get("q") || "";
   const product = q.get("product") || "";
-  const products = await api("GET", "/products?limit=200");
+  const group = q.get("group") || "";
+  const [products, groups] = await Promise.all([api("GET", "/products?limit=200"), api("GET", "/groups?limit=500")]);
   const names = Object.fromEntries(products.items.map((p) => [p.id, p.name]));
   const listBox = h("div");
   const load = async () => {
-    const list = await api("GET", "/devices?limit=200&sort=device_number" + (search ? "&q=" + encodeURIComponent(search) : "") + (product ? "&product_id=" + product : ""));
+    const list = await api("GET", "/devices?limit=200&sort=device_number" + (search ? "&q=" + encodeURIComponent(search) : "") + (product ? "&product_id=" + product : "") + (group ? "&group_id=" + group : ""));
     listBox.replaceChildren(h("p", {}, `${list.total} device(s)`),
       table(["Number", "Name", "Product", "Status", "Enabled", "Created"], list.items.map((d) => [
         h("a", { href: "#/devices/" + encodeURIComponent(d.device_number) }, d.device_number), d.name, names[d.product_id] || "",
@@ -176,8 +196,9 @@ async function devicesPage() {
     field("Device number", h("input", { name: "device_number", required: true, pattern: "[A-Za-z0-9_.:\\-]{1,128}" })),
     field("Name", h("input", { name: "name" })),
     field("Product", h("select", { name: "product_id" }, h("option", { value: "" }, "—"), products.items.map((p) => h("option", { value: p.id }, p.name)))),
+    field("Group", h("select", { name: "group_id" }, h("option", { value: "" }, "—"), groups.items.map((g) => h("option", { value: g.id }, g.name)))),
   ], "Create device", async (v, f) => {
-    const r = await api("POST", "/devices", { device_number: v.device_number, name: v.name || "", product_id: num(v.product_id) });
+    const r = await api("POST", "/devices", { device_number: v.device_number, name: v.name || "", product_id: num(v.product_id), group_id: num(v.group_id) });
     created.replaceChildren("Access token of ", h("a", { href: "#/devices/" + encodeURIComponent(r.device.device_number) }, r.device.device_number),
       " (shown once): ", h("span", { class: "token", "data-testid": "token" }, r.access_token));
     f.reset();
@@ -237,7 +258,15 @@ async function devicePage(number) {
   view.replaceChildren(
     h("h1", {}, device.name, " ", h("small", {}, device.device_number)),
     h("p", { "data-testid": "status" }, "Status: ", h("b", { class: status.online ? "ok" : "bad" }, status.online ? "online" : "offline"),
-      status.last_seen ? ` — last seen ${time(status.last_seen)}` : ""),
+      status.last_seen ? ` — last seen ${time(status.last_seen)}` : "", device.enabled ? "" : " — disabled"),
+    h("p", {},
+      h("button", { type: "button", class: "secondary", "data-testid": "toggle-enabled", onclick: async () => {
+        try { clearError(); await api("PATCH", path, { enabled: !device.enabled }); await devicePage(number); } catch (e) { showError(e); }
+      } }, device.enabled ? "Disable (disconnects it)" : "Enable"), " ",
+      h("button", { type: "button", class: "secondary", onclick: async () => {
+        if (!confirm(`Delete device ${number}? Its telemetry stays in the store.`)) return;
+        try { clearError(); await api("DELETE", path); location.hash = "#/devices"; } catch (e) { showError(e); }
+      } }, "Delete")),
     h("h2", {}, "Live telemetry"), live,
     h("h2", {}, "History"), histForm, history,
     h("h2", {}, "Commands"), send, cmdList,
@@ -248,12 +277,23 @@ async function devicePage(number) {
       await api("PUT", path + "/attributes", { params });
       await devicePage(number);
     }),
+    form("add-password", [
+      field("MQTT username", h("input", { name: "username", required: true })),
+      field("Password", h("input", { name: "password", type: "password", required: true, minlength: 8 })),
+    ], "Add username + password", async (v) => {
+      await api("POST", path + "/credentials", { kind: "password", username: v.username, password: v.password });
+      await devicePage(number);
+    }),
     form("add-token", [], "New access token", async () => {
       const r = await api("POST", path + "/credentials", { kind: "token" });
       view.querySelector("[data-testid=new-token]").replaceChildren("New token (shown once): ", h("span", { class: "token" }, r.access_token));
     }),
     h("div", { "data-testid": "new-token" }),
-    h("h2", {}, "Credentials"), table(["Id", "Kind", "Identity", "Created"], creds.map((c) => [c.id, c.kind, c.kind === "token" ? "••••" : c.identity, time(c.created_ms)]), "credentials"));
+    h("h2", {}, "Credentials"), table(["Id", "Kind", "Identity", "Created", ""], creds.map((c) => [c.id, c.kind, c.kind === "token" ? "••••" : c.identity, time(c.created_ms),
+      h("button", { type: "button", class: "secondary", "data-testid": "revoke-" + c.id, onclick: async () => {
+        if (!confirm("Revoke this credential? Connections that used it are closed.")) return;
+        try { clearError(); await api("DELETE", `${path}/credentials/${c.id}`); await devicePage(number); } catch (e) { showError(e); }
+      } }, "Revoke")]), "credentials"));
   startLive(number, live);
   if (numericKeys.length) histForm.requestSubmit();
 }
@@ -283,6 +323,40 @@ function startLive(number, container) {
     else plot.setData(data);
   };
   liveSocket.onclose = (e) => { if (e.code === 4001) showError("your session has ended: log in again"); };
+}
+
+// A JSON editor: the whole object, checked by the API (its error is shown).
+function jsonEditor(testid, value, rows) {
+  return h("textarea", { name: "json", "data-testid": testid, rows: rows || 18, cols: 90, spellcheck: "false", style: "width:100%;font-family:monospace" }, JSON.stringify(value, null, 2));
+}
+function parseJson(text, what) {
+  try { return JSON.parse(text); } catch (e) { throw new Error(`${what} is not valid JSON: ${e.message}`); }
+}
+
+async function productPage(id) {
+  const p = await api("GET", "/products/" + id);
+  const f = form("edit-product", [
+    field("Name", h("input", { name: "name", value: p.name, required: true })),
+    field("Strict (refuse what the model does not describe)", h("select", { name: "strict" }, h("option", { value: "false", selected: !p.strict }, "no"), h("option", { value: "true", selected: p.strict }, "yes"))),
+    h("div", { style: "width:100%" }, field("Thing model: telemetry, attributes (key, type number|integer|boolean|string|object, unit, min, max), events and commands (identifier, params)", jsonEditor("model", p.model))),
+  ], "Save", async (v) => {
+    await api("PUT", "/products/" + id, { name: v.name, strict: v.strict === "true", model: parseJson(v.json, "the model") });
+    location.hash = "#/products";
+  });
+  view.replaceChildren(h("h1", {}, "Product ", p.name), f);
+}
+
+async function rulePage(id) {
+  const r = await api("GET", "/alert-rules/" + id);
+  const f = form("edit-rule", [
+    field("Name", h("input", { name: "name", value: r.name, required: true })),
+    field("Enabled", h("select", { name: "enabled" }, h("option", { value: "true", selected: r.enabled }, "yes"), h("option", { value: "false", selected: !r.enabled }, "no"))),
+    h("div", { style: "width:100%" }, field("Rule: target, condition (all/any, key/op/value, rate_per_secs, no_data_secs, offline_secs), duration_secs, clear, severity, channels, command, message", jsonEditor("spec", r.spec))),
+  ], "Save", async (v) => {
+    await api("PUT", "/alert-rules/" + id, { ...parseJson(v.json, "the rule"), name: v.name, enabled: v.enabled === "true" });
+    location.hash = "#/alerts";
+  });
+  view.replaceChildren(h("h1", {}, "Rule ", r.name, h("small", {}, ` runs on ${r.node}`)), f);
 }
 
 function alertTable(items, withAck) {
@@ -327,10 +401,21 @@ async function alertsPage() {
     await api("POST", "/channels", { name: v.name, kind: "webhook", config: v.secret ? { url: v.url, secret: v.secret } : { url: v.url } });
     await alertsPage();
   });
+  const mail = form("new-email-channel", [
+    field("Channel name", h("input", { name: "name", required: true })),
+    field("SMTP host", h("input", { name: "smtp_host", required: true })),
+    field("Port", h("input", { name: "smtp_port", type: "number", value: 25, size: 5 })),
+    field("From", h("input", { name: "from", type: "email", required: true })),
+    field("To (comma-separated)", h("input", { name: "to", required: true })),
+  ], "Add e-mail channel", async (v) => {
+    const to = v.to.split(",").map((x) => x.trim()).filter(Boolean);
+    await api("POST", "/channels", { name: v.name, kind: "email", config: { smtp_host: v.smtp_host, smtp_port: Number(v.smtp_port || 25), from: v.from, to } });
+    await alertsPage();
+  });
   view.replaceChildren(h("h1", {}, "Alerts"),
     h("h2", {}, `Open (${open.total})`), alertTable(open.items, true),
     h("h2", {}, "Rules"), create,
-    table(["Id", "Name", "Enabled", "Target", "Condition", "Clear", "For", "Severity", ""], rules.items.map((r) => [r.id, r.name, r.enabled ? "yes" : "no",
+    table(["Id", "Name", "Enabled", "Target", "Condition", "Clear", "For", "Severity", ""], rules.items.map((r) => [r.id, h("a", { href: "#/alerts/rules/" + r.id }, r.name), r.enabled ? "yes" : "no",
       JSON.stringify(r.spec.target), JSON.stringify(r.spec.condition), r.spec.clear ? JSON.stringify(r.spec.clear) : "", (r.spec.duration_secs || 0) + " s", r.spec.severity,
       h("span", {},
         h("button", { type: "button", class: "secondary", onclick: async () => {
@@ -340,7 +425,7 @@ async function alertsPage() {
           if (!confirm(`Delete rule ${r.name} and its alerts?`)) return;
           try { clearError(); await api("DELETE", "/alert-rules/" + r.id); await alertsPage(); } catch (e) { showError(e); }
         } }, "Delete"))]), "rules"),
-    h("h2", {}, "Channels"), channel, table(["Id", "Name", "Kind", "Config"], channels.items.map((c) => [c.id, c.name, c.kind, JSON.stringify(c.config)]), "channels"),
+    h("h2", {}, "Channels"), channel, mail, table(["Id", "Name", "Kind", "Config"], channels.items.map((c) => [c.id, c.name, c.kind, JSON.stringify(c.config)]), "channels"),
     h("h2", {}, "History"), alertTable(history.items, false));
 }
 
@@ -372,7 +457,17 @@ async function usersPage() {
       u.id === me.user_id ? "" : h("button", { type: "button", class: "secondary", onclick: async () => {
         try { clearError(); await api("PATCH", "/users/" + u.id, { disabled: !u.disabled }); await usersPage(); } catch (e) { showError(e); }
       } }, u.disabled ? "Enable" : "Disable")]), "users"),
-    h("h2", {}, "Custom roles"), roleForm, table(["Id", "Name", "Permissions"], roles.items.map((r) => [r.id, r.name, r.permissions.join(", ")]), "roles"));
+    h("h2", {}, "Custom roles"), roleForm, table(["Id", "Name", "Permissions", ""], roles.items.map((r) => [r.id, r.name, r.permissions.join(", "),
+      h("span", {},
+        h("button", { type: "button", class: "secondary", onclick: async () => {
+          // Edit: the role's permissions, as a comma-separated list.
+          const next = prompt(`Permissions of ${r.name} (comma-separated)`, r.permissions.join(", "));
+          if (next === null) return;
+          try { clearError(); await api("PUT", "/roles/" + r.id, { name: r.name, permissions: next.split(",").map((x) => x.trim()).filter(Boolean) }); await usersPage(); } catch (e) { showError(e); }
+        } }, "Edit"), " ",
+        h("button", { type: "button", class: "secondary", onclick: async () => {
+          try { clearError(); await api("DELETE", "/roles/" + r.id); await usersPage(); } catch (e) { showError(e); }
+        } }, "Delete"))]), "roles"));
 }
 
 async function clusterPage() {
@@ -400,7 +495,9 @@ async function render() {
   try {
     const parts = route.split("/").filter(Boolean);
     if (parts.length === 0) await dashboard();
-    else if (parts[0] === "products") await productsPage();
+    else if (parts[0] === "products" && parts.length === 1) await productsPage();
+    else if (parts[0] === "products") await productPage(Number(parts[1]));
+    else if (parts[0] === "alerts" && parts[1] === "rules") await rulePage(Number(parts[2]));
     else if (parts[0] === "devices" && parts.length === 1) await devicesPage();
     else if (parts[0] === "devices") await devicePage(decodeURIComponent(parts[1]));
     else if (parts[0] === "alerts") await alertsPage();

@@ -47,11 +47,27 @@ try {
   await page.fill("form[data-testid=new-product] input[name=keys]", "temp:°C, hum:%");
   await page.click("form[data-testid=new-product] button[type=submit]");
   await page.waitForSelector("table[data-testid=products] >> text=thermo");
+  // The thing model editor: a bad model is refused with the API's reason, a good one saved.
+  await page.click("table[data-testid=products] >> text=thermo");
+  await page.waitForSelector("[data-testid=model]");
+  const model = JSON.parse(await page.inputValue("[data-testid=model]"));
+  await page.fill("[data-testid=model]", "{ not json");
+  await page.click("form[data-testid=edit-product] button[type=submit]");
+  await page.waitForSelector("#error:not([hidden])");
+  model.attributes = [{ key: "firmware", type: "string" }];
+  model.commands = [{ identifier: "reboot", params: [] }];
+  await page.fill("[data-testid=model]", JSON.stringify(model));
+  await page.click("form[data-testid=edit-product] button[type=submit]");
+  await page.waitForSelector("table[data-testid=products] >> text=thermo");
+  await page.fill("form[data-testid=new-group] input[name=name]", "boiler rooms");
+  await page.click("form[data-testid=new-group] button[type=submit]");
+  await page.waitForSelector("table[data-testid=groups] >> text=boiler rooms");
   await shot("products");
   await page.goto(BASE + "/#/devices");
   await page.fill("form[data-testid=new-device] input[name=device_number]", "web-1");
   await page.fill("form[data-testid=new-device] input[name=name]", "Boiler room");
   await page.selectOption("form[data-testid=new-device] select[name=product_id]", { label: "thermo" });
+  await page.selectOption("form[data-testid=new-device] select[name=group_id]", { label: "boiler rooms" });
   await page.click("form[data-testid=new-device] button[type=submit]");
   const token = (await page.textContent("[data-testid=token]")).trim();
   await page.waitForSelector("table[data-testid=devices] >> text=web-1");
@@ -87,6 +103,19 @@ try {
   // mosquitto_pub came and went: the device was seen.
   if (!(await page.textContent("[data-testid=status]")).includes("last seen")) failures.push("device status shows no last seen");
   await shot("device");
+  // A second token, revoked again.
+  await page.click("form[data-testid=add-token] button[type=submit]");
+  await page.waitForSelector("[data-testid=new-token] .token");
+  await page.reload();
+  await page.waitForSelector("table[data-testid=credentials] tbody tr:nth-child(2)");
+  page.once("dialog", (d) => d.accept());
+  await page.locator("table[data-testid=credentials] tbody tr:nth-child(2) button").click();
+  await page.waitForFunction(() => document.querySelectorAll("table[data-testid=credentials] tbody tr").length === 1);
+  // Disable (the API disconnects it everywhere) and enable again.
+  await page.click("[data-testid=toggle-enabled]");
+  await page.waitForSelector("[data-testid=status] >> text=disabled");
+  await page.click("[data-testid=toggle-enabled]");
+  await page.waitForSelector("[data-testid=toggle-enabled] >> text=Disable");
 
   // An alert rule made in the console; a hot reading raises it; acknowledge it.
   await page.goto(BASE + "/#/alerts");
@@ -111,6 +140,16 @@ try {
   await page.click("table[data-testid=open-alerts] button");
   await page.waitForSelector("table[data-testid=open-alerts] >> text=acknowledged");
   await shot("alerts");
+  // The rule editor: a compound condition saved as JSON.
+  await page.click("table[data-testid=rules] >> text=too hot");
+  await page.waitForSelector("[data-testid=spec]");
+  const spec = JSON.parse(await page.inputValue("[data-testid=spec]"));
+  spec.condition = { any: [spec.condition, { key: "hum", op: ">=", value: 90 }] };
+  spec.duration_secs = 60;
+  await page.fill("[data-testid=spec]", JSON.stringify(spec));
+  await shot("rule-editor");
+  await page.click("form[data-testid=edit-rule] button[type=submit]");
+  await page.waitForSelector("table[data-testid=rules] >> text=60 s");
 
   await page.goto(BASE + "/#/users");
   await page.waitForSelector("table[data-testid=users]");
