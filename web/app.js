@@ -454,9 +454,16 @@ async function usersPage() {
   });
   view.replaceChildren(h("h1", {}, "Users and roles"), create,
     table(["Id", "Username", "Tenant", "Role", "Disabled", "Created", ""], users.items.map((u) => [u.id, u.username, u.tenant_id ?? "system", u.role, u.disabled ? "yes" : "no", time(u.created_ms),
-      u.id === me.user_id ? "" : h("button", { type: "button", class: "secondary", onclick: async () => {
-        try { clearError(); await api("PATCH", "/users/" + u.id, { disabled: !u.disabled }); await usersPage(); } catch (e) { showError(e); }
-      } }, u.disabled ? "Enable" : "Disable")]), "users"),
+      u.id === me.user_id ? "" : h("span", {},
+        h("button", { type: "button", class: "secondary", onclick: async () => {
+          try { clearError(); await api("PATCH", "/users/" + u.id, { disabled: !u.disabled }); await usersPage(); } catch (e) { showError(e); }
+        } }, u.disabled ? "Enable" : "Disable"), " ",
+        h("button", { type: "button", class: "secondary", onclick: async () => {
+          // A new password ends the user's sessions on every node.
+          const pw = prompt(`New password for ${u.username} (8+ characters)`);
+          if (!pw) return;
+          try { clearError(); await api("PATCH", "/users/" + u.id, { password: pw }); await usersPage(); } catch (e) { showError(e); }
+        } }, "Set password"))]), "users"),
     h("h2", {}, "Custom roles"), roleForm, table(["Id", "Name", "Permissions", ""], roles.items.map((r) => [r.id, r.name, r.permissions.join(", "),
       h("span", {},
         h("button", { type: "button", class: "secondary", onclick: async () => {
