@@ -228,7 +228,7 @@ impl Alerts {
                 let ev = match rx.recv().await {
                     Ok(ev) => ev,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        // Counted always; logged only when rules could have missed something.
+                        // Counted and logged only when rules could have missed something.
                         if let Some(a) = weak.upgrade().filter(|a| !a.index.load().rules.is_empty()) {
                             a.metrics.events_dropped.fetch_add(n, Ordering::Relaxed);
                             tracing::warn!(missed = n, "alert rules fell behind the device events");
