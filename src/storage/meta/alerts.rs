@@ -161,11 +161,7 @@ impl MetaStore {
     }
 
     pub async fn delete_channel(&self, id: i64) -> Result<()> {
-        let n = sqlx::query("DELETE FROM channels WHERE id = $1").bind(id).execute(self.pool()).await?.rows_affected();
-        if n == 0 {
-            return Err(MetaError::NotFound(format!("channel {id}")));
-        }
-        Ok(())
+        self.delete_row("channels", id, "channel").await
     }
 
     pub async fn create_rule(&self, tenant_id: i64, name: &str, enabled: bool, spec: &serde_json::Value) -> Result<StoredRule> {
@@ -217,11 +213,7 @@ impl MetaStore {
     }
 
     pub async fn delete_rule(&self, id: i64) -> Result<()> {
-        let n = sqlx::query("DELETE FROM alert_rules WHERE id = $1").bind(id).execute(self.pool()).await?.rows_affected();
-        if n == 0 {
-            return Err(MetaError::NotFound(format!("alert rule {id}")));
-        }
-        Ok(())
+        self.delete_row("alert_rules", id, "alert rule").await
     }
 
     /// Open an alert unless one of this rule and device is open.

@@ -316,11 +316,7 @@ impl MetaStore {
     }
 
     pub async fn delete_group(&self, id: i64) -> Result<()> {
-        let n = sqlx::query("DELETE FROM device_groups WHERE id = $1").bind(id).execute(self.pool()).await?.rows_affected();
-        if n == 0 {
-            return Err(MetaError::NotFound(format!("group {id}")));
-        }
-        Ok(())
+        self.delete_row("device_groups", id, "group").await
     }
 
     /// Add a credential. `secret` is the argon2 hash for passwords (hashed by the caller).

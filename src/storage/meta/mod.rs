@@ -242,6 +242,17 @@ impl MetaStore {
         Ok((rows, total))
     }
 
+    /// Delete row `id` of `table` (a table name from our code, never from input); `NotFound`
+    /// ("{what} {id}") when there is none.
+    pub(crate) async fn delete_row(&self, table: &'static str, id: i64, what: &str) -> Result<()> {
+        let sql = format!("DELETE FROM {table} WHERE id = $1");
+        let n = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(&self.pool).await?.rows_affected();
+        if n == 0 {
+            return Err(MetaError::NotFound(format!("{what} {id}")));
+        }
+        Ok(())
+    }
+
     /// `list_rows` decoded into a page.
     pub(crate) async fn page<T>(&self, l: &Listing, q: &ListQuery, f: impl Fn(&AnyRow) -> Result<T>) -> Result<Page<T>> {
         let (rows, total) = self.list_rows(l, q).await?;

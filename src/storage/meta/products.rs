@@ -222,11 +222,7 @@ impl MetaStore {
 
     /// Delete a tenant and everything it owns (cascades).
     pub async fn delete_tenant(&self, id: i64) -> Result<()> {
-        let n = sqlx::query("DELETE FROM tenants WHERE id = $1").bind(id).execute(self.pool()).await?.rows_affected();
-        if n == 0 {
-            return Err(MetaError::NotFound(format!("tenant {id}")));
-        }
-        Ok(())
+        self.delete_row("tenants", id, "tenant").await
     }
 
     pub async fn products_page(&self, q: &ListQuery) -> Result<Page<Product>> {
@@ -290,10 +286,6 @@ impl MetaStore {
     }
 
     pub async fn delete_product(&self, id: i64) -> Result<()> {
-        let n = sqlx::query("DELETE FROM products WHERE id = $1").bind(id).execute(self.pool()).await?.rows_affected();
-        if n == 0 {
-            return Err(MetaError::NotFound(format!("product {id}")));
-        }
-        Ok(())
+        self.delete_row("products", id, "product").await
     }
 }

@@ -183,11 +183,7 @@ impl MetaStore {
     }
 
     pub async fn delete_user(&self, id: i64) -> Result<()> {
-        let n = sqlx::query("DELETE FROM users WHERE id = $1").bind(id).execute(self.pool()).await?.rows_affected();
-        if n == 0 {
-            return Err(MetaError::NotFound(format!("user {id}")));
-        }
-        Ok(())
+        self.delete_row("users", id, "user").await
     }
 
     pub async fn create_role(&self, tenant_id: i64, name: &str, permissions: &[String]) -> Result<Role> {
@@ -237,11 +233,7 @@ impl MetaStore {
         if used > 0 {
             return Err(MetaError::Conflict(format!("role {id} is held by {used} user(s)")));
         }
-        let n = sqlx::query("DELETE FROM roles WHERE id = $1").bind(id).execute(self.pool()).await?.rows_affected();
-        if n == 0 {
-            return Err(MetaError::NotFound(format!("role {id}")));
-        }
-        Ok(())
+        self.delete_row("roles", id, "role").await
     }
 
     pub async fn audit(&self, tenant_id: Option<i64>, actor: &str, action: &str, target: &str, detail: &serde_json::Value) -> Result<()> {
