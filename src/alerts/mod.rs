@@ -116,17 +116,10 @@ impl Alerts {
 
     /// The node that runs rule `id`: rendezvous hash over this node and its live peers.
     pub fn owner_of(&self, id: i64) -> Arc<str> {
-        let key = format!("alert:{id}");
-        let mut best = (crate::cluster::rendezvous(&self.me, &key), self.me.clone());
-        if let Some(c) = self.broker.upgrade().and_then(|b| b.cluster.get().cloned()) {
-            for n in c.peer_names() {
-                let sc = crate::cluster::rendezvous(&n, &key);
-                if sc > best.0 || (sc == best.0 && n > best.1) {
-                    best = (sc, n);
-                }
-            }
+        match self.broker.upgrade().and_then(|b| b.cluster.get().cloned()) {
+            Some(c) => c.owner_of(&format!("alert:{id}")),
+            None => self.me.clone(),
         }
-        best.1
     }
 
     /// A rule changed here: re-read the rules now rather than at the next round.

@@ -329,7 +329,7 @@ pub struct Cluster {
 }
 
 /// Rendezvous (highest random weight) score of `node` for `client`.
-pub(crate) fn rendezvous(node: &str, client: &str) -> u64 {
+fn rendezvous(node: &str, client: &str) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in node.bytes().chain([0u8]).chain(client.bytes()) {
         h ^= b as u64;
@@ -470,6 +470,19 @@ impl Cluster {
 
     pub fn handed_over(&self, client: Arc<str>, gen: u64, registrar: String, clean: bool, state: Option<Box<SessionSnapshot>>) {
         self.cast(Local::HandedOver { client, gen, registrar, clean, state });
+    }
+
+    /// The node that owns `key` among this node and its live peers (rendezvous hash; ties go
+    /// to the greater name, as for registrars), e.g. which node runs an alert rule.
+    pub fn owner_of(&self, key: &str) -> Arc<str> {
+        let mut best = (rendezvous(&self.name, key), self.name.clone());
+        for n in self.peers.load().iter() {
+            let sc = rendezvous(n, key);
+            if sc > best.0 || (sc == best.0 && *n > best.1) {
+                best = (sc, n.clone());
+            }
+        }
+        best.1
     }
 
     /// The backup node of a session owned here: rendezvous hash over the live peers.

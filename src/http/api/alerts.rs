@@ -49,32 +49,6 @@ fn yes() -> bool {
     true
 }
 
-impl Caller {
-    async fn rule(&self, s: &AppState, id: i64) -> Result<StoredRule, ApiError> {
-        let r = devices(s)?.meta.rule(id).await?;
-        if !self.sees(r.tenant_id) {
-            return Err(MetaError::NotFound(format!("alert rule {id}")).into());
-        }
-        Ok(r)
-    }
-
-    async fn channel(&self, s: &AppState, id: i64) -> Result<Channel, ApiError> {
-        let c = devices(s)?.meta.channel(id).await?;
-        if !self.sees(c.tenant_id) {
-            return Err(MetaError::NotFound(format!("channel {id}")).into());
-        }
-        Ok(c)
-    }
-
-    async fn alert(&self, s: &AppState, id: i64) -> Result<crate::storage::meta::Alert, ApiError> {
-        let a = devices(s)?.meta.alert(id).await?;
-        if !self.sees(a.tenant_id) {
-            return Err(MetaError::NotFound(format!("alert {id}")).into());
-        }
-        Ok(a)
-    }
-}
-
 /// Parse and check a rule for tenant `t`: its target and channels must be the tenant's.
 async fn check_rule(s: &AppState, c: &Caller, t: i64, b: &RuleBody) -> Result<Value, ApiError> {
     if b.name.trim().is_empty() || b.name.len() > 128 {
@@ -92,7 +66,7 @@ async fn check_rule(s: &AppState, c: &Caller, t: i64, b: &RuleBody) -> Result<Va
         return Err(MetaError::NotFound("the rule's target".into()).into());
     }
     for ch in &spec.channels {
-        if c.channel(s, *ch).await?.tenant_id != t {
+        if c.channel(&d.meta, *ch).await?.tenant_id != t {
             return Err(MetaError::NotFound(format!("channel {ch}")).into());
         }
     }
@@ -127,14 +101,14 @@ async fn create_rule(State(s): State<AppState>, c: Caller, Body(b): Body<RuleBod
 
 #[utoipa::path(get, path = "/alert-rules/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the rule and the node it runs on"), (status = 404, description = "no such rule")))]
 async fn get_rule(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let r = c.rule(&s, id).await?;
+    let r = c.rule(&devices(&s)?.meta, id).await?;
     c.require("alert:read")?;
     with_node(&s, r)
 }
 
 #[utoipa::path(put, path = "/alert-rules/{id}", tag = "alerts", params(("id" = i64, Path)), request_body = RuleBody, responses((status = 200, description = "the rule")))]
 async fn update_rule(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<RuleBody>) -> Answer {
-    let old = c.rule(&s, id).await?;
+    let old = c.rule(&devices(&s)?.meta, id).await?;
     c.require("alert:write")?;
     let spec = check_rule(&s, &c, old.tenant_id, &b).await?;
     let d = devices(&s)?;
@@ -146,7 +120,7 @@ async fn update_rule(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b
 
 #[utoipa::path(delete, path = "/alert-rules/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "deleted, with its alerts")))]
 async fn delete_rule(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let old = c.rule(&s, id).await?;
+    let old = c.rule(&devices(&s)?.meta, id).await?;
     c.require("alert:write")?;
     let d = devices(&s)?;
     d.meta.delete_rule(id).await?;
@@ -177,7 +151,7 @@ async fn list_alerts(State(s): State<AppState>, c: Caller, Q(mut p): Q<ListParam
 
 #[utoipa::path(get, path = "/alerts/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the alert"), (status = 404, description = "no such alert")))]
 async fn get_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let a = c.alert(&s, id).await?;
+    let a = c.alert(&devices(&s)?.meta, id).await?;
     c.require("alert:read")?;
     ok(a)
 }
@@ -185,7 +159,7 @@ async fn get_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answe
 /// Acknowledge an active alert (it stays open until its condition clears).
 #[utoipa::path(post, path = "/alerts/{id}/ack", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the alert"), (status = 409, description = "not active")))]
 async fn ack_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let a = c.alert(&s, id).await?;
+    let a = c.alert(&devices(&s)?.meta, id).await?;
     c.require("alert:ack")?;
     let d = devices(&s)?;
     let Some(acked) = d.meta.ack_alert(id, &c.0.actor()).await? else {
@@ -248,14 +222,14 @@ async fn create_channel(State(s): State<AppState>, c: Caller, Body(b): Body<Chan
 
 #[utoipa::path(get, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the channel"), (status = 404, description = "no such channel")))]
 async fn get_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let ch = c.channel(&s, id).await?;
+    let ch = c.channel(&devices(&s)?.meta, id).await?;
     c.require("alert:read")?;
     ok(redacted(ch))
 }
 
 #[utoipa::path(put, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), request_body = ChannelBody, responses((status = 200, description = "the channel")))]
 async fn update_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<ChannelBody>) -> Answer {
-    let old = c.channel(&s, id).await?;
+    let old = c.channel(&devices(&s)?.meta, id).await?;
     c.require("channel:manage")?;
     check_channel(&b)?;
     let d = devices(&s)?;
@@ -266,7 +240,7 @@ async fn update_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>, Bod
 
 #[utoipa::path(delete, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "deleted")))]
 async fn delete_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let old = c.channel(&s, id).await?;
+    let old = c.channel(&devices(&s)?.meta, id).await?;
     c.require("channel:manage")?;
     let d = devices(&s)?;
     d.meta.delete_channel(id).await?;

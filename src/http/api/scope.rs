@@ -12,7 +12,9 @@ use super::ListParams;
 use crate::devices::Devices;
 use crate::http::device_api::devices;
 use crate::http::{ApiError, AppState};
-use crate::storage::meta::{Command, Device, Group, ListQuery, MetaError, MetaStore, Product, Role, Tenant, User};
+use crate::storage::meta::{
+    Alert, Channel, Command, Device, Group, ListQuery, MetaError, MetaStore, Product, Role, StoredRule, Tenant, User,
+};
 use crate::users::{Principal, Users};
 
 /// The authenticated caller of a request.
@@ -23,8 +25,7 @@ pub(crate) fn users(s: &AppState) -> Result<Arc<Users>, ApiError> {
 }
 
 /// The bearer token of a request (`Authorization: Bearer …` or `X-API-Key`).
-pub(crate) fn bearer(parts: &Parts) -> Option<&str> {
-    let h = &parts.headers;
+pub(crate) fn bearer(h: &axum::http::HeaderMap) -> Option<&str> {
     h.get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
@@ -39,7 +40,7 @@ impl FromRequestParts<AppState> for Caller {
         let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
         // Browsers cannot set headers on a websocket: `?access_token=` there.
         let from_query = parts.uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("access_token="))).map(str::to_string);
-        let Some(token) = bearer(parts).map(str::to_string).or(from_query) else {
+        let Some(token) = bearer(&parts.headers).map(str::to_string).or(from_query) else {
             return Err(unauthorized("log in first: Authorization: Bearer <access token or API key>"));
         };
         Caller::of_token(s, &token).await?.ok_or_else(|| unauthorized("the token is invalid or expired, or its session has ended"))
@@ -154,6 +155,21 @@ impl Caller {
     pub async fn role(&self, meta: &MetaStore, id: i64) -> Result<Role, ApiError> {
         let r = meta.role(id).await?;
         self.hide(Some(r.tenant_id), format!("role {id}"), r)
+    }
+
+    pub async fn rule(&self, meta: &MetaStore, id: i64) -> Result<StoredRule, ApiError> {
+        let r = meta.rule(id).await?;
+        self.hide(Some(r.tenant_id), format!("alert rule {id}"), r)
+    }
+
+    pub async fn channel(&self, meta: &MetaStore, id: i64) -> Result<Channel, ApiError> {
+        let c = meta.channel(id).await?;
+        self.hide(Some(c.tenant_id), format!("channel {id}"), c)
+    }
+
+    pub async fn alert(&self, meta: &MetaStore, id: i64) -> Result<Alert, ApiError> {
+        let a = meta.alert(id).await?;
+        self.hide(Some(a.tenant_id), format!("alert {id}"), a)
     }
 
     /// Objects a new or changed object of tenant `t` refers to must be the same tenant's.

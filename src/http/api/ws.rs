@@ -40,8 +40,7 @@ async fn upgrade(
     let only: HashSet<String> =
         p.devices.as_deref().map(|d| d.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()).unwrap_or_default();
     // The token this socket was opened with is checked again from time to time.
-    let header = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::to_string);
-    let token = p.access_token.or(header).unwrap_or_default();
+    let token = p.access_token.or_else(|| super::scope::bearer(&headers).map(str::to_string)).unwrap_or_default();
     Ok(ws.max_message_size(64 * 1024).on_upgrade(move |socket| serve(s, c, token, only, live, socket)))
 }
 
