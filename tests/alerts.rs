@@ -2,14 +2,14 @@
 //! webhook (HMAC-signed, retried), e-mail to a local SMTP sink and a command to the device →
 //! acknowledged → cleared with hysteresis; no-data rules; a rule surviving a restart; and on a
 //! cluster, a rule fed from another node and moving when its node is killed.
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::platform::*;
-use common::{Raw, DEADLINE};
+use crate::common::platform::*;
+use crate::common::{Raw, DEADLINE};
 use hmac::Mac;
 use serde_json::{json, Value};
 use thingsd::protocols::mqtt::*;

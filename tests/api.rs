@@ -1,12 +1,12 @@
 //! The REST API for people: sign-in, sessions and their revocation, rate limits, roles and
 //! permissions, tenant isolation checked over every route of the OpenAPI document, the
 //! document kept in sync with the committed `docs/openapi.json`, and a schemathesis fuzz run.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use common::platform::*;
+use crate::common::platform::*;
 use serde_json::{json, Value};
 
 async fn start() -> Platform {

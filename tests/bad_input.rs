@@ -1,9 +1,8 @@
 //! Malformed and hostile input: the offender is closed with the right reason, everyone else is served.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use thingsd::protocols::mqtt::*;
 use tokio::io::AsyncWriteExt;
 

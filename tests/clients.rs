@@ -1,11 +1,10 @@
 //! Interoperability with real third-party clients: rumqttc (3.1.1 and 5.0) and the
 //! mosquitto_pub / mosquitto_sub command-line tools.
-mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;

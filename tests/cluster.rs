@@ -1,10 +1,9 @@
 //! Several `thingsd` processes on loopback form one broker: cross-node publish/subscribe at every
 //! QoS, routes acknowledged before SUBACK, cluster-wide shared subscriptions, replicated retained
 //! messages, late join, and a killed node coming back.
-mod common;
 
-use common::cluster::TestCluster;
-use common::*;
+use crate::common::cluster::TestCluster;
+use crate::common::*;
 use thingsd::protocols::mqtt::*;
 
 fn text(p: &Publish) -> String {

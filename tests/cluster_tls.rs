@@ -1,9 +1,8 @@
 //! Node links over mutually authenticated TLS (certificates signed by a cluster CA), and the
 //! cookie: a node with another cookie never joins.
-mod common;
 
-use common::cluster::TestCluster;
-use common::*;
+use crate::common::cluster::TestCluster;
+use crate::common::*;
 use thingsd::protocols::mqtt::*;
 
 /// A CA and a node certificate it signs (for 127.0.0.1 and localhost), as PEM files.

@@ -1,8 +1,7 @@
 //! kill -9 of a node process: what reached the data directory survives (the README's promise
 //! that a crash loses at most the last persist interval).
-mod common;
 
-use common::*;
+use crate::common::*;
 use thingsd::protocols::mqtt::*;
 
 async fn spawn_node(dir: &std::path::Path) -> process::Proc {

@@ -1,13 +1,12 @@
 //! The HTTP and CoAP device APIs over real sockets: reqwest, a CoAP client on coap-lite over
 //! UDP, and Debian's `coap-client` (libcoap3).
-mod common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::common::platform::*;
+use crate::common::DEADLINE;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
-use common::platform::*;
-use common::DEADLINE;
 use serde_json::{json, Value};
 use tokio::net::UdpSocket;
 

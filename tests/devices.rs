@@ -1,10 +1,10 @@
 //! Devices over MQTT: authentication, the per-device ACL, ThingsPanel and ThingsBoard topics,
 //! payload checks against the thing model, downlink (online, queued, expired), gateways, status,
 //! disabling — on both meta backends (SQLite; PostgreSQL started by scripts/test).
-mod common;
+use crate::common;
 
-use common::platform::*;
-use common::*;
+use crate::common::platform::*;
+use crate::common::*;
 use serde_json::json;
 use thingsd::protocols::mqtt::*;
 

@@ -1,10 +1,10 @@
 //! Devices on a two-node cluster sharing one PostgreSQL: a device connected to node 2 is
 //! online, commandable, disabled and revoked through node 1's admin API — with the in-process
 //! cache (invalidated over the cluster links) and with Redis.
-mod common;
+use crate::common;
 
-use common::cluster::TestCluster;
-use common::platform::*;
+use crate::common::cluster::TestCluster;
+use crate::common::platform::*;
 use serde_json::json;
 use thingsd::protocols::mqtt::*;
 

@@ -2,12 +2,11 @@
 //! (addresses substituted): clients connect through it with PROXY v2, a node is killed, the
 //! subscriber reconnects through HAProxy to another node and loses no acknowledged message.
 //! `deploy/nginx.conf` is syntax-checked by nginx itself.
-mod common;
 
 use std::process::Stdio;
 
-use common::cluster::TestCluster;
-use common::*;
+use crate::common::cluster::TestCluster;
+use crate::common::*;
 use thingsd::protocols::mqtt::*;
 
 /// A free port for HAProxy/nginx to bind, from below the kernel's ephemeral range: HAProxy

@@ -1,7 +1,6 @@
 //! Operator endpoints over HTTP: liveness, readiness, Prometheus metrics, JSON errors.
-mod common;
 
-use common::*;
+use crate::common::*;
 use thingsd::protocols::mqtt::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

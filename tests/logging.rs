@@ -1,8 +1,7 @@
 //! JSON logs: one object per line, and a connection's lines carry its span (peer, node,
 //! client id) — what a log pipeline filters on.
-mod common;
 
-use common::*;
+use crate::common::*;
 use thingsd::protocols::mqtt::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

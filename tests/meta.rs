@@ -1,6 +1,6 @@
 //! The meta store's repositories, run against both backends: SQLite (a file) and a real
 //! PostgreSQL (started by scripts/test; required in CI).
-mod common;
+use crate::common;
 
 use serde_json::json;
 use thingsd::storage::meta::*;

@@ -1,10 +1,9 @@
 //! MQTT 5.0 behaviour, packet by packet, against a node on loopback.
-mod common;
 
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use thingsd::protocols::mqtt::*;
 
 fn props() -> Properties {

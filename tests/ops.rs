@@ -2,14 +2,13 @@
 //! and JSON), the cluster-wide admin API behind it, the actor inspector, live traces, kicks,
 //! join/leave of a fourth node, readiness that waits for the cluster, and `/metrics` parsed
 //! with a Prometheus text parser. One cluster for the whole file (started once).
-mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::cluster::TestCluster;
-use common::platform::ADMIN_KEY;
-use common::{http_get, publish, subscribe, Raw, DEADLINE};
+use crate::common::cluster::TestCluster;
+use crate::common::platform::ADMIN_KEY;
+use crate::common::{http_get, publish, subscribe, Raw, DEADLINE};
 use serde_json::Value;
 use thingsd::protocols::mqtt::*;
 use tokio::io::{AsyncBufReadExt, BufReader};

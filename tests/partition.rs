@@ -2,13 +2,12 @@
 //! advertises its proxy, so all node-to-node traffic crosses one). Cutting black-holes the
 //! links (sockets stay open, bytes stop): heartbeats time out, both sides keep serving their
 //! own clients; after healing, the nodes redial, and routes and retained messages converge.
-mod common;
 
-use common::cluster::TestCluster;
+use crate::common::cluster::TestCluster;
 use std::net::SocketAddr;
 
-use common::cut::Cut;
-use common::*;
+use crate::common::cut::Cut;
+use crate::common::*;
 use thingsd::protocols::mqtt::*;
 
 fn retained(topic: &str, pkid: u16, payload: &str) -> Packet {

@@ -1,8 +1,7 @@
 //! Retained messages and persistent sessions survive a restart of the node.
-mod common;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use thingsd::protocols::mqtt::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! The cache against the Redis topologies `cache.url` accepts: standalone, Sentinel and
 //! Cluster, each started here from Debian's redis-server on free loopback ports.
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -1,9 +1,8 @@
 //! A crashed or killed shard / retained store is restarted by the root supervisor and resumes
 //! from the snapshot it last published: no subscription or retained message is lost.
-mod common;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use thingsd::protocols::mqtt::*;
 
 fn ids(names: &[String]) -> Vec<Option<ractor::ActorId>> {

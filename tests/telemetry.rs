@@ -2,13 +2,13 @@
 //! values, the acknowledgement means stored (queried right after it, no polling), queries over
 //! the admin API, restart; back-pressure when the store stalls (PostgreSQL behind a proxy the
 //! test cuts); kill -9 loses no acknowledged point.
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::platform::*;
-use common::*;
+use crate::common::platform::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use thingsd::protocols::mqtt::*;
 

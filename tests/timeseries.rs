@@ -3,7 +3,7 @@
 //! `TAOS_DSN` points at a server: none can be installed on these machines). Each backend's
 //! answers are checked against values computed here from the generated data, then against
 //! each other.
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

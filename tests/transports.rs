@@ -1,10 +1,9 @@
 //! WebSocket (path /mqtt, subprotocol mqtt) and TLS listeners, with several listeners at once.
-mod common;
 
 use std::sync::Arc;
 
+use crate::common::*;
 use bytes::BytesMut;
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use thingsd::protocols::mqtt::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -2,9 +2,8 @@
 //! Chromium with playwright-core against a node started here. Screenshots of every page are
 //! written to `target/console-screenshots/` (with `UPDATE_SCREENSHOTS=1`, to `docs/screenshots/`,
 //! which the README links).
-mod common;
 
-use common::platform::*;
+use crate::common::platform::*;
 use serde_json::json;
 
 fn ready() -> bool {

@@ -3,15 +3,15 @@
 //! by `cache-control: max-age`, an endpoint that hangs (the hook's failure policy answers), the
 //! 3.1.1 and 5.0 hook names, notifications with VerneMQ's bodies, and a notification endpoint
 //! that never answers without slowing the broker (its overflow is counted).
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::platform::*;
+use crate::common::{disconnect, Raw, DEADLINE};
 use base64::Engine;
-use common::platform::*;
-use common::{disconnect, Raw, DEADLINE};
 use serde_json::{json, Value};
 use thingsd::protocols::mqtt::*;
 use thingsd::webhooks::{OnFailure, WebhookConfig};
