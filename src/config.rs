@@ -70,6 +70,10 @@ pub struct ApiConfig {
     pub cors_origins: Vec<String>,
     /// Largest request body of the REST API.
     pub max_body_bytes: usize,
+    /// Reverse proxies (addresses or networks) whose `X-Forwarded-For` names the client, for
+    /// every HTTP route: login limits, the audit log, the device HTTP API. Empty = the socket
+    /// peer is the client.
+    pub trusted_proxies: Vec<crate::http::forwarded::IpNet>,
 }
 
 impl Default for ApiConfig {
@@ -85,6 +89,7 @@ impl Default for ApiConfig {
             login_window_secs: 900,
             cors_origins: vec![],
             max_body_bytes: 1 << 20,
+            trusted_proxies: vec![],
         }
     }
 }

@@ -73,41 +73,105 @@ impl Hook {
 
 /// A local SMTP sink: passes on each message's DATA.
 async fn smtp_sink() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let (addr, mut rx) = smtp_sink_with(None).await;
+    let (tx, out) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((data, _)) = rx.recv().await {
+            let _ = tx.send(data);
+        }
+    });
+    (addr, out)
+}
+
+/// How a TLS sink speaks: STARTTLS offered in EHLO, or TLS from the first byte.
+#[derive(Clone, Copy, PartialEq)]
+enum SinkTls {
+    StartTls,
+    Implicit,
+}
+
+/// An SMTP sink, with TLS when given a server config: passes on (DATA, whether it came over
+/// TLS) for each message.
+async fn smtp_sink_with(tls: Option<(SinkTls, Arc<rustls::ServerConfig>)>) -> (SocketAddr, mpsc::UnboundedReceiver<(String, bool)>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((s, _)) = l.accept().await {
-            let tx = tx.clone();
+            let (tx, tls) = (tx.clone(), tls.clone());
             tokio::spawn(async move {
-                let (r, mut w) = s.into_split();
-                let mut lines = BufReader::new(r).lines();
-                w.write_all(b"220 sink ESMTP\r\n").await.unwrap();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    let cmd = l.to_ascii_uppercase();
-                    if cmd.starts_with("DATA") {
-                        w.write_all(b"354 go on\r\n").await.unwrap();
-                        let mut data = String::new();
-                        while let Ok(Some(d)) = lines.next_line().await {
-                            if d == "." {
-                                break;
-                            }
-                            data.push_str(&d);
-                            data.push('\n');
-                        }
-                        let _ = tx.send(data);
-                        w.write_all(b"250 queued\r\n").await.unwrap();
-                    } else if cmd.starts_with("QUIT") {
-                        let _ = w.write_all(b"221 bye\r\n").await;
-                        return;
-                    } else {
-                        w.write_all(b"250 ok\r\n").await.unwrap();
-                    }
+                let Some((mode, cfg)) = tls else {
+                    smtp_dialog(&mut BufReader::new(s), true, false, false, &tx).await;
+                    return;
+                };
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                if mode == SinkTls::Implicit {
+                    let Ok(t) = acceptor.accept(s).await else { return };
+                    smtp_dialog(&mut BufReader::new(t), true, false, true, &tx).await;
+                    return;
+                }
+                let mut plain = BufReader::new(s);
+                if smtp_dialog(&mut plain, true, true, false, &tx).await {
+                    let Ok(t) = acceptor.accept(plain.into_inner()).await else { return };
+                    // After STARTTLS the client starts over with EHLO; no second greeting.
+                    smtp_dialog(&mut BufReader::new(t), false, false, true, &tx).await;
                 }
             });
         }
     });
     (addr, rx)
+}
+
+/// One SMTP conversation until QUIT, the end of input, or STARTTLS (returns true: the caller
+/// switches the stream to TLS).
+async fn smtp_dialog<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    s: &mut BufReader<S>,
+    greet: bool,
+    offer_starttls: bool,
+    secure: bool,
+    tx: &mpsc::UnboundedSender<(String, bool)>,
+) -> bool {
+    if greet && s.get_mut().write_all(b"220 sink ESMTP\r\n").await.is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return false;
+        }
+        let cmd = line.trim_end().to_ascii_uppercase();
+        let answer: &[u8] = if cmd.starts_with("EHLO") && offer_starttls {
+            b"250-sink\r\n250 STARTTLS\r\n"
+        } else if cmd.starts_with("STARTTLS") && offer_starttls {
+            let _ = s.get_mut().write_all(b"220 go ahead\r\n").await;
+            return true;
+        } else if cmd.starts_with("DATA") {
+            let _ = s.get_mut().write_all(b"354 go on\r\n").await;
+            let mut data = String::new();
+            loop {
+                line.clear();
+                if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return false;
+                }
+                if line.trim_end() == "." {
+                    break;
+                }
+                data.push_str(line.trim_end());
+                data.push('\n');
+            }
+            let _ = tx.send((data, secure));
+            b"250 queued\r\n"
+        } else if cmd.starts_with("QUIT") {
+            let _ = s.get_mut().write_all(b"221 bye\r\n").await;
+            return false;
+        } else {
+            b"250 ok\r\n"
+        };
+        if s.get_mut().write_all(answer).await.is_err() {
+            return false;
+        }
+    }
 }
 
 fn fast(c: &mut thingsd::config::Config) {
@@ -268,6 +332,95 @@ async fn alert_lifecycle_with_duration_hysteresis_and_notifications() {
     assert!(after >= 1000, "raised {after} ms after the device left");
     let _d = device(p.node.tcp, Protocol::V5, "al-1", &token).await;
     wait_open(http, a, r3, 0).await;
+    p.node.stop().await;
+}
+
+/// A CA and a server certificate it signed for 127.0.0.1: (CA PEM, server config).
+fn relay_tls() -> (String, Arc<rustls::ServerConfig>) {
+    thingsd::server::install_crypto();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+    let cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap())
+        .unwrap();
+    (ca.pem(), Arc::new(cfg))
+}
+
+async fn notifications(addr: SocketAddr, outcome: &str) -> u64 {
+    let (_, text) = common::http_get(addr, "/metrics").await;
+    let want = format!("thingsd_alert_notifications_total{{outcome=\"{outcome}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(want.as_str())).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// E-mail channels over TLS: STARTTLS when the relay offers it (the default), implicit TLS,
+/// a relay's certificate checked against the channel's CA; a relay that does not offer
+/// STARTTLS when it is required, or whose certificate nobody vouches for, gets nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn email_over_tls() {
+    let p = Platform::start(None, |c| {
+        fast(c);
+        c.alerts.notify_attempts = 1;
+    })
+    .await;
+    let a = p.http_addr();
+    let (ca_pem, tls) = relay_tls();
+    let (starttls, mut starttls_mail) = smtp_sink_with(Some((SinkTls::StartTls, tls.clone()))).await;
+    let (implicit, mut implicit_mail) = smtp_sink_with(Some((SinkTls::Implicit, tls))).await;
+    let (plain, mut plain_mail) = smtp_sink_with(None).await;
+    let channel = |name: &str, port: u16, extra: Value| {
+        let mut config = json!({"smtp_host": "127.0.0.1", "smtp_port": port, "from": "thingsd@example.com", "to": ["oncall@example.com"]});
+        config.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        json!({"name": name, "kind": "email", "config": config})
+    };
+    // Bad TLS settings are refused with the reason.
+    for bad in [json!({"tls": "sometimes"}), json!({"ca_pem": "not a certificate"}), json!({"accept_invalid_certs": "yes"})] {
+        let (s, v) = p.admin("POST", "/api/v1/channels", Some(channel("bad", 25, bad))).await;
+        assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid")), "{v}");
+    }
+    let mut ids = vec![];
+    for ch in [
+        channel("opportunistic", starttls.port(), json!({"ca_pem": ca_pem})),
+        channel("implicit", implicit.port(), json!({"tls": "tls", "ca_pem": ca_pem})),
+        channel("required-but-not-offered", plain.port(), json!({"tls": "starttls", "ca_pem": ca_pem})),
+        channel("unknown-ca", starttls.port(), json!({"tls": "starttls"})),
+    ] {
+        let (s, v) = p.admin("POST", "/api/v1/channels", Some(ch)).await;
+        assert_eq!(s, 200, "{v}");
+        ids.push(v["id"].clone());
+    }
+    let (_, token) = p.create_device("al-tls", json!({})).await;
+    let (s, r) = p
+        .admin(
+            "POST",
+            "/api/v1/alert-rules",
+            Some(json!({"name": "hot", "target": {"device": "al-tls"}, "condition": {"key": "t", "op": ">", "value": 1}, "channels": ids})),
+        )
+        .await;
+    assert_eq!(s, 200, "{r}");
+    let rid = r["id"].as_i64().unwrap();
+    rule_running(&p.http, a, rid).await;
+    let mut d = device(p.node.tcp, Protocol::V5, "al-tls", &token).await;
+    telemetry(&mut d, 1, json!({"t": 5})).await;
+    wait_open(&p.http, a, rid, 1).await;
+
+    let (m, secure) = tokio::time::timeout(DEADLINE, starttls_mail.recv()).await.expect("an e-mail after STARTTLS").unwrap();
+    assert!(secure && m.contains("Subject: [major] hot on al-tls: raised"), "{secure} {m}");
+    let (m, secure) = tokio::time::timeout(DEADLINE, implicit_mail.recv()).await.expect("an e-mail over TLS").unwrap();
+    assert!(secure && m.contains("al-tls"), "{m}");
+    // The other two fail (one attempt each here) and send nothing.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while notifications(a, "failed").await < 2 {
+        assert!(tokio::time::Instant::now() < end, "the two refused deliveries were not counted as failed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(notifications(a, "sent").await, 2);
+    assert!(plain_mail.try_recv().is_err(), "nothing sent in the clear when STARTTLS is required");
+    assert!(starttls_mail.try_recv().is_err(), "nothing sent to a relay whose certificate is not trusted");
     p.node.stop().await;
 }
 

@@ -507,6 +507,50 @@ async fn websocket_streams_the_tenants_own_devices() {
     p.node.stop().await;
 }
 
+async fn login_from(p: &Platform, forwarded: &str, user: &str, pw: &str) -> u16 {
+    let r = p.http.post(format!("http://{}/api/v1/auth/login", p.http_addr())).header("x-forwarded-for", forwarded);
+    r.json(&json!({"username": user, "password": pw})).send().await.unwrap().status().as_u16()
+}
+
+/// Behind a trusted reverse proxy the login limit per address counts the client named by
+/// X-Forwarded-For (right-most untrusted hop), and the audit log records it.
+#[tokio::test(flavor = "multi_thread")]
+async fn trusted_proxies_name_the_client() {
+    let p = Platform::start(None, |c| {
+        c.api.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        c.api.login_fail_limit_address = 2;
+        c.api.login_fail_limit_account = 100;
+    })
+    .await;
+    // Two failures from one client behind the proxy: that client is limited…
+    assert_eq!(login_from(&p, "198.51.100.1", "u1", "wrong-password").await, 401);
+    assert_eq!(login_from(&p, "198.51.100.1", "u2", "wrong-password").await, 401);
+    assert_eq!(login_from(&p, "198.51.100.1", ROOT_USER, ROOT_PASSWORD).await, 429);
+    // …a forged left part does not move it off its address (the proxy appended the real one)…
+    assert_eq!(login_from(&p, "203.0.113.50, 198.51.100.1", ROOT_USER, ROOT_PASSWORD).await, 429);
+    // …while another client behind the same proxy still logs in, and is audited by its address.
+    assert_eq!(login_from(&p, "198.51.100.2, 127.0.0.1", ROOT_USER, ROOT_PASSWORD).await, 200);
+    let (s, log) = call(&p.http, p.http_addr(), ADMIN_KEY, "GET", "/api/v1/audit?q=login&limit=10", None).await;
+    assert_eq!(s, 200, "{log}");
+    let froms: Vec<&str> = log["items"].as_array().unwrap().iter().filter_map(|e| e["detail"]["from"].as_str()).collect();
+    assert!(froms.contains(&"198.51.100.2") && !froms.contains(&"203.0.113.50"), "{log}");
+    p.node.stop().await;
+}
+
+/// Without trusted proxies the header is the client's own word and is ignored.
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_headers_from_untrusted_peers_are_ignored() {
+    let p = Platform::start(None, |c| {
+        c.api.login_fail_limit_address = 2;
+        c.api.login_fail_limit_account = 100;
+    })
+    .await;
+    assert_eq!(login_from(&p, "198.51.100.1", "u1", "wrong-password").await, 401);
+    assert_eq!(login_from(&p, "198.51.100.2", "u2", "wrong-password").await, 401);
+    assert_eq!(login_from(&p, "198.51.100.3", ROOT_USER, ROOT_PASSWORD).await, 429, "a new header does not escape the limit");
+    p.node.stop().await;
+}
+
 /// CORS: preflights from an allowed origin are answered; others get no CORS headers.
 #[tokio::test(flavor = "multi_thread")]
 async fn cors_follows_the_configuration() {

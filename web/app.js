@@ -407,9 +407,14 @@ async function alertsPage() {
     field("Port", h("input", { name: "smtp_port", type: "number", value: 25, size: 5 })),
     field("From", h("input", { name: "from", type: "email", required: true })),
     field("To (comma-separated)", h("input", { name: "to", required: true })),
+    field("TLS", h("select", { name: "tls" }, ["opportunistic", "starttls", "tls", "none"].map((t) => h("option", { value: t }, t)))),
+    field("Username", h("input", { name: "username", autocomplete: "off" })),
+    field("Password", h("input", { name: "password", type: "password", autocomplete: "new-password" })),
   ], "Add e-mail channel", async (v) => {
     const to = v.to.split(",").map((x) => x.trim()).filter(Boolean);
-    await api("POST", "/channels", { name: v.name, kind: "email", config: { smtp_host: v.smtp_host, smtp_port: Number(v.smtp_port || 25), from: v.from, to } });
+    const config = { smtp_host: v.smtp_host, smtp_port: Number(v.smtp_port || 25), from: v.from, to, tls: v.tls };
+    if (v.username) Object.assign(config, { username: v.username, password: v.password });
+    await api("POST", "/channels", { name: v.name, kind: "email", config });
     await alertsPage();
   });
   view.replaceChildren(h("h1", {}, "Alerts"),

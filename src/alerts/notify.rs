@@ -1,6 +1,6 @@
 //! Sending what alerts do: a JSON POST to webhook channels (signed `X-Thingsd-Signature:
 //! sha256=<hex HMAC of the body>` when the channel has a secret), e-mail through SMTP
-//! (`lettre`), and the rule's command to the device. A bounded queue feeds one dispatcher;
+//! (`lettre`; STARTTLS or implicit TLS with rustls), and the rule's command to the device. A bounded queue feeds one dispatcher;
 //! each delivery runs in its own task (at most 64 at once) with retries and exponential
 //! backoff, so a slow endpoint delays nobody else.
 use std::sync::atomic::Ordering;
@@ -37,6 +37,10 @@ pub fn validate(kind: &str, config: &Value) -> Result<(), String> {
             for t in to {
                 t.as_str().ok_or("config.to holds strings")?.parse::<lettre::message::Mailbox>().map_err(|e| format!("config.to: {e}"))?;
             }
+            if config.get("accept_invalid_certs").is_some_and(|v| !v.is_boolean()) {
+                return Err("config.accept_invalid_certs is true or false".into());
+            }
+            smtp_tls(config)?;
             Ok(())
         }
         _ => Err("kind is webhook or email".into()),
@@ -145,6 +149,40 @@ async fn webhook(http: &reqwest::Client, ch: &Channel, n: &Notice) -> Result<(),
     }
 }
 
+/// How an e-mail channel talks to its relay: `config.tls` is `opportunistic` (the default:
+/// STARTTLS when the relay offers it), `starttls` (required), `tls` (implicit TLS, usually port
+/// 465) or `none` (plain SMTP, e.g. a local relay). The relay's certificate is checked against
+/// the system's CA store, or `config.ca_pem` (a PEM CA for a private relay);
+/// `config.accept_invalid_certs = true` turns the check off (self-signed relays).
+fn smtp_tls(c: &Value) -> Result<lettre::transport::smtp::client::Tls, String> {
+    use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
+    let mode = c.get("tls").map(|v| v.as_str().ok_or("config.tls is a string")).transpose()?.unwrap_or("opportunistic");
+    if mode == "none" {
+        return Ok(Tls::None);
+    }
+    let host = c.get("smtp_host").and_then(Value::as_str).unwrap_or_default();
+    let mut p = TlsParameters::builder(host.to_string());
+    if let Some(pem) = c.get("ca_pem") {
+        let pem = pem.as_str().ok_or("config.ca_pem is a PEM string")?;
+        let found = rustls_pemfile::certs(&mut pem.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(|e| format!("config.ca_pem: {e}"))?;
+        if found.is_empty() {
+            return Err("config.ca_pem holds no PEM certificate".into());
+        }
+        let cert = Certificate::from_pem(pem.as_bytes()).map_err(|e| format!("config.ca_pem: {e}"))?;
+        p = p.certificate_store(CertificateStore::None).add_root_certificate(cert);
+    }
+    if c.get("accept_invalid_certs").and_then(Value::as_bool) == Some(true) {
+        p = p.dangerous_accept_invalid_certs(true);
+    }
+    let params = || p.build_rustls().map_err(|e| format!("TLS: {e}"));
+    Ok(match mode {
+        "opportunistic" => Tls::Opportunistic(params()?),
+        "starttls" => Tls::Required(params()?),
+        "tls" => Tls::Wrapper(params()?),
+        _ => return Err("config.tls is none, opportunistic, starttls or tls".into()),
+    })
+}
+
 async fn email(ch: &Channel, n: &Notice, timeout: Duration) -> Result<(), (String, bool)> {
     use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
     let c = &ch.config;
@@ -175,8 +213,8 @@ async fn email(ch: &Channel, n: &Notice, timeout: Duration) -> Result<(), (Strin
         serde_json::to_string_pretty(&body(n)).unwrap_or_default()
     );
     let msg = m.body(text).map_err(|e| bad(e.to_string()))?;
-    // Plain SMTP to a relay the operator runs (TLS relays: see the note in the README).
-    let mut t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).port(port).timeout(Some(timeout));
+    let tls = smtp_tls(c).map_err(bad)?;
+    let mut t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).port(port).timeout(Some(timeout)).tls(tls);
     if let (Some(u), Some(p)) = (s("username"), s("password")) {
         t = t.credentials(lettre::transport::smtp::authentication::Credentials::new(u.into(), p.into()));
     }

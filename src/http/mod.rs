@@ -12,6 +12,7 @@ use crate::broker::Broker;
 pub mod api;
 mod device_api;
 mod error;
+pub mod forwarded;
 mod health;
 mod ops;
 mod web;
@@ -47,6 +48,10 @@ pub fn app(broker: Arc<Broker>) -> Router {
         .layer(axum::middleware::from_fn_with_state(broker.clone(), count_request));
     if let Some(cors) = cors(&broker.config.api.cors_origins) {
         app = app.layer(cors);
+    }
+    if !broker.config.api.trusted_proxies.is_empty() {
+        let trusted = Arc::new(broker.config.api.trusted_proxies.clone());
+        app = app.layer(axum::middleware::from_fn(move |req, next| forwarded::rewrite(trusted.clone(), req, next)));
     }
     app.with_state(broker)
 }

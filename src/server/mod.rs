@@ -233,6 +233,9 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         }
     }
     tracing::info!("shutting down: closing connections");
+    // Not ready any more (load balancers stop sending); sessions ending now are the node's
+    // shutdown, not a fault.
+    broker.serving.store(false, std::sync::atomic::Ordering::Relaxed);
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within 10s");

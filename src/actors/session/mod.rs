@@ -444,8 +444,14 @@ impl Actor for SessionActor {
 impl Drop for SessionState {
     fn drop(&mut self) {
         if let Some(c) = self.conn.take() {
-            tracing::error!(client_id = %self.client_id, "session ended with a live connection; closing it");
-            kick(&c, reason::UNSPECIFIED_ERROR);
+            if self.broker.serving.load(Ordering::Relaxed) {
+                tracing::error!(client_id = %self.client_id, "session ended with a live connection; closing it");
+                kick(&c, reason::UNSPECIFIED_ERROR);
+            } else {
+                // The node stops: its sessions may stop before their connections' last detach.
+                tracing::debug!(client_id = %self.client_id, "node stopping; closing the session's connection");
+                kick(&c, reason::SERVER_SHUTTING_DOWN);
+            }
         }
     }
 }

@@ -172,7 +172,8 @@ async fn ack_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answe
 
 /// A notification channel: `webhook` (`config`: `url`, optional `secret` for the
 /// `X-Thingsd-Signature` HMAC, `headers`) or `email` (`smtp_host`, `smtp_port`, `from`, `to`,
-/// optional `username`, `password`).
+/// optional `username`, `password`, `tls` = `opportunistic` (default) | `starttls` | `tls` |
+/// `none`, `ca_pem`, `accept_invalid_certs`).
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ChannelBody {

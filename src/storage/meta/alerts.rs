@@ -12,7 +12,7 @@ pub struct Channel {
     pub tenant_id: i64,
     pub name: String,
     /// `webhook` (`url`, optional `secret`, `headers`), `email` (`smtp_host`, `smtp_port`,
-    /// `from`, `to`, optional `username`, `password`).
+    /// `from`, `to`, optional `username`, `password`, `tls`, `ca_pem`, `accept_invalid_certs`).
     pub kind: String,
     #[schema(value_type = Object)]
     pub config: serde_json::Value,
