@@ -138,53 +138,104 @@ pub async fn run(devices: usize, publishers: usize, messages: u64, window: usize
 /// `telemetry`: devices over MQTT → stored, end to end. P devices publish M messages of the
 /// five fleet keys each (QoS 1, window W); a PUBACK means the points are in the store
 /// (durability `written`), so the time until the last PUBACK is the time to store them all.
-/// Run on the embedded store and, when a PostgreSQL URL is given, on PostgreSQL.
-pub async fn telemetry(publishers: usize, messages: u64, window: usize, pg: Option<String>) -> anyhow::Result<()> {
+/// Run on the embedded store and, when a PostgreSQL URL is given, on PostgreSQL; once per
+/// count in `rules`: that many alert rules on the devices' product (every reading is evaluated
+/// by every rule; none fires), the rate with rules against the rate without as a ratio.
+pub async fn telemetry(publishers: usize, messages: u64, window: usize, pg: Option<String>, rules: &[usize]) -> anyhow::Result<()> {
     let per = (messages / publishers as u64).max(1);
     let mut stores = vec![("embedded".to_string(), String::new())];
     if let Some(u) = pg {
         stores.push(("postgres".into(), u));
     }
     println!("\n== telemetry end to end: {publishers} devices x {per} messages x 5 keys over MQTT (QoS 1, window {window}) -> stored");
-    println!("{:<10} {:>12} {:>14} {:>12}", "store", "msgs/s", "points/s", "stored?");
+    println!("{:<10} {:>6} {:>12} {:>14} {:>12} {:>14}", "store", "rules", "msgs/s", "points/s", "stored?", "vs 0 rules");
     for (name, url) in stores {
-        let mut env = vec![("THINGSD_TELEMETRY__STORE", url.clone())];
-        if name == "postgres" {
-            env.push(("THINGSD_TELEMETRY__WRITERS", "4".to_string()));
+        let mut without = None;
+        for &n_rules in rules {
+            let rate = telemetry_run(publishers, per, window, &name, &url, n_rules).await?;
+            let base = *without.get_or_insert(if n_rules == 0 { rate.0 } else { f64::NAN });
+            let ratio = if base.is_nan() { "-".to_string() } else { format!("{:.2}x", rate.0 / base) };
+            println!("{:<10} {:>6} {:>12.0} {:>14.0} {:>12} {:>14}", name, n_rules, rate.0, rate.0 * 5.0, rate.1, ratio);
         }
-        let (b, http) = brokers::start_platform(publishers + 10, &env).await?;
-        let mut tokens = Vec::with_capacity(publishers);
-        for k in 0..publishers {
-            let v = post(http, "/api/v1/devices", &format!(r#"{{"device_number":"lt-tel-{k}"}}"#)).await?;
-            tokens.push(v["access_token"].as_str().context("access_token")?.to_string());
-        }
-        let (conns, _) = connect_all(b.addr, publishers, "lt-tel", Some(&tokens)).await?;
-        let base = Instant::now();
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for (i, s) in conns.into_iter().enumerate() {
-            tasks.push(tokio::spawn(async move {
-                client::publish_all(s, i as u32, "devices/telemetry", QoS::AtLeastOnce, per, window, client::TELEMETRY, base).await
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let msgs = per * publishers as u64;
-        // Spot check: the last device's history holds every point it sent.
-        let h = get(
-            http,
-            &format!(
-                "/api/v1/devices/lt-tel-{}/telemetry/history?keys=voltage&from=1700000000000&to=1800000000000&limit=10000",
-                publishers - 1
-            ),
-        )
-        .await?;
-        let n = h["points"].as_array().map_or(0, |a| a.len()) as u64;
-        let stored = if n == per.min(10_000) { "yes".to_string() } else { format!("{n} of {per}") };
-        println!("{:<10} {:>12.0} {:>14.0} {:>12}", name, msgs as f64 / secs, (msgs * 5) as f64 / secs, stored);
-        b.stop().await;
     }
     Ok(())
+}
+
+/// One telemetry run on a fresh node: (msgs/s, whether the spot check found every point).
+async fn telemetry_run(
+    publishers: usize,
+    per: u64,
+    window: usize,
+    store: &str,
+    url: &str,
+    n_rules: usize,
+) -> anyhow::Result<(f64, String)> {
+    let mut env = vec![("THINGSD_TELEMETRY__STORE", url.to_string())];
+    if store == "postgres" {
+        env.push(("THINGSD_TELEMETRY__WRITERS", "4".to_string()));
+    }
+    let (b, http) = brokers::start_platform(publishers + 10, &env).await?;
+    let product = post(http, "/api/v1/products", r#"{"name":"lt-fleet"}"#).await?;
+    let pid = product["id"].as_i64().context("product id")?;
+    let mut tokens = Vec::with_capacity(publishers);
+    for k in 0..publishers {
+        let v = post(http, "/api/v1/devices", &format!(r#"{{"device_number":"lt-tel-{k}","product_id":{pid}}}"#)).await?;
+        tokens.push(v["access_token"].as_str().context("access_token")?.to_string());
+    }
+    // Rules of the shapes people write: thresholds, some with a duration and a clear
+    // condition, a range, a rate of change; none is met by the fleet's readings.
+    for r in 0..n_rules {
+        let spec = match r % 4 {
+            0 => serde_json::json!({"key": "voltage", "op": ">", "value": 1e9}),
+            1 => serde_json::json!({"key": "temperature", "op": "between", "value": [1e6, 2e6]}),
+            2 => serde_json::json!({"all": [{"key": "current", "op": ">", "value": 1e9}, {"key": "power", "op": "<", "value": -1e9}]}),
+            _ => serde_json::json!({"key": "energy", "op": "<", "value": -1e9}),
+        };
+        let mut rule = serde_json::json!({"name": format!("lt-rule-{r}"), "target": {"product": pid}, "condition": spec});
+        if r % 2 == 1 {
+            rule["duration_secs"] = 60.into();
+            rule["clear"] = serde_json::json!({"key": "voltage", "op": "<", "value": 0});
+        }
+        post(http, "/api/v1/alert-rules", &rule.to_string()).await?;
+    }
+    // The rules' actors run before the clock starts.
+    let end = Instant::now() + Duration::from_secs(30);
+    while n_rules > 0 {
+        let a = get(http, "/admin/v1/actors?kind=alert&limit=100000").await?;
+        let running = a["items"].as_array().map_or(0, |l| l.len());
+        if running >= n_rules {
+            break;
+        }
+        if Instant::now() > end {
+            bail!("{running} of {n_rules} alert rules running after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (conns, _) = connect_all(b.addr, publishers, "lt-tel", Some(&tokens)).await?;
+    let base = Instant::now();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, s) in conns.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            client::publish_all(s, i as u32, "devices/telemetry", QoS::AtLeastOnce, per, window, client::TELEMETRY, base).await
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let msgs = per * publishers as u64;
+    // Spot check: the last device's history holds every point it sent.
+    let h = get(
+        http,
+        &format!(
+            "/api/v1/devices/lt-tel-{}/telemetry/history?keys=voltage&from=1700000000000&to=1800000000000&limit=10000",
+            publishers - 1
+        ),
+    )
+    .await?;
+    let n = h["points"].as_array().map_or(0, |a| a.len()) as u64;
+    let stored = if n == per.min(10_000) { "yes".to_string() } else { format!("{n} of {per}") };
+    b.stop().await;
+    Ok((msgs as f64 / secs, stored))
 }

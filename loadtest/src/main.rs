@@ -24,11 +24,14 @@ struct Opts {
     window: usize,
     /// PostgreSQL for the time-series scenarios' PostgreSQL runs (or $TEST_PG_URL).
     pg: Option<String>,
+    /// Alert rules on the telemetry scenario's product, one run per count.
+    rules: Vec<usize>,
 }
 
 const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices,tsdb,telemetry,inspect]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]
-                [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]";
+                [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]
+                [--rules 0,10,100  (telemetry: alert rules on the devices' product, a run per count)]";
 
 fn parse() -> anyhow::Result<Opts> {
     let mut o = Opts {
@@ -42,6 +45,7 @@ fn parse() -> anyhow::Result<Opts> {
         payload: 64,
         window: 100,
         pg: std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty()),
+        rules: vec![0],
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -58,6 +62,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--payload" => o.payload = val()?.parse()?,
             "--window" => o.window = val()?.parse()?,
             "--pg" => o.pg = Some(val()?),
+            "--rules" => o.rules = val()?.split(',').map(|n| n.trim().parse()).collect::<Result<_, _>>()?,
             _ => bail!("unknown argument {a}\n{USAGE}"),
         }
     }
@@ -244,7 +249,7 @@ async fn main() -> anyhow::Result<()> {
             continue;
         }
         if sc == "telemetry" {
-            devices::telemetry(o.publishers, o.messages, o.window, o.pg.clone()).await?;
+            devices::telemetry(o.publishers, o.messages, o.window, o.pg.clone(), &o.rules).await?;
             continue;
         }
         if sc == "devices" {

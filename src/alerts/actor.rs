@@ -22,6 +22,21 @@ pub struct LoadedRule {
     pub name: String,
     pub spec: RuleSpec,
     pub updated_ms: i64,
+    /// The keys it reads (`RuleSpec::keys`), and whether every message matters.
+    pub keys: Vec<String>,
+    pub every_message: bool,
+}
+
+impl LoadedRule {
+    pub fn new(id: i64, tenant_id: i64, name: String, spec: RuleSpec, updated_ms: i64) -> LoadedRule {
+        let (keys, every_message) = (spec.keys(), spec.every_message());
+        LoadedRule { id, tenant_id, name, spec, updated_ms, keys, every_message }
+    }
+
+    /// Does a message with these values concern the rule?
+    pub fn wants(&self, values: &Map<String, Value>) -> bool {
+        self.every_message || self.keys.iter().any(|k| values.contains_key(k))
+    }
 }
 
 /// Values a device reported.
@@ -34,7 +49,8 @@ pub struct Ev {
 }
 
 pub enum RuleMsg {
-    Event(Arc<Ev>),
+    /// Values of the rule's devices, oldest first (batched under load).
+    Events(Vec<Arc<Ev>>),
     /// Look at the clock (durations, no data, offline).
     Tick,
 }
@@ -109,17 +125,19 @@ impl Actor for RuleActor {
     async fn handle(&self, _me: ActorRef<RuleMsg>, msg: RuleMsg, st: &mut RuleState) -> Result<(), ActorProcessingErr> {
         let now = now_ms();
         match msg {
-            RuleMsg::Event(ev) => {
-                if st.devices.len() >= MAX_DEVICES && !st.devices.contains_key(&ev.device_id) {
-                    return Ok(());
+            RuleMsg::Events(evs) => {
+                for ev in evs {
+                    if st.devices.len() >= MAX_DEVICES && !st.devices.contains_key(&ev.device_id) {
+                        continue;
+                    }
+                    let e = st
+                        .devices
+                        .entry(ev.device_id)
+                        .or_insert_with(|| (ev.device.clone(), DeviceState { last_seen: now, ..Default::default() }));
+                    e.1.update(&ev.values, &st.rule.keys, ev.ts, now);
+                    e.1.offline_since = None;
+                    st.judge(ev.device_id, now).await;
                 }
-                let e = st
-                    .devices
-                    .entry(ev.device_id)
-                    .or_insert_with(|| (ev.device.clone(), DeviceState { last_seen: now, ..Default::default() }));
-                e.1.update(&ev.values, ev.ts, now);
-                e.1.offline_since = None;
-                st.judge(ev.device_id, now).await;
             }
             RuleMsg::Tick => {
                 if st.rule.spec.condition.needs_status() || st.rule.spec.clear.as_ref().is_some_and(|c| c.needs_status()) {

@@ -5,7 +5,7 @@
 //! values to the rule's owner — locally, or over the cluster link. Notifications (webhooks
 //! signed with HMAC-SHA256, e-mail over SMTP, a command to the device) are sent by a
 //! bounded queue off the rule actors, with retries and backoff (`notify.rs`).
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -48,6 +48,9 @@ pub struct Notice {
     pub alert: Alert,
     pub rule: Arc<LoadedRule>,
 }
+
+/// Most device events handed to the rules in one round.
+const BATCH: usize = 256;
 
 #[derive(Default)]
 struct Index {
@@ -216,80 +219,110 @@ impl Alerts {
     fn spawn_follower(me: &Arc<Alerts>) {
         let weak = Arc::downgrade(me);
         let mut rx = me.devices.events.subscribe();
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        // Counted and logged only when rules could have missed something.
+        let lagged = |weak: &Weak<Alerts>, n: u64| {
+            if let Some(a) = weak.upgrade().filter(|a| !a.index.load().rules.is_empty()) {
+                a.metrics.events_dropped.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(missed = n, "alert rules fell behind the device events");
+            }
+        };
         tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(BATCH);
             loop {
-                let ev = match rx.recv().await {
-                    Ok(ev) => ev,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        // Counted and logged only when rules could have missed something.
-                        if let Some(a) = weak.upgrade().filter(|a| !a.index.load().rules.is_empty()) {
-                            a.metrics.events_dropped.fetch_add(n, Ordering::Relaxed);
-                            tracing::warn!(missed = n, "alert rules fell behind the device events");
-                        }
+                match rx.recv().await {
+                    Ok(ev) => batch.push(ev),
+                    Err(RecvError::Lagged(n)) => {
+                        lagged(&weak, n);
                         continue;
                     }
-                    Err(_) => return,
-                };
-                let Some(a) = weak.upgrade() else { return };
-                if matches!(ev.kind, EventKind::Telemetry | EventKind::Attributes) {
-                    a.dispatch(&ev).await;
+                    Err(RecvError::Closed) => return,
                 }
+                // Under load, what queued meanwhile goes in the same round: one message per
+                // rule per round instead of one per rule per event.
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(ev) => batch.push(ev),
+                        Err(TryRecvError::Lagged(n)) => lagged(&weak, n),
+                        Err(_) => break,
+                    }
+                }
+                let Some(a) = weak.upgrade() else { return };
+                a.dispatch(&batch).await;
+                batch.clear();
             }
         });
     }
 
-    async fn dispatch(&self, ev: &DeviceEvent) {
+    async fn dispatch(&self, batch: &[Arc<DeviceEvent>]) {
         let idx = self.index.load();
         if idx.rules.is_empty() {
             return;
         }
-        let mut ids: HashSet<i64> = idx.by_device.get(&*ev.device_number).into_iter().flatten().copied().collect();
-        if !idx.by_group.is_empty() || !idx.by_product.is_empty() {
-            let (g, p) = match self.placement.get(&ev.device_id) {
-                Some(x) => x,
-                None => match self.devices.meta.device_by_id(ev.device_id).await {
-                    Ok(d) => {
-                        self.placement.insert(d.id, (d.group_id, d.product_id));
-                        (d.group_id, d.product_id)
-                    }
-                    Err(_) => (None, None),
-                },
-            };
-            ids.extend(g.and_then(|g| idx.by_group.get(&g)).into_iter().flatten());
-            ids.extend(p.and_then(|p| idx.by_product.get(&p)).into_iter().flatten());
+        let mut per_rule: HashMap<i64, Vec<Arc<Ev>>> = HashMap::new();
+        let mut ids: Vec<i64> = Vec::new();
+        for ev in batch.iter().filter(|ev| matches!(ev.kind, EventKind::Telemetry | EventKind::Attributes)) {
+            ids.clear();
+            ids.extend(idx.by_device.get(&*ev.device_number).into_iter().flatten());
+            if !idx.by_group.is_empty() || !idx.by_product.is_empty() {
+                let (g, p) = match self.placement.get(&ev.device_id) {
+                    Some(x) => x,
+                    None => match self.devices.meta.device_by_id(ev.device_id).await {
+                        Ok(d) => {
+                            self.placement.insert(d.id, (d.group_id, d.product_id));
+                            (d.group_id, d.product_id)
+                        }
+                        Err(_) => (None, None),
+                    },
+                };
+                ids.extend(g.and_then(|g| idx.by_group.get(&g)).into_iter().flatten());
+                ids.extend(p.and_then(|p| idx.by_product.get(&p)).into_iter().flatten());
+            }
+            let mut e: Option<Arc<Ev>> = None;
+            for id in &ids {
+                if !idx.rules.get(id).is_some_and(|r| r.wants(&ev.values)) {
+                    continue;
+                }
+                let e = e.get_or_insert_with(|| {
+                    Arc::new(Ev { device_id: ev.device_id, device: ev.device_number.clone(), values: ev.values.clone(), ts: ev.ts })
+                });
+                let list = per_rule.entry(*id).or_default();
+                // A rule targeted twice (device and product) takes each message once.
+                if !list.last().is_some_and(|l| Arc::ptr_eq(l, e)) {
+                    list.push(e.clone());
+                }
+            }
         }
-        if ids.is_empty() {
-            return;
-        }
-        let e = Arc::new(Ev { device_id: ev.device_id, device: ev.device_number.clone(), values: ev.values.clone(), ts: ev.ts });
-        for id in ids {
+        for (id, evs) in per_rule {
             let owner = self.owner_of(id);
             if owner == self.me {
-                self.local_event(id, e.clone());
+                self.local_events(id, evs);
             } else if let Some(c) = self.broker.upgrade().and_then(|b| b.cluster.get().cloned()) {
-                let values = serde_json::Value::Object(e.values.clone()).to_string();
-                c.send(
-                    &owner,
-                    crate::cluster::wire::Body::AlertEvent {
-                        rule: id,
-                        device_id: e.device_id,
-                        device: e.device.to_string(),
-                        values,
-                        ts: e.ts,
-                    },
-                );
+                for e in evs {
+                    let values = serde_json::Value::Object(e.values.clone()).to_string();
+                    c.send(
+                        &owner,
+                        crate::cluster::wire::Body::AlertEvent {
+                            rule: id,
+                            device_id: e.device_id,
+                            device: e.device.to_string(),
+                            values,
+                            ts: e.ts,
+                        },
+                    );
+                }
             }
         }
     }
 
-    fn local_event(&self, rule: i64, e: Arc<Ev>) {
+    fn local_events(&self, rule: i64, evs: Vec<Arc<Ev>>) {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         match running.get(&rule) {
             Some((a, _)) => {
-                let _ = a.cast(RuleMsg::Event(e));
+                let _ = a.cast(RuleMsg::Events(evs));
             }
             None => {
-                self.metrics.events_dropped.fetch_add(1, Ordering::Relaxed);
+                self.metrics.events_dropped.fetch_add(evs.len() as u64, Ordering::Relaxed);
             }
         }
     }
@@ -297,7 +330,7 @@ impl Alerts {
     /// Values another node handed over for a rule that runs here.
     pub fn remote_event(&self, rule: i64, device_id: i64, device: &str, values: &str, ts: i64) {
         let Ok(serde_json::Value::Object(values)) = serde_json::from_str(values) else { return };
-        self.local_event(rule, Arc::new(Ev { device_id, device: Arc::from(device), values, ts }));
+        self.local_events(rule, vec![Arc::new(Ev { device_id, device: Arc::from(device), values, ts })]);
     }
 
     /// Queue notifications of an alert change (dropped and counted when the queue is full).
@@ -341,7 +374,7 @@ impl Alerts {
 /// A stored rule as it runs (None when its spec no longer parses: logged).
 pub fn load(r: &StoredRule) -> Option<LoadedRule> {
     match serde_json::from_value::<RuleSpec>(r.spec.clone()) {
-        Ok(spec) => Some(LoadedRule { id: r.id, tenant_id: r.tenant_id, name: r.name.clone(), spec, updated_ms: r.updated_ms }),
+        Ok(spec) => Some(LoadedRule::new(r.id, r.tenant_id, r.name.clone(), spec, r.updated_ms)),
         Err(e) => {
             tracing::warn!(rule = r.id, error = %e, "stored alert rule does not parse; skipped");
             None

@@ -140,6 +140,32 @@ impl RuleSpec {
         Ok(())
     }
 
+    /// The keys the rule reads: its conditions' and its message template's (`{value:KEY}`).
+    /// A device's state keeps only these, and events without any of them pass the rule by.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        self.condition.collect_keys(&mut keys);
+        if let Some(c) = &self.clear {
+            c.collect_keys(&mut keys);
+        }
+        let mut t = self.message.as_deref().unwrap_or("");
+        while let Some(i) = t.find("{value:") {
+            let rest = &t[i + 7..];
+            let Some(j) = rest.find('}') else { break };
+            keys.push(rest[..j].to_string());
+            t = &rest[j..];
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Does every message of a device matter, whatever it holds (no-data and offline
+    /// conditions count from the device's last message)?
+    pub fn every_message(&self) -> bool {
+        self.condition.timed() || self.clear.as_ref().is_some_and(Expr::timed)
+    }
+
     /// Does the rule need a periodic look at time (durations, no data, offline)?
     pub fn timed(&self) -> bool {
         self.duration_secs > 0 || self.condition.timed() || self.clear.as_ref().is_some_and(Expr::timed)
@@ -189,6 +215,14 @@ impl Expr {
         }
     }
 
+    fn collect_keys(&self, out: &mut Vec<String>) {
+        match self {
+            Expr::All { all: v } | Expr::Any { any: v } => v.iter().for_each(|e| e.collect_keys(out)),
+            Expr::Compare { key, .. } => out.push(key.clone()),
+            Expr::NoData { .. } | Expr::Offline { .. } => {}
+        }
+    }
+
     pub fn needs_status(&self) -> bool {
         match self {
             Expr::All { all: v } | Expr::Any { any: v } => v.iter().any(Expr::needs_status),
@@ -230,13 +264,10 @@ impl Expr {
                     Some(false)
                 }
             }
-            Expr::Compare { key, op, value, rate_per_secs } => {
-                let v = match rate_per_secs {
-                    Some(per) => Value::from(st.rates.get(key)? * *per as f64),
-                    None => st.values.get(key)?.0.clone(),
-                };
-                Some(compare(&v, *op, value))
-            }
+            Expr::Compare { key, op, value, rate_per_secs } => Some(match rate_per_secs {
+                Some(per) => compare(&Value::from(st.rates.get(key)? * *per as f64), *op, value),
+                None => compare(&st.values.get(key)?.0, *op, value),
+            }),
             Expr::NoData { no_data_secs } => Some(now - st.last_seen >= *no_data_secs as i64 * 1000),
             Expr::Offline { offline_secs } => Some(st.offline_since.is_some_and(|t| now - t >= *offline_secs as i64 * 1000)),
         }
@@ -295,18 +326,29 @@ pub struct DeviceState {
 }
 
 impl DeviceState {
-    /// Take in values reported at `ts`.
-    pub fn update(&mut self, values: &serde_json::Map<String, Value>, ts: i64, now: i64) {
-        for (k, v) in values {
-            if let (Some(x), Some((old, t0))) = (num(v), self.values.get(k)) {
-                if let Some(x0) = num(old) {
-                    if ts > *t0 {
-                        self.rates.insert(k.clone(), (x - x0) / ((ts - t0) as f64 / 1000.0));
+    /// Take in the values of `keys` (what the rule reads) reported at `ts`.
+    pub fn update(&mut self, values: &serde_json::Map<String, Value>, keys: &[String], ts: i64, now: i64) {
+        for k in keys {
+            let Some(v) = values.get(k) else { continue };
+            match self.values.get_mut(k) {
+                Some((old, t0)) => {
+                    if let (Some(x), Some(x0)) = (num(v), num(old)) {
+                        if ts > *t0 {
+                            let rate = (x - x0) / ((ts - *t0) as f64 / 1000.0);
+                            match self.rates.get_mut(k) {
+                                Some(r) => *r = rate,
+                                None => {
+                                    self.rates.insert(k.clone(), rate);
+                                }
+                            }
+                        }
                     }
+                    *old = v.clone();
+                    *t0 = ts;
                 }
-            }
-            if self.values.len() < 1024 || self.values.contains_key(k) {
-                self.values.insert(k.clone(), (v.clone(), ts));
+                None => {
+                    self.values.insert(k.clone(), (v.clone(), ts));
+                }
             }
         }
         self.last_seen = now;
@@ -328,26 +370,36 @@ mod tests {
             json!({"target": {"group": 3}, "condition": {"all": [{"key": "t", "op": ">", "value": 80}, {"any": [{"key": "mode", "op": "in", "value": ["a", "b"]}, {"key": "h", "op": "between", "value": [1, 2]}]}]}, "duration_secs": 5}),
         );
         r.validate().unwrap();
-        assert!(r.timed());
+        assert!(r.timed() && !r.every_message());
+        let keys = r.keys();
+        assert_eq!(keys, ["h", "mode", "t"]);
         let mut st = DeviceState::default();
         assert_eq!(r.condition.eval(&st, 0), None);
-        st.update(json!({"t": 81, "mode": "b"}).as_object().unwrap(), 1000, 1000);
+        st.update(json!({"t": 81, "mode": "b", "other": 1}).as_object().unwrap(), &keys, 1000, 1000);
         assert_eq!(r.condition.eval(&st, 1000), Some(true));
-        st.update(json!({"t": 80}).as_object().unwrap(), 2000, 2000);
+        assert!(!st.values.contains_key("other"), "only what the rule reads is kept");
+        st.update(json!({"t": 80}).as_object().unwrap(), &keys, 2000, 2000);
         assert_eq!(r.condition.eval(&st, 2000), Some(false));
-        st.update(json!({"t": 90, "mode": "c", "h": 1.5}).as_object().unwrap(), 3000, 3000);
+        st.update(json!({"t": 90, "mode": "c", "h": 1.5}).as_object().unwrap(), &keys, 3000, 3000);
         assert_eq!(r.condition.eval(&st, 3000), Some(true));
+        // The message template's keys and the clear condition's are read too; no-data rules
+        // want every message.
+        let r = spec(json!({"target": {"device": "x"}, "condition": {"any": [{"no_data_secs": 5}, {"key": "a", "op": ">", "value": 1}]},
+            "clear": {"key": "b", "op": "<", "value": 0}, "message": "{device}: {value:c} and {value:a} {value:"}));
+        assert_eq!(r.keys(), ["a", "b", "c"]);
+        assert!(r.every_message());
     }
 
     #[test]
     fn rates_no_data_offline() {
         let rate: Expr = serde_json::from_value(json!({"key": "t", "op": ">", "value": 5, "rate_per_secs": 60})).unwrap();
         let mut st = DeviceState::default();
-        st.update(json!({"t": 10}).as_object().unwrap(), 0, 0);
+        let keys = ["t".to_string()];
+        st.update(json!({"t": 10}).as_object().unwrap(), &keys, 0, 0);
         assert_eq!(rate.eval(&st, 0), None);
-        st.update(json!({"t": 10.05}).as_object().unwrap(), 1000, 1000);
+        st.update(json!({"t": 10.05}).as_object().unwrap(), &keys, 1000, 1000);
         assert_eq!(rate.eval(&st, 1000), Some(false)); // 3 per minute
-        st.update(json!({"t": 10.2}).as_object().unwrap(), 2000, 2000);
+        st.update(json!({"t": 10.2}).as_object().unwrap(), &keys, 2000, 2000);
         assert_eq!(rate.eval(&st, 2000), Some(true)); // 9 per minute
         let quiet: Expr = serde_json::from_value(json!({"no_data_secs": 10})).unwrap();
         assert_eq!(quiet.eval(&st, 11_999), Some(false));
