@@ -23,13 +23,13 @@ pub struct LoadedRule {
     pub spec: RuleSpec,
     pub updated_ms: i64,
     /// The keys it reads (`RuleSpec::keys`), and whether every message matters.
-    pub keys: Vec<String>,
+    pub keys: Arc<[String]>,
     pub every_message: bool,
 }
 
 impl LoadedRule {
     pub fn new(id: i64, tenant_id: i64, name: String, spec: RuleSpec, updated_ms: i64) -> LoadedRule {
-        let (keys, every_message) = (spec.keys(), spec.every_message());
+        let (keys, every_message) = (spec.keys().into(), spec.every_message());
         LoadedRule { id, tenant_id, name, spec, updated_ms, keys, every_message }
     }
 
@@ -83,7 +83,7 @@ impl Actor for RuleActor {
     async fn pre_start(&self, me: ActorRef<RuleMsg>, a: RuleArgs) -> Result<RuleState, ActorProcessingErr> {
         let now = now_ms();
         let mut devices: HashMap<i64, (Arc<str>, DeviceState)> = HashMap::new();
-        let fresh = || DeviceState { last_seen: now, ..Default::default() };
+        let fresh = || DeviceState::new(a.rule.keys.clone(), now);
         // The devices it watches start as "seen now": no-data conditions count from here.
         let meta = &a.alerts.devices.meta;
         let (group, product) = match &a.rule.spec.target {
@@ -130,11 +130,9 @@ impl Actor for RuleActor {
                     if st.devices.len() >= MAX_DEVICES && !st.devices.contains_key(&ev.device_id) {
                         continue;
                     }
-                    let e = st
-                        .devices
-                        .entry(ev.device_id)
-                        .or_insert_with(|| (ev.device.clone(), DeviceState { last_seen: now, ..Default::default() }));
-                    e.1.update(&ev.values, &st.rule.keys, ev.ts, now);
+                    let e =
+                        st.devices.entry(ev.device_id).or_insert_with(|| (ev.device.clone(), DeviceState::new(st.rule.keys.clone(), now)));
+                    e.1.update(&ev.values, ev.ts, now);
                     e.1.offline_since = None;
                     st.judge(ev.device_id, now).await;
                 }
@@ -232,7 +230,7 @@ fn render(template: Option<&str>, rule: &str, device: &str, d: &DeviceState) -> 
     while let Some(i) = out.find("{value:") {
         let Some(j) = out[i..].find('}') else { break };
         let key = out[i + 7..i + j].to_string();
-        let v = d.values.get(&key).map(|(v, _)| v.to_string()).unwrap_or_else(|| "?".into());
+        let v = d.value(&key).map(|v| v.to_string()).unwrap_or_else(|| "?".into());
         out.replace_range(i..i + j + 1, &v);
     }
     out.chars().take(1024).collect()

@@ -2,7 +2,7 @@
 //! and attribute values (`= != > < >= <= between in`), rates of change, no data for N seconds,
 //! offline for N seconds, combined with `all`/`any`; a duration the condition must hold; a
 //! separate clear condition for hysteresis. Pure functions of the state: unit-tested here.
-use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -265,8 +265,8 @@ impl Expr {
                 }
             }
             Expr::Compare { key, op, value, rate_per_secs } => Some(match rate_per_secs {
-                Some(per) => compare(&Value::from(st.rates.get(key)? * *per as f64), *op, value),
-                None => compare(&st.values.get(key)?.0, *op, value),
+                Some(per) => compare(&Value::from(st.rate(key)? * *per as f64), *op, value),
+                None => compare(st.value(key)?, *op, value),
             }),
             Expr::NoData { no_data_secs } => Some(now - st.last_seen >= *no_data_secs as i64 * 1000),
             Expr::Offline { offline_secs } => Some(st.offline_since.is_some_and(|t| now - t >= *offline_secs as i64 * 1000)),
@@ -310,13 +310,15 @@ pub fn compare(v: &Value, op: Op, operand: &Value) -> bool {
     }
 }
 
-/// What a rule knows of one device.
+/// What a rule knows of one device: the latest value (and rate of change) of each key the
+/// rule reads, in slots parallel to the rule's sorted keys.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceState {
-    /// Latest value and its time per key (telemetry and attributes).
-    pub values: HashMap<String, (Value, i64)>,
+    keys: Arc<[String]>,
+    /// Latest value and its time per key.
+    values: Vec<Option<(Value, i64)>>,
     /// Latest change per second of numeric keys.
-    pub rates: HashMap<String, f64>,
+    rates: Vec<Option<f64>>,
     pub last_seen: i64,
     pub offline_since: Option<i64>,
     /// When the condition started to hold (not yet raised).
@@ -326,29 +328,40 @@ pub struct DeviceState {
 }
 
 impl DeviceState {
-    /// Take in the values of `keys` (what the rule reads) reported at `ts`.
-    pub fn update(&mut self, values: &serde_json::Map<String, Value>, keys: &[String], ts: i64, now: i64) {
-        for k in keys {
+    /// A device first seen at `now`, for a rule reading `keys` (sorted: `RuleSpec::keys`).
+    pub fn new(keys: Arc<[String]>, now: i64) -> DeviceState {
+        let n = keys.len();
+        DeviceState { keys, values: vec![None; n], rates: vec![None; n], last_seen: now, ..Default::default() }
+    }
+
+    fn slot(&self, key: &str) -> Option<usize> {
+        self.keys.binary_search_by(|k| k.as_str().cmp(key)).ok()
+    }
+
+    /// The latest value of `key`.
+    pub fn value(&self, key: &str) -> Option<&Value> {
+        self.values.get(self.slot(key)?)?.as_ref().map(|(v, _)| v)
+    }
+
+    fn rate(&self, key: &str) -> Option<f64> {
+        *self.rates.get(self.slot(key)?)?
+    }
+
+    /// Take in the values reported at `ts` (those of the rule's keys).
+    pub fn update(&mut self, values: &serde_json::Map<String, Value>, ts: i64, now: i64) {
+        for (i, k) in self.keys.iter().enumerate() {
             let Some(v) = values.get(k) else { continue };
-            match self.values.get_mut(k) {
+            match &mut self.values[i] {
                 Some((old, t0)) => {
                     if let (Some(x), Some(x0)) = (num(v), num(old)) {
                         if ts > *t0 {
-                            let rate = (x - x0) / ((ts - *t0) as f64 / 1000.0);
-                            match self.rates.get_mut(k) {
-                                Some(r) => *r = rate,
-                                None => {
-                                    self.rates.insert(k.clone(), rate);
-                                }
-                            }
+                            self.rates[i] = Some((x - x0) / ((ts - *t0) as f64 / 1000.0));
                         }
                     }
                     *old = v.clone();
                     *t0 = ts;
                 }
-                None => {
-                    self.values.insert(k.clone(), (v.clone(), ts));
-                }
+                empty => *empty = Some((v.clone(), ts)),
             }
         }
         self.last_seen = now;
@@ -373,14 +386,15 @@ mod tests {
         assert!(r.timed() && !r.every_message());
         let keys = r.keys();
         assert_eq!(keys, ["h", "mode", "t"]);
-        let mut st = DeviceState::default();
+        let mut st = DeviceState::new(keys.into(), 0);
         assert_eq!(r.condition.eval(&st, 0), None);
-        st.update(json!({"t": 81, "mode": "b", "other": 1}).as_object().unwrap(), &keys, 1000, 1000);
+        st.update(json!({"t": 81, "mode": "b", "other": 1}).as_object().unwrap(), 1000, 1000);
         assert_eq!(r.condition.eval(&st, 1000), Some(true));
-        assert!(!st.values.contains_key("other"), "only what the rule reads is kept");
-        st.update(json!({"t": 80}).as_object().unwrap(), &keys, 2000, 2000);
+        assert_eq!(st.value("other"), None, "only what the rule reads is kept");
+        st.update(json!({"t": 80}).as_object().unwrap(), 2000, 2000);
         assert_eq!(r.condition.eval(&st, 2000), Some(false));
-        st.update(json!({"t": 90, "mode": "c", "h": 1.5}).as_object().unwrap(), &keys, 3000, 3000);
+        assert_eq!(st.value("mode"), Some(&json!("b")), "a key not in the message keeps its value");
+        st.update(json!({"t": 90, "mode": "c", "h": 1.5}).as_object().unwrap(), 3000, 3000);
         assert_eq!(r.condition.eval(&st, 3000), Some(true));
         // The message template's keys and the clear condition's are read too; no-data rules
         // want every message.
@@ -393,13 +407,12 @@ mod tests {
     #[test]
     fn rates_no_data_offline() {
         let rate: Expr = serde_json::from_value(json!({"key": "t", "op": ">", "value": 5, "rate_per_secs": 60})).unwrap();
-        let mut st = DeviceState::default();
-        let keys = ["t".to_string()];
-        st.update(json!({"t": 10}).as_object().unwrap(), &keys, 0, 0);
+        let mut st = DeviceState::new(vec!["t".to_string()].into(), 0);
+        st.update(json!({"t": 10}).as_object().unwrap(), 0, 0);
         assert_eq!(rate.eval(&st, 0), None);
-        st.update(json!({"t": 10.05}).as_object().unwrap(), &keys, 1000, 1000);
+        st.update(json!({"t": 10.05}).as_object().unwrap(), 1000, 1000);
         assert_eq!(rate.eval(&st, 1000), Some(false)); // 3 per minute
-        st.update(json!({"t": 10.2}).as_object().unwrap(), &keys, 2000, 2000);
+        st.update(json!({"t": 10.2}).as_object().unwrap(), 2000, 2000);
         assert_eq!(rate.eval(&st, 2000), Some(true)); // 9 per minute
         let quiet: Expr = serde_json::from_value(json!({"no_data_secs": 10})).unwrap();
         assert_eq!(quiet.eval(&st, 11_999), Some(false));
