@@ -259,7 +259,9 @@ impl Alerts {
         if idx.rules.is_empty() {
             return;
         }
-        let mut per_rule: HashMap<i64, Vec<Arc<Ev>>> = HashMap::new();
+        let mut local: HashMap<i64, Vec<Arc<Ev>>> = HashMap::new();
+        let mut remote: HashMap<Arc<str>, Vec<(Arc<Ev>, Vec<i64>)>> = HashMap::new();
+        let mut owners: HashMap<i64, Arc<str>> = HashMap::new();
         let mut ids: Vec<i64> = Vec::new();
         for ev in batch.iter().filter(|ev| matches!(ev.kind, EventKind::Telemetry | EventKind::Attributes)) {
             ids.clear();
@@ -286,32 +288,74 @@ impl Alerts {
                 let e = e.get_or_insert_with(|| {
                     Arc::new(Ev { device_id: ev.device_id, device: ev.device_number.clone(), values: ev.values.clone(), ts: ev.ts })
                 });
-                let list = per_rule.entry(*id).or_default();
-                // A rule targeted twice (device and product) takes each message once.
-                if !list.last().is_some_and(|l| Arc::ptr_eq(l, e)) {
-                    list.push(e.clone());
+                let owner = owners.entry(*id).or_insert_with(|| self.owner_of(*id));
+                if *owner == self.me {
+                    local.entry(*id).or_default().push(e.clone());
+                } else {
+                    // Per peer: each event once, with the rules of that peer it concerns.
+                    let list = remote.entry(owner.clone()).or_default();
+                    match list.last_mut() {
+                        Some((last, rules)) if Arc::ptr_eq(last, e) => rules.push(*id),
+                        _ => list.push((e.clone(), vec![*id])),
+                    }
                 }
             }
         }
-        for (id, evs) in per_rule {
-            let owner = self.owner_of(id);
-            if owner == self.me {
-                self.local_events(id, evs);
-            } else if let Some(c) = self.broker.upgrade().and_then(|b| b.cluster.get().cloned()) {
-                for e in evs {
-                    let values = serde_json::Value::Object(e.values.clone()).to_string();
-                    c.send(
-                        &owner,
-                        crate::cluster::wire::Body::AlertEvent {
-                            rule: id,
-                            device_id: e.device_id,
-                            device: e.device.to_string(),
-                            values,
-                            ts: e.ts,
-                        },
-                    );
+        for (id, evs) in local {
+            self.local_events(id, evs);
+        }
+        if remote.is_empty() {
+            return;
+        }
+        let Some(c) = self.broker.upgrade().and_then(|b| b.cluster.get().cloned()) else { return };
+        for (owner, list) in remote {
+            // Frames of at most ~4 MiB of JSON (a round holds up to BATCH events).
+            let mut frame = String::from("[");
+            for (e, rules) in list {
+                let item =
+                    serde_json::json!({"rules": rules, "device_id": e.device_id, "device": &*e.device, "values": &e.values, "ts": e.ts});
+                if frame.len() > 1 {
+                    frame.push(',');
+                }
+                frame.push_str(&item.to_string());
+                if frame.len() > 4 << 20 {
+                    frame.push(']');
+                    c.send(&owner, crate::cluster::wire::Body::AlertEvents { events: std::mem::replace(&mut frame, String::from("[")) });
                 }
             }
+            if frame.len() > 1 {
+                frame.push(']');
+                c.send(&owner, crate::cluster::wire::Body::AlertEvents { events: frame });
+            }
+        }
+    }
+
+    /// A round of values another node handed over for rules that run here.
+    pub fn remote_events(&self, json: &str) {
+        #[derive(serde::Deserialize)]
+        struct Item {
+            rules: Vec<i64>,
+            device_id: i64,
+            device: String,
+            values: serde_json::Map<String, serde_json::Value>,
+            ts: i64,
+        }
+        let items: Vec<Item> = match serde_json::from_str(json) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable alert events from a peer; dropped");
+                return;
+            }
+        };
+        let mut per_rule: HashMap<i64, Vec<Arc<Ev>>> = HashMap::new();
+        for it in items {
+            let e = Arc::new(Ev { device_id: it.device_id, device: Arc::from(it.device), values: it.values, ts: it.ts });
+            for r in it.rules {
+                per_rule.entry(r).or_default().push(e.clone());
+            }
+        }
+        for (id, evs) in per_rule {
+            self.local_events(id, evs);
         }
     }
 

@@ -918,6 +918,11 @@ impl ClusterState {
                     a.remote_event(rule, device_id, &device, &values, ts);
                 }
             }
+            Body::AlertEvents { events } => {
+                if let Some(a) = self.a.broker.alerts.get() {
+                    a.remote_events(&events);
+                }
+            }
             Body::LeaveAck(seq) => self.peer_acked(seq, &from),
             Body::NotYours { client } => {
                 if let Some(r) = self.a.broker.registry() {

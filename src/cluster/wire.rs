@@ -205,6 +205,12 @@ pub enum Body {
     Live {
         event: String,
     },
+    /// Devices' values for alert rules that run on the receiver, one frame per round: a JSON
+    /// array of `{"rules": [ids], "device_id", "device", "values": {…}, "ts"}`. (Nodes of the
+    /// build before this variant send `AlertEvent`, which is still understood.)
+    AlertEvents {
+        events: String,
+    },
 }
 
 /// What one node tells the others about devices (also sent over Redis pub/sub as JSON).
@@ -293,6 +299,8 @@ mod tests {
         let (_, back) =
             decode(&encode("n1", &Body::AlertEvent { rule: 4, device_id: 2, device: "d".into(), values: "{}".into(), ts: 5 })).unwrap();
         assert!(matches!(back, Body::AlertEvent { rule: 4, device_id: 2, ts: 5, .. }));
+        let (_, back) = decode(&encode("n1", &Body::AlertEvents { events: "[]".into() })).unwrap();
+        assert!(matches!(back, Body::AlertEvents { events } if events == "[]"));
         let (_, back) = decode(&encode("n1", &Body::Trace { id: 9, events: vec!["{}".into()] })).unwrap();
         assert!(matches!(back, Body::Trace { id: 9, events } if events.len() == 1));
     }
