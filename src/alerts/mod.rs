@@ -49,6 +49,9 @@ pub struct Notice {
     pub rule: Arc<LoadedRule>,
 }
 
+/// A round's events for the rules one peer runs: each event once, with those rules' ids.
+type PeerEvents = Vec<(Arc<Ev>, Vec<i64>)>;
+
 /// Most device events handed to the rules in one round.
 const BATCH: usize = 256;
 
@@ -260,7 +263,7 @@ impl Alerts {
             return;
         }
         let mut local: HashMap<i64, Vec<Arc<Ev>>> = HashMap::new();
-        let mut remote: HashMap<Arc<str>, Vec<(Arc<Ev>, Vec<i64>)>> = HashMap::new();
+        let mut remote: HashMap<Arc<str>, PeerEvents> = HashMap::new();
         let mut owners: HashMap<i64, Arc<str>> = HashMap::new();
         let mut ids: Vec<i64> = Vec::new();
         for ev in batch.iter().filter(|ev| matches!(ev.kind, EventKind::Telemetry | EventKind::Attributes)) {
