@@ -3,6 +3,7 @@
 mod brokers;
 mod client;
 mod devices;
+mod hooks;
 mod tsdb;
 
 use std::net::IpAddr;
@@ -28,7 +29,7 @@ struct Opts {
     rules: Vec<usize>,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices,tsdb,telemetry,inspect]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices,tsdb,telemetry,webhooks,inspect]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]
                 [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]
                 [--rules 0,10,100  (telemetry: alert rules on the devices' product, a run per count)]";
@@ -250,6 +251,10 @@ async fn main() -> anyhow::Result<()> {
         }
         if sc == "telemetry" {
             devices::telemetry(o.publishers, o.messages, o.window, o.pg.clone(), &o.rules).await?;
+            continue;
+        }
+        if sc == "webhooks" {
+            hooks::run(&o).await?;
             continue;
         }
         if sc == "devices" {

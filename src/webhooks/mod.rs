@@ -42,7 +42,7 @@ pub struct WebhookConfig {
     /// Notifications waiting for this endpoint; beyond it they are dropped and counted.
     #[serde(default = "default_queue")]
     pub queue: usize,
-    /// Notifications sent at once by the endpoint's worker.
+    /// Notification requests in flight at once to this endpoint.
     #[serde(default = "default_batch")]
     pub batch: usize,
 }
@@ -99,7 +99,7 @@ pub struct HookCounts {
 struct Endpoint {
     config: WebhookConfig,
     /// Notifications: the worker's queue.
-    queue: Option<mpsc::Sender<Value>>,
+    queue: Option<mpsc::Sender<bytes::Bytes>>,
     counts: Arc<HookCounts>,
 }
 
@@ -250,7 +250,8 @@ impl Webhooks {
     /// Queue a notification for every endpoint of `hook` (the body is built only if any).
     pub fn notify(&self, hook: &str, v5: bool, body: impl FnOnce() -> Value) {
         let Some(list) = self.by_hook.get(&Webhooks::name(hook, v5)) else { return };
-        let body = body();
+        // Serialised once; every endpoint shares the bytes.
+        let body = bytes::Bytes::from(body().to_string());
         for e in list {
             if let Some(q) = &e.queue {
                 if q.try_send(body.clone()).is_err() {
@@ -284,20 +285,14 @@ fn verdict(v: Value) -> Option<Verdict> {
     }
 }
 
-/// Send an endpoint's notifications: each wakes the worker, which takes what else is queued
-/// (up to `batch`) and sends them concurrently.
-async fn worker(http: reqwest::Client, c: WebhookConfig, mut rx: mpsc::Receiver<Value>, counts: Arc<HookCounts>) {
+/// Send an endpoint's notifications: up to `batch` requests in flight at once, a new one
+/// starting as soon as any finishes (a slow request holds up only its own slot).
+async fn worker(http: reqwest::Client, c: WebhookConfig, rx: mpsc::Receiver<bytes::Bytes>, counts: Arc<HookCounts>) {
     let name = c.hook.clone();
     let timeout = Duration::from_millis(c.timeout_ms.max(1));
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < c.batch.max(1) {
-            match rx.try_recv() {
-                Ok(v) => batch.push(v),
-                Err(_) => break,
-            }
-        }
-        let sends = batch.into_iter().map(|body| {
+    let queued = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+    queued
+        .map(|body| {
             let (http, name, url, counts) = (http.clone(), name.clone(), c.endpoint.clone(), counts.clone());
             async move {
                 counts.calls.fetch_add(1, Ordering::Relaxed);
@@ -306,16 +301,17 @@ async fn worker(http: reqwest::Client, c: WebhookConfig, mut rx: mpsc::Receiver<
                     .timeout(timeout)
                     .header("content-type", "application/json")
                     .header("vernemq-hook", &name)
-                    .body(body.to_string())
+                    .body(body)
                     .send()
                     .await;
                 if !r.is_ok_and(|r| r.status().is_success()) {
                     counts.failures.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        });
-        futures_util::stream::iter(sends).buffer_unordered(32).collect::<Vec<()>>().await;
-    }
+        })
+        .buffer_unordered(c.batch.max(1))
+        .for_each(|()| async {})
+        .await;
 }
 
 /// Shapes of the request bodies (VerneMQ's field names).
