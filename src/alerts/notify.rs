@@ -1,8 +1,8 @@
 //! Sending what alerts do: a JSON POST to webhook channels (signed `X-Thingsd-Signature:
 //! sha256=<hex HMAC of the body>` when the channel has a secret), e-mail through SMTP
-//! (`lettre`; STARTTLS or implicit TLS with rustls), and the rule's command to the device. A bounded queue feeds one dispatcher;
-//! each delivery runs in its own task (at most 64 at once) with retries and exponential
-//! backoff, so a slow endpoint delays nobody else.
+//! (`lettre`; STARTTLS or implicit TLS with rustls), and the rule's command to the device. A
+//! bounded queue feeds one dispatcher; each delivery runs in its own task (at most 64 at once)
+//! with retries and exponential backoff, so a slow endpoint delays nobody else.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,9 +36,6 @@ pub fn validate(kind: &str, config: &Value) -> Result<(), String> {
             let to = config.get("to").and_then(Value::as_array).filter(|t| !t.is_empty()).ok_or("config.to must list addresses")?;
             for t in to {
                 t.as_str().ok_or("config.to holds strings")?.parse::<lettre::message::Mailbox>().map_err(|e| format!("config.to: {e}"))?;
-            }
-            if config.get("accept_invalid_certs").is_some_and(|v| !v.is_boolean()) {
-                return Err("config.accept_invalid_certs is true or false".into());
             }
             smtp_tls(config)?;
             Ok(())
@@ -157,6 +154,10 @@ async fn webhook(http: &reqwest::Client, ch: &Channel, n: &Notice) -> Result<(),
 fn smtp_tls(c: &Value) -> Result<lettre::transport::smtp::client::Tls, String> {
     use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
     let mode = c.get("tls").map(|v| v.as_str().ok_or("config.tls is a string")).transpose()?.unwrap_or("opportunistic");
+    let insecure = match c.get("accept_invalid_certs") {
+        None => false,
+        Some(v) => v.as_bool().ok_or("config.accept_invalid_certs is true or false")?,
+    };
     if mode == "none" {
         return Ok(Tls::None);
     }
@@ -171,7 +172,7 @@ fn smtp_tls(c: &Value) -> Result<lettre::transport::smtp::client::Tls, String> {
         let cert = Certificate::from_pem(pem.as_bytes()).map_err(|e| format!("config.ca_pem: {e}"))?;
         p = p.certificate_store(CertificateStore::None).add_root_certificate(cert);
     }
-    if c.get("accept_invalid_certs").and_then(Value::as_bool) == Some(true) {
+    if insecure {
         p = p.dangerous_accept_invalid_certs(true);
     }
     let params = || p.build_rustls().map_err(|e| format!("TLS: {e}"));
