@@ -1,6 +1,6 @@
 //! Broker webhooks in VerneMQ's shape against a real HTTP endpoint: auth hooks that allow,
 //! deny, pass on (`next`) and modify (topic, payload, QoS; subscription topics), answers cached
-//! by `cache-control: max-age`, an endpoint that hangs (the hook's failure policy answers), the
+//! by `cache-control: max-age` (publish answers whatever the payload, as VerneMQ's cache), an endpoint that hangs (the hook's failure policy answers), the
 //! 3.1.1 and 5.0 hook names, notifications with VerneMQ's bodies, and a notification endpoint
 //! that never answers without slowing the broker (its overflow is counted).
 use crate::common;
@@ -47,6 +47,10 @@ async fn service() -> (String, Seen) {
                 "auth_on_publish" if topic.starts_with("deny/") => json!({"result": {"error": "not_allowed"}}),
                 "auth_on_publish" if topic.starts_with("rewrite/") => {
                     json!({"result": "ok", "modifiers": {"topic": "rewritten/x", "payload": b64("modified"), "qos": 0}})
+                }
+                "auth_on_publish" if topic.starts_with("cached/") => {
+                    cache = Some("max-age=60");
+                    json!({"result": "ok", "modifiers": {"payload": b64("first-answer"), "qos": 0}})
                 }
                 "auth_on_publish" if topic.starts_with("hang/") => {
                     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -176,6 +180,18 @@ async fn auth_hooks_allow_deny_modify_and_notify() {
     assert_eq!(pub1(&mut pubr, "rewritten2/a", 4, "plain").await, 0);
     let m = sub1.recv_publish().await;
     assert_eq!((m.topic.as_str(), &m.payload[..]), ("rewritten2/a", &b"plain"[..]));
+
+    // A cached publish answer stands for any payload (VerneMQ's cache key leaves the payload
+    // out); its payload modifier is not reused, its other modifiers are.
+    assert_eq!(sub1.sub("cached/#", QoS::AtLeastOnce).await, vec![1]);
+    assert_eq!(pub1(&mut pubr, "cached/x", 5, "one").await, 0);
+    let m = sub1.recv_publish().await;
+    assert_eq!((&m.payload[..], m.qos), (&b"first-answer"[..], QoS::AtMostOnce));
+    assert_eq!(pub1(&mut pubr, "cached/x", 6, "two").await, 0);
+    let m = sub1.recv_publish().await;
+    assert_eq!((&m.payload[..], m.qos), (&b"two"[..], QoS::AtMostOnce), "cached: QoS modified, payload not");
+    let asked = seen.lock().unwrap().iter().filter(|(h, b)| h == "auth_on_publish_m5" && b["topic"] == "cached/x").count();
+    assert_eq!(asked, 1, "the second PUBLISH was answered from the cache");
 
     // Notifications, in VerneMQ's shapes.
     let r = saw(&seen, "on_register_m5", |b| b["client_id"] == "c-hooked").await;

@@ -174,18 +174,28 @@ impl Webhooks {
     }
 
     /// Ask the endpoints of an auth hook in order; the first that is not `next` decides.
-    pub async fn auth(&self, hook: &str, v5: bool, body: Value) -> Verdict {
+    pub async fn auth(&self, hook: &str, v5: bool, mut body: Value) -> Verdict {
         let name = Webhooks::name(hook, v5);
         let Some(list) = self.by_hook.get(&name) else { return Verdict::Next };
-        let text = body.to_string();
-        // The cache key leaves out the client's source port (new on every connection).
-        let mut k = body;
-        if let Some(o) = k.as_object_mut() {
-            o.remove("peer_port");
+        // The cache key leaves out the client's source port (new on every connection) and, as
+        // VerneMQ's does, the payload: a cached `auth_on_publish` answer stands for the client,
+        // topic, QoS and retain flag whatever the payload.
+        let mut set_aside = Vec::new();
+        if let Some(o) = body.as_object_mut() {
+            for k in ["peer_port", "payload"] {
+                if let Some(v) = o.remove(k) {
+                    set_aside.push((k, v));
+                }
+            }
         }
-        let key = k.to_string();
+        let key = body.to_string();
+        if let Some(o) = body.as_object_mut() {
+            o.extend(set_aside.into_iter().map(|(k, v)| (k.to_string(), v)));
+        }
+        // The request body is written only when an endpoint is really asked.
+        let mut text = None;
         for e in list {
-            let v = self.ask(&name, e, &text, &key).await;
+            let v = self.ask(&name, e, &body, &mut text, &key).await;
             if v != Verdict::Next {
                 return v;
             }
@@ -193,7 +203,7 @@ impl Webhooks {
         Verdict::Next
     }
 
-    async fn ask(&self, name: &str, e: &Endpoint, body: &str, key: &str) -> Verdict {
+    async fn ask(&self, name: &str, e: &Endpoint, body: &Value, text: &mut Option<String>, key: &str) -> Verdict {
         let key = format!("{}\n{name}\n{key}", e.config.endpoint);
         if let Some((v, until)) = self.cache.get(&key) {
             if until > Instant::now() {
@@ -209,7 +219,7 @@ impl Webhooks {
             .timeout(Duration::from_millis(e.config.timeout_ms.max(1)))
             .header("content-type", "application/json")
             .header("vernemq-hook", name)
-            .body(body.to_string())
+            .body(text.get_or_insert_with(|| body.to_string()).clone())
             .send()
             .await;
         let answer = match sent {
@@ -231,7 +241,15 @@ impl Webhooks {
         match answer {
             Ok((v, max_age)) => {
                 if let Some(s) = max_age.filter(|s| *s > 0) {
-                    self.cache.insert(key, (v.clone(), Instant::now() + Duration::from_secs(s.min(86_400))));
+                    // A payload modifier belongs to the payload it was given for: not cached
+                    // (VerneMQ drops it the same way).
+                    let mut cached = v.clone();
+                    if let Verdict::Ok(a) = &mut cached {
+                        if let Some(m) = a.get_mut("modifiers").and_then(Value::as_object_mut) {
+                            m.remove("payload");
+                        }
+                    }
+                    self.cache.insert(key, (cached, Instant::now() + Duration::from_secs(s.min(86_400))));
                 }
                 v
             }
