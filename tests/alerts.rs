@@ -71,18 +71,6 @@ impl Hook {
     }
 }
 
-/// A local SMTP sink: passes on each message's DATA.
-async fn smtp_sink() -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
-    let (addr, mut rx) = smtp_sink_with(None).await;
-    let (tx, out) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some((data, _)) = rx.recv().await {
-            let _ = tx.send(data);
-        }
-    });
-    (addr, out)
-}
-
 /// How a TLS sink speaks: STARTTLS offered in EHLO, or TLS from the first byte.
 #[derive(Clone, Copy, PartialEq)]
 enum SinkTls {
@@ -90,7 +78,7 @@ enum SinkTls {
     Implicit,
 }
 
-/// An SMTP sink, with TLS when given a server config: passes on (DATA, whether it came over
+/// A local SMTP sink, with TLS when given a server config: passes on (DATA, whether it came over
 /// TLS) for each message.
 async fn smtp_sink_with(tls: Option<(SinkTls, Arc<rustls::ServerConfig>)>) -> (SocketAddr, mpsc::UnboundedReceiver<(String, bool)>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -216,7 +204,7 @@ async fn alert_lifecycle_with_duration_hysteresis_and_notifications() {
     let p = Platform::start(None, fast).await;
     let (a, http) = (p.http_addr(), &p.http);
     let mut hook = hook(2).await;
-    let (smtp, mut mail) = smtp_sink().await;
+    let (smtp, mut mail) = smtp_sink_with(None).await;
     let (_, token) = p.create_device("al-1", json!({})).await;
     let (s, wh) = p
         .admin(
@@ -263,7 +251,7 @@ async fn alert_lifecycle_with_duration_hysteresis_and_notifications() {
     let n = hook.next("alert.raised").await;
     assert_eq!(n["alert"]["id"], raised["id"]);
     assert!(hook.hits.load(Ordering::SeqCst) >= 3);
-    let m = tokio::time::timeout(DEADLINE, mail.recv()).await.expect("an e-mail").unwrap();
+    let (m, _) = tokio::time::timeout(DEADLINE, mail.recv()).await.expect("an e-mail").unwrap();
     assert!(m.contains("Subject: [critical] hot on al-1: raised"), "{m}");
     let cmd = next_with_prefix(&mut d, "devices/command/al-1/").await;
     assert_eq!(json_of(&cmd)["method"], "fan_on");
