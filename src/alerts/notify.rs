@@ -169,8 +169,10 @@ fn smtp_tls(c: &Value) -> Result<lettre::transport::smtp::client::Tls, String> {
         if found.is_empty() {
             return Err("config.ca_pem holds no PEM certificate".into());
         }
-        let cert = Certificate::from_pem(pem.as_bytes()).map_err(|e| format!("config.ca_pem: {e}"))?;
-        p = p.certificate_store(CertificateStore::None).add_root_certificate(cert);
+        p = p.certificate_store(CertificateStore::None);
+        for der in found {
+            p = p.add_root_certificate(Certificate::from_der(der.to_vec()).map_err(|e| format!("config.ca_pem: {e}"))?);
+        }
     }
     if insecure {
         p = p.dangerous_accept_invalid_certs(true);
