@@ -216,6 +216,11 @@ pub struct DevicesConfig {
     /// secret); empty = generate one at the first start and print it once.
     pub admin_key: String,
     pub services: Vec<ServiceAccount>,
+    /// A device's own `ts` is accepted this far in the past and the future of the node's
+    /// clock; outside, the message is refused (400 / 4.00 / PUBACK 0x99). Back-filling older
+    /// history needs a larger `ts_max_age_secs`.
+    pub ts_max_age_secs: u64,
+    pub ts_max_ahead_secs: u64,
 }
 
 impl Default for DevicesConfig {
@@ -228,6 +233,8 @@ impl Default for DevicesConfig {
             max_poll_secs: 60,
             admin_key: String::new(),
             services: vec![],
+            ts_max_age_secs: 366 * 86_400,
+            ts_max_ahead_secs: 86_400,
         }
     }
 }
@@ -263,6 +270,9 @@ pub struct ClusterConfig {
     pub tls_cert: String,
     pub tls_key: String,
     pub tls_ca: String,
+    /// Forwards queued per peer at most; beyond it, forwards no publisher waits for (QoS 0,
+    /// non-persistent subscribers) are dropped and counted (`thingsd_cluster_forward_dropped_total`).
+    pub max_forward_queue: usize,
 }
 
 impl Default for ClusterConfig {
@@ -272,7 +282,7 @@ impl Default for ClusterConfig {
             listen: ([0, 0, 0, 0], 4370).into(),
             advertise: String::new(),
             seeds: vec![],
-            cookie: "thingsd-change-me".into(),
+            cookie: crate::cluster::DEFAULT_COOKIE.into(),
             heartbeat_ms: 500,
             heartbeat_timeout_ms: 5000,
             redial_min_ms: 100,
@@ -282,6 +292,7 @@ impl Default for ClusterConfig {
             tls_cert: String::new(),
             tls_key: String::new(),
             tls_ca: String::new(),
+            max_forward_queue: 100_000,
         }
     }
 }
@@ -330,8 +341,12 @@ pub struct MqttConfig {
     pub connect_timeout_secs: u64,
     /// Keep-alive ceiling; larger (or zero) client values are replaced by Server Keep Alive (5.0). 0 = no cap.
     pub max_keepalive_secs: u16,
-    /// Ceiling on the Session Expiry Interval; 3.1.1 persistent sessions get this value.
+    /// Ceiling on the Session Expiry Interval (5.0).
     pub max_session_expiry_secs: u32,
+    /// How long a 3.1.1 persistent session (clean session = 0) outlives its connection: the
+    /// protocol has no expiry, and "forever" lets abandoned client ids hold memory, disk and
+    /// queued messages without bound (capped by `max_session_expiry_secs`).
+    pub v311_session_expiry_secs: u32,
     /// Bound of each connection's outbound packet queue.
     pub outbound_queue: usize,
     /// Interval of `$SYS/broker/...` updates, in seconds; 0 disables them.
@@ -360,6 +375,7 @@ impl Default for MqttConfig {
             connect_timeout_secs: 10,
             max_keepalive_secs: 0,
             max_session_expiry_secs: u32::MAX,
+            v311_session_expiry_secs: 7 * 24 * 3600,
             outbound_queue: 1024,
             sys_interval_secs: 10,
             shards: 8,

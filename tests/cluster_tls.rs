@@ -36,7 +36,7 @@ async fn tls_links_and_cookie() {
     assert_eq!(&m.payload[..], b"over TLS");
 
     // Node 3 has the cluster's certificates but another cookie.
-    c.env.insert(2, vec![("THINGSD_CLUSTER__COOKIE".into(), "not-the-cookie".into())]);
+    c.env.insert(2, vec![("THINGSD_CLUSTER__COOKIE".into(), "not-the-cluster-cookie".into())]);
     c.spawn(2).await;
     // It dials node 1 and fails authentication; give it a few redial rounds, then check that
     // nobody counts it as a member.

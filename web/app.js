@@ -289,7 +289,7 @@ async function devicePage(number) {
       view.querySelector("[data-testid=new-token]").replaceChildren("New token (shown once): ", h("span", { class: "token" }, r.access_token));
     }),
     h("div", { "data-testid": "new-token" }),
-    h("h2", {}, "Credentials"), table(["Id", "Kind", "Identity", "Created", ""], creds.map((c) => [c.id, c.kind, c.kind === "token" ? "••••" : c.identity, time(c.created_ms),
+    h("h2", {}, "Credentials"), table(["Id", "Kind", "Identity", "Created", ""], creds.map((c) => [c.id, c.kind, c.kind === "token" ? "…" + c.label : c.label, time(c.created_ms),
       h("button", { type: "button", class: "secondary", "data-testid": "revoke-" + c.id, onclick: async () => {
         if (!confirm("Revoke this credential? Connections that used it are closed.")) return;
         try { clearError(); await api("DELETE", `${path}/credentials/${c.id}`); await devicePage(number); } catch (e) { showError(e); }

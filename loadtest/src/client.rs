@@ -32,8 +32,15 @@ pub const JSON: usize = 0;
 /// cadence from a fixed start, so every message is a new point of each series).
 pub const TELEMETRY: usize = 1;
 
+/// Where the device clocks start: 200 days ago, so a long run stays inside the node's
+/// accepted window of device timestamps (a year back, a day ahead).
+static START_MS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    now.saturating_sub(200 * 86_400_000)
+});
+
 fn telemetry_payload(seq: u64) -> Bytes {
-    let ts = 1_700_000_000_000u64 + seq * 10_000;
+    let ts = *START_MS + seq * 10_000;
     let r = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
     Bytes::from(format!(
         r#"{{"ts":{ts},"temperature":{:.1},"humidity":{:.1},"voltage":{:.3},"door":{},"energy":{:.3}}}"#,

@@ -56,6 +56,9 @@ pub enum RegistryMessage {
     Adopt(Box<SessionSnapshot>, Arc<str>),
     /// Another node owns this client's session: end the copy here (no will: it is not the client's end).
     Discard(Arc<str>),
+    /// A device was deleted: end every session of its client-id namespace here (no will), so a
+    /// new device given the same number starts clean.
+    DiscardDevice(Arc<str>),
     SessionEnded {
         client_id: Arc<str>,
         id: ActorId,
@@ -226,6 +229,16 @@ impl Actor for RegistryActor {
                     tracing::info!(client_id = %client, "session is owned by another node; dropping the copy here");
                     st.gens.remove(&client);
                     let _ = s.ask(SessionMessage::Discard, CALL).await;
+                }
+            }
+            RegistryMessage::DiscardDevice(number) => {
+                let prefix = format!("{number}\u{0}");
+                let ended: Vec<Arc<str>> = st.sessions.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+                for client in ended {
+                    if let Some(s) = st.sessions.remove(&client) {
+                        st.gens.remove(&client);
+                        let _ = s.ask(SessionMessage::Discard, CALL).await;
+                    }
                 }
             }
             RegistryMessage::Owned(reply) => {

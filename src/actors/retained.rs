@@ -93,6 +93,12 @@ impl RetainedSet {
     /// Set (or, with an empty payload, delete) the retained message of its topic.
     pub fn apply(&mut self, m: Arc<Message>) {
         let topic = m.topic.clone();
+        if crate::protocols::mqtt::topic::levels(&topic) > crate::protocols::mqtt::topic::MAX_LEVELS {
+            // Clients are refused such topics at PUBLISH/CONNECT; this guards what peers and
+            // old state files bring.
+            tracing::warn!(len = topic.len(), "retained message with a topic deeper than the node allows; ignored");
+            return;
+        }
         let levels: Vec<&str> = topic.split('/').collect();
         let new = if m.payload.is_empty() { None } else { Some(m) };
         let adding = new.is_some();

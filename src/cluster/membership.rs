@@ -75,6 +75,8 @@ impl ClusterState {
             credit: Notify::new(),
             closed: Default::default(),
             batch_max: self.a.broker.high_water(),
+            cap: self.cfg().max_forward_queue.max(1),
+            dropped: self.a.handle.forward_dropped.clone(),
             parked: self.a.handle.parked.clone(),
         });
         tokio::spawn(forward_loop(Arc::from(me.as_str()), cell.clone(), rx, link.clone()));

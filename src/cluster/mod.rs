@@ -224,6 +224,9 @@ pub struct Link {
     closed: std::sync::atomic::AtomicBool,
     /// Forwards per frame at most (the backpressure high-water mark).
     batch_max: usize,
+    /// Forwards queued at most before new ones nobody waits for are dropped (see `send`).
+    cap: usize,
+    dropped: Arc<AtomicU64>,
     parked: Arc<std::sync::Mutex<Vec<Parked>>>,
 }
 
@@ -251,6 +254,16 @@ impl Link {
             }
             if let Some(d) = durable {
                 d.done();
+            }
+            return;
+        }
+        // The hard bound behind `pace`: a peer that stops reading cannot grow this queue
+        // without limit. A forward some publisher waits for (`durable`) is still queued — those
+        // are bounded by the publishers' in-flight windows, and dropping one would break an
+        // acknowledgement; one nobody waits for is dropped and counted.
+        if durable.is_none() && self.depth.load(Ordering::Relaxed) >= self.cap {
+            if self.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                tracing::warn!(peer = %self.name, cap = self.cap, "peer's forward queue is full; dropping forwards (cluster.max_forward_queue)");
             }
             return;
         }
@@ -313,6 +326,8 @@ pub struct Cluster {
     pub notices: broadcast::Sender<wire::DeviceNotice>,
     pub forwarded: AtomicU64,
     pub received: AtomicU64,
+    /// Forwards dropped because a peer's queue was at `cluster.max_forward_queue`.
+    pub forward_dropped: Arc<AtomicU64>,
     /// A peer link came up at least once (or there is no seed to join): for readiness.
     pub joined: std::sync::atomic::AtomicBool,
     /// The running cluster actor (replaced when the supervisor restarts it).
@@ -347,6 +362,7 @@ impl Cluster {
             events: broadcast::channel(256).0,
             notices: broadcast::channel(1024).0,
             forwarded: AtomicU64::new(0),
+            forward_dropped: Arc::new(AtomicU64::new(0)),
             joined: std::sync::atomic::AtomicBool::new(false),
             received: AtomicU64::new(0),
             actor: arc_swap::ArcSwapOption::empty(),
@@ -1338,6 +1354,7 @@ pub async fn start(
     use anyhow::Context;
     let cfg = &broker.config.cluster;
     let bound = listener.local_addr()?;
+    check_cookie(cfg, bound)?;
     let advertise = net::advertise(cfg, bound)?;
     let tls = net::LinkTls::load(cfg)?;
     let name = broker.config.node.name.clone();
@@ -1349,4 +1366,23 @@ pub async fn start(
     let _ = handle.setup.set((ns, advertise.clone(), tls));
     // The cluster actor itself is started (and restarted) by the node's root supervisor.
     Ok((handle, advertise))
+}
+
+/// The shipped cookie, which anyone can read.
+pub const DEFAULT_COOKIE: &str = "thingsd-change-me";
+/// Shorter cookies are refused: the cookie is the only thing between a stranger and the mesh.
+pub const MIN_COOKIE_LEN: usize = 16;
+
+/// Refuse a cookie a stranger could know or guess: shorter than [`MIN_COOKIE_LEN`], or the
+/// shipped default on a listener other hosts can reach.
+pub fn check_cookie(cfg: &crate::config::ClusterConfig, bound: std::net::SocketAddr) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.cookie.chars().count() >= MIN_COOKIE_LEN,
+        "cluster.cookie must have at least {MIN_COOKIE_LEN} characters (a random secret shared by every node)"
+    );
+    anyhow::ensure!(
+        cfg.cookie != DEFAULT_COOKIE || bound.ip().is_loopback(),
+        "cluster.cookie is the shipped default and cluster.listen ({bound}) is not on loopback: set a random secret shared by every node (THINGSD_CLUSTER__COOKIE)"
+    );
+    Ok(())
 }

@@ -62,6 +62,12 @@ impl LinkTls {
 /// length prefix it reads (before authentication, too), so every link's read half is wrapped
 /// in a [`FrameGuard`] that closes the link on a larger one instead.
 const MAX_LINK_FRAME: u64 = (super::wire::MAX_FRAME as u64) + (16 << 20);
+/// A peer sends at most this many frames before the cookie handshake is over (name and
+/// challenge reply to a server; status, challenge and acknowledgement to a client) ...
+const PRE_AUTH_FRAMES: u32 = 3;
+/// ... each at most this large: a stranger on the cluster port cannot make the node reserve
+/// more than this per connection.
+const PRE_AUTH_MAX_FRAME: u64 = 64 << 10;
 
 /// Watches the `u64` big-endian length prefixes of ractor_cluster's framing in a byte stream
 /// and fails the read on a frame above `MAX_LINK_FRAME`; the bytes pass through unchanged.
@@ -70,11 +76,13 @@ pub struct FrameGuard<R> {
     header: [u8; 8],
     have: usize,
     remaining: u64,
+    /// Frames seen so far (the first [`PRE_AUTH_FRAMES`] have the smaller bound).
+    frames: u32,
 }
 
 impl<R> FrameGuard<R> {
     pub fn new(inner: R) -> Self {
-        FrameGuard { inner, header: [0; 8], have: 0, remaining: 0 }
+        FrameGuard { inner, header: [0; 8], have: 0, remaining: 0, frames: 0 }
     }
 
     /// Account for bytes read; an error if they announce an oversized frame.
@@ -93,7 +101,9 @@ impl<R> FrameGuard<R> {
             if self.have == 8 {
                 self.have = 0;
                 let len = u64::from_be_bytes(self.header);
-                if len > MAX_LINK_FRAME {
+                let max = if self.frames < PRE_AUTH_FRAMES { PRE_AUTH_MAX_FRAME } else { MAX_LINK_FRAME };
+                self.frames = self.frames.saturating_add(1);
+                if len > max {
                     return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("cluster peer announced a {len}-byte frame")));
                 }
                 self.remaining = len;
@@ -208,5 +218,13 @@ mod tests {
         g.scan(&ok).unwrap();
         g.scan(b"abc").unwrap();
         assert!(g.scan(&u64::MAX.to_be_bytes()).is_err());
+        // Before the handshake is over only small frames pass; after it, large ones do.
+        let mut g = FrameGuard::new(());
+        assert!(g.scan(&(1u64 << 20).to_be_bytes()).is_err());
+        let mut g = FrameGuard::new(());
+        for _ in 0..PRE_AUTH_FRAMES {
+            g.scan(&0u64.to_be_bytes()).unwrap();
+        }
+        g.scan(&(1u64 << 20).to_be_bytes()).unwrap();
     }
 }

@@ -26,6 +26,11 @@ impl RouteNode {
 
     pub fn insert(&mut self, key: &Arc<str>, node: NodeIdx, durable: bool) {
         let (group, path) = filter_path(key);
+        if path.len() > crate::protocols::mqtt::topic::MAX_LEVELS {
+            // No client can subscribe so deep; a peer announcing it is not walked.
+            tracing::warn!(len = key.len(), "route from a peer deeper than the node allows; ignored");
+            return;
+        }
         self.insert_at(&path, group.is_some().then(|| key.clone()), node, durable);
     }
 

@@ -206,6 +206,10 @@ impl Devices {
         });
         Devices::spawn_status_worker(&d);
         d.bootstrap_admin_key().await?;
+        let hashed = d.meta.hash_plain_tokens().await?;
+        if hashed > 0 {
+            tracing::info!(tokens = hashed, "stored access tokens of an older build as digests");
+        }
         d.listen_for_notices().await;
         downlink::spawn_expiry(&d);
         tracing::info!(meta = ?d.meta.backend(), cache = d.cache.kind(), "device registry ready");
@@ -229,9 +233,10 @@ impl Devices {
         }
         let key = format!("thk_{}", random_hex(24));
         self.meta.add_api_key("bootstrap", &sha256_hex(key.as_bytes())).await?;
-        // Printed once, on stdout and in the log: the only time the key is shown.
+        // Printed once, on stdout: the only time the key is shown.
         println!("thingsd: admin API key (shown once, store it now): {key}");
-        tracing::warn!(api_key = %key, "created the first admin API key; it is shown only now");
+        // On stdout only: logs are shipped and kept where secrets must not be.
+        tracing::warn!("created the first admin API key; it was printed on stdout (only now), never logged");
         Ok(())
     }
 
@@ -251,7 +256,8 @@ impl Devices {
 
     /// The identity behind a credential (cached).
     pub async fn identity(&self, kind: CredentialKind, id: &str) -> Result<Option<Arc<Identity>>, MetaError> {
-        let key = cred_key(kind, id);
+        // Cached under what is stored (a token's digest), never the token itself.
+        let key = cred_key(kind, &kind.stored(id));
         if let Some(v) = self.cache.get(&key).await {
             if let Ok(i) = serde_json::from_str::<Identity>(&v) {
                 return Ok(Some(Arc::new(i)));
@@ -346,7 +352,16 @@ impl Devices {
         self.verified.invalidate_all();
         self.notify(DeviceNotice::Forget { keys }).await;
         self.changed(&dev, true).await;
+        self.end_sessions(&dev.device_number);
         Ok(dev)
+    }
+
+    /// End a deleted device's sessions on this node (subscriptions, queues, wills): the
+    /// number may be given to a new device, which must not inherit them.
+    fn end_sessions(&self, number: &str) {
+        if let Some(r) = self.broker().and_then(|b| b.registry()) {
+            let _ = crate::actors::inspect::Tell::tell(&*r, crate::actors::registry::RegistryMessage::DiscardDevice(Arc::from(number)));
+        }
     }
 
     /// A product changed (strictness, model): devices of it re-read their identity.
@@ -433,6 +448,10 @@ impl Devices {
                 self.verified.invalidate_all();
                 if kick {
                     self.kick_local(&device);
+                    // Deleted (not only disabled): its sessions here end too.
+                    if matches!(self.meta.device(&device).await, Err(MetaError::NotFound(_))) {
+                        self.end_sessions(&device);
+                    }
                 }
             }
             DeviceNotice::Forget { keys } => {

@@ -99,8 +99,11 @@ pub struct Incoming<'a> {
 type Sets = Vec<(Map<String, Value>, i64)>;
 
 /// Turn one payload into events for `who` (and, for gateway messages, its sub-devices).
-pub fn parse(who: &Identity, m: Incoming<'_>, max: usize, now: i64) -> Result<Vec<DeviceEvent>, Reject> {
+pub fn parse(who: &Identity, m: Incoming<'_>, cfg: &crate::config::DevicesConfig, now: i64) -> Result<Vec<DeviceEvent>, Reject> {
     let Incoming { kind, gateway, message_id, payload, protocol } = m;
+    let max = cfg.max_payload;
+    let secs = |s: u64| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX);
+    let w = Window { now, lo: now.saturating_sub(secs(cfg.ts_max_age_secs)), hi: now.saturating_add(secs(cfg.ts_max_ahead_secs)) };
     if payload.len() > max {
         return Err(Reject::TooLarge(max));
     }
@@ -120,7 +123,7 @@ pub fn parse(who: &Identity, m: Incoming<'_>, max: usize, now: i64) -> Result<Ve
     };
     if !gateway {
         let mut out = Vec::new();
-        for (values, ts) in body(kind, v, now)? {
+        for (values, ts) in body(kind, v, &w)? {
             check(who, kind, &values)?;
             out.push(event(who.device_id, &who.device_number, values, ts));
         }
@@ -130,7 +133,7 @@ pub fn parse(who: &Identity, m: Incoming<'_>, max: usize, now: i64) -> Result<Ve
     let Value::Object(mut top) = v else { return Err(Reject::Malformed("expected a JSON object".into())) };
     let mut out = Vec::new();
     if let Some(g) = top.remove("gateway_data") {
-        for (values, ts) in body(kind, g, now)? {
+        for (values, ts) in body(kind, g, &w)? {
             check(who, kind, &values)?;
             out.push(event(who.device_id, &who.device_number, values, ts));
         }
@@ -139,7 +142,7 @@ pub fn parse(who: &Identity, m: Incoming<'_>, max: usize, now: i64) -> Result<Ve
         let Value::Object(subs) = subs else { return Err(Reject::Malformed("sub_device_data must be an object".into())) };
         for (addr, data) in subs {
             let Some(sub) = who.subs.iter().find(|s| s.address == addr) else { return Err(Reject::UnknownSubDevice(addr)) };
-            for (values, ts) in body(kind, data, now)? {
+            for (values, ts) in body(kind, data, &w)? {
                 if let Some(m) = sub.strict_model.as_ref() {
                     check_model(m, kind, &values)?;
                 }
@@ -154,7 +157,8 @@ pub fn parse(who: &Identity, m: Incoming<'_>, max: usize, now: i64) -> Result<Ve
 }
 
 /// The key/value sets of one payload: an object, `{"ts": .., "values": {..}}`, or an array of either.
-fn body(kind: EventKind, v: Value, now: i64) -> Result<Sets, Reject> {
+fn body(kind: EventKind, v: Value, w: &Window) -> Result<Sets, Reject> {
+    let now = w.now;
     match v {
         Value::Array(items) if kind == EventKind::Telemetry => {
             if items.len() > 1000 {
@@ -162,24 +166,26 @@ fn body(kind: EventKind, v: Value, now: i64) -> Result<Sets, Reject> {
             }
             let mut out = Vec::with_capacity(items.len());
             for i in items {
-                out.extend(body(kind, i, now)?);
+                out.extend(body(kind, i, w)?);
             }
             Ok(out)
         }
         Value::Object(mut m) => {
             if kind == EventKind::Telemetry {
-                if let (Some(ts), Some(Value::Object(values))) = (m.get("ts").and_then(Value::as_i64), m.get("values")) {
+                // A `ts` that is not integer milliseconds is an error, never a value named "ts".
+                let ts = m.get("ts").map(|t| ts_ok(t, w)).transpose()?;
+                if let (Some(ts), Some(Value::Object(values))) = (ts, m.get("values")) {
                     if m.len() == 2 {
-                        return Ok(vec![(values.clone(), ts_ok(ts)?)]);
+                        return Ok(vec![(values.clone(), ts)]);
                     }
                 }
                 // A flat object may carry its own time: {"ts": 1700000000000, "temp": 21}.
-                if let Some(ts) = m.get("ts").and_then(Value::as_i64) {
+                if let Some(ts) = ts {
                     m.remove("ts");
                     if m.is_empty() {
                         return Err(Reject::Malformed("no values".into()));
                     }
-                    return Ok(vec![(m, ts_ok(ts)?)]);
+                    return Ok(vec![(m, ts)]);
                 }
                 if m.is_empty() {
                     return Err(Reject::Malformed("no values".into()));
@@ -187,7 +193,7 @@ fn body(kind: EventKind, v: Value, now: i64) -> Result<Sets, Reject> {
             }
             let ts = match kind {
                 EventKind::Event | EventKind::CommandResponse | EventKind::AttributeSetResponse => {
-                    m.get("ts").and_then(Value::as_i64).unwrap_or(now)
+                    m.get("ts").map(|t| ts_ok(t, w)).transpose()?.unwrap_or(now)
                 }
                 _ => now,
             };
@@ -204,12 +210,25 @@ fn body(kind: EventKind, v: Value, now: i64) -> Result<Sets, Reject> {
     }
 }
 
-/// A device's own timestamp: Unix milliseconds from 1970 to 9999.
-fn ts_ok(ts: i64) -> Result<i64, Reject> {
-    if (0..=253_402_300_799_999).contains(&ts) {
+/// The node's clock and the span of device timestamps it accepts around it.
+struct Window {
+    now: i64,
+    lo: i64,
+    hi: i64,
+}
+
+/// A device's own timestamp: integer Unix milliseconds within the window around now.
+fn ts_ok(ts: &Value, w: &Window) -> Result<i64, Reject> {
+    let Some(ts) = ts.as_i64() else {
+        return Err(Reject::Malformed(format!("ts {ts} is not integer Unix milliseconds")));
+    };
+    if (w.lo..=w.hi).contains(&ts) {
         Ok(ts)
     } else {
-        Err(Reject::Malformed(format!("ts {ts} is not Unix milliseconds")))
+        Err(Reject::Malformed(format!(
+            "ts {ts} is outside the accepted window ({} .. {} Unix ms; devices.ts_max_age_secs / ts_max_ahead_secs)",
+            w.lo, w.hi
+        )))
     }
 }
 
@@ -264,12 +283,15 @@ mod tests {
         }
     }
 
+    /// The node's clock in these tests (2024-01-01).
+    const NOW: i64 = 1_704_067_200_000;
+
     fn parse1(kind: EventKind, gateway: bool, payload: &str) -> Result<Vec<DeviceEvent>, Reject> {
         parse(
             &ident(None),
             Incoming { kind, gateway, message_id: Some("m".into()), payload: payload.as_bytes(), protocol: "test" },
-            1024,
-            5,
+            &crate::config::DevicesConfig { max_payload: 1024, ..Default::default() },
+            NOW,
         )
     }
 
@@ -287,9 +309,9 @@ mod tests {
     #[test]
     fn payload_shapes() {
         let e = parse1(EventKind::Telemetry, false, r#"{"t": 1}"#).unwrap();
-        assert_eq!((e.len(), e[0].ts, e[0].device_number.as_ref()), (1, 5, "d1"));
-        let e = parse1(EventKind::Telemetry, false, r#"[{"ts": 100, "values": {"t": 1}}, {"t": 2}]"#).unwrap();
-        assert_eq!((e[0].ts, e[1].ts), (100, 5));
+        assert_eq!((e.len(), e[0].ts, e[0].device_number.as_ref()), (1, NOW, "d1"));
+        let e = parse1(EventKind::Telemetry, false, r#"[{"ts": 1700000000100, "values": {"t": 1}}, {"t": 2}]"#).unwrap();
+        assert_eq!((e[0].ts, e[1].ts), (1_700_000_000_100, NOW));
         let e = parse1(EventKind::Telemetry, false, r#"{"ts": 1700000000000, "t": 1}"#).unwrap();
         assert_eq!(
             (e[0].ts, e[0].values.keys().map(String::as_str).collect::<Vec<_>>()),
@@ -297,7 +319,19 @@ mod tests {
             "a flat object's own ts"
         );
         assert!(matches!(parse1(EventKind::Telemetry, false, r#"{"ts": -5, "t": 1}"#), Err(Reject::Malformed(_))));
-        assert!(matches!(parse1(EventKind::Telemetry, false, r#"{"ts": 5}"#), Err(Reject::Malformed(_))));
+        assert!(matches!(parse1(EventKind::Telemetry, false, r#"{"ts": 1700000000000}"#), Err(Reject::Malformed(_))));
+        // Outside the window (more than a year back, more than a day ahead), or not integer ms.
+        for bad in [
+            r#"{"ts": 5, "t": 1}"#,
+            r#"{"ts": 1600000000000, "t": 1}"#,
+            r#"{"ts": 1704240000001, "t": 1}"#,
+            r#"{"ts": 1700000000000.5, "t": 1}"#,
+            r#"{"ts": "1700000000000", "t": 1}"#,
+            r#"{"ts": 1e300, "values": {"t": 1}}"#,
+            r#"[{"ts": 9223372036854775807, "values": {"t": 1}}]"#,
+        ] {
+            assert!(matches!(parse1(EventKind::Telemetry, false, bad), Err(Reject::Malformed(_))), "{bad}");
+        }
         let e = parse1(EventKind::Telemetry, true, r#"{"gateway_data": {"t": 1}, "sub_device_data": {"a1": {"t": 2}}}"#).unwrap();
         assert_eq!(e.iter().map(|e| e.device_number.to_string()).collect::<Vec<_>>(), ["d1", "s1"]);
         assert!(matches!(parse1(EventKind::Telemetry, true, r#"{"sub_device_data": {"zz": {"t": 2}}}"#), Err(Reject::UnknownSubDevice(_))));
@@ -321,7 +355,7 @@ mod tests {
         #[test]
         fn never_panics(payload in proptest::collection::vec(any::<u8>(), 0..300), kind in 0u8..6, gateway: bool) {
             let kind = [EventKind::Telemetry, EventKind::Attributes, EventKind::Event, EventKind::CommandResponse, EventKind::AttributeSetResponse, EventKind::AttributeRequest][kind as usize];
-            let _ = parse(&ident(Some(ThingModel::default())), Incoming { kind, gateway, message_id: None, payload: &payload, protocol: "test" }, 256, 0);
+            let _ = parse(&ident(Some(ThingModel::default())), Incoming { kind, gateway, message_id: None, payload: &payload, protocol: "test" }, &crate::config::DevicesConfig { max_payload: 256, ..Default::default() }, NOW);
         }
     }
 }

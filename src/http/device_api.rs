@@ -69,7 +69,7 @@ async fn uplink(
     })?;
     let now = crate::message::now_ms() as i64;
     let m = uplink::Incoming { kind, gateway: false, message_id: mid, payload: &body, protocol: "http" };
-    match uplink::parse(&ident, m, d.config.devices.max_payload, now) {
+    match uplink::parse(&ident, m, &d.config.devices, now) {
         Err(why) => {
             d.rejected(&ident.device_number, "http", &why);
             let status = match why {

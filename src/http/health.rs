@@ -297,6 +297,12 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
         use std::sync::atomic::Ordering::Relaxed;
         metric("thingsd_cluster_forwarded_total", "counter", "Publishes forwarded to other nodes.", c.forwarded.load(Relaxed));
         metric("thingsd_cluster_received_total", "counter", "Publishes received from other nodes.", c.received.load(Relaxed));
+        metric(
+            "thingsd_cluster_forward_dropped_total",
+            "counter",
+            "Forwards nobody waited for, dropped at a peer's full queue (cluster.max_forward_queue).",
+            c.forward_dropped.load(Relaxed),
+        );
         metric("thingsd_cluster_peers_up", "gauge", "Other nodes with a live link.", c.links.load().len() as u64);
     }
     if let Some(d) = b.devices.get() {

@@ -298,7 +298,7 @@ impl Server {
         let d = &self.devices;
         let now = crate::message::now_ms() as i64;
         let m = uplink::Incoming { kind, gateway: false, message_id: mid, payload, protocol: "coap" };
-        match uplink::parse(ident, m, d.config.devices.max_payload, now) {
+        match uplink::parse(ident, m, &d.config.devices, now) {
             Err(why) => {
                 d.rejected(&ident.device_number, "coap", &why);
                 let code = match why {

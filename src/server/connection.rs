@@ -134,7 +134,7 @@ where
         r = Box::pin(tokio::time::timeout(Duration::from_secs(cfg.mqtt.connect_timeout_secs), read_packet(rd, buf, Protocol::V5, max, m))) => r,
         _ = shutdown.cancelled() => return None,
     };
-    let c: Connect = match first {
+    let mut c: Connect = match first {
         Err(_) => {
             tracing::debug!("no CONNECT within the connect timeout; closing");
             return None;
@@ -264,6 +264,16 @@ where
         None => client_id,
     };
 
+    // The will must be something this client may publish: checked now, never stored otherwise.
+    let mut will = c.will.take();
+    if let Some(w) = will.as_mut() {
+        let asker = Asker { broker, principal: &principal, username: c.username.as_deref(), client: &shown, v5 };
+        if let Err(code) = Box::pin(admit_will(&asker, w)).await {
+            Box::pin(write_raw(&mut wr, &connack(code), protocol, m)).await;
+            return None;
+        }
+    }
+
     let mut keep_alive = c.keep_alive;
     let max_ka = cfg.mqtt.max_keepalive_secs;
     if v5 && max_ka > 0 && (keep_alive == 0 || keep_alive > max_ka) {
@@ -280,7 +290,7 @@ where
     } else if c.clean_start {
         0
     } else {
-        max_expiry
+        cfg.mqtt.v311_session_expiry_secs.min(max_expiry)
     };
     if v5 {
         props.receive_maximum = Some(cfg.mqtt.max_inflight.max(1));
@@ -308,7 +318,7 @@ where
         conn: handle,
         connack: ConnAck { session_present: false, code: reason::SUCCESS, props },
         clean_start: c.clean_start,
-        will: c.will.map(Box::new),
+        will: will.map(Box::new),
         expiry,
     });
     let mount = device.as_ref().map(|i| Arc::<str>::from(format!("v1/devices/{}/", i.device_number)));
@@ -623,7 +633,7 @@ impl Conn {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
                 let mut denied = Vec::new();
                 for (f, _) in s.filters.iter_mut() {
-                    self.mount_in(f);
+                    mount_in(&self.principal, f);
                 }
                 let judged = match self.broker.hooks.get().cloned() {
                     Some(h) if h.has("auth_on_subscribe", v5) => Box::pin(self.subscribe_hook(&h, &mut s, &mut denied)).await,
@@ -632,7 +642,7 @@ impl Conn {
                 for (i, (f, _)) in s.filters.iter().enumerate() {
                     if !judged && self.principal.acl().is_some_and(|a| !a.may_subscribe(f)) {
                         tracing::info!(filter = %f, "SUBSCRIBE denied by ACL");
-                        self.count_denied();
+                        count_denied(&self.broker);
                         denied.push(i);
                     }
                 }
@@ -651,7 +661,7 @@ impl Conn {
             Packet::Unsubscribe(mut u) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
                 for f in u.filters.iter_mut() {
-                    self.mount_in(f);
+                    mount_in(&self.principal, f);
                 }
                 if let Some(h) = self.broker.hooks.get() {
                     h.notify("on_unsubscribe", v5, || {
@@ -688,22 +698,6 @@ impl Conn {
         None
     }
 
-    /// Rewrite ThingsBoard's `v1/devices/me/…` to the device's own `v1/devices/{number}/…`
-    /// (and back on the way out, in the writer), so devices cannot see each other's `me`.
-    fn mount_in(&self, t: &mut String) {
-        if let Some(i) = self.principal.device() {
-            if let Some(rest) = t.strip_prefix("v1/devices/me/") {
-                *t = format!("v1/devices/{}/{rest}", i.device_number);
-            }
-        }
-    }
-
-    fn count_denied(&self) {
-        if let Some(d) = self.broker.devices.get() {
-            d.metrics.acl_denied.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Answer a PUBLISH that is not routed: the reason code in 5.0; in 3.1.1 (which has no
     /// negative acknowledgement) the message is dropped but still acknowledged, so the client
     /// does not resend it forever.
@@ -729,9 +723,8 @@ impl Conn {
         props: Option<&Properties>,
     ) -> Option<u8> {
         let d = self.broker.devices.get()?.clone();
-        let max = d.config.devices.max_payload;
         let m = uplink::Incoming { kind, gateway, message_id: mid, payload, protocol: "mqtt" };
-        match uplink::parse(ident, m, max, now_ms() as i64) {
+        match uplink::parse(ident, m, &d.config.devices, now_ms() as i64) {
             Err(why) => {
                 d.rejected(&ident.device_number, "mqtt", &why);
                 // MQTT 5.0: the device may have asked for answers on a response topic.
@@ -801,49 +794,18 @@ impl Conn {
                 p.topic
             }
         };
-        let mut topic = topic;
-        self.mount_in(&mut topic);
-        let (mut payload, mut qos_out, mut retain) = (p.payload, p.qos, p.retain);
-        let mut judged = false;
-        if let Some(h) = self.broker.hooks.get().cloned().filter(|h| h.has("auth_on_publish", v5)) {
-            let body = crate::webhooks::body::publish(
-                self.username.as_deref(),
-                &self.shown,
-                p.qos as u8,
-                &topic,
-                h.payload("auth_on_publish", v5, &payload),
-                retain,
-                v5,
-            );
-            match Box::pin(h.auth("auth_on_publish", v5, body)).await {
-                Verdict::Ok(answer) => {
-                    judged = true;
-                    if let Some(m) = answer.get("modifiers").filter(|m| m.is_object()) {
-                        match modified(&h, v5, m, &mut topic, &mut payload, &mut qos_out, &mut retain) {
-                            Ok(()) => {}
-                            Err(why) => {
-                                tracing::warn!(error = %why, "auth_on_publish webhook answered unusable modifiers; refusing the PUBLISH");
-                                self.refuse(p.qos, p.pkid, reason::IMPLEMENTATION_SPECIFIC).await;
-                                return None;
-                            }
-                        }
-                    }
-                }
-                Verdict::Next => {}
-                Verdict::Error(e) => {
-                    tracing::info!(%topic, error = %e, "PUBLISH denied by webhook");
-                    self.count_denied();
-                    self.refuse(p.qos, p.pkid, reason::NOT_AUTHORIZED).await;
-                    return None;
-                }
+        let mut asked = Asked { topic, payload: p.payload, qos: p.qos, retain: p.retain };
+        mount_in(&self.principal, &mut asked.topic);
+        let asker = Asker { broker: &broker, principal: &self.principal, username: self.username.as_deref(), client: &self.shown, v5 };
+        if let Err(code) = Box::pin(authorise(&asker, &mut asked)).await {
+            if code == reason::TOPIC_NAME_INVALID && !v5 {
+                // 3.1.1 has no negative acknowledgement for a topic it cannot take.
+                return Some(self.close(code));
             }
-        }
-        if !judged && self.principal.acl().is_some_and(|a| !a.may_publish(&topic)) {
-            tracing::info!(%topic, "PUBLISH denied by ACL");
-            self.count_denied();
-            self.refuse(p.qos, p.pkid, reason::NOT_AUTHORIZED).await;
+            self.refuse(p.qos, p.pkid, code).await;
             return None;
         }
+        let Asked { topic, payload, qos: qos_out, retain } = asked;
         if let Some(ident) = self.principal.device().cloned() {
             if let Some((kind, gateway, mid)) = uplink::classify(&topic, &ident.device_number) {
                 if let Some(code) = Box::pin(self.uplink(&ident, kind, gateway, mid, &payload, props.as_ref())).await {
@@ -857,17 +819,6 @@ impl Conn {
             }
             // Subscribers (platform services) learn which device sent it.
             props.get_or_insert_with(Properties::default).user_properties.push(("device_number".into(), ident.device_number.to_string()));
-        }
-        if topic::levels(&topic) > cfg.max_topic_levels {
-            if !v5 {
-                return Some(self.close(reason::TOPIC_NAME_INVALID));
-            }
-            match p.qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => self.send(Packet::PubAck(Ack::new(p.pkid, reason::TOPIC_NAME_INVALID))).await,
-                QoS::ExactlyOnce => self.send(Packet::PubRec(Ack::new(p.pkid, reason::TOPIC_NAME_INVALID))).await,
-            }
-            return None;
         }
         let expires_at = props.as_mut().and_then(|pr| pr.message_expiry_interval.take()).map(|s| now_ms() + s as u64 * 1000);
         if let Some(pr) = props.as_mut() {
@@ -966,12 +917,126 @@ impl Conn {
             Verdict::Next => false,
             Verdict::Error(e) => {
                 tracing::info!(error = %e, "SUBSCRIBE denied by webhook");
-                self.count_denied();
+                count_denied(&self.broker);
                 denied.extend(0..s.filters.len());
                 true
             }
         }
     }
+}
+
+/// What a client asks the broker to publish: a PUBLISH, or the will of its CONNECT. Both pass
+/// the same checks ([`authorise`]), so a will can never reach a topic its client could not
+/// publish on.
+struct Asked {
+    topic: String,
+    payload: bytes::Bytes,
+    qos: QoS,
+    retain: bool,
+}
+
+/// Who asks, as hooks and the ACL see it.
+struct Asker<'a> {
+    broker: &'a Broker,
+    principal: &'a Principal,
+    username: Option<&'a str>,
+    client: &'a str,
+    v5: bool,
+}
+
+/// Rewrite ThingsBoard's `v1/devices/me/…` to the device's own `v1/devices/{number}/…`
+/// (and back on the way out, in the writer), so devices cannot see each other's `me`.
+fn mount_in(principal: &Principal, t: &mut String) {
+    if let Some(i) = principal.device() {
+        if let Some(rest) = t.strip_prefix("v1/devices/me/") {
+            *t = format!("v1/devices/{}/{rest}", i.device_number);
+        }
+    }
+}
+
+fn count_denied(broker: &Broker) {
+    if let Some(d) = broker.devices.get() {
+        d.metrics.acl_denied.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The checks every client message passes before it is routed, retained or kept as a will:
+/// the topic's depth (before anything walks it), then the `auth_on_publish` webhook (which may
+/// modify the message) or else the principal's ACL. `Err(reason)` refuses it.
+async fn authorise(a: &Asker<'_>, m: &mut Asked) -> Result<(), u8> {
+    let max_levels = a.broker.config.mqtt.max_topic_levels;
+    if topic::levels(&m.topic) > max_levels {
+        tracing::info!(levels = topic::levels(&m.topic), max_levels, "topic too deep; refused");
+        return Err(reason::TOPIC_NAME_INVALID);
+    }
+    if let Some(h) = a.broker.hooks.get().cloned().filter(|h| h.has("auth_on_publish", a.v5)) {
+        let body = crate::webhooks::body::publish(
+            a.username,
+            a.client,
+            m.qos as u8,
+            &m.topic,
+            h.payload("auth_on_publish", a.v5, &m.payload),
+            m.retain,
+            a.v5,
+        );
+        match Box::pin(h.auth("auth_on_publish", a.v5, body)).await {
+            Verdict::Ok(answer) => {
+                if let Some(mods) = answer.get("modifiers").filter(|m| m.is_object()) {
+                    if let Err(why) = modified(&h, a.v5, mods, &mut m.topic, &mut m.payload, &mut m.qos, &mut m.retain) {
+                        tracing::warn!(error = %why, "auth_on_publish webhook answered unusable modifiers; refusing the message");
+                        return Err(reason::IMPLEMENTATION_SPECIFIC);
+                    }
+                    if topic::levels(&m.topic) > max_levels {
+                        tracing::warn!("auth_on_publish webhook answered a topic deeper than mqtt.max_topic_levels; refusing the message");
+                        return Err(reason::TOPIC_NAME_INVALID);
+                    }
+                }
+                return Ok(());
+            }
+            Verdict::Next => {}
+            Verdict::Error(e) => {
+                tracing::info!(topic = %m.topic, error = %e, "message denied by webhook");
+                count_denied(a.broker);
+                return Err(reason::NOT_AUTHORIZED);
+            }
+        }
+    }
+    if a.principal.acl().is_some_and(|acl| !acl.may_publish(&m.topic)) {
+        tracing::info!(topic = %m.topic, "message denied by ACL");
+        count_denied(a.broker);
+        return Err(reason::NOT_AUTHORIZED);
+    }
+    Ok(())
+}
+
+/// A CONNECT's will, checked now as its PUBLISH would be when it fires: the same
+/// [`authorise`] step, no `$` topic, and for a device a payload its uplink topic accepts. The
+/// will kept is the one authorised (a webhook may have modified it), marked with the device.
+async fn admit_will(a: &Asker<'_>, w: &mut crate::protocols::mqtt::Will) -> Result<(), u8> {
+    let mut m = Asked { topic: std::mem::take(&mut w.topic), payload: w.payload.clone(), qos: w.qos, retain: w.retain };
+    mount_in(a.principal, &mut m.topic);
+    authorise(a, &mut m).await?;
+    // Clients never publish on the server's own `$` topics (`$SYS`, …).
+    if m.topic.starts_with('$') {
+        tracing::info!(topic = %m.topic, "will on a $ topic refused");
+        count_denied(a.broker);
+        return Err(reason::NOT_AUTHORIZED);
+    }
+    if let (Some(ident), Some(d)) = (a.principal.device(), a.broker.devices.get()) {
+        if let Some((kind, gateway, mid)) = uplink::classify(&m.topic, &ident.device_number) {
+            let incoming = uplink::Incoming { kind, gateway, message_id: mid, payload: &m.payload, protocol: "mqtt" };
+            if let Err(why) = uplink::parse(ident, incoming, &d.config.devices, now_ms() as i64) {
+                tracing::info!(topic = %m.topic, error = %why, "will payload refused");
+                return Err(match why {
+                    uplink::Reject::TooLarge(_) => reason::PACKET_TOO_LARGE,
+                    _ => reason::PAYLOAD_FORMAT_INVALID,
+                });
+            }
+        }
+        w.props.user_properties.push(("device_number".into(), ident.device_number.to_string()));
+    }
+    (w.topic, w.payload, w.qos, w.retain) = (m.topic, m.payload, m.qos, m.retain);
+    Ok(())
 }
 
 /// Apply an `auth_on_publish` answer's modifiers (topic, payload, qos, retain).

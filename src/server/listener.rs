@@ -143,7 +143,12 @@ async fn ws(
         }
         Ok(resp)
     };
-    let ws = match tokio::time::timeout(handshake, tokio_tungstenite::accept_hdr_async(stream, callback)).await {
+    // A WebSocket message carries MQTT packets: none may be larger than the largest packet the
+    // node accepts (tungstenite's own default is 64 MiB, allocated before CONNECT is even seen).
+    let max = (broker.config.mqtt.max_packet_size as usize).saturating_add(8);
+    let limits = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().max_message_size(Some(max)).max_frame_size(Some(max));
+    let accept = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(limits));
+    let ws = match tokio::time::timeout(handshake, accept).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => return tracing::info!(%peer, error = %e, "WebSocket handshake failed"),
         Err(_) => return tracing::info!(%peer, "WebSocket handshake timed out"),
@@ -153,6 +158,7 @@ async fn ws(
     let (mut sink, mut source) = ws.split();
     let (mut brd, mut bwr) = tokio::io::split(mine);
     let inbound = async move {
+        // An oversized frame or message ends the stream with an error: the connection closes.
         while let Some(Ok(msg)) = source.next().await {
             match msg {
                 WsMessage::Binary(b) if bwr.write_all(&b).await.is_err() => break,

@@ -138,6 +138,11 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
 /// close every connection (DISCONNECT 0x8B in 5.0) and write persistent state to disk.
 pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     install_crypto();
+    anyhow::ensure!(
+        (1..=crate::protocols::mqtt::topic::MAX_LEVELS).contains(&config.mqtt.max_topic_levels),
+        "mqtt.max_topic_levels must be 1..={}",
+        crate::protocols::mqtt::topic::MAX_LEVELS
+    );
     let config = Arc::new(config);
     let (store, sessions, retained) = LocalStore::open(&config.node.data_dir)?;
     let broker = Arc::new(Broker::new(config.clone(), store.clone()));

@@ -293,17 +293,7 @@ impl Users {
             Ok(_) | Err(MetaError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let permissions: BTreeSet<String> = match builtin(&user.role) {
-            Some(list) => list.into_iter().map(String::from).collect(),
-            None => match user.role_id {
-                Some(r) => match self.meta.role(r).await {
-                    Ok(role) => role.permissions.into_iter().collect(),
-                    Err(MetaError::NotFound(_)) => BTreeSet::new(),
-                    Err(e) => return Err(e),
-                },
-                None => BTreeSet::new(),
-            },
-        };
+        let permissions: BTreeSet<String> = self.permissions_of(&user).await?.into_iter().collect();
         let p = Principal {
             user_id: Some(user.id),
             username: user.username,
@@ -317,6 +307,21 @@ impl Users {
             self.cache.set(&key, &json, PRINCIPAL_TTL).await;
         }
         Ok(Some(v))
+    }
+
+    /// The permissions `user` holds through its role.
+    pub async fn permissions_of(&self, user: &User) -> Result<Vec<String>, MetaError> {
+        Ok(match builtin(&user.role) {
+            Some(list) => list.into_iter().map(String::from).collect(),
+            None => match user.role_id {
+                Some(r) => match self.meta.role(r).await {
+                    Ok(role) => role.permissions,
+                    Err(MetaError::NotFound(_)) => Vec::new(),
+                    Err(e) => return Err(e),
+                },
+                None => Vec::new(),
+            },
+        })
     }
 
     /// Forget cached principals (after a user or role change).

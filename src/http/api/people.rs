@@ -102,7 +102,9 @@ struct NewUserBody {
     tenant_id: Option<i64>,
 }
 
-/// Check that `role` (with `role_id`) may be given by the caller to a user of `tenant`.
+/// The permissions `role` (with `role_id`) stands for, once the caller may give it to a user
+/// of `tenant`: nobody grants a role (built-in or custom) whose permissions they do not all
+/// hold, so no permission can be reached by handing oneself, or a puppet account, a role.
 async fn grantable(
     c: &Caller,
     meta: &crate::storage::meta::MetaStore,
@@ -110,18 +112,37 @@ async fn grantable(
     role_id: Option<i64>,
     tenant: Option<i64>,
 ) -> Result<(), crate::http::ApiError> {
-    match (role, role_id) {
-        (SYSTEM_ADMIN, _) if !c.system() => Err(MetaError::Invalid("only the system scope grants system_admin".into()).into()),
-        (r, None) if r != CUSTOM && builtin(r).is_some() => Ok(()),
+    let perms: Vec<String> = match (role, role_id) {
+        (SYSTEM_ADMIN, _) if !c.system() => return Err(MetaError::Invalid("only the system scope grants system_admin".into()).into()),
+        (r, None) if r != CUSTOM => match builtin(r) {
+            Some(list) => list.into_iter().map(String::from).collect(),
+            None => return Err(bad("role is system_admin, tenant_admin, tenant_user, or custom with role_id")),
+        },
         (CUSTOM, Some(id)) => {
             let role = c.role(meta, id).await?;
             if Some(role.tenant_id) != tenant {
                 return Err(MetaError::NotFound(format!("role {id}")).into());
             }
-            Ok(())
+            role.permissions
         }
-        _ => Err(MetaError::Invalid("role is system_admin, tenant_admin, tenant_user, or custom with role_id".into()).into()),
+        _ => return Err(bad("role is system_admin, tenant_admin, tenant_user, or custom with role_id")),
+    };
+    holds_all(c, &perms)
+}
+
+/// 403 unless the caller holds every one of `perms`.
+fn holds_all(c: &Caller, perms: &[String]) -> Result<(), crate::http::ApiError> {
+    perms.iter().try_for_each(|p| c.require(p))
+}
+
+/// A user may be changed (role, password, disabled, deleted) only by a caller holding every
+/// permission that user holds: setting a tenant admin's password would otherwise hand its
+/// account to anyone with `user:manage`.
+async fn manageable(c: &Caller, u: &crate::users::Users, user: &crate::storage::meta::User) -> Result<(), crate::http::ApiError> {
+    if c.0.user_id == Some(user.id) {
+        return Ok(());
     }
+    holds_all(c, &u.permissions_of(user).await?)
 }
 
 #[utoipa::path(post, path = "/users", tag = "people", request_body = NewUserBody, responses((status = 200, description = "the user")))]
@@ -168,6 +189,7 @@ async fn update_user(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b
     let u = users(&s)?;
     let user = c.user(&u.meta, id).await?;
     c.require("user:manage")?;
+    manageable(&c, &u, &user).await?;
     if let Some(r) = &b.role {
         grantable(&c, &u.meta, r, b.role_id, user.tenant_id).await?;
         if (r == SYSTEM_ADMIN) != user.tenant_id.is_none() {
@@ -202,6 +224,7 @@ async fn delete_user(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Ans
     let u = users(&s)?;
     let user = c.user(&u.meta, id).await?;
     c.require("user:manage")?;
+    manageable(&c, &u, &user).await?;
     if c.0.user_id == Some(id) {
         return Err(bad("you cannot delete yourself"));
     }

@@ -52,6 +52,11 @@ pub fn has_wildcard(filter: &str) -> bool {
     filter.contains(['+', '#'])
 }
 
+/// The deepest topic or filter any trie of the node holds, whatever `mqtt.max_topic_levels`
+/// says: the tries walk levels recursively, so this bounds their depth for messages from
+/// peers and from disk too (a hostile entry is refused, never walked).
+pub const MAX_LEVELS: usize = 1024;
+
 /// Number of levels in a topic or filter.
 pub fn levels(t: &str) -> usize {
     t.split('/').count()

@@ -91,6 +91,34 @@ impl CredentialKind {
             _ => return Err(MetaError::Invalid(format!("unknown credential kind {s}"))),
         })
     }
+
+    /// What is stored (and cached) for a credential a device presents: an access token only
+    /// as its SHA-256 (tokens are 192-bit random, so a plain hash is enough, as for API
+    /// keys), so neither the database, a backup nor a cache key holds a usable token.
+    pub fn stored(self, presented: &str) -> std::borrow::Cow<'_, str> {
+        match self {
+            CredentialKind::Token => std::borrow::Cow::Owned(token_digest(presented)),
+            _ => std::borrow::Cow::Borrowed(presented),
+        }
+    }
+}
+
+/// Prefix of a stored token digest (rows without it are plain tokens of an older build,
+/// hashed at start-up by [`MetaStore::hash_plain_tokens`]).
+const TOKEN_DIGEST: &str = "sha256:";
+
+fn token_digest(token: &str) -> String {
+    use sha2::Digest;
+    format!("{TOKEN_DIGEST}{}", hex::encode(sha2::Sha256::digest(token.as_bytes())))
+}
+
+/// How the API shows a credential: never a token, not even its full digest.
+fn public_label(kind: CredentialKind, identity: &str) -> String {
+    match kind {
+        // A short fingerprint tells two tokens apart without helping anyone guess one.
+        CredentialKind::Token => identity.strip_prefix(TOKEN_DIGEST).unwrap_or(identity).chars().take(12).collect(),
+        CredentialKind::Password | CredentialKind::X509 => identity.to_string(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -98,8 +126,13 @@ pub struct Credential {
     pub id: i64,
     pub device_id: i64,
     pub kind: CredentialKind,
-    /// Token, username or certificate fingerprint.
+    /// What is stored: a token's digest, the username, or the certificate fingerprint.
+    #[serde(skip_serializing, default)]
     pub identity: String,
+    /// Tokens: the first 12 hex digits of their SHA-256 (the token itself is shown once, when
+    /// made); passwords: the username; certificates: the SHA-256 fingerprint.
+    #[serde(default)]
+    pub label: String,
     /// argon2 hash (passwords only); never returned by the API.
     #[serde(skip_serializing, default)]
     pub secret: Option<String>,
@@ -163,11 +196,14 @@ fn device(r: &AnyRow) -> Result<Device> {
 }
 
 fn credential(r: &AnyRow) -> Result<Credential> {
+    let kind = CredentialKind::parse(&col_str(r, "kind")?)?;
+    let identity = col_str(r, "identity")?;
     Ok(Credential {
         id: col_i64(r, "id")?,
         device_id: col_i64(r, "device_id")?,
-        kind: CredentialKind::parse(&col_str(r, "kind")?)?,
-        identity: col_str(r, "identity")?,
+        kind,
+        label: public_label(kind, &identity),
+        identity,
         secret: col_opt_str(r, "secret")?,
         created_ms: col_i64(r, "created_ms")?,
     })
@@ -210,7 +246,7 @@ impl MetaStore {
         .bind(now)
         .fetch_one(self.pool())
         .await
-        .map_err(|e| MetaError::unique(e, format!("device {} (or its gateway address) exists", d.device_number)))?;
+        .map_err(|e| MetaError::unique(e, format!("device number {} (or its gateway address) is not available: numbers are unique across the platform", d.device_number)))?;
         self.device_by_id(id).await
     }
 
@@ -324,6 +360,7 @@ impl MetaStore {
         if identity.is_empty() || identity.len() > 512 {
             return Err(MetaError::Invalid("credential identity must be 1..512 bytes".into()));
         }
+        let identity = &*kind.stored(identity);
         let now = now_ms();
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO credentials (device_id, kind, identity, secret, created_ms) VALUES ($1, $2, $3, $4, $5) RETURNING id",
@@ -336,7 +373,15 @@ impl MetaStore {
         .fetch_one(self.pool())
         .await
         .map_err(|e| MetaError::unique(e, format!("a {} credential with that identity exists", kind.as_str())))?;
-        Ok(Credential { id, device_id, kind, identity: identity.into(), secret: secret.map(str::to_string), created_ms: now })
+        Ok(Credential {
+            id,
+            device_id,
+            kind,
+            label: public_label(kind, identity),
+            identity: identity.into(),
+            secret: secret.map(str::to_string),
+            created_ms: now,
+        })
     }
 
     pub async fn credentials(&self, device_id: i64) -> Result<Vec<Credential>> {
@@ -344,11 +389,11 @@ impl MetaStore {
         rows.iter().map(credential).collect()
     }
 
-    /// The credential with this kind and identity, and its device.
+    /// The credential with this kind and identity (as the device presents it), and its device.
     pub async fn find_credential(&self, kind: CredentialKind, identity: &str) -> Result<Option<(Credential, Device)>> {
         let Some(r) = sqlx::query("SELECT * FROM credentials WHERE kind = $1 AND identity = $2")
             .bind(kind.as_str())
-            .bind(identity)
+            .bind(&*kind.stored(identity))
             .fetch_optional(self.pool())
             .await?
         else {
@@ -416,6 +461,26 @@ impl MetaStore {
             }
         }
         Ok(out)
+    }
+
+    /// Replace the plain tokens an older build stored by their digests (idempotent; run at
+    /// start-up, by every node of a cluster alike). Returns how many were hashed.
+    pub async fn hash_plain_tokens(&self) -> Result<u64> {
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT id, identity FROM credentials WHERE kind = 'token' AND identity NOT LIKE 'sha256:%'")
+                .fetch_all(self.pool())
+                .await?;
+        let mut n = 0;
+        for (id, token) in rows {
+            let r = sqlx::query("UPDATE credentials SET identity = $1 WHERE id = $2 AND identity = $3")
+                .bind(token_digest(&token))
+                .bind(id)
+                .bind(&token)
+                .execute(self.pool())
+                .await?;
+            n += r.rows_affected();
+        }
+        Ok(n)
     }
 
     /// Store the hash of an admin API key.
