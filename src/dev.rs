@@ -57,7 +57,7 @@ pub fn write_config(dir: &Path, i: usize, seeds: &[String], ports: Ready) -> any
         "# written by `thingsd dev-cluster`\n[node]\nname = \"{name}\"\ndata_dir = \"{data}\"\npersist_interval_ms = 100\n\n\
          [[listeners.tcp]]\nbind = \"127.0.0.1:{mqtt}\"\nallow_anonymous = true\n\n[[listeners.ws]]\nbind = \"127.0.0.1:{ws}\"\npath = \"/mqtt\"\nallow_anonymous = true\n\n\
          [[listeners.http]]\nbind = \"127.0.0.1:{http}\"\n\n[[listeners.coap]]\nbind = \"127.0.0.1:{coap}\"\n\n\
-         [cluster]\nenabled = true\nlisten = \"127.0.0.1:{cl}\"\nseeds = [{seeds}]\ncookie = \"dev-cluster\"\n",
+         [cluster]\nenabled = true\nlisten = \"127.0.0.1:{cl}\"\nseeds = [{seeds}]\ncookie = \"dev-cluster-loopback-only\"\n",
         data = data.display(),
         mqtt = port(ports.mqtt),
         ws = port(ports.ws),

@@ -25,6 +25,7 @@ mod ops;
 mod partition;
 mod persistence;
 mod redis_topologies;
+mod security;
 mod supervision;
 mod telemetry;
 mod timeseries;

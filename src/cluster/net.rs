@@ -78,11 +78,13 @@ pub struct FrameGuard<R> {
     remaining: u64,
     /// Frames seen so far (the first [`PRE_AUTH_FRAMES`] have the smaller bound).
     frames: u32,
+    /// An oversized frame was announced: the stream reads as ended from then on.
+    poisoned: bool,
 }
 
 impl<R> FrameGuard<R> {
     pub fn new(inner: R) -> Self {
-        FrameGuard { inner, header: [0; 8], have: 0, remaining: 0, frames: 0 }
+        FrameGuard { inner, header: [0; 8], have: 0, remaining: 0, frames: 0, poisoned: false }
     }
 
     /// Account for bytes read; an error if they announce an oversized frame.
@@ -119,13 +121,20 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for FrameGuard<R> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        // ractor_cluster retries a read after any error but "unexpected end of file", on which it
+        // drops the link: so a refused frame ends the stream, for good.
+        let eof = || std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cluster link closed: oversized frame");
+        if self.poisoned {
+            return std::task::Poll::Ready(Err(eof()));
+        }
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if let std::task::Poll::Ready(Ok(())) = &r {
             let new = buf.filled()[before..].to_vec();
             if let Err(e) = self.scan(&new) {
                 tracing::warn!(error = %e, "closing cluster link");
-                return std::task::Poll::Ready(Err(e));
+                self.poisoned = true;
+                return std::task::Poll::Ready(Err(eof()));
             }
         }
         r

@@ -88,9 +88,13 @@ impl RangeParams<'_> {
         };
         // Defaults: the last day.
         let to = num(self.to, "to")?.unwrap_or_else(|| now_ms() + 1);
-        let from = num(self.from, "from")?.unwrap_or(to - DAY_MS);
+        let from = num(self.from, "from")?.unwrap_or(to.saturating_sub(DAY_MS));
         if from >= to {
             return Err(bad("`from` must be before `to` (Unix milliseconds)"));
+        }
+        // Every later step divides or buckets `to - from`: it must be representable.
+        if to.checked_sub(from).is_none() {
+            return Err(bad("the range from `from` to `to` is too large"));
         }
         Ok((from, to))
     }

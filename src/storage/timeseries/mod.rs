@@ -90,7 +90,8 @@ impl AggQuery {
             return Err(TsError::BadQuery("`to` must be after `from`".into()));
         }
         if let Window::Fixed(w) = self.window {
-            if (self.to - self.from) / w > MAX_BUCKETS {
+            let span = self.to.checked_sub(self.from).ok_or_else(|| TsError::BadQuery("the range is too large".into()))?;
+            if w <= 0 || span / w > MAX_BUCKETS {
                 return Err(TsError::BadQuery(format!("more than {MAX_BUCKETS} buckets: use a larger window")));
             }
         }
@@ -201,7 +202,11 @@ pub async fn downsample<S: TimeSeriesStore>(
     if to <= from || !(1..=MAX_BUCKETS).contains(&points) {
         return Err(TsError::BadQuery(format!("need from < to and 1..={MAX_BUCKETS} points")));
     }
-    let w = ((to - from) + points - 1) / points;
+    let w = to
+        .checked_sub(from)
+        .and_then(|span| span.checked_add(points - 1))
+        .ok_or_else(|| TsError::BadQuery("the range is too large".into()))?
+        / points;
     let mut q = RangeQuery { device_id, keys: vec![key.to_string()], from, to, limit: MAX_PAGE, after: None };
     let mut acc: std::collections::BTreeMap<i64, (f64, u64)> = std::collections::BTreeMap::new();
     loop {

@@ -1,0 +1,384 @@
+//! The threat model, attacked through the node's real interfaces (ARCHITECTURE.md, "Threat
+//! model"): what a device, a tenant user and a stranger on the network may not do. Each test
+//! is one finding of the security review; each failed on the build before it.
+use crate::common;
+
+use crate::common::platform::*;
+use crate::common::*;
+use serde_json::{json, Value};
+use thingsd::protocols::mqtt::*;
+
+/// CONNECT with a will; returns the CONNACK code (and the client when admitted).
+async fn connect_with_will(
+    addr: std::net::SocketAddr,
+    protocol: Protocol,
+    token: &str,
+    topic: &str,
+    payload: &str,
+    retain: bool,
+) -> (Raw, u8) {
+    let mut c = connect_packet(protocol, "will-client", true);
+    c.username = Some(token.into());
+    c.will = Some(Will {
+        topic: topic.into(),
+        payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+        qos: QoS::AtLeastOnce,
+        retain,
+        props: Properties::default(),
+    });
+    let (r, a) = Raw::session(addr, c).await;
+    (r, a.code)
+}
+
+/// A will must pass every check a PUBLISH passes, at CONNECT: a device cannot forge another
+/// device's command, status or `$SYS` through its will, in either protocol version.
+#[tokio::test]
+async fn wills_pass_the_publish_checks_at_connect() {
+    let p = Platform::start(None, |_| {}).await;
+    let tcp = p.node.tcp;
+    let (_, ta) = p.create_device("will-a", json!({})).await;
+    let (_, tb) = p.create_device("will-b", json!({})).await;
+    let mut b = device(tcp, Protocol::V5, "b", &tb).await;
+    assert_eq!(sub(&mut b, "devices/command/will-b/+").await, [1]);
+    let mut svc = service(tcp).await;
+    assert_eq!(sub(&mut svc, "devices/#").await, [1]);
+
+    for (topic, retain) in [("devices/command/will-b/evil", false), ("devices/status/will-b", true), ("$SYS/forged/x", false)] {
+        let (_, code) = connect_with_will(tcp, Protocol::V5, &ta, topic, r#"{"online":false}"#, retain).await;
+        assert_eq!(code, reason::NOT_AUTHORIZED, "5.0 will on {topic}");
+        let (_, code) = connect_with_will(tcp, Protocol::V4, &ta, topic, r#"{"online":false}"#, retain).await;
+        assert_eq!(code, 5, "3.1.1 will on {topic}");
+    }
+    // A topic deeper than mqtt.max_topic_levels is refused as a topic (0x90), never stored.
+    let deep = vec!["a"; 40].join("/");
+    assert_eq!(connect_with_will(tcp, Protocol::V5, &ta, &deep, "x", false).await.1, reason::TOPIC_NAME_INVALID);
+    // A will on its own uplink topic must carry a payload that topic accepts.
+    assert_eq!(connect_with_will(tcp, Protocol::V5, &ta, "devices/event/1", "not json", false).await.1, reason::PAYLOAD_FORMAT_INVALID);
+
+    // An allowed will is kept and fires, marked with its device.
+    let (mut a, code) = connect_with_will(tcp, Protocol::V5, &ta, "devices/event/7", r#"{"method":"gone","params":{}}"#, false).await;
+    assert_eq!(code, 0);
+    let _ = a.sync().await;
+    drop(a); // the socket drops without DISCONNECT: the will fires
+    let w = next_on(&mut svc, "devices/event/7").await;
+    assert_eq!(json_of(&w)["method"], "gone");
+    assert!(w.props.expect("properties").user_properties.contains(&("device_number".into(), "will-a".into())));
+
+    // Nothing forged reached device B or the service: a PING round trip shows B's queue empty.
+    let seen = b.sync().await;
+    assert!(!seen.iter().any(|p| matches!(p, Packet::Publish(x) if x.topic.contains("evil"))), "forged command delivered: {seen:?}");
+    let status = p.admin("GET", "/api/v1/devices/will-b/status", None).await.1;
+    assert_eq!(status["online"], true, "B's status was forged: {status}");
+}
+
+/// Topics of tens of thousands of levels are refused before any trie walks them, and the node
+/// keeps serving (and restarts) with no hostile entry.
+#[tokio::test]
+async fn deep_topics_never_reach_the_tries() {
+    let n = common::start(|_| {}).await;
+    let deep = vec!["a"; 20_000].join("/");
+    let mut c = Raw::v5(n.tcp, "deep").await;
+    let mut pkt = publish(&deep, QoS::AtLeastOnce, 1, "x");
+    if let Packet::Publish(p) = &mut pkt {
+        p.retain = true;
+    }
+    c.send(pkt).await;
+    match c.recv_app().await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.code, reason::TOPIC_NAME_INVALID),
+        other => panic!("expected PUBACK 0x90, got {other:?}"),
+    }
+    // 3.1.1 has no negative PUBACK: the connection is closed instead.
+    let mut c4 = Raw::v4(n.tcp, "deep4").await;
+    c4.send(publish(&deep, QoS::AtLeastOnce, 1, "x")).await;
+    assert!(!c4.until_closed().await.iter().any(|p| matches!(p, Packet::PubAck(_))));
+    let mut c = Raw::v5(n.tcp, "deep-will").await;
+    let mut conn = connect_packet(Protocol::V5, "deep-will-2", true);
+    conn.will = Some(Will { topic: deep.clone(), payload: "x".into(), qos: QoS::AtMostOnce, retain: true, props: Properties::default() });
+    assert_eq!(Raw::session(n.tcp, conn).await.1.code, reason::TOPIC_NAME_INVALID);
+    // Everyone else is served; "#" sees no deep retained message.
+    assert_eq!(c.sub("#", QoS::AtMostOnce).await, [0]);
+    let seen = c.sync().await;
+    assert!(!seen.iter().any(|p| matches!(p, Packet::Publish(x) if x.topic.len() > 100)), "{seen:?}");
+    let dir = n.stop().await;
+    let n = common::start_in(dir.as_ref().unwrap().path().to_path_buf(), |_| {}).await;
+    Raw::v5(n.tcp, "after-restart").await;
+}
+
+/// Nobody grants a role — built-in or custom — whose permissions they do not all hold, and
+/// nobody changes a user who holds more than they do. Tried for every permission.
+#[tokio::test]
+async fn roles_cannot_be_escalated_inside_a_tenant() {
+    let p = Platform::start(None, |_| {}).await;
+    let (http, addr) = (&p.http, p.http_addr());
+    let (s, t) = p.admin("POST", "/api/v1/tenants", Some(json!({"name": "acme"}))).await;
+    assert_eq!(s, 200, "{t}");
+    let tenant = t["id"].as_i64().unwrap();
+    let role = |name: &str, perms: Vec<&str>| json!({"name": name, "permissions": perms, "tenant_id": tenant});
+    let (s, um) = p.admin("POST", "/api/v1/roles", Some(role("user-managers", vec!["user:manage"]))).await;
+    assert_eq!(s, 200, "{um}");
+    let user = |name: &str, role: &str, role_id: Option<i64>| json!({"username": name, "password": "long-password-1", "role": role, "role_id": role_id, "tenant_id": tenant});
+    let (s, mgr) = p.admin("POST", "/api/v1/users", Some(user("mgr", "custom", um["id"].as_i64()))).await;
+    assert_eq!(s, 200, "{mgr}");
+    let (s, boss) = p.admin("POST", "/api/v1/users", Some(user("boss", "tenant_admin", None))).await;
+    assert_eq!(s, 200, "{boss}");
+    let tok = login_user(http, addr, "mgr", "long-password-1").await["access_token"].as_str().unwrap().to_string();
+    let me = mgr["id"].as_i64().unwrap();
+
+    for builtin in ["tenant_admin", "tenant_user", "system_admin"] {
+        let (s, v) = call(http, addr, &tok, "POST", "/api/v1/users", Some(user(&format!("x-{builtin}"), builtin, None))).await;
+        assert!(s == 403 || s == 400, "granting {builtin}: {s} {v}");
+        let (s, v) = call(http, addr, &tok, "PATCH", &format!("/api/v1/users/{me}"), Some(json!({"role": builtin}))).await;
+        assert!(s == 403 || s == 400, "giving itself {builtin}: {s} {v}");
+    }
+    let (_, perms) = p.admin("GET", "/api/v1/permissions", None).await;
+    for perm in perms["permissions"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()) {
+        if perm == "user:manage" || perm == "tenant:manage" {
+            continue; // held; tenant:manage is no custom role's
+        }
+        let (s, r) = p.admin("POST", "/api/v1/roles", Some(role(&format!("r-{perm}"), vec![perm, "user:manage"]))).await;
+        assert_eq!(s, 200, "{r}");
+        let rid = r["id"].as_i64();
+        let (s, v) =
+            call(http, addr, &tok, "POST", "/api/v1/users", Some(user(&format!("u-{}", perm.replace(':', "-")), "custom", rid))).await;
+        assert_eq!(s, 403, "granting a role with {perm}: {v}");
+        let (s, v) = call(http, addr, &tok, "PATCH", &format!("/api/v1/users/{me}"), Some(json!({"role": "custom", "role_id": rid}))).await;
+        assert_eq!(s, 403, "giving itself a role with {perm}: {v}");
+    }
+    // What it holds, it may grant.
+    let (s, v) = call(http, addr, &tok, "POST", "/api/v1/users", Some(user("peer", "custom", um["id"].as_i64()))).await;
+    assert_eq!(s, 200, "{v}");
+    // A tenant admin's account cannot be taken over by setting its password, or disabled.
+    let boss_id = boss["id"].as_i64().unwrap();
+    for change in [json!({"password": "taken-over-1"}), json!({"disabled": true})] {
+        let (s, v) = call(http, addr, &tok, "PATCH", &format!("/api/v1/users/{boss_id}"), Some(change)).await;
+        assert_eq!(s, 403, "{v}");
+    }
+    let (s, v) = call(http, addr, &tok, "DELETE", &format!("/api/v1/users/{boss_id}"), None).await;
+    assert_eq!(s, 403, "{v}");
+    login_user(http, addr, "boss", "long-password-1").await;
+}
+
+/// `device:read` shows credentials by kind, id, creation and a short fingerprint: the token
+/// appears once, at creation, and is stored (database, cache keys) only as a digest.
+#[tokio::test]
+async fn device_tokens_are_shown_once_and_stored_as_digests() {
+    let redis = common::backends::redis();
+    let prefix = format!("t{:x}:", rand::random::<u32>());
+    let p = Platform::start(None, |c| {
+        if let Some(r) = &redis {
+            c.cache.url = r.clone();
+            c.cache.prefix = prefix.clone();
+        }
+    })
+    .await;
+    let (_, token) = p.create_device("tok-1", json!({})).await;
+    // It works (and is cached).
+    let mut d = device(p.node.tcp, Protocol::V5, "t", &token).await;
+    assert!([0, reason::NO_MATCHING_SUBSCRIBERS].contains(&pub1(&mut d, "devices/telemetry", 1, r#"{"t": 1}"#).await));
+    let (s, rotated) = p.admin("POST", "/api/v1/devices/tok-1/credentials", Some(json!({"kind": "token"}))).await;
+    assert_eq!(s, 200, "{rotated}");
+    let second = rotated["access_token"].as_str().unwrap().to_string();
+    device(p.node.tcp, Protocol::V4, "t2", &second).await;
+
+    let (s, list) = p.admin("GET", "/api/v1/devices/tok-1/credentials", None).await;
+    assert_eq!(s, 200);
+    let text = list.to_string();
+    for t in [&token, &second] {
+        assert!(!text.contains(t.as_str()), "a token is readable: {text}");
+    }
+    for c in list.as_array().unwrap() {
+        assert_eq!(c["kind"], "token");
+        assert_eq!(c["label"].as_str().unwrap().len(), 12, "{c}");
+        assert!(c.get("identity").is_none() && c.get("secret").is_none(), "{c}");
+    }
+    let db = std::fs::read(p.node.dir.join("meta.db")).unwrap();
+    for t in [&token, &second] {
+        assert!(!db.windows(t.len()).any(|w| w == t.as_bytes()), "the meta store holds a token");
+    }
+    if let Some(url) = &redis {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-u", url, "--scan", "--pattern", &format!("{prefix}*")])
+            .output()
+            .expect("redis-cli");
+        let keys = String::from_utf8_lossy(&out.stdout);
+        assert!(keys.contains("cred:token:"), "the identity is cached in Redis: {keys}");
+        for t in [&token, &second] {
+            assert!(!keys.contains(t.as_str()), "a Redis key holds a token: {keys}");
+        }
+    }
+}
+
+/// Device numbers are one namespace for the platform (they are topic names). Another tenant's
+/// number answers exactly as one's own taken number, and reads of it as a missing device.
+#[tokio::test]
+async fn device_numbers_do_not_tell_tenants_apart() {
+    let p = Platform::start(None, |_| {}).await;
+    let (http, addr) = (&p.http, p.http_addr());
+    let mut toks = Vec::new();
+    for name in ["ta", "tb"] {
+        let (_, t) = p.admin("POST", "/api/v1/tenants", Some(json!({"name": name}))).await;
+        let body =
+            json!({"username": format!("{name}-admin"), "password": "long-password-1", "role": "tenant_admin", "tenant_id": t["id"]});
+        assert_eq!(p.admin("POST", "/api/v1/users", Some(body)).await.0, 200);
+        toks.push(login_user(http, addr, &format!("{name}-admin"), "long-password-1").await["access_token"].as_str().unwrap().to_string());
+    }
+    let create = |tok: String| {
+        let http = http.clone();
+        async move { call(&http, addr, &tok, "POST", "/api/v1/devices", Some(json!({"device_number": "thermo-1"}))).await }
+    };
+    assert_eq!(create(toks[0].clone()).await.0, 200);
+    let own = create(toks[0].clone()).await;
+    let other = create(toks[1].clone()).await;
+    assert_eq!(own.0, 409);
+    assert_eq!(own, other, "tenant B learns more than tenant A would");
+    let missing = call(http, addr, &toks[1], "GET", "/api/v1/devices/no-such-device", None).await;
+    let theirs = call(http, addr, &toks[1], "GET", "/api/v1/devices/thermo-1", None).await;
+    assert_eq!(theirs.0, 404);
+    assert_eq!(theirs.1["error"]["code"], missing.1["error"]["code"]);
+}
+
+/// A deleted device's persistent sessions end with it: a new device given the same number
+/// does not inherit its subscriptions or queue.
+#[tokio::test]
+async fn a_deleted_device_leaves_no_session_behind() {
+    let p = Platform::start(None, |_| {}).await;
+    let (_, t1) = p.create_device("reused-1", json!({})).await;
+    let persistent = |token: &str| {
+        let mut c = connect_packet(Protocol::V5, "fw", false);
+        c.username = Some(token.into());
+        c.props.session_expiry_interval = Some(3600);
+        c
+    };
+    let (mut d, a) = Raw::session(p.node.tcp, persistent(&t1)).await;
+    assert_eq!(a.code, 0);
+    assert_eq!(sub(&mut d, "devices/command/reused-1/+").await, [1]);
+    d.send(disconnect()).await;
+    assert_eq!(p.admin("DELETE", "/api/v1/devices/reused-1", None).await.0, 200);
+    let (_, t2) = p.create_device("reused-1", json!({})).await;
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (mut d2, a) = Raw::session(p.node.tcp, persistent(&t2)).await;
+        assert_eq!(a.code, 0);
+        if !a.session_present {
+            break;
+        }
+        d2.send(disconnect()).await;
+        assert!(tokio::time::Instant::now() < end, "the new device inherited the deleted one's session");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// The first admin API key is printed on stdout once and never written into the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_admin_key_is_never_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = common::process::spawn(dir.path(), &[]).await;
+    let line = n.wait_log("with the admin key", |l| l.contains("admin API key (shown once")).await;
+    let key = line.rsplit(' ').next().unwrap().to_string();
+    assert!(key.starts_with("thk_"), "{line}");
+    let log = n.log.lock().unwrap().clone();
+    let with_key: Vec<&String> = log.iter().filter(|l| l.contains(&key)).collect();
+    assert_eq!(with_key, vec![&line], "the key appears in a log line");
+}
+
+/// A cluster listener other hosts can reach refuses the shipped cookie and short ones; a
+/// stranger on the cluster port cannot announce a large frame before authenticating.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_port_refuses_weak_cookies_and_unauthenticated_large_frames() {
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let refused = |env: Vec<(&'static str, String)>| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsd"));
+        c.env("THINGSD_NODE__DATA_DIR", dir.path()).env("THINGSD_LISTENERS__TCP", "[]").env("THINGSD_LISTENERS__WS", "[]");
+        c.env("THINGSD_LISTENERS__HTTP", "[]").env("THINGSD_LISTENERS__COAP", "[]").env("THINGSD_CLUSTER__ENABLED", "true");
+        c.env("THINGSD_CLUSTER__ADVERTISE", "127.0.0.1:1");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = tokio::time::timeout(DEADLINE, c.kill_on_drop(true).output()).await.expect("exits in time").unwrap();
+        assert!(!out.status.success(), "started anyway");
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout)
+    };
+    let err = refused(vec![("THINGSD_CLUSTER__LISTEN", format!("0.0.0.0:{}", free()))]).await;
+    assert!(err.contains("cluster.cookie is the shipped default"), "{err}");
+    let err =
+        refused(vec![("THINGSD_CLUSTER__LISTEN", format!("127.0.0.1:{}", free())), ("THINGSD_CLUSTER__COOKIE", "short".into())]).await;
+    assert!(err.contains("at least 16 characters"), "{err}");
+
+    let port = free();
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("THINGSD_CLUSTER__ENABLED", "true".to_string()), ("THINGSD_CLUSTER__LISTEN", format!("127.0.0.1:{port}"))];
+    let n = common::process::spawn(dir.path(), &env).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&(1u64 << 20).to_be_bytes()).await.unwrap();
+    s.write_all(&[0u8; 1024]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the node waited for a 1 MiB unauthenticated frame");
+    // And it still serves.
+    Raw::v5(n.addr, "still-here").await;
+}
+
+/// A device's timestamp is integer Unix milliseconds inside the window around now (default: a
+/// year back, a day ahead); anything else is a 400, never a value named "ts".
+#[tokio::test]
+async fn device_timestamps_are_bounded_and_typed() {
+    let p = Platform::start(None, |_| {}).await;
+    let (_, token) = p.create_device("ts-1", json!({})).await;
+    let url = format!("http://{}/api/v1/{token}/telemetry", p.http_addr());
+    let now = thingsd::storage::meta::now_ms();
+    let post = |body: String| {
+        let (http, url) = (p.http.clone(), url.clone());
+        async move {
+            let r = http.post(url).body(body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for bad in [
+        r#"{"ts": "1790000000000", "t": 1}"#.to_string(),
+        format!(r#"{{"ts": {}.5, "t": 1}}"#, now),
+        format!(r#"{{"ts": {}, "t": 1}}"#, now - 400 * 86_400_000),
+        format!(r#"{{"ts": {}, "t": 1}}"#, now + 2 * 86_400_000),
+        r#"{"ts": 9223372036854775807, "values": {"t": 1}}"#.to_string(),
+    ] {
+        let (s, v) = post(bad.clone()).await;
+        assert_eq!(s, 400, "{bad}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("ts"), "{v}");
+    }
+    assert_eq!(post(format!(r#"{{"ts": {}, "t": 1}}"#, now - 86_400_000)).await.0, 200);
+    let (_, latest) = p.admin("GET", "/api/v1/devices/ts-1/telemetry/latest", None).await;
+    assert!(latest.get("ts").is_none(), "a key named ts was stored: {latest}");
+}
+
+/// Extreme ranges are a 400, never an overflow (a panic, or a division by zero) in the node.
+#[tokio::test]
+async fn extreme_query_ranges_are_refused() {
+    let p = Platform::start(None, |_| {}).await;
+    let (_, token) = p.create_device("range-1", json!({})).await;
+    let r = p.http.post(format!("http://{}/api/v1/{token}/telemetry", p.http_addr())).body(r#"{"t": 1}"#).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let (min, max) = (i64::MIN, i64::MAX);
+    for q in [
+        format!("chart?key=t&from={min}&to={max}"),
+        format!("chart?key=t&from={min}&to={max}&points=100000"),
+        format!("chart?key=t&to={min}"),
+        format!("history?keys=t&from={min}&to={max}"),
+        format!("aggregate?key=t&from={min}&to={max}&window=1m&fn=avg"),
+    ] {
+        let (s, v) = p.admin("GET", &format!("/api/v1/devices/range-1/telemetry/{q}"), None).await;
+        assert_eq!(s, 400, "{q}: {v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    // The node is still there.
+    let (s, _) = p.admin("GET", "/api/v1/devices/range-1/telemetry/latest", None).await;
+    assert_eq!(s, 200);
+}
