@@ -62,10 +62,16 @@ pub struct ApiConfig {
     pub admin_user: String,
     /// Its password; empty = generated and printed once at the first start.
     pub admin_password: String,
-    /// Failed logins allowed per account, and per source address, within the window.
+    /// Failed logins allowed per account from one source address, and per source address
+    /// (any account), within the window. An account is never locked for everyone: a stranger
+    /// failing for `admin` locks only their own address out of it.
     pub login_fail_limit_account: u32,
     pub login_fail_limit_address: u32,
     pub login_window_secs: u64,
+    /// Password checks (argon2, ~20 MiB and tens of ms each) running at once; further logins
+    /// wait up to `login_queue_ms` for one, then get 429.
+    pub max_concurrent_logins: usize,
+    pub login_queue_ms: u64,
     /// Origins allowed by CORS (`*` for any); empty = no CORS headers.
     pub cors_origins: Vec<String>,
     /// Largest request body of the REST API.
@@ -87,6 +93,8 @@ impl Default for ApiConfig {
             login_fail_limit_account: 5,
             login_fail_limit_address: 20,
             login_window_secs: 900,
+            max_concurrent_logins: 4,
+            login_queue_ms: 2000,
             cors_origins: vec![],
             max_body_bytes: 1 << 20,
             trusted_proxies: vec![],

@@ -382,3 +382,62 @@ async fn extreme_query_ranges_are_refused() {
     let (s, _) = p.admin("GET", "/api/v1/devices/range-1/telemetry/latest", None).await;
     assert_eq!(s, 200);
 }
+
+/// Failed logins lock an account only for the address they came from: a stranger cannot keep
+/// `root` out. The counters keep their expiry in Redis (one script).
+#[tokio::test]
+async fn a_stranger_cannot_lock_an_account_for_everyone() {
+    let redis = common::backends::redis();
+    let prefix = format!("t{:x}:", rand::random::<u32>());
+    let p = Platform::start(None, |c| {
+        c.api.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+        if let Some(r) = &redis {
+            c.cache.url = r.clone();
+            c.cache.prefix = prefix.clone();
+        }
+    })
+    .await;
+    let url = format!("http://{}/api/v1/auth/login", p.http_addr());
+    let login = |from: &'static str, password: &'static str| {
+        let (http, url) = (p.http.clone(), url.clone());
+        async move {
+            let r = http
+                .post(url)
+                .header("x-forwarded-for", from)
+                .json(&json!({"username": ROOT_USER, "password": password}))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    };
+    let mut locked = false;
+    for _ in 0..10 {
+        match login("203.0.113.7", "wrong-password").await {
+            401 => {}
+            429 => {
+                locked = true;
+                break;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!(locked, "the stranger was never limited");
+    assert_eq!(login("203.0.113.7", ROOT_PASSWORD).await, 429, "the stranger's address stays locked out of the account");
+    // The owner, elsewhere, logs in.
+    assert_eq!(login("198.51.100.20", ROOT_PASSWORD).await, 200, "the account is locked for everyone");
+    if let Some(url) = &redis {
+        // Every counter has an expiry.
+        let out = std::process::Command::new("redis-cli")
+            .args(["-u", url, "--scan", "--pattern", &format!("{prefix}loginfail*")])
+            .output()
+            .expect("redis-cli");
+        let keys = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(!keys.trim().is_empty(), "no login counters in Redis");
+        for k in keys.lines().filter(|k| !k.is_empty()) {
+            let ttl = std::process::Command::new("redis-cli").args(["-u", url, "pttl", k]).output().unwrap();
+            let ttl: i64 = String::from_utf8_lossy(&ttl.stdout).trim().parse().unwrap();
+            assert!(ttl > 0, "{k} has no expiry ({ttl})");
+        }
+    }
+}

@@ -262,7 +262,7 @@ impl Link {
         // are bounded by the publishers' in-flight windows, and dropping one would break an
         // acknowledgement; one nobody waits for is dropped and counted.
         if durable.is_none() && self.depth.load(Ordering::Relaxed) >= self.cap {
-            if self.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+            if self.dropped.fetch_add(1, Ordering::Relaxed).is_multiple_of(10_000) {
                 tracing::warn!(peer = %self.name, cap = self.cap, "peer's forward queue is full; dropping forwards (cluster.max_forward_queue)");
             }
             return;

@@ -96,6 +96,8 @@ pub enum LoginError {
     Wrong,
     #[error("too many failed logins; retry in {0} s")]
     Limited(u64),
+    #[error("too many logins at once; retry shortly")]
+    Busy,
     #[error("the session has ended; log in again")]
     Expired,
     #[error(transparent)]
@@ -138,6 +140,8 @@ pub struct Users {
     config: ApiConfig,
     encoding: EncodingKey,
     decoding: DecodingKey,
+    /// Bounds the argon2 checks running at once (CPU and memory under a login flood).
+    checks: tokio::sync::Semaphore,
 }
 
 const PRINCIPAL_TTL: Duration = Duration::from_secs(60);
@@ -152,6 +156,7 @@ impl Users {
             config.jwt_secret.clone()
         };
         let users = Users {
+            checks: tokio::sync::Semaphore::new(config.max_concurrent_logins.max(1)),
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
             meta,
@@ -193,7 +198,9 @@ impl Users {
     /// the source address; past either limit the answer is `Limited` without checking.
     pub async fn login(&self, username: &str, password: &str, from: IpAddr) -> Result<Tokens, LoginError> {
         let window = Duration::from_secs(self.config.login_window_secs.max(1));
-        let (acct_key, addr_key) = (format!("loginfail:u:{}", username.to_lowercase()), format!("loginfail:a:{from}"));
+        // The account's counter is per source address too, so nobody can lock an account
+        // for everyone else.
+        let (acct_key, addr_key) = (format!("loginfail:u:{}:{from}", username.to_lowercase()), format!("loginfail:a:{from}"));
         let over = |k: &str, limit: u32| {
             let k = k.to_string();
             async move { self.cache.get(&k).await.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) >= limit as u64 }
@@ -205,6 +212,8 @@ impl Users {
         // Unknown users cost the same as wrong passwords (no user enumeration by timing).
         let phc = user.as_ref().map(|u| u.password_hash.clone()).unwrap_or_else(|| DUMMY_HASH.to_string());
         let pw = password.as_bytes().to_vec();
+        let queue = Duration::from_millis(self.config.login_queue_ms);
+        let Ok(Ok(_permit)) = tokio::time::timeout(queue, self.checks.acquire()).await else { return Err(LoginError::Busy) };
         let good = tokio::task::spawn_blocking(move || verify_password(&pw, &phc)).await.unwrap_or(false);
         let user = match user {
             Some(u) if good && !u.disabled => u,

@@ -29,7 +29,7 @@ impl From<LoginError> for ApiError {
         match e {
             LoginError::Wrong => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string()),
             LoginError::Expired => ApiError::new(StatusCode::UNAUTHORIZED, "session_ended", e.to_string()),
-            LoginError::Limited(_) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string()),
+            LoginError::Limited(_) | LoginError::Busy => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", e.to_string()),
             LoginError::Meta(m) => m.into(),
         }
     }

@@ -136,20 +136,20 @@ impl Cache {
                 e.into_value().0.parse().unwrap_or(0)
             }
             Cache::Redis(r) => {
+                // One script, so the counter can never be left without its expiry (an INCR
+                // followed by a lost PEXPIRE would count, and lock, forever); a key found
+                // without one gets it.
+                const INCR_WINDOW: &str = "local n = redis.call('INCR', KEYS[1]) \
+                    if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end return n";
                 let k = r.key(key);
-                let n = match r.client.incr::<u64, _>(&k).await {
+                let ms = window.as_millis().clamp(1, i64::MAX as u128) as i64;
+                match r.client.eval::<u64, _, _, _>(INCR_WINDOW, vec![k], vec![ms]).await {
                     Ok(n) => n,
                     Err(e) => {
                         r.log(&e);
-                        return 0;
-                    }
-                };
-                if n == 1 {
-                    if let Err(e) = r.client.pexpire::<i64, _>(&k, window.as_millis().max(1) as i64, None).await {
-                        r.log(&e);
+                        0
                     }
                 }
-                n
             }
         }
     }
