@@ -216,6 +216,9 @@ pub struct DevicesConfig {
     /// is refused without checking (MQTT 0x9F / HTTP 429 / CoAP 4.29).
     pub auth_fail_limit: u32,
     pub auth_fail_window_secs: u64,
+    /// The same for CoAP sources, counted apart (a UDP source address can be forged, so CoAP
+    /// failures never lock an address out of MQTT or HTTP).
+    pub coap_auth_fail_limit: u32,
     /// Default lifetime of a queued command or attribute set.
     pub command_ttl_secs: u64,
     /// Longest HTTP `GET /api/v1/{token}/rpc` wait.
@@ -237,6 +240,7 @@ impl Default for DevicesConfig {
             max_payload: 64 * 1024,
             auth_fail_limit: 10,
             auth_fail_window_secs: 60,
+            coap_auth_fail_limit: 5,
             command_ttl_secs: 86_400,
             max_poll_secs: 60,
             admin_key: String::new(),

@@ -86,14 +86,14 @@ async fn http_device_api() {
     p.node.stop().await;
 }
 
-struct Coap {
+pub(crate) struct Coap {
     sock: UdpSocket,
     to: SocketAddr,
     mid: u16,
 }
 
 impl Coap {
-    async fn new(to: SocketAddr) -> Coap {
+    pub(crate) async fn new(to: SocketAddr) -> Coap {
         Coap { sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(), to, mid: 100 }
     }
 
@@ -121,7 +121,7 @@ impl Coap {
         Packet::from_bytes(&buf[..n]).expect("server sent a valid CoAP message")
     }
 
-    async fn call(&mut self, method: RequestType, path: &str, con: bool, payload: &str) -> Packet {
+    pub(crate) async fn call(&mut self, method: RequestType, path: &str, con: bool, payload: &str) -> Packet {
         let req = self.request(method, path, con, payload);
         self.send(&req).await;
         let resp = self.recv().await;
@@ -136,7 +136,7 @@ impl Coap {
     }
 }
 
-fn code(p: &Packet) -> ResponseType {
+pub(crate) fn code(p: &Packet) -> ResponseType {
     match p.header.code {
         MessageClass::Response(r) => r,
         other => panic!("not a response: {other:?}"),

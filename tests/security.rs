@@ -441,3 +441,32 @@ async fn a_stranger_cannot_lock_an_account_for_everyone() {
         }
     }
 }
+
+/// CoAP failures (UDP: the source address can be forged) never lock that address out of MQTT
+/// or HTTP, and an unauthenticated CoAP source gets no answer larger than its request.
+#[tokio::test]
+async fn coap_failures_stay_on_coap_and_do_not_amplify() {
+    use coap_lite::{RequestType, ResponseType};
+    let p = Platform::start(None, |_| {}).await;
+    let (_, token) = p.create_device("coap-1", json!({})).await;
+    let mut c = crate::device_http_coap::Coap::new(p.node.coap.expect("coap listener")).await;
+    let mut limited = false;
+    for i in 0..30 {
+        let bad = format!("/api/v1/not-a-token-{i}/telemetry");
+        let r = c.call(RequestType::Post, &bad, true, "{}").await;
+        // The request is at least: header 4, token 2, each path segment and its option byte
+        // (the slashes count those), payload marker and "{}".
+        let sent = 4 + 2 + bad.len() + 3;
+        assert!(r.to_bytes().unwrap().len() <= sent, "a {}-byte answer to a {sent}-byte request", r.to_bytes().unwrap().len());
+        match crate::device_http_coap::code(&r) {
+            ResponseType::Unauthorized => {}
+            ResponseType::TooManyRequests => limited = true,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(limited, "CoAP failures were never limited");
+    // The same address still logs in over MQTT and posts over HTTP.
+    device(p.node.tcp, Protocol::V5, "after-coap", &token).await;
+    let r = p.http.post(format!("http://{}/api/v1/{token}/telemetry", p.http_addr())).body(r#"{"t": 1}"#).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}

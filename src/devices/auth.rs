@@ -42,10 +42,23 @@ pub fn verify_password(password: &[u8], phc: &str) -> bool {
     PasswordHash::new(phc).is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok())
 }
 
+/// Which failure table an attempt counts in.
+#[derive(Debug, Clone, Copy)]
+enum Channel {
+    /// TCP (MQTT, WebSocket, HTTP): the source address is the peer's.
+    Stream,
+    /// UDP (CoAP): the source address may be forged.
+    Datagram,
+}
+
 impl Devices {
     /// Who this client is. `allow_anonymous`: the listener accepts clients without credentials.
     pub async fn authenticate(&self, peer: IpAddr, c: &Credentials<'_>, allow_anonymous: bool) -> Result<Principal, AuthError> {
-        if self.limited(peer) {
+        self.authenticate_on(Channel::Stream, peer, c, allow_anonymous).await
+    }
+
+    async fn authenticate_on(&self, ch: Channel, peer: IpAddr, c: &Credentials<'_>, allow_anonymous: bool) -> Result<Principal, AuthError> {
+        if self.limited(ch, peer) {
             self.metrics.auth_rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(AuthError::RateLimited);
         }
@@ -57,7 +70,7 @@ impl Devices {
             Err(AuthError::Unavailable) => {}
             Err(_) => {
                 self.metrics.auth_failed.fetch_add(1, Ordering::Relaxed);
-                self.failed(peer);
+                self.failed(ch, peer);
             }
         }
         r
@@ -115,7 +128,17 @@ impl Devices {
 
     /// An access token in a URL (HTTP and CoAP device APIs).
     pub async fn authenticate_token(&self, peer: IpAddr, token: &str) -> Result<Arc<super::Identity>, AuthError> {
-        match self.authenticate(peer, &Credentials { username: Some(token), password: None, cert_fingerprint: None }, false).await? {
+        self.token_on(Channel::Stream, peer, token).await
+    }
+
+    /// An access token in a CoAP URL: a UDP source address can be forged, so its failures
+    /// count in their own table and never lock that address out of MQTT or HTTP.
+    pub async fn authenticate_token_udp(&self, peer: IpAddr, token: &str) -> Result<Arc<super::Identity>, AuthError> {
+        self.token_on(Channel::Datagram, peer, token).await
+    }
+
+    async fn token_on(&self, ch: Channel, peer: IpAddr, token: &str) -> Result<Arc<super::Identity>, AuthError> {
+        match self.authenticate_on(ch, peer, &Credentials { username: Some(token), password: None, cert_fingerprint: None }, false).await? {
             Principal::Device(i, _) => Ok(i),
             _ => Err(AuthError::BadCredentials),
         }
@@ -151,19 +174,28 @@ impl Devices {
         ok
     }
 
-    fn limited(&self, peer: IpAddr) -> bool {
-        let limit = self.config.devices.auth_fail_limit;
+    /// The failure table and limit of a channel.
+    fn table(&self, ch: Channel) -> (&std::sync::Mutex<std::collections::HashMap<IpAddr, (u32, Instant)>>, u32) {
+        match ch {
+            Channel::Stream => (&self.failures, self.config.devices.auth_fail_limit),
+            Channel::Datagram => (&self.udp_failures, self.config.devices.coap_auth_fail_limit),
+        }
+    }
+
+    fn limited(&self, ch: Channel, peer: IpAddr) -> bool {
+        let (table, limit) = self.table(ch);
         if limit == 0 {
             return false;
         }
         let window = Duration::from_secs(self.config.devices.auth_fail_window_secs.max(1));
-        let m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let m = table.lock().unwrap_or_else(|e| e.into_inner());
         matches!(m.get(&peer), Some((n, since)) if *n >= limit && since.elapsed() < window)
     }
 
-    fn failed(&self, peer: IpAddr) {
+    fn failed(&self, ch: Channel, peer: IpAddr) {
         let window = Duration::from_secs(self.config.devices.auth_fail_window_secs.max(1));
-        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let (table, limit) = self.table(ch);
+        let mut m = table.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() > 100_000 {
             m.retain(|_, (_, since)| since.elapsed() < window);
         }
@@ -172,7 +204,7 @@ impl Devices {
             *e = (0, Instant::now());
         }
         e.0 += 1;
-        if e.0 == self.config.devices.auth_fail_limit {
+        if e.0 == limit {
             tracing::warn!(%peer, failures = e.0, "too many failed logins; refusing this address for the rest of the window");
         }
     }

@@ -116,6 +116,8 @@ pub struct Devices {
     conns: Mutex<HashMap<Arc<str>, HashMap<u64, Kick>>>,
     /// Failed logins per source address: (count, window start).
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// The same for CoAP (UDP) sources, kept apart: see `authenticate_token_udp`.
+    udp_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
     /// Passwords verified recently (argon2 is deliberately slow; reconnect storms are not).
     verified: moka::sync::Cache<[u8; 32], ()>,
     /// Wakes HTTP long polls and CoAP observers of a device when a command is queued.
@@ -193,6 +195,7 @@ impl Devices {
             broker: Arc::downgrade(broker),
             conns: Mutex::default(),
             failures: Mutex::default(),
+            udp_failures: Mutex::default(),
             verified: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(600)).build(),
             waiters: Mutex::default(),
             events: broadcast::channel(4096).0,

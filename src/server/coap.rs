@@ -186,6 +186,14 @@ impl Server {
     async fn request(self: Arc<Self>, req: Packet, peer: SocketAddr) {
         let (answer, observe) = self.route(&req, peer).await;
         let mut resp = self.response(&req, &answer);
+        // A source that did not authenticate gets no answer larger than its request (a
+        // forged UDP source must not turn the node into an amplifier): the code alone.
+        if matches!(answer.0, ResponseType::Unauthorized | ResponseType::TooManyRequests | ResponseType::NotFound)
+            && resp.to_bytes().map_or(0, |b| b.len()) > req.to_bytes().map_or(0, |b| b.len())
+        {
+            resp.payload.clear();
+            resp.clear_option(CoapOption::ContentFormat);
+        }
         if let Some((seq, _)) = &observe {
             resp.set_observe_value(*seq);
         }
@@ -228,7 +236,7 @@ impl Server {
             _ => return (err(ResponseType::NotFound, "not_found", "no resource here"), None),
         };
         let d = &self.devices;
-        let ident = match d.authenticate_token(peer.ip(), token).await {
+        let ident = match d.authenticate_token_udp(peer.ip(), token).await {
             Ok(i) => i,
             Err(AuthError::RateLimited) => return (err(ResponseType::TooManyRequests, "rate_limited", "too many failed logins"), None),
             Err(AuthError::NotAuthorized) => return (err(ResponseType::Forbidden, "forbidden", "device disabled"), None),
