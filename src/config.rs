@@ -39,11 +39,25 @@ pub struct AlertsConfig {
     pub notify_attempts: u32,
     /// Notifications waiting to be sent; beyond it they are dropped and counted.
     pub notify_queue: usize,
+    /// Networks that webhook and e-mail channels may reach although they are not public
+    /// (loopback, private, link-local — cloud metadata —, shared, unique-local). Empty: public
+    /// addresses only, so a tenant cannot make the node call into its own network. Checked on
+    /// the addresses a name resolves to when connecting (no DNS rebinding); redirects are not
+    /// followed.
+    pub allowed_networks: Vec<crate::http::forwarded::IpNet>,
 }
 
 impl Default for AlertsConfig {
     fn default() -> Self {
-        AlertsConfig { enabled: true, tick_ms: 1000, reconcile_ms: 2000, notify_timeout_secs: 10, notify_attempts: 6, notify_queue: 4096 }
+        AlertsConfig {
+            enabled: true,
+            tick_ms: 1000,
+            reconcile_ms: 2000,
+            notify_timeout_secs: 10,
+            notify_attempts: 6,
+            notify_queue: 4096,
+            allowed_networks: vec![],
+        }
     }
 }
 

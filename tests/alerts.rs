@@ -165,6 +165,8 @@ async fn smtp_dialog<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
 fn fast(c: &mut thingsd::config::Config) {
     c.alerts.tick_ms = 100;
     c.alerts.reconcile_ms = 200;
+    // The test's webhook and SMTP sinks listen on loopback, which channels may not reach by default.
+    c.alerts.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
 }
 
 /// Wait until rule `id`'s actor runs on the node at `addr`.
@@ -463,7 +465,7 @@ async fn rule_moves_when_its_node_is_killed() {
     let Some(pg) = common::backends::postgres().await else { return };
     let mut hook = hook(0).await;
     let mut cl = common::cluster::TestCluster::start_some(3, 3, move |_| {
-        format!("\n[meta]\nurl = \"{pg}\"\n\n[devices]\nadmin_key = \"{ADMIN_KEY}\"\n\n[alerts]\ntick_ms = 100\nreconcile_ms = 200\n")
+        format!("\n[meta]\nurl = \"{pg}\"\n\n[devices]\nadmin_key = \"{ADMIN_KEY}\"\n\n[alerts]\ntick_ms = 100\nreconcile_ms = 200\nallowed_networks = [\"127.0.0.0/8\"]\n")
     })
     .await;
     let http = client();

@@ -470,3 +470,67 @@ async fn coap_failures_stay_on_coap_and_do_not_amplify() {
     let r = p.http.post(format!("http://{}/api/v1/{token}/telemetry", p.http_addr())).body(r#"{"t": 1}"#).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
 }
+
+/// Alert channels cannot reach loopback, private or metadata addresses unless an operator
+/// allows them (`alerts.allowed_networks`): by address, by a name resolving there, or by a
+/// redirect from an allowed endpoint.
+#[tokio::test(flavor = "multi_thread")]
+async fn alert_channels_cannot_reach_internal_addresses() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let p = Platform::start(None, |c| {
+        c.alerts.tick_ms = 100;
+        c.alerts.reconcile_ms = 200;
+        c.alerts.notify_attempts = 1;
+    })
+    .await;
+    // An "internal service" on loopback counts every connection it gets.
+    let internal = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = internal.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = internal.accept().await {
+            h.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let channels = [
+        json!({"name": "by-address", "kind": "webhook", "config": {"url": format!("http://127.0.0.1:{port}/x")}}),
+        json!({"name": "by-name", "kind": "webhook", "config": {"url": format!("http://localhost:{port}/x")}}),
+        json!({"name": "metadata", "kind": "webhook", "config": {"url": "http://169.254.169.254/latest/meta-data/"}}),
+        json!({"name": "mail", "kind": "email", "config": {"smtp_host": "localhost", "smtp_port": port, "tls": "none", "from": "a@example.com", "to": ["b@example.com"]}}),
+    ];
+    let mut ids = Vec::new();
+    for c in channels {
+        let (s, v) = p.admin("POST", "/api/v1/channels", Some(c)).await;
+        assert_eq!(s, 200, "{v}");
+        ids.push(v["id"].clone());
+    }
+    let (_, token) = p.create_device("ssrf-1", json!({})).await;
+    let rule = json!({"name": "any", "target": {"device": "ssrf-1"}, "condition": {"key": "t", "op": ">", "value": 0}, "channels": ids});
+    let (s, r) = p.admin("POST", "/api/v1/alert-rules", Some(rule)).await;
+    assert_eq!(s, 200, "{r}");
+    let rid = r["id"].as_i64().unwrap();
+    poll_admin(&p.http, p.http_addr(), &format!("/admin/v1/actors/alert:{rid}"), |v| {
+        v.get("error").is_none() && v["actors"].as_array().is_none_or(|a| !a.is_empty())
+    })
+    .await;
+    let url = format!("http://{}/api/v1/{token}/telemetry", p.http_addr());
+    // Every channel tried, and failed: the failures are counted.
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        assert_eq!(p.http.post(&url).body(r#"{"t": 1}"#).send().await.unwrap().status().as_u16(), 200);
+        let m = p.http.get(format!("http://{}/metrics", p.http_addr())).send().await.unwrap().text().await.unwrap();
+        let failed = m
+            .lines()
+            .find(|l| l.starts_with("thingsd_alert_notifications_total{outcome=\"failed\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        if failed >= 4 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "the channels were not all tried: {failed} failures");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "a notification reached the internal service");
+}

@@ -47,7 +47,16 @@ pub fn validate(kind: &str, config: &Value) -> Result<(), String> {
 pub(super) fn spawn(a: &Arc<Alerts>, mut rx: mpsc::Receiver<Notice>) {
     let weak = Arc::downgrade(a);
     let limit = Arc::new(Semaphore::new(64));
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(a.config.notify_timeout_secs.max(1))).build().unwrap_or_default();
+    let guard = Arc::new(Guard(a.config.allowed_networks.clone()));
+    let http = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(a.config.notify_timeout_secs.max(1)))
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(guard)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => return tracing::error!(error = %e, "cannot build the alert webhook client; webhook channels are off"),
+    };
     tokio::spawn(async move {
         while let Some(n) = rx.recv().await {
             let Some(a) = weak.upgrade() else { return };
@@ -89,8 +98,8 @@ async fn deliver(a: &Alerts, http: &reqwest::Client, ch: &Channel, n: &Notice) {
     let mut wait = Duration::from_millis(500);
     for attempt in 1..=attempts {
         let r = match ch.kind.as_str() {
-            "webhook" => webhook(http, ch, n).await,
-            "email" => email(ch, n, Duration::from_secs(a.config.notify_timeout_secs.max(1))).await,
+            "webhook" => webhook(http, ch, n, &a.config.allowed_networks).await,
+            "email" => email(ch, n, Duration::from_secs(a.config.notify_timeout_secs.max(1)), &a.config.allowed_networks).await,
             other => Err((format!("unknown channel kind {other}"), false)),
         };
         match r {
@@ -120,8 +129,15 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 }
 
 /// POST the notice; Err((why, worth retrying)).
-async fn webhook(http: &reqwest::Client, ch: &Channel, n: &Notice) -> Result<(), (String, bool)> {
+async fn webhook(http: &reqwest::Client, ch: &Channel, n: &Notice, allow: &[IpNet]) -> Result<(), (String, bool)> {
     let url = ch.config.get("url").and_then(Value::as_str).ok_or(("no url".to_string(), false))?;
+    // A name is checked by the client's resolver (`Guard`) when it connects; an address in the
+    // URL never reaches a resolver, so it is checked here.
+    let parsed = reqwest::Url::parse(url).map_err(|e| (format!("url: {e}"), false))?;
+    let literal = parsed.host_str().and_then(|h| h.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok());
+    if let Some(ip) = literal.filter(|ip| !reachable(*ip, allow)) {
+        return Err((format!("{ip} is not a public address (alerts.allowed_networks)"), false));
+    }
     let payload = body(n).to_string();
     let mut req = http
         .post(url)
@@ -186,7 +202,7 @@ fn smtp_tls(c: &Value) -> Result<lettre::transport::smtp::client::Tls, String> {
     })
 }
 
-async fn email(ch: &Channel, n: &Notice, timeout: Duration) -> Result<(), (String, bool)> {
+async fn email(ch: &Channel, n: &Notice, timeout: Duration, allow: &[IpNet]) -> Result<(), (String, bool)> {
     use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
     let c = &ch.config;
     let s = |k: &str| c.get(k).and_then(Value::as_str);
@@ -217,9 +233,101 @@ async fn email(ch: &Channel, n: &Notice, timeout: Duration) -> Result<(), (Strin
     );
     let msg = m.body(text).map_err(|e| bad(e.to_string()))?;
     let tls = smtp_tls(c).map_err(bad)?;
-    let mut t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host).port(port).timeout(Some(timeout)).tls(tls);
+    // Connect to an address checked now (the TLS parameters still name the host), so the
+    // name cannot resolve to something else between the check and the connection.
+    let addrs: Vec<IpAddr> =
+        tokio::net::lookup_host((host, port)).await.map_err(|e| (format!("{host}: {e}"), true))?.map(|a| a.ip()).collect();
+    let ip = addrs
+        .iter()
+        .copied()
+        .find(|ip| reachable(*ip, allow))
+        .ok_or_else(|| bad(format!("{host} resolves to no public address ({addrs:?}; alerts.allowed_networks)")))?;
+    let mut t = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(ip.to_string()).port(port).timeout(Some(timeout)).tls(tls);
     if let (Some(u), Some(p)) = (s("username"), s("password")) {
         t = t.credentials(lettre::transport::smtp::authentication::Credentials::new(u.into(), p.into()));
     }
     t.build().send(msg).await.map(|_| ()).map_err(|e| (e.to_string(), !e.is_permanent()))
+}
+
+use crate::http::forwarded::IpNet;
+use std::net::IpAddr;
+
+/// May a notification connect to `ip`? Public addresses: yes; loopback, private, link-local
+/// (cloud metadata lives there), shared (100.64/10), unique-local, unspecified, multicast and
+/// documentation ranges only inside `alerts.allowed_networks`.
+pub fn reachable(ip: IpAddr, allow: &[IpNet]) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    let internal = match ip {
+        IpAddr::V4(v) => {
+            let o = v.octets();
+            v.is_loopback()
+                || v.is_private()
+                || v.is_link_local()
+                || v.is_unspecified()
+                || v.is_broadcast()
+                || v.is_multicast()
+                || v.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || o[0] >= 240
+        }
+        IpAddr::V6(v) => {
+            let s = v.segments();
+            v.is_loopback() || v.is_unspecified() || v.is_multicast() || (s[0] & 0xfe00) == 0xfc00 || (s[0] & 0xffc0) == 0xfe80
+        }
+    };
+    !internal || allow.iter().any(|n| n.contains(ip))
+}
+
+/// The webhook client's resolver: a name resolves only to addresses [`reachable`] allows,
+/// checked at connect time, so DNS rebinding cannot point a channel inside.
+struct Guard(Vec<IpNet>);
+
+impl reqwest::dns::Resolve for Guard {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let allow = self.0.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let ok: Vec<std::net::SocketAddr> = all.iter().copied().filter(|a| reachable(a.ip(), &allow)).collect();
+            if ok.is_empty() {
+                let why = format!("{host} resolves to no public address ({all:?}; alerts.allowed_networks)");
+                return Err(why.into());
+            }
+            Ok(Box::new(ok.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+
+    #[test]
+    fn internal_addresses_need_the_allow_list() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(!reachable(ip, &[]), "{ip}");
+        }
+        for ip in ["93.184.216.34", "8.8.8.8", "2606:4700::1111"] {
+            assert!(reachable(ip.parse().unwrap(), &[]), "{ip}");
+        }
+        assert!(reachable("127.0.0.1".parse().unwrap(), &["127.0.0.0/8".parse().unwrap()]));
+    }
 }
