@@ -534,3 +534,24 @@ async fn alert_channels_cannot_reach_internal_addresses() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0, "a notification reached the internal service");
 }
+
+/// A node that crashes does not leave its devices "online" forever: a survivor marks them
+/// offline (so `offline_secs` rules fire), and a device that reconnects is online again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crashed_nodes_devices_go_offline() {
+    let Some(pg) = common::backends::postgres().await else { return };
+    let mut cl = crate::common::cluster::TestCluster::start_some(2, 2, move |_| {
+        format!("\n[meta]\nurl = \"{pg}\"\n\n[devices]\nadmin_key = \"{ADMIN_KEY}\"\n")
+    })
+    .await;
+    let http = client();
+    let n1 = cl.http(0);
+    let (_, t) = create_device(&http, n1, "crash-1", json!({})).await;
+    let mut d = device(cl.mqtt(1), Protocol::V5, "c", &t).await;
+    d.sync().await;
+    wait_online(&http, n1, "crash-1", true).await;
+    cl.kill(1).await;
+    wait_online(&http, n1, "crash-1", false).await;
+    let _d = device(cl.mqtt(0), Protocol::V5, "c", &t).await;
+    wait_online(&http, n1, "crash-1", true).await;
+}

@@ -214,6 +214,7 @@ impl Devices {
             tracing::info!(tokens = hashed, "stored access tokens of an older build as digests");
         }
         d.listen_for_notices().await;
+        Devices::watch_members(&d);
         downlink::spawn_expiry(&d);
         tracing::info!(meta = ?d.meta.backend(), cache = d.cache.kind(), "device registry ready");
         Ok(d)

@@ -79,7 +79,8 @@ impl Devices {
 
     async fn write_status(&self, number: &str, online: bool, ts: u64) {
         let Some(b) = self.broker() else { return };
-        let payload = serde_json::json!({"online": online, "ts": ts}).to_string();
+        // `node`: who wrote it, so the survivors can mark a crashed node's devices offline.
+        let payload = serde_json::json!({"online": online, "ts": ts, "node": &*b.config.node.name}).to_string();
         self.cache.set(&format!("status:{number}"), &payload, Duration::from_secs(30 * 86_400)).await;
         if let Some(l) = b.live.get().filter(|l| l.watched()) {
             let data = serde_json::json!({"online": online});
@@ -88,6 +89,58 @@ impl Devices {
         let msg = Arc::new(Message::from_node(status_topic(number), payload, QoS::AtLeastOnce, true));
         b.retain(msg.clone()).await;
         b.publish(msg);
+    }
+
+    /// Follow cluster membership: when a node is declared down, the devices it said were online
+    /// (and that are not connected here) are marked offline by their rendezvous owner among the
+    /// survivors, so `offline_secs` rules fire; when a node comes (back) up, this node says
+    /// again which devices are connected to it (after a partition the other side may have
+    /// marked them offline).
+    pub(super) fn watch_members(me: &Arc<Devices>) {
+        let Some(c) = me.broker().and_then(|b| b.cluster.get().cloned()) else { return };
+        let mut rx = c.events.subscribe();
+        let weak = Arc::downgrade(me);
+        tokio::spawn(async move {
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                let Some(d) = weak.upgrade() else { return };
+                match ev {
+                    crate::cluster::ClusterEvent::MemberDown { name, .. } => d.orphaned(&c, &name).await,
+                    crate::cluster::ClusterEvent::MemberUp { .. } => {
+                        let here: Vec<Arc<str>> = d.conns.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+                        for n in here {
+                            d.publish_status(&n, true).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Mark offline the devices node `dead` last said were online on it.
+    async fn orphaned(&self, c: &crate::cluster::Cluster, dead: &str) {
+        let Some(b) = self.broker() else { return };
+        let statuses = b.retained.load().matching("devices/status/+");
+        let mut n = 0;
+        for m in statuses {
+            let Some(number) = m.topic.strip_prefix("devices/status/") else { continue };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) else { continue };
+            if v["online"] != true || v["node"] != dead {
+                continue;
+            }
+            let local = self.conns.lock().is_ok_and(|m| m.contains_key(number));
+            if !local && *c.owner_of(number) == *b.config.node.name {
+                self.publish_status(number, false).await;
+                n += 1;
+            }
+        }
+        if n > 0 {
+            tracing::info!(node = dead, devices = n, "marked the devices of a lost node offline");
+        }
     }
 
     /// Record activity (written to the cache at most every 10 s per device; no allocation on
