@@ -555,3 +555,40 @@ async fn a_crashed_nodes_devices_go_offline() {
     let _d = device(cl.mqtt(0), Protocol::V5, "c", &t).await;
     wait_online(&http, n1, "crash-1", true).await;
 }
+
+/// A session belongs to the principal that made it: another service account reusing its
+/// client id starts clean and receives nothing of it.
+#[tokio::test]
+async fn sessions_are_bound_to_their_principal() {
+    let p = Platform::start(None, |c| {
+        c.devices.services.push(thingsd::config::ServiceAccount {
+            username: "other-svc".into(),
+            password_hash: thingsd::devices::hash_password(b"other-password-1"),
+            publish: vec!["#".into()],
+            subscribe: vec!["devices/#".into()],
+        });
+    })
+    .await;
+    let persistent = |user: &str, pass: &str| {
+        let mut c = connect_packet(Protocol::V5, "shared-id", false);
+        c.username = Some(user.into());
+        c.password = Some(bytes::Bytes::copy_from_slice(pass.as_bytes()));
+        c.props.session_expiry_interval = Some(3600);
+        c
+    };
+    let (mut a, ack) = Raw::session(p.node.tcp, persistent(SVC_USER, SVC_PASS)).await;
+    assert_eq!(ack.code, 0);
+    assert_eq!(sub(&mut a, "devices/#").await, [1]);
+    a.send(disconnect()).await;
+    let (_, token) = p.create_device("bound-1", json!({})).await;
+    let (mut b, ack) = Raw::session(p.node.tcp, persistent("other-svc", "other-password-1")).await;
+    assert_eq!(ack.code, 0);
+    assert!(!ack.session_present, "another principal inherited the session");
+    let mut d = device(p.node.tcp, Protocol::V5, "bound-dev", &token).await;
+    assert!([0, reason::NO_MATCHING_SUBSCRIBERS].contains(&pub1(&mut d, "devices/telemetry", 1, r#"{"t": 1}"#).await));
+    let seen = b.sync().await;
+    assert!(!seen.iter().any(|p| matches!(p, Packet::Publish(_))), "it received the other's subscription: {seen:?}");
+    // The owner gets its own session back.
+    let (_, ack) = Raw::session(p.node.tcp, persistent(SVC_USER, SVC_PASS)).await;
+    assert!(ack.session_present);
+}

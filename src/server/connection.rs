@@ -254,14 +254,17 @@ where
     if broker.tracer.on() {
         broker.tracer.packet(&cfg.node.name, &shown, "in", &Packet::Connect(Box::new(c.clone())), protocol);
     }
-    // A device's sessions live in its own client-id namespace.
+    // A device's sessions live in its own client-id namespace, and so do a service account's
+    // ("@" never occurs in a device number): nobody inherits another principal's session by
+    // reusing its client id.
     let device = principal.device().cloned();
-    let client_id = match &device {
-        Some(i) => {
+    let client_id = match (&device, &principal) {
+        (Some(i), _) => {
             tracing::Span::current().record("device", &*i.device_number);
             crate::devices::session_key(&i.device_number, &client_id)
         }
-        None => client_id,
+        (None, Principal::Service(_)) => crate::devices::session_key(&format!("@{}", c.username.as_deref().unwrap_or("")), &client_id),
+        (None, _) => client_id,
     };
 
     // The will must be something this client may publish: checked now, never stored otherwise.
