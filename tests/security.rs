@@ -592,3 +592,41 @@ async fn sessions_are_bound_to_their_principal() {
     let (_, ack) = Raw::session(p.node.tcp, persistent(SVC_USER, SVC_PASS)).await;
     assert!(ack.session_present);
 }
+
+/// WebSocket frames and messages are bounded by `mqtt.max_packet_size` before CONNECT: a
+/// stranger cannot make the node buffer a 64 MiB message (tungstenite's own default).
+#[tokio::test]
+async fn websocket_messages_are_bounded_before_connect() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
+    let n = common::start(|c| {
+        c.mqtt.max_packet_size = 64 * 1024;
+        // Only the bound may end it: not the wait for CONNECT.
+        c.mqtt.connect_timeout_secs = 120;
+    })
+    .await;
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!("ws://{}/mqtt", n.ws)).unwrap();
+    req.headers_mut().insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    // One message in unfinished fragments: the node must give up once it passes the bound,
+    // not wait for the rest.
+    let chunk = vec![0u8; 32 * 1024];
+    let mut sent = 0;
+    let closed = tokio::time::timeout(DEADLINE, async {
+        for i in 0..64 {
+            let op = if i == 0 { OpCode::Data(Data::Binary) } else { OpCode::Data(Data::Continue) };
+            if ws.send(Message::Frame(Frame::message(chunk.clone(), op, false))).await.is_err() {
+                return true;
+            }
+            sent += chunk.len();
+        }
+        // Everything sent (2 MiB, far past the bound): the node must have closed by now.
+        matches!(ws.next().await, None | Some(Err(_)) | Some(Ok(Message::Close(_))))
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "the node kept buffering a WebSocket message ({sent} bytes sent)");
+    // Others are served.
+    Raw::v5(n.tcp, "after-ws").await;
+}
