@@ -373,6 +373,10 @@ pub struct MqttConfig {
     /// protocol has no expiry, and "forever" lets abandoned client ids hold memory, disk and
     /// queued messages without bound (capped by `max_session_expiry_secs`).
     pub v311_session_expiry_secs: u32,
+    /// Sessions (connected or not) one device or service account may hold on a node. A new
+    /// client id beyond it ends that principal's longest-disconnected session; when all are
+    /// connected, the CONNECT is refused with 0x97 (3.1.1: 3). 0 = no cap.
+    pub max_sessions_per_principal: usize,
     /// Bound of each connection's outbound packet queue.
     pub outbound_queue: usize,
     /// Interval of `$SYS/broker/...` updates, in seconds; 0 disables them.
@@ -402,6 +406,7 @@ impl Default for MqttConfig {
             max_keepalive_secs: 0,
             max_session_expiry_secs: u32::MAX,
             v311_session_expiry_secs: 7 * 24 * 3600,
+            max_sessions_per_principal: 16,
             outbound_queue: 1024,
             sys_interval_secs: 10,
             shards: 8,

@@ -630,3 +630,55 @@ async fn websocket_messages_are_bounded_before_connect() {
     // Others are served.
     Raw::v5(n.tcp, "after-ws").await;
 }
+
+/// A device may hold `mqtt.max_sessions_per_principal` sessions on a node: a new client id
+/// beyond it ends the device's longest-disconnected session, and is refused (0x97) while all
+/// of them are connected. Random client ids cannot fill a node's memory and disk.
+#[tokio::test]
+async fn sessions_per_device_are_capped() {
+    let p = Platform::start(None, |c| c.mqtt.max_sessions_per_principal = 2).await;
+    let (_, token) = p.create_device("capped-1", json!({})).await;
+    let (_, other) = p.create_device("capped-2", json!({})).await;
+    let tcp = p.node.tcp;
+    let persistent = |id: &str, token: &str| {
+        let mut c = connect_packet(Protocol::V5, id, false);
+        c.username = Some(token.into());
+        c.props.session_expiry_interval = Some(3600);
+        c
+    };
+    // Polls until the CONNECT gets `code` (a disconnect reaches the session asynchronously).
+    let until = |id: &'static str, code: u8| {
+        let c = persistent(id, &token);
+        async move {
+            tokio::time::timeout(DEADLINE, async {
+                loop {
+                    let (r, ack) = Raw::session(tcp, c.clone()).await;
+                    if ack.code == code {
+                        return (r, ack);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{id} never got CONNACK {code:#x}"))
+        }
+    };
+    let (mut a, ack) = Raw::session(tcp, persistent("cap-a", &token)).await;
+    assert_eq!(ack.code, 0);
+    assert_eq!(sub(&mut a, "v1/devices/me/attributes").await, [1]);
+    let (_b, ack) = Raw::session(tcp, persistent("cap-b", &token)).await;
+    assert_eq!(ack.code, 0);
+    let (_, ack) = Raw::session(tcp, persistent("cap-c", &token)).await;
+    assert_eq!(ack.code, reason::QUOTA_EXCEEDED, "a third connected session was let in");
+    // Another device is not affected.
+    let (_, ack) = Raw::session(tcp, persistent("cap-c", &other)).await;
+    assert_eq!(ack.code, 0);
+    // Once `a` is away, `c` takes its place and `a`'s session is gone.
+    a.send(disconnect()).await;
+    let (mut c, _) = until("cap-c", 0).await;
+    let (_, ack) = Raw::session(tcp, persistent("cap-a", &token)).await;
+    assert_eq!(ack.code, reason::QUOTA_EXCEEDED, "cap-a's session still existed beside two others");
+    c.send(disconnect()).await;
+    let (_, ack) = until("cap-a", 0).await;
+    assert!(!ack.session_present, "the session that made way came back");
+}

@@ -59,6 +59,14 @@ pub enum RegistryMessage {
     /// A device was deleted: end every session of its client-id namespace here (no will), so a
     /// new device given the same number starts clean.
     DiscardDevice(Arc<str>),
+    /// Make room for the session `client` of a principal's namespace (`…\0id` keys) within
+    /// `cap`: true when it exists, fits, or fits after ending the namespace's
+    /// longest-disconnected session; false when every session there is connected.
+    Room {
+        client: Arc<str>,
+        cap: usize,
+        reply: RpcReplyPort<bool>,
+    },
     SessionEnded {
         client_id: Arc<str>,
         id: ActorId,
@@ -118,6 +126,41 @@ impl RegistryState {
             .map_err(|e| e.to_string())?;
         self.sessions.insert(client_id, s.clone());
         Ok(s)
+    }
+}
+
+impl RegistryState {
+    async fn room(&mut self, client: &Arc<str>, cap: usize) -> bool {
+        let Some(cut) = client.find('\u{0}') else { return true };
+        if cap == 0 || self.sessions.contains_key(client) {
+            return true;
+        }
+        let prefix = &client[..=cut];
+        let same: Vec<(Arc<str>, ActorRef<SessionMessage>)> =
+            self.sessions.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, s)| (k.clone(), s.clone())).collect();
+        if same.len() < cap {
+            return true;
+        }
+        // The namespace is full: the session its principal left longest ago makes way.
+        let mut idle: Option<(u64, Arc<str>)> = None;
+        for (k, s) in &same {
+            if let Ok(ractor::rpc::CallResult::Success(i)) = s.ask(SessionMessage::Info, CALL).await {
+                if let (false, Some(at)) = (i.connected, i.disconnected_at_ms) {
+                    if idle.as_ref().is_none_or(|(t, _)| at < *t) {
+                        idle = Some((at, k.clone()));
+                    }
+                }
+            }
+        }
+        let Some((_, k)) = idle else { return false };
+        let Some(s) = self.sessions.remove(&k) else { return false };
+        tracing::info!(client_id = %k, cap, "session limit of its principal reached: ending its longest-disconnected session");
+        let gen = self.gens.remove(&k).unwrap_or(0);
+        let _ = s.ask(SessionMessage::Discard, CALL).await;
+        if let Some(c) = self.broker.cluster.get() {
+            c.disowned(k, gen);
+        }
+        same.len() - 1 < cap
     }
 }
 
@@ -240,6 +283,9 @@ impl Actor for RegistryActor {
                         let _ = s.ask(SessionMessage::Discard, CALL).await;
                     }
                 }
+            }
+            RegistryMessage::Room { client, cap, reply } => {
+                let _ = reply.send(st.room(&client, cap).await);
             }
             RegistryMessage::Owned(reply) => {
                 let _ = reply.send(st.sessions.keys().map(|c| (c.clone(), st.gens.get(c).copied().unwrap_or(0))).collect());

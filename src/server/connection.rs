@@ -337,6 +337,20 @@ where
         (shown.clone(), username.clone()),
     ));
     let registry = broker.registry()?;
+    let room = registry
+        .ask(
+            |reply| RegistryMessage::Room { client: client_id.clone(), cap: cfg.mqtt.max_sessions_per_principal, reply },
+            Some(Duration::from_secs(15)),
+        )
+        .await;
+    if !matches!(room, Ok(ractor::rpc::CallResult::Success(true))) {
+        tracing::info!(cap = cfg.mqtt.max_sessions_per_principal, "CONNECT refused: every session of this principal is connected");
+        let _ = tx.try_send(Outbound::Packet(Box::new(connack(reason::QUOTA_EXCEEDED))));
+        let _ = tx.try_send(Outbound::Disconnect(reason::QUOTA_EXCEEDED));
+        drop(tx);
+        let _ = writer.await;
+        return None;
+    }
     let cid = client_id.clone();
     // In a cluster, the client id's registrar serialises connects cluster-wide and hands the
     // session over from the node that had it.
