@@ -233,6 +233,8 @@ pub struct DevicesConfig {
     /// The same for CoAP sources, counted apart (a UDP source address can be forged, so CoAP
     /// failures never lock an address out of MQTT or HTTP).
     pub coap_auth_fail_limit: u32,
+    /// CoAP observations one device may hold; a new one beyond it ends the device's oldest.
+    pub coap_max_observations: usize,
     /// Default lifetime of a queued command or attribute set.
     pub command_ttl_secs: u64,
     /// Longest HTTP `GET /api/v1/{token}/rpc` wait.
@@ -255,6 +257,7 @@ impl Default for DevicesConfig {
             auth_fail_limit: 10,
             auth_fail_window_secs: 60,
             coap_auth_fail_limit: 5,
+            coap_max_observations: 8,
             command_ttl_secs: 86_400,
             max_poll_secs: 60,
             admin_key: String::new(),

@@ -97,7 +97,7 @@ impl Coap {
         Coap { sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(), to, mid: 100 }
     }
 
-    fn request(&mut self, method: RequestType, path: &str, con: bool, payload: &str) -> Packet {
+    pub(crate) fn request(&mut self, method: RequestType, path: &str, con: bool, payload: &str) -> Packet {
         let mut p = Packet::new();
         p.header.set_type(if con { MessageType::Confirmable } else { MessageType::NonConfirmable });
         p.header.code = MessageClass::Request(method);
@@ -111,11 +111,11 @@ impl Coap {
         p
     }
 
-    async fn send(&self, p: &Packet) {
+    pub(crate) async fn send(&self, p: &Packet) {
         self.sock.send_to(&p.to_bytes().unwrap(), self.to).await.unwrap();
     }
 
-    async fn recv(&self) -> Packet {
+    pub(crate) async fn recv(&self) -> Packet {
         let mut buf = vec![0u8; 65_535];
         let (n, _) = tokio::time::timeout(DEADLINE, self.sock.recv_from(&mut buf)).await.expect("CoAP answer in time").unwrap();
         Packet::from_bytes(&buf[..n]).expect("server sent a valid CoAP message")

@@ -682,3 +682,36 @@ async fn sessions_per_device_are_capped() {
     let (_, ack) = until("cap-a", 0).await;
     assert!(!ack.session_present, "the session that made way came back");
 }
+
+/// One device may hold `devices.coap_max_observations` CoAP observations: registering more
+/// (new tokens, new source ports) ends its oldest, so a device cannot fill the node's table.
+#[tokio::test]
+async fn coap_observations_per_device_are_capped() {
+    use crate::device_http_coap::{code, Coap};
+    use coap_lite::{MessageType, RequestType, ResponseType};
+    let p = Platform::start(None, |c| c.devices.coap_max_observations = 2).await;
+    let (_, token) = p.create_device("observer-1", json!({})).await;
+    let mut c = Coap::new(p.node.coap.expect("coap listener")).await;
+    let path = format!("api/v1/{token}/rpc");
+    let mut tokens = vec![];
+    for _ in 0..3 {
+        let mut reg = c.request(RequestType::Get, &path, true, "");
+        reg.set_observe_value(0);
+        c.send(&reg).await;
+        let ack = c.recv().await;
+        assert_eq!((code(&ack), ack.get_token()), (ResponseType::Content, reg.get_token()));
+        tokens.push(reg.get_token().to_vec());
+    }
+    p.admin("POST", "/api/v1/devices/observer-1/commands", Some(json!({"method": "ping"}))).await;
+    // Notifications are not acknowledged, so every live observation sends its own and then
+    // retransmits it (after 2 s): once both newer ones have retransmitted, the oldest would
+    // long have sent its first.
+    let mut seen = [0usize; 3];
+    while seen[1] < 2 || seen[2] < 2 {
+        let n = c.recv().await;
+        assert_eq!(n.header.get_type(), MessageType::Confirmable);
+        let i = tokens.iter().position(|t| t.as_slice() == n.get_token()).expect("a notification for a registered token");
+        seen[i] += 1;
+    }
+    assert_eq!(seen[0], 0, "the oldest observation outlived the cap: {seen:?}");
+}

@@ -38,8 +38,10 @@ struct Server {
     recent: Mutex<HashMap<Exchange, (Instant, Vec<u8>)>>,
     /// Confirmable notifications waiting for their ACK (true) or RST (false).
     acks: Mutex<HashMap<(SocketAddr, u16), oneshot::Sender<bool>>>,
-    /// Observations: (peer, token) → cancel.
-    observers: Mutex<HashMap<(SocketAddr, Vec<u8>), CancellationToken>>,
+    /// Observations: (peer, token) → the observation.
+    observers: Mutex<HashMap<(SocketAddr, Vec<u8>), Observing>>,
+    /// Order of registrations (the oldest of a device makes way for its newest).
+    registered: std::sync::atomic::AtomicU64,
     next_mid: std::sync::atomic::AtomicU16,
     stop: CancellationToken,
 }
@@ -52,6 +54,7 @@ pub async fn serve(sock: UdpSocket, devices: Arc<Devices>, shutdown: Cancellatio
         recent: Mutex::default(),
         acks: Mutex::default(),
         observers: Mutex::default(),
+        registered: std::sync::atomic::AtomicU64::new(0),
         next_mid: std::sync::atomic::AtomicU16::new(rand::random()),
         stop: shutdown.clone(),
     });
@@ -122,7 +125,7 @@ pub async fn serve(sock: UdpSocket, devices: Arc<Devices>, shutdown: Cancellatio
         }
     }
     let observers: Vec<CancellationToken> = match srv.observers.lock() {
-        Ok(mut m) => m.drain().map(|(_, c)| c).collect(),
+        Ok(mut m) => m.drain().map(|(_, o)| o.cancel).collect(),
         Err(_) => vec![],
     };
     observers.iter().for_each(CancellationToken::cancel);
@@ -248,8 +251,8 @@ impl Server {
         let observe = matches!(req.get_observe_value(), Some(Ok(0)));
         let deregister = matches!(req.get_observe_value(), Some(Ok(1)));
         if deregister {
-            if let Some(c) = self.observers.lock().ok().and_then(|mut m| m.remove(&(peer, req.get_token().to_vec()))) {
-                c.cancel();
+            if let Some(o) = self.observers.lock().ok().and_then(|mut m| m.remove(&(peer, req.get_token().to_vec()))) {
+                o.cancel.cancel();
             }
         }
         match (method, rest) {
@@ -333,8 +336,25 @@ impl Server {
                 tracing::warn!(%peer, "CoAP observer limit reached; not observing");
                 return;
             }
-            if let Some(old) = m.insert((peer, token.clone()), cancel.clone()) {
-                old.cancel();
+            let key = (peer, token.clone());
+            let device = obs.ident.device_id;
+            // A device that registers again (a new source port after NAT rebinding, a reboot)
+            // leaves its old observations behind: beyond the cap, the oldest ends.
+            let cap = self.devices.config.devices.coap_max_observations.max(1);
+            let mut own: Vec<(u64, (SocketAddr, Vec<u8>))> =
+                m.iter().filter(|(k, o)| o.device == device && **k != key).map(|(k, o)| (o.order, k.clone())).collect();
+            if own.len() >= cap {
+                own.sort_unstable();
+                for (_, k) in own.iter().take(own.len() + 1 - cap) {
+                    if let Some(o) = m.remove(k) {
+                        tracing::info!(device = %obs.ident.device_number, peer = %k.0, cap, "CoAP observations of this device at their limit; ending the oldest");
+                        o.cancel.cancel();
+                    }
+                }
+            }
+            let order = self.registered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(old) = m.insert(key, Observing { device, order, cancel: cancel.clone() }) {
+                old.cancel.cancel();
             }
         }
         let d = self.devices.clone();
@@ -379,7 +399,7 @@ impl Server {
             }
         }
         if let Ok(mut m) = self.observers.lock() {
-            if m.get(&(peer, token.clone())).is_some_and(|c| c.is_cancelled() || c == &cancel) {
+            if m.get(&(peer, token.clone())).is_some_and(|o| o.cancel.is_cancelled() || o.cancel == cancel) {
                 m.remove(&(peer, token));
             }
         }
@@ -414,6 +434,13 @@ impl Server {
         }
         result
     }
+}
+
+/// A registered observation.
+struct Observing {
+    device: i64,
+    order: u64,
+    cancel: CancellationToken,
 }
 
 /// What an observer watches: downlinks of these kinds for this device.
