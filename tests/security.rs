@@ -715,3 +715,64 @@ async fn coap_observations_per_device_are_capped() {
     }
     assert_eq!(seen[0], 0, "the oldest observation outlived the cap: {seen:?}");
 }
+
+/// A channel's header values are secrets like its `secret`: readers see `********`, and saving
+/// back what was read keeps the real values (the webhook still sends them).
+#[tokio::test]
+async fn alert_channel_headers_are_redacted_for_readers() {
+    let p = Platform::start(None, |c| {
+        c.alerts.tick_ms = 100;
+        c.alerts.reconcile_ms = 200;
+        c.alerts.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_string));
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let config = json!({"url": hook, "secret": "sig-secret-1", "headers": {"X-Api-Key": "hdr-secret-1"}});
+    let (s, ch) = p.admin("POST", "/api/v1/channels", Some(json!({"name": "keyed", "kind": "webhook", "config": config}))).await;
+    assert_eq!(s, 200, "{ch}");
+    let id = ch["id"].as_i64().unwrap();
+    // A reader (alert:read) sees neither secret.
+    let (s, _) =
+        p.admin("POST", "/api/v1/users", Some(json!({"username": "reader", "password": "reader-pw-1", "role": "tenant_user"}))).await;
+    assert_eq!(s, 200);
+    let reader = login_user(&p.http, p.http_addr(), "reader", "reader-pw-1").await["access_token"].as_str().unwrap().to_string();
+    let (s, shown) = call(&p.http, p.http_addr(), &reader, "GET", &format!("/api/v1/channels/{id}"), None).await;
+    assert_eq!(s, 200, "{shown}");
+    let (_, listed) = call(&p.http, p.http_addr(), &reader, "GET", "/api/v1/channels", None).await;
+    for body in [&ch, &shown, &listed] {
+        let text = body.to_string();
+        assert!(!text.contains("hdr-secret-1") && !text.contains("sig-secret-1"), "a secret is shown: {text}");
+    }
+    assert_eq!(shown["config"]["headers"]["X-Api-Key"], "********");
+    // Saved back as read: the stored values stay.
+    let (s, v) = p
+        .admin("PUT", &format!("/api/v1/channels/{id}"), Some(json!({"name": "keyed", "kind": "webhook", "config": shown["config"]})))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (_, token) = p.create_device("keyed-1", json!({})).await;
+    let rule = json!({"name": "any", "target": {"device": "keyed-1"}, "condition": {"key": "t", "op": ">", "value": 0}, "channels": [id]});
+    let (s, r) = p.admin("POST", "/api/v1/alert-rules", Some(rule)).await;
+    assert_eq!(s, 200, "{r}");
+    let rid = r["id"].as_i64().unwrap();
+    poll_admin(&p.http, p.http_addr(), &format!("/admin/v1/actors/alert:{rid}"), |v| {
+        v.get("error").is_none() && v["actors"].as_array().is_none_or(|a| !a.is_empty())
+    })
+    .await;
+    let url = format!("http://{}/api/v1/{token}/telemetry", p.http_addr());
+    assert_eq!(p.http.post(&url).body(r#"{"t": 1}"#).send().await.unwrap().status().as_u16(), 200);
+    let got = tokio::time::timeout(DEADLINE, rx.recv()).await.expect("the webhook was called").unwrap();
+    assert_eq!(got.as_deref(), Some("hdr-secret-1"));
+}

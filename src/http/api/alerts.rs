@@ -191,14 +191,42 @@ fn check_channel(b: &ChannelBody) -> Result<(), ApiError> {
     crate::alerts::notify::validate(&b.kind, &b.config).map_err(bad)
 }
 
-/// Channels are shown without their secrets.
+/// What a secret of a channel reads as.
+const HIDDEN: &str = "********";
+
+/// Channels are shown without their secrets: `secret`, `password` and every header value
+/// (headers carry API keys and bearer tokens).
 fn redacted(mut c: Channel) -> Channel {
     for k in ["secret", "password"] {
         if let Some(v) = c.config.get_mut(k) {
-            *v = json!("********");
+            *v = json!(HIDDEN);
         }
     }
+    if let Some(h) = c.config.get_mut("headers").and_then(Value::as_object_mut) {
+        h.values_mut().for_each(|v| *v = json!(HIDDEN));
+    }
     c
+}
+
+/// An update that sends a secret back as shown keeps the stored one, so a client may save
+/// what it read.
+fn keep_hidden(new: &mut Value, old: &Value) {
+    let hidden = json!(HIDDEN);
+    for k in ["secret", "password"] {
+        if let (true, Some(o)) = (new.get(k) == Some(&hidden), old.get(k)) {
+            new[k] = o.clone();
+        }
+    }
+    let old_headers = old.get("headers").and_then(Value::as_object);
+    if let (Some(h), Some(oh)) = (new.get_mut("headers").and_then(Value::as_object_mut), old_headers) {
+        for (name, v) in h.iter_mut() {
+            if *v == hidden {
+                if let Some(o) = oh.get(name) {
+                    *v = o.clone();
+                }
+            }
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/channels", tag = "alerts", params(ListParams), responses((status = 200, description = "a page of channels")))]
@@ -229,9 +257,10 @@ async fn get_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Ans
 }
 
 #[utoipa::path(put, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), request_body = ChannelBody, responses((status = 200, description = "the channel")))]
-async fn update_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<ChannelBody>) -> Answer {
+async fn update_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(mut b): Body<ChannelBody>) -> Answer {
     let old = c.channel(&devices(&s)?.meta, id).await?;
     c.require("channel:manage")?;
+    keep_hidden(&mut b.config, &old.config);
     check_channel(&b)?;
     let d = devices(&s)?;
     let ch = d.meta.update_channel(id, &b.name, &b.kind, &b.config).await?;
