@@ -149,6 +149,9 @@ pub struct TelemetryConfig {
     /// Longest an MQTT device waits for room before it is disconnected (0x89 server busy)
     /// and an HTTP/CoAP request waits before 503 / 5.03.
     pub wait_ms: u64,
+    /// Longest a device waits for its points to be written (durability `written`/`synced`);
+    /// then it is answered busy (HTTP 503, CoAP 5.03, MQTT 0x89) and the points stay queued.
+    pub ack_timeout_ms: u64,
     /// Embedded store: points buffered (and in the WAL) before they become a segment.
     pub segment_points: usize,
     /// Default days raw points are kept (tenant and product policies may differ); 0 = forever.
@@ -168,6 +171,7 @@ impl Default for TelemetryConfig {
             batch_points: 10_000,
             writer_queue: 100_000,
             wait_ms: 2_000,
+            ack_timeout_ms: 10_000,
             segment_points: 500_000,
             retention_days: 0,
             maintenance_secs: 600,

@@ -776,3 +776,130 @@ async fn alert_channel_headers_are_redacted_for_readers() {
     let got = tokio::time::timeout(DEADLINE, rx.recv()).await.expect("the webhook was called").unwrap();
     assert_eq!(got.as_deref(), Some("hdr-secret-1"));
 }
+
+/// A described key's value of the wrong type is refused even by a non-strict product (its
+/// count, sum and average would not agree otherwise); keys the model does not describe pass.
+#[tokio::test]
+async fn values_keep_the_thing_models_types() {
+    let p = Platform::start(None, |_| {}).await;
+    let model = json!({"telemetry": [{"key": "temp", "type": "number"}], "attributes": [{"key": "fw", "type": "string"}]});
+    let (s, prod) = p.admin("POST", "/api/v1/products", Some(json!({"name": "loose", "strict": false, "model": model}))).await;
+    assert_eq!(s, 200, "{prod}");
+    let (_, token) = p.create_device("typed-1", json!({"product_id": prod["id"]})).await;
+    let url = |what: &str| format!("http://{}/api/v1/{token}/{what}", p.http_addr());
+    let post = |what: &'static str, body: &'static str| {
+        let (http, url) = (p.http.clone(), url(what));
+        async move {
+            let r = http.post(url).body(body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for (what, bad) in [("telemetry", r#"{"temp": "hot"}"#), ("telemetry", r#"{"temp": true, "x": 1}"#), ("attributes", r#"{"fw": 2}"#)] {
+        let (s, v) = post(what, bad).await;
+        assert_eq!(s, 400, "{bad}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("expected"), "{v}");
+    }
+    assert_eq!(post("telemetry", r#"{"temp": 21.5, "undescribed": "any"}"#).await.0, 200);
+    assert_eq!(post("attributes", r#"{"fw": "1.2", "other": 3}"#).await.0, 200);
+    // Over MQTT 5.0 the same value is refused with 0x99, and nothing of it is stored.
+    let mut d = device(p.node.tcp, Protocol::V5, "typed", &token).await;
+    d.send(publish("devices/telemetry", QoS::AtLeastOnce, 3, r#"{"temp": "cold"}"#)).await;
+    match d.recv_app().await {
+        Some(Packet::PubAck(a)) => assert_eq!((a.pkid, a.code), (3, reason::PAYLOAD_FORMAT_INVALID)),
+        other => panic!("expected a PUBACK: {other:?}"),
+    }
+    let h = crate::telemetry::history(&p, "typed-1", "keys=temp&limit=100").await;
+    let temps = crate::telemetry::values_of(&h, "temp");
+    assert_eq!(temps.len(), 1, "{h}");
+    assert_eq!(temps[0].1, json!(21.5));
+}
+
+/// A point the store refuses for its content (PostgreSQL refuses a NUL in text) is refused to
+/// its device with the store's reason while the rest of its batch is stored: one poison point
+/// never wedges a writer. A store that stops answering gets devices a busy answer after
+/// `telemetry.ack_timeout_ms` instead of a request that hangs; the point is written later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_point_never_wedges_a_writer() {
+    let Some(pg) = common::backends::postgres().await else { return };
+    let proxy = common::cut::Cut::new().await;
+    let upstream: std::net::SocketAddr = {
+        let hostport = pg.split('@').nth(1).unwrap().split('/').next().unwrap();
+        tokio::net::lookup_host(hostport).await.unwrap().next().unwrap()
+    };
+    proxy.set_upstream(upstream);
+    let ts_url = pg.replace(&upstream.to_string(), &proxy.addr.to_string());
+    assert!(ts_url.contains(&proxy.addr.to_string()), "{ts_url}");
+    let p = Platform::start(None, |c| {
+        c.telemetry.store = ts_url.clone();
+        c.telemetry.writers = 1;
+        c.telemetry.ack_timeout_ms = 1_000;
+    })
+    .await;
+    let mut tokens = vec![];
+    for i in 0..4 {
+        tokens.push(p.create_device(&format!("poison-{i}"), json!({})).await.1);
+    }
+    let post = |token: &str, body: String| {
+        let (http, url) = (p.http.clone(), format!("http://{}/api/v1/{token}/telemetry", p.http_addr()));
+        async move {
+            let r = http.post(url).body(body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let ts = thingsd::storage::meta::now_ms() - 60_000;
+    // Sent together, so the writer takes poison and good points in the same batches.
+    let mut sent = vec![];
+    for round in 0..5i64 {
+        for (i, t) in tokens.iter().enumerate() {
+            let body = if i == 0 {
+                format!(r#"{{"ts": {}, "s": "bad\u0000{round}"}}"#, ts + round)
+            } else {
+                format!(r#"{{"ts": {}, "n": {round}}}"#, ts + round)
+            };
+            sent.push((i, tokio::spawn(post(t, body))));
+        }
+    }
+    for (i, h) in sent {
+        let (s, v) = h.await.unwrap();
+        if i == 0 {
+            assert_eq!(s, 422, "{v}");
+            assert_eq!(v["error"]["code"], "refused_by_store", "{v}");
+        } else {
+            assert_eq!(s, 200, "a good point beside a poison one: {v}");
+        }
+    }
+    let range = format!("from={}&to={}&keys=n&limit=100", ts, ts + 10);
+    for i in 1..4 {
+        let h = crate::telemetry::history(&p, &format!("poison-{i}"), &range).await;
+        assert_eq!(crate::telemetry::values_of(&h, "n").len(), 5, "poison-{i}: {h}");
+    }
+    // MQTT 5.0: the refused message gets 0x99; the device stays connected and is served.
+    let mut d = device(p.node.tcp, Protocol::V5, "poison", &tokens[0]).await;
+    d.send(publish("devices/telemetry", QoS::AtLeastOnce, 5, r#"{"s": "nul\u0000"}"#)).await;
+    match d.recv_app().await {
+        Some(Packet::PubAck(a)) => assert_eq!((a.pkid, a.code), (5, reason::PAYLOAD_FORMAT_INVALID)),
+        other => panic!("expected a PUBACK: {other:?}"),
+    }
+    d.send(publish("devices/telemetry", QoS::AtLeastOnce, 6, r#"{"s": "fine"}"#)).await;
+    match d.recv_app().await {
+        Some(Packet::PubAck(a)) => assert_eq!((a.pkid, a.code), (6, 0)),
+        other => panic!("expected a PUBACK: {other:?}"),
+    }
+
+    // The store stops answering: the device hears 503 after about ack_timeout_ms, not never.
+    proxy.cut(true);
+    let started = std::time::Instant::now();
+    let (s, v) = post(&tokens[1], format!(r#"{{"ts": {}, "n": 99}}"#, ts + 9)).await;
+    assert_eq!(s, 503, "{v}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8), "answered after {:?}", started.elapsed());
+    proxy.cut(false);
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let h = crate::telemetry::history(&p, "poison-1", &range).await;
+        if crate::telemetry::values_of(&h, "n").iter().any(|(_, v)| v.as_f64() == Some(99.0)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "the timed-out point is written once the store is back: {h}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -12,13 +12,13 @@ use crate::common::*;
 use serde_json::{json, Value};
 use thingsd::protocols::mqtt::*;
 
-async fn history(p: &Platform, number: &str, query: &str) -> Value {
+pub(crate) async fn history(p: &Platform, number: &str, query: &str) -> Value {
     let (s, v) = p.admin("GET", &format!("/api/v1/devices/{number}/telemetry/history?{query}"), None).await;
     assert_eq!(s, 200, "{v}");
     v
 }
 
-fn values_of(v: &Value, key: &str) -> Vec<(i64, Value)> {
+pub(crate) fn values_of(v: &Value, key: &str) -> Vec<(i64, Value)> {
     v["points"].as_array().unwrap().iter().filter(|p| p["key"] == key).map(|p| (p["ts"].as_i64().unwrap(), p["value"].clone())).collect()
 }
 
@@ -268,6 +268,9 @@ async fn back_pressure_when_the_store_stalls() {
         c.telemetry.writers = 1;
         c.telemetry.writer_queue = 4;
         c.telemetry.wait_ms = 300;
+        // Held requests wait for the stalled store through the whole test (the deadline on a
+        // write is tested in security::a_poison_point_never_wedges_a_writer).
+        c.telemetry.ack_timeout_ms = 60_000;
     })
     .await;
     let (_, token) = p.create_device("bp-1", json!({})).await;

@@ -175,7 +175,7 @@ impl Devices {
     }
 
     /// The failure table and limit of a channel.
-    fn table(&self, ch: Channel) -> (&std::sync::Mutex<std::collections::HashMap<IpAddr, (u32, Instant)>>, u32) {
+    fn table(&self, ch: Channel) -> (&super::Failures, u32) {
         match ch {
             Channel::Stream => (&self.failures, self.config.devices.auth_fail_limit),
             Channel::Datagram => (&self.udp_failures, self.config.devices.coap_auth_fail_limit),

@@ -25,6 +25,9 @@ pub enum IngestError {
     /// that is not safe to send again (writes are idempotent per device, key and time).
     #[error("telemetry storage busy")]
     Busy,
+    /// The store refused the message's points for their content (the reason says which).
+    #[error("telemetry refused by the store: {0}")]
+    Refused(String),
 }
 
 /// Where MQTT answers go: the topic family the device used (`devices` or `gateway`) and the
@@ -92,7 +95,10 @@ impl Devices {
                 }
                 EventKind::Telemetry => {
                     if let Some(t) = self.telemetry.get() {
-                        t.accept(ev.device_id, ev.ts, &ev.values, wait).await.map_err(|_| IngestError::Busy)?;
+                        t.accept(ev.device_id, ev.ts, &ev.values, wait).await.map_err(|e| match e {
+                            crate::telemetry::NotStored::Busy(_) => IngestError::Busy,
+                            crate::telemetry::NotStored::Refused(why) => IngestError::Refused(why),
+                        })?;
                     }
                 }
             }

@@ -35,13 +35,25 @@ pub use auth::{hash_password, verify_password, AuthError, Credentials};
 pub use events::{IngestError, ReplyTo};
 pub use uplink::{DeviceEvent, EventKind, Reject};
 
+/// Failed logins per source address: (count, window start).
+pub(crate) type Failures = Mutex<HashMap<IpAddr, (u32, Instant)>>;
+
 /// A sub-device as its gateway's identity carries it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SubDevice {
     pub address: String,
     pub device_id: i64,
     pub device_number: Arc<str>,
-    pub strict_model: Option<ThingModel>,
+    pub model: Option<ProductModel>,
+}
+
+/// A device's product's thing model as payload checks use it. A strict product refuses keys
+/// the model does not describe and values out of range; every product refuses a described
+/// key's value of the wrong type (its count, sum and average would not agree otherwise).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProductModel {
+    pub strict: bool,
+    pub model: ThingModel,
 }
 
 /// A device as authentication, ACL and payload checks need it (cached by credential).
@@ -52,8 +64,9 @@ pub struct Identity {
     pub enabled: bool,
     /// argon2 hash when the credential is a password.
     pub secret: Option<String>,
-    /// The product's thing model when the product is strict.
-    pub strict_model: Option<ThingModel>,
+    /// The product's thing model (a device without a product has none). Required when read
+    /// from the cache: an entry of an older build is read again from the registry.
+    pub model: Option<ProductModel>,
     /// Its sub-devices (a gateway has at least one, or is marked by `gateway`).
     pub gateway: bool,
     pub subs: Vec<SubDevice>,
@@ -115,9 +128,9 @@ pub struct Devices {
     /// Local connections (MQTT, HTTP polls, CoAP observers) per device number.
     conns: Mutex<HashMap<Arc<str>, HashMap<u64, Kick>>>,
     /// Failed logins per source address: (count, window start).
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    failures: Failures,
     /// The same for CoAP (UDP) sources, kept apart: see `authenticate_token_udp`.
-    udp_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    udp_failures: Failures,
     /// Passwords verified recently (argon2 is deliberately slow; reconnect storms are not).
     verified: moka::sync::Cache<[u8; 32], ()>,
     /// Wakes HTTP long polls and CoAP observers of a device when a command is queued.
@@ -275,11 +288,11 @@ impl Devices {
         Ok(Some(Arc::new(ident)))
     }
 
-    async fn strict_model(&self, product: Option<i64>) -> Result<Option<ThingModel>, MetaError> {
+    async fn product_model(&self, product: Option<i64>) -> Result<Option<ProductModel>, MetaError> {
         match product {
             Some(p) => match self.meta.product(p).await {
-                Ok(p) if p.strict => Ok(Some(p.model)),
-                Ok(_) | Err(MetaError::NotFound(_)) => Ok(None),
+                Ok(p) => Ok(Some(ProductModel { strict: p.strict, model: p.model })),
+                Err(MetaError::NotFound(_)) => Ok(None),
                 Err(e) => Err(e),
             },
             None => Ok(None),
@@ -293,7 +306,7 @@ impl Devices {
                 address: s.sub_address.clone().unwrap_or_default(),
                 device_id: s.id,
                 device_number: Arc::from(s.device_number.as_str()),
-                strict_model: self.strict_model(s.product_id).await?,
+                model: self.product_model(s.product_id).await?,
             });
         }
         let gateway = !subs.is_empty() || dev.labels.get("gateway").is_some_and(|v| v == "true");
@@ -302,7 +315,7 @@ impl Devices {
             device_number: Arc::from(dev.device_number.as_str()),
             enabled: dev.enabled,
             secret,
-            strict_model: self.strict_model(dev.product_id).await?,
+            model: self.product_model(dev.product_id).await?,
             gateway,
             subs,
         })

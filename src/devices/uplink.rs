@@ -7,8 +7,8 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::Identity;
-use crate::storage::meta::ThingModel;
+use super::{Identity, ProductModel};
+use crate::storage::meta::{Field, ThingModel};
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -143,9 +143,7 @@ pub fn parse(who: &Identity, m: Incoming<'_>, cfg: &crate::config::DevicesConfig
         for (addr, data) in subs {
             let Some(sub) = who.subs.iter().find(|s| s.address == addr) else { return Err(Reject::UnknownSubDevice(addr)) };
             for (values, ts) in body(kind, data, &w)? {
-                if let Some(m) = sub.strict_model.as_ref() {
-                    check_model(m, kind, &values)?;
-                }
+                check_model(sub.model.as_ref(), kind, &values)?;
                 out.push(event(sub.device_id, &sub.device_number, values, ts));
             }
         }
@@ -233,23 +231,26 @@ fn ts_ok(ts: &Value, w: &Window) -> Result<i64, Reject> {
 }
 
 fn check(who: &Identity, kind: EventKind, values: &Map<String, Value>) -> Result<(), Reject> {
-    match who.strict_model.as_ref() {
-        Some(m) => check_model(m, kind, values),
-        None => Ok(()),
-    }
+    check_model(who.model.as_ref(), kind, values)
 }
 
-fn check_model(m: &ThingModel, kind: EventKind, values: &Map<String, Value>) -> Result<(), Reject> {
+/// Values against the product's thing model: all of it for a strict product; only the types
+/// of the keys it describes otherwise.
+fn check_model(m: Option<&ProductModel>, kind: EventKind, values: &Map<String, Value>) -> Result<(), Reject> {
+    let Some(ProductModel { strict, model: m }) = m else { return Ok(()) };
+    let fields = |fields: &[Field], values: &Map<String, Value>| {
+        if *strict { ThingModel::check(fields, values) } else { ThingModel::check_types(fields, values) }.map_err(Reject::Model)
+    };
     match kind {
-        EventKind::Telemetry => ThingModel::check(&m.telemetry, values).map_err(Reject::Model),
-        EventKind::Attributes => ThingModel::check(&m.attributes, values).map_err(Reject::Model),
+        EventKind::Telemetry => fields(&m.telemetry, values),
+        EventKind::Attributes => fields(&m.attributes, values),
         EventKind::Event => {
             let method = values.get("method").and_then(Value::as_str).unwrap_or("");
             let Some(def) = m.events.iter().find(|e| e.identifier == method) else {
-                return Err(Reject::Model(format!("{method}: no such event")));
+                return if *strict { Err(Reject::Model(format!("{method}: no such event"))) } else { Ok(()) };
             };
             match values.get("params") {
-                Some(Value::Object(p)) => ThingModel::check(&def.params, p).map_err(Reject::Model),
+                Some(Value::Object(p)) => fields(&def.params, p),
                 _ => Ok(()),
             }
         }
@@ -277,9 +278,9 @@ mod tests {
             device_number: Arc::from("d1"),
             enabled: true,
             secret: None,
-            strict_model: strict,
+            model: strict.map(|model| ProductModel { strict: true, model }),
             gateway: true,
-            subs: vec![super::super::SubDevice { address: "a1".into(), device_id: 2, device_number: Arc::from("s1"), strict_model: None }],
+            subs: vec![super::super::SubDevice { address: "a1".into(), device_id: 2, device_number: Arc::from("s1"), model: None }],
         }
     }
 

@@ -37,6 +37,11 @@ impl From<crate::devices::IngestError> for ApiError {
             crate::devices::IngestError::Busy => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", "telemetry storage is busy; retry after the Retry-After seconds")
             }
+            crate::devices::IngestError::Refused(why) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "refused_by_store",
+                format!("the time-series store refuses these values: {why}"),
+            ),
         }
     }
 }

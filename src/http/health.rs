@@ -335,6 +335,16 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
                     "Telemetry refused for lack of room in the writers' queues (HTTP 503, MQTT 0x89).",
                     &tm.busy,
                 ),
+                (
+                    "thingsd_telemetry_ack_timeouts_total",
+                    "Telemetry writes that outlasted telemetry.ack_timeout_ms: answered busy (HTTP 503, MQTT 0x89), written later.",
+                    &tm.ack_timeouts,
+                ),
+                (
+                    "thingsd_telemetry_refused_points_total",
+                    "Points the time-series store refused for their content (the rest of their batch is stored).",
+                    &tm.refused_points,
+                ),
                 ("thingsd_telemetry_skipped_keys_total", "Keys not stored: longer than 255 bytes.", &tm.skipped_keys),
             ];
             for (name, help, c) in counters {

@@ -322,6 +322,9 @@ impl Server {
                 Ok(_) => Answer(ResponseType::Changed, Value::Null),
                 Err(crate::devices::IngestError::Meta(e)) => meta_err(e),
                 Err(crate::devices::IngestError::Busy) => err(ResponseType::ServiceUnavailable, "busy", "telemetry storage is busy; retry"),
+                Err(crate::devices::IngestError::Refused(why)) => {
+                    err(ResponseType::UnprocessableEntity, "refused_by_store", format!("the time-series store refuses these values: {why}"))
+                }
             },
         }
     }

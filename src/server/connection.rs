@@ -776,6 +776,8 @@ impl Conn {
                     tracing::warn!(device = %ident.device_number, "telemetry storage busy: disconnecting the device unacknowledged (it resends)");
                     Some(reason::SERVER_BUSY)
                 }
+                // Logged once by the writer that tried it.
+                Err(crate::devices::IngestError::Refused(_)) => Some(reason::PAYLOAD_FORMAT_INVALID),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot store a device message");
                     Some(reason::UNSPECIFIED_ERROR)
@@ -823,8 +825,12 @@ impl Conn {
             return None;
         }
         let Asked { topic, payload, qos: qos_out, retain } = asked;
+        // A device's uplink the platform took (stored, answered) has a receiver: it is
+        // acknowledged as a success even when no subscriber matched (not 0x10).
+        let mut taken = false;
         if let Some(ident) = self.principal.device().cloned() {
             if let Some((kind, gateway, mid)) = uplink::classify(&topic, &ident.device_number) {
+                taken = true;
                 if let Some(code) = Box::pin(self.uplink(&ident, kind, gateway, mid, &payload, props.as_ref())).await {
                     if code == reason::SERVER_BUSY {
                         // Not acknowledged: the device sends it again when it reconnects.
@@ -871,7 +877,7 @@ impl Conn {
             }
             QoS::AtLeastOnce => {
                 let (n, durable) = if routable { self.broker.publish_routed(msg).await } else { (0, None) };
-                let code = if n == 0 && v5 { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
+                let code = if n == 0 && v5 && !taken { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
                 let ack = Packet::PubAck(Ack::new(p.pkid, code));
                 match &self.acker {
                     Some(a) => {
@@ -885,7 +891,7 @@ impl Conn {
                 let Some(reply) = self.reply().await else { return Some(WillAction::Publish) };
                 let Ok(routing) = self.qos2_routing.clone().acquire_owned().await else { return Some(WillAction::Publish) };
                 let topic = msg.topic.clone();
-                self.tell(SessionMessage::InboundQos2 { pkid: p.pkid, msg, reply, _routing: routing });
+                self.tell(SessionMessage::InboundQos2 { pkid: p.pkid, msg, taken, reply, _routing: routing });
                 // The session routes it (it owns exactly-once); pacing is the connection's job.
                 self.broker.pace(&topic).await;
             }

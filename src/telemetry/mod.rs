@@ -30,12 +30,29 @@ use writer::WriterMsg;
 #[error("telemetry store busy: try again")]
 pub struct Busy;
 
+/// Why a message's telemetry was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum NotStored {
+    /// No room, or the write did not finish within `telemetry.ack_timeout_ms`: send again
+    /// (writes are idempotent per device, key and time).
+    #[error(transparent)]
+    Busy(#[from] Busy),
+    /// The store refuses these points for their content; sending them again cannot succeed.
+    #[error("{0}")]
+    Refused(String),
+}
+
 #[derive(Default)]
 pub struct TelemetryMetrics {
     pub points: AtomicU64,
     pub batches: AtomicU64,
     pub write_errors: AtomicU64,
     pub busy: AtomicU64,
+    /// Writes a device stopped waiting for (`ack_timeout_ms`): answered busy, still queued.
+    pub ack_timeouts: AtomicU64,
+    /// Points the store refused for their content (refused to their devices, or dropped and
+    /// logged under durability `accepted`, where the device had its answer already).
+    pub refused_points: AtomicU64,
     pub skipped_keys: AtomicU64,
     /// Store write latency histogram: counts per upper bound of `LATENCY_BOUNDS` (+Inf last).
     pub latency: [AtomicU64; 9],
@@ -168,7 +185,7 @@ impl Telemetry {
 
     /// Store one message's telemetry: rules, flattening, hand-over to the device's writer.
     /// Waits for room (at most `wait`) and, unless durability is `accepted`, for the write.
-    pub async fn accept(&self, device_id: i64, ts: i64, values: &Map<String, Json>, wait: Duration) -> Result<(), Busy> {
+    pub async fn accept(&self, device_id: i64, ts: i64, values: &Map<String, Json>, wait: Duration) -> Result<(), NotStored> {
         let mut points = Vec::with_capacity(values.len());
         let skipped = flatten(device_id, ts, values, &mut points);
         if skipped > 0 {
@@ -182,7 +199,7 @@ impl Telemetry {
         if points.is_empty() {
             return Ok(());
         }
-        let Some(writers) = self.writers.get() else { return Err(Busy) };
+        let Some(writers) = self.writers.get() else { return Err(Busy.into()) };
         let shard = device_id.rem_euclid(writers.len() as i64) as usize;
         let (w, room) = &writers[shard];
         let want = (points.len() as u32).min(self.config.telemetry.writer_queue.clamp(1, Semaphore::MAX_PERMITS) as u32);
@@ -190,7 +207,7 @@ impl Telemetry {
             Ok(Ok(p)) => p,
             _ => {
                 self.metrics.busy.fetch_add(1, Ordering::Relaxed);
-                return Err(Busy);
+                return Err(Busy.into());
             }
         };
         let (done, written) = tokio::sync::oneshot::channel();
@@ -200,9 +217,20 @@ impl Telemetry {
             let fresh = self.replace_writer(shard).await.ok_or(Busy)?;
             fresh.tell(msg).map_err(|_| Busy)?;
         }
-        // Accepted: from here the points are the writer's; we wait for the write. A writer
-        // that dies first drops the waiter: not acknowledged, so the device sends again.
-        written.await.map_err(|_| Busy)
+        // Accepted: from here the points are the writer's; we wait for the write, bounded: a
+        // store that hangs or keeps failing answers "busy" (the points stay queued and are
+        // written when it recovers; the device's resend overwrites them). A writer that dies
+        // first drops the waiter: not acknowledged, so the device sends again.
+        let deadline = Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1));
+        match tokio::time::timeout(deadline, written).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(why))) => Err(NotStored::Refused(why)),
+            Ok(Err(_)) => Err(Busy.into()),
+            Err(_) => {
+                self.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(Busy.into())
+            }
+        }
     }
 
     /// Points accepted and not yet taken by a writer (the queues' used room).

@@ -3,7 +3,10 @@
 //! behind it (up to `batch_points`), so a quiet node writes at once and a busy one writes big
 //! batches. A failed write is retried with backoff, never dropped; meanwhile the writer's
 //! queue fills and devices wait (see `Telemetry::accept`). Acknowledgements are released after
-//! the write unless durability is `accepted`.
+//! the write unless durability is `accepted`. A batch the store refuses for its content (not
+//! because it is down) is split by message until the refused messages are found: they are
+//! refused to their devices with the store's reason, the rest is stored — one poison point
+//! never wedges a writer.
 use crate::actors::inspect::Tell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,9 +19,13 @@ use super::Telemetry;
 use crate::config::Durability;
 use crate::storage::timeseries::{Point, TimeSeriesStore};
 
+/// Who waits for a message's points to be written: told `Err(reason)` when the store refuses them.
+pub type Waiter = oneshot::Sender<Result<(), String>>;
+
 pub enum WriterMsg {
-    /// Points of one message, the queue room they hold, and who waits for the write.
-    Write(Vec<Point>, OwnedSemaphorePermit, Option<oneshot::Sender<()>>),
+    /// Points of one message, the queue room they hold, and who waits for the write (told
+    /// the store's reason when it refuses them).
+    Write(Vec<Point>, OwnedSemaphorePermit, Option<Waiter>),
     /// Write what is buffered.
     Commit,
     /// Write what is buffered and answer (shutdown).
@@ -39,7 +46,8 @@ pub struct WriterState {
     args: WriterArgs,
     buf: Vec<Point>,
     held: Vec<OwnedSemaphorePermit>,
-    waiting: Vec<oneshot::Sender<()>>,
+    /// Per message in `buf`: where its points end, and who waits for them.
+    msgs: Vec<(usize, Option<Waiter>)>,
     commit_queued: bool,
 }
 
@@ -49,7 +57,7 @@ impl Actor for Writer {
     type Arguments = WriterArgs;
 
     async fn pre_start(&self, _me: ActorRef<WriterMsg>, args: WriterArgs) -> Result<WriterState, ActorProcessingErr> {
-        Ok(WriterState { args, buf: Vec::new(), held: Vec::new(), waiting: Vec::new(), commit_queued: false })
+        Ok(WriterState { args, buf: Vec::new(), held: Vec::new(), msgs: Vec::new(), commit_queued: false })
     }
 
     async fn handle(&self, me: ActorRef<WriterMsg>, msg: WriterMsg, st: &mut WriterState) -> Result<(), ActorProcessingErr> {
@@ -57,13 +65,14 @@ impl Actor for Writer {
             WriterMsg::Write(points, permit, done) => {
                 st.buf.extend(points);
                 st.held.push(permit);
-                if let Some(done) = done {
-                    if st.args.durability == Durability::Accepted {
-                        let _ = done.send(());
-                    } else {
-                        st.waiting.push(done);
+                let done = match done {
+                    Some(done) if st.args.durability == Durability::Accepted => {
+                        let _ = done.send(Ok(()));
+                        None
                     }
-                }
+                    other => other,
+                };
+                st.msgs.push((st.buf.len(), done));
                 if st.buf.len() >= st.args.batch_points {
                     st.commit().await;
                 } else if !st.commit_queued {
@@ -92,35 +101,79 @@ impl WriterState {
         }
         let Some(t) = self.args.telemetry.upgrade() else { return };
         let points = std::mem::take(&mut self.buf);
-        let n = points.len();
-        let mut backoff = Duration::from_millis(50);
-        let mut failures = 0u32;
-        loop {
-            let started = Instant::now();
-            match t.store.write_batch(points.clone()).await {
-                Ok(()) => {
-                    t.metrics.observe_write(n, started.elapsed());
-                    break;
-                }
-                Err(e) => {
-                    t.metrics.write_errors.fetch_add(1, Ordering::Relaxed);
-                    if failures == 0 || failures.is_power_of_two() {
-                        tracing::error!(error = %e, points = n, attempt = failures + 1, "time-series write failed; retrying (devices wait meanwhile)");
-                    }
-                    failures += 1;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+        let mut msgs = std::mem::take(&mut self.msgs);
+        // Ranges of messages still to write: all of them, split in halves while the store
+        // refuses a range for its content.
+        let mut todo = vec![(0, msgs.len())];
+        let mut refused: Vec<(usize, String)> = Vec::new();
+        while let Some((a, b)) = todo.pop() {
+            let from = if a == 0 { 0 } else { msgs[a - 1].0 };
+            let to = msgs[b - 1].0;
+            let part = if from == 0 && to == points.len() { points.clone() } else { points[from..to].to_vec() };
+            match write_retrying(&t, part).await {
+                Ok(()) => {}
+                Err(why) if b - a == 1 => refused.push((a, why)),
+                Err(_) => {
+                    let mid = a + (b - a) / 2;
+                    todo.push((mid, b));
+                    todo.push((a, mid));
                 }
             }
         }
-        if failures > 0 {
-            tracing::info!(points = n, attempts = failures + 1, "time-series write succeeded after retries");
+        let mut stored = Vec::with_capacity(points.len());
+        let mut start = 0;
+        let mut bad = refused.into_iter().peekable();
+        for (i, (end, done)) in msgs.iter_mut().enumerate() {
+            let outcome = match bad.next_if(|(j, _)| *j == i) {
+                Some((_, why)) => {
+                    let n = *end - start;
+                    t.metrics.refused_points.fetch_add(n as u64, Ordering::Relaxed);
+                    let device = points.get(start).map_or(0, |p| p.device_id);
+                    tracing::warn!(device_id = device, points = n, reason = %why, "the time-series store refused a message's points; the rest of the batch is stored");
+                    Err(why)
+                }
+                None => {
+                    stored.extend_from_slice(&points[start..*end]);
+                    Ok(())
+                }
+            };
+            start = *end;
+            if let Some(w) = done.take() {
+                let _ = w.send(outcome);
+            }
         }
-        t.note_latest(&points);
-        for w in self.waiting.drain(..) {
-            let _ = w.send(());
-        }
+        t.note_latest(&stored);
         self.held.clear();
+    }
+}
+
+/// Write `points`, retrying with backoff while the store fails (it is down or slow; devices
+/// wait meanwhile); `Err` only when the store refuses them for their content.
+async fn write_retrying(t: &Telemetry, points: Vec<Point>) -> Result<(), String> {
+    let n = points.len();
+    let mut backoff = Duration::from_millis(50);
+    let mut failures = 0u32;
+    loop {
+        let started = Instant::now();
+        match t.store.write_batch(points.clone()).await {
+            Ok(()) => {
+                t.metrics.observe_write(n, started.elapsed());
+                if failures > 0 {
+                    tracing::info!(points = n, attempts = failures + 1, "time-series write succeeded after retries");
+                }
+                return Ok(());
+            }
+            Err(crate::storage::timeseries::TsError::Refused(why)) => return Err(why),
+            Err(e) => {
+                t.metrics.write_errors.fetch_add(1, Ordering::Relaxed);
+                if failures == 0 || failures.is_power_of_two() {
+                    tracing::error!(error = %e, points = n, attempt = failures + 1, "time-series write failed; retrying (devices wait meanwhile)");
+                }
+                failures += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }
 

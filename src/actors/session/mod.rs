@@ -131,6 +131,8 @@ pub enum SessionMessage {
     InboundQos2 {
         pkid: u16,
         msg: Arc<Message>,
+        /// The platform took it (a device's stored uplink): a success even without subscribers.
+        taken: bool,
         reply: Reply,
         _routing: tokio::sync::OwnedSemaphorePermit,
     },
@@ -343,7 +345,7 @@ impl Actor for SessionActor {
                     st.drain(&me);
                 }
             }
-            SessionMessage::InboundQos2 { pkid, msg, reply, _routing } => st.inbound_qos2(pkid, msg, reply),
+            SessionMessage::InboundQos2 { pkid, msg, taken, reply, _routing } => st.inbound_qos2(pkid, msg, taken, reply),
             SessionMessage::PubRel(pkid, reply) => {
                 let code = if st.incoming_qos2.remove(&pkid) { 0 } else { reason::PACKET_ID_NOT_FOUND };
                 answer(reply, Packet::PubComp(Ack::new(pkid, code)));

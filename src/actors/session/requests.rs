@@ -3,7 +3,7 @@ use super::*;
 use crate::actors::inspect::Tell;
 
 impl SessionState {
-    pub(super) fn inbound_qos2(&mut self, pkid: u16, msg: Arc<Message>, reply: Reply) {
+    pub(super) fn inbound_qos2(&mut self, pkid: u16, msg: Arc<Message>, taken: bool, reply: Reply) {
         if self.incoming_qos2.contains(&pkid) {
             // A retransmission: acknowledge again, deliver nothing (exactly once).
             answer(reply, Packet::PubRec(Ack::new(pkid, 0)));
@@ -22,7 +22,7 @@ impl SessionState {
         self.incoming_qos2.insert(pkid);
         // Clients may not inject broker statistics.
         let (n, durable) = if msg.topic.starts_with("$SYS") { (0, None) } else { self.broker.publish_durable(msg) };
-        let code = if n == 0 && self.protocol == Protocol::V5 { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
+        let code = if n == 0 && self.protocol == Protocol::V5 && !taken { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
         let rec = Packet::PubRec(Ack::new(pkid, code));
         // In a cluster the PUBREC waits until the message is durable (persistent copies on their
         // backups); PUBRECs keep their order: each waits for the previous one.

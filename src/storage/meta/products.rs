@@ -83,8 +83,20 @@ pub struct NewProduct {
 }
 
 impl Field {
-    /// Check one value against the field.
+    /// Check one value against the field: its type and range.
     pub fn check(&self, v: &serde_json::Value) -> std::result::Result<(), String> {
+        self.check_type(v)?;
+        if let Some(x) = v.as_f64() {
+            if self.min.is_some_and(|m| x < m) || self.max.is_some_and(|m| x > m) {
+                return Err(format!("{}: {x} is outside [{}, {}]", self.key, fmt_bound(self.min), fmt_bound(self.max)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check one value's type against the field (what every product enforces, strict or not:
+    /// a key's values must aggregate as one type).
+    pub fn check_type(&self, v: &serde_json::Value) -> std::result::Result<(), String> {
         use serde_json::Value as V;
         let ok = match (self.data_type, v) {
             (DataType::Number, V::Number(_)) => true,
@@ -96,11 +108,6 @@ impl Field {
         };
         if !ok {
             return Err(format!("{}: expected {:?}, got {}", self.key, self.data_type, type_name(v)).to_lowercase());
-        }
-        if let Some(x) = v.as_f64() {
-            if self.min.is_some_and(|m| x < m) || self.max.is_some_and(|m| x > m) {
-                return Err(format!("{}: {x} is outside [{}, {}]", self.key, fmt_bound(self.min), fmt_bound(self.max)));
-            }
         }
         Ok(())
     }
@@ -128,6 +135,16 @@ impl ThingModel {
             match fields.iter().find(|f| &f.key == k) {
                 Some(f) => f.check(v)?,
                 None => return Err(format!("{k}: not in the product's thing model")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Check the types of the keys `fields` describes; other keys pass (a non-strict product).
+    pub fn check_types(fields: &[Field], values: &serde_json::Map<String, serde_json::Value>) -> std::result::Result<(), String> {
+        for (k, v) in values {
+            if let Some(f) = fields.iter().find(|f| &f.key == k) {
+                f.check_type(v)?;
             }
         }
         Ok(())

@@ -27,10 +27,20 @@ pub enum TsError {
     Db(String),
     #[error("{0}")]
     BadQuery(String),
+    /// The store refuses the points for what they contain (not because it is down): writing
+    /// them again cannot succeed.
+    #[error("the time-series store refuses this data: {0}")]
+    Refused(String),
 }
 
 impl From<sqlx::Error> for TsError {
     fn from(e: sqlx::Error) -> TsError {
+        // SQLSTATE class 22 is "data exception" (a NUL in text, an out-of-range number...).
+        if let sqlx::Error::Database(d) = &e {
+            if d.code().is_some_and(|c| c.starts_with("22")) {
+                return TsError::Refused(d.message().to_string());
+            }
+        }
         TsError::Db(e.to_string())
     }
 }
