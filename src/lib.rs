@@ -11,6 +11,7 @@ pub mod http;
 pub mod live;
 pub mod message;
 pub mod metrics;
+pub mod net;
 pub mod ops;
 pub mod protocols;
 pub mod server;

@@ -408,6 +408,17 @@ async fn openapi_document_is_committed() {
         "docs/openapi.json is out of date: run UPDATE_OPENAPI=1 cargo nextest run -E 'test(openapi_document_is_committed)'"
     );
     assert_eq!(served["openapi"].as_str().map(|v| v.starts_with("3.")), Some(true));
+    // Client generators name methods by operation id: each must be unique.
+    let mut ids = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for (path, ops) in served["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            if let Some(id) = op["operationId"].as_str() {
+                ids.entry(id.to_string()).or_default().push(format!("{method} {path}"));
+            }
+        }
+    }
+    let twice: Vec<_> = ids.iter().filter(|(_, at)| at.len() > 1).collect();
+    assert!(twice.is_empty(), "operation ids used more than once: {twice:?}");
     p.node.stop().await;
 }
 

@@ -78,6 +78,8 @@ fn parse() -> anyhow::Result<Opts> {
     Ok(o)
 }
 
+// The one unsafe block of the workspace: two libc calls on a local struct.
+#[allow(unsafe_code)]
 fn raise_fd_limit() -> u64 {
     unsafe {
         let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };

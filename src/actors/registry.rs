@@ -1,6 +1,8 @@
 //! Session registry: maps client ids to session actors and serialises connects for the same
 //! client id (takeover, Clean Start). It supervises the session actors.
+use crate::actors::inspect::glob;
 use crate::actors::inspect::Tell;
+use crate::actors::session::display_client;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -314,7 +316,7 @@ impl Actor for RegistryActor {
             RegistryMessage::List(pattern, reply) => {
                 let hit = |k: &str| match &pattern {
                     None => true,
-                    Some(p) => crate::ops::glob(p, k) || crate::ops::glob(p, crate::ops::display_client(k).1),
+                    Some(p) => glob(p, k) || glob(p, display_client(k).1),
                 };
                 let _ = reply.send(st.sessions.iter().filter(|(k, _)| hit(k)).map(|(k, s)| (k.clone(), s.clone())).collect());
             }

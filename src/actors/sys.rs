@@ -18,9 +18,12 @@ pub enum SysMessage {
     Cluster(crate::cluster::ClusterEvent),
 }
 
+/// What `$SYS` reports on: the broker's counters and snapshots.
+pub type SysState = Arc<Broker>;
+
 impl Actor for SysActor {
     type Msg = SysMessage;
-    type State = Arc<Broker>;
+    type State = SysState;
     type Arguments = Arc<Broker>;
 
     async fn pre_start(&self, me: ActorRef<Self::Msg>, broker: Arc<Broker>) -> Result<Self::State, ActorProcessingErr> {

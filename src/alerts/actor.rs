@@ -48,14 +48,14 @@ pub struct Ev {
     pub ts: i64,
 }
 
-pub enum RuleMsg {
+pub enum RuleMessage {
     /// Values of the rule's devices, oldest first (batched under load).
     Events(Vec<Arc<Ev>>),
     /// Look at the clock (durations, no data, offline).
     Tick,
 }
 
-impl ractor::Message for RuleMsg {}
+impl ractor::Message for RuleMessage {}
 
 pub struct RuleActor;
 
@@ -76,11 +76,11 @@ pub struct RuleState {
 const MAX_DEVICES: usize = 100_000;
 
 impl Actor for RuleActor {
-    type Msg = RuleMsg;
+    type Msg = RuleMessage;
     type State = RuleState;
     type Arguments = RuleArgs;
 
-    async fn pre_start(&self, me: ActorRef<RuleMsg>, a: RuleArgs) -> Result<RuleState, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<RuleMessage>, a: RuleArgs) -> Result<RuleState, ActorProcessingErr> {
         let now = now_ms();
         let mut devices: HashMap<i64, (Arc<str>, DeviceState)> = HashMap::new();
         let fresh = || DeviceState::new(a.rule.keys.clone(), now);
@@ -111,21 +111,21 @@ impl Actor for RuleActor {
             let e = devices.entry(open.device_id).or_insert_with(|| (Arc::from(open.device_number.as_str()), fresh()));
             e.1.alert = Some(open.id);
         }
-        let ticker = a.rule.spec.timed().then(|| me.send_interval(a.tick, || RuleMsg::Tick));
+        let ticker = a.rule.spec.timed().then(|| me.send_interval(a.tick, || RuleMessage::Tick));
         Ok(RuleState { rule: a.rule, alerts: a.alerts, devices, ticker })
     }
 
-    async fn post_stop(&self, _me: ActorRef<RuleMsg>, st: &mut RuleState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(&self, _me: ActorRef<RuleMessage>, st: &mut RuleState) -> Result<(), ActorProcessingErr> {
         if let Some(t) = st.ticker.take() {
             t.abort();
         }
         Ok(())
     }
 
-    async fn handle(&self, _me: ActorRef<RuleMsg>, msg: RuleMsg, st: &mut RuleState) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _me: ActorRef<RuleMessage>, msg: RuleMessage, st: &mut RuleState) -> Result<(), ActorProcessingErr> {
         let now = now_ms();
         match msg {
-            RuleMsg::Events(evs) => {
+            RuleMessage::Events(evs) => {
                 for ev in evs {
                     if st.devices.len() >= MAX_DEVICES && !st.devices.contains_key(&ev.device_id) {
                         continue;
@@ -137,7 +137,7 @@ impl Actor for RuleActor {
                     st.judge(ev.device_id, now).await;
                 }
             }
-            RuleMsg::Tick => {
+            RuleMessage::Tick => {
                 if st.rule.spec.condition.needs_status() || st.rule.spec.clear.as_ref().is_some_and(|c| c.needs_status()) {
                     for (number, d) in st.devices.values_mut() {
                         let s = st.alerts.devices.presence(number);

@@ -22,7 +22,7 @@ mod actor;
 pub mod notify;
 pub mod rule;
 
-pub use actor::{Ev, LoadedRule, RuleMsg};
+pub use actor::{Ev, LoadedRule, RuleMessage};
 pub use rule::RuleSpec;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub struct Alerts {
     broker: Weak<Broker>,
     me: Arc<str>,
     index: ArcSwap<Index>,
-    running: Mutex<HashMap<i64, (ActorRef<RuleMsg>, i64)>>,
+    running: Mutex<HashMap<i64, (ActorRef<RuleMessage>, i64)>>,
     /// Group and product of each device (for matching events to rules).
     placement: moka::sync::Cache<i64, (Option<i64>, Option<i64>)>,
     notices: mpsc::Sender<Notice>,
@@ -179,7 +179,7 @@ impl Alerts {
         let mine: HashMap<i64, Arc<LoadedRule>> =
             idx.rules.iter().filter(|(id, _)| self.owner_of(**id) == self.me).map(|(id, r)| (*id, r.clone())).collect();
         self.index.store(Arc::new(idx));
-        let (stop, start): (Vec<ActorRef<RuleMsg>>, Vec<Arc<LoadedRule>>) = {
+        let (stop, start): (Vec<ActorRef<RuleMessage>>, Vec<Arc<LoadedRule>>) = {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             let mut stop = Vec::new();
             running.retain(|id, (a, updated)| {
@@ -212,7 +212,7 @@ impl Alerts {
     /// Stop every rule actor (node shutdown); their names are free when this returns.
     pub async fn shutdown(&self) {
         self.stopped.store(true, Ordering::Relaxed);
-        let all: Vec<ActorRef<RuleMsg>> = self.running.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, (a, _))| a).collect();
+        let all: Vec<ActorRef<RuleMessage>> = self.running.lock().unwrap_or_else(|e| e.into_inner()).drain().map(|(_, (a, _))| a).collect();
         for a in all {
             let _ = a.stop_and_wait(None, Some(Duration::from_secs(5))).await;
         }
@@ -366,7 +366,7 @@ impl Alerts {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         match running.get(&rule) {
             Some((a, _)) => {
-                let _ = a.cast(RuleMsg::Events(evs));
+                let _ = a.cast(RuleMessage::Events(evs));
             }
             None => {
                 self.metrics.events_dropped.fetch_add(evs.len() as u64, Ordering::Relaxed);

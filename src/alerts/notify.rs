@@ -249,7 +249,7 @@ async fn email(ch: &Channel, n: &Notice, timeout: Duration, allow: &[IpNet]) -> 
     t.build().send(msg).await.map(|_| ()).map_err(|e| (e.to_string(), !e.is_permanent()))
 }
 
-use crate::http::forwarded::IpNet;
+use crate::config::IpNet;
 use std::net::IpAddr;
 
 /// May a notification connect to `ip`? Public addresses: yes; loopback, private, link-local

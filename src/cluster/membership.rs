@@ -199,8 +199,8 @@ impl ClusterState {
         let mut silent = Vec::new();
         for m in self.members.values() {
             if let Some(c) = &m.cell {
-                let r: ActorRef<ClusterMsg> = c.clone().into();
-                let _ = r.tell(ClusterMsg::Wire(bytes.clone()));
+                let r: ActorRef<ClusterMessage> = c.clone().into();
+                let _ = r.tell(ClusterMessage::Wire(bytes.clone()));
             }
             if m.up && now.duration_since(m.last_seen) > timeout {
                 silent.push(m.name.clone());
@@ -322,7 +322,7 @@ impl ClusterState {
                     tracing::debug!(%addr, error = %e, "cluster dial failed");
                 }
                 if let Some(me) = me {
-                    let _ = me.tell(ClusterMsg::Local(Local::Dialed { addr, ok: r.is_ok() }));
+                    let _ = me.tell(ClusterMessage::Local(Local::Dialed { addr, ok: r.is_ok() }));
                 }
             });
         }

@@ -3,7 +3,7 @@
 //!
 //! One [`ClusterActor`] per node is joined to the `ractor::pg` group [`GROUP`]; `ractor_cluster`
 //! syncs that group across linked nodes, so every node learns its peers' actors from it. All
-//! node-to-node traffic is [`ClusterMsg::Wire`] bytes in our own versioned codec (`wire.rs`).
+//! node-to-node traffic is [`ClusterMessage::Wire`] bytes in our own versioned codec (`wire.rs`).
 //! Publishes leave through one [`Link`] per peer: a task that batches whatever is queued into
 //! one frame, keeping per-peer order.
 mod ghosts;
@@ -48,25 +48,25 @@ const BATCH_BYTES: usize = 1 << 20;
 /// Tombstones of deleted retained messages are kept this long for convergence.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 
-pub enum ClusterMsg {
+pub enum ClusterMessage {
     /// A frame from another node (or to it, when sent to a remote actor).
     Wire(Vec<u8>),
     Local(Local),
 }
 
-impl ractor::Message for ClusterMsg {
+impl ractor::Message for ClusterMessage {
     fn serializable() -> bool {
         true
     }
     fn serialize(self) -> Result<SerializedMessage, BoxedDowncastErr> {
         match self {
-            ClusterMsg::Wire(args) => Ok(SerializedMessage::Cast { variant: "w".into(), args, metadata: None }),
-            ClusterMsg::Local(_) => Err(BoxedDowncastErr),
+            ClusterMessage::Wire(args) => Ok(SerializedMessage::Cast { variant: "w".into(), args, metadata: None }),
+            ClusterMessage::Local(_) => Err(BoxedDowncastErr),
         }
     }
     fn deserialize(m: SerializedMessage) -> Result<Self, BoxedDowncastErr> {
         match m {
-            SerializedMessage::Cast { args, .. } => Ok(ClusterMsg::Wire(args)),
+            SerializedMessage::Cast { args, .. } => Ok(ClusterMessage::Wire(args)),
             _ => Err(BoxedDowncastErr),
         }
     }
@@ -331,7 +331,7 @@ pub struct Cluster {
     /// A peer link came up at least once (or there is no seed to join): for readiness.
     pub joined: std::sync::atomic::AtomicBool,
     /// The running cluster actor (replaced when the supervisor restarts it).
-    actor: arc_swap::ArcSwapOption<ActorRef<ClusterMsg>>,
+    actor: arc_swap::ArcSwapOption<ActorRef<ClusterMessage>>,
     /// What the cluster actor is (re)started with: NodeServer, advertised address, link TLS.
     setup: OnceLock<(ActorRef<NodeServerMessage>, String, Option<net::LinkTls>)>,
     cursor: AtomicUsize,
@@ -374,7 +374,7 @@ impl Cluster {
         }
     }
 
-    pub fn actor(&self) -> Option<Arc<ActorRef<ClusterMsg>>> {
+    pub fn actor(&self) -> Option<Arc<ActorRef<ClusterMessage>>> {
         self.actor.load_full()
     }
 
@@ -386,7 +386,7 @@ impl Cluster {
 
     fn cast(&self, l: Local) {
         if let Some(a) = self.actor.load_full() {
-            let _ = a.tell(ClusterMsg::Local(l));
+            let _ = a.tell(ClusterMessage::Local(l));
         }
     }
 
@@ -395,7 +395,7 @@ impl Cluster {
     pub fn add_route(&self, key: Arc<str>, durable: bool) -> Option<ractor::concurrency::OneshotReceiver<()>> {
         let a = self.actor.load_full()?;
         let (tx, rx) = ractor::concurrency::oneshot();
-        a.tell(ClusterMsg::Local(Local::AddRoute { key, durable, reply: tx.into() })).ok()?;
+        a.tell(ClusterMessage::Local(Local::AddRoute { key, durable, reply: tx.into() })).ok()?;
         Some(rx)
     }
 
@@ -416,7 +416,7 @@ impl Cluster {
 
     pub async fn members(&self) -> Vec<MemberInfo> {
         match self.actor.load_full() {
-            Some(a) => match a.ask(|r| ClusterMsg::Local(Local::Members(r)), Some(Duration::from_secs(5))).await {
+            Some(a) => match a.ask(|r| ClusterMessage::Local(Local::Members(r)), Some(Duration::from_secs(5))).await {
                 Ok(ractor::rpc::CallResult::Success(v)) => v,
                 _ => vec![],
             },
@@ -428,7 +428,7 @@ impl Cluster {
     pub async fn admin(&self, to: &str, req: String, timeout: Duration) -> Result<String, String> {
         let Some(a) = self.actor.load_full() else { return Err("cluster actor not running".into()) };
         let to = to.to_string();
-        match a.ask(|reply| ClusterMsg::Local(Local::Admin { to, req, reply }), Some(timeout)).await {
+        match a.ask(|reply| ClusterMessage::Local(Local::Admin { to, req, reply }), Some(timeout)).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
             Ok(ractor::rpc::CallResult::Timeout) => Err("timed out".into()),
             _ => Err("no answer".into()),
@@ -452,7 +452,7 @@ impl Cluster {
     /// Leave the cluster for good (see `Local::Depart`); returns how many peers acknowledged.
     pub async fn depart(&self) -> usize {
         match self.actor.load_full() {
-            Some(a) => match a.ask(|r| ClusterMsg::Local(Local::Depart(r)), Some(Duration::from_secs(10))).await {
+            Some(a) => match a.ask(|r| ClusterMessage::Local(Local::Depart(r)), Some(Duration::from_secs(10))).await {
                 Ok(ractor::rpc::CallResult::Success(n)) => n,
                 _ => 0,
             },
@@ -462,7 +462,7 @@ impl Cluster {
 
     pub async fn leave(&self) {
         if let Some(a) = self.actor.load_full() {
-            let _ = a.ask(|r| ClusterMsg::Local(Local::Leave(r)), Some(Duration::from_secs(5))).await;
+            let _ = a.ask(|r| ClusterMessage::Local(Local::Leave(r)), Some(Duration::from_secs(5))).await;
         }
     }
 
@@ -470,7 +470,7 @@ impl Cluster {
     /// client is simply served here).
     pub async fn claim(&self, client: Arc<str>, clean: bool) -> Claimed {
         let Some(a) = self.actor.load_full() else { return Claimed::default() };
-        match a.ask(|reply| ClusterMsg::Local(Local::Claim { client, clean, reply }), Some(CLAIM_HOLD + Duration::from_secs(2))).await {
+        match a.ask(|reply| ClusterMessage::Local(Local::Claim { client, clean, reply }), Some(CLAIM_HOLD + Duration::from_secs(2))).await {
             Ok(ractor::rpc::CallResult::Success(c)) => c,
             _ => Claimed::default(),
         }
@@ -529,7 +529,7 @@ impl Cluster {
     /// Wait until every live peer has processed everything it sent this node before the call.
     pub async fn barrier(&self) {
         if let Some(a) = self.actor.load_full() {
-            let _ = a.ask(|r| ClusterMsg::Local(Local::Barrier(r)), Some(Duration::from_secs(10))).await;
+            let _ = a.ask(|r| ClusterMessage::Local(Local::Barrier(r)), Some(Duration::from_secs(10))).await;
         }
     }
 
@@ -685,8 +685,8 @@ impl ClusterState {
 
     fn send_cell(&self, cell: &ActorCell, body: &Body) {
         let bytes = wire::encode(self.me(), body);
-        let r: ActorRef<ClusterMsg> = cell.clone().into();
-        let _ = r.tell(ClusterMsg::Wire(bytes));
+        let r: ActorRef<ClusterMessage> = cell.clone().into();
+        let _ = r.tell(ClusterMessage::Wire(bytes));
     }
 
     fn send(&self, to: &str, body: &Body) {
@@ -699,8 +699,8 @@ impl ClusterState {
         let bytes = wire::encode(self.me(), body);
         for m in self.members.values().filter(|m| m.up) {
             if let Some(c) = &m.cell {
-                let r: ActorRef<ClusterMsg> = c.clone().into();
-                let _ = r.tell(ClusterMsg::Wire(bytes.clone()));
+                let r: ActorRef<ClusterMessage> = c.clone().into();
+                let _ = r.tell(ClusterMessage::Wire(bytes.clone()));
             }
         }
     }
@@ -743,7 +743,7 @@ impl ClusterState {
     fn to(&self, node: &str, body: &Body) {
         if node == self.me() {
             if let Some(a) = self.a.handle.actor() {
-                let _ = a.tell(ClusterMsg::Wire(wire::encode(self.me(), body)));
+                let _ = a.tell(ClusterMessage::Wire(wire::encode(self.me(), body)));
             }
         } else {
             self.send(node, body);
@@ -1061,7 +1061,7 @@ fn peer_name(full: &str) -> String {
 
 async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedReceiver<(Forward, Option<Arc<Durable>>)>, link: Arc<Link>) {
     let (depth, drained) = (link.depth.clone(), link.drained.clone());
-    let target: ActorRef<ClusterMsg> = cell.into();
+    let target: ActorRef<ClusterMessage> = cell.into();
     let batch_max = BATCH.min(link.batch_max).max(1);
     let mut batch = Vec::with_capacity(batch_max);
     let mut waiters = Vec::new();
@@ -1098,7 +1098,7 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
         let frame = wire::encode(&me, &Body::Publish { batch: std::mem::take(&mut batch), ack });
         depth.fetch_sub(n, Ordering::Relaxed);
         drained.notify_waiters();
-        if target.tell(ClusterMsg::Wire(frame)).is_err() {
+        if target.tell(ClusterMessage::Wire(frame)).is_err() {
             break;
         }
     }
@@ -1117,7 +1117,7 @@ async fn forward_loop(me: Arc<str>, cell: ActorCell, mut rx: mpsc::UnboundedRece
 }
 
 impl Actor for ClusterActor {
-    type Msg = ClusterMsg;
+    type Msg = ClusterMessage;
     type State = ClusterState;
     type Arguments = ClusterArgs;
 
@@ -1144,7 +1144,7 @@ impl Actor for ClusterActor {
         }
         ractor::pg::join(GROUP.to_string(), vec![me.get_cell()]);
         ractor::pg::monitor(GROUP.to_string(), me.get_cell());
-        me.send_interval(Duration::from_millis(cfg.heartbeat_ms.max(10)), || ClusterMsg::Local(Local::Tick));
+        me.send_interval(Duration::from_millis(cfg.heartbeat_ms.max(10)), || ClusterMessage::Local(Local::Tick));
         let mut st = ClusterState {
             a,
             incarnation: now_ms().max(1),
@@ -1176,18 +1176,18 @@ impl Actor for ClusterActor {
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            ClusterMsg::Wire(bytes) => st.on_frame(bytes).await,
-            ClusterMsg::Local(Local::Tick) => st.on_tick(),
-            ClusterMsg::Local(Local::AddRoute { key, durable, reply }) => {
+            ClusterMessage::Wire(bytes) => st.on_frame(bytes).await,
+            ClusterMessage::Local(Local::Tick) => st.on_tick(),
+            ClusterMessage::Local(Local::AddRoute { key, durable, reply }) => {
                 st.local_routes.insert(key.clone(), durable);
                 st.acked_routes(vec![(key, durable)], reply);
             }
-            ClusterMsg::Local(Local::DelRoute(key)) => {
+            ClusterMessage::Local(Local::DelRoute(key)) => {
                 if st.local_routes.remove(&key).is_some() {
                     st.broadcast(&Body::Routes { reset: false, add: vec![], del: vec![key], ack: None });
                 }
             }
-            ClusterMsg::Local(Local::Retained(msg)) => {
+            ClusterMessage::Local(Local::Retained(msg)) => {
                 let hlc = st.tick_clock();
                 let topic = msg.topic.clone();
                 let msg = if msg.payload.is_empty() {
@@ -1201,28 +1201,28 @@ impl Actor for ClusterActor {
                 };
                 st.broadcast(&Body::Retained(vec![RetainedEntry { topic, hlc, msg }]));
             }
-            ClusterMsg::Local(Local::Dialed { addr, ok: _ }) => {
+            ClusterMessage::Local(Local::Dialed { addr, ok: _ }) => {
                 if let Some(d) = st.dials.get_mut(&addr) {
                     d.inflight = false;
                 }
             }
-            ClusterMsg::Local(Local::Leave(reply)) => {
+            ClusterMessage::Local(Local::Leave(reply)) => {
                 let peers = st.broadcast_acked(|ack| Body::Leave { ack }, reply);
                 tracing::info!(peers, "leaving the cluster");
             }
-            ClusterMsg::Local(Local::Claim { client, clean, reply }) => {
+            ClusterMessage::Local(Local::Claim { client, clean, reply }) => {
                 st.seq += 1;
                 let req = st.seq;
                 let registrar = st.registrar_of(&client);
                 st.to(&registrar, &Body::Claim { client: client.clone(), req, clean });
                 st.claims.insert(req, PendingClaim { reply, deadline: Instant::now() + CLAIM_HOLD, registrar, client, clean });
             }
-            ClusterMsg::Local(Local::ClaimDone { client, gen }) => {
+            ClusterMessage::Local(Local::ClaimDone { client, gen }) => {
                 let registrar = st.registrar_of(&client);
                 st.to(&registrar, &Body::ClaimDone { client, gen });
             }
-            ClusterMsg::Local(Local::Release { client, gen, to }) => st.to(&to, &Body::Release { client, gen }),
-            ClusterMsg::Local(Local::HandedOver { client, gen, registrar, clean, state }) => {
+            ClusterMessage::Local(Local::Release { client, gen, to }) => st.to(&to, &Body::Release { client, gen }),
+            ClusterMessage::Local(Local::HandedOver { client, gen, registrar, clean, state }) => {
                 // No live session here: a replica (its owner died) serves instead.
                 let moving = state.is_some();
                 let replica = st.replicas.remove(&client);
@@ -1234,20 +1234,20 @@ impl Actor for ClusterActor {
                 };
                 st.to(&registrar, &Body::HandedOver { client, gen, state, moving });
             }
-            ClusterMsg::Local(Local::BackupState { to, client, state }) => st.to(&to, &Body::BackupState { client, state }),
-            ClusterMsg::Local(Local::BackupAppend { to, client, deliveries, tokens }) => {
+            ClusterMessage::Local(Local::BackupState { to, client, state }) => st.to(&to, &Body::BackupState { client, state }),
+            ClusterMessage::Local(Local::BackupAppend { to, client, deliveries, tokens }) => {
                 st.seq += 1;
                 let ack = st.seq;
                 let deadline = Instant::now() + Duration::from_secs(5);
                 st.to(&to, &Body::BackupAppend { client, deliveries, ack });
                 st.backup_waits.insert(ack, (to, tokens, deadline));
             }
-            ClusterMsg::Local(Local::BackupDrop { to, client }) => st.to(&to, &Body::BackupDrop { client }),
-            ClusterMsg::Local(Local::Notice(n)) => st.broadcast(&Body::Device(n)),
-            ClusterMsg::Local(Local::Flush { client, gen, to, deliveries }) => st.to(&to, &Body::Flush { client, gen, deliveries }),
+            ClusterMessage::Local(Local::BackupDrop { to, client }) => st.to(&to, &Body::BackupDrop { client }),
+            ClusterMessage::Local(Local::Notice(n)) => st.broadcast(&Body::Device(n)),
+            ClusterMessage::Local(Local::Flush { client, gen, to, deliveries }) => st.to(&to, &Body::Flush { client, gen, deliveries }),
             // An empty acknowledged route update: each peer answers after everything it sent before.
-            ClusterMsg::Local(Local::Barrier(reply)) => st.acked_routes(vec![], reply),
-            ClusterMsg::Local(Local::Owned(mut list)) => {
+            ClusterMessage::Local(Local::Barrier(reply)) => st.acked_routes(vec![], reply),
+            ClusterMessage::Local(Local::Owned(mut list)) => {
                 // Our sessions, and replicas whose owner is gone (we answer for those now), to
                 // their registrars; every live node gets an announcement, if only an empty one.
                 list.extend(st.replicas.iter().filter(|(_, r)| !st.is_live(&r.owner)).map(|(c, _)| (c.clone(), 0)));
@@ -1267,8 +1267,8 @@ impl Actor for ClusterActor {
                     }
                 }
             }
-            ClusterMsg::Local(Local::Send { to, body }) => st.to(&to, &body),
-            ClusterMsg::Local(Local::Admin { to, req, reply }) => {
+            ClusterMessage::Local(Local::Send { to, body }) => st.to(&to, &body),
+            ClusterMessage::Local(Local::Admin { to, req, reply }) => {
                 if !st.is_live(&to) {
                     let _ = reply.send(Err(format!("node {to:?} is not a live member")));
                 } else {
@@ -1278,7 +1278,7 @@ impl Actor for ClusterActor {
                     st.admin.insert(id, (reply, Instant::now() + Duration::from_secs(30)));
                 }
             }
-            ClusterMsg::Local(Local::Join(addr)) => {
+            ClusterMessage::Local(Local::Join(addr)) => {
                 st.departed = false;
                 if addr != st.a.advertise {
                     tracing::info!(%addr, "joining the cluster through this address (operator)");
@@ -1286,12 +1286,12 @@ impl Actor for ClusterActor {
                     st.redial(Instant::now());
                 }
             }
-            ClusterMsg::Local(Local::Depart(reply)) => Box::pin(st.depart(reply)).await,
-            ClusterMsg::Local(Local::Disowned { client, gen }) => {
+            ClusterMessage::Local(Local::Depart(reply)) => Box::pin(st.depart(reply)).await,
+            ClusterMessage::Local(Local::Disowned { client, gen }) => {
                 let registrar = st.registrar_of(&client);
                 st.to(&registrar, &Body::Disowned { client, gen });
             }
-            ClusterMsg::Local(Local::Members(reply)) => {
+            ClusterMessage::Local(Local::Members(reply)) => {
                 let mut v: Vec<MemberInfo> = st
                     .members
                     .values()
@@ -1368,8 +1368,7 @@ pub async fn start(
     Ok((handle, advertise))
 }
 
-/// The shipped cookie, which anyone can read.
-pub const DEFAULT_COOKIE: &str = "thingsd-change-me";
+pub use crate::config::DEFAULT_COOKIE;
 /// Shorter cookies are refused: the cookie is the only thing between a stranger and the mesh.
 pub const MIN_COOKIE_LEN: usize = 16;
 

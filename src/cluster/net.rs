@@ -34,7 +34,7 @@ impl LinkTls {
         if cfg.tls_cert.is_empty() {
             return Ok(None);
         }
-        crate::server::install_crypto();
+        crate::net::install_crypto();
         let chain = certs(&cfg.tls_cert)?;
         let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
             std::fs::File::open(&cfg.tls_key).with_context(|| format!("cluster TLS key {}", cfg.tls_key))?,
@@ -158,7 +158,7 @@ where
 
 /// Accept node links until `stop` and hand each to the NodeServer (which authenticates the cookie).
 pub async fn accept_loop(l: TcpListener, ns: ActorRef<NodeServerMessage>, tls: Option<LinkTls>, stop: CancellationToken) {
-    while let Some((s, peer_addr)) = crate::server::listener::accept_next(&l, &stop).await {
+    while let Some((s, peer_addr)) = crate::net::accept_next(&l, &stop).await {
         let Ok(local_addr) = s.local_addr() else { continue };
         let ns = ns.clone();
         let tls = tls.clone();

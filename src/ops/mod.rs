@@ -83,37 +83,8 @@ pub enum Query {
     Webhooks,
 }
 
-/// Glob match with `*` (any run) and `?` (one character).
-pub fn glob(p: &str, s: &str) -> bool {
-    let (p, s): (Vec<char>, Vec<char>) = (p.chars().collect(), s.chars().collect());
-    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
-    while si < s.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
-            pi += 1;
-            si += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = si;
-            pi += 1;
-        } else if let Some(st) = star {
-            pi = st + 1;
-            mark += 1;
-            si = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
-}
-
-/// A session key as operators see it: (device number, client id). Device sessions live in
-/// their own namespace, `{device_number}\0{client id}`.
-pub fn display_client(key: &str) -> (Option<&str>, &str) {
-    match key.split_once('\0') {
-        Some((d, c)) => (Some(d), c),
-        None => (None, key),
-    }
-}
+pub use crate::actors::inspect::glob;
+pub use crate::actors::session::display_client;
 
 /// The answer of one node.
 #[derive(Debug, Serialize)]

@@ -673,7 +673,17 @@ impl Conn {
                         .collect();
                     h.notify("on_subscribe", v5, || crate::webhooks::body::subscribe(self.username.as_deref(), &self.shown, granted, v5));
                 }
-                self.tell(SessionMessage::Subscribe(s, denied, r));
+                // A device subscribed to its downlink topics: send what was queued for it.
+                let then = match (self.broker.devices.get(), self.principal.device()) {
+                    (Some(d), Some(i)) => {
+                        let (d, number) = (d.clone(), i.device_number.to_string());
+                        Some(Box::new(move || {
+                            tokio::spawn(async move { d.flush_pending(&number).await });
+                        }) as crate::actors::session::OnGranted)
+                    }
+                    _ => None,
+                };
+                self.tell(SessionMessage::Subscribe(s, denied, r, then));
             }
             Packet::Unsubscribe(mut u) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use super::connection::{serve, ConnCtx};
 use crate::broker::Broker;
+pub use crate::net::accept_next;
 
 /// What kind of listener a bound socket is.
 pub enum Kind {
@@ -45,26 +46,6 @@ pub async fn accept_loop(
     while let Some((stream, peer)) = accept_next(&listener, &shutdown).await {
         let (b, s, k) = (broker.clone(), shutdown.clone(), kind.clone());
         tracker.spawn(async move { handle(stream, peer, &k, opts, b, s).await });
-    }
-}
-
-/// The next accepted socket (TCP_NODELAY set), or `None` once `stop` fires. Accept errors
-/// (usually EMFILE) are logged and retried after a short pause instead of spinning.
-pub async fn accept_next(listener: &TcpListener, stop: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return None,
-            r = listener.accept() => match r {
-                Ok((s, peer)) => {
-                    let _ = s.set_nodelay(true);
-                    return Some((s, peer));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
     }
 }
 

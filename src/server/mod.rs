@@ -55,10 +55,7 @@ impl Bound {
     }
 }
 
-/// Install the one rustls crypto provider we use (`ring`) before any TLS use.
-pub fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use crate::net::install_crypto;
 
 fn tls_acceptor(cert: &Path, key: &Path, client_ca: Option<&Path>) -> anyhow::Result<TlsAcceptor> {
     install_crypto();

@@ -29,36 +29,44 @@ pub struct Report {
 
 pub static RUNS: AtomicU64 = AtomicU64::new(0);
 
-pub enum MaintMsg {
+pub enum MaintenanceMessage {
     Tick,
     /// Run now and answer with the report (admin API, tests).
     RunNow(RpcReplyPort<Result<Report, String>>),
 }
 
-impl ractor::Message for MaintMsg {}
+impl ractor::Message for MaintenanceMessage {}
 
-pub struct Maintenance;
+pub struct MaintenanceActor;
 
-impl Actor for Maintenance {
-    type Msg = MaintMsg;
-    type State = Weak<Telemetry>;
+/// The service it maintains (weak: the actor does not keep telemetry alive at shutdown).
+pub type MaintenanceState = Weak<Telemetry>;
+
+impl Actor for MaintenanceActor {
+    type Msg = MaintenanceMessage;
+    type State = MaintenanceState;
     type Arguments = Weak<Telemetry>;
 
-    async fn pre_start(&self, me: ActorRef<MaintMsg>, t: Weak<Telemetry>) -> Result<Weak<Telemetry>, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<MaintenanceMessage>, t: Weak<Telemetry>) -> Result<Weak<Telemetry>, ActorProcessingErr> {
         if let Some(tt) = t.upgrade() {
             let every = Duration::from_secs(tt.config.telemetry.maintenance_secs.max(1));
-            me.send_interval(every, || MaintMsg::Tick);
+            me.send_interval(every, || MaintenanceMessage::Tick);
         }
         Ok(t)
     }
 
-    async fn handle(&self, _me: ActorRef<MaintMsg>, msg: MaintMsg, t: &mut Weak<Telemetry>) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<MaintenanceMessage>,
+        msg: MaintenanceMessage,
+        t: &mut Weak<Telemetry>,
+    ) -> Result<(), ActorProcessingErr> {
         let Some(t) = t.upgrade() else { return Ok(()) };
         let r = run(&t).await;
         if let Err(e) = &r {
             tracing::error!(error = %e, "telemetry maintenance failed; retrying at the next run");
         }
-        if let MaintMsg::RunNow(reply) = msg {
+        if let MaintenanceMessage::RunNow(reply) = msg {
             let _ = reply.send(r);
         }
         Ok(())
@@ -68,7 +76,7 @@ impl Actor for Maintenance {
 pub async fn spawn(t: &Arc<Telemetry>) -> anyhow::Result<()> {
     let (a, _) = Actor::spawn(
         Some("telemetry:maintenance".into()),
-        crate::actors::inspect::Instrumented(Maintenance, "telemetry"),
+        crate::actors::inspect::Instrumented(MaintenanceActor, "telemetry"),
         Arc::downgrade(t),
     )
     .await?;

@@ -23,7 +23,7 @@ use crate::storage::cache::Cache;
 use crate::storage::meta::{MetaError, MetaStore, PolicyScope};
 use crate::storage::timeseries::{embedded, flatten, postgres, tdengine, Point, TimeSeriesStore, Tsdb, Value};
 use rules::{Rule, RuleSet};
-use writer::WriterMsg;
+use writer::WriterMessage;
 
 /// Devices must wait: the writers' queues are full (the store is slow or down).
 #[derive(Debug, thiserror::Error)]
@@ -98,12 +98,12 @@ pub struct Telemetry {
     /// Bounds the background tasks that copy latest values to the shared cache.
     cache_writes: Arc<Semaphore>,
     pub metrics: TelemetryMetrics,
-    pub maintenance: OnceLock<ActorRef<maintenance::MaintMsg>>,
+    pub maintenance: OnceLock<ActorRef<maintenance::MaintenanceMessage>>,
     pub last_report: std::sync::Mutex<Option<maintenance::Report>>,
 }
 
 /// A writer shard: the actor (swapped when replaced) and its queue's room.
-type WriterSlot = (arc_swap::ArcSwap<ActorRef<WriterMsg>>, Arc<Semaphore>);
+type WriterSlot = (arc_swap::ArcSwap<ActorRef<WriterMessage>>, Arc<Semaphore>);
 /// A device's latest (ts, value) per key.
 type LatestOf = BTreeMap<String, (i64, Value)>;
 
@@ -211,7 +211,7 @@ impl Telemetry {
             }
         };
         let (done, written) = tokio::sync::oneshot::channel();
-        let msg = WriterMsg::Write(points, permit, Some(done));
+        let msg = WriterMessage::Write(points, permit, Some(done));
         if let Err(ractor::MessagingErr::SendErr(msg)) = w.load().tell(msg) {
             // The writer died (a bug, logged by ractor): start a new one and hand it over.
             let fresh = self.replace_writer(shard).await.ok_or(Busy)?;
@@ -239,7 +239,7 @@ impl Telemetry {
         self.writers.get().map_or(0, |w| w.iter().map(|(_, room)| cap.saturating_sub(room.available_permits() as u64)).sum())
     }
 
-    async fn replace_writer(&self, shard: usize) -> Option<ActorRef<WriterMsg>> {
+    async fn replace_writer(&self, shard: usize) -> Option<ActorRef<WriterMessage>> {
         let _one = self.respawn.lock().await;
         let slot = &self.writers.get()?[shard].0;
         let cur = slot.load_full();
@@ -264,7 +264,7 @@ impl Telemetry {
     /// Run retention and compaction now.
     pub async fn maintain_now(&self) -> Result<maintenance::Report, String> {
         let Some(m) = self.maintenance.get() else { return maintenance::run(self).await };
-        match m.ask(maintenance::MaintMsg::RunNow, Some(Duration::from_secs(600))).await {
+        match m.ask(maintenance::MaintenanceMessage::RunNow, Some(Duration::from_secs(600))).await {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
             _ => Err("maintenance actor did not answer".into()),
         }
@@ -277,7 +277,7 @@ impl Telemetry {
         }
         for (w, _) in self.writers.get().into_iter().flatten() {
             let w = w.load_full();
-            let _ = w.ask(WriterMsg::Flush, Some(Duration::from_secs(60))).await;
+            let _ = w.ask(WriterMessage::Flush, Some(Duration::from_secs(60))).await;
             w.stop(None);
         }
         for s in std::iter::once(&self.store).chain(self.rollup.as_ref()) {

@@ -22,7 +22,7 @@ use crate::storage::timeseries::{Point, TimeSeriesStore};
 /// Who waits for a message's points to be written: told `Err(reason)` when the store refuses them.
 pub type Waiter = oneshot::Sender<Result<(), String>>;
 
-pub enum WriterMsg {
+pub enum WriterMessage {
     /// Points of one message, the queue room they hold, and who waits for the write (told
     /// the store's reason when it refuses them).
     Write(Vec<Point>, OwnedSemaphorePermit, Option<Waiter>),
@@ -32,9 +32,9 @@ pub enum WriterMsg {
     Flush(RpcReplyPort<()>),
 }
 
-impl ractor::Message for WriterMsg {}
+impl ractor::Message for WriterMessage {}
 
-pub struct Writer;
+pub struct WriterActor;
 
 pub struct WriterArgs {
     pub telemetry: std::sync::Weak<Telemetry>,
@@ -51,18 +51,18 @@ pub struct WriterState {
     commit_queued: bool,
 }
 
-impl Actor for Writer {
-    type Msg = WriterMsg;
+impl Actor for WriterActor {
+    type Msg = WriterMessage;
     type State = WriterState;
     type Arguments = WriterArgs;
 
-    async fn pre_start(&self, _me: ActorRef<WriterMsg>, args: WriterArgs) -> Result<WriterState, ActorProcessingErr> {
+    async fn pre_start(&self, _me: ActorRef<WriterMessage>, args: WriterArgs) -> Result<WriterState, ActorProcessingErr> {
         Ok(WriterState { args, buf: Vec::new(), held: Vec::new(), msgs: Vec::new(), commit_queued: false })
     }
 
-    async fn handle(&self, me: ActorRef<WriterMsg>, msg: WriterMsg, st: &mut WriterState) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, me: ActorRef<WriterMessage>, msg: WriterMessage, st: &mut WriterState) -> Result<(), ActorProcessingErr> {
         match msg {
-            WriterMsg::Write(points, permit, done) => {
+            WriterMessage::Write(points, permit, done) => {
                 st.buf.extend(points);
                 st.held.push(permit);
                 let done = match done {
@@ -78,14 +78,14 @@ impl Actor for Writer {
                 } else if !st.commit_queued {
                     // Behind whatever is queued already: those points join this write.
                     st.commit_queued = true;
-                    let _ = me.tell(WriterMsg::Commit);
+                    let _ = me.tell(WriterMessage::Commit);
                 }
             }
-            WriterMsg::Commit => {
+            WriterMessage::Commit => {
                 st.commit_queued = false;
                 st.commit().await;
             }
-            WriterMsg::Flush(reply) => {
+            WriterMessage::Flush(reply) => {
                 st.commit().await;
                 let _ = reply.send(());
             }
@@ -178,7 +178,7 @@ async fn write_retrying(t: &Telemetry, points: Vec<Point>) -> Result<(), String>
 }
 
 /// Spawn `n` writers named `writer:{i}`.
-pub async fn spawn(t: &Arc<Telemetry>, n: usize) -> anyhow::Result<Vec<ActorRef<WriterMsg>>> {
+pub async fn spawn(t: &Arc<Telemetry>, n: usize) -> anyhow::Result<Vec<ActorRef<WriterMessage>>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         out.push(spawn_one(t, i).await?);
@@ -187,9 +187,9 @@ pub async fn spawn(t: &Arc<Telemetry>, n: usize) -> anyhow::Result<Vec<ActorRef<
 }
 
 /// Start writer `i` (also to replace one that died).
-pub async fn spawn_one(t: &Telemetry, i: usize) -> anyhow::Result<ActorRef<WriterMsg>> {
+pub async fn spawn_one(t: &Telemetry, i: usize) -> anyhow::Result<ActorRef<WriterMessage>> {
     let c = &t.config.telemetry;
     let args = WriterArgs { telemetry: t.me.clone(), batch_points: c.batch_points.max(1), durability: c.durability };
-    let (a, _) = Actor::spawn(Some(format!("writer:{i}")), crate::actors::inspect::Instrumented(Writer, "writer"), args).await?;
+    let (a, _) = Actor::spawn(Some(format!("writer:{i}")), crate::actors::inspect::Instrumented(WriterActor, "writer"), args).await?;
     Ok(a)
 }

@@ -111,6 +111,18 @@ pub enum WillAction {
     Discard,
 }
 
+/// A session key as operators see it: (device number, client id). Device sessions live in
+/// their own namespace, `{device_number}\0{client id}`.
+pub fn display_client(key: &str) -> (Option<&str>, &str) {
+    match key.split_once('\0') {
+        Some((d, c)) => (Some(d), c),
+        None => (None, key),
+    }
+}
+
+/// Run by the session after a SUBSCRIBE granted at least one filter.
+pub type OnGranted = Box<dyn FnOnce() + Send>;
+
 pub enum SessionMessage {
     /// A connection takes this session (replies Session Present).
     Attach(Box<AttachArgs>, RpcReplyPort<bool>),
@@ -137,7 +149,9 @@ pub enum SessionMessage {
         _routing: tokio::sync::OwnedSemaphorePermit,
     },
     /// A SUBSCRIBE; the listed filter indexes were refused by the ACL (answered 0x87 / 0x80).
-    Subscribe(Subscribe, Vec<usize>, Reply),
+    /// The callback runs once a filter is granted and routed (the device platform sends a
+    /// device what was queued for it): the session knows nothing of devices.
+    Subscribe(Subscribe, Vec<usize>, Reply, Option<OnGranted>),
     Unsubscribe(Unsubscribe, Reply),
     /// The connection `conn_id` ended; `expiry` is a 5.0 DISCONNECT's new Session Expiry Interval.
     Detach {
@@ -350,7 +364,7 @@ impl Actor for SessionActor {
                 let code = if st.incoming_qos2.remove(&pkid) { 0 } else { reason::PACKET_ID_NOT_FOUND };
                 answer(reply, Packet::PubComp(Ack::new(pkid, code)));
             }
-            SessionMessage::Subscribe(s, denied, reply) => Box::pin(st.subscribe(&me, s, denied, reply)).await,
+            SessionMessage::Subscribe(s, denied, reply, then) => Box::pin(st.subscribe(&me, s, denied, reply, then)).await,
             SessionMessage::Unsubscribe(u, reply) => st.unsubscribe(&me, u, reply),
             SessionMessage::Attach(a, reply) => {
                 let present = Box::pin(st.attach(&me, *a)).await;

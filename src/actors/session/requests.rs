@@ -77,7 +77,14 @@ impl SessionState {
         }
     }
 
-    pub(super) async fn subscribe(&mut self, me: &ActorRef<SessionMessage>, s: Subscribe, denied: Vec<usize>, reply: Reply) {
+    pub(super) async fn subscribe(
+        &mut self,
+        me: &ActorRef<SessionMessage>,
+        s: Subscribe,
+        denied: Vec<usize>,
+        reply: Reply,
+        then: Option<super::OnGranted>,
+    ) {
         let v5 = self.protocol == Protocol::V5;
         let sub_id = s.props.subscription_identifiers.first().copied();
         let cfg = &self.broker.config.mqtt;
@@ -129,12 +136,8 @@ impl SessionState {
             self.deliver(me, d);
         }
         self.mark_dirty(me);
-        if granted {
-            // A device subscribed to its downlink topics: send what was queued for it.
-            if let (Some(d), Some(number)) = (self.broker.devices.get(), crate::devices::device_of_session(&self.client_id)) {
-                let (d, number) = (d.clone(), number.to_string());
-                tokio::spawn(async move { d.flush_pending(&number).await });
-            }
+        if let Some(then) = then.filter(|_| granted) {
+            then();
         }
     }
 

@@ -368,7 +368,7 @@ async fn telemetry_control(State(s): State<AppState>, c: Caller, P(number): P<St
     downlink(&s, &c, &number, CommandKind::TelemetryControl, r).await
 }
 
-#[utoipa::path(get, path = "/devices/{number}/status", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "online state and last activity")))]
+#[utoipa::path(get, path = "/devices/{number}/status", operation_id = "device_status", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "online state and last activity")))]
 async fn status(State(s): State<AppState>, c: Caller, P(number): P<String>) -> Answer {
     let d = devices(&s)?;
     c.device(&d, &number).await?;

@@ -296,7 +296,7 @@ async fn put_tenant_policy(State(s): State<AppState>, c: Caller, P(id): P<i64>, 
 }
 
 /// The telemetry store's state (system scope).
-#[utoipa::path(get, path = "/telemetry/status", tag = "telemetry", responses((status = 200, description = "store, durability, disk use, last maintenance")))]
+#[utoipa::path(get, path = "/telemetry/status", operation_id = "telemetry_status", tag = "telemetry", responses((status = 200, description = "store, durability, disk use, last maintenance")))]
 async fn status(State(s): State<AppState>, c: Caller) -> Answer {
     c.require("tenant:manage")?;
     let t = telemetry(&s)?;

@@ -1,0 +1,32 @@
+//! Sockets and TLS shared by the node's listeners (`server`) and its cluster links
+//! (`cluster`): the accept loop and the one crypto provider. Depends on nothing of ours.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// Install the one rustls crypto provider we use (`ring`) before any TLS use.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The next accepted socket (TCP_NODELAY set), or `None` once `stop` fires. Accept errors
+/// (usually EMFILE) are logged and retried after a short pause instead of spinning.
+pub async fn accept_next(listener: &TcpListener, stop: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    return Some((s, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
