@@ -32,19 +32,9 @@ pub struct Broker {
     pub store: Arc<LocalStore>,
     /// Set when clustering is enabled.
     pub cluster: std::sync::OnceLock<Arc<Cluster>>,
-    /// The device platform (registry, auth, downlink), set at start-up.
-    pub devices: std::sync::OnceLock<Arc<crate::devices::Devices>>,
-    /// People on the REST API (set once at start-up).
-    pub users: std::sync::OnceLock<Arc<crate::users::Users>>,
-    /// Alert rules and notifications (set once at start-up).
-    pub alerts: std::sync::OnceLock<Arc<crate::alerts::Alerts>>,
-    /// Broker webhooks, when any are configured (set once at start-up).
-    pub hooks: std::sync::OnceLock<Arc<crate::webhooks::Webhooks>>,
-    /// Live events for API websockets (set once at start-up).
-    pub live: std::sync::OnceLock<Arc<crate::live::Live>>,
     pub started: Instant,
     /// Live packet traces (`thingsctl trace`).
-    pub tracer: crate::ops::trace::Tracer,
+    pub tracer: crate::actors::trace::Tracer,
     /// Every listener accepts (set once start-up is complete).
     pub serving: std::sync::atomic::AtomicBool,
     connect_bucket: std::sync::Mutex<(f64, Instant)>,
@@ -61,11 +51,6 @@ impl Broker {
         }
         Broker {
             cluster,
-            devices: std::sync::OnceLock::new(),
-            users: std::sync::OnceLock::new(),
-            alerts: std::sync::OnceLock::new(),
-            hooks: std::sync::OnceLock::new(),
-            live: std::sync::OnceLock::new(),
             router: Router::new(shards, (config.mqtt.max_queued * 4).max(1024)),
             config,
             metrics: Metrics::default(),

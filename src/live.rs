@@ -14,7 +14,6 @@ use tokio::sync::broadcast;
 
 use crate::broker::Broker;
 use crate::cluster::wire::Body;
-use crate::devices::{DeviceEvent, EventKind};
 
 /// One live event, as websocket clients receive it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,7 +52,7 @@ impl Drop for Watching {
 }
 
 impl Live {
-    pub fn start(broker: &Arc<Broker>, devices: &Arc<crate::devices::Devices>) -> Arc<Live> {
+    pub fn start(broker: &Arc<Broker>) -> Arc<Live> {
         let live = Arc::new(Live {
             tx: broadcast::channel(4096).0,
             clients: AtomicUsize::new(0),
@@ -61,33 +60,6 @@ impl Live {
             last_wanted: Default::default(),
             started: Instant::now(),
             broker: Arc::downgrade(broker),
-        });
-        // This node's device events.
-        let (weak, mut rx) = (Arc::downgrade(&live), devices.events.subscribe());
-        tokio::spawn(async move {
-            loop {
-                let ev: Arc<DeviceEvent> = match rx.recv().await {
-                    Ok(e) => e,
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
-                };
-                let Some(l) = weak.upgrade() else { return };
-                let kind = match ev.kind {
-                    EventKind::Telemetry => "telemetry",
-                    EventKind::Attributes => "attributes",
-                    EventKind::Event => "event",
-                    _ => continue,
-                };
-                if l.watched() {
-                    l.publish(LiveEvent {
-                        kind: kind.into(),
-                        device: ev.device_number.to_string(),
-                        tenant_id: None,
-                        ts: ev.ts,
-                        data: Value::Object(ev.values.clone()),
-                    });
-                }
-            }
         });
         // Ask the peers for their events while clients watch here.
         let weak = Arc::downgrade(&live);

@@ -7,3 +7,4 @@ pub mod session;
 pub mod shard;
 pub mod supervisor;
 pub mod sys;
+pub mod trace;

@@ -78,6 +78,8 @@ pub struct AlertMetrics {
 
 pub struct Alerts {
     pub devices: Arc<Devices>,
+    /// Live events for API websockets (alert changes).
+    live: Arc<crate::live::Live>,
     broker: Weak<Broker>,
     me: Arc<str>,
     index: ArcSwap<Index>,
@@ -94,11 +96,12 @@ pub struct Alerts {
 
 impl Alerts {
     /// Start sharing out the rules, following device events and sending notifications.
-    pub fn start(broker: &Arc<Broker>, devices: Arc<Devices>) -> Arc<Alerts> {
+    pub fn start(broker: &Arc<Broker>, devices: Arc<Devices>, live: Arc<crate::live::Live>) -> Arc<Alerts> {
         let config = broker.config.alerts.clone();
         let (tx, rx) = mpsc::channel(config.notify_queue.max(1));
         let a = Arc::new(Alerts {
             devices,
+            live,
             broker: Arc::downgrade(broker),
             me: Arc::from(broker.config.node.name.as_str()),
             index: ArcSwap::from_pointee(Index::default()),
@@ -387,9 +390,9 @@ impl Alerts {
             NoticeKind::Cleared => self.metrics.cleared.fetch_add(1, Ordering::Relaxed),
             NoticeKind::Acknowledged => 0,
         };
-        if let Some(l) = self.broker.upgrade().and_then(|b| b.live.get().cloned()).filter(|l| l.watched()) {
+        if self.live.watched() {
             let data = serde_json::json!({"event": kind.as_str(), "alert": alert});
-            l.publish(crate::live::LiveEvent {
+            self.live.publish(crate::live::LiveEvent {
                 kind: "alert".into(),
                 device: alert.device_number.clone(),
                 tenant_id: Some(alert.tenant_id),

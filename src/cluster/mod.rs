@@ -314,6 +314,13 @@ impl Link {
     }
 }
 
+/// What handles the frames of the features above the broker core (operators' queries, live
+/// and alert events): registered once at start-up, so the cluster names no feature.
+pub trait Features: Send + Sync + 'static {
+    /// A feature frame from peer `from`; answers go back through [`Cluster::send`].
+    fn frame(&self, from: Arc<str>, body: Body);
+}
+
 /// The node's handle on the cluster, shared through [`Broker`].
 pub struct Cluster {
     pub name: Arc<str>,
@@ -341,6 +348,8 @@ pub struct Cluster {
     /// (publishes matching them are parked, then re-routed to the adopted sessions).
     ghosts: ArcSwap<HashMap<NodeIdx, Arc<str>>>,
     parked: Arc<std::sync::Mutex<Vec<Parked>>>,
+    /// The node's feature frame handler (set once at start-up; frames before it are dropped).
+    features: OnceLock<Arc<dyn Features>>,
 }
 
 /// Rendezvous (highest random weight) score of `node` for `client`.
@@ -371,7 +380,13 @@ impl Cluster {
             peers: ArcSwap::from_pointee(Vec::new()),
             ghosts: ArcSwap::from_pointee(HashMap::new()),
             parked: Default::default(),
+            features: OnceLock::new(),
         }
+    }
+
+    /// Register the handler of feature frames (once; later calls are ignored).
+    pub fn on_features(&self, f: Arc<dyn Features>) {
+        let _ = self.features.set(f);
     }
 
     pub fn actor(&self) -> Option<Arc<ActorRef<ClusterMessage>>> {
@@ -903,40 +918,15 @@ impl ClusterState {
                     self.dials.remove(&addr);
                 }
             }
-            Body::Admin { id, req } => {
-                let (b, handle) = (self.a.broker.clone(), self.a.handle.clone());
-                tokio::spawn(async move {
-                    let body = match crate::ops::answer(&b, &from, &req).await {
-                        Ok(v) => Body::AdminReply { id, ok: true, body: v.to_string() },
-                        Err(e) => Body::AdminReply { id, ok: false, body: e },
-                    };
-                    handle.send(&from, body);
-                });
-            }
             Body::AdminReply { id, ok, body } => {
                 if let Some((reply, _)) = self.admin.remove(&id) {
                     let _ = reply.send(if ok { Ok(body) } else { Err(body) });
                 }
             }
             Body::Trace { id, events } => self.a.broker.tracer.deliver(id, events),
-            Body::LiveWant => {
-                if let Some(l) = self.a.broker.live.get() {
-                    l.peer_wants(&from);
-                }
-            }
-            Body::Live { event } => {
-                if let Some(l) = self.a.broker.live.get() {
-                    l.from_peer(&event);
-                }
-            }
-            Body::AlertEvent { rule, device_id, device, values, ts } => {
-                if let Some(a) = self.a.broker.alerts.get() {
-                    a.remote_event(rule, device_id, &device, &values, ts);
-                }
-            }
-            Body::AlertEvents { events } => {
-                if let Some(a) = self.a.broker.alerts.get() {
-                    a.remote_events(&events);
+            feature @ (Body::Admin { .. } | Body::LiveWant | Body::Live { .. } | Body::AlertEvent { .. } | Body::AlertEvents { .. }) => {
+                if let Some(f) = self.a.handle.features.get() {
+                    f.frame(Arc::from(from.as_str()), feature);
                 }
             }
             Body::LeaveAck(seq) => self.peer_acked(seq, &from),

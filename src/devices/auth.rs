@@ -5,9 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
-use argon2::{Argon2, PasswordHash, PasswordVerifier};
-
 use super::{Acl, Devices, Principal};
 use crate::storage::meta::CredentialKind;
 
@@ -32,15 +29,7 @@ pub enum AuthError {
     Unavailable,
 }
 
-/// An argon2 PHC string for `password` (stored for password credentials and service accounts).
-pub fn hash_password(password: &[u8]) -> String {
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default().hash_password(password, &salt).map(|h| h.to_string()).unwrap_or_default()
-}
-
-pub fn verify_password(password: &[u8], phc: &str) -> bool {
-    PasswordHash::new(phc).is_ok_and(|h| Argon2::default().verify_password(password, &h).is_ok())
-}
+pub use crate::secrets::{hash_password, verify_password};
 
 /// Which failure table an attempt counts in.
 #[derive(Debug, Clone, Copy)]

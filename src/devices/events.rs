@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::uplink::{response_ok, DeviceEvent, EventKind};
 use super::Devices;
+use crate::live::LiveEvent;
 use crate::storage::meta::{AttributeScope, MetaError};
 
 /// A message the platform answers a device with.
@@ -39,6 +40,37 @@ pub struct ReplyTo<'a> {
 }
 
 impl Devices {
+    /// Feed this node's device events (telemetry, attributes, events) to the live stream
+    /// while websocket clients watch.
+    pub(super) fn feed_live(me: &Arc<Devices>) {
+        let (live, mut rx) = (Arc::downgrade(&me.live), me.events.subscribe());
+        tokio::spawn(async move {
+            loop {
+                let ev: Arc<DeviceEvent> = match rx.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                let Some(l) = live.upgrade() else { return };
+                let kind = match ev.kind {
+                    EventKind::Telemetry => "telemetry",
+                    EventKind::Attributes => "attributes",
+                    EventKind::Event => "event",
+                    _ => continue,
+                };
+                if l.watched() {
+                    l.publish(LiveEvent {
+                        kind: kind.into(),
+                        device: ev.device_number.to_string(),
+                        tenant_id: None,
+                        ts: ev.ts,
+                        data: Value::Object(ev.values.clone()),
+                    });
+                }
+            }
+        });
+    }
+
     /// Apply and broadcast events; returns the MQTT answers to publish (ThingsPanel responses,
     /// ThingsBoard attribute responses) when `reply` says where (MQTT only).
     /// Telemetry is stored before this returns (waiting at most `wait` for room in the

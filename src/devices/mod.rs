@@ -20,6 +20,7 @@ use crate::actors::session::Outbound;
 use crate::broker::Broker;
 use crate::cluster::wire::DeviceNotice;
 use crate::config::{Config, ServiceAccount};
+use crate::live::Live;
 use crate::storage::cache::Cache;
 use crate::storage::meta::{CredentialKind, Device, MetaError, MetaStore, ThingModel};
 
@@ -120,6 +121,8 @@ pub struct Kick {
 
 pub struct Devices {
     pub meta: MetaStore,
+    /// Live events for API websockets (device statuses).
+    pub live: Arc<Live>,
     pub cache: Cache,
     pub metrics: DeviceMetrics,
     pub config: Arc<Config>,
@@ -169,27 +172,10 @@ pub fn device_of_session(key: &str) -> Option<&str> {
 }
 
 impl Devices {
-    /// Open the meta store and the cache, create the first admin API key if there is none
-    /// (printed once), and start listening for other nodes' notices.
-    pub async fn start(broker: &Arc<Broker>) -> anyhow::Result<Arc<Devices>> {
-        use anyhow::Context;
+    /// Start the device platform over the node's stores: create the first admin API key if
+    /// there is none (printed once), and start listening for other nodes' notices.
+    pub async fn start(broker: &Arc<Broker>, meta: MetaStore, cache: Cache, live: Arc<Live>) -> anyhow::Result<Arc<Devices>> {
         let config = broker.config.clone();
-        let url = if config.meta.url.is_empty() {
-            std::fs::create_dir_all(&config.node.data_dir).with_context(|| format!("create {}", config.node.data_dir.display()))?;
-            MetaStore::sqlite_url(&config.node.data_dir)
-        } else {
-            config.meta.url.clone()
-        };
-        let meta =
-            MetaStore::open(&url).await.with_context(|| format!("open the meta store {}", crate::config::mask_url_password(&url)))?;
-        if config.cluster.enabled && meta.backend() == crate::storage::meta::Backend::Sqlite {
-            tracing::warn!("clustering with an SQLite meta store: every node has its own device registry; use PostgreSQL (meta.url) so nodes share one");
-        }
-        let cache = if config.cache.url.is_empty() {
-            Cache::local(config.cache.capacity)
-        } else {
-            Cache::redis(&config.cache.url, &config.cache.prefix).await.context("connect the cache")?
-        };
         let mut services = Vec::new();
         for s in &config.devices.services {
             anyhow::ensure!(
@@ -206,6 +192,7 @@ impl Devices {
             ttl: Duration::from_secs(config.cache.ttl_secs.max(1)),
             config,
             broker: Arc::downgrade(broker),
+            live,
             conns: Mutex::default(),
             failures: Mutex::default(),
             udp_failures: Mutex::default(),
@@ -221,6 +208,7 @@ impl Devices {
             flushing: Mutex::default(),
         });
         Devices::spawn_status_worker(&d);
+        Devices::feed_live(&d);
         d.bootstrap_admin_key().await?;
         let hashed = d.meta.hash_plain_tokens().await?;
         if hashed > 0 {
@@ -559,18 +547,7 @@ impl Devices {
 }
 
 /// A new access token (128 bits, URL- and MQTT-username-safe).
-pub fn random_token() -> String {
-    random_hex(16)
-}
-
-pub(crate) fn random_hex(bytes: usize) -> String {
-    (0..bytes).map(|_| format!("{:02x}", rand::random::<u8>())).collect()
-}
-
-pub fn sha256_hex(b: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
-}
+pub use crate::secrets::{random_hex, random_token, sha256_hex};
 
 pub(crate) fn now_ms_i64() -> i64 {
     crate::message::now_ms() as i64

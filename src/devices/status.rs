@@ -82,9 +82,15 @@ impl Devices {
         // `node`: who wrote it, so the survivors can mark a crashed node's devices offline.
         let payload = serde_json::json!({"online": online, "ts": ts, "node": &*b.config.node.name}).to_string();
         self.cache.set(&format!("status:{number}"), &payload, Duration::from_secs(30 * 86_400)).await;
-        if let Some(l) = b.live.get().filter(|l| l.watched()) {
+        if self.live.watched() {
             let data = serde_json::json!({"online": online});
-            l.publish(crate::live::LiveEvent { kind: "status".into(), device: number.to_string(), tenant_id: None, ts: ts as i64, data });
+            self.live.publish(crate::live::LiveEvent {
+                kind: "status".into(),
+                device: number.to_string(),
+                tenant_id: None,
+                ts: ts as i64,
+                data,
+            });
         }
         let msg = Arc::new(Message::from_node(status_topic(number), payload, QoS::AtLeastOnce, true));
         b.retain(msg.clone()).await;

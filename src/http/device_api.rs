@@ -31,12 +31,12 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/{token}/rpc/{id}", post(rpc_response))
 }
 
-pub(super) fn devices(s: &AppState) -> Result<Arc<Devices>, ApiError> {
-    s.devices.get().cloned().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the device registry is starting"))
+pub(super) fn devices(s: &AppState) -> Arc<Devices> {
+    s.services.devices.clone()
 }
 
 async fn auth(s: &AppState, peer: SocketAddr, token: &str) -> Result<(Arc<Devices>, Arc<Identity>), ApiError> {
-    let d = devices(s)?;
+    let d = devices(s);
     match d.authenticate_token(peer.ip(), token).await {
         Ok(i) => Ok((d, i)),
         Err(AuthError::BadCredentials) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown access token")),

@@ -1,6 +1,6 @@
 //! `/health/live`, `/health/ready` and `/metrics` (Prometheus text format).
+use super::{App, AppState};
 use std::fmt::Write;
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -9,10 +9,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 use super::ApiError;
-use crate::broker::Broker;
 use crate::metrics::Metrics;
 
-pub fn routes() -> Router<Arc<Broker>> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/health/live", get(live))
         .route("/health/ready", get(ready))
@@ -21,7 +20,7 @@ pub fn routes() -> Router<Arc<Broker>> {
 }
 
 /// Cluster membership as this node sees it (read-only; `members` includes this node).
-async fn cluster(State(b): State<Arc<Broker>>) -> Json<serde_json::Value> {
+async fn cluster(State(b): State<AppState>) -> Json<serde_json::Value> {
     match b.cluster.get() {
         None => Json(serde_json::json!({ "enabled": false, "node": b.config.node.name, "members": [] })),
         Some(c) => {
@@ -38,21 +37,15 @@ async fn live() -> Json<serde_json::Value> {
 }
 
 /// The node accepts clients: its registry, retained store and every topic shard are running.
-async fn ready(State(b): State<Arc<Broker>>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn ready(State(b): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let running = |s: Option<ractor::ActorStatus>| s == Some(ractor::ActorStatus::Running);
     let registry = running(b.registry().map(|r| r.get_status()));
     let retained = running(b.retained_actor.load_full().map(|r| r.get_status()));
     let shards = (0..b.router.shards.len()).all(|i| running(b.router.shard(i).map(|s| s.get_status())));
     // Devices cannot log in without the registry's database.
-    let meta = match b.devices.get() {
-        Some(d) => tokio::time::timeout(std::time::Duration::from_secs(2), d.meta.ping()).await.is_ok_and(|r| r.is_ok()),
-        None => false,
-    };
+    let meta = tokio::time::timeout(std::time::Duration::from_secs(2), b.services.devices.meta.ping()).await.is_ok_and(|r| r.is_ok());
     // Telemetry cannot be acknowledged without its store.
-    let tsdb = match b.devices.get().and_then(|d| d.telemetry.get()) {
-        Some(t) => tokio::time::timeout(std::time::Duration::from_secs(2), t.store.ping()).await.is_ok_and(|r| r.is_ok()),
-        None => false,
-    };
+    let tsdb = tokio::time::timeout(std::time::Duration::from_secs(2), b.services.telemetry.store.ping()).await.is_ok_and(|r| r.is_ok());
     let serving = b.serving.load(std::sync::atomic::Ordering::Relaxed);
     // In a cluster: a peer link came up (or no seed to join), or the join timeout passed
     // (then the node serves alone and says so).
@@ -115,7 +108,7 @@ const PACKET_TYPES: [&str; 16] = [
 
 /// Metrics with labels: packets by type and QoS, CONNACK and disconnect reasons, routes,
 /// cluster links, actors.
-async fn labelled(out: &mut String, b: &Arc<Broker>) {
+async fn labelled(out: &mut String, b: &App) {
     use crate::protocols::mqtt::reason;
     let m = &b.metrics;
     let by_type =
@@ -189,7 +182,8 @@ async fn labelled(out: &mut String, b: &Arc<Broker>) {
         );
     }
     family(out, "thingsd_routes", "gauge", "Route keys: this node's subscriptions (local) and other nodes' (remote).", routes);
-    if let Some(t) = b.devices.get().and_then(|d| d.telemetry.get()) {
+    {
+        let t = &b.services.telemetry;
         family(
             out,
             "thingsd_telemetry_queue_points",
@@ -198,7 +192,7 @@ async fn labelled(out: &mut String, b: &Arc<Broker>) {
             [("".to_string(), t.queued_points())],
         );
     }
-    if let Some(h) = b.hooks.get() {
+    if let Some(h) = b.services.hooks.as_ref() {
         use std::sync::atomic::Ordering::Relaxed;
         let counts = h.counts();
         let label = |hook: &str, url: &str| format!("hook=\"{}\",endpoint=\"{}\"", esc(hook), esc(url));
@@ -220,7 +214,8 @@ async fn labelled(out: &mut String, b: &Arc<Broker>) {
             );
         }
     }
-    if let Some(a) = b.alerts.get() {
+    {
+        let a = &b.services.alerts;
         use std::sync::atomic::Ordering::Relaxed;
         let m = &a.metrics;
         family(
@@ -268,7 +263,7 @@ fn histogram(out: &mut String, name: &str, help: &str, bounds: &[f64], counts: &
     let _ = writeln!(out, "{name}_sum {}\n{name}_count {cum}", sum.unwrap_or(0.0));
 }
 
-async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
+async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
     let m = &b.metrics;
     let mut out = String::new();
     let mut hist = String::new();
@@ -305,7 +300,8 @@ async fn metrics(State(b): State<Arc<Broker>>) -> impl IntoResponse {
         );
         metric("thingsd_cluster_peers_up", "gauge", "Other nodes with a live link.", c.links.load().len() as u64);
     }
-    if let Some(d) = b.devices.get() {
+    {
+        let d = &b.services.devices;
         use std::sync::atomic::Ordering::Relaxed;
         let dm = &d.metrics;
         let counters = [

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use axum::Router;
 
 use crate::broker::Broker;
+use crate::services::Services;
 
 pub mod api;
 mod device_api;
@@ -19,12 +20,26 @@ mod web;
 
 pub use error::ApiError;
 
-/// What every handler gets: the node's broker (and through it the device platform).
-pub type AppState = Arc<Broker>;
+/// What every handler gets: the broker core and the platform's services.
+pub struct App {
+    pub broker: Arc<Broker>,
+    pub services: Arc<Services>,
+}
+
+/// Handlers read the broker core's configuration and counters through the application.
+impl std::ops::Deref for App {
+    type Target = Broker;
+    fn deref(&self) -> &Broker {
+        &self.broker
+    }
+}
+
+pub type AppState = Arc<App>;
 
 /// The node's HTTP application. Request bodies are bounded: device uploads by the device
 /// payload limit (plus room for JSON framing), the REST API by `api.max_body_bytes`.
-pub fn app(broker: Arc<Broker>) -> Router {
+pub fn app(broker: Arc<Broker>, services: Arc<Services>) -> Router {
+    let state: AppState = Arc::new(App { broker: broker.clone(), services });
     let device_limit = broker.config.devices.max_payload.saturating_mul(2).max(64 * 1024);
     let (api, doc) = api::routes();
     let doc = Arc::new(doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")));
@@ -40,12 +55,12 @@ pub fn app(broker: Arc<Broker>) -> Router {
     let mut app = Router::new()
         .merge(health::routes())
         .merge(web::routes())
-        .merge(ops::routes(broker.clone()))
+        .merge(ops::routes(state.clone()))
         .merge(device_api::routes().layer(axum::extract::DefaultBodyLimit::max(device_limit)))
         .merge(api)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(broker.clone(), count_request));
+        .layer(axum::middleware::from_fn_with_state(state.clone(), count_request));
     if let Some(cors) = cors(&broker.config.api.cors_origins) {
         app = app.layer(cors);
     }
@@ -53,7 +68,7 @@ pub fn app(broker: Arc<Broker>) -> Router {
         let trusted = Arc::new(broker.config.api.trusted_proxies.clone());
         app = app.layer(axum::middleware::from_fn(move |req, next| forwarded::rewrite(trusted.clone(), req, next)));
     }
-    app.with_state(broker)
+    app.with_state(state)
 }
 
 /// CORS for browser applications on other origins (`api.cors_origins`; `*` = any).
@@ -77,7 +92,7 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 /// Count every request by its route template (`/api/v1/admin/devices/{number}`; unmatched
 /// paths as `unmatched`, so the label set stays bounded) and status.
 async fn count_request(
-    axum::extract::State(b): axum::extract::State<Arc<Broker>>,
+    axum::extract::State(b): axum::extract::State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {

@@ -87,8 +87,8 @@ fn bad(m: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
 }
 
-async fn ask(b: &Arc<Broker>, q: Query, node: Option<&str>) -> Result<Vec<NodeAnswer>, ApiError> {
-    gather(b, &q, node).await.map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e))
+async fn ask(b: &AppState, q: Query, node: Option<&str>) -> Result<Vec<NodeAnswer>, ApiError> {
+    gather(&b.broker, &b.services, &q, node).await.map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e))
 }
 
 fn errors(answers: &[NodeAnswer]) -> Value {
@@ -308,7 +308,7 @@ async fn retained(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {
 
 async fn retained_delete(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {
     let topic = p.topic.clone().ok_or_else(|| bad("topic is required"))?;
-    match ops::local(&b, Query::RetainedDelete { topic }, None).await {
+    match ops::local(&b.broker, &b.services, Query::RetainedDelete { topic }, None).await {
         Ok(v) => Ok(Json(v)),
         Err(e) => Err(bad(e)),
     }
@@ -411,7 +411,7 @@ async fn trace(State(b): State<AppState>, Path(client): Path<String>, Q(p): Q<Pa
             }
         }
     }
-    let guard = TraceGuard { b: b.clone(), id, peers };
+    let guard = TraceGuard { b: b.broker.clone(), id, peers };
     let head = json!({ "trace": client, "nodes": nodes, "errors": errs }).to_string() + "\n";
     let deadline = (secs > 0).then(|| tokio::time::Instant::now() + Duration::from_secs(secs as u64));
     let stream =

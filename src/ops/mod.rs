@@ -17,8 +17,9 @@ use crate::actors::session::{SessionInfo, SessionMessage};
 use crate::broker::Broker;
 use crate::message::{now_ms, Message};
 use crate::protocols::mqtt::{topic, QoS};
+use crate::services::Services;
 
-pub mod trace;
+pub use crate::actors::trace;
 
 /// How long a node waits for another's answer.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,7 +99,7 @@ pub struct NodeAnswer {
 
 /// Ask `node` (or every member, this one included) the query. Members that are down are
 /// listed with an error. Err: `node` is not a member.
-pub async fn gather(b: &Arc<Broker>, q: &Query, node: Option<&str>) -> Result<Vec<NodeAnswer>, String> {
+pub async fn gather(b: &Arc<Broker>, svc: &Arc<Services>, q: &Query, node: Option<&str>) -> Result<Vec<NodeAnswer>, String> {
     let me = b.config.node.name.clone();
     let members = match b.cluster.get() {
         Some(c) => c.members().await,
@@ -118,11 +119,11 @@ pub async fn gather(b: &Arc<Broker>, q: &Query, node: Option<&str>) -> Result<Ve
     };
     let req = serde_json::to_string(q).map_err(|e| e.to_string())?;
     let asks = targets.into_iter().map(|(name, up)| {
-        let (b, req, me) = (b.clone(), req.clone(), me.clone());
+        let (b, svc, req, me) = (b.clone(), svc.clone(), req.clone(), me.clone());
         async move {
             let t = Instant::now();
             let result = if name == me {
-                local(&b, q.clone(), None).await
+                local(&b, &svc, q.clone(), None).await
             } else if !up {
                 Err("node is down".to_string())
             } else {
@@ -139,9 +140,9 @@ pub async fn gather(b: &Arc<Broker>, q: &Query, node: Option<&str>) -> Result<Ve
 }
 
 /// A request from node `from` (JSON), answered here.
-pub async fn answer(b: &Arc<Broker>, from: &str, req: &str) -> Result<Value, String> {
+pub async fn answer(b: &Arc<Broker>, svc: &Services, from: &str, req: &str) -> Result<Value, String> {
     let q: Query = serde_json::from_str(req).map_err(|e| format!("bad request: {e}"))?;
-    local(b, q, Some(from)).await
+    local(b, svc, q, Some(from)).await
 }
 
 async fn sessions_matching(b: &Broker, pattern: Option<String>) -> Result<Vec<(Arc<str>, ActorRef<SessionMessage>)>, String> {
@@ -210,7 +211,7 @@ fn node_status(b: &Broker) -> Value {
 }
 
 /// Answer a query on this node. `origin`: the node that asked (None: this node's own API).
-pub async fn local(b: &Arc<Broker>, q: Query, origin: Option<&str>) -> Result<Value, String> {
+pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&str>) -> Result<Value, String> {
     let node = b.config.node.name.as_str();
     match q {
         Query::Node => {
@@ -361,7 +362,7 @@ pub async fn local(b: &Arc<Broker>, q: Query, origin: Option<&str>) -> Result<Va
         }
         Query::Actor { name } => Ok(inspect::show(node, &name).map(|a| json!(a)).unwrap_or(Value::Null)),
         Query::Tree { max_children } => Ok(json!({ "node": node, "roots": inspect::tree(max_children.clamp(1, 10_000)) })),
-        Query::Metrics => Ok(summary(b)),
+        Query::Metrics => Ok(summary(b, svc)),
         Query::Webhooks => {
             use std::sync::atomic::Ordering::Relaxed;
             let me = &b.config.node.name;
@@ -371,7 +372,7 @@ pub async fn local(b: &Arc<Broker>, q: Query, origin: Option<&str>) -> Result<Va
                 .iter()
                 .map(|c| {
                     let counts =
-                        b.hooks.get().and_then(|h| h.counts().into_iter().find(|(hk, url, _)| *hk == c.hook && *url == c.endpoint));
+                        svc.hooks.as_ref().and_then(|h| h.counts().into_iter().find(|(hk, url, _)| *hk == c.hook && *url == c.endpoint));
                     let n = |f: fn(&crate::webhooks::HookCounts) -> u64| counts.as_ref().map_or(0, |(_, _, x)| f(x));
                     json!({
                         "node": me, "hook": c.hook, "endpoint": c.endpoint, "timeout_ms": c.timeout_ms, "on_failure": c.on_failure,
@@ -438,7 +439,7 @@ pub async fn local(b: &Arc<Broker>, q: Query, origin: Option<&str>) -> Result<Va
 }
 
 /// The key counters of this node (`thingsctl metrics`).
-pub fn summary(b: &Broker) -> Value {
+pub fn summary(b: &Broker, svc: &Services) -> Value {
     let m = &b.metrics;
     let g = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed);
     let mut v = json!({
@@ -463,7 +464,8 @@ pub fn summary(b: &Broker) -> Value {
         v["cluster_received"] = json!(c.received.load(Relaxed));
         v["cluster_peers_up"] = json!(c.links.load().len());
     }
-    if let Some(t) = b.devices.get().and_then(|d| d.telemetry.get()) {
+    {
+        let t = &svc.telemetry;
         v["telemetry_points_written"] = json!(t.metrics.points.load(Relaxed));
         v["telemetry_busy"] = json!(t.metrics.busy.load(Relaxed));
     }

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::protocols::mqtt::{
     decode, encode, reason, topic, Ack, ConnAck, Connect, DecodeError, Packet, Properties, Protocol, Publish, QoS,
 };
+use crate::services::Services;
 use crate::webhooks::Verdict;
 
 static CONN_ID: AtomicU64 = AtomicU64::new(1);
@@ -82,12 +83,14 @@ fn connack(code: u8) -> Packet {
 }
 
 /// What the listener knows about a connection before its CONNECT.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone)]
 pub struct ConnCtx {
     /// The listener accepts clients without credentials.
     pub allow_anonymous: bool,
     /// SHA-256 (hex) of the client certificate (TLS listeners with `client_ca`).
     pub cert_fingerprint: Option<String>,
+    /// The device platform and webhooks this connection answers to.
+    pub services: Arc<Services>,
 }
 
 /// Serve one client over any byte stream (TCP, TLS, WebSocket bridge).
@@ -192,7 +195,8 @@ where
     // An `auth_on_register` webhook is asked first: `ok` admits, an error refuses, `next`
     // leaves it to the registry.
     let mut admitted = false;
-    if let Some(h) = broker.hooks.get().filter(|h| h.has("auth_on_register", v5)) {
+    let svc = ctx.services.clone();
+    if let Some(h) = svc.hooks.as_ref().filter(|h| h.has("auth_on_register", v5)) {
         let body = crate::webhooks::body::register(peer, c.username.as_deref(), c.password.as_deref(), &c.client_id, c.clean_start, v5);
         match Box::pin(h.auth("auth_on_register", v5, body)).await {
             Verdict::Ok(_) => admitted = true,
@@ -206,9 +210,11 @@ where
     }
     // Who is it? Devices are checked against the registry; wrong credentials get 0x86/0x87
     // (3.1.1: 4/5), and an address with too many failures is refused for a while.
-    let principal = match broker.devices.get() {
-        _ if admitted => Principal::External,
-        Some(d) => {
+    let principal = if admitted {
+        Principal::External
+    } else {
+        {
+            let d = &svc.devices;
             let creds = Credentials {
                 username: c.username.as_deref(),
                 password: c.password.as_deref(),
@@ -228,11 +234,6 @@ where
                     return None;
                 }
             }
-        }
-        None if ctx.allow_anonymous => Principal::Anonymous,
-        None => {
-            Box::pin(write_raw(&mut wr, &connack(reason::SERVER_UNAVAILABLE), protocol, m)).await;
-            return None;
         }
     };
     let mut props = Properties::default();
@@ -270,7 +271,7 @@ where
     // The will must be something this client may publish: checked now, never stored otherwise.
     let mut will = c.will.take();
     if let Some(w) = will.as_mut() {
-        let asker = Asker { broker, principal: &principal, username: c.username.as_deref(), client: &shown, v5 };
+        let asker = Asker { broker, svc: &svc, principal: &principal, username: c.username.as_deref(), client: &shown, v5 };
         if let Err(code) = Box::pin(admit_will(&asker, w)).await {
             Box::pin(write_raw(&mut wr, &connack(code), protocol, m)).await;
             return None;
@@ -333,6 +334,7 @@ where
         client_alias_max,
         cancel.clone(),
         broker.clone(),
+        svc.hooks.clone(),
         mount,
         (shown.clone(), username.clone()),
     ));
@@ -391,7 +393,8 @@ where
         }
     };
     tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
-    if let (Some(d), Some(i)) = (broker.devices.get(), &device) {
+    if let Some(i) = &device {
+        let d = &svc.devices;
         let kick = crate::devices::Kick { tx: Some(tx.clone()), cancel: cancel.clone() };
         Box::pin(d.connected(&i.device_number, conn_id, kick)).await;
         // Queued downlinks for a session that kept its subscriptions.
@@ -403,12 +406,13 @@ where
         tokio::spawn(ack_in_order(arx, tx.clone()));
         atx
     });
-    if let Some(h) = broker.hooks.get() {
+    if let Some(h) = svc.hooks.as_ref() {
         h.notify("on_register", v5, || crate::webhooks::body::registered(peer, username.as_deref(), &shown, v5));
     }
     let conn = Conn {
         username,
         broker: broker.clone(),
+        svc: svc.clone(),
         client_id,
         session,
         tx,
@@ -514,7 +518,7 @@ where
         (_, e) if e & 0x200 != 0 => m.disconnects_client.add((e & 0xff) as usize, 1),
         (_, e) => m.disconnects_server.add((e & 0xff) as usize, 1),
     }
-    if let Some(h) = broker.hooks.get() {
+    if let Some(h) = conn.svc.hooks.as_ref() {
         // A session taken over lives on elsewhere: neither offline nor gone.
         if kicked.load(Ordering::Relaxed) != reason::SESSION_TAKEN_OVER {
             let hook = if conn.new_expiry.unwrap_or(conn.expiry) > 0 { "on_client_offline" } else { "on_client_gone" };
@@ -522,7 +526,8 @@ where
             h.notify(hook, false, || crate::webhooks::body::client(&conn.shown));
         }
     }
-    if let (Some(d), Some(i)) = (broker.devices.get(), conn.principal.device()) {
+    if let Some(i) = conn.principal.device() {
+        let d = &conn.svc.devices;
         let taken_over = kicked.load(Ordering::Relaxed) == reason::SESSION_TAKEN_OVER;
         Box::pin(d.disconnected(&i.device_number, conn_id, taken_over)).await;
     }
@@ -537,6 +542,7 @@ struct Conn {
     /// The CONNECT's username (webhook bodies).
     username: Option<Arc<str>>,
     broker: Arc<Broker>,
+    svc: Arc<Services>,
     client_id: Arc<str>,
     session: ActorRef<SessionMessage>,
     tx: mpsc::Sender<Outbound>,
@@ -652,18 +658,18 @@ impl Conn {
                 for (f, _) in s.filters.iter_mut() {
                     mount_in(&self.principal, f);
                 }
-                let judged = match self.broker.hooks.get().cloned() {
+                let judged = match self.svc.hooks.clone() {
                     Some(h) if h.has("auth_on_subscribe", v5) => Box::pin(self.subscribe_hook(&h, &mut s, &mut denied)).await,
                     _ => false,
                 };
                 for (i, (f, _)) in s.filters.iter().enumerate() {
                     if !judged && self.principal.acl().is_some_and(|a| !a.may_subscribe(f)) {
                         tracing::info!(filter = %f, "SUBSCRIBE denied by ACL");
-                        count_denied(&self.broker);
+                        count_denied(&self.svc);
                         denied.push(i);
                     }
                 }
-                if let Some(h) = self.broker.hooks.get() {
+                if let Some(h) = self.svc.hooks.as_ref() {
                     let granted: Vec<(String, u8)> = s
                         .filters
                         .iter()
@@ -674,8 +680,9 @@ impl Conn {
                     h.notify("on_subscribe", v5, || crate::webhooks::body::subscribe(self.username.as_deref(), &self.shown, granted, v5));
                 }
                 // A device subscribed to its downlink topics: send what was queued for it.
-                let then = match (self.broker.devices.get(), self.principal.device()) {
-                    (Some(d), Some(i)) => {
+                let then = match self.principal.device() {
+                    Some(i) => {
+                        let d = &self.svc.devices;
                         let (d, number) = (d.clone(), i.device_number.to_string());
                         Some(Box::new(move || {
                             tokio::spawn(async move { d.flush_pending(&number).await });
@@ -690,7 +697,7 @@ impl Conn {
                 for f in u.filters.iter_mut() {
                     mount_in(&self.principal, f);
                 }
-                if let Some(h) = self.broker.hooks.get() {
+                if let Some(h) = self.svc.hooks.as_ref() {
                     h.notify("on_unsubscribe", v5, || {
                         crate::webhooks::body::unsubscribe(self.username.as_deref(), &self.shown, &u.filters, v5)
                     });
@@ -749,7 +756,7 @@ impl Conn {
         payload: &[u8],
         props: Option<&Properties>,
     ) -> Option<u8> {
-        let d = self.broker.devices.get()?.clone();
+        let d = self.svc.devices.clone();
         let m = uplink::Incoming { kind, gateway, message_id: mid, payload, protocol: "mqtt" };
         match uplink::parse(ident, m, &d.config.devices, now_ms() as i64) {
             Err(why) => {
@@ -825,7 +832,14 @@ impl Conn {
         };
         let mut asked = Asked { topic, payload: p.payload, qos: p.qos, retain: p.retain };
         mount_in(&self.principal, &mut asked.topic);
-        let asker = Asker { broker: &broker, principal: &self.principal, username: self.username.as_deref(), client: &self.shown, v5 };
+        let asker = Asker {
+            broker: &broker,
+            svc: &self.svc,
+            principal: &self.principal,
+            username: self.username.as_deref(),
+            client: &self.shown,
+            v5,
+        };
         if let Err(code) = Box::pin(authorise(&asker, &mut asked)).await {
             if code == reason::TOPIC_NAME_INVALID && !v5 {
                 // 3.1.1 has no negative acknowledgement for a topic it cannot take.
@@ -860,7 +874,7 @@ impl Conn {
         let props = props.filter(|pr| !pr.is_empty()).map(Box::new);
         // Clients may not inject broker statistics.
         let routable = !topic.starts_with("$SYS");
-        if let Some(h) = self.broker.hooks.get() {
+        if let Some(h) = self.svc.hooks.as_ref() {
             h.notify("on_publish", v5, || {
                 let pl = h.payload("on_publish", v5, &payload);
                 crate::webhooks::body::publish(self.username.as_deref(), &self.shown, qos_out as u8, &topic, pl, retain, v5)
@@ -950,7 +964,7 @@ impl Conn {
             Verdict::Next => false,
             Verdict::Error(e) => {
                 tracing::info!(error = %e, "SUBSCRIBE denied by webhook");
-                count_denied(&self.broker);
+                count_denied(&self.svc);
                 denied.extend(0..s.filters.len());
                 true
             }
@@ -971,6 +985,7 @@ struct Asked {
 /// Who asks, as hooks and the ACL see it.
 struct Asker<'a> {
     broker: &'a Broker,
+    svc: &'a Services,
     principal: &'a Principal,
     username: Option<&'a str>,
     client: &'a str,
@@ -987,10 +1002,8 @@ fn mount_in(principal: &Principal, t: &mut String) {
     }
 }
 
-fn count_denied(broker: &Broker) {
-    if let Some(d) = broker.devices.get() {
-        d.metrics.acl_denied.fetch_add(1, Ordering::Relaxed);
-    }
+fn count_denied(svc: &Services) {
+    svc.devices.metrics.acl_denied.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The checks every client message passes before it is routed, retained or kept as a will:
@@ -1002,7 +1015,7 @@ async fn authorise(a: &Asker<'_>, m: &mut Asked) -> Result<(), u8> {
         tracing::info!(levels = topic::levels(&m.topic), max_levels, "topic too deep; refused");
         return Err(reason::TOPIC_NAME_INVALID);
     }
-    if let Some(h) = a.broker.hooks.get().cloned().filter(|h| h.has("auth_on_publish", a.v5)) {
+    if let Some(h) = a.svc.hooks.clone().filter(|h| h.has("auth_on_publish", a.v5)) {
         let body = crate::webhooks::body::publish(
             a.username,
             a.client,
@@ -1029,14 +1042,14 @@ async fn authorise(a: &Asker<'_>, m: &mut Asked) -> Result<(), u8> {
             Verdict::Next => {}
             Verdict::Error(e) => {
                 tracing::info!(topic = %m.topic, error = %e, "message denied by webhook");
-                count_denied(a.broker);
+                count_denied(a.svc);
                 return Err(reason::NOT_AUTHORIZED);
             }
         }
     }
     if a.principal.acl().is_some_and(|acl| !acl.may_publish(&m.topic)) {
         tracing::info!(topic = %m.topic, "message denied by ACL");
-        count_denied(a.broker);
+        count_denied(a.svc);
         return Err(reason::NOT_AUTHORIZED);
     }
     Ok(())
@@ -1052,10 +1065,10 @@ async fn admit_will(a: &Asker<'_>, w: &mut crate::protocols::mqtt::Will) -> Resu
     // Clients never publish on the server's own `$` topics (`$SYS`, …).
     if m.topic.starts_with('$') {
         tracing::info!(topic = %m.topic, "will on a $ topic refused");
-        count_denied(a.broker);
+        count_denied(a.svc);
         return Err(reason::NOT_AUTHORIZED);
     }
-    if let (Some(ident), Some(d)) = (a.principal.device(), a.broker.devices.get()) {
+    if let (Some(ident), Some(d)) = (a.principal.device(), Some(&a.svc.devices)) {
         if let Some((kind, gateway, mid)) = uplink::classify(&m.topic, &ident.device_number) {
             let incoming = uplink::Incoming { kind, gateway, message_id: mid, payload: &m.payload, protocol: "mqtt" };
             if let Err(why) = uplink::parse(ident, incoming, &d.config.devices, now_ms() as i64) {

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use super::connection::{serve, ConnCtx};
 use crate::broker::Broker;
 pub use crate::net::accept_next;
+use crate::services::Services;
 
 /// What kind of listener a bound socket is.
 pub enum Kind {
@@ -39,19 +40,28 @@ pub async fn accept_loop(
     kind: Kind,
     opts: Opts,
     broker: Arc<Broker>,
+    services: Arc<Services>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let kind = Arc::new(kind);
     while let Some((stream, peer)) = accept_next(&listener, &shutdown).await {
-        let (b, s, k) = (broker.clone(), shutdown.clone(), kind.clone());
-        tracker.spawn(async move { handle(stream, peer, &k, opts, b, s).await });
+        let (b, s, k, svc) = (broker.clone(), shutdown.clone(), kind.clone(), services.clone());
+        tracker.spawn(async move { handle(stream, peer, &k, opts, b, svc, s).await });
     }
 }
 
-async fn handle(mut stream: TcpStream, mut peer: SocketAddr, kind: &Kind, opts: Opts, broker: Arc<Broker>, shutdown: CancellationToken) {
+async fn handle(
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+    kind: &Kind,
+    opts: Opts,
+    broker: Arc<Broker>,
+    services: Arc<Services>,
+    shutdown: CancellationToken,
+) {
     let handshake = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
-    let ctx = ConnCtx { allow_anonymous: opts.allow_anonymous, cert_fingerprint: None };
+    let ctx = ConnCtx { allow_anonymous: opts.allow_anonymous, cert_fingerprint: None, services };
     if opts.proxy {
         match tokio::time::timeout(handshake, super::proxy::read_header(&mut stream)).await {
             Ok(Ok(Some(client))) => peer = client,

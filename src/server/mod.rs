@@ -2,6 +2,7 @@
 //! connections, persist periodically, and shut down gracefully.
 pub mod coap;
 pub mod connection;
+mod features;
 pub mod listener;
 pub mod proxy;
 pub mod writer;
@@ -24,6 +25,7 @@ use crate::actors::retained::RetainedSet;
 use crate::actors::supervisor::SupervisorActor;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::services::{Services, Stores};
 use crate::storage::local::LocalStore;
 use listener::Kind;
 
@@ -174,22 +176,12 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let restored = sessions.len();
     registry.ask(RegistryMessage::Count, Some(Duration::from_secs(60))).await.context("restore sessions")?;
 
-    // The device platform: registry, authentication, downlink (before any listener accepts).
-    if let Some(h) = crate::webhooks::Webhooks::start(&config.webhooks)? {
-        let _ = broker.hooks.set(h);
+    // The device platform over the stores opened here (the one place that picks backends),
+    // before any listener accepts.
+    let services = Arc::new(start_services(&broker).await?);
+    if let Some(c) = broker.cluster.get() {
+        c.on_features(Arc::new(features::FeatureFrames { broker: Arc::downgrade(&broker), services: Arc::downgrade(&services) }));
     }
-    let devices = crate::devices::Devices::start(&broker).await?;
-    let _ = broker.devices.set(devices.clone());
-    let telemetry = crate::telemetry::Telemetry::start(config.clone(), devices.meta.clone(), devices.cache.clone()).await?;
-    let _ = devices.telemetry.set(telemetry.clone());
-    let users = crate::users::Users::start(devices.meta.clone(), devices.cache.clone(), config.api.clone()).await?;
-    let _ = broker.users.set(Arc::new(users));
-    if config.cluster.enabled && config.cache.url.is_empty() {
-        tracing::warn!("clustering without Redis (cache.url): people's sessions live on the node that made them, so a token works only there and a logout ends it only there; configure cache.url");
-    }
-    let _ = broker.live.set(crate::live::Live::start(&broker, &devices));
-    let alerts = crate::alerts::Alerts::start(&broker, devices.clone());
-    let _ = broker.alerts.set(alerts.clone());
     let tracker = TaskTracker::new();
     for (l, kind, opts) in bound.listeners {
         let proxy = opts.proxy;
@@ -201,13 +193,13 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         if let Ok(a) = l.local_addr() {
             addrs.push(format!("{what}{}://{a}", if proxy { "+proxy" } else { "" }));
         }
-        tokio::spawn(listener::accept_loop(l, kind, opts, broker.clone(), shutdown.clone(), tracker.clone()));
+        tokio::spawn(listener::accept_loop(l, kind, opts, broker.clone(), services.clone(), shutdown.clone(), tracker.clone()));
     }
     for l in bound.http {
         if let Ok(a) = l.local_addr() {
             addrs.push(format!("http://{a}"));
         }
-        let app = crate::http::app(broker.clone());
+        let app = crate::http::app(broker.clone(), services.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -220,7 +212,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         if let Ok(a) = sock.local_addr() {
             addrs.push(format!("coap://{a}"));
         }
-        tokio::spawn(coap::serve(sock, devices.clone(), shutdown.clone()));
+        tokio::spawn(coap::serve(sock, services.devices.clone(), shutdown.clone()));
     }
     broker.serving.store(true, std::sync::atomic::Ordering::Relaxed);
     let retained_n = broker.retained.load().len();
@@ -252,10 +244,10 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         c.leave().await;
     }
     flush(&broker);
-    alerts.shutdown().await;
+    services.alerts.shutdown().await;
     // Every accepted point reaches the store before the node stops.
-    telemetry.shutdown().await;
-    devices.meta.close().await;
+    services.telemetry.shutdown().await;
+    services.devices.meta.close().await;
     sup.stop(None);
     let _ = sup_handle.await;
     // The supervisor's children stop after it (ractor stops linked actors asynchronously): wait
@@ -266,6 +258,21 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Open the stores and build the platform's services on them.
+async fn start_services(broker: &Arc<Broker>) -> anyhow::Result<Services> {
+    let config = &broker.config;
+    let stores = Stores::open(config).await?;
+    let hooks = crate::webhooks::Webhooks::start(&config.webhooks)?;
+    let live = crate::live::Live::start(broker);
+    let devices = crate::devices::Devices::start(broker, stores.meta.clone(), stores.cache.clone(), live.clone()).await?;
+    let telemetry =
+        crate::telemetry::Telemetry::start(config.clone(), stores.meta.clone(), stores.cache.clone(), stores.tsdb, stores.rollup).await?;
+    let _ = devices.telemetry.set(telemetry.clone());
+    let users = Arc::new(crate::users::Users::start(stores.meta, stores.cache, config.api.clone()).await?);
+    let alerts = crate::alerts::Alerts::start(broker, devices.clone(), live.clone());
+    Ok(Services { devices, telemetry, users, alerts, hooks, live })
 }
 
 fn flush(broker: &Broker) {

@@ -92,6 +92,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     client_alias_max: u16,
     cancel: CancellationToken,
     broker: Arc<Broker>,
+    hooks: Option<Arc<crate::webhooks::Webhooks>>,
     mount: Option<Arc<str>>,
     (client, username): (Arc<str>, Option<Arc<str>>),
 ) {
@@ -116,7 +117,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 }
                 Outbound::Publish(p) => {
                     sent += 1;
-                    if let Some(h) = broker.hooks.get() {
+                    if let Some(h) = hooks.as_ref() {
                         let v5 = protocol == Protocol::V5;
                         h.notify("on_deliver", v5, || {
                             let pl = h.payload("on_deliver", v5, &p.msg.payload);

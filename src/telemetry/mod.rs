@@ -150,12 +150,15 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Tsdb> {
 }
 
 impl Telemetry {
-    pub async fn start(config: Arc<Config>, meta: MetaStore, cache: Cache) -> anyhow::Result<Arc<Telemetry>> {
-        let store = open_store(&config).await?;
-        if config.cluster.enabled && matches!(store, Tsdb::Embedded(_)) {
-            tracing::warn!("clustering with the embedded time-series store: each node keeps the telemetry of the devices connected to it; use PostgreSQL or TDengine (telemetry.store) so every node sees all of it");
-        }
-        let rollup = open_rollup_store(&config, &store).await?;
+    /// Start the writers and the maintenance actor over stores the node opened
+    /// (`services::Stores`).
+    pub async fn start(
+        config: Arc<Config>,
+        meta: MetaStore,
+        cache: Cache,
+        store: Tsdb,
+        rollup: Option<Tsdb>,
+    ) -> anyhow::Result<Arc<Telemetry>> {
         let t = Arc::new_cyclic(|me| Telemetry {
             me: me.clone(),
             respawn: tokio::sync::Mutex::new(()),

@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ApiConfig;
-use crate::devices::{hash_password, random_token, sha256_hex, verify_password};
+use crate::secrets::{hash_password, random_token, sha256_hex, verify_password};
 use crate::storage::cache::Cache;
 use crate::storage::meta::{now_ms, MetaError, MetaStore, NewUser, User};
 

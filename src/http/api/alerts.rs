@@ -1,6 +1,5 @@
 //! Alert rules, alerts (active, acknowledged, history) and notification channels.
 use axum::extract::State;
-use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
@@ -25,8 +24,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(get_channel, update_channel, delete_channel))
 }
 
-fn alerts(s: &AppState) -> Result<std::sync::Arc<Alerts>, ApiError> {
-    s.alerts.get().cloned().ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "alerting is starting"))
+fn alerts(s: &AppState) -> std::sync::Arc<Alerts> {
+    s.services.alerts.clone()
 }
 
 /// A rule: `{"name", "enabled", "tenant_id", "target": {"device"|"group"|"product": …},
@@ -56,7 +55,7 @@ async fn check_rule(s: &AppState, c: &Caller, t: i64, b: &RuleBody) -> Result<Va
     }
     let spec: RuleSpec = serde_json::from_value(b.spec.clone()).map_err(|e| bad(format!("rule: {e}")))?;
     spec.validate().map_err(bad)?;
-    let d = devices(s)?;
+    let d = devices(s);
     let owned = match &spec.target {
         Target::Device(n) => c.device(&d, n).await?.tenant_id,
         Target::Group(g) => c.group(&d.meta, *g).await?.tenant_id,
@@ -74,7 +73,7 @@ async fn check_rule(s: &AppState, c: &Caller, t: i64, b: &RuleBody) -> Result<Va
 }
 
 fn with_node(s: &AppState, r: StoredRule) -> Answer {
-    let node = alerts(s)?.owner_of(r.id);
+    let node = alerts(s).owner_of(r.id);
     let mut v = serde_json::to_value(r).map_err(|e| bad(e.to_string()))?;
     v["node"] = json!(node);
     Ok(axum::Json(v))
@@ -83,48 +82,48 @@ fn with_node(s: &AppState, r: StoredRule) -> Answer {
 #[utoipa::path(get, path = "/alert-rules", tag = "alerts", params(ListParams), responses((status = 200, description = "a page of rules")))]
 async fn list_rules(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("alert:read")?;
-    ok(devices(&s)?.meta.rules_page(&c.list(&p, vec![])).await?)
+    ok(devices(&s).meta.rules_page(&c.list(&p, vec![])).await?)
 }
 
 #[utoipa::path(post, path = "/alert-rules", tag = "alerts", request_body = RuleBody, responses((status = 200, description = "the rule and the node it runs on")))]
 async fn create_rule(State(s): State<AppState>, c: Caller, Body(b): Body<RuleBody>) -> Answer {
     c.require("alert:write")?;
     let t = c.new_tenant(b.tenant_id)?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     c.tenant(&d.meta, t).await?;
     let spec = check_rule(&s, &c, t, &b).await?;
     let r = d.meta.create_rule(t, &b.name, b.enabled, &spec).await?;
-    alerts(&s)?.changed();
+    alerts(&s).changed();
     c.audit(&d.meta, Some(t), "create", format!("alert-rule:{}", r.id), json!({"name": r.name})).await;
     with_node(&s, r)
 }
 
 #[utoipa::path(get, path = "/alert-rules/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the rule and the node it runs on"), (status = 404, description = "no such rule")))]
 async fn get_rule(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let r = c.rule(&devices(&s)?.meta, id).await?;
+    let r = c.rule(&devices(&s).meta, id).await?;
     c.require("alert:read")?;
     with_node(&s, r)
 }
 
 #[utoipa::path(put, path = "/alert-rules/{id}", tag = "alerts", params(("id" = i64, Path)), request_body = RuleBody, responses((status = 200, description = "the rule")))]
 async fn update_rule(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<RuleBody>) -> Answer {
-    let old = c.rule(&devices(&s)?.meta, id).await?;
+    let old = c.rule(&devices(&s).meta, id).await?;
     c.require("alert:write")?;
     let spec = check_rule(&s, &c, old.tenant_id, &b).await?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     let r = d.meta.update_rule(id, &b.name, b.enabled, &spec).await?;
-    alerts(&s)?.changed();
+    alerts(&s).changed();
     c.audit(&d.meta, Some(old.tenant_id), "update", format!("alert-rule:{id}"), json!({"name": r.name, "enabled": r.enabled})).await;
     with_node(&s, r)
 }
 
 #[utoipa::path(delete, path = "/alert-rules/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "deleted, with its alerts")))]
 async fn delete_rule(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let old = c.rule(&devices(&s)?.meta, id).await?;
+    let old = c.rule(&devices(&s).meta, id).await?;
     c.require("alert:write")?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     d.meta.delete_rule(id).await?;
-    alerts(&s)?.changed();
+    alerts(&s).changed();
     c.audit(&d.meta, Some(old.tenant_id), "delete", format!("alert-rule:{id}"), json!({"name": old.name})).await;
     ok(json!({"deleted": id}))
 }
@@ -146,12 +145,12 @@ async fn list_alerts(State(s): State<AppState>, c: Caller, Q(mut p): Q<ListParam
         p.sort = Some("-id".into());
     }
     let q = c.list(&p, vec![("rule_id", f.rule_id), ("device_id", f.device_id), ("open", f.open)]);
-    ok(devices(&s)?.meta.alerts_page(&q).await?)
+    ok(devices(&s).meta.alerts_page(&q).await?)
 }
 
 #[utoipa::path(get, path = "/alerts/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the alert"), (status = 404, description = "no such alert")))]
 async fn get_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let a = c.alert(&devices(&s)?.meta, id).await?;
+    let a = c.alert(&devices(&s).meta, id).await?;
     c.require("alert:read")?;
     ok(a)
 }
@@ -159,13 +158,13 @@ async fn get_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answe
 /// Acknowledge an active alert (it stays open until its condition clears).
 #[utoipa::path(post, path = "/alerts/{id}/ack", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the alert"), (status = 409, description = "not active")))]
 async fn ack_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let a = c.alert(&devices(&s)?.meta, id).await?;
+    let a = c.alert(&devices(&s).meta, id).await?;
     c.require("alert:ack")?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     let Some(acked) = d.meta.ack_alert(id, &c.0.actor()).await? else {
         return Err(MetaError::Conflict(format!("alert {id} is {}, not active", a.status)).into());
     };
-    alerts(&s)?.acknowledged(acked.clone());
+    alerts(&s).acknowledged(acked.clone());
     c.audit(&d.meta, Some(a.tenant_id), "ack", format!("alert:{id}"), json!({})).await;
     ok(acked)
 }
@@ -232,7 +231,7 @@ fn keep_hidden(new: &mut Value, old: &Value) {
 #[utoipa::path(get, path = "/channels", tag = "alerts", params(ListParams), responses((status = 200, description = "a page of channels")))]
 async fn list_channels(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("alert:read")?;
-    let mut page = devices(&s)?.meta.channels_page(&c.list(&p, vec![])).await?;
+    let mut page = devices(&s).meta.channels_page(&c.list(&p, vec![])).await?;
     page.items = page.items.into_iter().map(redacted).collect();
     ok(page)
 }
@@ -242,7 +241,7 @@ async fn create_channel(State(s): State<AppState>, c: Caller, Body(b): Body<Chan
     c.require("channel:manage")?;
     check_channel(&b)?;
     let t = c.new_tenant(b.tenant_id)?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     c.tenant(&d.meta, t).await?;
     let ch = d.meta.create_channel(t, &b.name, &b.kind, &b.config).await?;
     c.audit(&d.meta, Some(t), "create", format!("channel:{}", ch.id), json!({"name": ch.name, "kind": ch.kind})).await;
@@ -251,18 +250,18 @@ async fn create_channel(State(s): State<AppState>, c: Caller, Body(b): Body<Chan
 
 #[utoipa::path(get, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the channel"), (status = 404, description = "no such channel")))]
 async fn get_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let ch = c.channel(&devices(&s)?.meta, id).await?;
+    let ch = c.channel(&devices(&s).meta, id).await?;
     c.require("alert:read")?;
     ok(redacted(ch))
 }
 
 #[utoipa::path(put, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), request_body = ChannelBody, responses((status = 200, description = "the channel")))]
 async fn update_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(mut b): Body<ChannelBody>) -> Answer {
-    let old = c.channel(&devices(&s)?.meta, id).await?;
+    let old = c.channel(&devices(&s).meta, id).await?;
     c.require("channel:manage")?;
     keep_hidden(&mut b.config, &old.config);
     check_channel(&b)?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     let ch = d.meta.update_channel(id, &b.name, &b.kind, &b.config).await?;
     c.audit(&d.meta, Some(old.tenant_id), "update", format!("channel:{id}"), json!({"name": ch.name})).await;
     ok(redacted(ch))
@@ -270,9 +269,9 @@ async fn update_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>, Bod
 
 #[utoipa::path(delete, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "deleted")))]
 async fn delete_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let old = c.channel(&devices(&s)?.meta, id).await?;
+    let old = c.channel(&devices(&s).meta, id).await?;
     c.require("channel:manage")?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     d.meta.delete_channel(id).await?;
     c.audit(&d.meta, Some(old.tenant_id), "delete", format!("channel:{id}"), json!({"name": old.name})).await;
     ok(json!({"deleted": id}))

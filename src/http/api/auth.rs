@@ -46,7 +46,7 @@ struct LoginBody {
 #[utoipa::path(post, path = "/auth/login", tag = "auth", security(()), request_body = LoginBody,
     responses((status = 200, description = "tokens", body = crate::users::Tokens), (status = 401, description = "wrong username or password"), (status = 429, description = "too many failures")))]
 async fn login(State(s): State<AppState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Body(b): Body<LoginBody>) -> Answer {
-    let u = users(&s)?;
+    let u = users(&s);
     if b.username.len() > 256 || b.password.len() > 1024 {
         return Err(LoginError::Wrong.into());
     }
@@ -84,14 +84,14 @@ async fn refresh(State(s): State<AppState>, Body(b): Body<RefreshBody>) -> Answe
     if b.refresh_token.len() > 512 {
         return Err(LoginError::Expired.into());
     }
-    ok(users(&s)?.refresh(&b.refresh_token).await?)
+    ok(users(&s).refresh(&b.refresh_token).await?)
 }
 
 /// End this session on every node.
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", responses((status = 200, description = "logged out")))]
 async fn logout(State(s): State<AppState>, c: Caller) -> Answer {
     if let Some(sid) = &c.0.session {
-        users(&s)?.logout(sid).await;
+        users(&s).logout(sid).await;
     }
     ok(json!({"logged_out": true}))
 }
@@ -117,7 +117,7 @@ async fn change_password(State(s): State<AppState>, c: Caller, Body(b): Body<Pas
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid", "API keys have no password"));
     };
     check_password(&b.new_password)?;
-    let u = users(&s)?;
+    let u = users(&s);
     let user = u.meta.user(uid).await?;
     let (pw, phc) = (b.current_password.into_bytes(), user.password_hash.clone());
     if !tokio::task::spawn_blocking(move || crate::devices::verify_password(&pw, &phc)).await.unwrap_or(false) {

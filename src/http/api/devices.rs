@@ -37,13 +37,13 @@ pub fn routes() -> OpenApiRouter<AppState> {
 #[utoipa::path(get, path = "/products", tag = "devices", params(ListParams), responses((status = 200, description = "a page of products")))]
 async fn list_products(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("product:read")?;
-    ok(devices(&s)?.meta.products_page(&c.list(&p, vec![])).await?)
+    ok(devices(&s).meta.products_page(&c.list(&p, vec![])).await?)
 }
 
 #[utoipa::path(post, path = "/products", tag = "devices", request_body = NewProduct, responses((status = 200, description = "the product")))]
 async fn create_product(State(s): State<AppState>, c: Caller, Body(mut p): Body<NewProduct>) -> Answer {
     c.require("product:write")?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     let t = c.new_tenant(p.tenant_id)?;
     c.tenant(&d.meta, t).await?;
     p.tenant_id = Some(t);
@@ -54,14 +54,14 @@ async fn create_product(State(s): State<AppState>, c: Caller, Body(mut p): Body<
 
 #[utoipa::path(get, path = "/products/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the product"), (status = 404, description = "no such product")))]
 async fn get_product(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let p = c.product(&devices(&s)?.meta, id).await?;
+    let p = c.product(&devices(&s).meta, id).await?;
     c.require("product:read")?;
     ok(p)
 }
 
 #[utoipa::path(put, path = "/products/{id}", tag = "devices", params(("id" = i64, Path)), request_body = NewProduct, responses((status = 200, description = "the product")))]
 async fn update_product(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(p): Body<NewProduct>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let old = c.product(&d.meta, id).await?;
     c.require("product:write")?;
     let p = d.meta.update_product(id, &p).await?;
@@ -73,7 +73,7 @@ async fn update_product(State(s): State<AppState>, c: Caller, P(id): P<i64>, Bod
 
 #[utoipa::path(delete, path = "/products/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "deleted")))]
 async fn delete_product(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let old = c.product(&d.meta, id).await?;
     c.require("product:write")?;
     d.meta.delete_product(id).await?;
@@ -93,13 +93,13 @@ struct GroupBody {
 #[utoipa::path(get, path = "/groups", tag = "devices", params(ListParams), responses((status = 200, description = "a page of groups")))]
 async fn list_groups(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("device:read")?;
-    ok(devices(&s)?.meta.groups_page(&c.list(&p, vec![])).await?)
+    ok(devices(&s).meta.groups_page(&c.list(&p, vec![])).await?)
 }
 
 #[utoipa::path(post, path = "/groups", tag = "devices", request_body = GroupBody, responses((status = 200, description = "the group")))]
 async fn create_group(State(s): State<AppState>, c: Caller, Body(g): Body<GroupBody>) -> Answer {
     c.require("device:write")?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     let t = c.new_tenant(g.tenant_id)?;
     c.tenant(&d.meta, t).await?;
     if let Some(parent) = g.parent_id {
@@ -114,14 +114,14 @@ async fn create_group(State(s): State<AppState>, c: Caller, Body(g): Body<GroupB
 
 #[utoipa::path(get, path = "/groups/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the group"), (status = 404, description = "no such group")))]
 async fn get_group(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let g = c.group(&devices(&s)?.meta, id).await?;
+    let g = c.group(&devices(&s).meta, id).await?;
     c.require("device:read")?;
     ok(g)
 }
 
 #[utoipa::path(delete, path = "/groups/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "deleted")))]
 async fn delete_group(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let g = c.group(&d.meta, id).await?;
     c.require("device:write")?;
     d.meta.delete_group(id).await?;
@@ -144,7 +144,7 @@ struct DeviceFilter {
 async fn list_devices(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>, Q(f): Q<DeviceFilter>) -> Answer {
     c.require("device:read")?;
     let eq = vec![("product_id", f.product_id), ("group_id", f.group_id), ("gateway_id", f.gateway_id), ("tenant_id", f.tenant_id)];
-    let d = devices(&s)?;
+    let d = devices(&s);
     let page = d.meta.devices_page(&c.list(&p, eq)).await?;
     // Each row says whether the device is online (from the replicated status; no I/O).
     let items: Vec<serde_json::Value> = page
@@ -163,7 +163,7 @@ async fn list_devices(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>,
 #[utoipa::path(get, path = "/summary", tag = "devices", responses((status = 200, description = "counts for the caller's tenant")))]
 async fn summary(State(s): State<AppState>, c: Caller) -> Answer {
     c.require("device:read")?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     let numbers = d.meta.device_numbers(c.0.tenant).await?;
     let online = numbers.iter().filter(|n| d.presence(n).online).count();
     let one = ListParams { limit: Some(1), ..Default::default() };
@@ -178,7 +178,7 @@ async fn summary(State(s): State<AppState>, c: Caller) -> Answer {
 #[utoipa::path(post, path = "/devices", tag = "devices", request_body = NewDevice, responses((status = 200, description = "the device and its access token")))]
 async fn create_device(State(s): State<AppState>, c: Caller, Body(mut n): Body<NewDevice>) -> Answer {
     c.require("device:write")?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     let t = c.new_tenant(n.tenant_id)?;
     c.tenant(&d.meta, t).await?;
     c.check_refs(&d, t, n.product_id, n.group_id, n.gateway_id).await?;
@@ -195,7 +195,7 @@ async fn create_device(State(s): State<AppState>, c: Caller, Body(mut n): Body<N
 
 #[utoipa::path(get, path = "/devices/{number}", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "the device and its status"), (status = 404, description = "no such device")))]
 async fn get_device(State(s): State<AppState>, c: Caller, P(number): P<String>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let dev = c.device(&d, &number).await?;
     c.require("device:read")?;
     let status = d.status(&number).await;
@@ -204,7 +204,7 @@ async fn get_device(State(s): State<AppState>, c: Caller, P(number): P<String>) 
 
 #[utoipa::path(patch, path = "/devices/{number}", tag = "devices", params(("number" = String, Path)), request_body = DeviceUpdate, responses((status = 200, description = "the device")))]
 async fn update_device(State(s): State<AppState>, c: Caller, P(number): P<String>, Body(u): Body<DeviceUpdate>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let old = c.device(&d, &number).await?;
     c.require("device:write")?;
     c.check_refs(&d, old.tenant_id, u.product_id.flatten(), u.group_id.flatten(), None).await?;
@@ -217,7 +217,7 @@ async fn update_device(State(s): State<AppState>, c: Caller, P(number): P<String
 
 #[utoipa::path(delete, path = "/devices/{number}", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "deleted")))]
 async fn delete_device(State(s): State<AppState>, c: Caller, P(number): P<String>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let old = c.device(&d, &number).await?;
     c.require("device:write")?;
     let dev = d.remove_device(&number).await?;
@@ -227,7 +227,7 @@ async fn delete_device(State(s): State<AppState>, c: Caller, P(number): P<String
 
 #[utoipa::path(get, path = "/devices/{number}/credentials", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "the device's credentials (no secrets)")))]
 async fn list_credentials(State(s): State<AppState>, c: Caller, P(number): P<String>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let dev = c.device(&d, &number).await?;
     c.require("device:read")?;
     ok(d.meta.credentials(dev.id).await?)
@@ -256,7 +256,7 @@ enum CredentialBody {
 
 #[utoipa::path(post, path = "/devices/{number}/credentials", tag = "devices", params(("number" = String, Path)), request_body = CredentialBody, responses((status = 200, description = "the credential")))]
 async fn add_credential(State(s): State<AppState>, c: Caller, P(number): P<String>, Body(b): Body<CredentialBody>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let dev = c.device(&d, &number).await?;
     c.require("device:write")?;
     let answer = match b {
@@ -302,7 +302,7 @@ async fn add_credential(State(s): State<AppState>, c: Caller, P(number): P<Strin
 
 #[utoipa::path(delete, path = "/devices/{number}/credentials/{id}", tag = "devices", params(("number" = String, Path), ("id" = i64, Path)), responses((status = 200, description = "deleted")))]
 async fn delete_credential(State(s): State<AppState>, c: Caller, P((number, id)): P<(String, i64)>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let dev = c.device(&d, &number).await?;
     c.require("device:write")?;
     let cred = d.meta.delete_credential(dev.id, id).await?;
@@ -321,7 +321,7 @@ struct LimitQuery {
 
 #[utoipa::path(get, path = "/devices/{number}/commands", tag = "devices", params(("number" = String, Path), LimitQuery), responses((status = 200, description = "the device's commands, newest first")))]
 async fn list_commands(State(s): State<AppState>, c: Caller, P(number): P<String>, Q(q): Q<LimitQuery>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let dev = c.device(&d, &number).await?;
     c.require("device:read")?;
     ok(d.meta.device_commands(dev.id, q.limit.unwrap_or(100).clamp(1, 1000)).await?)
@@ -334,7 +334,7 @@ async fn send_command(State(s): State<AppState>, c: Caller, P(number): P<String>
 }
 
 async fn downlink(s: &AppState, c: &Caller, number: &str, kind: CommandKind, r: DownlinkRequest) -> Answer {
-    let d = devices(s)?;
+    let d = devices(s);
     let dev = c.device(&d, number).await?;
     c.require("device:command")?;
     let cmd = d.send_downlink(number, kind, r).await?;
@@ -344,7 +344,7 @@ async fn downlink(s: &AppState, c: &Caller, number: &str, kind: CommandKind, r: 
 
 #[utoipa::path(get, path = "/devices/{number}/attributes", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "client, shared and server attributes")))]
 async fn get_attributes(State(s): State<AppState>, c: Caller, P(number): P<String>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let dev = c.device(&d, &number).await?;
     c.require("device:read")?;
     ok(d.attributes_doc(dev.id, &[]).await?)
@@ -370,7 +370,7 @@ async fn telemetry_control(State(s): State<AppState>, c: Caller, P(number): P<St
 
 #[utoipa::path(get, path = "/devices/{number}/status", operation_id = "device_status", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "online state and last activity")))]
 async fn status(State(s): State<AppState>, c: Caller, P(number): P<String>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     c.device(&d, &number).await?;
     c.require("device:read")?;
     ok(d.status(&number).await)
@@ -378,7 +378,7 @@ async fn status(State(s): State<AppState>, c: Caller, P(number): P<String>) -> A
 
 #[utoipa::path(get, path = "/commands/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the command and its status"), (status = 404, description = "no such command")))]
 async fn get_command(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     let cmd = c.command(&d, id).await?;
     c.require("device:read")?;
     ok(cmd)

@@ -34,14 +34,14 @@ struct TenantBody {
 /// Tenants the caller sees (its own; every one in the system scope).
 #[utoipa::path(get, path = "/tenants", tag = "people", params(ListParams), responses((status = 200, description = "a page of tenants")))]
 async fn list_tenants(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
-    ok(devices(&s)?.meta.tenants_page(&c.list(&p, vec![])).await?)
+    ok(devices(&s).meta.tenants_page(&c.list(&p, vec![])).await?)
 }
 
 /// Create a tenant (system scope).
 #[utoipa::path(post, path = "/tenants", tag = "people", request_body = TenantBody, responses((status = 200, description = "the tenant")))]
 async fn create_tenant(State(s): State<AppState>, c: Caller, Body(b): Body<TenantBody>) -> Answer {
     c.require("tenant:manage")?;
-    let d = devices(&s)?;
+    let d = devices(&s);
     let t = d.meta.create_tenant(&b.name).await?;
     c.audit(&d.meta, Some(t.id), "create", format!("tenant:{}", t.id), json!({"name": t.name})).await;
     ok(t)
@@ -49,12 +49,12 @@ async fn create_tenant(State(s): State<AppState>, c: Caller, Body(b): Body<Tenan
 
 #[utoipa::path(get, path = "/tenants/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the tenant"), (status = 404, description = "no such tenant")))]
 async fn get_tenant(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    ok(c.tenant(&devices(&s)?.meta, id).await?)
+    ok(c.tenant(&devices(&s).meta, id).await?)
 }
 
 #[utoipa::path(put, path = "/tenants/{id}", tag = "people", params(("id" = i64, Path)), request_body = TenantBody, responses((status = 200, description = "the tenant")))]
 async fn rename_tenant(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<TenantBody>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     c.tenant(&d.meta, id).await?;
     c.require("tenant:manage")?;
     let t = d.meta.rename_tenant(id, &b.name).await?;
@@ -65,7 +65,7 @@ async fn rename_tenant(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body
 /// Delete a tenant and everything it owns.
 #[utoipa::path(delete, path = "/tenants/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "deleted")))]
 async fn delete_tenant(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let d = devices(&s)?;
+    let d = devices(&s);
     c.tenant(&d.meta, id).await?;
     c.require("tenant:manage")?;
     if id == 1 {
@@ -86,7 +86,7 @@ struct UserFilter {
 #[utoipa::path(get, path = "/users", tag = "people", params(ListParams, UserFilter), responses((status = 200, description = "a page of users")))]
 async fn list_users(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>, Q(f): Q<UserFilter>) -> Answer {
     c.require("user:read")?;
-    let u = users(&s)?;
+    let u = users(&s);
     ok(u.meta.list_users(&c.list(&p, vec![("tenant_id", f.tenant_id), ("role_id", f.role_id)])).await?)
 }
 
@@ -149,7 +149,7 @@ async fn manageable(c: &Caller, u: &crate::users::Users, user: &crate::storage::
 async fn create_user(State(s): State<AppState>, c: Caller, Body(b): Body<NewUserBody>) -> Answer {
     c.require("user:manage")?;
     check_password(&b.password)?;
-    let u = users(&s)?;
+    let u = users(&s);
     let tenant = if b.role == SYSTEM_ADMIN { None } else { Some(c.new_tenant(b.tenant_id)?) };
     if let Some(t) = tenant {
         c.tenant(&u.meta, t).await?;
@@ -166,7 +166,7 @@ async fn create_user(State(s): State<AppState>, c: Caller, Body(b): Body<NewUser
 
 #[utoipa::path(get, path = "/users/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the user"), (status = 404, description = "no such user")))]
 async fn get_user(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let u = users(&s)?;
+    let u = users(&s);
     let user = c.user(&u.meta, id).await?;
     if c.0.user_id != Some(id) {
         c.require("user:read")?;
@@ -186,7 +186,7 @@ struct UserUpdate {
 
 #[utoipa::path(patch, path = "/users/{id}", tag = "people", params(("id" = i64, Path)), request_body = UserUpdate, responses((status = 200, description = "the user")))]
 async fn update_user(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<UserUpdate>) -> Answer {
-    let u = users(&s)?;
+    let u = users(&s);
     let user = c.user(&u.meta, id).await?;
     c.require("user:manage")?;
     manageable(&c, &u, &user).await?;
@@ -221,7 +221,7 @@ async fn update_user(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b
 
 #[utoipa::path(delete, path = "/users/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "deleted")))]
 async fn delete_user(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let u = users(&s)?;
+    let u = users(&s);
     let user = c.user(&u.meta, id).await?;
     c.require("user:manage")?;
     manageable(&c, &u, &user).await?;
@@ -261,14 +261,14 @@ fn check_permissions(c: &Caller, perms: &[String]) -> Result<(), crate::http::Ap
 #[utoipa::path(get, path = "/roles", tag = "people", params(ListParams), responses((status = 200, description = "a page of custom roles")))]
 async fn list_roles(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("user:read")?;
-    ok(users(&s)?.meta.list_roles(&c.list(&p, vec![])).await?)
+    ok(users(&s).meta.list_roles(&c.list(&p, vec![])).await?)
 }
 
 #[utoipa::path(post, path = "/roles", tag = "people", request_body = RoleBody, responses((status = 200, description = "the role")))]
 async fn create_role(State(s): State<AppState>, c: Caller, Body(b): Body<RoleBody>) -> Answer {
     c.require("role:manage")?;
     check_permissions(&c, &b.permissions)?;
-    let u = users(&s)?;
+    let u = users(&s);
     let t = c.new_tenant(b.tenant_id)?;
     c.tenant(&u.meta, t).await?;
     let r = u.meta.create_role(t, &b.name, &b.permissions).await?;
@@ -278,14 +278,14 @@ async fn create_role(State(s): State<AppState>, c: Caller, Body(b): Body<RoleBod
 
 #[utoipa::path(get, path = "/roles/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the role"), (status = 404, description = "no such role")))]
 async fn get_role(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let r = c.role(&users(&s)?.meta, id).await?;
+    let r = c.role(&users(&s).meta, id).await?;
     c.require("user:read")?;
     ok(r)
 }
 
 #[utoipa::path(put, path = "/roles/{id}", tag = "people", params(("id" = i64, Path)), request_body = RoleBody, responses((status = 200, description = "the role")))]
 async fn update_role(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<RoleBody>) -> Answer {
-    let u = users(&s)?;
+    let u = users(&s);
     let old = c.role(&u.meta, id).await?;
     c.require("role:manage")?;
     check_permissions(&c, &b.permissions)?;
@@ -298,7 +298,7 @@ async fn update_role(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b
 
 #[utoipa::path(delete, path = "/roles/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "deleted"), (status = 409, description = "still held")))]
 async fn delete_role(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
-    let u = users(&s)?;
+    let u = users(&s);
     let r = c.role(&u.meta, id).await?;
     c.require("role:manage")?;
     u.meta.delete_role(id).await?;
@@ -321,5 +321,5 @@ async fn audit_log(State(s): State<AppState>, c: Caller, Q(mut p): Q<ListParams>
     if p.sort.is_none() {
         p.sort = Some("-id".into());
     }
-    ok(devices(&s)?.meta.list_audit(&c.list(&p, vec![])).await?)
+    ok(devices(&s).meta.list_audit(&c.list(&p, vec![])).await?)
 }

@@ -35,8 +35,7 @@ async fn upgrade(
     headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let live =
-        s.live.get().cloned().ok_or_else(|| ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "unavailable", "starting"))?;
+    let live = s.services.live.clone();
     let only: HashSet<String> =
         p.devices.as_deref().map(|d| d.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()).unwrap_or_default();
     // The token this socket was opened with is checked again from time to time.
@@ -89,10 +88,7 @@ async fn serve(
                             match tenants.get(&ev.device) {
                                 Some(t) => *t,
                                 None => {
-                                    let t = match devices(&s) {
-                                        Ok(d) => d.meta.device(&ev.device).await.ok().map(|d| d.tenant_id),
-                                        Err(_) => None,
-                                    };
+                                    let t = devices(&s).meta.device(&ev.device).await.ok().map(|d| d.tenant_id);
                                     tenants.insert(ev.device.clone(), t);
                                     t
                                 }
