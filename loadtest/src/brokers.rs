@@ -38,6 +38,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn scratch(name: &str) -> anyhow::Result<PathBuf> {
+    let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
     let d = std::env::temp_dir().join(format!("loadtest-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
@@ -64,7 +65,7 @@ fn thingsd_binary() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// Start `kind` ("thingsd", "mosquitto", "rumqttd") or connect to `host:port`.
+/// Start `kind` ("thingsd", "thingsd=PATH", "mosquitto", "rumqttd") or connect to `host:port`.
 pub async fn start(kind: &str, max_conns: usize) -> anyhow::Result<Broker> {
     if let Ok(addr) = kind.parse::<SocketAddr>() {
         return Ok(Broker { name: kind.into(), addr, child: None, _dir: PathBuf::new() });
@@ -75,9 +76,15 @@ pub async fn start(kind: &str, max_conns: usize) -> anyhow::Result<Broker> {
     let mut cmd = match kind {
         // thingsd-nostats: the same node with the actor inspector's per-message statistics off,
         // to measure what the instrumentation costs (`--scenario inspect`).
-        "thingsd" | "thingsd-nostats" => {
-            let mut c = Command::new(thingsd_binary()?);
-            c.env("THINGSD_NODE__ACTOR_STATS", (kind == "thingsd").to_string());
+        // thingsd=PATH: another build of thingsd (an earlier commit's), to compare two builds
+        // in the same run: `--compare thingsd=/tmp/thingsd-before`.
+        k if k == "thingsd" || k == "thingsd-nostats" || k.starts_with("thingsd=") => {
+            let bin = match k.strip_prefix("thingsd=") {
+                Some(path) => PathBuf::from(path),
+                None => thingsd_binary()?,
+            };
+            let mut c = Command::new(bin);
+            c.env("THINGSD_NODE__ACTOR_STATS", (kind != "thingsd-nostats").to_string());
             c.env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\", allow_anonymous=true}}]"))
                 .env("THINGSD_LISTENERS__WS", "[]")
                 .env("THINGSD_LISTENERS__COAP", "[]")
