@@ -214,52 +214,8 @@ fn node_status(b: &Broker) -> Value {
 pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&str>) -> Result<Value, String> {
     let node = b.config.node.name.as_str();
     match q {
-        Query::Node => {
-            let mut v = node_status(b);
-            let sessions = match b.registry() {
-                Some(r) => match r.ask(RegistryMessage::Count, Some(PEER_TIMEOUT)).await {
-                    Ok(ractor::rpc::CallResult::Success(n)) => Some(n),
-                    _ => None,
-                },
-                None => None,
-            };
-            v["sessions"] = json!(sessions);
-            if let Some(c) = b.cluster.get() {
-                v["members"] = json!(c.members().await);
-            }
-            Ok(v)
-        }
-        Query::Sessions { client, state, limit } => {
-            let limit = limit.clamp(1, MAX_LIMIT);
-            let want = match state.as_deref() {
-                None | Some("all") => None,
-                Some("connected") => Some(true),
-                Some("offline") | Some("disconnected") => Some(false),
-                Some(s) => return Err(format!("state {s:?}: use connected, offline or all")),
-            };
-            let mut all = sessions_matching(b, client).await?;
-            all.sort_by(|a, b| a.0.cmp(&b.0));
-            let mut items = Vec::new();
-            let mut truncated = false;
-            for chunk in all.chunks(256) {
-                let infos = futures_util::future::join_all(chunk.iter().map(|(_, s)| info(s))).await;
-                for ((k, _), i) in chunk.iter().zip(infos) {
-                    let Some(i) = i else { continue };
-                    if want.is_some_and(|w| w != i.connected) {
-                        continue;
-                    }
-                    if items.len() == limit {
-                        truncated = true;
-                        break;
-                    }
-                    items.push(session_json(node, k, &i, false));
-                }
-                if truncated {
-                    break;
-                }
-            }
-            Ok(json!({ "items": items, "truncated": truncated }))
-        }
+        Query::Node => node_answer(b).await,
+        Query::Sessions { client, state, limit } => sessions_answer(b, client, state, limit).await,
         Query::Session { client, device } => match find_session(b, &client, device.as_deref()).await? {
             Some((k, s)) => Ok(info(&s).await.map(|i| session_json(node, &k, &i, true)).unwrap_or(Value::Null)),
             None => Ok(Value::Null),
@@ -271,80 +227,9 @@ pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&st
             },
             None => Ok(Value::Null),
         },
-        Query::Subscriptions { client, filter, limit } => {
-            let limit = limit.clamp(1, MAX_LIMIT);
-            let mut items = Vec::new();
-            let mut truncated = false;
-            for snap in &b.router.snapshots {
-                let root = snap.load();
-                root.each(&mut Vec::new(), &mut |f, key, sub, group| {
-                    let (device, cid) = display_client(key);
-                    if client.as_deref().is_some_and(|p| !glob(p, cid) && !glob(p, key)) || filter.as_deref().is_some_and(|p| !glob(p, f)) {
-                        return;
-                    }
-                    if items.len() >= limit {
-                        truncated = true;
-                        return;
-                    }
-                    items.push(json!({
-                        "node": node, "client_id": cid, "device": device, "filter": f, "qos": sub.opts.qos as u8,
-                        "shared_group": group.and_then(|g| g.strip_prefix("$share/")).and_then(|g| g.split('/').next()),
-                        "no_local": sub.opts.no_local, "retain_as_published": sub.opts.retain_as_published,
-                        "online": sub.load.online.load(Relaxed),
-                    }));
-                });
-            }
-            items.sort_by(|a, b| (a["filter"].as_str(), a["client_id"].as_str()).cmp(&(b["filter"].as_str(), b["client_id"].as_str())));
-            Ok(json!({ "items": items, "truncated": truncated }))
-        }
-        Query::Routes => {
-            let mut local_keys = Vec::new();
-            for snap in &b.router.snapshots {
-                snap.load().route_keys(&mut Vec::new(), &mut local_keys);
-            }
-            let mut local: Vec<String> = local_keys.into_iter().map(|(k, _)| k.to_string()).collect();
-            local.sort();
-            local.dedup();
-            let mut remote = Vec::new();
-            if let Some(c) = b.cluster.get() {
-                let names: std::collections::HashMap<u32, String> = c.members().await.into_iter().map(|m| (m.idx, m.name)).collect();
-                let mut entries = Vec::new();
-                c.routes.load().entries(&mut Vec::new(), &mut entries);
-                entries.sort();
-                for (f, nodes) in entries {
-                    let nodes: Vec<&str> = nodes.iter().map(|i| names.get(i).map_or("?", |s| s.as_str())).collect();
-                    remote.push(json!({ "filter": f, "nodes": nodes }));
-                }
-            }
-            Ok(json!({ "node": node, "local": local, "remote": remote }))
-        }
-        Query::Retained { filter, limit } => {
-            let limit = limit.clamp(1, MAX_LIMIT);
-            let set = b.retained.load();
-            let mut msgs = match &filter {
-                Some(f) => {
-                    if !topic::valid_filter(f) {
-                        return Err(format!("{f:?} is not a valid topic filter"));
-                    }
-                    set.matching(f)
-                }
-                None => set.messages(),
-            };
-            msgs.sort_by(|a, b| a.topic.cmp(&b.topic));
-            let truncated = msgs.len() > limit;
-            let items: Vec<Value> = msgs
-                .iter()
-                .take(limit)
-                .map(|m| {
-                    json!({
-                        "topic": &*m.topic, "qos": m.qos as u8, "payload_len": m.payload.len(),
-                        "payload": String::from_utf8_lossy(&m.payload[..m.payload.len().min(64)]),
-                        "expires_at_ms": m.expires_at,
-                    })
-                })
-                .collect();
-            Ok(json!({ "node": node, "items": items, "total": msgs.len(), "truncated": truncated }))
-        }
+        Query::Subscriptions { client, filter, limit } => subscriptions_answer(b, client, filter, limit),
+        Query::Routes => routes_answer(b).await,
+        Query::Retained { filter, limit } => retained_answer(b, filter, limit),
         Query::RetainedDelete { topic: t } => {
             if !topic::valid_topic_name(&t) {
                 return Err(format!("{t:?} is not a valid topic name"));
@@ -363,64 +248,8 @@ pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&st
         Query::Actor { name } => Ok(inspect::show(node, &name).map(|a| json!(a)).unwrap_or(Value::Null)),
         Query::Tree { max_children } => Ok(json!({ "node": node, "roots": inspect::tree(max_children.clamp(1, 10_000)) })),
         Query::Metrics => Ok(summary(b, svc)),
-        Query::Webhooks => {
-            use std::sync::atomic::Ordering::Relaxed;
-            let me = &b.config.node.name;
-            let items: Vec<Value> = b
-                .config
-                .webhooks
-                .iter()
-                .map(|c| {
-                    let counts =
-                        svc.hooks.as_ref().and_then(|h| h.counts().into_iter().find(|(hk, url, _)| *hk == c.hook && *url == c.endpoint));
-                    let n = |f: fn(&crate::webhooks::HookCounts) -> u64| counts.as_ref().map_or(0, |(_, _, x)| f(x));
-                    json!({
-                        "node": me, "hook": c.hook, "endpoint": c.endpoint, "timeout_ms": c.timeout_ms, "on_failure": c.on_failure,
-                        "requests": n(|x| x.calls.load(Relaxed)), "failures": n(|x| x.failures.load(Relaxed)),
-                        "cache_hits": n(|x| x.cache_hits.load(Relaxed)), "dropped": n(|x| x.dropped.load(Relaxed)),
-                    })
-                })
-                .collect();
-            Ok(json!({ "items": items }))
-        }
-        Query::TraceStart { id, client } => {
-            let origin = origin.ok_or("a trace is started through /admin/v1/trace")?.to_string();
-            let cluster = b.cluster.get().cloned().ok_or("clustering is off")?;
-            let (tx, mut rx, dropped) = trace::channel();
-            b.tracer.add(&client, id, tx, dropped.clone());
-            // Forward this node's lines to the asking node in batches, until the trace stops
-            // (the sink is removed and the channel closes) or the asking node is gone.
-            let tracer = b.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tokio::select! {
-                        first = rx.recv() => {
-                            let Some(first) = first else { break };
-                            let mut events = vec![first];
-                            while events.len() < 500 {
-                                match rx.try_recv() {
-                                    Ok(e) => events.push(e),
-                                    Err(_) => break,
-                                }
-                            }
-                            let d = dropped.swap(0, Relaxed);
-                            if d > 0 {
-                                events.push(json!({ "dropped": d }).to_string());
-                            }
-                            cluster.send(&origin, crate::cluster::wire::Body::Trace { id, events });
-                        }
-                        _ = tick.tick() => {
-                            if !cluster.peer_names().iter().any(|p| **p == *origin) {
-                                tracer.tracer.remove(id);
-                                break;
-                            }
-                        }
-                    }
-                }
-            });
-            Ok(json!({ "node": node, "tracing": client }))
-        }
+        Query::Webhooks => Ok(webhooks_answer(b, svc)),
+        Query::TraceStart { id, client } => trace_start(b, id, client, origin),
         Query::TraceStop { id } => {
             b.tracer.remove(id);
             Ok(json!({ "node": node, "stopped": id }))
@@ -436,6 +265,202 @@ pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&st
             Ok(json!({ "node": node, "left": true, "peers_notified": peers }))
         }
     }
+}
+
+/// This node's status, session count and (in a cluster) members.
+async fn node_answer(b: &Arc<Broker>) -> Result<Value, String> {
+    let mut v = node_status(b);
+    let sessions = match b.registry() {
+        Some(r) => match r.ask(RegistryMessage::Count, Some(PEER_TIMEOUT)).await {
+            Ok(ractor::rpc::CallResult::Success(n)) => Some(n),
+            _ => None,
+        },
+        None => None,
+    };
+    v["sessions"] = json!(sessions);
+    if let Some(c) = b.cluster.get() {
+        v["members"] = json!(c.members().await);
+    }
+    Ok(v)
+}
+
+/// Sessions whose client id matches, by state, sorted, at most `limit`.
+async fn sessions_answer(b: &Arc<Broker>, client: Option<String>, state: Option<String>, limit: usize) -> Result<Value, String> {
+    let node = b.config.node.name.as_str();
+    let limit = limit.clamp(1, MAX_LIMIT);
+    let want = match state.as_deref() {
+        None | Some("all") => None,
+        Some("connected") => Some(true),
+        Some("offline") | Some("disconnected") => Some(false),
+        Some(s) => return Err(format!("state {s:?}: use connected, offline or all")),
+    };
+    let mut all = sessions_matching(b, client).await?;
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut items = Vec::new();
+    let mut truncated = false;
+    for chunk in all.chunks(256) {
+        let infos = futures_util::future::join_all(chunk.iter().map(|(_, s)| info(s))).await;
+        for ((k, _), i) in chunk.iter().zip(infos) {
+            let Some(i) = i else { continue };
+            if want.is_some_and(|w| w != i.connected) {
+                continue;
+            }
+            if items.len() == limit {
+                truncated = true;
+                break;
+            }
+            items.push(session_json(node, k, &i, false));
+        }
+        if truncated {
+            break;
+        }
+    }
+    Ok(json!({ "items": items, "truncated": truncated }))
+}
+
+/// Subscriptions from the shard snapshots, filtered by client and filter globs.
+fn subscriptions_answer(b: &Arc<Broker>, client: Option<String>, filter: Option<String>, limit: usize) -> Result<Value, String> {
+    let node = b.config.node.name.as_str();
+    let limit = limit.clamp(1, MAX_LIMIT);
+    let mut items = Vec::new();
+    let mut truncated = false;
+    for snap in &b.router.snapshots {
+        let root = snap.load();
+        root.each(&mut Vec::new(), &mut |f, key, sub, group| {
+            let (device, cid) = display_client(key);
+            if client.as_deref().is_some_and(|p| !glob(p, cid) && !glob(p, key)) || filter.as_deref().is_some_and(|p| !glob(p, f)) {
+                return;
+            }
+            if items.len() >= limit {
+                truncated = true;
+                return;
+            }
+            items.push(json!({
+                "node": node, "client_id": cid, "device": device, "filter": f, "qos": sub.opts.qos as u8,
+                "shared_group": group.and_then(|g| g.strip_prefix("$share/")).and_then(|g| g.split('/').next()),
+                "no_local": sub.opts.no_local, "retain_as_published": sub.opts.retain_as_published,
+                "online": sub.load.online.load(Relaxed),
+            }));
+        });
+    }
+    items.sort_by(|a, b| (a["filter"].as_str(), a["client_id"].as_str()).cmp(&(b["filter"].as_str(), b["client_id"].as_str())));
+    Ok(json!({ "items": items, "truncated": truncated }))
+}
+
+/// Route keys: this node's, and other nodes' as the route table has them.
+async fn routes_answer(b: &Arc<Broker>) -> Result<Value, String> {
+    let node = b.config.node.name.as_str();
+    let mut local_keys = Vec::new();
+    for snap in &b.router.snapshots {
+        snap.load().route_keys(&mut Vec::new(), &mut local_keys);
+    }
+    let mut local: Vec<String> = local_keys.into_iter().map(|(k, _)| k.to_string()).collect();
+    local.sort();
+    local.dedup();
+    let mut remote = Vec::new();
+    if let Some(c) = b.cluster.get() {
+        let names: std::collections::HashMap<u32, String> = c.members().await.into_iter().map(|m| (m.idx, m.name)).collect();
+        let mut entries = Vec::new();
+        c.routes.load().entries(&mut Vec::new(), &mut entries);
+        entries.sort();
+        for (f, nodes) in entries {
+            let nodes: Vec<&str> = nodes.iter().map(|i| names.get(i).map_or("?", |s| s.as_str())).collect();
+            remote.push(json!({ "filter": f, "nodes": nodes }));
+        }
+    }
+    Ok(json!({ "node": node, "local": local, "remote": remote }))
+}
+
+/// Retained messages matching a filter (payloads cut at 64 bytes).
+fn retained_answer(b: &Arc<Broker>, filter: Option<String>, limit: usize) -> Result<Value, String> {
+    let node = b.config.node.name.as_str();
+    let limit = limit.clamp(1, MAX_LIMIT);
+    let set = b.retained.load();
+    let mut msgs = match &filter {
+        Some(f) => {
+            if !topic::valid_filter(f) {
+                return Err(format!("{f:?} is not a valid topic filter"));
+            }
+            set.matching(f)
+        }
+        None => set.messages(),
+    };
+    msgs.sort_by(|a, b| a.topic.cmp(&b.topic));
+    let truncated = msgs.len() > limit;
+    let items: Vec<Value> = msgs
+        .iter()
+        .take(limit)
+        .map(|m| {
+            json!({
+                "topic": &*m.topic, "qos": m.qos as u8, "payload_len": m.payload.len(),
+                "payload": String::from_utf8_lossy(&m.payload[..m.payload.len().min(64)]),
+                "expires_at_ms": m.expires_at,
+            })
+        })
+        .collect();
+    Ok(json!({ "node": node, "items": items, "total": msgs.len(), "truncated": truncated }))
+}
+
+/// Configured webhook endpoints and their counters.
+fn webhooks_answer(b: &Arc<Broker>, svc: &Services) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    let me = &b.config.node.name;
+    let items: Vec<Value> = b
+        .config
+        .webhooks
+        .iter()
+        .map(|c| {
+            let counts = svc.hooks.as_ref().and_then(|h| h.counts().into_iter().find(|(hk, url, _)| *hk == c.hook && *url == c.endpoint));
+            let n = |f: fn(&crate::webhooks::HookCounts) -> u64| counts.as_ref().map_or(0, |(_, _, x)| f(x));
+            json!({
+                "node": me, "hook": c.hook, "endpoint": c.endpoint, "timeout_ms": c.timeout_ms, "on_failure": c.on_failure,
+                "requests": n(|x| x.calls.load(Relaxed)), "failures": n(|x| x.failures.load(Relaxed)),
+                "cache_hits": n(|x| x.cache_hits.load(Relaxed)), "dropped": n(|x| x.dropped.load(Relaxed)),
+            })
+        })
+        .collect();
+    json!({ "items": items })
+}
+
+/// Start tracing a client here for the node that asked; lines go to it in batches.
+fn trace_start(b: &Arc<Broker>, id: u64, client: String, origin: Option<&str>) -> Result<Value, String> {
+    let node = b.config.node.name.as_str();
+    let origin = origin.ok_or("a trace is started through /admin/v1/trace")?.to_string();
+    let cluster = b.cluster.get().cloned().ok_or("clustering is off")?;
+    let (tx, mut rx, dropped) = trace::channel();
+    b.tracer.add(&client, id, tx, dropped.clone());
+    // Forward this node's lines to the asking node in batches, until the trace stops
+    // (the sink is removed and the channel closes) or the asking node is gone.
+    let tracer = b.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                first = rx.recv() => {
+                    let Some(first) = first else { break };
+                    let mut events = vec![first];
+                    while events.len() < 500 {
+                        match rx.try_recv() {
+                            Ok(e) => events.push(e),
+                            Err(_) => break,
+                        }
+                    }
+                    let d = dropped.swap(0, Relaxed);
+                    if d > 0 {
+                        events.push(json!({ "dropped": d }).to_string());
+                    }
+                    cluster.send(&origin, crate::cluster::wire::Body::Trace { id, events });
+                }
+                _ = tick.tick() => {
+                    if !cluster.peer_names().iter().any(|p| **p == *origin) {
+                        tracer.tracer.remove(id);
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    Ok(json!({ "node": node, "tracing": client }))
 }
 
 /// The key counters of this node (`thingsctl metrics`).

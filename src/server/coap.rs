@@ -200,6 +200,12 @@ impl Server {
         if let Some((seq, _)) = &observe {
             resp.set_observe_value(*seq);
         }
+        // Registered before the answer leaves: once a device hears its registration
+        // acknowledged, its older observations beyond the cap have ended.
+        let observing = observe.map(|(_, obs)| {
+            let cancel = self.register_observer(&obs, req.get_token().to_vec(), peer);
+            (obs, cancel)
+        });
         if let Some(b) = self.send(&resp, peer).await {
             if req.header.get_type() == MessageType::Confirmable {
                 if let Ok(mut m) = self.recent.lock() {
@@ -213,9 +219,9 @@ impl Server {
                 }
             }
         }
-        if let Some((_, obs)) = observe {
+        if let Some((obs, Some(cancel))) = observing {
             // Its own task: an observation outlives the request (and its in-flight permit).
-            tokio::spawn(self.clone().observe(obs, req.get_token().to_vec(), peer));
+            tokio::spawn(self.clone().observe(obs, req.get_token().to_vec(), peer, cancel));
         }
     }
 
@@ -329,15 +335,15 @@ impl Server {
         }
     }
 
-    /// Push downlinks of `kinds` to an observer as confirmable notifications until it
-    /// deregisters, resets, stops acknowledging, or the node stops.
-    async fn observe(self: Arc<Self>, obs: Observation, token: Vec<u8>, peer: SocketAddr) {
+    /// Register an observation (ending the device's oldest beyond the cap, and an earlier one
+    /// of the same peer and token); `None` when the node's observer table is full.
+    fn register_observer(&self, obs: &Observation, token: Vec<u8>, peer: SocketAddr) -> Option<CancellationToken> {
         let cancel = self.stop.child_token();
         {
-            let Ok(mut m) = self.observers.lock() else { return };
+            let Ok(mut m) = self.observers.lock() else { return None };
             if m.len() >= MAX_OBSERVERS && !m.contains_key(&(peer, token.clone())) {
                 tracing::warn!(%peer, "CoAP observer limit reached; not observing");
-                return;
+                return None;
             }
             let key = (peer, token.clone());
             let device = obs.ident.device_id;
@@ -360,6 +366,13 @@ impl Server {
                 old.cancel.cancel();
             }
         }
+        Some(cancel)
+    }
+
+    /// Push downlinks of `kinds` to a registered observer as confirmable notifications until
+    /// it deregisters, resets, stops acknowledging, a newer observation replaces it, or the
+    /// node stops.
+    async fn observe(self: Arc<Self>, obs: Observation, token: Vec<u8>, peer: SocketAddr, cancel: CancellationToken) {
         let d = self.devices.clone();
         let notify = d.waiter(&obs.ident.device_number);
         let mut seq = 1u32;

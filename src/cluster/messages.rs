@@ -1,0 +1,125 @@
+//! What the cluster actor handles: frames from other nodes, and requests from this node.
+use std::sync::Arc;
+
+use ractor::message::{BoxedDowncastErr, SerializedMessage};
+use ractor::RpcReplyPort;
+
+use super::*;
+
+pub enum ClusterMessage {
+    /// A frame from another node (or to it, when sent to a remote actor).
+    Wire(Vec<u8>),
+    Local(Local),
+}
+
+impl ractor::Message for ClusterMessage {
+    fn serializable() -> bool {
+        true
+    }
+    fn serialize(self) -> Result<SerializedMessage, BoxedDowncastErr> {
+        match self {
+            ClusterMessage::Wire(args) => Ok(SerializedMessage::Cast { variant: "w".into(), args, metadata: None }),
+            ClusterMessage::Local(_) => Err(BoxedDowncastErr),
+        }
+    }
+    fn deserialize(m: SerializedMessage) -> Result<Self, BoxedDowncastErr> {
+        match m {
+            SerializedMessage::Cast { args, .. } => Ok(ClusterMessage::Wire(args)),
+            _ => Err(BoxedDowncastErr),
+        }
+    }
+}
+
+pub enum Local {
+    Tick,
+    /// A shard got the first local subscriber of `key` (or its first persistent one:
+    /// `durable`); reply once live peers have the route.
+    AddRoute {
+        key: Arc<str>,
+        durable: bool,
+        reply: RpcReplyPort<()>,
+    },
+    /// A shard lost the last local subscriber of `key`.
+    DelRoute(Arc<str>),
+    /// Broadcast a device notice.
+    Notice(wire::DeviceNotice),
+    /// A retained message was stored (or deleted) locally.
+    Retained(Arc<Message>),
+    Dialed {
+        addr: String,
+        ok: bool,
+    },
+    /// Say goodbye to every peer (graceful leave).
+    Leave(RpcReplyPort<()>),
+    Members(RpcReplyPort<Vec<MemberInfo>>),
+    /// A client connects here: ask its registrar (replies with generation and handed-over state).
+    Claim {
+        client: Arc<str>,
+        clean: bool,
+        reply: RpcReplyPort<Claimed>,
+    },
+    ClaimDone {
+        client: Arc<str>,
+        gen: u64,
+    },
+    /// The new session's routes are in place: tell the previous owner to flush and let go.
+    Release {
+        client: Arc<str>,
+        gen: u64,
+        to: String,
+    },
+    /// The registry gave up (or did not have) a session the registrar asked for.
+    HandedOver {
+        client: Arc<str>,
+        gen: u64,
+        registrar: String,
+        clean: bool,
+        state: Option<Box<SessionSnapshot>>,
+    },
+    BackupState {
+        to: Arc<str>,
+        client: Arc<str>,
+        state: Box<SessionSnapshot>,
+    },
+    BackupAppend {
+        to: Arc<str>,
+        client: Arc<str>,
+        deliveries: Vec<Delivery>,
+        tokens: Vec<Arc<DurableToken>>,
+    },
+    BackupDrop {
+        to: Arc<str>,
+        client: Arc<str>,
+    },
+    /// A moving session's last deliveries, for its new owner.
+    Flush {
+        client: Arc<str>,
+        gen: u64,
+        to: String,
+        deliveries: Vec<Delivery>,
+    },
+    /// Reply once every live peer has processed everything it sent us before now.
+    Barrier(RpcReplyPort<()>),
+    /// Sessions this node owns (sent to their registrars after membership changes).
+    Owned(Vec<(Arc<str>, u64)>),
+    Disowned {
+        client: Arc<str>,
+        gen: u64,
+    },
+    /// Send a frame to a node (from a task).
+    Send {
+        to: String,
+        body: Box<Body>,
+    },
+    /// An operator's request for another node (JSON of `ops::Query`); the reply is its JSON answer.
+    Admin {
+        to: String,
+        req: String,
+        reply: RpcReplyPort<Result<String, String>>,
+    },
+    /// Dial this address (an operator's `cluster join`); also ends a `leave`.
+    Join(String),
+    /// Leave the cluster for good (an operator's `cluster leave`): peers adopt this node's
+    /// sessions and stop dialling it; this node forgets its peers and runs alone.
+    Depart(RpcReplyPort<usize>),
+}

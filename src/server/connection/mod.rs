@@ -1,0 +1,472 @@
+//! One client connection: reads and validates packets, handles CONNECT, routes inbound PUBLISH,
+//! and hands everything that touches session state to the session actor.
+mod authorise;
+mod handshake;
+mod publish;
+use authorise::*;
+use handshake::handshake;
+
+use crate::actors::inspect::Tell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ractor::ActorRef;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::actors::registry::{RegistryMessage, Takeover};
+use crate::actors::session::{AttachArgs, ConnHandle, Outbound, Reply, SessionMessage, WillAction};
+use crate::broker::Broker;
+use crate::devices::{uplink, AuthError, Credentials, Principal};
+use crate::message::{now_ms, Message};
+use crate::metrics::Metrics;
+use crate::protocols::mqtt::{
+    decode, encode, reason, topic, Ack, ConnAck, Connect, DecodeError, Packet, Properties, Protocol, Publish, QoS,
+};
+use crate::services::Services;
+use crate::webhooks::Verdict;
+
+static CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Decrements the connected-clients gauge when the connection ends.
+struct Gauge(Arc<Broker>);
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.metrics.clients_connected.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+enum ReadErr {
+    Eof,
+    Io,
+    Decode(DecodeError),
+}
+
+async fn read_packet<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    protocol: Protocol,
+    max: usize,
+    m: &Metrics,
+) -> Result<Packet, ReadErr> {
+    loop {
+        match decode(buf, protocol, max) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) => {}
+            Err(e) => return Err(ReadErr::Decode(e)),
+        }
+        buf.reserve(256);
+        match rd.read_buf(buf).await {
+            Ok(0) => return Err(ReadErr::Eof),
+            Ok(n) => Metrics::add(&m.bytes_received, n as u64),
+            Err(_) => return Err(ReadErr::Io),
+        }
+    }
+}
+
+async fn write_raw<W: AsyncWrite + Unpin>(wr: &mut W, p: &Packet, protocol: Protocol, m: &Metrics) {
+    let mut b = BytesMut::new();
+    encode(p, protocol, &mut b);
+    m.packets_out.add(p.type_code(), 1);
+    m.packet_bytes_out.add(p.type_code(), b.len() as u64);
+    Metrics::add(&m.bytes_sent, b.len() as u64);
+    if let Packet::ConnAck(a) = p {
+        m.connacks.add(a.code as usize, 1);
+    }
+    let _ = wr.write_all(&b).await;
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+fn connack(code: u8) -> Packet {
+    Packet::ConnAck(ConnAck { session_present: false, code, props: Properties::default() })
+}
+
+/// What the listener knows about a connection before its CONNECT.
+#[derive(Clone)]
+pub struct ConnCtx {
+    /// The listener accepts clients without credentials.
+    pub allow_anonymous: bool,
+    /// SHA-256 (hex) of the client certificate (TLS listeners with `client_ca`).
+    pub cert_fingerprint: Option<String>,
+    /// The device platform and webhooks this connection answers to.
+    pub services: Arc<Services>,
+}
+
+/// Serve one client over any byte stream (TCP, TLS, WebSocket bridge).
+pub async fn serve<R, W>(broker: Arc<Broker>, rd: R, wr: W, peer: SocketAddr, ctx: ConnCtx, shutdown: CancellationToken)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let node = broker.config.node.name.clone();
+    let span = tracing::info_span!("conn", %peer, %node, client_id = tracing::field::Empty, device = tracing::field::Empty);
+    serve_inner(broker, rd, wr, peer, ctx, shutdown).instrument(span).await
+}
+
+/// What the CONNECT exchange leaves for the packet loop.
+struct Established {
+    conn: Conn,
+    kicked: Arc<std::sync::atomic::AtomicU8>,
+    conn_id: u64,
+    keep_alive: u16,
+    cancel: CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+    _gauge: Gauge,
+}
+
+async fn serve_inner<R, W>(broker: Arc<Broker>, mut rd: R, wr: W, peer: SocketAddr, ctx: ConnCtx, shutdown: CancellationToken)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let m = &broker.metrics;
+    let max = broker.config.mqtt.max_packet_size as usize;
+    let mut buf = BytesMut::new();
+    let Some(est) = Box::pin(handshake(&broker, &mut rd, wr, &mut buf, peer, ctx, &shutdown)).await else { return };
+    let Established { mut conn, kicked, conn_id, keep_alive, cancel, writer, _gauge } = est;
+    let session = conn.session.clone();
+    let protocol = conn.protocol;
+    let ka = if keep_alive == 0 { None } else { Some(Duration::from_millis(keep_alive as u64 * 1500)) };
+    let mut read_hint = 256usize;
+    let will = loop {
+        // Handle every complete packet already buffered, then read more.
+        let step = loop {
+            let before = buf.len();
+            let decoded = decode(&mut buf, protocol, max);
+            if let Ok(Some(p)) = &decoded {
+                conn.saw(p, before - buf.len());
+            }
+            match decoded {
+                Ok(Some(Packet::PubAck(a))) => conn.acks.push(a.pkid),
+                Ok(Some(p)) => {
+                    conn.flush_acks();
+                    if let Some(w) = Box::pin(conn.handle(p)).await {
+                        break Some(w);
+                    }
+                }
+                Ok(None) => {
+                    conn.flush_acks();
+                    break None;
+                }
+                Err(e) => {
+                    conn.flush_acks();
+                    Metrics::add(&m.protocol_errors, 1);
+                    tracing::info!(error = %e, "invalid packet; closing");
+                    break Some(conn.close(e.code));
+                }
+            }
+        };
+        if let Some(w) = step {
+            break w;
+        }
+        if conn.session_lost {
+            tracing::error!("session actor is gone; closing the connection");
+            break conn.close(reason::UNSPECIFIED_ERROR);
+        }
+        // Idle connections hold a small buffer; busy ones grow it (bounded) as reads fill it.
+        if buf.is_empty() && buf.capacity() > 64 * 1024 {
+            buf = BytesMut::new();
+        }
+        buf.reserve(read_hint);
+        let before = buf.len();
+        let room = buf.capacity() - before;
+        let read = async {
+            match ka {
+                Some(d) => tokio::time::timeout(d, rd.read_buf(&mut buf)).await.ok(),
+                None => Some(rd.read_buf(&mut buf).await),
+            }
+        };
+        tokio::select! {
+            r = read => match r {
+                None => {
+                    tracing::info!("keep-alive timeout");
+                    break conn.close(reason::KEEP_ALIVE_TIMEOUT);
+                }
+                Some(Ok(0)) | Some(Err(_)) => break WillAction::Publish,
+                Some(Ok(n)) => {
+                    Metrics::add(&m.bytes_received, n as u64);
+                    read_hint = if n >= room { (read_hint * 2).min(64 * 1024) } else { read_hint };
+                }
+            },
+            _ = cancel.cancelled() => break WillAction::Publish,
+            _ = shutdown.cancelled() => break conn.close(reason::SERVER_SHUTTING_DOWN),
+        }
+    };
+    let _ = session.tell(SessionMessage::Detach { conn_id, will, expiry: conn.new_expiry });
+    // Why it ended, for /metrics: the session's kick (takeover, operator, device disabled)
+    // comes first, then what this task decided, else the socket went away.
+    match (kicked.load(Ordering::Relaxed), conn.end.load(Ordering::Relaxed)) {
+        (k, _) if k != 0 => m.disconnects_server.add(k as usize, 1),
+        (_, 0) => Metrics::add(&m.connections_lost, 1),
+        (_, e) if e & 0x200 != 0 => m.disconnects_client.add((e & 0xff) as usize, 1),
+        (_, e) => m.disconnects_server.add((e & 0xff) as usize, 1),
+    }
+    if let Some(h) = conn.svc.hooks.as_ref() {
+        // A session taken over lives on elsewhere: neither offline nor gone.
+        if kicked.load(Ordering::Relaxed) != reason::SESSION_TAKEN_OVER {
+            let hook = if conn.new_expiry.unwrap_or(conn.expiry) > 0 { "on_client_offline" } else { "on_client_gone" };
+            // These two have no _m5 variants in VerneMQ.
+            h.notify(hook, false, || crate::webhooks::body::client(&conn.shown));
+        }
+    }
+    if let Some(i) = conn.principal.device() {
+        let d = &conn.svc.devices;
+        let taken_over = kicked.load(Ordering::Relaxed) == reason::SESSION_TAKEN_OVER;
+        Box::pin(d.disconnected(&i.device_number, conn_id, taken_over)).await;
+    }
+    drop(conn);
+    // Let the writer flush what is queued (e.g. a DISCONNECT), bounded in time.
+    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
+        cancel.cancel();
+    }
+}
+
+struct Conn {
+    /// The CONNECT's username (webhook bodies).
+    username: Option<Arc<str>>,
+    broker: Arc<Broker>,
+    svc: Arc<Services>,
+    client_id: Arc<str>,
+    session: ActorRef<SessionMessage>,
+    tx: mpsc::Sender<Outbound>,
+    protocol: Protocol,
+    aliases: HashMap<u16, String>,
+    expiry: u32,
+    new_expiry: Option<u32>,
+    /// PUBACKs read but not yet passed to the session (sent as one message per read batch).
+    acks: Vec<u16>,
+    /// QoS 2 publishes handed to the session but not yet routed by it (bounded so that
+    /// backpressure, checked here, stays close to what the session routes: high-water (at most
+    /// max_queued / 2) plus this read-ahead (at most max_queued / 4) stays under max_queued).
+    qos2_routing: Arc<tokio::sync::Semaphore>,
+    session_lost: bool,
+    /// In a cluster: QoS 1 acknowledgements wait (in order, without stopping the read loop)
+    /// until their message is durable.
+    acker: Option<mpsc::Sender<(Packet, Option<Arc<crate::message::Durable>>)>>,
+    /// Who the client is: its ACL, and for a device its identity.
+    principal: Principal,
+    /// The client id as the client sent it (traces).
+    shown: Arc<str>,
+    /// Why the connection ends: 0 = not decided, else 0x100 | (0x200 if the client closed it) | reason code.
+    end: std::sync::atomic::AtomicU16,
+}
+
+/// Send PUBACKs in order, each once its message is durable.
+async fn ack_in_order(mut rx: mpsc::Receiver<(Packet, Option<Arc<crate::message::Durable>>)>, tx: mpsc::Sender<Outbound>) {
+    while let Some((p, d)) = rx.recv().await {
+        if let Some(d) = d {
+            Broker::wait_durable(&d).await;
+        }
+        if tx.send(Outbound::Packet(Box::new(p))).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Conn {
+    /// Count (and trace, while a trace runs) a packet read from the client.
+    fn saw(&self, p: &Packet, bytes: usize) {
+        let m = &self.broker.metrics;
+        let t = p.type_code();
+        m.packets_in.add(t, 1);
+        m.packet_bytes_in.add(t, bytes as u64);
+        if let Packet::Publish(p) = p {
+            m.publish_in.add(p.qos as usize, 1);
+        }
+        if self.broker.tracer.on() {
+            self.broker.tracer.packet(&self.broker.config.node.name, &self.shown, "in", p, self.protocol);
+        }
+    }
+
+    /// Pass a message to the session; if the session actor is gone (it crashed), remember it so
+    /// the connection closes instead of running on without a session.
+    fn tell(&mut self, m: SessionMessage) {
+        if self.session.tell(m).is_err() {
+            self.session_lost = true;
+        }
+    }
+
+    fn flush_acks(&mut self) {
+        if !self.acks.is_empty() {
+            let acks = std::mem::take(&mut self.acks);
+            self.tell(SessionMessage::PubAcks(acks));
+        }
+    }
+
+    /// Server-initiated close with a reason (sent as DISCONNECT in 5.0).
+    fn close(&self, code: u8) -> WillAction {
+        let _ = self.end.compare_exchange(0, 0x100 | code as u16, Ordering::Relaxed, Ordering::Relaxed);
+        if let Err(mpsc::error::TrySendError::Full(d)) = self.tx.try_send(Outbound::Disconnect(code)) {
+            // Queue full: hand the DISCONNECT to a task that waits for room (bounded in time).
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(d)).await;
+            });
+        }
+        WillAction::Publish
+    }
+
+    /// Queue an answer; waits for room (a client that does not read stops being read).
+    async fn send(&self, p: Packet) {
+        let _ = self.tx.send(Outbound::Packet(Box::new(p))).await;
+    }
+
+    /// Reserve room for an answer the session will send.
+    async fn reply(&self) -> Option<Reply> {
+        self.tx.clone().reserve_owned().await.ok()
+    }
+
+    /// Handle one packet; `Some` ends the connection with that will action.
+    async fn handle(&mut self, p: Packet) -> Option<WillAction> {
+        let v5 = self.protocol == Protocol::V5;
+        match p {
+            Packet::Publish(p) => return self.publish(p).await,
+            Packet::PubAck(a) => {
+                self.tell(SessionMessage::PubAcks(vec![a.pkid]));
+            }
+            Packet::PubRec(a) => {
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                self.tell(SessionMessage::PubRec(a, r));
+            }
+            Packet::PubRel(a) => {
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                self.tell(SessionMessage::PubRel(a.pkid, r));
+            }
+            Packet::PubComp(a) => {
+                self.tell(SessionMessage::PubComp(a.pkid));
+            }
+            Packet::Subscribe(mut s) => {
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                let mut denied = Vec::new();
+                for (f, _) in s.filters.iter_mut() {
+                    mount_in(&self.principal, f);
+                }
+                let judged = match self.svc.hooks.clone() {
+                    Some(h) if h.has("auth_on_subscribe", v5) => Box::pin(self.subscribe_hook(&h, &mut s, &mut denied)).await,
+                    _ => false,
+                };
+                for (i, (f, _)) in s.filters.iter().enumerate() {
+                    if !judged && self.principal.acl().is_some_and(|a| !a.may_subscribe(f)) {
+                        tracing::info!(filter = %f, "SUBSCRIBE denied by ACL");
+                        count_denied(&self.svc);
+                        denied.push(i);
+                    }
+                }
+                if let Some(h) = self.svc.hooks.as_ref() {
+                    let granted: Vec<(String, u8)> = s
+                        .filters
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| !denied.contains(i))
+                        .map(|(_, (f, o))| (f.clone(), o.qos as u8))
+                        .collect();
+                    h.notify("on_subscribe", v5, || crate::webhooks::body::subscribe(self.username.as_deref(), &self.shown, granted, v5));
+                }
+                // A device subscribed to its downlink topics: send what was queued for it.
+                let then = match self.principal.device() {
+                    Some(i) => {
+                        let d = &self.svc.devices;
+                        let (d, number) = (d.clone(), i.device_number.to_string());
+                        Some(Box::new(move || {
+                            tokio::spawn(async move { d.flush_pending(&number).await });
+                        }) as crate::actors::session::OnGranted)
+                    }
+                    _ => None,
+                };
+                self.tell(SessionMessage::Subscribe(s, denied, r, then));
+            }
+            Packet::Unsubscribe(mut u) => {
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                for f in u.filters.iter_mut() {
+                    mount_in(&self.principal, f);
+                }
+                if let Some(h) = self.svc.hooks.as_ref() {
+                    h.notify("on_unsubscribe", v5, || {
+                        crate::webhooks::body::unsubscribe(self.username.as_deref(), &self.shown, &u.filters, v5)
+                    });
+                }
+                self.tell(SessionMessage::Unsubscribe(u, r));
+            }
+            Packet::PingReq => self.send(Packet::PingResp).await,
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.props.session_expiry_interval {
+                    if self.expiry == 0 && e != 0 {
+                        tracing::info!("DISCONNECT sets a session expiry after CONNECT set 0: protocol error");
+                        return Some(self.close(reason::PROTOCOL_ERROR));
+                    }
+                    self.new_expiry = Some(e.min(self.broker.config.mqtt.max_session_expiry_secs));
+                }
+                self.end.store(0x300 | d.code as u16, Ordering::Relaxed);
+                return Some(if v5 && d.code == reason::DISCONNECT_WITH_WILL { WillAction::Publish } else { WillAction::Discard });
+            }
+            Packet::Connect(_) => {
+                tracing::info!("second CONNECT: protocol error");
+                return Some(self.close(reason::PROTOCOL_ERROR));
+            }
+            Packet::Auth(_) => {
+                tracing::info!("AUTH without enhanced authentication in progress");
+                return Some(self.close(reason::PROTOCOL_ERROR));
+            }
+            other => {
+                tracing::info!(packet = other.name(), "server-to-client packet sent by client");
+                return Some(self.close(reason::PROTOCOL_ERROR));
+            }
+        }
+        None
+    }
+}
+
+impl Conn {
+    /// Ask the `auth_on_subscribe` webhooks; true when they decided (the ACL is then not
+    /// asked). Their `topics` answer rewrites the filters (QoS 128 refuses one).
+    async fn subscribe_hook(
+        &self,
+        h: &crate::webhooks::Webhooks,
+        s: &mut crate::protocols::mqtt::Subscribe,
+        denied: &mut Vec<usize>,
+    ) -> bool {
+        let v5 = self.protocol == Protocol::V5;
+        let topics: Vec<(String, u8)> = s.filters.iter().map(|(f, o)| (f.clone(), o.qos as u8)).collect();
+        let body = crate::webhooks::body::subscribe(self.username.as_deref(), &self.shown, topics, v5);
+        match h.auth("auth_on_subscribe", v5, body).await {
+            Verdict::Ok(answer) => {
+                if let Some(list) = answer.get("topics").and_then(|t| t.as_array()) {
+                    if list.len() != s.filters.len() {
+                        tracing::warn!("auth_on_subscribe webhook answered a different number of topics; refusing them");
+                        denied.extend(0..s.filters.len());
+                        return true;
+                    }
+                    for (i, t) in list.iter().enumerate() {
+                        let qos = t.get("qos").and_then(|q| q.as_u64()).unwrap_or(s.filters[i].1.qos as u64);
+                        match (t.get("topic").and_then(|x| x.as_str()), QoS::from_u8(qos.min(255) as u8)) {
+                            _ if qos == 128 => denied.push(i),
+                            (Some(f), Some(q)) if crate::protocols::mqtt::topic::valid_filter(f) => {
+                                s.filters[i].0 = f.to_string();
+                                s.filters[i].1.qos = q;
+                            }
+                            _ => {
+                                tracing::warn!(answer = %t, "auth_on_subscribe webhook answered an unusable topic; refusing it");
+                                denied.push(i);
+                            }
+                        }
+                    }
+                }
+                true
+            }
+            Verdict::Next => false,
+            Verdict::Error(e) => {
+                tracing::info!(error = %e, "SUBSCRIBE denied by webhook");
+                count_denied(&self.svc);
+                denied.extend(0..s.filters.len());
+                true
+            }
+        }
+    }
+}

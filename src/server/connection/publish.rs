@@ -1,0 +1,237 @@
+//! An inbound PUBLISH as a pipeline of small steps, each returning `Result<_, Refusal>`:
+//! resolve the topic alias → authorise (webhook or ACL) → device uplink (checked, stored,
+//! answered) → the message → route and acknowledge. [`Conn::publish`] is the one place that
+//! turns a refusal into the right PUBACK/PUBREC or DISCONNECT for the protocol version.
+use super::*;
+
+/// Why a PUBLISH is not routed.
+enum Refusal {
+    /// A negative acknowledgement with this reason (5.0); 3.1.1, which has none, acknowledges
+    /// and drops the message so the client does not resend it forever.
+    Nack(u8),
+    /// The connection ends with this reason: a protocol error, a topic 3.1.1 cannot refuse,
+    /// or a busy store (the message stays unacknowledged and the device resends it).
+    Close(u8),
+}
+
+/// A message that passed every check, ready to route.
+struct Admitted {
+    msg: Arc<Message>,
+    /// The platform took it (a device's stored uplink): a success even without subscribers.
+    taken: bool,
+    /// Not a `$SYS` topic (clients may not inject broker statistics).
+    routable: bool,
+}
+
+impl Conn {
+    pub(super) async fn publish(&mut self, p: Publish) -> Option<WillAction> {
+        Metrics::add(&self.broker.metrics.messages_received, 1);
+        let (qos, pkid) = (p.qos, p.pkid);
+        match Box::pin(self.admit_publish(p)).await {
+            Ok(a) => Box::pin(self.route(qos, pkid, a)).await,
+            Err(Refusal::Nack(code)) => {
+                self.refuse(qos, pkid, code).await;
+                None
+            }
+            Err(Refusal::Close(code)) => Some(self.close(code)),
+        }
+    }
+
+    /// Every step before routing.
+    async fn admit_publish(&mut self, p: Publish) -> Result<Admitted, Refusal> {
+        let mut props = p.props.map(|b| *b);
+        let topic = self.resolve_alias(p.topic, props.as_mut())?;
+        let asked = Box::pin(self.authorise_publish(Asked { topic, payload: p.payload, qos: p.qos, retain: p.retain })).await?;
+        let taken = Box::pin(self.device_uplink(&asked, &mut props)).await?;
+        Ok(self.message(asked, props, taken))
+    }
+
+    /// The topic, from the PUBLISH or its alias (5.0); a new alias is remembered.
+    fn resolve_alias(&mut self, topic: String, props: Option<&mut Properties>) -> Result<String, Refusal> {
+        match props.and_then(|pr| pr.topic_alias.take()) {
+            None => Ok(topic),
+            Some(a) if a > self.broker.config.mqtt.topic_alias_max => Err(Refusal::Close(reason::TOPIC_ALIAS_INVALID)),
+            Some(a) if topic.is_empty() => self.aliases.get(&a).cloned().ok_or(Refusal::Close(reason::PROTOCOL_ERROR)),
+            Some(a) => {
+                self.aliases.insert(a, topic.clone());
+                Ok(topic)
+            }
+        }
+    }
+
+    /// The webhook or the ACL (see [`authorise`]); a webhook may modify the message.
+    async fn authorise_publish(&self, mut asked: Asked) -> Result<Asked, Refusal> {
+        mount_in(&self.principal, &mut asked.topic);
+        let v5 = self.protocol == Protocol::V5;
+        let asker = Asker {
+            broker: &self.broker,
+            svc: &self.svc,
+            principal: &self.principal,
+            username: self.username.as_deref(),
+            client: &self.shown,
+            v5,
+        };
+        match Box::pin(authorise(&asker, &mut asked)).await {
+            Ok(()) => Ok(asked),
+            // 3.1.1 has no negative acknowledgement for a topic it cannot take.
+            Err(code) if code == reason::TOPIC_NAME_INVALID && !v5 => Err(Refusal::Close(code)),
+            Err(code) => Err(Refusal::Nack(code)),
+        }
+    }
+
+    /// A device's message on one of its uplink topics is checked, stored and answered by the
+    /// platform; `Ok(true)` when it was. Subscribers (platform services) learn which device
+    /// sent any message of a device.
+    async fn device_uplink(&mut self, asked: &Asked, props: &mut Option<Properties>) -> Result<bool, Refusal> {
+        let Some(ident) = self.principal.device().cloned() else { return Ok(false) };
+        let mut taken = false;
+        if let Some((kind, gateway, mid)) = uplink::classify(&asked.topic, &ident.device_number) {
+            taken = true;
+            Box::pin(self.uplink(&ident, kind, gateway, mid, &asked.payload, props.as_ref())).await?;
+        }
+        props.get_or_insert_with(Properties::default).user_properties.push(("device_number".into(), ident.device_number.to_string()));
+        Ok(taken)
+    }
+
+    /// The routed message: expiry from the interval the client set, subscription ids cleared,
+    /// the `on_publish` webhook told.
+    fn message(&self, asked: Asked, mut props: Option<Properties>, taken: bool) -> Admitted {
+        let v5 = self.protocol == Protocol::V5;
+        let Asked { topic, payload, qos, retain } = asked;
+        let expires_at = props.as_mut().and_then(|pr| pr.message_expiry_interval.take()).map(|s| now_ms() + s as u64 * 1000);
+        if let Some(pr) = props.as_mut() {
+            pr.subscription_identifiers.clear();
+        }
+        let props = props.filter(|pr| !pr.is_empty()).map(Box::new);
+        let routable = !topic.starts_with("$SYS");
+        if let Some(h) = self.svc.hooks.as_ref() {
+            h.notify("on_publish", v5, || {
+                let pl = h.payload("on_publish", v5, &payload);
+                crate::webhooks::body::publish(self.username.as_deref(), &self.shown, qos as u8, &topic, pl, retain, v5)
+            });
+        }
+        let msg = Arc::new(Message {
+            id: crate::message::next_id(),
+            topic: Arc::from(topic),
+            payload,
+            qos,
+            retain,
+            props,
+            expires_at,
+            publisher: Some(self.client_id.clone()),
+        });
+        Admitted { msg, taken, routable }
+    }
+
+    /// Retain, route and acknowledge as the client's QoS asks. QoS 2 goes through the session,
+    /// which owns the exactly-once state.
+    async fn route(&mut self, qos: QoS, pkid: u16, a: Admitted) -> Option<WillAction> {
+        let Admitted { msg, taken, routable } = a;
+        if msg.retain && routable {
+            self.broker.retain(msg.clone()).await;
+        }
+        match qos {
+            QoS::AtMostOnce => {
+                if routable {
+                    self.broker.publish_with_backpressure(msg).await;
+                }
+            }
+            QoS::AtLeastOnce => {
+                let (n, durable) = if routable { self.broker.publish_routed(msg).await } else { (0, None) };
+                // A device's uplink the platform took has a receiver: a success, not 0x10.
+                let code =
+                    if n == 0 && self.protocol == Protocol::V5 && !taken { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
+                let ack = Packet::PubAck(Ack::new(pkid, code));
+                match &self.acker {
+                    Some(a) => {
+                        let _ = a.send((ack, durable)).await;
+                    }
+                    None => self.send(ack).await,
+                }
+            }
+            QoS::ExactlyOnce => {
+                // Through the session even when not routable: it owns the exactly-once state.
+                let Some(reply) = self.reply().await else { return Some(WillAction::Publish) };
+                let Ok(routing) = self.qos2_routing.clone().acquire_owned().await else { return Some(WillAction::Publish) };
+                let topic = msg.topic.clone();
+                self.tell(SessionMessage::InboundQos2 { pkid, msg, taken, reply, _routing: routing });
+                // The session routes it (it owns exactly-once); pacing is the connection's job.
+                self.broker.pace(&topic).await;
+            }
+        }
+        None
+    }
+
+    /// Answer a PUBLISH that is not routed: the reason code in 5.0; in 3.1.1 (which has no
+    /// negative acknowledgement) the message is dropped but still acknowledged, so the client
+    /// does not resend it forever.
+    async fn refuse(&self, qos: QoS, pkid: u16, code: u8) {
+        let code = if self.protocol == Protocol::V5 { code } else { reason::SUCCESS };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(Packet::PubAck(Ack::new(pkid, code))).await,
+            // 3.1.1: the PUBREL that follows is answered by the session (PUBCOMP).
+            QoS::ExactlyOnce => self.send(Packet::PubRec(Ack::new(pkid, code))).await,
+        }
+    }
+
+    /// A device's uplink message: checked, turned into events and applied.
+    async fn uplink(
+        &mut self,
+        ident: &Arc<crate::devices::Identity>,
+        kind: uplink::EventKind,
+        gateway: bool,
+        mid: Option<String>,
+        payload: &[u8],
+        props: Option<&Properties>,
+    ) -> Result<(), Refusal> {
+        let d = self.svc.devices.clone();
+        let m = uplink::Incoming { kind, gateway, message_id: mid, payload, protocol: "mqtt" };
+        let events = match uplink::parse(ident, m, &d.config.devices, now_ms() as i64) {
+            Ok(events) => events,
+            Err(why) => {
+                d.rejected(&ident.device_number, "mqtt", &why);
+                // MQTT 5.0: the device may have asked for answers on a response topic.
+                if let Some(rt) = props.and_then(|p| p.response_topic.clone()) {
+                    if self.principal.acl().is_some_and(|a| a.may_subscribe(&rt)) {
+                        let body = serde_json::json!({"error": {"code": why.code(), "message": why.to_string()}});
+                        self.answer(rt, body, props.and_then(|p| p.correlation_data.clone()));
+                    }
+                }
+                return Err(Refusal::Nack(match why {
+                    uplink::Reject::TooLarge(_) => reason::QUOTA_EXCEEDED,
+                    _ => reason::PAYLOAD_FORMAT_INVALID,
+                }));
+            }
+        };
+        let reply_to = crate::devices::ReplyTo { family: if gateway { "gateway" } else { "devices" }, number: &ident.device_number };
+        // MQTT devices wait longer: holding the acknowledgement back is the protocol's own flow control.
+        let wait = std::time::Duration::from_millis(d.config.telemetry.wait_ms.saturating_mul(10));
+        match d.ingest(events, Some(reply_to), wait).await {
+            Ok(answers) => {
+                for a in answers {
+                    self.answer(a.topic, a.payload, None);
+                }
+                Ok(())
+            }
+            Err(crate::devices::IngestError::Busy) => {
+                tracing::warn!(device = %ident.device_number, "telemetry storage busy: disconnecting the device unacknowledged (it resends)");
+                // Not acknowledged: the device sends it again when it reconnects.
+                Err(Refusal::Close(reason::SERVER_BUSY))
+            }
+            // Logged once by the writer that tried it.
+            Err(crate::devices::IngestError::Refused(_)) => Err(Refusal::Nack(reason::PAYLOAD_FORMAT_INVALID)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store a device message");
+                Err(Refusal::Nack(reason::UNSPECIFIED_ERROR))
+            }
+        }
+    }
+
+    /// Publish a platform answer to the device (QoS 1, routed like any message).
+    fn answer(&self, topic: String, body: serde_json::Value, correlation: Option<bytes::Bytes>) {
+        let mut msg = Message::from_node(topic, body.to_string(), QoS::AtLeastOnce, false);
+        msg.props = correlation.map(|c| Box::new(Properties { correlation_data: Some(c), ..Properties::default() }));
+        self.broker.publish(Arc::new(msg));
+    }
+}
