@@ -408,6 +408,12 @@ async fn email_over_tls() {
         assert!(tokio::time::Instant::now() < end, "the two refused deliveries were not counted as failed");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // A delivery counts as sent once the relay's session is over, a moment after the sink
+    // has the mail.
+    while notifications(a, "sent").await < 2 {
+        assert!(tokio::time::Instant::now() < end, "the two deliveries were not counted as sent");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     assert_eq!(notifications(a, "sent").await, 2);
     assert!(plain_mail.try_recv().is_err(), "nothing sent in the clear when STARTTLS is required");
     assert!(starttls_mail.try_recv().is_err(), "nothing sent to a relay whose certificate is not trusted");

@@ -132,6 +132,75 @@ impl RegistryState {
 }
 
 impl RegistryState {
+    /// A CONNECT: attach to the session here (resumed unless Clean Start or state came from
+    /// another node, which replaces whatever stale copy this node has), or a new one.
+    async fn connect(
+        &mut self,
+        me: &ActorRef<RegistryMessage>,
+        client_id: Arc<str>,
+        clean_start: bool,
+        mut attach: Box<AttachArgs>,
+        takeover: Option<Takeover>,
+    ) -> Result<ActorRef<SessionMessage>, String> {
+        let remote = takeover.as_ref().is_some_and(|t| t.from.is_some() || t.state.is_some());
+        if let Some(t) = &takeover {
+            self.gens.insert(client_id.clone(), t.gen);
+        }
+        if let Some(s) = self.sessions.get(&client_id).cloned() {
+            if !clean_start && !remote {
+                return match s.ask(|r| SessionMessage::Attach(attach, r), CALL).await {
+                    Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
+                    _ => Err("session did not answer".into()),
+                };
+            }
+            let _ = s.ask(SessionMessage::Terminate, CALL).await;
+            self.sessions.remove(&client_id);
+        }
+        let (restored, held) = match takeover {
+            Some(t) if remote && !clean_start => (t.state.map(|b| *b), t.from.map(|f| (t.gen, f))),
+            _ => (None, None),
+        };
+        // A fresh session is never "present"; one handed over from another node is.
+        attach.clean_start = restored.is_none();
+        let s = self.spawn(me, client_id, restored, held, None).await?;
+        match s.ask(|r| SessionMessage::Attach(attach, r), CALL).await {
+            Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
+            _ => Err("new session did not answer".into()),
+        }
+    }
+
+    /// Adopt a replica whose owner is gone (a live session here wins over it).
+    async fn adopt(&mut self, me: &ActorRef<RegistryMessage>, snap: SessionSnapshot, from: Arc<str>) {
+        let id: Arc<str> = Arc::from(snap.client_id.as_str());
+        if self.sessions.contains_key(&id) {
+            return;
+        }
+        match self.spawn(me, id.clone(), Some(snap), None, Some(from)).await {
+            // An adoption outranks every generation handed out so far (registrars count
+            // up from 1) and copies restored from disk (0): a node that comes back, or a
+            // registrar that has not yet seen the loss, yields to it. Later claims count
+            // up from here.
+            Ok(_) => {
+                self.gens.insert(id, (1u64 << 40) + crate::message::now_ms());
+            }
+            Err(e) => tracing::error!(client_id = %id, error = %e, "cannot adopt session"),
+        }
+    }
+
+    /// The persistent sessions the node's store kept, each started again.
+    async fn restore(&mut self, me: &ActorRef<RegistryMessage>) {
+        let snaps = self.broker.store.sessions();
+        if !snaps.is_empty() {
+            tracing::info!(sessions = snaps.len(), "restoring persistent sessions");
+        }
+        for snap in snaps {
+            let id: Arc<str> = Arc::from(snap.client_id.as_str());
+            if let Err(e) = self.spawn(me, id.clone(), Some(snap), None, None).await {
+                tracing::error!(client_id = %id, error = %e, "cannot restore session");
+            }
+        }
+    }
+
     async fn room(&mut self, client: &Arc<str>, cap: usize) -> bool {
         let Some(cut) = client.find('\u{0}') else { return true };
         if cap == 0 || self.sessions.contains_key(client) {
@@ -181,38 +250,8 @@ impl Actor for RegistryActor {
 
     async fn handle(&self, me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            RegistryMessage::Connect { client_id, clean_start, mut attach, takeover, reply } => {
-                // State from another node replaces whatever stale copy this node has.
-                let remote = takeover.as_ref().is_some_and(|t| t.from.is_some() || t.state.is_some());
-                if let Some(t) = &takeover {
-                    st.gens.insert(client_id.clone(), t.gen);
-                }
-                if let Some(s) = st.sessions.get(&client_id).cloned() {
-                    if !clean_start && !remote {
-                        let r = s.ask(|r| SessionMessage::Attach(attach, r), CALL).await;
-                        let _ = reply.send(match r {
-                            Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
-                            _ => Err("session did not answer".into()),
-                        });
-                        return Ok(());
-                    }
-                    let _ = s.ask(SessionMessage::Terminate, CALL).await;
-                    st.sessions.remove(&client_id);
-                }
-                let (restored, held) = match takeover {
-                    Some(t) if remote && !clean_start => (t.state.map(|b| *b), t.from.map(|f| (t.gen, f))),
-                    _ => (None, None),
-                };
-                // A fresh session is never "present"; one handed over from another node is.
-                attach.clean_start = restored.is_none();
-                let r = match st.spawn(&me, client_id, restored, held, None).await {
-                    Ok(s) => match s.ask(|r| SessionMessage::Attach(attach, r), CALL).await {
-                        Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
-                        _ => Err("new session did not answer".into()),
-                    },
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(r);
+            RegistryMessage::Connect { client_id, clean_start, attach, takeover, reply } => {
+                let _ = reply.send(st.connect(&me, client_id, clean_start, attach, takeover).await);
             }
             RegistryMessage::SessionEnded { client_id, id } => {
                 if st.sessions.get(&client_id).is_some_and(|s| s.get_id() == id) {
@@ -253,22 +292,7 @@ impl Actor for RegistryActor {
                     let _ = s.tell(SessionMessage::HandOverFlush { gen, deliveries });
                 }
             }
-            RegistryMessage::Adopt(snap, from) => {
-                let id: Arc<str> = Arc::from(snap.client_id.as_str());
-                if st.sessions.contains_key(&id) {
-                    return Ok(()); // a live session here wins over a replica
-                }
-                match st.spawn(&me, id.clone(), Some(*snap), None, Some(from)).await {
-                    // An adoption outranks every generation handed out so far (registrars count
-                    // up from 1) and copies restored from disk (0): a node that comes back, or a
-                    // registrar that has not yet seen the loss, yields to it. Later claims count
-                    // up from here.
-                    Ok(_) => {
-                        st.gens.insert(id, (1u64 << 40) + crate::message::now_ms());
-                    }
-                    Err(e) => tracing::error!(client_id = %id, error = %e, "cannot adopt session"),
-                }
-            }
+            RegistryMessage::Adopt(snap, from) => st.adopt(&me, *snap, from).await,
             RegistryMessage::Discard(client) => {
                 if let Some(s) = st.sessions.remove(&client) {
                     tracing::info!(client_id = %client, "session is owned by another node; dropping the copy here");
@@ -292,18 +316,7 @@ impl Actor for RegistryActor {
             RegistryMessage::Owned(reply) => {
                 let _ = reply.send(st.sessions.keys().map(|c| (c.clone(), st.gens.get(c).copied().unwrap_or(0))).collect());
             }
-            RegistryMessage::Restore => {
-                let snaps = st.broker.store.sessions();
-                if !snaps.is_empty() {
-                    tracing::info!(sessions = snaps.len(), "restoring persistent sessions");
-                }
-                for snap in snaps {
-                    let id: Arc<str> = Arc::from(snap.client_id.as_str());
-                    if let Err(e) = st.spawn(&me, id.clone(), Some(snap), None, None).await {
-                        tracing::error!(client_id = %id, error = %e, "cannot restore session");
-                    }
-                }
-            }
+            RegistryMessage::Restore => st.restore(&me).await,
             RegistryMessage::PersistAll(reply) => {
                 for s in st.sessions.values() {
                     let _ = s.ask(|r| SessionMessage::Persist(Some(r)), CALL).await;

@@ -106,11 +106,71 @@ const PACKET_TYPES: [&str; 16] = [
     "auth",
 ];
 
-/// Metrics with labels: packets by type and QoS, CONNACK and disconnect reasons, routes,
-/// cluster links, actors.
-async fn labelled(out: &mut String, b: &App) {
+/// The device platform's counters and the telemetry store's histograms.
+fn platform_metrics(metric: &mut impl FnMut(&str, &str, &str, u64), hist: &mut String, svc: &crate::services::Services) {
+    let d = &svc.devices;
+    use std::sync::atomic::Ordering::Relaxed;
+    let dm = &d.metrics;
+    let counters = [
+        ("thingsd_device_auth_ok_total", "Successful device/service logins (all protocols).", &dm.auth_ok),
+        ("thingsd_device_auth_failed_total", "Refused logins: bad or missing credentials, disabled devices.", &dm.auth_failed),
+        ("thingsd_device_auth_rate_limited_total", "Logins refused because the address failed too often.", &dm.auth_rate_limited),
+        ("thingsd_acl_denied_total", "PUBLISH and SUBSCRIBE requests denied by the ACL.", &dm.acl_denied),
+        ("thingsd_device_events_total", "Device messages accepted (telemetry, attributes, events, responses).", &dm.events),
+        (
+            "thingsd_device_payload_rejected_total",
+            "Device payloads refused (malformed, too large, not in the thing model).",
+            &dm.payload_rejected,
+        ),
+        ("thingsd_downlinks_sent_total", "Commands and attribute sets handed to devices.", &dm.commands_sent),
+    ];
+    for (name, help, c) in counters {
+        metric(name, "counter", help, c.load(Relaxed));
+    }
+    if let Some(t) = d.telemetry.get() {
+        let tm = &t.metrics;
+        let counters = [
+            ("thingsd_telemetry_points_written_total", "Telemetry points written to the time-series store.", &tm.points),
+            ("thingsd_telemetry_batches_written_total", "Writes to the time-series store.", &tm.batches),
+            ("thingsd_telemetry_write_errors_total", "Failed store writes (retried; nothing is dropped).", &tm.write_errors),
+            ("thingsd_telemetry_busy_total", "Telemetry refused for lack of room in the writers' queues (HTTP 503, MQTT 0x89).", &tm.busy),
+            (
+                "thingsd_telemetry_ack_timeouts_total",
+                "Telemetry writes that outlasted telemetry.ack_timeout_ms: answered busy (HTTP 503, MQTT 0x89), written later.",
+                &tm.ack_timeouts,
+            ),
+            (
+                "thingsd_telemetry_refused_points_total",
+                "Points the time-series store refused for their content (the rest of their batch is stored).",
+                &tm.refused_points,
+            ),
+            ("thingsd_telemetry_skipped_keys_total", "Keys not stored: longer than 255 bytes.", &tm.skipped_keys),
+        ];
+        for (name, help, c) in counters {
+            metric(name, "counter", help, c.load(Relaxed));
+        }
+        histogram(
+            hist,
+            "thingsd_telemetry_write_seconds",
+            "Time-series store write latency.",
+            &crate::telemetry::LATENCY_BOUNDS,
+            &tm.latency,
+            Some(tm.latency_sum_us.load(Relaxed) as f64 / 1e6),
+        );
+        histogram(
+            hist,
+            "thingsd_telemetry_batch_points",
+            "Points per store write.",
+            &crate::telemetry::BATCH_BOUNDS,
+            &tm.batch_sizes,
+            None,
+        );
+    }
+}
+
+/// MQTT packets, bytes and PUBLISHes by type and QoS; CONNACK and disconnect reasons.
+fn mqtt_families(out: &mut String, m: &Metrics) {
     use crate::protocols::mqtt::reason;
-    let m = &b.metrics;
     let by_type =
         |c: &crate::metrics::Counts<16>| c.nonzero().map(|(i, n)| (format!("type=\"{}\"", PACKET_TYPES[i]), n)).collect::<Vec<_>>();
     family(out, "thingsd_mqtt_packets_received_total", "counter", "MQTT packets read from clients, by type.", by_type(&m.packets_in));
@@ -146,6 +206,12 @@ async fn labelled(out: &mut String, b: &App) {
         "Connections ended: by the client's DISCONNECT, by the server (reason sent), or lost.",
         disc,
     );
+}
+
+/// Metrics with labels: packets by type and QoS, CONNACK and disconnect reasons, routes,
+/// cluster links, actors.
+async fn labelled(out: &mut String, b: &App) {
+    mqtt_families(out, &b.metrics);
     let per: std::collections::BTreeMap<&str, (u64, u64)> = crate::actors::inspect::counts().into_iter().collect();
     family(out, "thingsd_actors", "gauge", "Live actors by kind.", per.iter().map(|(k, (n, _))| (format!("kind=\"{}\"", esc(k)), *n)));
     family(
@@ -300,70 +366,7 @@ async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
         );
         metric("thingsd_cluster_peers_up", "gauge", "Other nodes with a live link.", c.links.load().len() as u64);
     }
-    {
-        let d = &b.services.devices;
-        use std::sync::atomic::Ordering::Relaxed;
-        let dm = &d.metrics;
-        let counters = [
-            ("thingsd_device_auth_ok_total", "Successful device/service logins (all protocols).", &dm.auth_ok),
-            ("thingsd_device_auth_failed_total", "Refused logins: bad or missing credentials, disabled devices.", &dm.auth_failed),
-            ("thingsd_device_auth_rate_limited_total", "Logins refused because the address failed too often.", &dm.auth_rate_limited),
-            ("thingsd_acl_denied_total", "PUBLISH and SUBSCRIBE requests denied by the ACL.", &dm.acl_denied),
-            ("thingsd_device_events_total", "Device messages accepted (telemetry, attributes, events, responses).", &dm.events),
-            (
-                "thingsd_device_payload_rejected_total",
-                "Device payloads refused (malformed, too large, not in the thing model).",
-                &dm.payload_rejected,
-            ),
-            ("thingsd_downlinks_sent_total", "Commands and attribute sets handed to devices.", &dm.commands_sent),
-        ];
-        for (name, help, c) in counters {
-            metric(name, "counter", help, c.load(Relaxed));
-        }
-        if let Some(t) = d.telemetry.get() {
-            let tm = &t.metrics;
-            let counters = [
-                ("thingsd_telemetry_points_written_total", "Telemetry points written to the time-series store.", &tm.points),
-                ("thingsd_telemetry_batches_written_total", "Writes to the time-series store.", &tm.batches),
-                ("thingsd_telemetry_write_errors_total", "Failed store writes (retried; nothing is dropped).", &tm.write_errors),
-                (
-                    "thingsd_telemetry_busy_total",
-                    "Telemetry refused for lack of room in the writers' queues (HTTP 503, MQTT 0x89).",
-                    &tm.busy,
-                ),
-                (
-                    "thingsd_telemetry_ack_timeouts_total",
-                    "Telemetry writes that outlasted telemetry.ack_timeout_ms: answered busy (HTTP 503, MQTT 0x89), written later.",
-                    &tm.ack_timeouts,
-                ),
-                (
-                    "thingsd_telemetry_refused_points_total",
-                    "Points the time-series store refused for their content (the rest of their batch is stored).",
-                    &tm.refused_points,
-                ),
-                ("thingsd_telemetry_skipped_keys_total", "Keys not stored: longer than 255 bytes.", &tm.skipped_keys),
-            ];
-            for (name, help, c) in counters {
-                metric(name, "counter", help, c.load(Relaxed));
-            }
-            histogram(
-                &mut hist,
-                "thingsd_telemetry_write_seconds",
-                "Time-series store write latency.",
-                &crate::telemetry::LATENCY_BOUNDS,
-                &tm.latency,
-                Some(tm.latency_sum_us.load(Relaxed) as f64 / 1e6),
-            );
-            histogram(
-                &mut hist,
-                "thingsd_telemetry_batch_points",
-                "Points per store write.",
-                &crate::telemetry::BATCH_BOUNDS,
-                &tm.batch_sizes,
-                None,
-            );
-        }
-    }
+    platform_metrics(&mut metric, &mut hist, &b.services);
     metric("thingsd_retained_messages", "gauge", "Retained messages stored.", b.retained.load().len() as u64);
     metric(
         "thingsd_messages_expired_total",
@@ -385,7 +388,7 @@ async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
     );
     let mut lab = String::new();
     labelled(&mut lab, &b).await;
-    metric("thingsd_uptime_seconds", "counter", "Seconds since the node started.", b.started.elapsed().as_secs());
+    metric("thingsd_uptime_seconds", "gauge", "Seconds since the node started.", b.started.elapsed().as_secs());
     out.push_str(&lab);
     out.push_str(&hist);
     if let Ok(reqs) = m.http_requests.lock() {

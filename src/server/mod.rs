@@ -183,37 +183,8 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         c.on_features(Arc::new(features::FeatureFrames { broker: Arc::downgrade(&broker), services: Arc::downgrade(&services) }));
     }
     let tracker = TaskTracker::new();
-    for (l, kind, opts) in bound.listeners {
-        let proxy = opts.proxy;
-        let what = match &kind {
-            Kind::Tcp => "mqtt",
-            Kind::Tls(_) => "mqtts",
-            Kind::Ws { .. } => "ws",
-        };
-        if let Ok(a) = l.local_addr() {
-            addrs.push(format!("{what}{}://{a}", if proxy { "+proxy" } else { "" }));
-        }
-        tokio::spawn(listener::accept_loop(l, kind, opts, broker.clone(), services.clone(), shutdown.clone(), tracker.clone()));
-    }
-    for l in bound.http {
-        if let Ok(a) = l.local_addr() {
-            addrs.push(format!("http://{a}"));
-        }
-        let app = crate::http::app(broker.clone(), services.clone());
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
-                tracing::error!(error = %e, "HTTP listener failed");
-            }
-        });
-    }
-    for sock in bound.coap {
-        if let Ok(a) = sock.local_addr() {
-            addrs.push(format!("coap://{a}"));
-        }
-        tokio::spawn(coap::serve(sock, services.devices.clone(), shutdown.clone()));
-    }
+    let Bound { listeners, http, coap, .. } = bound;
+    addrs.extend(serve_listeners((listeners, http, coap), &broker, &services, &shutdown, &tracker));
     broker.serving.store(true, std::sync::atomic::Ordering::Relaxed);
     let retained_n = broker.retained.load().len();
     tracing::info!(node = %config.node.name, listeners = ?addrs, restored_sessions = restored, retained = retained_n, "thingsd ready");
@@ -258,6 +229,53 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The bound MQTT, HTTP and CoAP listeners.
+type Listeners = (Vec<(TcpListener, Kind, listener::Opts)>, Vec<TcpListener>, Vec<tokio::net::UdpSocket>);
+
+/// Start accepting on every bound MQTT, HTTP and CoAP listener; returns what each serves
+/// (for the ready line). MQTT connections are tracked so shutdown can wait for them.
+fn serve_listeners(
+    (listeners, http, coap): Listeners,
+    broker: &Arc<Broker>,
+    services: &Arc<Services>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Vec<String> {
+    let mut addrs = Vec::new();
+    for (l, kind, opts) in listeners {
+        let proxy = opts.proxy;
+        let what = match &kind {
+            Kind::Tcp => "mqtt",
+            Kind::Tls(_) => "mqtts",
+            Kind::Ws { .. } => "ws",
+        };
+        if let Ok(a) = l.local_addr() {
+            addrs.push(format!("{what}{}://{a}", if proxy { "+proxy" } else { "" }));
+        }
+        tokio::spawn(listener::accept_loop(l, kind, opts, broker.clone(), services.clone(), shutdown.clone(), tracker.clone()));
+    }
+    for l in http {
+        if let Ok(a) = l.local_addr() {
+            addrs.push(format!("http://{a}"));
+        }
+        let app = crate::http::app(broker.clone(), services.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(e) = axum::serve(l, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
+                tracing::error!(error = %e, "HTTP listener failed");
+            }
+        });
+    }
+    for sock in coap {
+        if let Ok(a) = sock.local_addr() {
+            addrs.push(format!("coap://{a}"));
+        }
+        tokio::spawn(coap::serve(sock, services.devices.clone(), shutdown.clone()));
+    }
+    addrs
 }
 
 /// Open the stores and build the platform's services on them.

@@ -4,6 +4,22 @@ use crate::actors::inspect::Tell;
 use crate::message::now_ms;
 
 impl SessionState {
+    /// An operator's kick: the connection ends and detaches as usual (will, expiry), or with
+    /// `discard` the session ends too. Returns whether a client was connected.
+    pub(super) async fn kick_by_operator(&mut self, me: &ActorRef<SessionMessage>, discard: bool) -> bool {
+        let had = self.conn.is_some();
+        if discard {
+            if let Some(c) = self.conn.take() {
+                kick(&c, reason::ADMINISTRATIVE_ACTION);
+            }
+            Box::pin(self.publish_will()).await;
+            self.end(me);
+        } else if let Some(c) = &self.conn {
+            kick(c, reason::ADMINISTRATIVE_ACTION);
+        }
+        had
+    }
+
     pub(super) async fn attach(&mut self, me: &ActorRef<SessionMessage>, a: AttachArgs) -> bool {
         if let Some(old) = self.conn.take() {
             kick(&old, reason::SESSION_TAKEN_OVER);

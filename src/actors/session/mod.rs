@@ -326,39 +326,9 @@ impl Actor for SessionActor {
                 }
             }
             SessionMessage::Deliver(d) => st.deliver(&me, d),
-            SessionMessage::PubAcks(pkids) => {
-                let mut freed = false;
-                for pkid in pkids {
-                    // Acks usually come in send order, so the match is near the front.
-                    if let Some(i) = st.inflight.iter().position(|f| f.pkid == pkid && !f.released && f.d.qos == QoS::AtLeastOnce) {
-                        st.inflight.remove(i);
-                        freed = true;
-                    }
-                }
-                if freed {
-                    st.drain(&me);
-                }
-            }
-            SessionMessage::PubRec(ack, reply) => {
-                match st.inflight.iter().position(|f| f.pkid == ack.pkid && f.d.qos == QoS::ExactlyOnce) {
-                    Some(i) if ack.code >= 0x80 => {
-                        st.inflight.remove(i);
-                        st.drain(&me);
-                    }
-                    Some(i) => {
-                        st.inflight[i].released = true;
-                        answer(reply, Packet::PubRel(Ack::new(ack.pkid, 0)));
-                        st.mark_dirty(&me);
-                    }
-                    None => answer(reply, Packet::PubRel(Ack::new(ack.pkid, reason::PACKET_ID_NOT_FOUND))),
-                }
-            }
-            SessionMessage::PubComp(pkid) => {
-                if let Some(i) = st.inflight.iter().position(|f| f.pkid == pkid && f.released) {
-                    st.inflight.remove(i);
-                    st.drain(&me);
-                }
-            }
+            SessionMessage::PubAcks(pkids) => st.on_pubacks(&me, pkids),
+            SessionMessage::PubRec(ack, reply) => st.on_pubrec(&me, ack, reply),
+            SessionMessage::PubComp(pkid) => st.on_pubcomp(&me, pkid),
             SessionMessage::InboundQos2 { pkid, msg, taken, reply, _routing } => st.inbound_qos2(pkid, msg, taken, reply),
             SessionMessage::PubRel(pkid, reply) => {
                 let code = if st.incoming_qos2.remove(&pkid) { 0 } else { reason::PACKET_ID_NOT_FOUND };
@@ -422,17 +392,7 @@ impl Actor for SessionActor {
                 let _ = reply.send(st.info());
             }
             SessionMessage::Kick { discard, reply } => {
-                let had = st.conn.is_some();
-                if discard {
-                    if let Some(c) = st.conn.take() {
-                        kick(&c, reason::ADMINISTRATIVE_ACTION);
-                    }
-                    Box::pin(st.publish_will()).await;
-                    st.end(&me);
-                } else if let Some(c) = &st.conn {
-                    // The connection ends and detaches as usual (will, expiry).
-                    kick(c, reason::ADMINISTRATIVE_ACTION);
-                }
+                let had = Box::pin(st.kick_by_operator(&me, discard)).await;
                 let _ = reply.send(had);
             }
             SessionMessage::Persist(reply) => {

@@ -6,6 +6,45 @@ use crate::message::now_ms;
 use crate::protocols::mqtt::publish_len;
 
 impl SessionState {
+    /// PUBACKs from the client (batched by the connection) free their window slots.
+    pub(super) fn on_pubacks(&mut self, me: &ActorRef<SessionMessage>, pkids: Vec<u16>) {
+        let mut freed = false;
+        for pkid in pkids {
+            // Acks usually come in send order, so the match is near the front.
+            if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid && !f.released && f.d.qos == QoS::AtLeastOnce) {
+                self.inflight.remove(i);
+                freed = true;
+            }
+        }
+        if freed {
+            self.drain(me);
+        }
+    }
+
+    /// A PUBREC: release the message (answered PUBREL) or, refused, free its slot.
+    pub(super) fn on_pubrec(&mut self, me: &ActorRef<SessionMessage>, ack: Ack, reply: Reply) {
+        match self.inflight.iter().position(|f| f.pkid == ack.pkid && f.d.qos == QoS::ExactlyOnce) {
+            Some(i) if ack.code >= 0x80 => {
+                self.inflight.remove(i);
+                self.drain(me);
+            }
+            Some(i) => {
+                self.inflight[i].released = true;
+                answer(reply, Packet::PubRel(Ack::new(ack.pkid, 0)));
+                self.mark_dirty(me);
+            }
+            None => answer(reply, Packet::PubRel(Ack::new(ack.pkid, reason::PACKET_ID_NOT_FOUND))),
+        }
+    }
+
+    /// A PUBCOMP ends a released QoS 2 delivery.
+    pub(super) fn on_pubcomp(&mut self, me: &ActorRef<SessionMessage>, pkid: u16) {
+        if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid && f.released) {
+            self.inflight.remove(i);
+            self.drain(me);
+        }
+    }
+
     pub(super) fn publish_props(&self, d: &Delivery, now: u64) -> Option<Box<Properties>> {
         if self.protocol != Protocol::V5 {
             return None;

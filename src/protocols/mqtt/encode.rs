@@ -80,53 +80,7 @@ fn ack(buf: &mut BytesMut, first: u8, a: &Ack, v5: bool) {
 pub fn encode(packet: &Packet, protocol: Protocol, buf: &mut BytesMut) {
     let v5 = protocol == Protocol::V5;
     match packet {
-        Packet::Connect(c) => {
-            let v5 = c.protocol == Protocol::V5;
-            let mut len = 2 + 4 + 1 + 1 + 2 + props_len(&c.props, v5) + 2 + c.client_id.len();
-            if let Some(w) = &c.will {
-                len += props_len(&w.props, v5) + 2 + w.topic.len() + 2 + w.payload.len();
-            }
-            len += c.username.as_ref().map_or(0, |u| 2 + u.len());
-            len += c.password.as_ref().map_or(0, |p| 2 + p.len());
-            header(buf, 0x10, len);
-            put_str(buf, "MQTT");
-            buf.put_u8(if v5 { 5 } else { 4 });
-            let mut flags = 0u8;
-            if c.clean_start {
-                flags |= 0x02;
-            }
-            if let Some(w) = &c.will {
-                flags |= 0x04 | ((w.qos as u8) << 3);
-                if w.retain {
-                    flags |= 0x20;
-                }
-            }
-            if c.password.is_some() {
-                flags |= 0x40;
-            }
-            if c.username.is_some() {
-                flags |= 0x80;
-            }
-            buf.put_u8(flags);
-            buf.put_u16(c.keep_alive);
-            if v5 {
-                c.props.encode(buf);
-            }
-            put_str(buf, &c.client_id);
-            if let Some(w) = &c.will {
-                if v5 {
-                    w.props.encode(buf);
-                }
-                put_str(buf, &w.topic);
-                put_bin(buf, &w.payload);
-            }
-            if let Some(u) = &c.username {
-                put_str(buf, u);
-            }
-            if let Some(p) = &c.password {
-                put_bin(buf, p);
-            }
-        }
+        Packet::Connect(c) => encode_connect(c, buf),
         Packet::ConnAck(c) => {
             header(buf, 0x20, 2 + props_len(&c.props, v5));
             buf.put_u8(c.session_present as u8);
@@ -210,6 +164,55 @@ pub fn encode(packet: &Packet, protocol: Protocol, buf: &mut BytesMut) {
                 a.props.encode(buf);
             }
         }
+    }
+}
+
+/// CONNECT, in the protocol version it names.
+fn encode_connect(c: &Connect, buf: &mut BytesMut) {
+    let v5 = c.protocol == Protocol::V5;
+    let mut len = 2 + 4 + 1 + 1 + 2 + props_len(&c.props, v5) + 2 + c.client_id.len();
+    if let Some(w) = &c.will {
+        len += props_len(&w.props, v5) + 2 + w.topic.len() + 2 + w.payload.len();
+    }
+    len += c.username.as_ref().map_or(0, |u| 2 + u.len());
+    len += c.password.as_ref().map_or(0, |p| 2 + p.len());
+    header(buf, 0x10, len);
+    put_str(buf, "MQTT");
+    buf.put_u8(if v5 { 5 } else { 4 });
+    let mut flags = 0u8;
+    if c.clean_start {
+        flags |= 0x02;
+    }
+    if let Some(w) = &c.will {
+        flags |= 0x04 | ((w.qos as u8) << 3);
+        if w.retain {
+            flags |= 0x20;
+        }
+    }
+    if c.password.is_some() {
+        flags |= 0x40;
+    }
+    if c.username.is_some() {
+        flags |= 0x80;
+    }
+    buf.put_u8(flags);
+    buf.put_u16(c.keep_alive);
+    if v5 {
+        c.props.encode(buf);
+    }
+    put_str(buf, &c.client_id);
+    if let Some(w) = &c.will {
+        if v5 {
+            w.props.encode(buf);
+        }
+        put_str(buf, &w.topic);
+        put_bin(buf, &w.payload);
+    }
+    if let Some(u) = &c.username {
+        put_str(buf, u);
+    }
+    if let Some(p) = &c.password {
+        put_bin(buf, p);
     }
 }
 
