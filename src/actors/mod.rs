@@ -3,6 +3,7 @@ pub mod inspect;
 pub mod load;
 pub mod registry;
 pub mod retained;
+pub mod router;
 pub mod session;
 pub mod shard;
 pub mod supervisor;

@@ -80,7 +80,7 @@ impl ClusterState {
                 let high = broker.high_water();
                 let mut worst: Option<Arc<crate::actors::load::Load>> = None;
                 for f in batch {
-                    let scope = crate::broker::Scope::Remote { shared: &f.shared, adopted_from: f.adopted_from.as_deref() };
+                    let scope = crate::actors::router::Scope::Remote { shared: &f.shared, adopted_from: f.adopted_from.as_deref() };
                     let (_, w) = broker.router.publish(f.msg, high, scope, Some(&durable));
                     if let Some(w) = w.filter(|w| worst.as_ref().is_none_or(|x| x.depth() < w.depth())) {
                         worst = Some(w);

@@ -26,7 +26,7 @@ impl ClusterState {
         for p in parked {
             let d2 = Arc::new(Durable::default());
             for f in &p.forwards {
-                let scope = crate::broker::Scope::Reroute(&self.a.handle, &p.dead);
+                let scope = crate::actors::router::Scope::Reroute(&self.a.handle, &p.dead);
                 self.a.broker.router.publish(f.msg.clone(), usize::MAX, scope, Some(&d2));
             }
             tokio::spawn(async move {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 
 use super::{ApiError, AppState};
 use crate::broker::Broker;
-use crate::ops::{self, gather, NodeAnswer, Query};
+use crate::ops::{self, gather, NodeAnswer, OpsError, Query};
 
 type Answer = Result<Json<Value>, ApiError>;
 
@@ -88,11 +88,28 @@ fn bad(m: impl Into<String>) -> ApiError {
 }
 
 async fn ask(b: &AppState, q: Query, node: Option<&str>) -> Result<Vec<NodeAnswer>, ApiError> {
-    gather(&b.broker, &b.services, &q, node).await.map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e))
+    gather(&b.broker, &b.services, &q, node).await.map_err(ApiError::from)
+}
+
+/// Each kind of failure as the HTTP status that says it.
+impl From<OpsError> for ApiError {
+    fn from(e: OpsError) -> ApiError {
+        let (status, code) = match &e {
+            OpsError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            OpsError::Ambiguous(_) => (StatusCode::CONFLICT, "ambiguous"),
+            OpsError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            OpsError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            OpsError::Peer(_) => (StatusCode::BAD_GATEWAY, "node_error"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
 }
 
 fn errors(answers: &[NodeAnswer]) -> Value {
-    json!(answers.iter().filter_map(|a| a.result.as_ref().err().map(|e| json!({ "node": a.node, "error": e }))).collect::<Vec<_>>())
+    json!(answers
+        .iter()
+        .filter_map(|a| a.result.as_ref().err().map(|e| json!({ "node": a.node, "error": e.to_string() })))
+        .collect::<Vec<_>>())
 }
 
 /// Merge each node's `items` (sorted by `key`, cut at `limit`).
@@ -142,7 +159,7 @@ async fn cluster_status(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {
             let m = members.iter().find(|m| m.name == a.node);
             let mut v = match &a.result {
                 Ok(v) => v.clone(),
-                Err(e) => json!({ "node": a.node, "error": e }),
+                Err(e) => json!({ "node": a.node, "error": e.to_string() }),
             };
             if let Some(o) = v.as_object_mut() {
                 o.remove("members");
@@ -210,8 +227,8 @@ async fn sessions(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {
     let limit = p.limit()?;
     let q = Query::Sessions { client: p.client.clone(), state: p.state.clone(), limit };
     let answers = ask(&b, q, p.node.as_deref()).await?;
-    if let Some(e) = answers.iter().find_map(|a| a.result.as_ref().err().filter(|e| e.starts_with("state "))) {
-        return Err(bad(e.clone()));
+    if let Some(e) = answers.iter().find_map(|a| a.result.as_ref().err().filter(|e| matches!(e, OpsError::Invalid(_)))) {
+        return Err(e.clone().into());
     }
     Ok(Json(merged(answers, |v| format!("{}\u{0}{}", v["client_id"].as_str().unwrap_or(""), v["node"].as_str().unwrap_or("")), limit)))
 }
@@ -219,12 +236,8 @@ async fn sessions(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {
 /// The first node's non-null answer (a client's session lives on one node), else 404.
 fn found(answers: Vec<NodeAnswer>, what: &str) -> Answer {
     let errs = errors(&answers);
-    for a in &answers {
-        if let Err(e) = &a.result {
-            if e.contains("name the device") {
-                return Err(ApiError::new(StatusCode::CONFLICT, "ambiguous", e.clone()));
-            }
-        }
+    if let Some(e) = answers.iter().find_map(|a| a.result.as_ref().err().filter(|e| matches!(e, OpsError::Ambiguous(_)))) {
+        return Err(e.clone().into());
     }
     match answers.into_iter().find_map(|a| a.result.ok().filter(|v| !v.is_null())) {
         Some(mut v) => {
@@ -300,18 +313,14 @@ async fn retained(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {
     let node = p.node.clone().unwrap_or_else(|| b.config.node.name.clone());
     match ask(&b, q, Some(&node)).await?.pop().map(|a| a.result) {
         Some(Ok(v)) => Ok(Json(v)),
-        Some(Err(e)) if e.contains("not a valid") => Err(bad(e)),
-        Some(Err(e)) => Err(ApiError::new(StatusCode::BAD_GATEWAY, "node_error", e)),
+        Some(Err(e)) => Err(e.into()),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such node")),
     }
 }
 
 async fn retained_delete(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {
     let topic = p.topic.clone().ok_or_else(|| bad("topic is required"))?;
-    match ops::local(&b.broker, &b.services, Query::RetainedDelete { topic }, None).await {
-        Ok(v) => Ok(Json(v)),
-        Err(e) => Err(bad(e)),
-    }
+    Ok(Json(ops::local(&b.broker, &b.services, Query::RetainedDelete { topic }, None).await?))
 }
 
 async fn actors(State(b): State<AppState>, Q(p): Q<Params>) -> Answer {

@@ -87,19 +87,62 @@ pub enum Query {
 pub use crate::actors::inspect::glob;
 pub use crate::actors::session::display_client;
 
+/// Why a query has no answer, by kind, so each interface can say it properly (HTTP: 400,
+/// 409, 404, 503, 502). Crosses the cluster as JSON (`kind`, `message`); a node of an older
+/// build answers a bare string, read as [`OpsError::Peer`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", content = "message", rename_all = "snake_case")]
+pub enum OpsError {
+    /// The query is wrong (a state, topic or filter that is not one).
+    #[error("{0}")]
+    Invalid(String),
+    /// More than one session matches: the caller must say which.
+    #[error("{0}")]
+    Ambiguous(String),
+    /// No such node in this cluster.
+    #[error("{0}")]
+    NotFound(String),
+    /// The node cannot answer now (clustering off, an actor not running or not answering).
+    #[error("{0}")]
+    Unavailable(String),
+    /// Another node could not be asked, or failed.
+    #[error("{0}")]
+    Peer(String),
+}
+
+impl OpsError {
+    /// An error as another node sent it.
+    pub fn from_peer(body: &str) -> OpsError {
+        serde_json::from_str(body).unwrap_or_else(|_| OpsError::Peer(body.to_string()))
+    }
+
+    /// As it crosses the cluster.
+    pub fn to_wire(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| self.to_string())
+    }
+}
+
+fn invalid(m: impl Into<String>) -> OpsError {
+    OpsError::Invalid(m.into())
+}
+
+fn unavailable(m: impl Into<String>) -> OpsError {
+    OpsError::Unavailable(m.into())
+}
+
 /// The answer of one node.
 #[derive(Debug, Serialize)]
 pub struct NodeAnswer {
     pub node: String,
     #[serde(skip)]
-    pub result: Result<Value, String>,
+    pub result: Result<Value, OpsError>,
     /// Round trip of the request over the cluster link (0 for the node that answered).
     pub rtt_ms: f64,
 }
 
 /// Ask `node` (or every member, this one included) the query. Members that are down are
 /// listed with an error. Err: `node` is not a member.
-pub async fn gather(b: &Arc<Broker>, svc: &Arc<Services>, q: &Query, node: Option<&str>) -> Result<Vec<NodeAnswer>, String> {
+pub async fn gather(b: &Arc<Broker>, svc: &Arc<Services>, q: &Query, node: Option<&str>) -> Result<Vec<NodeAnswer>, OpsError> {
     let me = b.config.node.name.clone();
     let members = match b.cluster.get() {
         Some(c) => c.members().await,
@@ -109,7 +152,7 @@ pub async fn gather(b: &Arc<Broker>, svc: &Arc<Services>, q: &Query, node: Optio
         Some(n) if n == me => vec![(me.clone(), true)],
         Some(n) => match members.iter().find(|m| m.name == n) {
             Some(m) => vec![(m.name.clone(), m.up)],
-            None => return Err(format!("no node named {n:?} in this cluster")),
+            None => return Err(OpsError::NotFound(format!("no node named {n:?} in this cluster"))),
         },
         None => {
             let mut t = vec![(me.clone(), true)];
@@ -117,7 +160,7 @@ pub async fn gather(b: &Arc<Broker>, svc: &Arc<Services>, q: &Query, node: Optio
             t
         }
     };
-    let req = serde_json::to_string(q).map_err(|e| e.to_string())?;
+    let req = serde_json::to_string(q).map_err(|e| invalid(e.to_string()))?;
     let asks = targets.into_iter().map(|(name, up)| {
         let (b, svc, req, me) = (b.clone(), svc.clone(), req.clone(), me.clone());
         async move {
@@ -125,11 +168,14 @@ pub async fn gather(b: &Arc<Broker>, svc: &Arc<Services>, q: &Query, node: Optio
             let result = if name == me {
                 local(&b, &svc, q.clone(), None).await
             } else if !up {
-                Err("node is down".to_string())
+                Err(OpsError::Peer("node is down".into()))
             } else {
                 match b.cluster.get() {
-                    Some(c) => c.admin(&name, req, PEER_TIMEOUT).await.and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string())),
-                    None => Err("clustering is off".into()),
+                    Some(c) => match c.admin(&name, req, PEER_TIMEOUT).await {
+                        Ok(s) => serde_json::from_str(&s).map_err(|e| OpsError::Peer(e.to_string())),
+                        Err(e) => Err(OpsError::from_peer(&e)),
+                    },
+                    None => Err(unavailable("clustering is off")),
                 }
             };
             let rtt_ms = if name == me { 0.0 } else { t.elapsed().as_secs_f64() * 1e3 };
@@ -140,16 +186,16 @@ pub async fn gather(b: &Arc<Broker>, svc: &Arc<Services>, q: &Query, node: Optio
 }
 
 /// A request from node `from` (JSON), answered here.
-pub async fn answer(b: &Arc<Broker>, svc: &Services, from: &str, req: &str) -> Result<Value, String> {
-    let q: Query = serde_json::from_str(req).map_err(|e| format!("bad request: {e}"))?;
+pub async fn answer(b: &Arc<Broker>, svc: &Services, from: &str, req: &str) -> Result<Value, OpsError> {
+    let q: Query = serde_json::from_str(req).map_err(|e| invalid(format!("bad request: {e}")))?;
     local(b, svc, q, Some(from)).await
 }
 
-async fn sessions_matching(b: &Broker, pattern: Option<String>) -> Result<Vec<(Arc<str>, ActorRef<SessionMessage>)>, String> {
-    let r = b.registry().ok_or("registry not running")?;
+async fn sessions_matching(b: &Broker, pattern: Option<String>) -> Result<Vec<(Arc<str>, ActorRef<SessionMessage>)>, OpsError> {
+    let r = b.registry().ok_or_else(|| unavailable("registry not running"))?;
     match r.ask(|reply| RegistryMessage::List(pattern, reply), Some(PEER_TIMEOUT)).await {
         Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
-        _ => Err("the registry did not answer".into()),
+        _ => Err(unavailable("the registry did not answer")),
     }
 }
 
@@ -178,7 +224,7 @@ fn session_json(node: &str, key: &str, i: &SessionInfo, full: bool) -> Value {
 }
 
 /// The one session here for `client` (and `device`): exact key, or client id part.
-async fn find_session(b: &Broker, client: &str, device: Option<&str>) -> Result<Option<(Arc<str>, ActorRef<SessionMessage>)>, String> {
+async fn find_session(b: &Broker, client: &str, device: Option<&str>) -> Result<Option<(Arc<str>, ActorRef<SessionMessage>)>, OpsError> {
     let literal = !client.contains(['*', '?']);
     let all = sessions_matching(b, literal.then(|| client.to_string())).await?;
     let mut hits: Vec<_> = all
@@ -191,7 +237,7 @@ async fn find_session(b: &Broker, client: &str, device: Option<&str>) -> Result<
     match hits.len() {
         0 => Ok(None),
         1 => Ok(hits.pop()),
-        n => Err(format!("{n} devices use client id {client:?} on this node; name the device")),
+        n => Err(OpsError::Ambiguous(format!("{n} devices use client id {client:?} on this node; name the device"))),
     }
 }
 
@@ -211,7 +257,7 @@ fn node_status(b: &Broker) -> Value {
 }
 
 /// Answer a query on this node. `origin`: the node that asked (None: this node's own API).
-pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&str>) -> Result<Value, String> {
+pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&str>) -> Result<Value, OpsError> {
     let node = b.config.node.name.as_str();
     match q {
         Query::Node => node_answer(b).await,
@@ -223,7 +269,7 @@ pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&st
         Query::Kick { client, device, discard } => match find_session(b, &client, device.as_deref()).await? {
             Some((_, s)) => match s.ask(|reply| SessionMessage::Kick { discard, reply }, Some(Duration::from_secs(5))).await {
                 Ok(ractor::rpc::CallResult::Success(had)) => Ok(json!({ "node": node, "disconnected": had, "discarded": discard })),
-                _ => Err("the session did not answer".into()),
+                _ => Err(unavailable("the session did not answer")),
             },
             None => Ok(Value::Null),
         },
@@ -232,7 +278,7 @@ pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&st
         Query::Retained { filter, limit } => retained_answer(b, filter, limit),
         Query::RetainedDelete { topic: t } => {
             if !topic::valid_topic_name(&t) {
-                return Err(format!("{t:?} is not a valid topic name"));
+                return Err(invalid(format!("{t:?} is not a valid topic name")));
             }
             let existed = b.retained.load().get(&t).is_some();
             if existed {
@@ -255,12 +301,12 @@ pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&st
             Ok(json!({ "node": node, "stopped": id }))
         }
         Query::Join { addr } => {
-            let c = b.cluster.get().ok_or("clustering is off on this node (cluster.enabled = false)")?;
+            let c = b.cluster.get().ok_or_else(|| unavailable("clustering is off on this node (cluster.enabled = false)"))?;
             c.join(addr.clone());
             Ok(json!({ "node": node, "joining": addr }))
         }
         Query::Depart => {
-            let c = b.cluster.get().ok_or("clustering is off on this node")?;
+            let c = b.cluster.get().ok_or_else(|| unavailable("clustering is off on this node"))?;
             let peers = c.depart().await;
             Ok(json!({ "node": node, "left": true, "peers_notified": peers }))
         }
@@ -268,7 +314,7 @@ pub async fn local(b: &Arc<Broker>, svc: &Services, q: Query, origin: Option<&st
 }
 
 /// This node's status, session count and (in a cluster) members.
-async fn node_answer(b: &Arc<Broker>) -> Result<Value, String> {
+async fn node_answer(b: &Arc<Broker>) -> Result<Value, OpsError> {
     let mut v = node_status(b);
     let sessions = match b.registry() {
         Some(r) => match r.ask(RegistryMessage::Count, Some(PEER_TIMEOUT)).await {
@@ -285,14 +331,14 @@ async fn node_answer(b: &Arc<Broker>) -> Result<Value, String> {
 }
 
 /// Sessions whose client id matches, by state, sorted, at most `limit`.
-async fn sessions_answer(b: &Arc<Broker>, client: Option<String>, state: Option<String>, limit: usize) -> Result<Value, String> {
+async fn sessions_answer(b: &Arc<Broker>, client: Option<String>, state: Option<String>, limit: usize) -> Result<Value, OpsError> {
     let node = b.config.node.name.as_str();
     let limit = limit.clamp(1, MAX_LIMIT);
     let want = match state.as_deref() {
         None | Some("all") => None,
         Some("connected") => Some(true),
         Some("offline") | Some("disconnected") => Some(false),
-        Some(s) => return Err(format!("state {s:?}: use connected, offline or all")),
+        Some(s) => return Err(invalid(format!("state {s:?}: use connected, offline or all"))),
     };
     let mut all = sessions_matching(b, client).await?;
     all.sort_by(|a, b| a.0.cmp(&b.0));
@@ -319,7 +365,7 @@ async fn sessions_answer(b: &Arc<Broker>, client: Option<String>, state: Option<
 }
 
 /// Subscriptions from the shard snapshots, filtered by client and filter globs.
-fn subscriptions_answer(b: &Arc<Broker>, client: Option<String>, filter: Option<String>, limit: usize) -> Result<Value, String> {
+fn subscriptions_answer(b: &Arc<Broker>, client: Option<String>, filter: Option<String>, limit: usize) -> Result<Value, OpsError> {
     let node = b.config.node.name.as_str();
     let limit = limit.clamp(1, MAX_LIMIT);
     let mut items = Vec::new();
@@ -348,7 +394,7 @@ fn subscriptions_answer(b: &Arc<Broker>, client: Option<String>, filter: Option<
 }
 
 /// Route keys: this node's, and other nodes' as the route table has them.
-async fn routes_answer(b: &Arc<Broker>) -> Result<Value, String> {
+async fn routes_answer(b: &Arc<Broker>) -> Result<Value, OpsError> {
     let node = b.config.node.name.as_str();
     let mut local_keys = Vec::new();
     for snap in &b.router.snapshots {
@@ -372,14 +418,14 @@ async fn routes_answer(b: &Arc<Broker>) -> Result<Value, String> {
 }
 
 /// Retained messages matching a filter (payloads cut at 64 bytes).
-fn retained_answer(b: &Arc<Broker>, filter: Option<String>, limit: usize) -> Result<Value, String> {
+fn retained_answer(b: &Arc<Broker>, filter: Option<String>, limit: usize) -> Result<Value, OpsError> {
     let node = b.config.node.name.as_str();
     let limit = limit.clamp(1, MAX_LIMIT);
     let set = b.retained.load();
     let mut msgs = match &filter {
         Some(f) => {
             if !topic::valid_filter(f) {
-                return Err(format!("{f:?} is not a valid topic filter"));
+                return Err(invalid(format!("{f:?} is not a valid topic filter")));
             }
             set.matching(f)
         }
@@ -423,10 +469,10 @@ fn webhooks_answer(b: &Arc<Broker>, svc: &Services) -> Value {
 }
 
 /// Start tracing a client here for the node that asked; lines go to it in batches.
-fn trace_start(b: &Arc<Broker>, id: u64, client: String, origin: Option<&str>) -> Result<Value, String> {
+fn trace_start(b: &Arc<Broker>, id: u64, client: String, origin: Option<&str>) -> Result<Value, OpsError> {
     let node = b.config.node.name.as_str();
-    let origin = origin.ok_or("a trace is started through /admin/v1/trace")?.to_string();
-    let cluster = b.cluster.get().cloned().ok_or("clustering is off")?;
+    let origin = origin.ok_or_else(|| invalid("a trace is started through /admin/v1/trace"))?.to_string();
+    let cluster = b.cluster.get().cloned().ok_or_else(|| unavailable("clustering is off"))?;
     let (tx, mut rx, dropped) = trace::channel();
     b.tracer.add(&client, id, tx, dropped.clone());
     // Forward this node's lines to the asking node in batches, until the trace stops

@@ -21,7 +21,7 @@ impl Features for FeatureFrames {
                 tokio::spawn(async move {
                     let body = match crate::ops::answer(&b, &svc, &from, &req).await {
                         Ok(v) => Body::AdminReply { id, ok: true, body: v.to_string() },
-                        Err(e) => Body::AdminReply { id, ok: false, body: e },
+                        Err(e) => Body::AdminReply { id, ok: false, body: e.to_wire() },
                     };
                     if let Some(c) = b.cluster.get() {
                         c.send(&from, body);
