@@ -1,4 +1,5 @@
 //! Alert rules, alerts (active, acknowledged, history) and notification channels.
+use crate::storage::meta::{Alert, Page};
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -79,7 +80,7 @@ fn with_node(s: &AppState, r: StoredRule) -> Answer {
     Ok(axum::Json(v))
 }
 
-#[utoipa::path(get, path = "/alert-rules", tag = "alerts", params(ListParams), responses((status = 200, description = "a page of rules")))]
+#[utoipa::path(get, path = "/alert-rules", tag = "alerts", params(ListParams), responses((status = 200, description = "a page of rules", body = Page<StoredRule>)))]
 async fn list_rules(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("alert:read")?;
     ok(devices(&s).meta.rules_page(&c.list(&p, vec![])).await?)
@@ -138,7 +139,7 @@ struct AlertFilter {
 }
 
 /// Alerts, newest first unless sorted otherwise: open ones (`open=1`) and the history.
-#[utoipa::path(get, path = "/alerts", tag = "alerts", params(ListParams, AlertFilter), responses((status = 200, description = "a page of alerts")))]
+#[utoipa::path(get, path = "/alerts", tag = "alerts", params(ListParams, AlertFilter), responses((status = 200, description = "a page of alerts", body = Page<Alert>)))]
 async fn list_alerts(State(s): State<AppState>, c: Caller, Q(mut p): Q<ListParams>, Q(f): Q<AlertFilter>) -> Answer {
     c.require("alert:read")?;
     if p.sort.is_none() {
@@ -148,7 +149,7 @@ async fn list_alerts(State(s): State<AppState>, c: Caller, Q(mut p): Q<ListParam
     ok(devices(&s).meta.alerts_page(&q).await?)
 }
 
-#[utoipa::path(get, path = "/alerts/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the alert"), (status = 404, description = "no such alert")))]
+#[utoipa::path(get, path = "/alerts/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the alert", body = Alert), (status = 404, description = "no such alert")))]
 async fn get_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
     let a = c.alert(&devices(&s).meta, id).await?;
     c.require("alert:read")?;
@@ -156,7 +157,7 @@ async fn get_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answe
 }
 
 /// Acknowledge an active alert (it stays open until its condition clears).
-#[utoipa::path(post, path = "/alerts/{id}/ack", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the alert"), (status = 409, description = "not active")))]
+#[utoipa::path(post, path = "/alerts/{id}/ack", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the alert", body = Alert), (status = 409, description = "not active")))]
 async fn ack_alert(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
     let a = c.alert(&devices(&s).meta, id).await?;
     c.require("alert:ack")?;
@@ -228,7 +229,7 @@ fn keep_hidden(new: &mut Value, old: &Value) {
     }
 }
 
-#[utoipa::path(get, path = "/channels", tag = "alerts", params(ListParams), responses((status = 200, description = "a page of channels")))]
+#[utoipa::path(get, path = "/channels", tag = "alerts", params(ListParams), responses((status = 200, description = "a page of channels", body = Page<Channel>)))]
 async fn list_channels(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("alert:read")?;
     let mut page = devices(&s).meta.channels_page(&c.list(&p, vec![])).await?;
@@ -236,7 +237,7 @@ async fn list_channels(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>
     ok(page)
 }
 
-#[utoipa::path(post, path = "/channels", tag = "alerts", request_body = ChannelBody, responses((status = 200, description = "the channel")))]
+#[utoipa::path(post, path = "/channels", tag = "alerts", request_body = ChannelBody, responses((status = 200, description = "the channel", body = Channel)))]
 async fn create_channel(State(s): State<AppState>, c: Caller, Body(b): Body<ChannelBody>) -> Answer {
     c.require("channel:manage")?;
     check_channel(&b)?;
@@ -248,14 +249,14 @@ async fn create_channel(State(s): State<AppState>, c: Caller, Body(b): Body<Chan
     ok(redacted(ch))
 }
 
-#[utoipa::path(get, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the channel"), (status = 404, description = "no such channel")))]
+#[utoipa::path(get, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the channel", body = Channel), (status = 404, description = "no such channel")))]
 async fn get_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
     let ch = c.channel(&devices(&s).meta, id).await?;
     c.require("alert:read")?;
     ok(redacted(ch))
 }
 
-#[utoipa::path(put, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), request_body = ChannelBody, responses((status = 200, description = "the channel")))]
+#[utoipa::path(put, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), request_body = ChannelBody, responses((status = 200, description = "the channel", body = Channel)))]
 async fn update_channel(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(mut b): Body<ChannelBody>) -> Answer {
     let old = c.channel(&devices(&s).meta, id).await?;
     c.require("channel:manage")?;

@@ -1,5 +1,6 @@
 //! Products (thing models), device groups, devices, credentials, attributes, downlink
 //! commands and device status.
+use crate::storage::meta::{Command, Credential, Device, Group, Page, Product};
 use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -34,13 +35,13 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(summary))
 }
 
-#[utoipa::path(get, path = "/products", tag = "devices", params(ListParams), responses((status = 200, description = "a page of products")))]
+#[utoipa::path(get, path = "/products", tag = "devices", params(ListParams), responses((status = 200, description = "a page of products", body = Page<Product>)))]
 async fn list_products(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("product:read")?;
     ok(devices(&s).meta.products_page(&c.list(&p, vec![])).await?)
 }
 
-#[utoipa::path(post, path = "/products", tag = "devices", request_body = NewProduct, responses((status = 200, description = "the product")))]
+#[utoipa::path(post, path = "/products", tag = "devices", request_body = NewProduct, responses((status = 200, description = "the product", body = Product)))]
 async fn create_product(State(s): State<AppState>, c: Caller, Body(mut p): Body<NewProduct>) -> Answer {
     c.require("product:write")?;
     let d = devices(&s);
@@ -52,14 +53,14 @@ async fn create_product(State(s): State<AppState>, c: Caller, Body(mut p): Body<
     ok(prod)
 }
 
-#[utoipa::path(get, path = "/products/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the product"), (status = 404, description = "no such product")))]
+#[utoipa::path(get, path = "/products/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the product", body = Product), (status = 404, description = "no such product")))]
 async fn get_product(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
     let p = c.product(&devices(&s).meta, id).await?;
     c.require("product:read")?;
     ok(p)
 }
 
-#[utoipa::path(put, path = "/products/{id}", tag = "devices", params(("id" = i64, Path)), request_body = NewProduct, responses((status = 200, description = "the product")))]
+#[utoipa::path(put, path = "/products/{id}", tag = "devices", params(("id" = i64, Path)), request_body = NewProduct, responses((status = 200, description = "the product", body = Product)))]
 async fn update_product(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(p): Body<NewProduct>) -> Answer {
     let d = devices(&s);
     let old = c.product(&d.meta, id).await?;
@@ -90,13 +91,13 @@ struct GroupBody {
     parent_id: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/groups", tag = "devices", params(ListParams), responses((status = 200, description = "a page of groups")))]
+#[utoipa::path(get, path = "/groups", tag = "devices", params(ListParams), responses((status = 200, description = "a page of groups", body = Page<Group>)))]
 async fn list_groups(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("device:read")?;
     ok(devices(&s).meta.groups_page(&c.list(&p, vec![])).await?)
 }
 
-#[utoipa::path(post, path = "/groups", tag = "devices", request_body = GroupBody, responses((status = 200, description = "the group")))]
+#[utoipa::path(post, path = "/groups", tag = "devices", request_body = GroupBody, responses((status = 200, description = "the group", body = Group)))]
 async fn create_group(State(s): State<AppState>, c: Caller, Body(g): Body<GroupBody>) -> Answer {
     c.require("device:write")?;
     let d = devices(&s);
@@ -112,7 +113,7 @@ async fn create_group(State(s): State<AppState>, c: Caller, Body(g): Body<GroupB
     ok(group)
 }
 
-#[utoipa::path(get, path = "/groups/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the group"), (status = 404, description = "no such group")))]
+#[utoipa::path(get, path = "/groups/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the group", body = Group), (status = 404, description = "no such group")))]
 async fn get_group(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
     let g = c.group(&devices(&s).meta, id).await?;
     c.require("device:read")?;
@@ -202,7 +203,7 @@ async fn get_device(State(s): State<AppState>, c: Caller, P(number): P<String>) 
     ok(json!({"device": dev, "status": status}))
 }
 
-#[utoipa::path(patch, path = "/devices/{number}", tag = "devices", params(("number" = String, Path)), request_body = DeviceUpdate, responses((status = 200, description = "the device")))]
+#[utoipa::path(patch, path = "/devices/{number}", tag = "devices", params(("number" = String, Path)), request_body = DeviceUpdate, responses((status = 200, description = "the device", body = Device)))]
 async fn update_device(State(s): State<AppState>, c: Caller, P(number): P<String>, Body(u): Body<DeviceUpdate>) -> Answer {
     let d = devices(&s);
     let old = c.device(&d, &number).await?;
@@ -225,7 +226,7 @@ async fn delete_device(State(s): State<AppState>, c: Caller, P(number): P<String
     ok(json!({"deleted": dev.device_number}))
 }
 
-#[utoipa::path(get, path = "/devices/{number}/credentials", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "the device's credentials (no secrets)")))]
+#[utoipa::path(get, path = "/devices/{number}/credentials", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "the device's credentials (no secrets)", body = Vec<Credential>)))]
 async fn list_credentials(State(s): State<AppState>, c: Caller, P(number): P<String>) -> Answer {
     let d = devices(&s);
     let dev = c.device(&d, &number).await?;
@@ -319,7 +320,7 @@ struct LimitQuery {
     limit: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/devices/{number}/commands", tag = "devices", params(("number" = String, Path), LimitQuery), responses((status = 200, description = "the device's commands, newest first")))]
+#[utoipa::path(get, path = "/devices/{number}/commands", tag = "devices", params(("number" = String, Path), LimitQuery), responses((status = 200, description = "the device's commands, newest first", body = Vec<Command>)))]
 async fn list_commands(State(s): State<AppState>, c: Caller, P(number): P<String>, Q(q): Q<LimitQuery>) -> Answer {
     let d = devices(&s);
     let dev = c.device(&d, &number).await?;
@@ -328,7 +329,7 @@ async fn list_commands(State(s): State<AppState>, c: Caller, P(number): P<String
 }
 
 /// Send a command; follow its status at `/commands/{id}`.
-#[utoipa::path(post, path = "/devices/{number}/commands", tag = "devices", params(("number" = String, Path)), request_body = DownlinkRequest, responses((status = 200, description = "the command")))]
+#[utoipa::path(post, path = "/devices/{number}/commands", tag = "devices", params(("number" = String, Path)), request_body = DownlinkRequest, responses((status = 200, description = "the command", body = Command)))]
 async fn send_command(State(s): State<AppState>, c: Caller, P(number): P<String>, Body(r): Body<DownlinkRequest>) -> Answer {
     downlink(&s, &c, &number, CommandKind::Command, r).await
 }
@@ -376,7 +377,7 @@ async fn status(State(s): State<AppState>, c: Caller, P(number): P<String>) -> A
     ok(d.status(&number).await)
 }
 
-#[utoipa::path(get, path = "/commands/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the command and its status"), (status = 404, description = "no such command")))]
+#[utoipa::path(get, path = "/commands/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the command and its status", body = Command), (status = 404, description = "no such command")))]
 async fn get_command(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
     let d = devices(&s);
     let cmd = c.command(&d, id).await?;

@@ -67,8 +67,34 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(devices::routes())
         .merge(telemetry::routes())
         .merge(alerts::routes());
-    let (router, doc) = OpenApiRouter::with_openapi(Doc::openapi()).nest("/api/v1", api).split_for_parts();
+    let (router, mut doc) = OpenApiRouter::with_openapi(Doc::openapi()).nest("/api/v1", api).split_for_parts();
+    describe_errors(&mut doc);
     (router.merge(ws::routes()), doc)
+}
+
+/// Every operation answers its errors with one body, `{"error": {"code", "message"}}`
+/// (`ApiError`): described once as the `Error` schema and each operation's `default` response.
+fn describe_errors(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let text = |d: &str| ObjectBuilder::new().schema_type(Type::String).description(Some(d));
+    let inner = ObjectBuilder::new()
+        .property("code", text("a stable machine-readable code: invalid, invalid_json, not_found, forbidden, conflict, busy, ..."))
+        .required("code")
+        .property("message", text("what went wrong, for people"))
+        .required("message");
+    let error = ObjectBuilder::new().property("error", inner).required("error");
+    doc.components.get_or_insert_with(Default::default).schemas.insert("Error".into(), error.into());
+    let response = ResponseBuilder::new()
+        .description("an error, with the HTTP status that says which kind")
+        .content("application/json", ContentBuilder::new().schema(Some(Ref::from_schema_name("Error"))).build())
+        .build();
+    for item in doc.paths.paths.values_mut() {
+        let ops = [&mut item.get, &mut item.put, &mut item.post, &mut item.delete, &mut item.patch];
+        for op in ops.into_iter().flatten() {
+            op.responses.responses.entry("default".into()).or_insert_with(|| response.clone().into());
+        }
+    }
 }
 
 /// A JSON body whose rejection is an [`ApiError`] (400 `invalid_json` with the reason).

@@ -1,4 +1,5 @@
 //! Tenants, users, roles and the audit log.
+use crate::storage::meta::{AuditEntry, Page, Role, Tenant, User};
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::json;
@@ -32,13 +33,13 @@ struct TenantBody {
 }
 
 /// Tenants the caller sees (its own; every one in the system scope).
-#[utoipa::path(get, path = "/tenants", tag = "people", params(ListParams), responses((status = 200, description = "a page of tenants")))]
+#[utoipa::path(get, path = "/tenants", tag = "people", params(ListParams), responses((status = 200, description = "a page of tenants", body = Page<Tenant>)))]
 async fn list_tenants(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     ok(devices(&s).meta.tenants_page(&c.list(&p, vec![])).await?)
 }
 
 /// Create a tenant (system scope).
-#[utoipa::path(post, path = "/tenants", tag = "people", request_body = TenantBody, responses((status = 200, description = "the tenant")))]
+#[utoipa::path(post, path = "/tenants", tag = "people", request_body = TenantBody, responses((status = 200, description = "the tenant", body = Tenant)))]
 async fn create_tenant(State(s): State<AppState>, c: Caller, Body(b): Body<TenantBody>) -> Answer {
     c.require("tenant:manage")?;
     let d = devices(&s);
@@ -47,12 +48,12 @@ async fn create_tenant(State(s): State<AppState>, c: Caller, Body(b): Body<Tenan
     ok(t)
 }
 
-#[utoipa::path(get, path = "/tenants/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the tenant"), (status = 404, description = "no such tenant")))]
+#[utoipa::path(get, path = "/tenants/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the tenant", body = Tenant), (status = 404, description = "no such tenant")))]
 async fn get_tenant(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
     ok(c.tenant(&devices(&s).meta, id).await?)
 }
 
-#[utoipa::path(put, path = "/tenants/{id}", tag = "people", params(("id" = i64, Path)), request_body = TenantBody, responses((status = 200, description = "the tenant")))]
+#[utoipa::path(put, path = "/tenants/{id}", tag = "people", params(("id" = i64, Path)), request_body = TenantBody, responses((status = 200, description = "the tenant", body = Tenant)))]
 async fn rename_tenant(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<TenantBody>) -> Answer {
     let d = devices(&s);
     c.tenant(&d.meta, id).await?;
@@ -83,7 +84,7 @@ struct UserFilter {
     role_id: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/users", tag = "people", params(ListParams, UserFilter), responses((status = 200, description = "a page of users")))]
+#[utoipa::path(get, path = "/users", tag = "people", params(ListParams, UserFilter), responses((status = 200, description = "a page of users", body = Page<User>)))]
 async fn list_users(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>, Q(f): Q<UserFilter>) -> Answer {
     c.require("user:read")?;
     let u = users(&s);
@@ -145,7 +146,7 @@ async fn manageable(c: &Caller, u: &crate::users::Users, user: &crate::storage::
     holds_all(c, &u.permissions_of(user).await?)
 }
 
-#[utoipa::path(post, path = "/users", tag = "people", request_body = NewUserBody, responses((status = 200, description = "the user")))]
+#[utoipa::path(post, path = "/users", tag = "people", request_body = NewUserBody, responses((status = 200, description = "the user", body = User)))]
 async fn create_user(State(s): State<AppState>, c: Caller, Body(b): Body<NewUserBody>) -> Answer {
     c.require("user:manage")?;
     check_password(&b.password)?;
@@ -164,7 +165,7 @@ async fn create_user(State(s): State<AppState>, c: Caller, Body(b): Body<NewUser
     ok(user)
 }
 
-#[utoipa::path(get, path = "/users/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the user"), (status = 404, description = "no such user")))]
+#[utoipa::path(get, path = "/users/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the user", body = User), (status = 404, description = "no such user")))]
 async fn get_user(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
     let u = users(&s);
     let user = c.user(&u.meta, id).await?;
@@ -184,7 +185,7 @@ struct UserUpdate {
     password: Option<String>,
 }
 
-#[utoipa::path(patch, path = "/users/{id}", tag = "people", params(("id" = i64, Path)), request_body = UserUpdate, responses((status = 200, description = "the user")))]
+#[utoipa::path(patch, path = "/users/{id}", tag = "people", params(("id" = i64, Path)), request_body = UserUpdate, responses((status = 200, description = "the user", body = User)))]
 async fn update_user(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<UserUpdate>) -> Answer {
     let u = users(&s);
     let user = c.user(&u.meta, id).await?;
@@ -258,13 +259,13 @@ fn check_permissions(c: &Caller, perms: &[String]) -> Result<(), crate::http::Ap
     Ok(())
 }
 
-#[utoipa::path(get, path = "/roles", tag = "people", params(ListParams), responses((status = 200, description = "a page of custom roles")))]
+#[utoipa::path(get, path = "/roles", tag = "people", params(ListParams), responses((status = 200, description = "a page of custom roles", body = Page<Role>)))]
 async fn list_roles(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -> Answer {
     c.require("user:read")?;
     ok(users(&s).meta.list_roles(&c.list(&p, vec![])).await?)
 }
 
-#[utoipa::path(post, path = "/roles", tag = "people", request_body = RoleBody, responses((status = 200, description = "the role")))]
+#[utoipa::path(post, path = "/roles", tag = "people", request_body = RoleBody, responses((status = 200, description = "the role", body = Role)))]
 async fn create_role(State(s): State<AppState>, c: Caller, Body(b): Body<RoleBody>) -> Answer {
     c.require("role:manage")?;
     check_permissions(&c, &b.permissions)?;
@@ -276,14 +277,14 @@ async fn create_role(State(s): State<AppState>, c: Caller, Body(b): Body<RoleBod
     ok(r)
 }
 
-#[utoipa::path(get, path = "/roles/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the role"), (status = 404, description = "no such role")))]
+#[utoipa::path(get, path = "/roles/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the role", body = Role), (status = 404, description = "no such role")))]
 async fn get_role(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Answer {
     let r = c.role(&users(&s).meta, id).await?;
     c.require("user:read")?;
     ok(r)
 }
 
-#[utoipa::path(put, path = "/roles/{id}", tag = "people", params(("id" = i64, Path)), request_body = RoleBody, responses((status = 200, description = "the role")))]
+#[utoipa::path(put, path = "/roles/{id}", tag = "people", params(("id" = i64, Path)), request_body = RoleBody, responses((status = 200, description = "the role", body = Role)))]
 async fn update_role(State(s): State<AppState>, c: Caller, P(id): P<i64>, Body(b): Body<RoleBody>) -> Answer {
     let u = users(&s);
     let old = c.role(&u.meta, id).await?;
@@ -315,7 +316,7 @@ async fn permissions(_c: Caller) -> Answer {
 }
 
 /// Who changed what, when (newest first by default).
-#[utoipa::path(get, path = "/audit", tag = "people", params(ListParams), responses((status = 200, description = "a page of audit entries")))]
+#[utoipa::path(get, path = "/audit", tag = "people", params(ListParams), responses((status = 200, description = "a page of audit entries", body = Page<AuditEntry>)))]
 async fn audit_log(State(s): State<AppState>, c: Caller, Q(mut p): Q<ListParams>) -> Answer {
     c.require("audit:read")?;
     if p.sort.is_none() {

@@ -169,7 +169,7 @@ pub struct ListQuery {
 }
 
 /// A page of rows and how many match in all.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
     pub total: i64,
