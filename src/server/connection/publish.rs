@@ -27,8 +27,9 @@ impl Conn {
     pub(super) async fn publish(&mut self, p: Publish) -> Option<WillAction> {
         Metrics::add(&self.broker.metrics.messages_received, 1);
         let (qos, pkid) = (p.qos, p.pkid);
-        match Box::pin(self.admit_publish(p)).await {
-            Ok(a) => Box::pin(self.route(qos, pkid, a)).await,
+        // No boxing on this path: one allocation per step would be paid by every PUBLISH.
+        match self.admit_publish(p).await {
+            Ok(a) => self.route(qos, pkid, a).await,
             Err(Refusal::Nack(code)) => {
                 self.refuse(qos, pkid, code).await;
                 None
@@ -41,8 +42,8 @@ impl Conn {
     async fn admit_publish(&mut self, p: Publish) -> Result<Admitted, Refusal> {
         let mut props = p.props.map(|b| *b);
         let topic = self.resolve_alias(p.topic, props.as_mut())?;
-        let asked = Box::pin(self.authorise_publish(Asked { topic, payload: p.payload, qos: p.qos, retain: p.retain })).await?;
-        let taken = Box::pin(self.device_uplink(&asked, &mut props)).await?;
+        let asked = self.authorise_publish(Asked { topic, payload: p.payload, qos: p.qos, retain: p.retain }).await?;
+        let taken = self.device_uplink(&asked, &mut props).await?;
         Ok(self.message(asked, props, taken))
     }
 
