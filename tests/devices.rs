@@ -380,3 +380,18 @@ async fn client_certificates_identify_devices() {
     assert!(matches!(&got[0], Packet::ConnAck(a) if a.code == reason::NOT_AUTHORIZED), "{got:?}");
     p.node.stop().await;
 }
+
+/// The inspector names a device's session actor `session:{device}/{client id}` and finds it by
+/// that name (its registered name holds a U+0000 that no operator can type).
+#[tokio::test]
+async fn the_inspector_names_device_sessions() {
+    let p = Platform::start(None, |_| {}).await;
+    let (_, token) = p.create_device("insp-1", json!({})).await;
+    let _d = device(p.node.tcp, Protocol::V5, "insp-c", &token).await;
+    let (s, v) = p.admin("GET", "/admin/v1/actors/session:insp-1%2Finsp-c", None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((v["name"].as_str(), v["kind"].as_str()), (Some("session:insp-1/insp-c"), Some("session")), "{v}");
+    let (_, all) = p.admin("GET", "/admin/v1/actors?kind=session", None).await;
+    let text = all.to_string();
+    assert!(text.contains("session:insp-1/insp-c") && !text.contains("\\u0000"), "{all}");
+}

@@ -224,9 +224,25 @@ fn name_of(cell: &ActorCell, kind: &str) -> String {
     cell.get_name().unwrap_or_else(|| format!("{kind}@{}", cell.get_id().pid()))
 }
 
+/// An actor's name as operators read and type it: the session of a device (or of a service
+/// account, `@user`) is `session:{device}/{client id}`. Its registered name separates the two
+/// with U+0000 (which no client id can contain, and no terminal can type).
+pub fn shown_name(name: &str) -> String {
+    name.replacen('\0', "/", 1)
+}
+
+/// The registered name of an actor named as [`shown_name`] shows it.
+fn registered(name: &str) -> Option<ActorCell> {
+    ractor::registry::where_is(name.to_string()).or_else(|| {
+        let (device, client) = name.strip_prefix("session:")?.split_once('/')?;
+        ractor::registry::where_is(format!("session:{device}\0{client}"))
+    })
+}
+
 fn info(e: &Entry, node: &str, restarts: &HashMap<String, u32>) -> ActorInfo {
     let handled = e.handled.load(Relaxed);
-    let name = name_of(&e.cell, e.kind);
+    let raw = name_of(&e.cell, e.kind);
+    let name = shown_name(&raw);
     ActorInfo {
         kind: e.kind.to_string(),
         node: node.to_string(),
@@ -236,7 +252,7 @@ fn info(e: &Entry, node: &str, restarts: &HashMap<String, u32>) -> ActorInfo {
         handled,
         mean_us: if handled == 0 { 0.0 } else { e.busy_ns.load(Relaxed) as f64 / handled as f64 / 1e3 },
         max_us: e.max_ns.load(Relaxed) as f64 / 1e3,
-        restarts: restarts.get(&name).copied().unwrap_or(0),
+        restarts: restarts.get(&raw).copied().unwrap_or(0),
         age_secs: e.started.elapsed().as_secs_f64(),
         started_ms: e.started_ms,
         parent: e.cell.try_get_supervisor().map(|p| p.get_name().unwrap_or_else(|| format!("actor@{}", p.get_id().pid()))),
@@ -274,7 +290,7 @@ pub fn list(node: &str) -> Vec<ActorInfo> {
 
 /// One actor by name (or `kind@pid`).
 pub fn show(node: &str, name: &str) -> Option<ActorInfo> {
-    if let Some(cell) = ractor::registry::where_is(name.to_string()) {
+    if let Some(cell) = registered(name) {
         let pid = cell.get_id().pid();
         let e = shard(pid).read().ok()?.get(&pid).cloned()?;
         let restarts = RESTARTS.lock().map(|r| r.clone()).unwrap_or_default();
@@ -317,7 +333,7 @@ pub fn tree(max_children: usize) -> Vec<TreeNode> {
         if total > children.len() {
             children.push(TreeNode { name: format!("… {} more", total - children.len()), kind: String::new(), children: vec![] });
         }
-        TreeNode { name: name_of(c, kind), kind: kind.to_string(), children }
+        TreeNode { name: shown_name(&name_of(c, kind)), kind: kind.to_string(), children }
     }
     let mut out: Vec<TreeNode> = roots.iter().map(|r| walk(r, &kinds, max_children, 0)).collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
