@@ -37,13 +37,28 @@ pub struct Message {
     pub expires_at: Option<u64>,
     /// Client id of the publisher, for No Local.
     pub publisher: Option<Arc<str>>,
+    /// A device's uplink that must not come back to that device's own sessions: ThingsBoard
+    /// client attributes share their topic with shared-attribute updates, and its SDKs take
+    /// an echo for an update. Node-local (not on the wire, not persisted).
+    #[serde(skip)]
+    pub not_to_own_device: bool,
 }
 
 impl Message {
     /// A message the node itself publishes ($SYS values, device status, downlinks, answers to
     /// devices): a fresh id, no publisher, no properties or expiry.
     pub fn from_node(topic: impl Into<Arc<str>>, payload: impl Into<Bytes>, qos: QoS, retain: bool) -> Message {
-        Message { id: next_id(), topic: topic.into(), payload: payload.into(), qos, retain, props: None, expires_at: None, publisher: None }
+        Message {
+            id: next_id(),
+            topic: topic.into(),
+            payload: payload.into(),
+            qos,
+            retain,
+            props: None,
+            expires_at: None,
+            publisher: None,
+            not_to_own_device: false,
+        }
     }
 
     pub fn expired(&self, now: u64) -> bool {

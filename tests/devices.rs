@@ -395,3 +395,28 @@ async fn the_inspector_names_device_sessions() {
     let text = all.to_string();
     assert!(text.contains("session:insp-1/insp-c") && !text.contains("\\u0000"), "{all}");
 }
+
+/// A ThingsBoard device's own client attributes (`v1/devices/me/attributes`, the topic it also
+/// subscribes to for shared-attribute updates) do not come back to it; platform services still
+/// receive them, and a real shared-attribute update still reaches the device.
+#[tokio::test]
+async fn client_attributes_do_not_echo_to_their_device() {
+    let p = Platform::start(None, |_| {}).await;
+    let (_, token) = p.create_device("echo-1", json!({})).await;
+    let mut svc = service(p.node.tcp).await;
+    assert_eq!(sub(&mut svc, "v1/#").await, [1]);
+    for protocol in [Protocol::V4, Protocol::V5] {
+        let mut d = device(p.node.tcp, protocol, "echo-c", &token).await;
+        assert_eq!(sub(&mut d, "v1/devices/me/attributes").await, [1]);
+        let mine = json!({"fw_version": format!("{protocol:?}")});
+        assert_eq!(pub1(&mut d, "v1/devices/me/attributes", 3, &mine.to_string()).await, 0);
+        // (The service also sees the platform's updates on this topic.)
+        while json_of(&next_on(&mut svc, "v1/devices/echo-1/attributes").await) != mine {}
+        // The first thing the device hears on its attribute topic is the platform's update.
+        let (s, _) = p.admin("PUT", "/api/v1/devices/echo-1/attributes", Some(json!({"params": {"interval": 5}}))).await;
+        assert_eq!(s, 200);
+        let got = d.recv_publish().await;
+        assert_eq!((got.topic.as_str(), json_of(&got)), ("v1/devices/me/attributes", json!({"interval": 5})), "{protocol:?}");
+        d.send(disconnect()).await;
+    }
+}

@@ -239,6 +239,7 @@ mod tests {
             props: None,
             expires_at: None,
             publisher: None,
+            not_to_own_device: false,
         })
     }
 

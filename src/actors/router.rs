@@ -115,9 +115,12 @@ impl Router {
         };
         let mut groups: Vec<crate::actors::shard::Group> = Vec::new();
         let mut remote_n = 0;
+        // A device's sessions are keyed `{number}\0{client id}`.
+        let own_device = publisher.filter(|_| msg.not_to_own_device).and_then(|p| p.split_once('\0')).map(|(d, _)| d);
+        let of_own_device = |client: &str| own_device.is_some_and(|d| client.strip_prefix(d).is_some_and(|r| r.starts_with('\0')));
         let mut visit = |node: &Node| {
             for (client, sub) in node.subs().iter() {
-                if !(sub.opts.no_local && publisher == Some(&**client)) {
+                if !(sub.opts.no_local && publisher == Some(&**client)) && !of_own_device(client) {
                     targets.push(target(sub, None));
                 }
             }

@@ -74,6 +74,7 @@ impl ClusterState {
                     props: None,
                     expires_at: None,
                     publisher: None,
+                    not_to_own_device: false,
                 })
             }
         };

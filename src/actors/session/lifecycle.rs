@@ -143,6 +143,7 @@ impl SessionState {
             props: if props.is_empty() { None } else { Some(Box::new(props)) },
             expires_at,
             publisher: Some(self.client_id.clone()),
+            not_to_own_device: false,
         });
         if msg.retain {
             self.broker.retain(msg.clone()).await;

@@ -105,6 +105,9 @@ impl Conn {
         }
         let props = props.filter(|pr| !pr.is_empty()).map(Box::new);
         let routable = !topic.starts_with("$SYS");
+        // Taken, on `v1/devices/{its number}/attributes`: a ThingsBoard device's own client
+        // attributes, which must not come back to it as if they were a shared-attribute update.
+        let not_to_own_device = taken && topic.starts_with("v1/devices/") && topic.ends_with("/attributes");
         if let Some(h) = self.svc.hooks.as_ref() {
             h.notify("on_publish", v5, || {
                 let pl = h.payload("on_publish", v5, &payload);
@@ -120,6 +123,7 @@ impl Conn {
             props,
             expires_at,
             publisher: Some(self.client_id.clone()),
+            not_to_own_device,
         });
         Admitted { msg, taken, routable }
     }
