@@ -120,7 +120,8 @@ impl Router {
         let of_own_device = |client: &str| own_device.is_some_and(|d| client.strip_prefix(d).is_some_and(|r| r.starts_with('\0')));
         let mut visit = |node: &Node| {
             for (client, sub) in node.subs().iter() {
-                if !(sub.opts.no_local && publisher == Some(&**client)) && !of_own_device(client) {
+                let no_local = sub.opts.no_local && publisher == Some(&**client);
+                if !(no_local || of_own_device(client)) {
                     targets.push(target(sub, None));
                 }
             }
