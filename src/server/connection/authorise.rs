@@ -46,7 +46,7 @@ pub(super) async fn authorise(a: &Asker<'_>, m: &mut Asked) -> Result<(), u8> {
         tracing::info!(levels = topic::levels(&m.topic), max_levels, "topic too deep; refused");
         return Err(reason::TOPIC_NAME_INVALID);
     }
-    if let Some(h) = a.svc.hooks.clone().filter(|h| h.has("auth_on_publish", a.v5)) {
+    if let Some(h) = a.svc.hooks.as_ref().filter(|h| h.has("auth_on_publish", a.v5)) {
         let body = crate::webhooks::body::publish(
             a.username,
             a.client,
@@ -59,7 +59,7 @@ pub(super) async fn authorise(a: &Asker<'_>, m: &mut Asked) -> Result<(), u8> {
         match Box::pin(h.auth("auth_on_publish", a.v5, body)).await {
             Verdict::Ok(answer) => {
                 if let Some(mods) = answer.get("modifiers").filter(|m| m.is_object()) {
-                    if let Err(why) = modified(&h, a.v5, mods, &mut m.topic, &mut m.payload, &mut m.qos, &mut m.retain) {
+                    if let Err(why) = modified(h, a.v5, mods, &mut m.topic, &mut m.payload, &mut m.qos, &mut m.retain) {
                         tracing::warn!(error = %why, "auth_on_publish webhook answered unusable modifiers; refusing the message");
                         return Err(reason::IMPLEMENTATION_SPECIFIC);
                     }

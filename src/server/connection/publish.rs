@@ -72,7 +72,8 @@ impl Conn {
             client: &self.shown,
             v5,
         };
-        match Box::pin(authorise(&asker, &mut asked)).await {
+        // Not boxed: `authorise` boxes the webhook call it may make, so its own future is small.
+        match authorise(&asker, &mut asked).await {
             Ok(()) => Ok(asked),
             // 3.1.1 has no negative acknowledgement for a topic it cannot take.
             Err(code) if code == reason::TOPIC_NAME_INVALID && !v5 => Err(Refusal::Close(code)),
