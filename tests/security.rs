@@ -821,14 +821,7 @@ async fn values_keep_the_thing_models_types() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_point_never_wedges_a_writer() {
     let Some(pg) = common::backends::postgres().await else { return };
-    let proxy = common::cut::Cut::new().await;
-    let upstream: std::net::SocketAddr = {
-        let hostport = pg.split('@').nth(1).unwrap().split('/').next().unwrap();
-        tokio::net::lookup_host(hostport).await.unwrap().next().unwrap()
-    };
-    proxy.set_upstream(upstream);
-    let ts_url = pg.replace(&upstream.to_string(), &proxy.addr.to_string());
-    assert!(ts_url.contains(&proxy.addr.to_string()), "{ts_url}");
+    let (proxy, ts_url) = common::cut::in_front_of_postgres(&pg).await;
     let p = Platform::start(None, |c| {
         c.telemetry.store = ts_url.clone();
         c.telemetry.writers = 1;

@@ -253,16 +253,7 @@ fn urlencode(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_pressure_when_the_store_stalls() {
     let Some(pg) = common::backends::postgres().await else { return };
-    let proxy = common::cut::Cut::new().await;
-    let upstream: std::net::SocketAddr = {
-        let hostport = pg.split('@').nth(1).unwrap().split('/').next().unwrap();
-        tokio::net::lookup_host(hostport).await.unwrap().next().unwrap()
-    };
-    proxy.set_upstream(upstream);
-    let ts_url = pg
-        .replace(&upstream.to_string(), &proxy.addr.to_string())
-        .replace(&format!("127.0.0.1:{}", upstream.port()), &proxy.addr.to_string());
-    assert!(ts_url.contains(&proxy.addr.to_string()), "{ts_url}");
+    let (proxy, ts_url) = common::cut::in_front_of_postgres(&pg).await;
     let p = Platform::start(None, |c| {
         c.telemetry.store = ts_url.clone();
         c.telemetry.writers = 1;

@@ -66,3 +66,19 @@ impl Cut {
         let _ = self.cut.send(on);
     }
 }
+
+/// A proxy in front of the PostgreSQL at `url`, and the same URL through the proxy (so a test
+/// can cut the store's link while the node runs).
+pub async fn in_front_of_postgres(url: &str) -> (Cut, String) {
+    let proxy = Cut::new().await;
+    let upstream: SocketAddr = {
+        let hostport = url.split('@').nth(1).unwrap().split('/').next().unwrap();
+        tokio::net::lookup_host(hostport).await.unwrap().next().unwrap()
+    };
+    proxy.set_upstream(upstream);
+    let through = url
+        .replace(&upstream.to_string(), &proxy.addr.to_string())
+        .replace(&format!("127.0.0.1:{}", upstream.port()), &proxy.addr.to_string());
+    assert!(through.contains(&proxy.addr.to_string()), "{through}");
+    (proxy, through)
+}
