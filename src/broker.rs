@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::message::{Durable, Message};
 use crate::metrics::Metrics;
 use crate::protocols::mqtt::QoS;
-use crate::storage::local::LocalStore;
+use crate::storage::state::{Restored, StateStore};
 
 /// Everything a connection or actor of this node shares.
 pub struct Broker {
@@ -26,7 +26,10 @@ pub struct Broker {
     pub retained: Arc<ArcSwap<RetainedSet>>,
     pub retained_actor: ArcSwapOption<ActorRef<RetainedMessage>>,
     pub registry: ArcSwapOption<ActorRef<RegistryMessage>>,
-    pub store: Arc<LocalStore>,
+    /// The node's durable state (sessions, queues, retained messages).
+    pub state: Arc<StateStore>,
+    /// What the state store held at start, until the registry restores it.
+    pub restored: std::sync::Mutex<Vec<Restored>>,
     /// Set when clustering is enabled.
     pub cluster: std::sync::OnceLock<Arc<Cluster>>,
     pub started: Instant,
@@ -38,7 +41,7 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub fn new(config: Arc<Config>, store: Arc<LocalStore>) -> Broker {
+    pub fn new(config: Arc<Config>, state: Arc<StateStore>, restored: Vec<Restored>) -> Broker {
         let shards = config.mqtt.shards.max(1);
         let started = Instant::now();
         let connect_rate = config.mqtt.max_connect_rate as f64;
@@ -54,7 +57,8 @@ impl Broker {
             retained: Arc::new(ArcSwap::from_pointee(RetainedSet::default())),
             retained_actor: ArcSwapOption::empty(),
             registry: ArcSwapOption::empty(),
-            store,
+            state,
+            restored: std::sync::Mutex::new(restored),
             started,
             tracer: Default::default(),
             serving: Default::default(),
@@ -106,8 +110,14 @@ impl Broker {
         if !applied {
             // Only while the retained store restarts; the message is still routed to subscribers.
             tracing::warn!(%topic, "retained store unavailable; retained update not applied");
-        } else if let Some(c) = self.cluster.get() {
-            c.retained_changed(msg_for_cluster);
+        } else {
+            // Acknowledged only once the retained set's change is durable.
+            if !topic.starts_with("$SYS") {
+                self.state.committed().await;
+            }
+            if let Some(c) = self.cluster.get() {
+                c.retained_changed(msg_for_cluster);
+            }
         }
     }
 
@@ -126,9 +136,16 @@ impl Broker {
     /// Route without waiting; in a cluster, a QoS>0 message also returns what its
     /// acknowledgement must wait for (see `publish_routed`).
     pub fn publish_durable(&self, msg: Arc<Message>) -> (usize, Option<Arc<Durable>>) {
-        let durable = (self.cluster.get().is_some() && msg.qos != QoS::AtMostOnce).then(|| Arc::new(Durable::default()));
+        let durable = self.durable_for(&msg);
         let n = self.router.publish(msg, usize::MAX, self.scope(), durable.as_ref()).0;
         (n, durable)
+    }
+
+    /// What a QoS>0 message's acknowledgement waits for: each subscriber's copy taken into its
+    /// queue (stored, for persistent sessions, under the state store's durability), and in a
+    /// cluster on backup nodes and remote nodes.
+    fn durable_for(&self, msg: &Message) -> Option<Arc<Durable>> {
+        (msg.qos != QoS::AtMostOnce).then(|| Arc::new(Durable::default()))
     }
 
     /// Publishes from this node's clients reach the cluster; `$SYS` stays on its node.
@@ -155,7 +172,7 @@ impl Broker {
     /// node, and forwarded copies acknowledged by their nodes (which includes their backups).
     pub async fn publish_routed(&self, msg: Arc<Message>) -> (usize, Option<Arc<Durable>>) {
         let high = self.high_water();
-        let durable = (self.cluster.get().is_some() && msg.qos != QoS::AtMostOnce).then(|| Arc::new(Durable::default()));
+        let durable = self.durable_for(&msg);
         let (n, worst) = self.router.publish(msg, high, self.scope(), durable.as_ref());
         self.wait_for(worst).await;
         if let Some(c) = self.cluster.get() {

@@ -86,6 +86,12 @@ pub struct Delivery {
     /// cluster); never stored or sent.
     #[serde(skip)]
     pub durable: Option<Arc<DurableToken>>,
+    /// Its place in the session's queue (persistent sessions, and what spilled to disk), and
+    /// whether the state store holds it. Node-local: a session that moves numbers it anew.
+    #[serde(skip)]
+    pub seq: u64,
+    #[serde(skip)]
+    pub stored: bool,
 }
 
 /// One copy a publisher waits for; dropping it (replicated, or not needing it, or discarded)
@@ -100,6 +106,14 @@ impl DurableToken {
     }
 }
 
+impl DurableToken {
+    /// This copy could not be stored (queue full, store failing): the publisher is answered
+    /// "quota exceeded" (5.0) instead of success.
+    pub fn refuse(&self) {
+        self.0.refused.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Drop for DurableToken {
     fn drop(&mut self) {
         self.0.done();
@@ -111,6 +125,7 @@ impl Drop for DurableToken {
 #[derive(Debug, Default)]
 pub struct Durable {
     pending: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicBool,
     notify: tokio::sync::Notify,
 }
 
@@ -123,6 +138,11 @@ impl Durable {
         if self.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
             self.notify.notify_waiters();
         }
+    }
+
+    /// Some copy could not be stored (see `DurableToken::refuse`).
+    pub fn refused(&self) -> bool {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn is_done(&self) -> bool {

@@ -10,6 +10,11 @@ pub struct Metrics {
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub messages_dropped: AtomicU64,
+    /// Deliveries not kept for a subscriber, by `Dropped` reason.
+    pub dropped: Counts<{ Dropped::ALL.len() }>,
+    /// Messages whose publisher was refused (PUBACK/PUBREC 0x97, or a 3.1.1 publisher
+    /// disconnected unacknowledged) because a subscriber's queue could not take them.
+    pub publishes_refused: AtomicU64,
     pub protocol_errors: AtomicU64,
     /// Messages discarded because their Message Expiry Interval passed before delivery.
     pub messages_expired: AtomicU64,
@@ -30,6 +35,34 @@ pub struct Metrics {
     pub connections_lost: AtomicU64,
     /// HTTP requests by route template (never the raw path: bounded) and status.
     pub http_requests: std::sync::Mutex<std::collections::BTreeMap<(String, u16), u64>>,
+}
+
+/// Why a delivery was not kept for its subscriber (`thingsd_messages_dropped_by_reason_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Larger than the client's Maximum Packet Size (5.0: discarded as if delivered).
+    TooLargeForClient = 0,
+    /// The oldest queued message, made room for a new one (`mqtt.queue_full = "drop_oldest"`).
+    QueueFullOldest = 1,
+    /// A QoS 0 message while the session's queue was full or had spilled to disk.
+    Qos0QueueFull = 2,
+    /// Beyond the bound of a session moving between nodes.
+    HandoverFull = 3,
+    /// Refused (`mqtt.queue_full = "refuse"`): the publisher was told (0x97) or not acknowledged.
+    RefusedQueueFull = 4,
+    /// The state store could not write it: the publisher was refused.
+    StoreFailed = 5,
+}
+
+impl Dropped {
+    pub const ALL: [(Dropped, &'static str); 6] = [
+        (Dropped::TooLargeForClient, "too_large_for_client"),
+        (Dropped::QueueFullOldest, "queue_full_oldest"),
+        (Dropped::Qos0QueueFull, "qos0_queue_full"),
+        (Dropped::HandoverFull, "handover_full"),
+        (Dropped::RefusedQueueFull, "refused_queue_full"),
+        (Dropped::StoreFailed, "store_failed"),
+    ];
 }
 
 /// A fixed set of counters indexed by a small code.
@@ -56,6 +89,14 @@ impl<const N: usize> Counts<N> {
 }
 
 impl Metrics {
+    /// Count a delivery not kept; reasons that lose a message also count in `messages_dropped`.
+    pub fn dropped(&self, why: Dropped) {
+        self.dropped.add(why as usize, 1);
+        if !matches!(why, Dropped::RefusedQueueFull | Dropped::StoreFailed) {
+            self.messages_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
     }

@@ -61,7 +61,13 @@ impl Load {
     /// publishers no longer wait for it: the delivery is dropped rather than growing memory).
     pub fn push(&self, session: &ActorRef<SessionMessage>, d: Delivery, cap: usize) -> bool {
         match self.inbox.lock() {
-            Ok(q) if q.len() >= cap => return false,
+            Ok(q) if q.len() >= cap => {
+                // Not taken: the publisher must not count this copy as delivered.
+                if let Some(t) = &d.durable {
+                    t.refuse();
+                }
+                return false;
+            }
             Ok(mut q) => {
                 q.push_back(d);
                 // Counted under the lock, so `take` never subtracts an item not yet counted.

@@ -11,7 +11,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 
 use super::session::{AttachArgs, SessionActor, SessionArgs, SessionMessage};
 use crate::broker::Broker;
-use crate::storage::local::SessionSnapshot;
+use crate::storage::state::SessionSnapshot;
 
 pub struct RegistryActor;
 
@@ -108,10 +108,10 @@ impl RegistryState {
         me: &ActorRef<RegistryMessage>,
         client_id: Arc<str>,
         restored: Option<SessionSnapshot>,
-        held: Option<(u64, String)>,
-        adopted_from: Option<Arc<str>>,
+        (held, adopted_from): (Option<(u64, String)>, Option<Arc<str>>),
+        queue: Option<crate::storage::state::QueueInfo>,
     ) -> Result<ActorRef<SessionMessage>, String> {
-        let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored, held, adopted_from };
+        let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored, queue, held, adopted_from };
         let name = format!("session:{client_id}");
         // A session handed to another node finishes its flush first (bounded).
         if self.moving.contains_key(&client_id) {
@@ -162,7 +162,7 @@ impl RegistryState {
         };
         // A fresh session is never "present"; one handed over from another node is.
         attach.clean_start = restored.is_none();
-        let s = self.spawn(me, client_id, restored, held, None).await?;
+        let s = self.spawn(me, client_id, restored, (held, None), None).await?;
         match s.ask(|r| SessionMessage::Attach(attach, r), CALL).await {
             Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
             _ => Err("new session did not answer".into()),
@@ -175,7 +175,7 @@ impl RegistryState {
         if self.sessions.contains_key(&id) {
             return;
         }
-        match self.spawn(me, id.clone(), Some(snap), None, Some(from)).await {
+        match self.spawn(me, id.clone(), Some(snap), (None, Some(from)), None).await {
             // An adoption outranks every generation handed out so far (registrars count
             // up from 1) and copies restored from disk (0): a node that comes back, or a
             // registrar that has not yet seen the loss, yields to it. Later claims count
@@ -189,13 +189,26 @@ impl RegistryState {
 
     /// The persistent sessions the node's store kept, each started again.
     async fn restore(&mut self, me: &ActorRef<RegistryMessage>) {
-        let snaps = self.broker.store.sessions();
-        if !snaps.is_empty() {
-            tracing::info!(sessions = snaps.len(), "restoring persistent sessions");
+        // What the store held at start; after a restart of this registry, read again.
+        let mut restored = self.broker.restored.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+        if restored.is_empty() {
+            restored = match self.broker.state.sessions(self.broker.config.mqtt.max_queued) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read persistent sessions");
+                    Vec::new()
+                }
+            };
         }
-        for snap in snaps {
-            let id: Arc<str> = Arc::from(snap.client_id.as_str());
-            if let Err(e) = self.spawn(me, id.clone(), Some(snap), None, None).await {
+        if !restored.is_empty() {
+            tracing::info!(sessions = restored.len(), "restoring persistent sessions");
+        }
+        for r in restored {
+            let id: Arc<str> = Arc::from(r.snap.client_id.as_str());
+            if self.sessions.contains_key(&id) {
+                continue;
+            }
+            if let Err(e) = self.spawn(me, id.clone(), Some(r.snap), (None, None), Some(r.queue)).await {
                 tracing::error!(client_id = %id, error = %e, "cannot restore session");
             }
         }

@@ -154,8 +154,8 @@ impl RetainedSet {
         out
     }
 
-    /// Remove expired messages; returns how many.
-    fn sweep(&mut self, now: u64) -> usize {
+    /// Remove expired messages; returns their topics.
+    fn sweep(&mut self, now: u64) -> Vec<Arc<str>> {
         let expired: Vec<Arc<str>> = self.messages().into_iter().filter(|m| m.expired(now)).map(|m| m.topic.clone()).collect();
         for t in &expired {
             let levels: Vec<&str> = t.split('/').collect();
@@ -163,7 +163,7 @@ impl RetainedSet {
                 self.len -= 1;
             }
         }
-        expired.len()
+        expired
     }
 }
 
@@ -180,6 +180,8 @@ pub enum RetainedMessage {
 pub struct RetainedState {
     set: RetainedSet,
     snapshot: Arc<ArcSwap<RetainedSet>>,
+    /// Every change is written here as it is applied (`$SYS` values are regenerated instead).
+    store: Arc<crate::storage::state::StateStore>,
 }
 
 static VERSION: AtomicU64 = AtomicU64::new(1);
@@ -187,12 +189,12 @@ static VERSION: AtomicU64 = AtomicU64::new(1);
 impl Actor for RetainedActor {
     type Msg = RetainedMessage;
     type State = RetainedState;
-    type Arguments = Arc<ArcSwap<RetainedSet>>;
+    type Arguments = (Arc<ArcSwap<RetainedSet>>, Arc<crate::storage::state::StateStore>);
 
-    async fn pre_start(&self, me: ActorRef<Self::Msg>, snapshot: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(&self, me: ActorRef<Self::Msg>, (snapshot, store): Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
         me.send_interval(Duration::from_secs(30), || RetainedMessage::Sweep);
         let set = RetainedSet::clone(&snapshot.load());
-        Ok(RetainedState { set, snapshot })
+        Ok(RetainedState { set, snapshot, store })
     }
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -200,6 +202,9 @@ impl Actor for RetainedActor {
             RetainedMessage::Set(m, reply) => {
                 // `$SYS` statistics are regenerated at start, so they do not make the set dirty.
                 let durable = !m.topic.starts_with("$SYS");
+                if durable {
+                    st.store.put_retained(&m);
+                }
                 st.set.apply(m);
                 if durable {
                     st.set.version = VERSION.fetch_add(1, Ordering::Relaxed);
@@ -208,7 +213,11 @@ impl Actor for RetainedActor {
                 let _ = reply.send(());
             }
             RetainedMessage::Sweep => {
-                if st.set.sweep(now_ms()) > 0 {
+                let gone = st.set.sweep(now_ms());
+                for t in &gone {
+                    st.store.remove_retained(t);
+                }
+                if !gone.is_empty() {
                     st.set.version = VERSION.fetch_add(1, Ordering::Relaxed);
                     st.snapshot.store(Arc::new(st.set.clone()));
                 }

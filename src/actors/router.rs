@@ -177,10 +177,19 @@ impl Router {
         let n = targets.len() + remote_n;
         let mut worst: Option<Arc<Load>> = None;
         for t in targets {
-            let durable = durable
-                .filter(|_| t.qos != QoS::AtMostOnce && t.load.persistent.load(std::sync::atomic::Ordering::Relaxed))
-                .map(DurableToken::new);
-            let d = Delivery { msg: msg.clone(), qos: t.qos, retain: t.retain, sub_ids: t.sub_ids, shared: t.shared, durable };
+            // Every QoS>0 copy: the session answers for it (stored, or refused when its queue
+            // is full), and a persistent session's copy waits for the state store.
+            let durable = durable.filter(|_| t.qos != QoS::AtMostOnce).map(DurableToken::new);
+            let d = Delivery {
+                msg: msg.clone(),
+                qos: t.qos,
+                retain: t.retain,
+                sub_ids: t.sub_ids,
+                shared: t.shared,
+                durable,
+                seq: 0,
+                stored: false,
+            };
             if t.load.push(&t.session, d, self.inbox_cap) {
                 keep_worst(&mut worst, &t.load, high);
             }
@@ -239,7 +248,7 @@ impl Router {
         let Some(sub) = snap.at(&path).and_then(|n| n.groups().get(group)).and_then(|g| g.pick(Some(skip))) else {
             return false;
         };
-        let d = Delivery { qos: d.msg.qos.min(sub.opts.qos), sub_ids: sub.sub_id.into_iter().collect(), ..d };
+        let d = Delivery { qos: d.msg.qos.min(sub.opts.qos), sub_ids: sub.sub_id.into_iter().collect(), seq: 0, stored: false, ..d };
         sub.load.push(&sub.session, d, self.inbox_cap)
     }
 }

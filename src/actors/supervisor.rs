@@ -56,8 +56,13 @@ impl SupervisorState {
                 id
             }
             Child::Retained => {
-                let (r, _) =
-                    Actor::spawn_linked(Some("retained:0".into()), Instrumented(RetainedActor, "retained"), b.retained.clone(), me).await?;
+                let (r, _) = Actor::spawn_linked(
+                    Some("retained:0".into()),
+                    Instrumented(RetainedActor, "retained"),
+                    (b.retained.clone(), b.state.clone()),
+                    me,
+                )
+                .await?;
                 let id = r.get_id();
                 b.retained_actor.store(Some(Arc::new(r)));
                 id

@@ -32,7 +32,7 @@ use crate::actors::registry::RegistryMessage;
 use crate::actors::retained::RetainedMessage;
 use crate::broker::Broker;
 use crate::message::{now_ms, Delivery, Durable, DurableToken, Message};
-use crate::storage::local::SessionSnapshot;
+use crate::storage::state::SessionSnapshot;
 use routes::{NodeIdx, RouteNode};
 use wire::{Body, Forward, Hlc, RetainedEntry};
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::message::{Delivery, Message};
-use crate::storage::local::SessionSnapshot;
+use crate::storage::state::SessionSnapshot;
 
 /// Bump on any incompatible change of [`Body`] (and keep the old decoder while both exist).
 pub const VERSION: u16 = 1;

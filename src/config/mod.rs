@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 mod net;
 mod webhooks;
+pub use crate::storage::Durability;
 pub use net::IpNet;
 pub use webhooks::{OnFailure, WebhookConfig};
 
@@ -124,20 +125,12 @@ impl Default for ApiConfig {
     }
 }
 
-/// When a device's telemetry is acknowledged (MQTT PUBACK, HTTP 200, CoAP 2.04).
+/// What a session's full queue does with one more QoS>0 message.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
-pub enum Durability {
-    /// Once queued in a writer: fastest; a crash loses what was queued (at most
-    /// `writer_queue` points per writer).
-    Accepted,
-    /// Once the store took the batch (embedded: in its write-ahead log; PostgreSQL:
-    /// committed): a process crash loses nothing acknowledged; power loss can lose the last
-    /// moments the OS had not written (embedded).
-    Written,
-    /// As `written`, and the embedded store's log is fsynced first: power loss loses nothing
-    /// acknowledged.
-    Synced,
+pub enum QueueFull {
+    Refuse,
+    DropOldest,
 }
 
 /// Telemetry storage: the time-series store, writer actors and retention.
@@ -343,9 +336,16 @@ impl Default for ClusterConfig {
 pub struct NodeConfig {
     /// Node name, used in logs and (later) in the cluster.
     pub name: String,
-    /// Directory for retained messages and persistent sessions.
+    /// Directory for the node's state (`state/`: sessions, queues, retained messages), the
+    /// embedded registry and time-series store.
     pub data_dir: PathBuf,
-    /// How often dirty persistent state is written to the data directory, in milliseconds.
+    /// When a message for a persistent session, a retained message, a subscription or a QoS 2
+    /// packet id is acknowledged: `accepted` (in memory; a crash loses up to the last
+    /// `persist_interval_ms`), `written` (the default: handed to the OS, a process crash loses
+    /// nothing acknowledged) or `synced` (fdatasync: power loss loses nothing acknowledged).
+    pub durability: crate::storage::Durability,
+    /// How often state no one waits for is written out (mode `accepted`, acknowledgements of
+    /// delivered messages), and a cluster's session replicas refreshed, in milliseconds.
     pub persist_interval_ms: u64,
     /// Per-actor statistics for the inspector (`thingsctl actors`): message timing and mailbox
     /// depth. Actors are listed either way.
@@ -354,7 +354,13 @@ pub struct NodeConfig {
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { name: "thingsd-1".into(), data_dir: "./data".into(), persist_interval_ms: 1000, actor_stats: true }
+        NodeConfig {
+            name: "thingsd-1".into(),
+            data_dir: "./data".into(),
+            durability: crate::storage::Durability::Written,
+            persist_interval_ms: 1000,
+            actor_stats: true,
+        }
     }
 }
 
@@ -370,8 +376,18 @@ pub struct MqttConfig {
     pub max_packet_size: u32,
     /// Server Receive Maximum, and the cap on each session's outbound in-flight window.
     pub max_inflight: u16,
-    /// QoS>0 messages queued per session beyond the in-flight window (also while offline).
+    /// Queued messages a session keeps in memory (the head of its queue); the rest of a queue
+    /// waits in the node's state store on disk.
     pub max_queued: usize,
+    /// Bound of each session's queue (QoS>0 messages in flight, in memory and on disk) by
+    /// count and by bytes; beyond it `queue_full` applies.
+    pub queue_max_messages: usize,
+    pub queue_max_bytes: u64,
+    /// What a full queue does with one more QoS>0 message: `refuse` it (the publisher gets
+    /// PUBACK/PUBREC 0x97 in 5.0; a 3.1.1 publisher, which has no negative acknowledgement, is
+    /// disconnected without one and sends it again later), or `drop_oldest` (counted in
+    /// `thingsd_messages_dropped_by_reason_total`).
+    pub queue_full: QueueFull,
     /// Queue QoS 0 messages for offline persistent sessions too.
     pub queue_qos0_offline: bool,
     pub max_topic_levels: usize,
@@ -401,7 +417,7 @@ pub struct MqttConfig {
     /// Queue depth of an online subscriber above which publishers are paused (backpressure).
     pub backpressure_high_water: usize,
     /// How long a publisher waits for a congested subscriber before treating it as slow
-    /// (slow subscribers stop exerting backpressure and drop beyond `max_queued`).
+    /// (slow subscribers stop exerting backpressure; their queue grows on disk).
     pub slow_subscriber_ms: u64,
 }
 
@@ -413,6 +429,9 @@ impl Default for MqttConfig {
             max_packet_size: 1024 * 1024,
             max_inflight: 128,
             max_queued: 1000,
+            queue_max_messages: 100_000,
+            queue_max_bytes: 64 << 20,
+            queue_full: QueueFull::Refuse,
             queue_qos0_offline: false,
             max_topic_levels: 32,
             max_subscriptions_per_session: 100,

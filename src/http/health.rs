@@ -173,6 +173,15 @@ fn mqtt_families(out: &mut String, m: &Metrics) {
     use crate::protocols::mqtt::reason;
     let by_type =
         |c: &crate::metrics::Counts<16>| c.nonzero().map(|(i, n)| (format!("type=\"{}\"", PACKET_TYPES[i]), n)).collect::<Vec<_>>();
+    family(
+        out,
+        "thingsd_messages_dropped_by_reason_total",
+        "counter",
+        "Deliveries not kept for a subscriber, by reason (refused_* and store_failed were refused to their publisher, not lost).",
+        crate::metrics::Dropped::ALL
+            .iter()
+            .map(|(d, name)| (format!("reason=\"{name}\""), m.dropped.0[*d as usize].load(std::sync::atomic::Ordering::Relaxed))),
+    );
     family(out, "thingsd_mqtt_packets_received_total", "counter", "MQTT packets read from clients, by type.", by_type(&m.packets_in));
     family(out, "thingsd_mqtt_packets_sent_total", "counter", "MQTT packets written to clients, by type.", by_type(&m.packets_out));
     family(
@@ -345,6 +354,18 @@ async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
         "counter",
         "Messages dropped by queue bounds or client packet-size limits.",
         Metrics::get(&m.messages_dropped),
+    );
+    metric(
+        "thingsd_publishes_refused_total",
+        "counter",
+        "Publishes refused (0x97, or a 3.1.1 publisher disconnected unacknowledged) because a subscriber's queue could not take them.",
+        Metrics::get(&m.publishes_refused),
+    );
+    metric(
+        "thingsd_state_commits_total",
+        "counter",
+        "Group commits of the node's state store.",
+        b.state.commits.load(std::sync::atomic::Ordering::Relaxed),
     );
     metric("thingsd_bytes_received_total", "counter", "Bytes read from MQTT clients.", Metrics::get(&m.bytes_received));
     metric("thingsd_bytes_sent_total", "counter", "Bytes written to MQTT clients.", Metrics::get(&m.bytes_sent));

@@ -26,7 +26,7 @@ use crate::actors::supervisor::SupervisorActor;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::services::{Services, Stores};
-use crate::storage::local::LocalStore;
+use crate::storage::state::StateStore;
 use listener::Kind;
 
 /// Listeners bound before the node starts (tests bind port 0 and read the addresses back).
@@ -143,8 +143,10 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         crate::protocols::mqtt::topic::MAX_LEVELS
     );
     let config = Arc::new(config);
-    let (store, sessions, retained) = LocalStore::open(&config.node.data_dir)?;
-    let broker = Arc::new(Broker::new(config.clone(), store.clone()));
+    let interval = Duration::from_millis(config.node.persist_interval_ms.max(10));
+    let (state, sessions, retained) = StateStore::open(&config.node.data_dir, config.node.durability, interval, config.mqtt.max_queued)?;
+    let restored = sessions.len();
+    let broker = Arc::new(Broker::new(config.clone(), state.clone(), sessions));
     if !retained.is_empty() {
         let mut set = RetainedSet::default();
         for m in retained {
@@ -152,7 +154,6 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
         }
         broker.retained.store(Arc::new(set));
     }
-    store.set_retained_version(broker.retained.load().version);
     let mut addrs = Vec::new();
     // The cluster side starts first: shards announce the routes of restored sessions to it.
     if let Some(l) = bound.cluster {
@@ -173,7 +174,6 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     .context("start actors")?;
     let registry = broker.registry().context("registry did not start")?;
     // The registry restores the sessions the store loaded; a round-trip waits for it.
-    let restored = sessions.len();
     registry.ask(RegistryMessage::Count, Some(Duration::from_secs(60))).await.context("restore sessions")?;
 
     // The device platform over the stores opened here (the one place that picks backends),
@@ -189,14 +189,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let retained_n = broker.retained.load().len();
     tracing::info!(node = %config.node.name, listeners = ?addrs, restored_sessions = restored, retained = retained_n, "thingsd ready");
 
-    let persist = Duration::from_millis(config.node.persist_interval_ms.max(10));
-    let mut tick = tokio::time::interval(persist);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => flush(&broker),
-        }
-    }
+    shutdown.cancelled().await;
     tracing::info!("shutting down: closing connections");
     // Not ready any more (load balancers stop sending); sessions ending now are the node's
     // shutdown, not a fault.
@@ -214,7 +207,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     if let Some(c) = broker.cluster.get() {
         c.leave().await;
     }
-    flush(&broker);
+    state.close();
     services.alerts.shutdown().await;
     // Every accepted point reaches the store before the node stops.
     services.telemetry.shutdown().await;
@@ -291,11 +284,4 @@ async fn start_services(broker: &Arc<Broker>) -> anyhow::Result<Services> {
     let users = Arc::new(crate::users::Users::start(stores.meta, stores.cache, config.api.clone()).await?);
     let alerts = crate::alerts::Alerts::start(broker, devices.clone(), live.clone());
     Ok(Services { devices, telemetry, users, alerts, hooks, live })
-}
-
-fn flush(broker: &Broker) {
-    let r = broker.retained.load();
-    if let Err(e) = broker.store.flush(|| r.durable_messages(), r.version) {
-        tracing::error!(error = %e, "cannot write state to the data directory");
-    }
 }

@@ -35,6 +35,9 @@ impl SessionState {
         self.will_due = None;
         self.expiry = a.expiry;
         self.load.persistent.store(self.expiry > 0, Ordering::Relaxed);
+        if self.persistent() {
+            self.store_unstored();
+        }
         self.generation += 1;
         self.disconnected_at = None;
         self.load.online.store(true, Ordering::Relaxed);
@@ -54,6 +57,7 @@ impl SessionState {
             }
         }
         self.drain(me);
+        self.save_meta();
         self.mark_dirty(me);
         present
     }
@@ -102,8 +106,10 @@ impl SessionState {
         let router = &self.broker.router;
         let id = me.get_id();
         let mut keep = VecDeque::with_capacity(self.inflight.len());
+        let mut given = Vec::new();
         for f in self.inflight.drain(..) {
             if f.d.shared.is_some() && f.d.qos == QoS::AtLeastOnce && router.redeliver_shared(f.d.clone(), id) {
+                given.push(f.d);
                 continue;
             }
             keep.push_back(f);
@@ -112,11 +118,15 @@ impl SessionState {
         let mut pend = VecDeque::with_capacity(self.pending.len());
         for d in self.pending.drain(..) {
             if d.shared.is_some() && router.redeliver_shared(d.clone(), id) {
+                given.push(d);
                 continue;
             }
             pend.push_back(d);
         }
         self.pending = pend;
+        for d in given {
+            self.forget(&d);
+        }
     }
 
     /// Arm the timer for a delayed will that is due at `will_due`.
@@ -162,7 +172,7 @@ impl SessionState {
         // Deliveries that raced with the end are dropped with the session.
         let _ = self.load.take();
         self.drop_backup();
-        self.broker.store.remove_session(&self.client_id);
+        self.clear_stored();
         if let Some(r) = self.broker.registry() {
             let _ = r.tell(RegistryMessage::SessionEnded { client_id: self.client_id.clone(), id: me.get_id() });
         }
@@ -171,11 +181,34 @@ impl SessionState {
         me.stop(None);
     }
 
+    /// Store the session's own record: subscriptions, expiry, will (its queue and inbound
+    /// ids are records of their own, written as they change).
+    pub(super) fn save_meta(&mut self) {
+        if !self.persistent() || self.moving.is_some() {
+            return;
+        }
+        let meta = SessionSnapshot {
+            client_id: self.client_id.to_string(),
+            protocol: self.protocol,
+            expiry_secs: self.expiry,
+            disconnected_at_ms: self.disconnected_at,
+            subscriptions: self.subs.iter().map(|(f, (o, id))| (f.clone(), *o, *id)).collect(),
+            inflight: Vec::new(),
+            queue: Vec::new(),
+            incoming_qos2: Vec::new(),
+            will: self.will.as_deref().cloned(),
+            will_due_ms: self.will_due,
+        };
+        self.on_disk = true;
+        self.broker.state.put_session(&meta);
+    }
+
+    /// Store the session's record and, in a cluster, refresh its replica on the backup node.
     pub(super) fn persist(&mut self) {
         if !self.persistent() || self.moving.is_some() {
             return;
         }
-        let snap = self.snapshot();
+        self.save_meta();
         if let Some(c) = self.broker.cluster.get() {
             match c.backup_for(&self.client_id) {
                 Some(to) => {
@@ -185,12 +218,11 @@ impl SessionState {
                         }
                         self.backup = Some(to.clone());
                     }
-                    c.backup_state(to, self.client_id.clone(), Box::new(snap.clone()));
+                    c.backup_state(to, self.client_id.clone(), Box::new(self.full_snapshot()));
                 }
                 None => self.backup = None,
             }
         }
-        self.broker.store.put_session(snap);
     }
 
     /// Durable sessions: append this round's QoS>0 deliveries to the backup node (sending the
@@ -208,7 +240,7 @@ impl SessionState {
             if let Some(old) = self.backup.take() {
                 c.backup_drop(old, self.client_id.clone());
             }
-            c.backup_state(to.clone(), self.client_id.clone(), Box::new(self.snapshot()));
+            c.backup_state(to.clone(), self.client_id.clone(), Box::new(self.full_snapshot()));
             self.backup = Some(to.clone());
         }
         if !deliveries.is_empty() {
@@ -225,7 +257,8 @@ impl SessionState {
         }
     }
 
-    fn snapshot(&self) -> SessionSnapshot {
+    /// The session's state with the part of its queue held in memory.
+    pub(super) fn snapshot(&self) -> SessionSnapshot {
         SessionSnapshot {
             client_id: self.client_id.to_string(),
             protocol: self.protocol,
@@ -265,12 +298,12 @@ impl SessionState {
             self.end(me);
             return None;
         }
-        let snap = self.snapshot();
+        let snap = self.full_snapshot();
         self.drop_backup();
         // The state now travels; nothing of it stays to be redelivered or persisted here.
         self.inflight.clear();
         self.pending.clear();
-        self.broker.store.remove_session(&self.client_id);
+        self.clear_stored();
         self.moving = Some(Box::new(Moving { gen, to, buffer: Vec::new() }));
         me.send_after(HANDOVER_WAIT, move || SessionMessage::Release(gen));
         Some(Box::new(snap))
@@ -314,13 +347,16 @@ impl SessionState {
                 self.deliver(me, d);
             }
         }
+        self.save_meta();
         self.mark_dirty(me);
         if let Some(c) = self.broker.cluster.get() {
             c.claim_done(self.client_id.clone(), gen);
         }
     }
 
-    pub(super) async fn restore(&mut self, me: &ActorRef<SessionMessage>, s: SessionSnapshot) {
+    /// Start from a snapshot: this node's store (`queue` says where its queue stands, the
+    /// rest of it is on disk) or another node's copy (stored here anew).
+    pub(super) async fn restore(&mut self, me: &ActorRef<SessionMessage>, s: SessionSnapshot, queue: Option<QueueInfo>) {
         self.protocol = s.protocol;
         self.expiry = s.expiry_secs;
         self.load.persistent.store(self.expiry > 0, Ordering::Relaxed);
@@ -332,6 +368,18 @@ impl SessionState {
         self.inflight = s.inflight.into_iter().map(|(pkid, released, d)| Inflight { pkid, released, d }).collect();
         self.pending = s.queue.into();
         self.incoming_qos2 = s.incoming_qos2.into_iter().collect();
+        match queue {
+            Some(q) => {
+                self.q = q;
+                self.on_disk = true;
+                let last = self.pending.iter().chain(self.inflight.iter().map(|f| &f.d)).map(|d| d.seq).max();
+                self.loaded_upto = last.unwrap_or(0);
+                if self.q.spilled > 0 && self.pending.is_empty() {
+                    self.loaded_upto = 0;
+                }
+            }
+            None => self.adopt_queue(),
+        }
         let now = now_ms();
         let since = s.disconnected_at_ms.unwrap_or(now);
         self.disconnected_at = Some(since);
@@ -343,6 +391,9 @@ impl SessionState {
             (Some(w), None) => Some(now + w.props.will_delay_interval.unwrap_or(0) as u64 * 1000),
         };
         self.schedule_will(me);
+        if queue.is_none() {
+            self.save_meta();
+        }
         if self.expiry != u32::MAX {
             let left = (self.expiry as u64 * 1000).saturating_sub(now.saturating_sub(since));
             let g = self.generation;

@@ -18,7 +18,7 @@ use crate::protocols::mqtt::{
     reason, topic, Ack, ConnAck, Packet, Properties, Protocol, QoS, RetainHandling, SubAck, SubOptions, Subscribe, UnsubAck, Unsubscribe,
     Will,
 };
-use crate::storage::local::SessionSnapshot;
+use crate::storage::state::{QueueInfo, SessionSnapshot};
 
 /// What a session writes to its connection's bounded outbound queue.
 #[derive(Debug)]
@@ -78,7 +78,7 @@ pub struct SessionInfo {
     pub subscriptions: Vec<SubscriptionInfo>,
     /// Outbound QoS 1/2 messages sent and not yet acknowledged.
     pub inflight: usize,
-    /// Deliveries waiting: the pending queue plus the inbox not yet taken.
+    /// Deliveries waiting: the queue (in memory and on disk) plus the inbox not yet taken.
     pub queued: usize,
     pub will: bool,
     pub generation: u64,
@@ -153,6 +153,9 @@ pub enum SessionMessage {
     /// device what was queued for it): the session knows nothing of devices.
     Subscribe(Subscribe, Vec<usize>, Reply, Option<OnGranted>),
     Unsubscribe(Unsubscribe, Reply),
+    /// A QoS 2 message from this client could not be kept by some subscriber: its packet id is
+    /// free again (the PUBREC said 0x97; a 3.1.1 client is disconnected instead).
+    Qos2Refused(u16),
     /// The connection `conn_id` ended; `expiry` is a 5.0 DISCONNECT's new Session Expiry Interval.
     Detach {
         conn_id: u64,
@@ -195,6 +198,9 @@ pub struct SessionArgs {
     pub client_id: Arc<str>,
     pub broker: Arc<Broker>,
     pub restored: Option<SessionSnapshot>,
+    /// Restored from this node's state store: where its queue stands (the snapshot holds the
+    /// head). `None` with a snapshot: it came from another node and is stored anew.
+    pub queue: Option<QueueInfo>,
     /// Taken over from another node: hold new deliveries until its flush (generation, node).
     pub held: Option<(u64, String)>,
     /// Adopted from this lost node's replica.
@@ -259,6 +265,13 @@ pub struct SessionState {
     recent: Option<Box<(HashSet<u64>, VecDeque<u64>)>>,
     /// The last PUBREC still waiting for durability (the next one waits for it: order).
     last_pubrec: Option<tokio::sync::oneshot::Receiver<()>>,
+    /// The queue as the state store sees it (see `queue.rs`), and the sequence number of the
+    /// last delivery taken into memory: spilled records follow it.
+    q: QueueInfo,
+    loaded_upto: u64,
+    /// The state store holds records of this session.
+    on_disk: bool,
+    refuse_logged: bool,
 }
 
 pub(super) enum Sent {
@@ -302,6 +315,10 @@ impl Actor for SessionActor {
             tokens: Vec::new(),
             recent: None,
             last_pubrec: None,
+            q: QueueInfo { next_seq: 1, ..QueueInfo::default() },
+            loaded_upto: 0,
+            on_disk: false,
+            refuse_logged: false,
         };
         if let Some(n) = args.adopted_from {
             let _ = st.load.adopted_from.set(n);
@@ -312,7 +329,7 @@ impl Actor for SessionActor {
             me.send_after(HANDOVER_WAIT, move || SessionMessage::HeldTimeout(gen));
         }
         if let Some(snap) = args.restored {
-            Box::pin(st.restore(&me, snap)).await;
+            Box::pin(st.restore(&me, snap, args.queue)).await;
         }
         Ok(st)
     }
@@ -329,9 +346,27 @@ impl Actor for SessionActor {
             SessionMessage::PubAcks(pkids) => st.on_pubacks(&me, pkids),
             SessionMessage::PubRec(ack, reply) => st.on_pubrec(&me, ack, reply),
             SessionMessage::PubComp(pkid) => st.on_pubcomp(&me, pkid),
-            SessionMessage::InboundQos2 { pkid, msg, taken, reply, _routing } => st.inbound_qos2(pkid, msg, taken, reply),
+            SessionMessage::InboundQos2 { pkid, msg, taken, reply, _routing } => st.inbound_qos2(&me, pkid, msg, taken, reply),
+            SessionMessage::Qos2Refused(pkid) => {
+                st.incoming_qos2.remove(&pkid);
+                if st.persistent() {
+                    st.broker.state.remove_qos2(&st.client_id, pkid);
+                }
+                if st.protocol != Protocol::V5 {
+                    if let Some(c) = st.conn.as_ref() {
+                        st.broker.metrics.publishes_refused.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(client_id = %st.client_id, pkid, "a subscriber's queue could not take the message; 3.1.1 publisher disconnected unacknowledged");
+                        kick(c, reason::QUOTA_EXCEEDED);
+                    }
+                } else {
+                    st.broker.metrics.publishes_refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             SessionMessage::PubRel(pkid, reply) => {
                 let code = if st.incoming_qos2.remove(&pkid) { 0 } else { reason::PACKET_ID_NOT_FOUND };
+                if code == 0 && st.persistent() {
+                    st.broker.state.remove_qos2(&st.client_id, pkid);
+                }
                 answer(reply, Packet::PubComp(Ack::new(pkid, code)));
             }
             SessionMessage::Subscribe(s, denied, reply, then) => Box::pin(st.subscribe(&me, s, denied, reply, then)).await,
@@ -352,6 +387,7 @@ impl Actor for SessionActor {
             SessionMessage::WillDue(g) => {
                 if g == st.generation && st.conn.is_none() {
                     Box::pin(st.publish_will()).await;
+                    st.save_meta();
                 }
             }
             SessionMessage::Expire(g) => {
@@ -442,6 +478,7 @@ pub fn kick(conn: &ConnHandle, code: u8) {
 
 mod lifecycle;
 mod outbound;
+mod queue;
 mod requests;
 
 impl SessionState {
@@ -457,8 +494,9 @@ impl SessionState {
         self.expiry > 0
     }
 
+    /// The session's replica on its backup node (cluster) is refreshed within the interval.
     pub(super) fn mark_dirty(&mut self, me: &ActorRef<SessionMessage>) {
-        if self.persistent() && !self.persist_scheduled {
+        if self.persistent() && !self.persist_scheduled && self.broker.cluster.get().is_some() {
             self.persist_scheduled = true;
             let ms = self.broker.config.node.persist_interval_ms.max(1);
             me.send_after(Duration::from_millis(ms), || SessionMessage::Persist(None));
@@ -500,7 +538,7 @@ impl SessionState {
             expiry_secs: self.expiry,
             subscriptions,
             inflight: self.inflight.len(),
-            queued: self.pending.len() + self.load.mailbox.load(Ordering::Relaxed),
+            queued: self.pending.len() + self.q.spilled + self.load.mailbox.load(Ordering::Relaxed),
             will: self.will.is_some(),
             generation: self.generation,
             backup: self.backup.as_ref().map(|b| b.to_string()),

@@ -12,7 +12,9 @@ impl SessionState {
         for pkid in pkids {
             // Acks usually come in send order, so the match is near the front.
             if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid && !f.released && f.d.qos == QoS::AtLeastOnce) {
-                self.inflight.remove(i);
+                if let Some(f) = self.inflight.remove(i) {
+                    self.forget(&f.d);
+                }
                 freed = true;
             }
         }
@@ -25,11 +27,14 @@ impl SessionState {
     pub(super) fn on_pubrec(&mut self, me: &ActorRef<SessionMessage>, ack: Ack, reply: Reply) {
         match self.inflight.iter().position(|f| f.pkid == ack.pkid && f.d.qos == QoS::ExactlyOnce) {
             Some(i) if ack.code >= 0x80 => {
-                self.inflight.remove(i);
+                if let Some(f) = self.inflight.remove(i) {
+                    self.forget(&f.d);
+                }
                 self.drain(me);
             }
             Some(i) => {
                 self.inflight[i].released = true;
+                self.record_pkid(&self.inflight[i].d, ack.pkid, true);
                 answer(reply, Packet::PubRel(Ack::new(ack.pkid, 0)));
                 self.mark_dirty(me);
             }
@@ -40,7 +45,9 @@ impl SessionState {
     /// A PUBCOMP ends a released QoS 2 delivery.
     pub(super) fn on_pubcomp(&mut self, me: &ActorRef<SessionMessage>, pkid: u16) {
         if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid && f.released) {
-            self.inflight.remove(i);
+            if let Some(f) = self.inflight.remove(i) {
+                self.forget(&f.d);
+            }
             self.drain(me);
         }
     }
@@ -67,7 +74,7 @@ impl SessionState {
             publish_len(self.protocol, d.msg.topic.len(), d.qos, props.as_deref().unwrap_or(Properties::empty()), d.msg.payload.len());
         if size > c.max_packet as usize {
             // 5.0: a packet larger than the client accepts is discarded as if delivered.
-            crate::metrics::Metrics::add(&self.broker.metrics.messages_dropped, 1);
+            self.broker.metrics.dropped(crate::metrics::Dropped::TooLargeForClient);
             return Sent::Dropped;
         }
         let out = OutPublish { msg: d.msg.clone(), qos: d.qos, retain: d.retain, dup, pkid, props };
@@ -108,7 +115,7 @@ impl SessionState {
         }
         if self.persistent() && d.qos != QoS::AtMostOnce && self.moving.is_none() && self.broker.cluster.get().is_some() {
             self.to_backup.push(d.clone());
-            self.tokens.extend(token);
+            self.tokens.extend(token.clone());
         }
         // During a cross-node hand-over, deliveries wait (bounded like the queue) for the other side.
         let cap = self.broker.config.mqtt.max_queued * 2 + self.broker.config.mqtt.max_inflight as usize;
@@ -116,35 +123,22 @@ impl SessionState {
             if buf.len() < cap {
                 buf.push(d);
             } else {
-                crate::metrics::Metrics::add(&self.broker.metrics.messages_dropped, 1);
+                if let Some(t) = token {
+                    t.refuse();
+                }
+                self.broker.metrics.dropped(crate::metrics::Dropped::HandoverFull);
             }
             return;
         }
         if self.conn.is_none() && d.qos == QoS::AtMostOnce && !self.broker.config.mqtt.queue_qos0_offline {
             return;
         }
-        self.enqueue(d);
+        self.enqueue(d, token);
         if self.conn.is_some() {
             self.drain(me);
         } else {
             self.mark_dirty(me);
         }
-    }
-
-    pub(super) fn count_drop(&mut self) {
-        crate::metrics::Metrics::add(&self.broker.metrics.messages_dropped, 1);
-        if !self.drop_logged {
-            self.drop_logged = true;
-            tracing::warn!(client_id = %self.client_id, "slow or offline subscriber: dropping messages beyond its bound");
-        }
-    }
-
-    pub(super) fn enqueue(&mut self, d: Delivery) {
-        if self.pending.len() >= self.broker.config.mqtt.max_queued {
-            self.count_drop();
-            return;
-        }
-        self.pending.push_back(d);
     }
 
     /// Move queued messages into the in-flight window while there is room.
@@ -153,9 +147,13 @@ impl SessionState {
             return;
         }
         let now = now_ms();
-        while let Some(d) = self.pending.front() {
+        loop {
+            self.refill();
+            let Some(d) = self.pending.front() else { break };
             if d.msg.expired(now) {
-                self.pending.pop_front();
+                if let Some(d) = self.pending.pop_front() {
+                    self.forget(&d);
+                }
                 crate::metrics::Metrics::add(&self.broker.metrics.messages_expired, 1);
                 continue;
             }
@@ -180,10 +178,12 @@ impl SessionState {
             match self.send_publish(&d, pkid, false) {
                 Sent::Ok => {
                     self.pending.pop_front();
+                    self.record_pkid(&d, pkid, false);
                     self.inflight.push_back(Inflight { pkid, released: false, d });
                 }
                 Sent::Dropped => {
                     self.pending.pop_front();
+                    self.forget(&d);
                 }
                 Sent::Full => {
                     self.schedule_flush(me);

@@ -3,7 +3,7 @@ use super::*;
 use crate::actors::inspect::Tell;
 
 impl SessionState {
-    pub(super) fn inbound_qos2(&mut self, pkid: u16, msg: Arc<Message>, taken: bool, reply: Reply) {
+    pub(super) fn inbound_qos2(&mut self, me: &ActorRef<SessionMessage>, pkid: u16, msg: Arc<Message>, taken: bool, reply: Reply) {
         if self.incoming_qos2.contains(&pkid) {
             // A retransmission: acknowledge again, deliver nothing (exactly once).
             answer(reply, Packet::PubRec(Ack::new(pkid, 0)));
@@ -21,7 +21,18 @@ impl SessionState {
         }
         self.incoming_qos2.insert(pkid);
         // Clients may not inject broker statistics.
-        let (n, durable) = if msg.topic.starts_with("$SYS") { (0, None) } else { self.broker.publish_durable(msg) };
+        let (n, mut durable) = if msg.topic.starts_with("$SYS") { (0, None) } else { self.broker.publish_durable(msg) };
+        if self.persistent() {
+            // The id is part of the promise the PUBREC makes (exactly once across a restart).
+            let d = durable.get_or_insert_with(Default::default);
+            let token = crate::message::DurableToken::new(d);
+            if self.broker.state.add_qos2(&self.client_id, pkid) {
+                self.on_disk = true;
+                self.broker.state.after_commit(crate::storage::state::Waiter::Token(token));
+            } else {
+                token.refuse();
+            }
+        }
         let code = if n == 0 && self.protocol == Protocol::V5 && !taken { reason::NO_MATCHING_SUBSCRIBERS } else { 0 };
         let rec = Packet::PubRec(Ack::new(pkid, code));
         // In a cluster the PUBREC waits until the message is durable (persistent copies on their
@@ -30,18 +41,31 @@ impl SessionState {
         if prev.as_mut().is_some_and(|r| !matches!(r.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty))) {
             prev = None; // the previous one is out already
         }
-        if durable.as_ref().is_none_or(|d| d.is_done()) && prev.is_none() {
+        if durable.as_ref().is_none_or(|d| d.is_done() && !d.refused()) && prev.is_none() {
             answer(reply, rec);
             return;
         }
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         self.last_pubrec = Some(done_rx);
+        let (v5, me) = (self.protocol == Protocol::V5, me.clone());
         tokio::spawn(async move {
             if let Some(p) = prev {
                 let _ = p.await;
             }
+            let mut rec = rec;
             if let Some(d) = durable {
                 Broker::wait_durable(&d).await;
+                if d.refused() {
+                    // Not kept by some subscriber's queue: 0x97, and the id is free again
+                    // (3.1.1 has no negative PUBREC: the publisher is disconnected unanswered
+                    // and sends it again).
+                    let _ = me.cast(SessionMessage::Qos2Refused(pkid));
+                    if !v5 {
+                        let _ = done_tx.send(());
+                        return;
+                    }
+                    rec = Packet::PubRec(Ack::new(pkid, reason::QUOTA_EXCEEDED));
+                }
             }
             answer(reply, rec);
             let _ = done_tx.send(());
@@ -127,9 +151,16 @@ impl SessionState {
                         sub_ids: sub_id.into_iter().collect(),
                         shared: None,
                         durable: None,
+                        seq: 0,
+                        stored: false,
                     });
                 }
             }
+        }
+        if granted && self.persistent() {
+            // A persistent session's SUBACK promises the subscription survives a restart.
+            self.save_meta();
+            self.broker.state.committed().await;
         }
         answer(reply, Packet::SubAck(SubAck { pkid: s.pkid, codes, props: Properties::default() }));
         for d in retained {
@@ -153,6 +184,7 @@ impl SessionState {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);
             }
         }
+        self.save_meta();
         answer(reply, Packet::UnsubAck(UnsubAck { pkid: u.pkid, codes, props: Properties::default() }));
         self.mark_dirty(me);
     }

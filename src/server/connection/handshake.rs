@@ -300,11 +300,6 @@ where
         let (d, n) = (d.clone(), i.device_number.clone());
         tokio::spawn(async move { d.flush_pending(&n).await });
     }
-    let acker = broker.cluster.get().map(|_| {
-        let (atx, arx) = mpsc::channel(broker.config.mqtt.max_inflight.max(1) as usize);
-        tokio::spawn(ack_in_order(arx, tx.clone()));
-        atx
-    });
     if let Some(h) = svc.hooks.as_ref() {
         h.notify("on_register", v5, || crate::webhooks::body::registered(peer, username.as_deref(), &shown, v5));
     }
@@ -322,7 +317,7 @@ where
         acks: Vec::new(),
         session_lost: false,
         qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
-        acker,
+        acker: None,
         principal,
         shown,
         end: std::sync::atomic::AtomicU16::new(0),

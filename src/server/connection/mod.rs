@@ -247,8 +247,8 @@ struct Conn {
     /// max_queued / 2) plus this read-ahead (at most max_queued / 4) stays under max_queued).
     qos2_routing: Arc<tokio::sync::Semaphore>,
     session_lost: bool,
-    /// In a cluster: QoS 1 acknowledgements wait (in order, without stopping the read loop)
-    /// until their message is durable.
+    /// QoS 1 acknowledgements that wait (in order, without stopping the read loop) until
+    /// their message is durable; started by the first one that has to wait.
     acker: Option<mpsc::Sender<(Packet, Option<Arc<crate::message::Durable>>)>>,
     /// Who the client is: its ACL, and for a device its identity.
     principal: Principal,
@@ -259,13 +259,40 @@ struct Conn {
 }
 
 /// Send PUBACKs in order, each once its message is durable.
-async fn ack_in_order(mut rx: mpsc::Receiver<(Packet, Option<Arc<crate::message::Durable>>)>, tx: mpsc::Sender<Outbound>) {
+async fn ack_in_order(
+    mut rx: mpsc::Receiver<(Packet, Option<Arc<crate::message::Durable>>)>,
+    tx: mpsc::Sender<Outbound>,
+    v5: bool,
+    broker: Arc<Broker>,
+) {
     while let Some((p, d)) = rx.recv().await {
         if let Some(d) = d {
             Broker::wait_durable(&d).await;
+            if d.refused() {
+                let out = refused_ack(p, v5, &broker);
+                let close = matches!(out, Outbound::Disconnect(_));
+                if tx.send(out).await.is_err() || close {
+                    return;
+                }
+                continue;
+            }
         }
         if tx.send(Outbound::Packet(Box::new(p))).await.is_err() {
             return;
+        }
+    }
+}
+
+/// A QoS 1 message some subscriber's queue could not keep: PUBACK 0x97 (5.0), or (3.1.1,
+/// which has no negative acknowledgement) the connection closes without one, so the client
+/// sends the message again after it reconnects.
+fn refused_ack(p: Packet, v5: bool, broker: &Broker) -> Outbound {
+    Metrics::add(&broker.metrics.publishes_refused, 1);
+    match p {
+        Packet::PubAck(a) if v5 => Outbound::Packet(Box::new(Packet::PubAck(Ack::new(a.pkid, reason::QUOTA_EXCEEDED)))),
+        _ => {
+            tracing::info!("a subscriber's queue could not take a message; 3.1.1 publisher disconnected unacknowledged");
+            Outbound::Disconnect(reason::QUOTA_EXCEEDED)
         }
     }
 }
@@ -394,7 +421,13 @@ impl Conn {
                 }
                 self.tell(SessionMessage::Unsubscribe(u, r));
             }
-            Packet::PingReq => self.send(Packet::PingResp).await,
+            // Behind any acknowledgement still waiting: a PINGRESP confirms what came before.
+            Packet::PingReq => match &self.acker {
+                Some(a) => {
+                    let _ = a.send((Packet::PingResp, None)).await;
+                }
+                None => self.send(Packet::PingResp).await,
+            },
             Packet::Disconnect(d) => {
                 if let Some(e) = d.props.session_expiry_interval {
                     if self.expiry == 0 && e != 0 {

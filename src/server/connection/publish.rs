@@ -148,11 +148,20 @@ impl Conn {
                 let code =
                     if n == 0 && self.protocol == Protocol::V5 && !taken { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
                 let ack = Packet::PubAck(Ack::new(pkid, code));
-                match &self.acker {
-                    Some(a) => {
+                if self.acker.is_none() && durable.as_ref().is_some_and(|d| !d.is_done()) {
+                    let (atx, arx) = tokio::sync::mpsc::channel(self.broker.config.mqtt.max_inflight.max(1) as usize);
+                    tokio::spawn(super::ack_in_order(arx, self.tx.clone(), self.protocol == Protocol::V5, self.broker.clone()));
+                    self.acker = Some(atx);
+                }
+                match (&self.acker, durable) {
+                    (Some(a), durable) => {
                         let _ = a.send((ack, durable)).await;
                     }
-                    None => self.send(ack).await,
+                    (None, Some(d)) if d.refused() => {
+                        let out = super::refused_ack(ack, self.protocol == Protocol::V5, &self.broker);
+                        let _ = self.tx.send(out).await;
+                    }
+                    (None, _) => self.send(ack).await,
                 }
             }
             QoS::ExactlyOnce => {
