@@ -165,7 +165,8 @@ async fn stuck_subscriber_is_bounded_and_does_not_stall_others() {
         p.send(publish("flood/x", QoS::AtLeastOnce, i, &payload)).await;
     }
     // Every publish is acknowledged: the stuck subscriber paused the publisher once, then was
-    // marked slow and its excess dropped (bounded), rather than blocking everyone.
+    // marked slow and its queue went on growing on disk (bounded by queue_max_*), rather
+    // than blocking everyone.
     let mut acked = 0;
     while acked < total {
         match p.recv().await {

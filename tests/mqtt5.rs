@@ -142,7 +142,12 @@ async fn qos_levels_and_downgrade() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_session_redelivery_queue_and_window() {
-    let node = start(|c| c.mqtt.max_queued = 5).await;
+    // Two queued messages in memory, the rest on disk; the whole queue holds 7.
+    let node = start(|c| {
+        c.mqtt.max_queued = 2;
+        c.mqtt.queue_max_messages = 7;
+    })
+    .await;
     let mut cp = connect_packet(Protocol::V5, "durable", true);
     cp.props.session_expiry_interval = Some(600);
     cp.props.receive_maximum = Some(2);
@@ -163,10 +168,12 @@ async fn persistent_session_redelivery_queue_and_window() {
     assert_eq!(&c.payload[..], b"m3");
     // Leave m2 and m3 unacknowledged and drop the connection.
     drop(s);
-    // While offline: 7 more, of which the queue bound (5) keeps the first five.
+    // While offline: 7 more; the queue (m2 and m3 in flight, then five) is full after m8,
+    // so m9 and m10 are refused to their publisher (0x97), not acknowledged and dropped.
     for i in 4..=10u16 {
         p.send(publish("d/x", QoS::AtLeastOnce, i, &format!("m{i}"))).await;
-        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+        let want = if i <= 8 { 0 } else { reason::QUOTA_EXCEEDED };
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(a)) if a.pkid == i && a.code == want), "m{i}");
     }
     let mut cp2 = cp.clone();
     cp2.clean_start = false;
@@ -185,6 +192,9 @@ async fn persistent_session_redelivery_queue_and_window() {
         rest.push(String::from_utf8(m.payload.to_vec()).unwrap());
     }
     assert_eq!(rest, ["m4", "m5", "m6", "m7", "m8"]);
+    s.send(Packet::PubAck(Ack::new(r1.pkid, 0))).await;
+    s.send(Packet::PubAck(Ack::new(r2.pkid, 0))).await;
+    assert!(!s.sync().await.iter().any(|p| matches!(p, Packet::Publish(_))), "nothing beyond the bound");
     // Clean start discards the session.
     drop(s);
     let (_s, ack) = Raw::session(node.tcp, cp).await;

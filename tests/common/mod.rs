@@ -164,20 +164,22 @@ pub struct Raw {
     pub stream: TcpStream,
     buf: BytesMut,
     pub protocol: Protocol,
+    /// Packets read while waiting for something else (see `keep`), handed out first.
+    kept: std::collections::VecDeque<Packet>,
 }
 
 impl Raw {
     pub async fn connect(addr: SocketAddr) -> Raw {
         let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr)).await.expect("connect in time").expect("connect");
         stream.set_nodelay(true).unwrap();
-        Raw { stream, buf: BytesMut::new(), protocol: Protocol::V5 }
+        Raw { stream, buf: BytesMut::new(), protocol: Protocol::V5, kept: Default::default() }
     }
 
     /// Connect, or `None` if the address refuses (for retries against something starting).
     pub async fn try_connect(addr: SocketAddr) -> Option<Raw> {
         let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr)).await.ok()?.ok()?;
         stream.set_nodelay(true).ok()?;
-        Some(Raw { stream, buf: BytesMut::new(), protocol: Protocol::V5 })
+        Some(Raw { stream, buf: BytesMut::new(), protocol: Protocol::V5, kept: Default::default() })
     }
 
     /// Connect and complete the CONNECT/CONNACK exchange; returns the CONNACK.
@@ -215,6 +217,9 @@ impl Raw {
 
     /// Next packet, `None` when the server closed the connection. Panics after the deadline.
     pub async fn recv(&mut self) -> Option<Packet> {
+        if let Some(p) = self.kept.pop_front() {
+            return Some(p);
+        }
         tokio::time::timeout(DEADLINE, self.recv_inner()).await.expect("packet or close within deadline")
     }
 
@@ -228,6 +233,12 @@ impl Raw {
                 Ok(_) => {}
             }
         }
+    }
+
+    /// Keep a packet read too early (an answer that overtook an acknowledgement): the next
+    /// `recv` returns it.
+    pub fn keep(&mut self, p: Packet) {
+        self.kept.push_back(p);
     }
 
     /// Next packet that is not a PUBLISH on `$SYS`.

@@ -178,14 +178,18 @@ pub async fn next_with_prefix(r: &mut Raw, prefix: &str) -> Publish {
 /// Publish and return the PUBACK's reason code.
 pub async fn pub1(r: &mut Raw, topic: &str, pkid: u16, payload: &str) -> u8 {
     r.send(super::publish(topic, QoS::AtLeastOnce, pkid, payload)).await;
+    let mut early = Vec::new();
     loop {
         match r.recv_app().await {
-            Some(Packet::PubAck(a)) if a.pkid == pkid => return a.code,
-            Some(Packet::Publish(p)) => {
-                if p.qos == QoS::AtLeastOnce {
-                    r.send(Packet::PubAck(Ack::new(p.pkid, 0))).await;
+            Some(Packet::PubAck(a)) if a.pkid == pkid => {
+                for p in early {
+                    r.keep(p);
                 }
+                return a.code;
             }
+            // An answer may overtake the acknowledgement (it comes from the device's session,
+            // the PUBACK once every subscriber took the message): kept for the caller.
+            Some(p @ Packet::Publish(_)) => early.push(p),
             Some(_) => {}
             None => panic!("closed while waiting for PUBACK {pkid}"),
         }
