@@ -16,6 +16,7 @@ mod crash;
 mod device_http_coap;
 mod devices;
 mod devices_cluster;
+mod failover;
 mod haproxy;
 mod http;
 mod logging;

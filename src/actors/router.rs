@@ -148,12 +148,17 @@ impl Router {
                 }
             }
             Scope::Cluster(c) => {
-                let chosen;
-                (chosen, remote_n) = forward(c, &msg, &levels, dollar, &groups, durable);
+                let (chosen, parked_for);
+                (chosen, remote_n, parked_for) = forward(c, &msg, &levels, dollar, &groups, durable);
                 for g in groups.iter().filter(|g| chosen.contains(&g.filter)) {
                     if let Some(sub) = g.pick(None) {
                         targets.push(target(sub, Some(g.filter.clone())));
                     }
+                }
+                // A copy parked for a lost node reaches the sessions adopted from it when it is
+                // re-routed, behind the older ones parked before it: not directly, ahead of them.
+                if !parked_for.is_empty() {
+                    targets.retain(|t| t.load.adopted_from.get().is_none_or(|n| !parked_for.contains(n)));
                 }
             }
         }
@@ -172,7 +177,9 @@ impl Router {
             });
         }
         if let Scope::Reroute(_, dead) | Scope::Remote { adopted_from: Some(dead), .. } = scope {
-            targets.retain(|t| t.shared.is_none() && t.load.adopted_from.get().is_some_and(|n| &**n == dead));
+            // Sessions adopted from `dead`, and sessions that took one over from its adopter
+            // ("*": the copy may have been on its way to the session before it moved).
+            targets.retain(|t| t.shared.is_none() && t.load.adopted_from.get().is_some_and(|n| &**n == dead || &**n == "*"));
         }
         let n = targets.len() + remote_n;
         let mut worst: Option<Arc<Load>> = None;
@@ -262,10 +269,10 @@ fn forward(
     dollar: bool,
     local: &[crate::actors::shard::Group],
     durable: Option<&Arc<Durable>>,
-) -> (Vec<Arc<str>>, usize) {
+) -> (Vec<Arc<str>>, usize, Vec<Arc<str>>) {
     let table: Arc<RouteNode> = c.routes.load_full();
     if msg.topic.starts_with("$SYS") {
-        return (local.iter().map(|g| g.filter.clone()).collect(), 0);
+        return (local.iter().map(|g| g.filter.clone()).collect(), 0, Vec::new());
     }
     // (node, shared groups it serves for this message, whether its copy must be durable first)
     let mut nodes: Vec<(NodeIdx, Vec<Arc<str>>, bool)> = Vec::new();
@@ -305,6 +312,7 @@ fn forward(
         }
     }
     let mut sent = 0;
+    let mut parked_for = Vec::new();
     if !nodes.is_empty() {
         let links = c.links.load();
         for (idx, shared, must) in nodes {
@@ -313,13 +321,14 @@ fn forward(
             if let Some(l) = links.get(&idx) {
                 l.send(Forward { msg: msg.clone(), shared, adopted_from: None }, durable);
                 sent += 1;
-            } else if c.park(idx, Forward { msg: msg.clone(), shared, adopted_from: None }, durable) {
+            } else if let Some(dead) = c.park(idx, Forward { msg: msg.clone(), shared, adopted_from: None }, durable) {
+                parked_for.push(dead);
                 sent += 1;
             }
         }
         c.forwarded.fetch_add(sent as u64, std::sync::atomic::Ordering::Relaxed);
     }
-    (mine, sent)
+    (mine, sent, parked_for)
 }
 
 /// Forward a re-routed message (it was on its way to the lost node `dead`) to every node with a

@@ -226,6 +226,7 @@ impl ClusterState {
                 });
             }
             Body::HandedOver { client, gen, state, moving } => {
+                tracing::debug!(%client, gen, current = ?self.registrar.get(&client).map(|r| (r.gen, r.waiting.is_some())), "handed over");
                 let waiting = self.registrar.get_mut(&client).filter(|r| r.gen == gen).and_then(|r| r.waiting.take());
                 if let Some((claimant, req, _)) = waiting {
                     let prev = moving.then(|| from.clone());
@@ -250,6 +251,11 @@ impl ClusterState {
                     let current = self.registrar.get(&client).and_then(|r| r.owner.clone());
                     let current_live = current.as_ref().is_some_and(live);
                     let reg = self.registrar.entry(client.clone()).or_default();
+                    // A claim is being handed over from this very node (e.g. the session it just
+                    // adopted): the hand-over supersedes its announcement.
+                    if reg.waiting.as_ref().is_some_and(|(_, _, prev)| **prev == *owner) {
+                        continue;
+                    }
                     if reg.owner.is_none() || reg.gen < gen || !current_live {
                         reg.owner = Some(owner.clone());
                         reg.gen = reg.gen.max(gen);
@@ -288,7 +294,8 @@ impl ClusterState {
                 self.replicas.insert(client, Replica { owner, state, log: Vec::new() });
             }
             Body::BackupAppend { client, deliveries, ack } => {
-                let cap = self.a.broker.config.mqtt.max_queued * 4 + 1024;
+                // Bounded like the session's own queue (a refresh of the full state resets it).
+                let cap = self.a.broker.config.mqtt.queue_max_messages.max(1024);
                 if let Some(r) = self.replicas.get_mut(&client).filter(|r| *r.owner == *from) {
                     let room = cap.saturating_sub(r.log.len());
                     r.log.extend(deliveries.into_iter().take(room));

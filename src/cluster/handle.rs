@@ -363,19 +363,19 @@ impl Cluster {
     }
 
     /// A forward for a lost node (still routed to while its sessions are adopted): park it.
-    /// Returns false when `n` is not such a node.
-    pub fn park(&self, n: NodeIdx, f: Forward, durable: Option<Arc<Durable>>) -> bool {
-        let Some(dead) = self.ghosts.load().get(&n).cloned() else { return false };
+    /// Returns the lost node's name, or `None` when `n` is not such a node.
+    pub fn park(&self, n: NodeIdx, f: Forward, durable: Option<Arc<Durable>>) -> Option<Arc<str>> {
+        let dead = self.ghosts.load().get(&n).cloned()?;
         if f.msg.qos == crate::protocols::mqtt::QoS::AtMostOnce {
-            return true; // at most once: not kept
+            return Some(dead); // at most once: not kept
         }
         if let Some(d) = &durable {
             d.add();
         }
         if let Ok(mut p) = self.parked.lock() {
-            p.push(Parked { dead, forwards: vec![f], waiters: durable.into_iter().collect() });
+            p.push(Parked { dead: dead.clone(), forwards: vec![f], waiters: durable.into_iter().collect() });
         }
-        true
+        Some(dead)
     }
 
     /// Wait (bounded) while a peer's queue is above `high`: cross-node backpressure.

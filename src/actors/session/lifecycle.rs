@@ -368,6 +368,14 @@ impl SessionState {
         self.inflight = s.inflight.into_iter().map(|(pkid, released, d)| Inflight { pkid, released, d }).collect();
         self.pending = s.queue.into();
         self.incoming_qos2 = s.incoming_qos2.into_iter().collect();
+        if let Some(r) = self.recent.as_mut() {
+            // A re-routed copy of something the state already holds is not queued twice.
+            for d in self.pending.iter().chain(self.inflight.iter().map(|f| &f.d)) {
+                if r.0.insert(d.msg.id) {
+                    r.1.push_back(d.msg.id);
+                }
+            }
+        }
         match queue {
             Some(q) => {
                 self.q = q;

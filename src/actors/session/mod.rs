@@ -320,9 +320,19 @@ impl Actor for SessionActor {
             on_disk: false,
             refuse_logged: false,
         };
-        if let Some(n) = args.adopted_from {
-            let _ = st.load.adopted_from.set(n);
-            st.recent = Some(Box::default());
+        // Adopted from a lost node's replica, or taken over from another node (perhaps from
+        // the adopter of a lost node's session): messages re-routed from a lost node reach it,
+        // and the ids it saw recently catch the copies it already had.
+        match args.adopted_from {
+            Some(n) => {
+                let _ = st.load.adopted_from.set(n);
+                st.recent = Some(Box::default());
+            }
+            None if args.held.is_some() => {
+                let _ = st.load.adopted_from.set(Arc::from("*"));
+                st.recent = Some(Box::default());
+            }
+            None => {}
         }
         if let Some((gen, _from)) = args.held {
             st.held = Some(Box::new(Held { gen, buffer: Vec::new() }));

@@ -102,7 +102,8 @@ impl SessionState {
             crate::metrics::Metrics::add(&self.broker.metrics.messages_expired, 1);
             return;
         }
-        if let Some(r) = self.recent.as_mut() {
+        // While held or moving, duplicates are sorted out when the buffer is delivered.
+        if let Some(r) = self.recent.as_mut().filter(|_| self.moving.is_none() && self.held.is_none()) {
             if !r.0.insert(d.msg.id) {
                 return; // already delivered (re-routed after a node loss)
             }
@@ -117,8 +118,9 @@ impl SessionState {
             self.to_backup.push(d.clone());
             self.tokens.extend(token.clone());
         }
-        // During a cross-node hand-over, deliveries wait (bounded like the queue) for the other side.
-        let cap = self.broker.config.mqtt.max_queued * 2 + self.broker.config.mqtt.max_inflight as usize;
+        // During a cross-node hand-over, deliveries wait for the other side, bounded like the
+        // whole queue (a hand-over after a node loss can take a second or two of a stream).
+        let cap = self.broker.config.mqtt.queue_max_messages.max(1);
         if let Some(buf) = self.moving.as_mut().map(|m| &mut m.buffer).or(self.held.as_mut().map(|h| &mut h.buffer)) {
             if buf.len() < cap {
                 buf.push(d);
