@@ -2,6 +2,8 @@
 //! advertises its proxy, so all node-to-node traffic crosses one). Cutting black-holes the
 //! links (sockets stay open, bytes stop): heartbeats time out, both sides keep serving their
 //! own clients; after healing, the nodes redial, and routes and retained messages converge.
+//! A persistent client connected through the split stays connected: the copy of its session
+//! the other side adopted is merged into it.
 
 use crate::common::cluster::TestCluster;
 use std::net::SocketAddr;
@@ -77,11 +79,17 @@ async fn partition_and_heal() {
     sa.sub("part/#", QoS::AtLeastOnce).await;
     let mut sb = Raw::v5(b, "sub-b").await;
     sb.sub("part/#", QoS::AtLeastOnce).await;
+    // A persistent session on A (its replica is on B, which adopts it during the split).
+    let mut dc = connect_packet(Protocol::V5, "dur-a", true);
+    dc.props.session_expiry_interval = Some(3600);
+    let (mut da, _) = Raw::session(a, dc).await;
+    da.sub("part/#", QoS::AtLeastOnce).await;
     let mut pa = Raw::v5(a, "pub-a").await;
     let mut pb = Raw::v5(b, "pub-b").await;
     pub1(&mut pa, publish("part/x", QoS::AtLeastOnce, 1, "joined")).await;
     assert_eq!(next_text(&mut sa).await.1, "joined");
     assert_eq!(next_text(&mut sb).await.1, "joined");
+    assert_eq!(next_text(&mut da).await.1, "joined");
 
     // Partition: each side finds the other silent and carries on alone.
     proxies[0].cut(true);
@@ -92,6 +100,7 @@ async fn partition_and_heal() {
     assert_eq!(next_text(&mut sa).await.1, "a-side");
     pub1(&mut pb, publish("part/x", QoS::AtLeastOnce, 2, "b-side")).await;
     assert_eq!(next_text(&mut sb).await.1, "b-side");
+    assert_eq!(next_text(&mut da).await.1, "a-side");
     // Conflicting retained writes (B's is later), and one write on each side only.
     pub1(&mut pa, retained("part/r", 3, "from-a")).await;
     next_text(&mut sa).await;
@@ -128,4 +137,20 @@ async fn partition_and_heal() {
     on_b.sort();
     assert_eq!(on_a, vec!["healed-a", "healed-b"]);
     assert_eq!(on_b, vec!["healed-a", "healed-b"]);
+    // The persistent client on A was never disconnected, and got what B's side kept for it
+    // during the split (with repeats of what it already had: at least once).
+    let mut on_d = std::collections::BTreeSet::new();
+    while !["b-side", "healed-a", "healed-b"].iter().all(|t| on_d.contains(*t)) {
+        match da.recv().await {
+            Some(Packet::Publish(m)) => {
+                if m.qos != QoS::AtMostOnce {
+                    da.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+                }
+                on_d.insert(String::from_utf8_lossy(&m.payload).into_owned());
+            }
+            Some(Packet::Disconnect(d)) => panic!("the persistent client was disconnected at the heal: {d:?} (got {on_d:?})"),
+            Some(_) => {}
+            None => panic!("the persistent client's connection was closed at the heal (got {on_d:?})"),
+        }
+    }
 }

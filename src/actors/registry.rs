@@ -56,8 +56,15 @@ pub enum RegistryMessage {
     Owned(RpcReplyPort<Vec<(Arc<str>, u64)>>),
     /// Bring a session of a lost node (named) to life here from its replica.
     Adopt(Box<SessionSnapshot>, Arc<str>),
-    /// Another node owns this client's session: end the copy here (no will: it is not the client's end).
+    /// Another node owns this client's session: end the copy here (no will: it is not the
+    /// client's end) — unless its client is connected here (a healed partition, where the other
+    /// side adopted a copy): then this node claims it back and merges the other copy in.
     Discard(Arc<str>),
+    /// The other copy of a connected session, claimed back (see `Discard`).
+    Merge {
+        client: Arc<str>,
+        claimed: crate::cluster::Claimed,
+    },
     /// A device was deleted: end every session of its client-id namespace here (no will), so a
     /// new device given the same number starts clean.
     DiscardDevice(Arc<str>),
@@ -307,10 +314,41 @@ impl Actor for RegistryActor {
             }
             RegistryMessage::Adopt(snap, from) => st.adopt(&me, *snap, from).await,
             RegistryMessage::Discard(client) => {
-                if let Some(s) = st.sessions.remove(&client) {
+                let connected = match st.sessions.get(&client) {
+                    Some(s) => matches!(s.ask(SessionMessage::Info, CALL).await, Ok(ractor::rpc::CallResult::Success(i)) if i.connected),
+                    None => false,
+                };
+                if connected {
+                    tracing::info!(client_id = %client, "another node holds a copy of a connected session; claiming it back to merge");
+                    let (broker, me) = (st.broker.clone(), me.clone());
+                    tokio::spawn(async move {
+                        if let Some(c) = broker.cluster.get() {
+                            let claimed = Box::pin(c.claim(client.clone(), false)).await;
+                            let _ = me.tell(RegistryMessage::Merge { client, claimed });
+                        }
+                    });
+                } else if let Some(s) = st.sessions.remove(&client) {
                     tracing::info!(client_id = %client, "session is owned by another node; dropping the copy here");
                     st.gens.remove(&client);
                     let _ = s.ask(SessionMessage::Discard, CALL).await;
+                }
+            }
+            RegistryMessage::Merge { client, claimed } => {
+                let s = st.sessions.get(&client).cloned();
+                let Some(c) = st.broker.cluster.get() else { return Ok(()) };
+                if claimed.gen == 0 {
+                    return Ok(()); // the registrar did not answer: nothing was claimed
+                }
+                st.gens.insert(client.clone(), claimed.gen);
+                if let Some(s) = &s {
+                    let (gen, from) = (claimed.gen, claimed.from.clone());
+                    let _ = s.tell(SessionMessage::Merge { gen, from: from.clone(), state: claimed.state });
+                    match from {
+                        Some(node) => c.release(client, gen, node),
+                        None => c.claim_done(client, gen),
+                    }
+                } else {
+                    c.claim_done(client, claimed.gen);
                 }
             }
             RegistryMessage::DiscardDevice(number) => {

@@ -331,6 +331,34 @@ impl SessionState {
         self.end(me);
     }
 
+    /// A healed partition: the copy the other side kept joins this one. Its deliveries this
+    /// session does not hold yet are queued (ids this session saw recently are skipped); what
+    /// the other node collected meanwhile arrives with `HandOverFlush` for `gen`.
+    pub(super) fn merge(&mut self, me: &ActorRef<SessionMessage>, gen: u64, from: Option<String>, state: Option<Box<SessionSnapshot>>) {
+        let r = self.recent.get_or_insert_with(Box::default);
+        for d in self.pending.iter().chain(self.inflight.iter().map(|f| &f.d)) {
+            if r.0.insert(d.msg.id) {
+                r.1.push_back(d.msg.id);
+            }
+        }
+        let mut merged = 0;
+        if let Some(s) = state {
+            for d in s.inflight.into_iter().map(|(_, _, d)| d).chain(s.queue) {
+                merged += 1;
+                self.deliver(me, d);
+            }
+            // Subscriptions stay this session's: the copy was adopted from this node's replica
+            // and no client changed them there.
+        }
+        tracing::info!(client_id = %self.client_id, merged, "merged the copy another node kept during a partition");
+        if from.is_some() {
+            self.held = Some(Box::new(Held { gen, buffer: Vec::new() }));
+            me.send_after(HANDOVER_WAIT, move || SessionMessage::HeldTimeout(gen));
+        }
+        self.save_meta();
+        self.mark_dirty(me);
+    }
+
     /// The previous owner's flush arrived (or the wait ended): deliver its messages, then what
     /// arrived here meanwhile that it did not already carry, in order; let the next claim go.
     pub(super) fn end_held(&mut self, me: &ActorRef<SessionMessage>, gen: u64, flushed: Vec<Delivery>) {

@@ -184,6 +184,14 @@ pub enum SessionMessage {
     HeldTimeout(u64),
     /// Another node owns this client: end quietly (no will, the client did not go away).
     Discard(RpcReplyPort<()>),
+    /// The other copy of this (connected) session, claimed back after a partition healed:
+    /// its queue joins this one (by message id), and what its node collected meanwhile
+    /// follows with `HandOverFlush` when `from` is set.
+    Merge {
+        gen: u64,
+        from: Option<String>,
+        state: Option<Box<SessionSnapshot>>,
+    },
     /// For the inspector.
     Info(RpcReplyPort<SessionInfo>),
     /// An operator disconnects the client (DISCONNECT 0x98); `discard` also ends the session
@@ -434,6 +442,7 @@ impl Actor for SessionActor {
                 st.end(&me);
                 let _ = reply.send(());
             }
+            SessionMessage::Merge { gen, from, state } => st.merge(&me, gen, from, state),
             SessionMessage::Info(reply) => {
                 let _ = reply.send(st.info());
             }
