@@ -157,6 +157,7 @@ async fn persistent_session_redelivery_queue_and_window() {
     let mut p = Raw::v5(node.tcp, "pubd").await;
     for i in 1..=3u16 {
         p.send(publish("d/x", QoS::AtLeastOnce, i, &format!("m{i}"))).await;
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(a)) if a.pkid == i && a.code == 0));
     }
     // Receive Maximum 2: only two arrive until one is acknowledged.
     let a = s.recv_publish().await;
@@ -173,7 +174,8 @@ async fn persistent_session_redelivery_queue_and_window() {
     for i in 4..=10u16 {
         p.send(publish("d/x", QoS::AtLeastOnce, i, &format!("m{i}"))).await;
         let want = if i <= 8 { 0 } else { reason::QUOTA_EXCEEDED };
-        assert!(matches!(p.recv().await, Some(Packet::PubAck(a)) if a.pkid == i && a.code == want), "m{i}");
+        let got = p.recv().await;
+        assert!(matches!(&got, Some(Packet::PubAck(a)) if a.pkid == i && a.code == want), "m{i}: {got:?}");
     }
     let mut cp2 = cp.clone();
     cp2.clean_start = false;

@@ -11,7 +11,9 @@ pub struct Broker {
     pub name: String,
     pub addr: SocketAddr,
     child: Option<Child>,
-    _dir: PathBuf,
+    pub dir: PathBuf,
+    /// How it was started (thingsd): to start it again on the same port and data directory.
+    restart: Option<(String, usize)>,
 }
 
 impl Broker {
@@ -26,10 +28,23 @@ impl Broker {
     }
 
     pub async fn stop(mut self) {
+        self.kill().await;
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.start_kill();
             let _ = c.wait().await;
         }
+    }
+
+    /// Start the (killed) broker again on its port and data directory; returns once it accepts.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        let (kind, max_conns) = self.restart.clone().context("this broker cannot be restarted")?;
+        let b = start_at(&kind, max_conns, self.addr.port(), self.dir.clone()).await?;
+        self.child = b.child;
+        Ok(())
     }
 }
 
@@ -66,14 +81,21 @@ fn thingsd_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// Start `kind` ("thingsd", "thingsd=PATH", "mosquitto", "rumqttd") or connect to `host:port`.
+/// A thingsd kind may end in `@accepted`, `@written` or `@synced`: its state store's durability.
 pub async fn start(kind: &str, max_conns: usize) -> anyhow::Result<Broker> {
     if let Ok(addr) = kind.parse::<SocketAddr>() {
-        return Ok(Broker { name: kind.into(), addr, child: None, _dir: PathBuf::new() });
+        return Ok(Broker { name: kind.into(), addr, child: None, dir: PathBuf::new(), restart: None });
     }
-    let port = free_port()?;
+    start_at(kind, max_conns, free_port()?, scratch(kind)?).await
+}
+
+async fn start_at(kind: &str, max_conns: usize, port: u16, dir: PathBuf) -> anyhow::Result<Broker> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let dir = scratch(kind)?;
-    let mut cmd = match kind {
+    let (base, durability) = match kind.split_once('@') {
+        Some((b, d)) => (b, Some(d)),
+        None => (kind, None),
+    };
+    let mut cmd = match base {
         // thingsd-nostats: the same node with the actor inspector's per-message statistics off,
         // to measure what the instrumentation costs (`--scenario inspect`).
         // thingsd=PATH: another build of thingsd (an earlier commit's), to compare two builds
@@ -84,7 +106,10 @@ pub async fn start(kind: &str, max_conns: usize) -> anyhow::Result<Broker> {
                 None => thingsd_binary()?,
             };
             let mut c = Command::new(bin);
-            c.env("THINGSD_NODE__ACTOR_STATS", (kind != "thingsd-nostats").to_string());
+            c.env("THINGSD_NODE__ACTOR_STATS", (base != "thingsd-nostats").to_string());
+            if let Some(d) = durability {
+                c.env("THINGSD_NODE__DURABILITY", d);
+            }
             c.env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\", allow_anonymous=true}}]"))
                 .env("THINGSD_LISTENERS__WS", "[]")
                 .env("THINGSD_LISTENERS__COAP", "[]")
@@ -152,7 +177,8 @@ next_connection_delay_ms = 0
     cmd.stdout(Stdio::null()).stderr(Stdio::null()).kill_on_drop(true);
     let child = cmd.spawn().with_context(|| format!("start {kind}"))?;
     wait_ready(addr).await?;
-    Ok(Broker { name: kind.into(), addr, child: Some(child), _dir: dir })
+    let restart = base.starts_with("thingsd").then(|| (kind.to_string(), max_conns));
+    Ok(Broker { name: kind.into(), addr, child: Some(child), dir: dir, restart })
 }
 
 /// The admin API key the `devices` scenario configures.
@@ -184,7 +210,7 @@ pub async fn start_platform(max_conns: usize, extra_env: &[(&str, String)]) -> a
     }
     let child = c.spawn().context("start thingsd")?;
     wait_ready(addr).await?;
-    Ok((Broker { name: "thingsd".into(), addr, child: Some(child), _dir: dir }, format!("127.0.0.1:{hport}").parse()?))
+    Ok((Broker { name: "thingsd".into(), addr, child: Some(child), dir: dir, restart: None }, format!("127.0.0.1:{hport}").parse()?))
 }
 
 /// A local thingsd cluster of `n` nodes (same layout as `thingsd dev-cluster`); returns once
@@ -234,20 +260,10 @@ pub async fn start_cluster(n: usize, max_conns: usize) -> anyhow::Result<Vec<Bro
         });
         ups.push(rx);
         let name = format!("thingsd-{}", (b'A' + i as u8 - 1) as char);
-        nodes.push(Broker { name, addr: ready.mqtt.context("mqtt address")?, child: Some(child), _dir: dir.clone() });
+        nodes.push(Broker { name, addr: ready.mqtt.context("mqtt address")?, child: Some(child), dir: dir.clone(), restart: None });
     }
     for rx in &mut ups {
         tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|up| *up + 1 >= n)).await.context("cluster did not form")??;
     }
     Ok(nodes)
-}
-
-impl Broker {
-    /// SIGKILL the broker process now.
-    pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.start_kill();
-            let _ = c.wait().await;
-        }
-    }
 }

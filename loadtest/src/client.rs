@@ -312,3 +312,37 @@ pub async fn receive(s: TcpStream, expected: u64, idle: Duration, base: Instant)
     }
     Ok(r)
 }
+
+/// Read (and acknowledge) up to `n` publishes, stopping after `idle` without one; returns how
+/// many arrived.
+pub async fn receive_n(s: &mut TcpStream, n: u64, idle: Duration) -> anyhow::Result<u64> {
+    let mut buf = BytesMut::new();
+    let mut out = BytesMut::new();
+    let mut got = 0;
+    while got < n {
+        match tokio::time::timeout(idle, s.read_buf(&mut buf)).await {
+            Err(_) | Ok(Ok(0)) => break,
+            Ok(Err(e)) => return Err(e.into()),
+            Ok(Ok(_)) => {}
+        }
+        while let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
+            match p {
+                Packet::Publish(p) => {
+                    got += 1;
+                    match p.qos {
+                        QoS::AtMostOnce => {}
+                        QoS::AtLeastOnce => encode(&Packet::PubAck(Ack::new(p.pkid, 0)), Protocol::V4, &mut out),
+                        QoS::ExactlyOnce => encode(&Packet::PubRec(Ack::new(p.pkid, 0)), Protocol::V4, &mut out),
+                    }
+                }
+                Packet::PubRel(a) => encode(&Packet::PubComp(Ack::new(a.pkid, 0)), Protocol::V4, &mut out),
+                _ => {}
+            }
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    Ok(got)
+}

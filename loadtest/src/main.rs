@@ -4,6 +4,7 @@ mod brokers;
 mod client;
 mod devices;
 mod hooks;
+mod persist;
 mod tsdb;
 
 use std::net::IpAddr;
@@ -29,7 +30,7 @@ struct Opts {
     rules: Vec<usize>,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,cluster,takeover,killowner,devices,tsdb,telemetry,webhooks,inspect]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,persistent,restart,cluster,takeover,killowner,devices,tsdb,telemetry,webhooks,inspect]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]
                 [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]
                 [--rules 0,10,100  (telemetry: alert rules on the devices' product, a run per count)]";
@@ -270,7 +271,7 @@ async fn main() -> anyhow::Result<()> {
         let mut rows = Vec::new();
         for name in &o.brokers {
             let max_conns = o.connections.max(o.publishers + o.subscribers) + 10;
-            let b = match brokers::start(name, max_conns).await {
+            let mut b = match brokers::start(name, max_conns).await {
                 Ok(b) => b,
                 Err(e) => {
                     println!("  {name}: cannot start: {e:#}");
@@ -282,6 +283,8 @@ async fn main() -> anyhow::Result<()> {
                 "fanin" => fanin(&o, &b).await,
                 "fanout" => fanout(&o, &b).await,
                 "idle" => idle(&o, &b).await,
+                "persistent" => persist::pubsub(&o, &b).await,
+                "restart" => persist::restart(&o, &mut b).await,
                 other => bail!("unknown scenario {other}"),
             };
             b.stop().await;
@@ -293,11 +296,13 @@ async fn main() -> anyhow::Result<()> {
         let what = match sc.as_str() {
             "pubsub" => format!("1 -> 1, {} messages", o.messages),
             "fanin" => format!("{} -> 1, {} messages", o.publishers, o.messages),
+            "persistent" => format!("1 -> 1 persistent subscriber, {} messages", o.messages),
+            "restart" => format!("{} persistent sessions, restarted after SIGKILL (rate: sessions made per second)", o.connections),
             "fanout" => format!("1 -> {}, {} deliveries", o.subscribers, (o.messages / o.subscribers as u64).max(1) * o.subscribers as u64),
             _ => format!("{} idle connections", o.connections),
         };
         println!("\n== {sc}: {what}, QoS {}", o.qos as u8);
-        if sc == "idle" {
+        if sc == "idle" || sc == "restart" {
             println!("{:<12} {:>12} {:>8}  detail", "broker", "conn/s", "failed");
             for r in &rows {
                 println!("{:<12} {:>12.0} {:>8}  {}", r.broker, r.rate, r.lost, r.extra);

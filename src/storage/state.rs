@@ -323,6 +323,29 @@ impl StateStore {
         self.mark_dirty();
     }
 
+    /// Writes collected by one actor turn, committed together (one journal write).
+    pub fn batch(self: &Arc<Self>) -> Batch {
+        Batch { inner: self.db.batch(), waiters: Vec::new(), store: self.clone() }
+    }
+
+    /// Write a batch, then let its waiters wait for the next group commit (refused at once if
+    /// the write failed).
+    pub fn commit(&self, b: Batch) -> bool {
+        let Batch { inner, waiters, .. } = b;
+        let ok = inner.is_empty() || self.result("batch", inner.commit());
+        for w in waiters {
+            if ok {
+                self.after_commit(w);
+            } else {
+                release(w, false);
+            }
+        }
+        if ok && !self.waits() {
+            self.mark_dirty();
+        }
+        ok
+    }
+
     /// Append (or rewrite, with its packet id) a queued delivery.
     pub fn put_entry(&self, client: &str, d: &Delivery, pkid: u16, released: bool) -> bool {
         let e = Entry { pkid, released, d: d.clone() };
@@ -444,6 +467,34 @@ impl StateStore {
                 return;
             }
         }
+    }
+}
+
+/// A session's writes of one turn: queue records and their removals, and the publishers'
+/// tokens that wait for them.
+pub struct Batch {
+    inner: fjall::OwnedWriteBatch,
+    waiters: Vec<Waiter>,
+    store: Arc<StateStore>,
+}
+
+impl Batch {
+    pub fn put_entry(&mut self, client: &str, d: &Delivery, pkid: u16, released: bool) {
+        let e = Entry { pkid, released, d: d.clone() };
+        self.inner.insert(&self.store.queue, queue_key(client, d.seq), encode(&e));
+    }
+
+    pub fn remove_entry(&mut self, client: &str, seq: u64) {
+        self.inner.remove(&self.store.queue, queue_key(client, seq));
+    }
+
+    /// Released once this batch is committed.
+    pub fn wait(&mut self, w: Waiter) {
+        self.waiters.push(w);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner.is_empty() && self.waiters.is_empty()
     }
 }
 

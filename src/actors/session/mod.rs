@@ -279,6 +279,8 @@ pub struct SessionState {
     loaded_upto: u64,
     /// The state store holds records of this session.
     on_disk: bool,
+    /// This turn's writes to the state store (one commit at the end of the turn).
+    writes: Option<Box<crate::storage::state::Batch>>,
     refuse_logged: bool,
 }
 
@@ -326,6 +328,7 @@ impl Actor for SessionActor {
             q: QueueInfo { next_seq: 1, ..QueueInfo::default() },
             loaded_upto: 0,
             on_disk: false,
+            writes: None,
             refuse_logged: false,
         };
         // Adopted from a lost node's replica, or taken over from another node (perhaps from
@@ -349,6 +352,7 @@ impl Actor for SessionActor {
         if let Some(snap) = args.restored {
             Box::pin(st.restore(&me, snap, args.queue)).await;
         }
+        st.flush_writes();
         Ok(st)
     }
 
@@ -458,6 +462,7 @@ impl Actor for SessionActor {
                 }
             }
         }
+        st.flush_writes();
         if !st.to_backup.is_empty() || !st.tokens.is_empty() {
             st.replicate();
         }

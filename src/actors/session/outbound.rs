@@ -34,7 +34,8 @@ impl SessionState {
             }
             Some(i) => {
                 self.inflight[i].released = true;
-                self.record_pkid(&self.inflight[i].d, ack.pkid, true);
+                let d = self.inflight[i].d.clone();
+                self.record_pkid(&d, ack.pkid, true);
                 answer(reply, Packet::PubRel(Ack::new(ack.pkid, 0)));
                 self.mark_dirty(me);
             }

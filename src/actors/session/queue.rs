@@ -8,7 +8,12 @@ use super::*;
 use crate::config::QueueFull;
 use crate::message::DurableToken;
 use crate::metrics::Dropped;
-use crate::storage::state::{delivery_bytes, QueueInfo, Waiter};
+use crate::storage::state::{delivery_bytes, Batch, QueueInfo, Waiter};
+
+/// This turn's writes (committed together at its end, see `flush_writes`).
+fn writes<'a>(w: &'a mut Option<Box<Batch>>, state: &Arc<crate::storage::state::StateStore>) -> &'a mut Batch {
+    w.get_or_insert_with(|| Box::new(state.batch()))
+}
 
 impl SessionState {
     fn mem_full(&self) -> bool {
@@ -42,10 +47,7 @@ impl SessionState {
         self.q.next_seq += 1;
         let to_memory = !self.mem_full();
         if self.persistent() || !to_memory {
-            if !self.broker.state.put_entry(&self.client_id, &d, 0, false) {
-                self.refuse(token, Dropped::StoreFailed);
-                return;
-            }
+            writes(&mut self.writes, &self.broker.state).put_entry(&self.client_id, &d, 0, false);
             d.stored = true;
             self.on_disk = true;
         }
@@ -58,7 +60,18 @@ impl SessionState {
             self.q.spilled += 1;
         }
         if let Some(t) = token.filter(|_| self.persistent()) {
-            self.broker.state.after_commit(Waiter::Token(t));
+            writes(&mut self.writes, &self.broker.state).wait(Waiter::Token(t));
+        }
+    }
+
+    /// Commit this turn's writes; the publishers waiting for them are released by the next
+    /// group commit (or refused, if the store failed).
+    pub(super) fn flush_writes(&mut self) {
+        if let Some(b) = self.writes.take() {
+            if self.broker.state.commit(*b) {
+                return;
+            }
+            self.broker.metrics.dropped(Dropped::StoreFailed);
         }
     }
 
@@ -108,7 +121,7 @@ impl SessionState {
         self.q.count = self.q.count.saturating_sub(1);
         self.q.bytes = self.q.bytes.saturating_sub(delivery_bytes(d));
         if d.stored {
-            self.broker.state.remove_entry(&self.client_id, d.seq);
+            writes(&mut self.writes, &self.broker.state).remove_entry(&self.client_id, d.seq);
         }
     }
 
@@ -135,9 +148,9 @@ impl SessionState {
 
     /// A QoS 2 delivery of a persistent session was sent under `pkid` (or released): a
     /// restart resends it under the same id, or its PUBREL.
-    pub(super) fn record_pkid(&self, d: &Delivery, pkid: u16, released: bool) {
+    pub(super) fn record_pkid(&mut self, d: &Delivery, pkid: u16, released: bool) {
         if d.stored && d.qos == QoS::ExactlyOnce {
-            self.broker.state.put_entry(&self.client_id, d, pkid, released);
+            writes(&mut self.writes, &self.broker.state).put_entry(&self.client_id, d, pkid, released);
         }
     }
 
@@ -198,6 +211,7 @@ impl SessionState {
 
     /// Drop the session's records (it ends or moves away).
     pub(super) fn clear_stored(&mut self) {
+        self.flush_writes();
         if std::mem::take(&mut self.on_disk) {
             self.broker.state.remove_session(&self.client_id);
         }
