@@ -178,7 +178,7 @@ next_connection_delay_ms = 0
     let child = cmd.spawn().with_context(|| format!("start {kind}"))?;
     wait_ready(addr).await?;
     let restart = base.starts_with("thingsd").then(|| (kind.to_string(), max_conns));
-    Ok(Broker { name: kind.into(), addr, child: Some(child), dir: dir, restart })
+    Ok(Broker { name: kind.into(), addr, child: Some(child), dir, restart })
 }
 
 /// The admin API key the `devices` scenario configures.
@@ -210,7 +210,7 @@ pub async fn start_platform(max_conns: usize, extra_env: &[(&str, String)]) -> a
     }
     let child = c.spawn().context("start thingsd")?;
     wait_ready(addr).await?;
-    Ok((Broker { name: "thingsd".into(), addr, child: Some(child), dir: dir, restart: None }, format!("127.0.0.1:{hport}").parse()?))
+    Ok((Broker { name: "thingsd".into(), addr, child: Some(child), dir, restart: None }, format!("127.0.0.1:{hport}").parse()?))
 }
 
 /// A local thingsd cluster of `n` nodes (same layout as `thingsd dev-cluster`); returns once

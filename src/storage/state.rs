@@ -55,6 +55,9 @@ pub struct QueueInfo {
     pub next_seq: u64,
 }
 
+/// An opened store, the sessions and the retained messages a previous run left.
+pub type Opened = (Arc<StateStore>, Vec<Restored>, Vec<Message>);
+
 /// A persistent session as a previous run left it.
 pub struct Restored {
     pub snap: SessionSnapshot,
@@ -161,12 +164,7 @@ pub fn delivery_bytes(d: &Delivery) -> u64 {
 impl StateStore {
     /// Open (creating) the store in `dir/state`, importing the whole-file snapshots of older
     /// versions once. A damaged store is an error naming it, never an empty start.
-    pub fn open(
-        dir: &Path,
-        mode: Durability,
-        interval: Duration,
-        head: usize,
-    ) -> Result<(Arc<StateStore>, Vec<Restored>, Vec<Message>), StateError> {
+    pub fn open(dir: &Path, mode: Durability, interval: Duration, head: usize) -> Result<Opened, StateError> {
         std::fs::create_dir_all(dir).map_err(|source| StateError::Io { path: dir.display().to_string(), source })?;
         let path = dir.join("state");
         let err = |e: fjall::Error| StateError::Store { path: path.display().to_string(), message: e.to_string() };
