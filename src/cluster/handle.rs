@@ -157,8 +157,9 @@ pub struct Cluster {
     pub(super) features: OnceLock<Arc<dyn Features>>,
 }
 
-/// Rendezvous (highest random weight) score of `node` for `client`.
-pub(super) fn rendezvous(node: &str, client: &str) -> u64 {
+/// Rendezvous (highest random weight) score of `node` for `client`: the live node with the
+/// highest score is the client's registrar (public for tests that need a given layout).
+pub fn rendezvous(node: &str, client: &str) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in node.bytes().chain([0u8]).chain(client.bytes()) {
         h ^= b as u64;

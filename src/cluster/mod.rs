@@ -93,8 +93,8 @@ pub struct MemberInfo {
     pub idx: NodeIdx,
 }
 
-use handle::{forward_loop, rendezvous};
-pub use handle::{Cluster, Features, Link, Parked};
+use handle::forward_loop;
+pub use handle::{rendezvous, Cluster, Features, Link, Parked};
 
 /// What this node knows of another.
 struct Member {
