@@ -258,3 +258,43 @@ async fn coap_device_api() {
     p.wait_command(queued["id"].as_i64().unwrap(), "sent").await;
     p.node.stop().await;
 }
+
+/// Devices without a connection (HTTP, CoAP) show online while they report, and go offline
+/// once they have not reported for `devices.report_online_secs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_coap_devices_are_online_while_they_report() {
+    let p = Platform::start(None, |c| c.devices.report_online_secs = 1).await;
+    let (_, th) = p.create_device("rep-h", json!({})).await;
+    let (_, tc) = p.create_device("rep-c", json!({})).await;
+    let status = |n: &'static str| {
+        let p = &p;
+        async move { p.admin("GET", &format!("/api/v1/devices/{n}/status"), None).await.1 }
+    };
+    let online = |n: &'static str, want: bool| {
+        let status = &status;
+        async move {
+            let end = tokio::time::Instant::now() + DEADLINE;
+            loop {
+                let s = status(n).await;
+                if s["online"] == want {
+                    return s;
+                }
+                assert!(tokio::time::Instant::now() < end, "{n} never became online={want}: {s}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(status("rep-h").await["online"], false, "not online before it reports");
+    assert_eq!(post(&p, &format!("/api/v1/{th}/telemetry"), r#"{"t": 1}"#).await.0, 200);
+    online("rep-h", true).await;
+    let mut c = Coap::new(p.node.coap.expect("coap listener")).await;
+    let r = c.call(RequestType::Post, &format!("api/v1/{tc}/telemetry"), true, r#"{"t": 2}"#).await;
+    assert_eq!(code(&r), ResponseType::Changed);
+    online("rep-c", true).await;
+    // Silent for longer than the window: offline; a new report brings it back.
+    let off = online("rep-h", false).await;
+    assert!(off["last_seen"].as_u64().is_some(), "{off}");
+    online("rep-c", false).await;
+    assert_eq!(post(&p, &format!("/api/v1/{th}/telemetry"), r#"{"t": 3}"#).await.0, 200);
+    online("rep-h", true).await;
+}

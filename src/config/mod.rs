@@ -253,6 +253,10 @@ pub struct DevicesConfig {
     /// history needs a larger `ts_max_age_secs`.
     pub ts_max_age_secs: u64,
     pub ts_max_ahead_secs: u64,
+    /// A device that reports over HTTP or CoAP (no connection to hold it online) is online
+    /// from its first report until it has not reported for this long. 0 = such devices never
+    /// show online.
+    pub report_online_secs: u64,
 }
 
 impl Default for DevicesConfig {
@@ -269,6 +273,7 @@ impl Default for DevicesConfig {
             services: vec![],
             ts_max_age_secs: 366 * 86_400,
             ts_max_ahead_secs: 86_400,
+            report_online_secs: 300,
         }
     }
 }

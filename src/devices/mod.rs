@@ -149,6 +149,8 @@ pub struct Devices {
     seen_local: moka::sync::Cache<Arc<str>, u64>,
     /// Status changes waiting for the status worker: the latest per device (online, when).
     status_queue: Mutex<HashMap<Arc<str>, (bool, u64)>>,
+    /// Devices that reported over HTTP or CoAP on this node, and when they last did.
+    reporting: Mutex<HashMap<Arc<str>, u64>>,
     status_wake: Arc<Notify>,
     /// One downlink flush at a time per device.
     flushing: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
@@ -204,10 +206,12 @@ impl Devices {
             bad_log: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
             seen_local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(3600)).build(),
             status_queue: Mutex::default(),
+            reporting: Mutex::default(),
             status_wake: Arc::new(Notify::new()),
             flushing: Mutex::default(),
         });
         Devices::spawn_status_worker(&d);
+        Devices::spawn_report_sweeper(&d);
         Devices::feed_live(&d);
         d.bootstrap_admin_key().await?;
         let hashed = d.meta.hash_plain_tokens().await?;

@@ -2,7 +2,9 @@
 //! connection on any node: the node where it connects publishes `devices/status/{number}`
 //! (retained, so replicated to every node, last writer wins) with `{"online":true,"ts":..}`;
 //! the node where its last connection closes publishes `false` — unless the connection was
-//! taken over by a newer one (the device moved, it did not go away).
+//! taken over by a newer one (the device moved, it did not go away). A device that reports
+//! over HTTP or CoAP has no connection: it is online from a report until it has not reported
+//! for `devices.report_online_secs`.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +43,60 @@ impl Devices {
         if last && !taken_over {
             self.publish_status(number, false).await;
         }
+    }
+
+    /// A device's HTTP or CoAP request: online now (unless it already shows online), and
+    /// offline once it stops reporting (see `spawn_report_sweeper`).
+    pub async fn reported(&self, number: &Arc<str>) {
+        if self.config.devices.report_online_secs == 0 {
+            return;
+        }
+        if let Ok(mut m) = self.reporting.lock() {
+            m.insert(number.clone(), now_ms());
+        }
+        self.seen(number).await;
+        if !self.presence(number).online {
+            self.publish_status(number, true).await;
+        }
+    }
+
+    /// Mark offline the devices that reported over HTTP or CoAP here and then stopped: not
+    /// connected over MQTT here, not seen (through the shared cache) within the window.
+    pub(super) fn spawn_report_sweeper(me: &Arc<Devices>) {
+        let window = me.config.devices.report_online_secs.saturating_mul(1000);
+        if window == 0 {
+            return;
+        }
+        let weak = Arc::downgrade(me);
+        let every = Duration::from_millis((window / 4).clamp(250, 30_000));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let Some(d) = weak.upgrade() else { return };
+                let now = now_ms();
+                let quiet: Vec<Arc<str>> = match d.reporting.lock() {
+                    Ok(mut m) => {
+                        let q: Vec<Arc<str>> =
+                            m.iter().filter(|(_, t)| now.saturating_sub(**t) >= window).map(|(n, _)| n.clone()).collect();
+                        for n in &q {
+                            m.remove(n);
+                        }
+                        q
+                    }
+                    Err(_) => Vec::new(),
+                };
+                for n in quiet {
+                    let connected = d.conns.lock().is_ok_and(|m| m.contains_key(&n));
+                    let seen = d.cache.get(&format!("seen:{n}")).await.and_then(|v| v.parse::<u64>().ok());
+                    // `seen` is written at most every 10 s: a report on another node counts.
+                    let elsewhere = seen.is_some_and(|t| now.saturating_sub(t) + 10_000 < window);
+                    if !connected && !elsewhere && d.presence(&n).online {
+                        d.publish_status(&n, false).await;
+                    }
+                }
+            }
+        });
     }
 
     /// Queue a status change; a worker publishes them in order, coalescing changes of one

@@ -38,7 +38,10 @@ pub(super) fn devices(s: &AppState) -> Arc<Devices> {
 async fn auth(s: &AppState, peer: SocketAddr, token: &str) -> Result<(Arc<Devices>, Arc<Identity>), ApiError> {
     let d = devices(s);
     match d.authenticate_token(peer.ip(), token).await {
-        Ok(i) => Ok((d, i)),
+        Ok(i) => {
+            d.reported(&i.device_number).await;
+            Ok((d, i))
+        }
         Err(AuthError::BadCredentials) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown access token")),
         Err(AuthError::NotAuthorized) => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "device disabled")),
         Err(AuthError::RateLimited) => {

@@ -246,7 +246,10 @@ impl Server {
         };
         let d = &self.devices;
         let ident = match d.authenticate_token_udp(peer.ip(), token).await {
-            Ok(i) => i,
+            Ok(i) => {
+                d.reported(&i.device_number).await;
+                i
+            }
             Err(AuthError::RateLimited) => return (err(ResponseType::TooManyRequests, "rate_limited", "too many failed logins"), None),
             Err(AuthError::NotAuthorized) => return (err(ResponseType::Forbidden, "forbidden", "device disabled"), None),
             Err(AuthError::Unavailable) => {
