@@ -6,6 +6,35 @@ use axum::Json;
 
 use crate::storage::meta::MetaError;
 
+/// Every error code the HTTP APIs answer with (`{"error": {"code", "message"}}`), and what it
+/// means: the one vocabulary, listed in the OpenAPI document's `Error` schema. A code outside
+/// it fails a debug build's assertion in [`ApiError::new`].
+pub const CODES: &[(&str, &str)] = &[
+    ("invalid", "the request is not valid (a field, a value, a query parameter)"),
+    ("invalid_json", "the body is not the JSON the operation takes"),
+    ("unsupported_media_type", "the body's content type is not accepted"),
+    ("payload_too_large", "the body (or a device payload) is larger than allowed"),
+    ("bad_body", "the body could not be read"),
+    ("malformed_payload", "a device payload that is not the JSON its topic or path takes"),
+    ("thing_model_mismatch", "a device value the product's thing model refuses (type, range, unknown key)"),
+    ("unknown_sub_device", "a gateway reported for a device that is not its sub-device"),
+    ("refused_by_store", "the time-series store refuses these values (e.g. text it cannot hold)"),
+    ("unauthorized", "no or wrong credentials"),
+    ("session_ended", "the login session ended (logged out, expired, password changed); log in again"),
+    ("forbidden", "authenticated, but without the permission this needs"),
+    ("not_found", "no such object (or not in the caller's tenant)"),
+    ("method_not_allowed", "the path exists, the method does not"),
+    ("conflict", "the object exists already or the change conflicts with the current state"),
+    ("ambiguous", "a name matches more than one object; be more specific"),
+    ("timeout", "nothing arrived within the wait the request asked for"),
+    ("rate_limited", "too many requests or failed logins; retry later"),
+    ("busy", "the node is busy (e.g. telemetry storage); retry after Retry-After"),
+    ("unavailable", "a store or service the node depends on is unavailable"),
+    ("not_ready", "the node is not ready (starting, or a dependency is down)"),
+    ("node_error", "another node of the cluster failed to answer"),
+    ("internal", "an unexpected error, logged by the node"),
+];
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -15,6 +44,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        debug_assert!(CODES.iter().any(|(c, _)| *c == code), "error code {code:?} is not in http::error::CODES");
         ApiError { status, code, message: message.into() }
     }
 }
@@ -81,7 +111,7 @@ impl From<MetaError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> ApiError {
         match e.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.body_text()),
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", e.body_text()),
             StatusCode::UNSUPPORTED_MEDIA_TYPE => {
                 ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", e.body_text())
             }

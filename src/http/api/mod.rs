@@ -78,8 +78,13 @@ fn describe_errors(doc: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::schema::{ObjectBuilder, Type};
     use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
     let text = |d: &str| ObjectBuilder::new().schema_type(Type::String).description(Some(d));
+    let vocabulary: Vec<String> = crate::http::error::CODES.iter().map(|(c, d)| format!("`{c}`: {d}")).collect();
+    let code = ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(crate::http::error::CODES.iter().map(|(c, _)| *c)))
+        .description(Some(format!("a stable machine-readable code, one of: {}", vocabulary.join("; "))));
     let inner = ObjectBuilder::new()
-        .property("code", text("a stable machine-readable code: invalid, invalid_json, not_found, forbidden, conflict, busy, ..."))
+        .property("code", code)
         .required("code")
         .property("message", text("what went wrong, for people"))
         .required("message");
