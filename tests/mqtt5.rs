@@ -689,3 +689,57 @@ async fn connect_rate_limit_refuses_with_0x9f() {
     assert_eq!(codes[0], 0, "the burst admits the first");
     node.stop().await;
 }
+
+/// Packets are processed in order: a PUBLISH sent right behind a SUBSCRIBE (without waiting for
+/// the SUBACK) is matched against that subscription — the Paho suites' No Local and
+/// request/response tests do this — and one behind an UNSUBSCRIBE is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_behind_a_subscribe_sees_it() {
+    let node = start(|_| {}).await;
+    let mut other = Raw::v5(node.tcp, "order-other").await;
+    for i in 0..30u16 {
+        let topic = format!("order/{i}");
+        let mut c = Raw::v5(node.tcp, &format!("order-{i}")).await;
+        // One write: SUBSCRIBE (No Local on the second filter), then PUBLISHes of its own.
+        let mut b = bytes::BytesMut::new();
+        let no_local = SubOptions { no_local: true, ..SubOptions::qos(QoS::AtLeastOnce) };
+        let sub = Subscribe {
+            pkid: 1,
+            filters: vec![(topic.clone(), SubOptions::qos(QoS::AtLeastOnce)), (format!("{topic}/nl"), no_local)],
+            props: Properties::default(),
+        };
+        encode(&Packet::Subscribe(sub), Protocol::V5, &mut b);
+        encode(&publish(&topic, QoS::AtMostOnce, 0, "own"), Protocol::V5, &mut b);
+        encode(&publish(&format!("{topic}/nl"), QoS::AtMostOnce, 0, "own-nl"), Protocol::V5, &mut b);
+        c.send_bytes(&b).await;
+        let mut got = Vec::new();
+        let mut subacked = false;
+        while got.len() < 2 {
+            match c.recv_app().await {
+                Some(Packet::Publish(m)) => got.push(String::from_utf8_lossy(&m.payload).into_owned()),
+                Some(Packet::SubAck(_)) => {
+                    // Then (after the SUBACK) someone else, on the No Local filter: that one
+                    // arrives, its own did not.
+                    subacked = true;
+                    other.send(publish(&format!("{topic}/nl"), QoS::AtMostOnce, 0, "theirs")).await;
+                }
+                x => panic!("round {i}: {x:?} (subacked {subacked}, got {got:?})"),
+            }
+        }
+        // Two publishers: either order. Its own message on the No Local filter never comes.
+        got.sort();
+        assert_eq!(got, ["own", "theirs"], "round {i}");
+        // An UNSUBSCRIBE and a PUBLISH right behind it: not delivered.
+        let mut b = bytes::BytesMut::new();
+        encode(
+            &Packet::Unsubscribe(Unsubscribe { pkid: 2, filters: vec![topic.clone()], props: Properties::default() }),
+            Protocol::V5,
+            &mut b,
+        );
+        encode(&publish(&topic, QoS::AtMostOnce, 0, "after"), Protocol::V5, &mut b);
+        c.send_bytes(&b).await;
+        let rest = c.sync().await;
+        assert!(!rest.iter().any(|p| matches!(p, Packet::Publish(_))), "round {i}: {rest:?}");
+    }
+    node.stop().await;
+}

@@ -194,6 +194,8 @@ pub enum SessionMessage {
     },
     /// For the inspector.
     Info(RpcReplyPort<SessionInfo>),
+    /// Answered once everything sent before is handled (the connection keeps packet order).
+    Barrier(RpcReplyPort<()>),
     /// An operator disconnects the client (DISCONNECT 0x98); `discard` also ends the session
     /// (its will is published). Replies whether a connection was closed.
     Kick {
@@ -392,7 +394,7 @@ impl Actor for SessionActor {
                 answer(reply, Packet::PubComp(Ack::new(pkid, code)));
             }
             SessionMessage::Subscribe(s, denied, reply, then) => Box::pin(st.subscribe(&me, s, denied, reply, then)).await,
-            SessionMessage::Unsubscribe(u, reply) => st.unsubscribe(&me, u, reply),
+            SessionMessage::Unsubscribe(u, reply) => Box::pin(st.unsubscribe(&me, u, reply)).await,
             SessionMessage::Attach(a, reply) => {
                 let present = Box::pin(st.attach(&me, *a)).await;
                 let _ = reply.send(present);
@@ -449,6 +451,9 @@ impl Actor for SessionActor {
             SessionMessage::Merge { gen, from, state } => st.merge(&me, gen, from, state),
             SessionMessage::Info(reply) => {
                 let _ = reply.send(st.info());
+            }
+            SessionMessage::Barrier(reply) => {
+                let _ = reply.send(());
             }
             SessionMessage::Kick { discard, reply } => {
                 let had = Box::pin(st.kick_by_operator(&me, discard)).await;

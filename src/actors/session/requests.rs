@@ -172,13 +172,20 @@ impl SessionState {
         }
     }
 
-    pub(super) fn unsubscribe(&mut self, me: &ActorRef<SessionMessage>, u: Unsubscribe, reply: Reply) {
+    pub(super) async fn unsubscribe(&mut self, me: &ActorRef<SessionMessage>, u: Unsubscribe, reply: Reply) {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in u.filters {
             if !topic::valid_filter(&f) {
                 codes.push(reason::TOPIC_FILTER_INVALID);
             } else if self.subs.remove(&f).is_some() {
-                self.remove_route(me, &f);
+                // Gone from the routes before the UNSUBACK (and before the connection reads on).
+                let router = &self.broker.router;
+                if let Some(shard) = router.shard(router.shard_of_filter(&f)) {
+                    let (client, owner) = (self.client_id.clone(), me.get_id());
+                    let _ = shard
+                        .ask(|r| ShardMessage::Unsubscribe { client, filter: f, owner, reply: Some(r) }, Some(Duration::from_secs(5)))
+                        .await;
+                }
                 codes.push(reason::SUCCESS);
             } else {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);

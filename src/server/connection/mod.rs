@@ -320,6 +320,14 @@ impl Conn {
         }
     }
 
+    /// Wait until the session has handled everything told before (its mailbox is in order).
+    async fn settled(&mut self) {
+        // A session that takes longer is not waited for beyond 10 s; one that is gone ends this.
+        if self.session.ask(SessionMessage::Barrier, Some(Duration::from_secs(10))).await.is_err() {
+            self.session_lost = true;
+        }
+    }
+
     fn flush_acks(&mut self) {
         if !self.acks.is_empty() {
             let acks = std::mem::take(&mut self.acks);
@@ -408,6 +416,9 @@ impl Conn {
                     _ => None,
                 };
                 self.tell(SessionMessage::Subscribe(s, denied, r, then));
+                // Packets are processed in order: a PUBLISH read after this SUBSCRIBE (from this
+                // client, or routed by it to anyone) must see the subscription in place.
+                self.settled().await;
             }
             Packet::Unsubscribe(mut u) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
@@ -420,6 +431,7 @@ impl Conn {
                     });
                 }
                 self.tell(SessionMessage::Unsubscribe(u, r));
+                self.settled().await;
             }
             // Behind any acknowledgement still waiting: a PINGRESP confirms what came before.
             Packet::PingReq => match &self.acker {
