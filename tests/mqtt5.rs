@@ -743,3 +743,53 @@ async fn a_publish_behind_a_subscribe_sees_it() {
     }
     node.stop().await;
 }
+
+/// A lingering close: the server that ends a connection with a reason (here Receive Maximum
+/// exceeded) keeps reading what the client still sends for a moment, so a client that goes on
+/// publishing for a little while after the DISCONNECT gets no reset (a broken pipe) and reads
+/// the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_writing_reads_the_disconnect_reason() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = start(|c| c.mqtt.max_inflight = 5).await;
+    let p = Raw::v5(node.tcp, "still-writing").await;
+    let (mut rd, mut wr) = p.stream.into_split();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // Eight QoS 2 publishes (three beyond Receive Maximum), then more, 2 KiB a millisecond,
+    // until told to stop.
+    let writer = tokio::spawn(async move {
+        let mut b = bytes::BytesMut::new();
+        for i in 1..=8u16 {
+            encode(&publish("lc/x", QoS::ExactlyOnce, i, "x"), Protocol::V5, &mut b);
+        }
+        wr.write_all(&b).await?;
+        let filler = "y".repeat(2000);
+        while !stop2.load(Ordering::Relaxed) {
+            b.clear();
+            encode(&publish("lc/y", QoS::AtMostOnce, 0, &filler), Protocol::V5, &mut b);
+            wr.write_all(&b).await?;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        wr.shutdown().await
+    });
+    let mut got = bytes::BytesMut::new();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|p| matches!(p, Packet::Disconnect(_))) {
+        match tokio::time::timeout(DEADLINE, rd.read_buf(&mut got)).await.expect("the server answers") {
+            Ok(0) => panic!("closed without a DISCONNECT: {seen:?}"),
+            Ok(_) => {}
+            Err(e) => panic!("reset before the DISCONNECT: {e} ({seen:?})"),
+        }
+        while let Some(p) = decode(&mut got, Protocol::V5, usize::MAX).unwrap() {
+            seen.push(p);
+        }
+    }
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::RECEIVE_MAXIMUM_EXCEEDED), "{seen:?}");
+    // The client goes on writing for a moment (its publishes were in flight), then stops.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap().expect("the client's writes after the DISCONNECT were not refused by a reset");
+    node.stop().await;
+}

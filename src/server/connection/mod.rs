@@ -129,7 +129,10 @@ where
     let m = &broker.metrics;
     let max = broker.config.mqtt.max_packet_size as usize;
     let mut buf = BytesMut::new();
-    let Some(est) = Box::pin(handshake(&broker, &mut rd, wr, &mut buf, peer, ctx, &shutdown)).await else { return };
+    let Some(est) = Box::pin(handshake(&broker, &mut rd, wr, &mut buf, peer, ctx, &shutdown)).await else {
+        linger(&mut rd).await;
+        return;
+    };
     let Established { mut conn, kicked, conn_id, keep_alive, cancel, writer, _gauge } = est;
     let session = conn.session.clone();
     let protocol = conn.protocol;
@@ -226,6 +229,26 @@ where
     if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
         cancel.cancel();
     }
+    linger(&mut rd).await;
+}
+
+/// A lingering close: our side is shut (the writer sent what it had, e.g. a DISCONNECT or a
+/// refusing CONNACK, then FIN); read and discard what the client still sends until it closes
+/// too, for at most a second and 1 MiB. Closing with its packets unread would make the kernel
+/// answer with a reset, and a client that was still writing would get a broken pipe instead
+/// of reading our reason code.
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+    let mut scratch = vec![0u8; 16 * 1024];
+    let mut left = 1usize << 20;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while left > 0 {
+            match rd.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 struct Conn {
