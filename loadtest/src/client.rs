@@ -284,25 +284,17 @@ pub async fn receive(s: TcpStream, expected: u64, idle: Duration, base: Instant)
             Ok(Ok(_)) => {}
         }
         while let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
-            match p {
-                Packet::Publish(p) => {
-                    match p.qos {
-                        QoS::AtMostOnce => {}
-                        QoS::AtLeastOnce => encode(&Packet::PubAck(Ack::new(p.pkid, 0)), Protocol::V4, &mut out),
-                        QoS::ExactlyOnce => encode(&Packet::PubRec(Ack::new(p.pkid, 0)), Protocol::V4, &mut out),
+            acknowledge(&p, &mut out);
+            if let Packet::Publish(p) = p {
+                if let Some((id, seq, lat)) = parse_payload(&p.payload, base) {
+                    r.count += 1;
+                    if r.mark(id, seq) {
+                        r.dups += 1;
+                    } else {
+                        r.latencies_us.push(lat.as_micros().min(u32::MAX as u128) as u32);
                     }
-                    if let Some((id, seq, lat)) = parse_payload(&p.payload, base) {
-                        r.count += 1;
-                        if r.mark(id, seq) {
-                            r.dups += 1;
-                        } else {
-                            r.latencies_us.push(lat.as_micros().min(u32::MAX as u128) as u32);
-                        }
-                        r.last_at = Some(Instant::now());
-                    }
+                    r.last_at = Some(Instant::now());
                 }
-                Packet::PubRel(a) => encode(&Packet::PubComp(Ack::new(a.pkid, 0)), Protocol::V4, &mut out),
-                _ => {}
             }
         }
         if !out.is_empty() {
@@ -311,6 +303,17 @@ pub async fn receive(s: TcpStream, expected: u64, idle: Duration, base: Instant)
         }
     }
     Ok(r)
+}
+
+/// The acknowledgement a subscriber owes for `p` (PUBACK, PUBREC, PUBCOMP), if any.
+fn acknowledge(p: &Packet, out: &mut BytesMut) {
+    let ack = match p {
+        Packet::Publish(p) if p.qos == QoS::AtLeastOnce => Packet::PubAck(Ack::new(p.pkid, 0)),
+        Packet::Publish(p) if p.qos == QoS::ExactlyOnce => Packet::PubRec(Ack::new(p.pkid, 0)),
+        Packet::PubRel(a) => Packet::PubComp(Ack::new(a.pkid, 0)),
+        _ => return,
+    };
+    encode(&ack, Protocol::V4, out);
 }
 
 /// Read (and acknowledge) up to `n` publishes, stopping after `idle` without one; returns how
@@ -326,18 +329,8 @@ pub async fn receive_n(s: &mut TcpStream, n: u64, idle: Duration) -> anyhow::Res
             Ok(Ok(_)) => {}
         }
         while let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
-            match p {
-                Packet::Publish(p) => {
-                    got += 1;
-                    match p.qos {
-                        QoS::AtMostOnce => {}
-                        QoS::AtLeastOnce => encode(&Packet::PubAck(Ack::new(p.pkid, 0)), Protocol::V4, &mut out),
-                        QoS::ExactlyOnce => encode(&Packet::PubRec(Ack::new(p.pkid, 0)), Protocol::V4, &mut out),
-                    }
-                }
-                Packet::PubRel(a) => encode(&Packet::PubComp(Ack::new(a.pkid, 0)), Protocol::V4, &mut out),
-                _ => {}
-            }
+            acknowledge(&p, &mut out);
+            got += matches!(p, Packet::Publish(_)) as u64;
         }
         if !out.is_empty() {
             s.write_all(&out).await?;
