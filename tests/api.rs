@@ -278,6 +278,9 @@ async fn tenant_isolation_over_every_route() {
         ["id"]
         .clone();
     let cb = sys("POST", "/api/v1/devices/dev-b/commands".into(), Some(json!({"method": "reboot", "params": {}}))).await["id"].clone();
+    // A device's commands are a page like every list.
+    let page = sys("GET", "/api/v1/devices/dev-b/commands?limit=1".into(), None).await;
+    assert_eq!((page["items"][0]["id"].clone(), page["total"].as_i64(), page["limit"].as_i64()), (cb.clone(), Some(1), Some(1)), "{page}");
     let credb = sys("GET", "/api/v1/devices/dev-b/credentials".into(), None).await[0]["id"].clone();
     let mut ids: BTreeMap<&str, Value> = BTreeMap::from([
         ("tenants", json!(tb)),

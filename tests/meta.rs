@@ -151,7 +151,10 @@ async fn exercise(store: &MetaStore) {
     assert!(store.pending_commands(d1.id).await.unwrap().is_empty(), "expired ones are not pending");
     assert_eq!(store.expire_commands().await.unwrap(), 1);
     assert_eq!(store.command_by_message(d1.id, "m2").await.unwrap().unwrap().status, CommandStatus::Expired);
-    assert_eq!(store.device_commands(d1.id, 10).await.unwrap().len(), 2);
+    let page = store.device_commands(d1.id, 10, 0).await.unwrap();
+    assert_eq!((page.items.len(), page.total), (2, 2));
+    let page = store.device_commands(d1.id, 1, 1).await.unwrap();
+    assert_eq!((page.items.len(), page.total, page.items[0].id), (1, 2, store.device_commands(d1.id, 10, 0).await.unwrap().items[1].id));
 
     // API keys are stored as hashes.
     assert_eq!(store.api_key_count().await.unwrap(), 0);

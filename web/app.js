@@ -233,7 +233,7 @@ async function devicePage(number) {
   const cmdList = h("div");
   const renderCommands = (list) => cmdList.replaceChildren(table(["Id", "Method", "Status", "Created", "Response"],
     list.map((c) => [c.id, c.method || c.kind, c.status, time(c.created_ms), c.response ? JSON.stringify(c.response) : ""]), "commands"));
-  renderCommands(commands);
+  renderCommands(commands.items);
   const send = form("send-command", [
     field("Method", h("input", { name: "method", required: true })),
     field("Params (JSON)", h("input", { name: "params", value: "{}" })),
@@ -241,7 +241,7 @@ async function devicePage(number) {
     let params;
     try { params = JSON.parse(v.params || "{}"); } catch { throw new Error("params must be JSON"); }
     await api("POST", path + "/commands", { method: v.method, params });
-    renderCommands(await api("GET", path + "/commands?limit=20"));
+    renderCommands((await api("GET", path + "/commands?limit=20")).items);
   });
   const histForm = form("history-form", [
     field("Key", h("select", { name: "key" }, numericKeys.map((k) => h("option", { value: k }, k)))),

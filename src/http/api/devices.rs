@@ -316,16 +316,18 @@ async fn delete_credential(State(s): State<AppState>, c: Caller, P((number, id))
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct LimitQuery {
-    /// Newest first, at most this many (default 100).
+    /// Newest first, at most this many (default 100, at most 1000).
     limit: Option<i64>,
+    /// Skip this many (default 0).
+    offset: Option<i64>,
 }
 
-#[utoipa::path(get, path = "/devices/{number}/commands", tag = "devices", params(("number" = String, Path), LimitQuery), responses((status = 200, description = "the device's commands, newest first", body = Vec<Command>)))]
+#[utoipa::path(get, path = "/devices/{number}/commands", tag = "devices", params(("number" = String, Path), LimitQuery), responses((status = 200, description = "the device's commands, newest first: `{items, total, limit, offset}`", body = crate::storage::meta::Page<Command>)))]
 async fn list_commands(State(s): State<AppState>, c: Caller, P(number): P<String>, Q(q): Q<LimitQuery>) -> Answer {
     let d = devices(&s);
     let dev = c.device(&d, &number).await?;
     c.require("device:read")?;
-    ok(d.meta.device_commands(dev.id, q.limit.unwrap_or(100).clamp(1, 1000)).await?)
+    ok(d.meta.device_commands(dev.id, q.limit.unwrap_or(100), q.offset.unwrap_or(0)).await?)
 }
 
 /// Send a command; follow its status at `/commands/{id}`.

@@ -117,13 +117,17 @@ impl MetaStore {
     }
 
     /// Commands of a device, newest first.
-    pub async fn device_commands(&self, device_id: i64, limit: i64) -> Result<Vec<Command>> {
-        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 ORDER BY id DESC LIMIT $2")
+    pub async fn device_commands(&self, device_id: i64, limit: i64, offset: i64) -> Result<super::Page<Command>> {
+        let (limit, offset) = (limit.clamp(1, 1000), offset.max(0));
+        let rows = sqlx::query("SELECT * FROM commands WHERE device_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3")
             .bind(device_id)
-            .bind(limit.clamp(1, 1000))
+            .bind(limit)
+            .bind(offset)
             .fetch_all(self.pool())
             .await?;
-        rows.iter().map(command).collect()
+        let total: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM commands WHERE device_id = $1").bind(device_id).fetch_one(self.pool()).await?;
+        Ok(super::Page { items: rows.iter().map(command).collect::<Result<_>>()?, total, limit, offset })
     }
 
     /// Unexpired pending commands of a device, oldest first.
