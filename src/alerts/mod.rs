@@ -84,6 +84,9 @@ pub struct Alerts {
     me: Arc<str>,
     index: ArcSwap<Index>,
     running: Mutex<HashMap<i64, (ActorRef<RuleMessage>, i64)>>,
+    /// Rules whose actor is starting (loading its devices and open alerts): their events wait
+    /// here and are handed over, in order, before any later one (locked with `running`).
+    starting: Mutex<HashMap<i64, Vec<Arc<Ev>>>>,
     /// Group and product of each device (for matching events to rules).
     placement: moka::sync::Cache<i64, (Option<i64>, Option<i64>)>,
     notices: mpsc::Sender<Notice>,
@@ -93,6 +96,9 @@ pub struct Alerts {
     wake: tokio::sync::Notify,
     stopped: std::sync::atomic::AtomicBool,
 }
+
+/// Events kept for one starting rule at most.
+const STARTING_MAX: usize = 10_000;
 
 impl Alerts {
     /// Start sharing out the rules, following device events and sending notifications.
@@ -105,6 +111,7 @@ impl Alerts {
             broker: Arc::downgrade(broker),
             me: Arc::from(broker.config.node.name.as_str()),
             index: ArcSwap::from_pointee(Index::default()),
+            starting: Mutex::default(),
             running: Mutex::default(),
             // A device moved to another group or product reaches group/product rules within
             // this time (devices move rarely; a lookup per device per minute is cheap).
@@ -200,13 +207,22 @@ impl Alerts {
         }
         for rule in start {
             let (id, updated) = (rule.id, rule.updated_ms);
+            self.starting.lock().unwrap_or_else(|e| e.into_inner()).insert(id, Vec::new());
             let args = actor::RuleArgs { rule, alerts: self.clone(), tick: Duration::from_millis(self.config.tick_ms.max(10)) };
             match Actor::spawn(Some(format!("alert:{id}")), crate::actors::inspect::Instrumented(actor::RuleActor, "alert"), args).await {
                 Ok((a, _)) => {
                     tracing::info!(rule = id, "alert rule runs on this node");
-                    self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(id, (a, updated));
+                    let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                    let waited = self.starting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id).unwrap_or_default();
+                    if !waited.is_empty() {
+                        let _ = a.cast(RuleMessage::Events(waited));
+                    }
+                    running.insert(id, (a, updated));
                 }
-                Err(e) => tracing::warn!(rule = id, error = %e, "cannot start an alert rule; retrying"),
+                Err(e) => {
+                    self.starting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                    tracing::warn!(rule = id, error = %e, "cannot start an alert rule; retrying")
+                }
             }
         }
         Ok(())
@@ -372,7 +388,13 @@ impl Alerts {
                 let _ = a.cast(RuleMessage::Events(evs));
             }
             None => {
-                self.metrics.events_dropped.fetch_add(evs.len() as u64, Ordering::Relaxed);
+                let mut starting = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+                match starting.get_mut(&rule).filter(|w| w.len() + evs.len() <= STARTING_MAX) {
+                    Some(waiting) => waiting.extend(evs),
+                    None => {
+                        self.metrics.events_dropped.fetch_add(evs.len() as u64, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }
