@@ -83,6 +83,30 @@ struct Entry {
     d: Delivery,
 }
 
+/// The same record, borrowed for writing (serialized exactly like `Entry`).
+#[derive(Serialize)]
+struct EntryRef<'a> {
+    pkid: u16,
+    released: bool,
+    d: &'a Delivery,
+}
+
+/// A queue record's key and value.
+fn entry_record(client: &str, d: &Delivery, pkid: u16, released: bool) -> (Vec<u8>, Vec<u8>) {
+    (queue_key(client, d.seq), encode(&EntryRef { pkid, released, d }))
+}
+
+/// A queue record read back: its packet id, PUBREL flag and delivery (numbered and marked
+/// stored); the key's last 8 bytes are the sequence number.
+fn read_entry(k: &[u8], v: &[u8]) -> Result<(u16, bool, Delivery), String> {
+    let seq = k.get(k.len().saturating_sub(8)..).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+    let e: Entry = decode(v)?;
+    let mut d = e.d;
+    d.seq = seq;
+    d.stored = true;
+    Ok((e.pkid, e.released, d))
+}
+
 const RECORD_VERSION: u8 = 1;
 
 /// What waits for the next commit: a publisher's copy, or a one-shot signal (true = durable).
@@ -235,16 +259,12 @@ impl StateStore {
         let mut q = QueueInfo { next_seq: 1, ..QueueInfo::default() };
         for kv in self.queue.prefix(&prefix) {
             let (k, v) = kv.into_inner().map_err(|e| self.corrupt(&prefix, e.to_string()))?;
-            let seq = k.get(prefix.len()..).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
-            let e: Entry = decode(&v).map_err(|why| self.corrupt(&k, why))?;
+            let (pkid, released, d) = read_entry(&k, &v).map_err(|why| self.corrupt(&k, why))?;
             q.count += 1;
-            q.bytes += delivery_bytes(&e.d);
-            q.next_seq = q.next_seq.max(seq + 1);
-            let mut d = e.d;
-            d.seq = seq;
-            d.stored = true;
-            if e.pkid != 0 && snap.queue.is_empty() {
-                snap.inflight.push((e.pkid, e.released, d));
+            q.bytes += delivery_bytes(&d);
+            q.next_seq = q.next_seq.max(d.seq + 1);
+            if pkid != 0 && snap.queue.is_empty() {
+                snap.inflight.push((pkid, released, d));
             } else if snap.queue.len() < head {
                 snap.queue.push(d);
             } else {
@@ -268,16 +288,10 @@ impl StateStore {
         let mut out = Vec::new();
         for kv in self.queue.range(from..=to).take(limit) {
             let Ok((k, v)) = kv.into_inner() else { break };
-            let seq = k.get(k.len().saturating_sub(8)..).and_then(|s| s.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
-            match decode::<Entry>(&v) {
-                Ok(e) => {
-                    let mut d = e.d;
-                    d.seq = seq;
-                    d.stored = true;
-                    out.push(d);
-                }
+            match read_entry(&k, &v) {
+                Ok((_, _, d)) => out.push(d),
                 Err(why) => {
-                    tracing::error!(path = %self.path.display(), client_id = %client, seq, %why, "unreadable queued message skipped")
+                    tracing::error!(path = %self.path.display(), client_id = %client, key = ?&k[..], %why, "unreadable queued message skipped")
                 }
             }
         }
@@ -346,13 +360,8 @@ impl StateStore {
 
     /// Append (or rewrite, with its packet id) a queued delivery.
     pub fn put_entry(&self, client: &str, d: &Delivery, pkid: u16, released: bool) -> bool {
-        let e = Entry { pkid, released, d: d.clone() };
-        self.result("queue", self.queue.insert(queue_key(client, d.seq), encode(&e)))
-    }
-
-    pub fn remove_entry(&self, client: &str, seq: u64) {
-        self.result("ack", self.queue.remove(queue_key(client, seq)));
-        self.mark_dirty();
+        let (k, v) = entry_record(client, d, pkid, released);
+        self.result("queue", self.queue.insert(k, v))
     }
 
     pub fn add_qos2(&self, client: &str, pkid: u16) -> bool {
@@ -478,8 +487,8 @@ pub struct Batch {
 
 impl Batch {
     pub fn put_entry(&mut self, client: &str, d: &Delivery, pkid: u16, released: bool) {
-        let e = Entry { pkid, released, d: d.clone() };
-        self.inner.insert(&self.store.queue, queue_key(client, d.seq), encode(&e));
+        let (k, v) = entry_record(client, d, pkid, released);
+        self.inner.insert(&self.store.queue, k, v);
     }
 
     pub fn remove_entry(&mut self, client: &str, seq: u64) {
@@ -594,7 +603,9 @@ mod tests {
                     Op::Ack(k) => {
                         let c = k % 3;
                         if let Some(&seq) = model[c].keys().nth(k / 3 % model[c].len().max(1)) {
-                            store.remove_entry(clients[c], seq);
+                            let mut b = store.batch();
+                            b.remove_entry(clients[c], seq);
+                            prop_assert!(store.commit(b));
                             model[c].remove(&seq);
                         }
                     }
