@@ -72,6 +72,10 @@ async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {
 }
 
 fn thingsd_binary() -> anyhow::Result<PathBuf> {
+    // Another build to measure (an older commit, say) with this generator.
+    if let Some(p) = std::env::var_os("LOADTEST_THINGSD") {
+        return Ok(PathBuf::from(p));
+    }
     let exe = std::env::current_exe()?;
     let p = exe.parent().context("exe dir")?.join("thingsd");
     if !p.exists() {

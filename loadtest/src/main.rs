@@ -4,6 +4,7 @@ mod brokers;
 mod client;
 mod devices;
 mod hooks;
+mod httptel;
 mod persist;
 mod tsdb;
 
@@ -28,12 +29,18 @@ struct Opts {
     pg: Option<String>,
     /// Alert rules on the telemetry scenario's product, one run per count.
     rules: Vec<usize>,
+    /// httptelemetry: devices, keep-alive connections, points in all, samples per request.
+    devices: usize,
+    http_connections: usize,
+    points: u64,
+    samples: usize,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,persistent,restart,cluster,takeover,killowner,devices,tsdb,telemetry,webhooks,inspect]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,persistent,restart,cluster,takeover,killowner,devices,tsdb,telemetry,httptelemetry,webhooks,inspect]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]
                 [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]
-                [--rules 0,10,100  (telemetry: alert rules on the devices' product, a run per count)]";
+                [--rules 0,10,100  (telemetry: alert rules on the devices' product, a run per count)]
+                [--devices N --http-connections N --points N --samples N  (httptelemetry: 1000, 16, 10M, 100 of 10 keys)]";
 
 fn parse() -> anyhow::Result<Opts> {
     let mut o = Opts {
@@ -48,6 +55,10 @@ fn parse() -> anyhow::Result<Opts> {
         window: 100,
         pg: std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty()),
         rules: vec![0],
+        devices: 1000,
+        http_connections: 16,
+        points: 10_000_000,
+        samples: 100,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -64,6 +75,10 @@ fn parse() -> anyhow::Result<Opts> {
             "--payload" => o.payload = val()?.parse()?,
             "--window" => o.window = val()?.parse()?,
             "--pg" => o.pg = Some(val()?),
+            "--devices" => o.devices = val()?.parse()?,
+            "--http-connections" => o.http_connections = val()?.parse()?,
+            "--points" => o.points = val()?.parse()?,
+            "--samples" => o.samples = val()?.parse()?,
             "--rules" => o.rules = val()?.split(',').map(|n| n.trim().parse()).collect::<Result<_, _>>()?,
             _ => bail!("unknown argument {a}\n{USAGE}"),
         }
@@ -254,6 +269,11 @@ async fn main() -> anyhow::Result<()> {
         }
         if sc == "telemetry" {
             devices::telemetry(o.publishers, o.messages, o.window, o.pg.clone(), &o.rules).await?;
+            continue;
+        }
+        if sc == "httptelemetry" {
+            let h = httptel::Opts { devices: o.devices, connections: o.http_connections, points: o.points, samples: o.samples, keys: 10 };
+            httptel::run(&h).await?;
             continue;
         }
         if sc == "webhooks" {

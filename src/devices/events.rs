@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::uplink::{response_ok, DeviceEvent, EventKind};
 use super::Devices;
 use crate::live::LiveEvent;
+use crate::telemetry::Sample;
 use crate::storage::meta::{AttributeScope, MetaError};
 
 /// A message the platform answers a device with.
@@ -78,68 +79,103 @@ impl Devices {
     pub async fn ingest(&self, events: Vec<DeviceEvent>, reply: Option<ReplyTo<'_>>, wait: Duration) -> Result<Vec<Answer>, IngestError> {
         let mut answers: Vec<Answer> = Vec::new();
         let mut answered = false;
+        // Telemetry waits here and is stored in one hand-over (a request's array, a gateway's
+        // devices) before the next event of another kind, so events keep their order.
+        let mut telemetry: Vec<DeviceEvent> = Vec::new();
         for ev in events {
+            if ev.kind == EventKind::Telemetry {
+                telemetry.push(ev);
+                continue;
+            }
+            self.store_telemetry(&mut telemetry, wait).await?;
             let answer = reply.as_ref().filter(|_| !answered);
-            match ev.kind {
-                EventKind::Attributes => {
-                    self.meta.set_attributes(ev.device_id, AttributeScope::Client, &ev.values).await?;
-                    if let (Some(r), Some(mid)) = (answer, &ev.message_id) {
-                        answered = true;
-                        answers.push(Answer {
-                            topic: format!("{}/attributes/response/{}/{mid}", r.family, r.number),
-                            payload: json!({"result": 0, "message": "success", "ts": ev.ts / 1000}),
-                        });
-                    }
-                }
-                EventKind::CommandResponse | EventKind::AttributeSetResponse => {
-                    if let Some(mid) = &ev.message_id {
-                        let ok = response_ok(&ev.values);
-                        if self.meta.complete_command(ev.device_id, mid, ok, &Value::Object(ev.values.clone())).await?.is_none() {
-                            tracing::debug!(device = %ev.device_number, message_id = %mid, "response to an unknown or finished command");
-                        }
-                    }
-                }
-                EventKind::Event => {
-                    if let (Some(r), Some(mid)) = (answer, &ev.message_id) {
-                        answered = true;
-                        answers.push(Answer {
-                            topic: format!("{}/event/response/{}/{mid}", r.family, r.number),
-                            payload: json!({"result": 0, "message": "success", "ts": ev.ts / 1000, "method": ev.values.get("method")}),
-                        });
-                    }
-                }
-                EventKind::AttributeRequest => {
-                    let keys = |k: &str| -> Vec<String> {
-                        ev.values
-                            .get(k)
-                            .and_then(Value::as_str)
-                            .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
-                            .unwrap_or_default()
-                    };
-                    let client = self.meta.attributes(ev.device_id, AttributeScope::Client, &keys("clientKeys")).await?;
-                    let shared = self.meta.attributes(ev.device_id, AttributeScope::Shared, &keys("sharedKeys")).await?;
-                    if let (Some(_), Some(mid)) = (answer, &ev.message_id) {
-                        answers.push(Answer {
-                            topic: format!("v1/devices/{}/attributes/response/{mid}", ev.device_number),
-                            payload: json!({"client": client, "shared": shared}),
-                        });
-                    }
-                }
-                EventKind::Telemetry => {
-                    if let Some(t) = self.telemetry.get() {
-                        t.accept(ev.device_id, ev.ts, &ev.values, wait).await.map_err(|e| match e {
-                            crate::telemetry::NotStored::Busy(_) => IngestError::Busy,
-                            crate::telemetry::NotStored::Refused(why) => IngestError::Refused(why),
-                        })?;
-                    }
+            if let Some(a) = self.apply(&ev, answer).await? {
+                // A ThingsPanel message is answered once; ThingsBoard attribute requests each.
+                answered |= ev.kind != EventKind::AttributeRequest;
+                answers.push(a);
+            }
+            self.done(ev).await;
+        }
+        self.store_telemetry(&mut telemetry, wait).await?;
+        Ok(answers)
+    }
+
+    /// Store the telemetry events gathered so far (all of them, one hand-over per writer),
+    /// then broadcast them.
+    async fn store_telemetry(&self, events: &mut Vec<DeviceEvent>, wait: Duration) -> Result<(), IngestError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        if let Some(t) = self.telemetry.get() {
+            let samples: Vec<Sample> = events.iter().map(|e| Sample { device_id: e.device_id, ts: e.ts, values: &e.values }).collect();
+            t.accept_all(&samples, wait).await.map_err(|e| match e {
+                crate::telemetry::NotStored::Busy(_) => IngestError::Busy,
+                crate::telemetry::NotStored::Refused(why) => IngestError::Refused(why),
+            })?;
+        }
+        for ev in events.drain(..) {
+            self.done(ev).await;
+        }
+        Ok(())
+    }
+
+    /// An event was applied: the device was seen, consumers hear of it.
+    async fn done(&self, ev: DeviceEvent) {
+        self.seen(&ev.device_number).await;
+        self.metrics.events.fetch_add(1, Ordering::Relaxed);
+        // Nobody listening is fine: consumers subscribe when they start.
+        let _ = self.events.send(Arc::new(ev));
+    }
+
+    /// Apply one event that is not telemetry; the answer to publish, if the device gets one.
+    async fn apply(&self, ev: &DeviceEvent, answer: Option<&ReplyTo<'_>>) -> Result<Option<Answer>, IngestError> {
+        Ok(match ev.kind {
+            EventKind::Attributes => {
+                self.meta.set_attributes(ev.device_id, AttributeScope::Client, &ev.values).await?;
+                match (answer, &ev.message_id) {
+                    (Some(r), Some(mid)) => Some(Answer {
+                        topic: format!("{}/attributes/response/{}/{mid}", r.family, r.number),
+                        payload: json!({"result": 0, "message": "success", "ts": ev.ts / 1000}),
+                    }),
+                    _ => None,
                 }
             }
-            self.seen(&ev.device_number).await;
-            self.metrics.events.fetch_add(1, Ordering::Relaxed);
-            // Nobody listening is fine: consumers subscribe when they start.
-            let _ = self.events.send(Arc::new(ev));
-        }
-        Ok(answers)
+            EventKind::CommandResponse | EventKind::AttributeSetResponse => {
+                if let Some(mid) = &ev.message_id {
+                    let ok = response_ok(&ev.values);
+                    if self.meta.complete_command(ev.device_id, mid, ok, &Value::Object(ev.values.clone())).await?.is_none() {
+                        tracing::debug!(device = %ev.device_number, message_id = %mid, "response to an unknown or finished command");
+                    }
+                }
+                None
+            }
+            EventKind::Event => match (answer, &ev.message_id) {
+                (Some(r), Some(mid)) => Some(Answer {
+                    topic: format!("{}/event/response/{}/{mid}", r.family, r.number),
+                    payload: json!({"result": 0, "message": "success", "ts": ev.ts / 1000, "method": ev.values.get("method")}),
+                }),
+                _ => None,
+            },
+            EventKind::AttributeRequest => {
+                let keys = |k: &str| -> Vec<String> {
+                    ev.values
+                        .get(k)
+                        .and_then(Value::as_str)
+                        .map(|s| s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+                        .unwrap_or_default()
+                };
+                let client = self.meta.attributes(ev.device_id, AttributeScope::Client, &keys("clientKeys")).await?;
+                let shared = self.meta.attributes(ev.device_id, AttributeScope::Shared, &keys("sharedKeys")).await?;
+                match (answer, &ev.message_id) {
+                    (Some(_), Some(mid)) => Some(Answer {
+                        topic: format!("v1/devices/{}/attributes/response/{mid}", ev.device_number),
+                        payload: json!({"client": client, "shared": shared}),
+                    }),
+                    _ => None,
+                }
+            }
+            EventKind::Telemetry => None,
+        })
     }
 
     /// Attributes of a device for the device APIs: `{"client": {..}, "shared": {..}}`.

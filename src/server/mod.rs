@@ -97,14 +97,14 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     let mut listeners = Vec::new();
     for l in &config.listeners.tcp {
         listeners.push((
-            TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TCP {}", l.bind))?,
+            crate::net::listen(l.bind).with_context(|| format!("bind MQTT TCP {}", l.bind))?,
             Kind::Tcp,
             listener::Opts { proxy: l.proxy_protocol, allow_anonymous: l.allow_anonymous },
         ));
     }
     for l in &config.listeners.ws {
         listeners.push((
-            TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT WebSocket {}", l.bind))?,
+            crate::net::listen(l.bind).with_context(|| format!("bind MQTT WebSocket {}", l.bind))?,
             Kind::Ws { path: l.path.clone() },
             listener::Opts { proxy: l.proxy_protocol, allow_anonymous: l.allow_anonymous },
         ));
@@ -112,7 +112,7 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     for l in &config.listeners.tls {
         let acc = tls_acceptor(&l.cert, &l.key, l.client_ca.as_deref())?;
         listeners.push((
-            TcpListener::bind(l.bind).await.with_context(|| format!("bind MQTT TLS {}", l.bind))?,
+            crate::net::listen(l.bind).with_context(|| format!("bind MQTT TLS {}", l.bind))?,
             Kind::Tls(acc),
             listener::Opts { proxy: l.proxy_protocol, allow_anonymous: l.allow_anonymous },
         ));
@@ -120,14 +120,14 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
     let mut http = Vec::new();
     for l in &config.listeners.http {
         anyhow::ensure!(!l.proxy_protocol, "listeners.http {}: proxy_protocol is supported on MQTT listeners only", l.bind);
-        http.push(TcpListener::bind(l.bind).await.with_context(|| format!("bind HTTP {}", l.bind))?);
+        http.push(crate::net::listen(l.bind).with_context(|| format!("bind HTTP {}", l.bind))?);
     }
     let mut coap = Vec::new();
     for l in &config.listeners.coap {
         coap.push(tokio::net::UdpSocket::bind(l.bind).await.with_context(|| format!("bind CoAP {}", l.bind))?);
     }
     let cluster = match config.cluster.enabled {
-        true => Some(TcpListener::bind(config.cluster.listen).await.with_context(|| format!("bind cluster {}", config.cluster.listen))?),
+        true => Some(crate::net::listen(config.cluster.listen).with_context(|| format!("bind cluster {}", config.cluster.listen))?),
         false => None,
     };
     Ok(Bound { listeners, http, coap, cluster })

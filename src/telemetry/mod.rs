@@ -102,6 +102,13 @@ pub struct Telemetry {
     pub last_report: std::sync::Mutex<Option<maintenance::Report>>,
 }
 
+/// One message's telemetry: a device's values at one time.
+pub struct Sample<'a> {
+    pub device_id: i64,
+    pub ts: i64,
+    pub values: &'a Map<String, Json>,
+}
+
 /// A writer shard: the actor (swapped when replaced) and its queue's room.
 type WriterSlot = (arc_swap::ArcSwap<ActorRef<WriterMessage>>, Arc<Semaphore>);
 /// A device's latest (ts, value) per key.
@@ -189,24 +196,88 @@ impl Telemetry {
     /// Store one message's telemetry: rules, flattening, hand-over to the device's writer.
     /// Waits for room (at most `wait`) and, unless durability is `accepted`, for the write.
     pub async fn accept(&self, device_id: i64, ts: i64, values: &Map<String, Json>, wait: Duration) -> Result<(), NotStored> {
-        let mut points = Vec::with_capacity(values.len());
-        let skipped = flatten(device_id, ts, values, &mut points);
-        if skipped > 0 {
-            self.metrics.skipped_keys.fetch_add(skipped as u64, Ordering::Relaxed);
-        }
-        if let Some(rs) = self.rules_of_device(device_id).await {
-            let mut m: BTreeMap<String, Value> = points.drain(..).map(|p| (p.key, p.value)).collect();
-            rs.apply(&mut m);
-            points = m.into_iter().map(|(key, value)| Point { device_id, key, ts, value }).collect();
-        }
-        if points.is_empty() {
-            return Ok(());
-        }
+        self.accept_all(&[Sample { device_id, ts, values }], wait).await
+    }
+
+    /// Store the telemetry of many messages (one request's array, a gateway's devices) as
+    /// one hand-over per writer: each writer is sent the points of its devices in one message
+    /// and all writes are awaited together — not a writer round trip per entry. Succeeds
+    /// when every point is stored; `Busy` or `Refused` otherwise (some points may be stored:
+    /// sending everything again is safe, writes are idempotent per device, key and time).
+    pub async fn accept_all(&self, samples: &[Sample<'_>], wait: Duration) -> Result<(), NotStored> {
         let Some(writers) = self.writers.get() else { return Err(Busy.into()) };
-        let shard = device_id.rem_euclid(writers.len() as i64) as usize;
+        let mut by_shard: Vec<Vec<Point>> = (0..writers.len()).map(|_| Vec::new()).collect();
+        let mut rules: Option<(i64, Option<Arc<RuleSet>>)> = None;
+        for s in samples {
+            let shard = s.device_id.rem_euclid(writers.len() as i64) as usize;
+            let out = &mut by_shard[shard];
+            let from = out.len();
+            let skipped = flatten(s.device_id, s.ts, s.values, out);
+            if skipped > 0 {
+                self.metrics.skipped_keys.fetch_add(skipped as u64, Ordering::Relaxed);
+            }
+            // Consecutive samples are mostly one device's: its rules are looked up once.
+            let rs = match &rules {
+                Some((d, rs)) if *d == s.device_id => rs.clone(),
+                _ => {
+                    let rs = self.rules_of_device(s.device_id).await;
+                    rules = Some((s.device_id, rs.clone()));
+                    rs
+                }
+            };
+            if let Some(rs) = rs {
+                let mut m: BTreeMap<String, Value> = out.drain(from..).map(|p| (p.key, p.value)).collect();
+                rs.apply(&mut m);
+                out.extend(m.into_iter().map(|(key, value)| Point { device_id: s.device_id, key, ts: s.ts, value }));
+            }
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pending = Vec::new();
+        for (shard, points) in by_shard.into_iter().enumerate() {
+            if points.is_empty() {
+                continue;
+            }
+            pending.push(self.hand_over(shard, points, deadline).await?);
+        }
+        // Accepted: from here the points are the writers'; we wait for the writes, bounded: a
+        // store that hangs or keeps failing answers "busy" (the points stay queued and are
+        // written when it recovers; the device's resend overwrites them). A writer that dies
+        // first drops the waiter: not acknowledged, so the device sends again.
+        let ack = Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1));
+        match tokio::time::timeout(ack, futures_util::future::join_all(pending)).await {
+            Ok(outcomes) => {
+                let mut busy = false;
+                for o in outcomes {
+                    match o {
+                        Ok(Ok(())) => {}
+                        Ok(Err(why)) => return Err(NotStored::Refused(why)),
+                        Err(_) => busy = true,
+                    }
+                }
+                if busy {
+                    return Err(Busy.into());
+                }
+                Ok(())
+            }
+            Err(_) => {
+                self.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(Busy.into())
+            }
+        }
+    }
+
+    /// Give one writer `points`, waiting for room in its queue until `deadline`; the receiver
+    /// is told the write's outcome.
+    async fn hand_over(
+        &self,
+        shard: usize,
+        points: Vec<Point>,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, NotStored> {
+        let Some(writers) = self.writers.get() else { return Err(Busy.into()) };
         let (w, room) = &writers[shard];
         let want = (points.len() as u32).min(self.config.telemetry.writer_queue.clamp(1, Semaphore::MAX_PERMITS) as u32);
-        let permit = match tokio::time::timeout(wait, room.clone().acquire_many_owned(want)).await {
+        let permit = match tokio::time::timeout_at(deadline, room.clone().acquire_many_owned(want)).await {
             Ok(Ok(p)) => p,
             _ => {
                 self.metrics.busy.fetch_add(1, Ordering::Relaxed);
@@ -220,20 +291,7 @@ impl Telemetry {
             let fresh = self.replace_writer(shard).await.ok_or(Busy)?;
             fresh.tell(msg).map_err(|_| Busy)?;
         }
-        // Accepted: from here the points are the writer's; we wait for the write, bounded: a
-        // store that hangs or keeps failing answers "busy" (the points stay queued and are
-        // written when it recovers; the device's resend overwrites them). A writer that dies
-        // first drops the waiter: not acknowledged, so the device sends again.
-        let deadline = Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1));
-        match tokio::time::timeout(deadline, written).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(why))) => Err(NotStored::Refused(why)),
-            Ok(Err(_)) => Err(Busy.into()),
-            Err(_) => {
-                self.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
-                Err(Busy.into())
-            }
-        }
+        Ok(written)
     }
 
     /// Points accepted and not yet taken by a writer (the queues' used room).
