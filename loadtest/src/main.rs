@@ -242,6 +242,10 @@ async fn idle(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
     let n = conns.len();
     let per = (after.saturating_sub(before)) as f64 / n.max(1) as f64;
     drop(conns);
+    // What the node gives back once they are gone: RSS after 20 s (sessions expire at once,
+    // the allocator returns what it can).
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let gone = b.rss_kib().unwrap_or(0);
     Ok(Row {
         broker: b.name.clone(),
         rate: n as f64 / took,
@@ -250,7 +254,7 @@ async fn idle(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
         max: f64::NAN,
         lost: failed as u64,
         dup: 0,
-        extra: format!("{n} connections, RSS {before} -> {after} KiB = {per:.2} KiB/connection"),
+        extra: format!("{n} connections, RSS {before} -> {after} KiB = {per:.2} KiB/connection, {gone} KiB 20 s after they left"),
     })
 }
 
