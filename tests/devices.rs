@@ -420,3 +420,48 @@ async fn client_attributes_do_not_echo_to_their_device() {
         d.send(disconnect()).await;
     }
 }
+
+/// ThingsBoard's own device SDK (tb-mqtt-client, MQTT 5.0): its automatic getSessionLimits is
+/// answered (it holds its publishes back until it is), its telemetry is acknowledged as a
+/// success, and a client-side RPC reaches a platform service, which answers it through the
+/// REST API — once — without the call coming back to the device as a server-side RPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thingsboard_sdk_client_side_rpc_and_session_limits() {
+    let ok = std::process::Command::new("python3").args(["-c", "import tb_device_mqtt"]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "ThingsBoard's tb-mqtt-client is required (pip install tb-mqtt-client==1.13.0 mmh3; scripts/test installs it)");
+    let p = Platform::start(None, |_| {}).await;
+    let (_, token) = p.create_device("tb-sdk-1", json!({})).await;
+    let mut svc = service(p.node.tcp).await;
+    assert_eq!(sub(&mut svc, "v1/devices/+/rpc/request/+").await, [1]);
+    let (s, body) = p.admin("POST", "/api/v1/devices/tb-sdk-1/rpc/7/response", Some(json!({"time": 1}))).await;
+    assert_eq!((s, body["error"]["code"].as_str()), (404, Some("not_found")), "no such request: {body}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/paho/tb_sdk.py");
+    let child = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(p.node.tcp.port().to_string())
+        .arg(&token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The service hears the device's calls; it answers getCurrentTime.
+    let id = loop {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(60), svc.recv_publish()).await.expect("the device's RPC request");
+        assert!(m.topic.starts_with("v1/devices/tb-sdk-1/rpc/request/"), "{}", m.topic);
+        let v = json_of(&m);
+        if v["method"] == "getCurrentTime" {
+            assert_eq!(v["params"], json!({"tz": "UTC"}));
+            break m.topic.rsplit('/').next().unwrap().to_string();
+        }
+    };
+    let path = format!("/api/v1/devices/tb-sdk-1/rpc/{id}/response");
+    let (s, body) = p.admin("POST", &path, Some(json!({"time": 1700000000000i64, "tz": "UTC"}))).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, _) = p.admin("POST", &path, Some(json!({"time": 2}))).await;
+    assert_eq!(s, 404, "a request is answered once");
+    let out =
+        tokio::time::timeout(std::time::Duration::from_secs(90), child.wait_with_output()).await.expect("the SDK script ends").unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("OK tb sdk"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -155,6 +155,9 @@ pub struct TelemetryConfig {
     pub ack_timeout_ms: u64,
     /// Embedded store: points buffered (and in the WAL) before they become a segment.
     pub segment_points: usize,
+    /// Embedded store: seconds points stay buffered (and in the WAL) at most before they
+    /// become a segment, however few they are (0 = only by count).
+    pub segment_secs: u64,
     /// Default days raw points are kept (tenant and product policies may differ); 0 = forever.
     pub retention_days: u32,
     /// How often roll-ups, retention and compaction run.
@@ -174,6 +177,7 @@ impl Default for TelemetryConfig {
             wait_ms: 2_000,
             ack_timeout_ms: 10_000,
             segment_points: 500_000,
+            segment_secs: 60,
             retention_days: 0,
             maintenance_secs: 600,
             rollup_days: 0,

@@ -22,9 +22,15 @@ const DEVICE_SUBSCRIBE: &[&str] = &[
     "v1/devices/{}/attributes",
     "v1/devices/{}/attributes/response/+",
     "v1/devices/{}/rpc/request/+",
+    "v1/devices/{}/rpc/response/+",
 ];
-const TB_PUBLISH: &[&str] =
-    &["v1/devices/{}/telemetry", "v1/devices/{}/attributes", "v1/devices/{}/attributes/request/+", "v1/devices/{}/rpc/response/+"];
+const TB_PUBLISH: &[&str] = &[
+    "v1/devices/{}/telemetry",
+    "v1/devices/{}/attributes",
+    "v1/devices/{}/attributes/request/+",
+    "v1/devices/{}/rpc/response/+",
+    "v1/devices/{}/rpc/request/+",
+];
 
 /// Publish and subscribe rules of one principal.
 #[derive(Debug, Clone, Default)]

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use super::uplink::{response_ok, DeviceEvent, EventKind};
 use super::Devices;
 use crate::live::LiveEvent;
-use crate::telemetry::Sample;
 use crate::storage::meta::{AttributeScope, MetaError};
+use crate::telemetry::Sample;
 
 /// A message the platform answers a device with.
 pub struct Answer {
@@ -40,6 +40,11 @@ pub struct ReplyTo<'a> {
     pub number: &'a str,
 }
 
+/// Where a waiting client-side RPC request is kept in the cache.
+fn rpc_key(number: &str, id: &str) -> String {
+    format!("rpc:{number}:{id}")
+}
+
 impl Devices {
     /// Feed this node's device events (telemetry, attributes, events) to the live stream
     /// while websocket clients watch.
@@ -57,6 +62,7 @@ impl Devices {
                     EventKind::Telemetry => "telemetry",
                     EventKind::Attributes => "attributes",
                     EventKind::Event => "event",
+                    EventKind::RpcRequest => "rpc_request",
                     _ => continue,
                 };
                 if l.watched() {
@@ -90,8 +96,8 @@ impl Devices {
             self.store_telemetry(&mut telemetry, wait).await?;
             let answer = reply.as_ref().filter(|_| !answered);
             if let Some(a) = self.apply(&ev, answer).await? {
-                // A ThingsPanel message is answered once; ThingsBoard attribute requests each.
-                answered |= ev.kind != EventKind::AttributeRequest;
+                // A ThingsPanel message is answered once; ThingsBoard requests each.
+                answered |= !matches!(ev.kind, EventKind::AttributeRequest | EventKind::RpcRequest);
                 answers.push(a);
             }
             self.done(ev).await;
@@ -174,8 +180,61 @@ impl Devices {
                     _ => None,
                 }
             }
+            EventKind::RpcRequest => self.rpc_request(ev, answer.is_some()).await,
             EventKind::Telemetry => None,
         })
+    }
+
+    /// A ThingsBoard client-side RPC: `getSessionLimits` is answered here (the SDKs ask it at
+    /// every connect and wait for it before they publish); any other method is kept for
+    /// `devices.command_ttl_secs` for platform services, which hear of it (live stream,
+    /// webhooks, an MQTT subscription to `v1/devices/+/rpc/request/+`) and answer it through
+    /// `POST /api/v1/devices/{number}/rpc/{id}/response`.
+    async fn rpc_request(&self, ev: &DeviceEvent, mqtt: bool) -> Option<Answer> {
+        let mid = ev.message_id.as_deref()?;
+        let method = ev.values.get("method").and_then(Value::as_str).unwrap_or("");
+        if method == "getSessionLimits" {
+            let c = &self.config;
+            // No per-device rate limits here: empty limits (the SDKs read them as none).
+            let limits = json!({
+                "maxPayloadSize": c.devices.max_payload,
+                "maxInflightMessages": c.mqtt.max_inflight,
+                "rateLimits": {"messages": "", "telemetryMessages": "", "telemetryDataPoints": ""},
+            });
+            return mqtt.then(|| Answer { topic: format!("v1/devices/{}/rpc/response/{mid}", ev.device_number), payload: limits });
+        }
+        let pending = json!({"method": method, "params": ev.values.get("params"), "ts": ev.ts});
+        let ttl = Duration::from_secs(self.config.devices.command_ttl_secs.max(1));
+        self.cache.set(&rpc_key(&ev.device_number, mid), &pending.to_string(), ttl).await;
+        None
+    }
+
+    /// Answer a device's client-side RPC `id` (a platform service's answer): published on
+    /// `v1/devices/{number}/rpc/response/{id}`. `Ok(false)`: no such request is waiting
+    /// (never made, answered already, or older than `devices.command_ttl_secs`).
+    pub async fn answer_rpc(&self, number: &str, id: &str, response: &Value) -> Result<bool, MetaError> {
+        let key = rpc_key(number, id);
+        if self.cache.get(&key).await.is_none() {
+            return Ok(false);
+        }
+        let body = response.to_string();
+        if body.len() > self.config.devices.max_payload {
+            return Err(MetaError::Invalid(format!("response larger than {} bytes", self.config.devices.max_payload)));
+        }
+        self.cache.del(std::slice::from_ref(&key)).await;
+        if let Some(b) = self.broker() {
+            let msg = crate::message::Message::from_node(
+                format!("v1/devices/{number}/rpc/response/{id}"),
+                body,
+                crate::protocols::mqtt::QoS::AtLeastOnce,
+                false,
+            );
+            let (_, durable) = b.publish_routed(Arc::new(msg)).await;
+            if let Some(d) = durable {
+                crate::broker::Broker::wait_durable(&d).await;
+            }
+        }
+        Ok(true)
     }
 
     /// Attributes of a device for the device APIs: `{"client": {..}, "shared": {..}}`.

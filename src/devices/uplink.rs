@@ -20,6 +20,10 @@ pub enum EventKind {
     AttributeSetResponse,
     /// The device asks for its attributes (ThingsBoard `attributes/request`).
     AttributeRequest,
+    /// The device calls the platform (ThingsBoard client-side RPC, `rpc/request/{id}`):
+    /// `getSessionLimits` is answered by the node; other methods go to platform services,
+    /// which answer through the REST API.
+    RpcRequest,
 }
 
 /// One message from one device (a gateway message becomes one event per device it carries).
@@ -80,6 +84,7 @@ pub fn classify(topic: &str, number: &str) -> Option<(EventKind, bool, Option<St
         ["v1", "devices", n, "attributes"] if *n == number => (EventKind::Attributes, false, None),
         ["v1", "devices", n, "attributes", "request", m] if *n == number => (EventKind::AttributeRequest, false, mid(m)),
         ["v1", "devices", n, "rpc", "response", m] if *n == number => (EventKind::CommandResponse, false, mid(m)),
+        ["v1", "devices", n, "rpc", "request", m] if *n == number => (EventKind::RpcRequest, false, mid(m)),
         _ => return None,
     };
     Some((kind, gateway, id))
@@ -195,10 +200,13 @@ fn body(kind: EventKind, v: Value, w: &Window) -> Result<Sets, Reject> {
                 }
                 _ => now,
             };
-            if kind == EventKind::Event {
-                // ThingsPanel: {"method": "...", "params": {...}}
+            if kind == EventKind::Event || kind == EventKind::RpcRequest {
+                // ThingsPanel events and ThingsBoard RPC: {"method": "...", "params": {...}}
                 if !m.get("method").is_some_and(Value::is_string) {
-                    return Err(Reject::Malformed("an event needs a string \"method\"".into()));
+                    return Err(Reject::Malformed(format!(
+                        "{} needs a string \"method\"",
+                        if kind == EventKind::Event { "an event" } else { "an RPC request" }
+                    )));
                 }
                 m.entry("params").or_insert_with(|| Value::Object(Map::new()));
             }

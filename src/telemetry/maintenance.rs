@@ -31,6 +31,8 @@ pub static RUNS: AtomicU64 = AtomicU64::new(0);
 
 pub enum MaintenanceMessage {
     Tick,
+    /// Turn embedded buffers older than `telemetry.segment_secs` into segments.
+    Age,
     /// Run now and answer with the report (admin API, tests).
     RunNow(RpcReplyPort<Result<Report, String>>),
 }
@@ -51,6 +53,10 @@ impl Actor for MaintenanceActor {
         if let Some(tt) = t.upgrade() {
             let every = Duration::from_secs(tt.config.telemetry.maintenance_secs.max(1));
             me.send_interval(every, || MaintenanceMessage::Tick);
+            let age = tt.config.telemetry.segment_secs;
+            if age > 0 {
+                me.send_interval(Duration::from_secs(age.div_ceil(4).max(1)), || MaintenanceMessage::Age);
+            }
         }
         Ok(t)
     }
@@ -62,6 +68,17 @@ impl Actor for MaintenanceActor {
         t: &mut Weak<Telemetry>,
     ) -> Result<(), ActorProcessingErr> {
         let Some(t) = t.upgrade() else { return Ok(()) };
+        if let MaintenanceMessage::Age = msg {
+            let age = Duration::from_secs(t.config.telemetry.segment_secs);
+            for store in std::iter::once(&t.store).chain(t.rollup.as_ref()) {
+                if let Tsdb::Embedded(emb) = store {
+                    if let Err(e) = emb.flush_aged(age).await {
+                        tracing::error!(error = %e, "turning buffered points into a segment failed; they stay in the WAL");
+                    }
+                }
+            }
+            return Ok(());
+        }
         let r = run(&t).await;
         if let Err(e) = &r {
             tracing::error!(error = %e, "telemetry maintenance failed; retrying at the next run");

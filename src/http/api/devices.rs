@@ -32,6 +32,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(telemetry_control))
         .routes(routes!(status))
         .routes(routes!(get_command))
+        .routes(routes!(answer_rpc))
         .routes(routes!(summary))
 }
 
@@ -377,6 +378,30 @@ async fn status(State(s): State<AppState>, c: Caller, P(number): P<String>) -> A
     c.device(&d, &number).await?;
     c.require("device:read")?;
     ok(d.status(&number).await)
+}
+
+/// Answer a device's client-side RPC (ThingsBoard `v1/devices/me/rpc/request/{id}`): the body
+/// is published to the device on `v1/devices/me/rpc/response/{id}`. A request waits
+/// `devices.command_ttl_secs`; it is answered once.
+#[utoipa::path(post, path = "/devices/{number}/rpc/{id}/response", tag = "devices", params(("number" = String, Path), ("id" = String, Path, description = "the request id from the device's topic")), request_body = serde_json::Value, responses((status = 200, description = "sent to the device"), (status = 404, description = "no such request waiting (unknown, answered, or expired)")))]
+async fn answer_rpc(
+    State(s): State<AppState>,
+    c: Caller,
+    P((number, id)): P<(String, String)>,
+    Body(r): Body<serde_json::Value>,
+) -> Answer {
+    let d = devices(&s);
+    let dev = c.device(&d, &number).await?;
+    c.require("device:command")?;
+    if !d.answer_rpc(&dev.device_number, &id, &r).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no RPC request {id} of device {number} is waiting (unknown, answered, or expired)"),
+        ));
+    }
+    c.audit(&d.meta, Some(dev.tenant_id), "rpc_response", format!("device:{number}"), json!({"request": id})).await;
+    ok(json!({"sent": true}))
 }
 
 #[utoipa::path(get, path = "/commands/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the command and its status", body = Command), (status = 404, description = "no such command")))]

@@ -107,8 +107,10 @@ impl Conn {
         let props = props.filter(|pr| !pr.is_empty()).map(Box::new);
         let routable = !topic.starts_with("$SYS");
         // Taken, on `v1/devices/{its number}/attributes`: a ThingsBoard device's own client
-        // attributes, which must not come back to it as if they were a shared-attribute update.
-        let not_to_own_device = taken && topic.starts_with("v1/devices/") && topic.ends_with("/attributes");
+        // attributes, which must not come back to it as if they were a shared-attribute update;
+        // on `…/rpc/request/{id}`: its own call to the platform, not a server-side RPC to it.
+        let not_to_own_device =
+            taken && topic.starts_with("v1/devices/") && (topic.ends_with("/attributes") || topic.contains("/rpc/request/"));
         if let Some(h) = self.svc.hooks.as_ref() {
             h.notify("on_publish", v5, || {
                 let pl = h.payload("on_publish", v5, &payload);

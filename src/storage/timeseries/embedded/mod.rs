@@ -62,6 +62,9 @@ pub struct EmbeddedStore {
     buffered: usize,
     /// Flush when this many points are buffered.
     flush_at: usize,
+    /// When the oldest buffered point was accepted (a buffer older than the node's
+    /// `segment_secs` becomes a segment, so a quiet node's WAL and memory stay small).
+    oldest: Option<std::time::Instant>,
     /// Latest (ts, value) per series.
     latest: BTreeMap<SeriesKey, (i64, Value)>,
     next_segment: u64,
@@ -156,6 +159,7 @@ impl EmbeddedStore {
             wal: OpenOptions::new().create(true).append(true).open(dir.join("wal.log"))?,
             buffer: std::collections::HashMap::new(),
             buffered: 0,
+            oldest: None,
             flush_at: flush_at.max(1),
             latest: BTreeMap::new(),
             next_segment: 0,
@@ -202,6 +206,7 @@ impl EmbeddedStore {
         let key = (p.device_id, p.key);
         self.note_latest(&key, p.ts, &p.value);
         self.buffer.entry(key).or_default().push((p.ts, p.value));
+        self.oldest.get_or_insert_with(std::time::Instant::now);
         self.buffered += 1;
     }
 
@@ -255,7 +260,17 @@ impl EmbeddedStore {
         self.wal.set_len(0)?;
         self.wal.sync_all()?;
         self.buffered = 0;
+        self.oldest = None;
         Ok(())
+    }
+
+    /// Flush the buffer if its oldest point was accepted at least `age` ago; whether it did.
+    pub fn flush_if_older(&mut self, age: std::time::Duration) -> Result<bool, StoreError> {
+        if !self.oldest.is_some_and(|t| t.elapsed() >= age) {
+            return Ok(false);
+        }
+        self.flush()?;
+        Ok(true)
     }
 
     /// Write one segment of partition `part` (tmp + rename + directory sync); returns its path.
@@ -481,6 +496,11 @@ impl Shared {
         Ok(r?)
     }
 
+    /// Turn a buffer older than `age` into segments (the maintenance actor asks periodically).
+    pub async fn flush_aged(&self, age: std::time::Duration) -> Result<bool, TsError> {
+        self.write(move |s| s.flush_if_older(age)).await
+    }
+
     /// Merge each partition's segments (the maintenance actor runs this periodically). The
     /// store is locked only to plan and to swap each merged segment in; reads and writes go on
     /// while it merges.
@@ -591,6 +611,22 @@ mod tests {
 
     fn pt(device: i64, key: &str, ts: i64, v: Value) -> Point {
         Point { device_id: device, key: key.into(), ts, value: v }
+    }
+
+    #[test]
+    fn an_old_buffer_becomes_a_segment_however_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = 1_700_000_000_000 / DAY_MS * DAY_MS;
+        let mut s = EmbeddedStore::open(dir.path(), 1_000_000, false).unwrap();
+        assert!(!s.flush_if_older(std::time::Duration::ZERO).unwrap(), "nothing buffered: nothing to flush");
+        s.write_batch(vec![pt(1, "temp", day + 1, Value::Number(1.0)), pt(1, "temp", day + 2, Value::Number(2.0))]).unwrap();
+        assert!(!s.flush_if_older(std::time::Duration::from_secs(3600)).unwrap(), "younger than the age: kept buffered");
+        assert_eq!(s.partitions().unwrap().len(), 0);
+        assert!(s.flush_if_older(std::time::Duration::ZERO).unwrap());
+        assert_eq!(s.partitions().unwrap().len(), 1, "two points became a segment");
+        assert_eq!(fs::metadata(dir.path().join("wal.log")).unwrap().len(), 0, "and left the WAL");
+        assert_eq!(s.range(1, "temp", day, day + 10).unwrap().len(), 2);
+        assert!(!s.flush_if_older(std::time::Duration::ZERO).unwrap(), "an empty buffer has no age");
     }
 
     #[test]
