@@ -118,7 +118,6 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
     for _ in 0..o.connections {
         let (next, tokens) = (next.clone(), tokens.clone());
         let (samples, keys) = (o.samples, o.keys);
-        let t0 = t0;
         tasks.push(tokio::spawn(async move {
             let mut c = Conn::open(http).await?;
             let mut busy = 0u64;

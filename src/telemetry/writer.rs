@@ -109,8 +109,7 @@ impl WriterState {
         while let Some((a, b)) = todo.pop() {
             let from = if a == 0 { 0 } else { msgs[a - 1].0 };
             let to = msgs[b - 1].0;
-            let part = if from == 0 && to == points.len() { points.clone() } else { points[from..to].to_vec() };
-            match write_retrying(&t, part).await {
+            match write_retrying(&t, &points[from..to]).await {
                 Ok(()) => {}
                 Err(why) if b - a == 1 => refused.push((a, why)),
                 Err(_) => {
@@ -149,13 +148,15 @@ impl WriterState {
 
 /// Write `points`, retrying with backoff while the store fails (it is down or slow; devices
 /// wait meanwhile); `Err` only when the store refuses them for their content.
-async fn write_retrying(t: &Telemetry, points: Vec<Point>) -> Result<(), String> {
+async fn write_retrying(t: &Telemetry, points: &[Point]) -> Result<(), String> {
     let n = points.len();
     let mut backoff = Duration::from_millis(50);
     let mut failures = 0u32;
     loop {
         let started = Instant::now();
-        match t.store.write_batch(points.clone()).await {
+        // One copy per attempt: the writer keeps the batch to split it if the store refuses
+        // part of it, and to note the latest values once it is stored.
+        match t.store.write_batch(points.to_vec()).await {
             Ok(()) => {
                 t.metrics.observe_write(n, started.elapsed());
                 if failures > 0 {

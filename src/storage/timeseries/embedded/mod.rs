@@ -266,7 +266,7 @@ impl EmbeddedStore {
 
     /// Flush the buffer if its oldest point was accepted at least `age` ago; whether it did.
     pub fn flush_if_older(&mut self, age: std::time::Duration) -> Result<bool, StoreError> {
-        if !self.oldest.is_some_and(|t| t.elapsed() >= age) {
+        if self.oldest.is_none_or(|t| t.elapsed() < age) {
             return Ok(false);
         }
         self.flush()?;
