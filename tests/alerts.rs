@@ -215,10 +215,10 @@ async fn alert_lifecycle_with_duration_hysteresis_and_notifications() {
             Some(json!({"name": "ops-hook", "kind": "webhook", "config": {"url": hook.url(), "secret": SECRET}})),
         )
         .await;
-    assert_eq!(s, 200, "{wh}");
+    assert_eq!(s, 201, "{wh}");
     assert_eq!(wh["config"]["secret"], "********", "secrets are not shown");
     let (s, em) = p.admin("POST", "/api/v1/channels", Some(json!({"name": "ops-mail", "kind": "email", "config": {"smtp_host": "127.0.0.1", "smtp_port": smtp.port(), "from": "thingsd@example.com", "to": ["oncall@example.com"]}}))).await;
-    assert_eq!(s, 200, "{em}");
+    assert_eq!(s, 201, "{em}");
     // Bad rules are refused with the reason.
     let (s, v) = p
         .admin(
@@ -236,7 +236,7 @@ async fn alert_lifecycle_with_duration_hysteresis_and_notifications() {
         "message": "{device} is hot: {value:temp}"
     });
     let (s, r) = p.admin("POST", "/api/v1/alert-rules", Some(rule)).await;
-    assert_eq!(s, 200, "{r}");
+    assert_eq!(s, 201, "{r}");
     let rid = r["id"].as_i64().unwrap();
     rule_running(http, a, rid).await;
 
@@ -267,7 +267,7 @@ async fn alert_lifecycle_with_duration_hysteresis_and_notifications() {
     // Acknowledge (a tenant user may: alert:ack), then cool down: cleared, kept in history.
     let (s, _) =
         p.admin("POST", "/api/v1/users", Some(json!({"username": "watcher", "password": "watcher-pw", "role": "tenant_user"}))).await;
-    assert_eq!(s, 200);
+    assert_eq!(s, 201);
     let watcher = login_user(http, a, "watcher", "watcher-pw").await["access_token"].as_str().unwrap().to_string();
     let (s, v) = call(
         http,
@@ -300,7 +300,7 @@ async fn alert_lifecycle_with_duration_hysteresis_and_notifications() {
             Some(json!({"name": "silent", "target": {"device": "al-1"}, "condition": {"no_data_secs": 1}, "channels": [wh["id"]]})),
         )
         .await;
-    assert_eq!(s, 200, "{r2}");
+    assert_eq!(s, 201, "{r2}");
     let r2 = r2["id"].as_i64().unwrap();
     wait_open(http, a, r2, 1).await;
     telemetry(&mut d, 5, json!({"temp": 71})).await;
@@ -310,7 +310,7 @@ async fn alert_lifecycle_with_duration_hysteresis_and_notifications() {
     let (s, r3) = p
         .admin("POST", "/api/v1/alert-rules", Some(json!({"name": "gone", "target": {"device": "al-1"}, "condition": {"offline_secs": 1}})))
         .await;
-    assert_eq!(s, 200, "{r3}");
+    assert_eq!(s, 201, "{r3}");
     let r3 = r3["id"].as_i64().unwrap();
     rule_running(http, a, r3).await;
     let t_off = thingsd::storage::meta::now_ms();
@@ -380,7 +380,7 @@ async fn email_over_tls() {
         channel("unknown-ca", starttls.port(), json!({"tls": "starttls"})),
     ] {
         let (s, v) = p.admin("POST", "/api/v1/channels", Some(ch)).await;
-        assert_eq!(s, 200, "{v}");
+        assert_eq!(s, 201, "{v}");
         ids.push(v["id"].clone());
     }
     let (_, token) = p.create_device("al-tls", json!({})).await;
@@ -391,7 +391,7 @@ async fn email_over_tls() {
             Some(json!({"name": "hot", "target": {"device": "al-tls"}, "condition": {"key": "t", "op": ">", "value": 1}, "channels": ids})),
         )
         .await;
-    assert_eq!(s, 200, "{r}");
+    assert_eq!(s, 201, "{r}");
     let rid = r["id"].as_i64().unwrap();
     rule_running(&p.http, a, rid).await;
     let mut d = device(p.node.tcp, Protocol::V5, "al-tls", &token).await;
@@ -441,7 +441,7 @@ async fn open_alerts_survive_a_restart() {
         Some(json!({"name": "hot", "target": {"device": "al-r"}, "condition": {"key": "t", "op": ">=", "value": 50}})),
     )
     .await;
-    assert_eq!(s, 200, "{r}");
+    assert_eq!(s, 201, "{r}");
     let rid = r["id"].as_i64().unwrap();
     rule_running(&http, a, rid).await;
     let mut d = device(node.tcp, Protocol::V5, "al-r", &token).await;
@@ -485,7 +485,7 @@ async fn rule_moves_when_its_node_is_killed() {
         Some(json!({"name": "h", "kind": "webhook", "config": {"url": hook.url(), "secret": SECRET}})),
     )
     .await;
-    assert_eq!(s, 200, "{ch}");
+    assert_eq!(s, 201, "{ch}");
     let (s, r) = admin(
         &http,
         n1,
@@ -496,7 +496,7 @@ async fn rule_moves_when_its_node_is_killed() {
         ),
     )
     .await;
-    assert_eq!(s, 200, "{r}");
+    assert_eq!(s, 201, "{r}");
     let rid = r["id"].as_i64().unwrap();
     let owner = r["node"].as_str().unwrap().to_string();
     let oi = cl.nodes.iter().position(|n| n.name == owner).expect("the owner is a node");

@@ -48,7 +48,7 @@ async fn login_refresh_logout_and_limits() {
         Some(json!({"username": "victim", "password": "victim-pass-1", "role": "tenant_user"})),
     )
     .await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
     for _ in 0..3 {
         assert_eq!(login_status(&p, "victim", "nope-nope-nope").await.0, 401);
     }
@@ -140,7 +140,7 @@ async fn roles_permissions_lists() {
         Some(json!({"username": "acme-admin", "password": "acme-pass-1", "role": "tenant_admin", "tenant_id": tid})),
     )
     .await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
     let admin = login_user(&p.http, a, "acme-admin", "acme-pass-1").await["access_token"].as_str().unwrap().to_string();
     // A tenant admin cannot make system admins, nor grant what it does not hold.
     let (s, _) = call(
@@ -158,7 +158,7 @@ async fn roles_permissions_lists() {
     // A custom role with read-only device access.
     let (s, role) =
         call(&p.http, a, &admin, "POST", "/api/v1/roles", Some(json!({"name": "viewer", "permissions": ["device:read"]}))).await;
-    assert_eq!((s, role["tenant_id"].as_i64()), (200, Some(tid)), "{role}");
+    assert_eq!((s, role["tenant_id"].as_i64()), (201, Some(tid)), "{role}");
     let (s, v) = call(
         &p.http,
         a,
@@ -168,7 +168,7 @@ async fn roles_permissions_lists() {
         Some(json!({"username": "viewer1", "password": "viewer-pass", "role": "custom", "role_id": role["id"]})),
     )
     .await;
-    assert_eq!((s, v["tenant_id"].as_i64()), (200, Some(tid)), "{v}");
+    assert_eq!((s, v["tenant_id"].as_i64()), (201, Some(tid)), "{v}");
     let viewer_id = v["id"].clone();
     let viewer = login_user(&p.http, a, "viewer1", "viewer-pass").await["access_token"].as_str().unwrap().to_string();
     for i in 0..5 {
@@ -181,7 +181,7 @@ async fn roles_permissions_lists() {
             Some(json!({"device_number": format!("acme-{i}"), "name": format!("pump {}", 4 - i)})),
         )
         .await;
-        assert_eq!((s, v["device"]["tenant_id"].as_i64()), (200, Some(tid)), "{v}");
+        assert_eq!((s, v["device"]["tenant_id"].as_i64()), (201, Some(tid)), "{v}");
     }
     let (s, v) = call(&p.http, a, &viewer, "GET", "/api/v1/devices?sort=-name&limit=2&offset=1&q=PUMP", None).await;
     assert_eq!(s, 200, "{v}");
@@ -206,7 +206,7 @@ async fn roles_permissions_lists() {
     )
     .await;
     assert_eq!(s, 200);
-    assert_eq!(call(&p.http, a, &viewer, "POST", "/api/v1/devices", Some(json!({"device_number": "v-1"}))).await.0, 200);
+    assert_eq!(call(&p.http, a, &viewer, "POST", "/api/v1/devices", Some(json!({"device_number": "v-1"}))).await.0, 201);
     // Disabling a user ends its sessions.
     let (s, _) = call(&p.http, a, &admin, "PATCH", &format!("/api/v1/users/{viewer_id}"), Some(json!({"disabled": true}))).await;
     assert_eq!(s, 200);
@@ -248,7 +248,8 @@ async fn tenant_isolation_over_every_route() {
     let http = &p.http;
     let sys = |m: &'static str, path: String, body: Option<Value>| async move {
         let (s, v) = call(http, a, ADMIN_KEY, m, &path, body).await;
-        assert_eq!(s, 200, "{m} {path}: {v}");
+        // Every POST here creates an object: 201.
+        assert_eq!(s, if m == "POST" { 201 } else { 200 }, "{m} {path}: {v}");
         v
     };
     let ta = sys("POST", "/api/v1/tenants".into(), Some(json!({"name": "tenant-a"}))).await["id"].as_i64().unwrap();
@@ -506,7 +507,7 @@ async fn websocket_streams_the_tenants_own_devices() {
         Some(json!({"username": "live-user", "password": "live-pass-1", "role": "tenant_user", "tenant_id": ta["id"]})),
     )
     .await;
-    assert_eq!(s, 200);
+    assert_eq!(s, 201);
     let (_, da) =
         call(http, a, ADMIN_KEY, "POST", "/api/v1/devices", Some(json!({"device_number": "live-a1", "tenant_id": ta["id"]}))).await;
     let (_, db) =

@@ -43,7 +43,7 @@ async fn mqtt_devices(meta: Option<String>) {
             }})),
         )
         .await;
-    assert_eq!(s, 200, "{product}");
+    assert_eq!(s, 201, "{product}");
     let (_, ta) = p.create_device("dev-a", json!({"product_id": product["id"]})).await;
     let (_, tb) = p.create_device("dev-b", json!({})).await;
 
@@ -132,7 +132,7 @@ async fn mqtt_devices(meta: Option<String>) {
 
     // A command to an online device: sent, answered, acknowledged with the response stored.
     let (s, cmd) = p.admin("POST", "/api/v1/devices/dev-a/commands", Some(json!({"method": "reboot", "params": {"delay": 1}}))).await;
-    assert_eq!(s, 200, "{cmd}");
+    assert_eq!(s, 201, "{cmd}");
     assert_eq!(cmd["status"], "sent");
     let mid = cmd["message_id"].as_str().unwrap().to_string();
     let c = next_on(&mut a, &format!("devices/command/dev-a/{mid}")).await;
@@ -159,7 +159,7 @@ async fn mqtt_devices(meta: Option<String>) {
         }
     }
     let (s, cmd) = p.admin("POST", "/api/v1/devices/dev-b/commands", Some(json!({"method": "blink", "params": {}}))).await;
-    assert_eq!(s, 200);
+    assert_eq!(s, 201);
     let mid = cmd["message_id"].as_str().unwrap().to_string();
     let c = next_on(&mut b, &format!("v1/devices/me/rpc/request/{mid}")).await;
     assert_eq!(json_of(&c)["method"], "blink");
@@ -242,7 +242,7 @@ async fn gateways_passwords_and_rate_limits() {
             Some(json!({"kind": "password", "username": "other-user", "password": "correct horse"})),
         )
         .await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
     assert!(v["credential"].get("secret").is_none(), "hashes are never returned");
     let (mut o, code) = login(tcp, Protocol::V5, "o", Some("other-user"), Some("correct horse")).await;
     assert_eq!(code, 0);
@@ -358,7 +358,7 @@ async fn client_certificates_identify_devices() {
     let tls_addr = p.node.tls.expect("tls listener");
     p.create_device("x-1", json!({})).await;
     let (s, v) = p.admin("POST", "/api/v1/devices/x-1/credentials", Some(json!({"kind": "x509", "certificate_pem": dev_cert.pem()}))).await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
 
     thingsd::server::install_crypto();
     let mut roots = rustls::RootCertStore::empty();

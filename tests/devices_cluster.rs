@@ -38,7 +38,7 @@ async fn across_nodes(pg: String, redis: Option<String>) {
     assert_eq!(sub(&mut d1, "devices/command/cd-1/+").await, [1]);
     wait_online(&http, n1, "cd-1", true).await;
     let (s, cmd) = admin(&http, n1, "POST", "/api/v1/devices/cd-1/commands", Some(json!({"method": "hello", "params": {}}))).await;
-    assert_eq!(s, 200, "{cmd}");
+    assert_eq!(s, 201, "{cmd}");
     let mid = cmd["message_id"].as_str().unwrap();
     let c = next_on(&mut d1, &format!("devices/command/cd-1/{mid}")).await;
     assert_eq!(json_of(&c)["method"], "hello");

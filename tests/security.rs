@@ -111,16 +111,16 @@ async fn roles_cannot_be_escalated_inside_a_tenant() {
     let p = Platform::start(None, |_| {}).await;
     let (http, addr) = (&p.http, p.http_addr());
     let (s, t) = p.admin("POST", "/api/v1/tenants", Some(json!({"name": "acme"}))).await;
-    assert_eq!(s, 200, "{t}");
+    assert_eq!(s, 201, "{t}");
     let tenant = t["id"].as_i64().unwrap();
     let role = |name: &str, perms: Vec<&str>| json!({"name": name, "permissions": perms, "tenant_id": tenant});
     let (s, um) = p.admin("POST", "/api/v1/roles", Some(role("user-managers", vec!["user:manage"]))).await;
-    assert_eq!(s, 200, "{um}");
+    assert_eq!(s, 201, "{um}");
     let user = |name: &str, role: &str, role_id: Option<i64>| json!({"username": name, "password": "long-password-1", "role": role, "role_id": role_id, "tenant_id": tenant});
     let (s, mgr) = p.admin("POST", "/api/v1/users", Some(user("mgr", "custom", um["id"].as_i64()))).await;
-    assert_eq!(s, 200, "{mgr}");
+    assert_eq!(s, 201, "{mgr}");
     let (s, boss) = p.admin("POST", "/api/v1/users", Some(user("boss", "tenant_admin", None))).await;
-    assert_eq!(s, 200, "{boss}");
+    assert_eq!(s, 201, "{boss}");
     let tok = login_user(http, addr, "mgr", "long-password-1").await["access_token"].as_str().unwrap().to_string();
     let me = mgr["id"].as_i64().unwrap();
 
@@ -136,7 +136,7 @@ async fn roles_cannot_be_escalated_inside_a_tenant() {
             continue; // held; tenant:manage is no custom role's
         }
         let (s, r) = p.admin("POST", "/api/v1/roles", Some(role(&format!("r-{perm}"), vec![perm, "user:manage"]))).await;
-        assert_eq!(s, 200, "{r}");
+        assert_eq!(s, 201, "{r}");
         let rid = r["id"].as_i64();
         let (s, v) =
             call(http, addr, &tok, "POST", "/api/v1/users", Some(user(&format!("u-{}", perm.replace(':', "-")), "custom", rid))).await;
@@ -146,7 +146,7 @@ async fn roles_cannot_be_escalated_inside_a_tenant() {
     }
     // What it holds, it may grant.
     let (s, v) = call(http, addr, &tok, "POST", "/api/v1/users", Some(user("peer", "custom", um["id"].as_i64()))).await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
     // A tenant admin's account cannot be taken over by setting its password, or disabled.
     let boss_id = boss["id"].as_i64().unwrap();
     for change in [json!({"password": "taken-over-1"}), json!({"disabled": true})] {
@@ -176,7 +176,7 @@ async fn device_tokens_are_shown_once_and_stored_as_digests() {
     let mut d = device(p.node.tcp, Protocol::V5, "t", &token).await;
     assert!([0, reason::NO_MATCHING_SUBSCRIBERS].contains(&pub1(&mut d, "devices/telemetry", 1, r#"{"t": 1}"#).await));
     let (s, rotated) = p.admin("POST", "/api/v1/devices/tok-1/credentials", Some(json!({"kind": "token"}))).await;
-    assert_eq!(s, 200, "{rotated}");
+    assert_eq!(s, 201, "{rotated}");
     let second = rotated["access_token"].as_str().unwrap().to_string();
     device(p.node.tcp, Protocol::V4, "t2", &second).await;
 
@@ -219,14 +219,14 @@ async fn device_numbers_do_not_tell_tenants_apart() {
         let (_, t) = p.admin("POST", "/api/v1/tenants", Some(json!({"name": name}))).await;
         let body =
             json!({"username": format!("{name}-admin"), "password": "long-password-1", "role": "tenant_admin", "tenant_id": t["id"]});
-        assert_eq!(p.admin("POST", "/api/v1/users", Some(body)).await.0, 200);
+        assert_eq!(p.admin("POST", "/api/v1/users", Some(body)).await.0, 201);
         toks.push(login_user(http, addr, &format!("{name}-admin"), "long-password-1").await["access_token"].as_str().unwrap().to_string());
     }
     let create = |tok: String| {
         let http = http.clone();
         async move { call(&http, addr, &tok, "POST", "/api/v1/devices", Some(json!({"device_number": "thermo-1"}))).await }
     };
-    assert_eq!(create(toks[0].clone()).await.0, 200);
+    assert_eq!(create(toks[0].clone()).await.0, 201);
     let own = create(toks[0].clone()).await;
     let other = create(toks[1].clone()).await;
     assert_eq!(own.0, 409);
@@ -503,13 +503,13 @@ async fn alert_channels_cannot_reach_internal_addresses() {
     let mut ids = Vec::new();
     for c in channels {
         let (s, v) = p.admin("POST", "/api/v1/channels", Some(c)).await;
-        assert_eq!(s, 200, "{v}");
+        assert_eq!(s, 201, "{v}");
         ids.push(v["id"].clone());
     }
     let (_, token) = p.create_device("ssrf-1", json!({})).await;
     let rule = json!({"name": "any", "target": {"device": "ssrf-1"}, "condition": {"key": "t", "op": ">", "value": 0}, "channels": ids});
     let (s, r) = p.admin("POST", "/api/v1/alert-rules", Some(rule)).await;
-    assert_eq!(s, 200, "{r}");
+    assert_eq!(s, 201, "{r}");
     let rid = r["id"].as_i64().unwrap();
     poll_admin(&p.http, p.http_addr(), &format!("/admin/v1/actors/alert:{rid}"), |v| {
         v.get("error").is_none() && v["actors"].as_array().is_none_or(|a| !a.is_empty())
@@ -742,12 +742,12 @@ async fn alert_channel_headers_are_redacted_for_readers() {
     tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
     let config = json!({"url": hook, "secret": "sig-secret-1", "headers": {"X-Api-Key": "hdr-secret-1"}});
     let (s, ch) = p.admin("POST", "/api/v1/channels", Some(json!({"name": "keyed", "kind": "webhook", "config": config}))).await;
-    assert_eq!(s, 200, "{ch}");
+    assert_eq!(s, 201, "{ch}");
     let id = ch["id"].as_i64().unwrap();
     // A reader (alert:read) sees neither secret.
     let (s, _) =
         p.admin("POST", "/api/v1/users", Some(json!({"username": "reader", "password": "reader-pw-1", "role": "tenant_user"}))).await;
-    assert_eq!(s, 200);
+    assert_eq!(s, 201);
     let reader = login_user(&p.http, p.http_addr(), "reader", "reader-pw-1").await["access_token"].as_str().unwrap().to_string();
     let (s, shown) = call(&p.http, p.http_addr(), &reader, "GET", &format!("/api/v1/channels/{id}"), None).await;
     assert_eq!(s, 200, "{shown}");
@@ -765,7 +765,7 @@ async fn alert_channel_headers_are_redacted_for_readers() {
     let (_, token) = p.create_device("keyed-1", json!({})).await;
     let rule = json!({"name": "any", "target": {"device": "keyed-1"}, "condition": {"key": "t", "op": ">", "value": 0}, "channels": [id]});
     let (s, r) = p.admin("POST", "/api/v1/alert-rules", Some(rule)).await;
-    assert_eq!(s, 200, "{r}");
+    assert_eq!(s, 201, "{r}");
     let rid = r["id"].as_i64().unwrap();
     poll_admin(&p.http, p.http_addr(), &format!("/admin/v1/actors/alert:{rid}"), |v| {
         v.get("error").is_none() && v["actors"].as_array().is_none_or(|a| !a.is_empty())
@@ -784,7 +784,7 @@ async fn values_keep_the_thing_models_types() {
     let p = Platform::start(None, |_| {}).await;
     let model = json!({"telemetry": [{"key": "temp", "type": "number"}], "attributes": [{"key": "fw", "type": "string"}]});
     let (s, prod) = p.admin("POST", "/api/v1/products", Some(json!({"name": "loose", "strict": false, "model": model}))).await;
-    assert_eq!(s, 200, "{prod}");
+    assert_eq!(s, 201, "{prod}");
     let (_, token) = p.create_device("typed-1", json!({"product_id": prod["id"]})).await;
     let url = |what: &str| format!("http://{}/api/v1/{token}/{what}", p.http_addr());
     let post = |what: &'static str, body: &'static str| {

@@ -26,7 +26,7 @@ pub(crate) fn values_of(v: &Value, key: &str) -> Vec<(i64, Value)> {
 async fn devices_to_store_with_rules_queries_and_restart() {
     let p = Platform::start(None, |_| {}).await;
     let (s, prod) = p.admin("POST", "/api/v1/products", Some(json!({"tenant_id": 1, "name": "thermo", "strict": false}))).await;
-    assert_eq!(s, 200, "{prod}");
+    assert_eq!(s, 201, "{prod}");
     let pid = prod["id"].as_i64().unwrap();
 
     // Rules are checked when saved; the refusal names the rule.

@@ -32,7 +32,7 @@ async fn console_in_chromium() {
     let a = p.http_addr();
     // Another tenant with its own user and device.
     let (s, t) = p.admin("POST", "/api/v1/tenants", Some(json!({"name": "other"}))).await;
-    assert_eq!(s, 200, "{t}");
+    assert_eq!(s, 201, "{t}");
     let (s, v) = p
         .admin(
             "POST",
@@ -40,9 +40,9 @@ async fn console_in_chromium() {
             Some(json!({"username": "other-user", "password": "other-pass-1", "role": "tenant_admin", "tenant_id": t["id"]})),
         )
         .await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
     let (s, v) = p.admin("POST", "/api/v1/devices", Some(json!({"device_number": "other-dev", "tenant_id": t["id"]}))).await;
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(s, 201, "{v}");
     let root = env!("CARGO_MANIFEST_DIR");
     let shots = if std::env::var("UPDATE_SCREENSHOTS").is_ok() {
         format!("{root}/docs/screenshots")

@@ -29,7 +29,7 @@ async fn request(http: SocketAddr, method: &str, path: &str, body: &str) -> anyh
     s.read_to_end(&mut out).await?;
     let text = String::from_utf8_lossy(&out);
     let (head, json) = text.split_once("\r\n\r\n").context("no HTTP body")?;
-    if !head.starts_with("HTTP/1.1 200") {
+    if !(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.1 201")) {
         bail!("admin API: {head} {json}");
     }
     Ok(serde_json::from_str(json)?)

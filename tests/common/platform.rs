@@ -94,7 +94,7 @@ pub async fn create_device(http: &reqwest::Client, addr: SocketAddr, number: &st
         b.extend(e);
     }
     let (s, v) = admin(http, addr, "POST", "/api/v1/devices", Some(body)).await;
-    assert_eq!(s, 200, "create device {number}: {v}");
+    assert_eq!(s, 201, "create device {number}: {v}");
     (v["device"].clone(), v["access_token"].as_str().unwrap().to_string())
 }
 

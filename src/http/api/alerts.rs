@@ -7,7 +7,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{bad, ok, Answer, Body, Caller, ListParams, P, Q};
+use super::{bad, created, created_from, ok, Answer, Body, Caller, ListParams, Made, P, Q};
 use crate::alerts::rule::Target;
 use crate::alerts::{Alerts, RuleSpec};
 use crate::http::device_api::devices;
@@ -86,8 +86,8 @@ async fn list_rules(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -
     ok(devices(&s).meta.rules_page(&c.list(&p, vec![])).await?)
 }
 
-#[utoipa::path(post, path = "/alert-rules", tag = "alerts", request_body = RuleBody, responses((status = 200, description = "the rule and the node it runs on")))]
-async fn create_rule(State(s): State<AppState>, c: Caller, Body(b): Body<RuleBody>) -> Answer {
+#[utoipa::path(post, path = "/alert-rules", tag = "alerts", request_body = RuleBody, responses((status = 201, description = "the rule and the node it runs on")))]
+async fn create_rule(State(s): State<AppState>, c: Caller, Body(b): Body<RuleBody>) -> Made {
     c.require("alert:write")?;
     let t = c.new_tenant(b.tenant_id)?;
     let d = devices(&s);
@@ -96,7 +96,7 @@ async fn create_rule(State(s): State<AppState>, c: Caller, Body(b): Body<RuleBod
     let r = d.meta.create_rule(t, &b.name, b.enabled, &spec).await?;
     alerts(&s).changed();
     c.audit(&d.meta, Some(t), "create", format!("alert-rule:{}", r.id), json!({"name": r.name})).await;
-    with_node(&s, r)
+    with_node(&s, r).map(created_from)
 }
 
 #[utoipa::path(get, path = "/alert-rules/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the rule and the node it runs on"), (status = 404, description = "no such rule")))]
@@ -237,8 +237,8 @@ async fn list_channels(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>
     ok(page)
 }
 
-#[utoipa::path(post, path = "/channels", tag = "alerts", request_body = ChannelBody, responses((status = 200, description = "the channel", body = Channel)))]
-async fn create_channel(State(s): State<AppState>, c: Caller, Body(b): Body<ChannelBody>) -> Answer {
+#[utoipa::path(post, path = "/channels", tag = "alerts", request_body = ChannelBody, responses((status = 201, description = "the channel", body = Channel)))]
+async fn create_channel(State(s): State<AppState>, c: Caller, Body(b): Body<ChannelBody>) -> Made {
     c.require("channel:manage")?;
     check_channel(&b)?;
     let t = c.new_tenant(b.tenant_id)?;
@@ -246,7 +246,7 @@ async fn create_channel(State(s): State<AppState>, c: Caller, Body(b): Body<Chan
     c.tenant(&d.meta, t).await?;
     let ch = d.meta.create_channel(t, &b.name, &b.kind, &b.config).await?;
     c.audit(&d.meta, Some(t), "create", format!("channel:{}", ch.id), json!({"name": ch.name, "kind": ch.kind})).await;
-    ok(redacted(ch))
+    created(redacted(ch))
 }
 
 #[utoipa::path(get, path = "/channels/{id}", tag = "alerts", params(("id" = i64, Path)), responses((status = 200, description = "the channel", body = Channel), (status = 404, description = "no such channel")))]

@@ -9,7 +9,7 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::{bad, ok, Answer, Body, Caller, ListParams, P, Q};
+use super::{bad, created, created_from, ok, Answer, Body, Caller, ListParams, Made, P, Q};
 use crate::devices::downlink::DownlinkRequest;
 use crate::devices::{hash_password, random_token};
 use crate::http::device_api::devices;
@@ -42,8 +42,8 @@ async fn list_products(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>
     ok(devices(&s).meta.products_page(&c.list(&p, vec![])).await?)
 }
 
-#[utoipa::path(post, path = "/products", tag = "devices", request_body = NewProduct, responses((status = 200, description = "the product", body = Product)))]
-async fn create_product(State(s): State<AppState>, c: Caller, Body(mut p): Body<NewProduct>) -> Answer {
+#[utoipa::path(post, path = "/products", tag = "devices", request_body = NewProduct, responses((status = 201, description = "the product", body = Product)))]
+async fn create_product(State(s): State<AppState>, c: Caller, Body(mut p): Body<NewProduct>) -> Made {
     c.require("product:write")?;
     let d = devices(&s);
     let t = c.new_tenant(p.tenant_id)?;
@@ -51,7 +51,7 @@ async fn create_product(State(s): State<AppState>, c: Caller, Body(mut p): Body<
     p.tenant_id = Some(t);
     let prod = d.meta.create_product(&p).await?;
     c.audit(&d.meta, Some(prod.tenant_id), "create", format!("product:{}", prod.id), json!({"name": prod.name})).await;
-    ok(prod)
+    created(prod)
 }
 
 #[utoipa::path(get, path = "/products/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the product", body = Product), (status = 404, description = "no such product")))]
@@ -98,8 +98,8 @@ async fn list_groups(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) 
     ok(devices(&s).meta.groups_page(&c.list(&p, vec![])).await?)
 }
 
-#[utoipa::path(post, path = "/groups", tag = "devices", request_body = GroupBody, responses((status = 200, description = "the group", body = Group)))]
-async fn create_group(State(s): State<AppState>, c: Caller, Body(g): Body<GroupBody>) -> Answer {
+#[utoipa::path(post, path = "/groups", tag = "devices", request_body = GroupBody, responses((status = 201, description = "the group", body = Group)))]
+async fn create_group(State(s): State<AppState>, c: Caller, Body(g): Body<GroupBody>) -> Made {
     c.require("device:write")?;
     let d = devices(&s);
     let t = c.new_tenant(g.tenant_id)?;
@@ -111,7 +111,7 @@ async fn create_group(State(s): State<AppState>, c: Caller, Body(g): Body<GroupB
     }
     let group = d.meta.create_group(t, &g.name, g.parent_id).await?;
     c.audit(&d.meta, Some(t), "create", format!("group:{}", group.id), json!({"name": group.name})).await;
-    ok(group)
+    created(group)
 }
 
 #[utoipa::path(get, path = "/groups/{id}", tag = "devices", params(("id" = i64, Path)), responses((status = 200, description = "the group", body = Group), (status = 404, description = "no such group")))]
@@ -177,8 +177,8 @@ async fn summary(State(s): State<AppState>, c: Caller) -> Answer {
 }
 
 /// Create a device; its first access token is in this answer (and only here).
-#[utoipa::path(post, path = "/devices", tag = "devices", request_body = NewDevice, responses((status = 200, description = "the device and its access token")))]
-async fn create_device(State(s): State<AppState>, c: Caller, Body(mut n): Body<NewDevice>) -> Answer {
+#[utoipa::path(post, path = "/devices", tag = "devices", request_body = NewDevice, responses((status = 201, description = "the device and its access token")))]
+async fn create_device(State(s): State<AppState>, c: Caller, Body(mut n): Body<NewDevice>) -> Made {
     c.require("device:write")?;
     let d = devices(&s);
     let t = c.new_tenant(n.tenant_id)?;
@@ -192,7 +192,7 @@ async fn create_device(State(s): State<AppState>, c: Caller, Body(mut n): Body<N
         d.changed(&dev, false).await;
     }
     c.audit(&d.meta, Some(dev.tenant_id), "create", format!("device:{}", dev.device_number), json!({"name": dev.name})).await;
-    ok(json!({"device": dev, "access_token": token}))
+    created(json!({"device": dev, "access_token": token}))
 }
 
 #[utoipa::path(get, path = "/devices/{number}", tag = "devices", params(("number" = String, Path)), responses((status = 200, description = "the device and its status"), (status = 404, description = "no such device")))]
@@ -256,8 +256,8 @@ enum CredentialBody {
     },
 }
 
-#[utoipa::path(post, path = "/devices/{number}/credentials", tag = "devices", params(("number" = String, Path)), request_body = CredentialBody, responses((status = 200, description = "the credential")))]
-async fn add_credential(State(s): State<AppState>, c: Caller, P(number): P<String>, Body(b): Body<CredentialBody>) -> Answer {
+#[utoipa::path(post, path = "/devices/{number}/credentials", tag = "devices", params(("number" = String, Path)), request_body = CredentialBody, responses((status = 201, description = "the credential")))]
+async fn add_credential(State(s): State<AppState>, c: Caller, P(number): P<String>, Body(b): Body<CredentialBody>) -> Made {
     let d = devices(&s);
     let dev = c.device(&d, &number).await?;
     c.require("device:write")?;
@@ -299,7 +299,7 @@ async fn add_credential(State(s): State<AppState>, c: Caller, P(number): P<Strin
         }
     };
     c.audit(&d.meta, Some(dev.tenant_id), "create", format!("device:{number}/credential"), json!({"id": answer["credential"]["id"]})).await;
-    ok(answer)
+    created(answer)
 }
 
 #[utoipa::path(delete, path = "/devices/{number}/credentials/{id}", tag = "devices", params(("number" = String, Path), ("id" = i64, Path)), responses((status = 200, description = "deleted")))]
@@ -332,9 +332,9 @@ async fn list_commands(State(s): State<AppState>, c: Caller, P(number): P<String
 }
 
 /// Send a command; follow its status at `/commands/{id}`.
-#[utoipa::path(post, path = "/devices/{number}/commands", tag = "devices", params(("number" = String, Path)), request_body = DownlinkRequest, responses((status = 200, description = "the command", body = Command)))]
-async fn send_command(State(s): State<AppState>, c: Caller, P(number): P<String>, Body(r): Body<DownlinkRequest>) -> Answer {
-    downlink(&s, &c, &number, CommandKind::Command, r).await
+#[utoipa::path(post, path = "/devices/{number}/commands", tag = "devices", params(("number" = String, Path)), request_body = DownlinkRequest, responses((status = 201, description = "the command", body = Command)))]
+async fn send_command(State(s): State<AppState>, c: Caller, P(number): P<String>, Body(r): Body<DownlinkRequest>) -> Made {
+    downlink(&s, &c, &number, CommandKind::Command, r).await.map(created_from)
 }
 
 async fn downlink(s: &AppState, c: &Caller, number: &str, kind: CommandKind, r: DownlinkRequest) -> Answer {

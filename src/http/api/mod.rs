@@ -158,6 +158,18 @@ pub fn ok<T: serde::Serialize>(v: T) -> Answer {
     serde_json::to_value(v).map(Json).map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
+/// A create's answer: 201 Created with the new object.
+pub type Made = Result<(StatusCode, Json<Value>), ApiError>;
+
+pub fn created<T: serde::Serialize>(v: T) -> Made {
+    ok(v).map(created_from)
+}
+
+/// An answer's body as a 201 Created.
+pub fn created_from(body: Json<Value>) -> (StatusCode, Json<Value>) {
+    (StatusCode::CREATED, body)
+}
+
 pub fn bad(m: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "invalid", m)
 }

@@ -8,7 +8,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::scope::users;
-use super::{bad, ok, Answer, Body, Caller, ListParams, P, Q};
+use super::{bad, created, ok, Answer, Body, Caller, ListParams, Made, P, Q};
 use crate::http::device_api::devices;
 use crate::http::AppState;
 use crate::storage::meta::{MetaError, NewUser};
@@ -39,13 +39,13 @@ async fn list_tenants(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>)
 }
 
 /// Create a tenant (system scope).
-#[utoipa::path(post, path = "/tenants", tag = "people", request_body = TenantBody, responses((status = 200, description = "the tenant", body = Tenant)))]
-async fn create_tenant(State(s): State<AppState>, c: Caller, Body(b): Body<TenantBody>) -> Answer {
+#[utoipa::path(post, path = "/tenants", tag = "people", request_body = TenantBody, responses((status = 201, description = "the tenant", body = Tenant)))]
+async fn create_tenant(State(s): State<AppState>, c: Caller, Body(b): Body<TenantBody>) -> Made {
     c.require("tenant:manage")?;
     let d = devices(&s);
     let t = d.meta.create_tenant(&b.name).await?;
     c.audit(&d.meta, Some(t.id), "create", format!("tenant:{}", t.id), json!({"name": t.name})).await;
-    ok(t)
+    created(t)
 }
 
 #[utoipa::path(get, path = "/tenants/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the tenant", body = Tenant), (status = 404, description = "no such tenant")))]
@@ -146,8 +146,8 @@ async fn manageable(c: &Caller, u: &crate::users::Users, user: &crate::storage::
     holds_all(c, &u.permissions_of(user).await?)
 }
 
-#[utoipa::path(post, path = "/users", tag = "people", request_body = NewUserBody, responses((status = 200, description = "the user", body = User)))]
-async fn create_user(State(s): State<AppState>, c: Caller, Body(b): Body<NewUserBody>) -> Answer {
+#[utoipa::path(post, path = "/users", tag = "people", request_body = NewUserBody, responses((status = 201, description = "the user", body = User)))]
+async fn create_user(State(s): State<AppState>, c: Caller, Body(b): Body<NewUserBody>) -> Made {
     c.require("user:manage")?;
     check_password(&b.password)?;
     let u = users(&s);
@@ -162,7 +162,7 @@ async fn create_user(State(s): State<AppState>, c: Caller, Body(b): Body<NewUser
         .create_user(&NewUser { tenant_id: tenant, username: &b.username, password_hash: &h, role: &b.role, role_id: b.role_id })
         .await?;
     c.audit(&u.meta, tenant, "create", format!("user:{}", user.id), json!({"username": user.username, "role": user.role})).await;
-    ok(user)
+    created(user)
 }
 
 #[utoipa::path(get, path = "/users/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the user", body = User), (status = 404, description = "no such user")))]
@@ -265,8 +265,8 @@ async fn list_roles(State(s): State<AppState>, c: Caller, Q(p): Q<ListParams>) -
     ok(users(&s).meta.list_roles(&c.list(&p, vec![])).await?)
 }
 
-#[utoipa::path(post, path = "/roles", tag = "people", request_body = RoleBody, responses((status = 200, description = "the role", body = Role)))]
-async fn create_role(State(s): State<AppState>, c: Caller, Body(b): Body<RoleBody>) -> Answer {
+#[utoipa::path(post, path = "/roles", tag = "people", request_body = RoleBody, responses((status = 201, description = "the role", body = Role)))]
+async fn create_role(State(s): State<AppState>, c: Caller, Body(b): Body<RoleBody>) -> Made {
     c.require("role:manage")?;
     check_permissions(&c, &b.permissions)?;
     let u = users(&s);
@@ -274,7 +274,7 @@ async fn create_role(State(s): State<AppState>, c: Caller, Body(b): Body<RoleBod
     c.tenant(&u.meta, t).await?;
     let r = u.meta.create_role(t, &b.name, &b.permissions).await?;
     c.audit(&u.meta, Some(t), "create", format!("role:{}", r.id), json!({"name": r.name, "permissions": r.permissions})).await;
-    ok(r)
+    created(r)
 }
 
 #[utoipa::path(get, path = "/roles/{id}", tag = "people", params(("id" = i64, Path)), responses((status = 200, description = "the role", body = Role), (status = 404, description = "no such role")))]
