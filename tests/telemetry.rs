@@ -394,3 +394,48 @@ async fn kill_9_loses_no_acknowledged_point() {
     let missing: Vec<i64> = (0..=last).filter(|i| !got.contains(i)).take(10).collect();
     assert!(missing.is_empty(), "acknowledged points lost after kill -9 (last acked {last}): {missing:?}");
 }
+
+/// Fleet questions in one call each: a key's hourly mean over every device of a product (one
+/// combined series, not one per device to add up), and the latest value of a key on each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn product_wide_aggregate_and_latest() {
+    let p = Platform::start(None, |_| {}).await;
+    let (s, prod) = p.admin("POST", "/api/v1/products", Some(json!({"name": "fleet", "strict": false}))).await;
+    assert_eq!(s, 201, "{prod}");
+    let pid = prod["id"].as_i64().unwrap();
+    // One whole hour two hours ago: samples at its 10th, 20th and 30th minute.
+    let hour = (thingsd::storage::meta::now_ms() - 7_200_000) / 3_600_000 * 3_600_000;
+    let at = |m: i64| hour + m * 60_000;
+    let mut tokens = Vec::new();
+    for n in ["pw-1", "pw-2", "pw-3"] {
+        tokens.push(p.create_device(n, json!({"product_id": pid})).await.1);
+    }
+    let (_, other) = p.create_device("pw-other", json!({})).await; // not of the product
+    for (token, body) in [
+        (&tokens[0], json!([{"ts": at(10), "values": {"temp": 10}}, {"ts": at(20), "values": {"temp": 20}}])),
+        (&tokens[1], json!([{"ts": at(30), "values": {"temp": 30}}])),
+        (&tokens[2], json!([{"ts": at(30), "values": {"hum": 40}}])),
+        (&other, json!([{"ts": at(30), "values": {"temp": 1000}}])),
+    ] {
+        let r = p.http.post(format!("http://{}/api/v1/{token}/telemetry", p.http_addr())).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let range = format!("key=temp&window=1h&from={}&to={}", hour, hour + 3_600_000);
+    let agg = |q: String| {
+        let p = &p;
+        async move { p.admin("GET", &format!("/api/v1/products/{pid}/telemetry/aggregate?{q}"), None).await }
+    };
+    for (func, want) in [("avg", 20.0), ("min", 10.0), ("max", 30.0), ("sum", 60.0), ("count", 3.0)] {
+        let (s, v) = agg(format!("{range}&fn={func}&combine=true")).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["buckets"], json!([{"start": hour, "value": want, "devices": 2}]), "{func}: {v}");
+    }
+    let (s, v) = agg(format!("{range}&fn=last&combine=true")).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid")), "{v}");
+    // Without combine: one series per device, as before.
+    let (_, v) = agg(format!("{range}&fn=avg")).await;
+    assert_eq!(v["devices"], json!({"pw-1": [{"start": hour, "value": 15.0}], "pw-2": [{"start": hour, "value": 30.0}]}), "{v}");
+    let (s, v) = p.admin("GET", &format!("/api/v1/products/{pid}/telemetry/latest?key=temp"), None).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["devices"], json!({"pw-1": {"ts": at(20), "value": 20.0}, "pw-2": {"ts": at(30), "value": 30.0}}), "{v}");
+}

@@ -452,6 +452,31 @@ impl Telemetry {
     }
 }
 
+impl Telemetry {
+    /// The latest (ts, value) of `key` on each of `devices` that has it: from the shared cache
+    /// when there is one (written by whichever node each device is on; 32 reads at a time),
+    /// else from the store in one call.
+    pub async fn latest_of_key(&self, devices: &[i64], key: &str) -> Result<Vec<(i64, i64, Json)>, crate::storage::timeseries::TsError> {
+        use futures_util::StreamExt;
+        if !self.cache.is_redis() {
+            let pts = self.store.latest(devices).await?;
+            return Ok(pts.into_iter().filter(|p| p.key == key).map(|p| (p.device_id, p.ts, json!(p.value))).collect());
+        }
+        let docs: Vec<_> = futures_util::stream::iter(devices.iter().copied())
+            .map(|d| async move { (d, self.latest(d).await) })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let mut out = Vec::new();
+        for (d, doc) in docs {
+            if let Some(v) = doc?.get(key) {
+                out.push((d, v["ts"].as_i64().unwrap_or(0), v["value"].clone()));
+            }
+        }
+        Ok(out)
+    }
+}
+
 fn latest_doc(m: &BTreeMap<String, (i64, Value)>) -> Json {
     Json::Object(m.iter().map(|(k, (ts, v))| (k.clone(), json!({"ts": ts, "value": v}))).collect())
 }

@@ -32,6 +32,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(chart))
         .routes(routes!(export))
         .routes(routes!(aggregate_product))
+        .routes(routes!(latest_product))
         .routes(routes!(get_product_policy, put_product_policy))
         .routes(routes!(get_tenant_policy, put_tenant_policy))
         .routes(routes!(status))
@@ -171,10 +172,9 @@ async fn aggregate_device(State(s): State<AppState>, c: Caller, P(number): P<Str
     Ok(Json(json!({"device": number, "key": p.key, "buckets": buckets})))
 }
 
-/// Window aggregates of one key over every device of a product.
-#[utoipa::path(get, path = "/products/{id}/telemetry/aggregate", tag = "telemetry", params(("id" = i64, Path), AggParams), responses((status = 200, description = "buckets per device")))]
-async fn aggregate_product(State(s): State<AppState>, c: Caller, P(product): P<i64>, Q(p): Q<AggParams>) -> Answer {
-    let d = devices(&s);
+/// The product's devices: id → number.
+async fn product_devices(s: &AppState, c: &Caller, product: i64) -> Result<std::collections::HashMap<i64, String>, ApiError> {
+    let d = devices(s);
     c.product(&d.meta, product).await?;
     c.require("telemetry:read")?;
     let mut numbers = std::collections::HashMap::new();
@@ -185,8 +185,29 @@ async fn aggregate_product(State(s): State<AppState>, c: Caller, P(product): P<i
         after = last.id;
         numbers.extend(page.into_iter().map(|d| (d.id, d.device_number)));
     }
+    Ok(numbers)
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct Across {
+    /// `true`: one series over all the product's devices (avg, min, max, sum or count of
+    /// every point in each window) instead of one per device.
+    combine: Option<bool>,
+}
+
+/// Window aggregates of one key over every device of a product: per device, or combined into
+/// one series (`combine=true`).
+#[utoipa::path(get, path = "/products/{id}/telemetry/aggregate", tag = "telemetry", params(("id" = i64, Path), AggParams, Across), responses((status = 200, description = "buckets per device, or one combined series")))]
+async fn aggregate_product(State(s): State<AppState>, c: Caller, P(product): P<i64>, Q(p): Q<AggParams>, Q(a): Q<Across>) -> Answer {
+    let numbers = product_devices(&s, &c, product).await?;
     let q = p.query(numbers.keys().copied().collect())?;
-    let b = p.run(&*telemetry(&s)?, &q).await?;
+    let t = telemetry(&s)?;
+    if a.combine.unwrap_or(false) {
+        let buckets = combined(&p, &t, q).await?;
+        return Ok(Json(json!({"product": product, "key": p.key, "fn": p.func.as_deref().unwrap_or("avg"), "buckets": buckets})));
+    }
+    let b = p.run(&t, &q).await?;
     let mut by: std::collections::BTreeMap<&str, Vec<Value>> = std::collections::BTreeMap::new();
     for x in &b {
         if let Some(n) = numbers.get(&x.device_id) {
@@ -194,6 +215,73 @@ async fn aggregate_product(State(s): State<AppState>, c: Caller, P(product): P<i
         }
     }
     Ok(Json(json!({"product": product, "key": p.key, "devices": by})))
+}
+
+/// One series over every device of `q`: each window's avg (sum of sums over sum of counts),
+/// min, max, sum or count of all their points, and how many devices had points in it.
+async fn combined(p: &AggParams, t: &Telemetry, q: AggQuery) -> Result<Vec<Value>, ApiError> {
+    use std::collections::BTreeMap;
+    let per = |func: Func| {
+        let mut q = q.clone();
+        q.func = func;
+        async move { p.run(t, &q).await }
+    };
+    // start → (value, devices)
+    let mut out: BTreeMap<i64, (f64, u64)> = BTreeMap::new();
+    match q.func {
+        Func::Avg => {
+            let (sums, counts) = (per(Func::Sum).await?, per(Func::Count).await?);
+            let mut acc: BTreeMap<i64, (f64, f64, u64)> = BTreeMap::new();
+            for b in &sums {
+                let e = acc.entry(b.start).or_default();
+                e.0 += b.value;
+                e.2 += 1;
+            }
+            for b in &counts {
+                acc.entry(b.start).or_default().1 += b.value;
+            }
+            for (start, (sum, n, devs)) in acc {
+                if n > 0.0 {
+                    out.insert(start, (sum / n, devs));
+                }
+            }
+        }
+        f @ (Func::Min | Func::Max | Func::Sum | Func::Count) => {
+            for b in per(f).await? {
+                let e = out.entry(b.start).or_insert((b.value, 0));
+                e.0 = match (f, e.1) {
+                    (_, 0) => b.value,
+                    (Func::Min, _) => e.0.min(b.value),
+                    (Func::Max, _) => e.0.max(b.value),
+                    _ => e.0 + b.value,
+                };
+                e.1 += 1;
+            }
+        }
+        _ => return Err(bad("combine=true works with fn avg, min, max, sum or count")),
+    }
+    Ok(out.into_iter().map(|(start, (value, devices))| json!({"start": start, "value": value, "devices": devices})).collect())
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LatestKey {
+    /// The key whose latest value each device reports.
+    key: String,
+}
+
+/// The latest value of one key on every device of a product (devices without it left out).
+#[utoipa::path(get, path = "/products/{id}/telemetry/latest", tag = "telemetry", params(("id" = i64, Path), LatestKey), responses((status = 200, description = "device number → {ts, value}")))]
+async fn latest_product(State(s): State<AppState>, c: Caller, P(product): P<i64>, Q(k): Q<LatestKey>) -> Answer {
+    let numbers = product_devices(&s, &c, product).await?;
+    let ids: Vec<i64> = numbers.keys().copied().collect();
+    let mut by = serde_json::Map::new();
+    for (d, ts, value) in telemetry(&s)?.latest_of_key(&ids, &k.key).await? {
+        if let Some(n) = numbers.get(&d) {
+            by.insert(n.clone(), json!({"ts": ts, "value": value}));
+        }
+    }
+    Ok(Json(json!({"product": product, "key": k.key, "devices": by})))
 }
 
 #[derive(Deserialize, IntoParams)]
