@@ -465,3 +465,46 @@ async fn thingsboard_sdk_client_side_rpc_and_session_limits() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("OK tb sdk"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Devices by the thousand: one import call (JSON or CSV) creates each row on its own, reports
+/// the rows it could not create with their error, and returns every new device's token once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_import_json_and_csv_with_per_row_errors() {
+    let p = Platform::start(None, |_| {}).await;
+    p.create_device("imp-taken", json!({})).await;
+    let mut rows: Vec<serde_json::Value> =
+        (0..1000).map(|i| json!({"device_number": format!("imp-{i}"), "name": format!("meter {i}")})).collect();
+    rows.push(json!({"device_number": "imp-taken"}));
+    rows.push(json!({"name": "no number"}));
+    rows.push(json!({"device_number": "imp-bad-product", "product_id": 999}));
+    let (s, v) = p.admin("POST", "/api/v1/devices/import", Some(json!(rows))).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((v["created"].as_u64(), v["failed"].as_u64()), (Some(1000), Some(3)), "{}", v["errors"]);
+    let codes: Vec<(u64, &str)> =
+        v["errors"].as_array().unwrap().iter().map(|e| (e["row"].as_u64().unwrap(), e["code"].as_str().unwrap())).collect();
+    assert_eq!(codes, [(1001, "conflict"), (1002, "invalid"), (1003, "not_found")], "{}", v["errors"]);
+    // The tokens work: a device of the import logs in.
+    let last = &v["devices"][999];
+    assert_eq!(last["device_number"], "imp-999");
+    let mut d = device(p.node.tcp, Protocol::V4, "imp-999-c", last["access_token"].as_str().unwrap()).await;
+    d.send(disconnect()).await;
+    let (_, all) = p.admin("GET", "/api/v1/devices?limit=1&q=imp-", None).await;
+    assert_eq!(all["total"].as_i64(), Some(1001), "{all}");
+
+    // CSV, as spreadsheets export it.
+    let csv = "device_number,name,product_id\r\ncsv-1,\"Pump, north\",\ncsv-2,plain,\ncsv-1,again,\n";
+    let url = format!("http://{}/api/v1/devices/import", p.http_addr());
+    let r = p.http.post(&url).bearer_auth(ADMIN_KEY).header("content-type", "text/csv").body(csv).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!((v["created"].as_u64(), v["errors"][0]["row"].as_u64()), (Some(2), Some(3)), "{v}");
+    let (_, dev) = p.admin("GET", "/api/v1/devices/csv-1", None).await;
+    assert_eq!(dev["device"]["name"], "Pump, north", "{dev}");
+    let r =
+        p.http.post(&url).bearer_auth(ADMIN_KEY).header("content-type", "text/csv").body("number,colour\nx,red\n").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    // Bounded: more rows than an import holds is refused before any is created.
+    let many: Vec<serde_json::Value> = (0..10_001).map(|i| json!({"device_number": format!("m{i}")})).collect();
+    let (s, v) = p.admin("POST", "/api/v1/devices/import", Some(json!(many))).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid")), "{v}");
+}

@@ -178,19 +178,9 @@ async fn summary(State(s): State<AppState>, c: Caller) -> Answer {
 
 /// Create a device; its first access token is in this answer (and only here).
 #[utoipa::path(post, path = "/devices", tag = "devices", request_body = NewDevice, responses((status = 201, description = "the device and its access token")))]
-async fn create_device(State(s): State<AppState>, c: Caller, Body(mut n): Body<NewDevice>) -> Made {
-    c.require("device:write")?;
+async fn create_device(State(s): State<AppState>, c: Caller, Body(n): Body<NewDevice>) -> Made {
+    let (dev, token) = super::import::make_device(&s, &c, n).await?;
     let d = devices(&s);
-    let t = c.new_tenant(n.tenant_id)?;
-    c.tenant(&d.meta, t).await?;
-    c.check_refs(&d, t, n.product_id, n.group_id, n.gateway_id).await?;
-    n.tenant_id = Some(t);
-    let dev = d.meta.create_device(&n).await?;
-    let token = random_token();
-    d.meta.add_credential(dev.id, CredentialKind::Token, &token, None).await?;
-    if dev.gateway_id.is_some() {
-        d.changed(&dev, false).await;
-    }
     c.audit(&d.meta, Some(dev.tenant_id), "create", format!("device:{}", dev.device_number), json!({"name": dev.name})).await;
     created(json!({"device": dev, "access_token": token}))
 }

@@ -23,6 +23,7 @@ use super::{ApiError, AppState};
 mod alerts;
 mod auth;
 mod devices;
+mod import;
 mod people;
 pub mod scope;
 mod telemetry;
@@ -65,6 +66,7 @@ pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(auth::routes())
         .merge(people::routes())
         .merge(devices::routes())
+        .merge(import::routes())
         .merge(telemetry::routes())
         .merge(alerts::routes());
     let (router, mut doc) = OpenApiRouter::with_openapi(Doc::openapi()).nest("/api/v1", api).split_for_parts();
