@@ -21,6 +21,7 @@ mod haproxy;
 mod http;
 mod logging;
 mod meta;
+mod monitoring;
 mod mqtt5;
 mod ops;
 mod partition;
