@@ -439,3 +439,39 @@ async fn product_wide_aggregate_and_latest() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["devices"], json!({"pw-1": {"ts": at(20), "value": 20.0}, "pw-2": {"ts": at(30), "value": 30.0}}), "{v}");
 }
+
+/// History back-filled after its hours were rolled up (a device that was offline for days,
+/// an import of old readings) gets its roll-ups at the next maintenance run: `source=rollup`
+/// answers it like raw points do, not an empty list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_filled_history_is_rolled_up() {
+    let p = Platform::start(None, |_| {}).await;
+    let (_, token) = p.create_device("bf-1", json!({})).await;
+    let h = 3_600_000;
+    let now = thingsd::storage::meta::now_ms();
+    // A first run: its window is the last two days; the watermark moves past them.
+    let (s, rep) = p.admin("POST", "/api/v1/telemetry/maintenance", None).await;
+    assert_eq!(s, 200, "{rep}");
+    // Ten days ago (before the window) and five hours ago (inside the rolled-up window).
+    for base in [(now - 10 * 86_400_000) / h * h, (now - 5 * h) / h * h] {
+        let body = json!([{"ts": base + 60_000, "values": {"temp": 10}}, {"ts": base + 120_000, "values": {"temp": 30}}]);
+        let r = p.http.post(format!("http://{}/api/v1/{token}/telemetry", p.http_addr())).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let (s, rep) = p.admin("POST", "/api/v1/telemetry/maintenance", None).await;
+    assert_eq!(s, 200, "{rep}");
+    for f in ["avg", "min", "max", "count", "sum"] {
+        let path = |src: &str| {
+            format!(
+                "/api/v1/devices/bf-1/telemetry/aggregate?key=temp&from={}&to={}&window=1h&fn={f}&source={src}",
+                now - 11 * 86_400_000,
+                now
+            )
+        };
+        let (_, raw) = p.admin("GET", &path("raw"), None).await;
+        let (s, rolled) = p.admin("GET", &path("rollup"), None).await;
+        assert_eq!(s, 200, "{rolled}");
+        assert_eq!(raw["buckets"].as_array().map(Vec::len), Some(2), "{raw}");
+        assert_eq!(rolled["buckets"], raw["buckets"], "{f}: roll-ups of back-filled hours");
+    }
+}

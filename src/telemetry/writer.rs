@@ -142,6 +142,9 @@ impl WriterState {
             }
         }
         t.note_latest(&stored);
+        if t.rollup.is_some() {
+            t.late.note(&stored);
+        }
         self.held.clear();
     }
 }
