@@ -896,3 +896,30 @@ async fn a_poison_point_never_wedges_a_writer() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A device that keeps making client-side RPC calls cannot fill the shared cache: beyond 100
+/// per `devices.command_ttl_secs` each call is answered with an error at once and not kept
+/// (a service's answer to it finds nothing); another device is not affected; and a device can
+/// answer only its own requests' topics (it cannot even subscribe to another's responses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_side_rpc_is_bounded_per_device() {
+    let p = Platform::start(None, |_| {}).await;
+    let (_, token) = p.create_device("rpc-flood", json!({})).await;
+    let (_, other) = p.create_device("rpc-calm", json!({})).await;
+    let mut d = device(p.node.tcp, Protocol::V5, "rpc-flood-c", &token).await;
+    assert_eq!(sub(&mut d, "v1/devices/me/rpc/response/+").await, [1]);
+    assert_eq!(sub(&mut d, "v1/devices/rpc-calm/rpc/response/+").await, [0x87], "another device's responses");
+    for i in 1..=101 {
+        assert_eq!(pub1(&mut d, &format!("v1/devices/me/rpc/request/{i}"), 1, r#"{"method": "getTime", "params": {}}"#).await, 0);
+    }
+    let refused = next_on(&mut d, "v1/devices/me/rpc/response/101").await;
+    assert!(json_of(&refused)["error"].as_str().is_some_and(|e| e.contains("too many")), "{}", json_of(&refused));
+    let (s, _) = p.admin("POST", "/api/v1/devices/rpc-flood/rpc/101/response", Some(json!({"t": 1}))).await;
+    assert_eq!(s, 404, "the refused call was not kept");
+    let (s, _) = p.admin("POST", "/api/v1/devices/rpc-flood/rpc/100/response", Some(json!({"t": 1}))).await;
+    assert_eq!(s, 200, "the hundredth was");
+    let mut c = device(p.node.tcp, Protocol::V5, "rpc-calm-c", &other).await;
+    assert_eq!(pub1(&mut c, "v1/devices/me/rpc/request/1", 1, r#"{"method": "getTime"}"#).await, 0);
+    let (s, _) = p.admin("POST", "/api/v1/devices/rpc-calm/rpc/1/response", Some(json!({"t": 1}))).await;
+    assert_eq!(s, 200, "another device is not limited");
+}

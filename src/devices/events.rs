@@ -40,6 +40,10 @@ pub struct ReplyTo<'a> {
     pub number: &'a str,
 }
 
+/// Client-side RPC requests a device may make per `devices.command_ttl_secs` (beyond, each is
+/// answered with an error at once and not kept).
+const RPC_PER_DEVICE: u64 = 100;
+
 /// Where a waiting client-side RPC request is kept in the cache.
 fn rpc_key(number: &str, id: &str) -> String {
     format!("rpc:{number}:{id}")
@@ -193,18 +197,26 @@ impl Devices {
     async fn rpc_request(&self, ev: &DeviceEvent, mqtt: bool) -> Option<Answer> {
         let mid = ev.message_id.as_deref()?;
         let method = ev.values.get("method").and_then(Value::as_str).unwrap_or("");
+        let respond =
+            |payload: Value| mqtt.then(|| Answer { topic: format!("v1/devices/{}/rpc/response/{mid}", ev.device_number), payload });
         if method == "getSessionLimits" {
             let c = &self.config;
             // No per-device rate limits here: empty limits (the SDKs read them as none).
-            let limits = json!({
+            return respond(json!({
                 "maxPayloadSize": c.devices.max_payload,
                 "maxInflightMessages": c.mqtt.max_inflight,
                 "rateLimits": {"messages": "", "telemetryMessages": "", "telemetryDataPoints": ""},
-            });
-            return mqtt.then(|| Answer { topic: format!("v1/devices/{}/rpc/response/{mid}", ev.device_number), payload: limits });
+            }));
+        }
+        let ttl = Duration::from_secs(self.config.devices.command_ttl_secs.max(1));
+        // Bounded per device: a device that keeps calling cannot fill the cache.
+        if self.cache.incr(&format!("rpcn:{}", ev.device_number), ttl).await > RPC_PER_DEVICE {
+            tracing::debug!(device = %ev.device_number, "client-side RPC refused: too many in the window");
+            return respond(
+                json!({"error": format!("too many client-side RPC requests: at most {RPC_PER_DEVICE} per devices.command_ttl_secs")}),
+            );
         }
         let pending = json!({"method": method, "params": ev.values.get("params"), "ts": ev.ts});
-        let ttl = Duration::from_secs(self.config.devices.command_ttl_secs.max(1));
         self.cache.set(&rpc_key(&ev.device_number, mid), &pending.to_string(), ttl).await;
         None
     }
