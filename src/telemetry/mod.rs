@@ -94,7 +94,7 @@ pub struct Telemetry {
     /// Device → product.
     products: moka::sync::Cache<i64, Option<i64>>,
     /// Latest value of every key per device (also written to the shared cache).
-    hot: moka::sync::Cache<i64, Arc<LatestOf>>,
+    hot: moka::sync::Cache<i64, Arc<std::sync::Mutex<LatestOf>>>,
     /// Bounds the background tasks that copy latest values to the shared cache.
     cache_writes: Arc<Semaphore>,
     pub metrics: TelemetryMetrics,
@@ -411,11 +411,14 @@ impl Telemetry {
         }
         let mut docs = Vec::new();
         for (d, pts) in by_dev {
-            let mut m = self.hot.get(&d).map(|m| (*m).clone()).unwrap_or_default();
+            // Updated in place: a write no longer copies the device's whole map.
+            let entry = self.hot.get_with(d, Default::default);
+            let mut m = entry.lock().unwrap_or_else(|e| e.into_inner());
             for p in pts {
-                match m.get(&p.key) {
-                    Some((t, _)) if *t > p.ts => {}
-                    _ => {
+                match m.get_mut(&p.key) {
+                    Some(e) if e.0 > p.ts => {}
+                    Some(e) => *e = (p.ts, p.value.clone()),
+                    None => {
                         m.insert(p.key.clone(), (p.ts, p.value.clone()));
                     }
                 }
@@ -423,7 +426,6 @@ impl Telemetry {
             if self.cache.is_redis() {
                 docs.push((d, latest_doc(&m)));
             }
-            self.hot.insert(d, Arc::new(m));
         }
         if docs.is_empty() {
             return;
@@ -447,7 +449,7 @@ impl Telemetry {
             }
         }
         if let Some(m) = self.hot.get(&device_id) {
-            return Ok(latest_doc(&m));
+            return Ok(latest_doc(&m.lock().unwrap_or_else(|e| e.into_inner())));
         }
         let pts = self.store.latest(&[device_id]).await?;
         let m: BTreeMap<String, (i64, Value)> = pts.into_iter().map(|p| (p.key, (p.ts, p.value))).collect();
