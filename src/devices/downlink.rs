@@ -138,11 +138,7 @@ impl Devices {
         for (topic, body) in out {
             let mut msg = Message::from_node(topic, body.to_string(), QoS::AtLeastOnce, false);
             msg.expires_at = Some(cmd.expires_ms.max(0) as u64);
-            let msg = Arc::new(msg);
-            let (_, durable) = b.publish_routed(msg).await;
-            if let Some(d) = durable {
-                crate::broker::Broker::wait_durable(&d).await;
-            }
+            publish_stored(&b, msg).await;
         }
         if self.meta.mark_sent(cmd.id).await? {
             self.metrics.commands_sent.fetch_add(1, Ordering::Relaxed);
@@ -260,4 +256,13 @@ pub(super) fn spawn_expiry(d: &Arc<Devices>) {
             }
         }
     });
+}
+
+/// Publish a platform message (QoS 1) and wait until the copies queued for persistent sessions
+/// are stored.
+pub(super) async fn publish_stored(b: &crate::broker::Broker, msg: Message) {
+    let (_, durable) = b.publish_routed(Arc::new(msg)).await;
+    if let Some(d) = durable {
+        crate::broker::Broker::wait_durable(&d).await;
+    }
 }

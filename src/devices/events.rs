@@ -241,10 +241,7 @@ impl Devices {
                 crate::protocols::mqtt::QoS::AtLeastOnce,
                 false,
             );
-            let (_, durable) = b.publish_routed(Arc::new(msg)).await;
-            if let Some(d) = durable {
-                crate::broker::Broker::wait_durable(&d).await;
-            }
+            super::downlink::publish_stored(&b, msg).await;
         }
         Ok(true)
     }

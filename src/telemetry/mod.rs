@@ -196,15 +196,10 @@ impl Telemetry {
         Ok(t)
     }
 
-    /// Store one message's telemetry: rules, flattening, hand-over to the device's writer.
-    /// Waits for room (at most `wait`) and, unless durability is `accepted`, for the write.
-    pub async fn accept(&self, device_id: i64, ts: i64, values: &Map<String, Json>, wait: Duration) -> Result<(), NotStored> {
-        self.accept_all(&[Sample { device_id, ts, values }], wait).await
-    }
-
-    /// Store the telemetry of many messages (one request's array, a gateway's devices) as
-    /// one hand-over per writer: each writer is sent the points of its devices in one message
-    /// and all writes are awaited together — not a writer round trip per entry. Succeeds
+    /// Store the telemetry of one or many messages (one request's array, a gateway's devices):
+    /// rules, flattening, then one hand-over per writer, waiting for room at most `wait` and,
+    /// unless durability is `accepted`, for the writes. Each writer is sent the points of its
+    /// devices in one message and all writes are awaited together. Succeeds
     /// when every point is stored; `Busy` or `Refused` otherwise (some points may be stored:
     /// sending everything again is safe, writes are idempotent per device, key and time).
     pub async fn accept_all(&self, samples: &[Sample<'_>], wait: Duration) -> Result<(), NotStored> {
