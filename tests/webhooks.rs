@@ -266,3 +266,79 @@ async fn a_stuck_notification_endpoint_never_slows_the_broker() {
     assert!(n >= 190.0, "overflow is counted: {dropped:?}");
     p.node.stop().await;
 }
+
+/// A SUBSCRIBE the node has read is matched by other clients' publishes read after it, even
+/// before it is granted (Paho's No Local test publishes from one client right after another
+/// subscribed, without waiting for the SUBACK). The `auth_on_subscribe` endpoint holds the
+/// SUBSCRIBE: while it does, a matching QoS 1 publish from another client waits for it (and is
+/// then delivered, PUBACK 0x00, not 0x10), and a publish on another topic does not wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_read_after_another_clients_subscribe_waits_for_it() {
+    let (called_tx, mut called) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let r = release.clone();
+    let gate = axum::routing::post(move |body: axum::Json<Value>| {
+        let (tx, r) = (called_tx.clone(), r.clone());
+        async move {
+            let _ = tx.send(body.0["topics"][0]["topic"].as_str().unwrap_or("").to_string());
+            r.acquire().await.unwrap().forget();
+            axum::Json(json!({"result": "ok"}))
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/gate", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, axum::Router::new().route("/gate", gate)).await.unwrap() });
+    let p = Platform::start(None, |c| {
+        c.listeners.tcp[0].allow_anonymous = true;
+        let mut h = hook("auth_on_subscribe_m5", &url);
+        h.timeout_ms = 30_000;
+        c.webhooks = vec![h];
+    })
+    .await;
+    let mut sub = Raw::v5(p.node.tcp, "gate-sub").await;
+    let mut publisher = Raw::v5(p.node.tcp, "gate-pub").await;
+    for i in 1..=3u16 {
+        let topic = format!("gate/{i}");
+        sub.send(Packet::Subscribe(Subscribe {
+            pkid: i,
+            filters: vec![(topic.clone(), SubOptions::qos(QoS::AtLeastOnce))],
+            props: Properties::default(),
+        }))
+        .await;
+        // The node has read it: the webhook is asked.
+        let asked = tokio::time::timeout(DEADLINE, called.recv()).await.expect("auth_on_subscribe called").unwrap();
+        assert_eq!(asked, topic);
+        // Another topic is not held back by the SUBSCRIBE in flight.
+        publisher.send(common::publish("elsewhere", QoS::AtLeastOnce, 100 + i, "other")).await;
+        match publisher.recv_app().await {
+            Some(Packet::PubAck(a)) => assert_eq!((a.pkid, a.code), (100 + i, reason::NO_MATCHING_SUBSCRIBERS)),
+            x => panic!("round {i}: {x:?}"),
+        }
+        // The topic it subscribes to waits for it.
+        publisher.send(common::publish(&topic, QoS::AtLeastOnce, i, "behind the subscribe")).await;
+        // Released once the node has read that PUBLISH (unheld, it would be routed at once).
+        let end = tokio::time::Instant::now() + DEADLINE;
+        while qos1_publishes_read(&p).await < 2.0 * i as f64 {
+            assert!(tokio::time::Instant::now() < end, "the PUBLISH was not read");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        release.add_permits(1);
+        match publisher.recv_app().await {
+            Some(Packet::PubAck(a)) => assert_eq!((a.pkid, a.code), (i, reason::SUCCESS), "round {i}: the publish missed the subscription"),
+            x => panic!("round {i}: {x:?}"),
+        }
+        assert!(matches!(sub.recv_app().await, Some(Packet::SubAck(a)) if a.codes == vec![1]));
+        let m = sub.recv_publish().await;
+        assert_eq!((&m.topic[..], &m.payload[..]), (&topic[..], &b"behind the subscribe"[..]));
+    }
+    p.node.stop().await;
+}
+
+/// `thingsd_mqtt_publish_received_total{qos="1"}` of the node.
+async fn qos1_publishes_read(p: &Platform) -> f64 {
+    let (_, text) = common::http_get(p.http_addr(), "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("thingsd_mqtt_publish_received_total{qos=\"1\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -265,6 +265,19 @@ impl Received {
         dup
     }
 
+    /// A message received: counted, its latency kept unless it is a duplicate.
+    pub fn record(&mut self, payload: &[u8], base: Instant) {
+        if let Some((id, seq, lat)) = parse_payload(payload, base) {
+            self.count += 1;
+            if self.mark(id, seq) {
+                self.dups += 1;
+            } else {
+                self.latencies_us.push(lat.as_micros().min(u32::MAX as u128) as u32);
+            }
+            self.last_at = Some(Instant::now());
+        }
+    }
+
     pub fn unique(&self) -> u64 {
         self.seen.iter().flat_map(|w| w.iter()).map(|w| w.count_ones() as u64).sum()
     }
@@ -286,15 +299,7 @@ pub async fn receive(s: TcpStream, expected: u64, idle: Duration, base: Instant)
         while let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
             acknowledge(&p, &mut out);
             if let Packet::Publish(p) = p {
-                if let Some((id, seq, lat)) = parse_payload(&p.payload, base) {
-                    r.count += 1;
-                    if r.mark(id, seq) {
-                        r.dups += 1;
-                    } else {
-                        r.latencies_us.push(lat.as_micros().min(u32::MAX as u128) as u32);
-                    }
-                    r.last_at = Some(Instant::now());
-                }
+                r.record(&p.payload, base);
             }
         }
         if !out.is_empty() {

@@ -6,6 +6,7 @@ mod devices;
 mod hooks;
 mod httptel;
 mod persist;
+mod rumq;
 mod tsdb;
 
 use std::net::IpAddr;
@@ -36,7 +37,7 @@ struct Opts {
     samples: usize,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,fanout,idle,persistent,restart,cluster,takeover,killowner,devices,tsdb,telemetry,httptelemetry,webhooks,inspect]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,rqpubsub,rqfanin,fanout,idle,persistent,restart,cluster,takeover,killowner,devices,tsdb,telemetry,httptelemetry,webhooks,inspect]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]
                 [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]
                 [--rules 0,10,100  (telemetry: alert rules on the devices' product, a run per count)]
@@ -305,6 +306,8 @@ async fn main() -> anyhow::Result<()> {
             let r = match sc.as_str() {
                 "pubsub" => pubsub(&o, &b).await,
                 "fanin" => fanin(&o, &b).await,
+                "rqpubsub" => rumq::pubsub(&o, &b).await,
+                "rqfanin" => rumq::fanin(&o, &b).await,
                 "fanout" => fanout(&o, &b).await,
                 "idle" => idle(&o, &b).await,
                 "persistent" => persist::pubsub(&o, &b).await,
@@ -320,6 +323,8 @@ async fn main() -> anyhow::Result<()> {
         let what = match sc.as_str() {
             "pubsub" => format!("1 -> 1, {} messages", o.messages),
             "fanin" => format!("{} -> 1, {} messages", o.publishers, o.messages),
+            "rqpubsub" => format!("1 -> 1 through rumqttc clients, {} messages", o.messages),
+            "rqfanin" => format!("{} -> 1 through rumqttc clients, {} messages", o.publishers, o.messages),
             "persistent" => format!("1 -> 1 persistent subscriber, {} messages", o.messages),
             "restart" => format!("{} persistent sessions, restarted after SIGKILL (rate: sessions made per second)", o.connections),
             "fanout" => format!("1 -> {}, {} deliveries", o.subscribers, (o.messages / o.subscribers as u64).max(1) * o.subscribers as u64),

@@ -21,6 +21,8 @@ use crate::protocols::mqtt::{topic, QoS};
 pub struct Router {
     pub shards: Vec<ArcSwapOption<ActorRef<ShardMessage>>>,
     pub snapshots: Vec<Arc<ArcSwap<Node>>>,
+    /// Subscription changes read but not yet in the snapshots.
+    pub pending: Arc<crate::actors::pending::Pending>,
     /// Hard bound of a session's delivery inbox (see `Load::push`).
     inbox_cap: usize,
 }
@@ -70,6 +72,7 @@ impl Router {
     pub fn new(n: usize, inbox_cap: usize) -> Router {
         Router {
             inbox_cap,
+            pending: Arc::default(),
             shards: (0..=n).map(|_| ArcSwapOption::empty()).collect(),
             snapshots: (0..=n).map(|_| Arc::new(ArcSwap::from_pointee(Node::default()))).collect(),
         }

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::load::Load;
+use super::pending::Ticket;
 use super::registry::RegistryMessage;
 use super::shard::{ShardMessage, Sub};
 use crate::broker::Broker;
@@ -151,8 +152,10 @@ pub enum SessionMessage {
     /// A SUBSCRIBE; the listed filter indexes were refused by the ACL (answered 0x87 / 0x80).
     /// The callback runs once a filter is granted and routed (the device platform sends a
     /// device what was queued for it): the session knows nothing of devices.
-    Subscribe(Subscribe, Vec<usize>, Reply, Option<OnGranted>),
-    Unsubscribe(Unsubscribe, Reply),
+    /// The ticket is given back once the change is in the routes (publishers read after
+    /// the SUBSCRIBE wait for it: `actors::pending`).
+    Subscribe(Subscribe, Vec<usize>, Reply, Option<OnGranted>, Ticket),
+    Unsubscribe(Unsubscribe, Reply, Ticket),
     /// A QoS 2 message from this client could not be kept by some subscriber: its packet id is
     /// free again (the PUBREC said 0x97; a 3.1.1 client is disconnected instead).
     Qos2Refused(u16),
@@ -393,8 +396,8 @@ impl Actor for SessionActor {
                 }
                 answer(reply, Packet::PubComp(Ack::new(pkid, code)));
             }
-            SessionMessage::Subscribe(s, denied, reply, then) => Box::pin(st.subscribe(&me, s, denied, reply, then)).await,
-            SessionMessage::Unsubscribe(u, reply) => Box::pin(st.unsubscribe(&me, u, reply)).await,
+            SessionMessage::Subscribe(s, denied, reply, then, ticket) => Box::pin(st.subscribe(&me, s, denied, reply, then, ticket)).await,
+            SessionMessage::Unsubscribe(u, reply, ticket) => Box::pin(st.unsubscribe(&me, u, reply, ticket)).await,
             SessionMessage::Attach(a, reply) => {
                 let present = Box::pin(st.attach(&me, *a)).await;
                 let _ = reply.send(present);

@@ -108,6 +108,7 @@ impl SessionState {
         denied: Vec<usize>,
         reply: Reply,
         then: Option<super::OnGranted>,
+        ticket: Ticket,
     ) {
         let v5 = self.protocol == Protocol::V5;
         let sub_id = s.props.subscription_identifiers.first().copied();
@@ -157,6 +158,8 @@ impl SessionState {
                 }
             }
         }
+        // In the routes: publishers waiting for this change go on (not behind the commit).
+        drop(ticket);
         if granted && self.persistent() {
             // A persistent session's SUBACK promises the subscription survives a restart.
             self.save_meta();
@@ -172,7 +175,7 @@ impl SessionState {
         }
     }
 
-    pub(super) async fn unsubscribe(&mut self, me: &ActorRef<SessionMessage>, u: Unsubscribe, reply: Reply) {
+    pub(super) async fn unsubscribe(&mut self, me: &ActorRef<SessionMessage>, u: Unsubscribe, reply: Reply, ticket: Ticket) {
         let mut codes = Vec::with_capacity(u.filters.len());
         for f in u.filters {
             if !topic::valid_filter(&f) {
@@ -191,6 +194,7 @@ impl SessionState {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);
             }
         }
+        drop(ticket);
         self.save_meta();
         answer(reply, Packet::UnsubAck(UnsubAck { pkid: u.pkid, codes, props: Properties::default() }));
         self.mark_dirty(me);

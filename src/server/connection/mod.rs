@@ -401,11 +401,14 @@ impl Conn {
                 self.tell(SessionMessage::PubComp(a.pkid));
             }
             Packet::Subscribe(mut s) => {
-                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
-                let mut denied = Vec::new();
                 for (f, _) in s.filters.iter_mut() {
                     mount_in(&self.principal, f);
                 }
+                // Read: other clients' publishes read from now on wait for this change
+                // (`actors::pending`), also while a webhook judges it.
+                let ticket = self.broker.router.pending.begin(s.filters.iter().map(|(f, _)| f.clone()).collect());
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
+                let mut denied = Vec::new();
                 let judged = match self.svc.hooks.clone() {
                     Some(h) if h.has("auth_on_subscribe", v5) => Box::pin(self.subscribe_hook(&h, &mut s, &mut denied)).await,
                     _ => false,
@@ -438,22 +441,28 @@ impl Conn {
                     }
                     _ => None,
                 };
-                self.tell(SessionMessage::Subscribe(s, denied, r, then));
+                if judged {
+                    // The webhook may have rewritten filters.
+                    ticket.refilter(s.filters.iter().map(|(f, _)| f.clone()).collect());
+                }
+                self.tell(SessionMessage::Subscribe(s, denied, r, then, ticket));
                 // Packets are processed in order: a PUBLISH read after this SUBSCRIBE (from this
-                // client, or routed by it to anyone) must see the subscription in place.
+                // client, or routed by it to anyone) must see the subscription in place. Other
+                // clients' publishes read meanwhile wait for the ticket (`actors::pending`).
                 self.settled().await;
             }
             Packet::Unsubscribe(mut u) => {
-                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
                 for f in u.filters.iter_mut() {
                     mount_in(&self.principal, f);
                 }
+                let ticket = self.broker.router.pending.begin(u.filters.clone());
+                let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
                 if let Some(h) = self.svc.hooks.as_ref() {
                     h.notify("on_unsubscribe", v5, || {
                         crate::webhooks::body::unsubscribe(self.username.as_deref(), &self.shown, &u.filters, v5)
                     });
                 }
-                self.tell(SessionMessage::Unsubscribe(u, r));
+                self.tell(SessionMessage::Unsubscribe(u, r, ticket));
                 self.settled().await;
             }
             // Behind any acknowledgement still waiting: a PINGRESP confirms what came before.

@@ -27,9 +27,14 @@ impl Conn {
     pub(super) async fn publish(&mut self, p: Publish) -> Option<WillAction> {
         Metrics::add(&self.broker.metrics.messages_received, 1);
         let (qos, pkid) = (p.qos, p.pkid);
+        // Subscription changes other clients sent before this PUBLISH was read.
+        let mark = self.broker.router.pending.mark();
         // No boxing on this path: one allocation per step would be paid by every PUBLISH.
         match self.admit_publish(p).await {
-            Ok(a) => self.route(qos, pkid, a).await,
+            Ok(a) => {
+                self.broker.router.pending.settle(mark, &a.msg.topic).await;
+                self.route(qos, pkid, a).await
+            }
             Err(Refusal::Nack(code)) => {
                 self.refuse(qos, pkid, code).await;
                 None
