@@ -99,8 +99,8 @@ pub struct Telemetry {
     cache_writes: Arc<Semaphore>,
     pub metrics: TelemetryMetrics,
     pub maintenance: OnceLock<ActorRef<maintenance::MaintenanceMessage>>,
-    /// Hours that received points after their roll-up could have seen them.
-    pub late: rollup::Late,
+    /// Which devices stored numeric points in which hours (what the next roll-up run asks).
+    pub touched: rollup::Touched,
     pub last_report: std::sync::Mutex<Option<maintenance::Report>>,
 }
 
@@ -182,7 +182,7 @@ impl Telemetry {
             cache_writes: Arc::new(Semaphore::new(64)),
             metrics: TelemetryMetrics::default(),
             maintenance: OnceLock::new(),
-            late: rollup::Late::default(),
+            touched: rollup::Touched::default(),
             last_report: std::sync::Mutex::new(None),
             config: config.clone(),
         });

@@ -5,8 +5,9 @@
 //! an hour ago (late points within that hour are included), from a watermark kept in the
 //! roll-up store itself. Queries with `source=rollup` combine the hourly parts into any window
 //! of whole hours or calendar unit (avg, min, max, sum, count), in zones whose offset is whole
-//! hours. Hours that get points after they were rolled up (back-filled history) are rolled
-//! up again at the next run. Embedded and PostgreSQL stores; not TDengine (it has its own downsampling).
+//! hours. A run asks only the devices that stored points in an hour (`Touched`), except for
+//! hours that began before the node started; hours that get points after they were rolled up
+//! (back-filled history) are rolled up again at the next run. Embedded and PostgreSQL stores; not TDengine (it has its own downsampling).
 use std::collections::BTreeMap;
 
 use super::Telemetry;
@@ -57,44 +58,101 @@ impl Part {
     }
 }
 
-/// Most device-hours of late points remembered for the next run (beyond, they are logged).
-const MAX_LATE: usize = 1_000_000;
+/// Most device-hours remembered (about 40 B each); beyond, the hours known so far are
+/// forgotten and rolled up over every device, as after a restart.
+const MAX_TOUCHED: usize = 2_000_000;
 
-/// Hours that received points after the run that rolled them up could have seen them
-/// (back-filled history, devices that were offline for hours): the next run rolls them up
-/// again. Kept in memory: a restart forgets them (see README).
-#[derive(Default)]
-pub struct Late {
-    hours: std::sync::Mutex<BTreeMap<i64, std::collections::HashSet<i64>>>,
-    len: std::sync::atomic::AtomicUsize,
+/// Which devices have numeric points in which hours, noted as points are stored, so a run
+/// rolls up only the devices that reported in an hour instead of asking every device of the
+/// fleet (and rolls up again the hours that got points after they were rolled up: back-filled
+/// history, devices that were offline for hours). Kept in memory: for hours that began before
+/// the node started (`complete_from`) it is not known who wrote points, so a run rolls those
+/// up over every device; late points stored before a restart are forgotten (see README).
+pub struct Touched {
+    inner: std::sync::Mutex<TouchedInner>,
 }
 
-impl Late {
-    /// Note the hours of stored numeric points in hours a run may have rolled up already
-    /// (ended more than an hour ago); a live device's points are younger and cost nothing.
+struct TouchedInner {
+    hours: BTreeMap<i64, std::collections::HashSet<i64>>,
+    len: usize,
+    /// Hours from this one on are fully known.
+    complete_from: i64,
+}
+
+impl Default for Touched {
+    fn default() -> Self {
+        Touched::since(now_ms())
+    }
+}
+
+/// What one run rolls up.
+#[derive(Debug, Default, PartialEq)]
+struct Plan {
+    /// Hours before the window that got points after they were rolled up, with their devices.
+    late: Vec<(i64, Vec<i64>)>,
+    /// Hours of the window nobody knows the writers of: rolled up over every device.
+    full: Option<(i64, i64)>,
+    /// Hours of the window with the devices that wrote in them.
+    known: Vec<(i64, Vec<i64>)>,
+}
+
+impl Touched {
+    /// Knowledge starting at `start` (ms): complete from the next whole hour.
+    fn since(start: i64) -> Touched {
+        let complete_from = (start + HOUR - 1).div_euclid(HOUR) * HOUR;
+        Touched { inner: std::sync::Mutex::new(TouchedInner { hours: BTreeMap::new(), len: 0, complete_from }) }
+    }
+
+    /// Note the device-hours of stored numeric points (one entry per device and hour).
     pub fn note(&self, points: &[Point]) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let recent = (now_ms() - HOUR).div_euclid(HOUR) * HOUR;
-        let mut late = points.iter().filter(|p| p.ts < recent && numeric(&p.value).is_some()).peekable();
-        if late.peek().is_none() {
+        let mut last = None;
+        let mut pairs = points
+            .iter()
+            .filter(|p| numeric(&p.value).is_some())
+            .map(|p| (p.device_id, p.ts.div_euclid(HOUR) * HOUR))
+            .filter(|pair| last.replace(*pair) != Some(*pair))
+            .peekable();
+        if pairs.peek().is_none() {
             return;
         }
-        let mut m = self.hours.lock().unwrap_or_else(|e| e.into_inner());
-        for p in late {
-            if self.len.load(Relaxed) >= MAX_LATE {
-                tracing::warn!(max = MAX_LATE, "too many back-filled device-hours waiting for their roll-up; older ones stay without one");
-                return;
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        for (device, hour) in pairs {
+            if m.hours.entry(hour).or_default().insert(device) {
+                m.len += 1;
             }
-            if m.entry(p.ts.div_euclid(HOUR) * HOUR).or_default().insert(p.device_id) {
-                self.len.fetch_add(1, Relaxed);
-            }
+        }
+        if m.len > MAX_TOUCHED {
+            tracing::warn!(
+                max = MAX_TOUCHED,
+                "too many device-hours waiting for their roll-up: forgotten; the hours until now are rolled up over every device, back-filled older hours keep their old roll-up"
+            );
+            m.hours.clear();
+            m.len = 0;
+            m.complete_from = (now_ms() + HOUR - 1).div_euclid(HOUR) * HOUR;
         }
     }
 
-    fn take(&self) -> BTreeMap<i64, std::collections::HashSet<i64>> {
-        let m = std::mem::take(&mut *self.hours.lock().unwrap_or_else(|e| e.into_inner()));
-        self.len.store(0, std::sync::atomic::Ordering::Relaxed);
-        m
+    /// Take what a run over the window [from, to) rolls up; later hours stay.
+    fn plan(&self, from: i64, to: i64) -> Plan {
+        let mut m = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let later = m.hours.split_off(&to.max(from));
+        let taken = std::mem::replace(&mut m.hours, later);
+        m.len = m.hours.values().map(|d| d.len()).sum();
+        let mut plan = Plan::default();
+        let known_from = m.complete_from.max(from);
+        if to > from && known_from > from {
+            plan.full = Some((from, known_from.min(to)));
+        }
+        for (hour, devices) in taken {
+            let mut devices: Vec<i64> = devices.into_iter().collect();
+            devices.sort_unstable();
+            if hour < from {
+                plan.late.push((hour, devices));
+            } else if hour >= known_from {
+                plan.known.push((hour, devices));
+            }
+        }
+        plan
     }
 }
 
@@ -107,15 +165,20 @@ pub async fn run(t: &Telemetry) -> Result<i64, String> {
     let mark = r.latest(&[0]).await.map_err(e)?.into_iter().find(|p| p.key == MARK_KEY).and_then(|p| numeric(&p.value)).map(|v| v as i64);
     let from = mark.unwrap_or(end - FIRST_LOOKBACK);
     let to = end.min(from + MAX_HOURS_PER_RUN * HOUR);
-    let mut hours = 0;
-    // Late points first: only the hours before the window below (it covers the rest).
-    for (hour, devices) in t.late.take().into_iter().filter(|(h, _)| *h < from) {
-        for d in devices {
-            r.write_batch(roll_device(t, d, hour, hour + HOUR).await.map_err(e)?).await.map_err(e)?;
+    let plan = t.touched.plan(from, to);
+    let mut hours = plan.late.len() as i64;
+    // Late points first, then the window: hours nobody knows the writers of over every device,
+    // the others over the devices that wrote in them.
+    for (hour, devices) in plan.late.iter().chain(&plan.known) {
+        for chunk in devices.chunks(500) {
+            let mut out = Vec::new();
+            for d in chunk {
+                out.extend(roll_device(t, *d, *hour, hour + HOUR).await.map_err(e)?);
+            }
+            r.write_batch(out).await.map_err(e)?;
         }
-        hours += 1;
     }
-    if to > from {
+    if let Some((a, b)) = plan.full {
         let mut after = 0;
         loop {
             let devices = t.meta.list_devices(after, 500, None, None).await.map_err(|x| x.to_string())?;
@@ -123,10 +186,12 @@ pub async fn run(t: &Telemetry) -> Result<i64, String> {
             after = last.id;
             let mut out = Vec::new();
             for d in &devices {
-                out.extend(roll_device(t, d.id, from, to).await.map_err(e)?);
+                out.extend(roll_device(t, d.id, a, b).await.map_err(e)?);
             }
             r.write_batch(out).await.map_err(e)?;
         }
+    }
+    if to > from {
         r.write_batch(vec![Point { device_id: 0, key: MARK_KEY.into(), ts: to, value: Value::Number(to as f64) }]).await.map_err(e)?;
         hours += (to - from) / HOUR;
     }
@@ -213,4 +278,37 @@ pub async fn aggregate(t: &Telemetry, q: &AggQuery) -> Result<Vec<Bucket>, TsErr
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pt(device_id: i64, ts: i64) -> Point {
+        Point { device_id, key: "t".into(), ts, value: Value::Number(1.0) }
+    }
+
+    #[test]
+    fn a_run_asks_only_the_devices_that_wrote_in_an_hour() {
+        // The node started at 10:30: hours from 11:00 on are fully known.
+        let t = Touched::since(10 * HOUR + HOUR / 2);
+        let text = Point { value: Value::Text("x".into()), ..pt(9, 12 * HOUR) };
+        t.note(&[pt(1, 12 * HOUR), pt(1, 12 * HOUR + 5), pt(2, 12 * HOUR + 9), pt(3, 11 * HOUR), text, pt(4, 3 * HOUR), pt(5, 14 * HOUR)]);
+        // Window 10:00..13:00 (watermark at 10:00): 10:00 began before the start, so every
+        // device; 11:00 and 12:00 only their writers; 03:00 is late; 14:00 waits.
+        let plan = t.plan(10 * HOUR, 13 * HOUR);
+        assert_eq!(
+            plan,
+            Plan {
+                late: vec![(3 * HOUR, vec![4])],
+                full: Some((10 * HOUR, 11 * HOUR)),
+                known: vec![(11 * HOUR, vec![3]), (12 * HOUR, vec![1, 2])],
+            }
+        );
+        // The next run: only the hour that waited, and a point back-filled into a rolled hour.
+        t.note(&[pt(6, 12 * HOUR)]);
+        let plan = t.plan(13 * HOUR, 15 * HOUR);
+        assert_eq!(plan, Plan { late: vec![(12 * HOUR, vec![6])], full: None, known: vec![(14 * HOUR, vec![5])] });
+        assert_eq!(t.plan(15 * HOUR, 16 * HOUR), Plan::default());
+    }
 }

@@ -143,7 +143,7 @@ impl WriterState {
         }
         t.note_latest(&stored);
         if t.rollup.is_some() {
-            t.late.note(&stored);
+            t.touched.note(&stored);
         }
         self.held.clear();
     }
