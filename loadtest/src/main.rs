@@ -26,6 +26,8 @@ struct Opts {
     connections: usize,
     payload: usize,
     window: usize,
+    /// Runs of each broker (alternating), reported by the median rate.
+    repeat: usize,
     /// PostgreSQL for the time-series scenarios' PostgreSQL runs (or $TEST_PG_URL).
     pg: Option<String>,
     /// Alert rules on the telemetry scenario's product, one run per count.
@@ -38,7 +40,7 @@ struct Opts {
 }
 
 const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,rqpubsub,rqfanin,fanout,idle,persistent,restart,cluster,takeover,killowner,devices,tsdb,telemetry,httptelemetry,webhooks,inspect]
-                [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N]
+                [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N] [--repeat N  (runs per broker, alternating; the median is reported)]
                 [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]
                 [--rules 0,10,100  (telemetry: alert rules on the devices' product, a run per count)]
                 [--devices N --http-connections N --points N --samples N  (httptelemetry: 1000, 16, 10M, 100 of 10 keys)]";
@@ -54,6 +56,7 @@ fn parse() -> anyhow::Result<Opts> {
         connections: 19_000,
         payload: 64,
         window: 100,
+        repeat: 1,
         pg: std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty()),
         rules: vec![0],
         devices: 1000,
@@ -75,6 +78,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--connections" => o.connections = val()?.parse()?,
             "--payload" => o.payload = val()?.parse()?,
             "--window" => o.window = val()?.parse()?,
+            "--repeat" => o.repeat = val()?.parse::<usize>()?.max(1),
             "--pg" => o.pg = Some(val()?),
             "--devices" => o.devices = val()?.parse()?,
             "--http-connections" => o.http_connections = val()?.parse()?,
@@ -293,33 +297,27 @@ async fn main() -> anyhow::Result<()> {
             r.print();
             continue;
         }
-        let mut rows = Vec::new();
-        for name in &o.brokers {
-            let max_conns = o.connections.max(o.publishers + o.subscribers) + 10;
-            let mut b = match brokers::start(name, max_conns).await {
-                Ok(b) => b,
-                Err(e) => {
-                    println!("  {name}: cannot start: {e:#}");
-                    continue;
+        let mut runs: Vec<Vec<Row>> = o.brokers.iter().map(|_| Vec::new()).collect();
+        for round in 0..o.repeat {
+            for (k, name) in o.brokers.iter().enumerate() {
+                if let Some(r) = run_one(&o, sc, name).await? {
+                    if o.repeat > 1 {
+                        println!("  run {}: {name} {:.0} msgs/s", round + 1, r.rate);
+                    }
+                    runs[k].push(r);
                 }
-            };
-            let r = match sc.as_str() {
-                "pubsub" => pubsub(&o, &b).await,
-                "fanin" => fanin(&o, &b).await,
-                "rqpubsub" => rumq::pubsub(&o, &b).await,
-                "rqfanin" => rumq::fanin(&o, &b).await,
-                "fanout" => fanout(&o, &b).await,
-                "idle" => idle(&o, &b).await,
-                "persistent" => persist::pubsub(&o, &b).await,
-                "restart" => persist::restart(&o, &mut b).await,
-                other => bail!("unknown scenario {other}"),
-            };
-            b.stop().await;
-            match r {
-                Ok(r) => rows.push(r),
-                Err(e) => println!("  {name}: scenario failed: {e:#}"),
             }
         }
+        // The run with the median rate of each broker.
+        let rows: Vec<Row> = runs
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .map(|mut r| {
+                r.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+                let mid = r.len() / 2;
+                r.swap_remove(mid)
+            })
+            .collect();
         let what = match sc.as_str() {
             "pubsub" => format!("1 -> 1, {} messages", o.messages),
             "fanin" => format!("{} -> 1, {} messages", o.publishers, o.messages),
@@ -349,6 +347,40 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One run of a broker scenario on a freshly started broker; `None` when it could not run.
+async fn run_one(o: &Opts, sc: &str, name: &str) -> anyhow::Result<Option<Row>> {
+    let max_conns = o.connections.max(o.publishers + o.subscribers) + 10;
+    let mut b = match brokers::start(name, max_conns).await {
+        Ok(b) => b,
+        Err(e) => {
+            println!("  {name}: cannot start: {e:#}");
+            return Ok(None);
+        }
+    };
+    let r = match sc {
+        "pubsub" => pubsub(o, &b).await,
+        "fanin" => fanin(o, &b).await,
+        "rqpubsub" => rumq::pubsub(o, &b).await,
+        "rqfanin" => rumq::fanin(o, &b).await,
+        "fanout" => fanout(o, &b).await,
+        "idle" => idle(o, &b).await,
+        "persistent" => persist::pubsub(o, &b).await,
+        "restart" => persist::restart(o, &mut b).await,
+        other => {
+            b.stop().await;
+            bail!("unknown scenario {other}")
+        }
+    };
+    b.stop().await;
+    match r {
+        Ok(r) => Ok(Some(r)),
+        Err(e) => {
+            println!("  {name}: scenario failed: {e:#}");
+            Ok(None)
+        }
+    }
 }
 
 /// Figures of one cluster scenario, printed as a small table.
