@@ -793,4 +793,3 @@ async fn a_client_still_writing_reads_the_disconnect_reason() {
     writer.await.unwrap().expect("the client's writes after the DISCONNECT were not refused by a reset");
     node.stop().await;
 }
-

@@ -7,6 +7,17 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
 
+/// Node CPU seconds (user + system) from /proc.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = s.rsplit_once(')').map_or("", |x| x.1);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // /proc reports in USER_HZ, which Linux fixes at 100 for user space.
+    let tick = 100.0;
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (t(11) + t(12)) / tick
+}
+
 pub struct Broker {
     pub name: String,
     pub addr: SocketAddr,
@@ -48,7 +59,7 @@ impl Broker {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -220,6 +231,17 @@ pub async fn start_platform(max_conns: usize, extra_env: &[(&str, String)]) -> a
 /// A local thingsd cluster of `n` nodes (same layout as `thingsd dev-cluster`); returns once
 /// every node has logged all its peers up. Brokers are named `thingsd-A`, `thingsd-B`, ….
 pub async fn start_cluster(n: usize, max_conns: usize) -> anyhow::Result<Vec<Broker>> {
+    Ok(start_cluster_with(n, max_conns, &[]).await?.into_iter().map(|n| n.broker).collect())
+}
+
+/// A node of a local cluster and the listeners it reported.
+pub struct ClusterNode {
+    pub broker: Broker,
+    pub ready: thingsd::dev::Ready,
+}
+
+/// `start_cluster` with extra `THINGSD_*` settings for every node.
+pub async fn start_cluster_with(n: usize, max_conns: usize, extra_env: &[(&str, String)]) -> anyhow::Result<Vec<ClusterNode>> {
     use thingsd::dev::{write_config, Ready};
     use tokio::io::{AsyncBufReadExt, BufReader};
     let dir = scratch("cluster")?;
@@ -236,6 +258,7 @@ pub async fn start_cluster(n: usize, max_conns: usize) -> anyhow::Result<Vec<Bro
             .env("NO_COLOR", "1")
             .env("THINGSD_MQTT__MAX_CONNECTIONS", (max_conns + 100).to_string())
             .env("THINGSD_NODE__PERSIST_INTERVAL_MS", "1000")
+            .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
@@ -264,7 +287,8 @@ pub async fn start_cluster(n: usize, max_conns: usize) -> anyhow::Result<Vec<Bro
         });
         ups.push(rx);
         let name = format!("thingsd-{}", (b'A' + i as u8 - 1) as char);
-        nodes.push(Broker { name, addr: ready.mqtt.context("mqtt address")?, child: Some(child), dir: dir.clone(), restart: None });
+        let addr = ready.mqtt.context("mqtt address")?;
+        nodes.push(ClusterNode { broker: Broker { name, addr, child: Some(child), dir: dir.clone(), restart: None }, ready });
     }
     for rx in &mut ups {
         tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|up| *up + 1 >= n)).await.context("cluster did not form")??;

@@ -35,7 +35,7 @@ async fn request(http: SocketAddr, method: &str, path: &str, body: &str) -> anyh
     Ok(serde_json::from_str(json)?)
 }
 
-async fn post(http: SocketAddr, path: &str, body: &str) -> anyhow::Result<serde_json::Value> {
+pub async fn post(http: SocketAddr, path: &str, body: &str) -> anyhow::Result<serde_json::Value> {
     request(http, "POST", path, body).await
 }
 

@@ -66,17 +66,6 @@ impl Conn {
     }
 }
 
-/// Node CPU seconds (user + system) from /proc.
-fn cpu_secs(pid: u32) -> f64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = s.rsplit_once(')').map_or("", |x| x.1);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // /proc reports in USER_HZ, which Linux fixes at 100 for user space.
-    let tick = 100.0;
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / tick
-}
-
 /// A counter's value from a Prometheus text page.
 fn counter(page: &str, name: &str) -> Option<f64> {
     page.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
@@ -107,7 +96,7 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
         requests * per_req
     );
     let rss0 = b.rss_kib().unwrap_or(0);
-    let cpu0 = cpu_secs(pid);
+    let cpu0 = crate::brokers::cpu_secs(pid);
     // Samples one second apart, ending about now (the node refuses far-off timestamps).
     let t0 = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64
         - (requests as i64 / o.devices as i64 + 1) * o.samples as i64 * 1000;
@@ -162,7 +151,7 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
         busy += t.await??;
     }
     let secs = start.elapsed().as_secs_f64();
-    let cpu = cpu_secs(pid) - cpu0;
+    let cpu = crate::brokers::cpu_secs(pid) - cpu0;
     let rss_end = b.rss_kib().unwrap_or(0);
     let sent = requests * per_req;
     let (_, page) = admin.call("GET", "/metrics", None, "").await?;

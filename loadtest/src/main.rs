@@ -3,6 +3,7 @@
 mod brokers;
 mod client;
 mod devices;
+mod fleet;
 mod hooks;
 mod httptel;
 mod persist;
@@ -28,6 +29,11 @@ struct Opts {
     window: usize,
     /// Runs of each broker (alternating), reported by the median rate.
     repeat: usize,
+    /// fleet: nodes, telemetry period, commands sent, Redis.
+    nodes: usize,
+    period: u64,
+    commands: usize,
+    redis: Option<String>,
     /// PostgreSQL for the time-series scenarios' PostgreSQL runs (or $TEST_PG_URL).
     pg: Option<String>,
     /// Alert rules on the telemetry scenario's product, one run per count.
@@ -39,11 +45,12 @@ struct Opts {
     samples: usize,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,rqpubsub,rqfanin,fanout,idle,persistent,restart,cluster,takeover,killowner,devices,tsdb,telemetry,httptelemetry,webhooks,inspect]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,rqpubsub,rqfanin,fleet,fanout,idle,persistent,restart,cluster,takeover,killowner,devices,tsdb,telemetry,httptelemetry,webhooks,inspect]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N] [--repeat N  (runs per broker, alternating; the median is reported)]
                 [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]
                 [--rules 0,10,100  (telemetry: alert rules on the devices' product, a run per count)]
-                [--devices N --http-connections N --points N --samples N  (httptelemetry: 1000, 16, 10M, 100 of 10 keys)]";
+                [--devices N --http-connections N --points N --samples N  (httptelemetry: 1000, 16, 10M, 100 of 10 keys)]
+                [--devices N --nodes N --period SECS --commands N --redis redis://…  (fleet: 1000, 3, 10, 1000, $TEST_REDIS_URL; needs --pg)]";
 
 fn parse() -> anyhow::Result<Opts> {
     let mut o = Opts {
@@ -57,6 +64,10 @@ fn parse() -> anyhow::Result<Opts> {
         payload: 64,
         window: 100,
         repeat: 1,
+        nodes: 3,
+        period: 10,
+        commands: 1000,
+        redis: std::env::var("TEST_REDIS_URL").ok().filter(|u| !u.is_empty()),
         pg: std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty()),
         rules: vec![0],
         devices: 1000,
@@ -79,6 +90,10 @@ fn parse() -> anyhow::Result<Opts> {
             "--payload" => o.payload = val()?.parse()?,
             "--window" => o.window = val()?.parse()?,
             "--repeat" => o.repeat = val()?.parse::<usize>()?.max(1),
+            "--nodes" => o.nodes = val()?.parse()?,
+            "--period" => o.period = val()?.parse()?,
+            "--commands" => o.commands = val()?.parse()?,
+            "--redis" => o.redis = Some(val()?),
             "--pg" => o.pg = Some(val()?),
             "--devices" => o.devices = val()?.parse()?,
             "--http-connections" => o.http_connections = val()?.parse()?,
@@ -285,6 +300,18 @@ async fn main() -> anyhow::Result<()> {
             httptel::run(&h).await?;
             continue;
         }
+        if sc == "fleet" {
+            let f = fleet::Opts {
+                nodes: o.nodes.max(2),
+                devices: o.devices,
+                period: Duration::from_secs(o.period.max(1)),
+                commands: o.commands,
+                pg: o.pg.clone().context("fleet needs PostgreSQL: --pg or $TEST_PG_URL")?,
+                redis: o.redis.clone().context("fleet needs Redis: --redis or $TEST_REDIS_URL")?,
+            };
+            fleet::run(&f).await?;
+            continue;
+        }
         if sc == "webhooks" {
             hooks::run(&o).await?;
             continue;
@@ -337,7 +364,10 @@ async fn main() -> anyhow::Result<()> {
         } else {
             println!("{:<12} {:>12} {:>9} {:>9} {:>9} {:>8} {:>6}", "broker", "msgs/s", "p50 ms", "p99 ms", "max ms", "lost", "dup");
             for r in &rows {
-                println!("{:<12} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>6}", r.broker, r.rate, r.p50, r.p99, r.max, r.lost, r.dup);
+                println!(
+                    "{:<12} {:>12.0} {:>9.2} {:>9.2} {:>9.2} {:>8} {:>6}  {}",
+                    r.broker, r.rate, r.p50, r.p99, r.max, r.lost, r.dup, r.extra
+                );
             }
         }
         if let Some(first) = rows.first() {
@@ -359,6 +389,7 @@ async fn run_one(o: &Opts, sc: &str, name: &str) -> anyhow::Result<Option<Row>> 
             return Ok(None);
         }
     };
+    let cpu_before = b.pid().map(brokers::cpu_secs);
     let r = match sc {
         "pubsub" => pubsub(o, &b).await,
         "fanin" => fanin(o, &b).await,
@@ -373,9 +404,23 @@ async fn run_one(o: &Opts, sc: &str, name: &str) -> anyhow::Result<Option<Row>> 
             bail!("unknown scenario {other}")
         }
     };
+    // The broker's CPU per delivered message: on a machine the generator shares, the rate is
+    // partly the generator's; this is the broker's own cost.
+    let cpu = b.pid().map(brokers::cpu_secs).zip(cpu_before).map(|(a, z)| a - z);
     b.stop().await;
+    let expected = match sc {
+        "fanin" | "rqfanin" => o.messages / o.publishers as u64 * o.publishers as u64,
+        "fanout" => (o.messages / o.subscribers as u64).max(1) * o.subscribers as u64,
+        _ => o.messages,
+    };
     match r {
-        Ok(r) => Ok(Some(r)),
+        Ok(mut r) => {
+            if let (Some(c), true) = (cpu, r.extra.is_empty() && r.rate.is_finite()) {
+                let delivered = expected.saturating_sub(r.lost).max(1);
+                r.extra = format!("broker CPU {:.2} µs per delivered message", c * 1e6 / delivered as f64);
+            }
+            Ok(Some(r))
+        }
         Err(e) => {
             println!("  {name}: scenario failed: {e:#}");
             Ok(None)
