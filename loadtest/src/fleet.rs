@@ -331,5 +331,13 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
         n.broker.stop().await;
     }
     pool.close().await;
+    drop_database(&o.pg).await
+}
+
+/// Remove this run's database.
+async fn drop_database(url: &str) -> anyhow::Result<()> {
+    use sqlx::Executor;
+    let admin = sqlx::PgPool::connect(url).await?;
+    admin.execute(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS lt_fleet_{} WITH (FORCE)", std::process::id()))).await?;
     Ok(())
 }
