@@ -238,60 +238,120 @@ pub async fn start_cluster(n: usize, max_conns: usize) -> anyhow::Result<Vec<Bro
 pub struct ClusterNode {
     pub broker: Broker,
     pub ready: thingsd::dev::Ready,
+    /// Cluster members this node sees up (its log's member up/down lines).
+    pub up: tokio::sync::watch::Receiver<usize>,
+    index: usize,
+    env: Vec<(String, String)>,
+}
+
+type Started = (Child, thingsd::dev::Ready, tokio::sync::watch::Receiver<usize>);
+
+/// Start one node from `config` and wait for its `thingsd ready` line; its later log lines
+/// count the cluster members it sees up.
+async fn spawn_node(exe: &std::path::Path, config: &std::path::Path, env: &[(String, String)]) -> anyhow::Result<Started> {
+    use thingsd::dev::Ready;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = Command::new(exe)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn,thingsd=info")
+        .env("NO_COLOR", "1")
+        .env("THINGSD_NODE__PERSIST_INTERVAL_MS", "1000")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let ready = loop {
+        let l = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await??.context("node exited")?;
+        if let Some(r) = Ready::parse(&l) {
+            break r;
+        }
+    };
+    let (tx, rx) = tokio::sync::watch::channel(0usize);
+    // The node's log, kept beside its config (`node{i}.toml` -> `node{i}.log`, appended).
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(config.with_extension("log"))?;
+    tokio::spawn(async move {
+        use std::io::Write;
+        let mut up = 0usize;
+        while let Ok(Some(l)) = lines.next_line().await {
+            let _ = writeln!(log, "{l}");
+            if l.contains("cluster member up") {
+                up += 1;
+                let _ = tx.send(up);
+            } else if l.contains("cluster member down") {
+                up = up.saturating_sub(1);
+                let _ = tx.send(up);
+            }
+        }
+    });
+    Ok((child, ready, rx))
 }
 
 /// `start_cluster` with extra `THINGSD_*` settings for every node.
 pub async fn start_cluster_with(n: usize, max_conns: usize, extra_env: &[(&str, String)]) -> anyhow::Result<Vec<ClusterNode>> {
     use thingsd::dev::{write_config, Ready};
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let dir = scratch("cluster")?;
     let exe = thingsd_binary()?;
-    let mut nodes = Vec::new();
+    let mut nodes: Vec<ClusterNode> = Vec::new();
     let mut seeds: Vec<String> = Vec::new();
-    let mut ups = Vec::new();
+    let mut env: Vec<(String, String)> = extra_env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    env.push(("THINGSD_MQTT__MAX_CONNECTIONS".into(), (max_conns + 100).to_string()));
     for i in 1..=n {
         let config = write_config(&dir, i, &seeds, Ready::default())?;
-        let mut child = Command::new(&exe)
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn,thingsd=info")
-            .env("NO_COLOR", "1")
-            .env("THINGSD_MQTT__MAX_CONNECTIONS", (max_conns + 100).to_string())
-            .env("THINGSD_NODE__PERSIST_INTERVAL_MS", "1000")
-            .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-        let ready = loop {
-            let l = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await??.context("node exited")?;
-            if let Some(r) = Ready::parse(&l) {
-                break r;
-            }
-        };
+        let (child, ready, up) = spawn_node(&exe, &config, &env).await?;
         if seeds.is_empty() {
             seeds.push(ready.cluster.context("cluster address")?.to_string());
         }
-        let (tx, rx) = tokio::sync::watch::channel(0usize);
-        tokio::spawn(async move {
-            let mut up = 0;
-            while let Ok(Some(l)) = lines.next_line().await {
-                if l.contains("cluster member up") {
-                    up += 1;
-                    let _ = tx.send(up);
-                } else if l.contains("cluster member down") {
-                    up -= 1;
-                    let _ = tx.send(up);
+        // A restart binds the same ports (HAProxy and the other nodes know them).
+        write_config(&dir, i, &seeds[..usize::from(i > 1)], ready)?;
+        let mut own = env.clone();
+        for (k, v) in own.iter_mut() {
+            if k == "THINGSD_LISTENERS__TCP" {
+                let mut l = vec![format!(r#"{{bind="{}", allow_anonymous=true}}"#, ready.mqtt.context("mqtt address")?)];
+                if let Some(p) = ready.mqtt_proxy {
+                    l.push(format!(r#"{{bind="{p}", proxy_protocol=true}}"#));
                 }
+                *v = format!("[{}]", l.join(", "));
             }
-        });
-        ups.push(rx);
+        }
         let name = format!("thingsd-{}", (b'A' + i as u8 - 1) as char);
         let addr = ready.mqtt.context("mqtt address")?;
-        nodes.push(ClusterNode { broker: Broker { name, addr, child: Some(child), dir: dir.clone(), restart: None }, ready });
+        let broker = Broker { name, addr, child: Some(child), dir: dir.clone(), restart: None };
+        nodes.push(ClusterNode { broker, ready, up, index: i, env: own });
     }
-    for rx in &mut ups {
-        tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|up| *up + 1 >= n)).await.context("cluster did not form")??;
+    for node in &mut nodes {
+        tokio::time::timeout(Duration::from_secs(30), node.up.wait_for(|up| *up + 1 >= n)).await.context("cluster did not form")??;
     }
     Ok(nodes)
+}
+
+impl ClusterNode {
+    /// Stop the node gracefully (SIGTERM: it leaves the cluster, its sessions move), unless it
+    /// is already gone, and start it again from the same data directory and ports — on `exe`
+    /// if given (a rolling upgrade), else the same build. Returns once it sees `members` others.
+    pub async fn restart(&mut self, exe: Option<&std::path::Path>, members: usize) -> anyhow::Result<()> {
+        if let Some(mut c) = self.broker.child.take() {
+            if let Some(pid) = c.id() {
+                let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+            }
+            if tokio::time::timeout(Duration::from_secs(60), c.wait()).await.is_err() {
+                let _ = c.start_kill();
+                let _ = c.wait().await;
+            }
+        }
+        let exe = match exe {
+            Some(e) => e.to_path_buf(),
+            None => thingsd_binary()?,
+        };
+        let config = self.broker.dir.join(format!("node{}.toml", self.index));
+        let (child, ready, up) = spawn_node(&exe, &config, &self.env).await?;
+        self.broker.child = Some(child);
+        self.ready = ready;
+        self.up = up;
+        if tokio::time::timeout(Duration::from_secs(60), self.up.wait_for(|up| *up >= members)).await.is_err() {
+            bail!("{} did not rejoin within 60 s: it sees {} of {members} other members", self.broker.name, *self.up.borrow());
+        }
+        Ok(())
+    }
 }

@@ -3,8 +3,10 @@
 //! load balancer, publishing telemetry (QoS 1) every `--period` seconds and subscribed to its
 //! command topic. Measured: time to connect the fleet, commands sent through the REST API to
 //! random devices (delivery p50/p99), then `kill -9` of one node: time until every device is
-//! connected again through HAProxy, and finally every acknowledged point is counted in
-//! PostgreSQL (acknowledged = stored: none may be missing). RSS per node at each step.
+//! connected again through HAProxy; the node started again, then a rolling restart (or, with
+//! `LOADTEST_THINGSD_UPGRADE=path`, a rolling upgrade onto that build) with the fleet
+//! connected; finally every acknowledged point is counted in PostgreSQL (acknowledged = stored:
+//! none may be missing). RSS per node at each step.
 //!
 //! One generator process and one HAProxy process hold every connection, so the fleet is
 //! bounded by the open-file limit (HAProxy needs two descriptors per device): about 9,000
@@ -310,6 +312,32 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
         Err(e) => println!("kill -9 of node {}: {e} ({} of {} connected)", victim + 1, f.connected.load(Relaxed), o.devices),
     }
     tokio::time::sleep(o.period).await;
+
+    // The killed node comes back (same data directory and ports) and rejoins; then a rolling
+    // restart of every node with the fleet connected — onto LOADTEST_THINGSD_UPGRADE if set
+    // (an upgrade: the nodes not yet restarted run the older build, the wire versions meet).
+    let t = Instant::now();
+    nodes[victim].restart(None, o.nodes - 1).await?;
+    println!("node {} started again and rejoined in {:.1} s", victim + 1, t.elapsed().as_secs_f64());
+    let upgrade = std::env::var_os("LOADTEST_THINGSD_UPGRADE").map(std::path::PathBuf::from);
+    let what = if upgrade.is_some() { "rolling upgrade" } else { "rolling restart" };
+    for i in 0..o.nodes {
+        let before = f.reconnects.load(Relaxed);
+        let t = Instant::now();
+        nodes[i].restart(upgrade.as_deref(), o.nodes - 1).await?;
+        let rejoined = t.elapsed();
+        match until(Duration::from_secs(300), "fleet reconnected", || f.connected.load(Relaxed) == o.devices).await {
+            Ok(_) => println!(
+                "{what}, node {}: SIGTERM -> rejoined {:.1} s; {} devices moved, all connected {:.1} s after the SIGTERM",
+                i + 1,
+                rejoined.as_secs_f64(),
+                f.reconnects.load(Relaxed) - before,
+                t.elapsed().as_secs_f64()
+            ),
+            Err(e) => println!("{what}, node {}: {e} ({} of {} connected)", i + 1, f.connected.load(Relaxed), o.devices),
+        }
+    }
+    println!("RSS per node after the {what}: {}", rss(&nodes));
 
     // Stop publishing, let acknowledgements drain, then count what is stored.
     f.publishing.store(false, Relaxed);

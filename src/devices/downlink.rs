@@ -249,6 +249,9 @@ pub(super) fn spawn_expiry(d: &Arc<Devices>) {
         loop {
             tick.tick().await;
             let Some(d) = me.upgrade() else { return };
+            if d.meta.is_closed() {
+                return; // the node is stopping
+            }
             match d.meta.expire_commands().await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(expired = n, "downlinks expired"),

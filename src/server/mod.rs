@@ -206,6 +206,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     }
     if let Some(c) = broker.cluster.get() {
         c.leave().await;
+        c.stop_links();
     }
     state.close();
     services.alerts.shutdown().await;
@@ -219,6 +220,10 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !ractor::registry::registered().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let left = ractor::registry::registered();
+    if !left.is_empty() {
+        tracing::warn!(actors = ?left, "actors still registered after the stop");
     }
     tracing::info!("stopped");
     Ok(())

@@ -132,6 +132,11 @@ impl MetaStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+
+    /// Closed by the node's shutdown (background tasks stop instead of logging failures).
+    pub fn is_closed(&self) -> bool {
+        self.pool.is_closed()
+    }
 }
 
 /// Column helpers: the Any driver decodes only a few types, so rows are read by name here.
