@@ -67,7 +67,8 @@ async fn fresh_database(url: &str) -> anyhow::Result<String> {
     Ok(format!("{base}/{name}{query}"))
 }
 
-/// HAProxy in front of the nodes' PROXY-protocol listeners, health-checked on /health/ready.
+/// HAProxy in front of the nodes' PROXY-protocol listeners, health-checked on /health/ready
+/// (`maxconn` clients: it needs two descriptors for each; its log goes to `haproxy.log`).
 async fn haproxy(
     dir: &std::path::Path,
     backends: &[(SocketAddr, SocketAddr)],
@@ -88,7 +89,7 @@ async fn haproxy(
         .arg("-f")
         .arg(&path)
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.log"))?)
         .kill_on_drop(true)
         .spawn()
         .context("start /usr/sbin/haproxy (apt-get install haproxy)")?;
@@ -222,7 +223,7 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
     let backends: Vec<(SocketAddr, SocketAddr)> =
         nodes.iter().map(|n| (n.ready.mqtt_proxy.expect("proxy listener"), n.ready.http.expect("http listener"))).collect();
     let dir = nodes[0].broker.dir.clone();
-    let (mut lb_proc, lb) = haproxy(&dir, &backends, o.devices * 2 + 100).await?;
+    let (mut lb_proc, lb) = haproxy(&dir, &backends, o.devices + 100).await?;
     let https: Vec<SocketAddr> = backends.iter().map(|b| b.1).collect();
 
     // The fleet: one product, devices imported 5,000 at a time.
@@ -324,7 +325,10 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
     for i in 0..o.nodes {
         let before = f.reconnects.load(Relaxed);
         let t = Instant::now();
-        nodes[i].restart(upgrade.as_deref(), o.nodes - 1).await?;
+        if let Err(e) = nodes[i].restart(upgrade.as_deref(), o.nodes - 1).await {
+            println!("{what}, node {}: {e:#}", i + 1);
+            continue;
+        }
         let rejoined = t.elapsed();
         match until(Duration::from_secs(300), "fleet reconnected", || f.connected.load(Relaxed) == o.devices).await {
             Ok(_) => println!(

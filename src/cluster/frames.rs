@@ -144,12 +144,28 @@ impl ClusterState {
                 if let Some(m) = self.members.get_mut(from.as_str()).filter(|m| m.up) {
                     if reset {
                         m.routes.clear();
+                        for k in del {
+                            m.routes.remove(&k);
+                        }
+                        m.routes.extend(add);
+                        self.set_routes();
+                    } else {
+                        // One peer's few changes go into the published trie as they are: rebuilding
+                        // it from every member's routes made each of a fleet's SUBSCRIBEs cost
+                        // O(all routes) here, so route acknowledgements and claims timed out.
+                        let idx = m.idx;
+                        let mut root = super::routes::RouteNode::clone(&self.a.handle.routes.load());
+                        for k in del {
+                            if m.routes.remove(&k).is_some() {
+                                root.remove(&k, idx);
+                            }
+                        }
+                        for (k, durable) in add {
+                            root.insert(&k, idx, durable);
+                            m.routes.insert(k, durable);
+                        }
+                        self.a.handle.routes.store(Arc::new(root));
                     }
-                    for k in del {
-                        m.routes.remove(&k);
-                    }
-                    m.routes.extend(add);
-                    self.set_routes();
                 }
                 if let Some(seq) = ack {
                     self.send(&from, &Body::RouteAck(seq));
