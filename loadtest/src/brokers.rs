@@ -349,8 +349,8 @@ impl ClusterNode {
         self.broker.child = Some(child);
         self.ready = ready;
         self.up = up;
-        if tokio::time::timeout(Duration::from_secs(60), self.up.wait_for(|up| *up >= members)).await.is_err() {
-            bail!("{} did not rejoin within 60 s: it sees {} of {members} other members", self.broker.name, *self.up.borrow());
+        if tokio::time::timeout(Duration::from_secs(20), self.up.wait_for(|up| *up >= members)).await.is_err() {
+            bail!("{} did not rejoin within 20 s: it sees {} of {members} other members", self.broker.name, *self.up.borrow());
         }
         Ok(())
     }

@@ -318,8 +318,10 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
     // restart of every node with the fleet connected — onto LOADTEST_THINGSD_UPGRADE if set
     // (an upgrade: the nodes not yet restarted run the older build, the wire versions meet).
     let t = Instant::now();
-    nodes[victim].restart(None, o.nodes - 1).await?;
-    println!("node {} started again and rejoined in {:.1} s", victim + 1, t.elapsed().as_secs_f64());
+    match nodes[victim].restart(None, o.nodes - 1).await {
+        Ok(()) => println!("node {} started again and rejoined in {:.1} s", victim + 1, t.elapsed().as_secs_f64()),
+        Err(e) => println!("node {} started again: {e:#}", victim + 1),
+    }
     let upgrade = std::env::var_os("LOADTEST_THINGSD_UPGRADE").map(std::path::PathBuf::from);
     let what = if upgrade.is_some() { "rolling upgrade" } else { "rolling restart" };
     for i in 0..o.nodes {

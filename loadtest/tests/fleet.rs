@@ -29,4 +29,8 @@ fn a_small_fleet_survives_a_node_kill() {
     assert!(stdout.contains("50 sent") && stdout.contains("50 delivered"), "every command arrives: {report}");
     assert!(stdout.contains("all connected again"), "the killed node's devices come back: {report}");
     assert!(stdout.contains("(none lost)"), "every acknowledged point is stored: {report}");
+    // Not asserted: that every restarted node rejoins. A restarted node sometimes never sees
+    // one peer up while that peer sees it up (an open cluster bug this scenario found; see the
+    // issue 20 notes) — the devices still reconnect through the balancer and nothing is lost,
+    // which is what is asserted above.
 }
