@@ -141,32 +141,7 @@ impl ClusterState {
                 }
             }
             Body::Routes { reset, add, del, ack } => {
-                if let Some(m) = self.members.get_mut(from.as_str()).filter(|m| m.up) {
-                    if reset {
-                        m.routes.clear();
-                        for k in del {
-                            m.routes.remove(&k);
-                        }
-                        m.routes.extend(add);
-                        self.set_routes();
-                    } else {
-                        // One peer's few changes go into the published trie as they are: rebuilding
-                        // it from every member's routes made each of a fleet's SUBSCRIBEs cost
-                        // O(all routes) here, so route acknowledgements and claims timed out.
-                        let idx = m.idx;
-                        let mut root = super::routes::RouteNode::clone(&self.a.handle.routes.load());
-                        for k in del {
-                            if m.routes.remove(&k).is_some() {
-                                root.remove(&k, idx);
-                            }
-                        }
-                        for (k, durable) in add {
-                            root.insert(&k, idx, durable);
-                            m.routes.insert(k, durable);
-                        }
-                        self.a.handle.routes.store(Arc::new(root));
-                    }
-                }
+                self.peer_routes(&from, reset, add, del);
                 if let Some(seq) = ack {
                     self.send(&from, &Body::RouteAck(seq));
                 }
@@ -328,5 +303,36 @@ impl ClusterState {
             }
             other => tracing::debug!(frame = ?std::mem::discriminant(&other), "not a frame of this family"),
         }
+    }
+}
+
+impl ClusterState {
+    /// A live peer's route changes (`reset`: its whole table, on link-up).
+    fn peer_routes(&mut self, from: &str, reset: bool, add: Vec<(Arc<str>, bool)>, del: Vec<Arc<str>>) {
+        let Some(m) = self.members.get_mut(from).filter(|m| m.up) else { return };
+        if reset {
+            m.routes.clear();
+            for k in del {
+                m.routes.remove(&k);
+            }
+            m.routes.extend(add);
+            self.set_routes();
+            return;
+        }
+        // A few changes go into the published trie as they are: rebuilding it from every
+        // member's routes made each of a fleet's SUBSCRIBEs cost O(all routes) here, so route
+        // acknowledgements and claims timed out.
+        let idx = m.idx;
+        let mut root = super::routes::RouteNode::clone(&self.a.handle.routes.load());
+        for k in del {
+            if m.routes.remove(&k).is_some() {
+                root.remove(&k, idx);
+            }
+        }
+        for (k, durable) in add {
+            root.insert(&k, idx, durable);
+            m.routes.insert(k, durable);
+        }
+        self.a.handle.routes.store(Arc::new(root));
     }
 }
