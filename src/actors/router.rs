@@ -288,7 +288,7 @@ fn forward(
                 None => nodes.push((*idx, Vec::new(), durable)),
             }
         }
-        for (k, set) in n.groups.iter() {
+        for (k, set) in n.groups() {
             remote_groups.push((k.clone(), set.iter().copied().collect()));
         }
     });

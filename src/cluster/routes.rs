@@ -7,21 +7,61 @@ use crate::actors::shard::filter_path;
 
 pub type NodeIdx = u32;
 
+/// A set of node indexes — a cluster has few nodes: a sorted vector, nothing allocated while
+/// empty (imbl's sets allocate a full node even for one entry).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeSet(Vec<NodeIdx>);
+
+impl NodeSet {
+    pub fn insert(&mut self, n: NodeIdx) {
+        if let Err(i) = self.0.binary_search(&n) {
+            self.0.insert(i, n);
+        }
+    }
+
+    pub fn remove(&mut self, n: &NodeIdx) {
+        if let Ok(i) = self.0.binary_search(n) {
+            self.0.remove(i);
+        }
+    }
+
+    pub fn contains(&self, n: &NodeIdx) -> bool {
+        self.0.binary_search(n).is_ok()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, NodeIdx> {
+        self.0.iter()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One level of the route trie. Every route is a path of these (each device's command topic is
+/// one), so a node costs nothing it does not use: children and shared groups only once there
+/// are some, children behind an `Arc` (a map slot holds a pointer, not a whole node; a changed
+/// child is copied on write).
 #[derive(Clone, Debug, Default)]
 pub struct RouteNode {
-    children: imbl::HashMap<Arc<str>, RouteNode>,
+    children: Option<imbl::HashMap<Arc<str>, Arc<RouteNode>>>,
     /// Nodes with non-shared subscribers of the filter ending here.
-    pub nodes: imbl::OrdSet<NodeIdx>,
+    pub nodes: NodeSet,
     /// Of those, nodes where a persistent session subscribes: forwards there are acknowledged
     /// only once durable (the others right away).
-    pub durable: imbl::OrdSet<NodeIdx>,
+    pub durable: NodeSet,
     /// Shared groups (full `$share/g/filter` key) ending here → nodes with members.
-    pub groups: imbl::HashMap<Arc<str>, imbl::OrdSet<NodeIdx>>,
+    groups: Option<imbl::HashMap<Arc<str>, NodeSet>>,
 }
 
 impl RouteNode {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.nodes.is_empty() && self.groups.is_empty()
+        self.children.is_none() && self.nodes.is_empty() && self.groups.is_none()
+    }
+
+    /// Shared groups ending here and the nodes with members.
+    pub fn groups(&self) -> impl Iterator<Item = (&Arc<str>, &NodeSet)> {
+        self.groups.iter().flat_map(|g| g.iter())
     }
 
     pub fn insert(&mut self, key: &Arc<str>, node: NodeIdx, durable: bool) {
@@ -46,10 +86,13 @@ impl RouteNode {
                     }
                 }
                 Some(k) => {
-                    self.groups.entry(k).or_default().insert(node);
+                    self.groups.get_or_insert_with(Default::default).entry(k).or_default().insert(node);
                 }
             },
-            Some((first, rest)) => self.children.entry(Arc::from(*first)).or_default().insert_at(rest, group, node, durable),
+            Some((first, rest)) => {
+                let kids = self.children.get_or_insert_with(Default::default);
+                Arc::make_mut(kids.entry(Arc::from(*first)).or_default()).insert_at(rest, group, node, durable)
+            }
         }
     }
 
@@ -66,19 +109,28 @@ impl RouteNode {
                     self.durable.remove(&node);
                 }
                 Some(k) => {
-                    if let Some(set) = self.groups.get_mut(k) {
+                    let Some(groups) = self.groups.as_mut() else { return };
+                    if let Some(set) = groups.get_mut(k) {
                         set.remove(&node);
                         if set.is_empty() {
-                            self.groups.remove(k);
+                            groups.remove(k);
                         }
+                    }
+                    if groups.is_empty() {
+                        self.groups = None;
                     }
                 }
             },
             Some((first, rest)) => {
-                let Some(child) = self.children.get_mut(*first) else { return };
+                let Some(kids) = self.children.as_mut() else { return };
+                let Some(child) = kids.get_mut(*first) else { return };
+                let child = Arc::make_mut(child);
                 child.remove_at(rest, group, node);
                 if child.is_empty() {
-                    self.children.remove(*first);
+                    kids.remove(*first);
+                }
+                if kids.is_empty() {
+                    self.children = None;
                 }
             }
         }
@@ -95,10 +147,10 @@ impl RouteNode {
         if !self.nodes.is_empty() {
             out.push((path.join("/"), self.nodes.iter().copied().collect()));
         }
-        for (k, n) in self.groups.iter() {
+        for (k, n) in self.groups() {
             out.push((k.to_string(), n.iter().copied().collect()));
         }
-        for (k, c) in self.children.iter() {
+        for (k, c) in self.children.iter().flat_map(|c| c.iter()) {
             path.push(k.to_string());
             c.entries(path, out);
             path.pop();
@@ -112,7 +164,7 @@ impl RouteNode {
 
 impl crate::protocols::mqtt::topic::FilterTrie for RouteNode {
     fn child(&self, level: &str) -> Option<&RouteNode> {
-        self.children.get(level)
+        self.children.as_ref()?.get(level).map(|c| &**c)
     }
 }
 
@@ -128,7 +180,7 @@ mod tests {
         let mut groups = std::collections::BTreeMap::new();
         t.visit(&levels, true, topic.starts_with('$'), &mut |n| {
             nodes.extend(n.nodes.iter().copied());
-            for (k, s) in n.groups.iter() {
+            for (k, s) in n.groups() {
                 groups.insert(k.to_string(), s.iter().copied().collect::<Vec<_>>());
             }
         });
