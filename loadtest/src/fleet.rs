@@ -23,7 +23,7 @@ use thingsd::protocols::mqtt::{decode, encode, Ack, Packet, Protocol, Publish, Q
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use crate::{brokers, client, devices};
+use crate::{brokers, client, devices, pct};
 
 pub struct Opts {
     pub nodes: usize,
@@ -45,14 +45,6 @@ struct Fleet {
     commands: Mutex<Vec<u32>>,
     publishing: AtomicBool,
     stop: AtomicBool,
-}
-
-fn pct(v: &mut [u32], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_unstable();
-    v[((v.len() - 1) as f64 * p) as usize] as f64 / 1000.0
 }
 
 /// A fresh database for this run on the PostgreSQL server of `url`.

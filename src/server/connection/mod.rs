@@ -405,8 +405,11 @@ impl Conn {
                     mount_in(&self.principal, f);
                 }
                 // Read: other clients' publishes read from now on wait for this change
-                // (`actors::pending`), also while a webhook judges it.
-                let ticket = self.broker.router.pending.begin(s.filters.iter().map(|(f, _)| f.clone()).collect());
+                // (`actors::pending`), also while a webhook judges it — only for filters the
+                // client's ACL allows, so a device cannot hold up publishers with `#`.
+                let acl = self.principal.acl();
+                let read = s.filters.iter().map(|(f, _)| f).filter(|f| acl.is_none_or(|a| a.may_subscribe(f))).cloned().collect();
+                let ticket = self.broker.router.pending.begin(read);
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
                 let mut denied = Vec::new();
                 let judged = match self.svc.hooks.clone() {
@@ -441,9 +444,10 @@ impl Conn {
                     }
                     _ => None,
                 };
-                if judged {
-                    // The webhook may have rewritten filters.
-                    ticket.refilter(s.filters.iter().map(|(f, _)| f.clone()).collect());
+                if judged || !denied.is_empty() {
+                    // What is granted (a webhook may have rewritten filters).
+                    ticket
+                        .refilter(s.filters.iter().enumerate().filter(|(i, _)| !denied.contains(i)).map(|(_, (f, _))| f.clone()).collect());
                 }
                 self.tell(SessionMessage::Subscribe(s, denied, r, then, ticket));
                 // Packets are processed in order: a PUBLISH read after this SUBSCRIBE (from this
