@@ -52,25 +52,40 @@ impl Group {
     }
 }
 
-/// A trie node; cloning is O(1) (persistent maps), which is what makes snapshots cheap.
+type Subs = imbl::HashMap<Arc<str>, Sub>;
+type Groups = imbl::HashMap<Arc<str>, Group>;
+
+/// What a node without subscribers or groups lends its readers (imbl allocates a full node even
+/// for an empty map, so empty ones are not stored).
+static NO_SUBS: std::sync::LazyLock<Subs> = std::sync::LazyLock::new(Subs::new);
+static NO_GROUPS: std::sync::LazyLock<Groups> = std::sync::LazyLock::new(Groups::new);
+
+/// A trie node; cloning is O(1) (persistent maps), which is what makes snapshots cheap. Every
+/// device subscription is a path of these, so a node holds only the maps it uses (imbl
+/// allocates a full node even for an empty map) and its children behind an `Arc` (a map slot
+/// holds a pointer, not a node; a changed child is copied on write).
 #[derive(Clone, Debug, Default)]
 pub struct Node {
-    children: imbl::HashMap<Arc<str>, Node>,
-    subs: imbl::HashMap<Arc<str>, Sub>,
-    groups: imbl::HashMap<Arc<str>, Group>,
+    children: Option<imbl::HashMap<Arc<str>, Arc<Node>>>,
+    subs: Option<Subs>,
+    groups: Option<Groups>,
 }
 
 impl Node {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.subs.is_empty() && self.groups.is_empty()
+        self.children.is_none() && self.subs.is_none() && self.groups.is_none()
     }
 
     fn insert(&mut self, levels: &[&str], client: Arc<str>, group: Option<(&str, &str)>, sub: Sub) -> bool {
         match levels.split_first() {
             None => match group {
-                None => self.subs.insert(client, sub).is_some(),
+                None => self.subs.get_or_insert_with(Subs::new).insert(client, sub).is_some(),
                 Some((g, full)) => {
-                    let grp = self.groups.entry(Arc::from(g)).or_insert_with(|| Group { filter: Arc::from(full), ..Group::default() });
+                    let grp = self
+                        .groups
+                        .get_or_insert_with(Groups::new)
+                        .entry(Arc::from(g))
+                        .or_insert_with(|| Group { filter: Arc::from(full), ..Group::default() });
                     if let Some(i) = grp.members.iter().position(|(c, _)| *c == client) {
                         grp.members.set(i, (client, sub));
                         true
@@ -80,54 +95,77 @@ impl Node {
                     }
                 }
             },
-            Some((first, rest)) => self.children.entry(Arc::from(*first)).or_default().insert(rest, client, group, sub),
+            Some((first, rest)) => {
+                let kids = self.children.get_or_insert_with(Default::default);
+                Arc::make_mut(kids.entry(Arc::from(*first)).or_default()).insert(rest, client, group, sub)
+            }
         }
     }
 
     fn remove(&mut self, levels: &[&str], client: &str, group: Option<&str>, owner: ActorId) -> bool {
         match levels.split_first() {
             None => match group {
-                None => match self.subs.get(client) {
-                    Some(s) if s.session.get_id() == owner => self.subs.remove(client).is_some(),
-                    _ => false,
-                },
+                None => {
+                    let Some(subs) = self.subs.as_mut() else { return false };
+                    let removed = match subs.get(client) {
+                        Some(s) if s.session.get_id() == owner => subs.remove(client).is_some(),
+                        _ => false,
+                    };
+                    if subs.is_empty() {
+                        self.subs = None;
+                    }
+                    removed
+                }
                 Some(g) => {
-                    let Some(grp) = self.groups.get_mut(g) else { return false };
+                    let Some(groups) = self.groups.as_mut() else { return false };
+                    let Some(grp) = groups.get_mut(g) else { return false };
                     let Some(i) = grp.members.iter().position(|(c, s)| &**c == client && s.session.get_id() == owner) else {
                         return false;
                     };
                     grp.members.remove(i);
                     if grp.members.is_empty() {
-                        self.groups.remove(g);
+                        groups.remove(g);
+                    }
+                    if groups.is_empty() {
+                        self.groups = None;
                     }
                     true
                 }
             },
             Some((first, rest)) => {
-                let Some(child) = self.children.get_mut(*first) else { return false };
+                let Some(kids) = self.children.as_mut() else { return false };
+                let Some(child) = kids.get_mut(*first) else { return false };
+                let child = Arc::make_mut(child);
                 let removed = child.remove(rest, client, group, owner);
                 if child.is_empty() {
-                    self.children.remove(*first);
+                    kids.remove(*first);
+                }
+                if kids.is_empty() {
+                    self.children = None;
                 }
                 removed
             }
         }
     }
 
+    fn kids(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<Node>)> {
+        self.children.iter().flat_map(|c| c.iter())
+    }
+
     /// Every subscription under this node: (filter, session key, entry, shared group).
     pub fn each<'a>(&'a self, path: &mut Vec<&'a str>, f: &mut impl FnMut(&str, &str, &Sub, Option<&str>)) {
-        if !self.subs.is_empty() {
+        if !self.subs().is_empty() {
             let filter = path.join("/");
-            for (c, s) in self.subs.iter() {
+            for (c, s) in self.subs().iter() {
                 f(&filter, c, s, None);
             }
         }
-        for g in self.groups.values() {
+        for g in self.groups().values() {
             for (c, s) in g.members.iter() {
                 f(&g.filter, c, s, Some(&g.filter));
             }
         }
-        for (k, c) in self.children.iter() {
+        for (k, c) in self.kids() {
             path.push(k);
             c.each(path, f);
             path.pop();
@@ -135,9 +173,9 @@ impl Node {
     }
 
     pub fn count(&self) -> usize {
-        self.subs.len()
-            + self.groups.values().map(|g| g.members.len()).sum::<usize>()
-            + self.children.values().map(Node::count).sum::<usize>()
+        self.subs().len()
+            + self.groups().values().map(|g| g.members.len()).sum::<usize>()
+            + self.kids().map(|(_, c)| c.count()).sum::<usize>()
     }
 
     /// Visit every subscription entry matching the topic `levels`.
@@ -145,24 +183,24 @@ impl Node {
         topic::visit_matches(self, levels, first, dollar, f)
     }
 
-    pub fn subs(&self) -> &imbl::HashMap<Arc<str>, Sub> {
-        &self.subs
+    pub fn subs(&self) -> &Subs {
+        self.subs.as_ref().unwrap_or(&NO_SUBS)
     }
-    pub fn groups(&self) -> &imbl::HashMap<Arc<str>, Group> {
-        &self.groups
+    pub fn groups(&self) -> &Groups {
+        self.groups.as_ref().unwrap_or(&NO_GROUPS)
     }
 
     /// Every route key under this node (filters with non-shared subscribers, `$share/g/…` keys),
     /// with whether a persistent session subscribes (as announced to the cluster).
     pub fn route_keys(&self, path: &mut Vec<Arc<str>>, out: &mut Vec<(Arc<str>, bool)>) {
         let filter = || path.iter().map(|l| &**l).collect::<Vec<&str>>().join("/");
-        if !self.subs.is_empty() {
-            out.push((Arc::from(filter()), self.subs.values().any(|s| s.load.persistent.load(Ordering::Relaxed))));
+        if !self.subs().is_empty() {
+            out.push((Arc::from(filter()), self.subs().values().any(|s| s.load.persistent.load(Ordering::Relaxed))));
         }
-        for g in self.groups.values() {
+        for g in self.groups().values() {
             out.push((g.filter.clone(), true));
         }
-        for (k, c) in self.children.iter() {
+        for (k, c) in self.kids() {
             path.push(k.clone());
             c.route_keys(path, out);
             path.pop();
@@ -173,7 +211,7 @@ impl Node {
     pub fn at(&self, levels: &[&str]) -> Option<&Node> {
         match levels.split_first() {
             None => Some(self),
-            Some((first, rest)) => self.children.get(*first)?.at(rest),
+            Some((first, rest)) => self.children.as_ref()?.get(*first)?.at(rest),
         }
     }
 }
@@ -196,8 +234,8 @@ pub struct ShardState {
 /// Whether this node has any subscriber for the route key (`filter`, or one shared group of it).
 fn has_key(root: &Node, path: &[&str], group: Option<&str>) -> bool {
     root.at(path).is_some_and(|n| match group {
-        None => !n.subs.is_empty(),
-        Some(g) => n.groups.contains_key(g),
+        None => !n.subs().is_empty(),
+        Some(g) => n.groups().contains_key(g),
     })
 }
 
@@ -205,8 +243,8 @@ fn has_key(root: &Node, path: &[&str], group: Option<&str>) -> bool {
 /// before the publisher's acknowledgement). Shared groups always count as durable.
 fn durable_key(root: &Node, path: &[&str], group: Option<&str>) -> bool {
     root.at(path).is_some_and(|n| match group {
-        None => n.subs.values().any(|s| s.load.persistent.load(Ordering::Relaxed)),
-        Some(g) => n.groups.contains_key(g),
+        None => n.subs().values().any(|s| s.load.persistent.load(Ordering::Relaxed)),
+        Some(g) => n.groups().contains_key(g),
     })
 }
 
@@ -274,7 +312,7 @@ impl Actor for ShardActor {
 
 impl topic::FilterTrie for Node {
     fn child(&self, level: &str) -> Option<&Node> {
-        self.children.get(level)
+        self.children.as_ref()?.get(level).map(|c| &**c)
     }
 }
 
