@@ -246,15 +246,15 @@ pub struct ClusterNode {
 
 type Started = (Child, thingsd::dev::Ready, tokio::sync::watch::Receiver<usize>);
 
-/// Start one node from `config` and wait for its `thingsd ready` line; its later log lines
-/// count the cluster members it sees up.
+/// Start one node from `config` and wait for its `thingsd ready` line; its log lines (from
+/// the first) count the cluster members it sees up.
 async fn spawn_node(exe: &std::path::Path, config: &std::path::Path, env: &[(String, String)]) -> anyhow::Result<Started> {
     use thingsd::dev::Ready;
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = Command::new(exe)
         .arg("--config")
         .arg(config)
-        .env("RUST_LOG", "warn,thingsd=info")
+        .env("RUST_LOG", std::env::var("LOADTEST_NODE_LOG").unwrap_or_else(|_| "warn,thingsd=info".into()))
         .env("NO_COLOR", "1")
         .env("THINGSD_NODE__PERSIST_INTERVAL_MS", "1000")
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -262,21 +262,21 @@ async fn spawn_node(exe: &std::path::Path, config: &std::path::Path, env: &[(Str
         .kill_on_drop(true)
         .spawn()?;
     let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let ready = loop {
-        let l = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await??.context("node exited")?;
-        if let Some(r) = Ready::parse(&l) {
-            break r;
-        }
-    };
     let (tx, rx) = tokio::sync::watch::channel(0usize);
-    // The node's log, kept beside its config (`node{i}.toml` -> `node{i}.log`, appended).
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    // The node's log, kept beside its config (`node{i}.toml` -> `node{i}.log`, appended). Every
+    // line counts, those before the ready line too: a node may see its peers up before it is
+    // ready to serve.
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(config.with_extension("log"))?;
     tokio::spawn(async move {
         use std::io::Write;
         let mut up = 0usize;
+        let mut ready_tx = Some(ready_tx);
         while let Ok(Some(l)) = lines.next_line().await {
             let _ = writeln!(log, "{l}");
-            if l.contains("cluster member up") {
+            if let Some(r) = ready_tx.is_some().then(|| Ready::parse(&l)).flatten() {
+                let _ = ready_tx.take().map(|t| t.send(r));
+            } else if l.contains("cluster member up") {
                 up += 1;
                 let _ = tx.send(up);
             } else if l.contains("cluster member down") {
@@ -285,6 +285,7 @@ async fn spawn_node(exe: &std::path::Path, config: &std::path::Path, env: &[(Str
             }
         }
     });
+    let ready = tokio::time::timeout(Duration::from_secs(30), ready_rx).await?.context("node exited before it was ready")?;
     Ok((child, ready, rx))
 }
 

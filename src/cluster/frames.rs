@@ -104,6 +104,7 @@ impl ClusterState {
                 }
             }
             Body::Hello { incarnation, addr, members, reply } => {
+                tracing::debug!(peer = %from, incarnation, reply, cell = ?self.members.get(from.as_str()).and_then(|m| m.cell.as_ref()).map(|c| c.get_id()), "hello");
                 if self.members.get(from.as_str()).and_then(|m| m.cell.as_ref()).is_none() {
                     self.resolve_cells().await;
                 }

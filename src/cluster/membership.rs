@@ -23,13 +23,17 @@ impl ClusterState {
         };
         for cell in ractor::pg::get_members(&GROUP.to_string()) {
             let ractor::ActorId::Remote { node_id, .. } = cell.get_id() else { continue };
-            let Some(name) = sessions.get(&node_id).and_then(|s| s.peer_name.as_ref()).map(|n| peer_name(&n.name)) else { continue };
+            let Some(name) = sessions.get(&node_id).and_then(|s| s.peer_name.as_ref()).map(|n| peer_name(&n.name)) else {
+                tracing::debug!(node_id, "cluster actor of a session without a peer name");
+                continue;
+            };
             let fresh = {
                 let m = self.member_mut(&name);
                 let fresh = m.cell.as_ref().map(|c| c.get_id()) != Some(cell.get_id());
                 m.cell = Some(cell.clone());
                 fresh
             };
+            tracing::debug!(peer = %name, node_id, fresh, "resolved a peer's cluster actor");
             if fresh {
                 self.send_cell(&cell, &self.hello(true));
             }
@@ -55,7 +59,10 @@ impl ClusterState {
             if m.up {
                 return;
             }
-            let Some(cell) = m.cell.clone() else { return };
+            let Some(cell) = m.cell.clone() else {
+                tracing::debug!(peer = name, "peer introduced itself but its cluster actor is not resolved");
+                return;
+            };
             m.up = true;
             m.ghost = false;
             (cell, m.idx, m.addr.clone())

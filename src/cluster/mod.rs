@@ -515,11 +515,13 @@ impl Actor for ClusterActor {
         if let SupervisionEvent::ProcessGroupChanged(change) = evt {
             match change {
                 ractor::pg::GroupChangeMessage::Join(_, _, cells) => {
+                    tracing::debug!(cells = ?cells.iter().map(|c| c.get_id()).collect::<Vec<_>>(), "cluster actors joined");
                     if cells.iter().any(|c| !c.get_id().is_local()) {
                         st.resolve_cells().await;
                     }
                 }
                 ractor::pg::GroupChangeMessage::Leave(_, _, cells) => {
+                    tracing::debug!(cells = ?cells.iter().map(|c| c.get_id()).collect::<Vec<_>>(), "cluster actors left");
                     let gone: Vec<Arc<str>> = st
                         .members
                         .values()
