@@ -234,6 +234,7 @@ fn sample(schema: &str) -> Value {
         "RuleBody" => json!({"name": "r", "target": {"device": "x"}, "condition": {"key": "t", "op": ">", "value": 1}}),
         "ChannelBody" => json!({"name": "c", "kind": "webhook", "config": {"url": "http://127.0.0.1:9/"}}),
         "AckBody" => json!({}),
+        "AssignBody" => json!({"package_id": 1}),
         other => panic!("tests/api.rs has no sample body for request schema {other}: add one"),
     }
 }
@@ -283,6 +284,13 @@ async fn tenant_isolation_over_every_route() {
     let page = sys("GET", "/api/v1/devices/dev-b/commands?limit=1".into(), None).await;
     assert_eq!((page["items"][0]["id"].clone(), page["total"].as_i64(), page["limit"].as_i64()), (cb.clone(), Some(1), Some(1)), "{page}");
     let credb = sys("GET", "/api/v1/devices/dev-b/credentials".into(), None).await[0]["id"].clone();
+    // A firmware package of tenant B (the body is the image itself).
+    let pkgb = {
+        let url = format!("http://{a}/api/v1/ota/packages?kind=firmware&title=fw-b&version=1&tenant_id={tb}");
+        let r = http.post(url).bearer_auth(ADMIN_KEY).body(vec![7u8; 100]).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()["id"].clone()
+    };
     let mut ids: BTreeMap<&str, Value> = BTreeMap::from([
         ("tenants", json!(tb)),
         ("products", pb.clone()),
@@ -291,6 +299,7 @@ async fn tenant_isolation_over_every_route() {
         ("roles", rb.clone()),
         ("commands", cb.clone()),
         ("credentials", credb.clone()),
+        ("packages", pkgb.clone()),
         // A client-side RPC request id of B's device (the device decides it; none need wait).
         ("rpc", json!("1")),
     ]);
@@ -387,6 +396,7 @@ async fn tenant_isolation_over_every_route() {
     assert_eq!(sys("GET", format!("/api/v1/users/{ub}"), None).await["disabled"], false);
     assert_eq!(sys("GET", format!("/api/v1/roles/{rb}"), None).await["permissions"], json!(["device:read"]));
     assert_eq!(sys("GET", format!("/api/v1/tenants/{tb}"), None).await["name"], "tenant-b");
+    assert_eq!(sys("GET", format!("/api/v1/ota/packages/{pkgb}"), None).await["title"], "fw-b");
     assert_eq!(sys("GET", "/api/v1/devices/dev-b/credentials".into(), None).await.as_array().unwrap().len(), 1);
     assert_eq!(sys("GET", format!("/api/v1/alerts/{}", ids["alerts"]), None).await["status"], "active");
     assert_eq!(sys("GET", format!("/api/v1/alert-rules/{}", ids["alert-rules"]), None).await["name"], "rule-b");

@@ -428,7 +428,7 @@ async fn client_attributes_do_not_echo_to_their_device() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thingsboard_sdk_client_side_rpc_and_session_limits() {
     let ok = std::process::Command::new("python3").args(["-c", "import tb_device_mqtt"]).status().map(|s| s.success()).unwrap_or(false);
-    assert!(ok, "ThingsBoard's tb-mqtt-client is required (pip install tb-mqtt-client==1.13.0 mmh3; scripts/test installs it)");
+    assert!(ok, "ThingsBoard's tb-mqtt-client is required (pip install tb-mqtt-client==1.13.14 mmh3; scripts/test installs it)");
     let p = Platform::start(None, |_| {}).await;
     let (_, token) = p.create_device("tb-sdk-1", json!({})).await;
     let mut svc = service(p.node.tcp).await;

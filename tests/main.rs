@@ -24,6 +24,7 @@ mod meta;
 mod monitoring;
 mod mqtt5;
 mod ops;
+mod ota;
 mod partition;
 mod persistence;
 mod redis_topologies;

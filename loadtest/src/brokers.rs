@@ -275,7 +275,9 @@ async fn spawn_node(exe: &std::path::Path, config: &std::path::Path, env: &[(Str
         while let Ok(Some(l)) = lines.next_line().await {
             let _ = writeln!(log, "{l}");
             if let Some(r) = ready_tx.is_some().then(|| Ready::parse(&l)).flatten() {
-                let _ = ready_tx.take().map(|t| t.send(r));
+                if let Some(t) = ready_tx.take() {
+                    let _ = t.send(r);
+                }
             } else if l.contains("cluster member up") {
                 up += 1;
                 let _ = tx.send(up);

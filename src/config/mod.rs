@@ -261,6 +261,11 @@ pub struct DevicesConfig {
     /// from its first report until it has not reported for this long. 0 = such devices never
     /// show online.
     pub report_online_secs: u64,
+    /// Largest firmware/software package the admin API takes (bytes).
+    pub ota_max_package_bytes: usize,
+    /// Largest chunk of a package sent to a device in one message (bytes; a device asking for
+    /// more, or for the whole package, gets chunks of this size).
+    pub ota_max_chunk_bytes: usize,
 }
 
 impl Default for DevicesConfig {
@@ -278,6 +283,8 @@ impl Default for DevicesConfig {
             ts_max_age_secs: 366 * 86_400,
             ts_max_ahead_secs: 86_400,
             report_online_secs: 300,
+            ota_max_package_bytes: 32 << 20,
+            ota_max_chunk_bytes: 1 << 20,
         }
     }
 }

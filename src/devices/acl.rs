@@ -23,6 +23,7 @@ const DEVICE_SUBSCRIBE: &[&str] = &[
     "v1/devices/{}/attributes/response/+",
     "v1/devices/{}/rpc/request/+",
     "v1/devices/{}/rpc/response/+",
+    "v1/devices/{}/v2/+/response/#",
 ];
 const TB_PUBLISH: &[&str] = &[
     "v1/devices/{}/telemetry",
@@ -30,6 +31,7 @@ const TB_PUBLISH: &[&str] = &[
     "v1/devices/{}/attributes/request/+",
     "v1/devices/{}/rpc/response/+",
     "v1/devices/{}/rpc/request/+",
+    "v1/devices/{}/v2/+/request/+/chunk/+",
 ];
 
 /// Publish and subscribe rules of one principal.

@@ -28,6 +28,7 @@ pub mod acl;
 mod auth;
 pub mod downlink;
 mod events;
+pub mod ota;
 mod status;
 pub mod uplink;
 
@@ -154,6 +155,8 @@ pub struct Devices {
     status_wake: Arc<Notify>,
     /// One downlink flush at a time per device.
     flushing: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
+    /// OTA package bytes recently served, by package id (packages never change; 64 MiB).
+    packages: moka::sync::Cache<i64, bytes::Bytes>,
 }
 
 /// The cache key of a credential.
@@ -209,6 +212,7 @@ impl Devices {
             reporting: Mutex::default(),
             status_wake: Arc::new(Notify::new()),
             flushing: Mutex::default(),
+            packages: ota::package_cache(),
         });
         Devices::spawn_status_worker(&d);
         Devices::spawn_report_sweeper(&d);

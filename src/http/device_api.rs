@@ -6,6 +6,8 @@
 //! - `POST /api/v1/{token}/events` — `{"method": "...", "params": {..}}`
 //! - `GET /api/v1/{token}/rpc?timeout=ms` — long poll for the next downlink (408 on timeout)
 //! - `POST /api/v1/{token}/rpc/{id}` — the device's response to downlink `id`
+//! - `GET /api/v1/{token}/firmware?title=&version=&size=&chunk=` (and `/software`) — a chunk of
+//!   the package announced to the device (`size` bytes, chunk number `chunk`; no `size`: all)
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,67 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/{token}/events", post(events))
         .route("/api/v1/{token}/rpc", get(rpc_poll))
         .route("/api/v1/{token}/rpc/{id}", post(rpc_response))
+        .route("/api/v1/{token}/firmware", get(firmware))
+        .route("/api/v1/{token}/software", get(software))
+}
+
+/// Which chunk of an OTA package a device asks for (ThingsBoard's query).
+#[derive(Deserialize)]
+struct ChunkQuery {
+    title: Option<String>,
+    version: Option<String>,
+    #[serde(default)]
+    size: usize,
+    #[serde(default)]
+    chunk: u64,
+}
+
+async fn firmware(
+    s: State<AppState>,
+    peer: ConnectInfo<SocketAddr>,
+    token: Path<String>,
+    q: super::api::Q<ChunkQuery>,
+) -> axum::response::Response {
+    package_chunk(s, peer, token, q, crate::storage::meta::PackageKind::Firmware).await
+}
+
+async fn software(
+    s: State<AppState>,
+    peer: ConnectInfo<SocketAddr>,
+    token: Path<String>,
+    q: super::api::Q<ChunkQuery>,
+) -> axum::response::Response {
+    package_chunk(s, peer, token, q, crate::storage::meta::PackageKind::Software).await
+}
+
+/// A chunk of the package announced to the device; 404 when none is, or when `title` /
+/// `version` name another one.
+async fn package_chunk(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(token): Path<String>,
+    super::api::Q(q): super::api::Q<ChunkQuery>,
+    kind: crate::storage::meta::PackageKind,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let answer = async {
+        let (d, ident) = auth(&s, peer, &token).await?;
+        let p = d.announced_package(ident.device_id, kind).await?;
+        let named = |asked: &Option<String>, has: &str| asked.as_deref().is_none_or(|a| a == has);
+        match p {
+            Some(p) if named(&q.title, &p.title) && named(&q.version, &p.version) => {}
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no such {} announced to this device", kind.as_str()),
+                ))
+            }
+        }
+        let chunk = d.package_chunk(ident.device_id, kind, q.chunk, q.size).await?;
+        Ok::<_, ApiError>(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], chunk).into_response())
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 pub(super) fn devices(s: &AppState) -> Arc<Devices> {

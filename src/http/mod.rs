@@ -41,7 +41,7 @@ pub type AppState = Arc<App>;
 pub fn app(broker: Arc<Broker>, services: Arc<Services>) -> Router {
     let state: AppState = Arc::new(App { broker: broker.clone(), services });
     let device_limit = broker.config.devices.max_payload.saturating_mul(2).max(64 * 1024);
-    let (api, doc) = api::routes();
+    let (api, doc) = api::routes(broker.config.devices.ota_max_package_bytes);
     let doc = Arc::new(doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}")));
     let api = api
         .route(

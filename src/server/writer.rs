@@ -38,9 +38,11 @@ impl Aliases {
     }
 }
 
-/// `v1/devices/{number}/…` back to the `v1/devices/me/…` the device subscribed to.
+/// `v1/devices/{number}/…` back to the `v1/devices/me/…` the device subscribed to
+/// (`…/v2/fw/…` and `…/v2/sw/…` back to `v2/…`).
 fn mount_out(topic: &Arc<str>, mount: Option<&Arc<str>>) -> Arc<str> {
     match mount.and_then(|m| topic.strip_prefix(&**m)) {
+        Some(rest) if rest.starts_with("v2/") => Arc::from(rest),
         Some(rest) => Arc::from(format!("v1/devices/me/{rest}")),
         None => topic.clone(),
     }

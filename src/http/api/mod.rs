@@ -24,6 +24,7 @@ mod alerts;
 mod auth;
 mod devices;
 mod import;
+mod ota;
 mod people;
 pub mod scope;
 mod telemetry;
@@ -60,15 +61,17 @@ impl Modify for Security {
     }
 }
 
-/// The API router (paths relative to `/api/v1`) and its OpenAPI document (with the prefix).
-pub fn routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
+/// The API router (paths relative to `/api/v1`) and its OpenAPI document (with the prefix);
+/// package uploads take up to `max_package` bytes.
+pub fn routes(max_package: usize) -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
     let api = OpenApiRouter::<AppState>::new()
         .merge(auth::routes())
         .merge(people::routes())
         .merge(devices::routes())
         .merge(import::routes())
         .merge(telemetry::routes())
-        .merge(alerts::routes());
+        .merge(alerts::routes())
+        .merge(ota::routes(max_package));
     let (router, mut doc) = OpenApiRouter::with_openapi(Doc::openapi()).nest("/api/v1", api).split_for_parts();
     describe_errors(&mut doc);
     (router.merge(ws::routes()), doc)

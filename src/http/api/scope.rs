@@ -13,7 +13,7 @@ use crate::devices::Devices;
 use crate::http::device_api::devices;
 use crate::http::{ApiError, AppState};
 use crate::storage::meta::{
-    Alert, Channel, Command, Device, Group, ListQuery, MetaError, MetaStore, Product, Role, StoredRule, Tenant, User,
+    Alert, Channel, Command, Device, Group, ListQuery, MetaError, MetaStore, Package, Product, Role, StoredRule, Tenant, User,
 };
 use crate::users::{Principal, Users};
 
@@ -133,6 +133,11 @@ impl Caller {
     pub async fn product(&self, meta: &MetaStore, id: i64) -> Result<Product, ApiError> {
         let p = meta.product(id).await?;
         self.hide(Some(p.tenant_id), format!("product {id}"), p)
+    }
+
+    pub async fn package(&self, meta: &MetaStore, id: i64) -> Result<Package, ApiError> {
+        let p = meta.package(id).await?;
+        self.hide(Some(p.tenant_id), format!("package {id}"), p)
     }
 
     pub async fn group(&self, meta: &MetaStore, id: i64) -> Result<Group, ApiError> {

@@ -25,10 +25,17 @@ pub(super) struct Asker<'a> {
 
 /// Rewrite ThingsBoard's `v1/devices/me/…` to the device's own `v1/devices/{number}/…`
 /// (and back on the way out, in the writer), so devices cannot see each other's `me`.
+/// ThingsBoard's OTA topics `v2/fw/…` and `v2/sw/…` go under the same prefix
+/// (`v1/devices/{number}/v2/fw/…`). Its SDKs subscribe to `v2/fw/response/+` and expect
+/// `v2/fw/response/{request}/chunk/{index}` on it (ThingsBoard does not match that filter level
+/// by level), so that filter is widened to `…/response/#`.
 pub(super) fn mount_in(principal: &Principal, t: &mut String) {
     if let Some(i) = principal.device() {
         if let Some(rest) = t.strip_prefix("v1/devices/me/") {
             *t = format!("v1/devices/{}/{rest}", i.device_number);
+        } else if t.starts_with("v2/fw/") || t.starts_with("v2/sw/") {
+            let widened = t.strip_suffix("/response/+").map(|p| format!("{p}/response/#"));
+            *t = format!("v1/devices/{}/{}", i.device_number, widened.as_deref().unwrap_or(t));
         }
     }
 }

@@ -92,7 +92,10 @@ impl Conn {
     async fn device_uplink(&mut self, asked: &Asked, props: &mut Option<Properties>) -> Result<bool, Refusal> {
         let Some(ident) = self.principal.device().cloned() else { return Ok(false) };
         let mut taken = false;
-        if let Some((kind, gateway, mid)) = uplink::classify(&asked.topic, &ident.device_number) {
+        if let Some((kind, req, index)) = crate::devices::ota::chunk_request(&asked.topic, &ident.device_number) {
+            self.ota_chunk(&ident, kind, req, index, &asked.payload).await?;
+            taken = true;
+        } else if let Some((kind, gateway, mid)) = uplink::classify(&asked.topic, &ident.device_number) {
             taken = true;
             Box::pin(self.uplink(&ident, kind, gateway, mid, &asked.payload, props.as_ref())).await?;
         }
@@ -245,6 +248,37 @@ impl Conn {
             Err(crate::devices::IngestError::Refused(_)) => Err(Refusal::Nack(reason::PAYLOAD_FORMAT_INVALID)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot store a device message");
+                Err(Refusal::Nack(reason::UNSPECIFIED_ERROR))
+            }
+        }
+    }
+
+    /// A device asks for a chunk of the package announced to it (ThingsBoard OTA): answered on
+    /// `v2/{fw|sw}/response/{request}/chunk/{index}`. Nothing announced: refused (0x83), no
+    /// answer (an empty one would make the SDKs ask again forever).
+    async fn ota_chunk(
+        &self,
+        ident: &crate::devices::Identity,
+        kind: crate::storage::meta::PackageKind,
+        req: &str,
+        index: u64,
+        payload: &[u8],
+    ) -> Result<(), Refusal> {
+        let Some(size) = crate::devices::ota::asked_size(payload) else {
+            return Err(Refusal::Nack(reason::PAYLOAD_FORMAT_INVALID));
+        };
+        match self.svc.devices.package_chunk(ident.device_id, kind, index, size).await {
+            Ok(chunk) => {
+                let topic = format!("v1/devices/{}/v2/{}/response/{req}/chunk/{index}", ident.device_number, kind.prefix());
+                self.broker.publish(Arc::new(Message::from_node(topic, chunk, QoS::AtLeastOnce, false)));
+                Ok(())
+            }
+            Err(crate::storage::meta::MetaError::NotFound(what)) => {
+                tracing::debug!(device = %ident.device_number, "OTA chunk asked for, but no {what}");
+                Err(Refusal::Nack(reason::IMPLEMENTATION_SPECIFIC))
+            }
+            Err(e) => {
+                tracing::warn!(device = %ident.device_number, error = %e, "cannot read an OTA package");
                 Err(Refusal::Nack(reason::UNSPECIFIED_ERROR))
             }
         }
