@@ -235,6 +235,7 @@ fn sample(schema: &str) -> Value {
         "ChannelBody" => json!({"name": "c", "kind": "webhook", "config": {"url": "http://127.0.0.1:9/"}}),
         "AckBody" => json!({}),
         "AssignBody" => json!({"package_id": 1}),
+        "ClaimBody" => json!({"secret_key": "x"}),
         other => panic!("tests/api.rs has no sample body for request schema {other}: add one"),
     }
 }

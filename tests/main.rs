@@ -8,6 +8,7 @@ mod common;
 mod alerts;
 mod api;
 mod bad_input;
+mod claim;
 mod cli;
 mod clients;
 mod cluster;

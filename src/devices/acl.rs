@@ -32,6 +32,7 @@ const TB_PUBLISH: &[&str] = &[
     "v1/devices/{}/rpc/response/+",
     "v1/devices/{}/rpc/request/+",
     "v1/devices/{}/v2/+/request/+/chunk/+",
+    "v1/devices/{}/claim",
 ];
 
 /// Publish and subscribe rules of one principal.

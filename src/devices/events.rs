@@ -225,15 +225,14 @@ impl Devices {
     /// `v1/devices/{number}/rpc/response/{id}`. `Ok(false)`: no such request is waiting
     /// (never made, answered already, or older than `devices.command_ttl_secs`).
     pub async fn answer_rpc(&self, number: &str, id: &str, response: &Value) -> Result<bool, MetaError> {
-        let key = rpc_key(number, id);
-        if self.cache.get(&key).await.is_none() {
-            return Ok(false);
-        }
         let body = response.to_string();
         if body.len() > self.config.devices.max_payload {
             return Err(MetaError::Invalid(format!("response larger than {} bytes", self.config.devices.max_payload)));
         }
-        self.cache.del(std::slice::from_ref(&key)).await;
+        // Taken in one step: of two services answering at once, one gets the request.
+        if self.cache.take(&rpc_key(number, id)).await.is_none() {
+            return Ok(false);
+        }
         if let Some(b) = self.broker() {
             let msg = crate::message::Message::from_node(
                 format!("v1/devices/{number}/rpc/response/{id}"),

@@ -26,6 +26,7 @@ use crate::storage::meta::{CredentialKind, Device, MetaError, MetaStore, ThingMo
 
 pub mod acl;
 mod auth;
+mod claim;
 pub mod downlink;
 mod events;
 pub mod ota;

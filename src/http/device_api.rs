@@ -6,6 +6,7 @@
 //! - `POST /api/v1/{token}/events` — `{"method": "...", "params": {..}}`
 //! - `GET /api/v1/{token}/rpc?timeout=ms` — long poll for the next downlink (408 on timeout)
 //! - `POST /api/v1/{token}/rpc/{id}` — the device's response to downlink `id`
+//! - `POST /api/v1/{token}/claim` — `{"secretKey": "...", "durationMs": n}`: offer the device for claiming
 //! - `GET /api/v1/{token}/firmware?title=&version=&size=&chunk=` (and `/software`) — a chunk of
 //!   the package announced to the device (`size` bytes, chunk number `chunk`; no `size`: all)
 use std::net::SocketAddr;
@@ -31,8 +32,24 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/{token}/events", post(events))
         .route("/api/v1/{token}/rpc", get(rpc_poll))
         .route("/api/v1/{token}/rpc/{id}", post(rpc_response))
+        .route("/api/v1/{token}/claim", post(claim))
         .route("/api/v1/{token}/firmware", get(firmware))
         .route("/api/v1/{token}/software", get(software))
+}
+
+/// The device offers itself for claiming (see `devices::claim`).
+async fn claim(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(token): Path<String>,
+    body: RawBody,
+) -> Result<Json<Value>, ApiError> {
+    let (d, ident) = auth(&s, peer, &token).await?;
+    let body = body.map_err(|e| {
+        ApiError::new(e.status(), if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_body" }, e.body_text())
+    })?;
+    d.offer_claim(&ident, &body).await?;
+    Ok(Json(json!({})))
 }
 
 /// Which chunk of an OTA package a device asks for (ThingsBoard's query).

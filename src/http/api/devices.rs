@@ -33,6 +33,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(status))
         .routes(routes!(get_command))
         .routes(routes!(answer_rpc))
+        .routes(routes!(claim_device))
         .routes(routes!(summary))
 }
 
@@ -400,4 +401,31 @@ async fn get_command(State(s): State<AppState>, c: Caller, P(id): P<i64>) -> Ans
     let cmd = c.command(&d, id).await?;
     c.require("device:read")?;
     ok(cmd)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ClaimBody {
+    /// The secret the device offered itself with (`secretKey`; empty when it gave none).
+    #[serde(default)]
+    secret_key: String,
+    /// The tenant to claim it for (system scope only; default the caller's).
+    tenant_id: Option<i64>,
+}
+
+/// Claim a device that offered itself (ThingsBoard `v1/devices/me/claim`) with its secret: it
+/// moves to the caller's tenant (without its product and group) and reconnects there. 404 for
+/// an unknown device, no offer, an expired one or the wrong secret alike; five wrong secrets
+/// end an offer.
+#[utoipa::path(post, path = "/devices/{number}/claim", tag = "devices", params(("number" = String, Path)), request_body = ClaimBody, responses((status = 200, description = "the device, now the caller's", body = Device), (status = 404, description = "nothing to claim with that secret")))]
+async fn claim_device(State(s): State<AppState>, c: Caller, P(number): P<String>, Body(b): Body<ClaimBody>) -> Answer {
+    c.require("device:write")?;
+    let d = devices(&s);
+    let t = c.new_tenant(b.tenant_id)?;
+    c.tenant(&d.meta, t).await?;
+    let Some(dev) = d.claim(&number, &b.secret_key, t).await? else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no device {number} to claim with that secret")));
+    };
+    c.audit(&d.meta, Some(t), "claim", format!("device:{number}"), json!({})).await;
+    ok(dev)
 }

@@ -95,6 +95,18 @@ impl Conn {
         if let Some((kind, req, index)) = crate::devices::ota::chunk_request(&asked.topic, &ident.device_number) {
             self.ota_chunk(&ident, kind, req, index, &asked.payload).await?;
             taken = true;
+        } else if is_claim(&asked.topic, &ident.device_number) {
+            match self.svc.devices.offer_claim(&ident, &asked.payload).await {
+                Ok(()) => taken = true,
+                Err(crate::storage::meta::MetaError::Invalid(why)) => {
+                    tracing::info!(device = %ident.device_number, %why, "claim request refused");
+                    return Err(Refusal::Nack(reason::PAYLOAD_FORMAT_INVALID));
+                }
+                Err(e) => {
+                    tracing::warn!(device = %ident.device_number, error = %e, "cannot record a claim request");
+                    return Err(Refusal::Nack(reason::UNSPECIFIED_ERROR));
+                }
+            }
         } else if let Some((kind, gateway, mid)) = uplink::classify(&asked.topic, &ident.device_number) {
             taken = true;
             Box::pin(self.uplink(&ident, kind, gateway, mid, &asked.payload, props.as_ref())).await?;
@@ -113,7 +125,8 @@ impl Conn {
             pr.subscription_identifiers.clear();
         }
         let props = props.filter(|pr| !pr.is_empty()).map(Box::new);
-        let routable = !topic.starts_with("$SYS");
+        // A device's claim request carries its secret: for the platform only, never routed.
+        let routable = !topic.starts_with("$SYS") && !(taken && topic.starts_with("v1/devices/") && topic.ends_with("/claim"));
         // Taken, on `v1/devices/{its number}/attributes`: a ThingsBoard device's own client
         // attributes, which must not come back to it as if they were a shared-attribute update;
         // on `…/rpc/request/{id}`: its own call to the platform, not a server-side RPC to it.
@@ -290,4 +303,9 @@ impl Conn {
         msg.props = correlation.map(|c| Box::new(Properties { correlation_data: Some(c), ..Properties::default() }));
         self.broker.publish(Arc::new(msg));
     }
+}
+
+/// `v1/devices/{number}/claim`: the device offers itself for claiming (ThingsBoard).
+fn is_claim(topic: &str, number: &str) -> bool {
+    topic.strip_prefix("v1/devices/").and_then(|r| r.strip_suffix("/claim")) == Some(number)
 }

@@ -123,6 +123,23 @@ impl Cache {
         }
     }
 
+    /// Read and delete `key` in one step (GETDEL): of callers racing for an entry, one gets it.
+    pub async fn take(&self, key: &str) -> Option<String> {
+        match self {
+            Cache::Local(c) => match c.remove(key) {
+                Some((v, exp)) if exp > now_ms() => Some(v.to_string()),
+                _ => None,
+            },
+            Cache::Redis(r) => match r.client.getdel::<Option<String>, _>(r.key(key)).await {
+                Ok(v) => v,
+                Err(e) => {
+                    r.log(&e);
+                    None
+                }
+            },
+        }
+    }
+
     /// Add one to the counter `key` (created with `window` to live: a fixed-window rate
     /// counter); returns the new count. A Redis error counts as 0 (never locks anyone out).
     pub async fn incr(&self, key: &str, window: Duration) -> u64 {

@@ -302,6 +302,18 @@ impl MetaStore {
         self.device_by_id(d.id).await
     }
 
+    /// Move a device to another tenant (claiming): its product and group stay behind.
+    pub async fn move_device(&self, id: i64, tenant_id: i64) -> Result<Device> {
+        sqlx::query("UPDATE devices SET tenant_id = $1, product_id = NULL, group_id = NULL, updated_ms = $2 WHERE id = $3")
+            .bind(tenant_id)
+            .bind(now_ms())
+            .bind(id)
+            .execute(self.pool())
+            .await
+            .map_err(|e| MetaError::unique(e, "device move"))?;
+        self.device_by_id(id).await
+    }
+
     pub async fn delete_device(&self, number: &str) -> Result<Device> {
         let d = self.device(number).await?;
         sqlx::query("DELETE FROM devices WHERE id = $1").bind(d.id).execute(self.pool()).await?;
