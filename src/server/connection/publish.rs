@@ -126,7 +126,8 @@ impl Conn {
         }
         let props = props.filter(|pr| !pr.is_empty()).map(Box::new);
         // A device's claim request carries its secret: for the platform only, never routed.
-        let routable = !topic.starts_with("$SYS") && !(taken && topic.starts_with("v1/devices/") && topic.ends_with("/claim"));
+        let secret = taken && topic.starts_with("v1/devices/") && topic.ends_with("/claim");
+        let routable = !topic.starts_with("$SYS") && !secret;
         // Taken, on `v1/devices/{its number}/attributes`: a ThingsBoard device's own client
         // attributes, which must not come back to it as if they were a shared-attribute update;
         // on `…/rpc/request/{id}`: its own call to the platform, not a server-side RPC to it.
