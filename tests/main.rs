@@ -26,6 +26,7 @@ mod monitoring;
 mod mqtt5;
 mod ops;
 mod ota;
+mod package;
 mod partition;
 mod persistence;
 mod redis_topologies;
