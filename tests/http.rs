@@ -43,3 +43,48 @@ async fn health_and_metrics() {
     assert!(body.contains("thingsd_http_requests_total{route=\"unmatched\",status=\"404\"} 1"), "{body}");
     node.stop().await;
 }
+
+/// A client that sends an over-large body without waiting (no `Expect: 100-continue`) reads
+/// the 413 and its JSON error: the node stops reading the request, answers, then keeps
+/// draining what the client still sends for a bounded time before closing (a lingering
+/// close), instead of closing on unread data — which makes the kernel answer with a reset
+/// that can destroy the 413 before the client reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_large_body_gets_a_readable_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = crate::common::platform::Platform::start(None, |_| {}).await;
+    let http = p.http_addr();
+    // The REST API takes 1 MiB; send 32 MiB, 20 times, each on its own connection.
+    for round in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        let head = format!(
+            "POST /api/v1/tenants HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            crate::common::platform::ADMIN_KEY,
+            32 << 20
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        // Send the whole body (as a client does that does not read while it writes)...
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..512 {
+                if w.write_all(&chunk).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        });
+        let sent = tokio::time::timeout(DEADLINE, writer).await.expect("the upload ends").unwrap();
+        // ...then read the answer.
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, r.read_to_end(&mut answer)).await.expect("the answer ends");
+        let text = String::from_utf8_lossy(&answer);
+        // Clients that write the whole request before reading (most HTTP libraries) report a
+        // failed write as the request's error: the body must be taken (and dropped) to the end.
+        assert!(
+            sent && text.starts_with("HTTP/1.1 413") && text.contains("payload_too_large"),
+            "round {round}: sent all: {sent}, read: {read:?}, answer: {text:?}"
+        );
+    }
+    p.node.stop().await;
+}

@@ -15,6 +15,7 @@ mod device_api;
 mod error;
 pub mod forwarded;
 mod health;
+pub mod linger;
 mod ops;
 mod web;
 

@@ -261,7 +261,10 @@ fn serve_listeners(
         let app = crate::http::app(broker.clone(), services.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
+            use axum::serve::ListenerExt;
             let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            // `tap_io` only for axum's ConnectInfo of a custom listener.
+            let l = crate::http::linger::Lingering(l).tap_io(|_| {});
             if let Err(e) = axum::serve(l, app).with_graceful_shutdown(async move { stop.cancelled().await }).await {
                 tracing::error!(error = %e, "HTTP listener failed");
             }
