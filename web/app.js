@@ -63,7 +63,24 @@ function showError(e) {
   errorBox.hidden = false;
 }
 function clearError() { errorBox.hidden = true; errorBox.textContent = ""; }
+// What an empty list says instead of a blank strip: what it would hold and how to add some.
+const EMPTY = {
+  products: "No products yet. A product holds its devices' thing model: create one above.",
+  groups: "No groups yet. Groups organise devices (a group may sit in another): create one above.",
+  devices: "No devices yet. Create one above (its access token is shown once), or import many with POST /api/v1/devices/import.",
+  commands: "No commands yet. Send one above: the device gets it now if connected, or when it next connects.",
+  credentials: "No credentials: the device cannot log in. Add an access token or a username and password above.",
+  "open-alerts": "No open alerts.",
+  alerts: "No alerts raised yet.",
+  rules: "No alert rules yet. A rule watches a device's (or a product's) telemetry: create one above.",
+  channels: "No channels yet. Add a webhook or an e-mail channel above to be told of alerts.",
+  users: "No users yet besides you.",
+  roles: "No custom roles yet. The built-in roles are tenant_admin and tenant_user.",
+  packages: "No firmware or software packages yet: upload one below.",
+  ota: "No firmware or software announced to this device yet.",
+};
 function table(headers, rows, testid) {
+  if (!rows.length) return h("p", { class: "empty", "data-testid": (testid || "list") + "-empty" }, EMPTY[testid] || "Nothing here yet.");
   return h("div", { class: "scroll" }, h("table", { "data-testid": testid }, h("thead", {}, h("tr", {}, headers.map((x) => h("th", {}, x)))),
     h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c) => h("td", {}, c)))))));
 }
@@ -131,7 +148,8 @@ async function dashboard() {
     } catch (e) { showError(e); }
   };
   await sample();
-  refreshTimer = setInterval(sample, 3000);
+  // Rates need two samples: the second comes a second later, then every 3 s.
+  refreshTimer = setTimeout(async () => { await sample(); if (refreshTimer) refreshTimer = setInterval(sample, 3000); }, 1000);
 }
 
 async function productsPage() {
@@ -221,11 +239,17 @@ function chart(container, title, seriesNames, data, xRange) {
   }, data, container);
 }
 
-async function devicePage(number) {
+// The device page's groups, each its own tab (`#/devices/{number}/{tab}`).
+const DEVICE_TABS = [["overview", "Overview"], ["telemetry", "Telemetry"], ["commands", "Commands"], ["attributes", "Attributes"],
+  ["credentials", "Credentials"], ["firmware", "Firmware"]];
+
+async function devicePage(number, tab) {
+  tab = DEVICE_TABS.some(([t]) => t === tab) ? tab : "overview";
   const path = "/devices/" + encodeURIComponent(number);
-  const [{ device, status }, creds, attrs, latest, commands] = await Promise.all([
+  const [{ device, status }, creds, attrs, latest, commands, ota, packages] = await Promise.all([
     api("GET", path), api("GET", path + "/credentials"), api("GET", path + "/attributes"),
     api("GET", path + "/telemetry/latest"), api("GET", path + "/commands?limit=20"),
+    api("GET", path + "/ota"), api("GET", "/ota/packages?limit=200").catch(() => ({ items: [] })),
   ]);
   const numericKeys = Object.entries(latest).filter(([, v]) => typeof (v && v.value !== undefined ? v.value : v) === "number").map(([k]) => k);
   const live = h("div", { class: "chart", id: "live", "data-testid": "live-chart", "data-points": "0" });
@@ -255,34 +279,42 @@ async function devicePage(number) {
     const xs = r.buckets.map((b) => b.start / 1000), ys = r.buckets.map((b) => b.value);
     chart(history, `${v.key} (${v.fn} per ${v.window})`, [v.key], [xs, ys], [from / 1000, to / 1000]);
   });
-  view.replaceChildren(
-    h("h1", {}, device.name, " ", h("small", {}, device.device_number)),
-    h("p", { "data-testid": "status" }, "Status: ", h("b", { class: status.online ? "ok" : "bad" }, status.online ? "online" : "offline"),
+  const latestRows = Object.entries(latest).map(([k, v]) => [k, JSON.stringify(v && v.value !== undefined ? v.value : v), time(v && v.ts)]);
+  const sections = {
+    overview: [
+      h("p", { "data-testid": "status" }, "Status: ", h("b", { class: status.online ? "ok" : "bad" }, status.online ? "online" : "offline"),
       status.last_seen ? ` — last seen ${time(status.last_seen)}` : "", device.enabled ? "" : " — disabled"),
     h("p", {},
       h("button", { type: "button", class: "secondary", "data-testid": "toggle-enabled", onclick: async () => {
-        try { clearError(); await api("PATCH", path, { enabled: !device.enabled }); await devicePage(number); } catch (e) { showError(e); }
+        try { clearError(); await api("PATCH", path, { enabled: !device.enabled }); await devicePage(number, "overview"); } catch (e) { showError(e); }
       } }, device.enabled ? "Disable (disconnects it)" : "Enable"), " ",
       h("button", { type: "button", class: "secondary", onclick: async () => {
         if (!confirm(`Delete device ${number}? Its telemetry stays in the store.`)) return;
         try { clearError(); await api("DELETE", path); location.hash = "#/devices"; } catch (e) { showError(e); }
       } }, "Delete")),
-    h("h2", {}, "Live telemetry"), live,
-    h("h2", {}, "History"), histForm, history,
-    h("h2", {}, "Commands"), send, cmdList,
-    h("h2", {}, "Attributes"), h("pre", { class: "card", "data-testid": "attributes" }, JSON.stringify(attrs, null, 2)),
-    form("set-attributes", [field("Shared attributes (JSON)", h("input", { name: "values", value: "{}", size: 40 }))], "Set", async (v) => {
+      h("p", {}, "Product: ", device.product_id ?? "none", " · Group: ", device.group_id ?? "none", " · Created ", time(device.created_ms)),
+      h("h2", {}, "Latest values"),
+      latestRows.length ? table(["Key", "Value", "At"], latestRows, "latest")
+        : h("p", { class: "empty", "data-testid": "latest-empty" }, "No telemetry yet. Devices publish to devices/telemetry (MQTT), POST /api/v1/{token}/telemetry (HTTP) or CoAP."),
+    ],
+    telemetry: [h("h2", {}, "Live telemetry"), live, h("h2", {}, "History"), histForm, history],
+    commands: [h("h2", {}, "Commands"), send, cmdList],
+    attributes: [
+      h("h2", {}, "Attributes"), h("pre", { class: "card", "data-testid": "attributes" }, JSON.stringify(attrs, null, 2)),
+      form("set-attributes", [field("Shared attributes (JSON)", h("input", { name: "values", value: "{}", size: 40 }))], "Set", async (v) => {
       let params;
       try { params = JSON.parse(v.values || "{}"); } catch { throw new Error("attributes must be a JSON object"); }
       await api("PUT", path + "/attributes", { params });
-      await devicePage(number);
+      await devicePage(number, "attributes");
     }),
+    ],
+    credentials: [
     form("add-password", [
       field("MQTT username", h("input", { name: "username", required: true })),
       field("Password", h("input", { name: "password", type: "password", required: true, minlength: 8 })),
     ], "Add username + password", async (v) => {
       await api("POST", path + "/credentials", { kind: "password", username: v.username, password: v.password });
-      await devicePage(number);
+      await devicePage(number, "credentials");
     }),
     form("add-token", [], "New access token", async () => {
       const r = await api("POST", path + "/credentials", { kind: "token" });
@@ -292,10 +324,52 @@ async function devicePage(number) {
     h("h2", {}, "Credentials"), table(["Id", "Kind", "Identity", "Created", ""], creds.map((c) => [c.id, c.kind, c.kind === "token" ? "…" + c.label : c.label, time(c.created_ms),
       h("button", { type: "button", class: "secondary", "data-testid": "revoke-" + c.id, onclick: async () => {
         if (!confirm("Revoke this credential? Connections that used it are closed.")) return;
-        try { clearError(); await api("DELETE", `${path}/credentials/${c.id}`); await devicePage(number); } catch (e) { showError(e); }
-      } }, "Revoke")]), "credentials"));
-  startLive(number, live);
-  if (numericKeys.length) histForm.requestSubmit();
+        try { clearError(); await api("DELETE", `${path}/credentials/${c.id}`); await devicePage(number, "credentials"); } catch (e) { showError(e); }
+      } }, "Revoke")]), "credentials")],
+    firmware: firmwareSection(path, number, ota, packages.items),
+  };
+  view.replaceChildren(
+    h("h1", {}, device.name, " ", h("small", {}, device.device_number)),
+    h("nav", { class: "tabs", "data-testid": "device-tabs" }, DEVICE_TABS.map(([t, label]) =>
+      h("a", { href: `#/devices/${encodeURIComponent(number)}/${t}`, class: t === tab ? "active" : "", "data-testid": "tab-" + t }, label))),
+    h("section", { "data-testid": "section-" + tab }, sections[tab]));
+  if (tab === "overview" || tab === "telemetry") startLive(number, live);
+  if (tab === "telemetry" && numericKeys.length) histForm.requestSubmit();
+}
+
+// The device's firmware and software: what is announced, what it runs, its progress; announce
+// a package, or upload a new one.
+function firmwareSection(path, number, ota, packages) {
+  const rows = ["firmware", "software"].filter((k) => ota[k] && (ota[k].assigned || ota[k].state || ota[k].current.version)).map((k) => {
+    const o = ota[k];
+    return [k, o.assigned ? `${o.assigned.title} ${o.assigned.version}` : "—", o.current.version ? `${o.current.title} ${o.current.version}` : "—",
+      h("b", { class: o.state === "FAILED" ? "bad" : o.state === "UPDATED" ? "ok" : "" }, o.state || "—"), time(o.state_ts)];
+  });
+  const announce = form("announce-package", [
+    field("Package", h("select", { name: "package_id", required: true }, packages.map((p) =>
+      h("option", { value: p.id }, `${p.kind} ${p.title} ${p.version} (${Math.ceil(p.size / 1024)} KiB)`)))),
+  ], "Announce to this device", async (v) => {
+    await api("POST", path + "/ota", { package_id: Number(v.package_id) });
+    await devicePage(number, "firmware");
+  });
+  const upload = form("upload-package", [
+    field("Kind", h("select", { name: "kind" }, h("option", { value: "firmware" }, "firmware"), h("option", { value: "software" }, "software"))),
+    field("Title", h("input", { name: "title", required: true })),
+    field("Version", h("input", { name: "version", required: true })),
+    field("Image", h("input", { name: "file", type: "file", required: true })),
+  ], "Upload", async (v) => {
+    const q = `kind=${encodeURIComponent(v.kind)}&title=${encodeURIComponent(v.title)}&version=${encodeURIComponent(v.version)}`;
+    const r = await fetch(`/api/v1/ota/packages?${q}`, { method: "POST", body: v.file, headers: { authorization: "Bearer " + session.access } });
+    if (!r.ok) throw new Error(((await r.json().catch(() => ({}))).error || {}).message || `upload failed (${r.status})`);
+    await devicePage(number, "firmware");
+  });
+  return [
+    h("h2", {}, "Firmware and software"),
+    h("p", {}, "A package announced here reaches the device as fw_* / sw_* shared attributes; ThingsBoard SDKs then download it in chunks and report their progress (fw_state)."),
+    table(["Kind", "Announced", "Running", "State", "Since"], rows, "ota"),
+    packages.length ? announce : h("p", { class: "empty", "data-testid": "packages-empty" }, EMPTY.packages),
+    h("h2", {}, "Upload a package"), upload,
+  ];
 }
 
 // Stream the device's telemetry into the live chart over the API websocket.
@@ -497,7 +571,7 @@ async function clusterPage() {
 // ---- router --------------------------------------------------------------------------------
 async function render() {
   if (liveSocket) { liveSocket.close(); liveSocket = null; }
-  if (refreshTimer) { clearInterval(refreshTimer); refreshTimer = null; }
+  if (refreshTimer) { clearInterval(refreshTimer); clearTimeout(refreshTimer); refreshTimer = null; }
   clearError();
   const route = location.hash.replace(/^#/, "").split("?")[0] || "/";
   if (route === "/login" || !session.access) { if (route !== "/login") location.hash = "#/login"; else await loginPage(); return; }
@@ -511,7 +585,7 @@ async function render() {
     else if (parts[0] === "products") await productPage(Number(parts[1]));
     else if (parts[0] === "alerts" && parts[1] === "rules") await rulePage(Number(parts[2]));
     else if (parts[0] === "devices" && parts.length === 1) await devicesPage();
-    else if (parts[0] === "devices") await devicePage(decodeURIComponent(parts[1]));
+    else if (parts[0] === "devices") await devicePage(decodeURIComponent(parts[1]), parts[2]);
     else if (parts[0] === "alerts") await alertsPage();
     else if (parts[0] === "users") await usersPage();
     else if (parts[0] === "cluster") await clusterPage();

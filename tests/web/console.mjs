@@ -73,9 +73,14 @@ try {
   await page.waitForSelector("table[data-testid=devices] >> text=web-1");
   await shot("devices");
 
-  // The device page: telemetry over MQTT moves the live chart.
+  // The device page, grouped in tabs. A new device says what is missing.
   await page.goto(BASE + "/#/devices/web-1");
-  await page.waitForSelector("[data-testid=live-chart]");
+  await page.waitForSelector("[data-testid=latest-empty]");
+  await page.click("[data-testid=tab-commands]");
+  await page.waitForSelector("[data-testid=commands-empty]");
+  // Telemetry over MQTT moves the live chart.
+  await page.click("[data-testid=tab-telemetry]");
+  await page.waitForSelector("[data-testid=section-telemetry] [data-testid=live-chart]");
   await page.waitForTimeout(300); // the websocket connects (a missed first reading is published again below)
   let temp = 20;
   const end = Date.now() + DEADLINE;
@@ -90,20 +95,40 @@ try {
     }
   }
   await shot("device-live");
+  // A time axis in dates and times, not raw milliseconds.
+  const axis = await page.textContent("[data-testid=live-chart] .u-axis");
+  if (/\d{10,}/.test(axis || "")) failures.push("the live chart's time axis shows raw numbers: " + axis);
+  await page.reload();
+  await page.waitForSelector("[data-testid=history-chart] .uplot");
   // A command, with its status.
+  await page.click("[data-testid=tab-commands]");
   await page.fill("form[data-testid=send-command] input[name=method]", "reboot");
   await page.click("form[data-testid=send-command] button[type=submit]");
   await page.waitForSelector("table[data-testid=commands] >> text=reboot");
-  await page.reload();
-  await page.waitForSelector("[data-testid=history-chart] .uplot");
   // Shared attributes set from the console reach the device's record.
+  await page.click("[data-testid=tab-attributes]");
   await page.fill("form[data-testid=set-attributes] input[name=values]", '{"target": 21}');
   await page.click("form[data-testid=set-attributes] button[type=submit]");
   await page.waitForSelector("[data-testid=attributes] >> text=target");
-  // mosquitto_pub came and went: the device was seen.
+  // mosquitto_pub came and went: the device was seen; its latest values are listed.
+  await page.click("[data-testid=tab-overview]");
+  await page.waitForSelector("table[data-testid=latest] >> text=temp");
   if (!(await page.textContent("[data-testid=status]")).includes("last seen")) failures.push("device status shows no last seen");
   await shot("device");
+  // Firmware: upload a package, announce it; the device's firmware tab shows it announced.
+  await page.click("[data-testid=tab-firmware]");
+  await page.waitForSelector("[data-testid=packages-empty]");
+  await page.waitForSelector("[data-testid=ota-empty]");
+  await page.fill("form[data-testid=upload-package] input[name=title]", "boiler-fw");
+  await page.fill("form[data-testid=upload-package] input[name=version]", "2.0.1");
+  await page.setInputFiles("form[data-testid=upload-package] input[name=file]", { name: "boiler.bin", mimeType: "application/octet-stream", buffer: Buffer.alloc(5000, 7) });
+  await page.click("form[data-testid=upload-package] button[type=submit]");
+  await page.waitForSelector("form[data-testid=announce-package] select >> text=boiler-fw", { state: "attached" });
+  await page.click("form[data-testid=announce-package] button[type=submit]");
+  await page.waitForSelector("table[data-testid=ota] >> text=boiler-fw 2.0.1");
+  await shot("device-firmware");
   // A second token, revoked again.
+  await page.click("[data-testid=tab-credentials]");
   await page.click("form[data-testid=add-token] button[type=submit]");
   await page.waitForSelector("[data-testid=new-token] .token");
   await page.reload();
@@ -112,6 +137,7 @@ try {
   await page.locator("table[data-testid=credentials] tbody tr:nth-child(2) button").click();
   await page.waitForFunction(() => document.querySelectorAll("table[data-testid=credentials] tbody tr").length === 1);
   // Disable (the API disconnects it everywhere) and enable again.
+  await page.click("[data-testid=tab-overview]");
   await page.click("[data-testid=toggle-enabled]");
   await page.waitForSelector("[data-testid=status] >> text=disabled");
   await page.click("[data-testid=toggle-enabled]");
@@ -165,7 +191,7 @@ try {
 
   // The same pages on a phone.
   await page.setViewportSize({ width: 390, height: 844 });
-  await page.goto(BASE + "/#/devices/web-1");
+  await page.goto(BASE + "/#/devices/web-1/telemetry");
   await page.waitForSelector("[data-testid=live-chart]");
   await shot("device-phone");
   await page.setViewportSize({ width: 1366, height: 900 });
@@ -179,6 +205,11 @@ try {
   await page.waitForSelector("table[data-testid=devices] >> text=other-dev");
   if (await page.locator("table[data-testid=devices] >> text=web-1").count()) failures.push("tenant B sees tenant A's device");
   await shot("other-tenant");
+  // Empty lists say what to do.
+  await page.goto(BASE + "/#/alerts");
+  await page.waitForSelector("[data-testid=rules-empty]");
+  if (!(await page.textContent("[data-testid=rules-empty]")).includes("create one")) failures.push("the empty rules list does not say what to do");
+  await shot("empty-alerts");
   await page.goto(BASE + "/#/devices/web-1");
   await page.waitForSelector("#error:not([hidden])");
   const shown = await page.textContent("#error");
