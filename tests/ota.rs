@@ -133,6 +133,18 @@ async fn firmware_ota(meta: Option<String>) {
     let all = p.http.get(url).bearer_auth(ADMIN_KEY).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(hex::encode(sha2::Sha256::digest(&all)), digest);
 
+    // Software packages the same way (`sw_*` attributes, `/software`).
+    let app: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    let (s, sw) = upload(&p, "kind=software&title=app&version=3", app.clone()).await;
+    assert_eq!(s, 201, "{sw}");
+    assert_eq!(p.admin("POST", "/api/v1/devices/ota-1/ota", Some(json!({"package_id": sw["id"]}))).await.0, 200);
+    let (_, attrs) = p.admin("GET", "/api/v1/devices/ota-1/attributes", None).await;
+    assert_eq!((attrs["shared"]["sw_title"].as_str(), attrs["shared"]["fw_title"].as_str()), (Some("app"), Some("tb-fw")), "{attrs}");
+    let url = format!("http://{}/api/v1/{token}/software?size=100&chunk=1", p.http_addr());
+    assert_eq!(&p.http.get(url).send().await.unwrap().bytes().await.unwrap()[..], &app[100..200]);
+    let (_, st) = p.admin("GET", "/api/v1/devices/ota-1/ota", None).await;
+    assert_eq!(st["software"]["assigned"]["version"], "3", "{st}");
+
     // A product-wide announcement reaches each of its devices.
     let (_, prod) = p.admin("POST", "/api/v1/products", Some(json!({"name": "meters"}))).await;
     for n in ["ota-p1", "ota-p2"] {
