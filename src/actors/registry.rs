@@ -3,7 +3,7 @@
 use crate::actors::inspect::glob;
 use crate::actors::inspect::Tell;
 use crate::actors::session::display_client;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -89,9 +89,75 @@ pub enum RegistryMessage {
     List(Option<String>, RpcReplyPort<Vec<(Arc<str>, ActorRef<SessionMessage>)>>),
 }
 
+/// The node's sessions by client key, indexed so no CONNECT or session end scans them all:
+/// by actor id (a stopped actor's entry) and by principal (a device's sessions, for its cap).
+#[derive(Default)]
+struct Sessions {
+    map: HashMap<Arc<str>, ActorRef<SessionMessage>>,
+    ids: HashMap<ractor::ActorId, Arc<str>>,
+    /// Keys of each principal's namespace (`{device_number}\0`; client ids without one are not
+    /// indexed).
+    principals: HashMap<Arc<str>, HashSet<Arc<str>>>,
+}
+
+/// The principal namespace of a session key (up to and including its NUL), if any.
+fn namespace(key: &str) -> Option<&str> {
+    key.find('\u{0}').map(|cut| &key[..=cut])
+}
+
+impl Sessions {
+    fn insert(&mut self, key: Arc<str>, s: ActorRef<SessionMessage>) {
+        if let Some(old) = self.map.insert(key.clone(), s.clone()) {
+            self.ids.remove(&old.get_id());
+        }
+        self.ids.insert(s.get_id(), key.clone());
+        if let Some(ns) = namespace(&key) {
+            self.principals.entry(Arc::from(ns)).or_default().insert(key);
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<ActorRef<SessionMessage>> {
+        let s = self.map.remove(key)?;
+        self.ids.remove(&s.get_id());
+        if let Some(ns) = namespace(key) {
+            if let Some(set) = self.principals.get_mut(ns) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.principals.remove(ns);
+                }
+            }
+        }
+        Some(s)
+    }
+
+    /// The entry of a stopped actor, if it is still the one under its key.
+    fn remove_actor(&mut self, id: ractor::ActorId) {
+        if let Some(key) = self.ids.get(&id).cloned() {
+            if self.map.get(&key).is_some_and(|s| s.get_id() == id) {
+                self.remove(&key);
+            } else {
+                self.ids.remove(&id);
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&ActorRef<SessionMessage>> {
+        self.map.get(key)
+    }
+
+    fn contains_key(&self, key: &str) -> bool {
+        self.map.contains_key(key)
+    }
+
+    /// The keys of a principal's namespace (`{device_number}\0`).
+    fn of_principal(&self, ns: &str) -> Vec<Arc<str>> {
+        self.principals.get(ns).map(|set| set.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
 pub struct RegistryState {
     broker: Arc<Broker>,
-    sessions: HashMap<Arc<str>, ActorRef<SessionMessage>>,
+    sessions: Sessions,
     /// Sessions handed to another node, until they have flushed.
     moving: HashMap<Arc<str>, ActorRef<SessionMessage>>,
     /// Cluster ownership generation of each session (0: restored from disk or standalone).
@@ -222,16 +288,16 @@ impl RegistryState {
     }
 
     async fn room(&mut self, client: &Arc<str>, cap: usize) -> bool {
-        let Some(cut) = client.find('\u{0}') else { return true };
+        let Some(prefix) = namespace(client) else { return true };
         if cap == 0 || self.sessions.contains_key(client) {
             return true;
         }
-        let prefix = &client[..=cut];
-        let same: Vec<(Arc<str>, ActorRef<SessionMessage>)> =
-            self.sessions.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, s)| (k.clone(), s.clone())).collect();
-        if same.len() < cap {
+        let keys = self.sessions.of_principal(prefix);
+        if keys.len() < cap {
             return true;
         }
+        let same: Vec<(Arc<str>, ActorRef<SessionMessage>)> =
+            keys.into_iter().filter_map(|k| self.sessions.get(&k).map(|s| (k.clone(), s.clone()))).collect();
         // The namespace is full: the session its principal left longest ago makes way.
         let mut idle: Option<(u64, Arc<str>)> = None;
         for (k, s) in &same {
@@ -265,7 +331,7 @@ impl Actor for RegistryActor {
         // after a crash of this actor (which takes its child sessions with it). This is the
         // first message in the mailbox: nobody has this actor's reference yet.
         me.tell(RegistryMessage::Restore)?;
-        Ok(RegistryState { broker, sessions: HashMap::new(), moving: HashMap::new(), gens: HashMap::new() })
+        Ok(RegistryState { broker, sessions: Sessions::default(), moving: HashMap::new(), gens: HashMap::new() })
     }
 
     async fn handle(&self, me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
@@ -353,7 +419,7 @@ impl Actor for RegistryActor {
             }
             RegistryMessage::DiscardDevice(number) => {
                 let prefix = format!("{number}\u{0}");
-                let ended: Vec<Arc<str>> = st.sessions.keys().filter(|k| k.starts_with(&prefix)).cloned().collect();
+                let ended = st.sessions.of_principal(&prefix);
                 for client in ended {
                     if let Some(s) = st.sessions.remove(&client) {
                         st.gens.remove(&client);
@@ -365,24 +431,24 @@ impl Actor for RegistryActor {
                 let _ = reply.send(st.room(&client, cap).await);
             }
             RegistryMessage::Owned(reply) => {
-                let _ = reply.send(st.sessions.keys().map(|c| (c.clone(), st.gens.get(c).copied().unwrap_or(0))).collect());
+                let _ = reply.send(st.sessions.map.keys().map(|c| (c.clone(), st.gens.get(c).copied().unwrap_or(0))).collect());
             }
             RegistryMessage::Restore => st.restore(&me).await,
             RegistryMessage::PersistAll(reply) => {
-                for s in st.sessions.values() {
+                for s in st.sessions.map.values() {
                     let _ = s.ask(|r| SessionMessage::Persist(Some(r)), CALL).await;
                 }
                 let _ = reply.send(());
             }
             RegistryMessage::Count(reply) => {
-                let _ = reply.send(st.sessions.len());
+                let _ = reply.send(st.sessions.map.len());
             }
             RegistryMessage::List(pattern, reply) => {
                 let hit = |k: &str| match &pattern {
                     None => true,
                     Some(p) => glob(p, k) || glob(p, display_client(k).1),
                 };
-                let _ = reply.send(st.sessions.iter().filter(|(k, _)| hit(k)).map(|(k, s)| (k.clone(), s.clone())).collect());
+                let _ = reply.send(st.sessions.map.iter().filter(|(k, _)| hit(k)).map(|(k, s)| (k.clone(), s.clone())).collect());
             }
         }
         Ok(())
@@ -404,8 +470,10 @@ impl Actor for RegistryActor {
             // on disk, and its client's connection closes (it notices the session is gone).
             tracing::error!(actor = %who.get_name().unwrap_or_default(), error = %why, "session actor crashed");
         }
-        st.sessions.retain(|_, s| s.get_id() != who.get_id());
-        st.moving.retain(|_, s| s.get_id() != who.get_id());
+        st.sessions.remove_actor(who.get_id());
+        if !st.moving.is_empty() {
+            st.moving.retain(|_, s| s.get_id() != who.get_id());
+        }
         Ok(())
     }
 }
