@@ -6,6 +6,7 @@ use crate::common;
 use crate::common::platform::*;
 use serde_json::{json, Value};
 use sha2::Digest;
+use thingsd::protocols::mqtt::{Packet, Protocol, QoS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn firmware_ota_with_the_thingsboard_sdk_on_sqlite() {
@@ -154,6 +155,21 @@ async fn firmware_ota(meta: Option<String>) {
     assert_eq!((s, v["devices"].as_u64()), (200, Some(2)), "{v}");
     let (_, attrs) = p.admin("GET", "/api/v1/devices/ota-p2/attributes", None).await;
     assert_eq!(attrs["shared"]["fw_title"], "tb-fw", "{attrs}");
+
+    // Packages stay in their tenant: announcing one to another tenant's device is a 404.
+    let (_, other) = p.admin("POST", "/api/v1/tenants", Some(json!({"name": "elsewhere"}))).await;
+    p.create_device("ota-x", json!({"tenant_id": other["id"]})).await;
+    let (s, _) = p.admin("POST", "/api/v1/devices/ota-x/ota", Some(json!({"package_id": pkg["id"]}))).await;
+    assert_eq!(s, 404, "another tenant's package");
+    // A device with nothing announced asks over MQTT: refused (0x83), no answer.
+    let (_, none_token) = p.create_device("ota-none", json!({})).await;
+    let mut d = device(p.node.tcp, Protocol::V5, "ota-none-c", &none_token).await;
+    d.send(common::publish("v2/fw/request/1/chunk/0", QoS::AtLeastOnce, 1, "")).await;
+    match d.recv().await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.code, 0x83, "nothing announced"),
+        other => panic!("expected a PUBACK, got {other:?}"),
+    }
+    d.send(common::disconnect()).await;
 
     // Deleted: chunks are refused from then on.
     let (s, _) = p.admin("DELETE", &format!("/api/v1/ota/packages/{}", pkg["id"]), None).await;

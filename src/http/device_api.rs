@@ -45,10 +45,7 @@ async fn claim(
     body: RawBody,
 ) -> Result<Json<Value>, ApiError> {
     let (d, ident) = auth(&s, peer, &token).await?;
-    let body = body.map_err(|e| {
-        ApiError::new(e.status(), if e.status() == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_body" }, e.body_text())
-    })?;
-    d.offer_claim(&ident, &body).await?;
+    d.offer_claim(&ident, &read(body)?).await?;
     Ok(Json(json!({})))
 }
 
@@ -136,6 +133,15 @@ async fn auth(s: &AppState, peer: SocketAddr, token: &str) -> Result<(Arc<Device
 /// A request body, or the JSON error for one that is too large or unreadable.
 type RawBody = Result<Bytes, BytesRejection>;
 
+/// The body, or its rejection as a JSON error (413 `payload_too_large`, else `bad_body`).
+fn read(body: RawBody) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_body" };
+        ApiError::new(status, code, e.body_text())
+    })
+}
+
 async fn uplink(
     s: &AppState,
     peer: SocketAddr,
@@ -145,11 +151,7 @@ async fn uplink(
     body: RawBody,
 ) -> Result<Json<Value>, ApiError> {
     let (d, ident) = auth(s, peer, token).await?;
-    let body = body.map_err(|e| {
-        let status = e.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "payload_too_large" } else { "bad_body" };
-        ApiError::new(status, code, e.body_text())
-    })?;
+    let body = read(body)?;
     let now = crate::message::now_ms() as i64;
     let m = uplink::Incoming { kind, gateway: false, message_id: mid, payload: &body, protocol: "http" };
     match uplink::parse(&ident, m, &d.config.devices, now) {

@@ -122,10 +122,7 @@ async fn assign_to_device(State(s): State<AppState>, c: Caller, P(number): P<Str
     let d = devices(&s);
     let dev = c.device(&d, &number).await?;
     c.require("device:command")?;
-    let p = c.package(&d.meta, b.package_id).await?;
-    if p.tenant_id != dev.tenant_id {
-        return Err(crate::storage::meta::MetaError::NotFound(format!("package {}", b.package_id)).into());
-    }
+    let p = package_of(&c, &d.meta, b.package_id, dev.tenant_id).await?;
     let cmd = d.assign_package(&dev.device_number, &p).await?;
     c.audit(&d.meta, Some(dev.tenant_id), "ota", format!("device:{number}"), json!({"package": p.id, "command": cmd.id})).await;
     ok(cmd)
@@ -138,10 +135,7 @@ async fn assign_to_product(State(s): State<AppState>, c: Caller, P(id): P<i64>, 
     let d = devices(&s);
     let prod = c.product(&d.meta, id).await?;
     c.require("device:command")?;
-    let p = c.package(&d.meta, b.package_id).await?;
-    if p.tenant_id != prod.tenant_id {
-        return Err(crate::storage::meta::MetaError::NotFound(format!("package {}", b.package_id)).into());
-    }
+    let p = package_of(&c, &d.meta, b.package_id, prod.tenant_id).await?;
     let mut n = 0usize;
     loop {
         let q = ListParams { limit: Some(1000), offset: Some(n as i64), sort: Some("id".into()), q: None };
@@ -156,4 +150,14 @@ async fn assign_to_product(State(s): State<AppState>, c: Caller, P(id): P<i64>, 
     }
     c.audit(&d.meta, Some(prod.tenant_id), "ota", format!("product:{id}"), json!({"package": p.id, "devices": n})).await;
     ok(json!({"package_id": p.id, "devices": n}))
+}
+
+/// Package `id` as the caller sees it, and only of `tenant` (a package is announced only to
+/// its own tenant's devices): else 404.
+async fn package_of(c: &Caller, meta: &crate::storage::meta::MetaStore, id: i64, tenant: i64) -> Result<Package, ApiError> {
+    let p = c.package(meta, id).await?;
+    if p.tenant_id != tenant {
+        return Err(crate::storage::meta::MetaError::NotFound(format!("package {id}")).into());
+    }
+    Ok(p)
 }
