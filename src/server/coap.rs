@@ -390,6 +390,11 @@ impl Server {
                     None
                 }
             };
+            // Ended meanwhile (a newer observation beyond the cap, a deregistration): this
+            // task may start, or finish reading, after that — it must not notify then.
+            if cancel.is_cancelled() {
+                break;
+            }
             if let Some(c) = next {
                 let body = if c.kind == CommandKind::AttributeSet { c.payload.clone() } else { downlink::as_rpc(&c) };
                 let mut p = Packet::new();
