@@ -95,7 +95,16 @@ pub struct Alerts {
     /// Wakes the reconciler at once (a rule changed here).
     wake: tokio::sync::Notify,
     stopped: std::sync::atomic::AtomicBool,
+    /// What the last complete reconcile saw: the rules' fingerprint and the live members.
+    /// Unchanged, a round reads nothing else (at most `FULL_RELOAD` apart).
+    seen: Mutex<Option<Seen>>,
 }
+
+/// The enabled rules' fingerprint and the sorted live peers, and when they were read.
+type Seen = ((i64, i64, i64), Vec<Arc<str>>, std::time::Instant);
+
+/// A full re-read of the rules at least this often, whatever the fingerprint says.
+const FULL_RELOAD: Duration = Duration::from_secs(60);
 
 /// Events kept for one starting rule at most.
 const STARTING_MAX: usize = 10_000;
@@ -121,6 +130,7 @@ impl Alerts {
             config,
             wake: tokio::sync::Notify::new(),
             stopped: Default::default(),
+            seen: Mutex::default(),
         });
         notify::spawn(&a, rx);
         if a.config.enabled {
@@ -164,8 +174,29 @@ impl Alerts {
         });
     }
 
-    /// Load the enabled rules, index them, and run the ones this node owns.
+    /// The live peers, sorted (what rule ownership depends on besides the rules).
+    fn peers(&self) -> Vec<Arc<str>> {
+        let mut p = match self.broker.upgrade().and_then(|b| b.cluster.get().cloned()) {
+            Some(c) => c.live_peers().to_vec(),
+            None => Vec::new(),
+        };
+        p.sort();
+        p
+    }
+
+    /// Load the enabled rules, index them, and run the ones this node owns — unless neither
+    /// the rules (their fingerprint, one aggregate query) nor the live members changed since
+    /// the last complete round.
     async fn reconcile(self: &Arc<Self>) -> Result<(), MetaError> {
+        let fingerprint = self.devices.meta.enabled_rules_fingerprint().await?;
+        let peers = self.peers();
+        {
+            let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.as_ref().is_some_and(|(f, p, at)| *f == fingerprint && *p == peers && at.elapsed() < FULL_RELOAD) {
+                return Ok(());
+            }
+        }
+        let mut complete = true;
         let stored = self.devices.meta.enabled_rules().await?;
         let previous = self.index.load_full();
         let mut idx = Index::default();
@@ -220,11 +251,14 @@ impl Alerts {
                     running.insert(id, (a, updated));
                 }
                 Err(e) => {
+                    // Retried next round (which is not skipped: the round is not complete).
+                    complete = false;
                     self.starting.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
                     tracing::warn!(rule = id, error = %e, "cannot start an alert rule; retrying")
                 }
             }
         }
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = complete.then(|| (fingerprint, peers, std::time::Instant::now()));
         Ok(())
     }
 

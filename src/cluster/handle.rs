@@ -320,6 +320,11 @@ impl Cluster {
 
     /// The node that owns `key` among this node and its live peers (rendezvous hash; ties go
     /// to the greater name, as for registrars), e.g. which node runs an alert rule.
+    /// The live peers (this node not included), as a shared snapshot.
+    pub fn live_peers(&self) -> Arc<Vec<Arc<str>>> {
+        self.peers.load_full()
+    }
+
     pub fn owner_of(&self, key: &str) -> Arc<str> {
         let mut best = (rendezvous(&self.name, key), self.name.clone());
         for n in self.peers.load().iter() {

@@ -195,6 +195,19 @@ impl MetaStore {
         rows.iter().map(rule).collect()
     }
 
+    /// A fingerprint of the enabled rules — (count, sum of ids, sum of update times) — that
+    /// changes whenever one is created, changed, enabled, disabled or deleted (updates stamp the
+    /// current time), read without reading the rules.
+    pub async fn enabled_rules_fingerprint(&self) -> Result<(i64, i64, i64)> {
+        let r = sqlx::query(
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(id), 0) AS BIGINT) AS ids, CAST(COALESCE(SUM(updated_ms), 0) AS BIGINT) AS upd \
+             FROM alert_rules WHERE enabled = 1",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok((super::col_i64(&r, "n")?, super::col_i64(&r, "ids")?, super::col_i64(&r, "upd")?))
+    }
+
     pub async fn update_rule(&self, id: i64, name: &str, enabled: bool, spec: &serde_json::Value) -> Result<StoredRule> {
         let n = sqlx::query("UPDATE alert_rules SET name = $1, enabled = $2, spec = $3, updated_ms = $4 WHERE id = $5")
             .bind(name)
