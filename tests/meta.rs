@@ -170,6 +170,18 @@ async fn exercise(store: &MetaStore) {
     assert!(matches!(store.device("dev-1").await, Err(MetaError::NotFound(_))));
     store.delete_product(p.id).await.unwrap();
     assert_eq!(store.device("sub-1").await.unwrap().product_id, None);
+
+    // The enabled alert rules' fingerprint moves with every create, change, disable and delete.
+    let spec = serde_json::json!({"target": {"device": "x"}, "condition": {"key": "t", "op": ">", "value": 1}});
+    let f0 = store.enabled_rules_fingerprint().await.unwrap();
+    let r = store.create_rule(1, "fp-rule", true, &spec).await.unwrap();
+    let f1 = store.enabled_rules_fingerprint().await.unwrap();
+    assert_ne!(f0, f1);
+    assert_eq!(f1.0, f0.0 + 1);
+    store.update_rule(r.id, "fp-rule", false, &spec).await.unwrap();
+    assert_eq!(store.enabled_rules_fingerprint().await.unwrap(), f0, "disabled: as before it existed");
+    store.update_rule(r.id, "fp-rule", true, &spec).await.unwrap();
+    assert_ne!(store.enabled_rules_fingerprint().await.unwrap(), f0);
 }
 
 #[tokio::test]
