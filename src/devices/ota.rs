@@ -75,13 +75,18 @@ impl Devices {
         }
     }
 
-    /// Chunk `index` of the package announced to the device, `size` bytes each (0: the whole
-    /// package; at most `devices.ota_max_chunk_bytes`). Past the end: empty.
+    /// Chunk `index` of the package announced to the device (see [`Devices::package_chunk`]).
     /// `NotFound` when no package (of the device's tenant) is announced to it.
-    pub async fn package_chunk(&self, device_id: i64, kind: PackageKind, index: u64, size: usize) -> Result<Bytes, MetaError> {
-        let Some(p) = self.announced_package(device_id, kind).await? else {
-            return Err(MetaError::NotFound(format!("{} announced to this device", kind.as_str())));
-        };
+    pub async fn announced_chunk(&self, device_id: i64, kind: PackageKind, index: u64, size: usize) -> Result<Bytes, MetaError> {
+        match self.announced_package(device_id, kind).await? {
+            Some(p) => self.package_chunk(&p, index, size).await,
+            None => Err(MetaError::NotFound(format!("{} announced to this device", kind.as_str()))),
+        }
+    }
+
+    /// Chunk `index` of package `p`, `size` bytes each (0: the whole package; at most
+    /// `devices.ota_max_chunk_bytes`). Past the end: empty.
+    pub async fn package_chunk(&self, p: &Package, index: u64, size: usize) -> Result<Bytes, MetaError> {
         let data = self.package_bytes(p.id).await?;
         let size = if size == 0 { data.len() } else { size }.clamp(1, self.config.devices.ota_max_chunk_bytes.max(1));
         let start = usize::try_from(index.saturating_mul(size as u64)).unwrap_or(usize::MAX).min(data.len());

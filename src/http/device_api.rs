@@ -90,10 +90,9 @@ async fn package_chunk(
     use axum::response::IntoResponse;
     let answer = async {
         let (d, ident) = auth(&s, peer, &token).await?;
-        let p = d.announced_package(ident.device_id, kind).await?;
         let named = |asked: &Option<String>, has: &str| asked.as_deref().is_none_or(|a| a == has);
-        match p {
-            Some(p) if named(&q.title, &p.title) && named(&q.version, &p.version) => {}
+        let p = match d.announced_package(ident.device_id, kind).await? {
+            Some(p) if named(&q.title, &p.title) && named(&q.version, &p.version) => p,
             _ => {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
@@ -101,8 +100,8 @@ async fn package_chunk(
                     format!("no such {} announced to this device", kind.as_str()),
                 ))
             }
-        }
-        let chunk = d.package_chunk(ident.device_id, kind, q.chunk, q.size).await?;
+        };
+        let chunk = d.package_chunk(&p, q.chunk, q.size).await?;
         Ok::<_, ApiError>(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], chunk).into_response())
     };
     answer.await.unwrap_or_else(IntoResponse::into_response)

@@ -424,13 +424,7 @@ impl Conn {
                     }
                 }
                 if let Some(h) = self.svc.hooks.as_ref() {
-                    let granted: Vec<(String, u8)> = s
-                        .filters
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| !denied.contains(i))
-                        .map(|(_, (f, o))| (f.clone(), o.qos as u8))
-                        .collect();
+                    let granted: Vec<(String, u8)> = granted(&s, &denied).map(|(f, o)| (f.clone(), o.qos as u8)).collect();
                     h.notify("on_subscribe", v5, || crate::webhooks::body::subscribe(self.username.as_deref(), &self.shown, granted, v5));
                 }
                 // A device subscribed to its downlink topics: send what was queued for it.
@@ -445,9 +439,7 @@ impl Conn {
                     _ => None,
                 };
                 if judged || !denied.is_empty() {
-                    // What is granted (a webhook may have rewritten filters).
-                    ticket
-                        .refilter(s.filters.iter().enumerate().filter(|(i, _)| !denied.contains(i)).map(|(_, (f, _))| f.clone()).collect());
+                    ticket.refilter(granted(&s, &denied).map(|(f, _)| f.clone()).collect());
                 }
                 self.tell(SessionMessage::Subscribe(s, denied, r, then, ticket));
                 // Packets are processed in order: a PUBLISH read after this SUBSCRIBE (from this
@@ -550,4 +542,13 @@ impl Conn {
             }
         }
     }
+}
+
+/// The filters of a SUBSCRIBE that are granted: all but the `denied` positions (after a
+/// webhook may have rewritten them).
+fn granted<'a>(
+    s: &'a crate::protocols::mqtt::Subscribe,
+    denied: &'a [usize],
+) -> impl Iterator<Item = &'a (String, crate::protocols::mqtt::SubOptions)> + 'a {
+    s.filters.iter().enumerate().filter(|(i, _)| !denied.contains(i)).map(|(_, x)| x)
 }

@@ -126,7 +126,7 @@ impl Conn {
         }
         let props = props.filter(|pr| !pr.is_empty()).map(Box::new);
         // A device's claim request carries its secret: for the platform only, never routed.
-        let secret = taken && topic.starts_with("v1/devices/") && topic.ends_with("/claim");
+        let secret = taken && self.principal.device().is_some_and(|i| is_claim(&topic, &i.device_number));
         let routable = !topic.starts_with("$SYS") && !secret;
         // Taken, on `v1/devices/{its number}/attributes`: a ThingsBoard device's own client
         // attributes, which must not come back to it as if they were a shared-attribute update;
@@ -281,7 +281,7 @@ impl Conn {
         let Some(size) = crate::devices::ota::asked_size(payload) else {
             return Err(Refusal::Nack(reason::PAYLOAD_FORMAT_INVALID));
         };
-        match self.svc.devices.package_chunk(ident.device_id, kind, index, size).await {
+        match self.svc.devices.announced_chunk(ident.device_id, kind, index, size).await {
             Ok(chunk) => {
                 let topic = format!("v1/devices/{}/v2/{}/response/{req}/chunk/{index}", ident.device_number, kind.prefix());
                 self.broker.publish(Arc::new(Message::from_node(topic, chunk, QoS::AtLeastOnce, false)));
