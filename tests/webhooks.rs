@@ -274,20 +274,7 @@ async fn a_stuck_notification_endpoint_never_slows_the_broker() {
 /// then delivered, PUBACK 0x00, not 0x10), and a publish on another topic does not wait.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_read_after_another_clients_subscribe_waits_for_it() {
-    let (called_tx, mut called) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let r = release.clone();
-    let gate = axum::routing::post(move |body: axum::Json<Value>| {
-        let (tx, r) = (called_tx.clone(), r.clone());
-        async move {
-            let _ = tx.send(body.0["topics"][0]["topic"].as_str().unwrap_or("").to_string());
-            r.acquire().await.unwrap().forget();
-            axum::Json(json!({"result": "ok"}))
-        }
-    });
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/gate", l.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(l, axum::Router::new().route("/gate", gate)).await.unwrap() });
+    let (url, mut called, release) = gate().await;
     let p = Platform::start(None, |c| {
         c.listeners.tcp[0].allow_anonymous = true;
         let mut h = hook("auth_on_subscribe_m5", &url);
@@ -331,6 +318,72 @@ async fn a_publish_read_after_another_clients_subscribe_waits_for_it() {
         let m = sub.recv_publish().await;
         assert_eq!((&m.topic[..], &m.payload[..]), (&topic[..], &b"behind the subscribe"[..]));
     }
+    p.node.stop().await;
+}
+
+/// An `auth_on_subscribe` endpoint that reports each SUBSCRIBE's first filter and answers "ok"
+/// only when the test adds a permit to the semaphore.
+async fn gate() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>, Arc<tokio::sync::Semaphore>) {
+    let (called_tx, called) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let r = release.clone();
+    let gate = axum::routing::post(move |body: axum::Json<Value>| {
+        let (tx, r) = (called_tx.clone(), r.clone());
+        async move {
+            let _ = tx.send(body.0["topics"][0]["topic"].as_str().unwrap_or("").to_string());
+            r.acquire().await.unwrap().forget();
+            axum::Json(json!({"result": "ok"}))
+        }
+    });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/gate", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, axum::Router::new().route("/gate", gate)).await.unwrap() });
+    (url, called, release)
+}
+
+/// A client whose SUBSCRIBE to `#` a slow (or hostile) `auth_on_subscribe` endpoint sits on
+/// cannot slow everyone else's publishing: the SUBSCRIBE holds matching publishes back for at
+/// most a second from when it was read, not each publish by a second for as long as the
+/// webhook takes. While the endpoint still holds it, another client's 50 QoS 1 publishes are
+/// all acknowledged, and the node counts one publish held back (released by the deadline).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscribe_held_by_a_slow_webhook_delays_other_publishers_once() {
+    let (url, mut called, release) = gate().await;
+    let p = Platform::start(None, |c| {
+        c.listeners.tcp[0].allow_anonymous = true;
+        let mut h = hook("auth_on_subscribe_m5", &url);
+        h.timeout_ms = 60_000;
+        c.webhooks = vec![h];
+    })
+    .await;
+    let mut sub = Raw::v5(p.node.tcp, "slow-sub").await;
+    let mut publisher = Raw::v5(p.node.tcp, "busy-pub").await;
+    sub.send(Packet::Subscribe(Subscribe {
+        pkid: 1,
+        filters: vec![("#".into(), SubOptions::qos(QoS::AtLeastOnce))],
+        props: Properties::default(),
+    }))
+    .await;
+    assert_eq!(tokio::time::timeout(DEADLINE, called.recv()).await.expect("auth_on_subscribe called").unwrap(), "#");
+    for i in 1..=50u16 {
+        publisher.send(common::publish(&format!("busy/{i}"), QoS::AtLeastOnce, i, "x")).await;
+        match publisher.recv_app().await {
+            Some(Packet::PubAck(a)) => assert_eq!(a.pkid, i),
+            x => panic!("publish {i}: {x:?}"),
+        }
+    }
+    let (_, text) = common::http_get(p.http_addr(), "/metrics").await;
+    let waits = |o: &str| -> f64 {
+        let key = format!("thingsd_mqtt_publish_subscribe_waits_total{{outcome=\"{o}\"}} ");
+        text.lines().find_map(|l| l.strip_prefix(key.as_str())).and_then(|v| v.trim().parse().ok()).expect("waits counted")
+    };
+    assert_eq!((waits("waited"), waits("expired")), (1.0, 1.0), "only the first publish was held back");
+    // The webhook answers at last: the subscription is granted and works.
+    release.add_permits(1);
+    assert!(matches!(sub.recv_app().await, Some(Packet::SubAck(a)) if a.codes == vec![1]));
+    publisher.send(common::publish("busy/after", QoS::AtLeastOnce, 51, "y")).await;
+    let m = sub.recv_publish().await;
+    assert_eq!(&m.topic[..], "busy/after");
     p.node.stop().await;
 }
 

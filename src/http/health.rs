@@ -221,6 +221,17 @@ fn mqtt_families(out: &mut String, m: &Metrics) {
 /// cluster links, actors.
 async fn labelled(out: &mut String, b: &App) {
     mqtt_families(out, &b.metrics);
+    let pending = &b.router.pending;
+    family(
+        out,
+        "thingsd_mqtt_publish_subscribe_waits_total",
+        "counter",
+        "Publishes held back by another client's SUBSCRIBE in flight that could match them: all of them, and those released because the SUBSCRIBE took longer than a second (a slow webhook or session).",
+        [
+            ("outcome=\"waited\"".to_string(), pending.waited.load(std::sync::atomic::Ordering::Relaxed)),
+            ("outcome=\"expired\"".to_string(), pending.expired.load(std::sync::atomic::Ordering::Relaxed)),
+        ],
+    );
     let per: std::collections::BTreeMap<&str, (u64, u64)> = crate::actors::inspect::counts().into_iter().collect();
     family(out, "thingsd_actors", "gauge", "Live actors by kind.", per.iter().map(|(k, (n, _))| (format!("kind=\"{}\"", esc(k)), *n)));
     family(
