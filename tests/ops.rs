@@ -139,6 +139,14 @@ async fn thingsctl_against_a_three_node_cluster() {
     let table = ctl(&cl, &["sessions", "list", "--state", "connected"]).await;
     assert!(table.lines().any(|l| l.starts_with("ops-c1") && l.contains("node2")), "{table}");
     assert!(items(&ctl_json(&cl, &["sessions", "list", "--state", "offline", "--client", "ops-c1"]).await).is_empty());
+    // Listing by state reads the registry's connected flags: a connected session is not asked
+    // (its actor handles no message) when only offline ones are listed.
+    let handled = |v: &Value| v["handled"].as_u64().expect("handled count");
+    let before = handled(&ctl_json(&cl, &["actors", "show", "session:ops-c1", "--node", "node2"]).await);
+    for _ in 0..3 {
+        let _ = ctl_json(&cl, &["sessions", "list", "--state", "offline"]).await;
+    }
+    assert_eq!(handled(&ctl_json(&cl, &["actors", "show", "session:ops-c1", "--node", "node2"]).await), before);
     let show = ctl_json(&cl, &["sessions", "show", "ops-c1"]).await;
     assert_eq!(show["subscriptions"][0]["filter"], "ops/in/#");
     assert!(show["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{show}");

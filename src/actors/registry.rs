@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
+use super::load::Load;
 use super::session::{AttachArgs, SessionActor, SessionArgs, SessionMessage};
 use crate::broker::Broker;
 use crate::storage::state::SessionSnapshot;
@@ -22,6 +23,9 @@ pub struct Takeover {
     pub from: Option<String>,
     pub state: Option<Box<SessionSnapshot>>,
 }
+
+/// A session as `RegistryMessage::List` tells it: key, actor, and whether it is connected.
+pub type Listed = (Arc<str>, ActorRef<SessionMessage>, bool);
 
 pub enum RegistryMessage {
     /// Attach a new connection to the client's session (creating or replacing it).
@@ -86,14 +90,15 @@ pub enum RegistryMessage {
     PersistAll(RpcReplyPort<()>),
     Count(RpcReplyPort<usize>),
     /// Sessions whose client id (or session key) matches the glob pattern (`*`, `?`).
-    List(Option<String>, RpcReplyPort<Vec<(Arc<str>, ActorRef<SessionMessage>)>>),
+    List(Option<String>, RpcReplyPort<Vec<Listed>>),
 }
 
 /// The node's sessions by client key, indexed so no CONNECT or session end scans them all:
 /// by actor id (a stopped actor's entry) and by principal (a device's sessions, for its cap).
 #[derive(Default)]
 struct Sessions {
-    map: HashMap<Arc<str>, ActorRef<SessionMessage>>,
+    /// Each session with its load gauge (whose `online` says whether it is connected).
+    map: HashMap<Arc<str>, (ActorRef<SessionMessage>, Arc<Load>)>,
     ids: HashMap<ractor::ActorId, Arc<str>>,
     /// Keys of each principal's namespace (`{device_number}\0`; client ids without one are not
     /// indexed).
@@ -106,8 +111,8 @@ fn namespace(key: &str) -> Option<&str> {
 }
 
 impl Sessions {
-    fn insert(&mut self, key: Arc<str>, s: ActorRef<SessionMessage>) {
-        if let Some(old) = self.map.insert(key.clone(), s.clone()) {
+    fn insert(&mut self, key: Arc<str>, s: ActorRef<SessionMessage>, load: Arc<Load>) {
+        if let Some((old, _)) = self.map.insert(key.clone(), (s.clone(), load)) {
             self.ids.remove(&old.get_id());
         }
         self.ids.insert(s.get_id(), key.clone());
@@ -117,7 +122,7 @@ impl Sessions {
     }
 
     fn remove(&mut self, key: &str) -> Option<ActorRef<SessionMessage>> {
-        let s = self.map.remove(key)?;
+        let (s, _) = self.map.remove(key)?;
         self.ids.remove(&s.get_id());
         if let Some(ns) = namespace(key) {
             if let Some(set) = self.principals.get_mut(ns) {
@@ -133,7 +138,7 @@ impl Sessions {
     /// The entry of a stopped actor, if it is still the one under its key.
     fn remove_actor(&mut self, id: ractor::ActorId) {
         if let Some(key) = self.ids.get(&id).cloned() {
-            if self.map.get(&key).is_some_and(|s| s.get_id() == id) {
+            if self.map.get(&key).is_some_and(|(s, _)| s.get_id() == id) {
                 self.remove(&key);
             } else {
                 self.ids.remove(&id);
@@ -142,7 +147,11 @@ impl Sessions {
     }
 
     fn get(&self, key: &str) -> Option<&ActorRef<SessionMessage>> {
-        self.map.get(key)
+        self.map.get(key).map(|(s, _)| s)
+    }
+
+    fn online(&self, key: &str) -> bool {
+        self.map.get(key).is_some_and(|(_, l)| l.online.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn contains_key(&self, key: &str) -> bool {
@@ -184,7 +193,16 @@ impl RegistryState {
         (held, adopted_from): (Option<(u64, String)>, Option<Arc<str>>),
         queue: Option<crate::storage::state::QueueInfo>,
     ) -> Result<ActorRef<SessionMessage>, String> {
-        let args = SessionArgs { client_id: client_id.clone(), broker: self.broker.clone(), restored, queue, held, adopted_from };
+        let load = Arc::new(Load::default());
+        let args = SessionArgs {
+            client_id: client_id.clone(),
+            broker: self.broker.clone(),
+            restored,
+            queue,
+            held,
+            adopted_from,
+            load: load.clone(),
+        };
         let name = format!("session:{client_id}");
         // A session handed to another node finishes its flush first (bounded).
         if self.moving.contains_key(&client_id) {
@@ -199,7 +217,7 @@ impl RegistryState {
         let (s, _) = Actor::spawn_linked(Some(name), super::inspect::Instrumented(SessionActor, "session"), args, me.get_cell())
             .await
             .map_err(|e| e.to_string())?;
-        self.sessions.insert(client_id, s.clone());
+        self.sessions.insert(client_id, s.clone(), load);
         Ok(s)
     }
 }
@@ -297,10 +315,12 @@ impl RegistryState {
             return true;
         }
         let same: Vec<(Arc<str>, ActorRef<SessionMessage>)> =
-            keys.into_iter().filter_map(|k| self.sessions.get(&k).map(|s| (k.clone(), s.clone()))).collect();
+            keys.iter().filter_map(|k| self.sessions.get(k).map(|s| (k.clone(), s.clone()))).collect();
+        // Only sessions without a connection can make way: the connected ones are not asked.
+        let offline: Vec<&(Arc<str>, ActorRef<SessionMessage>)> = same.iter().filter(|(k, _)| !self.sessions.online(k)).collect();
         // The namespace is full: the session its principal left longest ago makes way.
         let mut idle: Option<(u64, Arc<str>)> = None;
-        for (k, s) in &same {
+        for (k, s) in offline {
             if let Ok(ractor::rpc::CallResult::Success(i)) = s.ask(SessionMessage::Info, CALL).await {
                 if let (false, Some(at)) = (i.connected, i.disconnected_at_ms) {
                     if idle.as_ref().is_none_or(|(t, _)| at < *t) {
@@ -435,7 +455,7 @@ impl Actor for RegistryActor {
             }
             RegistryMessage::Restore => st.restore(&me).await,
             RegistryMessage::PersistAll(reply) => {
-                for s in st.sessions.map.values() {
+                for (s, _) in st.sessions.map.values() {
                     let _ = s.ask(|r| SessionMessage::Persist(Some(r)), CALL).await;
                 }
                 let _ = reply.send(());
@@ -448,7 +468,14 @@ impl Actor for RegistryActor {
                     None => true,
                     Some(p) => glob(p, k) || glob(p, display_client(k).1),
                 };
-                let _ = reply.send(st.sessions.map.iter().filter(|(k, _)| hit(k)).map(|(k, s)| (k.clone(), s.clone())).collect());
+                let _ = reply.send(
+                    st.sessions
+                        .map
+                        .iter()
+                        .filter(|(k, _)| hit(k))
+                        .map(|(k, (s, l))| (k.clone(), s.clone(), l.online.load(std::sync::atomic::Ordering::Relaxed)))
+                        .collect(),
+                );
             }
         }
         Ok(())

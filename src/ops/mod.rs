@@ -191,7 +191,7 @@ pub async fn answer(b: &Arc<Broker>, svc: &Services, from: &str, req: &str) -> R
     local(b, svc, q, Some(from)).await
 }
 
-async fn sessions_matching(b: &Broker, pattern: Option<String>) -> Result<Vec<(Arc<str>, ActorRef<SessionMessage>)>, OpsError> {
+async fn sessions_matching(b: &Broker, pattern: Option<String>) -> Result<Vec<crate::actors::registry::Listed>, OpsError> {
     let r = b.registry().ok_or_else(|| unavailable("registry not running"))?;
     match r.ask(|reply| RegistryMessage::List(pattern, reply), Some(PEER_TIMEOUT)).await {
         Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
@@ -229,10 +229,11 @@ async fn find_session(b: &Broker, client: &str, device: Option<&str>) -> Result<
     let all = sessions_matching(b, literal.then(|| client.to_string())).await?;
     let mut hits: Vec<_> = all
         .into_iter()
-        .filter(|(k, _)| {
+        .filter(|(k, _, _)| {
             let (d, c) = display_client(k);
             (&**k == client || c == client) && device.is_none_or(|want| d == Some(want))
         })
+        .map(|(k, s, _)| (k, s))
         .collect();
     match hits.len() {
         0 => Ok(None),
@@ -340,27 +341,19 @@ async fn sessions_answer(b: &Arc<Broker>, client: Option<String>, state: Option<
         Some("offline") | Some("disconnected") => Some(false),
         Some(s) => return Err(invalid(format!("state {s:?}: use connected, offline or all"))),
     };
+    // The registry knows which sessions are connected: only the ones shown are asked.
     let mut all = sessions_matching(b, client).await?;
+    all.retain(|(_, _, online)| want.is_none_or(|w| w == *online));
     all.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut items = Vec::new();
-    let mut truncated = false;
-    for chunk in all.chunks(256) {
-        let infos = futures_util::future::join_all(chunk.iter().map(|(_, s)| info(s))).await;
-        for ((k, _), i) in chunk.iter().zip(infos) {
-            let Some(i) = i else { continue };
-            if want.is_some_and(|w| w != i.connected) {
-                continue;
-            }
-            if items.len() == limit {
-                truncated = true;
-                break;
-            }
-            items.push(session_json(node, k, &i, false));
-        }
-        if truncated {
-            break;
-        }
-    }
+    let truncated = all.len() > limit;
+    all.truncate(limit);
+    let infos = futures_util::future::join_all(all.iter().map(|(_, s, _)| info(s))).await;
+    // A session that ended (or changed state) between the list and its answer is left out.
+    let items: Vec<Value> = all
+        .iter()
+        .zip(infos)
+        .filter_map(|((k, _, _), i)| i.filter(|i| want.is_none_or(|w| w == i.connected)).map(|i| session_json(node, k, &i, false)))
+        .collect();
     Ok(json!({ "items": items, "truncated": truncated }))
 }
 

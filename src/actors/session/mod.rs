@@ -218,6 +218,8 @@ pub struct SessionArgs {
     pub held: Option<(u64, String)>,
     /// Adopted from this lost node's replica.
     pub adopted_from: Option<Arc<str>>,
+    /// Its load gauge, also held by the registry (which reads `online` without asking).
+    pub load: Arc<Load>,
 }
 
 /// A session handed to another node: deliveries are collected for it until release.
@@ -308,7 +310,7 @@ impl Actor for SessionActor {
             broker: args.broker,
             protocol: Protocol::V5,
             conn: None,
-            load: Arc::new(Load::default()),
+            load: args.load,
             subs: HashMap::new(),
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
