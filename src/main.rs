@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 /// mimalloc: per-thread free lists without glibc's arena locks (malloc and free were half of
 /// the node's CPU under telemetry load), and freed pages go back to the system shortly after a
 /// connection storm instead of staying in glibc's arenas. Measured in loadtest/README.md.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
