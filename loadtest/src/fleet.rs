@@ -8,9 +8,11 @@
 //! connected; finally every acknowledged point is counted in PostgreSQL (acknowledged = stored:
 //! none may be missing). RSS per node at each step.
 //!
-//! One generator process and one HAProxy process hold every connection, so the fleet is
-//! bounded by the open-file limit (HAProxy needs two descriptors per device): about 9,000
-//! devices here. The issue's 95,000 need several of each (not done).
+//! The devices live in worker processes (`loadtest fleet-worker`, this binary), each with its
+//! own HAProxy in front of every node: a process may hold 20,000 open files here and HAProxy
+//! needs two per device, so one worker and one HAProxy carry at most [`PER_WORKER`] devices
+//! and a 95,000-device fleet runs on eleven of each. Workers report their counts on stdout
+//! every 200 ms and take `publish` / `quiet` / `stop` on stdin.
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -20,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::BytesMut;
 use thingsd::protocols::mqtt::{decode, encode, Ack, Packet, Protocol, Publish, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use crate::{brokers, client, devices, pct};
@@ -34,17 +36,184 @@ pub struct Opts {
     pub redis: String,
 }
 
-/// What every device task reports.
+/// Devices per worker process (and per HAProxy process: two descriptors per device);
+/// `LOADTEST_FLEET_PER_WORKER` sets fewer (the test spreads its small fleet over three).
+const PER_WORKER: usize = 9_000;
+
+fn per_worker() -> usize {
+    std::env::var("LOADTEST_FLEET_PER_WORKER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=PER_WORKER).contains(n))
+        .unwrap_or(PER_WORKER)
+}
+
+/// What every device task of a worker reports.
 #[derive(Default)]
 struct Fleet {
     connected: AtomicUsize,
     /// Telemetry messages acknowledged (PUBACK) — each one point in the store.
     acked: AtomicU64,
     reconnects: AtomicU64,
-    /// Command delivery latencies (µs), from the REST call to the device.
+    /// Command delivery latencies (µs), from the REST call to the device, not yet reported.
     commands: Mutex<Vec<u32>>,
     publishing: AtomicBool,
     stop: AtomicBool,
+}
+
+/// The coordinator's view of its workers: each one's last report, and every command latency.
+struct Workers {
+    connected: Vec<AtomicUsize>,
+    acked: Vec<AtomicU64>,
+    reconnects: Vec<AtomicU64>,
+    commands: Mutex<Vec<u32>>,
+    control: Vec<tokio::sync::Mutex<tokio::process::ChildStdin>>,
+}
+
+impl Workers {
+    fn connected(&self) -> usize {
+        self.connected.iter().map(|c| c.load(Relaxed)).sum()
+    }
+    fn acked(&self) -> u64 {
+        self.acked.iter().map(|c| c.load(Relaxed)).sum()
+    }
+    fn reconnects(&self) -> u64 {
+        self.reconnects.iter().map(|c| c.load(Relaxed)).sum()
+    }
+    /// Tell every worker `publish`, `quiet` or `stop`.
+    async fn tell(&self, what: &str) {
+        for c in &self.control {
+            let _ = c.lock().await.write_all(format!("{what}\n").as_bytes()).await;
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch: command send and receive times across processes.
+fn epoch_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// `loadtest fleet-worker LB PERIOD_MS TOKENS_FILE`: run the devices listed in the file
+/// (`k<TAB>token` per line) against the balancer at LB until told `stop` (or stdin closes).
+pub async fn worker(args: &[String]) -> anyhow::Result<()> {
+    let [lb, period_ms, tokens] = args else { bail!("usage: loadtest fleet-worker LB PERIOD_MS TOKENS_FILE") };
+    let lb: SocketAddr = lb.parse()?;
+    let period = Duration::from_millis(period_ms.parse()?);
+    let f = Arc::new(Fleet::default());
+    let mut tasks = Vec::new();
+    for (i, line) in std::fs::read_to_string(tokens)?.lines().enumerate() {
+        let (k, token) = line.split_once('\t').context("k<TAB>token")?;
+        tasks.push(tokio::spawn(device(k.parse()?, lb, token.to_string(), f.clone(), period)));
+        if i % 500 == 499 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let report = {
+        let f = f.clone();
+        tokio::spawn(async move {
+            let mut out = tokio::io::stdout();
+            loop {
+                let lat: Vec<u32> = std::mem::take(&mut *f.commands.lock().unwrap());
+                let mut text = String::new();
+                for l in lat {
+                    text += &format!("C {l}\n");
+                }
+                text += &format!("S {} {} {}\n", f.connected.load(Relaxed), f.acked.load(Relaxed), f.reconnects.load(Relaxed));
+                if out.write_all(text.as_bytes()).await.is_err() || out.flush().await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(l)) = lines.next_line().await {
+        match l.trim() {
+            "publish" => f.publishing.store(true, Relaxed),
+            "quiet" => f.publishing.store(false, Relaxed),
+            "stop" => break,
+            _ => {}
+        }
+    }
+    f.stop.store(true, Relaxed);
+    // One last report after stopping.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    report.abort();
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// Start the workers (and one HAProxy each) for `tokens`, reading their reports.
+async fn start_workers(
+    dir: &std::path::Path,
+    backends: &[(SocketAddr, SocketAddr)],
+    tokens: Vec<String>,
+    period: Duration,
+) -> anyhow::Result<(Arc<Workers>, Vec<tokio::process::Child>)> {
+    let per = per_worker();
+    let n = tokens.len().div_ceil(per).max(1);
+    let mut procs = Vec::new();
+    let mut control = Vec::new();
+    let mut outs = Vec::new();
+    let mut lbs = Vec::new();
+    for w in 0..n {
+        let (lb_proc, lb) = haproxy(dir, w, backends, per + 100).await?;
+        procs.push(lb_proc);
+        lbs.push(lb);
+    }
+    for (w, lb) in lbs.into_iter().enumerate() {
+        // Wait for this balancer's health checks before its devices dial.
+        until(Duration::from_secs(20), "HAProxy up", || std::net::TcpStream::connect(lb).is_ok()).await?;
+        let file = dir.join(format!("tokens-{w}.txt"));
+        let list: String = tokens.iter().enumerate().skip(w * per).take(per).map(|(k, t)| format!("{k}\t{t}\n")).collect();
+        std::fs::write(&file, list)?;
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("fleet-worker")
+            .arg(lb.to_string())
+            .arg(period.as_millis().to_string())
+            .arg(&file)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.join(format!("worker-{w}.log")))?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("start a fleet worker")?;
+        control.push(tokio::sync::Mutex::new(child.stdin.take().context("worker stdin")?));
+        outs.push(child.stdout.take().context("worker stdout")?);
+        procs.push(child);
+    }
+    let ws = Arc::new(Workers {
+        connected: (0..n).map(|_| AtomicUsize::new(0)).collect(),
+        acked: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        reconnects: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        commands: Mutex::new(Vec::new()),
+        control,
+    });
+    for (w, out) in outs.into_iter().enumerate() {
+        let ws = ws.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(out).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let mut it = l.split(' ');
+                match (it.next(), it.next(), it.next(), it.next()) {
+                    (Some("C"), Some(us), None, None) => {
+                        if let Ok(us) = us.parse() {
+                            ws.commands.lock().unwrap().push(us);
+                        }
+                    }
+                    (Some("S"), Some(c), Some(a), Some(r)) => {
+                        ws.connected[w].store(c.parse().unwrap_or(0), Relaxed);
+                        ws.acked[w].store(a.parse().unwrap_or(0), Relaxed);
+                        ws.reconnects[w].store(r.parse().unwrap_or(0), Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    Ok((ws, procs))
 }
 
 /// A fresh database for this run on the PostgreSQL server of `url`.
@@ -63,6 +232,7 @@ async fn fresh_database(url: &str) -> anyhow::Result<String> {
 /// (`maxconn` clients: it needs two descriptors for each; its log goes to `haproxy.log`).
 async fn haproxy(
     dir: &std::path::Path,
+    w: usize,
     backends: &[(SocketAddr, SocketAddr)],
     maxconn: usize,
 ) -> anyhow::Result<(tokio::process::Child, SocketAddr)> {
@@ -74,14 +244,14 @@ async fn haproxy(
     for (i, (mqtt, http)) in backends.iter().enumerate() {
         cfg += &format!("    server n{i} {mqtt} send-proxy-v2 check port {}\n", http.port());
     }
-    let path = dir.join("haproxy.cfg");
+    let path = dir.join(format!("haproxy-{w}.cfg"));
     std::fs::write(&path, cfg)?;
     let child = Command::new("/usr/sbin/haproxy")
         .arg("-db")
         .arg("-f")
         .arg(&path)
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.join("haproxy.log"))?)
+        .stderr(std::fs::File::create(dir.join(format!("haproxy-{w}.log")))?)
         .kill_on_drop(true)
         .spawn()
         .context("start /usr/sbin/haproxy (apt-get install haproxy)")?;
@@ -91,7 +261,7 @@ async fn haproxy(
 /// One device: connect through the balancer (again, with back-off, whenever the connection
 /// is lost), subscribe to its commands, publish telemetry every `period`; messages not yet
 /// acknowledged when the connection drops are sent again on the next one.
-async fn device(k: usize, lb: SocketAddr, token: String, f: Arc<Fleet>, period: Duration, base: Instant) {
+async fn device(k: usize, lb: SocketAddr, token: String, f: Arc<Fleet>, period: Duration) {
     let id = format!("fl-{k}");
     let src: std::net::IpAddr = format!("127.0.0.{}", 2 + k % 200).parse().unwrap();
     let mut seq = 0u64;
@@ -167,7 +337,7 @@ async fn device(k: usize, lb: SocketAddr, token: String, f: Arc<Fleet>, period: 
                             }
                             Ok(Some(Packet::Publish(p))) => {
                                 if let Some(sent) = serde_json::from_slice::<serde_json::Value>(&p.payload).ok().and_then(|v| v["params"]["t"].as_u64()) {
-                                    let lat = (base.elapsed().as_micros() as u64).saturating_sub(sent);
+                                    let lat = epoch_us().saturating_sub(sent);
                                     f.commands.lock().unwrap().push(lat.min(u32::MAX as u64) as u32);
                                 }
                                 if p.qos == QoS::AtLeastOnce {
@@ -228,7 +398,6 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
     let backends: Vec<(SocketAddr, SocketAddr)> =
         nodes.iter().map(|n| (n.ready.mqtt_proxy.expect("proxy listener"), n.ready.http.expect("http listener"))).collect();
     let dir = nodes[0].broker.dir.clone();
-    let (mut lb_proc, lb) = haproxy(&dir, &backends, o.devices + 100).await?;
     let https: Vec<SocketAddr> = backends.iter().map(|b| b.1).collect();
 
     // The fleet: one product, devices imported 5,000 at a time.
@@ -257,25 +426,19 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
     anyhow::ensure!(tokens.len() == o.devices, "imported {} of {}", tokens.len(), o.devices);
     let imported = t.elapsed();
 
-    // Wait for HAProxy's health checks, then connect the fleet.
-    until(Duration::from_secs(20), "HAProxy up", || std::net::TcpStream::connect(lb).is_ok()).await?;
-    let f = Arc::new(Fleet::default());
-    let base = Instant::now();
+    // The workers (one HAProxy each) connect the fleet.
     let t = Instant::now();
-    let mut tasks = Vec::with_capacity(o.devices);
-    for (k, token) in tokens.into_iter().enumerate() {
-        tasks.push(tokio::spawn(device(k, lb, token, f.clone(), o.period, base)));
-        if k % 500 == 499 {
-            tokio::task::yield_now().await;
-        }
-    }
-    let connect_time = until(Duration::from_secs(300), "fleet connected", || f.connected.load(Relaxed) == o.devices).await?;
+    let (f, procs) = start_workers(&dir, &backends, tokens, o.period).await?;
+    let connect_time = until(Duration::from_secs(600), "fleet connected", || f.connected() == o.devices).await?;
     let rss = |nodes: &[brokers::ClusterNode]| {
         nodes.iter().map(|n| n.broker.rss_kib().map_or("-".into(), |r| format!("{} MB", r / 1024))).collect::<Vec<_>>().join(", ")
     };
     println!(
-        "\n== fleet: {} devices on {} nodes through HAProxy (PostgreSQL meta + telemetry, Redis cache), telemetry every {:?}",
-        o.devices, o.nodes, o.period
+        "\n== fleet: {} devices on {} nodes through HAProxy ({} generator processes, one HAProxy each; PostgreSQL meta + telemetry, Redis cache), telemetry every {:?}",
+        o.devices,
+        o.nodes,
+        f.control.len(),
+        o.period
     );
     println!("import (admin API, 5,000 per call): {:.1} s", imported.as_secs_f64());
     println!(
@@ -287,14 +450,14 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
     let _ = t;
 
     // Telemetry for two periods, then commands to random devices through every node's API.
-    f.publishing.store(true, Relaxed);
+    f.tell("publish").await;
     tokio::time::sleep(o.period * 2).await;
-    println!("telemetry acknowledged after {:?}: {}; RSS per node: {}", o.period * 2, f.acked.load(Relaxed), rss(&nodes));
+    println!("telemetry acknowledged after {:?}: {}; RSS per node: {}", o.period * 2, f.acked(), rss(&nodes));
     let mut sent = 0;
     let t = Instant::now();
     for i in 0..o.commands {
         let k = (i * 7919 + 13) % o.devices;
-        let body = format!(r#"{{"method":"ping","params":{{"t":{}}},"ttl_secs":600}}"#, base.elapsed().as_micros());
+        let body = format!(r#"{{"method":"ping","params":{{"t":{}}},"ttl_secs":600}}"#, epoch_us());
         if devices::post(https[i % https.len()], &format!("/api/v1/devices/fl-{k}/commands"), &body).await.is_ok() {
             sent += 1;
         }
@@ -313,12 +476,12 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
 
     // kill -9 of the last node (not the seed): its devices come back through HAProxy.
     let victim = nodes.len() - 1;
-    let before = f.reconnects.load(Relaxed);
+    let before = f.reconnects();
     nodes[victim].broker.kill().await;
     let t = Instant::now();
-    let _ = until(Duration::from_secs(10), "devices notice", || f.connected.load(Relaxed) < o.devices).await;
-    let back = until(Duration::from_secs(300), "fleet reconnected", || f.connected.load(Relaxed) == o.devices).await;
-    let moved = f.reconnects.load(Relaxed) - before;
+    let _ = until(Duration::from_secs(10), "devices notice", || f.connected() < o.devices).await;
+    let back = until(Duration::from_secs(300), "fleet reconnected", || f.connected() == o.devices).await;
+    let moved = f.reconnects() - before;
     match back {
         Ok(_) => println!(
             "kill -9 of node {}: {moved} devices reconnected through HAProxy, all connected again {:.1} s after the kill; RSS of the survivors: {}",
@@ -326,7 +489,7 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
             t.elapsed().as_secs_f64(),
             rss(&nodes[..victim])
         ),
-        Err(e) => println!("kill -9 of node {}: {e} ({} of {} connected)", victim + 1, f.connected.load(Relaxed), o.devices),
+        Err(e) => println!("kill -9 of node {}: {e} ({} of {} connected)", victim + 1, f.connected(), o.devices),
     }
     tokio::time::sleep(o.period).await;
 
@@ -341,42 +504,42 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
     let upgrade = std::env::var_os("LOADTEST_THINGSD_UPGRADE").map(std::path::PathBuf::from);
     let what = if upgrade.is_some() { "rolling upgrade" } else { "rolling restart" };
     for i in 0..o.nodes {
-        let before = f.reconnects.load(Relaxed);
+        let before = f.reconnects();
         let t = Instant::now();
         if let Err(e) = restart(&mut nodes, i, upgrade.as_deref()).await {
             println!("{what}, node {}: {e:#}", i + 1);
             continue;
         }
         let rejoined = t.elapsed();
-        match until(Duration::from_secs(300), "fleet reconnected", || f.connected.load(Relaxed) == o.devices).await {
+        match until(Duration::from_secs(300), "fleet reconnected", || f.connected() == o.devices).await {
             Ok(_) => println!(
                 "{what}, node {}: SIGTERM -> rejoined {:.1} s; {} devices moved, all connected {:.1} s after the SIGTERM",
                 i + 1,
                 rejoined.as_secs_f64(),
-                f.reconnects.load(Relaxed) - before,
+                f.reconnects() - before,
                 t.elapsed().as_secs_f64()
             ),
-            Err(e) => println!("{what}, node {}: {e} ({} of {} connected)", i + 1, f.connected.load(Relaxed), o.devices),
+            Err(e) => println!("{what}, node {}: {e} ({} of {} connected)", i + 1, f.connected(), o.devices),
         }
     }
     println!("RSS per node after the {what}: {}", rss(&nodes));
 
     // Stop publishing, let acknowledgements drain, then count what is stored.
-    f.publishing.store(false, Relaxed);
+    f.tell("quiet").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    f.stop.store(true, Relaxed);
-    let acked = f.acked.load(Relaxed);
+    f.tell("stop").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = f.acked();
     let pool = sqlx::PgPool::connect(&db).await?;
     let (stored,): (i64,) = sqlx::query_as("SELECT count(*) FROM ts_points WHERE key = 'temp'").fetch_one(&pool).await?;
     println!(
         "telemetry: {acked} messages acknowledged, {stored} points stored ({}); {} reconnects in all",
         if stored as u64 >= acked { "none lost".to_string() } else { format!("{} LOST", acked - stored as u64) },
-        f.reconnects.load(Relaxed)
+        f.reconnects()
     );
-    for t in tasks {
-        t.abort();
+    for mut p in procs {
+        let _ = p.start_kill();
     }
-    let _ = lb_proc.start_kill();
     for n in nodes {
         n.broker.stop().await;
     }

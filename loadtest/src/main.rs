@@ -280,6 +280,11 @@ async fn idle(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("fleet-worker") {
+        raise_fd_limit();
+        return fleet::worker(&args[1..]).await;
+    }
     let o = parse()?;
     let fds = raise_fd_limit();
     println!(

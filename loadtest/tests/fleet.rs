@@ -1,5 +1,5 @@
 //! The fleet scenario, small, as a test: three nodes behind HAProxy with PostgreSQL (meta and
-//! telemetry) and Redis, 200 devices logging in with their tokens, telemetry every second,
+//! telemetry) and Redis, 200 devices in three generator processes (one HAProxy each) logging in with their tokens, telemetry every second,
 //! commands through the REST API, one node killed with SIGKILL, then a rolling restart. Every
 //! device must come back through the balancer, every node must rejoin (seeing and seen by its
 //! peers), every command must arrive and every acknowledged point must be stored.
@@ -22,11 +22,14 @@ fn a_small_fleet_survives_a_node_kill_and_a_rolling_restart() {
     }
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args(["--scenario", "fleet", "--devices", "200", "--period", "1", "--commands", "50"])
+        // Three generator processes (and HAProxies), as the large fleet runs.
+        .env("LOADTEST_FLEET_PER_WORKER", "80")
         .output()
         .expect("run loadtest");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{report}");
+    assert!(stdout.contains("(3 generator processes"), "{report}");
     assert!(stdout.contains("50 sent") && stdout.contains("50 delivered"), "every command arrives: {report}");
     assert!(stdout.contains("all connected again"), "the killed node's devices come back: {report}");
     assert!(stdout.contains("(none lost)"), "every acknowledged point is stored: {report}");
