@@ -811,13 +811,19 @@ where
             // the message processing loop. If we get an exit flag, try and capture the exit reason if there
             // is one
             loop {
+                // thingsd patch: wait for the next message here, and box only its handling.
+                // The boxed future holds the handler's (large) future; boxed around the wait
+                // as well, it was allocated for as long as the actor sat idle.
+                let next = ports.listen_in_priority().await;
                 let ActorLoopResult {
                     should_exit,
                     exit_reason,
                     was_killed,
-                } = Box::pin(Self::process_message(&myself, state, handler, &mut ports))
-                    .await
-                    .map_err(ActorErr::Failed)?;
+                } = Box::pin(Self::process_message(
+                    &myself, state, handler, &mut ports, next,
+                ))
+                .await
+                .map_err(ActorErr::Failed)?;
                 // processing loop exit
                 if should_exit {
                     return Ok((state, exit_reason, was_killed));
@@ -860,8 +866,9 @@ where
         state: &mut TActor::State,
         handler: &TActor,
         ports: &mut ActorPortSet,
+        next: Result<actor_cell::ActorPortMessage, MessagingErr<()>>,
     ) -> Result<ActorLoopResult, ActorProcessingErr> {
-        match ports.listen_in_priority().await {
+        match next {
             Ok(actor_port_message) => match actor_port_message {
                 actor_cell::ActorPortMessage::Signal(signal) => Ok(ActorLoopResult::signal(
                     Self::handle_signal(myself.clone(), signal),
