@@ -69,6 +69,20 @@ fn main() -> anyhow::Result<()> {
         thingsd::config::LogFormat::Text => fmt.init(),
         thingsd::config::LogFormat::Json => fmt.json().with_current_span(true).with_span_list(false).init(),
     }
+    // Client connections beyond the open-file limit would fail in accept (EMFILE) before the
+    // node could refuse them properly: cap them below it, and say so.
+    let mut config = config;
+    if let Some(fit) = thingsd::net::connections_that_fit() {
+        if config.mqtt.max_connections > fit {
+            tracing::warn!(
+                configured = config.mqtt.max_connections,
+                using = fit,
+                reserved = thingsd::net::RESERVED_FILES,
+                "mqtt.max_connections is above what this process's open-file limit allows (raise LimitNOFILE / ulimit -n); using the lower figure"
+            );
+            config.mqtt.max_connections = fit;
+        }
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("start runtime")?;
     rt.block_on(async move {
         let bound = thingsd::server::bind(&config).await?;

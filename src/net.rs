@@ -26,8 +26,41 @@ pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     sock.listen(LISTEN_BACKLOG)
 }
 
+/// Descriptors kept free of client connections for everything else a node opens: store
+/// files, database and cache pools, cluster links, HTTP clients (webhooks), logs.
+pub const RESERVED_FILES: u64 = 512;
+
+/// Raise this process's open-file limit to its hard limit and say how many client
+/// connections fit under it (`None`: the limit could not be read, or is unlimited).
+pub fn connections_that_fit() -> Option<usize> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current != l.maximum {
+        let raised = rustix::process::Rlimit { current: l.maximum, maximum: l.maximum };
+        if setrlimit(Resource::Nofile, raised.clone()).is_ok() {
+            l = raised;
+        }
+    }
+    l.current.map(|n| n.saturating_sub(RESERVED_FILES) as usize)
+}
+
+/// Log an accept error at most once every ten seconds, with how many there were between.
+fn report_accept_error(e: &std::io::Error) {
+    static LAST: std::sync::Mutex<Option<(std::time::Instant, u64)>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    match &mut *last {
+        Some((at, n)) if at.elapsed() < Duration::from_secs(10) => *n += 1,
+        other => {
+            let between = other.map_or(0, |(_, n)| n);
+            tracing::warn!(error = %e, failed_since_last_report = between, "accept failed");
+            *other = Some((std::time::Instant::now(), 0));
+        }
+    }
+}
+
 /// The next accepted socket (TCP_NODELAY set), or `None` once `stop` fires. Accept errors
-/// (usually EMFILE) are logged and retried after a short pause instead of spinning.
+/// (usually EMFILE) are retried after a short pause instead of spinning, and logged at most
+/// once every ten seconds (with how many happened).
 pub async fn accept_next(listener: &TcpListener, stop: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
     loop {
         tokio::select! {
@@ -38,7 +71,7 @@ pub async fn accept_next(listener: &TcpListener, stop: &CancellationToken) -> Op
                     return Some((s, peer));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    report_accept_error(&e);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },

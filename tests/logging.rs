@@ -23,3 +23,40 @@ async fn json_logs_carry_the_connection_span() {
     assert!(v["span"]["peer"].as_str().unwrap().starts_with("127.0.0.1:"), "{line}");
     assert_eq!(v["fields"]["username"], "no-such-token", "{line}");
 }
+
+/// A node whose open-file limit is below `mqtt.max_connections` says so once at start and caps
+/// client connections under the limit: the clients beyond it get CONNACK 0x97 (quota
+/// exceeded) — not an accept loop failing with EMFILE — and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_capped_below_the_open_file_limit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let limit = 600u64;
+    let fit = (limit - thingsd::net::RESERVED_FILES) as usize;
+    let node = process::spawn_under(&["prlimit", &format!("--nofile={limit}:{limit}"), "--"], tmp.path(), &[]).await;
+    let line = node.wait_log("about the open-file limit", |l| l.contains("open-file limit allows")).await;
+    assert!(line.contains(&format!("using={fit}")) && line.contains("configured=100000"), "{line}");
+    let mut admitted = Vec::new();
+    let mut refused = 0;
+    for i in 0..fit + 20 {
+        let (r, ack) = Raw::session(node.addr, connect_packet(Protocol::V5, &format!("fd-{i}"), true)).await;
+        match ack.code {
+            0 => admitted.push(r),
+            reason::QUOTA_EXCEEDED => refused += 1,
+            c => panic!("client {i}: CONNACK {c:#x}"),
+        }
+    }
+    assert_eq!((admitted.len(), refused), (fit, 20));
+    // One leaves: another client gets in.
+    admitted.pop();
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (r, ack) = Raw::session(node.addr, connect_packet(Protocol::V5, "fd-late", true)).await;
+        if ack.code == 0 {
+            admitted.push(r);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "a freed slot is never reused");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!node.log.lock().unwrap().iter().any(|l| l.contains("accept failed")), "no accept failed for lack of descriptors");
+}

@@ -36,8 +36,20 @@ fn free_port() -> u16 {
 
 /// Start a node on free ports in `dir`; `env` adds or overrides settings.
 pub async fn spawn(dir: &std::path::Path, env: &[(&str, String)]) -> Proc {
+    spawn_under(&[], dir, env).await
+}
+
+/// `spawn`, with the node's command line behind `wrapper` (e.g. `prlimit --nofile=…`).
+pub async fn spawn_under(wrapper: &[&str], dir: &std::path::Path, env: &[(&str, String)]) -> Proc {
     let (port, http) = (free_port(), free_port());
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsd"));
+    let mut cmd = match wrapper.split_first() {
+        Some((exe, args)) => {
+            let mut c = tokio::process::Command::new(exe);
+            c.args(args).arg(env!("CARGO_BIN_EXE_thingsd"));
+            c
+        }
+        None => tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsd")),
+    };
     cmd.env("THINGSD_LISTENERS__TCP", format!("[{{bind=\"127.0.0.1:{port}\", allow_anonymous=true}}]"))
         .env("THINGSD_LISTENERS__WS", "[]")
         .env("THINGSD_LISTENERS__HTTP", format!("[{{bind=\"127.0.0.1:{http}\"}}]"))
