@@ -63,12 +63,31 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Scratch directories of this run (brokers' data, node logs, HAProxy and worker logs).
+static SCRATCH: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
 fn scratch(name: &str) -> anyhow::Result<PathBuf> {
     let name: String = name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
     let d = std::env::temp_dir().join(format!("loadtest-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d)?;
+    SCRATCH.lock().unwrap().push(d.clone());
     Ok(d)
+}
+
+/// After a run: remove its scratch directories if it succeeded (unless `LOADTEST_KEEP` is set);
+/// after a failure keep them and say where the logs are.
+pub fn clean_scratch(ok: bool) {
+    let dirs = std::mem::take(&mut *SCRATCH.lock().unwrap());
+    if ok && std::env::var_os("LOADTEST_KEEP").is_none() {
+        for d in dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    } else {
+        for d in dirs {
+            eprintln!("loadtest: kept {}", d.display());
+        }
+    }
 }
 
 async fn wait_ready(addr: SocketAddr) -> anyhow::Result<()> {

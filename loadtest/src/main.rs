@@ -285,6 +285,12 @@ async fn main() -> anyhow::Result<()> {
         raise_fd_limit();
         return fleet::worker(&args[1..]).await;
     }
+    let r = run().await;
+    brokers::clean_scratch(r.is_ok());
+    r
+}
+
+async fn run() -> anyhow::Result<()> {
     let o = parse()?;
     let fds = raise_fd_limit();
     println!(
