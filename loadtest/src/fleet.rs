@@ -370,6 +370,24 @@ async fn restart(nodes: &mut [brokers::ClusterNode], i: usize, exe: Option<&std:
     Ok(())
 }
 
+/// Wait until every device is connected, or until the count has not grown for `stall` (the
+/// nodes left are full: their connection caps refuse the rest), at most `limit`.
+async fn reconnected(f: &Workers, devices: usize, stall: Duration, limit: Duration) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let (mut best, mut since) = (f.connected(), Instant::now());
+    while f.connected() < devices {
+        let now = f.connected();
+        if now > best {
+            (best, since) = (now, Instant::now());
+        }
+        if since.elapsed() > stall || t.elapsed() > limit {
+            bail!("{now} of {devices} connected; no more for {:.0} s", since.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(t.elapsed())
+}
+
 async fn until(limit: Duration, what: &str, cond: impl Fn() -> bool) -> anyhow::Result<Duration> {
     let t = Instant::now();
     while !cond() {
@@ -480,7 +498,7 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
     nodes[victim].broker.kill().await;
     let t = Instant::now();
     let _ = until(Duration::from_secs(10), "devices notice", || f.connected() < o.devices).await;
-    let back = until(Duration::from_secs(300), "fleet reconnected", || f.connected() == o.devices).await;
+    let back = reconnected(&f, o.devices, Duration::from_secs(20), Duration::from_secs(300)).await;
     let moved = f.reconnects() - before;
     match back {
         Ok(_) => println!(
@@ -489,7 +507,11 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
             t.elapsed().as_secs_f64(),
             rss(&nodes[..victim])
         ),
-        Err(e) => println!("kill -9 of node {}: {e} ({} of {} connected)", victim + 1, f.connected(), o.devices),
+        Err(e) => println!(
+            "kill -9 of node {}: {moved} devices reconnected through HAProxy, then {e} (the survivors are at their connection caps); RSS of the survivors: {}",
+            victim + 1,
+            rss(&nodes[..victim])
+        ),
     }
     tokio::time::sleep(o.period).await;
 
