@@ -131,6 +131,7 @@ async fn exercise(store: &MetaStore) {
         .unwrap();
     assert_eq!(cmd.status, CommandStatus::Pending);
     assert_eq!(store.pending_commands(d1.id).await.unwrap().len(), 1);
+    assert!(store.any_pending("dev-1").await.unwrap());
     assert!(store.mark_sent(cmd.id).await.unwrap());
     assert!(!store.mark_sent(cmd.id).await.unwrap(), "only once");
     let done = store.complete_command(d1.id, "m1", true, &json!({"result": 0})).await.unwrap().unwrap();
@@ -149,6 +150,23 @@ async fn exercise(store: &MetaStore) {
         .await
         .unwrap();
     assert!(store.pending_commands(d1.id).await.unwrap().is_empty(), "expired ones are not pending");
+    assert!(!store.any_pending("dev-1").await.unwrap(), "sent, finished and expired ones are not pending");
+    // A pending command of a sub-device is pending for its gateway too (its flush sends it).
+    let sub = store.device("sub-1").await.unwrap();
+    assert!(!store.any_pending("gw-1").await.unwrap() && !store.any_pending("sub-1").await.unwrap());
+    let queued = NewCommand {
+        device_id: sub.id,
+        message_id: "s1".into(),
+        kind: CommandKind::Command,
+        method: Some("read".into()),
+        payload: json!({}),
+        expires_ms: now + 60_000,
+    };
+    let s1 = store.create_command(&queued).await.unwrap();
+    assert!(store.any_pending("gw-1").await.unwrap() && store.any_pending("sub-1").await.unwrap());
+    assert!(!store.any_pending("dev-1").await.unwrap() && !store.any_pending("no-such-device").await.unwrap());
+    assert!(store.mark_sent(s1.id).await.unwrap());
+    assert!(!store.any_pending("gw-1").await.unwrap());
     assert_eq!(store.expire_commands().await.unwrap(), 1);
     assert_eq!(store.command_by_message(d1.id, "m2").await.unwrap().unwrap().status, CommandStatus::Expired);
     let page = store.device_commands(d1.id, 10, 0).await.unwrap();

@@ -164,6 +164,10 @@ impl Devices {
 
     async fn flush_once(&self, number: &str) {
         let r: Result<(), MetaError> = async {
+            // The usual answer, in one query: nothing is waiting for it or its sub-devices.
+            if !self.meta.any_pending(number).await? {
+                return Ok(());
+            }
             let dev = self.meta.device(number).await?;
             let mut devs = vec![dev.clone()];
             devs.extend(self.meta.sub_devices(dev.id).await?);

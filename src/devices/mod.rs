@@ -149,6 +149,10 @@ pub struct Devices {
     bad_log: moka::sync::Cache<Arc<str>, ()>,
     /// Last activity written to the cache, per device (throttles those writes).
     seen_local: moka::sync::Cache<Arc<str>, u64>,
+    /// Product models by id, for identities built on a cold cache (a fleet's logins would
+    /// otherwise read the same product once per device). Cleared on any product or device
+    /// change notice; 30 s at most.
+    products: moka::sync::Cache<i64, Option<ProductModel>>,
     /// Status changes waiting for the status worker: the latest per device (online, when).
     status_queue: Mutex<HashMap<Arc<str>, (bool, u64)>>,
     /// Devices that reported over HTTP or CoAP on this node, and when they last did.
@@ -209,6 +213,7 @@ impl Devices {
             services,
             bad_log: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
             seen_local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(3600)).build(),
+            products: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(30)).build(),
             status_queue: Mutex::default(),
             reporting: Mutex::default(),
             status_wake: Arc::new(Notify::new()),
@@ -286,14 +291,17 @@ impl Devices {
     }
 
     async fn product_model(&self, product: Option<i64>) -> Result<Option<ProductModel>, MetaError> {
-        match product {
-            Some(p) => match self.meta.product(p).await {
-                Ok(p) => Ok(Some(ProductModel { strict: p.strict, model: p.model })),
-                Err(MetaError::NotFound(_)) => Ok(None),
-                Err(e) => Err(e),
-            },
-            None => Ok(None),
+        let Some(p) = product else { return Ok(None) };
+        if let Some(m) = self.products.get(&p) {
+            return Ok(m);
         }
+        let m = match self.meta.product(p).await {
+            Ok(p) => Some(ProductModel { strict: p.strict, model: p.model }),
+            Err(MetaError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        self.products.insert(p, m.clone());
+        Ok(m)
     }
 
     async fn build_identity(&self, dev: &Device, secret: Option<String>) -> Result<Identity, MetaError> {
@@ -380,6 +388,7 @@ impl Devices {
 
     /// A product changed (strictness, model): devices of it re-read their identity.
     pub async fn product_changed(&self, product_id: i64) {
+        self.products.invalidate(&product_id);
         let mut after = 0;
         loop {
             match self.meta.list_devices(after, 1000, None, Some(product_id)).await {
@@ -460,6 +469,8 @@ impl Devices {
                     }
                 }
                 self.verified.invalidate_all();
+                // It may be one of a changed product's devices.
+                self.products.invalidate_all();
                 if kick {
                     self.kick_local(&device);
                     // Deleted (not only disabled): its sessions here end too.

@@ -296,9 +296,12 @@ where
         let d = &svc.devices;
         let kick = crate::devices::Kick { tx: Some(tx.clone()), cancel: cancel.clone() };
         Box::pin(d.connected(&i.device_number, conn_id, kick)).await;
-        // Queued downlinks for a session that kept its subscriptions.
-        let (d, n) = (d.clone(), i.device_number.clone());
-        tokio::spawn(async move { d.flush_pending(&n).await });
+        // Queued downlinks for a session that kept its subscriptions (a clean start has none:
+        // its SUBSCRIBE flushes them).
+        if !c.clean_start {
+            let (d, n) = (d.clone(), i.device_number.clone());
+            tokio::spawn(async move { d.flush_pending(&n).await });
+        }
     }
     if let Some(h) = svc.hooks.as_ref() {
         h.notify("on_register", v5, || crate::webhooks::body::registered(peer, username.as_deref(), &shown, v5));

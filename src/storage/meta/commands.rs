@@ -130,6 +130,21 @@ impl MetaStore {
         Ok(super::Page { items: rows.iter().map(command).collect::<Result<_>>()?, total, limit, offset })
     }
 
+    /// Whether any unexpired command is pending for the device `number` or its sub-devices.
+    pub async fn any_pending(&self, number: &str) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM commands WHERE status = 'pending' AND expires_ms > $1 AND device_id IN \
+             (SELECT id FROM devices WHERE device_number = $2 UNION ALL \
+              SELECT s.id FROM devices s JOIN devices g ON s.gateway_id = g.id WHERE g.device_number = $3) LIMIT 1) AS p",
+        )
+        .bind(now_ms())
+        .bind(number)
+        .bind(number)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(n > 0)
+    }
+
     /// Unexpired pending commands of a device, oldest first.
     pub async fn pending_commands(&self, device_id: i64) -> Result<Vec<Command>> {
         let rows =
