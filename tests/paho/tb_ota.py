@@ -6,22 +6,9 @@ in the working directory. Prints OK when that file has the expected digest.
 Usage: tb_ota.py PORT TOKEN CHUNK_SIZE SHA256"""
 import hashlib
 import sys
-import time
 
+from harness import fail, wait
 from tb_device_mqtt import TBDeviceMqttClient
-
-
-def fail(why):
-    print("FAIL", why, flush=True)
-    sys.exit(1)
-
-
-def wait(cond, what, secs=60):
-    end = time.time() + secs
-    while not cond():
-        if time.time() > end:
-            fail("timed out waiting for " + what)
-        time.sleep(0.05)
 
 
 port, token, chunk, digest = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]

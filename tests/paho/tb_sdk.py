@@ -6,20 +6,8 @@ import json
 import sys
 import time
 
+from harness import fail, wait
 from tb_device_mqtt import TBDeviceMqttClient
-
-
-def fail(why):
-    print("FAIL", why, flush=True)
-    sys.exit(1)
-
-
-def wait(cond, what, secs=30):
-    end = time.time() + secs
-    while not cond():
-        if time.time() > end:
-            fail("timed out waiting for " + what)
-        time.sleep(0.05)
 
 
 port, token = int(sys.argv[1]), sys.argv[2]
