@@ -49,7 +49,6 @@ fn per_worker() -> usize {
 }
 
 /// What every device task of a worker reports.
-#[derive(Default)]
 struct Fleet {
     connected: AtomicUsize,
     /// Telemetry messages acknowledged (PUBACK) — each one point in the store.
@@ -59,6 +58,24 @@ struct Fleet {
     commands: Mutex<Vec<u32>>,
     publishing: AtomicBool,
     stop: AtomicBool,
+    dials: tokio::sync::Semaphore,
+}
+
+/// Logins (TCP connect, CONNECT, CONNACK) in flight at once per worker process.
+const DIALS: usize = 200;
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet {
+            connected: AtomicUsize::new(0),
+            acked: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            commands: Mutex::new(Vec::new()),
+            publishing: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            dials: tokio::sync::Semaphore::new(DIALS),
+        }
+    }
 }
 
 /// The coordinator's view of its workers: each one's last report, and every command latency.
@@ -237,9 +254,12 @@ async fn haproxy(
     maxconn: usize,
 ) -> anyhow::Result<(tokio::process::Child, SocketAddr)> {
     let front = brokers::free_port()?;
+    // Each balancer dials the nodes from its own loopback address: HAProxy binds its source
+    // port before connecting, so all of them on 127.0.0.1 would share its ~28,000 ports.
+    let src = 1 + w % 250;
     let mut cfg = format!(
         "global\n    maxconn {maxconn}\n    noreuseport\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 15m\n    timeout server 15m\n\
-         frontend mqtt\n    bind 127.0.0.1:{front}\n    default_backend nodes\nbackend nodes\n    balance leastconn\n    option httpchk GET /health/ready\n    default-server inter 500ms fall 2 rise 2\n"
+         frontend mqtt\n    bind 127.0.0.1:{front}\n    default_backend nodes\nbackend nodes\n    balance leastconn\n    option httpchk GET /health/ready\n    default-server inter 500ms fall 2 rise 2 source 127.0.{src}.1\n"
     );
     for (i, (mqtt, http)) in backends.iter().enumerate() {
         cfg += &format!("    server n{i} {mqtt} send-proxy-v2 check port {}\n", http.port());
@@ -269,7 +289,12 @@ async fn device(k: usize, lb: SocketAddr, token: String, f: Arc<Fleet>, period: 
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     while !f.stop.load(Relaxed) {
-        let mut s = match client::connect_as(lb, Some(src), &id, true, Some(&token)).await {
+        // At most `DIALS` logins in flight per worker: devices queue for a turn, as a fleet's
+        // reconnects spread out in the field, instead of every socket dialling at once.
+        let turn = f.dials.acquire().await;
+        let attempt = client::connect_as(lb, Some(src), &id, true, Some(&token)).await;
+        drop(turn);
+        let mut s = match attempt {
             Ok(s) => s,
             Err(_) => {
                 // Jittered back-off, so a fleet does not come back in lockstep.
