@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Metrics {
     pub clients_connected: AtomicU64,
     pub connections_total: AtomicU64,
+    /// CONNECTs being authenticated and attached right now (`mqtt.max_pending_connects`).
+    pub connects_pending: AtomicU64,
     pub messages_received: AtomicU64,
     pub messages_sent: AtomicU64,
     pub bytes_received: AtomicU64,

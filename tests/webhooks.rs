@@ -387,6 +387,45 @@ async fn a_subscribe_held_by_a_slow_webhook_delays_other_publishers_once() {
     p.node.stop().await;
 }
 
+/// CONNECTs in progress are bounded (`mqtt.max_pending_connects`): while an `auth_on_register`
+/// endpoint sits on two logins, a third client is answered at once with CONNACK 0x89 Server
+/// busy (it backs off) instead of queueing; once the two are admitted there is room again.
+#[tokio::test(flavor = "multi_thread")]
+async fn logins_in_progress_are_bounded_with_server_busy() {
+    let (url, mut called, release) = gate().await;
+    // The node's readiness probe logs in through the endpoint too.
+    release.add_permits(1);
+    let p = Platform::start(None, |c| {
+        c.listeners.tcp[0].allow_anonymous = true;
+        c.mqtt.max_pending_connects = 2;
+        let mut h = hook("auth_on_register_m5", &url);
+        h.timeout_ms = 30_000;
+        c.webhooks = vec![h];
+    })
+    .await;
+    tokio::time::timeout(DEADLINE, called.recv()).await.expect("the readiness probe's login").unwrap();
+    let addr = p.node.tcp;
+    let held: Vec<_> = (0..2)
+        .map(|i| tokio::spawn(async move { Raw::session(addr, common::connect_packet(Protocol::V5, &format!("held-{i}"), true)).await }))
+        .collect();
+    for _ in 0..2 {
+        tokio::time::timeout(DEADLINE, called.recv()).await.expect("auth_on_register called").unwrap();
+    }
+    let (_busy, ack) = Raw::session(addr, common::connect_packet(Protocol::V5, "third", true)).await;
+    assert_eq!(ack.code, reason::SERVER_BUSY);
+    release.add_permits(2);
+    for h in held {
+        let (_r, ack) = h.await.unwrap();
+        assert_eq!(ack.code, reason::SUCCESS);
+    }
+    release.add_permits(1);
+    let (_r, ack) = Raw::session(addr, common::connect_packet(Protocol::V5, "third", true)).await;
+    assert_eq!(ack.code, reason::SUCCESS, "room again once the others were admitted");
+    let (_, text) = common::http_get(p.http_addr(), "/metrics").await;
+    assert!(text.contains("thingsd_connects_pending 0"), "{text}");
+    p.node.stop().await;
+}
+
 /// `thingsd_mqtt_publish_received_total{qos="1"}` of the node.
 async fn qos1_publishes_read(p: &Platform) -> f64 {
     let (_, text) = common::http_get(p.http_addr(), "/metrics").await;

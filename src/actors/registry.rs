@@ -150,6 +150,16 @@ impl Sessions {
         self.map.get(key).map(|(s, _)| s)
     }
 
+    /// Sessions whose key or client id matches the glob `pattern` (all without one).
+    fn list(&self, pattern: Option<&str>) -> Vec<Listed> {
+        let hit = |k: &str| pattern.is_none_or(|p| glob(p, k) || glob(p, display_client(k).1));
+        self.map
+            .iter()
+            .filter(|(k, _)| hit(k))
+            .map(|(k, (s, l))| (k.clone(), s.clone(), l.online.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
+
     fn online(&self, key: &str) -> bool {
         self.map.get(key).is_some_and(|(_, l)| l.online.load(std::sync::atomic::Ordering::Relaxed))
     }
@@ -464,18 +474,7 @@ impl Actor for RegistryActor {
                 let _ = reply.send(st.sessions.map.len());
             }
             RegistryMessage::List(pattern, reply) => {
-                let hit = |k: &str| match &pattern {
-                    None => true,
-                    Some(p) => glob(p, k) || glob(p, display_client(k).1),
-                };
-                let _ = reply.send(
-                    st.sessions
-                        .map
-                        .iter()
-                        .filter(|(k, _)| hit(k))
-                        .map(|(k, (s, l))| (k.clone(), s.clone(), l.online.load(std::sync::atomic::Ordering::Relaxed)))
-                        .collect(),
-                );
+                let _ = reply.send(st.sessions.list(pattern.as_deref()));
             }
         }
         Ok(())

@@ -388,6 +388,10 @@ pub struct MqttConfig {
     /// CONNECTs accepted per second across the node (burst of the same size); beyond it CONNACK
     /// 0x9F (3.1.1: 3). 0 = unlimited. Protects the node during reconnect storms.
     pub max_connect_rate: u32,
+    /// CONNECTs being authenticated and attached at once on this node; beyond it CONNACK 0x89
+    /// Server busy (3.1.1: 3) at once, which clients back off from, instead of a queue that
+    /// outgrows the database pool's timeout in a reconnect storm. 0 = unlimited.
+    pub max_pending_connects: usize,
     /// Largest packet accepted, and advertised as Maximum Packet Size.
     pub max_packet_size: u32,
     /// Server Receive Maximum, and the cap on each session's outbound in-flight window.
@@ -442,6 +446,7 @@ impl Default for MqttConfig {
         MqttConfig {
             max_connections: 100_000,
             max_connect_rate: 0,
+            max_pending_connects: 1024,
             max_packet_size: 1024 * 1024,
             max_inflight: 128,
             max_queued: 1000,

@@ -55,6 +55,9 @@ pub struct SubDevice {
 /// key's value of the wrong type (its count, sum and average would not agree otherwise).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProductModel {
+    /// The product (0 in identities cached by builds before it was kept here).
+    #[serde(default)]
+    pub id: i64,
     pub strict: bool,
     pub model: ThingModel,
 }
@@ -279,6 +282,7 @@ impl Devices {
         let key = cred_key(kind, &kind.stored(id));
         if let Some(v) = self.cache.get(&key).await {
             if let Ok(i) = serde_json::from_str::<Identity>(&v) {
+                self.note_product(&i);
                 return Ok(Some(Arc::new(i)));
             }
         }
@@ -287,7 +291,21 @@ impl Devices {
         if let Ok(v) = serde_json::to_string(&ident) {
             self.cache.set(&key, &v, self.ttl).await;
         }
+        self.note_product(&ident);
         Ok(Some(Arc::new(ident)))
+    }
+
+    /// Tell telemetry which product a device that logged in belongs to, so its first message
+    /// does not read the device again (a fleet's first telemetry round would read every one).
+    fn note_product(&self, i: &Identity) {
+        let product = match &i.model {
+            Some(m) if m.id == 0 => return,
+            Some(m) => Some(m.id),
+            None => None,
+        };
+        if let Some(t) = self.telemetry.get() {
+            t.note_product(i.device_id, product);
+        }
     }
 
     async fn product_model(&self, product: Option<i64>) -> Result<Option<ProductModel>, MetaError> {
@@ -296,7 +314,7 @@ impl Devices {
             return Ok(m);
         }
         let m = match self.meta.product(p).await {
-            Ok(p) => Some(ProductModel { strict: p.strict, model: p.model }),
+            Ok(pr) => Some(ProductModel { id: p, strict: pr.strict, model: pr.model }),
             Err(MetaError::NotFound(_)) => None,
             Err(e) => return Err(e),
         };

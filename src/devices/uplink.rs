@@ -245,7 +245,7 @@ fn check(who: &Identity, kind: EventKind, values: &Map<String, Value>) -> Result
 /// Values against the product's thing model: all of it for a strict product; only the types
 /// of the keys it describes otherwise.
 fn check_model(m: Option<&ProductModel>, kind: EventKind, values: &Map<String, Value>) -> Result<(), Reject> {
-    let Some(ProductModel { strict, model: m }) = m else { return Ok(()) };
+    let Some(ProductModel { strict, model: m, .. }) = m else { return Ok(()) };
     let fields = |fields: &[Field], values: &Map<String, Value>| {
         if *strict { ThingModel::check(fields, values) } else { ThingModel::check_types(fields, values) }.map_err(Reject::Model)
     };
@@ -286,7 +286,7 @@ mod tests {
             device_number: Arc::from("d1"),
             enabled: true,
             secret: None,
-            model: strict.map(|model| ProductModel { strict: true, model }),
+            model: strict.map(|model| ProductModel { id: 1, strict: true, model }),
             gateway: true,
             subs: vec![super::super::SubDevice { address: "a1".into(), device_id: 2, device_number: Arc::from("s1"), model: None }],
         }

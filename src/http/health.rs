@@ -358,6 +358,12 @@ async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
     };
     metric("thingsd_clients_connected", "gauge", "MQTT clients connected now.", Metrics::get(&m.clients_connected));
     metric("thingsd_connections_total", "counter", "MQTT connections accepted (CONNECT processed).", Metrics::get(&m.connections_total));
+    metric(
+        "thingsd_connects_pending",
+        "gauge",
+        "CONNECTs being authenticated and attached now (beyond mqtt.max_pending_connects: CONNACK 0x89).",
+        Metrics::get(&m.connects_pending),
+    );
     metric("thingsd_messages_received_total", "counter", "PUBLISH packets received from clients.", Metrics::get(&m.messages_received));
     metric("thingsd_messages_sent_total", "counter", "PUBLISH packets sent to clients.", Metrics::get(&m.messages_sent));
     metric(

@@ -93,6 +93,9 @@ pub struct Telemetry {
     rules: moka::sync::Cache<i64, Arc<RuleSet>>,
     /// Device → product.
     products: moka::sync::Cache<i64, Option<i64>>,
+    /// Products whose rules could not be read, warned about in the last minute (a database
+    /// outage is logged once a minute per product, not once per message).
+    rules_unreadable: moka::sync::Cache<i64, ()>,
     /// Latest value of every key per device (also written to the shared cache).
     hot: moka::sync::Cache<i64, Arc<std::sync::Mutex<LatestOf>>>,
     /// Bounds the background tasks that copy latest values to the shared cache.
@@ -178,6 +181,7 @@ impl Telemetry {
             writers: OnceLock::new(),
             rules: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(RULES_TTL).build(),
             products: moka::sync::Cache::builder().max_capacity(2_000_000).time_to_live(Duration::from_secs(600)).build(),
+            rules_unreadable: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(60)).build(),
             hot: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
             cache_writes: Arc::new(Semaphore::new(64)),
             metrics: TelemetryMetrics::default(),
@@ -346,16 +350,21 @@ impl Telemetry {
         }
     }
 
+    /// A device's product as its login found it (see `Devices::identity`).
+    pub fn note_product(&self, device_id: i64, product: Option<i64>) {
+        self.products.insert(device_id, product);
+        if let Tsdb::Tdengine(td) = &self.store {
+            td.note_product(device_id, product.unwrap_or(0));
+        }
+    }
+
     pub async fn product_of(&self, device_id: i64) -> Option<i64> {
         if let Some(p) = self.products.get(&device_id) {
             return p;
         }
         match self.meta.device_by_id(device_id).await {
             Ok(d) => {
-                self.products.insert(device_id, d.product_id);
-                if let Tsdb::Tdengine(td) = &self.store {
-                    td.note_product(device_id, d.product_id.unwrap_or(0));
-                }
+                self.note_product(device_id, d.product_id);
                 d.product_id
             }
             Err(_) => None,
@@ -379,7 +388,10 @@ impl Telemetry {
             Ok(None) => RuleSet::compile(&[]).ok()?,
             // Meta store down: do not cache the miss.
             Err(e) => {
-                tracing::warn!(product, error = %e, "cannot read telemetry rules");
+                if !self.rules_unreadable.contains_key(&product) {
+                    self.rules_unreadable.insert(product, ());
+                    tracing::warn!(product, error = %e, "cannot read telemetry rules (logged once a minute per product)");
+                }
                 return None;
             }
         };

@@ -18,6 +18,25 @@ struct Negotiated {
     props: Properties,
 }
 
+/// A CONNECT between its arrival and its CONNACK (authentication, session attach), counted
+/// against `mqtt.max_pending_connects`.
+struct PendingConnect<'a>(&'a Broker);
+
+impl<'a> PendingConnect<'a> {
+    fn enter(broker: &'a Broker) -> Option<Self> {
+        let n = broker.metrics.connects_pending.fetch_add(1, Ordering::Relaxed) as usize;
+        let cap = broker.config.mqtt.max_pending_connects;
+        let me = PendingConnect(broker);
+        (cap == 0 || n < cap).then_some(me)
+    }
+}
+
+impl Drop for PendingConnect<'_> {
+    fn drop(&mut self) {
+        self.0.metrics.connects_pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// CONNECT, validation, session attach. Kept out of the packet loop's future so an idle
 /// connection does not carry the CONNECT packet and handshake state.
 pub(super) async fn handshake<R, W>(
@@ -37,6 +56,11 @@ where
     let protocol = c.protocol;
     // Every log line of this connection carries its client id from here on.
     tracing::Span::current().record("client_id", c.client_id.as_str());
+    let Some(_pending) = PendingConnect::enter(broker) else {
+        tracing::debug!(limit = broker.config.mqtt.max_pending_connects, "too many CONNECTs in progress; server busy");
+        Box::pin(write_raw(&mut wr, &connack(reason::SERVER_BUSY), protocol, &broker.metrics)).await;
+        return None;
+    };
     let stages = async {
         let gauge = admit(broker, &c)?;
         let principal = Box::pin(authenticate(&ctx, &c, peer)).await?;
