@@ -39,6 +39,38 @@ pub struct Metrics {
     pub http_requests: std::sync::Mutex<std::collections::BTreeMap<(String, u16), u64>>,
 }
 
+/// A log line that may repeat thousands of times a second (refusals in a reconnect storm):
+/// `hit` says whether to log now — at most once per `every` — and how many were left unlogged
+/// since the last time.
+pub struct LogEvery(std::sync::Mutex<Option<(std::time::Instant, u64)>>);
+
+impl LogEvery {
+    pub const fn new() -> Self {
+        LogEvery(std::sync::Mutex::new(None))
+    }
+
+    pub fn hit(&self, every: std::time::Duration) -> Option<u64> {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *last {
+            Some((at, n)) if at.elapsed() < every => {
+                *n += 1;
+                None
+            }
+            other => {
+                let skipped = other.map_or(0, |(_, n)| n);
+                *other = Some((std::time::Instant::now(), 0));
+                Some(skipped)
+            }
+        }
+    }
+}
+
+impl Default for LogEvery {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Why a delivery was not kept for its subscriber (`thingsd_messages_dropped_by_reason_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dropped {

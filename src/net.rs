@@ -46,15 +46,9 @@ pub fn connections_that_fit() -> Option<usize> {
 
 /// Log an accept error at most once every ten seconds, with how many there were between.
 fn report_accept_error(e: &std::io::Error) {
-    static LAST: std::sync::Mutex<Option<(std::time::Instant, u64)>> = std::sync::Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    match &mut *last {
-        Some((at, n)) if at.elapsed() < Duration::from_secs(10) => *n += 1,
-        other => {
-            let between = other.map_or(0, |(_, n)| n);
-            tracing::warn!(error = %e, failed_since_last_report = between, "accept failed");
-            *other = Some((std::time::Instant::now(), 0));
-        }
+    static EVERY: crate::metrics::LogEvery = crate::metrics::LogEvery::new();
+    if let Some(between) = EVERY.hit(Duration::from_secs(10)) {
+        tracing::warn!(error = %e, failed_since_last_report = between, "accept failed");
     }
 }
 

@@ -46,6 +46,11 @@ async fn connections_are_capped_below_the_open_file_limit() {
         }
     }
     assert_eq!((admitted.len(), refused), (fit, 20));
+    // Full, the node is not ready for new clients (a balancer sends them elsewhere), and the
+    // 20 refusals were logged once.
+    let (status, body) = http_get(node.http, "/health/ready").await;
+    assert!(status == 503 && body.contains("below the connection limit: false"), "{status} {body}");
+    assert_eq!(node.log.lock().unwrap().iter().filter(|l| l.contains("connection limit reached")).count(), 1);
     // One leaves: another client gets in.
     admitted.pop();
     let end = tokio::time::Instant::now() + DEADLINE;
@@ -59,4 +64,10 @@ async fn connections_are_capped_below_the_open_file_limit() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(!node.log.lock().unwrap().iter().any(|l| l.contains("accept failed")), "no accept failed for lack of descriptors");
+    admitted.pop();
+    let end = tokio::time::Instant::now() + DEADLINE;
+    while http_get(node.http, "/health/ready").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < end, "ready again once there is room");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

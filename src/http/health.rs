@@ -57,14 +57,17 @@ async fn ready(State(b): State<AppState>) -> Result<Json<serde_json::Value>, Api
             (waited, waited)
         }
     };
-    if registry && retained && shards && meta && tsdb && serving && joined {
+    // At its connection limit the node takes no new clients: a balancer should send them
+    // elsewhere (its connected clients stay).
+    let room = b.metrics.clients_connected.load(std::sync::atomic::Ordering::Relaxed) < b.config.mqtt.max_connections as u64;
+    if registry && retained && shards && meta && tsdb && serving && joined && room {
         Ok(Json(serde_json::json!({ "status": "ready", "cluster_standalone": alone })))
     } else {
         Err(ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             code: "not_ready",
             message: format!(
-                "listeners up: {serving}, cluster joined: {joined}, registry running: {registry}, retained store running: {retained}, all shards running: {shards}, meta store reachable: {meta}, time-series store reachable: {tsdb}"
+                "listeners up: {serving}, cluster joined: {joined}, below the connection limit: {room}, registry running: {registry}, retained store running: {retained}, all shards running: {shards}, meta store reachable: {meta}, time-series store reachable: {tsdb}"
             ),
         })
     }

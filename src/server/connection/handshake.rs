@@ -129,12 +129,21 @@ fn admit(broker: &Arc<Broker>, c: &Connect) -> Result<Gauge, u8> {
     let connected = m.clients_connected.fetch_add(1, Ordering::Relaxed);
     let gauge = Gauge(broker.clone());
     Metrics::add(&m.connections_total, 1);
+    // Refusals come by the thousand in a reconnect storm: logged every 10 s with a count
+    // (thingsd_mqtt_connacks_total counts each by reason).
+    static FULL: crate::metrics::LogEvery = crate::metrics::LogEvery::new();
+    static RATE: crate::metrics::LogEvery = crate::metrics::LogEvery::new();
+    let every = Duration::from_secs(10);
     if connected as usize >= cfg.mqtt.max_connections {
-        tracing::warn!(limit = cfg.mqtt.max_connections, "connection limit reached; refusing");
+        if let Some(more) = FULL.hit(every) {
+            tracing::warn!(limit = cfg.mqtt.max_connections, refused_since_last_report = more, "connection limit reached; refusing");
+        }
         return Err(reason::QUOTA_EXCEEDED);
     }
     if !broker.admit_connect() {
-        tracing::warn!(limit = cfg.mqtt.max_connect_rate, "connect rate exceeded; refusing");
+        if let Some(more) = RATE.hit(every) {
+            tracing::warn!(limit = cfg.mqtt.max_connect_rate, refused_since_last_report = more, "connect rate exceeded; refusing");
+        }
         return Err(reason::CONNECTION_RATE_EXCEEDED);
     }
     if c.protocol == Protocol::V5 && c.props.authentication_method.is_some() {
