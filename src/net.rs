@@ -1,5 +1,6 @@
 //! Sockets and TLS shared by the node's listeners (`server`) and its cluster links
-//! (`cluster`): the accept loop and the one crypto provider. Depends on nothing of ours.
+//! (`cluster`): the accept loop and the one crypto provider. Depends only on `metrics` (its
+//! throttled log line).
 use std::net::SocketAddr;
 use std::time::Duration;
 

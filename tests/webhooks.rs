@@ -274,14 +274,7 @@ async fn a_stuck_notification_endpoint_never_slows_the_broker() {
 /// then delivered, PUBACK 0x00, not 0x10), and a publish on another topic does not wait.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publish_read_after_another_clients_subscribe_waits_for_it() {
-    let (url, mut called, release) = gate().await;
-    let p = Platform::start(None, |c| {
-        c.listeners.tcp[0].allow_anonymous = true;
-        let mut h = hook("auth_on_subscribe_m5", &url);
-        h.timeout_ms = 30_000;
-        c.webhooks = vec![h];
-    })
-    .await;
+    let (p, mut called, release) = gated("auth_on_subscribe_m5", |_| {}).await;
     let mut sub = Raw::v5(p.node.tcp, "gate-sub").await;
     let mut publisher = Raw::v5(p.node.tcp, "gate-pub").await;
     for i in 1..=3u16 {
@@ -321,10 +314,13 @@ async fn a_publish_read_after_another_clients_subscribe_waits_for_it() {
     p.node.stop().await;
 }
 
-/// An `auth_on_subscribe` endpoint that reports each SUBSCRIBE's first filter and answers "ok"
-/// only when the test adds a permit to the semaphore.
-async fn gate() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>, Arc<tokio::sync::Semaphore>) {
-    let (called_tx, called) = tokio::sync::mpsc::unbounded_channel::<String>();
+type Gate = (Platform, tokio::sync::mpsc::UnboundedReceiver<String>, Arc<tokio::sync::Semaphore>);
+
+/// A node (anonymous clients allowed, `tweak` applied) whose `hook` endpoint reports each call
+/// (a SUBSCRIBE's first filter; "" for a login) and answers "ok" only when the test adds a
+/// permit to the semaphore. The node's readiness probe has already logged in through it.
+async fn gated(hook_name: &str, tweak: impl FnOnce(&mut thingsd::config::Config)) -> Gate {
+    let (called_tx, mut called) = tokio::sync::mpsc::unbounded_channel::<String>();
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let r = release.clone();
     let gate = axum::routing::post(move |body: axum::Json<Value>| {
@@ -338,7 +334,22 @@ async fn gate() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>, Arc<to
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/gate", l.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(l, axum::Router::new().route("/gate", gate)).await.unwrap() });
-    (url, called, release)
+    let login = hook_name.starts_with("auth_on_register");
+    if login {
+        release.add_permits(1);
+    }
+    let p = Platform::start(None, |c| {
+        c.listeners.tcp[0].allow_anonymous = true;
+        let mut h = hook(hook_name, &url);
+        h.timeout_ms = 60_000;
+        c.webhooks = vec![h];
+        tweak(c);
+    })
+    .await;
+    if login {
+        tokio::time::timeout(DEADLINE, called.recv()).await.expect("the readiness probe's login").unwrap();
+    }
+    (p, called, release)
 }
 
 /// A client whose SUBSCRIBE to `#` a slow (or hostile) `auth_on_subscribe` endpoint sits on
@@ -348,14 +359,7 @@ async fn gate() -> (String, tokio::sync::mpsc::UnboundedReceiver<String>, Arc<to
 /// all acknowledged, and the node counts one publish held back (released by the deadline).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscribe_held_by_a_slow_webhook_delays_other_publishers_once() {
-    let (url, mut called, release) = gate().await;
-    let p = Platform::start(None, |c| {
-        c.listeners.tcp[0].allow_anonymous = true;
-        let mut h = hook("auth_on_subscribe_m5", &url);
-        h.timeout_ms = 60_000;
-        c.webhooks = vec![h];
-    })
-    .await;
+    let (p, mut called, release) = gated("auth_on_subscribe_m5", |_| {}).await;
     let mut sub = Raw::v5(p.node.tcp, "slow-sub").await;
     let mut publisher = Raw::v5(p.node.tcp, "busy-pub").await;
     sub.send(Packet::Subscribe(Subscribe {
@@ -392,18 +396,7 @@ async fn a_subscribe_held_by_a_slow_webhook_delays_other_publishers_once() {
 /// busy (it backs off) instead of queueing; once the two are admitted there is room again.
 #[tokio::test(flavor = "multi_thread")]
 async fn logins_in_progress_are_bounded_with_server_busy() {
-    let (url, mut called, release) = gate().await;
-    // The node's readiness probe logs in through the endpoint too.
-    release.add_permits(1);
-    let p = Platform::start(None, |c| {
-        c.listeners.tcp[0].allow_anonymous = true;
-        c.mqtt.max_pending_connects = 2;
-        let mut h = hook("auth_on_register_m5", &url);
-        h.timeout_ms = 30_000;
-        c.webhooks = vec![h];
-    })
-    .await;
-    tokio::time::timeout(DEADLINE, called.recv()).await.expect("the readiness probe's login").unwrap();
+    let (p, mut called, release) = gated("auth_on_register_m5", |c| c.mqtt.max_pending_connects = 2).await;
     let addr = p.node.tcp;
     let held: Vec<_> = (0..2)
         .map(|i| tokio::spawn(async move { Raw::session(addr, common::connect_packet(Protocol::V5, &format!("held-{i}"), true)).await }))
