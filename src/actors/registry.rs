@@ -105,6 +105,11 @@ struct Sessions {
     principals: HashMap<Arc<str>, HashSet<Arc<str>>>,
 }
 
+/// Whether a session has a live connection (its load gauge's flag, set by the session).
+fn connected(l: &Load) -> bool {
+    l.online.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The principal namespace of a session key (up to and including its NUL), if any.
 fn namespace(key: &str) -> Option<&str> {
     key.find('\u{0}').map(|cut| &key[..=cut])
@@ -153,15 +158,11 @@ impl Sessions {
     /// Sessions whose key or client id matches the glob `pattern` (all without one).
     fn list(&self, pattern: Option<&str>) -> Vec<Listed> {
         let hit = |k: &str| pattern.is_none_or(|p| glob(p, k) || glob(p, display_client(k).1));
-        self.map
-            .iter()
-            .filter(|(k, _)| hit(k))
-            .map(|(k, (s, l))| (k.clone(), s.clone(), l.online.load(std::sync::atomic::Ordering::Relaxed)))
-            .collect()
+        self.map.iter().filter(|(k, _)| hit(k)).map(|(k, (s, l))| (k.clone(), s.clone(), connected(l))).collect()
     }
 
     fn online(&self, key: &str) -> bool {
-        self.map.get(key).is_some_and(|(_, l)| l.online.load(std::sync::atomic::Ordering::Relaxed))
+        self.map.get(key).is_some_and(|(_, l)| connected(l))
     }
 
     fn contains_key(&self, key: &str) -> bool {

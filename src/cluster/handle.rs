@@ -318,13 +318,13 @@ impl Cluster {
         self.cast(Local::HandedOver { client, gen, registrar, clean, state });
     }
 
-    /// The node that owns `key` among this node and its live peers (rendezvous hash; ties go
-    /// to the greater name, as for registrars), e.g. which node runs an alert rule.
     /// The live peers (this node not included), as a shared snapshot.
     pub fn live_peers(&self) -> Arc<Vec<Arc<str>>> {
         self.peers.load_full()
     }
 
+    /// The node that owns `key` among this node and its live peers (rendezvous hash; ties go
+    /// to the greater name, as for registrars), e.g. which node runs an alert rule.
     pub fn owner_of(&self, key: &str) -> Arc<str> {
         let mut best = (rendezvous(&self.name, key), self.name.clone());
         for n in self.peers.load().iter() {
