@@ -8,7 +8,7 @@ use super::*;
 
 impl ClusterState {
     pub(super) async fn on_frame(&mut self, bytes: Vec<u8>) {
-        let (from, body) = match wire::decode(&bytes) {
+        let (from, body) = match wire::decode(&bytes, self.newest()) {
             Ok(x) => x,
             Err(e @ wire::WireError::Version { .. }) => {
                 let key = e.to_string();
@@ -36,7 +36,8 @@ impl ClusterState {
             | Body::RetainedDigest(..)
             | Body::Leave { .. }
             | Body::Departed
-            | Body::LeaveAck(..)) => self.on_links(from, b).await,
+            | Body::LeaveAck(..)
+            | Body::Versions { .. }) => self.on_links(from, b).await,
             b @ (Body::NotYours { .. }
             | Body::Claim { .. }
             | Body::Claimed { .. }
@@ -116,6 +117,7 @@ impl ClusterState {
                     restarted
                 };
                 if restarted {
+                    self.forget_versions(&from);
                     self.down(&from, "restarted");
                 }
                 for (name, addr) in members {
@@ -124,7 +126,7 @@ impl ClusterState {
                     }
                 }
                 if reply {
-                    self.send(&from, &self.hello(false));
+                    self.introduce(&from, false);
                 }
                 self.up(&from);
             }
@@ -132,12 +134,15 @@ impl ClusterState {
                 let known = self.members.get(from.as_str()).map(|m| (m.up, m.incarnation));
                 match known {
                     Some((true, inc)) if inc == incarnation => {}
-                    _ => {
+                    known => {
+                        if known.is_some_and(|(_, inc)| inc != 0 && inc != incarnation) {
+                            self.forget_versions(&from);
+                        }
                         // A peer we consider down (or do not know yet) is alive: (re)introduce us.
                         if self.members.get(from.as_str()).and_then(|m| m.cell.as_ref()).is_none() {
                             self.resolve_cells().await;
                         }
-                        self.send(&from, &self.hello(true));
+                        self.introduce(&from, true);
                     }
                 }
             }
@@ -174,6 +179,7 @@ impl ClusterState {
                 }
             }
             Body::LeaveAck(seq) => self.peer_acked(seq, &from),
+            Body::Versions { oldest, newest } => self.versions(&from, oldest, newest),
             other => tracing::debug!(frame = ?std::mem::discriminant(&other), "not a frame of this family"),
         }
     }

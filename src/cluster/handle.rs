@@ -33,6 +33,8 @@ pub struct Link {
     pub(super) cap: usize,
     pub(super) dropped: Arc<AtomicU64>,
     pub(super) parked: Arc<std::sync::Mutex<Vec<Parked>>>,
+    /// The wire version agreed with the peer (its member's; it changes while the link lives).
+    pub(super) wire: Arc<std::sync::atomic::AtomicU16>,
 }
 
 /// Forwards that did not reach a lost node, waiting until its sessions are adopted elsewhere.
@@ -452,7 +454,7 @@ pub(super) async fn forward_loop(
             m.insert(seq, Parked { dead: link.name.clone(), forwards: keep, waiters: std::mem::take(&mut waiters) });
         }
         link.in_flight.fetch_add(1, Ordering::AcqRel);
-        let frame = wire::encode(&me, &Body::Publish { batch: std::mem::take(&mut batch), ack });
+        let frame = wire::encode(link.wire.load(Ordering::Relaxed), &me, &Body::Publish { batch: std::mem::take(&mut batch), ack });
         depth.fetch_sub(n, Ordering::Relaxed);
         drained.notify_waiters();
         if target.tell(ClusterMessage::Wire(frame)).is_err() {

@@ -12,6 +12,40 @@ impl ClusterState {
         Body::Hello { incarnation: self.incarnation, addr: self.a.advertise.clone(), members, reply }
     }
 
+    /// Introduce this node to `peer`: `Hello`, then (from wire version 2 on) the versions it
+    /// speaks, so the peer may write to it in the newest both speak.
+    pub(super) fn introduce(&self, peer: &str, reply: bool) {
+        self.send(peer, &self.hello(reply));
+        if self.newest() >= 2 {
+            self.send(peer, &Body::Versions { oldest: wire::OLDEST, newest: self.newest() });
+        }
+    }
+
+    /// `peer` said which wire versions it speaks: write to it in the newest both speak.
+    pub(super) fn versions(&mut self, peer: &str, oldest: u16, newest: u16) {
+        let mine = self.newest();
+        let Some(v) = wire::agree(mine, Some((oldest, newest))) else {
+            let key =
+                format!("node {peer:?} speaks cluster wire versions {oldest} to {newest}; this node speaks {} to {mine}", wire::OLDEST);
+            if self.refused.insert(key.clone()) {
+                tracing::error!("refusing cluster peer: {key}");
+            }
+            return;
+        };
+        let m = self.member_mut(peer);
+        if m.wire.swap(v, Ordering::Relaxed) != v {
+            tracing::info!(peer, version = v, "cluster wire version agreed");
+        }
+    }
+
+    /// `peer` is another process than the one versions were agreed with (it restarted):
+    /// write to it in the oldest version until it says otherwise (as when it goes down).
+    pub(super) fn forget_versions(&mut self, peer: &str) {
+        if let Some(m) = self.members.get(peer) {
+            m.wire.store(wire::OLDEST, Ordering::Relaxed);
+        }
+    }
+
     /// Map the remote actors of the cluster group to node names (via the NodeServer's sessions).
     pub(super) async fn resolve_cells(&mut self) {
         if self.departed {
@@ -35,7 +69,7 @@ impl ClusterState {
             };
             tracing::debug!(peer = %name, node_id, fresh, "resolved a peer's cluster actor");
             if fresh {
-                self.send_cell(&cell, &self.hello(true));
+                self.introduce(&name, true);
             }
         }
     }
@@ -53,7 +87,7 @@ impl ClusterState {
     pub(super) fn up(&mut self, name: &str) {
         self.a.handle.joined.store(true, Ordering::Relaxed);
         let me = self.me().to_string();
-        let (cell, idx, addr) = {
+        let (cell, idx, addr, version) = {
             let m = self.member_mut(name);
             m.last_seen = Instant::now();
             if m.up {
@@ -65,7 +99,7 @@ impl ClusterState {
             };
             m.up = true;
             m.ghost = false;
-            (cell, m.idx, m.addr.clone())
+            (cell, m.idx, m.addr.clone(), m.wire.clone())
         };
         let min = Duration::from_millis(self.cfg().redial_min_ms);
         if let Some(d) = self.dials.get_mut(&addr) {
@@ -85,6 +119,7 @@ impl ClusterState {
             cap: self.cfg().max_forward_queue.max(1),
             dropped: self.a.handle.forward_dropped.clone(),
             parked: self.a.handle.parked.clone(),
+            wire: version,
         });
         tokio::spawn(forward_loop(Arc::from(me.as_str()), cell.clone(), rx, link.clone()));
         let mut links = HashMap::clone(&self.a.handle.links.load());
@@ -95,8 +130,8 @@ impl ClusterState {
         let _ = self.a.handle.events.send(ClusterEvent::MemberUp { name: Arc::from(name), addr });
         // Full state for the newcomer: our routes (replacing whatever it had) and retained digest.
         let add: Vec<(Arc<str>, bool)> = self.local_routes.iter().map(|(k, d)| (k.clone(), *d)).collect();
-        self.send_cell(&cell, &Body::Routes { reset: true, add, del: vec![], ack: None });
-        self.send_cell(&cell, &Body::RetainedDigest(self.digest()));
+        self.send(name, &Body::Routes { reset: true, add, del: vec![], ack: None });
+        self.send(name, &Body::RetainedDigest(self.digest()));
         self.announce_owned();
     }
 
@@ -111,6 +146,7 @@ impl ClusterState {
             return;
         }
         m.up = false;
+        m.wire.store(wire::OLDEST, Ordering::Relaxed);
         // Its routes stand (as a ghost) until the sessions it had are adopted elsewhere;
         // publishes for it meanwhile are parked and re-routed then.
         m.ghost = !m.routes.is_empty();
@@ -201,18 +237,9 @@ impl ClusterState {
             }
         }
         let timeout = Duration::from_millis(self.cfg().heartbeat_timeout_ms);
-        let hb = Body::Heartbeat { incarnation: self.incarnation };
-        let bytes = wire::encode(self.me(), &hb);
-        let mut silent = Vec::new();
-        for m in self.members.values() {
-            if let Some(c) = &m.cell {
-                let r: ActorRef<ClusterMessage> = c.clone().into();
-                let _ = r.tell(ClusterMessage::Wire(bytes.clone()));
-            }
-            if m.up && now.duration_since(m.last_seen) > timeout {
-                silent.push(m.name.clone());
-            }
-        }
+        self.send_each(&Body::Heartbeat { incarnation: self.incarnation }, |_| true);
+        let silent: Vec<Arc<str>> =
+            self.members.values().filter(|m| m.up && now.duration_since(m.last_seen) > timeout).map(|m| m.name.clone()).collect();
         for name in silent {
             self.down(&name, "heartbeat timeout");
             // Reset the link: a half-open connection would otherwise never be redialled.

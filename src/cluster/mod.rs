@@ -19,7 +19,7 @@ pub mod wire;
 
 use crate::actors::inspect::Tell;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,8 @@ pub struct MemberInfo {
     pub addr: String,
     pub up: bool,
     pub routes: usize,
+    /// The cluster wire version this node writes to it (for this node: the newest it speaks).
+    pub wire: u16,
     /// The member's index in route tables (this node: 0).
     #[serde(skip)]
     pub idx: NodeIdx,
@@ -109,6 +111,9 @@ struct Member {
     ghost: bool,
     /// Its route keys, and whether a persistent session subscribes to each.
     routes: HashMap<Arc<str>, bool>,
+    /// The wire version frames to it are written in (shared with its publish link): the
+    /// oldest until it says it speaks more (`Body::Versions`), again after it restarts.
+    wire: Arc<AtomicU16>,
 }
 
 struct Dial {
@@ -239,13 +244,21 @@ impl ClusterState {
         let mut v: Vec<MemberInfo> = self
             .members
             .values()
-            .map(|m| MemberInfo { name: m.name.to_string(), addr: m.addr.clone(), up: m.up, routes: m.routes.len(), idx: m.idx })
+            .map(|m| MemberInfo {
+                name: m.name.to_string(),
+                addr: m.addr.clone(),
+                up: m.up,
+                routes: m.routes.len(),
+                wire: m.wire.load(Ordering::Relaxed),
+                idx: m.idx,
+            })
             .collect();
         v.push(MemberInfo {
             name: self.me().to_string(),
             addr: self.a.advertise.clone(),
             up: true,
             routes: self.local_routes.len(),
+            wire: self.newest(),
             idx: 0,
         });
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -260,26 +273,48 @@ impl ClusterState {
         &self.a.handle.name
     }
 
-    fn send_cell(&self, cell: &ActorCell, body: &Body) {
-        let bytes = wire::encode(self.me(), body);
-        let r: ActorRef<ClusterMessage> = cell.clone().into();
-        let _ = r.tell(ClusterMessage::Wire(bytes));
+    /// The newest wire version this node speaks (`cluster.wire_version`).
+    fn newest(&self) -> u16 {
+        match self.cfg().wire_version {
+            0 => wire::VERSION,
+            v => v,
+        }
+    }
+
+    /// Send to a member's cluster actor, in the wire version agreed with it.
+    fn send_to(&self, m: &Member, body: &Body) {
+        if let Some(c) = &m.cell {
+            let r: ActorRef<ClusterMessage> = c.clone().into();
+            let _ = r.tell(ClusterMessage::Wire(wire::encode(m.wire.load(Ordering::Relaxed), self.me(), body)));
+        }
     }
 
     fn send(&self, to: &str, body: &Body) {
-        if let Some(c) = self.members.get(to).and_then(|m| m.cell.as_ref()) {
-            self.send_cell(c, body);
+        if let Some(m) = self.members.get(to) {
+            self.send_to(m, body);
+        }
+    }
+
+    /// Send `body` to the members `which` selects, encoding it once per wire version in use.
+    fn send_each(&self, body: &Body, which: impl Fn(&Member) -> bool) {
+        let mut frames: Vec<(u16, Vec<u8>)> = Vec::with_capacity(1);
+        for m in self.members.values().filter(|m| which(m)) {
+            let Some(c) = &m.cell else { continue };
+            let v = m.wire.load(Ordering::Relaxed);
+            let i = match frames.iter().position(|(fv, _)| *fv == v) {
+                Some(i) => i,
+                None => {
+                    frames.push((v, wire::encode(v, self.me(), body)));
+                    frames.len() - 1
+                }
+            };
+            let r: ActorRef<ClusterMessage> = c.clone().into();
+            let _ = r.tell(ClusterMessage::Wire(frames[i].1.clone()));
         }
     }
 
     fn broadcast(&self, body: &Body) {
-        let bytes = wire::encode(self.me(), body);
-        for m in self.members.values().filter(|m| m.up) {
-            if let Some(c) = &m.cell {
-                let r: ActorRef<ClusterMessage> = c.clone().into();
-                let _ = r.tell(ClusterMessage::Wire(bytes.clone()));
-            }
-        }
+        self.send_each(body, |m| m.up);
     }
 
     /// Broadcast route additions and reply once every live peer has acknowledged them (bounded).
@@ -320,7 +355,7 @@ impl ClusterState {
     fn to(&self, node: &str, body: &Body) {
         if node == self.me() {
             if let Some(a) = self.a.handle.actor() {
-                let _ = a.tell(ClusterMessage::Wire(wire::encode(self.me(), body)));
+                let _ = a.tell(ClusterMessage::Wire(wire::encode(self.newest(), self.me(), body)));
             }
         } else {
             self.send(node, body);
@@ -344,6 +379,7 @@ impl ClusterState {
                     up: false,
                     ghost: false,
                     routes: HashMap::new(),
+                    wire: Arc::new(AtomicU16::new(wire::OLDEST)),
                 },
             );
         }
@@ -552,6 +588,13 @@ pub async fn start(
     let cfg = &broker.config.cluster;
     let bound = listener.local_addr()?;
     check_cookie(cfg, bound)?;
+    anyhow::ensure!(
+        cfg.wire_version == 0 || (wire::OLDEST..=wire::VERSION).contains(&cfg.wire_version),
+        "cluster.wire_version is {}: this build speaks cluster wire versions {} to {}",
+        cfg.wire_version,
+        wire::OLDEST,
+        wire::VERSION
+    );
     let advertise = net::advertise(cfg, bound)?;
     let tls = net::LinkTls::load(cfg)?;
     let name = broker.config.node.name.clone();

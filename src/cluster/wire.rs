@@ -4,6 +4,21 @@
 //! (bincode 2, standard config, length-limited). The header is version-independent, so a node
 //! can always say *who* speaks an incompatible version before refusing it. Decoding never
 //! panics: every failure is a [`WireError`] that the caller logs and drops.
+//!
+//! **Versions.** A build speaks every version in [`OLDEST`]`..=`[`VERSION`] (capped by
+//! `cluster.wire_version`), so builds N-1 and N form one cluster and a rolling upgrade never
+//! has two nodes that cannot talk. Each link starts at [`OLDEST`]; a node that speaks more
+//! says so with [`Body::Versions`] after each `Hello`, and both ends then write the highest
+//! version both speak (per peer; a frame is read at the version its header names). A
+//! build that speaks only version 1 does not know `Versions`: it drops that one frame (its log
+//! says "undecodable cluster frame" once per introduction) and is written to at version 1.
+//! Layout changes between versions live here, keyed on [`writing`]:
+//!
+//! | version | change |
+//! |---|---|
+//! | 1 | the first |
+//! | 2 | a forwarded publish carries its "not to its own device" mark, so a device's client attributes and its own RPC requests do not come back to its sessions on other nodes; `Versions` |
+use std::cell::Cell;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -11,18 +26,39 @@ use serde::{Deserialize, Serialize};
 use crate::message::{Delivery, Message};
 use crate::storage::state::SessionSnapshot;
 
-/// Bump on any incompatible change of [`Body`] (and keep the old decoder while both exist).
-pub const VERSION: u16 = 1;
+/// The newest wire version this build speaks. Bump on any incompatible change of [`Body`],
+/// keep writing and reading the previous one (see the table above), and raise [`OLDEST`] only
+/// once no supported build needs it.
+pub const VERSION: u16 = 2;
+/// The oldest wire version this build still speaks (the previous build's newest).
+pub const OLDEST: u16 = 1;
 const MAGIC: [u8; 2] = *b"TD";
 /// Upper bound of one decoded frame body; the senders batch below it.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
+
+thread_local! {
+    /// The version the frame being encoded or decoded on this thread is written in.
+    static AT: Cell<u16> = const { Cell::new(VERSION) };
+}
+
+/// The wire version of the frame being encoded or decoded (for version-dependent layouts).
+pub fn writing() -> u16 {
+    AT.with(|c| c.get())
+}
+
+fn at<T>(version: u16, f: impl FnOnce() -> T) -> T {
+    let prev = AT.with(|c| c.replace(version));
+    let out = f();
+    AT.with(|c| c.set(prev));
+    out
+}
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum WireError {
     #[error("frame too short or not a thingsd cluster frame")]
     NotAFrame,
-    #[error("node {from:?} speaks cluster wire version {version}; this node speaks {VERSION}")]
-    Version { from: String, version: u16 },
+    #[error("node {from:?} writes cluster wire version {version}; this node speaks {OLDEST} to {newest}")]
+    Version { from: String, version: u16, newest: u16 },
     #[error("undecodable frame from {from:?}: {reason}")]
     Body { from: String, reason: String },
 }
@@ -37,13 +73,60 @@ pub struct Hlc {
 
 /// A publish forwarded to a node with matching routes; `shared` names the `$share/…` groups
 /// that node was chosen to serve for this message (its non-shared subscribers always get it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// From version 2 on, it also carries `msg.not_to_own_device` (which `Message` itself never
+/// writes: it is not stored).
+#[derive(Debug, Clone)]
 pub struct Forward {
     pub msg: Arc<Message>,
     pub shared: Vec<Arc<str>>,
     /// A re-routed message that was on its way to this (lost) node: only sessions adopted
     /// from it receive it.
     pub adopted_from: Option<Arc<str>>,
+}
+
+const FORWARD_FIELDS: [&str; 4] = ["msg", "shared", "adopted_from", "not_to_own_device"];
+
+fn forward_fields() -> &'static [&'static str] {
+    &FORWARD_FIELDS[..if writing() >= 2 { 4 } else { 3 }]
+}
+
+impl Serialize for Forward {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let fields = forward_fields();
+        let mut st = s.serialize_struct("Forward", fields.len())?;
+        st.serialize_field(fields[0], &*self.msg)?;
+        st.serialize_field(fields[1], &self.shared)?;
+        st.serialize_field(fields[2], &self.adopted_from)?;
+        if fields.len() > 3 {
+            st.serialize_field(fields[3], &self.msg.not_to_own_device)?;
+        }
+        st.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Forward {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields(usize);
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Forward;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a forwarded publish of {} fields", self.0)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Forward, A::Error> {
+                let short = |i: usize| serde::de::Error::invalid_length(i, &"a whole forwarded publish");
+                let mut msg: Message = seq.next_element()?.ok_or_else(|| short(0))?;
+                let shared = seq.next_element()?.ok_or_else(|| short(1))?;
+                let adopted_from = seq.next_element()?.ok_or_else(|| short(2))?;
+                if self.0 > 3 {
+                    msg.not_to_own_device = seq.next_element()?.ok_or_else(|| short(3))?;
+                }
+                Ok(Forward { msg: Arc::new(msg), shared, adopted_from })
+            }
+        }
+        let fields = forward_fields();
+        d.deserialize_struct("Forward", fields, Fields(fields.len()))
+    }
 }
 
 /// One retained topic's state; `msg: None` is a deletion (kept as a tombstone for convergence).
@@ -211,6 +294,21 @@ pub enum Body {
     AlertEvents {
         events: String,
     },
+    /// The wire versions the sender speaks (sent after each `Hello` by nodes that speak more
+    /// than version 1; written at the oldest version the link may be at).
+    Versions {
+        oldest: u16,
+        newest: u16,
+    },
+}
+
+/// The version to write to a peer that said it speaks `theirs` (`None`: it never said, so it
+/// speaks only version 1), given that this node speaks `OLDEST..=newest`. `None` when the two
+/// ranges do not meet.
+pub fn agree(newest: u16, theirs: Option<(u16, u16)>) -> Option<u16> {
+    let (oldest_t, newest_t) = theirs.unwrap_or((1, 1));
+    let v = newest.min(newest_t);
+    (v >= OLDEST.max(oldest_t)).then_some(v)
 }
 
 /// What one node tells the others about devices (also sent over Redis pub/sub as JSON).
@@ -230,23 +328,25 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME>()
 }
 
-pub fn encode(from: &str, body: &Body) -> Vec<u8> {
+/// A frame written in wire `version` (one the receiving peer speaks: see [`agree`]).
+pub fn encode(version: u16, from: &str, body: &Body) -> Vec<u8> {
     let name = &from.as_bytes()[..from.len().min(u16::MAX as usize)];
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(name.len() as u16).to_le_bytes());
     out.extend_from_slice(name);
     // Encoding our own types into a Vec cannot fail (no limit is hit below MAX_FRAME in practice;
     // if it ever is, the peer gets an empty body and logs it).
-    if let Err(e) = bincode::serde::encode_into_std_write(body, &mut out, config()) {
+    if let Err(e) = at(version, || bincode::serde::encode_into_std_write(body, &mut out, config())) {
         tracing::error!(error = %e, "cannot encode cluster frame");
     }
     out
 }
 
-/// Decode a frame: the sender's name and the body.
-pub fn decode(b: &[u8]) -> Result<(String, Body), WireError> {
+/// Decode a frame written in any version from [`OLDEST`] to `newest` (this node's
+/// `cluster.wire_version`): the sender's name and the body.
+pub fn decode(b: &[u8], newest: u16) -> Result<(String, Body), WireError> {
     if b.len() < 6 || b[..2] != MAGIC {
         return Err(WireError::NotAFrame);
     }
@@ -254,11 +354,11 @@ pub fn decode(b: &[u8]) -> Result<(String, Body), WireError> {
     let n = u16::from_le_bytes([b[4], b[5]]) as usize;
     let name = b.get(6..6 + n).ok_or(WireError::NotAFrame)?;
     let from = String::from_utf8_lossy(name).into_owned();
-    if version != VERSION {
-        return Err(WireError::Version { from, version });
+    if !(OLDEST..=newest).contains(&version) {
+        return Err(WireError::Version { from, version, newest });
     }
     let rest = &b[6 + n..];
-    match bincode::serde::decode_from_slice::<Body, _>(rest, config()) {
+    match at(version, || bincode::serde::decode_from_slice::<Body, _>(rest, config())) {
         Ok((body, used)) if used == rest.len() => Ok((from, body)),
         Ok(_) => Err(WireError::Body { from, reason: "trailing bytes".into() }),
         Err(e) => Err(WireError::Body { from, reason: e.to_string() }),
@@ -270,10 +370,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn enc(body: &Body) -> Vec<u8> {
+        encode(VERSION, "n1", body)
+    }
+
+    fn dec(b: &[u8]) -> Result<(String, Body), WireError> {
+        decode(b, VERSION)
+    }
+
     #[test]
     fn round_trip() {
         let body = Body::Routes { reset: true, add: vec![(Arc::from("a/+"), true)], del: vec![], ack: Some(7) };
-        let (from, back) = decode(&encode("n1", &body)).unwrap();
+        let (from, back) = dec(&enc(&body)).unwrap();
         assert_eq!(from, "n1");
         assert!(matches!(back, Body::Routes { reset: true, ack: Some(7), .. }));
     }
@@ -285,41 +393,104 @@ mod tests {
             DeviceNotice::Forget { keys: vec!["cred:token:x".into()] },
             DeviceNotice::Pending { device: "d-2".into() },
         ] {
-            let (_, back) = decode(&encode("n1", &Body::Device(n.clone()))).unwrap();
+            let (_, back) = dec(&enc(&Body::Device(n.clone()))).unwrap();
             assert!(matches!(back, Body::Device(b) if b == n));
         }
     }
 
     #[test]
     fn admin_frames_round_trip() {
-        let (_, back) = decode(&encode("n1", &Body::Admin { id: 3, req: "{\"op\":\"node\"}".into() })).unwrap();
+        let (_, back) = dec(&enc(&Body::Admin { id: 3, req: "{\"op\":\"node\"}".into() })).unwrap();
         assert!(matches!(back, Body::Admin { id: 3, req } if req.contains("node")));
-        let (_, back) = decode(&encode("n1", &Body::AdminReply { id: 3, ok: false, body: "no".into() })).unwrap();
+        let (_, back) = dec(&enc(&Body::AdminReply { id: 3, ok: false, body: "no".into() })).unwrap();
         assert!(matches!(back, Body::AdminReply { id: 3, ok: false, body } if body == "no"));
-        let (_, back) =
-            decode(&encode("n1", &Body::AlertEvent { rule: 4, device_id: 2, device: "d".into(), values: "{}".into(), ts: 5 })).unwrap();
+        let (_, back) = dec(&enc(&Body::AlertEvent { rule: 4, device_id: 2, device: "d".into(), values: "{}".into(), ts: 5 })).unwrap();
         assert!(matches!(back, Body::AlertEvent { rule: 4, device_id: 2, ts: 5, .. }));
-        let (_, back) = decode(&encode("n1", &Body::AlertEvents { events: "[]".into() })).unwrap();
+        let (_, back) = dec(&enc(&Body::AlertEvents { events: "[]".into() })).unwrap();
         assert!(matches!(back, Body::AlertEvents { events } if events == "[]"));
-        let (_, back) = decode(&encode("n1", &Body::Trace { id: 9, events: vec!["{}".into()] })).unwrap();
+        let (_, back) = dec(&enc(&Body::Trace { id: 9, events: vec!["{}".into()] })).unwrap();
         assert!(matches!(back, Body::Trace { id: 9, events } if events.len() == 1));
     }
 
     #[test]
     fn other_version_is_named() {
-        let mut f = encode("n9", &Body::Heartbeat { incarnation: 1 });
-        f[2] = 2;
-        assert_eq!(decode(&f).unwrap_err(), WireError::Version { from: "n9".into(), version: 2 });
+        let f = encode(VERSION + 1, "n9", &Body::Heartbeat { incarnation: 1 });
+        assert_eq!(dec(&f).unwrap_err(), WireError::Version { from: "n9".into(), version: VERSION + 1, newest: VERSION });
+        let f = encode(0, "n9", &Body::Heartbeat { incarnation: 1 });
+        assert!(matches!(dec(&f), Err(WireError::Version { version: 0, .. })));
+        // A node capped at version 1 (`cluster.wire_version = 1`) refuses version 2, as the
+        // builds before version 2 do.
+        let f = encode(2, "n9", &Body::Heartbeat { incarnation: 1 });
+        assert!(matches!(decode(&f, 1), Err(WireError::Version { version: 2, newest: 1, .. })));
+        assert!(decode(&f, 2).is_ok());
+    }
+
+    fn forward(own: bool) -> Body {
+        let mut m = Message::from_node("v1/devices/d1/attributes", &b"{\"a\":1}"[..], crate::protocols::mqtt::QoS::AtLeastOnce, false);
+        m.id = 77;
+        m.publisher = Some(Arc::from("d1\0c"));
+        m.not_to_own_device = own;
+        Body::Publish { batch: vec![Forward { msg: Arc::new(m), shared: vec![Arc::from("g")], adopted_from: None }], ack: 5 }
+    }
+
+    fn own_mark(b: &Body) -> bool {
+        match b {
+            Body::Publish { batch, .. } => batch[0].msg.not_to_own_device,
+            _ => panic!("not a publish"),
+        }
+    }
+
+    /// Version 1 as the builds before version 2 wrote it (bytes taken from that codec): this
+    /// build writes exactly those bytes at version 1, and reads them.
+    #[test]
+    fn version_1_is_byte_for_byte_the_released_one() {
+        const RELEASED: &str =
+            "5444010002006e3104014d1876312f646576696365732f64312f61747472696275746573077b2261223a317d010000000104643100630101670005";
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        assert_eq!(hex(&encode(1, "n1", &forward(true))), RELEASED);
+        let bytes: Vec<u8> = (0..RELEASED.len()).step_by(2).map(|i| u8::from_str_radix(&RELEASED[i..i + 2], 16).unwrap()).collect();
+        let (from, body) = decode(&bytes, VERSION).unwrap();
+        assert_eq!(from, "n1");
+        assert!(matches!(&body, Body::Publish { batch, ack: 5 } if batch[0].msg.id == 77 && &*batch[0].shared[0] == "g"));
+        assert!(!own_mark(&body), "version 1 does not carry the mark");
+        // Bodies without a forward are the same in both versions, past the header.
+        let hb = Body::Heartbeat { incarnation: 9 };
+        assert_eq!(encode(1, "n1", &hb)[4..], encode(2, "n1", &hb)[4..]);
+    }
+
+    #[test]
+    fn version_2_carries_the_own_device_mark() {
+        for own in [true, false] {
+            let (_, body) = decode(&encode(2, "n1", &forward(own)), VERSION).unwrap();
+            assert_eq!(own_mark(&body), own);
+        }
+        // Read at the version its header names: a version-1 frame is not read as version 2.
+        let (_, body) = decode(&encode(1, "n1", &forward(true)), VERSION).unwrap();
+        assert!(!own_mark(&body));
+        let mut f = encode(2, "n1", &forward(true));
+        f[2] = 1;
+        assert!(matches!(decode(&f, VERSION), Err(WireError::Body { .. })), "a version-2 body under a version-1 header is trailing bytes");
+    }
+
+    #[test]
+    fn versions_are_agreed_per_peer() {
+        let (_, back) = decode(&encode(OLDEST, "n1", &Body::Versions { oldest: 1, newest: 2 }), VERSION).unwrap();
+        assert!(matches!(back, Body::Versions { oldest: 1, newest: 2 }));
+        assert_eq!(agree(2, None), Some(1), "a peer that never said speaks version 1");
+        assert_eq!(agree(2, Some((1, 2))), Some(2));
+        assert_eq!(agree(2, Some((1, 3))), Some(2));
+        assert_eq!(agree(1, Some((1, 2))), Some(1), "capped by cluster.wire_version");
+        assert_eq!(agree(2, Some((3, 4))), None, "no version in common");
     }
 
     #[test]
     fn truncated_and_garbage_are_errors() {
-        let f = encode("n1", &Body::Hello { incarnation: 1, addr: "x".into(), members: vec![("a".into(), "b".into())], reply: false });
+        let f = enc(&Body::Hello { incarnation: 1, addr: "x".into(), members: vec![("a".into(), "b".into())], reply: false });
         for i in 0..f.len() {
-            assert!(decode(&f[..i]).is_err());
+            assert!(dec(&f[..i]).is_err());
         }
-        assert!(decode(b"").is_err());
-        assert!(decode(b"TD\x01\x00\xff\xff").is_err());
+        assert!(dec(b"").is_err());
+        assert!(dec(b"TD\x01\x00\xff\xff").is_err());
     }
 
     proptest! {
@@ -327,10 +498,12 @@ mod tests {
         /// Arbitrary bytes (with a valid header, so the body decoder is reached) never panic.
         #[test]
         fn random_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let mut f = encode("n1", &Body::LeaveAck(1));
-            f.truncate(8);
-            f.extend_from_slice(&body);
-            let _ = decode(&f);
+            for v in OLDEST..=VERSION {
+                let mut f = encode(v, "n1", &Body::LeaveAck(1));
+                f.truncate(8);
+                f.extend_from_slice(&body);
+                let _ = dec(&f);
+            }
         }
     }
 }

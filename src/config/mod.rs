@@ -323,6 +323,11 @@ pub struct ClusterConfig {
     /// Forwards queued per peer at most; beyond it, forwards no publisher waits for (QoS 0,
     /// non-persistent subscribers) are dropped and counted (`thingsd_cluster_forward_dropped_total`).
     pub max_forward_queue: usize,
+    /// The newest cluster wire version this node speaks (0, the default: the newest this
+    /// build speaks). Peers agree per link on the highest version both speak, so a rolling upgrade
+    /// needs no setting; pin it to the previous version to make a node talk exactly as the
+    /// previous build does (e.g. while a downgrade is possible).
+    pub wire_version: u16,
 }
 
 impl Default for ClusterConfig {
@@ -343,6 +348,7 @@ impl Default for ClusterConfig {
             tls_key: String::new(),
             tls_ca: String::new(),
             max_forward_queue: 100_000,
+            wire_version: 0,
         }
     }
 }

@@ -34,8 +34,18 @@ impl TestCluster {
     /// Room for `total` nodes, the first `n` started; `extra(i)` (TOML) is appended to node i's
     /// config (0-based).
     pub async fn start_some(total: usize, n: usize, extra: impl Fn(usize) -> String + Send + 'static) -> TestCluster {
+        Self::start_env(total, n, extra, Default::default()).await
+    }
+
+    /// As [`TestCluster::start_some`], with extra environment for node i (`env[&i]`).
+    pub async fn start_env(
+        total: usize,
+        n: usize,
+        extra: impl Fn(usize) -> String + Send + 'static,
+        env: std::collections::HashMap<usize, Vec<(String, String)>>,
+    ) -> TestCluster {
         let nodes = (0..total).map(|i| NodeProc { name: format!("node{}", i + 1), ready: Ready::default(), child: None }).collect();
-        let mut c = TestCluster { nodes, dir: tempfile::tempdir().unwrap(), extra: Box::new(extra), seeds: None, env: Default::default() };
+        let mut c = TestCluster { nodes, dir: tempfile::tempdir().unwrap(), extra: Box::new(extra), seeds: None, env };
         for i in 0..n {
             c.spawn(i).await;
         }
