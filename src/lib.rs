@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod net;
 pub mod ops;
 pub mod protocols;
+pub mod queue;
 pub mod secrets;
 pub mod server;
 pub mod services;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::session::Outbound;
@@ -120,7 +120,7 @@ pub struct DeviceMetrics {
 /// How to close one local connection of a device.
 #[derive(Clone)]
 pub struct Kick {
-    pub tx: Option<mpsc::Sender<Outbound>>,
+    pub tx: Option<crate::queue::Sender<Outbound>>,
     pub cancel: CancellationToken,
 }
 

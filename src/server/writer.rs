@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::session::{OutPublish, Outbound};
@@ -89,7 +88,7 @@ fn out(b: &Broker, client: &str, p: &Packet, bytes: usize, protocol: Protocol) {
 #[allow(clippy::too_many_arguments)]
 pub async fn run<W: AsyncWrite + Unpin>(
     mut wr: W,
-    mut rx: mpsc::Receiver<Outbound>,
+    mut rx: crate::queue::Receiver<Outbound>,
     protocol: Protocol,
     client_alias_max: u16,
     cancel: CancellationToken,

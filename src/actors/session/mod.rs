@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::load::Load;
@@ -43,7 +42,7 @@ pub struct OutPublish {
 }
 
 /// A reserved slot in a connection's outbound queue for one answer.
-pub type Reply = mpsc::OwnedPermit<Outbound>;
+pub type Reply = crate::queue::OwnedPermit<Outbound>;
 
 fn answer(reply: Reply, p: Packet) {
     reply.send(Outbound::Packet(Box::new(p)));
@@ -52,7 +51,7 @@ fn answer(reply: Reply, p: Packet) {
 /// The session's view of its current connection.
 pub struct ConnHandle {
     pub id: u64,
-    pub tx: mpsc::Sender<Outbound>,
+    pub tx: crate::queue::Sender<Outbound>,
     pub cancel: CancellationToken,
     pub protocol: Protocol,
     /// Client's Receive Maximum.

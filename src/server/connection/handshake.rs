@@ -264,7 +264,7 @@ where
     let v5 = protocol == Protocol::V5;
     let device = principal.device().cloned();
     // Room for a full in-flight window of resends plus answers, whatever `outbound_queue` says.
-    let (tx, rx) = mpsc::channel(cfg.mqtt.outbound_queue.max(cfg.mqtt.max_inflight as usize * 2 + 16));
+    let (tx, rx) = crate::queue::channel(cfg.mqtt.outbound_queue.max(cfg.mqtt.max_inflight as usize * 2 + 16));
     let cancel = CancellationToken::new();
     let conn_id = CONN_ID.fetch_add(1, Ordering::Relaxed);
     let kicked = Arc::new(std::sync::atomic::AtomicU8::new(0));

@@ -258,7 +258,7 @@ struct Conn {
     svc: Arc<Services>,
     client_id: Arc<str>,
     session: ActorRef<SessionMessage>,
-    tx: mpsc::Sender<Outbound>,
+    tx: crate::queue::Sender<Outbound>,
     protocol: Protocol,
     aliases: HashMap<u16, String>,
     expiry: u32,
@@ -284,7 +284,7 @@ struct Conn {
 /// Send PUBACKs in order, each once its message is durable.
 async fn ack_in_order(
     mut rx: mpsc::Receiver<(Packet, Option<Arc<crate::message::Durable>>)>,
-    tx: mpsc::Sender<Outbound>,
+    tx: crate::queue::Sender<Outbound>,
     v5: bool,
     broker: Arc<Broker>,
 ) {
@@ -361,7 +361,7 @@ impl Conn {
     /// Server-initiated close with a reason (sent as DISCONNECT in 5.0).
     fn close(&self, code: u8) -> WillAction {
         let _ = self.end.compare_exchange(0, 0x100 | code as u16, Ordering::Relaxed, Ordering::Relaxed);
-        if let Err(mpsc::error::TrySendError::Full(d)) = self.tx.try_send(Outbound::Disconnect(code)) {
+        if let Err(crate::queue::TrySendError::Full(d)) = self.tx.try_send(Outbound::Disconnect(code)) {
             // Queue full: hand the DISCONNECT to a task that waits for room (bounded in time).
             let tx = self.tx.clone();
             tokio::spawn(async move {
