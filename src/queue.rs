@@ -172,6 +172,12 @@ impl<T> Drop for Receiver<T> {
     }
 }
 
+/// The vendored ractor's actor ports follow the same design; that crate's own tests do not build
+/// here (it is published without its dev-dependencies), so its unit tests run with ours.
+#[cfg(test)]
+#[path = "../vendor/ractor/src/concurrency/lazy_port.rs"]
+mod ractor_lazy_port;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,8 @@ use super::messages::StopMessage;
 use super::SupervisionEvent;
 use crate::actor::actor_properties::ActorProperties;
 use crate::concurrency::JoinHandle;
-use crate::concurrency::MpscUnboundedReceiver as InputPortReceiver;
+// thingsd patch: see `concurrency::lazy_port`.
+use crate::concurrency::LazyReceiver as InputPortReceiver;
 use crate::concurrency::OneshotReceiver;
 use crate::errors::MessagingErr;
 #[cfg(feature = "cluster")]

@@ -10,8 +10,9 @@ use std::sync::Mutex;
 use crate::actor::messages::StopMessage;
 use crate::actor::supervision::SupervisionTree;
 use crate::concurrency as mpsc;
-use crate::concurrency::MpscUnboundedReceiver as InputPortReceiver;
-use crate::concurrency::MpscUnboundedSender as InputPort;
+// thingsd patch: ports that allocate nothing until something is queued.
+use crate::concurrency::LazyReceiver as InputPortReceiver;
+use crate::concurrency::LazySender as InputPort;
 use crate::concurrency::OneshotReceiver;
 use crate::concurrency::OneshotSender as OneshotInputPort;
 use crate::message::BoxedMessage;
@@ -83,8 +84,8 @@ impl ActorProperties {
     {
         let (tx_signal, rx_signal) = mpsc::oneshot();
         let (tx_stop, rx_stop) = mpsc::oneshot();
-        let (tx_supervision, rx_supervision) = mpsc::mpsc_unbounded();
-        let (tx_message, rx_message) = mpsc::mpsc_unbounded();
+        let (tx_supervision, rx_supervision) = mpsc::lazy_unbounded();
+        let (tx_message, rx_message) = mpsc::lazy_unbounded();
         (
             Self {
                 id,

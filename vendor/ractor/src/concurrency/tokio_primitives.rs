@@ -90,6 +90,11 @@ where
         .map_err(|_| super::Timeout)
 }
 
+// thingsd patch: actor input ports that allocate nothing while empty.
+#[path = "lazy_port.rs"]
+pub(crate) mod lazy_port;
+pub(crate) use lazy_port::{lazy_unbounded, LazyReceiver, LazySender};
+
 macro_rules! select {
         ($($tokens:tt)*) => {{
             tokio::select! {
