@@ -12,7 +12,7 @@ use crate::message::{now_ms, Message};
 /// One level of the retained-topic trie. Persistent maps make a snapshot an O(1) clone.
 #[derive(Clone, Default)]
 struct RNode {
-    children: imbl::HashMap<Arc<str>, RNode>,
+    children: super::shard::Map<Arc<str>, RNode>,
     msg: Option<Arc<Message>>,
 }
 

@@ -44,14 +44,14 @@ impl NodeSet {
 /// child is copied on write).
 #[derive(Clone, Debug, Default)]
 pub struct RouteNode {
-    children: Option<imbl::HashMap<Arc<str>, Arc<RouteNode>>>,
+    children: Option<crate::actors::shard::Map<Arc<str>, Arc<RouteNode>>>,
     /// Nodes with non-shared subscribers of the filter ending here.
     pub nodes: NodeSet,
     /// Of those, nodes where a persistent session subscribes: forwards there are acknowledged
     /// only once durable (the others right away).
     pub durable: NodeSet,
     /// Shared groups (full `$share/g/filter` key) ending here → nodes with members.
-    groups: Option<imbl::HashMap<Arc<str>, NodeSet>>,
+    groups: Option<crate::actors::shard::Map<Arc<str>, NodeSet>>,
 }
 
 impl RouteNode {

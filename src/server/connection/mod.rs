@@ -99,10 +99,26 @@ pub struct ConnCtx {
     pub services: Arc<Services>,
 }
 
+/// A read side that can wait until it has something to read without holding a buffer (a quiet
+/// client then costs no read buffer); streams that cannot tell are always ready.
+pub trait ReadReady {
+    fn ready(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl ReadReady for tokio::net::tcp::OwnedReadHalf {
+    async fn ready(&mut self) {
+        let _ = self.readable().await;
+    }
+}
+
+impl<T: Send> ReadReady for tokio::io::ReadHalf<T> {
+    async fn ready(&mut self) {}
+}
+
 /// Serve one client over any byte stream (TCP, TLS, WebSocket bridge).
 pub async fn serve<R, W>(broker: Arc<Broker>, rd: R, wr: W, peer: SocketAddr, ctx: ConnCtx, shutdown: CancellationToken)
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + ReadReady + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let node = broker.config.node.name.clone();
@@ -123,7 +139,7 @@ struct Established {
 
 async fn serve_inner<R, W>(broker: Arc<Broker>, mut rd: R, wr: W, peer: SocketAddr, ctx: ConnCtx, shutdown: CancellationToken)
 where
-    R: AsyncRead + Unpin + Send + 'static,
+    R: AsyncRead + ReadReady + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let m = &broker.metrics;
@@ -173,17 +189,28 @@ where
             tracing::error!("session actor is gone; closing the connection");
             break conn.close(reason::UNSPECIFIED_ERROR);
         }
-        // Idle connections hold a small buffer; busy ones grow it (bounded) as reads fill it.
+        // Busy connections grow their buffer (bounded) as reads fill it; a quiet one gives it
+        // back and waits for bytes without one.
         if buf.is_empty() && buf.capacity() > 64 * 1024 {
             buf = BytesMut::new();
         }
-        buf.reserve(read_hint);
-        let before = buf.len();
-        let room = buf.capacity() - before;
+        let mut room = 0;
+        let read = async {
+            if buf.is_empty() {
+                let quiet = tokio::select! { biased; _ = rd.ready() => false, _ = std::future::ready(()) => true };
+                if quiet {
+                    buf = BytesMut::new();
+                    rd.ready().await;
+                }
+            }
+            buf.reserve(read_hint);
+            room = buf.capacity() - buf.len();
+            rd.read_buf(&mut buf).await
+        };
         let read = async {
             match ka {
-                Some(d) => tokio::time::timeout(d, rd.read_buf(&mut buf)).await.ok(),
-                None => Some(rd.read_buf(&mut buf).await),
+                Some(d) => tokio::time::timeout(d, read).await.ok(),
+                None => Some(read.await),
             }
         };
         tokio::select! {
