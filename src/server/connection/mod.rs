@@ -189,28 +189,11 @@ where
             tracing::error!("session actor is gone; closing the connection");
             break conn.close(reason::UNSPECIFIED_ERROR);
         }
-        // Busy connections grow their buffer (bounded) as reads fill it; a quiet one gives it
-        // back and waits for bytes without one.
-        if buf.is_empty() && buf.capacity() > 64 * 1024 {
-            buf = BytesMut::new();
-        }
         let mut room = 0;
         let read = async {
-            if buf.is_empty() {
-                let quiet = tokio::select! { biased; _ = rd.ready() => false, _ = std::future::ready(()) => true };
-                if quiet {
-                    buf = BytesMut::new();
-                    rd.ready().await;
-                }
-            }
-            buf.reserve(read_hint);
-            room = buf.capacity() - buf.len();
-            rd.read_buf(&mut buf).await
-        };
-        let read = async {
             match ka {
-                Some(d) => tokio::time::timeout(d, read).await.ok(),
-                None => Some(read.await),
+                Some(d) => tokio::time::timeout(d, read_more(&mut rd, &mut buf, read_hint, &mut room)).await.ok(),
+                None => Some(read_more(&mut rd, &mut buf, read_hint, &mut room).await),
             }
         };
         tokio::select! {
@@ -257,6 +240,29 @@ where
         cancel.cancel();
     }
     linger(&mut rd).await;
+}
+
+/// Read more of the client's bytes into `buf`, `hint` at a time (`room`: how much it could
+/// take). Busy connections grow their buffer (bounded) as reads fill it; a quiet one gives it
+/// back and waits for bytes without one.
+async fn read_more<R: AsyncRead + ReadReady + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    hint: usize,
+    room: &mut usize,
+) -> std::io::Result<usize> {
+    if buf.is_empty() {
+        let quiet = tokio::select! { biased; _ = rd.ready() => false, _ = std::future::ready(()) => true };
+        if quiet || buf.capacity() > 64 * 1024 {
+            *buf = BytesMut::new();
+        }
+        if quiet {
+            rd.ready().await;
+        }
+    }
+    buf.reserve(hint);
+    *room = buf.capacity() - buf.len();
+    rd.read_buf(buf).await
 }
 
 /// A lingering close: our side is shut (the writer sent what it had, e.g. a DISCONNECT or a
