@@ -88,6 +88,21 @@ async fn keepalive_and_connect_timeout() {
     assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::KEEP_ALIVE_TIMEOUT), "{seen:?}");
     assert!(started.elapsed() >= Duration::from_millis(1400), "closed before 1.5x keep-alive");
 
+    // A client that keeps talking stays past 1.5x its keep-alive; once silent, it is closed
+    // 1.5x after its last packet, not earlier.
+    let mut cp = connect_packet(Protocol::V5, "ka-busy", true);
+    cp.keep_alive = 1;
+    let (mut c, _) = Raw::session(node.tcp, cp).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.send(Packet::PingReq).await;
+        assert!(matches!(c.recv().await, Some(Packet::PingResp)), "still connected past 1.5x keep-alive while pinging");
+    }
+    let last = std::time::Instant::now();
+    let seen = c.until_closed().await;
+    assert!(matches!(seen.last(), Some(Packet::Disconnect(d)) if d.code == reason::KEEP_ALIVE_TIMEOUT), "{seen:?}");
+    assert!(last.elapsed() >= Duration::from_millis(1400), "closed before 1.5x keep-alive after its last packet");
+
     let mut silent = Raw::connect(node.tcp).await;
     assert!(silent.until_closed().await.is_empty());
     node.stop().await;

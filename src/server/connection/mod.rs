@@ -153,6 +153,11 @@ where
     let session = conn.session.clone();
     let protocol = conn.protocol;
     let ka = if keep_alive == 0 { None } else { Some(Duration::from_millis(keep_alive as u64 * 1500)) };
+    // One keep-alive timer for the connection's life, moved only when it fires early (a timer
+    // per read cost a registration and a removal in the runtime's timer wheel per packet).
+    let mut last_read = tokio::time::Instant::now();
+    let alarm = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(86_400)));
+    tokio::pin!(alarm);
     let mut read_hint = 256usize;
     let will = loop {
         // Handle every complete packet already buffered, then read more.
@@ -190,24 +195,26 @@ where
             break conn.close(reason::UNSPECIFIED_ERROR);
         }
         let mut room = 0;
-        let read = async {
-            match ka {
-                Some(d) => tokio::time::timeout(d, read_more(&mut rd, &mut buf, read_hint, &mut room)).await.ok(),
-                None => Some(read_more(&mut rd, &mut buf, read_hint, &mut room).await),
-            }
-        };
         tokio::select! {
-            r = read => match r {
-                None => {
-                    tracing::info!("keep-alive timeout");
-                    break conn.close(reason::KEEP_ALIVE_TIMEOUT);
-                }
-                Some(Ok(0)) | Some(Err(_)) => break WillAction::Publish,
-                Some(Ok(n)) => {
+            r = read_more(&mut rd, &mut buf, read_hint, &mut room) => match r {
+                Ok(0) | Err(_) => break WillAction::Publish,
+                Ok(n) => {
+                    if ka.is_some() {
+                        last_read = tokio::time::Instant::now();
+                    }
                     Metrics::add(&m.bytes_received, n as u64);
                     read_hint = if n >= room { (read_hint * 2).min(64 * 1024) } else { read_hint };
                 }
             },
+            // (Reading is cancel safe: bytes are only taken into `buf` by a completed read.)
+            _ = &mut alarm, if ka.is_some() => {
+                let deadline = last_read + ka.unwrap_or_default();
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::info!("keep-alive timeout");
+                    break conn.close(reason::KEEP_ALIVE_TIMEOUT);
+                }
+                alarm.as_mut().reset(deadline);
+            }
             _ = cancel.cancelled() => break WillAction::Publish,
             _ = shutdown.cancelled() => break conn.close(reason::SERVER_SHUTTING_DOWN),
         }
