@@ -10,13 +10,7 @@ impl ClusterState {
     pub(super) async fn on_frame(&mut self, bytes: Vec<u8>) {
         let (from, body) = match wire::decode(&bytes, self.newest()) {
             Ok(x) => x,
-            Err(e @ wire::WireError::Version { .. }) => {
-                let key = e.to_string();
-                if self.refused.insert(key.clone()) {
-                    tracing::error!("refusing cluster peer: {key}");
-                }
-                return;
-            }
+            Err(e @ wire::WireError::Version { .. }) => return self.refuse(e.to_string()),
             Err(e) => {
                 tracing::warn!(error = %e, "dropping undecodable cluster frame");
                 return;

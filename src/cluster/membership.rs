@@ -25,16 +25,20 @@ impl ClusterState {
     pub(super) fn versions(&mut self, peer: &str, oldest: u16, newest: u16) {
         let mine = self.newest();
         let Some(v) = wire::agree(mine, Some((oldest, newest))) else {
-            let key =
-                format!("node {peer:?} speaks cluster wire versions {oldest} to {newest}; this node speaks {} to {mine}", wire::OLDEST);
-            if self.refused.insert(key.clone()) {
-                tracing::error!("refusing cluster peer: {key}");
-            }
-            return;
+            let o = wire::OLDEST;
+            return self.refuse(format!("node {peer:?} speaks cluster wire versions {oldest} to {newest}; this node speaks {o} to {mine}"));
         };
         let m = self.member_mut(peer);
         if m.wire.swap(v, Ordering::Relaxed) != v {
             tracing::info!(peer, version = v, "cluster wire version agreed");
+        }
+    }
+
+    /// A peer speaks no wire version this node speaks: said once per reason.
+    pub(super) fn refuse(&mut self, why: String) {
+        if !self.refused.contains(&why) {
+            tracing::error!("refusing cluster peer: {why}");
+            self.refused.insert(why);
         }
     }
 
