@@ -65,6 +65,21 @@ impl LogEvery {
     }
 }
 
+/// Says yes once per key per period (for at most `keys` keys at a time): a log line per device
+/// or product, not per event.
+pub struct OncePer<K>(moka::sync::Cache<K, ()>);
+
+impl<K: std::hash::Hash + Eq + Send + Sync + 'static> OncePer<K> {
+    pub fn new(keys: u64, period: std::time::Duration) -> Self {
+        OncePer(moka::sync::Cache::builder().max_capacity(keys).time_to_live(period).build())
+    }
+
+    /// Whether `key` was not seen in the period (and now is).
+    pub fn first(&self, key: K) -> bool {
+        self.0.entry(key).or_insert(()).is_fresh()
+    }
+}
+
 impl Default for LogEvery {
     fn default() -> Self {
         Self::new()

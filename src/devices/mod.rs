@@ -149,7 +149,7 @@ pub struct Devices {
     pub telemetry: std::sync::OnceLock<Arc<crate::telemetry::Telemetry>>,
     services: Vec<(ServiceAccount, Arc<Acl>)>,
     /// Last time a bad payload was logged, per device (at most once a minute each).
-    bad_log: moka::sync::Cache<Arc<str>, ()>,
+    bad_log: crate::metrics::OncePer<Arc<str>>,
     /// Last activity written to the cache, per device (throttles those writes).
     seen_local: moka::sync::Cache<Arc<str>, u64>,
     /// Product models by id, for identities built on a cold cache (a fleet's logins would
@@ -214,7 +214,7 @@ impl Devices {
             events: broadcast::channel(4096).0,
             telemetry: std::sync::OnceLock::new(),
             services,
-            bad_log: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(60)).build(),
+            bad_log: crate::metrics::OncePer::new(100_000, Duration::from_secs(60)),
             seen_local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(3600)).build(),
             products: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(30)).build(),
             status_queue: Mutex::default(),
@@ -577,8 +577,7 @@ impl Devices {
     /// Log a refused payload at most once a minute per device; always counted.
     pub fn rejected(&self, number: &Arc<str>, protocol: &str, why: &Reject) {
         self.metrics.payload_rejected.fetch_add(1, Ordering::Relaxed);
-        if !self.bad_log.contains_key(number) {
-            self.bad_log.insert(number.clone(), ());
+        if self.bad_log.first(number.clone()) {
             tracing::warn!(device = %number, protocol, error = %why, "refused a device payload (logged once a minute per device)");
         }
     }

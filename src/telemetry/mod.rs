@@ -95,7 +95,7 @@ pub struct Telemetry {
     products: moka::sync::Cache<i64, Option<i64>>,
     /// Products whose rules could not be read, warned about in the last minute (a database
     /// outage is logged once a minute per product, not once per message).
-    rules_unreadable: moka::sync::Cache<i64, ()>,
+    rules_unreadable: crate::metrics::OncePer<i64>,
     /// Latest value of every key per device (also written to the shared cache).
     hot: moka::sync::Cache<i64, Arc<std::sync::Mutex<LatestOf>>>,
     /// Bounds the background tasks that copy latest values to the shared cache.
@@ -181,7 +181,7 @@ impl Telemetry {
             writers: OnceLock::new(),
             rules: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(RULES_TTL).build(),
             products: moka::sync::Cache::builder().max_capacity(2_000_000).time_to_live(Duration::from_secs(600)).build(),
-            rules_unreadable: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(60)).build(),
+            rules_unreadable: crate::metrics::OncePer::new(10_000, Duration::from_secs(60)),
             hot: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
             cache_writes: Arc::new(Semaphore::new(64)),
             metrics: TelemetryMetrics::default(),
@@ -388,8 +388,7 @@ impl Telemetry {
             Ok(None) => RuleSet::compile(&[]).ok()?,
             // Meta store down: do not cache the miss.
             Err(e) => {
-                if !self.rules_unreadable.contains_key(&product) {
-                    self.rules_unreadable.insert(product, ());
+                if self.rules_unreadable.first(product) {
                     tracing::warn!(product, error = %e, "cannot read telemetry rules (logged once a minute per product)");
                 }
                 return None;
