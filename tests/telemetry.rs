@@ -22,6 +22,33 @@ pub(crate) fn values_of(v: &Value, key: &str) -> Vec<(i64, Value)> {
     v["points"].as_array().unwrap().iter().filter(|p| p["key"] == key).map(|p| (p["ts"].as_i64().unwrap(), p["value"].clone())).collect()
 }
 
+/// A connected device moved to another product: its next message goes through the new
+/// product's telemetry rules, without reconnecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_moved_to_another_product_gets_its_rules_at_once() {
+    let p = Platform::start(None, |_| {}).await;
+    let mut ids = Vec::new();
+    for (name, to) in [("moves-a", "from_a"), ("moves-b", "from_b")] {
+        let (s, prod) = p.admin("POST", "/api/v1/products", Some(json!({"tenant_id": 1, "name": name, "strict": false}))).await;
+        assert_eq!(s, 201, "{prod}");
+        let id = prod["id"].as_i64().unwrap();
+        let rules = json!([{"op": "rename", "from": "t", "to": to}]);
+        let (s, v) = p.admin("PUT", &format!("/api/v1/products/{id}/telemetry-policy"), Some(json!({"rules": rules}))).await;
+        assert_eq!(s, 200, "{v}");
+        ids.push(id);
+    }
+    let (_, token) = p.create_device("mover-1", json!({"product_id": ids[0]})).await;
+    let mut d = device(p.node.tcp, Protocol::V5, "mover-1", &token).await;
+    let t0 = (thingsd::storage::meta::now_ms() - 3_600_000) / 60_000 * 60_000;
+    assert!(ok(pub1(&mut d, "devices/telemetry", 1, &format!(r#"{{"ts": {t0}, "t": 1}}"#)).await));
+    let (s, v) = p.admin("PATCH", "/api/v1/devices/mover-1", Some(json!({"product_id": ids[1]}))).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(ok(pub1(&mut d, "devices/telemetry", 2, &format!(r#"{{"ts": {}, "t": 2}}"#, t0 + 60_000)).await));
+    let h = history(&p, "mover-1", &format!("from={t0}&to={}", t0 + 120_000)).await;
+    assert_eq!(values_of(&h, "from_a"), vec![(t0, json!(1.0))], "{h}");
+    assert_eq!(values_of(&h, "from_b"), vec![(t0 + 60_000, json!(2.0))], "the new product's rules: {h}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_to_store_with_rules_queries_and_restart() {
     let p = Platform::start(None, |_| {}).await;

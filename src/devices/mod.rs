@@ -295,6 +295,14 @@ impl Devices {
         Ok(Some(Arc::new(ident)))
     }
 
+    /// A device changed (here or on another node): if it moved to another product, its
+    /// telemetry rules follow at once, not when telemetry's product cache expires.
+    fn note_device_product(&self, d: &Device) {
+        if let Some(t) = self.telemetry.get() {
+            t.note_product(d.id, d.product_id);
+        }
+    }
+
     /// Tell telemetry which product a device that logged in belongs to, so its first message
     /// does not read the device again (a fleet's first telemetry round would read every one).
     fn note_product(&self, i: &Identity) {
@@ -353,6 +361,7 @@ impl Devices {
     /// disconnects its connections on every node (disabled or deleted devices).
     pub async fn changed(&self, dev: &Device, kick: bool) {
         self.forget(dev).await;
+        self.note_device_product(dev);
         if let Some(gw) = dev.gateway_id {
             // A gateway's identity lists its sub-devices.
             if let Ok(g) = self.meta.device_by_id(gw).await {
@@ -481,10 +490,12 @@ impl Devices {
     async fn on_notice(&self, n: DeviceNotice) {
         match n {
             DeviceNotice::Changed { device, kick } => {
-                if let Cache::Local(_) = self.cache {
-                    if let Ok(d) = self.meta.device(&device).await {
-                        self.forget(&d).await;
+                let now = self.meta.device(&device).await;
+                if let Ok(d) = &now {
+                    if let Cache::Local(_) = self.cache {
+                        self.forget(d).await;
                     }
+                    self.note_device_product(d);
                 }
                 self.verified.invalidate_all();
                 // It may be one of a changed product's devices.
@@ -492,7 +503,7 @@ impl Devices {
                 if kick {
                     self.kick_local(&device);
                     // Deleted (not only disabled): its sessions here end too.
-                    if matches!(self.meta.device(&device).await, Err(MetaError::NotFound(_))) {
+                    if matches!(now, Err(MetaError::NotFound(_))) {
                         self.end_sessions(&device);
                     }
                 }
