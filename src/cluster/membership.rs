@@ -24,7 +24,7 @@ impl ClusterState {
     /// `peer` said which wire versions it speaks: write to it in the newest both speak.
     pub(super) fn versions(&mut self, peer: &str, oldest: u16, newest: u16) {
         let mine = self.newest();
-        let Some(v) = wire::agree(mine, Some((oldest, newest))) else {
+        let Some(v) = wire::agree(mine, (oldest, newest)) else {
             let o = wire::OLDEST;
             return self.refuse(format!("node {peer:?} speaks cluster wire versions {oldest} to {newest}; this node speaks {o} to {mine}"));
         };

@@ -302,11 +302,10 @@ pub enum Body {
     },
 }
 
-/// The version to write to a peer that said it speaks `theirs` (`None`: it never said, so it
-/// speaks only version 1), given that this node speaks `OLDEST..=newest`. `None` when the two
-/// ranges do not meet.
-pub fn agree(newest: u16, theirs: Option<(u16, u16)>) -> Option<u16> {
-    let (oldest_t, newest_t) = theirs.unwrap_or((1, 1));
+/// The version to write to a peer that said it speaks `(oldest, newest)`, given that this node
+/// speaks `OLDEST..=newest`; `None` when the two ranges do not meet. (A peer that never said
+/// speaks only version 1: links start at `OLDEST`.)
+pub fn agree(newest: u16, (oldest_t, newest_t): (u16, u16)) -> Option<u16> {
     let v = newest.min(newest_t);
     (v >= OLDEST.max(oldest_t)).then_some(v)
 }
@@ -476,11 +475,11 @@ mod tests {
     fn versions_are_agreed_per_peer() {
         let (_, back) = decode(&encode(OLDEST, "n1", &Body::Versions { oldest: 1, newest: 2 }), VERSION).unwrap();
         assert!(matches!(back, Body::Versions { oldest: 1, newest: 2 }));
-        assert_eq!(agree(2, None), Some(1), "a peer that never said speaks version 1");
-        assert_eq!(agree(2, Some((1, 2))), Some(2));
-        assert_eq!(agree(2, Some((1, 3))), Some(2));
-        assert_eq!(agree(1, Some((1, 2))), Some(1), "capped by cluster.wire_version");
-        assert_eq!(agree(2, Some((3, 4))), None, "no version in common");
+        assert_eq!(agree(2, (1, 1)), Some(1), "a peer that speaks only version 1");
+        assert_eq!(agree(2, (1, 2)), Some(2));
+        assert_eq!(agree(2, (1, 3)), Some(2));
+        assert_eq!(agree(1, (1, 2)), Some(1), "capped by cluster.wire_version");
+        assert_eq!(agree(2, (3, 4)), None, "no version in common");
     }
 
     #[test]
