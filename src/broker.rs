@@ -38,6 +38,8 @@ pub struct Broker {
     /// Every listener accepts (set once start-up is complete).
     pub serving: std::sync::atomic::AtomicBool,
     connect_bucket: std::sync::Mutex<(f64, Instant)>,
+    /// CONNECTs in progress per source address (`mqtt.max_pending_connects_per_address`).
+    pub pending_by_address: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
 }
 
 impl Broker {
@@ -64,6 +66,7 @@ impl Broker {
             serving: Default::default(),
             // The bucket starts full: a burst of `rate` connects, then `rate` per second.
             connect_bucket: std::sync::Mutex::new((connect_rate, started)),
+            pending_by_address: Default::default(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Sockets and TLS shared by the node's listeners (`server`) and its cluster links
 //! (`cluster`): the accept loop and the one crypto provider. Depends only on `metrics` (its
 //! throttled log line).
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -10,6 +10,19 @@ use tokio_util::sync::CancellationToken;
 /// Install the one rustls crypto provider we use (`ring`) before any TLS use.
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The block of addresses one client is taken to control, for per-address limits (login
+/// failures, CONNECTs in progress): an IPv4 address, or an IPv6 /64 — what one host or
+/// customer line is given, so counting single IPv6 addresses would let one host past any limit.
+pub fn address_block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(v6.to_bits() & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
 }
 
 /// Pending connections a listener holds before the kernel drops SYNs (capped by
@@ -71,5 +84,20 @@ pub async fn accept_next(listener: &TcpListener, stop: &CancellationToken) -> Op
                 }
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::address_block;
+
+    #[test]
+    fn an_address_block_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let b = |s: &str| address_block(s.parse().unwrap()).to_string();
+        assert_eq!(b("192.0.2.7"), "192.0.2.7");
+        assert_eq!(b("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(b("2001:db8:1:2:aaaa:bbbb:cccc:dddd"), "2001:db8:1:2::");
+        assert_eq!(b("2001:db8:1:2::1"), b("2001:db8:1:2:ffff::9"));
+        assert_ne!(b("2001:db8:1:2::1"), b("2001:db8:1:3::1"));
     }
 }

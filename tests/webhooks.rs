@@ -419,6 +419,44 @@ async fn logins_in_progress_are_bounded_with_server_busy() {
     p.node.stop().await;
 }
 
+/// One source address cannot hold every CONNECT slot (`mqtt.max_pending_connects_per_address`):
+/// while the `auth_on_register` endpoint sits on two logins from 127.0.0.1, a third from there
+/// is answered 0x89 at once, but a client from 127.0.0.2 is still admitted to authentication
+/// (the node-wide bound, 8, is not reached). When the logins finish the address has its share back.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_cannot_hold_every_login_slot() {
+    let (p, mut called, release) = gated("auth_on_register_m5", |c| {
+        c.mqtt.max_pending_connects = 8;
+        c.mqtt.max_pending_connects_per_address = 2;
+    })
+    .await;
+    let addr = p.node.tcp;
+    let (one, two): (std::net::IpAddr, std::net::IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+    let login = move |src, id: &str| {
+        let c = common::connect_packet(Protocol::V5, id, true);
+        tokio::spawn(async move { Raw::session_from(addr, src, c).await })
+    };
+    let held: Vec<_> = (0..2).map(|i| login(one, &format!("held-{i}"))).collect();
+    for _ in 0..2 {
+        tokio::time::timeout(DEADLINE, called.recv()).await.expect("auth_on_register called").unwrap();
+    }
+    let (_busy, ack) = Raw::session_from(addr, one, common::connect_packet(Protocol::V5, "third", true)).await;
+    assert_eq!(ack.code, reason::SERVER_BUSY, "127.0.0.1 holds its share");
+    let other = login(two, "elsewhere");
+    tokio::time::timeout(DEADLINE, called.recv()).await.expect("127.0.0.2 reaches authentication").unwrap();
+    release.add_permits(3);
+    for h in held.into_iter().chain([other]) {
+        let (_r, ack) = h.await.unwrap();
+        assert_eq!(ack.code, reason::SUCCESS);
+    }
+    release.add_permits(1);
+    let (_r, ack) = Raw::session_from(addr, one, common::connect_packet(Protocol::V5, "third", true)).await;
+    assert_eq!(ack.code, reason::SUCCESS, "the address has its share back");
+    let (_, text) = common::http_get(p.http_addr(), "/metrics").await;
+    assert!(text.contains("thingsd_connects_pending 0"), "{text}");
+    p.node.stop().await;
+}
+
 /// `thingsd_mqtt_publish_received_total{qos="1"}` of the node.
 async fn qos1_publishes_read(p: &Platform) -> f64 {
     let (_, text) = common::http_get(p.http_addr(), "/metrics").await;

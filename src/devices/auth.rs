@@ -47,6 +47,7 @@ impl Devices {
     }
 
     async fn authenticate_on(&self, ch: Channel, peer: IpAddr, c: &Credentials<'_>, allow_anonymous: bool) -> Result<Principal, AuthError> {
+        let peer = crate::net::address_block(peer);
         if self.limited(ch, peer) {
             self.metrics.auth_rate_limited.fetch_add(1, Ordering::Relaxed);
             return Err(AuthError::RateLimited);

@@ -198,6 +198,7 @@ impl Users {
     /// the source address; past either limit the answer is `Limited` without checking.
     pub async fn login(&self, username: &str, password: &str, from: IpAddr) -> Result<Tokens, LoginError> {
         let window = Duration::from_secs(self.config.login_window_secs.max(1));
+        let from = crate::net::address_block(from);
         // The account's counter is per source address too, so nobody can lock an account
         // for everyone else.
         let (acct_key, addr_key) = (format!("loginfail:u:{}:{from}", username.to_lowercase()), format!("loginfail:a:{from}"));

@@ -182,13 +182,32 @@ impl Raw {
         Some(Raw { stream, buf: BytesMut::new(), protocol: Protocol::V5, kept: Default::default() })
     }
 
+    /// Connect from source address `src` (a loopback address other than 127.0.0.1 is another client
+    /// to the node's per-address limits).
+    pub async fn connect_from(addr: SocketAddr, src: std::net::IpAddr) -> Raw {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(src, 0)).unwrap();
+        let stream = tokio::time::timeout(DEADLINE, sock.connect(addr)).await.expect("connect in time").expect("connect");
+        stream.set_nodelay(true).unwrap();
+        Raw { stream, buf: BytesMut::new(), protocol: Protocol::V5, kept: Default::default() }
+    }
+
     /// Connect and complete the CONNECT/CONNACK exchange; returns the CONNACK.
     pub async fn session(addr: SocketAddr, c: Connect) -> (Raw, ConnAck) {
-        let mut r = Raw::connect(addr).await;
-        r.protocol = c.protocol;
-        r.send(Packet::Connect(Box::new(c))).await;
-        match r.recv().await {
-            Some(Packet::ConnAck(a)) => (r, a),
+        Raw::connect(addr).await.connack(c).await
+    }
+
+    /// `session` from source address `src`.
+    pub async fn session_from(addr: SocketAddr, src: std::net::IpAddr, c: Connect) -> (Raw, ConnAck) {
+        Raw::connect_from(addr, src).await.connack(c).await
+    }
+
+    /// Send CONNECT, read its CONNACK.
+    async fn connack(mut self, c: Connect) -> (Raw, ConnAck) {
+        self.protocol = c.protocol;
+        self.send(Packet::Connect(Box::new(c))).await;
+        match self.recv().await {
+            Some(Packet::ConnAck(a)) => (self, a),
             other => panic!("expected CONNACK, got {other:?}"),
         }
     }

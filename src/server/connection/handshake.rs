@@ -19,21 +19,49 @@ struct Negotiated {
 }
 
 /// A CONNECT between its arrival and its CONNACK (authentication, session attach), counted
-/// against `mqtt.max_pending_connects`.
-struct PendingConnect<'a>(&'a Broker);
+/// against `mqtt.max_pending_connects`, and against its source address's share of them.
+struct PendingConnect<'a> {
+    broker: &'a Broker,
+    /// The address block it counts for, once admitted under the node-wide bound.
+    from: Option<std::net::IpAddr>,
+}
 
 impl<'a> PendingConnect<'a> {
-    fn enter(broker: &'a Broker) -> Option<Self> {
+    /// `Err(())` when the node or this address holds its share of CONNECTs in progress.
+    fn enter(broker: &'a Broker, peer: std::net::IpAddr) -> Result<Self, ()> {
         let n = broker.metrics.connects_pending.fetch_add(1, Ordering::Relaxed) as usize;
-        let cap = broker.config.mqtt.max_pending_connects;
-        let me = PendingConnect(broker);
-        (cap == 0 || n < cap).then_some(me)
+        let mut me = PendingConnect { broker, from: None };
+        let cfg = &broker.config.mqtt;
+        if cfg.max_pending_connects != 0 && n >= cfg.max_pending_connects {
+            return Err(());
+        }
+        if cfg.max_pending_connects_per_address == 0 {
+            return Ok(me);
+        }
+        let block = crate::net::address_block(peer);
+        let mut table = broker.pending_by_address.lock().unwrap_or_else(|e| e.into_inner());
+        let held = table.entry(block).or_insert(0);
+        if *held as usize >= cfg.max_pending_connects_per_address {
+            return Err(());
+        }
+        *held += 1;
+        me.from = Some(block);
+        Ok(me)
     }
 }
 
 impl Drop for PendingConnect<'_> {
     fn drop(&mut self) {
-        self.0.metrics.connects_pending.fetch_sub(1, Ordering::Relaxed);
+        self.broker.metrics.connects_pending.fetch_sub(1, Ordering::Relaxed);
+        if let Some(block) = self.from {
+            let mut table = self.broker.pending_by_address.lock().unwrap_or_else(|e| e.into_inner());
+            if let std::collections::hash_map::Entry::Occupied(mut e) = table.entry(block) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
     }
 }
 
@@ -56,8 +84,12 @@ where
     let protocol = c.protocol;
     // Every log line of this connection carries its client id from here on.
     tracing::Span::current().record("client_id", c.client_id.as_str());
-    let Some(_pending) = PendingConnect::enter(broker) else {
-        tracing::debug!(limit = broker.config.mqtt.max_pending_connects, "too many CONNECTs in progress; server busy");
+    let Ok(_pending) = PendingConnect::enter(broker, peer.ip()) else {
+        tracing::debug!(
+            limit = broker.config.mqtt.max_pending_connects,
+            per_address = broker.config.mqtt.max_pending_connects_per_address,
+            "too many CONNECTs in progress (on the node, or from this address); server busy"
+        );
         Box::pin(write_raw(&mut wr, &connack(reason::SERVER_BUSY), protocol, &broker.metrics)).await;
         return None;
     };
