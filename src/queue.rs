@@ -54,11 +54,25 @@ impl<T> Inner<T> {
     }
 
     fn pop(&self) -> Option<T> {
+        self.take(false)
+    }
+
+    /// The next value; when there is none, the buffer is given back (the receiver is about to
+    /// wait: an idle connection then holds no queue memory, not even the slots of its CONNACK).
+    fn pop_or_release(&self) -> Option<T> {
+        self.take(true)
+    }
+
+    /// The next value. A queue left empty gives its buffer back when it grew past `KEEP`
+    /// slots, or (`release`) when there was nothing to take.
+    fn take(&self, release: bool) -> Option<T> {
         let mut q = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        let t = q.pop_front()?;
-        if q.is_empty() && q.capacity() > KEEP {
+        let t = q.pop_front();
+        let keep = if release && t.is_none() { 0 } else { KEEP };
+        if q.is_empty() && q.capacity() > keep {
             *q = VecDeque::new();
         }
+        let t = t?;
         drop(q);
         self.room.add_permits(1);
         Some(t)
@@ -142,7 +156,7 @@ impl<T> Receiver<T> {
     /// The next value; `None` once every sender is gone and nothing is left.
     pub async fn recv(&mut self) -> Option<T> {
         loop {
-            if let Some(t) = self.0.pop() {
+            if let Some(t) = self.0.pop_or_release() {
                 return Some(t);
             }
             if self.0.senders.load(Ordering::Acquire) == 0 {
@@ -153,6 +167,14 @@ impl<T> Receiver<T> {
             // queued between the checks above and this line is not missed.
             self.0.ready.notified().await;
         }
+    }
+
+    /// Refuse more values (senders, also those waiting for room, see `Closed`) and drop
+    /// what is queued, as dropping the receiver would.
+    pub fn close(&mut self) {
+        self.0.room.close();
+        let left = std::mem::take(&mut *self.0.items.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(left);
     }
 
     pub fn try_recv(&mut self) -> Result<T, TryRecvError> {
@@ -166,9 +188,7 @@ impl<T> Receiver<T> {
 
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
-        self.0.room.close();
-        let left = std::mem::take(&mut *self.0.items.lock().unwrap_or_else(|e| e.into_inner()));
-        drop(left);
+        self.close();
     }
 }
 
@@ -211,6 +231,22 @@ mod tests {
         assert_eq!(rx.recv().await, Some(6));
         assert_eq!(rx.recv().await, None);
         assert_eq!(rx.try_recv(), Err(TryRecvError::Disconnected));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_holds_no_buffer() {
+        let capacity = |rx: &Receiver<u32>| rx.0.items.lock().unwrap().capacity();
+        let (tx, mut rx) = channel::<u32>(8);
+        tx.try_send(1).unwrap();
+        tx.try_send(2).unwrap();
+        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(rx.recv().await, Some(2));
+        assert!(capacity(&rx) > 0, "kept while values come and go");
+        // Nothing queued: the receiver waits, and gives the buffer back first.
+        tokio::select! { biased; _ = rx.recv() => panic!("nothing was sent"), _ = std::future::ready(()) => {} }
+        assert_eq!(capacity(&rx), 0);
+        tx.try_send(3).unwrap();
+        assert_eq!(rx.recv().await, Some(3));
     }
 
     #[tokio::test]

@@ -673,6 +673,87 @@ async fn fast_qos2_publisher_loses_nothing_to_a_small_queue() {
     node.stop().await;
 }
 
+/// A client that writes without reading stops being read, and loses nothing. It subscribes to
+/// its own topic and pipelines 2,000 QoS 1 publishes of 32 KiB (64 MiB, more than the socket
+/// buffers between it and the node hold) without reading: its deliveries back up (its receive
+/// buffer is kept small), the outbound queue fills with them and the PUBACKs, and the node
+/// stops reading it — its one task keeps writing while a packet's handling waits for room in
+/// that queue. When the client reads again, every PUBACK (in order) and every message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_is_paused_and_loses_nothing() {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = start(|_| {}).await;
+    // A small receive buffer (no autotuning): what the client does not read backs up at once.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(64 * 1024).unwrap();
+    let stream = sock.connect(node.tcp).await.unwrap();
+    let (mut c, ack) = Raw::session_on(stream, connect_packet(Protocol::V4, "self-loop", true)).await;
+    assert_eq!(ack.code, 0);
+    c.sub("loop/#", QoS::AtLeastOnce).await;
+    let (total, size) = (2000u16, 32 * 1024);
+    let (mut rd, mut wr) = c.stream.into_split();
+    let written = std::sync::Arc::new(AtomicU16::new(0));
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<u16>();
+    let w = written.clone();
+    let writer = tokio::spawn(async move {
+        let payload = "x".repeat(size);
+        let mut b = bytes::BytesMut::new();
+        for i in 1..=total {
+            encode(&publish("loop/x", QoS::AtLeastOnce, i, &payload), Protocol::V4, &mut b);
+            wr.write_all(&b).await.unwrap();
+            b.clear();
+            w.store(i, Ordering::Relaxed);
+        }
+        while let Some(pkid) = ack_rx.recv().await {
+            encode(&Packet::PubAck(Ack::new(pkid, 0)), Protocol::V4, &mut b);
+            wr.write_all(&b).await.unwrap();
+            b.clear();
+        }
+    });
+    // Read once the client has written everything, or has been held up (the node stopped
+    // reading it) for half a second.
+    let mut last = (0, tokio::time::Instant::now());
+    loop {
+        let n = written.load(Ordering::Relaxed);
+        if n == total || (n == last.0 && last.1.elapsed() > Duration::from_millis(500)) {
+            break;
+        }
+        if n != last.0 {
+            last = (n, tokio::time::Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut acked, mut got, mut buf) = (0u16, 0u16, bytes::BytesMut::new());
+    let read_all = async {
+        loop {
+            while let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).expect("a valid packet") {
+                match p {
+                    Packet::PubAck(a) => {
+                        acked += 1;
+                        assert_eq!(a.pkid, acked, "PUBACKs in order");
+                    }
+                    Packet::Publish(m) => {
+                        assert_eq!(m.payload.len(), size);
+                        got += 1;
+                        ack_tx.send(m.pkid).unwrap();
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            if acked == total && got == total {
+                break;
+            }
+            assert!(rd.read_buf(&mut buf).await.unwrap() > 0, "the node closed the connection");
+        }
+    };
+    let done = tokio::time::timeout(Duration::from_secs(60), read_all).await;
+    assert!(done.is_ok(), "every PUBACK and message within a minute: {acked} PUBACKs, {got} messages");
+    drop(ack_tx);
+    writer.await.unwrap();
+    node.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receive_maximum_is_enforced_for_5_0_qos2() {
     let node = start(|c| c.mqtt.max_inflight = 5).await;

@@ -340,7 +340,7 @@ async fn run() -> anyhow::Result<()> {
             for (k, name) in o.brokers.iter().enumerate() {
                 if let Some(r) = run_one(&o, sc, name).await? {
                     if o.repeat > 1 {
-                        println!("  run {}: {name} {:.0} msgs/s", round + 1, r.rate);
+                        println!("  run {}: {name} {:.0}/s {}", round + 1, r.rate, r.extra);
                     }
                     runs[k].push(r);
                 }

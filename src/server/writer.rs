@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use crate::actors::session::{OutPublish, Outbound};
 use crate::broker::Broker;
@@ -84,87 +83,164 @@ fn out(b: &Broker, client: &str, p: &Packet, bytes: usize, protocol: Protocol) {
     }
 }
 
-/// Run until the queue closes, a DISCONNECT is written, the socket fails or `cancel` fires.
-#[allow(clippy::too_many_arguments)]
-pub async fn run<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: crate::queue::Receiver<Outbound>,
+/// The write half of a connection, driven by the connection's own task (one task per
+/// connection instead of two): [`Out::step`] writes some of what is queued and is cancel safe,
+/// so the packet loop can select on it next to reading, and keep writing while it waits for a
+/// packet's handling (which may wait for room in this very queue).
+pub struct Out<W> {
+    wr: W,
+    rx: crate::queue::Receiver<Outbound>,
+    /// Encoded packets; `buf[off..]` is still to be written.
+    buf: BytesMut,
+    off: usize,
+    /// Bytes were written since the last flush (TLS keeps some until flushed).
+    unflushed: bool,
+    /// A DISCONNECT is in `buf`: shut the socket down once it is written.
+    close: bool,
+    /// The socket failed, was shut down, or the queue closed: nothing more is written.
+    pub done: bool,
     protocol: Protocol,
-    client_alias_max: u16,
-    cancel: CancellationToken,
+    aliases: Aliases,
     broker: Arc<Broker>,
     hooks: Option<Arc<crate::webhooks::Webhooks>>,
     mount: Option<Arc<str>>,
-    (client, username): (Arc<str>, Option<Arc<str>>),
-) {
-    let mut buf = BytesMut::new();
-    let mut aliases = Aliases { max: client_alias_max, map: HashMap::new() };
-    let m = &broker.metrics;
-    'outer: loop {
-        let first = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            o = rx.recv() => o,
-        };
-        let Some(mut next) = first else { break };
-        let mut close = false;
+    client: Arc<str>,
+    username: Option<Arc<str>>,
+}
+
+impl<W: AsyncWrite + Unpin> Out<W> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        wr: W,
+        rx: crate::queue::Receiver<Outbound>,
+        protocol: Protocol,
+        client_alias_max: u16,
+        broker: Arc<Broker>,
+        hooks: Option<Arc<crate::webhooks::Webhooks>>,
+        mount: Option<Arc<str>>,
+        (client, username): (Arc<str>, Option<Arc<str>>),
+    ) -> Self {
+        let aliases = Aliases { max: client_alias_max, map: HashMap::new() };
+        Out {
+            wr,
+            rx,
+            buf: BytesMut::new(),
+            off: 0,
+            unflushed: false,
+            close: false,
+            done: false,
+            protocol,
+            aliases,
+            broker,
+            hooks,
+            mount,
+            client,
+            username,
+        }
+    }
+
+    /// Write some of what is queued (waiting for something to be queued when nothing is);
+    /// false once nothing more will be written (see `done`). Cancel safe: what was taken
+    /// from the queue stays in `buf` until written.
+    pub async fn step(&mut self) -> bool {
+        if self.done {
+            return false;
+        }
+        if self.off == self.buf.len() {
+            if self.unflushed {
+                if self.wr.flush().await.is_err() {
+                    return self.end();
+                }
+                self.unflushed = false;
+            }
+            if self.close {
+                let _ = self.wr.shutdown().await;
+                return self.end();
+            }
+            self.buf.clear();
+            self.off = 0;
+            if self.buf.capacity() > 4 * BATCH {
+                self.buf = BytesMut::new();
+            }
+            let Some(first) = self.rx.recv().await else {
+                let _ = self.wr.shutdown().await;
+                return self.end();
+            };
+            self.fill(first);
+        }
+        match self.wr.write(&self.buf[self.off..]).await {
+            Ok(0) | Err(_) => self.end(),
+            Ok(n) => {
+                self.off += n;
+                self.unflushed = true;
+                true
+            }
+        }
+    }
+
+    /// Nothing more is written; those waiting for room in the queue are told it closed.
+    fn end(&mut self) -> bool {
+        self.done = true;
+        self.rx.close();
+        false
+    }
+
+    /// Write what is queued until the queue closes or a DISCONNECT is written (bounded by
+    /// the caller in time), then shut the socket down.
+    pub async fn finish(&mut self) {
+        while self.step().await {}
+    }
+
+    /// Encode `next` and whatever else is queued, up to a batch, into `buf`.
+    fn fill(&mut self, mut next: Outbound) {
+        let (broker, protocol) = (&*self.broker, self.protocol);
+        let m = &broker.metrics;
+        let buf = &mut self.buf;
         let mut sent = 0u64;
         loop {
             let before = buf.len();
             match next {
                 Outbound::Packet(p) => {
-                    encode(&p, protocol, &mut buf);
-                    out(&broker, &client, &p, buf.len() - before, protocol);
+                    encode(&p, protocol, buf);
+                    out(broker, &self.client, &p, buf.len() - before, protocol);
                 }
                 Outbound::Publish(p) => {
                     sent += 1;
-                    if let Some(h) = hooks.as_ref() {
+                    if let Some(h) = self.hooks.as_ref() {
                         let v5 = protocol == Protocol::V5;
                         h.notify("on_deliver", v5, || {
                             let pl = h.payload("on_deliver", v5, &p.msg.payload);
-                            crate::webhooks::body::deliver(username.as_deref(), &client, &p.msg.topic, pl, p.qos as u8, p.retain, v5)
+                            let user = self.username.as_deref();
+                            crate::webhooks::body::deliver(user, &self.client, &p.msg.topic, pl, p.qos as u8, p.retain, v5)
                         });
                     }
                     m.publish_out.add(p.qos as usize, 1);
                     if broker.tracer.on() {
-                        broker.tracer.publish_out(&broker.config.node.name, &client, &p);
+                        broker.tracer.publish_out(&broker.config.node.name, &self.client, &p);
                     }
-                    encode_out(&mut buf, p, protocol, &mut aliases, mount.as_ref());
+                    encode_out(buf, p, protocol, &mut self.aliases, self.mount.as_ref());
                     m.packets_out.add(3, 1);
                     m.packet_bytes_out.add(3, (buf.len() - before) as u64);
                 }
                 Outbound::Disconnect(code) => {
                     if protocol == Protocol::V5 {
                         let p = Packet::Disconnect(Disconnect { code, props: Properties::default() });
-                        encode(&p, protocol, &mut buf);
-                        out(&broker, &client, &p, buf.len() - before, protocol);
+                        encode(&p, protocol, buf);
+                        out(broker, &self.client, &p, buf.len() - before, protocol);
                     }
-                    close = true;
+                    self.close = true;
                     break;
                 }
             }
             if buf.len() >= BATCH {
                 break;
             }
-            match rx.try_recv() {
+            match self.rx.try_recv() {
                 Ok(o) => next = o,
                 Err(_) => break,
             }
         }
         Metrics::add(&m.messages_sent, sent);
         Metrics::add(&m.bytes_sent, buf.len() as u64);
-        if wr.write_all(&buf).await.is_err() || wr.flush().await.is_err() {
-            break 'outer;
-        }
-        buf.clear();
-        if buf.capacity() > 4 * BATCH {
-            buf = BytesMut::new();
-        }
-        if close {
-            break;
-        }
     }
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
-    cancel.cancel();
 }

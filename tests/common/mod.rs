@@ -202,6 +202,11 @@ impl Raw {
         Raw::connect_from(addr, src).await.connack(c).await
     }
 
+    /// CONNECT over a stream the test set up itself (socket options), returning the CONNACK.
+    pub async fn session_on(stream: TcpStream, c: Connect) -> (Raw, ConnAck) {
+        Raw { stream, buf: BytesMut::new(), protocol: Protocol::V5, kept: Default::default() }.connack(c).await
+    }
+
     /// Send CONNECT, read its CONNACK.
     async fn connack(mut self, c: Connect) -> (Raw, ConnAck) {
         self.protocol = c.protocol;

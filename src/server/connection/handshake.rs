@@ -75,7 +75,7 @@ pub(super) async fn handshake<R, W>(
     peer: SocketAddr,
     ctx: ConnCtx,
     shutdown: &CancellationToken,
-) -> Option<Established>
+) -> Option<Established<W>>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -286,7 +286,7 @@ async fn negotiate(broker: &Arc<Broker>, svc: &Services, mut c: Connect, princip
 /// Start the writer, take a session slot of the principal, claim the client id at its
 /// registrar (in a cluster) and attach the session; then the device platform and the
 /// webhooks learn of the connection.
-async fn attach<W>(broker: &Arc<Broker>, svc: Arc<Services>, wr: W, peer: SocketAddr, n: Negotiated, gauge: Gauge) -> Option<Established>
+async fn attach<W>(broker: &Arc<Broker>, svc: Arc<Services>, wr: W, peer: SocketAddr, n: Negotiated, gauge: Gauge) -> Option<Established<W>>
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -320,18 +320,17 @@ where
     });
     let mount = device.as_ref().map(|i| Arc::<str>::from(format!("v1/devices/{}/", i.device_number)));
     let username: Option<Arc<str>> = c.username.as_deref().map(Arc::from);
-    let writer = tokio::spawn(super::super::writer::run(
+    let mut out = super::super::writer::Out::new(
         wr,
         rx,
         protocol,
         c.props.topic_alias_maximum.unwrap_or(0),
-        cancel.clone(),
         broker.clone(),
         svc.hooks.clone(),
         mount,
         (shown.clone(), username.clone()),
-    ));
-    // Refused from here on: the writer sends the CONNACK and closes.
+    );
+    // Refused from here on: the CONNACK is written, then the socket closed.
     let refuse = |code: u8| {
         let _ = tx.try_send(Outbound::Packet(Box::new(connack(code))));
         let _ = tx.try_send(Outbound::Disconnect(code));
@@ -347,13 +346,13 @@ where
         tracing::info!(cap = cfg.mqtt.max_sessions_per_principal, "CONNECT refused: every session of this principal is connected");
         refuse(reason::QUOTA_EXCEEDED);
         drop(tx);
-        let _ = writer.await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), out.finish()).await;
         return None;
     }
     let Some(session) = Box::pin(register(broker, client_id.clone(), c.clean_start, attach)).await else {
         refuse(reason::SERVER_UNAVAILABLE);
         drop(tx);
-        let _ = writer.await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), out.finish()).await;
         return None;
     };
     tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
@@ -390,7 +389,7 @@ where
         shown,
         end: std::sync::atomic::AtomicU16::new(0),
     };
-    Some(Established { conn, kicked, conn_id, keep_alive, cancel, writer, _gauge: gauge })
+    Some(Established { conn, kicked, conn_id, keep_alive, cancel, out, _gauge: gauge })
 }
 
 /// Attach the session through the registry. In a cluster, the client id's registrar first

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::writer::Out;
 use crate::actors::registry::{RegistryMessage, Takeover};
 use crate::actors::session::{AttachArgs, ConnHandle, Outbound, Reply, SessionMessage, WillAction};
 use crate::broker::Broker;
@@ -127,13 +128,14 @@ where
 }
 
 /// What the CONNECT exchange leaves for the packet loop.
-struct Established {
+struct Established<W> {
     conn: Conn,
     kicked: Arc<std::sync::atomic::AtomicU8>,
     conn_id: u64,
     keep_alive: u16,
     cancel: CancellationToken,
-    writer: tokio::task::JoinHandle<()>,
+    /// The write half: this task writes what the session and the packet loop queue.
+    out: Out<W>,
     _gauge: Gauge,
 }
 
@@ -145,12 +147,14 @@ where
     let m = &broker.metrics;
     let max = broker.config.mqtt.max_packet_size as usize;
     let mut buf = BytesMut::new();
-    let Some(est) = Box::pin(handshake(&broker, &mut rd, wr, &mut buf, peer, ctx, &shutdown)).await else {
+    // Taken apart at once: a named `Established` would keep its own (moved-from) room in this
+    // future, which every idle connection carries.
+    let Some(Established { mut conn, kicked, conn_id, keep_alive, cancel, mut out, _gauge }) =
+        Box::pin(handshake(&broker, &mut rd, wr, &mut buf, peer, ctx, &shutdown)).await
+    else {
         linger(&mut rd).await;
         return;
     };
-    let Established { mut conn, kicked, conn_id, keep_alive, cancel, writer, _gauge } = est;
-    let session = conn.session.clone();
     let protocol = conn.protocol;
     let ka = if keep_alive == 0 { None } else { Some(Duration::from_millis(keep_alive as u64 * 1500)) };
     // One keep-alive timer for the connection's life, moved only when it fires early (a timer
@@ -171,7 +175,7 @@ where
                 Ok(Some(Packet::PubAck(a))) => conn.acks.push(a.pkid),
                 Ok(Some(p)) => {
                     conn.flush_acks();
-                    if let Some(w) = Box::pin(conn.handle(p)).await {
+                    if let Some(w) = drive(&mut out, Box::pin(conn.handle(p))).await {
                         break Some(w);
                     }
                 }
@@ -194,72 +198,116 @@ where
             tracing::error!("session actor is gone; closing the connection");
             break conn.close(reason::UNSPECIFIED_ERROR);
         }
-        let mut room = 0;
-        tokio::select! {
-            r = read_more(&mut rd, &mut buf, read_hint, &mut room) => match r {
-                Ok(0) | Err(_) => break WillAction::Publish,
-                Ok(n) => {
-                    if ka.is_some() {
-                        last_read = tokio::time::Instant::now();
+        if out.done {
+            // The socket failed, or a DISCONNECT the session queued (a kick) was written.
+            break WillAction::Publish;
+        }
+        // Writing first: answers and deliveries go out before more is read (a client waiting
+        // for its acknowledgements is not kept waiting behind its own next packets); a
+        // connection with nothing to write reads. The read waits across writes: it is not set
+        // up again for each one.
+        let ended = {
+            let read = read_more(&mut rd, &mut buf, read_hint);
+            // Set up once per read, not once per write (each took and released the tokens' locks).
+            let (cut, stopping) = (cancel.cancelled(), shutdown.cancelled());
+            tokio::pin!(read, cut, stopping);
+            loop {
+                tokio::select! {
+                    biased;
+                    more = out.step() => if !more { break Some(WillAction::Publish) },
+                    r = &mut read => match r {
+                        Ok((0, _)) | Err(_) => break Some(WillAction::Publish),
+                        Ok((n, room)) => {
+                            if ka.is_some() {
+                                last_read = tokio::time::Instant::now();
+                            }
+                            Metrics::add(&m.bytes_received, n as u64);
+                            read_hint = if n >= room { (read_hint * 2).min(64 * 1024) } else { read_hint };
+                            break None;
+                        }
+                    },
+                    // (Reading is cancel safe: bytes are only taken into `buf` by a completed read.)
+                    _ = &mut alarm, if ka.is_some() => {
+                        let deadline = last_read + ka.unwrap_or_default();
+                        if tokio::time::Instant::now() >= deadline {
+                            tracing::info!("keep-alive timeout");
+                            break Some(conn.close(reason::KEEP_ALIVE_TIMEOUT));
+                        }
+                        alarm.as_mut().reset(deadline);
                     }
-                    Metrics::add(&m.bytes_received, n as u64);
-                    read_hint = if n >= room { (read_hint * 2).min(64 * 1024) } else { read_hint };
+                    _ = &mut cut => break Some(WillAction::Publish),
+                    _ = &mut stopping => break Some(conn.close(reason::SERVER_SHUTTING_DOWN)),
                 }
-            },
-            // (Reading is cancel safe: bytes are only taken into `buf` by a completed read.)
-            _ = &mut alarm, if ka.is_some() => {
-                let deadline = last_read + ka.unwrap_or_default();
-                if tokio::time::Instant::now() >= deadline {
-                    tracing::info!("keep-alive timeout");
-                    break conn.close(reason::KEEP_ALIVE_TIMEOUT);
-                }
-                alarm.as_mut().reset(deadline);
             }
-            _ = cancel.cancelled() => break WillAction::Publish,
-            _ = shutdown.cancelled() => break conn.close(reason::SERVER_SHUTTING_DOWN),
+        };
+        if let Some(w) = ended {
+            break w;
         }
     };
-    let _ = session.tell(SessionMessage::Detach { conn_id, will, expiry: conn.new_expiry });
-    // Why it ended, for /metrics: the session's kick (takeover, operator, device disabled)
-    // comes first, then what this task decided, else the socket went away.
-    match (kicked.load(Ordering::Relaxed), conn.end.load(Ordering::Relaxed)) {
-        (k, _) if k != 0 => m.disconnects_server.add(k as usize, 1),
-        (_, 0) => Metrics::add(&m.connections_lost, 1),
-        (_, e) if e & 0x200 != 0 => m.disconnects_client.add((e & 0xff) as usize, 1),
-        (_, e) => m.disconnects_server.add((e & 0xff) as usize, 1),
+    Box::pin(conn.ended(will, &kicked, conn_id)).await;
+    // Write what is still queued (e.g. a DISCONNECT), bounded in time — unless the session
+    // cut the connection (`cancel`: its queue was full of packets the client did not read).
+    if !cancel.is_cancelled() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), out.finish()).await;
     }
-    if let Some(h) = conn.svc.hooks.as_ref() {
-        // A session taken over lives on elsewhere: neither offline nor gone.
-        if kicked.load(Ordering::Relaxed) != reason::SESSION_TAKEN_OVER {
-            let hook = if conn.new_expiry.unwrap_or(conn.expiry) > 0 { "on_client_offline" } else { "on_client_gone" };
-            // These two have no _m5 variants in VerneMQ.
-            h.notify(hook, false, || crate::webhooks::body::client(&conn.shown));
-        }
-    }
-    if let Some(i) = conn.principal.device() {
-        let d = &conn.svc.devices;
-        let taken_over = kicked.load(Ordering::Relaxed) == reason::SESSION_TAKEN_OVER;
-        Box::pin(d.disconnected(&i.device_number, conn_id, taken_over)).await;
-    }
-    drop(conn);
-    // Let the writer flush what is queued (e.g. a DISCONNECT), bounded in time.
-    if tokio::time::timeout(Duration::from_secs(5), writer).await.is_err() {
-        cancel.cancel();
-    }
+    drop(out);
     linger(&mut rd).await;
 }
 
-/// Read more of the client's bytes into `buf`, `hint` at a time (`room`: how much it could
-/// take). Busy connections grow their buffer (bounded) as reads fill it; a quiet one gives it
+impl Conn {
+    /// The connection is over: detach from the session, count why it ended, tell the webhooks
+    /// and the device registry.
+    async fn ended(self, will: WillAction, kicked: &std::sync::atomic::AtomicU8, conn_id: u64) {
+        let m = &self.broker.metrics;
+        let _ = self.session.tell(SessionMessage::Detach { conn_id, will, expiry: self.new_expiry });
+        // Why it ended, for /metrics: the session's kick (takeover, operator, device disabled)
+        // comes first, then what this task decided, else the socket went away.
+        match (kicked.load(Ordering::Relaxed), self.end.load(Ordering::Relaxed)) {
+            (k, _) if k != 0 => m.disconnects_server.add(k as usize, 1),
+            (_, 0) => Metrics::add(&m.connections_lost, 1),
+            (_, e) if e & 0x200 != 0 => m.disconnects_client.add((e & 0xff) as usize, 1),
+            (_, e) => m.disconnects_server.add((e & 0xff) as usize, 1),
+        }
+        if let Some(h) = self.svc.hooks.as_ref() {
+            // A session taken over lives on elsewhere: neither offline nor gone.
+            if kicked.load(Ordering::Relaxed) != reason::SESSION_TAKEN_OVER {
+                let hook = if self.new_expiry.unwrap_or(self.expiry) > 0 { "on_client_offline" } else { "on_client_gone" };
+                // These two have no _m5 variants in VerneMQ.
+                h.notify(hook, false, || crate::webhooks::body::client(&self.shown));
+            }
+        }
+        if let Some(i) = self.principal.device() {
+            let d = &self.svc.devices;
+            let taken_over = kicked.load(Ordering::Relaxed) == reason::SESSION_TAKEN_OVER;
+            Box::pin(d.disconnected(&i.device_number, conn_id, taken_over)).await;
+        }
+    }
+}
+
+/// Await a packet's handling while writing what is queued: the handling may wait for room in
+/// the outbound queue, which only this task empties.
+async fn drive<W: AsyncWrite + Unpin, T>(out: &mut Out<W>, handling: impl std::future::Future<Output = T>) -> T {
+    let mut handling = std::pin::pin!(handling);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut handling => return r,
+            _ = out.step(), if !out.done => {}
+        }
+    }
+}
+
+/// Read more of the client's bytes into `buf`, `hint` at a time: (bytes read, room the read
+/// had). Busy connections grow their buffer (bounded) as reads fill it; a quiet one gives it
 /// back and waits for bytes without one.
-async fn read_more<R: AsyncRead + ReadReady + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-    hint: usize,
-    room: &mut usize,
-) -> std::io::Result<usize> {
+async fn read_more<R: AsyncRead + ReadReady + Unpin>(rd: &mut R, buf: &mut BytesMut, hint: usize) -> std::io::Result<(usize, usize)> {
     if buf.is_empty() {
-        let quiet = tokio::select! { biased; _ = rd.ready() => false, _ = std::future::ready(()) => true };
+        // Polled once, not awaited: the future is gone before this one waits, so it takes no
+        // room in it.
+        let quiet = {
+            let probe = std::pin::pin!(rd.ready());
+            std::future::Future::poll(probe, &mut std::task::Context::from_waker(std::task::Waker::noop())).is_pending()
+        };
         if quiet || buf.capacity() > 64 * 1024 {
             *buf = BytesMut::new();
         }
@@ -268,8 +316,8 @@ async fn read_more<R: AsyncRead + ReadReady + Unpin>(
         }
     }
     buf.reserve(hint);
-    *room = buf.capacity() - buf.len();
-    rd.read_buf(buf).await
+    let room = buf.capacity() - buf.len();
+    Ok((rd.read_buf(buf).await?, room))
 }
 
 /// A lingering close: our side is shut (the writer sent what it had, e.g. a DISCONNECT or a
