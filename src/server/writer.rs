@@ -1,5 +1,5 @@
-//! Writer half of a connection: drains the bounded outbound queue to the socket in batches,
-//! applying outbound topic aliases (5.0).
+//! Write half of a connection, driven by the connection's own task: drains the bounded
+//! outbound queue to the socket in batches, applying outbound topic aliases (5.0).
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -283,7 +283,7 @@ async fn negotiate(broker: &Arc<Broker>, svc: &Services, mut c: Connect, princip
     Ok(Negotiated { c, principal, client_id, shown, will, keep_alive, expiry, props })
 }
 
-/// Start the writer, take a session slot of the principal, claim the client id at its
+/// Set up the write half, take a session slot of the principal, claim the client id at its
 /// registrar (in a cluster) and attach the session; then the device platform and the
 /// webhooks learn of the connection.
 async fn attach<W>(broker: &Arc<Broker>, svc: Arc<Services>, wr: W, peer: SocketAddr, n: Negotiated, gauge: Gauge) -> Option<Established<W>>
