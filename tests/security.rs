@@ -814,6 +814,43 @@ async fn values_keep_the_thing_models_types() {
     assert_eq!(temps[0].1, json!(21.5));
 }
 
+/// A connected device's payloads are checked against its product's model as it is now: moved
+/// to a product without a model, then back, then with its product's model changed, each next
+/// message follows the new model — without reconnecting (the connection kept the model it read
+/// at login before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_device_follows_its_products_model_at_once() {
+    let p = Platform::start(None, |_| {}).await;
+    let typed = |t: &str| json!({"telemetry": [{"key": "temp", "type": t}]});
+    let (s, a) = p.admin("POST", "/api/v1/products", Some(json!({"name": "typed", "strict": false, "model": typed("number")}))).await;
+    assert_eq!(s, 201, "{a}");
+    let (s, b) = p.admin("POST", "/api/v1/products", Some(json!({"name": "untyped", "strict": false}))).await;
+    assert_eq!(s, 201, "{b}");
+    let (_, token) = p.create_device("follows-1", json!({"product_id": a["id"]})).await;
+    let mut d = device(p.node.tcp, Protocol::V5, "follows", &token).await;
+    let mut pkid = 0u16;
+    let mut cold = async |d: &mut Raw| {
+        pkid += 1;
+        d.send(publish("devices/telemetry", QoS::AtLeastOnce, pkid, r#"{"temp": "cold"}"#)).await;
+        match d.recv_app().await {
+            Some(Packet::PubAck(a)) if a.pkid == pkid => a.code,
+            other => panic!("expected the PUBACK of {pkid}: {other:?}"),
+        }
+    };
+    assert_eq!(cold(&mut d).await, reason::PAYLOAD_FORMAT_INVALID, "a string where the model says number");
+    let moved = |to: &Value| json!({"product_id": to["id"]});
+    let (s, v) = p.admin("PATCH", "/api/v1/devices/follows-1", Some(moved(&b))).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(cold(&mut d).await, reason::SUCCESS, "moved to a product without a model");
+    let (s, v) = p.admin("PATCH", "/api/v1/devices/follows-1", Some(moved(&a))).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(cold(&mut d).await, reason::PAYLOAD_FORMAT_INVALID, "back on the typed product");
+    let path = format!("/api/v1/products/{}", a["id"]);
+    let (s, v) = p.admin("PUT", &path, Some(json!({"name": "typed", "strict": false, "model": typed("string")}))).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(cold(&mut d).await, reason::SUCCESS, "the product's model now says string");
+}
+
 /// A point the store refuses for its content (PostgreSQL refuses a NUL in text) is refused to
 /// its device with the store's reason while the rest of its batch is stored: one poison point
 /// never wedges a writer. A store that stops answering gets devices a busy answer after

@@ -117,11 +117,14 @@ pub struct DeviceMetrics {
     pub commands_sent: AtomicU64,
 }
 
-/// How to close one local connection of a device.
+/// How to close one local connection of a device, and its identity as the connection checks
+/// payloads with it (replaced when the device or its product changes: a strict model, or a
+/// move to another product, applies at once, not at the next login).
 #[derive(Clone)]
 pub struct Kick {
     pub tx: Option<crate::queue::Sender<Outbound>>,
     pub cancel: CancellationToken,
+    pub identity: Option<Arc<arc_swap::ArcSwap<Identity>>>,
 }
 
 pub struct Devices {
@@ -362,10 +365,12 @@ impl Devices {
     pub async fn changed(&self, dev: &Device, kick: bool) {
         self.forget(dev).await;
         self.note_device_product(dev);
+        self.refresh_identity(dev).await;
         if let Some(gw) = dev.gateway_id {
             // A gateway's identity lists its sub-devices.
             if let Ok(g) = self.meta.device_by_id(gw).await {
                 self.forget(&g).await;
+                self.refresh_identity(&g).await;
                 self.notify(DeviceNotice::Changed { device: g.device_number.clone(), kick: false }).await;
             }
         }
@@ -373,6 +378,32 @@ impl Devices {
             self.kick_local(&dev.device_number);
         }
         self.notify(DeviceNotice::Changed { device: dev.device_number.clone(), kick }).await;
+    }
+
+    /// The device's connections on this node check its payloads with its identity as it is
+    /// now (product, model, sub-devices): read once for all of them.
+    async fn refresh_identity(&self, dev: &Device) {
+        let live: Vec<_> = match self.conns.lock() {
+            Ok(m) => m.get(&*dev.device_number).map(|c| c.values().filter_map(|k| k.identity.clone()).collect()).unwrap_or_default(),
+            Err(_) => return,
+        };
+        if live.is_empty() {
+            return;
+        }
+        match self.build_identity(dev, None).await {
+            Ok(now) => {
+                let now = Arc::new(now);
+                for slot in live {
+                    // The credential's secret stays as the login read it.
+                    let mut i = (*now).clone();
+                    i.secret = slot.load().secret.clone();
+                    slot.store(Arc::new(i));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(device = %dev.device_number, error = %e, "cannot re-read a connected device's identity; it applies at its next login")
+            }
+        }
     }
 
     /// Cache keys of a device's credentials.
@@ -491,15 +522,16 @@ impl Devices {
         match n {
             DeviceNotice::Changed { device, kick } => {
                 let now = self.meta.device(&device).await;
+                self.verified.invalidate_all();
+                // It may be one of a changed product's devices.
+                self.products.invalidate_all();
                 if let Ok(d) = &now {
                     if let Cache::Local(_) = self.cache {
                         self.forget(d).await;
                     }
                     self.note_device_product(d);
+                    self.refresh_identity(d).await;
                 }
-                self.verified.invalidate_all();
-                // It may be one of a changed product's devices.
-                self.products.invalidate_all();
                 if kick {
                     self.kick_local(&device);
                     // Deleted (not only disabled): its sessions here end too.

@@ -298,6 +298,8 @@ where
     // Room for a full in-flight window of resends plus answers, whatever `outbound_queue` says.
     let (tx, rx) = crate::queue::channel(cfg.mqtt.outbound_queue.max(cfg.mqtt.max_inflight as usize * 2 + 16));
     let cancel = CancellationToken::new();
+    // A device's identity as its payloads are checked with, replaced when it changes.
+    let identity = device.as_ref().map(|i| Arc::new(arc_swap::ArcSwap::new(i.clone())));
     let conn_id = CONN_ID.fetch_add(1, Ordering::Relaxed);
     let kicked = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let handle = ConnHandle {
@@ -358,7 +360,7 @@ where
     tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
     if let Some(i) = &device {
         let d = &svc.devices;
-        let kick = crate::devices::Kick { tx: Some(tx.clone()), cancel: cancel.clone() };
+        let kick = crate::devices::Kick { tx: Some(tx.clone()), cancel: cancel.clone(), identity: identity.clone() };
         Box::pin(d.connected(&i.device_number, conn_id, kick)).await;
         // Queued downlinks for a session that kept its subscriptions (a clean start has none:
         // its SUBSCRIBE flushes them).
@@ -386,6 +388,7 @@ where
         qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
         acker: None,
         principal,
+        identity,
         shown,
         end: std::sync::atomic::AtomicU16::new(0),
     };

@@ -361,8 +361,10 @@ struct Conn {
     /// QoS 1 acknowledgements that wait (in order, without stopping the read loop) until
     /// their message is durable; started by the first one that has to wait.
     acker: Option<mpsc::Sender<(Packet, Option<Arc<crate::message::Durable>>)>>,
-    /// Who the client is: its ACL, and for a device its identity.
+    /// Who the client is: its ACL, and for a device its identity at login.
     principal: Principal,
+    /// A device's identity as it is now (`Devices::refresh_identity`): payload checks use it.
+    identity: Option<Arc<arc_swap::ArcSwap<crate::devices::Identity>>>,
     /// The client id as the client sent it (traces).
     shown: Arc<str>,
     /// Why the connection ends: 0 = not decided, else 0x100 | (0x200 if the client closed it) | reason code.

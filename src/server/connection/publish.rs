@@ -90,7 +90,7 @@ impl Conn {
     /// platform; `Ok(true)` when it was. Subscribers (platform services) learn which device
     /// sent any message of a device.
     async fn device_uplink(&mut self, asked: &Asked, props: &mut Option<Properties>) -> Result<bool, Refusal> {
-        let Some(ident) = self.principal.device().cloned() else { return Ok(false) };
+        let Some(ident) = self.identity.as_ref().map(|i| i.load_full()) else { return Ok(false) };
         let mut taken = false;
         if let Some((kind, req, index)) = crate::devices::ota::chunk_request(&asked.topic, &ident.device_number) {
             self.ota_chunk(&ident, kind, req, index, &asked.payload).await?;
