@@ -102,10 +102,17 @@ pub async fn run(devices: usize, publishers: usize, messages: u64, window: usize
     }
     let created = devices as f64 / t0.elapsed().as_secs_f64();
 
+    // Token logins first: the node's first fill is of authenticated device connections, and
+    // its RSS per connection is measured there (every device: identity, ACL, status, session).
+    let before = b.rss_kib().unwrap_or(0);
+    let (cold, cold_rate) = connect_all(b.addr, devices, "lt-dev", Some(&tokens)).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = b.rss_kib().unwrap_or(0);
+    let per_device = after.saturating_sub(before) as f64 / devices.max(1) as f64;
+    drop(cold);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (anon, anon_rate) = connect_all(b.addr, devices, "lt-anon", None).await?;
     drop(anon);
-    let (cold, cold_rate) = connect_all(b.addr, devices, "lt-dev", Some(&tokens)).await?;
-    drop(cold);
     // The broker notices the closed sockets; give it a moment so the warm round is not a takeover storm.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (warm, warm_rate) = connect_all(b.addr, devices, "lt-dev", Some(&tokens)).await?;
@@ -124,6 +131,7 @@ pub async fn run(devices: usize, publishers: usize, messages: u64, window: usize
     println!("{:<28} {:>12.0}", "token, cold cache (SQLite)", cold_rate);
     println!("{:<28} {:>12.0}", "token, warm cache", warm_rate);
     println!("ratio warm-token/anonymous: {:.2}x; cold/anonymous: {:.2}x", warm_rate / anon_rate, cold_rate / anon_rate);
+    println!("RSS per device connection (first fill, token logins): {before} -> {after} KiB = {per_device:.2} KiB");
     println!(
         "\n{:<16} {:>12} {:>9} {:>9} {:>9} {:>8} {:>6}   ({publishers} publishers x {per} JSON messages)",
         "uplink", "msgs/s", "p50 ms", "p99 ms", "max ms", "lost", "dup"

@@ -42,15 +42,21 @@ pub struct Acl {
     pub publish: Vec<String>,
     /// Templates a SUBSCRIBE filter must be covered by (every topic it matches matches one).
     pub subscribe: Vec<String>,
+    /// A device's number: the device templates above apply with `{}` standing for it. They are
+    /// shared, not copied with the number filled in for every connected device (~1.5 KiB each).
+    device: Option<Box<str>>,
 }
 
 impl Acl {
+    /// A service's configured rules.
+    pub fn rules(publish: Vec<String>, subscribe: Vec<String>) -> Acl {
+        Acl { publish, subscribe, device: None }
+    }
+
     /// Rules of device `number`; `gateway`: it has sub-devices, whose numbers are `subs`.
     pub fn device(number: &str, gateway: bool, subs: &[String]) -> Acl {
         let fill = |t: &&str, n: &str| t.replace("{}", n);
-        let mut publish: Vec<String> = DEVICE_PUBLISH.iter().map(|t| t.to_string()).collect();
-        publish.extend(TB_PUBLISH.iter().map(|t| fill(t, number)));
-        let mut subscribe: Vec<String> = DEVICE_SUBSCRIBE.iter().map(|t| fill(t, number)).collect();
+        let (mut publish, mut subscribe) = (Vec::new(), Vec::new());
         if gateway {
             publish.extend(GATEWAY_PUBLISH.iter().map(|t| t.to_string()));
             subscribe.extend(
@@ -63,27 +69,67 @@ impl Acl {
                 subscribe.extend(DEVICE_SUBSCRIBE.iter().map(|t| fill(t, s)));
             }
         }
-        Acl { publish, subscribe }
+        Acl { publish, subscribe, device: Some(number.into()) }
     }
 
     pub fn may_publish(&self, t: &str) -> bool {
+        if let Some(n) = self.device.as_deref() {
+            if DEVICE_PUBLISH.iter().chain(TB_PUBLISH).any(|f| matches_as(f, n, t)) {
+                return true;
+            }
+        }
         self.publish.iter().any(|f| topic::matches(f, t))
     }
 
     pub fn may_subscribe(&self, filter: &str) -> bool {
         let inner = topic::parse_shared(filter).map_or(filter, |(_, f)| f);
+        if let Some(n) = self.device.as_deref() {
+            if DEVICE_SUBSCRIBE.iter().any(|t| covered_as(inner, t, Some(n))) {
+                return true;
+            }
+        }
         self.subscribe.iter().any(|t| covered(inner, t))
+    }
+}
+
+/// `topic::matches` for a device template: its `{}` level matches exactly the level `number`.
+fn matches_as(filter: &str, number: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some("{}"), Some(tl)) if tl == number => {}
+            (Some("{}"), _) => return false,
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
     }
 }
 
 /// Whether every topic matched by `filter` is matched by `template` (both valid filters).
 pub fn covered(filter: &str, template: &str) -> bool {
+    covered_as(filter, template, None)
+}
+
+/// `covered`, where a device template's `{}` level (with `number`) is exactly that level.
+fn covered_as(filter: &str, template: &str, number: Option<&str>) -> bool {
     let mut f = filter.split('/');
     let mut t = template.split('/');
     loop {
         match (f.next(), t.next()) {
             (_, Some("#")) => return true,
             (Some("#"), _) => return false,
+            (Some(fl), Some("{}")) if number.is_some() => {
+                if Some(fl) != number {
+                    return false;
+                }
+            }
             (Some("+"), Some("+")) => {}
             (Some("+"), Some(_)) => return false,
             (Some(_), Some("+")) => {}
@@ -128,10 +174,21 @@ mod tests {
         assert!(!a.may_subscribe("#"));
         assert!(!a.may_subscribe("devices/telemetry"));
         assert!(!a.may_subscribe("$share/g/devices/command/+/+"));
+        // The templates' placeholder is never a topic level of its own.
+        assert!(!a.may_publish("v1/devices/{}/telemetry"));
+        assert!(!a.may_subscribe("devices/command/{}/+"));
+        assert!(!a.may_subscribe("devices/command/d1x/+"));
+        assert!(a.may_subscribe("v1/devices/d1/v2/fw/response/#"));
+        assert!(a.may_publish("v1/devices/d1/v2/fw/request/1/chunk/0"));
         let g = Acl::device("gw", true, &["s1".into()]);
         assert!(g.may_publish("gateway/telemetry"));
         assert!(g.may_subscribe("gateway/command/gw/+"));
         assert!(g.may_subscribe("devices/command/s1/+"));
         assert!(!g.may_subscribe("devices/command/s2/+"));
+        assert!(g.may_publish("devices/telemetry") && g.may_subscribe("devices/command/gw/1"), "its own rules too");
+        // A service's rules have no placeholder: `{}` is a level like any other there.
+        let svc = Acl::rules(vec!["x/{}/y".into()], vec!["x/{}/#".into()]);
+        assert!(svc.may_publish("x/{}/y") && svc.may_subscribe("x/{}/z"));
+        assert!(!svc.may_publish("x/d1/y"));
     }
 }

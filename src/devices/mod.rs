@@ -199,7 +199,7 @@ impl Devices {
                 "devices.services {}: password_hash is not an argon2 PHC string",
                 s.username
             );
-            services.push((s.clone(), Arc::new(Acl { publish: s.publish.clone(), subscribe: s.subscribe.clone() })));
+            services.push((s.clone(), Arc::new(Acl::rules(s.publish.clone(), s.subscribe.clone()))));
         }
         let d = Arc::new(Devices {
             meta,
