@@ -9,16 +9,28 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::message::{now_ms, Message};
 
-/// One level of the retained-topic trie. Persistent maps make a snapshot an O(1) clone.
+/// One level of the retained-topic trie. Persistent maps make a snapshot an O(1) clone. As in
+/// the subscription trie (`shard::Node`), a node without children holds no map (imbl allocates
+/// a full node, ~2 KiB here, even for an empty one: every device's status message is a leaf)
+/// and children sit behind an `Arc` (a map slot holds a pointer; a changed child is copied on
+/// write).
 #[derive(Clone, Default)]
 struct RNode {
-    children: super::shard::Map<Arc<str>, RNode>,
+    children: Option<super::shard::Map<Arc<str>, Arc<RNode>>>,
     msg: Option<Arc<Message>>,
 }
 
 impl RNode {
     fn is_empty(&self) -> bool {
-        self.msg.is_none() && self.children.is_empty()
+        self.msg.is_none() && self.children.is_none()
+    }
+
+    fn kids(&self) -> impl Iterator<Item = (&Arc<str>, &Arc<RNode>)> {
+        self.children.iter().flat_map(|m| m.iter())
+    }
+
+    fn child(&self, level: &str) -> Option<&RNode> {
+        self.children.as_ref()?.get(level).map(|c| &**c)
     }
 
     /// Set or clear the message at `levels`; returns the message it replaced.
@@ -27,21 +39,26 @@ impl RNode {
             None => std::mem::replace(&mut self.msg, msg),
             Some((first, rest)) => {
                 if msg.is_none() {
-                    let child = self.children.get_mut(*first)?;
+                    let kids = self.children.as_mut()?;
+                    let child = Arc::make_mut(kids.get_mut(*first)?);
                     let old = child.set(rest, None);
                     if child.is_empty() {
-                        self.children.remove(*first);
+                        kids.remove(*first);
+                        if kids.is_empty() {
+                            self.children = None;
+                        }
                     }
                     return old;
                 }
-                self.children.entry(Arc::from(*first)).or_default().set(rest, msg)
+                let kids = self.children.get_or_insert_with(Default::default);
+                Arc::make_mut(kids.entry(Arc::from(*first)).or_default()).set(rest, msg)
             }
         }
     }
 
     fn all(&self, out: &mut Vec<Arc<Message>>) {
         out.extend(self.msg.iter().cloned());
-        for c in self.children.values() {
+        for (_, c) in self.kids() {
             c.all(out);
         }
     }
@@ -57,21 +74,21 @@ impl RNode {
             "#" => {
                 // `a/#` also matches `a` itself.
                 out.extend(self.msg.iter().filter(|_| !first).cloned());
-                for (k, c) in self.children.iter() {
+                for (k, c) in self.kids() {
                     if !(first && k.starts_with('$')) {
                         c.all(out);
                     }
                 }
             }
             "+" => {
-                for (k, c) in self.children.iter() {
+                for (k, c) in self.kids() {
                     if !(first && k.starts_with('$')) {
                         c.matching(rest, false, out);
                     }
                 }
             }
             literal => {
-                if let Some(c) = self.children.get(literal) {
+                if let Some(c) = self.child(literal) {
                     c.matching(rest, false, out);
                 }
             }
@@ -127,7 +144,7 @@ impl RetainedSet {
     /// The retained messages worth keeping across a restart (not the regenerated `$SYS` ones).
     pub fn durable_messages(&self) -> Vec<Arc<Message>> {
         let mut out = Vec::with_capacity(self.len);
-        for (k, c) in self.root.children.iter() {
+        for (k, c) in self.root.kids() {
             if &**k != "$SYS" {
                 c.all(&mut out);
             }
@@ -139,7 +156,7 @@ impl RetainedSet {
     pub fn get(&self, topic: &str) -> Option<Arc<Message>> {
         let mut n = &self.root;
         for l in topic.split('/') {
-            n = n.children.get(l)?;
+            n = n.child(l)?;
         }
         n.msg.clone()
     }
@@ -250,6 +267,23 @@ mod tests {
             publisher: None,
             not_to_own_device: false,
         })
+    }
+
+    /// A leaf holds no map, emptied branches are pruned back to no map, and a snapshot taken
+    /// before a change keeps what it saw (children are copied on write).
+    #[test]
+    fn leaves_hold_no_map_and_snapshots_keep_their_view() {
+        let mut set = RetainedSet::default();
+        set.apply(msg("devices/status/d1", "online"));
+        set.apply(msg("devices/status/d2", "online"));
+        let leaf = set.root.child("devices").and_then(|n| n.child("status")).and_then(|n| n.child("d1")).unwrap();
+        assert!(leaf.children.is_none() && leaf.msg.is_some());
+        let before = set.clone();
+        set.apply(msg("devices/status/d1", ""));
+        set.apply(msg("devices/status/d2", ""));
+        assert!(set.root.children.is_none(), "every branch pruned");
+        assert_eq!(before.get("devices/status/d1").map(|m| m.payload.clone()), Some(bytes::Bytes::from_static(b"online")));
+        assert_eq!((set.len(), before.len()), (0, 2));
     }
 
     fn level() -> impl Strategy<Value = String> {
