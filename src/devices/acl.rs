@@ -74,7 +74,8 @@ impl Acl {
 
     pub fn may_publish(&self, t: &str) -> bool {
         if let Some(n) = self.device.as_deref() {
-            if DEVICE_PUBLISH.iter().chain(TB_PUBLISH).any(|f| matches_as(f, n, t)) {
+            // A topic (no wildcards) is matched by a template exactly when it is covered by it.
+            if DEVICE_PUBLISH.iter().chain(TB_PUBLISH).any(|f| covered_as(t, f, Some(n))) {
                 return true;
             }
         }
@@ -89,26 +90,6 @@ impl Acl {
             }
         }
         self.subscribe.iter().any(|t| covered(inner, t))
-    }
-}
-
-/// `topic::matches` for a device template: its `{}` level matches exactly the level `number`.
-fn matches_as(filter: &str, number: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some("{}"), Some(tl)) if tl == number => {}
-            (Some("{}"), _) => return false,
-            (Some(fl), Some(tl)) if fl == tl => {}
-            (None, None) => return true,
-            _ => return false,
-        }
     }
 }
 
