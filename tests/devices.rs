@@ -508,3 +508,47 @@ async fn bulk_import_json_and_csv_with_per_row_errors() {
     let (s, v) = p.admin("POST", "/api/v1/devices/import", Some(json!(many))).await;
     assert_eq!((s, v["error"]["code"].as_str()), (400, Some("invalid")), "{v}");
 }
+
+/// A CONNECT writes no last-seen and no status copy to the cache (the retained status message
+/// is the status; a connected device is seen now): a reconnect storm costs Redis nothing per
+/// device. The disconnect records when the device was last seen, in Redis for every node.
+#[tokio::test]
+async fn a_connect_writes_no_last_seen_and_a_disconnect_does() {
+    let Some(url) = common::backends::redis() else { return };
+    let prefix = format!("t{:x}:", rand::random::<u32>());
+    let p = Platform::start(None, |c| {
+        c.cache.url = url.clone();
+        c.cache.prefix = prefix.clone();
+    })
+    .await;
+    let keys = |pattern: String| {
+        let out = std::process::Command::new("redis-cli").args(["-u", &url, "--scan", "--pattern", &pattern]).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(String::from).collect::<Vec<_>>()
+    };
+    let status = || async { p.admin("GET", "/api/v1/devices/ls-1/status", None).await.1 };
+    let until = |want: bool| async move {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let s = status().await;
+            if s["online"] == want {
+                return s;
+            }
+            assert!(tokio::time::Instant::now() < end, "never online={want}: {s}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let (_, token) = p.create_device("ls-1", json!({})).await;
+    let mut d = device(p.node.tcp, Protocol::V5, "ls", &token).await;
+    let on = until(true).await;
+    assert!(on["last_seen"].as_u64().is_some(), "a connected device is seen now: {on}");
+    assert_eq!(keys(format!("{prefix}seen:*")), Vec::<String>::new(), "a CONNECT wrote a last-seen");
+    assert_eq!(keys(format!("{prefix}status:*")), Vec::<String>::new(), "the status is the retained message, not a cache key");
+    d.send(Packet::Disconnect(Disconnect { code: 0, props: Properties::default() })).await;
+    let off = until(false).await;
+    let seen = off["last_seen"].as_u64().expect("last seen after the disconnect");
+    assert_eq!(keys(format!("{prefix}seen:*")), vec![format!("{prefix}seen:ls-1")], "the disconnect records last-seen in Redis");
+    let out = std::process::Command::new("redis-cli").args(["-u", &url, "get", &format!("{prefix}seen:ls-1")]).output().unwrap();
+    let stored: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("a time in ms");
+    assert!(seen >= stored, "the API's last-seen ({seen}) is at least the recorded one ({stored})");
+    p.node.stop().await;
+}

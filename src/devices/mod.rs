@@ -127,6 +127,9 @@ pub struct Kick {
     pub identity: Option<Arc<arc_swap::ArcSwap<Identity>>>,
 }
 
+/// A device's local connections by id.
+type Kicks = Vec<(u64, Kick)>;
+
 pub struct Devices {
     pub meta: MetaStore,
     /// Live events for API websockets (device statuses).
@@ -137,7 +140,8 @@ pub struct Devices {
     broker: Weak<Broker>,
     ttl: Duration,
     /// Local connections (MQTT, HTTP polls, CoAP observers) per device number.
-    conns: Mutex<HashMap<Arc<str>, HashMap<u64, Kick>>>,
+    /// A list, not a map: a device almost always has one (a map allocates four slots).
+    conns: Mutex<HashMap<Arc<str>, Kicks>>,
     /// Failed logins per source address: (count, window start).
     failures: Failures,
     /// The same for CoAP (UDP) sources, kept apart: see `authenticate_token_udp`.
@@ -153,7 +157,7 @@ pub struct Devices {
     services: Vec<(ServiceAccount, Arc<Acl>)>,
     /// Last time a bad payload was logged, per device (at most once a minute each).
     bad_log: crate::metrics::OncePer<Arc<str>>,
-    /// Last activity written to the cache, per device (throttles those writes).
+    /// Last activity per device: throttles the writes to Redis; without Redis, the record.
     seen_local: moka::sync::Cache<Arc<str>, u64>,
     /// Product models by id, for identities built on a cold cache (a fleet's logins would
     /// otherwise read the same product once per device). Cleared on any product or device
@@ -201,6 +205,7 @@ impl Devices {
             );
             services.push((s.clone(), Arc::new(Acl::rules(s.publish.clone(), s.subscribe.clone()))));
         }
+        let redis = cache.is_redis();
         let d = Arc::new(Devices {
             meta,
             cache,
@@ -218,7 +223,11 @@ impl Devices {
             telemetry: std::sync::OnceLock::new(),
             services,
             bad_log: crate::metrics::OncePer::new(100_000, Duration::from_secs(60)),
-            seen_local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(3600)).build(),
+            // The record itself without Redis (kept as long as Redis would), else a throttle.
+            seen_local: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(if redis { Duration::from_secs(3600) } else { status::SEEN_KEPT })
+                .build(),
             products: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(30)).build(),
             status_queue: Mutex::default(),
             reporting: Mutex::default(),
@@ -384,7 +393,7 @@ impl Devices {
     /// now (product, model, sub-devices): read once for all of them.
     async fn refresh_identity(&self, dev: &Device) {
         let live: Vec<_> = match self.conns.lock() {
-            Ok(m) => m.get(&*dev.device_number).map(|c| c.values().filter_map(|k| k.identity.clone()).collect()).unwrap_or_default(),
+            Ok(m) => m.get(&*dev.device_number).map(|c| c.iter().filter_map(|(_, k)| k.identity.clone()).collect()).unwrap_or_default(),
             Err(_) => return,
         };
         if live.is_empty() {
@@ -560,7 +569,7 @@ impl Devices {
         let conns = self.conns.lock().map(|mut m| m.remove(number)).unwrap_or_default();
         if let Some(conns) = conns {
             tracing::info!(device = number, connections = conns.len(), "device disabled or removed: disconnecting");
-            for k in conns.into_values() {
+            for (_, k) in conns {
                 // DISCONNECT first (the writer closes after it); cut the socket if the queue is full.
                 let queued =
                     k.tx.as_ref()
@@ -577,7 +586,13 @@ impl Devices {
     pub(crate) fn register(&self, number: &Arc<str>, id: u64, k: Kick) -> bool {
         let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let e = m.entry(number.clone()).or_default();
-        e.insert(id, k);
+        match e.iter_mut().find(|(i, _)| *i == id) {
+            Some(slot) => slot.1 = k,
+            None => {
+                e.reserve_exact(1);
+                e.push((id, k));
+            }
+        }
         e.len() == 1
     }
 
@@ -586,7 +601,7 @@ impl Devices {
         let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         match m.get_mut(number) {
             Some(e) => {
-                e.remove(&id);
+                e.retain(|(i, _)| *i != id);
                 if e.is_empty() {
                     m.remove(number);
                     true

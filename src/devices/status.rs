@@ -14,6 +14,9 @@ use super::{Devices, Kick};
 use crate::message::{now_ms, Message};
 use crate::protocols::mqtt::QoS;
 
+/// How long a device's last activity is kept after it was last seen.
+pub(super) const SEEN_KEPT: Duration = Duration::from_secs(30 * 86_400);
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
     pub online: bool,
@@ -32,8 +35,9 @@ impl Devices {
     pub async fn connected(&self, number: &Arc<str>, id: u64, kick: Kick) {
         self.register(number, id, kick);
         // Always announce: another node may have published offline for an older connection.
+        // No last-seen write: a connected device is seen now (`status`), and its disconnect
+        // records the time (a reconnect storm costs no cache write per device).
         self.publish_status(number, true).await;
-        self.seen(number).await;
     }
 
     /// A device connection closed; `taken_over`: a newer connection of the same session exists.
@@ -88,7 +92,7 @@ impl Devices {
                 };
                 for n in quiet {
                     let connected = d.conns.lock().is_ok_and(|m| m.contains_key(&n));
-                    let seen = d.cache.get(&format!("seen:{n}")).await.and_then(|v| v.parse::<u64>().ok());
+                    let seen = d.seen_shared(&n).await;
                     // `seen` is written at most every 10 s: a report on another node counts.
                     let elsewhere = seen.is_some_and(|t| now.saturating_sub(t) + 10_000 < window);
                     if !connected && !elsewhere && d.presence(&n).online {
@@ -136,8 +140,8 @@ impl Devices {
     async fn write_status(&self, number: &str, online: bool, ts: u64) {
         let Some(b) = self.broker() else { return };
         // `node`: who wrote it, so the survivors can mark a crashed node's devices offline.
+        // The retained message is the status (replicated to every node, read by `presence`).
         let payload = serde_json::json!({"online": online, "ts": ts, "node": &*b.config.node.name}).to_string();
-        self.cache.set(&format!("status:{number}"), &payload, Duration::from_secs(30 * 86_400)).await;
         if self.live.watched() {
             let data = serde_json::json!({"online": online});
             self.live.publish(crate::live::LiveEvent {
@@ -205,22 +209,33 @@ impl Devices {
         }
     }
 
-    /// Record activity (written to the cache at most every 10 s per device; no allocation on
-    /// the hot path otherwise).
+    /// Record activity (written to the shared cache at most every 10 s per device; no
+    /// allocation on the hot path otherwise). Without Redis `seen_local` is the record: a copy
+    /// in the in-process cache would be a second entry per device for no reader.
     pub async fn seen(&self, number: &Arc<str>) {
         let now = now_ms();
         if self.seen_local.get(number).is_some_and(|last| now.saturating_sub(last) < 10_000) {
             return;
         }
         self.seen_local.insert(number.clone(), now);
-        self.cache.set(&format!("seen:{number}"), &now.to_string(), Duration::from_secs(30 * 86_400)).await;
+        if self.cache.is_redis() {
+            self.cache.set(&format!("seen:{number}"), &now.to_string(), SEEN_KEPT).await;
+        }
+    }
+
+    /// Last activity another node recorded (through Redis; nothing without it).
+    async fn seen_shared(&self, number: &str) -> Option<u64> {
+        if !self.cache.is_redis() {
+            return None;
+        }
+        self.cache.get(&format!("seen:{number}")).await.and_then(|v| v.parse::<u64>().ok())
     }
 
     /// Status as this node knows it: the replicated retained status message, and last-seen
     /// from the cache (shared through Redis; per node in-process).
     pub async fn status(&self, number: &str) -> Status {
         let mut s = self.presence(number);
-        let cached = self.cache.get(&format!("seen:{number}")).await.and_then(|v| v.parse::<u64>().ok());
+        let cached = self.seen_shared(number).await;
         let local = self.seen_local.get(&Arc::<str>::from(number));
         s.last_seen = [cached, local, s.since].into_iter().flatten().max();
         if s.online {

@@ -127,7 +127,12 @@ pub async fn bind(config: &Config) -> anyhow::Result<Bound> {
         coap.push(tokio::net::UdpSocket::bind(l.bind).await.with_context(|| format!("bind CoAP {}", l.bind))?);
     }
     let cluster = match config.cluster.enabled {
-        true => Some(crate::net::listen(config.cluster.listen).with_context(|| format!("bind cluster {}", config.cluster.listen))?),
+        true => {
+            // A weak cookie is a configuration error, reported as such before the port is
+            // taken (a busy port would otherwise hide it).
+            crate::cluster::check_cookie(&config.cluster, config.cluster.listen)?;
+            Some(crate::net::listen(config.cluster.listen).with_context(|| format!("bind cluster {}", config.cluster.listen))?)
+        }
         false => None,
     };
     Ok(Bound { listeners, http, coap, cluster })

@@ -185,6 +185,9 @@ pub fn delivery_bytes(d: &Delivery) -> u64 {
     (d.msg.payload.len() + d.msg.topic.len() + 64) as u64
 }
 
+/// The most a keyspace keeps in memory before it is written to a table on disk.
+const MEMTABLE: u64 = 8 << 20;
+
 impl StateStore {
     /// Open (creating) the store in `dir/state`, importing the whole-file snapshots of older
     /// versions once. A damaged store is an error naming it, never an empty start.
@@ -193,7 +196,10 @@ impl StateStore {
         let path = dir.join("state");
         let err = |e: fjall::Error| StateError::Store { path: path.display().to_string(), message: e.to_string() };
         let db = Database::builder(&path).worker_threads(1).cache_size(16 << 20).open().map_err(err)?;
-        let opts = || KeyspaceCreateOptions::default().manual_journal_persist(true);
+        // 8 MiB memtables, not fjall's 64 MiB: four keyspaces could otherwise hold 256 MiB of
+        // written state in memory until it is flushed (every device's retained status lands
+        // here; ~650 bytes each in a memtable, a few dozen on disk).
+        let opts = || KeyspaceCreateOptions::default().manual_journal_persist(true).max_memtable_size(MEMTABLE);
         let ks = |name: &str| db.keyspace(name, opts).map_err(err);
         let store = StateStore {
             meta: ks("sessions")?,

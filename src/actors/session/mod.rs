@@ -136,7 +136,9 @@ pub enum SessionMessage {
     PubAcks(Vec<u16>),
     /// Requests that need an answer carry a reserved slot in their connection's outbound queue,
     /// so the answer always fits and a client that does not read simply stops being read.
-    PubRec(Ack, Reply),
+    /// Packets with properties are boxed: the message's size is every mailbox slot's and every
+    /// handling future's (a session's idle task held three inline copies of 440 bytes).
+    PubRec(Box<Ack>, Reply),
     PubComp(u16),
     PubRel(u16, Reply),
     /// `_routing` bounds how far the connection may read ahead of the session's routing.
@@ -153,8 +155,8 @@ pub enum SessionMessage {
     /// device what was queued for it): the session knows nothing of devices.
     /// The ticket is given back once the change is in the routes (publishers read after
     /// the SUBSCRIBE wait for it: `actors::pending`).
-    Subscribe(Subscribe, Vec<usize>, Reply, Option<OnGranted>, Ticket),
-    Unsubscribe(Unsubscribe, Reply, Ticket),
+    Subscribe(Box<Subscribe>, Vec<usize>, Reply, Option<OnGranted>, Ticket),
+    Unsubscribe(Box<Unsubscribe>, Reply, Ticket),
     /// A QoS 2 message from this client could not be kept by some subscriber: its packet id is
     /// free again (the PUBREC said 0x97; a 3.1.1 client is disconnected instead).
     Qos2Refused(u16),
@@ -372,7 +374,7 @@ impl Actor for SessionActor {
             }
             SessionMessage::Deliver(d) => st.deliver(&me, d),
             SessionMessage::PubAcks(pkids) => st.on_pubacks(&me, pkids),
-            SessionMessage::PubRec(ack, reply) => st.on_pubrec(&me, ack, reply),
+            SessionMessage::PubRec(ack, reply) => st.on_pubrec(&me, *ack, reply),
             SessionMessage::PubComp(pkid) => st.on_pubcomp(&me, pkid),
             SessionMessage::InboundQos2 { pkid, msg, taken, reply, _routing } => st.inbound_qos2(&me, pkid, msg, taken, reply),
             SessionMessage::Qos2Refused(pkid) => {
@@ -397,8 +399,8 @@ impl Actor for SessionActor {
                 }
                 answer(reply, Packet::PubComp(Ack::new(pkid, code)));
             }
-            SessionMessage::Subscribe(s, denied, reply, then, ticket) => Box::pin(st.subscribe(&me, s, denied, reply, then, ticket)).await,
-            SessionMessage::Unsubscribe(u, reply, ticket) => Box::pin(st.unsubscribe(&me, u, reply, ticket)).await,
+            SessionMessage::Subscribe(s, denied, reply, then, ticket) => Box::pin(st.subscribe(&me, *s, denied, reply, then, ticket)).await,
+            SessionMessage::Unsubscribe(u, reply, ticket) => Box::pin(st.unsubscribe(&me, *u, reply, ticket)).await,
             SessionMessage::Attach(a, reply) => {
                 let present = Box::pin(st.attach(&me, *a)).await;
                 let _ = reply.send(present);

@@ -481,7 +481,7 @@ impl Conn {
             }
             Packet::PubRec(a) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
-                self.tell(SessionMessage::PubRec(a, r));
+                self.tell(SessionMessage::PubRec(Box::new(a), r));
             }
             Packet::PubRel(a) => {
                 let Some(r) = self.reply().await else { return Some(WillAction::Publish) };
@@ -531,7 +531,7 @@ impl Conn {
                 if judged || !denied.is_empty() {
                     ticket.refilter(granted(&s, &denied).map(|(f, _)| f.clone()).collect());
                 }
-                self.tell(SessionMessage::Subscribe(s, denied, r, then, ticket));
+                self.tell(SessionMessage::Subscribe(Box::new(s), denied, r, then, ticket));
                 // Packets are processed in order: a PUBLISH read after this SUBSCRIBE (from this
                 // client, or routed by it to anyone) must see the subscription in place. Other
                 // clients' publishes read meanwhile wait for the ticket (`actors::pending`).
@@ -548,7 +548,7 @@ impl Conn {
                         crate::webhooks::body::unsubscribe(self.username.as_deref(), &self.shown, &u.filters, v5)
                     });
                 }
-                self.tell(SessionMessage::Unsubscribe(u, r, ticket));
+                self.tell(SessionMessage::Unsubscribe(Box::new(u), r, ticket));
                 self.settled().await;
             }
             // Behind any acknowledgement still waiting: a PINGRESP confirms what came before.

@@ -720,8 +720,8 @@ where
         let Self {
             handler,
             actor_ref,
-            id,
-            name,
+            id: _,
+            name: _,
         } = self;
 
         actor_ref.set_status(ActorStatus::Starting);
@@ -752,7 +752,8 @@ where
         // run the processing loop, backgrounding the work
         let handle = crate::concurrency::spawn_named(actor_ref.get_name().as_deref(), async move {
             let myself = actor_ref.clone();
-            let evt = match Self::processing_loop(ports, &mut state, &handler, actor_ref, id, name)
+            // thingsd patch: no id and name captured for a tracing span (see processing_loop).
+            let evt = match Self::processing_loop(ports, &mut state, &handler, actor_ref)
                 .await
             {
                 Ok(exit_reason) => SupervisionEvent::ActorTerminated(
@@ -788,14 +789,15 @@ where
         Ok((myself_ret, handle))
     }
 
-    #[tracing::instrument(name = "Actor", skip(ports, state, handler, myself, _id, _name), fields(id = _id.to_string(), name = _name))]
+    // thingsd patch: no `#[tracing::instrument]` span around the loop. The span (and the id
+    // and name it formatted) lived in every actor's task for its whole life — with the copies
+    // of its arguments the macro keeps, ~200 bytes of every idle session — and was entered
+    // on every poll. Our handlers log with their own fields.
     async fn processing_loop(
         mut ports: ActorPortSet,
         state: &mut TActor::State,
         handler: &TActor,
         myself: ActorRef<TActor::Msg>,
-        _id: ActorId,
-        _name: Option<String>,
     ) -> Result<Option<String>, ActorErr> {
         // perform the post-start, with supervision enabled
         Self::do_post_start(myself.clone(), handler, state)
