@@ -117,14 +117,24 @@ impl<T: Send> ReadReady for tokio::io::ReadHalf<T> {
 }
 
 /// Serve one client over any byte stream (TCP, TLS, WebSocket bridge).
-pub async fn serve<R, W>(broker: Arc<Broker>, rd: R, wr: W, peer: SocketAddr, ctx: ConnCtx, shutdown: CancellationToken)
+///
+/// Not an `async fn`: one would keep its own copy of every argument (and the span's fields)
+/// beside the packet loop's future for the connection's whole life.
+pub fn serve<R, W>(
+    broker: Arc<Broker>,
+    rd: R,
+    wr: W,
+    peer: SocketAddr,
+    ctx: ConnCtx,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = ()>
 where
     R: AsyncRead + ReadReady + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let node = broker.config.node.name.clone();
+    let node = &broker.config.node.name;
     let span = tracing::info_span!("conn", %peer, %node, client_id = tracing::field::Empty, device = tracing::field::Empty);
-    serve_inner(broker, rd, wr, peer, ctx, shutdown).instrument(span).await
+    serve_inner(broker, rd, wr, peer, ctx, shutdown).instrument(span)
 }
 
 /// What the CONNECT exchange leaves for the packet loop.
