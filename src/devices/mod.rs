@@ -205,7 +205,6 @@ impl Devices {
             );
             services.push((s.clone(), Arc::new(Acl::rules(s.publish.clone(), s.subscribe.clone()))));
         }
-        let redis = cache.is_redis();
         let d = Arc::new(Devices {
             meta,
             cache,
@@ -223,11 +222,9 @@ impl Devices {
             telemetry: std::sync::OnceLock::new(),
             services,
             bad_log: crate::metrics::OncePer::new(100_000, Duration::from_secs(60)),
-            // The record itself without Redis (kept as long as Redis would), else a throttle.
-            seen_local: moka::sync::Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_idle(if redis { Duration::from_secs(3600) } else { status::SEEN_KEPT })
-                .build(),
+            // An hour, as the in-process cache kept its copy: an offline device's retained
+            // status carries when it went offline (`status` takes the later of the two).
+            seen_local: moka::sync::Cache::builder().max_capacity(1_000_000).time_to_idle(Duration::from_secs(3600)).build(),
             products: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(30)).build(),
             status_queue: Mutex::default(),
             reporting: Mutex::default(),

@@ -14,8 +14,8 @@ use super::{Devices, Kick};
 use crate::message::{now_ms, Message};
 use crate::protocols::mqtt::QoS;
 
-/// How long a device's last activity is kept after it was last seen.
-pub(super) const SEEN_KEPT: Duration = Duration::from_secs(30 * 86_400);
+/// How long Redis keeps a device's last activity.
+const SEEN_KEPT: Duration = Duration::from_secs(30 * 86_400);
 
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
