@@ -17,6 +17,11 @@ use crate::protocols::mqtt::QoS;
 /// How long Redis keeps a device's last activity.
 const SEEN_KEPT: Duration = Duration::from_secs(30 * 86_400);
 
+/// The cache key of a device's last activity (written by `seen`, read by `seen_shared`).
+fn seen_key(number: &str) -> String {
+    format!("seen:{number}")
+}
+
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Status {
     pub online: bool,
@@ -219,7 +224,7 @@ impl Devices {
         }
         self.seen_local.insert(number.clone(), now);
         if self.cache.is_redis() {
-            self.cache.set(&format!("seen:{number}"), &now.to_string(), SEEN_KEPT).await;
+            self.cache.set(&seen_key(number), &now.to_string(), SEEN_KEPT).await;
         }
     }
 
@@ -228,7 +233,7 @@ impl Devices {
         if !self.cache.is_redis() {
             return None;
         }
-        self.cache.get(&format!("seen:{number}")).await.and_then(|v| v.parse::<u64>().ok())
+        self.cache.get(&seen_key(number)).await.and_then(|v| v.parse::<u64>().ok())
     }
 
     /// Status as this node knows it: the replicated retained status message, and last-seen
