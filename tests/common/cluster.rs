@@ -15,6 +15,20 @@ pub struct NodeProc {
     pub child: Option<tokio::process::Child>,
 }
 
+/// The nodes' log filter when their log is echoed into the test's output: `TEST_NODE_LOG`, or
+/// under nextest (which shows a test's output only when it fails) the cluster's hand-over and
+/// membership steps, so a failed cluster test says where the time went.
+fn node_log() -> Option<String> {
+    match std::env::var("TEST_NODE_LOG") {
+        Ok(v) if v == "off" => None,
+        Ok(v) => Some(v),
+        Err(_) if std::env::var_os("NEXTEST").is_some() => {
+            Some("warn,thingsd=info,thingsd::cluster=debug,thingsd::actors::session::lifecycle=debug".into())
+        }
+        Err(_) => None,
+    }
+}
+
 pub struct TestCluster {
     pub nodes: Vec<NodeProc>,
     pub dir: tempfile::TempDir,
@@ -81,7 +95,7 @@ impl TestCluster {
             .arg(&config)
             .envs(self.env.get(&i).cloned().unwrap_or_default())
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn,thingsd=info".into()))
+            .env("RUST_LOG", node_log().unwrap_or_else(|| "warn,thingsd=info".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -95,9 +109,10 @@ impl TestCluster {
             }
         };
         let name = self.nodes[i].name.clone();
+        let echo = node_log().is_some();
         tokio::spawn(async move {
             while let Ok(Some(l)) = lines.next_line().await {
-                if std::env::var("TEST_NODE_LOG").is_ok() {
+                if echo {
                     eprintln!("[{name}] {l}");
                 }
             }

@@ -326,6 +326,7 @@ impl SessionState {
         if let Some(c) = self.broker.cluster.get() {
             c.barrier().await;
             m.buffer.extend(self.load.take());
+            tracing::debug!(client_id = %self.client_id, gen = m.gen, to = %m.to, collected = m.buffer.len(), "hand-over: flushing to the new owner");
             c.flush(self.client_id.clone(), m.gen, m.to, m.buffer);
         }
         self.end(me);
@@ -366,6 +367,7 @@ impl SessionState {
             return;
         }
         let Some(held) = self.held.take() else { return };
+        tracing::debug!(client_id = %self.client_id, gen, flushed = flushed.len(), held = held.buffer.len(), "hand-over: held deliveries released");
         let seen: HashSet<u64> = flushed.iter().map(|d| d.msg.id).collect();
         for d in flushed {
             self.deliver(me, d);
