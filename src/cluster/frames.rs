@@ -17,7 +17,7 @@ impl ClusterState {
             }
         };
         if let Some(m) = self.members.get_mut(from.as_str()) {
-            m.last_seen = Instant::now();
+            m.last_seen = self.heard;
         }
         match body {
             b @ (Body::Publish { .. }

@@ -92,8 +92,9 @@ impl ClusterState {
         self.a.handle.joined.store(true, Ordering::Relaxed);
         let me = self.me().to_string();
         let (cell, idx, addr, version) = {
+            let heard = self.heard;
             let m = self.member_mut(name);
-            m.last_seen = Instant::now();
+            m.last_seen = heard;
             if m.up {
                 return;
             }
@@ -232,8 +233,17 @@ impl ClusterState {
         let _ = self.a.handle.events.send(ClusterEvent::MemberDown { name: Arc::from(name), reason: reason.to_string() });
     }
 
-    pub(super) fn on_tick(&mut self) {
+    pub(super) fn on_tick(&mut self, queued: Instant) {
         let now = Instant::now();
+        let interval = Duration::from_millis(self.cfg().heartbeat_ms.max(10));
+        let stalled = mailbox_tick(&mut self.heard, queued, interval);
+        if !stalled.is_zero() {
+            // This process did not run its timers (stopped, or starved of CPU): nothing could
+            // be heard meanwhile, so the silence does not count against the peers.
+            for m in self.members.values_mut() {
+                m.last_seen += stalled;
+            }
+        }
         let late: Vec<u64> = self.admin.iter().filter(|(_, (_, t))| *t <= now).map(|(id, _)| *id).collect();
         for id in late {
             if let Some((reply, _)) = self.admin.remove(&id) {
@@ -243,7 +253,7 @@ impl ClusterState {
         let timeout = Duration::from_millis(self.cfg().heartbeat_timeout_ms);
         self.send_each(&Body::Heartbeat { incarnation: self.incarnation }, |_| true);
         let silent: Vec<Arc<str>> =
-            self.members.values().filter(|m| m.up && now.duration_since(m.last_seen) > timeout).map(|m| m.name.clone()).collect();
+            self.members.values().filter(|m| m.up && silent(self.heard, m.last_seen, timeout)).map(|m| m.name.clone()).collect();
         for name in silent {
             self.down(&name, "heartbeat timeout");
             // Reset the link: a half-open connection would otherwise never be redialled.
@@ -364,5 +374,74 @@ impl ClusterState {
                 }
             });
         }
+    }
+}
+
+/// Liveness in mailbox time. `heard` is when the last tick handled was queued: the mailbox is
+/// first in, first out, so every frame handled after that tick arrived after it, and a peer's
+/// silence is measured from there to the next tick's queueing — this node's own backlog (a
+/// burst of route or session frames on a busy machine) never makes a peer whose heartbeats
+/// wait in the queue look silent. Returns how long this process did not queue ticks at all
+/// (beyond two intervals): a stall during which no peer could be heard either.
+fn mailbox_tick(heard: &mut Instant, queued: Instant, interval: Duration) -> Duration {
+    let gap = queued.saturating_duration_since(*heard);
+    *heard = (*heard).max(queued);
+    gap.saturating_sub(interval * 2)
+}
+
+/// A peer last heard at `last_seen` (mailbox time) is silent at the tick `heard`.
+fn silent(heard: Instant, last_seen: Instant, timeout: Duration) -> bool {
+    heard.saturating_duration_since(last_seen) > timeout
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(500);
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_backlogged_mailbox_does_not_make_a_live_peer_silent() {
+        let t0 = Instant::now();
+        let mut heard = t0;
+        let mut last_seen = t0; // the peer's frame handled right after the tick queued at t0
+                                // Ticks queued every 500 ms for 4 s while this node is busy with one long frame; the
+                                // peer's heartbeats are queued between them. Handled 8 s later, in order: each
+                                // heartbeat is heard at the tick before it, never 5 s after it.
+        for i in 1..=8 {
+            let queued = t0 + TICK * i;
+            assert!(mailbox_tick(&mut heard, queued, TICK).is_zero());
+            assert!(!silent(heard, last_seen, TIMEOUT), "tick {i}");
+            last_seen = heard; // the heartbeat queued after this tick
+        }
+    }
+
+    #[test]
+    fn a_silent_peer_is_still_found() {
+        let t0 = Instant::now();
+        let mut heard = t0;
+        let last_seen = t0;
+        let mut found = None;
+        for i in 1..=12 {
+            mailbox_tick(&mut heard, t0 + TICK * i, TICK);
+            if found.is_none() && silent(heard, last_seen, TIMEOUT) {
+                found = Some(i);
+            }
+        }
+        assert_eq!(found, Some(11), "first tick more than 5 s after the last frame");
+    }
+
+    #[test]
+    fn a_stopped_process_credits_its_peers_with_the_stall() {
+        let t0 = Instant::now();
+        let mut heard = t0;
+        // No tick queued for 7 s (SIGSTOP, or no CPU): the next one reports the stall beyond
+        // two intervals, which the caller adds to every peer's last-heard time.
+        let stalled = mailbox_tick(&mut heard, t0 + Duration::from_secs(7), TICK);
+        assert_eq!(stalled, Duration::from_secs(6));
+        assert!(!silent(heard, t0 + stalled, TIMEOUT));
+        // A regular tick right after reports none.
+        assert!(mailbox_tick(&mut heard, t0 + Duration::from_millis(7500), TICK).is_zero());
     }
 }

@@ -31,7 +31,8 @@ impl ractor::Message for ClusterMessage {
 }
 
 pub enum Local {
-    Tick,
+    /// The heartbeat tick, with when it was queued (see `ClusterState::heard`).
+    Tick(Instant),
     /// A shard got the first local subscriber of `key` (or its first persistent one:
     /// `durable`); reply once live peers have the route.
     AddRoute {

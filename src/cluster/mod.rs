@@ -166,6 +166,11 @@ pub struct ClusterState {
     admin: HashMap<u64, (RpcReplyPort<Result<String, String>>, Instant)>,
     /// This node left the cluster on an operator's order (until `Join`).
     departed: bool,
+    /// When the last tick handled was queued. The mailbox is first in, first out, so a frame
+    /// handled after that tick arrived after this instant: peers are heard in mailbox time,
+    /// and this node's own backlog (a burst of route or session frames on a busy machine)
+    /// never makes a peer whose heartbeats wait in the queue look silent.
+    heard: Instant,
 }
 
 struct PendingClaim {
@@ -375,7 +380,7 @@ impl ClusterState {
                     addr: String::new(),
                     cell: None,
                     incarnation: 0,
-                    last_seen: Instant::now(),
+                    last_seen: self.heard,
                     up: false,
                     ghost: false,
                     routes: HashMap::new(),
@@ -420,7 +425,7 @@ impl Actor for ClusterActor {
         }
         ractor::pg::join(GROUP.to_string(), vec![me.get_cell()]);
         ractor::pg::monitor(GROUP.to_string(), me.get_cell());
-        me.send_interval(Duration::from_millis(cfg.heartbeat_ms.max(10)), || ClusterMessage::Local(Local::Tick));
+        me.send_interval(Duration::from_millis(cfg.heartbeat_ms.max(10)), || ClusterMessage::Local(Local::Tick(Instant::now())));
         let mut st = ClusterState {
             a,
             incarnation: now_ms().max(1),
@@ -443,6 +448,7 @@ impl Actor for ClusterActor {
             deferred: Vec::new(),
             admin: HashMap::new(),
             departed: false,
+            heard: Instant::now(),
         };
         st.local_routes = local_routes;
         // Peers already linked (a restart): introduce ourselves; they answer with their state.
@@ -453,7 +459,7 @@ impl Actor for ClusterActor {
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
             ClusterMessage::Wire(bytes) => st.on_frame(bytes).await,
-            ClusterMessage::Local(Local::Tick) => st.on_tick(),
+            ClusterMessage::Local(Local::Tick(queued)) => st.on_tick(queued),
             ClusterMessage::Local(Local::AddRoute { key, durable, reply }) => {
                 st.local_routes.insert(key.clone(), durable);
                 st.acked_routes(vec![(key, durable)], reply);
