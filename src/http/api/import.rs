@@ -1,10 +1,14 @@
 //! Bulk device creation: `POST /api/v1/devices/import` with a JSON array of device objects
 //! (as `POST /devices` takes them) or CSV (`Content-Type: text/csv`, a header row naming the
-//! columns). Each row is created on its own: a bad row is reported with its error and the
+//! columns). Each row is created on its own (a few at a time): a bad row is reported with its error and the
 //! others are created; every created device gets an access token, shown once in the answer.
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::HeaderMap;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -18,17 +22,53 @@ use crate::storage::meta::{CredentialKind, Device, NewDevice};
 /// Rows one import may hold.
 pub const MAX_ROWS: usize = 10_000;
 
+/// Rows of one import created at once.
+const IMPORT_CONCURRENCY: usize = 8;
+
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(import_devices))
 }
 
+/// What a new device refers to: its tenant, product, group and gateway.
+type Refs = (i64, Option<i64>, Option<i64>, Option<i64>);
+
 /// Create a device in the caller's scope with a fresh access token (one `POST /devices`).
-pub(super) async fn make_device(s: &AppState, c: &Caller, mut n: NewDevice) -> Result<(Device, String), ApiError> {
+pub(super) async fn make_device(s: &AppState, c: &Caller, n: NewDevice) -> Result<(Device, String), ApiError> {
+    make_checked(s, c, n, None).await
+}
+
+/// Check that the caller may create a device in tenant `t` referring to those objects.
+async fn check_refs(s: &AppState, c: &Caller, (t, product, group, gateway): Refs) -> Result<(), ApiError> {
+    let d = devices(s);
+    c.tenant(&d.meta, t).await?;
+    c.check_refs(&d, t, product, group, gateway).await
+}
+
+/// As `make_device`; an import passes the outcomes of the reference checks made so far (rows
+/// of one import mostly share a tenant and product: checked once, not once per row).
+async fn make_checked(
+    s: &AppState,
+    c: &Caller,
+    mut n: NewDevice,
+    checked: Option<&Mutex<HashMap<Refs, Result<(), ApiError>>>>,
+) -> Result<(Device, String), ApiError> {
     c.require("device:write")?;
     let d = devices(s);
     let t = c.new_tenant(n.tenant_id)?;
-    c.tenant(&d.meta, t).await?;
-    c.check_refs(&d, t, n.product_id, n.group_id, n.gateway_id).await?;
+    let refs = (t, n.product_id, n.group_id, n.gateway_id);
+    let known = checked.and_then(|m| m.lock().ok().and_then(|m| m.get(&refs).cloned()));
+    match known {
+        Some(outcome) => outcome?,
+        None => {
+            let outcome = check_refs(s, c, refs).await;
+            if let Some(m) = checked {
+                if let Ok(mut m) = m.lock() {
+                    m.insert(refs, outcome.clone());
+                }
+            }
+            outcome?
+        }
+    }
     n.tenant_id = Some(t);
     let dev = d.meta.create_device(&n).await?;
     let token = random_token();
@@ -50,14 +90,38 @@ async fn import_devices(State(s): State<AppState>, c: Caller, headers: HeaderMap
     if rows.len() > MAX_ROWS {
         return Err(bad(format!("{} rows: an import holds at most {MAX_ROWS}", rows.len())));
     }
-    let (mut made, mut errors) = (Vec::new(), Vec::new());
+    // Rows are created a few at a time (each is a handful of queries: a large import is bound
+    // by round trips, not by the database). A number seen earlier in the import waits for the
+    // concurrent pass, so the first row with it is the one created, as one at a time would.
+    let checked = Mutex::new(HashMap::new());
+    let mut seen = HashSet::new();
+    let (mut first, mut again) = (Vec::new(), Vec::new());
     for (i, row) in rows.into_iter().enumerate() {
         // Rows count from 1 (CSV: the first row after the header).
         let number = row.get("device_number").and_then(Value::as_str).unwrap_or("").to_string();
-        let outcome = match serde_json::from_value::<NewDevice>(row) {
-            Ok(n) => make_device(&s, &c, n).await,
-            Err(e) => Err(bad(format!("row {}: {e}", i + 1))),
-        };
+        if seen.insert(number.clone()) {
+            first.push((i, number, row));
+        } else {
+            again.push((i, number, row));
+        }
+    }
+    let one = |(i, number, row): (usize, String, Value)| {
+        let (s, c, checked) = (&s, &c, &checked);
+        async move {
+            let outcome = match serde_json::from_value::<NewDevice>(row) {
+                Ok(n) => make_checked(s, c, n, Some(checked)).await,
+                Err(e) => Err(bad(format!("row {}: {e}", i + 1))),
+            };
+            (i, number, outcome)
+        }
+    };
+    let mut outcomes: Vec<_> = futures_util::stream::iter(first).map(one).buffered(IMPORT_CONCURRENCY).collect().await;
+    for row in again {
+        outcomes.push(one(row).await);
+    }
+    outcomes.sort_by_key(|(i, _, _)| *i);
+    let (mut made, mut errors) = (Vec::new(), Vec::new());
+    for (i, number, outcome) in outcomes {
         match outcome {
             Ok((dev, token)) => made.push(json!({"row": i + 1, "device_number": dev.device_number, "access_token": token})),
             Err(e) => errors.push(json!({"row": i + 1, "device_number": number, "code": e.code, "message": e.message})),

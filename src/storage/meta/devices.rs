@@ -231,9 +231,9 @@ impl MetaStore {
         let now = now_ms();
         let name = if d.name.is_empty() { d.device_number.clone() } else { d.name.clone() };
         let labels = serde_json::to_string(&d.labels).map_err(|e| MetaError::Invalid(e.to_string()))?;
-        let id: i64 = sqlx::query_scalar(
+        let row = sqlx::query(
             "INSERT INTO devices (tenant_id, device_number, name, product_id, group_id, labels, gateway_id, sub_address, enabled, created_ms, updated_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9) RETURNING id",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9) RETURNING *",
         )
         .bind(d.tenant_id.unwrap_or(1))
         .bind(&d.device_number)
@@ -247,7 +247,7 @@ impl MetaStore {
         .fetch_one(self.pool())
         .await
         .map_err(|e| MetaError::unique(e, format!("device number {} (or its gateway address) is not available: numbers are unique across the platform", d.device_number)))?;
-        self.device_by_id(id).await
+        device(&row)
     }
 
     pub async fn device_by_id(&self, id: i64) -> Result<Device> {
