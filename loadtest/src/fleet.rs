@@ -395,8 +395,8 @@ async fn restart(nodes: &mut [brokers::ClusterNode], i: usize, exe: Option<&std:
     Ok(())
 }
 
-/// Wait until every device is connected, or until the count has not grown for `stall` (the
-/// nodes left are full: their connection caps refuse the rest), at most `limit`.
+/// Wait until every device is connected, or until the count has not grown for `stall` (e.g.
+/// the nodes left are full: their connection caps refuse the rest), at most `limit`.
 async fn reconnected(f: &Workers, devices: usize, stall: Duration, limit: Duration) -> anyhow::Result<Duration> {
     let t = Instant::now();
     let (mut best, mut since) = (f.connected(), Instant::now());
@@ -532,11 +532,19 @@ pub async fn run(o: &Opts) -> anyhow::Result<()> {
             t.elapsed().as_secs_f64(),
             rss(&nodes[..victim])
         ),
-        Err(e) => println!(
-            "kill -9 of node {}: {moved} devices reconnected through HAProxy, then {e} (the survivors are at their connection caps); RSS of the survivors: {}",
-            victim + 1,
-            rss(&nodes[..victim])
-        ),
+        Err(e) => {
+            // The nodes inherit this process's open-file limit, so their connection caps.
+            let room = thingsd::net::connections_that_fit().map(|fit| fit * victim);
+            let why = match room {
+                Some(room) if room < o.devices => format!(" (the survivors hold at most {room}: connection caps below the open-file limit)"),
+                _ => String::new(),
+            };
+            println!(
+                "kill -9 of node {}: {moved} devices reconnected through HAProxy, then {e}{why}; RSS of the survivors: {}",
+                victim + 1,
+                rss(&nodes[..victim])
+            )
+        }
     }
     tokio::time::sleep(o.period).await;
 

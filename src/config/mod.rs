@@ -305,7 +305,9 @@ pub struct ClusterConfig {
     pub cookie: String,
     /// Interval of heartbeats to every peer.
     pub heartbeat_ms: u64,
-    /// A peer silent for this long is marked down (its routes dropped) and its link reset.
+    /// A peer silent for this long is marked down (its routes dropped) and its link reset. A
+    /// crashed peer is found at once (its link closes); this finds a hung or cut-off one, and
+    /// must outlast a busy node's worst pause (15 s: 5 s flapped a 75k-device fleet).
     pub heartbeat_timeout_ms: u64,
     /// Redial back-off bounds (exponential, with jitter) for seeds and known members.
     pub redial_min_ms: u64,
@@ -339,7 +341,7 @@ impl Default for ClusterConfig {
             seeds: vec![],
             cookie: DEFAULT_COOKIE.into(),
             heartbeat_ms: 500,
-            heartbeat_timeout_ms: 5000,
+            heartbeat_timeout_ms: 15000,
             redial_min_ms: 100,
             redial_max_ms: 5000,
             route_ack_timeout_ms: 3000,
