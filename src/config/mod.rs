@@ -305,9 +305,8 @@ pub struct ClusterConfig {
     pub cookie: String,
     /// Interval of heartbeats to every peer.
     pub heartbeat_ms: u64,
-    /// A peer silent for this long is marked down (its routes dropped) and its link reset. A
-    /// crashed peer is found at once (its link closes); this finds a hung or cut-off one, and
-    /// must outlast a busy node's worst pause (15 s: 5 s flapped a 75k-device fleet).
+    /// A peer silent for this long is marked down (routes dropped, link reset): a hung or cut-off
+    /// one (a crashed peer's link closes at once). Outlasts a busy node's pauses (cluster.toml).
     pub heartbeat_timeout_ms: u64,
     /// Redial back-off bounds (exponential, with jitter) for seeds and known members.
     pub redial_min_ms: u64,
