@@ -405,10 +405,11 @@ mod tests {
     fn a_backlogged_mailbox_does_not_make_a_live_peer_silent() {
         let t0 = Instant::now();
         let mut heard = t0;
-        let mut last_seen = t0; // the peer's frame handled right after the tick queued at t0
-                                // Ticks queued every 500 ms for 4 s while this node is busy with one long frame; the
-                                // peer's heartbeats are queued between them. Handled 8 s later, in order: each
-                                // heartbeat is heard at the tick before it, never 5 s after it.
+        // The peer's frame handled right after the tick queued at t0. Then ticks queued every
+        // 500 ms for 4 s while this node is busy with one long frame, the peer's heartbeats
+        // queued between them, all handled 8 s later, in order: each heartbeat is heard at the
+        // tick before it, never 5 s after it.
+        let mut last_seen = t0;
         for i in 1..=8 {
             let queued = t0 + TICK * i;
             assert!(mailbox_tick(&mut heard, queued, TICK).is_zero());

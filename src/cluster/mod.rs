@@ -166,10 +166,8 @@ pub struct ClusterState {
     admin: HashMap<u64, (RpcReplyPort<Result<String, String>>, Instant)>,
     /// This node left the cluster on an operator's order (until `Join`).
     departed: bool,
-    /// When the last tick handled was queued. The mailbox is first in, first out, so a frame
-    /// handled after that tick arrived after this instant: peers are heard in mailbox time,
-    /// and this node's own backlog (a burst of route or session frames on a busy machine)
-    /// never makes a peer whose heartbeats wait in the queue look silent.
+    /// When the last tick handled was queued: peers are heard in mailbox time (see
+    /// `membership::mailbox_tick`).
     heard: Instant,
 }
 

@@ -35,7 +35,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("internal", "an unexpected error, logged by the node"),
 ];
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,

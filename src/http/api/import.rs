@@ -1,8 +1,9 @@
 //! Bulk device creation: `POST /api/v1/devices/import` with a JSON array of device objects
 //! (as `POST /devices` takes them) or CSV (`Content-Type: text/csv`, a header row naming the
-//! columns). Each row is created on its own (a few at a time): a bad row is reported with its error and the
-//! others are created; every created device gets an access token, shown once in the answer.
-use std::collections::{HashMap, HashSet};
+//! columns). Each row is created on its own (a few at a time): a bad row is reported with its
+//! error and the others are created; every created device gets an access token, shown once in
+//! the answer.
+use std::collections::HashSet;
 use std::sync::Mutex;
 
 use axum::body::Bytes;
@@ -44,29 +45,23 @@ async fn check_refs(s: &AppState, c: &Caller, (t, product, group, gateway): Refs
     c.check_refs(&d, t, product, group, gateway).await
 }
 
-/// As `make_device`; an import passes the outcomes of the reference checks made so far (rows
-/// of one import mostly share a tenant and product: checked once, not once per row).
+/// As `make_device`; an import passes the references that passed their checks so far (rows
+/// of one import mostly share a tenant and product: checked once, not once per row). A failed
+/// check is made again for the next row that needs it (it may have been a passing outage).
 async fn make_checked(
     s: &AppState,
     c: &Caller,
     mut n: NewDevice,
-    checked: Option<&Mutex<HashMap<Refs, Result<(), ApiError>>>>,
+    passed: Option<&Mutex<HashSet<Refs>>>,
 ) -> Result<(Device, String), ApiError> {
     c.require("device:write")?;
     let d = devices(s);
     let t = c.new_tenant(n.tenant_id)?;
     let refs = (t, n.product_id, n.group_id, n.gateway_id);
-    let known = checked.and_then(|m| m.lock().ok().and_then(|m| m.get(&refs).cloned()));
-    match known {
-        Some(outcome) => outcome?,
-        None => {
-            let outcome = check_refs(s, c, refs).await;
-            if let Some(m) = checked {
-                if let Ok(mut m) = m.lock() {
-                    m.insert(refs, outcome.clone());
-                }
-            }
-            outcome?
+    if !passed.is_some_and(|p| p.lock().is_ok_and(|p| p.contains(&refs))) {
+        check_refs(s, c, refs).await?;
+        if let Some(Ok(mut p)) = passed.map(Mutex::lock) {
+            p.insert(refs);
         }
     }
     n.tenant_id = Some(t);
@@ -93,7 +88,7 @@ async fn import_devices(State(s): State<AppState>, c: Caller, headers: HeaderMap
     // Rows are created a few at a time (each is a handful of queries: a large import is bound
     // by round trips, not by the database). A number seen earlier in the import waits for the
     // concurrent pass, so the first row with it is the one created, as one at a time would.
-    let checked = Mutex::new(HashMap::new());
+    let passed = Mutex::new(HashSet::new());
     let mut seen = HashSet::new();
     let (mut first, mut again) = (Vec::new(), Vec::new());
     for (i, row) in rows.into_iter().enumerate() {
@@ -106,10 +101,10 @@ async fn import_devices(State(s): State<AppState>, c: Caller, headers: HeaderMap
         }
     }
     let one = |(i, number, row): (usize, String, Value)| {
-        let (s, c, checked) = (&s, &c, &checked);
+        let (s, c, passed) = (&s, &c, &passed);
         async move {
             let outcome = match serde_json::from_value::<NewDevice>(row) {
-                Ok(n) => make_checked(s, c, n, Some(checked)).await,
+                Ok(n) => make_checked(s, c, n, Some(passed)).await,
                 Err(e) => Err(bad(format!("row {}: {e}", i + 1))),
             };
             (i, number, outcome)
