@@ -90,12 +90,13 @@ impl TestCluster {
     /// Start node `i` (again) and wait for its ready line.
     pub async fn spawn(&mut self, i: usize) {
         let config = self.write(i);
+        let log = node_log();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_thingsd"))
             .arg("--config")
             .arg(&config)
             .envs(self.env.get(&i).cloned().unwrap_or_default())
             .env("NO_COLOR", "1")
-            .env("RUST_LOG", node_log().unwrap_or_else(|| "warn,thingsd=info".into()))
+            .env("RUST_LOG", log.clone().unwrap_or_else(|| "warn,thingsd=info".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -109,7 +110,7 @@ impl TestCluster {
             }
         };
         let name = self.nodes[i].name.clone();
-        let echo = node_log().is_some();
+        let echo = log.is_some();
         tokio::spawn(async move {
             while let Ok(Some(l)) = lines.next_line().await {
                 if echo {
