@@ -855,6 +855,7 @@ async fn a_connected_device_follows_its_products_model_at_once() {
 /// its device with the store's reason while the rest of its batch is stored: one poison point
 /// never wedges a writer. A store that stops answering gets devices a busy answer after
 /// `telemetry.ack_timeout_ms` instead of a request that hangs; the point is written later.
+/// An MQTT device's PUBACK is held instead, its connection served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_point_never_wedges_a_writer() {
     let Some(pg) = common::backends::postgres().await else { return };
@@ -932,6 +933,39 @@ async fn a_poison_point_never_wedges_a_writer() {
         assert!(tokio::time::Instant::now() < end, "the timed-out point is written once the store is back: {h}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+
+    // MQTT holds the PUBACK while the store does not answer, well past `ack_timeout_ms`,
+    // instead of disconnecting the device (which would log in again: more load on a store
+    // that is behind). The connection is served meanwhile: a second PUBLISH is read, a
+    // PINGREQ is answered within half the keep-alive; both PUBACKs come, in order, once the
+    // points are written.
+    let mut c = connect_packet(Protocol::V4, "held", true);
+    (c.keep_alive, c.username) = (4, Some(tokens[2].clone()));
+    let (mut h, ack) = Raw::session(p.node.tcp, c).await;
+    assert_eq!(ack.code, 0);
+    proxy.cut(true);
+    for (pkid, n) in [(1u16, 41), (2, 42)] {
+        h.send(publish("v1/devices/me/telemetry", QoS::AtLeastOnce, pkid, &format!(r#"{{"ts": {}, "n": {n}}}"#, ts + n - 40))).await;
+    }
+    h.send(Packet::PingReq).await;
+    match h.recv_app().await {
+        Some(Packet::PingResp) => {}
+        other => panic!("the keep-alive is answered while the writes wait, before their PUBACKs: {other:?}"),
+    }
+    proxy.cut(false);
+    let mut acked = vec![];
+    while acked.len() < 2 {
+        match h.recv_app().await {
+            Some(Packet::PubAck(a)) => acked.push((a.pkid, a.code)),
+            // Kept alive while the writer reconnects.
+            Some(Packet::PingResp) => h.send(Packet::PingReq).await,
+            other => panic!("expected the held PUBACKs: {other:?}"),
+        }
+    }
+    assert_eq!(acked, [(1, 0), (2, 0)], "acknowledged, in order");
+    let h = crate::telemetry::history(&p, "poison-2", &range).await;
+    let n: Vec<f64> = crate::telemetry::values_of(&h, "n").iter().filter_map(|(_, v)| v.as_f64()).collect();
+    assert!(n.contains(&41.0) && n.contains(&42.0), "acknowledged means stored: {h}");
 }
 
 /// A device that keeps making client-side RPC calls cannot fill the shared cache: beyond 100

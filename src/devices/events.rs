@@ -32,6 +32,23 @@ pub enum IngestError {
     Refused(String),
 }
 
+impl From<crate::telemetry::NotStored> for IngestError {
+    fn from(e: crate::telemetry::NotStored) -> Self {
+        match e {
+            crate::telemetry::NotStored::Busy(_) => IngestError::Busy,
+            crate::telemetry::NotStored::Refused(why) => IngestError::Refused(why),
+        }
+    }
+}
+
+/// Telemetry handed to the writers whose writes are still to be waited for
+/// ([`Devices::stored`]), with its events (broadcast once stored).
+#[must_use = "the telemetry is queued; its events are broadcast once it is stored"]
+pub struct Unstored {
+    accepted: Option<crate::telemetry::Accepted>,
+    events: Vec<DeviceEvent>,
+}
+
 /// Where MQTT answers go: the topic family the device used (`devices` or `gateway`) and the
 /// number of the device on the session (a gateway is answered once per message, under its own
 /// number, whatever sub-devices the message carried).
@@ -85,10 +102,28 @@ impl Devices {
     /// Apply and broadcast events; returns the MQTT answers to publish (ThingsPanel responses,
     /// ThingsBoard attribute responses) when `reply` says where (MQTT only).
     /// Telemetry is stored before this returns (waiting at most `wait` for room in the
-    /// writers' queues, then `Busy`).
+    /// writers' queues, then `Busy`; at most `telemetry.ack_timeout_ms` for the writes).
     pub async fn ingest(&self, events: Vec<DeviceEvent>, reply: Option<ReplyTo<'_>>, wait: Duration) -> Result<Vec<Answer>, IngestError> {
+        let (answers, unstored) = self.ingest_held(events, reply, wait).await?;
+        if let Some(u) = unstored {
+            self.stored(u, Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1))).await?;
+        }
+        Ok(answers)
+    }
+
+    /// [`ingest`](Self::ingest), except that the writes of the message's last telemetry are
+    /// not waited for: its points are the writers' when this returns, and [`Self::stored`]
+    /// waits for them (then broadcasts those events). An MQTT connection holds the PUBACK
+    /// on it while it goes on reading the device's packets.
+    pub async fn ingest_held(
+        &self,
+        events: Vec<DeviceEvent>,
+        reply: Option<ReplyTo<'_>>,
+        wait: Duration,
+    ) -> Result<(Vec<Answer>, Option<Unstored>), IngestError> {
         let mut answers: Vec<Answer> = Vec::new();
         let mut answered = false;
+        let ack = Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1));
         // Telemetry waits here and is stored in one hand-over (a request's array, a gateway's
         // devices) before the next event of another kind, so events keep their order.
         let mut telemetry: Vec<DeviceEvent> = Vec::new();
@@ -97,7 +132,9 @@ impl Devices {
                 telemetry.push(ev);
                 continue;
             }
-            self.store_telemetry(&mut telemetry, wait).await?;
+            if let Some(u) = self.hand_over_telemetry(&mut telemetry, wait).await? {
+                self.stored(u, ack).await?;
+            }
             let answer = reply.as_ref().filter(|_| !answered);
             if let Some(a) = self.apply(&ev, answer).await? {
                 // A ThingsPanel message is answered once; ThingsBoard requests each.
@@ -106,24 +143,31 @@ impl Devices {
             }
             self.done(ev).await;
         }
-        self.store_telemetry(&mut telemetry, wait).await?;
-        Ok(answers)
+        Ok((answers, self.hand_over_telemetry(&mut telemetry, wait).await?))
     }
 
-    /// Store the telemetry events gathered so far (all of them, one hand-over per writer),
-    /// then broadcast them.
-    async fn store_telemetry(&self, events: &mut Vec<DeviceEvent>, wait: Duration) -> Result<(), IngestError> {
+    /// Hand the telemetry events gathered so far to the writers (all of them, one hand-over
+    /// per writer); `None` when there were none.
+    async fn hand_over_telemetry(&self, events: &mut Vec<DeviceEvent>, wait: Duration) -> Result<Option<Unstored>, IngestError> {
         if events.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        if let Some(t) = self.telemetry.get() {
-            let samples: Vec<Sample> = events.iter().map(|e| Sample { device_id: e.device_id, ts: e.ts, values: &e.values }).collect();
-            t.accept_all(&samples, wait).await.map_err(|e| match e {
-                crate::telemetry::NotStored::Busy(_) => IngestError::Busy,
-                crate::telemetry::NotStored::Refused(why) => IngestError::Refused(why),
-            })?;
+        let accepted = match self.telemetry.get() {
+            Some(t) => {
+                let samples: Vec<Sample> = events.iter().map(|e| Sample { device_id: e.device_id, ts: e.ts, values: &e.values }).collect();
+                Some(t.hand_over_all(&samples, wait).await.map_err(IngestError::from)?)
+            }
+            None => None,
+        };
+        Ok(Some(Unstored { accepted, events: std::mem::take(events) }))
+    }
+
+    /// Wait (at most `ack`) for handed-over telemetry to be written, then broadcast its events.
+    pub async fn stored(&self, u: Unstored, ack: Duration) -> Result<(), IngestError> {
+        if let (Some(t), Some(a)) = (self.telemetry.get(), u.accepted) {
+            a.written(t, ack).await?;
         }
-        for ev in events.drain(..) {
+        for ev in u.events {
             self.done(ev).await;
         }
         Ok(())

@@ -35,7 +35,7 @@ pub mod uplink;
 
 pub use acl::Acl;
 pub use auth::{hash_password, verify_password, AuthError, Credentials};
-pub use events::{IngestError, ReplyTo};
+pub use events::{IngestError, ReplyTo, Unstored};
 pub use uplink::{DeviceEvent, EventKind, Reject};
 
 /// Failed logins per source address: (count, window start).

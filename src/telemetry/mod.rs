@@ -114,6 +114,39 @@ pub struct Sample<'a> {
     pub values: &'a Map<String, Json>,
 }
 
+/// Points handed to the writers, not yet known to be written: [`Accepted::written`] waits.
+#[must_use = "the points are queued; whether they were written is only known by waiting"]
+pub struct Accepted(Vec<tokio::sync::oneshot::Receiver<Result<(), String>>>);
+
+impl Accepted {
+    /// Wait for the writes, at most `ack`: a store that hangs or keeps failing answers "busy"
+    /// (the points stay queued and are written when it recovers; the device's resend
+    /// overwrites them). A writer that dies first drops the waiter: busy too, so the device
+    /// sends again.
+    pub async fn written(self, t: &Telemetry, ack: Duration) -> Result<(), NotStored> {
+        match tokio::time::timeout(ack, futures_util::future::join_all(self.0)).await {
+            Ok(outcomes) => {
+                let mut busy = false;
+                for o in outcomes {
+                    match o {
+                        Ok(Ok(())) => {}
+                        Ok(Err(why)) => return Err(NotStored::Refused(why)),
+                        Err(_) => busy = true,
+                    }
+                }
+                if busy {
+                    return Err(Busy.into());
+                }
+                Ok(())
+            }
+            Err(_) => {
+                t.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(Busy.into())
+            }
+        }
+    }
+}
+
 /// A writer shard: the actor (swapped when replaced) and its queue's room.
 type WriterSlot = (arc_swap::ArcSwap<ActorRef<WriterMessage>>, Arc<Semaphore>);
 /// A device's latest (ts, value) per key.
@@ -202,11 +235,19 @@ impl Telemetry {
 
     /// Store the telemetry of one or many messages (one request's array, a gateway's devices):
     /// rules, flattening, then one hand-over per writer, waiting for room at most `wait` and,
-    /// unless durability is `accepted`, for the writes. Each writer is sent the points of its
-    /// devices in one message and all writes are awaited together. Succeeds
-    /// when every point is stored; `Busy` or `Refused` otherwise (some points may be stored:
-    /// sending everything again is safe, writes are idempotent per device, key and time).
+    /// unless durability is `accepted`, for the writes (at most `telemetry.ack_timeout_ms`).
+    /// Succeeds when every point is stored; `Busy` or `Refused` otherwise (some points may be
+    /// stored: sending everything again is safe, writes are idempotent per device, key and time).
     pub async fn accept_all(&self, samples: &[Sample<'_>], wait: Duration) -> Result<(), NotStored> {
+        let ack = Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1));
+        self.hand_over_all(samples, wait).await?.written(self, ack).await
+    }
+
+    /// The first half of [`accept_all`](Self::accept_all): the points are the writers' when
+    /// this returns (each writer is sent its devices' points in one message); the returned
+    /// [`Accepted`] waits for the writes. A caller that has more to do meanwhile (an MQTT
+    /// connection reading the device's next packets) waits for it later.
+    pub async fn hand_over_all(&self, samples: &[Sample<'_>], wait: Duration) -> Result<Accepted, NotStored> {
         let Some(writers) = self.writers.get() else { return Err(Busy.into()) };
         let mut by_shard: Vec<Vec<Point>> = (0..writers.len()).map(|_| Vec::new()).collect();
         let mut rules: Option<(i64, Option<Arc<RuleSet>>)> = None;
@@ -241,31 +282,7 @@ impl Telemetry {
             }
             pending.push(self.hand_over(shard, points, deadline).await?);
         }
-        // Accepted: from here the points are the writers'; we wait for the writes, bounded: a
-        // store that hangs or keeps failing answers "busy" (the points stay queued and are
-        // written when it recovers; the device's resend overwrites them). A writer that dies
-        // first drops the waiter: not acknowledged, so the device sends again.
-        let ack = Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1));
-        match tokio::time::timeout(ack, futures_util::future::join_all(pending)).await {
-            Ok(outcomes) => {
-                let mut busy = false;
-                for o in outcomes {
-                    match o {
-                        Ok(Ok(())) => {}
-                        Ok(Err(why)) => return Err(NotStored::Refused(why)),
-                        Err(_) => busy = true,
-                    }
-                }
-                if busy {
-                    return Err(Busy.into());
-                }
-                Ok(())
-            }
-            Err(_) => {
-                self.metrics.ack_timeouts.fetch_add(1, Ordering::Relaxed);
-                Err(Busy.into())
-            }
-        }
+        Ok(Accepted(pending))
     }
 
     /// Give one writer `points`, waiting for room in its queue until `deadline`; the receiver

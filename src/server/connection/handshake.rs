@@ -387,10 +387,11 @@ where
         session_lost: false,
         qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
         acker: None,
+        keep_alive,
         principal,
         identity,
         shown,
-        end: std::sync::atomic::AtomicU16::new(0),
+        end: Arc::new(std::sync::atomic::AtomicU16::new(0)),
     };
     Some(Established { conn, kicked, conn_id, keep_alive, cancel, out, _gauge: gauge })
 }

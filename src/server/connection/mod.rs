@@ -1,5 +1,6 @@
 //! One client connection: reads and validates packets, handles CONNECT, routes inbound PUBLISH,
 //! and hands everything that touches session state to the session actor.
+mod acker;
 mod authorise;
 mod handshake;
 mod publish;
@@ -369,8 +370,11 @@ struct Conn {
     qos2_routing: Arc<tokio::sync::Semaphore>,
     session_lost: bool,
     /// QoS 1 acknowledgements that wait (in order, without stopping the read loop) until
-    /// their message is durable; started by the first one that has to wait.
-    acker: Option<mpsc::Sender<(Packet, Option<Arc<crate::message::Durable>>)>>,
+    /// their message is durable and its telemetry written; started by the first one that has
+    /// to wait (see [`acker`]).
+    acker: Option<mpsc::Sender<acker::AckJob>>,
+    /// The negotiated keep-alive (seconds; 0: none).
+    keep_alive: u16,
     /// Who the client is: its ACL, and for a device its identity at login.
     principal: Principal,
     /// A device's identity as it is now (`Devices::refresh_identity`): payload checks use it.
@@ -378,46 +382,7 @@ struct Conn {
     /// The client id as the client sent it (traces).
     shown: Arc<str>,
     /// Why the connection ends: 0 = not decided, else 0x100 | (0x200 if the client closed it) | reason code.
-    end: std::sync::atomic::AtomicU16,
-}
-
-/// Send PUBACKs in order, each once its message is durable.
-async fn ack_in_order(
-    mut rx: mpsc::Receiver<(Packet, Option<Arc<crate::message::Durable>>)>,
-    tx: crate::queue::Sender<Outbound>,
-    v5: bool,
-    broker: Arc<Broker>,
-) {
-    while let Some((p, d)) = rx.recv().await {
-        if let Some(d) = d {
-            Broker::wait_durable(&d).await;
-            if d.refused() {
-                let out = refused_ack(p, v5, &broker);
-                let close = matches!(out, Outbound::Disconnect(_));
-                if tx.send(out).await.is_err() || close {
-                    return;
-                }
-                continue;
-            }
-        }
-        if tx.send(Outbound::Packet(Box::new(p))).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// A QoS 1 message some subscriber's queue could not keep: PUBACK 0x97 (5.0), or (3.1.1,
-/// which has no negative acknowledgement) the connection closes without one, so the client
-/// sends the message again after it reconnects.
-fn refused_ack(p: Packet, v5: bool, broker: &Broker) -> Outbound {
-    Metrics::add(&broker.metrics.publishes_refused, 1);
-    match p {
-        Packet::PubAck(a) if v5 => Outbound::Packet(Box::new(Packet::PubAck(Ack::new(a.pkid, reason::QUOTA_EXCEEDED)))),
-        _ => {
-            tracing::info!("a subscriber's queue could not take a message; 3.1.1 publisher disconnected unacknowledged");
-            Outbound::Disconnect(reason::QUOTA_EXCEEDED)
-        }
-    }
+    end: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Conn {
@@ -564,7 +529,7 @@ impl Conn {
             // Behind any acknowledgement still waiting: a PINGRESP confirms what came before.
             Packet::PingReq => match &self.acker {
                 Some(a) => {
-                    let _ = a.send((Packet::PingResp, None)).await;
+                    let _ = a.send(acker::AckJob::new(Packet::PingResp, None, None)).await;
                 }
                 None => self.send(Packet::PingResp).await,
             },

@@ -21,6 +21,8 @@ struct Admitted {
     taken: bool,
     /// Not a `$SYS` topic (clients may not inject broker statistics).
     routable: bool,
+    /// Its telemetry, handed to the writers: the PUBACK waits until it is written.
+    held: Option<crate::devices::Unstored>,
 }
 
 impl Conn {
@@ -48,8 +50,8 @@ impl Conn {
         let mut props = p.props.map(|b| *b);
         let topic = self.resolve_alias(p.topic, props.as_mut())?;
         let asked = self.authorise_publish(Asked { topic, payload: p.payload, qos: p.qos, retain: p.retain }).await?;
-        let taken = self.device_uplink(&asked, &mut props).await?;
-        Ok(self.message(asked, props, taken))
+        let (taken, held) = self.device_uplink(&asked, &mut props).await?;
+        Ok(self.message(asked, props, taken, held))
     }
 
     /// The topic, from the PUBLISH or its alias (5.0); a new alias is remembered.
@@ -87,11 +89,15 @@ impl Conn {
     }
 
     /// A device's message on one of its uplink topics is checked, stored and answered by the
-    /// platform; `Ok(true)` when it was. Subscribers (platform services) learn which device
-    /// sent any message of a device.
-    async fn device_uplink(&mut self, asked: &Asked, props: &mut Option<Properties>) -> Result<bool, Refusal> {
-        let Some(ident) = self.identity.as_ref().map(|i| i.load_full()) else { return Ok(false) };
-        let mut taken = false;
+    /// platform; `Ok((true, _))` when it was, with its telemetry still being written (QoS 1).
+    /// Subscribers (platform services) learn which device sent any message of a device.
+    async fn device_uplink(
+        &mut self,
+        asked: &Asked,
+        props: &mut Option<Properties>,
+    ) -> Result<(bool, Option<crate::devices::Unstored>), Refusal> {
+        let Some(ident) = self.identity.as_ref().map(|i| i.load_full()) else { return Ok((false, None)) };
+        let (mut taken, mut held) = (false, None);
         if let Some((kind, req, index)) = crate::devices::ota::chunk_request(&asked.topic, &ident.device_number) {
             self.ota_chunk(&ident, kind, req, index, &asked.payload).await?;
             taken = true;
@@ -109,15 +115,16 @@ impl Conn {
             }
         } else if let Some((kind, gateway, mid)) = uplink::classify(&asked.topic, &ident.device_number) {
             taken = true;
-            Box::pin(self.uplink(&ident, kind, gateway, mid, &asked.payload, props.as_ref())).await?;
+            let m = uplink::Incoming { kind, gateway, message_id: mid, payload: &asked.payload, protocol: "mqtt" };
+            held = Box::pin(self.uplink(&ident, m, asked.qos == QoS::AtLeastOnce, props.as_ref())).await?;
         }
         props.get_or_insert_with(Properties::default).user_properties.push(("device_number".into(), ident.device_number.to_string()));
-        Ok(taken)
+        Ok((taken, held))
     }
 
     /// The routed message: expiry from the interval the client set, subscription ids cleared,
     /// the `on_publish` webhook told.
-    fn message(&self, asked: Asked, mut props: Option<Properties>, taken: bool) -> Admitted {
+    fn message(&self, asked: Asked, mut props: Option<Properties>, taken: bool, held: Option<crate::devices::Unstored>) -> Admitted {
         let v5 = self.protocol == Protocol::V5;
         let Asked { topic, payload, qos, retain } = asked;
         let expires_at = props.as_mut().and_then(|pr| pr.message_expiry_interval.take()).map(|s| now_ms() + s as u64 * 1000);
@@ -150,13 +157,13 @@ impl Conn {
             publisher: Some(self.client_id.clone()),
             not_to_own_device,
         });
-        Admitted { msg, taken, routable }
+        Admitted { msg, taken, routable, held }
     }
 
     /// Retain, route and acknowledge as the client's QoS asks. QoS 2 goes through the session,
     /// which owns the exactly-once state.
     async fn route(&mut self, qos: QoS, pkid: u16, a: Admitted) -> Option<WillAction> {
-        let Admitted { msg, taken, routable } = a;
+        let Admitted { msg, taken, routable, held } = a;
         if msg.retain && routable {
             self.broker.retain(msg.clone()).await;
         }
@@ -172,17 +179,15 @@ impl Conn {
                 let code =
                     if n == 0 && self.protocol == Protocol::V5 && !taken { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
                 let ack = Packet::PubAck(Ack::new(pkid, code));
-                if self.acker.is_none() && durable.as_ref().is_some_and(|d| !d.is_done()) {
-                    let (atx, arx) = tokio::sync::mpsc::channel(self.broker.config.mqtt.max_inflight.max(1) as usize);
-                    tokio::spawn(super::ack_in_order(arx, self.tx.clone(), self.protocol == Protocol::V5, self.broker.clone()));
-                    self.acker = Some(atx);
+                if self.acker.is_none() && (held.is_some() || durable.as_ref().is_some_and(|d| !d.is_done())) {
+                    self.acker = Some(self.start_acker());
                 }
                 match (&self.acker, durable) {
                     (Some(a), durable) => {
-                        let _ = a.send((ack, durable)).await;
+                        let _ = a.send(super::acker::AckJob::new(ack, durable, held)).await;
                     }
                     (None, Some(d)) if d.refused() => {
-                        let out = super::refused_ack(ack, self.protocol == Protocol::V5, &self.broker);
+                        let out = super::acker::refused_ack(ack, self.protocol == Protocol::V5, &self.broker);
                         let _ = self.tx.send(out).await;
                     }
                     (None, _) => self.send(ack).await,
@@ -201,6 +206,26 @@ impl Conn {
         None
     }
 
+    /// The task that sends QoS 1 acknowledgements in order once they may go. A device waits
+    /// up to ten times `telemetry.ack_timeout_ms` for its telemetry to be written: holding
+    /// the PUBACK is MQTT's own flow control, while disconnecting it would make it log in
+    /// again — more load on a store that is already behind.
+    fn start_acker(&self) -> tokio::sync::mpsc::Sender<super::acker::AckJob> {
+        let devices = self.svc.devices.clone();
+        let stored_within = Duration::from_millis(devices.config.telemetry.ack_timeout_ms.max(1).saturating_mul(10));
+        let ping_within = (self.keep_alive > 0).then(|| Duration::from_millis(self.keep_alive as u64 * 500));
+        super::acker::Acker {
+            tx: self.tx.clone(),
+            v5: self.protocol == Protocol::V5,
+            broker: self.broker.clone(),
+            devices,
+            stored_within,
+            ping_within,
+            end: self.end.clone(),
+        }
+        .start(self.broker.config.mqtt.max_inflight as usize)
+    }
+
     /// Answer a PUBLISH that is not routed: the reason code in 5.0; in 3.1.1 (which has no
     /// negative acknowledgement) the message is dropped but still acknowledged, so the client
     /// does not resend it forever.
@@ -214,18 +239,18 @@ impl Conn {
         }
     }
 
-    /// A device's uplink message: checked, turned into events and applied.
+    /// A device's uplink message: checked, turned into events and applied. `hold` (QoS 1):
+    /// its telemetry's writes are not waited for here but returned, for the PUBACK to wait
+    /// on while the connection goes on reading (the device's in-flight window is the brake).
     async fn uplink(
         &mut self,
         ident: &Arc<crate::devices::Identity>,
-        kind: uplink::EventKind,
-        gateway: bool,
-        mid: Option<String>,
-        payload: &[u8],
+        m: uplink::Incoming<'_>,
+        hold: bool,
         props: Option<&Properties>,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<crate::devices::Unstored>, Refusal> {
         let d = self.svc.devices.clone();
-        let m = uplink::Incoming { kind, gateway, message_id: mid, payload, protocol: "mqtt" };
+        let gateway = m.gateway;
         let events = match uplink::parse(ident, m, &d.config.devices, now_ms() as i64) {
             Ok(events) => events,
             Err(why) => {
@@ -246,13 +271,20 @@ impl Conn {
         let reply_to = crate::devices::ReplyTo { family: if gateway { "gateway" } else { "devices" }, number: &ident.device_number };
         // MQTT devices wait longer: holding the acknowledgement back is the protocol's own flow control.
         let wait = std::time::Duration::from_millis(d.config.telemetry.wait_ms.saturating_mul(10));
-        match d.ingest(events, Some(reply_to), wait).await {
-            Ok(answers) => {
+        let ingested = match d.ingest_held(events, Some(reply_to), wait).await {
+            Ok((answers, unstored)) => {
                 for a in answers {
                     self.answer(a.topic, a.payload, None);
                 }
-                Ok(())
+                match unstored {
+                    Some(u) if !hold => d.stored(u, Duration::from_millis(d.config.telemetry.ack_timeout_ms.max(1))).await.map(|()| None),
+                    u => Ok(u),
+                }
             }
+            Err(e) => Err(e),
+        };
+        match ingested {
+            Ok(held) => Ok(held),
             Err(crate::devices::IngestError::Busy) => {
                 tracing::warn!(device = %ident.device_number, "telemetry storage busy: disconnecting the device unacknowledged (it resends)");
                 // Not acknowledged: the device sends it again when it reconnects.
