@@ -25,6 +25,8 @@ pub const MAX_ROWS: usize = 10_000;
 
 /// Rows of one import created at once.
 const IMPORT_CONCURRENCY: usize = 8;
+/// An import that created this many devices refreshes the tables' statistics.
+const ANALYZE_AFTER: usize = 1000;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(import_devices))
@@ -123,6 +125,11 @@ async fn import_devices(State(s): State<AppState>, c: Caller, headers: HeaderMap
         }
     }
     let d = devices(&s);
+    if made.len() >= ANALYZE_AFTER {
+        if let Err(e) = d.meta.analyze_devices().await {
+            tracing::warn!(error = %e, "cannot refresh the device tables' statistics after an import");
+        }
+    }
     c.audit(&d.meta, None, "import", "devices".to_string(), json!({"created": made.len(), "failed": errors.len()})).await;
     ok(json!({"created": made.len(), "failed": errors.len(), "devices": made, "errors": errors}))
 }

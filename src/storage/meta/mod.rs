@@ -131,6 +131,18 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Refresh the planner's statistics of the device tables after many rows arrived at once
+    /// (a bulk import): until autovacuum gets to them, PostgreSQL plans every login's lookup
+    /// from an empty table's statistics.
+    pub async fn analyze_devices(&self) -> Result<()> {
+        let sql = match self.backend() {
+            Backend::Postgres => "ANALYZE devices, credentials",
+            Backend::Sqlite => "ANALYZE",
+        };
+        sqlx::query(sql).execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
