@@ -205,13 +205,13 @@ pub struct CacheConfig {
     pub prefix: String,
     /// Entries of the in-process cache.
     pub capacity: u64,
-    /// How long a device's identity and credentials stay cached (changes invalidate at once).
+    /// How long a device's identity stays cached (changes invalidate at once; see cluster.toml).
     pub ttl_secs: u64,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { url: String::new(), prefix: "thingsd:".into(), capacity: 200_000, ttl_secs: 600 }
+        CacheConfig { url: String::new(), prefix: "thingsd:".into(), capacity: 200_000, ttl_secs: 86_400 }
     }
 }
 

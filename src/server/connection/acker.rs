@@ -1,15 +1,17 @@
 //! QoS 1 acknowledgements that wait without stopping the read loop: for the message's copies
 //! to be durable (replicated to backup nodes), and for a device's telemetry to be written.
-//! They go out in the order their PUBLISHes came; a PINGRESP waits its turn behind them, but
-//! not for longer than half the keep-alive while storage is slow (the client must still hear
-//! that the server is alive).
-use std::collections::VecDeque;
+//! Each is a short task that queues its PUBACK once its own waits are over and the one before
+//! it has been queued, so they go out in the order their PUBLISHes came. A PINGRESP waits its
+//! turn behind them too, but not for longer than half the keep-alive (the client must still
+//! hear that the server is alive while storage is slow).
+//!
+//! Nothing is kept per connection while no acknowledgement waits (no task, no channel): a fleet
+//! of devices that publish now and then pays only while a write is in progress.
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::actors::session::Outbound;
 use crate::broker::Broker;
@@ -18,137 +20,119 @@ use crate::message::Durable;
 use crate::metrics::Metrics;
 use crate::protocols::mqtt::{reason, Ack, Packet};
 
-/// A PUBACK (or PINGRESP) waiting its turn.
-pub(super) struct AckJob {
-    pub packet: Packet,
-    /// The message's copies still being replicated.
-    pub durable: Option<Arc<Durable>>,
-    /// The message's telemetry, handed to the writers and not yet written.
-    pub held: Option<Unstored>,
-    pub at: Instant,
+/// A connection's acknowledgements that wait.
+#[derive(Default)]
+pub(super) struct AckChain {
+    /// Its sender is dropped once the last acknowledgement handed to a task has been queued.
+    tail: Option<watch::Receiver<()>>,
+    /// At most `mqtt.max_inflight` wait at once (then the read loop waits for room); made by
+    /// the first one that waits.
+    room: Option<Arc<Semaphore>>,
 }
 
-impl AckJob {
-    pub fn new(packet: Packet, durable: Option<Arc<Durable>>, held: Option<Unstored>) -> AckJob {
-        AckJob { packet, durable, held, at: Instant::now() }
+impl AckChain {
+    /// Some acknowledgement is still waiting: anything answered now must go behind it.
+    pub fn waiting(&self) -> bool {
+        self.tail.as_ref().is_some_and(|t| t.has_changed().is_ok())
+    }
+
+    /// Room for one more, and the link to wait for (the previous one, if still waiting).
+    async fn next(&mut self, cap: u16) -> Option<(OwnedSemaphorePermit, Option<watch::Receiver<()>>, watch::Sender<()>)> {
+        let room = self.room.get_or_insert_with(|| Arc::new(Semaphore::new(cap.max(1) as usize))).clone();
+        let permit = room.acquire_owned().await.ok()?;
+        let prev = self.tail.take().filter(|t| t.has_changed().is_ok());
+        let (me, tail) = watch::channel(());
+        self.tail = Some(tail);
+        Some((permit, prev, me))
     }
 }
 
-/// What the acknowledging task needs of its connection.
-pub(super) struct Acker {
+/// What an acknowledging task needs of its connection.
+pub(super) struct AckCtx {
     pub tx: crate::queue::Sender<Outbound>,
     pub v5: bool,
     pub broker: Arc<Broker>,
     pub devices: Arc<Devices>,
     /// Longest a PUBACK waits for its telemetry to be written.
     pub stored_within: Duration,
-    /// Longest a PINGRESP waits behind telemetry still being written (half the keep-alive).
+    /// Longest a PINGRESP waits behind acknowledgements (half the keep-alive; none: no limit).
     pub ping_within: Option<Duration>,
-    /// Why the connection ends (see `Conn::end`): a busy store's DISCONNECT is recorded here.
+    /// Why the connection ends (see `Conn::end`): a DISCONNECT sent from here is recorded.
     pub end: Arc<AtomicU16>,
+    pub cap: u16,
 }
 
-impl Acker {
-    /// Start the task; acknowledgements are sent to it in order (at most `cap` waiting).
-    pub fn start(self, cap: usize) -> mpsc::Sender<AckJob> {
-        let (atx, arx) = mpsc::channel(cap.max(1));
-        tokio::spawn(self.run(arx, cap.max(1)));
-        atx
-    }
-
-    async fn run(self, mut rx: mpsc::Receiver<AckJob>, cap: usize) {
-        // Jobs read while the first one waits for its telemetry.
-        let mut queue: VecDeque<AckJob> = VecDeque::new();
-        loop {
-            let job = match queue.pop_front() {
-                Some(j) => j,
-                None => match rx.recv().await {
-                    Some(j) => j,
-                    None => return,
-                },
+impl AckCtx {
+    /// PUBACK `pkid` with `code` once `held` is written and `durable` replicated, after the
+    /// ones before it.
+    pub async fn ack(self, chain: &mut AckChain, pkid: u16, code: u8, durable: Option<Arc<Durable>>, held: Option<Unstored>) {
+        let Some((permit, prev, me)) = chain.next(self.cap).await else { return };
+        tokio::spawn(async move {
+            // The write overlaps with the waits of the acknowledgements before this one.
+            let stored = match held {
+                Some(u) => Some(self.devices.stored(u, self.stored_within).await),
+                None => None,
             };
-            let AckJob { mut packet, durable, held, .. } = job;
-            if let Some(u) = held {
-                let stored = self.devices.stored(u, self.stored_within);
-                let Some(outcome) = self.wait_reading(stored, &mut rx, &mut queue, cap).await else { return };
-                match self.after_storage(packet, outcome) {
-                    Ok(p) => packet = p,
-                    Err(close) => {
-                        let _ = self.tx.send(close).await;
-                        return;
-                    }
-                }
+            if let Some(mut p) = prev {
+                let _ = p.changed().await;
             }
+            let code = match stored.map(|o| self.after_storage(o)) {
+                None | Some(Ok(None)) => code,
+                Some(Ok(Some(nack))) => nack,
+                Some(Err(close)) => return self.close(close).await,
+            };
+            let ack = Ack::new(pkid, code);
             if let Some(d) = durable {
                 Broker::wait_durable(&d).await;
                 if d.refused() {
-                    let out = refused_ack(packet, self.v5, &self.broker);
-                    let close = matches!(out, Outbound::Disconnect(_));
-                    if close {
+                    let out = refused_ack(Packet::PubAck(ack), self.v5, &self.broker);
+                    if matches!(out, Outbound::Disconnect(_)) {
                         self.ends(reason::QUOTA_EXCEEDED);
                     }
-                    if self.tx.send(out).await.is_err() || close {
-                        return;
-                    }
-                    continue;
+                    let _ = self.tx.send(out).await;
+                    return;
                 }
             }
-            if self.tx.send(Outbound::Packet(Box::new(packet))).await.is_err() {
+            let _ = self.tx.send(Outbound::Packet(Box::new(Packet::PubAck(ack)))).await;
+            drop((me, permit));
+        });
+    }
+
+    /// PINGRESP after the acknowledgements before it — or after `ping_within`, if they take
+    /// longer; those after it still wait for all before.
+    pub async fn ping(self, chain: &mut AckChain) {
+        let Some((permit, prev, me)) = chain.next(self.cap).await else { return };
+        tokio::spawn(async move {
+            let Some(mut prev) = prev else {
+                let _ = self.tx.send(Outbound::Packet(Box::new(Packet::PingResp))).await;
                 return;
-            }
-        }
-    }
-
-    /// Wait for `stored` while taking in the jobs that come meanwhile (up to `cap`); a
-    /// PINGRESP among them that has waited `ping_within` is sent at once. `None`: the
-    /// connection is gone.
-    async fn wait_reading(
-        &self,
-        stored: impl std::future::Future<Output = Result<(), IngestError>>,
-        rx: &mut mpsc::Receiver<AckJob>,
-        queue: &mut VecDeque<AckJob>,
-        cap: usize,
-    ) -> Option<Result<(), IngestError>> {
-        let mut stored = std::pin::pin!(stored);
-        let mut open = true;
-        loop {
-            let ping = queue.iter().position(|j| matches!(j.packet, Packet::PingResp));
-            let due = ping.zip(self.ping_within).map(|(i, w)| queue[i].at + w);
-            tokio::select! {
-                biased;
-                r = &mut stored => return Some(r),
-                j = rx.recv(), if open && queue.len() < cap => match j {
-                    Some(j) => queue.push_back(j),
-                    // The connection ended: what was handed over is still written.
-                    None => open = false,
-                },
-                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
-                    if let Some(i) = ping {
-                        queue.remove(i);
-                    }
-                    if self.tx.send(Outbound::Packet(Box::new(Packet::PingResp))).await.is_err() {
-                        return None;
-                    }
+            };
+            let in_turn = match self.ping_within {
+                Some(w) => tokio::time::timeout(w, prev.changed()).await.is_ok(),
+                None => {
+                    let _ = prev.changed().await;
+                    true
                 }
+            };
+            let _ = self.tx.send(Outbound::Packet(Box::new(Packet::PingResp))).await;
+            if !in_turn {
+                let _ = prev.changed().await;
             }
-        }
+            drop((me, permit));
+        });
     }
 
-    /// The PUBACK to send once the telemetry's writes are over, or the DISCONNECT that ends a
-    /// device's connection unacknowledged (it sends the message again when it reconnects).
-    fn after_storage(&self, packet: Packet, outcome: Result<(), IngestError>) -> Result<Packet, Outbound> {
-        let pkid = match &packet {
-            Packet::PubAck(a) => a.pkid,
-            _ => return Ok(packet),
-        };
+    /// Once the telemetry's writes are over: the PUBACK's reason code if it is not the one
+    /// routing gave, or `Err` with the reason to end a device's connection unacknowledged (it
+    /// sends the message again when it reconnects).
+    fn after_storage(&self, outcome: Result<(), IngestError>) -> Result<Option<u8>, u8> {
         // 3.1.1 has no negative acknowledgement: refused content is acknowledged and dropped.
-        let nack = |code: u8| Ok(Packet::PubAck(Ack::new(pkid, if self.v5 { code } else { reason::SUCCESS })));
+        let nack = |code: u8| Ok(Some(if self.v5 { code } else { reason::SUCCESS }));
         match outcome {
-            Ok(()) => Ok(packet),
+            Ok(()) => Ok(None),
             Err(IngestError::Busy) => {
                 tracing::warn!("telemetry storage busy: disconnecting the device unacknowledged (it resends)");
-                self.ends(reason::SERVER_BUSY);
-                Err(Outbound::Disconnect(reason::SERVER_BUSY))
+                Err(reason::SERVER_BUSY)
             }
             // Logged once by the writer that tried it.
             Err(IngestError::Refused(_)) => nack(reason::PAYLOAD_FORMAT_INVALID),
@@ -157,6 +141,11 @@ impl Acker {
                 nack(reason::UNSPECIFIED_ERROR)
             }
         }
+    }
+
+    async fn close(&self, code: u8) {
+        self.ends(code);
+        let _ = self.tx.send(Outbound::Disconnect(code)).await;
     }
 
     /// The server closes the connection with `code` (unless something else decided first).

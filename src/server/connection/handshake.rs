@@ -386,7 +386,7 @@ where
         acks: Vec::new(),
         session_lost: false,
         qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
-        acker: None,
+        held_acks: Default::default(),
         keep_alive,
         principal,
         identity,

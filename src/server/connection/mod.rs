@@ -17,7 +17,6 @@ use std::time::Duration;
 use bytes::BytesMut;
 use ractor::ActorRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -370,9 +369,8 @@ struct Conn {
     qos2_routing: Arc<tokio::sync::Semaphore>,
     session_lost: bool,
     /// QoS 1 acknowledgements that wait (in order, without stopping the read loop) until
-    /// their message is durable and its telemetry written; started by the first one that has
-    /// to wait (see [`acker`]).
-    acker: Option<mpsc::Sender<acker::AckJob>>,
+    /// their message is durable and its telemetry written (see [`acker`]).
+    held_acks: acker::AckChain,
     /// The negotiated keep-alive (seconds; 0: none).
     keep_alive: u16,
     /// Who the client is: its ACL, and for a device its identity at login.
@@ -527,12 +525,14 @@ impl Conn {
                 self.settled().await;
             }
             // Behind any acknowledgement still waiting: a PINGRESP confirms what came before.
-            Packet::PingReq => match &self.acker {
-                Some(a) => {
-                    let _ = a.send(acker::AckJob::new(Packet::PingResp, None, None)).await;
+            Packet::PingReq => {
+                if self.held_acks.waiting() {
+                    let c = self.ack_ctx();
+                    c.ping(&mut self.held_acks).await;
+                } else {
+                    self.send(Packet::PingResp).await;
                 }
-                None => self.send(Packet::PingResp).await,
-            },
+            }
             Packet::Disconnect(d) => {
                 if let Some(e) = d.props.session_expiry_interval {
                     if self.expiry == 0 && e != 0 {

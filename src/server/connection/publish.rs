@@ -178,19 +178,18 @@ impl Conn {
                 // A device's uplink the platform took has a receiver: a success, not 0x10.
                 let code =
                     if n == 0 && self.protocol == Protocol::V5 && !taken { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
-                let ack = Packet::PubAck(Ack::new(pkid, code));
-                if self.acker.is_none() && (held.is_some() || durable.as_ref().is_some_and(|d| !d.is_done())) {
-                    self.acker = Some(self.start_acker());
+                if held.is_some() || durable.as_ref().is_some_and(|d| !d.is_done()) || self.held_acks.waiting() {
+                    let c = self.ack_ctx();
+                    c.ack(&mut self.held_acks, pkid, code, durable, held).await;
+                    return None;
                 }
-                match (&self.acker, durable) {
-                    (Some(a), durable) => {
-                        let _ = a.send(super::acker::AckJob::new(ack, durable, held)).await;
-                    }
-                    (None, Some(d)) if d.refused() => {
+                let ack = Packet::PubAck(Ack::new(pkid, code));
+                match durable {
+                    Some(d) if d.refused() => {
                         let out = super::acker::refused_ack(ack, self.protocol == Protocol::V5, &self.broker);
                         let _ = self.tx.send(out).await;
                     }
-                    (None, _) => self.send(ack).await,
+                    _ => self.send(ack).await,
                 }
             }
             QoS::ExactlyOnce => {
@@ -206,24 +205,23 @@ impl Conn {
         None
     }
 
-    /// The task that sends QoS 1 acknowledgements in order once they may go. A device waits
-    /// up to ten times `telemetry.ack_timeout_ms` for its telemetry to be written: holding
-    /// the PUBACK is MQTT's own flow control, while disconnecting it would make it log in
-    /// again — more load on a store that is already behind.
-    fn start_acker(&self) -> tokio::sync::mpsc::Sender<super::acker::AckJob> {
+    /// What a QoS 1 acknowledgement that waits needs (see [`super::acker`]). A device waits up
+    /// to ten times `telemetry.ack_timeout_ms` for its telemetry to be written: holding the
+    /// PUBACK is MQTT's own flow control, while disconnecting it would make it log in again —
+    /// more load on a store that is already behind.
+    pub(super) fn ack_ctx(&self) -> super::acker::AckCtx {
         let devices = self.svc.devices.clone();
         let stored_within = Duration::from_millis(devices.config.telemetry.ack_timeout_ms.max(1).saturating_mul(10));
-        let ping_within = (self.keep_alive > 0).then(|| Duration::from_millis(self.keep_alive as u64 * 500));
-        super::acker::Acker {
+        super::acker::AckCtx {
             tx: self.tx.clone(),
             v5: self.protocol == Protocol::V5,
             broker: self.broker.clone(),
             devices,
             stored_within,
-            ping_within,
+            ping_within: (self.keep_alive > 0).then(|| Duration::from_millis(self.keep_alive as u64 * 500)),
             end: self.end.clone(),
+            cap: self.broker.config.mqtt.max_inflight,
         }
-        .start(self.broker.config.mqtt.max_inflight as usize)
     }
 
     /// Answer a PUBLISH that is not routed: the reason code in 5.0; in 3.1.1 (which has no
