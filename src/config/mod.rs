@@ -151,7 +151,7 @@ pub struct TelemetryConfig {
     /// and an HTTP/CoAP request waits before 503 / 5.03.
     pub wait_ms: u64,
     /// Longest a device waits for its points to be written (durability `written`/`synced`);
-    /// then busy (HTTP 503, CoAP 5.03; MQTT after 10x: PUBACK held, then 0x89), points queued.
+    /// then busy (HTTP 503, CoAP 5.03; an MQTT PUBACK waits as long as it takes), points queued.
     pub ack_timeout_ms: u64,
     /// Embedded store: points buffered (and in the WAL) before they become a segment.
     pub segment_points: usize,

@@ -106,7 +106,7 @@ impl Devices {
     pub async fn ingest(&self, events: Vec<DeviceEvent>, reply: Option<ReplyTo<'_>>, wait: Duration) -> Result<Vec<Answer>, IngestError> {
         let (answers, unstored) = self.ingest_held(events, reply, wait).await?;
         if let Some(u) = unstored {
-            self.stored(u, Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1))).await?;
+            self.stored(u, Some(Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1)))).await?;
         }
         Ok(answers)
     }
@@ -133,7 +133,7 @@ impl Devices {
                 continue;
             }
             if let Some(u) = self.hand_over_telemetry(&mut telemetry, wait).await? {
-                self.stored(u, ack).await?;
+                self.stored(u, Some(ack)).await?;
             }
             let answer = reply.as_ref().filter(|_| !answered);
             if let Some(a) = self.apply(&ev, answer).await? {
@@ -162,8 +162,9 @@ impl Devices {
         Ok(Some(Unstored { accepted, events: std::mem::take(events) }))
     }
 
-    /// Wait (at most `ack`) for handed-over telemetry to be written, then broadcast its events.
-    pub async fn stored(&self, u: Unstored, ack: Duration) -> Result<(), IngestError> {
+    /// Wait (at most `ack`, if given) for handed-over telemetry to be written, then broadcast
+    /// its events.
+    pub async fn stored(&self, u: Unstored, ack: Option<Duration>) -> Result<(), IngestError> {
         if let (Some(t), Some(a)) = (self.telemetry.get(), u.accepted) {
             a.written(t, ack).await?;
         }

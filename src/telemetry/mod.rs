@@ -119,12 +119,17 @@ pub struct Sample<'a> {
 pub struct Accepted(Vec<tokio::sync::oneshot::Receiver<Result<(), String>>>);
 
 impl Accepted {
-    /// Wait for the writes, at most `ack`: a store that hangs or keeps failing answers "busy"
-    /// (the points stay queued and are written when it recovers; the device's resend
-    /// overwrites them). A writer that dies first drops the waiter: busy too, so the device
-    /// sends again.
-    pub async fn written(self, t: &Telemetry, ack: Duration) -> Result<(), NotStored> {
-        match tokio::time::timeout(ack, futures_util::future::join_all(self.0)).await {
+    /// Wait for the writes, at most `ack` (`None`: as long as they take — writers retry until
+    /// the store takes the points): a store that hangs or keeps failing answers "busy" (the
+    /// points stay queued and are written when it recovers; the device's resend overwrites
+    /// them). A writer that dies first drops the waiter: busy too, so the device sends again.
+    pub async fn written(self, t: &Telemetry, ack: Option<Duration>) -> Result<(), NotStored> {
+        let all = futures_util::future::join_all(self.0);
+        let outcome = match ack {
+            Some(ack) => tokio::time::timeout(ack, all).await,
+            None => Ok(all.await),
+        };
+        match outcome {
             Ok(outcomes) => {
                 let mut busy = false;
                 for o in outcomes {
@@ -240,7 +245,7 @@ impl Telemetry {
     /// stored: sending everything again is safe, writes are idempotent per device, key and time).
     pub async fn accept_all(&self, samples: &[Sample<'_>], wait: Duration) -> Result<(), NotStored> {
         let ack = Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1));
-        self.hand_over_all(samples, wait).await?.written(self, ack).await
+        self.hand_over_all(samples, wait).await?.written(self, Some(ack)).await
     }
 
     /// The first half of [`accept_all`](Self::accept_all): the points are the writers' when

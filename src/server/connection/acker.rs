@@ -53,8 +53,6 @@ pub(super) struct AckCtx {
     pub v5: bool,
     pub broker: Arc<Broker>,
     pub devices: Arc<Devices>,
-    /// Longest a PUBACK waits for its telemetry to be written.
-    pub stored_within: Duration,
     /// Longest a PINGRESP waits behind acknowledgements (half the keep-alive; none: no limit).
     pub ping_within: Option<Duration>,
     /// Why the connection ends (see `Conn::end`): a DISCONNECT sent from here is recorded.
@@ -70,7 +68,12 @@ impl AckCtx {
         tokio::spawn(async move {
             // The write overlaps with the waits of the acknowledgements before this one.
             let stored = match held {
-                Some(u) => Some(self.devices.stored(u, self.stored_within).await),
+                // As long as it takes: holding the PUBACK is MQTT's own flow control (the
+                // device's in-flight window fills and it stops), while disconnecting it would
+                // make it log in again — more load on a node or store that is already behind.
+                // Writers retry until the store takes the points; a connection that ends
+                // meanwhile simply gets no PUBACK.
+                Some(u) => Some(self.devices.stored(u, None).await),
                 None => None,
             };
             if let Some(mut p) = prev {

@@ -205,19 +205,13 @@ impl Conn {
         None
     }
 
-    /// What a QoS 1 acknowledgement that waits needs (see [`super::acker`]). A device waits up
-    /// to ten times `telemetry.ack_timeout_ms` for its telemetry to be written: holding the
-    /// PUBACK is MQTT's own flow control, while disconnecting it would make it log in again —
-    /// more load on a store that is already behind.
+    /// What a QoS 1 acknowledgement that waits needs (see [`super::acker`]).
     pub(super) fn ack_ctx(&self) -> super::acker::AckCtx {
-        let devices = self.svc.devices.clone();
-        let stored_within = Duration::from_millis(devices.config.telemetry.ack_timeout_ms.max(1).saturating_mul(10));
         super::acker::AckCtx {
             tx: self.tx.clone(),
             v5: self.protocol == Protocol::V5,
             broker: self.broker.clone(),
-            devices,
-            stored_within,
+            devices: self.svc.devices.clone(),
             ping_within: (self.keep_alive > 0).then(|| Duration::from_millis(self.keep_alive as u64 * 500)),
             end: self.end.clone(),
             cap: self.broker.config.mqtt.max_inflight,
@@ -275,7 +269,9 @@ impl Conn {
                     self.answer(a.topic, a.payload, None);
                 }
                 match unstored {
-                    Some(u) if !hold => d.stored(u, Duration::from_millis(d.config.telemetry.ack_timeout_ms.max(1))).await.map(|()| None),
+                    Some(u) if !hold => {
+                        d.stored(u, Some(Duration::from_millis(d.config.telemetry.ack_timeout_ms.max(1)))).await.map(|()| None)
+                    }
                     u => Ok(u),
                 }
             }
