@@ -1,6 +1,7 @@
 //! The node's shared context: configuration, counters, and the read side of the actors'
 //! snapshots (subscription index, retained set) that the hot path uses without round-trips.
 use crate::actors::inspect::Tell;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -19,6 +20,9 @@ use crate::protocols::mqtt::QoS;
 use crate::storage::state::{Restored, StateStore};
 
 /// Everything a connection or actor of this node shares.
+/// How often `Broker::watch_lag` measures the runtime's lateness.
+const LAG_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub struct Broker {
     pub config: Arc<Config>,
     pub metrics: Metrics,
@@ -38,6 +42,8 @@ pub struct Broker {
     /// Every listener accepts (set once start-up is complete).
     pub serving: std::sync::atomic::AtomicBool,
     connect_bucket: std::sync::Mutex<(f64, Instant)>,
+    /// When `watch_lag` last ran (µs since `started`).
+    lag_tick_us: std::sync::atomic::AtomicU64,
     /// CONNECTs in progress per source address (`mqtt.max_pending_connects_per_address`).
     pub pending_by_address: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
 }
@@ -66,11 +72,43 @@ impl Broker {
             serving: Default::default(),
             // The bucket starts full: a burst of `rate` connects, then `rate` per second.
             connect_bucket: std::sync::Mutex::new((connect_rate, started)),
+            lag_tick_us: std::sync::atomic::AtomicU64::new(0),
             pending_by_address: Default::default(),
         }
     }
 
     /// Take one token from the node's CONNECT rate bucket; false when the rate is exceeded.
+    /// Measure, every 100 ms, how late the runtime wakes a timer: a node whose tasks wait
+    /// that long for their turn is behind on everything (acknowledgements, keep-alives, its
+    /// cluster links). Runs until the broker is dropped.
+    pub fn watch_lag(me: &Arc<Broker>) {
+        let weak = Arc::downgrade(me);
+        tokio::spawn(async move {
+            loop {
+                let asked = tokio::time::Instant::now() + LAG_EVERY;
+                tokio::time::sleep_until(asked).await;
+                let late = tokio::time::Instant::now().saturating_duration_since(asked);
+                let Some(b) = weak.upgrade() else { return };
+                b.metrics.scheduler_lag_us.store(late.as_micros() as u64, Ordering::Relaxed);
+                b.lag_tick_us.store(b.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+        });
+    }
+
+    /// The node is too far behind to take on new connections (`mqtt.overload_lag_ms`): the
+    /// ones it has come first. Behind now (the watcher itself has not run for that long, as
+    /// when the process was stopped or starved), or lately: a timer late by L leaves about L
+    /// of work piled up, so the node refuses for L after it.
+    pub fn overloaded(&self) -> bool {
+        let limit = self.config.mqtt.overload_lag_ms.saturating_mul(1000);
+        if limit == 0 {
+            return false;
+        }
+        let since = (self.started.elapsed().as_micros() as u64).saturating_sub(self.lag_tick_us.load(Ordering::Relaxed));
+        let lag = self.metrics.scheduler_lag_us.load(Ordering::Relaxed);
+        since >= limit + LAG_EVERY.as_micros() as u64 || (lag >= limit && since < lag)
+    }
+
     pub fn admit_connect(&self) -> bool {
         let rate = self.config.mqtt.max_connect_rate as f64;
         if rate == 0.0 {

@@ -7,6 +7,9 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     /// CONNECTs being authenticated and attached right now (`mqtt.max_pending_connects`).
     pub connects_pending: AtomicU64,
+    /// How late (µs) the runtime last ran a timer (`Broker::watch_lag`): how far behind the
+    /// node's tasks are.
+    pub scheduler_lag_us: AtomicU64,
     pub messages_received: AtomicU64,
     pub messages_sent: AtomicU64,
     pub bytes_received: AtomicU64,

@@ -122,3 +122,79 @@ async fn killed_cluster_actor_restarts_with_the_routes() {
     assert_eq!(routes().await, 3);
     node.stop().await;
 }
+
+/// A node whose runtime is behind (`mqtt.overload_lag_ms`) answers new CONNECTs 0x89 Server
+/// busy at once and goes on serving the connections it has; caught up, it admits again. The
+/// runtime is stalled for a second by blocking both its worker threads while a client (on a
+/// thread of its own) connects: the node handles that CONNECT the moment it runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_node_refuses_new_connections_and_serves_its_own() {
+    use std::io::{Read, Write};
+    let node = start(|c| c.mqtt.overload_lag_ms = 300).await;
+    let mut kept = Raw::v5(node.tcp, "kept").await;
+    assert_eq!(kept.sub("overload/#", QoS::AtLeastOnce).await, [1]);
+
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(3));
+    let stalls: Vec<_> = (0..2)
+        .map(|_| {
+            let g = gate.clone();
+            tokio::spawn(async move {
+                g.wait();
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            })
+        })
+        .collect();
+    let (addr, g) = (node.tcp, gate.clone());
+    let client = std::thread::spawn(move || {
+        g.wait();
+        // Both workers are blocked now: the kernel takes the connection and its CONNECT.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut out = bytes::BytesMut::new();
+        encode(&connect5("late", true), Protocol::V5, &mut out);
+        s.write_all(&out).unwrap();
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            if let Some(p) = decode(&mut buf, Protocol::V5, usize::MAX).unwrap() {
+                return p;
+            }
+            let mut chunk = [0u8; 256];
+            let n = s.read(&mut chunk).expect("a CONNACK within the deadline");
+            assert!(n > 0, "closed without a CONNACK");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    });
+    for s in stalls {
+        s.await.unwrap();
+    }
+    let answer = tokio::task::spawn_blocking(move || client.join().unwrap()).await.unwrap();
+    assert!(matches!(&answer, Packet::ConnAck(a) if a.code == reason::SERVER_BUSY), "{answer:?}");
+
+    // The connection it had is served.
+    kept.send(publish("overload/a", QoS::AtLeastOnce, 1, "x")).await;
+    let mut got = (false, false);
+    while got != (true, true) {
+        match kept.recv_app().await {
+            Some(Packet::PubAck(a)) if a.pkid == 1 => got.0 = true,
+            Some(Packet::Publish(p)) if &p.topic[..] == "overload/a" => got.1 = true,
+            Some(_) => {}
+            None => panic!("the kept connection was closed"),
+        }
+    }
+    // Caught up: new connections are admitted again (the refusal lasts about as long as the stall).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (_c, ack) = Raw::session(node.tcp, connect_packet(Protocol::V5, "later", true)).await;
+        if ack.code == 0 {
+            break;
+        }
+        assert_eq!(ack.code, reason::SERVER_BUSY);
+        assert!(tokio::time::Instant::now() < deadline, "still refusing after the node caught up");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, text) = http_get(node.http.unwrap(), "/metrics").await;
+    assert!(text.contains("thingsd_scheduler_lag_seconds "), "{text}");
+    let busy = format!(r#"thingsd_mqtt_connacks_total{{reason="{}",code="137"}} "#, reason::name(reason::SERVER_BUSY));
+    assert!(text.lines().any(|l| l.starts_with(&busy) && l[busy.len()..].parse::<u64>().is_ok_and(|n| n >= 1)), "{text}");
+    node.stop().await;
+}

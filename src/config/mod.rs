@@ -399,13 +399,12 @@ pub struct MqttConfig {
     /// Server busy (3.1.1: 3) at once, which clients back off from, instead of a queue that
     /// outgrows the database pool's timeout in a reconnect storm. 0 = unlimited.
     pub max_pending_connects: usize,
-    /// How many of those one source address may hold (IPv6: one /64), so that a client whose
-    /// logins are slow on purpose (wrong passwords cost an argon2 check each; a slow auth
-    /// webhook) cannot take every slot: beyond it that address gets 0x89 while others are
-    /// still admitted. Behind a balancer, send the PROXY protocol (`proxy_protocol = true`)
-    /// so addresses are the clients'; without it every client shares the balancer's address
-    /// and this should be 0 (no per-address share) or as large as `max_pending_connects`.
+    /// How many of those one source address may hold (IPv6: one /64): slow logins from one
+    /// place (argon2 per wrong password, a slow webhook) cannot take every slot. Behind a
+    /// balancer without the PROXY protocol every client shares its address: 0 (no share).
     pub max_pending_connects_per_address: usize,
+    /// New CONNECTs get 0x89 while the runtime is this far behind (ms late timers). 0 = never.
+    pub overload_lag_ms: u64,
     /// Largest packet accepted, and advertised as Maximum Packet Size.
     pub max_packet_size: u32,
     /// Server Receive Maximum, and the cap on each session's outbound in-flight window.
@@ -462,6 +461,7 @@ impl Default for MqttConfig {
             max_connect_rate: 0,
             max_pending_connects: 1024,
             max_pending_connects_per_address: 256,
+            overload_lag_ms: 2000,
             max_packet_size: 1024 * 1024,
             max_inflight: 128,
             max_queued: 1000,

@@ -361,6 +361,11 @@ async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
     };
     metric("thingsd_clients_connected", "gauge", "MQTT clients connected now.", Metrics::get(&m.clients_connected));
     metric("thingsd_connections_total", "counter", "MQTT connections accepted (CONNECT processed).", Metrics::get(&m.connections_total));
+    let _ = writeln!(
+        hist,
+        "# HELP thingsd_scheduler_lag_seconds How late the runtime last woke a timer (beyond mqtt.overload_lag_ms: new connections refused, CONNACK 0x89).\n# TYPE thingsd_scheduler_lag_seconds gauge\nthingsd_scheduler_lag_seconds {}",
+        Metrics::get(&m.scheduler_lag_us) as f64 / 1e6
+    );
     metric(
         "thingsd_connects_pending",
         "gauge",

@@ -152,6 +152,7 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     let (state, sessions, retained) = StateStore::open(&config.node.data_dir, config.node.durability, interval, config.mqtt.max_queued)?;
     let restored = sessions.len();
     let broker = Arc::new(Broker::new(config.clone(), state.clone(), sessions));
+    Broker::watch_lag(&broker);
     if !retained.is_empty() {
         let mut set = RetainedSet::default();
         for m in retained {

@@ -165,12 +165,27 @@ fn admit(broker: &Arc<Broker>, c: &Connect) -> Result<Gauge, u8> {
     // (thingsd_mqtt_connacks_total counts each by reason).
     static FULL: crate::metrics::LogEvery = crate::metrics::LogEvery::new();
     static RATE: crate::metrics::LogEvery = crate::metrics::LogEvery::new();
+    static LATE: crate::metrics::LogEvery = crate::metrics::LogEvery::new();
     let every = Duration::from_secs(10);
     if connected as usize >= cfg.mqtt.max_connections {
         if let Some(more) = FULL.hit(every) {
             tracing::warn!(limit = cfg.mqtt.max_connections, refused_since_last_report = more, "connection limit reached; refusing");
         }
         return Err(reason::QUOTA_EXCEEDED);
+    }
+    // Behind on the connections it has: they come first; the client backs off and may find a
+    // node with room (through its load balancer) instead of adding a login to the backlog.
+    if broker.overloaded() {
+        if let Some(more) = LATE.hit(every) {
+            let lag_ms = m.scheduler_lag_us.load(Ordering::Relaxed) / 1000;
+            tracing::warn!(
+                lag_ms,
+                limit_ms = cfg.mqtt.overload_lag_ms,
+                refused_since_last_report = more,
+                "node overloaded; refusing new connections"
+            );
+        }
+        return Err(reason::SERVER_BUSY);
     }
     if !broker.admit_connect() {
         if let Some(more) = RATE.hit(every) {
