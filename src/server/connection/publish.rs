@@ -221,10 +221,15 @@ impl Conn {
     /// Answer a PUBLISH that is not routed: the reason code in 5.0; in 3.1.1 (which has no
     /// negative acknowledgement) the message is dropped but still acknowledged, so the client
     /// does not resend it forever.
-    async fn refuse(&self, qos: QoS, pkid: u16, code: u8) {
+    async fn refuse(&mut self, qos: QoS, pkid: u16, code: u8) {
         let code = if self.protocol == Protocol::V5 { code } else { reason::SUCCESS };
         match qos {
             QoS::AtMostOnce => {}
+            // Behind the acknowledgements still waiting: PUBACKs go out in the PUBLISHes' order.
+            QoS::AtLeastOnce if self.held_acks.waiting() => {
+                let c = self.ack_ctx();
+                c.ack(&mut self.held_acks, pkid, code, None, None).await;
+            }
             QoS::AtLeastOnce => self.send(Packet::PubAck(Ack::new(pkid, code))).await,
             // 3.1.1: the PUBREL that follows is answered by the session (PUBCOMP).
             QoS::ExactlyOnce => self.send(Packet::PubRec(Ack::new(pkid, code))).await,
