@@ -106,9 +106,15 @@ impl Devices {
     pub async fn ingest(&self, events: Vec<DeviceEvent>, reply: Option<ReplyTo<'_>>, wait: Duration) -> Result<Vec<Answer>, IngestError> {
         let (answers, unstored) = self.ingest_held(events, reply, wait).await?;
         if let Some(u) = unstored {
-            self.stored(u, Some(Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1)))).await?;
+            self.stored(u, Some(self.ack_timeout())).await?;
         }
         Ok(answers)
+    }
+
+    /// How long a device waits for its points to be written before it is answered busy
+    /// (`telemetry.ack_timeout_ms`).
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1))
     }
 
     /// [`ingest`](Self::ingest), except that the writes of the message's last telemetry are
@@ -123,7 +129,6 @@ impl Devices {
     ) -> Result<(Vec<Answer>, Option<Unstored>), IngestError> {
         let mut answers: Vec<Answer> = Vec::new();
         let mut answered = false;
-        let ack = Duration::from_millis(self.config.telemetry.ack_timeout_ms.max(1));
         // Telemetry waits here and is stored in one hand-over (a request's array, a gateway's
         // devices) before the next event of another kind, so events keep their order.
         let mut telemetry: Vec<DeviceEvent> = Vec::new();
@@ -133,7 +138,7 @@ impl Devices {
                 continue;
             }
             if let Some(u) = self.hand_over_telemetry(&mut telemetry, wait).await? {
-                self.stored(u, Some(ack)).await?;
+                self.stored(u, Some(self.ack_timeout())).await?;
             }
             let answer = reply.as_ref().filter(|_| !answered);
             if let Some(a) = self.apply(&ev, answer).await? {

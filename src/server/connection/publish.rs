@@ -274,9 +274,7 @@ impl Conn {
                     self.answer(a.topic, a.payload, None);
                 }
                 match unstored {
-                    Some(u) if !hold => {
-                        d.stored(u, Some(Duration::from_millis(d.config.telemetry.ack_timeout_ms.max(1)))).await.map(|()| None)
-                    }
+                    Some(u) if !hold => d.stored(u, Some(d.ack_timeout())).await.map(|()| None),
                     u => Ok(u),
                 }
             }
