@@ -139,25 +139,36 @@ impl Broker {
     /// Store (or delete, on an empty payload) a retained message; returns once the retained
     /// store has applied it, so a later SUBSCRIBE from anyone sees it.
     pub async fn retain(&self, msg: Arc<Message>) {
-        let topic = msg.topic.clone();
-        let msg_for_cluster = msg.clone();
+        self.retain_all(vec![msg]).await;
+    }
+
+    /// `retain` for several messages at once (in order): one update of the retained store, one
+    /// wait for the state store's commit, one cluster announcement for all of them.
+    pub async fn retain_all(&self, msgs: Vec<Arc<Message>>) {
+        if msgs.is_empty() {
+            return;
+        }
+        let for_cluster = msgs.clone();
         let applied = match self.retained_actor.load_full() {
             Some(r) => matches!(
-                r.ask(|reply| RetainedMessage::Set(msg, reply), Some(std::time::Duration::from_secs(5))).await,
+                r.ask(|reply| RetainedMessage::Set(msgs, reply), Some(std::time::Duration::from_secs(5))).await,
                 Ok(ractor::rpc::CallResult::Success(()))
             ),
             None => false,
         };
         if !applied {
-            // Only while the retained store restarts; the message is still routed to subscribers.
-            tracing::warn!(%topic, "retained store unavailable; retained update not applied");
+            // Only while the retained store restarts; the messages are still routed to subscribers.
+            let topic = &for_cluster[0].topic;
+            tracing::warn!(%topic, count = for_cluster.len(), "retained store unavailable; retained update not applied");
         } else {
             // Acknowledged only once the retained set's change is durable.
-            if !topic.starts_with("$SYS") {
+            if for_cluster.iter().any(|m| !m.topic.starts_with("$SYS")) {
                 self.state.committed().await;
             }
             if let Some(c) = self.cluster.get() {
-                c.retained_changed(msg_for_cluster);
+                for m in for_cluster {
+                    c.retained_changed(m);
+                }
             }
         }
     }

@@ -69,6 +69,65 @@ async fn three_nodes_route_publishes_and_retained_and_survive_a_restart() {
         assert_eq!(&*m.topic, topic, "round {round}");
     }
 
+    // A burst of route changes reaches the other nodes as its net result (the cluster actor
+    // sends a burst in a few frames): 60 filters subscribed, 20 subscribed and unsubscribed,
+    // 20 subscribed, unsubscribed and subscribed again — all pipelined by one client.
+    let mut burst = Raw::v5(c.mqtt(0), "burst").await;
+    let unsub = |pkid: u16, f: String| Packet::Unsubscribe(Unsubscribe { pkid, filters: vec![f], props: Properties::default() });
+    let mut pkid = 0u16;
+    let mut next = || {
+        pkid += 1;
+        pkid
+    };
+    for i in 0..60 {
+        burst.send(subscribe(next(), &format!("burst/{i}"), QoS::AtLeastOnce)).await;
+    }
+    for i in 0..20 {
+        burst.send(subscribe(next(), &format!("gone/{i}"), QoS::AtLeastOnce)).await;
+        burst.send(unsub(next(), format!("gone/{i}"))).await;
+        burst.send(subscribe(next(), &format!("flip/{i}"), QoS::AtLeastOnce)).await;
+        burst.send(unsub(next(), format!("flip/{i}"))).await;
+        burst.send(subscribe(next(), &format!("flip/{i}"), QoS::AtLeastOnce)).await;
+    }
+    for n in 0..160 {
+        match burst.recv_app().await {
+            Some(Packet::SubAck(a)) => assert_eq!(a.codes, [1], "answer {n}"),
+            Some(Packet::UnsubAck(_)) => {}
+            other => panic!("answer {n}: {other:?}"),
+        }
+    }
+    let mut bp = Raw::v5(c.mqtt(1), "burst-pub").await;
+    let topics: Vec<String> = (0..60).map(|i| format!("burst/{i}")).chain((0..20).map(|i| format!("flip/{i}"))).collect();
+    for (i, t) in topics.iter().enumerate() {
+        pub1(&mut bp, t, 1 + i as u16, "b").await;
+    }
+    let mut got = std::collections::BTreeSet::new();
+    while got.len() < topics.len() {
+        let m = burst.recv_publish().await;
+        burst.send(Packet::PubAck(Ack::new(m.pkid, 0))).await;
+        assert!(got.insert(m.topic.to_string()), "{} twice", m.topic);
+    }
+    assert_eq!(got, topics.iter().cloned().collect(), "every subscribed filter was routed from node 2");
+    // The unsubscriptions are not acknowledged by peers: poll until nodes 2 and 3 hold exactly
+    // node 1's routes.
+    let routes_of = |at: usize| {
+        let http = c.http(at);
+        async move {
+            let (_, body) = http_get(http, "/health/cluster").await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["members"].as_array().unwrap().iter().find(|m| m["name"] == "node1").map(|m| m["routes"].as_u64().unwrap()).unwrap()
+        }
+    };
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (own, seen) = (routes_of(0).await, [routes_of(1).await, routes_of(2).await]);
+        if seen == [own, own] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < end, "node 1 has {own} routes; nodes 2 and 3 see {seen:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
     // Shared subscriptions span nodes: each message goes to exactly one member cluster-wide.
     let mut m2 = Raw::v5(c.mqtt(1), "share-a").await;
     m2.sub("$share/g/jobs/#", QoS::AtLeastOnce).await;

@@ -187,8 +187,8 @@ impl RetainedSet {
 pub struct RetainedActor;
 
 pub enum RetainedMessage {
-    /// Set (or, with an empty payload, delete) the retained message of a topic.
-    Set(Arc<Message>, RpcReplyPort<()>),
+    /// Set (or, with an empty payload, delete) the retained message of each topic, in order.
+    Set(Vec<Arc<Message>>, RpcReplyPort<()>),
     /// Drop expired messages.
     Sweep,
     Count(RpcReplyPort<usize>),
@@ -216,15 +216,17 @@ impl Actor for RetainedActor {
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            RetainedMessage::Set(m, reply) => {
-                // `$SYS` statistics are regenerated at start, so they do not make the set dirty.
-                let durable = !m.topic.starts_with("$SYS");
-                if durable {
-                    st.store.put_retained(&m);
-                }
-                st.set.apply(m);
-                if durable {
-                    st.set.version = VERSION.fetch_add(1, Ordering::Relaxed);
+            RetainedMessage::Set(msgs, reply) => {
+                for m in msgs {
+                    // `$SYS` statistics are regenerated at start, so they do not make the set dirty.
+                    let durable = !m.topic.starts_with("$SYS");
+                    if durable {
+                        st.store.put_retained(&m);
+                    }
+                    st.set.apply(m);
+                    if durable {
+                        st.set.version = VERSION.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 st.snapshot.store(Arc::new(st.set.clone()));
                 let _ = reply.send(());

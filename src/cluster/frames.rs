@@ -147,11 +147,7 @@ impl ClusterState {
                 }
             }
             Body::RouteAck(seq) => self.peer_acked(seq, &from),
-            Body::Retained(entries) => {
-                for e in entries {
-                    self.apply_retained(e);
-                }
-            }
+            Body::Retained(entries) => self.apply_retained(entries),
             Body::RetainedDigest(theirs) => {
                 let theirs: HashMap<Arc<str>, Hlc> = theirs.into_iter().collect();
                 let mine = self.digest();

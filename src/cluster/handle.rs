@@ -157,6 +157,25 @@ pub struct Cluster {
     pub(super) parked: Arc<std::sync::Mutex<Vec<Parked>>>,
     /// The node's feature frame handler (set once at start-up; frames before it are dropped).
     pub(super) features: OnceLock<Arc<dyn Features>>,
+    /// Route changes and retained updates waiting for the cluster actor, which takes all of
+    /// them at once (`Local::Outbox`): a burst — a fleet reconnecting, a node announcing its
+    /// devices' status — goes out as a few frames per peer, not one frame (and one
+    /// acknowledgement) per subscription or status message.
+    pub(super) outbox: std::sync::Mutex<Outbox>,
+}
+
+#[derive(Default)]
+pub(super) struct Outbox {
+    pub(super) routes: Vec<RouteOp>,
+    pub(super) retained: Vec<Arc<Message>>,
+    /// A `Local::Outbox` is in the cluster actor's mailbox.
+    pub(super) scheduled: bool,
+}
+
+/// A change of this node's routes, in the order the shards made them.
+pub(super) enum RouteOp {
+    Add(Arc<str>, bool, RpcReplyPort<()>),
+    Del(Arc<str>),
 }
 
 /// Rendezvous (highest random weight) score of `node` for `client`: the live node with the
@@ -189,7 +208,28 @@ impl Cluster {
             ghosts: ArcSwap::from_pointee(HashMap::new()),
             parked: Default::default(),
             features: OnceLock::new(),
+            outbox: Default::default(),
         }
+    }
+
+    /// Queue a route change or retained update for the cluster actor, waking it if it was not
+    /// already due to take the queue. False if there is no running actor (a restarted one
+    /// takes what is queued when it starts).
+    fn enqueue(&self, put: impl FnOnce(&mut Outbox)) -> bool {
+        let Some(a) = self.actor.load_full() else { return false };
+        let mut o = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        put(&mut o);
+        if !o.scheduled {
+            o.scheduled = a.tell(ClusterMessage::Local(Local::Outbox)).is_ok();
+        }
+        true
+    }
+
+    /// What is queued for the cluster actor (it is no longer due to take it).
+    pub(super) fn take_outbox(&self) -> (Vec<RouteOp>, Vec<Arc<Message>>) {
+        let mut o = self.outbox.lock().unwrap_or_else(|e| e.into_inner());
+        o.scheduled = false;
+        (std::mem::take(&mut o.routes), std::mem::take(&mut o.retained))
     }
 
     /// Register the handler of feature frames (once; later calls are ignored).
@@ -214,12 +254,10 @@ impl Cluster {
     }
 
     /// Announce a new local route; the receiver fires once every live peer has it (bounded by
-    /// `route_ack_timeout_ms`). Enqueued at once, so announcements keep the caller's order.
+    /// `route_ack_timeout_ms`). Queued at once, so announcements keep the caller's order.
     pub fn add_route(&self, key: Arc<str>, durable: bool) -> Option<ractor::concurrency::OneshotReceiver<()>> {
-        let a = self.actor.load_full()?;
         let (tx, rx) = ractor::concurrency::oneshot();
-        a.tell(ClusterMessage::Local(Local::AddRoute { key, durable, reply: tx.into() })).ok()?;
-        Some(rx)
+        self.enqueue(|o| o.routes.push(RouteOp::Add(key, durable, tx.into()))).then_some(rx)
     }
 
     /// Tell every live peer about a device change.
@@ -228,12 +266,12 @@ impl Cluster {
     }
 
     pub fn del_route(&self, key: Arc<str>) {
-        self.cast(Local::DelRoute(key));
+        self.enqueue(|o| o.routes.push(RouteOp::Del(key)));
     }
 
     pub fn retained_changed(&self, msg: Arc<Message>) {
         if !msg.topic.starts_with("$SYS") {
-            self.cast(Local::Retained(msg));
+            self.enqueue(|o| o.retained.push(msg));
         }
     }
 

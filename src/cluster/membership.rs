@@ -177,7 +177,7 @@ impl ClusterState {
             .collect();
         for s in done {
             if let Some(p) = self.pending.remove(&s) {
-                let _ = p.reply.send(());
+                p.answer();
             }
         }
         // Claims waiting on the dead node's hand-over go to its backup (replica) instead.
@@ -277,8 +277,8 @@ impl ClusterState {
         let late: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(s, _)| *s).collect();
         for s in late {
             if let Some(p) = self.pending.remove(&s) {
-                tracing::warn!(peers = ?p.waiting, "route acknowledgement timed out");
-                let _ = p.reply.send(());
+                tracing::warn!(peers = ?p.waiting, changes = p.replies.len(), "route acknowledgement timed out");
+                p.answer();
             }
         }
         // Claims whose registrar never answered: serve the client here without remote state.
@@ -320,7 +320,7 @@ impl ClusterState {
     pub(super) async fn depart(&mut self, reply: RpcReplyPort<usize>) {
         self.broadcast(&Body::Departed);
         let (tx, rx) = ractor::concurrency::oneshot();
-        let peers = self.broadcast_acked(|ack| Body::Leave { ack }, tx.into());
+        let peers = self.broadcast_acked(|ack| Body::Leave { ack }, vec![tx.into()]);
         tracing::info!(peers, "departing from the cluster (operator)");
         self.departed = true;
         self.dials.clear();

@@ -33,19 +33,10 @@ impl ractor::Message for ClusterMessage {
 pub enum Local {
     /// The heartbeat tick, with when it was queued (see `ClusterState::heard`).
     Tick(Instant),
-    /// A shard got the first local subscriber of `key` (or its first persistent one:
-    /// `durable`); reply once live peers have the route.
-    AddRoute {
-        key: Arc<str>,
-        durable: bool,
-        reply: RpcReplyPort<()>,
-    },
-    /// A shard lost the last local subscriber of `key`.
-    DelRoute(Arc<str>),
+    /// Route changes and retained updates are queued in `Cluster::outbox`: take them all.
+    Outbox,
     /// Broadcast a device notice.
     Notice(wire::DeviceNotice),
-    /// A retained message was stored (or deleted) locally.
-    Retained(Arc<Message>),
     Dialed {
         addr: String,
         ok: bool,

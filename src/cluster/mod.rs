@@ -95,7 +95,7 @@ pub struct MemberInfo {
     pub idx: NodeIdx,
 }
 
-use handle::forward_loop;
+use handle::{forward_loop, RouteOp};
 pub use handle::{rendezvous, Cluster, Features, Link, Parked};
 
 /// What this node knows of another.
@@ -124,9 +124,20 @@ struct Dial {
 
 struct Pending {
     waiting: HashSet<Arc<str>>,
-    reply: RpcReplyPort<()>,
+    replies: Vec<RpcReplyPort<()>>,
     deadline: Instant,
 }
+
+impl Pending {
+    fn answer(self) {
+        for r in self.replies {
+            let _ = r.send(());
+        }
+    }
+}
+
+/// Route changes or retained entries per frame at most (a burst goes out as several).
+const PER_FRAME: usize = 2048;
 
 pub struct ClusterArgs {
     pub broker: Arc<Broker>,
@@ -204,19 +215,83 @@ pub struct ClusterActor;
 
 impl ClusterState {
     /// A retained message stored (or deleted) here: stamp it and tell every peer.
-    fn local_retained(&mut self, msg: Arc<Message>) {
-        let hlc = self.tick_clock();
-        let topic = msg.topic.clone();
-        let msg = if msg.payload.is_empty() {
-            self.retained.remove(&topic);
-            self.tombstones.insert(topic.clone(), (hlc, Instant::now()));
-            None
-        } else {
-            self.tombstones.remove(&topic);
-            self.retained.insert(topic.clone(), hlc);
-            Some(msg)
-        };
-        self.broadcast(&Body::Retained(vec![RetainedEntry { topic, hlc, msg }]));
+    /// Take what the shards and the retained store queued (`Cluster::outbox`) and tell the
+    /// peers in as few frames as it fits.
+    fn flush_outbox(&mut self) {
+        let (routes, retained) = self.a.handle.take_outbox();
+        if !routes.is_empty() {
+            self.local_routes_changed(routes);
+        }
+        if !retained.is_empty() {
+            self.local_retained(retained);
+        }
+    }
+
+    /// Apply route changes in order; peers hold a set of keys per node, so each key's last
+    /// change is what they need. Additions are acknowledged (their SUBACKs wait for it).
+    fn local_routes_changed(&mut self, ops: Vec<RouteOp>) {
+        let mut last: HashMap<Arc<str>, Option<bool>> = HashMap::with_capacity(ops.len());
+        let mut order = Vec::with_capacity(ops.len());
+        let mut replies = Vec::new();
+        for op in ops {
+            let (key, now) = match op {
+                RouteOp::Add(key, durable, reply) => {
+                    self.local_routes.insert(key.clone(), durable);
+                    replies.push(reply);
+                    (key, Some(durable))
+                }
+                RouteOp::Del(key) if self.local_routes.remove(&key).is_some() => (key, None),
+                RouteOp::Del(_) => continue,
+            };
+            if last.insert(key.clone(), now).is_none() {
+                order.push(key);
+            }
+        }
+        let (mut add, mut del) = (Vec::new(), Vec::new());
+        for key in order {
+            match last.get(&key).copied().flatten() {
+                Some(durable) => add.push((key, durable)),
+                None => del.push(key),
+            }
+        }
+        for chunk in del.chunks(PER_FRAME) {
+            self.broadcast(&Body::Routes { reset: false, add: vec![], del: chunk.to_vec(), ack: None });
+        }
+        if add.is_empty() {
+            // Added and removed again in the same burst: nothing for the peers to have.
+            for r in replies {
+                let _ = r.send(());
+            }
+            return;
+        }
+        // Frames to a peer arrive in order: the last one's acknowledgement covers them all.
+        let mut chunks: Vec<Vec<(Arc<str>, bool)>> = add.chunks(PER_FRAME).map(<[_]>::to_vec).collect();
+        let final_chunk = chunks.pop().unwrap_or_default();
+        for chunk in chunks {
+            self.broadcast(&Body::Routes { reset: false, add: chunk, del: vec![], ack: None });
+        }
+        self.broadcast_acked(|seq| Body::Routes { reset: false, add: final_chunk, del: vec![], ack: Some(seq) }, replies);
+    }
+
+    fn local_retained(&mut self, msgs: Vec<Arc<Message>>) {
+        let mut entries = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            let hlc = self.tick_clock();
+            let topic = msg.topic.clone();
+            let msg = if msg.payload.is_empty() {
+                self.retained.remove(&topic);
+                self.tombstones.insert(topic.clone(), (hlc, Instant::now()));
+                None
+            } else {
+                self.tombstones.remove(&topic);
+                self.retained.insert(topic.clone(), hlc);
+                Some(msg)
+            };
+            entries.push(RetainedEntry { topic, hlc, msg });
+        }
+        for chunk in entries.chunks(PER_FRAME) {
+            self.broadcast(&Body::Retained(chunk.to_vec()));
+        }
     }
 
     /// Our sessions, and replicas whose owner is gone (we answer for those now), to their
@@ -320,24 +395,20 @@ impl ClusterState {
         self.send_each(body, |m| m.up);
     }
 
-    /// Broadcast route additions and reply once every live peer has acknowledged them (bounded).
-    fn acked_routes(&mut self, add: Vec<(Arc<str>, bool)>, reply: RpcReplyPort<()>) {
-        self.broadcast_acked(|seq| Body::Routes { reset: false, add, del: vec![], ack: Some(seq) }, reply);
-    }
-
     /// Broadcast `body(seq)` to the live peers and reply once each has acknowledged `seq`
     /// (`peer_acked`), went down, or `route_ack_timeout_ms` passed. Returns how many it waits for.
-    fn broadcast_acked(&mut self, body: impl FnOnce(u64) -> Body, reply: RpcReplyPort<()>) -> usize {
+    fn broadcast_acked(&mut self, body: impl FnOnce(u64) -> Body, replies: Vec<RpcReplyPort<()>>) -> usize {
         self.seq += 1;
         let seq = self.seq;
         let waiting: HashSet<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
         self.broadcast(&body(seq));
         let n = waiting.len();
-        if waiting.is_empty() {
-            let _ = reply.send(());
+        let deadline = Instant::now() + Duration::from_millis(self.cfg().route_ack_timeout_ms);
+        let p = Pending { waiting, replies, deadline };
+        if p.waiting.is_empty() {
+            p.answer();
         } else {
-            let deadline = Instant::now() + Duration::from_millis(self.cfg().route_ack_timeout_ms);
-            self.pending.insert(seq, Pending { waiting, reply, deadline });
+            self.pending.insert(seq, p);
         }
         n
     }
@@ -348,7 +419,7 @@ impl ClusterState {
             p.waiting.remove(from);
             if p.waiting.is_empty() {
                 if let Some(p) = self.pending.remove(&seq) {
-                    let _ = p.reply.send(());
+                    p.answer();
                 }
             }
         }
@@ -451,6 +522,8 @@ impl Actor for ClusterActor {
         st.local_routes = local_routes;
         // Peers already linked (a restart): introduce ourselves; they answer with their state.
         st.resolve_cells().await;
+        // Queued while no actor ran (the routes are in `local_routes` already, from the shards).
+        st.flush_outbox();
         Ok(st)
     }
 
@@ -458,23 +531,14 @@ impl Actor for ClusterActor {
         match msg {
             ClusterMessage::Wire(bytes) => st.on_frame(bytes).await,
             ClusterMessage::Local(Local::Tick(queued)) => st.on_tick(queued),
-            ClusterMessage::Local(Local::AddRoute { key, durable, reply }) => {
-                st.local_routes.insert(key.clone(), durable);
-                st.acked_routes(vec![(key, durable)], reply);
-            }
-            ClusterMessage::Local(Local::DelRoute(key)) => {
-                if st.local_routes.remove(&key).is_some() {
-                    st.broadcast(&Body::Routes { reset: false, add: vec![], del: vec![key], ack: None });
-                }
-            }
-            ClusterMessage::Local(Local::Retained(msg)) => st.local_retained(msg),
+            ClusterMessage::Local(Local::Outbox) => st.flush_outbox(),
             ClusterMessage::Local(Local::Dialed { addr, ok: _ }) => {
                 if let Some(d) = st.dials.get_mut(&addr) {
                     d.inflight = false;
                 }
             }
             ClusterMessage::Local(Local::Leave(reply)) => {
-                let peers = st.broadcast_acked(|ack| Body::Leave { ack }, reply);
+                let peers = st.broadcast_acked(|ack| Body::Leave { ack }, vec![reply]);
                 tracing::info!(peers, "leaving the cluster");
             }
             ClusterMessage::Local(Local::Claim { client, clean, reply }) => {
@@ -513,7 +577,10 @@ impl Actor for ClusterActor {
             ClusterMessage::Local(Local::Notice(n)) => st.broadcast(&Body::Device(n)),
             ClusterMessage::Local(Local::Flush { client, gen, to, deliveries }) => st.to(&to, &Body::Flush { client, gen, deliveries }),
             // An empty acknowledged route update: each peer answers after everything it sent before.
-            ClusterMessage::Local(Local::Barrier(reply)) => st.acked_routes(vec![], reply),
+            ClusterMessage::Local(Local::Barrier(reply)) => {
+                st.flush_outbox();
+                st.broadcast_acked(|seq| Body::Routes { reset: false, add: vec![], del: vec![], ack: Some(seq) }, vec![reply]);
+            }
             ClusterMessage::Local(Local::Owned(list)) => st.send_owned(list),
             ClusterMessage::Local(Local::Send { to, body }) => st.to(&to, &body),
             ClusterMessage::Local(Local::Admin { to, req, reply }) => {

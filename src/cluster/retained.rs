@@ -51,36 +51,44 @@ impl ClusterState {
         self.a.broker.retained.load().get(topic).map(|_| Hlc::default())
     }
 
-    pub(super) fn apply_retained(&mut self, e: RetainedEntry) {
-        if self.known_hlc(&e.topic).is_some_and(|h| h >= e.hlc) {
+    /// Apply a peer's retained changes (those newer than what this node has), in one update
+    /// of the retained store.
+    pub(super) fn apply_retained(&mut self, entries: Vec<RetainedEntry>) {
+        let mut msgs = Vec::with_capacity(entries.len());
+        for e in entries {
+            if self.known_hlc(&e.topic).is_some_and(|h| h >= e.hlc) {
+                continue;
+            }
+            self.observe(e.hlc);
+            msgs.push(match e.msg {
+                Some(m) => {
+                    self.tombstones.remove(&e.topic);
+                    self.retained.insert(e.topic.clone(), e.hlc);
+                    m
+                }
+                None => {
+                    self.retained.remove(&e.topic);
+                    self.tombstones.insert(e.topic.clone(), (e.hlc, Instant::now()));
+                    Arc::new(Message {
+                        id: crate::message::next_id(),
+                        topic: e.topic,
+                        payload: bytes::Bytes::new(),
+                        qos: crate::protocols::mqtt::QoS::AtMostOnce,
+                        retain: true,
+                        props: None,
+                        expires_at: None,
+                        publisher: None,
+                        not_to_own_device: false,
+                    })
+                }
+            });
+        }
+        if msgs.is_empty() {
             return;
         }
-        self.observe(e.hlc);
-        let msg = match e.msg {
-            Some(m) => {
-                self.tombstones.remove(&e.topic);
-                self.retained.insert(e.topic.clone(), e.hlc);
-                m
-            }
-            None => {
-                self.retained.remove(&e.topic);
-                self.tombstones.insert(e.topic.clone(), (e.hlc, Instant::now()));
-                Arc::new(Message {
-                    id: crate::message::next_id(),
-                    topic: e.topic,
-                    payload: bytes::Bytes::new(),
-                    qos: crate::protocols::mqtt::QoS::AtMostOnce,
-                    retain: true,
-                    props: None,
-                    expires_at: None,
-                    publisher: None,
-                    not_to_own_device: false,
-                })
-            }
-        };
         if let Some(r) = self.a.broker.retained_actor.load_full() {
             let (tx, _rx) = ractor::concurrency::oneshot();
-            let _ = r.tell(RetainedMessage::Set(msg, tx.into()));
+            let _ = r.tell(RetainedMessage::Set(msgs, tx.into()));
         }
     }
 }

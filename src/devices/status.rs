@@ -31,6 +31,9 @@ pub struct Status {
     pub last_seen: Option<u64>,
 }
 
+/// Status messages written to the retained store in one update at most.
+const STATUS_BATCH: usize = 1024;
+
 pub fn status_topic(number: &str) -> String {
     format!("devices/status/{number}")
 }
@@ -134,32 +137,41 @@ impl Devices {
                     if batch.is_empty() {
                         break;
                     }
-                    for (number, (online, ts)) in batch {
-                        d.write_status(&number, online, ts).await;
+                    // In slices: one retained-store update, commit wait and cluster frame per
+                    // slice, not per device (a node announcing 20,000 devices after a peer came
+                    // up wrote them one commit at a time).
+                    for slice in batch.chunks(STATUS_BATCH) {
+                        d.write_statuses(slice).await;
                     }
                 }
             }
         });
     }
 
-    async fn write_status(&self, number: &str, online: bool, ts: u64) {
+    async fn write_statuses(&self, batch: &[(Arc<str>, (bool, u64))]) {
         let Some(b) = self.broker() else { return };
-        // `node`: who wrote it, so the survivors can mark a crashed node's devices offline.
-        // The retained message is the status (replicated to every node, read by `presence`).
-        let payload = serde_json::json!({"online": online, "ts": ts, "node": &*b.config.node.name}).to_string();
-        if self.live.watched() {
-            let data = serde_json::json!({"online": online});
-            self.live.publish(crate::live::LiveEvent {
-                kind: "status".into(),
-                device: number.to_string(),
-                tenant_id: None,
-                ts: ts as i64,
-                data,
-            });
+        let mut msgs = Vec::with_capacity(batch.len());
+        for (number, (online, ts)) in batch {
+            let (number, online, ts) = (&**number, *online, *ts);
+            // `node`: who wrote it, so the survivors can mark a crashed node's devices offline.
+            // The retained message is the status (replicated to every node, read by `presence`).
+            let payload = serde_json::json!({"online": online, "ts": ts, "node": &*b.config.node.name}).to_string();
+            if self.live.watched() {
+                let data = serde_json::json!({"online": online});
+                self.live.publish(crate::live::LiveEvent {
+                    kind: "status".into(),
+                    device: number.to_string(),
+                    tenant_id: None,
+                    ts: ts as i64,
+                    data,
+                });
+            }
+            msgs.push(Arc::new(Message::from_node(status_topic(number), payload, QoS::AtLeastOnce, true)));
         }
-        let msg = Arc::new(Message::from_node(status_topic(number), payload, QoS::AtLeastOnce, true));
-        b.retain(msg.clone()).await;
-        b.publish(msg);
+        b.retain_all(msgs.clone()).await;
+        for msg in msgs {
+            b.publish(msg);
+        }
     }
 
     /// Follow cluster membership: when a node is declared down, the devices it said were online
