@@ -116,6 +116,61 @@ pub async fn connect_as(
     }
 }
 
+/// Publish one message and, at QoS 1, wait for its PUBACK.
+pub async fn publish_one(s: &mut TcpStream, topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> anyhow::Result<()> {
+    let mut b = BytesMut::new();
+    let p = Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        pkid: if qos == QoS::AtMostOnce { 0 } else { pkid },
+        props: None,
+        payload: Bytes::copy_from_slice(payload),
+    };
+    encode(&Packet::Publish(p), Protocol::V4, &mut b);
+    s.write_all(&b).await?;
+    if qos == QoS::AtMostOnce {
+        return Ok(());
+    }
+    until(s, |p| matches!(p, Packet::PubAck(_)), "before PUBACK").await
+}
+
+/// Read from `s` until a packet `want` accepts (others are skipped).
+async fn until(s: &mut TcpStream, want: impl Fn(&Packet) -> bool, what: &str) -> anyhow::Result<()> {
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(p) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
+            if want(&p) {
+                return Ok(());
+            }
+            continue;
+        }
+        if s.read_buf(&mut buf).await? == 0 {
+            bail!("closed {what}");
+        }
+    }
+}
+
+/// Whether a PUBLISH arrives on `s` within `wait`.
+pub async fn received_within(s: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = BytesMut::new();
+    let read = async {
+        loop {
+            match decode(&mut buf, Protocol::V4, usize::MAX) {
+                Ok(Some(Packet::Publish(_))) => return true,
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(_) => return false,
+            }
+            if !matches!(s.read_buf(&mut buf).await, Ok(n) if n > 0) {
+                return false;
+            }
+        }
+    };
+    tokio::time::timeout(wait, read).await.unwrap_or(false)
+}
+
 pub async fn subscribe(s: &mut TcpStream, filter: &str, qos: QoS) -> anyhow::Result<()> {
     let mut b = BytesMut::new();
     encode(
@@ -124,15 +179,7 @@ pub async fn subscribe(s: &mut TcpStream, filter: &str, qos: QoS) -> anyhow::Res
         &mut b,
     );
     s.write_all(&b).await?;
-    let mut buf = BytesMut::new();
-    loop {
-        if let Some(Packet::SubAck(_)) = decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
-            return Ok(());
-        }
-        if s.read_buf(&mut buf).await? == 0 {
-            bail!("closed during subscribe");
-        }
-    }
+    until(s, |p| matches!(p, Packet::SubAck(_)), "during subscribe").await
 }
 
 /// Publish `count` messages to `topic` at `qos`, keeping at most `window` unacknowledged.

@@ -485,6 +485,7 @@ async fn pubsub_between_as(
 
 /// `cluster`: cross-node 1 -> 1 on a 2-node cluster, against thingsd single-node in the same run.
 /// `takeover`: CONNECT -> CONNACK time when the session lives on the other node.
+/// `substorm`: a burst of clients subscribing on one node of three (route announcements).
 /// `killowner`: queued QoS 1 messages of a persistent session survive SIGKILL of its node.
 async fn cluster_scenario(o: &Opts, sc: &str) -> anyhow::Result<Option<ClusterReport>> {
     match sc {
@@ -508,6 +509,80 @@ async fn cluster_scenario(o: &Opts, sc: &str) -> anyhow::Result<Option<ClusterRe
                 title: format!("cluster: 1 -> 1 across nodes, {} messages, QoS {}", o.messages, o.qos as u8),
                 notes: vec![format!("ratio cross-node / single node: {ratio:.2}")],
                 rows: vec![one, local, cross, durable],
+            }))
+        }
+        "substorm" => {
+            // N clients connect to node A at once (200 at a time) and each subscribes to its own
+            // topic: every SUBSCRIBE is a new route that both other nodes must acknowledge
+            // before its SUBACK — what a fleet reconnecting after a failover costs the cluster.
+            let n = o.connections;
+            let nodes = brokers::start_cluster(3, n).await?;
+            let cpu = |nodes: &[brokers::Broker]| nodes.iter().map(|b| b.pid().map_or(0.0, brokers::cpu_secs)).collect::<Vec<_>>();
+            let before = cpu(&nodes);
+            let a = nodes[0].addr;
+            let start = Instant::now();
+            let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(200));
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let gate = gate.clone();
+                    tokio::spawn(async move {
+                        let _p = gate.acquire_owned().await?;
+                        let src: std::net::IpAddr = format!("127.0.0.{}", 2 + i % 200).parse()?;
+                        let t = Instant::now();
+                        let mut s = client::connect(a, Some(src), &format!("lt-storm-{i}"), true).await?;
+                        client::subscribe(&mut s, &format!("storm/{i}"), QoS::AtLeastOnce).await?;
+                        anyhow::Ok((s, t.elapsed().as_micros() as u32))
+                    })
+                })
+                .collect();
+            let mut conns = Vec::with_capacity(n);
+            let mut times = Vec::with_capacity(n);
+            for t in tasks {
+                let (s, us) = t.await??;
+                conns.push(s);
+                times.push(us);
+            }
+            let took = start.elapsed().as_secs_f64();
+            let spent: Vec<f64> = cpu(&nodes).iter().zip(&before).map(|(x, y)| x - y).collect();
+            // Every route reached node B: one message to each of 100 spread topics, published
+            // on node B, arrives.
+            let mut p = client::connect(nodes[1].addr, None, "lt-storm-pub", true).await?;
+            let probe: Vec<usize> = (0..100).map(|k| k * n / 100).collect();
+            let mut lost = 0;
+            for &i in &probe {
+                client::publish_one(&mut p, &format!("storm/{i}"), QoS::AtLeastOnce, (i % 60000 + 1) as u16, b"probe").await?;
+            }
+            for &i in &probe {
+                if !client::received_within(&mut conns[i], Duration::from_secs(5)).await {
+                    lost += 1;
+                }
+            }
+            for b in nodes {
+                b.stop().await;
+            }
+            let mut v = times.clone();
+            Ok(Some(ClusterReport {
+                title: format!("substorm: {n} clients connect to node A of 3 and each subscribes to its own topic (200 at a time)"),
+                rows: vec![Row {
+                    broker: "CONNECT + SUBSCRIBE".into(),
+                    rate: n as f64 / took,
+                    p50: pct(&mut v, 0.5),
+                    p99: pct(&mut v, 0.99),
+                    max: pct(&mut v, 1.0),
+                    lost,
+                    dup: 0,
+                    extra: String::new(),
+                }],
+                notes: vec![
+                    "(msgs/s column: clients subscribed per second; lost: of 100 probes published on node B)".into(),
+                    format!(
+                        "{took:.1} s; node CPU during the storm: A {:.1} s, B {:.1} s, C {:.1} s ({:.0} µs per subscription on each peer)",
+                        spent[0],
+                        spent[1],
+                        spent[2],
+                        (spent[1] + spent[2]) / 2.0 / n as f64 * 1e6
+                    ),
+                ],
             }))
         }
         "takeover" => {
