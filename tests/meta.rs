@@ -131,7 +131,16 @@ async fn exercise(store: &MetaStore) {
         .unwrap();
     assert_eq!(cmd.status, CommandStatus::Pending);
     assert_eq!(store.pending_commands(d1.id).await.unwrap().len(), 1);
-    assert!(store.any_pending("dev-1").await.unwrap());
+    let pending = |numbers: &'static [&'static str]| {
+        let store = store.clone();
+        async move {
+            let mut v: Vec<String> = store.pending_among(numbers).await.unwrap().into_iter().collect();
+            v.sort();
+            v
+        }
+    };
+    const ALL: &[&str] = &["dev-1", "gw-1", "sub-1", "no-such-device"];
+    assert_eq!(pending(ALL).await, ["dev-1"]);
     assert!(store.mark_sent(cmd.id).await.unwrap());
     assert!(!store.mark_sent(cmd.id).await.unwrap(), "only once");
     let done = store.complete_command(d1.id, "m1", true, &json!({"result": 0})).await.unwrap().unwrap();
@@ -150,10 +159,9 @@ async fn exercise(store: &MetaStore) {
         .await
         .unwrap();
     assert!(store.pending_commands(d1.id).await.unwrap().is_empty(), "expired ones are not pending");
-    assert!(!store.any_pending("dev-1").await.unwrap(), "sent, finished and expired ones are not pending");
+    assert!(pending(ALL).await.is_empty(), "sent, finished and expired ones are not pending");
     // A pending command of a sub-device is pending for its gateway too (its flush sends it).
     let sub = store.device("sub-1").await.unwrap();
-    assert!(!store.any_pending("gw-1").await.unwrap() && !store.any_pending("sub-1").await.unwrap());
     let queued = NewCommand {
         device_id: sub.id,
         message_id: "s1".into(),
@@ -163,10 +171,11 @@ async fn exercise(store: &MetaStore) {
         expires_ms: now + 60_000,
     };
     let s1 = store.create_command(&queued).await.unwrap();
-    assert!(store.any_pending("gw-1").await.unwrap() && store.any_pending("sub-1").await.unwrap());
-    assert!(!store.any_pending("dev-1").await.unwrap() && !store.any_pending("no-such-device").await.unwrap());
+    assert_eq!(pending(ALL).await, ["gw-1", "sub-1"]);
+    assert_eq!(pending(&["gw-1"]).await, ["gw-1"], "asked alone");
+    assert!(pending(&[]).await.is_empty());
     assert!(store.mark_sent(s1.id).await.unwrap());
-    assert!(!store.any_pending("gw-1").await.unwrap());
+    assert!(pending(ALL).await.is_empty());
     assert_eq!(store.expire_commands().await.unwrap(), 1);
     assert_eq!(store.command_by_message(d1.id, "m2").await.unwrap().unwrap().status, CommandStatus::Expired);
     let page = store.device_commands(d1.id, 10, 0).await.unwrap();

@@ -17,6 +17,9 @@ use crate::message::Message;
 use crate::protocols::mqtt::QoS;
 use crate::storage::meta::{AttributeScope, Command, CommandKind, Device, MetaError, NewCommand};
 
+/// The queue of `pending_check`s the checker task answers.
+pub(super) type PendingChecks = tokio::sync::mpsc::Receiver<(Arc<str>, tokio::sync::oneshot::Sender<Option<bool>>)>;
+
 /// A downlink request (admin API body).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -164,8 +167,9 @@ impl Devices {
 
     async fn flush_once(&self, number: &str) {
         let r: Result<(), MetaError> = async {
-            // The usual answer, in one query: nothing is waiting for it or its sub-devices.
-            if !self.meta.any_pending(number).await? {
+            // The usual answer: nothing is waiting for it or its sub-devices (asked for many
+            // devices in one query; a failed check was logged once for all of them).
+            if !self.pending_check(number).await.unwrap_or(false) {
                 return Ok(());
             }
             let dev = self.meta.device(number).await?;
@@ -186,6 +190,35 @@ impl Devices {
                 tracing::warn!(device = number, error = %e, "cannot deliver queued downlinks");
             }
         }
+    }
+
+    /// Whether device `number` (or one of its sub-devices) has pending downlinks: asked of the
+    /// meta store together with whatever other devices ask meanwhile, so a fleet reconnecting
+    /// after a failover costs a few queries, not one per device (and one pool connection
+    /// each). None if the meta store could not answer.
+    async fn pending_check(&self, number: &str) -> Option<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending_checks.send((Arc::from(number), tx)).await.ok()?;
+        rx.await.ok()?
+    }
+
+    /// Answer `pending_check`s in batches of up to 500 devices, one query each.
+    pub(super) fn spawn_pending_checker(me: &Arc<Devices>, mut rx: PendingChecks) {
+        let weak = Arc::downgrade(me);
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, 500).await > 0 {
+                let Some(d) = weak.upgrade() else { return };
+                let numbers: Vec<&str> = batch.iter().map(|(n, _)| &**n).collect();
+                let found = d.meta.pending_among(&numbers).await;
+                if let Err(e) = &found {
+                    tracing::warn!(devices = batch.len(), error = %e, "cannot check for queued downlinks");
+                }
+                for (n, tx) in batch.drain(..) {
+                    let _ = tx.send(found.as_ref().ok().map(|f| f.contains(&*n)));
+                }
+            }
+        });
     }
 
     /// The oldest pending downlink of a device, marked sent (HTTP long poll).

@@ -170,6 +170,8 @@ pub struct Devices {
     status_wake: Arc<Notify>,
     /// One downlink flush at a time per device.
     flushing: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
+    /// Devices asking whether downlinks wait for them (see `pending_check`).
+    pending_checks: tokio::sync::mpsc::Sender<(Arc<str>, tokio::sync::oneshot::Sender<Option<bool>>)>,
     /// OTA package bytes recently served, by package id (packages never change; 64 MiB).
     packages: moka::sync::Cache<i64, bytes::Bytes>,
 }
@@ -205,7 +207,9 @@ impl Devices {
             );
             services.push((s.clone(), Arc::new(Acl::rules(s.publish.clone(), s.subscribe.clone()))));
         }
+        let (pending_checks, checks) = tokio::sync::mpsc::channel(4096);
         let d = Arc::new(Devices {
+            pending_checks,
             meta,
             cache,
             metrics: DeviceMetrics::default(),
@@ -233,6 +237,7 @@ impl Devices {
             packages: ota::package_cache(),
         });
         Devices::spawn_status_worker(&d);
+        Devices::spawn_pending_checker(&d, checks);
         Devices::spawn_report_sweeper(&d);
         Devices::feed_live(&d);
         d.bootstrap_admin_key().await?;

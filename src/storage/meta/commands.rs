@@ -130,19 +130,26 @@ impl MetaStore {
         Ok(super::Page { items: rows.iter().map(command).collect::<Result<_>>()?, total, limit, offset })
     }
 
-    /// Whether any unexpired command is pending for the device `number` or its sub-devices.
-    pub async fn any_pending(&self, number: &str) -> Result<bool> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM commands WHERE status = 'pending' AND expires_ms > $1 AND device_id IN \
-             (SELECT id FROM devices WHERE device_number = $2 UNION ALL \
-              SELECT s.id FROM devices s JOIN devices g ON s.gateway_id = g.id WHERE g.device_number = $3) LIMIT 1) AS p",
-        )
-        .bind(now_ms())
-        .bind(number)
-        .bind(number)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(n > 0)
+    /// Which of `numbers` have an unexpired pending command for themselves or their
+    /// sub-devices (one query for many devices: see `Devices::pending_check`).
+    pub async fn pending_among(&self, numbers: &[&str]) -> Result<std::collections::HashSet<String>> {
+        if numbers.is_empty() {
+            return Ok(Default::default());
+        }
+        let list = |from: usize| (from..from + numbers.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+        let sql = format!(
+            "SELECT d.device_number FROM devices d JOIN commands c ON c.device_id = d.id \
+             WHERE c.status = 'pending' AND c.expires_ms > $1 AND d.device_number IN ({}) \
+             UNION SELECT g.device_number FROM devices g JOIN devices s ON s.gateway_id = g.id JOIN commands c ON c.device_id = s.id \
+             WHERE c.status = 'pending' AND c.expires_ms > $1 AND g.device_number IN ({})",
+            list(2),
+            list(2 + numbers.len())
+        );
+        let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(now_ms());
+        for n in numbers.iter().chain(numbers) {
+            q = q.bind(*n);
+        }
+        Ok(q.fetch_all(self.pool()).await?.into_iter().collect())
     }
 
     /// Unexpired pending commands of a device, oldest first.
