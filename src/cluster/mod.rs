@@ -214,7 +214,6 @@ impl Replica {
 pub struct ClusterActor;
 
 impl ClusterState {
-    /// A retained message stored (or deleted) here: stamp it and tell every peer.
     /// Take what the shards and the retained store queued (`Cluster::outbox`) and tell the
     /// peers in as few frames as it fits.
     fn flush_outbox(&mut self) {
@@ -273,6 +272,7 @@ impl ClusterState {
         self.broadcast_acked(|seq| Body::Routes { reset: false, add: final_chunk, del: vec![], ack: Some(seq) }, replies);
     }
 
+    /// Retained messages stored (or deleted) here: stamp each and tell every peer.
     fn local_retained(&mut self, msgs: Vec<Arc<Message>>) {
         let mut entries = Vec::with_capacity(msgs.len());
         for msg in msgs {

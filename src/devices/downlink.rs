@@ -17,8 +17,8 @@ use crate::message::Message;
 use crate::protocols::mqtt::QoS;
 use crate::storage::meta::{AttributeScope, Command, CommandKind, Device, MetaError, NewCommand};
 
-/// The queue of `pending_check`s the checker task answers.
-pub(super) type PendingChecks = tokio::sync::mpsc::Receiver<(Arc<str>, tokio::sync::oneshot::Sender<Option<bool>>)>;
+/// A device asking whether downlinks wait for it, and where the checker answers.
+pub(super) type PendingCheck = (Arc<str>, tokio::sync::oneshot::Sender<Option<bool>>);
 
 /// A downlink request (admin API body).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -203,7 +203,7 @@ impl Devices {
     }
 
     /// Answer `pending_check`s in batches of up to 500 devices, one query each.
-    pub(super) fn spawn_pending_checker(me: &Arc<Devices>, mut rx: PendingChecks) {
+    pub(super) fn spawn_pending_checker(me: &Arc<Devices>, mut rx: tokio::sync::mpsc::Receiver<PendingCheck>) {
         let weak = Arc::downgrade(me);
         tokio::spawn(async move {
             let mut batch = Vec::new();

@@ -171,7 +171,7 @@ pub struct Devices {
     /// One downlink flush at a time per device.
     flushing: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
     /// Devices asking whether downlinks wait for them (see `pending_check`).
-    pending_checks: tokio::sync::mpsc::Sender<(Arc<str>, tokio::sync::oneshot::Sender<Option<bool>>)>,
+    pending_checks: tokio::sync::mpsc::Sender<downlink::PendingCheck>,
     /// OTA package bytes recently served, by package id (packages never change; 64 MiB).
     packages: moka::sync::Cache<i64, bytes::Bytes>,
 }
