@@ -75,8 +75,8 @@ async fn wire_versions(cl: &TestCluster, i: usize) -> std::collections::BTreeMap
     v["members"].as_array().unwrap().iter().map(|m| (m["name"].as_str().unwrap().to_string(), m["wire"].as_u64().unwrap())).collect()
 }
 
-/// A rolling upgrade half done: nodes 1 and 2 speak wire versions 1 and 2, node 3 only version
-/// 1 (`cluster.wire_version = 1`: it writes and reads exactly what the build before version 2
+/// A rolling upgrade half done: nodes 1 and 2 speak every wire version up to this build's
+/// newest, node 3 only version 1 (`cluster.wire_version = 1`: it writes and reads exactly what the build before version 2
 /// did, and refuses version 2). Each link agrees on the newest version both ends speak; what
 /// version 2 adds works between nodes 1 and 2 (a device's own client attributes do not come
 /// back to its session on another node); a persistent session hops across every link with a
@@ -93,9 +93,10 @@ async fn a_cluster_of_wire_versions_1_and_2() {
         )
     };
     let mut cl = TestCluster::start_env(3, 3, config, env).await;
-    agreed(&cl, [[2, 2, 1], [2, 2, 1], [1, 1, 1]]).await;
+    let v = thingsd::cluster::wire::VERSION as u64;
+    agreed(&cl, [[v, v, 1], [v, v, 1], [1, 1, 1]]).await;
 
-    // Version 2 between nodes 1 and 2: a ThingsBoard device with a session on each; its client
+    // Version 2 (or newer) between nodes 1 and 2: a ThingsBoard device with a session on each; its client
     // attributes from node 1 reach a platform service on node 2 but not its own session there,
     // whose first message on its attribute topic is the platform's update.
     let http = client();
@@ -164,7 +165,7 @@ async fn a_cluster_of_wire_versions_1_and_2() {
     assert!(order.windows(2).all(|w| w[0] < w[1]), "in publish order across both versions");
 
     // Node 2 comes back speaking only version 1 (a downgrade), node 3 then with both (its
-    // upgrade): every link agrees again, and no peer writes version 2 to the downgraded node.
+    // upgrade): every link agrees again, and no peer writes a newer version to the downgraded node.
     let cap = vec![("THINGSD_CLUSTER__WIRE_VERSION".to_string(), "1".to_string())];
     cl.env.insert(1, cap);
     cl.stop(1).await;
@@ -175,7 +176,7 @@ async fn a_cluster_of_wire_versions_1_and_2() {
     for i in 0..3 {
         cl.wait_members(i, 3).await;
     }
-    agreed(&cl, [[2, 1, 2], [1, 1, 1], [2, 1, 2]]).await;
+    agreed(&cl, [[v, 1, v], [1, 1, 1], [v, 1, v]]).await;
     let mut sub2 = Raw::v5(cl.mqtt(1), "wv-sub2").await;
     assert_eq!(sub2.sub("wv/after", QoS::AtLeastOnce).await, [1]);
     let mut p1 = Raw::v5(cl.mqtt(0), "wv-pub1").await;

@@ -137,4 +137,66 @@ async fn a_live_stream_survives_the_subscribers_node_and_an_absence() {
     let (mut s, _) = reconnect(c.mqtt(0), id).await;
     assert_eq!(receive(&mut s, n, &mut Vec::new()).await, 0, "in order after an absence");
     assert_eq!(tokio::time::timeout(DEADLINE * 3, publisher).await.unwrap().unwrap(), n);
+
+    // A SUBACK is kept through a crash at once: 20 persistent sessions subscribe on node 2 and
+    // node 2 is killed right after the last SUBACK (well within the periodic persist). Node 1
+    // holds every session — Session Present — and routes to it.
+    let mut subs = Vec::new();
+    for i in 0..20 {
+        let (mut r, _) = Raw::session(c.mqtt(1), durable(&format!("crash-sub-{i}"), true)).await;
+        assert_eq!(r.sub(&format!("crash/{i}"), QoS::AtLeastOnce).await, vec![1]);
+        subs.push(r);
+    }
+    c.kill(1).await;
+    drop(subs);
+    let mut p = Raw::v5(c.mqtt(0), "crash-pub").await;
+    for i in 0..20u16 {
+        let id = format!("crash-sub-{i}");
+        let (mut r, _) = reconnect(c.mqtt(0), &id).await;
+        p.send(publish(&format!("crash/{i}"), QoS::AtLeastOnce, i + 1, "after")).await;
+        match tokio::time::timeout(DEADLINE, r.recv_app()).await {
+            Ok(Some(Packet::Publish(m))) => assert_eq!(&m.payload[..], b"after", "{id}"),
+            other => panic!("{id}: the subscription did not survive its node: {other:?}"),
+        }
+    }
+}
+
+/// A node stops gracefully (SIGTERM, a rolling upgrade's step) with 300 persistent sessions;
+/// every client reconnects at once to one of the two others. Each finds its session (Session
+/// Present) with its subscription routed: the stopping node hands them over live, and those
+/// whose clients come late are adopted from their replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_nodes_sessions_move_with_their_clients() {
+    let mut c = TestCluster::start(3).await;
+    let n = 300;
+    let mut conns = Vec::new();
+    for i in 0..n {
+        let (mut r, _) = Raw::session(c.mqtt(0), durable(&format!("drain-{i}"), true)).await;
+        assert_eq!(r.sub(&format!("drain/{i}"), QoS::AtLeastOnce).await, vec![1]);
+        conns.push(r);
+    }
+    let targets = [c.mqtt(1), c.mqtt(2)];
+    let back: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            tokio::spawn(async move {
+                r.until_closed().await;
+                reconnect(targets[i % 2], &format!("drain-{i}")).await.0
+            })
+        })
+        .collect();
+    c.stop(0).await;
+    let mut moved = Vec::with_capacity(n);
+    for b in back {
+        moved.push(b.await.unwrap());
+    }
+    let mut p = Raw::v5(c.mqtt(1), "drain-pub").await;
+    for (i, r) in moved.iter_mut().enumerate() {
+        p.send(publish(&format!("drain/{i}"), QoS::AtLeastOnce, (i + 1) as u16, "moved")).await;
+        match tokio::time::timeout(DEADLINE, r.recv_app()).await {
+            Ok(Some(Packet::Publish(m))) => assert_eq!(&m.payload[..], b"moved"),
+            other => panic!("drain-{i}: its subscription did not move with it: {other:?}"),
+        }
+    }
 }

@@ -349,19 +349,27 @@ pub async fn start_cluster_with(n: usize, max_conns: usize, extra_env: &[(&str, 
 }
 
 impl ClusterNode {
+    /// SIGTERM (a graceful stop: the node leaves the cluster, its sessions move) and wait for
+    /// the process to exit (SIGKILL after 60 s). Returns how long it took to exit, if it ran.
+    pub async fn terminate(&mut self) -> Option<Duration> {
+        let mut c = self.broker.child.take()?;
+        let t = Instant::now();
+        if let Some(pid) = c.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(60), c.wait()).await.is_err() {
+            eprintln!("loadtest: {} did not stop within 60 s of SIGTERM: killed", self.broker.name);
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+        Some(t.elapsed())
+    }
+
     /// Stop the node gracefully (SIGTERM: it leaves the cluster, its sessions move), unless it
     /// is already gone, and start it again from the same data directory and ports — on `exe`
     /// if given (a rolling upgrade), else the same build. Returns once it sees `members` others.
     pub async fn restart(&mut self, exe: Option<&std::path::Path>, members: usize) -> anyhow::Result<()> {
-        if let Some(mut c) = self.broker.child.take() {
-            if let Some(pid) = c.id() {
-                let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
-            }
-            if tokio::time::timeout(Duration::from_secs(60), c.wait()).await.is_err() {
-                let _ = c.start_kill();
-                let _ = c.wait().await;
-            }
-        }
+        self.terminate().await;
         let exe = match exe {
             Some(e) => e.to_path_buf(),
             None => thingsd_binary()?,

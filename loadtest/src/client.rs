@@ -86,6 +86,17 @@ pub async fn connect_as(
     clean: bool,
     username: Option<&str>,
 ) -> anyhow::Result<TcpStream> {
+    Ok(connect_session(addr, source, id, clean, username).await?.0)
+}
+
+/// Connect; also returns the CONNACK's Session Present flag.
+pub async fn connect_session(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    id: &str,
+    clean: bool,
+    username: Option<&str>,
+) -> anyhow::Result<(TcpStream, bool)> {
     let sock = TcpSocket::new_v4()?;
     if let Some(ip) = source {
         sock.bind(SocketAddr::new(ip, 0))?;
@@ -111,7 +122,8 @@ pub async fn connect_as(
     s.read_exact(&mut ack).await.context("closed during connect")?;
     let mut buf = BytesMut::from(&ack[..]);
     match decode(&mut buf, Protocol::V4, usize::MAX).map_err(|e| anyhow::anyhow!("{e}"))? {
-        Some(Packet::ConnAck(a)) if a.code == 0 => Ok(s),
+        Some(Packet::ConnAck(a)) if a.code == 0 => Ok((s, a.session_present)),
+        Some(Packet::ConnAck(a)) => bail!("connect refused: CONNACK return code {}", a.code),
         other => bail!("connect refused: {other:?}"),
     }
 }

@@ -3,6 +3,7 @@
 mod brokers;
 mod client;
 mod devices;
+mod drain;
 mod fleet;
 mod hooks;
 mod httptel;
@@ -32,6 +33,8 @@ struct Opts {
     /// fleet: nodes, telemetry period, commands sent, Redis.
     nodes: usize,
     period: u64,
+    /// drain/drainkill: seconds between the last session made and the stop.
+    pause: u64,
     commands: usize,
     redis: Option<String>,
     /// PostgreSQL for the time-series scenarios' PostgreSQL runs (or $TEST_PG_URL).
@@ -45,12 +48,13 @@ struct Opts {
     samples: usize,
 }
 
-const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,rqpubsub,rqfanin,fleet,fanout,idle,persistent,restart,cluster,takeover,killowner,devices,tsdb,telemetry,httptelemetry,webhooks,inspect]
+const USAGE: &str = "usage: loadtest [--broker thingsd|HOST:PORT] [--compare mosquitto,rumqttd] [--scenario pubsub,fanin,rqpubsub,rqfanin,fleet,fanout,idle,persistent,restart,cluster,takeover,substorm,drain,drainkill,killowner,devices,tsdb,telemetry,httptelemetry,webhooks,inspect]
                 [--qos 0|1|2] [--messages N] [--publishers N] [--subscribers N] [--connections N] [--payload BYTES] [--window N] [--repeat N  (runs per broker, alternating; the median is reported)]
                 [--pg postgres://…  (tsdb/telemetry also on PostgreSQL; default $TEST_PG_URL)]
                 [--rules 0,10,100  (telemetry: alert rules on the devices' product, a run per count)]
                 [--devices N --http-connections N --points N --samples N  (httptelemetry: 1000, 16, 10M, 100 of 10 keys)]
-                [--devices N --nodes N --period SECS --commands N --redis redis://…  (fleet: 1000, 3, 10, 1000, $TEST_REDIS_URL; needs --pg)]";
+                [--devices N --nodes N --period SECS --commands N --redis redis://…  (fleet: 1000, 3, 10, 1000, $TEST_REDIS_URL; needs --pg)]
+                [--pause SECS  (drain, drainkill: wait after the last session was made before stopping node A; 0)]";
 
 fn parse() -> anyhow::Result<Opts> {
     let mut o = Opts {
@@ -66,6 +70,7 @@ fn parse() -> anyhow::Result<Opts> {
         repeat: 1,
         nodes: 3,
         period: 10,
+        pause: 0,
         commands: 1000,
         redis: std::env::var("TEST_REDIS_URL").ok().filter(|u| !u.is_empty()),
         pg: std::env::var("TEST_PG_URL").ok().filter(|u| !u.is_empty()),
@@ -92,6 +97,7 @@ fn parse() -> anyhow::Result<Opts> {
             "--repeat" => o.repeat = val()?.parse::<usize>()?.max(1),
             "--nodes" => o.nodes = val()?.parse()?,
             "--period" => o.period = val()?.parse()?,
+            "--pause" => o.pause = val()?.parse()?,
             "--commands" => o.commands = val()?.parse()?,
             "--redis" => o.redis = Some(val()?),
             "--pg" => o.pg = Some(val()?),
@@ -486,6 +492,7 @@ async fn pubsub_between_as(
 /// `cluster`: cross-node 1 -> 1 on a 2-node cluster, against thingsd single-node in the same run.
 /// `takeover`: CONNECT -> CONNACK time when the session lives on the other node.
 /// `substorm`: a burst of clients subscribing on one node of three (route announcements).
+/// `drain` / `drainkill`: a node of three with N persistent sessions stops (SIGTERM / SIGKILL); its clients reconnect to the others.
 /// `killowner`: queued QoS 1 messages of a persistent session survive SIGKILL of its node.
 async fn cluster_scenario(o: &Opts, sc: &str) -> anyhow::Result<Option<ClusterReport>> {
     match sc {
@@ -585,6 +592,7 @@ async fn cluster_scenario(o: &Opts, sc: &str) -> anyhow::Result<Option<ClusterRe
                 ],
             }))
         }
+        "drain" | "drainkill" => Ok(Some(drain::run(o, sc == "drainkill").await?)),
         "takeover" => {
             let nodes = brokers::start_cluster(3, 100).await?;
             let rounds = 200;

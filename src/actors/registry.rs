@@ -34,6 +34,9 @@ pub enum RegistryMessage {
         clean_start: bool,
         attach: Box<AttachArgs>,
         takeover: Option<Takeover>,
+        /// Answered by the session once the connection is attached (Session Present); the
+        /// registry only hands the attach on, in order, and does not wait for it.
+        attached: RpcReplyPort<bool>,
         reply: RpcReplyPort<Result<ActorRef<SessionMessage>, String>>,
     },
     /// Another node takes the client over: close it here and give up its state (`None`: no
@@ -88,6 +91,8 @@ pub enum RegistryMessage {
     Restore,
     /// Have every session write its persistent state to the store (used at shutdown).
     PersistAll(RpcReplyPort<()>),
+    /// How many sessions handed to other nodes have not flushed yet (a stopping node waits).
+    Moving(RpcReplyPort<usize>),
     Count(RpcReplyPort<usize>),
     /// Sessions whose client id (or session key) matches the glob pattern (`*`, `?`).
     List(Option<String>, RpcReplyPort<Vec<Listed>>),
@@ -243,17 +248,21 @@ impl RegistryState {
         clean_start: bool,
         mut attach: Box<AttachArgs>,
         takeover: Option<Takeover>,
+        attached: RpcReplyPort<bool>,
     ) -> Result<ActorRef<SessionMessage>, String> {
         let remote = takeover.as_ref().is_some_and(|t| t.from.is_some() || t.state.is_some());
         if let Some(t) = &takeover {
             self.gens.insert(client_id.clone(), t.gen);
         }
+        // The attach goes to the session's mailbox in the order connects came here (the
+        // newest connection wins); the caller waits for it, not this actor: a restored
+        // session announces its routes to the cluster first, a round trip per session.
+        let attach_to = |s: &ActorRef<SessionMessage>, attach| {
+            s.send_message(SessionMessage::Attach(attach, attached)).map_err(|_| "session did not answer".to_string())
+        };
         if let Some(s) = self.sessions.get(&client_id).cloned() {
             if !clean_start && !remote {
-                return match s.ask(|r| SessionMessage::Attach(attach, r), CALL).await {
-                    Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
-                    _ => Err("session did not answer".into()),
-                };
+                return attach_to(&s, attach).map(|_| s);
             }
             let _ = s.ask(SessionMessage::Terminate, CALL).await;
             self.sessions.remove(&client_id);
@@ -265,10 +274,7 @@ impl RegistryState {
         // A fresh session is never "present"; one handed over from another node is.
         attach.clean_start = restored.is_none();
         let s = self.spawn(me, client_id, restored, (held, None), None).await?;
-        match s.ask(|r| SessionMessage::Attach(attach, r), CALL).await {
-            Ok(ractor::rpc::CallResult::Success(_)) => Ok(s),
-            _ => Err("new session did not answer".into()),
-        }
+        attach_to(&s, attach).map(|_| s)
     }
 
     /// Adopt a replica whose owner is gone (a live session here wins over it).
@@ -314,6 +320,48 @@ impl RegistryState {
                 tracing::error!(client_id = %id, error = %e, "cannot restore session");
             }
         }
+    }
+
+    /// Another node takes `client` over: its session answers with its state (none when Clean
+    /// Start ends it) and stays, moving, until it has flushed to the new owner (or ended).
+    fn hand_over(&mut self, client: Arc<str>, gen: u64, to: String, clean: bool, reply: RpcReplyPort<Option<Box<SessionSnapshot>>>) {
+        // To this very node (the registrar sent the claim to the adopter of a lost node's
+        // session, and the client reconnected here): nothing moves; the connect resumes the
+        // session here. (Moving it made the new session wait for its own flush, up to
+        // `name_free`'s bound, with this actor — every connect of the node — blocked.)
+        if to == self.broker.config.node.name && !clean && self.sessions.contains_key(&client) {
+            let _ = reply.send(None);
+            return;
+        }
+        let Some(s) = self.sessions.remove(&client) else {
+            let _ = reply.send(None);
+            return;
+        };
+        self.gens.remove(&client);
+        if s.send_message(SessionMessage::HandOver { gen, to, clean, reply }).is_ok() {
+            self.moving.insert(client, s);
+        }
+    }
+
+    /// Every session writes its persistent state, all at once; this actor stays free for the
+    /// hand-overs of clients that reconnect elsewhere meanwhile (a stopping node).
+    fn persist_all(&self, reply: RpcReplyPort<()>) {
+        let waits: Vec<_> = self
+            .sessions
+            .map
+            .values()
+            .filter_map(|(s, _)| {
+                let (tx, rx) = ractor::concurrency::oneshot();
+                s.send_message(SessionMessage::Persist(Some(tx.into()))).ok().map(|_| rx)
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(25);
+        tokio::spawn(async move {
+            for w in waits {
+                let _ = tokio::time::timeout_at(deadline, w).await;
+            }
+            let _ = reply.send(());
+        });
     }
 
     async fn room(&mut self, client: &Arc<str>, cap: usize) -> bool {
@@ -367,8 +415,8 @@ impl Actor for RegistryActor {
 
     async fn handle(&self, me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            RegistryMessage::Connect { client_id, clean_start, attach, takeover, reply } => {
-                let _ = reply.send(st.connect(&me, client_id, clean_start, attach, takeover).await);
+            RegistryMessage::Connect { client_id, clean_start, attach, takeover, attached, reply } => {
+                let _ = reply.send(st.connect(&me, client_id, clean_start, attach, takeover, attached).await);
             }
             RegistryMessage::SessionEnded { client_id, id } => {
                 if st.sessions.get(&client_id).is_some_and(|s| s.get_id() == id) {
@@ -382,23 +430,7 @@ impl Actor for RegistryActor {
                     st.moving.remove(&client_id);
                 }
             }
-            RegistryMessage::HandOver { client, gen, to, clean, reply } => {
-                let state = match st.sessions.remove(&client) {
-                    None => None,
-                    Some(s) => {
-                        st.gens.remove(&client);
-                        let r = s.ask(|r| SessionMessage::HandOver { gen, to, clean, reply: r }, CALL).await;
-                        match r {
-                            Ok(ractor::rpc::CallResult::Success(Some(snap))) => {
-                                st.moving.insert(client, s);
-                                Some(snap)
-                            }
-                            _ => None,
-                        }
-                    }
-                };
-                let _ = reply.send(state);
-            }
+            RegistryMessage::HandOver { client, gen, to, clean, reply } => st.hand_over(client, gen, to, clean, reply),
             RegistryMessage::Release { client, gen } => {
                 if let Some(s) = st.moving.get(&client) {
                     let _ = s.tell(SessionMessage::Release(gen));
@@ -465,11 +497,9 @@ impl Actor for RegistryActor {
                 let _ = reply.send(st.sessions.map.keys().map(|c| (c.clone(), st.gens.get(c).copied().unwrap_or(0))).collect());
             }
             RegistryMessage::Restore => st.restore(&me).await,
-            RegistryMessage::PersistAll(reply) => {
-                for (s, _) in st.sessions.map.values() {
-                    let _ = s.ask(|r| SessionMessage::Persist(Some(r)), CALL).await;
-                }
-                let _ = reply.send(());
+            RegistryMessage::PersistAll(reply) => st.persist_all(reply),
+            RegistryMessage::Moving(reply) => {
+                let _ = reply.send(st.moving.len());
             }
             RegistryMessage::Count(reply) => {
                 let _ = reply.send(st.sessions.map.len());

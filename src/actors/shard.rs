@@ -224,8 +224,10 @@ impl Node {
 pub struct ShardActor;
 
 pub enum ShardMessage {
-    /// Add or replace a subscription; replies whether it already existed.
-    Subscribe { client: Arc<str>, filter: String, sub: Sub, reply: RpcReplyPort<bool> },
+    /// Add or replace a subscription; replies whether it already existed (once the other
+    /// nodes acknowledged a new route). `inserted` is answered as soon as it is in this
+    /// node's routes.
+    Subscribe { client: Arc<str>, filter: String, sub: Sub, reply: RpcReplyPort<bool>, inserted: Option<RpcReplyPort<()>> },
     /// Remove `client`'s subscription if it is owned by `owner`; replies whether one was removed.
     Unsubscribe { client: Arc<str>, filter: String, owner: ActorId, reply: Option<RpcReplyPort<bool>> },
 }
@@ -274,12 +276,15 @@ impl Actor for ShardActor {
 
     async fn handle(&self, _me: ActorRef<Self::Msg>, msg: Self::Msg, st: &mut Self::State) -> Result<(), ActorProcessingErr> {
         match msg {
-            ShardMessage::Subscribe { client, filter, sub, reply } => {
+            ShardMessage::Subscribe { client, filter, sub, reply, inserted } => {
                 let (group, path) = filter_path(&filter);
                 let had = has_key(&st.root, &path, group);
                 let was_durable = durable_key(&st.root, &path, group);
                 let existed = st.root.insert(&path, client, group.map(|g| (g, filter.as_str())), sub);
                 st.snapshot.store(Arc::new(st.root.clone()));
+                if let Some(i) = inserted {
+                    let _ = i.send(());
+                }
                 // The first subscriber of a key on this node (or its first persistent one):
                 // other nodes must know the route before the SUBACK, so the reply waits for
                 // their acknowledgement.

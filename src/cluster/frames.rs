@@ -31,7 +31,8 @@ impl ClusterState {
             | Body::Leave { .. }
             | Body::Departed
             | Body::LeaveAck(..)
-            | Body::Versions { .. }) => self.on_links(from, b).await,
+            | Body::Versions { .. }
+            | Body::Draining { .. }) => self.on_links(from, b).await,
             b @ (Body::NotYours { .. }
             | Body::Claim { .. }
             | Body::Claimed { .. }
@@ -170,6 +171,10 @@ impl ClusterState {
             }
             Body::LeaveAck(seq) => self.peer_acked(seq, &from),
             Body::Versions { oldest, newest } => self.versions(&from, oldest, newest),
+            Body::Draining { ack } => {
+                self.send(&from, &Body::LeaveAck(ack));
+                self.draining(&from);
+            }
             other => tracing::debug!(frame = ?std::mem::discriminant(&other), "not a frame of this family"),
         }
     }

@@ -144,6 +144,8 @@ pub struct Cluster {
     pub forward_dropped: Arc<AtomicU64>,
     /// A peer link came up at least once (or there is no seed to join): for readiness.
     pub joined: std::sync::atomic::AtomicBool,
+    /// This node is stopping (`drain`): work it owned by rendezvous goes to the others.
+    pub draining: std::sync::atomic::AtomicBool,
     /// The running cluster actor (replaced when the supervisor restarts it).
     pub(super) actor: arc_swap::ArcSwapOption<ActorRef<ClusterMessage>>,
     /// What the cluster actor is (re)started with: NodeServer, advertised address, link TLS.
@@ -200,6 +202,7 @@ impl Cluster {
             forwarded: AtomicU64::new(0),
             forward_dropped: Arc::new(AtomicU64::new(0)),
             joined: std::sync::atomic::AtomicBool::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
             received: AtomicU64::new(0),
             actor: arc_swap::ArcSwapOption::empty(),
             setup: OnceLock::new(),
@@ -321,6 +324,14 @@ impl Cluster {
         }
     }
 
+    /// A graceful stop begins: the peers take over this node's registrar, backup and
+    /// ownership duties before its clients are disconnected (bounded wait for them).
+    pub async fn drain(&self) {
+        if let Some(a) = self.actor.load_full() {
+            let _ = a.ask(|r| ClusterMessage::Local(Local::Drain(r)), Some(Duration::from_secs(5))).await;
+        }
+    }
+
     pub async fn leave(&self) {
         if let Some(a) = self.actor.load_full() {
             let _ = a.ask(|r| ClusterMessage::Local(Local::Leave(r)), Some(Duration::from_secs(5))).await;
@@ -365,15 +376,18 @@ impl Cluster {
 
     /// The node that owns `key` among this node and its live peers (rendezvous hash; ties go
     /// to the greater name, as for registrars), e.g. which node runs an alert rule.
+    /// A draining node owns nothing while another node is up.
     pub fn owner_of(&self, key: &str) -> Arc<str> {
-        let mut best = (rendezvous(&self.name, key), self.name.clone());
-        for n in self.peers.load().iter() {
+        let peers = self.peers.load();
+        let me_too = !self.draining.load(Ordering::Relaxed) || peers.is_empty();
+        let mut best: Option<(u64, Arc<str>)> = me_too.then(|| (rendezvous(&self.name, key), self.name.clone()));
+        for n in peers.iter() {
             let sc = rendezvous(n, key);
-            if sc > best.0 || (sc == best.0 && *n > best.1) {
-                best = (sc, n.clone());
+            if best.as_ref().is_none_or(|(b, bn)| sc > *b || (sc == *b && n > bn)) {
+                best = Some((sc, n.clone()));
             }
         }
-        best.1
+        best.map_or_else(|| self.name.clone(), |b| b.1)
     }
 
     /// The backup node of a session owned here: rendezvous hash over the live peers.

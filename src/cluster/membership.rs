@@ -5,6 +5,32 @@ use super::*;
 use crate::actors::inspect::Tell;
 
 impl ClusterState {
+    /// The members as this node sees them, itself included, by name.
+    pub(super) fn members_info(&self) -> Vec<MemberInfo> {
+        let mut v: Vec<MemberInfo> = self
+            .members
+            .values()
+            .map(|m| MemberInfo {
+                name: m.name.to_string(),
+                addr: m.addr.clone(),
+                up: m.up,
+                routes: m.routes.len(),
+                wire: m.wire.load(Ordering::Relaxed),
+                idx: m.idx,
+            })
+            .collect();
+        v.push(MemberInfo {
+            name: self.me().to_string(),
+            addr: self.a.advertise.clone(),
+            up: true,
+            routes: self.local_routes.len(),
+            wire: self.newest(),
+            idx: 0,
+        });
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
     pub(super) fn hello(&self, reply: bool) -> Body {
         let mut members: Vec<(String, String)> =
             self.members.values().filter(|m| m.up && !m.addr.is_empty()).map(|m| (m.name.to_string(), m.addr.clone())).collect();
@@ -104,6 +130,7 @@ impl ClusterState {
             };
             m.up = true;
             m.ghost = false;
+            m.draining = false;
             (cell, m.idx, m.addr.clone(), m.wire.clone())
         };
         let min = Duration::from_millis(self.cfg().redial_min_ms);
@@ -141,7 +168,8 @@ impl ClusterState {
     }
 
     pub(super) fn publish_peers(&self) {
-        let peers: Vec<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
+        // Draining members are not chosen as backups or owners (`Cluster::backup_for`, `owner_of`).
+        let peers: Vec<Arc<str>> = self.members.values().filter(|m| m.up && !m.draining).map(|m| m.name.clone()).collect();
         self.a.handle.peers.store(Arc::new(peers));
     }
 

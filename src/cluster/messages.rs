@@ -43,6 +43,8 @@ pub enum Local {
     },
     /// Say goodbye to every peer (graceful leave).
     Leave(RpcReplyPort<()>),
+    /// A graceful stop begins: tell the peers (`Body::Draining`) before connections close.
+    Drain(RpcReplyPort<()>),
     Members(RpcReplyPort<Vec<MemberInfo>>),
     /// A client connects here: ask its registrar (replies with generation and handed-over state).
     Claim {
@@ -93,7 +95,7 @@ pub enum Local {
     /// Reply once every live peer has processed everything it sent us before now.
     Barrier(RpcReplyPort<()>),
     /// Sessions this node owns (sent to their registrars after membership changes).
-    Owned(Vec<(Arc<str>, u64)>),
+    Owned(Vec<(Arc<str>, u64)>, Option<RpcReplyPort<()>>),
     Disowned {
         client: Arc<str>,
         gen: u64,

@@ -109,6 +109,8 @@ struct Member {
     up: bool,
     /// Down, but its routes still stand until its sessions are adopted (see `unghost`).
     ghost: bool,
+    /// Stopping (`Body::Draining`): up, but no longer a registrar, backup or owner of new work.
+    draining: bool,
     /// Its route keys, and whether a persistent session subscribes to each.
     routes: HashMap<Arc<str>, bool>,
     /// The wire version frames to it are written in (shared with its publish link): the
@@ -177,6 +179,8 @@ pub struct ClusterState {
     admin: HashMap<u64, (RpcReplyPort<Result<String, String>>, Instant)>,
     /// This node left the cluster on an operator's order (until `Join`).
     departed: bool,
+    /// This node is stopping (`Local::Drain`): its duties went to the others.
+    draining: bool,
     /// When the last tick handled was queued: peers are heard in mailbox time (see
     /// `membership::mailbox_tick`).
     heard: Instant,
@@ -317,32 +321,6 @@ impl ClusterState {
         }
     }
 
-    /// The members as this node sees them, itself included, by name.
-    fn members_info(&self) -> Vec<MemberInfo> {
-        let mut v: Vec<MemberInfo> = self
-            .members
-            .values()
-            .map(|m| MemberInfo {
-                name: m.name.to_string(),
-                addr: m.addr.clone(),
-                up: m.up,
-                routes: m.routes.len(),
-                wire: m.wire.load(Ordering::Relaxed),
-                idx: m.idx,
-            })
-            .collect();
-        v.push(MemberInfo {
-            name: self.me().to_string(),
-            addr: self.a.advertise.clone(),
-            up: true,
-            routes: self.local_routes.len(),
-            wire: self.newest(),
-            idx: 0,
-        });
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
-    }
-
     fn cfg(&self) -> &crate::config::ClusterConfig {
         &self.a.broker.config.cluster
     }
@@ -398,10 +376,15 @@ impl ClusterState {
     /// Broadcast `body(seq)` to the live peers and reply once each has acknowledged `seq`
     /// (`peer_acked`), went down, or `route_ack_timeout_ms` passed. Returns how many it waits for.
     fn broadcast_acked(&mut self, body: impl FnOnce(u64) -> Body, replies: Vec<RpcReplyPort<()>>) -> usize {
+        self.send_acked(body, replies, |m| m.up)
+    }
+
+    /// `broadcast_acked` to the members `which` selects.
+    fn send_acked(&mut self, body: impl FnOnce(u64) -> Body, replies: Vec<RpcReplyPort<()>>, which: impl Fn(&Member) -> bool) -> usize {
         self.seq += 1;
         let seq = self.seq;
-        let waiting: HashSet<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
-        self.broadcast(&body(seq));
+        let waiting: HashSet<Arc<str>> = self.members.values().filter(|m| which(m)).map(|m| m.name.clone()).collect();
+        self.send_each(&body(seq), which);
         let n = waiting.len();
         let deadline = Instant::now() + Duration::from_millis(self.cfg().route_ack_timeout_ms);
         let p = Pending { waiting, replies, deadline };
@@ -452,6 +435,7 @@ impl ClusterState {
                     last_seen: self.heard,
                     up: false,
                     ghost: false,
+                    draining: false,
                     routes: HashMap::new(),
                     wire: Arc::new(AtomicU16::new(wire::OLDEST)),
                 },
@@ -517,6 +501,7 @@ impl Actor for ClusterActor {
             deferred: Vec::new(),
             admin: HashMap::new(),
             departed: false,
+            draining: false,
             heard: Instant::now(),
         };
         st.local_routes = local_routes;
@@ -537,6 +522,7 @@ impl Actor for ClusterActor {
                     d.inflight = false;
                 }
             }
+            ClusterMessage::Local(Local::Drain(reply)) => st.drain(reply),
             ClusterMessage::Local(Local::Leave(reply)) => {
                 let peers = st.broadcast_acked(|ack| Body::Leave { ack }, vec![reply]);
                 tracing::info!(peers, "leaving the cluster");
@@ -581,7 +567,12 @@ impl Actor for ClusterActor {
                 st.flush_outbox();
                 st.broadcast_acked(|seq| Body::Routes { reset: false, add: vec![], del: vec![], ack: Some(seq) }, vec![reply]);
             }
-            ClusterMessage::Local(Local::Owned(list)) => st.send_owned(list),
+            ClusterMessage::Local(Local::Owned(list, sent)) => {
+                st.send_owned(list);
+                if let Some(r) = sent {
+                    let _ = r.send(());
+                }
+            }
             ClusterMessage::Local(Local::Send { to, body }) => st.to(&to, &body),
             ClusterMessage::Local(Local::Admin { to, req, reply }) => {
                 if !st.is_live(&to) {

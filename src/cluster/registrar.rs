@@ -4,25 +4,65 @@
 use super::*;
 use crate::actors::inspect::Tell;
 
+/// How long claims of unknown client ids wait for the live nodes' announcements at most (and
+/// messages parked for a lost node wait to be re-routed: longer holds them behind newer ones).
+const SETTLE: Duration = Duration::from_secs(1);
+
 impl ClusterState {
     /// The registrar of `client`: rendezvous hash over this node and its live peers.
+    /// Draining members (and this node, when it drains) are not candidates; with no other
+    /// candidate this node answers for itself.
     pub(super) fn registrar_of(&self, client: &str) -> Arc<str> {
         let score = |n: &str| rendezvous(n, client);
-        let mut best = (score(self.me()), self.a.handle.name.clone());
-        for m in self.members.values().filter(|m| m.up) {
+        let mut best: Option<(u64, Arc<str>)> = (!self.draining).then(|| (score(self.me()), self.a.handle.name.clone()));
+        for m in self.members.values().filter(|m| m.up && !m.draining) {
             let sc = score(&m.name);
-            if sc > best.0 || (sc == best.0 && m.name > best.1) {
-                best = (sc, m.name.clone());
+            if best.as_ref().is_none_or(|(b, n)| sc > *b || (sc == *b && m.name > *n)) {
+                best = Some((sc, m.name.clone()));
             }
         }
-        best.1
+        best.map_or_else(|| self.a.handle.name.clone(), |b| b.1)
     }
 
-    /// The node the (dead) `owner` chose as backup for `client`: the best of the others alive.
+    /// The node the (dead) `owner` chose as backup for `client`: the best of the others alive
+    /// (draining nodes keep no replicas).
     pub(super) fn backup_candidate(&self, client: &str, owner: &str) -> Option<Arc<str>> {
-        let mut live: Vec<Arc<str>> = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
-        live.push(self.a.handle.name.clone());
+        let mut live: Vec<Arc<str>> = self.members.values().filter(|m| m.up && !m.draining).map(|m| m.name.clone()).collect();
+        if !self.draining {
+            live.push(self.a.handle.name.clone());
+        }
         live.into_iter().filter(|n| &**n != owner).max_by_key(|n| rendezvous(n, client))
+    }
+
+    /// This node stops soon: tell the peers that speak version 3 (`Draining`, acknowledged),
+    /// then announce its sessions to their registrars among the others — in that order, so
+    /// each peer settles on the new registrars before the announcement arrives. The caller
+    /// closes the connections after the acknowledgements: reconnecting clients find their
+    /// registrars elsewhere, which hand their sessions over from here.
+    pub(super) fn drain(&mut self, reply: RpcReplyPort<()>) {
+        self.draining = true;
+        self.a.handle.draining.store(true, Ordering::Relaxed);
+        let (acked, acks) = ractor::concurrency::oneshot();
+        let (sent, announced) = ractor::concurrency::oneshot();
+        let peers = self.send_acked(|ack| Body::Draining { ack }, vec![acked.into()], |m| m.up && m.wire.load(Ordering::Relaxed) >= 3);
+        self.announce_owned_then(Some(sent.into()));
+        tracing::info!(peers, "draining: this node's sessions move to the others as their clients reconnect");
+        // Answered once the peers know and the sessions' new registrars were told.
+        tokio::spawn(async move {
+            let _ = acks.await;
+            let _ = announced.await;
+            let _ = reply.send(());
+        });
+    }
+
+    /// `peer` drains (`Body::Draining`): it keeps its sessions and links until it leaves, but
+    /// registrars, backups and other owners are chosen among the rest from now on.
+    pub(super) fn draining(&mut self, peer: &str) {
+        let Some(m) = self.members.get_mut(peer).filter(|m| m.up && !m.draining) else { return };
+        m.draining = true;
+        tracing::info!(peer, "cluster member draining (stopping)");
+        self.publish_peers();
+        self.announce_owned();
     }
 
     pub(super) fn is_live(&self, node: &str) -> bool {
@@ -101,14 +141,21 @@ impl ClusterState {
 
     /// After a membership change registrars move: tell each one which sessions live here.
     pub(super) fn announce_owned(&mut self) {
+        self.announce_owned_then(None);
+    }
+
+    /// `announce_owned`; `sent` is answered once the announcements left (or could not be made).
+    /// Claims of client ids a registrar does not know wait (bounded by `SETTLE`) until every
+    /// live node announced.
+    pub(super) fn announce_owned_then(&mut self, sent: Option<RpcReplyPort<()>>) {
         self.settling = self.members.values().filter(|m| m.up).map(|m| m.name.clone()).collect();
         self.settling.insert(self.a.handle.name.clone());
-        self.settle_until = Instant::now() + Duration::from_secs(1);
+        self.settle_until = Instant::now() + SETTLE;
         let (broker, handle) = (self.a.broker.clone(), self.a.handle.clone());
         tokio::spawn(async move {
             let Some(r) = broker.registry() else { return };
             if let Ok(ractor::rpc::CallResult::Success(list)) = r.ask(RegistryMessage::Owned, Some(Duration::from_secs(10))).await {
-                handle.cast(Local::Owned(list));
+                handle.cast(Local::Owned(list, sent));
             }
         });
     }

@@ -18,6 +18,7 @@
 //! |---|---|
 //! | 1 | the first |
 //! | 2 | a forwarded publish carries its "not to its own device" mark, so a device's client attributes and its own RPC requests do not come back to its sessions on other nodes; `Versions` |
+//! | 3 | `Draining`: a node about to stop says so before it closes its connections (no layout change; sent only to peers at version 3) |
 use std::cell::Cell;
 use std::sync::Arc;
 
@@ -29,7 +30,7 @@ use crate::storage::state::SessionSnapshot;
 /// The newest wire version this build speaks. Bump on any incompatible change of [`Body`],
 /// keep writing and reading the previous one (see the table above), and raise [`OLDEST`] only
 /// once no supported build needs it.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The oldest wire version this build still speaks (the previous build's newest).
 pub const OLDEST: u16 = 1;
 const MAGIC: [u8; 2] = *b"TD";
@@ -299,6 +300,12 @@ pub enum Body {
     Versions {
         oldest: u16,
         newest: u16,
+    },
+    /// Version 3: the sender stops soon (a graceful stop). It is no longer a registrar, a
+    /// backup or an owner of new work, but it still hands its sessions over as their clients
+    /// reconnect elsewhere; `Leave` follows. The receiver answers `LeaveAck`.
+    Draining {
+        ack: u64,
     },
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ractor::Actor;
+use ractor::{Actor, ActorRef};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -196,19 +196,28 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     tracing::info!(node = %config.node.name, listeners = ?addrs, restored_sessions = restored, retained = retained_n, "thingsd ready");
 
     shutdown.cancelled().await;
-    tracing::info!("shutting down: closing connections");
     // Not ready any more (load balancers stop sending); sessions ending now are the node's
     // shutdown, not a fault.
     broker.serving.store(false, std::sync::atomic::Ordering::Relaxed);
+    // In a cluster the peers take over this node's registrar and backup duties first, so the
+    // clients reconnecting elsewhere find their sessions handed over from here, live.
+    if let Some(c) = broker.cluster.get() {
+        c.drain().await;
+    }
+    tracing::info!("shutting down: closing connections");
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
         tracing::warn!("some connections did not close within 10s");
     }
     // Every persistent session writes its state (to disk and, in a cluster, to its backup
-    // node); then the cluster is told we leave: the backups adopt the sessions, so clients
-    // reconnecting to another node find them.
+    // node); sessions handed over meanwhile flush to their new owners; then the cluster is
+    // told we leave: the backups adopt the sessions left, so clients reconnecting later to
+    // another node find them.
     if let Some(r) = broker.registry() {
         let _ = r.ask(RegistryMessage::PersistAll, Some(Duration::from_secs(30))).await;
+        if broker.cluster.get().is_some() {
+            moved(&r).await;
+        }
     }
     if let Some(c) = broker.cluster.get() {
         c.leave().await;
@@ -233,6 +242,26 @@ pub async fn run(bound: Bound, config: Config, shutdown: CancellationToken) -> a
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Wait (bounded by the hand-over's own wait) until every session handed to another node has
+/// flushed to it: leaving earlier would make its new owner wait out the hand-over.
+async fn moved(registry: &ActorRef<RegistryMessage>) {
+    let deadline = tokio::time::Instant::now() + crate::actors::session::HANDOVER_WAIT;
+    loop {
+        let left = match registry.ask(RegistryMessage::Moving, Some(Duration::from_secs(5))).await {
+            Ok(ractor::rpc::CallResult::Success(n)) => n,
+            _ => return,
+        };
+        if left == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(sessions = left, "sessions handed over to other nodes did not flush before the stop");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The bound MQTT, HTTP and CoAP listeners.

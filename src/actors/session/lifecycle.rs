@@ -209,20 +209,24 @@ impl SessionState {
             return;
         }
         self.save_meta();
-        if let Some(c) = self.broker.cluster.get() {
-            match c.backup_for(&self.client_id) {
-                Some(to) => {
-                    if self.backup.as_deref() != Some(&*to) {
-                        if let Some(old) = self.backup.take() {
-                            c.backup_drop(old, self.client_id.clone());
-                        }
-                        self.backup = Some(to.clone());
-                    }
-                    c.backup_state(to, self.client_id.clone(), Box::new(self.full_snapshot()));
-                }
-                None => self.backup = None,
+        self.replicate_state();
+    }
+
+    /// Send the whole state to the backup node now (a persistent session in a cluster; a new
+    /// backup drops the old one's copy).
+    pub(super) fn replicate_state(&mut self) {
+        let Some(c) = self.broker.cluster.get() else { return };
+        let Some(to) = c.backup_for(&self.client_id) else {
+            self.backup = None;
+            return;
+        };
+        if self.backup.as_deref() != Some(&*to) {
+            if let Some(old) = self.backup.take() {
+                c.backup_drop(old, self.client_id.clone());
             }
+            self.backup = Some(to.clone());
         }
+        c.backup_state(to, self.client_id.clone(), Box::new(self.full_snapshot()));
     }
 
     /// Durable sessions: append this round's QoS>0 deliveries to the backup node (sending the
@@ -390,10 +394,26 @@ impl SessionState {
         self.protocol = s.protocol;
         self.expiry = s.expiry_secs;
         self.load.persistent.store(self.expiry > 0, Ordering::Relaxed);
+        // In this node's routes before the session starts (messages re-routed from a lost node
+        // find an adopted session); the other nodes' acknowledgements are awaited aside, so
+        // whoever starts sessions (the registry) does not wait a cluster round trip for each.
+        // An attach answers once they are in (`Routed`).
+        let mut acks = Vec::with_capacity(s.subscriptions.len());
         for (f, o, id) in s.subscriptions {
-            if self.add_route(me, &f, o, id).await {
+            if let Some(ack) = self.route_here(me, &f, o, id).await {
+                acks.push(ack);
                 self.subs.insert(f, (o, id));
             }
+        }
+        if !acks.is_empty() {
+            self.routing = Some(Box::default());
+            let me = me.clone();
+            tokio::spawn(async move {
+                for a in acks {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), a).await;
+                }
+                let _ = me.send_message(SessionMessage::Routed);
+            });
         }
         self.inflight = s.inflight.into_iter().map(|(pkid, released, d)| Inflight { pkid, released, d }).collect();
         self.pending = s.queue.into();

@@ -124,7 +124,10 @@ pub fn display_client(key: &str) -> (Option<&str>, &str) {
 pub type OnGranted = Box<dyn FnOnce() + Send>;
 
 pub enum SessionMessage {
-    /// A connection takes this session (replies Session Present).
+    /// A restored session's routes are acknowledged by the other nodes: answer the attaches
+    /// that waited for it.
+    Routed,
+    /// A connection takes this session (replies Session Present once its routes are in).
     Attach(Box<AttachArgs>, RpcReplyPort<bool>),
     /// End the session now (a Clean Start connect replaces it).
     Terminate(RpcReplyPort<()>),
@@ -237,7 +240,7 @@ pub(super) struct Held {
 }
 
 /// How long either side of a hand-over waits for the other before going on alone.
-pub(super) const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 struct Inflight {
     pkid: u16,
@@ -290,7 +293,12 @@ pub struct SessionState {
     /// This turn's writes to the state store (one commit at the end of the turn).
     writes: Option<Box<crate::storage::state::Batch>>,
     refuse_logged: bool,
+    /// Restored routes not yet acknowledged: attaches answered once they are (`Routed`).
+    routing: Option<Box<Attaches>>,
 }
+
+/// Attaches waiting for a restored session's routes: each reply port and Session Present.
+type Attaches = Vec<(RpcReplyPort<bool>, bool)>;
 
 pub(super) enum Sent {
     Ok,
@@ -338,6 +346,7 @@ impl Actor for SessionActor {
             on_disk: false,
             writes: None,
             refuse_logged: false,
+            routing: None,
         };
         // Adopted from a lost node's replica, or taken over from another node (perhaps from
         // the adopter of a lost node's session): messages re-routed from a lost node reach it,
@@ -403,8 +412,9 @@ impl Actor for SessionActor {
             SessionMessage::Unsubscribe(u, reply, ticket) => Box::pin(st.unsubscribe(&me, *u, reply, ticket)).await,
             SessionMessage::Attach(a, reply) => {
                 let present = Box::pin(st.attach(&me, *a)).await;
-                let _ = reply.send(present);
+                st.attached(reply, present);
             }
+            SessionMessage::Routed => st.routed(),
             SessionMessage::Terminate(reply) => {
                 if let Some(old) = st.conn.take() {
                     kick(&old, reason::SESSION_TAKEN_OVER);
@@ -465,13 +475,7 @@ impl Actor for SessionActor {
                 let had = Box::pin(st.kick_by_operator(&me, discard)).await;
                 let _ = reply.send(had);
             }
-            SessionMessage::Persist(reply) => {
-                st.persist_scheduled = false;
-                st.persist();
-                if let Some(r) = reply {
-                    let _ = r.send(());
-                }
-            }
+            SessionMessage::Persist(reply) => st.persist_now(reply),
         }
         st.flush_writes();
         if !st.to_backup.is_empty() || !st.tokens.is_empty() {
@@ -530,6 +534,31 @@ impl SessionState {
     }
 
     /// The session's replica on its backup node (cluster) is refreshed within the interval.
+    /// Answer an attach: now, or once the restored routes are acknowledged (`routed`).
+    fn attached(&mut self, reply: RpcReplyPort<bool>, present: bool) {
+        match self.routing.as_mut() {
+            Some(waiting) => waiting.push((reply, present)),
+            None => {
+                let _ = reply.send(present);
+            }
+        }
+    }
+
+    /// The periodic (or a stopping node's) persist; `reply` once it is handed on.
+    fn persist_now(&mut self, reply: Option<RpcReplyPort<()>>) {
+        self.persist_scheduled = false;
+        self.persist();
+        if let Some(r) = reply {
+            let _ = r.send(());
+        }
+    }
+
+    fn routed(&mut self) {
+        for (reply, present) in self.routing.take().map(|w| *w).unwrap_or_default() {
+            let _ = reply.send(present);
+        }
+    }
+
     pub(super) fn mark_dirty(&mut self, me: &ActorRef<SessionMessage>) {
         if self.persistent() && !self.persist_scheduled && self.broker.cluster.get().is_some() {
             self.persist_scheduled = true;

@@ -76,6 +76,32 @@ impl SessionState {
         Sub { session: me.clone(), opts, sub_id, load: self.load.clone() }
     }
 
+    /// Add a route, waiting only until this node's shard has it: the returned receiver
+    /// answers once, for a new key, the other nodes acknowledged it too (`None`: not routed).
+    pub(super) async fn route_here(
+        &self,
+        me: &ActorRef<SessionMessage>,
+        filter: &str,
+        opts: SubOptions,
+        sub_id: Option<u32>,
+    ) -> Option<ractor::concurrency::OneshotReceiver<bool>> {
+        let router = &self.broker.router;
+        let shard = router.shard(router.shard_of_filter(filter))?;
+        let (tx, acked) = ractor::concurrency::oneshot();
+        let (itx, inserted) = ractor::concurrency::oneshot();
+        let sub = self.sub_entry(me, opts, sub_id);
+        let msg = ShardMessage::Subscribe {
+            client: self.client_id.clone(),
+            filter: filter.to_string(),
+            sub,
+            reply: tx.into(),
+            inserted: Some(itx.into()),
+        };
+        shard.send_message(msg).ok()?;
+        tokio::time::timeout(Duration::from_secs(5), inserted).await.ok()?.ok()?;
+        Some(acked)
+    }
+
     pub(super) async fn add_route(&self, me: &ActorRef<SessionMessage>, filter: &str, opts: SubOptions, sub_id: Option<u32>) -> bool {
         let router = &self.broker.router;
         let Some(shard) = router.shard(router.shard_of_filter(filter)) else { return false };
@@ -83,7 +109,7 @@ impl SessionState {
         let client = self.client_id.clone();
         let filter = filter.to_string();
         shard
-            .ask(|reply| ShardMessage::Subscribe { client, filter, sub, reply }, Some(Duration::from_secs(5)))
+            .ask(|reply| ShardMessage::Subscribe { client, filter, sub, reply, inserted: None }, Some(Duration::from_secs(5)))
             .await
             .map(|r| r.is_success())
             .unwrap_or(false)
@@ -113,11 +139,12 @@ impl SessionState {
         let v5 = self.protocol == Protocol::V5;
         let sub_id = s.props.subscription_identifiers.first().copied();
         let cfg = &self.broker.config.mqtt;
+        let fail = |v5_code: u8| if v5 { v5_code } else { 0x80 };
         let mut codes = Vec::with_capacity(s.filters.len());
-        let mut retained = Vec::new();
-        let mut granted = false;
+        // The filters that may be granted, each with what it replaces; taken into the session
+        // first, so a persistent session's replica (below) carries them.
+        let mut taken = Vec::with_capacity(s.filters.len());
         for (i, (filter, opts)) in s.filters.into_iter().enumerate() {
-            let fail = |v5_code: u8| if v5 { v5_code } else { 0x80 };
             if denied.contains(&i) {
                 codes.push(fail(reason::NOT_AUTHORIZED));
                 continue;
@@ -131,12 +158,30 @@ impl SessionState {
                 codes.push(fail(reason::QUOTA_EXCEEDED));
                 continue;
             }
+            let old = self.subs.insert(filter.clone(), (opts, sub_id));
+            taken.push((codes.len(), filter, opts, old));
+            codes.push(0);
+        }
+        // A persistent session's backup node gets the new state before the routes are
+        // announced: the SUBACK waits for every peer's acknowledgement of a new route, and a
+        // peer handles frames in order, so a crash of this node after the SUBACK does not lose
+        // the subscription (its backup adopts it).
+        if !taken.is_empty() && self.persistent() {
+            self.replicate_state();
+        }
+        let mut retained = Vec::new();
+        let mut granted = false;
+        for (at, filter, opts, old) in taken {
+            let existed = old.is_some();
             if !self.add_route(me, &filter, opts, sub_id).await {
-                codes.push(fail(reason::UNSPECIFIED_ERROR));
+                match old {
+                    Some(o) => self.subs.insert(filter, o),
+                    None => self.subs.remove(&filter),
+                };
+                codes[at] = fail(reason::UNSPECIFIED_ERROR);
                 continue;
             }
-            self.subs.insert(filter.clone(), (opts, sub_id));
-            codes.push(opts.qos as u8);
+            codes[at] = opts.qos as u8;
             granted = true;
             let send = match opts.retain_handling {
                 RetainHandling::SendAtSubscribe => true,
@@ -196,6 +241,10 @@ impl SessionState {
         }
         drop(ticket);
         self.save_meta();
+        if self.persistent() {
+            // Its backup forgets the filters too (a crash here must not bring them back).
+            self.replicate_state();
+        }
         answer(reply, Packet::UnsubAck(UnsubAck { pkid: u.pkid, codes, props: Properties::default() }));
         self.mark_dirty(me);
     }

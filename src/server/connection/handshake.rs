@@ -353,13 +353,17 @@ where
         let _ = tx.try_send(Outbound::Disconnect(code));
     };
     let registry = broker.registry()?;
-    let room = registry
-        .ask(
-            |reply| RegistryMessage::Room { client: client_id.clone(), cap: cfg.mqtt.max_sessions_per_principal, reply },
-            Some(Duration::from_secs(15)),
-        )
-        .await;
-    if !matches!(room, Ok(ractor::rpc::CallResult::Success(true))) {
+    // Only a principal's namespace (`{device}\0…`) has a session cap: other connects do not
+    // queue at the registry for it.
+    let cap = cfg.mqtt.max_sessions_per_principal;
+    let room = if cap == 0 || !client_id.contains('\0') {
+        true
+    } else {
+        let room =
+            registry.ask(|reply| RegistryMessage::Room { client: client_id.clone(), cap, reply }, Some(Duration::from_secs(15))).await;
+        matches!(room, Ok(ractor::rpc::CallResult::Success(true)))
+    };
+    if !room {
         tracing::info!(cap = cfg.mqtt.max_sessions_per_principal, "CONNECT refused: every session of this principal is connected");
         refuse(reason::QUOTA_EXCEEDED);
         drop(tx);
@@ -429,13 +433,20 @@ async fn register(
     let after = claim.as_ref().map(|t| (t.gen, t.from.clone()));
     let takeover = claim.map(|t| Takeover { gen: t.gen, from: t.from, state: t.state });
     let cid = client_id.clone();
-    match Box::pin(
-        registry
-            .ask(|reply| RegistryMessage::Connect { client_id: cid, clean_start, attach, takeover, reply }, Some(Duration::from_secs(15))),
-    )
-    .await
-    {
-        Ok(ractor::rpc::CallResult::Success(Ok(s))) => {
+    let (tx, attached) = ractor::concurrency::oneshot();
+    let connect = |reply| RegistryMessage::Connect { client_id: cid, clean_start, attach, takeover, attached: tx.into(), reply };
+    let registered = match Box::pin(registry.ask(connect, Some(Duration::from_secs(15)))).await {
+        // Attached (a restored session announced its routes first): now the previous owner
+        // may flush, or the claim end.
+        Ok(ractor::rpc::CallResult::Success(Ok(s))) => match tokio::time::timeout(Duration::from_secs(15), attached).await {
+            Ok(Ok(_)) => Ok(s),
+            _ => Err("session did not answer".to_string()),
+        },
+        Ok(ractor::rpc::CallResult::Success(Err(e))) => Err(e),
+        _ => Err("registry did not answer".into()),
+    };
+    match registered {
+        Ok(s) => {
             if let (Some(cl), Some((gen, from))) = (broker.cluster.get(), after) {
                 match from {
                     Some(node) => cl.release(client_id, gen, node),
@@ -444,11 +455,7 @@ async fn register(
             }
             Some(s)
         }
-        other => {
-            let why = match other {
-                Ok(ractor::rpc::CallResult::Success(Err(e))) => e,
-                _ => "registry did not answer".into(),
-            };
+        Err(why) => {
             tracing::error!(error = %why, "cannot attach session");
             None
         }
