@@ -127,6 +127,9 @@ pub struct Durable {
     pending: std::sync::atomic::AtomicUsize,
     refused: std::sync::atomic::AtomicBool,
     notify: tokio::sync::Notify,
+    /// The publisher's connection, when it polls for this message (its ordered PUBACK queue):
+    /// no `Notified` future, no task per message.
+    waker: futures_util::task::AtomicWaker,
 }
 
 impl Durable {
@@ -137,6 +140,20 @@ impl Durable {
     pub fn done(&self) {
         if self.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
             self.notify.notify_waiters();
+            self.waker.wake();
+        }
+    }
+
+    /// Ready once every copy is durable; registers `cx`'s waker otherwise.
+    pub fn poll_done(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.is_done() {
+            return std::task::Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.is_done() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
         }
     }
 

@@ -216,6 +216,13 @@ where
         // for its acknowledgements is not kept waiting behind its own next packets); a
         // connection with nothing to write reads. The read waits across writes: it is not set
         // up again for each one.
+        // A queued PUBACK waits at most `acker::DURABLE_WAIT`: the alarm fires by then (moved
+        // only when it would fire later: once per such span in a steady stream).
+        if let Some(at) = conn.held_acks.deadline() {
+            if alarm.deadline() > at {
+                alarm.as_mut().reset(at);
+            }
+        }
         let ended = {
             let read = read_more(&mut rd, &mut buf, read_hint);
             // Set up once per read, not once per write (each took and released the tokens' locks).
@@ -224,6 +231,8 @@ where
             loop {
                 tokio::select! {
                     biased;
+                    // Queued PUBACKs whose message copies were taken (`acker`): written next.
+                    _ = conn.held_acks.head_done(), if conn.held_acks.has_queued() => drive(&mut out, conn.send_ready_acks()).await,
                     more = out.step() => if !more { break Some(WillAction::Publish) },
                     r = &mut read => match r {
                         Ok((0, _)) | Err(_) => break Some(WillAction::Publish),
@@ -237,13 +246,17 @@ where
                         }
                     },
                     // (Reading is cancel safe: bytes are only taken into `buf` by a completed read.)
-                    _ = &mut alarm, if ka.is_some() => {
-                        let deadline = last_read + ka.unwrap_or_default();
-                        if tokio::time::Instant::now() >= deadline {
+                    _ = &mut alarm, if ka.is_some() || conn.held_acks.has_queued() => {
+                        let now = tokio::time::Instant::now();
+                        let deadline = ka.map(|ka| last_read + ka);
+                        if deadline.is_some_and(|d| now >= d) {
                             tracing::info!("keep-alive timeout");
                             break Some(conn.close(reason::KEEP_ALIVE_TIMEOUT));
                         }
-                        alarm.as_mut().reset(deadline);
+                        // PUBACKs past their wait go out anyway (logged).
+                        drive(&mut out, conn.send_ready_acks()).await;
+                        let next = deadline.into_iter().chain(conn.held_acks.deadline()).min();
+                        alarm.as_mut().reset(next.unwrap_or(now + Duration::from_secs(86_400)));
                     }
                     _ = &mut cut => break Some(WillAction::Publish),
                     _ = &mut stopping => break Some(conn.close(reason::SERVER_SHUTTING_DOWN)),

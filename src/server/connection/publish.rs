@@ -3,6 +3,7 @@
 //! answered) → the message → route and acknowledge. [`Conn::publish`] is the one place that
 //! turns a refusal into the right PUBACK/PUBREC or DISCONNECT for the protocol version.
 use super::*;
+use crate::message::Durable;
 
 /// Why a PUBLISH is not routed.
 enum Refusal {
@@ -178,19 +179,7 @@ impl Conn {
                 // A device's uplink the platform took has a receiver: a success, not 0x10.
                 let code =
                     if n == 0 && self.protocol == Protocol::V5 && !taken { reason::NO_MATCHING_SUBSCRIBERS } else { reason::SUCCESS };
-                if held.is_some() || durable.as_ref().is_some_and(|d| !d.is_done()) || self.held_acks.waiting() {
-                    let c = self.ack_ctx();
-                    c.ack(&mut self.held_acks, pkid, code, durable, held).await;
-                    return None;
-                }
-                let ack = Packet::PubAck(Ack::new(pkid, code));
-                match durable {
-                    Some(d) if d.refused() => {
-                        let out = super::acker::refused_ack(ack, self.protocol == Protocol::V5, &self.broker);
-                        let _ = self.tx.send(out).await;
-                    }
-                    _ => self.send(ack).await,
-                }
+                self.puback(pkid, code, durable, held).await;
             }
             QoS::ExactlyOnce => {
                 // Through the session even when not routable: it owns the exactly-once state.
@@ -203,6 +192,41 @@ impl Conn {
             }
         }
         None
+    }
+
+    /// A QoS 1 PUBACK, in the PUBLISHes' order (see [`super::acker`]): at once when nothing
+    /// waits; in the connection's queue while the message's copies are being taken; a task
+    /// while a telemetry write is in progress.
+    async fn puback(&mut self, pkid: u16, code: u8, durable: Option<Arc<Durable>>, held: Option<crate::devices::Unstored>) {
+        if held.is_some() || self.held_acks.chained() {
+            let c = self.ack_ctx();
+            c.ack(&mut self.held_acks, pkid, code, durable, held).await;
+            return;
+        }
+        if durable.as_ref().is_some_and(|d| !d.is_done()) || self.held_acks.has_queued() {
+            if self.held_acks.push(pkid, code, durable, self.broker.config.mqtt.max_inflight) {
+                // As many wait as the client may have in flight: read no more until the oldest goes.
+                self.held_acks.head_settled().await;
+                self.send_ready_acks().await;
+            }
+            return;
+        }
+        let ack = Packet::PubAck(Ack::new(pkid, code));
+        match durable {
+            Some(d) if d.refused() => {
+                let out = super::acker::refused_ack(ack, self.protocol == Protocol::V5, &self.broker);
+                let _ = self.tx.send(out).await;
+            }
+            _ => self.send(ack).await,
+        }
+    }
+
+    /// Queue the PUBACKs whose wait is over, oldest first (see `acker::AckChain::pop_ready`).
+    pub(super) async fn send_ready_acks(&mut self) {
+        let (now, v5) = (tokio::time::Instant::now(), self.protocol == Protocol::V5);
+        while let Some(q) = self.held_acks.pop_ready(now) {
+            let _ = self.tx.send(q.outbound(v5, &self.broker, &self.end)).await;
+        }
     }
 
     /// What a QoS 1 acknowledgement that waits needs (see [`super::acker`]).
@@ -225,12 +249,7 @@ impl Conn {
         let code = if self.protocol == Protocol::V5 { code } else { reason::SUCCESS };
         match qos {
             QoS::AtMostOnce => {}
-            // Behind the acknowledgements still waiting: PUBACKs go out in the PUBLISHes' order.
-            QoS::AtLeastOnce if self.held_acks.waiting() => {
-                let c = self.ack_ctx();
-                c.ack(&mut self.held_acks, pkid, code, None, None).await;
-            }
-            QoS::AtLeastOnce => self.send(Packet::PubAck(Ack::new(pkid, code))).await,
+            QoS::AtLeastOnce => self.puback(pkid, code, None, None).await,
             // 3.1.1: the PUBREL that follows is answered by the session (PUBCOMP).
             QoS::ExactlyOnce => self.send(Packet::PubRec(Ack::new(pkid, code))).await,
         }
