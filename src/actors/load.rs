@@ -14,6 +14,17 @@ use tokio::sync::Notify;
 use super::session::SessionMessage;
 use crate::message::Delivery;
 
+/// Publishers a session's progress below its low-water mark lets go on at once.
+const WAKE_AT_ONCE: usize = 4;
+
+/// One publisher waiting (counted while it waits, however the wait ends).
+struct Waiting<'a>(&'a AtomicUsize);
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Load {
     /// The session has a live connection.
@@ -33,8 +44,8 @@ pub struct Load {
     pub pending: AtomicUsize,
     /// Set by a publisher that timed out waiting; cleared when the queue drains.
     pub slow: AtomicBool,
-    /// A publisher is (or was) waiting for this session to drain.
-    pub pressure: AtomicBool,
+    /// Publishers waiting for this session to drain.
+    pub waiters: AtomicUsize,
     pub drained: Notify,
 }
 
@@ -106,13 +117,25 @@ impl Load {
         self.online.load(Ordering::Relaxed) && !self.slow.load(Ordering::Relaxed) && self.depth() > high
     }
 
-    /// Called by the session after it made progress.
+    /// Whether publishers wait for this session (it reports its progress then).
+    pub fn pressed(&self) -> bool {
+        self.waiters.load(Ordering::Acquire) > 0
+    }
+
+    /// Called by the session after it made progress. Below `low`, a few of the waiting
+    /// publishers go on (in the order they came): each usually has a read buffer of messages
+    /// to refill the room with, and waking a hundred at once made a hundred wake-ups, checks
+    /// and re-waits for every turn of a fan-in's subscriber. While anything is queued the
+    /// session has turns to come (and wakes a few more at each); with nothing queued, all go.
     pub fn progressed(&self, pending: usize, low: usize) {
         self.set_pending(pending);
-        if self.depth() <= low {
+        let depth = self.depth();
+        if depth <= low {
             self.slow.store(false, Ordering::Relaxed);
-            if self.pressure.swap(false, Ordering::AcqRel) {
-                self.drained.notify_waiters();
+            match self.waiters.load(Ordering::Acquire) {
+                0 => {}
+                _ if depth == 0 => self.drained.notify_waiters(),
+                n => (0..n.min(WAKE_AT_ONCE)).for_each(|_| self.drained.notify_one()),
             }
         }
     }
@@ -121,11 +144,12 @@ impl Load {
     /// (then the session is marked slow). Returns false on timeout.
     pub async fn wait_below(&self, high: usize, max_wait: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + max_wait;
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiters);
         loop {
             let notified = self.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            self.pressure.store(true, Ordering::Release);
             if !self.congested(high) {
                 return true;
             }

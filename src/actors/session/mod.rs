@@ -482,7 +482,7 @@ impl Actor for SessionActor {
             st.replicate();
         }
         st.load.set_pending(st.pending.len());
-        if delivery || st.load.pressure.load(Ordering::Relaxed) {
+        if delivery || st.load.pressed() {
             let low = st.broker.high_water() / 2;
             st.load.progressed(st.pending.len(), low);
         }

@@ -100,10 +100,12 @@ impl Conn {
         let Some(ident) = self.identity.as_ref().map(|i| i.load_full()) else { return Ok((false, None)) };
         let (mut taken, mut held) = (false, None);
         if let Some((kind, req, index)) = crate::devices::ota::chunk_request(&asked.topic, &ident.device_number) {
-            self.ota_chunk(&ident, kind, req, index, &asked.payload).await?;
+            // Boxed, as the claim below: rare paths whose futures would otherwise size (and be
+            // copied into) every PUBLISH's handling.
+            Box::pin(self.ota_chunk(&ident, kind, req, index, &asked.payload)).await?;
             taken = true;
         } else if is_claim(&asked.topic, &ident.device_number) {
-            match self.svc.devices.offer_claim(&ident, &asked.payload).await {
+            match Box::pin(self.svc.devices.offer_claim(&ident, &asked.payload)).await {
                 Ok(()) => taken = true,
                 Err(crate::storage::meta::MetaError::Invalid(why)) => {
                     tracing::info!(device = %ident.device_number, %why, "claim request refused");
