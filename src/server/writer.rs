@@ -9,7 +9,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use crate::actors::session::{OutPublish, Outbound};
 use crate::broker::Broker;
 use crate::metrics::Metrics;
-use crate::protocols::mqtt::{encode, encode_publish, Disconnect, Packet, Properties, Protocol};
+use crate::protocols::mqtt::{encode, encode_puback, encode_publish, Ack, Disconnect, Packet, Properties, Protocol};
 
 const BATCH: usize = 64 * 1024;
 
@@ -203,6 +203,15 @@ impl<W: AsyncWrite + Unpin> Out<W> {
                 Outbound::Packet(p) => {
                     encode(&p, protocol, buf);
                     out(broker, &self.client, &p, buf.len() - before, protocol);
+                }
+                Outbound::PubAck(pkid, code) => {
+                    encode_puback(buf, pkid, code, protocol);
+                    if broker.tracer.on() {
+                        out(broker, &self.client, &Packet::PubAck(Ack::new(pkid, code)), buf.len() - before, protocol);
+                    } else {
+                        m.packets_out.add(4, 1);
+                        m.packet_bytes_out.add(4, (buf.len() - before) as u64);
+                    }
                 }
                 Outbound::Publish(p) => {
                     sent += 1;

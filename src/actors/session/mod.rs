@@ -24,6 +24,8 @@ use crate::storage::state::{QueueInfo, SessionSnapshot};
 #[derive(Debug)]
 pub enum Outbound {
     Packet(Box<Packet>),
+    /// PUBACK (packet id, reason code): the hot path's answer, without a boxed `Packet`.
+    PubAck(u16, u8),
     Publish(OutPublish),
     /// Send DISCONNECT with this reason (5.0 only), then close the connection.
     Disconnect(u8),

@@ -61,6 +61,19 @@ fn publish_body_len(v5: bool, topic_len: usize, qos: QoS, props: &Properties, pa
     2 + topic_len + if qos == QoS::AtMostOnce { 0 } else { 2 } + props_len(props, v5) + payload_len
 }
 
+/// A PUBACK without properties (the broker's own answer to a QoS 1 PUBLISH): no `Packet`
+/// built for it.
+pub fn encode_puback(buf: &mut BytesMut, pkid: u16, code: u8, protocol: Protocol) {
+    if protocol == Protocol::V5 && code != 0 {
+        header(buf, 0x40, 3);
+        buf.put_u16(pkid);
+        buf.put_u8(code);
+    } else {
+        header(buf, 0x40, 2);
+        buf.put_u16(pkid);
+    }
+}
+
 fn ack(buf: &mut BytesMut, first: u8, a: &Ack, v5: bool) {
     if v5 && (a.code != 0 || !a.props.is_empty()) {
         let pl = if a.props.is_empty() { 0 } else { a.props.full_len() };

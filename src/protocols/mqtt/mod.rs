@@ -10,7 +10,7 @@ pub mod topic;
 mod types;
 
 pub use decode::{decode, parse_fixed_header, DecodeError};
-pub use encode::{encode, encode_publish, publish_len};
+pub use encode::{encode, encode_puback, encode_publish, publish_len};
 pub use props::Properties;
 pub use types::*;
 #[cfg(test)]

@@ -109,3 +109,15 @@ fn v4_rejects_auth_packet_and_large_header_before_body() {
     let mut b = BytesMut::from(&[0x30u8, 0x80, 0x80, 0x01][..]);
     assert_eq!(decode(&mut b, Protocol::V5, 1000).unwrap_err().code, reason::PACKET_TOO_LARGE);
 }
+
+#[test]
+fn the_bare_puback_encodes_as_the_packet_does() {
+    for protocol in [Protocol::V4, Protocol::V5] {
+        for (pkid, code) in [(1u16, 0u8), (65535, 0), (7, reason::NO_MATCHING_SUBSCRIBERS), (8, reason::QUOTA_EXCEEDED)] {
+            let (mut bare, mut full) = (BytesMut::new(), BytesMut::new());
+            encode_puback(&mut bare, pkid, code, protocol);
+            encode(&Packet::PubAck(Ack::new(pkid, code)), protocol, &mut full);
+            assert_eq!(bare, full, "{protocol:?} {pkid} {code}");
+        }
+    }
+}

@@ -44,20 +44,19 @@ pub(super) struct Queued {
 impl Queued {
     /// The packet to send: the PUBACK, or the refusal when some copy could not be taken.
     pub(super) fn outbound(self, v5: bool, broker: &Broker, end: &AtomicU16) -> Outbound {
-        let ack = Packet::PubAck(Ack::new(self.pkid, self.code));
         match self.durable {
             Some(d) if !d.is_done() => {
                 tracing::warn!("replication to backup nodes timed out; acknowledging anyway");
-                Outbound::Packet(Box::new(ack))
+                Outbound::PubAck(self.pkid, self.code)
             }
             Some(d) if d.refused() => {
-                let out = refused_ack(ack, v5, broker);
+                let out = refused_ack(Packet::PubAck(Ack::new(self.pkid, self.code)), v5, broker);
                 if matches!(out, Outbound::Disconnect(_)) {
                     ends(end, reason::QUOTA_EXCEEDED);
                 }
                 out
             }
-            _ => Outbound::Packet(Box::new(ack)),
+            _ => Outbound::PubAck(self.pkid, self.code),
         }
     }
 
@@ -207,7 +206,7 @@ impl AckCtx {
                     return;
                 }
             }
-            let _ = self.tx.send(Outbound::Packet(Box::new(Packet::PubAck(ack)))).await;
+            let _ = self.tx.send(Outbound::PubAck(pkid, code)).await;
             drop((me, permit));
         });
     }

@@ -213,14 +213,11 @@ impl Conn {
             }
             return;
         }
-        let ack = Packet::PubAck(Ack::new(pkid, code));
-        match durable {
-            Some(d) if d.refused() => {
-                let out = super::acker::refused_ack(ack, self.protocol == Protocol::V5, &self.broker);
-                let _ = self.tx.send(out).await;
-            }
-            _ => self.send(ack).await,
-        }
+        let out = match durable {
+            Some(d) if d.refused() => super::acker::refused_ack(Packet::PubAck(Ack::new(pkid, code)), self.protocol == Protocol::V5, &self.broker),
+            _ => Outbound::PubAck(pkid, code),
+        };
+        let _ = self.tx.send(out).await;
     }
 
     /// Queue the PUBACKs whose wait is over, oldest first (see `acker::AckChain::pop_ready`).
