@@ -889,3 +889,56 @@ async fn a_client_still_writing_reads_the_disconnect_reason() {
     writer.await.unwrap().expect("the client's writes after the DISCONNECT were not refused by a reset");
     node.stop().await;
 }
+
+/// PUBACKs go out in the PUBLISHes' order whichever way each waits: a message with a
+/// subscriber waits for its copy to be taken (the connection's ordered queue), one without is
+/// answered 0x10 at once unless older ones still wait; a PINGREQ pipelined among them is
+/// answered behind the PUBACKs before it. All of it written in one go, before reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubacks_keep_the_publishes_order_across_their_waits() {
+    let node = start(|_| {}).await;
+    let mut sub = Raw::v5(node.tcp, "order-sub").await;
+    sub.sub("order/with", QoS::AtLeastOnce).await;
+    let mut c = Raw::v5(node.tcp, "order-pub").await;
+    let (total, ping_after) = (400u16, 200u16);
+    let mut b = bytes::BytesMut::new();
+    for i in 1..=total {
+        // Runs of subscribed and unsubscribed topics, of growing length.
+        let with = (i as f64).sqrt() as u16 % 2 == 0;
+        let topic = if with { "order/with" } else { "order/without" };
+        encode(&publish(topic, QoS::AtLeastOnce, i, "m"), Protocol::V5, &mut b);
+        if i == ping_after {
+            encode(&Packet::PingReq, Protocol::V5, &mut b);
+        }
+    }
+    c.send_bytes(&b).await;
+    let (mut next, mut pinged) = (1u16, false);
+    while next <= total {
+        match c.recv().await.expect("the connection stays open") {
+            Packet::PubAck(a) => {
+                assert_eq!(a.pkid, next, "PUBACKs in the PUBLISHes' order");
+                let with = (next as f64).sqrt() as u16 % 2 == 0;
+                assert_eq!(a.code, if with { 0 } else { reason::NO_MATCHING_SUBSCRIBERS }, "PUBACK {next}");
+                next += 1;
+            }
+            Packet::PingResp => {
+                assert_eq!(next, ping_after + 1, "PINGRESP right behind the PUBACKs before it");
+                pinged = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pinged, "PINGRESP");
+    // The subscriber got every message that had a subscriber.
+    let expected = (1..=total).filter(|i| (*i as f64).sqrt() as u16 % 2 == 0).count();
+    let mut got = 0;
+    while got < expected {
+        match sub.recv().await.expect("subscriber connected") {
+            Packet::Publish(p) => {
+                got += 1;
+                sub.send(Packet::PubAck(Ack::new(p.pkid, 0))).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
