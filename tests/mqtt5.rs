@@ -901,11 +901,11 @@ async fn pubacks_keep_the_publishes_order_across_their_waits() {
     sub.sub("order/with", QoS::AtLeastOnce).await;
     let mut c = Raw::v5(node.tcp, "order-pub").await;
     let (total, ping_after) = (400u16, 200u16);
+    // Runs of subscribed and unsubscribed topics, of growing length.
+    let subscribed = |i: u16| ((i as f64).sqrt() as u16).is_multiple_of(2);
     let mut b = bytes::BytesMut::new();
     for i in 1..=total {
-        // Runs of subscribed and unsubscribed topics, of growing length.
-        let with = (i as f64).sqrt() as u16 % 2 == 0;
-        let topic = if with { "order/with" } else { "order/without" };
+        let topic = if subscribed(i) { "order/with" } else { "order/without" };
         encode(&publish(topic, QoS::AtLeastOnce, i, "m"), Protocol::V5, &mut b);
         if i == ping_after {
             encode(&Packet::PingReq, Protocol::V5, &mut b);
@@ -917,8 +917,7 @@ async fn pubacks_keep_the_publishes_order_across_their_waits() {
         match c.recv().await.expect("the connection stays open") {
             Packet::PubAck(a) => {
                 assert_eq!(a.pkid, next, "PUBACKs in the PUBLISHes' order");
-                let with = (next as f64).sqrt() as u16 % 2 == 0;
-                assert_eq!(a.code, if with { 0 } else { reason::NO_MATCHING_SUBSCRIBERS }, "PUBACK {next}");
+                assert_eq!(a.code, if subscribed(next) { 0 } else { reason::NO_MATCHING_SUBSCRIBERS }, "PUBACK {next}");
                 next += 1;
             }
             Packet::PingResp => {
@@ -930,7 +929,7 @@ async fn pubacks_keep_the_publishes_order_across_their_waits() {
     }
     assert!(pinged, "PINGRESP");
     // The subscriber got every message that had a subscriber.
-    let expected = (1..=total).filter(|i| (*i as f64).sqrt() as u16 % 2 == 0).count();
+    let expected = (1..=total).filter(|i| subscribed(*i)).count();
     let mut got = 0;
     while got < expected {
         match sub.recv().await.expect("subscriber connected") {

@@ -218,10 +218,8 @@ where
         // up again for each one.
         // A queued PUBACK waits at most `acker::DURABLE_WAIT`: the alarm fires by then (moved
         // only when it would fire later: once per such span in a steady stream).
-        if let Some(at) = conn.held_acks.deadline() {
-            if alarm.deadline() > at {
-                alarm.as_mut().reset(at);
-            }
+        if let Some(at) = conn.held_acks.deadline().filter(|at| alarm.deadline() > *at) {
+            alarm.as_mut().reset(at);
         }
         let ended = {
             let read = read_more(&mut rd, &mut buf, read_hint);
@@ -247,16 +245,10 @@ where
                     },
                     // (Reading is cancel safe: bytes are only taken into `buf` by a completed read.)
                     _ = &mut alarm, if ka.is_some() || conn.held_acks.has_queued() => {
-                        let now = tokio::time::Instant::now();
-                        let deadline = ka.map(|ka| last_read + ka);
-                        if deadline.is_some_and(|d| now >= d) {
-                            tracing::info!("keep-alive timeout");
-                            break Some(conn.close(reason::KEEP_ALIVE_TIMEOUT));
+                        match alarm_rang(&mut conn, &mut out, ka.map(|ka| last_read + ka)).await {
+                            Ok(next) => alarm.as_mut().reset(next),
+                            Err(w) => break Some(w),
                         }
-                        // PUBACKs past their wait go out anyway (logged).
-                        drive(&mut out, conn.send_ready_acks()).await;
-                        let next = deadline.into_iter().chain(conn.held_acks.deadline()).min();
-                        alarm.as_mut().reset(next.unwrap_or(now + Duration::from_secs(86_400)));
                     }
                     _ = &mut cut => break Some(WillAction::Publish),
                     _ = &mut stopping => break Some(conn.close(reason::SERVER_SHUTTING_DOWN)),
@@ -305,6 +297,24 @@ impl Conn {
             Box::pin(d.disconnected(&i.device_number, conn_id, taken_over)).await;
         }
     }
+}
+
+/// The connection's one timer rang: for the keep-alive (due at `keep_alive`, if any) or a
+/// queued PUBACK's bound (`acker::DURABLE_WAIT`). When to ring next, or how the connection ends.
+async fn alarm_rang<W: AsyncWrite + Unpin>(
+    conn: &mut Conn,
+    out: &mut Out<W>,
+    keep_alive: Option<tokio::time::Instant>,
+) -> Result<tokio::time::Instant, WillAction> {
+    let now = tokio::time::Instant::now();
+    if keep_alive.is_some_and(|d| now >= d) {
+        tracing::info!("keep-alive timeout");
+        return Err(conn.close(reason::KEEP_ALIVE_TIMEOUT));
+    }
+    // PUBACKs past their wait go out anyway (logged).
+    drive(out, conn.send_ready_acks()).await;
+    let next = keep_alive.into_iter().chain(conn.held_acks.deadline()).min();
+    Ok(next.unwrap_or(now + Duration::from_secs(86_400)))
 }
 
 /// Await a packet's handling while writing what is queued: the handling may wait for room in

@@ -214,7 +214,9 @@ impl Conn {
             return;
         }
         let out = match durable {
-            Some(d) if d.refused() => super::acker::refused_ack(Packet::PubAck(Ack::new(pkid, code)), self.protocol == Protocol::V5, &self.broker),
+            Some(d) if d.refused() => {
+                super::acker::refused_ack(Packet::PubAck(Ack::new(pkid, code)), self.protocol == Protocol::V5, &self.broker)
+            }
             _ => Outbound::PubAck(pkid, code),
         };
         let _ = self.tx.send(out).await;
