@@ -928,8 +928,27 @@ async fn pubacks_keep_the_publishes_order_across_their_waits() {
         }
     }
     assert!(pinged, "PINGRESP");
+    // A client that sends DISCONNECT right behind its PUBLISHes still reads every PUBACK.
+    let mut bye = Raw::v5(node.tcp, "order-bye").await;
+    let mut b = bytes::BytesMut::new();
+    for i in 1..=50u16 {
+        encode(&publish("order/with", QoS::AtLeastOnce, i, "m"), Protocol::V5, &mut b);
+    }
+    encode(&disconnect(), Protocol::V5, &mut b);
+    bye.send_bytes(&b).await;
+    let mut acked = 0u16;
+    while let Some(p) = bye.recv().await {
+        match p {
+            Packet::PubAck(a) => {
+                acked += 1;
+                assert_eq!((a.pkid, a.code), (acked, 0), "PUBACKs in order before the close");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acked, 50, "every PUBACK before the close");
     // The subscriber got every message that had a subscriber.
-    let expected = (1..=total).filter(|i| subscribed(*i)).count();
+    let expected = (1..=total).filter(|i| subscribed(*i)).count() + 50;
     let mut got = 0;
     while got < expected {
         match sub.recv().await.expect("subscriber connected") {

@@ -230,7 +230,7 @@ where
                 tokio::select! {
                     biased;
                     // Queued PUBACKs whose message copies were taken (`acker`): written next.
-                    _ = conn.held_acks.head_done(), if conn.held_acks.has_queued() => drive(&mut out, conn.send_ready_acks()).await,
+                    _ = conn.held_acks.head_done(), if conn.held_acks.has_queued() => ready_acks(&mut conn, &mut out).await,
                     more = out.step() => if !more { break Some(WillAction::Publish) },
                     r = &mut read => match r {
                         Ok((0, _)) | Err(_) => break Some(WillAction::Publish),
@@ -259,6 +259,7 @@ where
             break w;
         }
     };
+    last_acks(&mut conn, &mut out, &cancel).await;
     Box::pin(conn.ended(will, &kicked, conn_id)).await;
     // Write what is still queued (e.g. a DISCONNECT), bounded in time — unless the session
     // cut the connection (`cancel`: its queue was full of packets the client did not read).
@@ -315,6 +316,19 @@ async fn alarm_rang<W: AsyncWrite + Unpin>(
     drive(out, conn.send_ready_acks()).await;
     let next = keep_alive.into_iter().chain(conn.held_acks.deadline()).min();
     Ok(next.unwrap_or(now + Duration::from_secs(86_400)))
+}
+
+/// Queue the PUBACKs whose wait is over, writing meanwhile.
+async fn ready_acks<W: AsyncWrite + Unpin>(conn: &mut Conn, out: &mut Out<W>) {
+    drive(out, conn.send_ready_acks()).await;
+}
+
+/// The connection ends: the PUBACKs still waiting for their copies (see `Conn::last_acks`),
+/// unless nothing more can be written.
+async fn last_acks<W: AsyncWrite + Unpin>(conn: &mut Conn, out: &mut Out<W>, cancel: &CancellationToken) {
+    if !out.done && conn.held_acks.has_queued() {
+        drive(out, conn.last_acks(cancel)).await;
+    }
 }
 
 /// Await a packet's handling while writing what is queued: the handling may wait for room in

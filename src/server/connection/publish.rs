@@ -222,12 +222,31 @@ impl Conn {
         let _ = self.tx.send(out).await;
     }
 
+    /// The connection ends (a client's DISCONNECT right behind its PUBLISHes, say): the
+    /// PUBACKs still waiting for their copies go out once they may, bounded in time — as a
+    /// task's would have — unless nothing more can be written.
+    pub(super) async fn last_acks(&mut self, cancel: &CancellationToken) {
+        let all = async {
+            while self.held_acks.has_queued() && !cancel.is_cancelled() {
+                self.held_acks.head_settled().await;
+                if !self.send_ready_acks().await {
+                    return; // the socket is gone
+                }
+            }
+        };
+        let _ = tokio::time::timeout(super::acker::DURABLE_WAIT, all).await;
+    }
+
     /// Queue the PUBACKs whose wait is over, oldest first (see `acker::AckChain::pop_ready`).
-    pub(super) async fn send_ready_acks(&mut self) {
+    /// False if nothing more can be written.
+    pub(super) async fn send_ready_acks(&mut self) -> bool {
         let (now, v5) = (tokio::time::Instant::now(), self.protocol == Protocol::V5);
         while let Some(q) = self.held_acks.pop_ready(now) {
-            let _ = self.tx.send(q.outbound(v5, &self.broker, &self.end)).await;
+            if self.tx.send(q.outbound(v5, &self.broker, &self.end)).await.is_err() {
+                return false;
+            }
         }
+        true
     }
 
     /// What a QoS 1 acknowledgement that waits needs (see [`super::acker`]).
