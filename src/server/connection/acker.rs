@@ -174,6 +174,7 @@ impl AckCtx {
     /// PUBACK `pkid` with `code` once `held` is written and `durable` replicated, after the
     /// ones before it.
     pub async fn ack(self, chain: &mut AckChain, pkid: u16, code: u8, durable: Option<Arc<Durable>>, held: Option<Unstored>) {
+        let since = Instant::now();
         let Some((permit, before, me)) = chain.next(self.cap).await else { return };
         tokio::spawn(async move {
             // The write overlaps with the waits of the acknowledgements before this one.
@@ -194,19 +195,11 @@ impl AckCtx {
                 Some(Ok(Some(nack))) => nack,
                 Some(Err(close)) => return self.close(close).await,
             };
-            let ack = Ack::new(pkid, code);
-            if let Some(d) = durable {
-                Broker::wait_durable(&d).await;
-                if d.refused() {
-                    let out = refused_ack(Packet::PubAck(ack), self.v5, &self.broker);
-                    if matches!(out, Outbound::Disconnect(_)) {
-                        self.ends(reason::QUOTA_EXCEEDED);
-                    }
-                    let _ = self.tx.send(out).await;
-                    return;
-                }
-            }
-            let _ = self.tx.send(Outbound::PubAck(pkid, code)).await;
+            // From here on it is a queued one: its copies (waited for since the PUBLISH), or
+            // their refusal.
+            let q = Queued { pkid, code, durable, since };
+            q.settle().await;
+            let _ = self.tx.send(q.outbound(self.v5, &self.broker, &self.end)).await;
             drop((me, permit));
         });
     }
