@@ -174,7 +174,6 @@ impl AckCtx {
     /// PUBACK `pkid` with `code` once `held` is written and `durable` replicated, after the
     /// ones before it.
     pub async fn ack(self, chain: &mut AckChain, pkid: u16, code: u8, durable: Option<Arc<Durable>>, held: Option<Unstored>) {
-        let since = Instant::now();
         let Some((permit, before, me)) = chain.next(self.cap).await else { return };
         tokio::spawn(async move {
             // The write overlaps with the waits of the acknowledgements before this one.
@@ -195,9 +194,9 @@ impl AckCtx {
                 Some(Ok(Some(nack))) => nack,
                 Some(Err(close)) => return self.close(close).await,
             };
-            // From here on it is a queued one: its copies (waited for since the PUBLISH), or
-            // their refusal.
-            let q = Queued { pkid, code, durable, since };
+            // From here on it is a queued one: its copies (waited for at most `DURABLE_WAIT`
+            // more, as before the write), or their refusal.
+            let q = Queued { pkid, code, durable, since: Instant::now() };
             q.settle().await;
             let _ = self.tx.send(q.outbound(self.v5, &self.broker, &self.end)).await;
             drop((me, permit));
