@@ -42,22 +42,9 @@ pub(super) struct Queued {
 }
 
 impl Queued {
-    /// The packet to send: the PUBACK, or the refusal when some copy could not be taken.
+    /// The packet to send (see [`answer`]).
     pub(super) fn outbound(self, v5: bool, broker: &Broker, end: &AtomicU16) -> Outbound {
-        match self.durable {
-            Some(d) if !d.is_done() => {
-                tracing::warn!("replication to backup nodes timed out; acknowledging anyway");
-                Outbound::PubAck(self.pkid, self.code)
-            }
-            Some(d) if d.refused() => {
-                let out = refused_ack(Packet::PubAck(Ack::new(self.pkid, self.code)), v5, broker);
-                if matches!(out, Outbound::Disconnect(_)) {
-                    ends(end, reason::QUOTA_EXCEEDED);
-                }
-                out
-            }
-            _ => Outbound::PubAck(self.pkid, self.code),
-        }
+        answer(self.pkid, self.code, self.durable.as_deref(), v5, broker, end)
     }
 
     /// Wait (bounded by `DURABLE_WAIT` from when it was queued) for its copies.
@@ -65,6 +52,25 @@ impl Queued {
         if let Some(d) = &self.durable {
             let _ = tokio::time::timeout_at(self.since + DURABLE_WAIT, std::future::poll_fn(|cx| d.poll_done(cx))).await;
         }
+    }
+}
+
+/// The answer to a QoS 1 PUBLISH whose wait is over: its PUBACK, or the refusal when some copy
+/// could not be taken (a DISCONNECT in 3.1.1, recorded as why the connection ends).
+pub(super) fn answer(pkid: u16, code: u8, durable: Option<&Durable>, v5: bool, broker: &Broker, end: &AtomicU16) -> Outbound {
+    match durable {
+        Some(d) if !d.is_done() => {
+            tracing::warn!("replication to backup nodes timed out; acknowledging anyway");
+            Outbound::PubAck(pkid, code)
+        }
+        Some(d) if d.refused() => {
+            let out = refused_ack(Packet::PubAck(Ack::new(pkid, code)), v5, broker);
+            if matches!(out, Outbound::Disconnect(_)) {
+                ends(end, reason::QUOTA_EXCEEDED);
+            }
+            out
+        }
+        _ => Outbound::PubAck(pkid, code),
     }
 }
 

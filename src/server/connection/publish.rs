@@ -213,13 +213,8 @@ impl Conn {
             }
             return;
         }
-        let out = match durable {
-            Some(d) if d.refused() => {
-                super::acker::refused_ack(Packet::PubAck(Ack::new(pkid, code)), self.protocol == Protocol::V5, &self.broker)
-            }
-            _ => Outbound::PubAck(pkid, code),
-        };
-        let _ = self.tx.send(out).await;
+        let v5 = self.protocol == Protocol::V5;
+        let _ = self.tx.send(super::acker::answer(pkid, code, durable.as_deref(), v5, &self.broker, &self.end)).await;
     }
 
     /// The connection ends (a client's DISCONNECT right behind its PUBLISHes, say): the
