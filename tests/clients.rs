@@ -77,9 +77,10 @@ async fn rumqttc_v4_qos_retained_will_and_persistent_session() {
     let m = next_v4_publish(&mut srx).await;
     assert_eq!((&*m.topic, &m.payload[..]), ("r4/will", &b"bye"[..]));
     // Persistent session: messages published while the subscriber is away arrive on return.
+    // Gone for sure before the next message: a client still reading would take (and
+    // acknowledge) it on its old connection. Its event loop ends once the DISCONNECT is out.
     sub.disconnect().await.unwrap();
-    drop(srx);
-    tokio::task::yield_now().await;
+    while tokio::time::timeout(DEADLINE, srx.recv()).await.expect("the old event loop ends").is_some() {}
     let (p2, mut p2rx) = v4_client(&node, "r4-pub2", true);
     let (probe, mut probe_rx) = v4_client(&node, "r4-probe", true);
     probe.subscribe("r4/offline", QoS::AtLeastOnce).await.unwrap();
