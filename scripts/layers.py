@@ -17,7 +17,7 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 # Layers, lowest first: a module may use its own layer and those below it.
 LAYERS = [
-    ["protocols", "storage", "message", "metrics", "net", "queue", "secrets"],
+    ["protocols", "storage", "message", "metrics", "net", "queue", "secrets", "faults"],
     ["config"],
     ["actors", "cluster", "broker"],  # the broker core; cluster <-> actors is the one intended cycle
     ["live", "webhooks", "telemetry", "users"],

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod dev;
 pub mod devices;
+pub mod faults;
 pub mod http;
 pub mod live;
 pub mod message;

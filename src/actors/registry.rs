@@ -48,6 +48,15 @@ pub enum RegistryMessage {
         clean: bool,
         reply: RpcReplyPort<Option<Box<SessionSnapshot>>>,
     },
+    /// A session asked to hand itself over answered: its state left (`stays: false`), or it
+    /// stays here because the asking side gave up waiting (see `SessionMessage::HandOver`).
+    Answered {
+        client: Arc<str>,
+        id: ActorId,
+        /// The generation of the hand-over it answered.
+        gen: u64,
+        stays: bool,
+    },
     /// The new owner's routes are in place: the moving session flushes and ends.
     Release {
         client: Arc<str>,
@@ -132,7 +141,12 @@ impl Sessions {
     }
 
     fn remove(&mut self, key: &str) -> Option<ActorRef<SessionMessage>> {
-        let (s, _) = self.map.remove(key)?;
+        self.take(key).map(|(s, _)| s)
+    }
+
+    /// `remove`, with the session's load gauge.
+    fn take(&mut self, key: &str) -> Option<(ActorRef<SessionMessage>, Arc<Load>)> {
+        let (s, load) = self.map.remove(key)?;
         self.ids.remove(&s.get_id());
         if let Some(ns) = namespace(key) {
             if let Some(set) = self.principals.get_mut(ns) {
@@ -142,7 +156,7 @@ impl Sessions {
                 }
             }
         }
-        Some(s)
+        Some((s, load))
     }
 
     /// The entry of a stopped actor, if it is still the one under its key.
@@ -183,10 +197,22 @@ impl Sessions {
 pub struct RegistryState {
     broker: Arc<Broker>,
     sessions: Sessions,
-    /// Sessions handed to another node, until they have flushed.
-    moving: HashMap<Arc<str>, ActorRef<SessionMessage>>,
+    /// Sessions asked to hand themselves over to another node, until they have flushed (or
+    /// they stay: see `Moving`).
+    moving: HashMap<Arc<str>, Moving>,
     /// Cluster ownership generation of each session (0: restored from disk or standalone).
     gens: HashMap<Arc<str>, u64>,
+}
+
+/// A session asked to hand itself over: what it needs to come back under its key if it stays.
+struct Moving {
+    s: ActorRef<SessionMessage>,
+    load: Arc<Load>,
+    gen: Option<u64>,
+    /// The generation of the latest hand-over it was asked for.
+    asked: u64,
+    /// Its state has left: it only flushes what it collects, then ends.
+    moved: bool,
 }
 
 const CALL: Option<Duration> = Some(Duration::from_secs(10));
@@ -220,9 +246,15 @@ impl RegistryState {
             load: load.clone(),
         };
         let name = format!("session:{client_id}");
-        // A session handed to another node finishes its flush first (bounded).
-        if self.moving.contains_key(&client_id) {
+        // A session handed to another node finishes its flush first (bounded). One still
+        // answering the hand-over may stay here with its state: never replaced (the client
+        // is refused and retries).
+        if let Some(m) = self.moving.get(&client_id) {
+            let (id, moved) = (m.s.get_id(), m.moved);
             name_free(&name).await;
+            if !moved && ractor::registry::where_is(name.clone()).is_some_and(|a| a.get_id() == id) {
+                return Err("the previous session is still handing itself over".into());
+            }
         }
         // A session that is ending (Clean Start replaced it, or its registry crashed) may hold
         // the name for a moment.
@@ -333,13 +365,45 @@ impl RegistryState {
             let _ = reply.send(None);
             return;
         }
-        let Some(s) = self.sessions.remove(&client) else {
+        // Asked again while it answers an earlier hand-over: it answers this one next (with
+        // nothing if it has moved by then).
+        if let Some(m) = self.moving.get_mut(&client) {
+            m.asked = gen;
+            if let Err(e) = m.s.send_message(SessionMessage::HandOver { gen, to, clean, reply }) {
+                tracing::debug!(client_id = %client, error = %e, "moving session gone");
+            }
+            return;
+        }
+        let Some((s, load)) = self.sessions.take(&client) else {
             let _ = reply.send(None);
             return;
         };
-        self.gens.remove(&client);
+        let was = self.gens.remove(&client);
         if s.send_message(SessionMessage::HandOver { gen, to, clean, reply }).is_ok() {
-            self.moving.insert(client, s);
+            self.moving.insert(client, Moving { s, load, gen: was, asked: gen, moved: false });
+        }
+    }
+
+    /// A session asked to hand itself over answered: moved, or it stays (the asker gave up
+    /// waiting) and is this node's again, under its key and generation.
+    fn answered(&mut self, client: Arc<str>, id: ActorId, gen: u64, stays: bool) {
+        let Some(m) = self.moving.get_mut(&client).filter(|m| m.s.get_id() == id) else { return };
+        if !stays {
+            m.moved = true;
+        }
+        // Asked again meanwhile: the later answer decides.
+        if !stays || m.asked != gen {
+            return;
+        }
+        let Some(m) = self.moving.remove(&client) else { return };
+        // `spawn` refuses a new session while this one may stay, so the key is free.
+        if let Some(other) = self.sessions.get(&client) {
+            tracing::error!(client_id = %client, other = %other.get_id(), "a session that stayed found its key taken; it keeps running unlisted until it expires");
+            return;
+        }
+        self.sessions.insert(client.clone(), m.s, m.load);
+        if let Some(g) = m.gen {
+            self.gens.insert(client, g);
         }
     }
 
@@ -426,14 +490,15 @@ impl Actor for RegistryActor {
                         c.disowned(client_id.clone(), gen);
                     }
                 }
-                if st.moving.get(&client_id).is_some_and(|s| s.get_id() == id) {
+                if st.moving.get(&client_id).is_some_and(|m| m.s.get_id() == id) {
                     st.moving.remove(&client_id);
                 }
             }
             RegistryMessage::HandOver { client, gen, to, clean, reply } => st.hand_over(client, gen, to, clean, reply),
+            RegistryMessage::Answered { client, id, gen, stays } => st.answered(client, id, gen, stays),
             RegistryMessage::Release { client, gen } => {
-                if let Some(s) = st.moving.get(&client) {
-                    let _ = s.tell(SessionMessage::Release(gen));
+                if let Some(m) = st.moving.get(&client) {
+                    let _ = m.s.tell(SessionMessage::Release(gen));
                 }
             }
             RegistryMessage::Flush { client, gen, deliveries } => {
@@ -465,8 +530,8 @@ impl Actor for RegistryActor {
             RegistryMessage::Merge { client, claimed } => {
                 let s = st.sessions.get(&client).cloned();
                 let Some(c) = st.broker.cluster.get() else { return Ok(()) };
-                if claimed.gen == 0 {
-                    return Ok(()); // the registrar did not answer: nothing was claimed
+                if claimed.gen == 0 || claimed.refused {
+                    return Ok(()); // the registrar did not answer or refused: nothing was claimed
                 }
                 st.gens.insert(client.clone(), claimed.gen);
                 if let Some(s) = &s {
@@ -529,7 +594,7 @@ impl Actor for RegistryActor {
         }
         st.sessions.remove_actor(who.get_id());
         if !st.moving.is_empty() {
-            st.moving.retain(|_, s| s.get_id() != who.get_id());
+            st.moving.retain(|_, m| m.s.get_id() != who.get_id());
         }
         Ok(())
     }

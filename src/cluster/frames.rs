@@ -39,6 +39,8 @@ impl ClusterState {
             | Body::ClaimDone { .. }
             | Body::HandOver { .. }
             | Body::HandedOver { .. }
+            | Body::HandOverFailed { .. }
+            | Body::ClaimRefused { .. }
             | Body::Release { .. }
             | Body::Flush { .. }
             | Body::Owned(..)
@@ -190,7 +192,20 @@ impl ClusterState {
             Body::Claim { client, req, clean } => self.on_claim(Arc::from(from.as_str()), client, req, clean),
             Body::Claimed { client: _, req, gen, from: prev, state } => {
                 if let Some(c) = self.claims.remove(&req) {
-                    let _ = c.reply.send(Claimed { gen, from: prev, state });
+                    let _ = c.reply.send(Claimed { gen, from: prev, state, refused: false });
+                }
+            }
+            Body::ClaimRefused { client, req } => {
+                if let Some(c) = self.claims.remove(&req) {
+                    tracing::info!(%client, "claim refused: the previous owner kept the session");
+                    let _ = c.reply.send(Claimed { refused: true, ..Claimed::default() });
+                }
+            }
+            Body::HandOverFailed { client, gen } => {
+                let waiting = self.registrar.get_mut(&client).filter(|r| r.gen == gen).and_then(|r| r.waiting.take());
+                if let Some((claimant, req, _)) = waiting {
+                    self.refuse_claim(&claimant, client.clone(), req);
+                    self.next_claim(&client);
                 }
             }
             Body::ClaimDone { client, gen } => {
@@ -201,6 +216,8 @@ impl ClusterState {
             Body::HandOver { client, gen, to, clean } => {
                 let registrar = from.clone();
                 let (broker, handle) = (self.a.broker.clone(), self.a.handle.clone());
+                // Not answered in time: the session keeps its state here (it sees the closed
+                // reply port) and the claim is refused.
                 tokio::spawn(async move {
                     let state = match broker.registry() {
                         Some(r) => match r
@@ -210,10 +227,10 @@ impl ClusterState {
                             )
                             .await
                         {
-                            Ok(ractor::rpc::CallResult::Success(s)) => s,
-                            _ => None,
+                            Ok(ractor::rpc::CallResult::Success(s)) => Ok(s),
+                            _ => Err(()),
                         },
-                        None => None,
+                        None => Err(()),
                     };
                     handle.handed_over(client, gen, registrar, clean, state);
                 });

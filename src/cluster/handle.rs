@@ -351,7 +351,7 @@ impl Cluster {
     /// client is simply served here).
     pub async fn claim(&self, client: Arc<str>, clean: bool) -> Claimed {
         let Some(a) = self.actor.load_full() else { return Claimed::default() };
-        match a.ask(|reply| ClusterMessage::Local(Local::Claim { client, clean, reply }), Some(CLAIM_HOLD + Duration::from_secs(2))).await {
+        match a.ask(|reply| ClusterMessage::Local(Local::Claim { client, clean, reply }), Some(CLAIM_HOLD + Duration::from_secs(4))).await {
             Ok(ractor::rpc::CallResult::Success(c)) => c,
             _ => Claimed::default(),
         }
@@ -365,8 +365,10 @@ impl Cluster {
         self.cast(Local::Release { client, gen, to });
     }
 
-    pub fn handed_over(&self, client: Arc<str>, gen: u64, registrar: String, clean: bool, state: Option<Box<SessionSnapshot>>) {
-        self.cast(Local::HandedOver { client, gen, registrar, clean, state });
+    /// The registry's answer to a `HandOver` (`Err`: none in time; the session stays here).
+    pub fn handed_over(&self, client: Arc<str>, gen: u64, registrar: String, clean: bool, state: Result<Option<Box<SessionSnapshot>>, ()>) {
+        let failed = state.is_err();
+        self.cast(Local::HandedOver { client, gen, registrar, clean, state: state.unwrap_or(None), failed });
     }
 
     /// The live peers (this node not included), as a shared snapshot.

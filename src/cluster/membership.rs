@@ -317,13 +317,14 @@ impl ClusterState {
                 let _ = c.reply.send(Claimed::default());
             }
         }
-        // Registrar: claims held past their time (a claimant died mid-way) let the next one go.
+        // Registrar: claims held past their time (a claimant died mid-way, or the previous
+        // owner never answered: refused, it may still hold the state) let the next one go.
         let expired: Vec<Arc<str>> =
             self.registrar.iter().filter(|(_, r)| r.busy_until.is_some_and(|t| t <= now)).map(|(c, _)| c.clone()).collect();
         for c in expired {
-            if let Some((claimant, req, _)) = self.registrar.get_mut(&c).and_then(|r| r.waiting.take()) {
-                let gen = self.registrar[&c].gen;
-                self.to(&claimant, &Body::Claimed { client: c.clone(), req, gen, from: None, state: None });
+            if let Some((claimant, req, prev)) = self.registrar.get_mut(&c).and_then(|r| r.waiting.take()) {
+                tracing::warn!(client = %c, previous = %prev, "hand-over not answered in time; claim refused");
+                self.refuse_claim(&claimant, c.clone(), req);
             }
             self.next_claim(&c);
         }

@@ -62,13 +62,15 @@ pub enum Local {
         gen: u64,
         to: String,
     },
-    /// The registry gave up (or did not have) a session the registrar asked for.
+    /// The registry gave up (or did not have) a session the registrar asked for; `failed`:
+    /// it did not answer in time (the session stays here).
     HandedOver {
         client: Arc<str>,
         gen: u64,
         registrar: String,
         clean: bool,
         state: Option<Box<SessionSnapshot>>,
+        failed: bool,
     },
     BackupState {
         to: Arc<str>,

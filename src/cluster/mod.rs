@@ -58,6 +58,9 @@ pub struct Claimed {
     /// The node the session came from (it buffers deliveries until released).
     pub from: Option<String>,
     pub state: Option<Box<SessionSnapshot>>,
+    /// The previous owner kept the session (it did not hand it over in time): the client is
+    /// refused and retries; nothing was claimed.
+    pub refused: bool,
 }
 
 /// Registrar bookkeeping for one client id.
@@ -69,6 +72,8 @@ struct Reg {
     busy_until: Option<Instant>,
     /// Claimant, request and previous owner, awaiting that owner's HandedOver.
     waiting: Option<(Arc<str>, u64, Arc<str>)>,
+    /// The owner before the claim in progress (it is again if the claim is refused).
+    before: Option<Arc<str>>,
     queue: std::collections::VecDeque<(Arc<str>, u64, bool)>,
 }
 
@@ -532,24 +537,17 @@ impl Actor for ClusterActor {
                 let req = st.seq;
                 let registrar = st.registrar_of(&client);
                 st.to(&registrar, &Body::Claim { client: client.clone(), req, clean });
-                st.claims.insert(req, PendingClaim { reply, deadline: Instant::now() + CLAIM_HOLD, registrar, client, clean });
+                // Longer than the registrar holds the claim: its answer (or refusal) comes first.
+                let deadline = Instant::now() + CLAIM_HOLD + Duration::from_secs(2);
+                st.claims.insert(req, PendingClaim { reply, deadline, registrar, client, clean });
             }
             ClusterMessage::Local(Local::ClaimDone { client, gen }) => {
                 let registrar = st.registrar_of(&client);
                 st.to(&registrar, &Body::ClaimDone { client, gen });
             }
             ClusterMessage::Local(Local::Release { client, gen, to }) => st.to(&to, &Body::Release { client, gen }),
-            ClusterMessage::Local(Local::HandedOver { client, gen, registrar, clean, state }) => {
-                // No live session here: a replica (its owner died) serves instead.
-                let moving = state.is_some();
-                let replica = st.replicas.remove(&client);
-                tracing::debug!(%client, has_state = state.is_some(), replica = ?replica.as_ref().map(|r| (r.log.len(), r.state.queue.len(), r.state.inflight.len(), r.state.subscriptions.len())), "hand-over answer");
-                let state = match (state, replica) {
-                    (Some(s), _) => Some(s),
-                    (None, Some(r)) if !clean => Some(r.into_snapshot()),
-                    _ => None,
-                };
-                st.to(&registrar, &Body::HandedOver { client, gen, state, moving });
+            ClusterMessage::Local(Local::HandedOver { client, gen, registrar, clean, state, failed }) => {
+                st.handed_over(client, gen, registrar, clean, state, failed)
             }
             ClusterMessage::Local(Local::BackupState { to, client, state }) => st.to(&to, &Body::BackupState { client, state }),
             ClusterMessage::Local(Local::BackupAppend { to, client, deliveries, tokens }) => {

@@ -97,7 +97,8 @@ impl ClusterState {
             reg.gen += 1;
             reg.busy_until = Some(now + CLAIM_HOLD);
             reg.waiting = None;
-            reg.owner.replace(claimant.clone())
+            reg.before = reg.owner.replace(claimant.clone());
+            reg.before.clone()
         };
         let gen = self.registrar[&client].gen;
         // A dead owner's session lives on in its backup's replica: ask that node instead (it may
@@ -115,6 +116,62 @@ impl ClusterState {
                 self.to(&prev, &Body::HandOver { client, gen, to: claimant.to_string(), clean });
             }
             None => self.to(&claimant, &Body::Claimed { client, req, gen, from: None, state: None }),
+        }
+    }
+
+    /// The wire version `node` is written to (this node: its newest).
+    pub(super) fn wire_of(&self, node: &str) -> u16 {
+        if node == self.me() {
+            return self.newest();
+        }
+        self.members.get(node).map_or(wire::OLDEST, |m| m.wire.load(Ordering::Relaxed))
+    }
+
+    /// Previous owner: this node's answer to a registrar's `HandOver`. No live session here: a
+    /// replica (its owner died) serves instead. `failed`: the session did not answer in time
+    /// and stays here: the claim is refused (a version-3 registrar hears "no state", as it
+    /// did from its own build).
+    pub(super) fn handed_over(
+        &mut self,
+        client: Arc<str>,
+        gen: u64,
+        registrar: String,
+        clean: bool,
+        state: Option<Box<SessionSnapshot>>,
+        failed: bool,
+    ) {
+        if failed {
+            tracing::warn!(%client, gen, "hand-over not answered in time; the session stays on this node");
+            if self.wire_of(&registrar) >= 4 {
+                self.to(&registrar, &Body::HandOverFailed { client, gen });
+            } else {
+                self.to(&registrar, &Body::HandedOver { client, gen, state: None, moving: false });
+            }
+            return;
+        }
+        let moving = state.is_some();
+        let replica = self.replicas.remove(&client);
+        tracing::debug!(%client, has_state = state.is_some(), replica = ?replica.as_ref().map(|r| (r.log.len(), r.state.queue.len(), r.state.inflight.len(), r.state.subscriptions.len())), "hand-over answer");
+        let state = match (state, replica) {
+            (Some(s), _) => Some(s),
+            (None, Some(r)) if !clean => Some(r.into_snapshot()),
+            _ => None,
+        };
+        self.to(&registrar, &Body::HandedOver { client, gen, state, moving });
+    }
+
+    /// Registrar: the previous owner kept `client`'s session (or never answered): the owner
+    /// stays what it was and the claimant is refused. A claimant of version 3 does not know
+    /// refusals: it is told "no previous state", as its own build would have.
+    pub(super) fn refuse_claim(&mut self, claimant: &Arc<str>, client: Arc<str>, req: u64) {
+        let v4 = self.wire_of(claimant) >= 4;
+        let Some(reg) = self.registrar.get_mut(&client) else { return };
+        if v4 {
+            reg.owner = reg.before.take();
+            self.to(claimant, &Body::ClaimRefused { client, req });
+        } else {
+            let gen = reg.gen;
+            self.to(claimant, &Body::Claimed { client, req, gen, from: None, state: None });
         }
     }
 

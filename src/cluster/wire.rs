@@ -19,6 +19,7 @@
 //! | 1 | the first |
 //! | 2 | a forwarded publish carries its "not to its own device" mark, so a device's client attributes and its own RPC requests do not come back to its sessions on other nodes; `Versions` |
 //! | 3 | `Draining`: a node about to stop says so before it closes its connections (no layout change; sent only to peers at version 3) |
+//! | 4 | `HandOverFailed`, `ClaimRefused`: a session that did not answer its hand-over in time stays with its owner and the claim is refused (sent only to peers at version 4; version-3 peers hear "no state", as before) |
 use std::cell::Cell;
 use std::sync::Arc;
 
@@ -30,7 +31,7 @@ use crate::storage::state::SessionSnapshot;
 /// The newest wire version this build speaks. Bump on any incompatible change of [`Body`],
 /// keep writing and reading the previous one (see the table above), and raise [`OLDEST`] only
 /// once no supported build needs it.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// The oldest wire version this build still speaks (the previous build's newest).
 pub const OLDEST: u16 = 1;
 const MAGIC: [u8; 2] = *b"TD";
@@ -306,6 +307,18 @@ pub enum Body {
     /// reconnect elsewhere; `Leave` follows. The receiver answers `LeaveAck`.
     Draining {
         ack: u64,
+    },
+    /// Version 4: previous owner → registrar: the session did not answer the `HandOver` in
+    /// time and stays with the sender, state and all (the claim is refused).
+    HandOverFailed {
+        client: Arc<str>,
+        gen: u64,
+    },
+    /// Version 4: registrar → claimant: the previous owner kept the session; the claim is
+    /// refused (the connecting client is told to retry) and nothing changed hands.
+    ClaimRefused {
+        client: Arc<str>,
+        req: u64,
     },
 }
 

@@ -277,17 +277,44 @@ impl SessionState {
         }
     }
 
-    /// Another node takes the client over. The connection is closed (0x8E); the old
-    /// connection's will is published unless delayed (the resume elsewhere cancels a delayed
-    /// one); with Clean Start the session ends here. Otherwise its state is returned and it
-    /// keeps collecting deliveries (its routes stay) until the new owner's routes are in place.
-    pub(super) async fn hand_over(
+    /// A `HandOver`. The answer is the commit point: the state leaves only if it is received
+    /// (asked again after it moved, the session has nothing left to give).
+    pub(super) async fn answer_hand_over(
         &mut self,
         me: &ActorRef<SessionMessage>,
         gen: u64,
         to: String,
         clean: bool,
-    ) -> Option<Box<SessionSnapshot>> {
+        reply: RpcReplyPort<Option<Box<SessionSnapshot>>>,
+    ) {
+        if let Some(d) = crate::faults::handover_delay() {
+            tokio::time::sleep(d).await;
+        }
+        if self.moving.is_some() {
+            let _ = reply.send(None);
+        } else if reply.is_closed() {
+            self.stay(me, gen, false);
+        } else {
+            match self.hand_over(me, clean).await {
+                Some(snap) => match reply.send(Some(snap)) {
+                    Ok(()) => {
+                        self.moved(me, gen, to);
+                        self.answered(me, gen, false);
+                    }
+                    Err(_) => self.stay(me, gen, true),
+                },
+                None => {
+                    let _ = reply.send(None);
+                }
+            }
+        }
+    }
+
+    /// Another node takes the client over. The connection is closed (0x8E); the old
+    /// connection's will is published unless delayed (the resume elsewhere cancels a delayed
+    /// one); with Clean Start the session ends here. Otherwise its state is returned — still
+    /// held here until [`Self::moved`] says the answer left (else [`Self::stay`]).
+    async fn hand_over(&mut self, me: &ActorRef<SessionMessage>, clean: bool) -> Option<Box<SessionSnapshot>> {
         if let Some(old) = self.conn.take() {
             kick(&old, reason::SESSION_TAKEN_OVER);
         }
@@ -302,15 +329,43 @@ impl SessionState {
             self.end(me);
             return None;
         }
-        let snap = self.full_snapshot();
+        Some(Box::new(self.full_snapshot()))
+    }
+
+    /// The state from [`Self::hand_over`] is on its way to the new owner: nothing of it stays
+    /// to be redelivered or persisted here; the session keeps collecting deliveries (its
+    /// routes stay) until the new owner's routes are in place.
+    fn moved(&mut self, me: &ActorRef<SessionMessage>, gen: u64, to: String) {
         self.drop_backup();
-        // The state now travels; nothing of it stays to be redelivered or persisted here.
         self.inflight.clear();
         self.pending.clear();
         self.clear_stored();
         self.moving = Some(Box::new(Moving { gen, to, buffer: Vec::new() }));
         me.send_after(HANDOVER_WAIT, move || SessionMessage::Release(gen));
-        Some(Box::new(snap))
+    }
+
+    /// The node that asked for the hand-over gave up waiting before this session answered
+    /// (the registrar refuses the claim; the client retries): the session stays here with
+    /// its state and is this node's again. A connection already closed for the hand-over
+    /// leaves it disconnected (its expiry runs from now).
+    fn stay(&mut self, me: &ActorRef<SessionMessage>, gen: u64, kicked: bool) {
+        tracing::warn!(client_id = %self.client_id, kicked, "hand-over answered too late: the session stays on this node");
+        if kicked {
+            self.disconnected_at = Some(now_ms());
+            if self.expiry != u32::MAX {
+                let g = self.generation;
+                me.send_after(Duration::from_secs(self.expiry as u64), move || SessionMessage::Expire(g));
+            }
+        }
+        self.answered(me, gen, true);
+        self.save_meta();
+        self.mark_dirty(me);
+    }
+
+    fn answered(&self, me: &ActorRef<SessionMessage>, gen: u64, stays: bool) {
+        if let Some(r) = self.broker.registry() {
+            let _ = r.tell(RegistryMessage::Answered { client: self.client_id.clone(), id: me.get_id(), gen, stays });
+        }
     }
 
     /// The new owner's routes are in place: stop routing here, wait until every peer has

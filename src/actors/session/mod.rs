@@ -176,7 +176,8 @@ pub enum SessionMessage {
     /// Retry sending after the outbound queue was full.
     Flush,
     Persist(Option<RpcReplyPort<()>>),
-    /// Another node takes this client over (see `lifecycle.rs`): close, give the state up.
+    /// Another node takes this client over (see `lifecycle.rs`): close, give the state up —
+    /// unless the asking side stopped waiting (its reply port closed): then the session stays.
     HandOver {
         gen: u64,
         to: String,
@@ -442,10 +443,7 @@ impl Actor for SessionActor {
                 st.flush_scheduled = false;
                 st.drain(&me);
             }
-            SessionMessage::HandOver { gen, to, clean, reply } => {
-                let snap = Box::pin(st.hand_over(&me, gen, to, clean)).await;
-                let _ = reply.send(snap);
-            }
+            SessionMessage::HandOver { gen, to, clean, reply } => Box::pin(st.answer_hand_over(&me, gen, to, clean, reply)).await,
             SessionMessage::Release(gen) => {
                 if st.moving.as_ref().is_some_and(|m| m.gen == gen) {
                     Box::pin(st.release(&me)).await;

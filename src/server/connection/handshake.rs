@@ -370,11 +370,14 @@ where
         let _ = tokio::time::timeout(Duration::from_secs(5), out.finish()).await;
         return None;
     }
-    let Some(session) = Box::pin(register(broker, client_id.clone(), c.clean_start, attach)).await else {
-        refuse(reason::SERVER_UNAVAILABLE);
-        drop(tx);
-        let _ = tokio::time::timeout(Duration::from_secs(5), out.finish()).await;
-        return None;
+    let session = match Box::pin(register(broker, client_id.clone(), c.clean_start, attach)).await {
+        Ok(s) => s,
+        Err(code) => {
+            refuse(code);
+            drop(tx);
+            let _ = tokio::time::timeout(Duration::from_secs(5), out.finish()).await;
+            return None;
+        }
     };
     tracing::debug!(?protocol, clean_start = c.clean_start, keep_alive, "client connected");
     if let Some(i) = &device {
@@ -424,12 +427,18 @@ async fn register(
     client_id: Arc<str>,
     clean_start: bool,
     attach: Box<AttachArgs>,
-) -> Option<ActorRef<SessionMessage>> {
-    let registry = broker.registry()?;
+) -> Result<ActorRef<SessionMessage>, u8> {
+    let registry = broker.registry().ok_or(reason::SERVER_UNAVAILABLE)?;
     let claim = match broker.cluster.get() {
         Some(cl) => Some(Box::pin(cl.claim(client_id.clone(), clean_start)).await),
         None => None,
     };
+    // The previous owner kept the session (it did not hand it over in time): the client
+    // retries later rather than start without its state.
+    if claim.as_ref().is_some_and(|c| c.refused) {
+        tracing::info!("CONNECT refused: the session's previous node did not hand it over in time");
+        return Err(reason::SERVER_BUSY);
+    }
     let after = claim.as_ref().map(|t| (t.gen, t.from.clone()));
     let takeover = claim.map(|t| Takeover { gen: t.gen, from: t.from, state: t.state });
     let cid = client_id.clone();
@@ -453,11 +462,11 @@ async fn register(
                     None => cl.claim_done(client_id, gen),
                 }
             }
-            Some(s)
+            Ok(s)
         }
         Err(why) => {
             tracing::error!(error = %why, "cannot attach session");
-            None
+            Err(reason::SERVER_UNAVAILABLE)
         }
     }
 }
