@@ -200,3 +200,64 @@ async fn a_stopping_nodes_sessions_move_with_their_clients() {
         }
     }
 }
+
+/// Replicas of node `owner`'s sessions that node `i` holds (its `/health/cluster`).
+async fn replicas_of(c: &TestCluster, i: usize, owner: &str) -> u64 {
+    let (status, body) = http_get(c.http(i), "/health/cluster").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["members"].as_array().unwrap().iter().find(|m| m["name"] == owner).map_or(0, |m| m["replicas"].as_u64().unwrap_or(0))
+}
+
+/// Replicas of node 1's sessions on nodes 2 and 3.
+async fn held_elsewhere(c: &TestCluster) -> u64 {
+    replicas_of(c, 1, "node1").await + replicas_of(c, 2, "node1").await
+}
+
+/// A rolling restart of the other two nodes (kill -9 and start, one at a time: a restarted
+/// node holds no replicas) under an idle persistent session with queued messages, then its
+/// own node dies. The session's replica follows the membership changes to a live backup, so
+/// the client reconnecting to a survivor gets every acknowledged message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_sessions_replica_outlives_a_rolling_restart_and_then_its_node() {
+    let mut c = TestCluster::start(3).await;
+    let (mut s, _) = Raw::session(c.mqtt(0), durable("rolled", true)).await;
+    assert_eq!(s.sub("roll/#", QoS::AtLeastOnce).await, vec![1]);
+    s.send(disconnect()).await;
+    s.until_closed().await;
+    let mut p = Raw::v5(c.mqtt(0), "roll-pub").await;
+    const Q: u32 = 10;
+    for i in 0..Q {
+        p.send(publish("roll/x", QoS::AtLeastOnce, (i + 1) as u16, &i.to_string())).await;
+        assert!(matches!(p.recv_app().await, Some(Packet::PubAck(a)) if a.code == 0));
+    }
+    drop(p);
+    // One replica, on node 2 or node 3, before anything restarts.
+    let end = Instant::now() + DEADLINE * 2;
+    while held_elsewhere(&c).await != 1 {
+        assert!(Instant::now() < end, "the session was never replicated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in [1, 2] {
+        c.kill(i).await;
+        c.wait_members(0, 2).await;
+        c.spawn(i).await;
+        for j in 0..3 {
+            c.wait_members(j, 3).await;
+        }
+    }
+    // Nothing about the session changed since: its replica moves only with the membership.
+    let end = Instant::now() + DEADLINE * 2;
+    loop {
+        let held = held_elsewhere(&c).await;
+        if held == 1 {
+            break;
+        }
+        assert!(Instant::now() < end, "after the rolling restart {held} nodes hold the idle session's replica");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.kill(0).await;
+    let (mut s, _) = reconnect(c.mqtt(1), "rolled").await;
+    let mut seen = Vec::new();
+    assert_eq!(receive(&mut s, Q, &mut seen).await, 0, "every acknowledged message, in order");
+}

@@ -100,6 +100,9 @@ pub enum RegistryMessage {
     Restore,
     /// Have every session write its persistent state to the store (used at shutdown).
     PersistAll(RpcReplyPort<()>),
+    /// The cluster's members changed (this one went down, if any): persistent sessions check
+    /// where their replica belongs.
+    PeersChanged(Option<Arc<str>>),
     /// How many sessions handed to other nodes have not flushed yet (a stopping node waits).
     Moving(RpcReplyPort<usize>),
     Count(RpcReplyPort<usize>),
@@ -563,6 +566,12 @@ impl Actor for RegistryActor {
             }
             RegistryMessage::Restore => st.restore(&me).await,
             RegistryMessage::PersistAll(reply) => st.persist_all(reply),
+            RegistryMessage::PeersChanged(gone) => {
+                let persistent = st.sessions.map.values().filter(|(_, l)| l.persistent.load(std::sync::atomic::Ordering::Relaxed));
+                for (s, _) in persistent {
+                    let _ = s.send_message(SessionMessage::PeersChanged(gone.clone()));
+                }
+            }
             RegistryMessage::Moving(reply) => {
                 let _ = reply.send(st.moving.len());
             }

@@ -15,6 +15,7 @@ impl ClusterState {
                 addr: m.addr.clone(),
                 up: m.up,
                 routes: m.routes.len(),
+                replicas: self.replicas.values().filter(|r| r.owner == m.name).count(),
                 wire: m.wire.load(Ordering::Relaxed),
                 idx: m.idx,
             })
@@ -24,6 +25,7 @@ impl ClusterState {
             addr: self.a.advertise.clone(),
             up: true,
             routes: self.local_routes.len(),
+            replicas: self.replicas.len(),
             wire: self.newest(),
             idx: 0,
         });
@@ -157,7 +159,7 @@ impl ClusterState {
         let mut links = HashMap::clone(&self.a.handle.links.load());
         links.insert(idx, link);
         self.a.handle.links.store(Arc::new(links));
-        self.publish_peers();
+        self.publish_peers(None);
         tracing::info!(peer = name, %addr, "cluster member up");
         let _ = self.a.handle.events.send(ClusterEvent::MemberUp { name: Arc::from(name), addr });
         // Full state for the newcomer: our routes (replacing whatever it had) and retained digest.
@@ -167,10 +169,17 @@ impl ClusterState {
         self.announce_owned();
     }
 
-    pub(super) fn publish_peers(&self) {
+    /// `gone`: the member that just went down (its replicas are gone even if it is back before
+    /// a session looks).
+    pub(super) fn publish_peers(&self, gone: Option<&str>) {
         // Draining members are not chosen as backups or owners (`Cluster::backup_for`, `owner_of`).
         let peers: Vec<Arc<str>> = self.members.values().filter(|m| m.up && !m.draining).map(|m| m.name.clone()).collect();
         self.a.handle.peers.store(Arc::new(peers));
+        // Replicas follow: a session whose backup left (or drains, or was outranked by a node
+        // that came up, restarted and empty) sends its state to its new backup.
+        if let Some(r) = self.a.broker.registry() {
+            let _ = r.tell(RegistryMessage::PeersChanged(gone.map(Arc::from)));
+        }
     }
 
     pub(super) fn down(&mut self, name: &str, reason: &str) {
@@ -228,7 +237,7 @@ impl ClusterState {
                 None => self.to(&claimant, &Body::Claimed { client, req, gen, from: None, state: None }),
             }
         }
-        self.publish_peers();
+        self.publish_peers(Some(name));
         self.backup_waits.retain(|_, (n, _, _)| &**n != name);
         // Our claims that the dead node was to answer: ask the new registrar.
         let reissue: Vec<u64> = self.claims.iter().filter(|(_, c)| &*c.registrar == name).map(|(r, _)| *r).collect();

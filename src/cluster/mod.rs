@@ -93,6 +93,8 @@ pub struct MemberInfo {
     pub addr: String,
     pub up: bool,
     pub routes: usize,
+    /// Replicas of its persistent sessions this node holds (this node: all it holds).
+    pub replicas: usize,
     /// The cluster wire version this node writes to it (for this node: the newest it speaks).
     pub wire: u16,
     /// The member's index in route tables (this node: 0).

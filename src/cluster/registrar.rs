@@ -61,7 +61,7 @@ impl ClusterState {
         let Some(m) = self.members.get_mut(peer).filter(|m| m.up && !m.draining) else { return };
         m.draining = true;
         tracing::info!(peer, "cluster member draining (stopping)");
-        self.publish_peers();
+        self.publish_peers(None);
         self.announce_owned();
     }
 

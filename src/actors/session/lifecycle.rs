@@ -229,6 +229,18 @@ impl SessionState {
         c.backup_state(to, self.client_id.clone(), Box::new(self.full_snapshot()));
     }
 
+    /// `SessionMessage::PeersChanged`: replicate to the new backup node, if it changed.
+    pub(super) fn backup_moved(&mut self, gone: Option<Arc<str>>) {
+        let Some(c) = self.broker.cluster.get() else { return };
+        if !self.persistent() || self.moving.is_some() {
+            return;
+        }
+        let lost = gone.is_some() && gone == self.backup;
+        if lost || c.backup_for(&self.client_id).as_deref() != self.backup.as_deref() {
+            self.replicate_state();
+        }
+    }
+
     /// Durable sessions: append this round's QoS>0 deliveries to the backup node (sending the
     /// full state first when the backup is new). The publishers' tokens travel along and are
     /// released when the backup acknowledges.

@@ -175,6 +175,10 @@ pub enum SessionMessage {
     Expire(u64),
     /// Retry sending after the outbound queue was full.
     Flush,
+    /// The cluster's members changed (this one went down, if any): a persistent session whose
+    /// backup node is now another (its backup left, drains, or a node that ranks higher for it
+    /// came up — a restarted one holds no replicas), or went down, sends its whole state there.
+    PeersChanged(Option<Arc<str>>),
     Persist(Option<RpcReplyPort<()>>),
     /// Another node takes this client over (see `lifecycle.rs`): close, give the state up —
     /// unless the asking side stopped waiting (its reply port closed): then the session stays.
@@ -439,6 +443,7 @@ impl Actor for SessionActor {
                     st.end(&me);
                 }
             }
+            SessionMessage::PeersChanged(gone) => st.backup_moved(gone),
             SessionMessage::Flush => {
                 st.flush_scheduled = false;
                 st.drain(&me);
