@@ -217,7 +217,8 @@ async fn held_elsewhere(c: &TestCluster) -> u64 {
 /// A rolling restart of the other two nodes (kill -9 and start, one at a time: a restarted
 /// node holds no replicas) under an idle persistent session with queued messages, then its
 /// own node dies. The session's replica follows the membership changes to a live backup, so
-/// the client reconnecting to a survivor gets every acknowledged message.
+/// the client reconnecting to a survivor gets every acknowledged message; 300 other clients of
+/// that node, reconnecting all at once, each find their session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_sessions_replica_outlives_a_rolling_restart_and_then_its_node() {
     let mut c = TestCluster::start(3).await;
@@ -256,8 +257,35 @@ async fn an_idle_sessions_replica_outlives_a_rolling_restart_and_then_its_node()
         assert!(Instant::now() < end, "after the rolling restart {held} nodes hold the idle session's replica");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // 300 more sessions on node 1, subscribed and replicated; then node 1 dies and every
+    // client reconnects at once to node 2 or 3: each finds its session, routed — also those
+    // whose registrar was node 1 and that no node has announced yet (their backup is asked).
+    const N: usize = 300;
+    let mut conns = Vec::with_capacity(N);
+    for i in 0..N {
+        let (mut r, _) = Raw::session(c.mqtt(0), durable(&format!("storm-{i}"), true)).await;
+        assert_eq!(r.sub(&format!("storm/{i}"), QoS::AtLeastOnce).await, vec![1]);
+        conns.push(r);
+    }
+    let end = Instant::now() + DEADLINE * 2;
+    while held_elsewhere(&c).await != 1 + N as u64 {
+        assert!(Instant::now() < end, "the sessions were never all replicated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     c.kill(0).await;
+    drop(conns);
+    let targets = [c.mqtt(1), c.mqtt(2)];
+    let back: Vec<_> = (0..N).map(|i| tokio::spawn(async move { reconnect(targets[i % 2], &format!("storm-{i}")).await.0 })).collect();
     let (mut s, _) = reconnect(c.mqtt(1), "rolled").await;
     let mut seen = Vec::new();
     assert_eq!(receive(&mut s, Q, &mut seen).await, 0, "every acknowledged message, in order");
+    let mut p = Raw::v5(c.mqtt(2), "storm-pub").await;
+    for (i, b) in back.into_iter().enumerate() {
+        let mut r = b.await.unwrap();
+        p.send(publish(&format!("storm/{i}"), QoS::AtLeastOnce, (i + 1) as u16, "after")).await;
+        match tokio::time::timeout(DEADLINE, r.recv_app()).await {
+            Ok(Some(Packet::Publish(m))) => assert_eq!(&m.payload[..], b"after"),
+            other => panic!("storm-{i}: its subscription did not survive its node: {other:?}"),
+        }
+    }
 }

@@ -188,6 +188,7 @@ impl ClusterState {
             return;
         }
         m.up = false;
+        m.lost_at = Some(Instant::now());
         m.wire.store(wire::OLDEST, Ordering::Relaxed);
         // Its routes stand (as a ghost) until the sessions it had are adopted elsewhere;
         // publishes for it meanwhile are parked and re-routed then.

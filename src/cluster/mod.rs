@@ -116,6 +116,8 @@ struct Member {
     up: bool,
     /// Down, but its routes still stand until its sessions are adopted (see `unghost`).
     ghost: bool,
+    /// When it was last seen going down (a registrar's guess for client ids nobody announced).
+    lost_at: Option<Instant>,
     /// Stopping (`Body::Draining`): up, but no longer a registrar, backup or owner of new work.
     draining: bool,
     /// Its route keys, and whether a persistent session subscribes to each.
@@ -442,6 +444,7 @@ impl ClusterState {
                     last_seen: self.heard,
                     up: false,
                     ghost: false,
+                    lost_at: None,
                     draining: false,
                     routes: HashMap::new(),
                     wire: Arc::new(AtomicU16::new(wire::OLDEST)),

@@ -7,6 +7,9 @@ use crate::actors::inspect::Tell;
 /// How long claims of unknown client ids wait for the live nodes' announcements at most (and
 /// messages parked for a lost node wait to be re-routed: longer holds them behind newer ones).
 const SETTLE: Duration = Duration::from_secs(1);
+/// How long after a node is lost a client id nobody announced may have been one of its
+/// sessions (its backup is asked before the client is served without state).
+const LOST_WINDOW: Duration = Duration::from_secs(30);
 
 impl ClusterState {
     /// The registrar of `client`: rendezvous hash over this node and its live peers.
@@ -101,6 +104,10 @@ impl ClusterState {
             reg.before.clone()
         };
         let gen = self.registrar[&client].gen;
+        // A client id nobody announced, shortly after a node was lost: it may have been one of
+        // that node's sessions, whose backup (adopting it) has not announced it yet. Its backup
+        // is asked; a new client id costs one round trip there.
+        let live_prev = live_prev.or_else(|| self.recently_lost(now));
         // A dead owner's session lives on in its backup's replica: ask that node instead (it may
         // be the claimant itself).
         let (target, via_replica) = match live_prev {
@@ -173,6 +180,13 @@ impl ClusterState {
             let gen = reg.gen;
             self.to(claimant, &Body::Claimed { client, req, gen, from: None, state: None });
         }
+    }
+
+    /// The member lost most recently, within `LOST_WINDOW`, and not back.
+    fn recently_lost(&self, now: Instant) -> Option<Arc<str>> {
+        let lost = self.members.values().filter(|m| !m.up).filter_map(|m| Some((m.lost_at?, m)));
+        let (_, m) = lost.filter(|(t, _)| now.duration_since(*t) < LOST_WINDOW).max_by_key(|(t, _)| *t)?;
+        Some(m.name.clone())
     }
 
     /// Registrar: the claim of `client` finished (or timed out); start the next queued one.
