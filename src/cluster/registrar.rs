@@ -135,7 +135,7 @@ impl ClusterState {
     }
 
     /// Previous owner: this node's answer to a registrar's `HandOver`. No live session here: a
-    /// replica (its owner died) serves instead. `failed`: the session did not answer in time
+    /// replica of a lost owner's session serves instead. `failed`: the session did not answer in time
     /// and stays here: the claim is refused (a version-3 registrar hears "no state", as it
     /// did from its own build).
     pub(super) fn handed_over(
@@ -157,7 +157,12 @@ impl ClusterState {
             return;
         }
         let moving = state.is_some();
-        let replica = self.replicas.remove(&client);
+        // Only a lost owner's replica stands in for its session: a live owner has the real one
+        // (the registrar did not know it yet), which keeps its replica here.
+        let replica = match self.replicas.get(&client) {
+            Some(r) if !self.is_live(&r.owner) => self.replicas.remove(&client),
+            _ => None,
+        };
         tracing::debug!(%client, has_state = state.is_some(), replica = ?replica.as_ref().map(|r| (r.log.len(), r.state.queue.len(), r.state.inflight.len(), r.state.subscriptions.len())), "hand-over answer");
         let state = match (state, replica) {
             (Some(s), _) => Some(s),
