@@ -503,6 +503,14 @@ mod tests {
     }
 
     #[test]
+    fn version_4_hand_over_refusals_round_trip() {
+        let (_, back) = decode(&encode(4, "n1", &Body::HandOverFailed { client: Arc::from("c\u{0}1"), gen: 9 }), VERSION).unwrap();
+        assert!(matches!(back, Body::HandOverFailed { client, gen: 9 } if &*client == "c\u{0}1"));
+        let (_, back) = decode(&encode(4, "n1", &Body::ClaimRefused { client: Arc::from("c"), req: 3 }), VERSION).unwrap();
+        assert!(matches!(back, Body::ClaimRefused { client, req: 3 } if &*client == "c"));
+    }
+
+    #[test]
     fn truncated_and_garbage_are_errors() {
         let f = enc(&Body::Hello { incarnation: 1, addr: "x".into(), members: vec![("a".into(), "b".into())], reply: false });
         for i in 0..f.len() {
