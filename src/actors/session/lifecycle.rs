@@ -29,6 +29,7 @@ impl SessionState {
             }
         }
         let present = !a.clean_start;
+        self.from_disk = false;
         tracing::debug!(client_id = %self.client_id, present, pending = self.pending.len(), inflight = self.inflight.len(), subs = self.subs.len(), "attach");
         self.protocol = a.conn.protocol;
         self.will = a.will;
@@ -229,10 +230,11 @@ impl SessionState {
         c.backup_state(to, self.client_id.clone(), Box::new(self.full_snapshot()));
     }
 
-    /// `SessionMessage::PeersChanged`: replicate to the new backup node, if it changed.
+    /// `SessionMessage::PeersChanged`: replicate to the new backup node, if it changed (not a
+    /// copy restored from disk and not attached since: see `from_disk`).
     pub(super) fn backup_moved(&mut self, gone: Option<Arc<str>>) {
         let Some(c) = self.broker.cluster.get() else { return };
-        if !self.persistent() || self.moving.is_some() {
+        if !self.persistent() || self.moving.is_some() || self.from_disk {
             return;
         }
         let lost = gone.is_some() && gone == self.backup;
@@ -497,6 +499,7 @@ impl SessionState {
             Some(q) => {
                 self.q = q;
                 self.on_disk = true;
+                self.from_disk = true;
                 let last = self.pending.iter().chain(self.inflight.iter().map(|f| &f.d)).map(|d| d.seq).max();
                 self.loaded_upto = last.unwrap_or(0);
                 if self.q.spilled > 0 && self.pending.is_empty() {

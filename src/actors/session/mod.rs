@@ -284,6 +284,10 @@ pub struct SessionState {
     /// Durable sessions (cluster): the node holding this session's replica, and the QoS>0
     /// deliveries (with their publishers' wait tokens) still to append there.
     backup: Option<Arc<str>>,
+    /// Restored from this node's store and not attached since: possibly a stale copy of a
+    /// session another node adopted meanwhile (until `NotYours` ends it), so membership
+    /// changes do not make it replicate over the live copy's replica.
+    from_disk: bool,
     to_backup: Vec<Delivery>,
     tokens: Vec<Arc<crate::message::DurableToken>>,
     /// Adopted sessions: ids of recent deliveries, because a message re-routed from the lost
@@ -344,6 +348,7 @@ impl Actor for SessionActor {
             moving: None,
             held: None,
             backup: None,
+            from_disk: false,
             to_backup: Vec::new(),
             tokens: Vec::new(),
             recent: None,
