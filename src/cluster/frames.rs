@@ -232,7 +232,7 @@ impl ClusterState {
                         },
                         None => Err(()),
                     };
-                    handle.handed_over(client, gen, registrar, clean, state);
+                    handle.handed_over(HandOverAnswer { client, gen, registrar, clean, state });
                 });
             }
             Body::HandedOver { client, gen, state, moving } => {

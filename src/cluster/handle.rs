@@ -365,10 +365,9 @@ impl Cluster {
         self.cast(Local::Release { client, gen, to });
     }
 
-    /// The registry's answer to a `HandOver` (`Err`: none in time; the session stays here).
-    pub fn handed_over(&self, client: Arc<str>, gen: u64, registrar: String, clean: bool, state: Result<Option<Box<SessionSnapshot>>, ()>) {
-        let failed = state.is_err();
-        self.cast(Local::HandedOver { client, gen, registrar, clean, state: state.unwrap_or(None), failed });
+    /// The registry's answer to a `HandOver`.
+    pub fn handed_over(&self, answer: HandOverAnswer) {
+        self.cast(Local::HandedOver(answer));
     }
 
     /// The live peers (this node not included), as a shared snapshot.

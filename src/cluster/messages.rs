@@ -30,6 +30,17 @@ impl ractor::Message for ClusterMessage {
     }
 }
 
+/// The registry's answer to a registrar's `HandOver`: the session's state, `None` when it had
+/// none to give (no session here, or Clean Start), `Err` when it did not answer in time (the
+/// session stays here and the claim is refused).
+pub struct HandOverAnswer {
+    pub client: Arc<str>,
+    pub gen: u64,
+    pub registrar: String,
+    pub clean: bool,
+    pub state: Result<Option<Box<SessionSnapshot>>, ()>,
+}
+
 pub enum Local {
     /// The heartbeat tick, with when it was queued (see `ClusterState::heard`).
     Tick(Instant),
@@ -62,16 +73,8 @@ pub enum Local {
         gen: u64,
         to: String,
     },
-    /// The registry gave up (or did not have) a session the registrar asked for; `failed`:
-    /// it did not answer in time (the session stays here).
-    HandedOver {
-        client: Arc<str>,
-        gen: u64,
-        registrar: String,
-        clean: bool,
-        state: Option<Box<SessionSnapshot>>,
-        failed: bool,
-    },
+    /// The registry's answer to a registrar's `HandOver`.
+    HandedOver(HandOverAnswer),
     BackupState {
         to: Arc<str>,
         client: Arc<str>,

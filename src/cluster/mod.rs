@@ -49,7 +49,7 @@ const BATCH_BYTES: usize = 1 << 20;
 /// Tombstones of deleted retained messages are kept this long for convergence.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
 
-pub use messages::{ClusterMessage, Local};
+pub use messages::{ClusterMessage, HandOverAnswer, Local};
 
 /// The registrar's answer to a claim.
 #[derive(Debug, Default)]
@@ -551,9 +551,7 @@ impl Actor for ClusterActor {
                 st.to(&registrar, &Body::ClaimDone { client, gen });
             }
             ClusterMessage::Local(Local::Release { client, gen, to }) => st.to(&to, &Body::Release { client, gen }),
-            ClusterMessage::Local(Local::HandedOver { client, gen, registrar, clean, state, failed }) => {
-                st.handed_over(client, gen, registrar, clean, state, failed)
-            }
+            ClusterMessage::Local(Local::HandedOver(answer)) => st.handed_over(answer),
             ClusterMessage::Local(Local::BackupState { to, client, state }) => st.to(&to, &Body::BackupState { client, state }),
             ClusterMessage::Local(Local::BackupAppend { to, client, deliveries, tokens }) => {
                 st.seq += 1;

@@ -135,19 +135,12 @@ impl ClusterState {
     }
 
     /// Previous owner: this node's answer to a registrar's `HandOver`. No live session here: a
-    /// replica of a lost owner's session serves instead. `failed`: the session did not answer in time
-    /// and stays here: the claim is refused (a version-3 registrar hears "no state", as it
-    /// did from its own build).
-    pub(super) fn handed_over(
-        &mut self,
-        client: Arc<str>,
-        gen: u64,
-        registrar: String,
-        clean: bool,
-        state: Option<Box<SessionSnapshot>>,
-        failed: bool,
-    ) {
-        if failed {
+    /// replica of a lost owner's session serves instead. Not answered in time: the session
+    /// stays here and the claim is refused (a version-3 registrar hears "no state", as it did
+    /// from its own build).
+    pub(super) fn handed_over(&mut self, answer: HandOverAnswer) {
+        let HandOverAnswer { client, gen, registrar, clean, state } = answer;
+        let Ok(state) = state else {
             tracing::warn!(%client, gen, "hand-over not answered in time; the session stays on this node");
             if self.wire_of(&registrar) >= 4 {
                 self.to(&registrar, &Body::HandOverFailed { client, gen });
@@ -155,7 +148,7 @@ impl ClusterState {
                 self.to(&registrar, &Body::HandedOver { client, gen, state: None, moving: false });
             }
             return;
-        }
+        };
         let moving = state.is_some();
         // Only a lost owner's replica stands in for its session: a live owner has the real one
         // (the registrar did not know it yet), which keeps its replica here.
