@@ -63,7 +63,8 @@ async fn handle(
     let handshake = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
     let ctx = ConnCtx { allow_anonymous: opts.allow_anonymous, cert_fingerprint: None, services };
     if opts.proxy {
-        match tokio::time::timeout(handshake, super::proxy::read_header(&mut stream)).await {
+        // Boxed: its 240 bytes would otherwise stay in every connection's task.
+        match Box::pin(tokio::time::timeout(handshake, super::proxy::read_header(&mut stream))).await {
             Ok(Ok(Some(client))) => peer = client,
             Ok(Ok(None)) => {} // the balancer's own check
             Ok(Err(e)) => return tracing::info!(%peer, error = %e, "closing connection"),

@@ -162,7 +162,7 @@ where
     let Some(Established { mut conn, kicked, conn_id, keep_alive, cancel, mut out, _gauge }) =
         Box::pin(handshake(&broker, &mut rd, wr, &mut buf, peer, ctx, &shutdown)).await
     else {
-        linger(&mut rd).await;
+        Box::pin(linger(&mut rd)).await;
         return;
     };
     let protocol = conn.protocol;
@@ -177,28 +177,37 @@ where
         // Handle every complete packet already buffered, then read more.
         let step = loop {
             let before = buf.len();
-            let decoded = decode(&mut buf, protocol, max);
-            if let Ok(Some(p)) = &decoded {
-                conn.saw(p, before - buf.len());
-            }
-            match decoded {
-                Ok(Some(Packet::PubAck(a))) => conn.acks.push(a.pkid),
-                Ok(Some(p)) => {
-                    conn.flush_acks();
-                    if let Some(w) = drive(&mut out, Box::pin(conn.handle(p))).await {
-                        break Some(w);
+            // The packet moves into its boxed handling before anything is awaited: a decoded
+            // `Packet` (384 bytes) held across the await would take its room in every
+            // connection's future, idle or not.
+            let handling = {
+                let decoded = decode(&mut buf, protocol, max);
+                if let Ok(Some(p)) = &decoded {
+                    conn.saw(p, before - buf.len());
+                }
+                match decoded {
+                    Ok(Some(Packet::PubAck(a))) => {
+                        conn.acks.push(a.pkid);
+                        continue;
+                    }
+                    Ok(Some(p)) => {
+                        conn.flush_acks();
+                        Box::pin(conn.handle(p))
+                    }
+                    Ok(None) => {
+                        conn.flush_acks();
+                        break None;
+                    }
+                    Err(e) => {
+                        conn.flush_acks();
+                        Metrics::add(&m.protocol_errors, 1);
+                        tracing::info!(error = %e, "invalid packet; closing");
+                        break Some(conn.close(e.code));
                     }
                 }
-                Ok(None) => {
-                    conn.flush_acks();
-                    break None;
-                }
-                Err(e) => {
-                    conn.flush_acks();
-                    Metrics::add(&m.protocol_errors, 1);
-                    tracing::info!(error = %e, "invalid packet; closing");
-                    break Some(conn.close(e.code));
-                }
+            };
+            if let Some(w) = drive(&mut out, handling).await {
+                break Some(w);
             }
         };
         if let Some(w) = step {
@@ -230,7 +239,7 @@ where
                 tokio::select! {
                     biased;
                     // Queued PUBACKs whose message copies were taken (`acker`): written next.
-                    _ = conn.held_acks.head_done(), if conn.held_acks.has_queued() => ready_acks(&mut conn, &mut out).await,
+                    _ = conn.held_acks.head_done(), if conn.held_acks.has_queued() => Box::pin(ready_acks(&mut conn, &mut out)).await,
                     more = out.step() => if !more { break Some(WillAction::Publish) },
                     r = &mut read => match r {
                         Ok((0, _)) | Err(_) => break Some(WillAction::Publish),
@@ -245,7 +254,7 @@ where
                     },
                     // (Reading is cancel safe: bytes are only taken into `buf` by a completed read.)
                     _ = &mut alarm, if ka.is_some() || conn.held_acks.has_queued() => {
-                        match alarm_rang(&mut conn, &mut out, ka.map(|ka| last_read + ka)).await {
+                        match Box::pin(alarm_rang(&mut conn, &mut out, ka.map(|ka| last_read + ka))).await {
                             Ok(next) => alarm.as_mut().reset(next),
                             Err(w) => break Some(w),
                         }
@@ -259,15 +268,17 @@ where
             break w;
         }
     };
-    last_acks(&mut conn, &mut out, &cancel).await;
+    // The rare and the last steps are boxed: the future is as large as its largest wait, and
+    // every connection carries it for its whole life (see `loadtest/README.md`).
+    Box::pin(last_acks(&mut conn, &mut out, &cancel)).await;
     Box::pin(conn.ended(will, &kicked, conn_id)).await;
     // Write what is still queued (e.g. a DISCONNECT), bounded in time — unless the session
     // cut the connection (`cancel`: its queue was full of packets the client did not read).
     if !cancel.is_cancelled() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), out.finish()).await;
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(5), out.finish())).await;
     }
     drop(out);
-    linger(&mut rd).await;
+    Box::pin(linger(&mut rd)).await;
 }
 
 impl Conn {
