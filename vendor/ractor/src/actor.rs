@@ -708,7 +708,7 @@ where
     #[tracing::instrument(name = "Actor", skip(self, ports, startup_args, supervisor), fields(id = self.id.to_string(), name = self.name))]
     async fn start(
         self,
-        ports: ActorPortSet,
+        mut ports: ActorPortSet,
         startup_args: TActor::Arguments,
         supervisor: Option<ActorCell>,
     ) -> Result<(ActorRef<TActor::Msg>, JoinHandle<()>), SpawnErr> {
@@ -751,9 +751,11 @@ where
 
         // run the processing loop, backgrounding the work
         let handle = crate::concurrency::spawn_named(actor_ref.get_name().as_deref(), async move {
+            // thingsd patch: the ports stay here and the loop borrows them (moved in, each
+            // future that took them kept its own 32-byte copy for the actor's whole life).
             let myself = actor_ref.clone();
             // thingsd patch: no id and name captured for a tracing span (see processing_loop).
-            let evt = match Self::processing_loop(ports, &mut state, &handler, actor_ref)
+            let evt = match Self::processing_loop(&mut ports, &mut state, &handler, actor_ref)
                 .await
             {
                 Ok(exit_reason) => SupervisionEvent::ActorTerminated(
@@ -794,7 +796,7 @@ where
     // of its arguments the macro keeps, ~200 bytes of every idle session — and was entered
     // on every poll. Our handlers log with their own fields.
     async fn processing_loop(
-        mut ports: ActorPortSet,
+        ports: &mut ActorPortSet,
         state: &mut TActor::State,
         handler: &TActor,
         myself: ActorRef<TActor::Msg>,
@@ -822,7 +824,7 @@ where
                     exit_reason,
                     was_killed,
                 } = Box::pin(Self::process_message(
-                    &myself, state, handler, &mut ports, next,
+                    &myself, state, handler, ports, next,
                 ))
                 .await
                 .map_err(ActorErr::Failed)?;

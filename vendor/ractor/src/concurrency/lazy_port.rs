@@ -2,15 +2,16 @@
 // queue that allocates nothing until something is queued. tokio's unbounded channel allocates
 // its shared state and a first block of 32 slots when it is created (~0.6 KiB per port): most
 // of what an idle actor costs. Same surface as the tokio types it replaces (`send`, `recv`,
-// `try_recv`, `close`, tokio's error types); `recv` is cancel safe (the value stays queued,
-// and a wake-up taken by a dropped `Notified` is passed on by tokio).
+// `try_recv`, `close`, tokio's error types); `recv` is cancel safe (the value stays queued
+// until a poll takes it). The receiver's waker is kept under the queue's lock: a waiting
+// `recv` holds no `Notified` future (two of them, ~180 bytes, sat in every idle actor's task).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 pub(crate) use tokio::sync::mpsc::error::{SendError, TryRecvError};
-use tokio::sync::Notify;
 
 /// Queues that grew past this many slots are given back to the allocator when they drain.
 const KEEP: usize = 32;
@@ -18,11 +19,12 @@ const KEEP: usize = 32;
 struct State<T> {
     items: VecDeque<T>,
     closed: bool,
+    /// The receiver waiting for a value (one receiver: the actor).
+    waker: Option<Waker>,
 }
 
 struct Inner<T> {
     state: Mutex<State<T>>,
-    ready: Notify,
     senders: AtomicUsize,
 }
 
@@ -34,11 +36,8 @@ pub(crate) struct LazyReceiver<T>(Arc<Inner<T>>);
 
 /// An unbounded queue.
 pub(crate) fn lazy_unbounded<T>() -> (LazySender<T>, LazyReceiver<T>) {
-    let inner = Arc::new(Inner {
-        state: Mutex::new(State { items: VecDeque::new(), closed: false }),
-        ready: Notify::new(),
-        senders: AtomicUsize::new(1),
-    });
+    let inner =
+        Arc::new(Inner { state: Mutex::new(State { items: VecDeque::new(), closed: false, waker: None }), senders: AtomicUsize::new(1) });
     (LazySender(inner.clone()), LazyReceiver(inner))
 }
 
@@ -55,19 +54,30 @@ impl<T> Inner<T> {
         }
         Some(t)
     }
+
+    /// Wake the waiting receiver (outside the lock).
+    fn wake(&self) {
+        let w = self.lock().waker.take();
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
 }
 
 impl<T> LazySender<T> {
     /// Queue `t`; fails (giving it back) once the receiver is closed or gone.
     pub(crate) fn send(&self, t: T) -> Result<(), SendError<T>> {
-        {
+        let waiting = {
             let mut s = self.0.lock();
             if s.closed {
                 return Err(SendError(t));
             }
             s.items.push_back(t);
+            s.waker.take()
+        };
+        if let Some(w) = waiting {
+            w.wake();
         }
-        self.0.ready.notify_one();
         Ok(())
     }
 }
@@ -82,7 +92,7 @@ impl<T> Clone for LazySender<T> {
 impl<T> Drop for LazySender<T> {
     fn drop(&mut self) {
         if self.0.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.ready.notify_one();
+            self.0.wake();
         }
     }
 }
@@ -90,26 +100,28 @@ impl<T> Drop for LazySender<T> {
 impl<T> LazyReceiver<T> {
     /// The next value; `None` once closed (or every sender is gone) and nothing is left.
     pub(crate) async fn recv(&mut self) -> Option<T> {
-        loop {
-            {
-                let mut s = self.0.lock();
-                if let Some(t) = s.items.pop_front() {
-                    if s.items.is_empty() && s.items.capacity() > KEEP {
-                        s.items = VecDeque::new();
-                    }
-                    return Some(t);
-                }
-                if s.closed {
-                    return None;
-                }
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// A value, the end, or the waker kept for the next `send` (the check and the waker's
+    /// registration happen under one lock: a value queued meanwhile is not missed; the last
+    /// sender's drop decrements before it takes the waker).
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let mut s = self.0.lock();
+        if let Some(t) = s.items.pop_front() {
+            if s.items.is_empty() && s.items.capacity() > KEEP {
+                s.items = VecDeque::new();
             }
-            if self.0.senders.load(Ordering::Acquire) == 0 {
-                return self.0.pop();
-            }
-            // `notify_one` keeps a wake-up for a receiver not yet waiting: a value queued
-            // after the check above is not missed.
-            self.0.ready.notified().await;
+            return Poll::Ready(Some(t));
         }
+        if s.closed || self.0.senders.load(Ordering::Acquire) == 0 {
+            return Poll::Ready(None);
+        }
+        match &mut s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            slot => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     pub(crate) fn try_recv(&mut self) -> Result<T, TryRecvError> {
