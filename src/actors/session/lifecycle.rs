@@ -247,8 +247,7 @@ impl SessionState {
     /// full state first when the backup is new). The publishers' tokens travel along and are
     /// released when the backup acknowledges.
     pub(super) fn replicate(&mut self) {
-        let deliveries = std::mem::take(&mut self.to_backup);
-        let tokens = std::mem::take(&mut self.tokens);
+        let (deliveries, tokens) = self.to_backup.take();
         let Some(c) = self.broker.cluster.get() else { return };
         let Some(to) = c.backup_for(&self.client_id) else {
             self.backup = None; // alone: nothing to replicate to
@@ -269,7 +268,6 @@ impl SessionState {
     /// The replica elsewhere is no longer needed (the session ended or moved).
     fn drop_backup(&mut self) {
         self.to_backup.clear();
-        self.tokens.clear();
         if let (Some(to), Some(c)) = (self.backup.take(), self.broker.cluster.get()) {
             c.backup_drop(to, self.client_id.clone());
         }

@@ -266,7 +266,7 @@ pub struct SessionState {
     inflight: VecDeque<Inflight>,
     pending: VecDeque<Delivery>,
     next_pkid: u16,
-    incoming_qos2: HashSet<u16>,
+    incoming_qos2: sparse::PacketIds,
     /// Boxed: most sessions have none, and a `Will` carries a full property set.
     will: Option<Box<Will>>,
     /// When a delayed will is due (Unix ms), while its timer runs.
@@ -288,8 +288,7 @@ pub struct SessionState {
     /// session another node adopted meanwhile (until `NotYours` ends it), so membership
     /// changes do not make it replicate over the live copy's replica.
     from_disk: bool,
-    to_backup: Vec<Delivery>,
-    tokens: Vec<Arc<crate::message::DurableToken>>,
+    to_backup: sparse::ToBackup,
     /// Adopted sessions: ids of recent deliveries, because a message re-routed from the lost
     /// node may also have reached the session directly.
     recent: Option<Box<(HashSet<u64>, VecDeque<u64>)>>,
@@ -335,7 +334,7 @@ impl Actor for SessionActor {
             inflight: VecDeque::new(),
             pending: VecDeque::new(),
             next_pkid: 1,
-            incoming_qos2: HashSet::new(),
+            incoming_qos2: sparse::PacketIds::default(),
             will: None,
             will_due: None,
             expiry: 0,
@@ -349,8 +348,7 @@ impl Actor for SessionActor {
             held: None,
             backup: None,
             from_disk: false,
-            to_backup: Vec::new(),
-            tokens: Vec::new(),
+            to_backup: sparse::ToBackup::default(),
             recent: None,
             last_pubrec: None,
             q: QueueInfo { next_seq: 1, ..QueueInfo::default() },
@@ -488,7 +486,7 @@ impl Actor for SessionActor {
             SessionMessage::Persist(reply) => st.persist_now(reply),
         }
         st.flush_writes();
-        if !st.to_backup.is_empty() || !st.tokens.is_empty() {
+        if !st.to_backup.is_empty() {
             st.replicate();
         }
         st.load.set_pending(st.pending.len());
@@ -529,6 +527,7 @@ mod lifecycle;
 mod outbound;
 mod queue;
 mod requests;
+mod sparse;
 
 impl SessionState {
     pub(super) fn window(&self) -> usize {

@@ -116,8 +116,7 @@ impl SessionState {
             }
         }
         if self.persistent() && d.qos != QoS::AtMostOnce && self.moving.is_none() && self.broker.cluster.get().is_some() {
-            self.to_backup.push(d.clone());
-            self.tokens.extend(token.clone());
+            self.to_backup.push(d.clone(), token.clone());
         }
         // During a cross-node hand-over, deliveries wait for the other side, bounded like the
         // whole queue (a hand-over after a node loss can take a second or two of a stream).

@@ -192,7 +192,7 @@ impl SessionState {
             number(d, 0, false);
         }
         if persistent {
-            for id in &self.incoming_qos2 {
+            for id in self.incoming_qos2.iter() {
                 state.add_qos2(&client, *id);
             }
         }

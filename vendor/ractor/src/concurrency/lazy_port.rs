@@ -99,6 +99,7 @@ impl<T> Drop for LazySender<T> {
 
 impl<T> LazyReceiver<T> {
     /// The next value; `None` once closed (or every sender is gone) and nothing is left.
+    #[allow(dead_code)] // the actor's ports are polled (`poll_recv`); the tests use this
     pub(crate) async fn recv(&mut self) -> Option<T> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
