@@ -187,6 +187,10 @@ pub fn delivery_bytes(d: &Delivery) -> u64 {
 
 /// The most a keyspace keeps in memory before it is written to a table on disk.
 const MEMTABLE: u64 = 8 << 20;
+/// The retained keyspace's: its writes are mostly devices' status messages (~650 bytes each
+/// in a memtable, a few dozen on disk), one per login and logout — a fleet's reconnect storm
+/// filled 8 MiB of memtable that nothing reads (reads go to the retained trie in memory).
+const RETAINED_MEMTABLE: u64 = 2 << 20;
 
 impl StateStore {
     /// Open (creating) the store in `dir/state`, importing the whole-file snapshots of older
@@ -196,11 +200,10 @@ impl StateStore {
         let path = dir.join("state");
         let err = |e: fjall::Error| StateError::Store { path: path.display().to_string(), message: e.to_string() };
         let db = Database::builder(&path).worker_threads(1).cache_size(16 << 20).open().map_err(err)?;
-        // 8 MiB memtables, not fjall's 64 MiB: four keyspaces could otherwise hold 256 MiB of
-        // written state in memory until it is flushed (every device's retained status lands
-        // here; ~650 bytes each in a memtable, a few dozen on disk).
-        let opts = || KeyspaceCreateOptions::default().manual_journal_persist(true).max_memtable_size(MEMTABLE);
-        let ks = |name: &str| db.keyspace(name, opts).map_err(err);
+        // 8 MiB memtables (2 MiB for retained messages), not fjall's 64 MiB: four keyspaces
+        // could otherwise hold 256 MiB of written state in memory until it is flushed.
+        let opts = |size: u64| move || KeyspaceCreateOptions::default().manual_journal_persist(true).max_memtable_size(size);
+        let ks = |name: &str| db.keyspace(name, opts(if name == "retained" { RETAINED_MEMTABLE } else { MEMTABLE })).map_err(err);
         let store = StateStore {
             meta: ks("sessions")?,
             queue: ks("queue")?,

@@ -98,6 +98,10 @@ impl MetaStore {
                         "PRAGMA busy_timeout = 5000",
                         "PRAGMA foreign_keys = ON",
                         "PRAGMA synchronous = NORMAL",
+                        // 1 MiB of page cache per connection, not SQLite's 2 MiB: the file's
+                        // pages are in the OS page cache as well, and a fleet's cold logins
+                        // filled all four connections' caches (~1 KiB per device at 5,000).
+                        "PRAGMA cache_size = -1024",
                     ] {
                         sqlx::query(p).execute(&mut *conn).await?;
                     }
