@@ -104,7 +104,7 @@ pub async fn run(devices: usize, publishers: usize, messages: u64, window: usize
 
     // Token logins first: the node's first fill is of authenticated device connections, and
     // its RSS per connection is measured there (every device: identity, ACL, status, session).
-    let before = b.rss_kib().unwrap_or(0);
+    let before = b.settled_rss_kib().await.unwrap_or(0);
     let (cold, cold_rate) = connect_all(b.addr, devices, "lt-dev", Some(&tokens)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = b.rss_kib().unwrap_or(0);

@@ -239,7 +239,7 @@ async fn fanout(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
 }
 
 async fn idle(o: &Opts, b: &brokers::Broker) -> anyhow::Result<Row> {
-    let before = b.rss_kib().unwrap_or(0);
+    let before = b.settled_rss_kib().await.unwrap_or(0);
     let start = Instant::now();
     let mut conns = Vec::with_capacity(o.connections);
     let mut failed = 0usize;

@@ -176,35 +176,13 @@ where
     let will = loop {
         // Handle every complete packet already buffered, then read more.
         let step = loop {
-            let before = buf.len();
             // The packet moves into its boxed handling before anything is awaited: a decoded
             // `Packet` (384 bytes) held across the await would take its room in every
             // connection's future, idle or not.
-            let handling = {
-                let decoded = decode(&mut buf, protocol, max);
-                if let Ok(Some(p)) = &decoded {
-                    conn.saw(p, before - buf.len());
-                }
-                match decoded {
-                    Ok(Some(Packet::PubAck(a))) => {
-                        conn.acks.push(a.pkid);
-                        continue;
-                    }
-                    Ok(Some(p)) => {
-                        conn.flush_acks();
-                        Box::pin(conn.handle(p))
-                    }
-                    Ok(None) => {
-                        conn.flush_acks();
-                        break None;
-                    }
-                    Err(e) => {
-                        conn.flush_acks();
-                        Metrics::add(&m.protocol_errors, 1);
-                        tracing::info!(error = %e, "invalid packet; closing");
-                        break Some(conn.close(e.code));
-                    }
-                }
+            let handling = match next_packet(&mut conn, &mut buf, protocol, max) {
+                Ok(Some(p)) => Box::pin(conn.handle(p)),
+                Ok(None) => break None,
+                Err(w) => break Some(w),
             };
             if let Some(w) = drive(&mut out, handling).await {
                 break Some(w);
@@ -313,6 +291,35 @@ impl Conn {
 
 /// The connection's one timer rang: for the keep-alive (due at `keep_alive`, if any) or a
 /// queued PUBACK's bound (`acker::DURABLE_WAIT`). When to ring next, or how the connection ends.
+/// The next buffered packet to handle (PUBACKs are collected for the session on the way):
+/// `Ok(None)` once more must be read, `Err` when the connection closes (invalid packet).
+fn next_packet(conn: &mut Conn, buf: &mut BytesMut, protocol: Protocol, max: usize) -> Result<Option<Packet>, WillAction> {
+    loop {
+        let before = buf.len();
+        let decoded = decode(buf, protocol, max);
+        if let Ok(Some(p)) = &decoded {
+            conn.saw(p, before - buf.len());
+        }
+        match decoded {
+            Ok(Some(Packet::PubAck(a))) => conn.acks.push(a.pkid),
+            Ok(Some(p)) => {
+                conn.flush_acks();
+                return Ok(Some(p));
+            }
+            Ok(None) => {
+                conn.flush_acks();
+                return Ok(None);
+            }
+            Err(e) => {
+                conn.flush_acks();
+                Metrics::add(&conn.broker.metrics.protocol_errors, 1);
+                tracing::info!(error = %e, "invalid packet; closing");
+                return Err(conn.close(e.code));
+            }
+        }
+    }
+}
+
 async fn alarm_rang<W: AsyncWrite + Unpin>(
     conn: &mut Conn,
     out: &mut Out<W>,
