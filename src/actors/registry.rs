@@ -3,7 +3,7 @@
 use crate::actors::inspect::glob;
 use crate::actors::inspect::Tell;
 use crate::actors::session::display_client;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -118,8 +118,9 @@ struct Sessions {
     map: HashMap<Arc<str>, (ActorRef<SessionMessage>, Arc<Load>)>,
     ids: HashMap<ractor::ActorId, Arc<str>>,
     /// Keys of each principal's namespace (`{device_number}\0`; client ids without one are not
-    /// indexed).
-    principals: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    /// indexed). A list, not a set: a principal has one session or a few (at most
+    /// `max_sessions_per_principal`), and a set's smallest table took ~100 bytes per device.
+    principals: HashMap<Arc<str>, Vec<Arc<str>>>,
 }
 
 /// Whether a session has a live connection (its load gauge's flag, set by the session).
@@ -139,7 +140,10 @@ impl Sessions {
         }
         self.ids.insert(s.get_id(), key.clone());
         if let Some(ns) = namespace(&key) {
-            self.principals.entry(Arc::from(ns)).or_default().insert(key);
+            let keys = self.principals.entry(Arc::from(ns)).or_insert_with(|| Vec::with_capacity(1));
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
         }
     }
 
@@ -153,7 +157,7 @@ impl Sessions {
         self.ids.remove(&s.get_id());
         if let Some(ns) = namespace(key) {
             if let Some(set) = self.principals.get_mut(ns) {
-                set.remove(key);
+                set.retain(|k| **k != *key);
                 if set.is_empty() {
                     self.principals.remove(ns);
                 }
@@ -193,7 +197,7 @@ impl Sessions {
 
     /// The keys of a principal's namespace (`{device_number}\0`).
     fn of_principal(&self, ns: &str) -> Vec<Arc<str>> {
-        self.principals.get(ns).map(|set| set.iter().cloned().collect()).unwrap_or_default()
+        self.principals.get(ns).cloned().unwrap_or_default()
     }
 }
 

@@ -3,6 +3,7 @@
 //! node's time-series store; the latest value of every key is kept hot. Queries go to the
 //! store (`query`), maintenance (retention, compaction) runs in `maintenance`.
 pub mod maintenance;
+mod products;
 pub mod rollup;
 pub mod rules;
 pub mod writer;
@@ -92,7 +93,7 @@ pub struct Telemetry {
     /// Compiled rules per product (other nodes pick up a change within their TTL).
     rules: moka::sync::Cache<i64, Arc<RuleSet>>,
     /// Device → product.
-    products: moka::sync::Cache<i64, Option<i64>>,
+    products: products::Products,
     /// Products whose rules could not be read, warned about in the last minute (a database
     /// outage is logged once a minute per product, not once per message).
     rules_unreadable: crate::metrics::OncePer<i64>,
@@ -218,7 +219,7 @@ impl Telemetry {
             cache,
             writers: OnceLock::new(),
             rules: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(RULES_TTL).build(),
-            products: moka::sync::Cache::builder().max_capacity(2_000_000).time_to_live(Duration::from_secs(600)).build(),
+            products: products::Products::new(2_000_000),
             rules_unreadable: crate::metrics::OncePer::new(10_000, Duration::from_secs(60)),
             hot: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
             cache_writes: Arc::new(Semaphore::new(64)),
@@ -381,7 +382,7 @@ impl Telemetry {
     }
 
     pub async fn product_of(&self, device_id: i64) -> Option<i64> {
-        if let Some(p) = self.products.get(&device_id) {
+        if let Some(p) = self.products.get(device_id) {
             return p;
         }
         match self.meta.device_by_id(device_id).await {

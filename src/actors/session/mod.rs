@@ -307,6 +307,13 @@ pub struct SessionState {
     routing: Option<Box<Attaches>>,
 }
 
+// A session's state lives in its actor's task for the session's whole life, and tokio
+// allocates that task in 128-byte steps: at 408 bytes the task is 768 (656-byte future), one
+// more field makes it 896 for every session. Rarely used fields go behind boxes
+// (`sparse.rs`) before this bound is raised (measure with `-Zprint-type-sizes`, see
+// loadtest/README.md).
+const _: () = assert!(std::mem::size_of::<SessionState>() <= 408, "SessionState grew: see the comment above");
+
 /// Attaches waiting for a restored session's routes: each reply port and Session Present.
 type Attaches = Vec<(RpcReplyPort<bool>, bool)>;
 
