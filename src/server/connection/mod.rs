@@ -289,8 +289,6 @@ impl Conn {
     }
 }
 
-/// The connection's one timer rang: for the keep-alive (due at `keep_alive`, if any) or a
-/// queued PUBACK's bound (`acker::DURABLE_WAIT`). When to ring next, or how the connection ends.
 /// The next buffered packet to handle (PUBACKs are collected for the session on the way):
 /// `Ok(None)` once more must be read, `Err` when the connection closes (invalid packet).
 fn next_packet(conn: &mut Conn, buf: &mut BytesMut, protocol: Protocol, max: usize) -> Result<Option<Packet>, WillAction> {
@@ -320,6 +318,8 @@ fn next_packet(conn: &mut Conn, buf: &mut BytesMut, protocol: Protocol, max: usi
     }
 }
 
+/// The connection's one timer rang: for the keep-alive (due at `keep_alive`, if any) or a
+/// queued PUBACK's bound (`acker::DURABLE_WAIT`). When to ring next, or how the connection ends.
 async fn alarm_rang<W: AsyncWrite + Unpin>(
     conn: &mut Conn,
     out: &mut Out<W>,
