@@ -185,6 +185,26 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_receiver_is_woken_by_a_send_and_by_the_last_sender_going() {
+        for _ in 0..100 {
+            let (tx, mut rx) = lazy_unbounded::<u32>();
+            let tx2 = tx.clone();
+            let waiter = tokio::spawn(async move {
+                let first = rx.recv().await;
+                let end = rx.recv().await;
+                (first, end)
+            });
+            tokio::task::yield_now().await;
+            tx.send(5).unwrap();
+            drop(tx);
+            tokio::task::yield_now().await;
+            drop(tx2);
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await;
+            assert_eq!(got.expect("woken").unwrap(), (Some(5), None));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_senders_nothing_lost() {
         let (tx, mut rx) = lazy_unbounded::<(u32, u32)>();
         let mut tasks = Vec::new();
