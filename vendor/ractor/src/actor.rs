@@ -755,9 +755,12 @@ where
             // future that took them kept its own 32-byte copy for the actor's whole life).
             let myself = actor_ref.clone();
             // thingsd patch: no id and name captured for a tracing span (see processing_loop).
-            let evt = match Self::processing_loop(&mut ports, &mut state, &handler, actor_ref)
-                .await
-            {
+            let result = Self::processing_loop(&mut ports, &mut state, &handler, actor_ref).await;
+            // The ports (and whatever is still queued in them) go as the loop ends, before the
+            // actor is reported stopped — as when the loop owned them: a node stopped in the
+            // process let go of what queued messages held only after its actors' names were free.
+            drop(ports);
+            let evt = match result {
                 Ok(exit_reason) => SupervisionEvent::ActorTerminated(
                     myself.get_cell(),
                     Some(BoxedState::new(state)),
