@@ -285,7 +285,17 @@ async fn mosquitto_pub(port: u16, version: &str, user: &str, msg: &str) -> std::
 
 #[tokio::test]
 async fn mosquitto_clients_with_tokens_and_redis_cache() {
-    let redis = common::backends::redis();
+    mosquitto_clients_with_tokens(common::backends::redis()).await;
+}
+
+/// Without Redis the node keeps identities in process, shared with the connections that logged
+/// in with them: a revoked token must leave that map too.
+#[tokio::test]
+async fn mosquitto_clients_with_tokens_and_the_in_process_cache() {
+    mosquitto_clients_with_tokens(None).await;
+}
+
+async fn mosquitto_clients_with_tokens(redis: Option<String>) {
     let p = Platform::start(None, |c| {
         if let Some(r) = &redis {
             c.cache.url = r.clone();

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Acl, Devices, Principal};
+use super::{Devices, Principal};
 use crate::storage::meta::CredentialKind;
 
 /// What a client presented.
@@ -138,9 +138,8 @@ impl Devices {
         if !i.enabled {
             return Err(AuthError::NotAuthorized);
         }
-        let subs: Vec<String> = i.subs.iter().map(|s| s.device_number.to_string()).collect();
-        let acl = Acl::device(&i.device_number, i.gateway, &subs);
-        Ok(Principal::Device(i, Arc::new(acl)))
+        let acl = i.acl();
+        Ok(Principal::Device(i, acl))
     }
 
     async fn verify_cached(&self, user: &str, pw: &[u8], phc: &str) -> bool {

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -21,14 +20,15 @@ use crate::broker::Broker;
 use crate::cluster::wire::DeviceNotice;
 use crate::config::{Config, ServiceAccount};
 use crate::live::Live;
-use crate::storage::cache::Cache;
-use crate::storage::meta::{CredentialKind, Device, MetaError, MetaStore, ThingModel};
+use crate::storage::cache::{Cache, ExpiringMap};
+use crate::storage::meta::{CredentialKind, Device, MetaError, MetaStore};
 
 pub mod acl;
 mod auth;
 mod claim;
 pub mod downlink;
 mod events;
+mod identity;
 pub mod ota;
 mod status;
 pub mod uplink;
@@ -36,47 +36,12 @@ pub mod uplink;
 pub use acl::Acl;
 pub use auth::{hash_password, verify_password, AuthError, Credentials};
 pub use events::{IngestError, ReplyTo, Unstored};
+use identity::cred_key;
+pub use identity::{Identity, ProductModel, SubDevice};
 pub use uplink::{DeviceEvent, EventKind, Reject};
 
 /// Failed logins per source address: (count, window start).
 pub(crate) type Failures = Mutex<HashMap<IpAddr, (u32, Instant)>>;
-
-/// A sub-device as its gateway's identity carries it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SubDevice {
-    pub address: String,
-    pub device_id: i64,
-    pub device_number: Arc<str>,
-    pub model: Option<ProductModel>,
-}
-
-/// A device's product's thing model as payload checks use it. A strict product refuses keys
-/// the model does not describe and values out of range; every product refuses a described
-/// key's value of the wrong type (its count, sum and average would not agree otherwise).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProductModel {
-    /// The product (0 in identities cached by builds before it was kept here).
-    #[serde(default)]
-    pub id: i64,
-    pub strict: bool,
-    pub model: ThingModel,
-}
-
-/// A device as authentication, ACL and payload checks need it (cached by credential).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Identity {
-    pub device_id: i64,
-    pub device_number: Arc<str>,
-    pub enabled: bool,
-    /// argon2 hash when the credential is a password.
-    pub secret: Option<String>,
-    /// The product's thing model (a device without a product has none). Required when read
-    /// from the cache: an entry of an older build is read again from the registry.
-    pub model: Option<ProductModel>,
-    /// Its sub-devices (a gateway has at least one, or is marked by `gateway`).
-    pub gateway: bool,
-    pub subs: Vec<SubDevice>,
-}
 
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
@@ -146,6 +111,10 @@ pub struct Devices {
     failures: Failures,
     /// The same for CoAP (UDP) sources, kept apart: see `authenticate_token_udp`.
     udp_failures: Failures,
+    /// Identities by credential when the cache is in-process: the very `Arc<Identity>` the
+    /// device's connections check with, not a JSON copy beside a parsed one per connection.
+    /// With Redis the identity is shared as JSON there (`cache`) and this is `None`.
+    identities: Option<ExpiringMap<[u8; 32], Arc<Identity>>>,
     /// Passwords verified recently (argon2 is deliberately slow; reconnect storms are not).
     verified: moka::sync::Cache<[u8; 32], ()>,
     /// Wakes HTTP long polls and CoAP observers of a device when a command is queued.
@@ -162,7 +131,7 @@ pub struct Devices {
     /// Product models by id, for identities built on a cold cache (a fleet's logins would
     /// otherwise read the same product once per device). Cleared on any product or device
     /// change notice; 30 s at most.
-    products: moka::sync::Cache<i64, Option<ProductModel>>,
+    products: moka::sync::Cache<i64, Option<Arc<ProductModel>>>,
     /// Status changes waiting for the status worker: the latest per device (online, when).
     status_queue: Mutex<HashMap<Arc<str>, (bool, u64)>>,
     /// Devices that reported over HTTP or CoAP on this node, and when they last did.
@@ -174,11 +143,6 @@ pub struct Devices {
     pending_checks: tokio::sync::mpsc::Sender<downlink::PendingCheck>,
     /// OTA package bytes recently served, by package id (packages never change; 64 MiB).
     packages: moka::sync::Cache<i64, bytes::Bytes>,
-}
-
-/// The cache key of a credential.
-fn cred_key(kind: CredentialKind, identity: &str) -> String {
-    format!("cred:{}:{identity}", kind.as_str())
 }
 
 /// Session key of a device's MQTT client id: devices live in their own client-id namespace
@@ -208,7 +172,15 @@ impl Devices {
             services.push((s.clone(), Arc::new(Acl::rules(s.publish.clone(), s.subscribe.clone()))));
         }
         let (pending_checks, checks) = tokio::sync::mpsc::channel(4096);
+        let identities = match cache {
+            Cache::Local(_) => Some(ExpiringMap::new(
+                config.cache.capacity.try_into().unwrap_or(usize::MAX),
+                Duration::from_secs(config.cache.ttl_secs.max(1)),
+            )),
+            Cache::Redis(_) => None,
+        };
         let d = Arc::new(Devices {
+            identities,
             pending_checks,
             meta,
             cache,
@@ -290,87 +262,6 @@ impl Devices {
         Ok(ok)
     }
 
-    /// The identity behind a credential (cached).
-    pub async fn identity(&self, kind: CredentialKind, id: &str) -> Result<Option<Arc<Identity>>, MetaError> {
-        // Cached under what is stored (a token's digest), never the token itself.
-        let key = cred_key(kind, &kind.stored(id));
-        if let Some(v) = self.cache.get(&key).await {
-            if let Ok(i) = serde_json::from_str::<Identity>(&v) {
-                self.note_product(&i);
-                return Ok(Some(Arc::new(i)));
-            }
-        }
-        let Some((cred, dev)) = self.meta.find_credential(kind, id).await? else { return Ok(None) };
-        let ident = self.build_identity(&dev, cred.secret).await?;
-        if let Ok(v) = serde_json::to_string(&ident) {
-            self.cache.set(&key, &v, self.ttl).await;
-        }
-        self.note_product(&ident);
-        Ok(Some(Arc::new(ident)))
-    }
-
-    /// A device changed (here or on another node): if it moved to another product, its
-    /// telemetry rules follow at once, not when telemetry's product cache expires.
-    fn note_device_product(&self, d: &Device) {
-        if let Some(t) = self.telemetry.get() {
-            t.note_product(d.id, d.product_id);
-        }
-    }
-
-    /// Tell telemetry which product a device that logged in belongs to, so its first message
-    /// does not read the device again (a fleet's first telemetry round would read every one).
-    fn note_product(&self, i: &Identity) {
-        let product = match &i.model {
-            Some(m) if m.id == 0 => return,
-            Some(m) => Some(m.id),
-            None => None,
-        };
-        if let Some(t) = self.telemetry.get() {
-            t.note_product(i.device_id, product);
-        }
-    }
-
-    async fn product_model(&self, product: Option<i64>) -> Result<Option<ProductModel>, MetaError> {
-        let Some(p) = product else { return Ok(None) };
-        if let Some(m) = self.products.get(&p) {
-            return Ok(m);
-        }
-        let m = match self.meta.product(p).await {
-            Ok(pr) => Some(ProductModel { id: p, strict: pr.strict, model: pr.model }),
-            Err(MetaError::NotFound(_)) => None,
-            Err(e) => return Err(e),
-        };
-        self.products.insert(p, m.clone());
-        Ok(m)
-    }
-
-    async fn build_identity(&self, dev: &Device, secret: Option<String>) -> Result<Identity, MetaError> {
-        let mut subs = Vec::new();
-        for s in self.meta.sub_devices(dev.id).await? {
-            subs.push(SubDevice {
-                address: s.sub_address.clone().unwrap_or_default(),
-                device_id: s.id,
-                device_number: Arc::from(s.device_number.as_str()),
-                model: self.product_model(s.product_id).await?,
-            });
-        }
-        let gateway = !subs.is_empty() || dev.labels.get("gateway").is_some_and(|v| v == "true");
-        Ok(Identity {
-            device_id: dev.id,
-            device_number: Arc::from(dev.device_number.as_str()),
-            enabled: dev.enabled,
-            secret,
-            model: self.product_model(dev.product_id).await?,
-            gateway,
-            subs,
-        })
-    }
-
-    /// The identity of a device by number (for the HTTP/CoAP paths that already know it).
-    pub async fn identity_of(&self, dev: &Device) -> Result<Arc<Identity>, MetaError> {
-        Ok(Arc::new(self.build_identity(dev, None).await?))
-    }
-
     /// A device or its credentials changed: drop cached identities everywhere; `kick`
     /// disconnects its connections on every node (disabled or deleted devices).
     pub async fn changed(&self, dev: &Device, kick: bool) {
@@ -430,7 +321,7 @@ impl Devices {
                 vec![]
             }
         };
-        self.cache.del(&keys).await;
+        self.uncache(&keys).await;
         self.verified.invalidate_all();
     }
 
@@ -439,7 +330,7 @@ impl Devices {
         let dev = self.meta.device(number).await?;
         let keys = self.cred_keys(dev.id).await?;
         let dev = self.meta.delete_device(number).await?;
-        self.cache.del(&keys).await;
+        self.uncache(&keys).await;
         self.verified.invalidate_all();
         self.notify(DeviceNotice::Forget { keys }).await;
         self.changed(&dev, true).await;
@@ -476,7 +367,7 @@ impl Devices {
     /// Credentials deleted: their cache keys (the rows are gone, so they are named here).
     pub async fn forget_credential(&self, dev: &Device, kind: CredentialKind, identity: &str, kick: bool) {
         let keys = vec![cred_key(kind, identity)];
-        self.cache.del(&keys).await;
+        self.uncache(&keys).await;
         self.notify(DeviceNotice::Forget { keys }).await;
         self.changed(dev, kick).await;
     }
@@ -508,6 +399,9 @@ impl Devices {
                             if let Some(d) = me.upgrade() {
                                 if let Cache::Local(c) = &d.cache {
                                     c.invalidate_all();
+                                }
+                                if let Some(local) = &d.identities {
+                                    local.clear();
                                 }
                             }
                         }
@@ -553,7 +447,7 @@ impl Devices {
             }
             DeviceNotice::Forget { keys } => {
                 if let Cache::Local(_) = self.cache {
-                    self.cache.del(&keys).await;
+                    self.uncache(&keys).await;
                 }
                 self.verified.invalidate_all();
             }

@@ -148,7 +148,7 @@ pub fn parse(who: &Identity, m: Incoming<'_>, cfg: &crate::config::DevicesConfig
         for (addr, data) in subs {
             let Some(sub) = who.subs.iter().find(|s| s.address == addr) else { return Err(Reject::UnknownSubDevice(addr)) };
             for (values, ts) in body(kind, data, &w)? {
-                check_model(sub.model.as_ref(), kind, &values)?;
+                check_model(sub.model.as_deref(), kind, &values)?;
                 out.push(event(sub.device_id, &sub.device_number, values, ts));
             }
         }
@@ -239,7 +239,7 @@ fn ts_ok(ts: &Value, w: &Window) -> Result<i64, Reject> {
 }
 
 fn check(who: &Identity, kind: EventKind, values: &Map<String, Value>) -> Result<(), Reject> {
-    check_model(who.model.as_ref(), kind, values)
+    check_model(who.model.as_deref(), kind, values)
 }
 
 /// Values against the product's thing model: all of it for a strict product; only the types
@@ -286,9 +286,10 @@ mod tests {
             device_number: Arc::from("d1"),
             enabled: true,
             secret: None,
-            model: strict.map(|model| ProductModel { id: 1, strict: true, model }),
+            model: strict.map(|model| Arc::new(ProductModel { id: 1, strict: true, model })),
             gateway: true,
             subs: vec![super::super::SubDevice { address: "a1".into(), device_id: 2, device_number: Arc::from("s1"), model: None }],
+            derived: Default::default(),
         }
     }
 

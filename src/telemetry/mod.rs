@@ -3,7 +3,6 @@
 //! node's time-series store; the latest value of every key is kept hot. Queries go to the
 //! store (`query`), maintenance (retention, compaction) runs in `maintenance`.
 pub mod maintenance;
-mod products;
 pub mod rollup;
 pub mod rules;
 pub mod writer;
@@ -20,11 +19,15 @@ use serde_json::{json, Map, Value as Json};
 use tokio::sync::Semaphore;
 
 use crate::config::{Config, Durability};
-use crate::storage::cache::Cache;
+use crate::storage::cache::{Cache, ExpiringMap};
 use crate::storage::meta::{MetaError, MetaStore, PolicyScope};
 use crate::storage::timeseries::{embedded, flatten, postgres, tdengine, Point, TimeSeriesStore, Tsdb, Value};
 use rules::{Rule, RuleSet};
 use writer::WriterMessage;
+
+/// How long a device's noted product is trusted without reading the device again (changes
+/// made through the API update it at once; this bounds what a missed notice can cost).
+const PRODUCT_TTL: Duration = Duration::from_secs(600);
 
 /// Devices must wait: the writers' queues are full (the store is slow or down).
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +95,10 @@ pub struct Telemetry {
     respawn: tokio::sync::Mutex<()>,
     /// Compiled rules per product (other nodes pick up a change within their TTL).
     rules: moka::sync::Cache<i64, Arc<RuleSet>>,
-    /// Device → product.
-    products: products::Products,
+    /// Device → product as its last login (or a read of the device) found it, trusted for
+    /// `PRODUCT_TTL`: points are checked against the product's rules without reading the
+    /// device again. A plain map, not a moka entry per connected device.
+    products: ExpiringMap<i64, Option<i64>>,
     /// Products whose rules could not be read, warned about in the last minute (a database
     /// outage is logged once a minute per product, not once per message).
     rules_unreadable: crate::metrics::OncePer<i64>,
@@ -219,7 +224,7 @@ impl Telemetry {
             cache,
             writers: OnceLock::new(),
             rules: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(RULES_TTL).build(),
-            products: products::Products::new(2_000_000),
+            products: ExpiringMap::new(2_000_000, PRODUCT_TTL),
             rules_unreadable: crate::metrics::OncePer::new(10_000, Duration::from_secs(60)),
             hot: moka::sync::Cache::builder().max_capacity(1_000_000).build(),
             cache_writes: Arc::new(Semaphore::new(64)),
@@ -382,7 +387,7 @@ impl Telemetry {
     }
 
     pub async fn product_of(&self, device_id: i64) -> Option<i64> {
-        if let Some(p) = self.products.get(device_id) {
+        if let Some(p) = self.products.get(&device_id) {
             return p;
         }
         match self.meta.device_by_id(device_id).await {

@@ -335,7 +335,7 @@ where
         will: will.map(Box::new),
         expiry,
     });
-    let mount = device.as_ref().map(|i| Arc::<str>::from(format!("v1/devices/{}/", i.device_number)));
+    let mount = device.as_ref().map(|i| i.mount());
     let username: Option<Arc<str>> = c.username.as_deref().map(Arc::from);
     let mut out = super::super::writer::Out::new(
         wr,

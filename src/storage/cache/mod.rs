@@ -4,6 +4,8 @@
 //!
 //! The cache is never the source of truth: a Redis error is logged (once per minute) and
 //! treated as a miss, so a Redis outage slows lookups down to the meta store but refuses nobody.
+mod expiring;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +13,8 @@ use std::time::Duration;
 use fred::prelude::*;
 use fred::types::Expiration;
 use tokio::sync::mpsc;
+
+pub use expiring::ExpiringMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
