@@ -13,12 +13,16 @@ use crate::message::{now_ms, Message};
 /// the subscription trie (`shard::Node`), a node without children holds no map (imbl allocates
 /// a full node, ~2 KiB here, even for an empty one: every device's status message is a leaf)
 /// and children sit behind an `Arc` (a map slot holds a pointer; a changed child is copied on
-/// write).
+/// write). The map is boxed: a leaf (every device's status message is one) would otherwise
+/// carry its ~32 bytes of room.
 #[derive(Clone, Default)]
 struct RNode {
-    children: Option<super::shard::Map<Arc<str>, Arc<RNode>>>,
+    children: Option<Box<super::shard::Map<Arc<str>, Arc<RNode>>>>,
     msg: Option<Arc<Message>>,
 }
+
+// Two pointers: a node's size is paid once per retained topic (one per device).
+const _: () = assert!(std::mem::size_of::<RNode>() <= 16);
 
 impl RNode {
     fn is_empty(&self) -> bool {

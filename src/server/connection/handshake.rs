@@ -407,7 +407,7 @@ where
         new_expiry: None,
         acks: Vec::new(),
         session_lost: false,
-        qos2_routing: Arc::new(tokio::sync::Semaphore::new((broker.config.mqtt.max_queued / 4).clamp(1, 32))),
+        qos2_routing: None,
         held_acks: Default::default(),
         keep_alive,
         principal,

@@ -421,7 +421,8 @@ struct Conn {
     /// QoS 2 publishes handed to the session but not yet routed by it (bounded so that
     /// backpressure, checked here, stays close to what the session routes: high-water (at most
     /// max_queued / 2) plus this read-ahead (at most max_queued / 4) stays under max_queued).
-    qos2_routing: Arc<tokio::sync::Semaphore>,
+    /// Made at the first QoS 2 PUBLISH (most connections never send one).
+    qos2_routing: Option<Arc<tokio::sync::Semaphore>>,
     session_lost: bool,
     /// QoS 1 acknowledgements that wait (in order, without stopping the read loop) until
     /// their message is durable and its telemetry written (see [`acker`]).

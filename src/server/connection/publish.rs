@@ -186,7 +186,9 @@ impl Conn {
             QoS::ExactlyOnce => {
                 // Through the session even when not routable: it owns the exactly-once state.
                 let Some(reply) = self.reply().await else { return Some(WillAction::Publish) };
-                let Ok(routing) = self.qos2_routing.clone().acquire_owned().await else { return Some(WillAction::Publish) };
+                let max = self.broker.config.mqtt.max_queued;
+                let sem = self.qos2_routing.get_or_insert_with(|| Arc::new(tokio::sync::Semaphore::new((max / 4).clamp(1, 32)))).clone();
+                let Ok(routing) = sem.acquire_owned().await else { return Some(WillAction::Publish) };
                 let topic = msg.topic.clone();
                 self.tell(SessionMessage::InboundQos2 { pkid, msg, taken, reply, _routing: routing });
                 // The session routes it (it owns exactly-once); pacing is the connection's job.
