@@ -49,8 +49,8 @@ pub async fn accept_loop(
         let (b, s, svc) = (broker.clone(), shutdown.clone(), services.clone());
         if let Kind::Tcp = *kind {
             // A plain TCP connection's task is its packet loop: the loop's future lives in the
-            // task's own allocation, not in a box beside a small task (one ~1.7 KiB block per
-            // connection instead of a 512-byte task and a box the allocator rounds up to 1,792).
+            // task's own allocation, not in a box beside a 512-byte task (one allocation for
+            // the connection's whole life instead of two).
             tracker.spawn(tcp(stream, peer, opts, b, svc, s));
         } else {
             let k = kind.clone();
@@ -105,16 +105,17 @@ async fn handle(
     services: Arc<Services>,
     shutdown: CancellationToken,
 ) {
+    if let Kind::Tcp = kind {
+        // `accept_loop` spawns `tcp` itself (its future then lives in the task).
+        return Box::pin(tcp(stream, peer, opts, broker, services, shutdown)).await;
+    }
     let handshake = Duration::from_secs(broker.config.mqtt.connect_timeout_secs);
     if opts.proxy && !proxy_header(&mut stream, &mut peer, handshake).await {
         return;
     }
     let ctx = ConnCtx { allow_anonymous: opts.allow_anonymous, cert_fingerprint: None, services };
     match kind {
-        Kind::Tcp => {
-            let (rd, wr) = stream.into_split();
-            Box::pin(serve(broker, rd, wr, peer, ctx, shutdown)).await
-        }
+        Kind::Tcp => {} // above
         // Boxed: a TLS stream is large and would otherwise sit in every connection's task.
         Kind::Tls(acceptor) => Box::pin(tls(stream, peer, acceptor, ctx, broker, shutdown, handshake)).await,
         Kind::Ws { path } => Box::pin(ws(stream, peer, path, ctx, broker, shutdown, handshake)).await,
